@@ -1,0 +1,548 @@
+//! HTTP client of the KMS, over a Unix socket or HTTPS with a client certificate.
+//!
+//! * Connections are reused: a small pool of HTTP/1.1 connections, each driven by its own task.
+//! * Every call has a connect timeout and a request timeout.
+//! * Transport failures and `503` answers are retried a bounded number of times with
+//!   exponential backoff. Every KMS call is safe to retry: encrypt/decrypt/get_wrapped have no
+//!   side effect, and a retried `create_dek_for_thread` can at worst leave an unused key record
+//!   in the KMS, never a thread without a key.
+//! * Errors keep the KMS's stable [`ErrorCode`]; no error carries request bodies.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::ids::{KeyId, ThreadId};
+use crate::wire::{
+    BatchRequest, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
+    DecryptResponse, EncryptRequest, EncryptResponse, ErrorBody, ErrorCode, GetWrappedResponse,
+    ItemResult, SecretBytes,
+};
+
+/// Where the KMS listens.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `unix:///absolute/path.sock`
+    Unix(PathBuf),
+    /// `https://host:port`
+    Https { host: String, port: u16 },
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Https { host, port } => write!(f, "https://{host}:{port}"),
+        }
+    }
+}
+
+/// Why an endpoint string was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid KMS endpoint {0:?}: expected unix:///path/to/kms.sock or https://host:port")]
+pub struct EndpointError(String);
+
+impl FromStr for Endpoint {
+    type Err = EndpointError;
+    fn from_str(s: &str) -> Result<Self, EndpointError> {
+        let err = || EndpointError(s.to_owned());
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(err());
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        if let Some(rest) = s.strip_prefix("https://") {
+            let rest = rest.trim_end_matches('/');
+            let (host, port) = rest.rsplit_once(':').ok_or_else(err)?;
+            let port: u16 = port.parse().map_err(|_| err())?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(err());
+            }
+            return Ok(Endpoint::Https {
+                host: host.to_owned(),
+                port,
+            });
+        }
+        Err(err())
+    }
+}
+
+/// Client settings.
+#[derive(Clone)]
+pub struct KmsClientConfig {
+    pub endpoint: Endpoint,
+    /// Required for `https://` endpoints: trust anchors and the client certificate.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Retries after the first attempt, for transport failures and 503 answers.
+    pub max_retries: u32,
+    /// Idle connections kept for reuse.
+    pub max_idle: usize,
+}
+
+impl fmt::Debug for KmsClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KmsClientConfig")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls.is_some())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("max_idle", &self.max_idle)
+            .finish()
+    }
+}
+
+impl KmsClientConfig {
+    /// Defaults: 2 s connect, 10 s request, 2 retries, 32 idle connections.
+    pub fn new(endpoint: Endpoint, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self {
+            endpoint,
+            tls,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            max_retries: 2,
+            max_idle: 32,
+        }
+    }
+}
+
+/// A failed KMS call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The KMS could not be reached, timed out, or answered 503.
+    #[error("KMS unavailable: {0}")]
+    Unavailable(String),
+    /// The KMS answered with an error body.
+    #[error("KMS error {status} {code:?}: {message}")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The KMS answered something that is not the documented protocol.
+    #[error("KMS protocol error: {0}")]
+    Protocol(String),
+    /// The client was misconfigured (e.g. https endpoint without TLS settings).
+    #[error("KMS client configuration: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The KMS's stable code, when the KMS answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            ClientError::Unavailable(_) => Some(ErrorCode::Unavailable),
+            _ => None,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(self, ClientError::Unavailable(_))
+    }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+struct Inner {
+    cfg: KmsClientConfig,
+    tls: Option<tokio_rustls::TlsConnector>,
+    idle: Mutex<Vec<Sender>>,
+}
+
+/// A cheap-to-clone handle to the KMS.
+#[derive(Clone)]
+pub struct KmsClient {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KmsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KmsClient")
+            .field("endpoint", &self.inner.cfg.endpoint)
+            .finish()
+    }
+}
+
+impl KmsClient {
+    /// # Errors
+    /// [`ClientError::Config`] for an `https://` endpoint without TLS settings.
+    pub fn new(cfg: KmsClientConfig) -> Result<Self, ClientError> {
+        let tls = match (&cfg.endpoint, &cfg.tls) {
+            (Endpoint::Https { .. }, None) => {
+                return Err(ClientError::Config(
+                    "an https:// KMS endpoint needs kms.ca, kms.client_cert and kms.client_key"
+                        .into(),
+                ))
+            }
+            (Endpoint::Https { .. }, Some(t)) => Some(tokio_rustls::TlsConnector::from(t.clone())),
+            (Endpoint::Unix(_), _) => None,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                tls,
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.cfg.endpoint
+    }
+
+    /// Creates a DEK for `thread_id`.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Unavailable` when the KMS or its HSM is down.
+    pub async fn create_dek_for_thread(
+        &self,
+        thread_id: &ThreadId,
+    ) -> Result<CreateDekResponse, ClientError> {
+        let req = CreateDekRequest {
+            thread_id: thread_id.clone(),
+        };
+        self.call_json(Method::POST, "/create_dek_for_thread", Some(&req))
+            .await
+    }
+
+    /// Encrypts `plaintext` under `key_id`'s DEK with `aad`.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: UnknownKey, .. }` for an unknown key.
+    pub async fn encrypt(
+        &self,
+        key_id: &KeyId,
+        plaintext: &[u8],
+        aad: Option<&[u8]>,
+    ) -> Result<EncryptResponse, ClientError> {
+        let req = EncryptRequest {
+            key_id: key_id.clone(),
+            plaintext: SecretBytes::new(plaintext.to_vec()),
+            aad: aad.map(|a| Bytes64(a.to_vec())),
+        };
+        self.call_json(Method::POST, "/encrypt", Some(&req)).await
+    }
+
+    /// Decrypts `ciphertext` (`nonce | ct | tag`) under `key_id`'s DEK with `aad`.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: DecryptionFailed, .. }` for any authentication failure.
+    pub async fn decrypt(
+        &self,
+        key_id: &KeyId,
+        ciphertext: &[u8],
+        aad: Option<&[u8]>,
+    ) -> Result<SecretBytes, ClientError> {
+        let req = DecryptRequest {
+            key_id: key_id.clone(),
+            ciphertext: Bytes64(ciphertext.to_vec()),
+            aad: aad.map(|a| Bytes64(a.to_vec())),
+        };
+        let r: DecryptResponse = self.call_json(Method::POST, "/decrypt", Some(&req)).await?;
+        Ok(r.plaintext)
+    }
+
+    /// One call for many encryptions; one result per item, in order.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the whole call fails; per-item failures are in the results.
+    pub async fn encrypt_batch(
+        &self,
+        items: Vec<EncryptRequest>,
+    ) -> Result<Vec<ItemResult<EncryptResponse>>, ClientError> {
+        let n = items.len();
+        let r: BatchResponse<EncryptResponse> = self
+            .call_json(Method::POST, "/encrypt_batch", Some(&BatchRequest { items }))
+            .await?;
+        check_len(n, r.results)
+    }
+
+    /// One call for many decryptions; one result per item, in order.
+    ///
+    /// # Errors
+    /// [`ClientError`] when the whole call fails; per-item failures are in the results.
+    pub async fn decrypt_batch(
+        &self,
+        items: Vec<DecryptRequest>,
+    ) -> Result<Vec<ItemResult<DecryptResponse>>, ClientError> {
+        let n = items.len();
+        let r: BatchResponse<DecryptResponse> = self
+            .call_json(Method::POST, "/decrypt_batch", Some(&BatchRequest { items }))
+            .await?;
+        check_len(n, r.results)
+    }
+
+    /// The wrapped DEK and KEK metadata of `key_id`.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: UnknownKey, .. }` for an unknown key.
+    pub async fn get_wrapped(&self, key_id: &KeyId) -> Result<GetWrappedResponse, ClientError> {
+        let path = format!("/get_wrapped?key_id={}", key_id.as_str());
+        self.call_json::<(), _>(Method::GET, &path, None).await
+    }
+
+    /// `Ok(())` when the KMS answers `/readyz` with 200.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] otherwise.
+    pub async fn ready(&self) -> Result<(), ClientError> {
+        let (status, _) = self.raw_once(Method::GET, "/readyz", Bytes::new()).await?;
+        if status == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(ClientError::Unavailable(format!("readyz answered {status}")))
+        }
+    }
+
+    /// Sends raw bytes once (no retry) and returns the status and body. For tests and tools.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] for transport failures.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let (s, b) = self.raw_once(method, path, Bytes::from(body)).await?;
+        Ok((s.as_u16(), b))
+    }
+
+    async fn call_json<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, ClientError> {
+        let body = match body {
+            Some(b) => Bytes::from(
+                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            ),
+            None => Bytes::new(),
+        };
+        let mut attempt = 0u32;
+        loop {
+            let res = self.call_once(method.clone(), path, body.clone()).await;
+            match res {
+                Err(e) if e.retryable() && attempt < self.inner.cfg.max_retries => {
+                    let backoff = Duration::from_millis(50u64 << attempt.min(6));
+                    tracing::debug!(path, attempt, error = %e, "retrying KMS call");
+                    tokio::time::sleep(backoff).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_once<Resp: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Resp, ClientError> {
+        let (status, bytes) = self.raw_once(method, path, body).await?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Protocol(format!("bad answer to {path}: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) if b.error.code == ErrorCode::Unavailable => {
+                Err(ClientError::Unavailable(b.error.message))
+            }
+            Ok(b) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: b.error.code,
+                message: b.error.message,
+            }),
+            Err(_) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                Err(ClientError::Unavailable(format!("{path} answered 503")))
+            }
+            Err(_) => Err(ClientError::Protocol(format!(
+                "{path} answered {status} without an error body"
+            ))),
+        }
+    }
+
+    async fn raw_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let timeout = self.inner.cfg.request_timeout;
+        match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "{path} timed out after {timeout:?}"
+            ))),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut sender = match self.take_idle() {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        let host = match &self.inner.cfg.endpoint {
+            Endpoint::Unix(_) => "kms".to_owned(),
+            Endpoint::Https { host, port } => format!("{host}:{port}"),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, host)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("connection not ready: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("request failed: {e}")))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("reading answer failed: {e}")))?
+            .to_bytes();
+        self.put_idle(sender);
+        Ok((status, bytes))
+    }
+
+    fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.inner.cfg.max_idle {
+            idle.push(s);
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, ClientError> {
+        let timeout = self.inner.cfg.connect_timeout;
+        let fut = async {
+            match &self.inner.cfg.endpoint {
+                Endpoint::Unix(path) => {
+                    let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                        ClientError::Unavailable(format!("connect {}: {e}", path.display()))
+                    })?;
+                    handshake(TokioIo::new(s)).await
+                }
+                Endpoint::Https { host, port } => {
+                    let tcp = tokio::net::TcpStream::connect((host.as_str(), *port))
+                        .await
+                        .map_err(|e| {
+                            ClientError::Unavailable(format!("connect {host}:{port}: {e}"))
+                        })?;
+                    let _ = tcp.set_nodelay(true);
+                    let tls = self
+                        .inner
+                        .tls
+                        .as_ref()
+                        .ok_or_else(|| ClientError::Config("missing TLS settings".into()))?;
+                    let name = ServerName::try_from(host.clone())
+                        .map_err(|e| ClientError::Config(format!("server name {host}: {e}")))?;
+                    let s = tls.connect(name, tcp).await.map_err(|e| {
+                        ClientError::Unavailable(format!("TLS handshake with {host}:{port}: {e}"))
+                    })?;
+                    handshake(TokioIo::new(s)).await
+                }
+            }
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Unavailable(format!("connect timed out after {timeout:?}")))?
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<Sender, ClientError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| ClientError::Unavailable(format!("HTTP handshake: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "KMS connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+fn check_len<T>(n: usize, results: Vec<ItemResult<T>>) -> Result<Vec<ItemResult<T>>, ClientError> {
+    if results.len() == n {
+        Ok(results)
+    } else {
+        Err(ClientError::Protocol(format!(
+            "batch of {n} items answered with {} results",
+            results.len()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!(
+            "unix:///run/kms.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/run/kms.sock".into())
+        );
+        assert_eq!(
+            "https://localhost:7443".parse::<Endpoint>().unwrap(),
+            Endpoint::Https {
+                host: "localhost".into(),
+                port: 7443
+            }
+        );
+        assert!("http://localhost:1".parse::<Endpoint>().is_err());
+        assert!("unix://relative.sock".parse::<Endpoint>().is_err());
+        assert!("https://nohost".parse::<Endpoint>().is_err());
+    }
+}

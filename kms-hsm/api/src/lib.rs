@@ -1,0 +1,23 @@
+//! Shared vocabulary of the progressdb KMS and its callers.
+//!
+//! * [`ids`]: newtypes for identifiers and key material that cross the wire
+//!   (`ThreadId`, `KeyId`, `KekId`, `KekVersion`, `WrappedDek`), parsed once at the edge.
+//! * [`wire`]: the JSON request/response bodies of the KMS HTTP API and its stable error codes
+//!   (one exhaustive mapping from [`wire::ErrorCode`] to HTTP status).
+//! * [`client`]: an HTTP client for the KMS over a Unix socket or HTTPS with mutual TLS, with
+//!   connection reuse, timeouts and bounded retries of safe calls.
+//! * [`secret_file`] and [`tls`]: loading secrets and TLS material from files, refusing files
+//!   that are group/world readable. Used by both binaries.
+//!
+//! Nothing in this crate ever prints key material: every type that holds secret or wrapped
+//! bytes has a redacting `Debug` and no `Display`.
+
+pub mod client;
+pub mod ids;
+pub mod secret_file;
+pub mod tls;
+pub mod wire;
+
+pub use client::{ClientError, Endpoint, KmsClient, KmsClientConfig};
+pub use ids::{IdError, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+pub use wire::{ErrorBody, ErrorCode, ErrorDetail};

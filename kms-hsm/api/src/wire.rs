@@ -1,0 +1,325 @@
+//! JSON bodies of the KMS HTTP API. Binary values travel as standard base64.
+//!
+//! Plaintext travels in [`SecretBytes`], which zeroizes on drop and never prints its content.
+
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
+
+use crate::ids::{KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+
+/// Largest plaintext or ciphertext in one item, in bytes (before base64).
+pub const MAX_ITEM_BYTES: usize = 1 << 20;
+/// Largest number of items in one batch call.
+pub const MAX_BATCH_ITEMS: usize = 1024;
+/// Largest AAD, in bytes.
+pub const MAX_AAD_BYTES: usize = 4096;
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+/// Secret bytes (plaintext, raw key material): zeroized on drop, redacting `Debug`, no
+/// `Display`. Serialized as base64.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    pub fn new(v: Vec<u8>) -> Self {
+        Self(Zeroizing::new(v))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<u8>> for SecretBytes {
+    fn from(v: Vec<u8>) -> Self {
+        Self::new(v)
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+impl Serialize for SecretBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let enc = Zeroizing::new(b64().encode(self.0.as_slice()));
+        s.serialize_str(&enc)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Zeroizing::new(String::deserialize(d)?);
+        let v = b64()
+            .decode(s.as_bytes())
+            .map_err(|_| serde::de::Error::custom("invalid base64"))?;
+        Ok(Self::new(v))
+    }
+}
+
+/// Non-secret binary data (ciphertext, AAD): base64 on the wire; `Debug` shows only length.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Bytes64(pub Vec<u8>);
+
+impl fmt::Debug for Bytes64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes64(<{} bytes>)", self.0.len())
+    }
+}
+
+impl Serialize for Bytes64 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&b64().encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        b64()
+            .decode(s.as_bytes())
+            .map(Bytes64)
+            .map_err(|_| serde::de::Error::custom("invalid base64"))
+    }
+}
+
+/// `POST /create_dek_for_thread`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDekRequest {
+    pub thread_id: ThreadId,
+}
+
+/// Answer of `POST /create_dek_for_thread`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateDekResponse {
+    pub key_id: KeyId,
+    pub wrapped: WrappedDek,
+    pub kek_id: KekId,
+    pub kek_version: KekVersion,
+}
+
+/// `POST /encrypt`, and one item of `POST /encrypt_batch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptRequest {
+    pub key_id: KeyId,
+    pub plaintext: SecretBytes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aad: Option<Bytes64>,
+}
+
+/// Answer of `/encrypt`: `ciphertext` is `nonce(12) | ciphertext | tag(16)` (AES-256-GCM);
+/// `key_version` is the KEK version under which the DEK is currently wrapped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncryptResponse {
+    pub ciphertext: Bytes64,
+    pub key_version: KekVersion,
+}
+
+/// `POST /decrypt`, and one item of `POST /decrypt_batch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptRequest {
+    pub key_id: KeyId,
+    pub ciphertext: Bytes64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aad: Option<Bytes64>,
+}
+
+/// Answer of `/decrypt`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecryptResponse {
+    pub plaintext: SecretBytes,
+}
+
+/// Answer of `GET /get_wrapped?key_id=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetWrappedResponse {
+    pub wrapped: WrappedDek,
+    pub kek_id: KekId,
+    pub kek_version: KekVersion,
+}
+
+/// `POST /encrypt_batch` and `POST /decrypt_batch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest<T> {
+    pub items: Vec<T>,
+}
+
+/// Answer of a batch call: one result per item, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchResponse<T> {
+    pub results: Vec<ItemResult<T>>,
+}
+
+/// One item's outcome: `{"ok": {...}}` or `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemResult<T> {
+    Ok(T),
+    Error(ErrorDetail),
+}
+
+/// Stable error codes of the KMS API. The set only grows; a code never changes meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not valid JSON or does not match the schema.
+    MalformedRequest,
+    /// A binary field is not valid standard base64.
+    InvalidBase64,
+    /// A field is well-formed JSON but its value is not acceptable (bad id, too many items...).
+    InvalidArgument,
+    /// No such route.
+    NotFound,
+    /// The key id is unknown (or destroyed).
+    UnknownKey,
+    /// The method is not allowed on this route.
+    MethodNotAllowed,
+    /// The caller is not allowed (peer uid not in the allow-list).
+    Forbidden,
+    /// Decryption failed: wrong key, wrong AAD, tampered or truncated ciphertext. One opaque
+    /// code for every cause.
+    DecryptionFailed,
+    /// The body or an item is larger than allowed.
+    PayloadTooLarge,
+    /// The HSM or the key store cannot be reached now; retry later.
+    Unavailable,
+    /// Anything else inside the KMS; detail is in the KMS log only.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status for this code: the single mapping used by the KMS.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::MalformedRequest | ErrorCode::InvalidBase64 | ErrorCode::InvalidArgument => {
+                400
+            }
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound | ErrorCode::UnknownKey => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::DecryptionFailed => 422,
+            ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
+        }
+    }
+
+    /// The snake_case name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedRequest => "malformed_request",
+            ErrorCode::InvalidBase64 => "invalid_base64",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::UnknownKey => "unknown_key",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::DecryptionFailed => "decryption_failed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// `{"code": ..., "message": ...}`. Messages are for humans and never carry secrets or
+/// internal detail on 5xx.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The error body of every non-2xx answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// Answer of `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadyResponse {
+    pub ready: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_serialize_as_their_names() {
+        for c in [
+            ErrorCode::MalformedRequest,
+            ErrorCode::InvalidBase64,
+            ErrorCode::InvalidArgument,
+            ErrorCode::NotFound,
+            ErrorCode::UnknownKey,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::Forbidden,
+            ErrorCode::DecryptionFailed,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ] {
+            let j = serde_json::to_string(&c).unwrap();
+            assert_eq!(j, format!("\"{}\"", c.as_str()));
+            assert!((400..600).contains(&c.status()));
+        }
+    }
+
+    #[test]
+    fn secret_bytes_debug_redacts() {
+        let s = SecretBytes::new(b"hunter2-plaintext".to_vec());
+        let d = format!("{s:?}");
+        assert!(!d.contains("hunter2"));
+        let j = serde_json::to_string(&s).unwrap();
+        let back: SecretBytes = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.expose(), b"hunter2-plaintext");
+    }
+
+    #[test]
+    fn item_result_shape() {
+        let r: ItemResult<DecryptResponse> =
+            ItemResult::Error(ErrorDetail { code: ErrorCode::DecryptionFailed, message: "x".into() });
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["error"]["code"], "decryption_failed");
+    }
+
+    #[test]
+    fn bad_base64_is_refused() {
+        let r: Result<DecryptRequest, _> = serde_json::from_str(
+            r#"{"key_id":"dek_00000000000000000000000000000000","ciphertext":"!!"}"#,
+        );
+        assert!(r.is_err());
+    }
+}

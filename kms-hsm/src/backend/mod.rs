@@ -1,0 +1,221 @@
+//! The key-backend boundary: everything the KMS asks of the place where the KEK lives.
+//!
+//! The only production backend is [`pkcs11::Pkcs11Backend`] (an HSM reached through PKCS#11).
+//! The service layer is generic over [`KeyBackend`], so unit tests of its logic can use a mock
+//! and a future "DEKs never leave the HSM" backend can slot in.
+//!
+//! # Wrapped-DEK format
+//! A wrapped DEK is self-describing; its first byte is a [`WrapFormat`] tag, so a blob written
+//! today stays readable when another mechanism is added for an HSM that lacks this one. The
+//! choice of mechanism lives in exactly one place: [`WrapFormat::CURRENT`].
+//!
+//! `AesGcmV1` (tag `0x01`), 65 bytes:
+//! `tag(1) | kek_version (u32 BE, 4) | iv (12) | encrypted DEK (32) | GCM tag (16)`.
+//! The DEK is encrypted by the HSM with `CKM_AES_GCM` under the KEK `(kek_id, kek_version)`,
+//! with AAD = [`wrap_aad`] (binds the blob to its key id, KEK id and KEK version).
+
+use std::fmt;
+use std::future::Future;
+
+use kms_api::{KekId, KekVersion, KeyId, WrappedDek};
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+pub mod pkcs11;
+
+/// Length of a DEK in bytes (AES-256).
+pub const DEK_LEN: usize = 32;
+
+/// A raw data-encryption key. Zeroized on drop; `Debug` prints nothing of it; no `Display`.
+#[derive(Clone)]
+pub struct Dek(Zeroizing<[u8; DEK_LEN]>);
+
+impl Dek {
+    pub fn from_bytes(bytes: Zeroizing<[u8; DEK_LEN]>) -> Self {
+        Self(bytes)
+    }
+
+    /// The key bytes, for the AEAD only.
+    pub fn expose(&self) -> &[u8; DEK_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dek(<redacted>)")
+    }
+}
+
+/// One KEK: its label in the HSM and its version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KekRef {
+    pub id: KekId,
+    pub version: KekVersion,
+}
+
+/// Tag of the wrapped-DEK format (first byte of every [`WrappedDek`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WrapFormat {
+    /// DEK encrypted by the HSM with `CKM_AES_GCM` (96-bit IV from the HSM RNG, 128-bit tag)
+    /// via `C_Encrypt`, AAD = [`wrap_aad`].
+    AesGcmV1 = 0x01,
+}
+
+impl WrapFormat {
+    /// The mechanism used for every new wrap. Change it here and only here.
+    pub const CURRENT: WrapFormat = WrapFormat::AesGcmV1;
+
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            0x01 => Some(WrapFormat::AesGcmV1),
+            _ => None,
+        }
+    }
+}
+
+/// AAD that binds a wrapped DEK to its key id and KEK:
+/// `"progressdb-kms:dek:v1" 0x00 key_id 0x00 kek_id 0x00 kek_version(u32 BE)`.
+pub fn wrap_aad(key_id: &KeyId, kek: &KekRef) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    aad.extend_from_slice(b"progressdb-kms:dek:v1");
+    aad.push(0);
+    aad.extend_from_slice(key_id.as_str().as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(kek.id.as_str().as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(&kek.version.get().to_be_bytes());
+    aad
+}
+
+/// The parsed header of a wrapped DEK (format and KEK version), without touching the HSM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WrappedHeader {
+    pub format: WrapFormat,
+    pub kek_version: KekVersion,
+}
+
+/// Reads the header of a wrapped DEK.
+///
+/// # Errors
+/// [`BackendError::InvalidWrapped`] for an unknown tag, a bad version or a wrong length.
+pub fn parse_wrapped_header(w: &WrappedDek) -> Result<WrappedHeader, BackendError> {
+    let b = w.as_bytes();
+    let format = b
+        .first()
+        .and_then(|t| WrapFormat::from_tag(*t))
+        .ok_or(BackendError::InvalidWrapped)?;
+    match format {
+        WrapFormat::AesGcmV1 => {
+            if b.len() != AES_GCM_V1_LEN {
+                return Err(BackendError::InvalidWrapped);
+            }
+            let v = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+            let kek_version = KekVersion::new(v).map_err(|_| BackendError::InvalidWrapped)?;
+            Ok(WrappedHeader {
+                format,
+                kek_version,
+            })
+        }
+    }
+}
+
+/// Length of an `AesGcmV1` wrapped DEK.
+pub const AES_GCM_V1_LEN: usize = 1 + 4 + 12 + DEK_LEN + 16;
+
+/// Settings of the PKCS#11 backend (section `[hsm]` of the KMS config).
+#[derive(Clone)]
+pub struct HsmSettings {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: std::path::PathBuf,
+    /// Token label (`CKA_LABEL` of the token); never a slot number.
+    pub token_label: String,
+    /// User PIN.
+    pub pin: SecretString,
+    /// KEK label (`CKA_LABEL` of the key); the KEK id on the wire.
+    pub kek_label: KekId,
+    /// Sessions (= worker threads) opened against the token.
+    pub sessions: usize,
+}
+
+impl fmt::Debug for HsmSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmSettings")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"<redacted>")
+            .field("kek_label", &self.kek_label)
+            .field("sessions", &self.sessions)
+            .finish()
+    }
+}
+
+/// Failures of a backend. Messages are for the KMS log (they never contain key material or the
+/// PIN); the HTTP layer maps variants to codes and never shows the 5xx detail to callers.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The HSM cannot be used now (token absent, device error, login failed, workers
+    /// recovering). Retryable; maps to 503.
+    #[error("HSM unavailable: {0}")]
+    Unavailable(String),
+    /// The wrapped DEK is not valid under its KEK: unknown format, wrong length, or failed
+    /// authentication (tampered blob, wrong key id). Opaque; maps to 422/500 by caller context.
+    #[error("wrapped DEK is invalid or does not authenticate")]
+    InvalidWrapped,
+    /// The KEK named by id and version is not in the token.
+    #[error("KEK {id} version {version} not found in the token")]
+    KekNotFound { id: KekId, version: KekVersion },
+    /// Configuration problems found when opening (module not loadable, no token with that
+    /// label, wrong PIN). Fatal at start-up.
+    #[error("HSM configuration: {0}")]
+    Config(String),
+    /// Anything else the HSM reported; detail for the log only.
+    #[error("HSM error: {0}")]
+    Internal(String),
+}
+
+/// What the KMS needs from the holder of its KEKs.
+///
+/// Implementations must be cheap to share (`Send + Sync`); methods never block the async
+/// runtime (the PKCS#11 backend runs HSM calls on its own worker threads).
+pub trait KeyBackend: Send + Sync + 'static {
+    /// The KEK used for new wraps.
+    fn current_kek(&self) -> KekRef;
+
+    /// Generates a 256-bit DEK with the HSM's random generator and wraps it under the current
+    /// KEK with [`WrapFormat::CURRENT`], bound to `key_id`. Returns the raw DEK too, so the
+    /// caller can seed its cache without an unwrap round trip.
+    ///
+    /// # Errors
+    /// `Unavailable` when the HSM cannot be used (nothing was created: the DEK only exists in
+    /// memory until the caller stores the wrapped form); `KekNotFound` when the current KEK is
+    /// missing; `Internal` otherwise.
+    fn generate_dek(
+        &self,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<(Dek, WrappedDek, KekRef), BackendError>> + Send;
+
+    /// Unwraps `wrapped` (made for `key_id`) through the HSM.
+    ///
+    /// # Errors
+    /// `InvalidWrapped` when the blob is malformed or does not authenticate (opaque);
+    /// `KekNotFound` when its KEK version is not in the token; `Unavailable` when the HSM
+    /// cannot be used now.
+    fn unwrap_dek(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> impl Future<Output = Result<Dek, BackendError>> + Send;
+
+    /// One real round trip to the HSM (e.g. a random-number request on a pooled session).
+    ///
+    /// # Errors
+    /// `Unavailable` when the HSM does not answer correctly.
+    fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// `false` while the backend knows it cannot serve (recovering sessions after a device
+    /// error); `/readyz` reports unready then.
+    fn is_ready(&self) -> bool;
+}

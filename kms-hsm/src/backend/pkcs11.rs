@@ -1,0 +1,1 @@
+//! PKCS#11 backend (to be written).

@@ -1,0 +1,2 @@
+//! progressdb-kms: the key-management service of progressdb.
+pub mod backend;
