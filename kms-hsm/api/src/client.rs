@@ -26,8 +26,8 @@ use serde::Serialize;
 use crate::ids::{KeyId, ThreadId};
 use crate::wire::{
     BatchRequest, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
-    DecryptResponse, EncryptRequest, EncryptResponse, ErrorBody, ErrorCode, GetWrappedResponse,
-    ItemResult, SecretBytes,
+    DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
+    ErrorBody, ErrorCode, GetWrappedResponse, ItemResult, SecretBytes,
 };
 
 /// Where the KMS listens.
@@ -274,7 +274,11 @@ impl KmsClient {
     ) -> Result<Vec<ItemResult<EncryptResponse>>, ClientError> {
         let n = items.len();
         let r: BatchResponse<EncryptResponse> = self
-            .call_json(Method::POST, "/encrypt_batch", Some(&BatchRequest { items }))
+            .call_json(
+                Method::POST,
+                "/encrypt_batch",
+                Some(&BatchRequest { items }),
+            )
             .await?;
         check_len(n, r.results)
     }
@@ -289,7 +293,11 @@ impl KmsClient {
     ) -> Result<Vec<ItemResult<DecryptResponse>>, ClientError> {
         let n = items.len();
         let r: BatchResponse<DecryptResponse> = self
-            .call_json(Method::POST, "/decrypt_batch", Some(&BatchRequest { items }))
+            .call_json(
+                Method::POST,
+                "/decrypt_batch",
+                Some(&BatchRequest { items }),
+            )
             .await?;
         check_len(n, r.results)
     }
@@ -303,6 +311,19 @@ impl KmsClient {
         self.call_json::<(), _>(Method::GET, &path, None).await
     }
 
+    /// Destroys `key_id`'s DEK (its wrapped form and any cached copy). Idempotent: destroying
+    /// a destroyed key succeeds.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: UnknownKey, .. }` for a key that never existed.
+    pub async fn destroy_key(&self, key_id: &KeyId) -> Result<DestroyKeyResponse, ClientError> {
+        let req = DestroyKeyRequest {
+            key_id: key_id.clone(),
+        };
+        self.call_json(Method::POST, "/destroy_key", Some(&req))
+            .await
+    }
+
     /// `Ok(())` when the KMS answers `/readyz` with 200.
     ///
     /// # Errors
@@ -312,7 +333,9 @@ impl KmsClient {
         if status == StatusCode::OK {
             Ok(())
         } else {
-            Err(ClientError::Unavailable(format!("readyz answered {status}")))
+            Err(ClientError::Unavailable(format!(
+                "readyz answered {status}"
+            )))
         }
     }
 

@@ -66,10 +66,11 @@ pub fn read_secret_bytes(path: &Path) -> Result<Zeroizing<Vec<u8>>, SecretFileEr
         source,
     })?;
     let mut buf = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut buf).map_err(|source| SecretFileError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    f.read_to_end(&mut buf)
+        .map_err(|source| SecretFileError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     Ok(buf)
 }
 

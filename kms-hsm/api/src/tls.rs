@@ -98,10 +98,9 @@ pub fn server_config(
     client_ca: &Path,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let roots = Arc::new(load_roots(client_ca)?);
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

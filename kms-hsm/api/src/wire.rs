@@ -154,6 +154,21 @@ pub struct GetWrappedResponse {
     pub kek_version: KekVersion,
 }
 
+/// `POST /destroy_key`: crypto-shredding of one DEK. Idempotent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyKeyRequest {
+    pub key_id: KeyId,
+}
+
+/// Answer of `POST /destroy_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DestroyKeyResponse {
+    pub key_id: KeyId,
+    /// Always `"destroyed"`.
+    pub state: String,
+}
+
 /// `POST /encrypt_batch` and `POST /decrypt_batch`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -309,8 +324,10 @@ mod tests {
 
     #[test]
     fn item_result_shape() {
-        let r: ItemResult<DecryptResponse> =
-            ItemResult::Error(ErrorDetail { code: ErrorCode::DecryptionFailed, message: "x".into() });
+        let r: ItemResult<DecryptResponse> = ItemResult::Error(ErrorDetail {
+            code: ErrorCode::DecryptionFailed,
+            message: "x".into(),
+        });
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["error"]["code"], "decryption_failed");
     }
