@@ -1,1 +1,817 @@
-//! placeholder
+//! Harness of the end-to-end tests: a real SoftHSM token per test, real `progressdb-kms` and
+//! `progressdb` processes, real LMDB files, real sockets and real TLS.
+//!
+//! Nothing here skips: a missing `softhsm2-util` or binary fails the test with a message that
+//! says what to install or build. The binaries are taken from `E2E_BIN_DIR` (set by
+//! `scripts/test.sh`, which builds both server flavours) or from `target/e2e/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac as _};
+use serde_json::Value;
+use sha2::Sha256;
+
+/// Path of the SoftHSM PKCS#11 module on Debian.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Directory holding the binaries under test.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("E2E_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test-binary> -> target/e2e
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(|t| t.join("e2e"))
+        .expect("target dir")
+}
+
+/// A binary under test: `progressdb-kms`, `progressdb` (default features) or `progressdb-dev`
+/// (built with `--features dev-embedded`).
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: run scripts/test.sh, which builds the binaries into target/e2e/ \
+         (or set E2E_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// Writes `content` to `path` with mode 0600.
+pub fn write_secret(path: &Path, content: &[u8]) {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(content).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+use std::os::unix::fs::OpenOptionsExt as _;
+
+/// A random lowercase hex string of `n` bytes.
+pub fn random_hex(n: usize) -> String {
+    use rand::RngCore as _;
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A SoftHSM token made for one test, in its own directory and config.
+pub struct SoftHsm {
+    pub conf: PathBuf,
+    pub pin_file: PathBuf,
+    pub pin: String,
+    pub token_label: String,
+    pub kek_label: String,
+}
+
+impl SoftHsm {
+    /// Creates `root/softhsm/` with a config, a token directory and an initialised token.
+    pub fn new(root: &Path) -> Self {
+        let dir = root.join("softhsm");
+        let tokens = dir.join("tokens");
+        fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let pin = format!("pin{}", random_hex(8));
+        let so_pin = format!("so{}", random_hex(8));
+        let token_label = "progressdb-e2e".to_owned();
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                &token_label,
+                "--pin",
+                &pin,
+                "--so-pin",
+                &so_pin,
+            ])
+            .output()
+            .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = dir.join("user-pin");
+        write_secret(&pin_file, pin.as_bytes());
+        Self {
+            conf,
+            pin_file,
+            pin,
+            token_label,
+            kek_label: "progressdb-kek".into(),
+        }
+    }
+}
+
+/// TLS material for mutual TLS between the server and the KMS, plus an unrelated CA.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_client_cert: PathBuf,
+    pub other_client_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let k = rcgen::KeyPair::generate().unwrap();
+    (p.self_signed(&k).unwrap(), k)
+}
+
+fn leaf(
+    sans: &[&str],
+    cn: &str,
+    usage: rcgen::ExtendedKeyUsagePurpose,
+    issuer: &rcgen::Certificate,
+    issuer_key: &rcgen::KeyPair,
+) -> (String, String) {
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, cn.to_owned());
+    p.extended_key_usages = vec![usage];
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = p.signed_by(&k, issuer, issuer_key).unwrap();
+    (c.pem(), k.serialize_pem())
+}
+
+impl Certs {
+    pub fn new(root: &Path) -> Self {
+        let dir = root.join("tls");
+        fs::create_dir_all(&dir).unwrap();
+        let (ca_cert, ca_key) = ca("progressdb e2e CA");
+        let (other_ca, other_key) = ca("unrelated CA");
+        let (sc, sk) = leaf(
+            &["localhost", "127.0.0.1"],
+            "progressdb-kms",
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            &ca_cert,
+            &ca_key,
+        );
+        let (cc, ck) = leaf(
+            &["progressdb"],
+            "progressdb",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &ca_cert,
+            &ca_key,
+        );
+        let (oc, ok) = leaf(
+            &["intruder"],
+            "intruder",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &other_ca,
+            &other_key,
+        );
+        let w = |name: &str, s: &str, secret: bool| {
+            let p = dir.join(name);
+            if secret {
+                write_secret(&p, s.as_bytes());
+            } else {
+                fs::write(&p, s).unwrap();
+            }
+            p
+        };
+        Self {
+            ca: w("ca.pem", &ca_cert.pem(), false),
+            server_cert: w("kms.pem", &sc, false),
+            server_key: w("kms.key", &sk, true),
+            client_cert: w("client.pem", &cc, false),
+            client_key: w("client.key", &ck, true),
+            other_client_cert: w("other-client.pem", &oc, false),
+            other_client_key: w("other-client.key", &ok, true),
+            other_ca: w("other-ca.pem", &other_ca.pem(), false),
+        }
+    }
+}
+
+/// A child process whose stdout and stderr go to a log file; killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// Sends `sig` and waits (at most 20 s) for the process to exit.
+    pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("process already stopped");
+        // Sending a signal to our own child, whose pid cannot have been reused: we have not
+        // reaped it yet.
+        let rc = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(rc.success(), "kill -{sig} {} failed", self.name);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit within 20 s of signal {sig}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn sigterm(&mut self) -> ExitStatus {
+        self.signal_and_wait(libc::SIGTERM)
+    }
+
+    pub fn sigkill(&mut self) -> ExitStatus {
+        self.signal_and_wait(libc::SIGKILL)
+    }
+
+    /// Panics with the log when the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(st) = c.try_wait().unwrap() {
+                panic!("{} exited with {st}:\n{}", self.name, self.log_text());
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// How the KMS listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KmsListen {
+    Unix,
+    Mtls,
+}
+
+/// A running `progressdb-kms` with its own SoftHSM token.
+pub struct Kms {
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub endpoint: String,
+    pub listen: KmsListen,
+    pub root: PathBuf,
+}
+
+/// Writes the KMS config for `root` and runs `init-kek` (twice: it must be idempotent).
+pub fn kms_config(root: &Path, hsm: &SoftHsm, listen: KmsListen, certs: Option<&Certs>) -> (PathBuf, String) {
+    let dir = root.join("kms");
+    fs::create_dir_all(dir.join("store")).unwrap();
+    let (listen_toml, endpoint) = match listen {
+        KmsListen::Unix => {
+            let sock = dir.join("kms.sock");
+            (
+                format!("[listen]\nunix = \"{}\"\n", sock.display()),
+                format!("unix://{}", sock.display()),
+            )
+        }
+        KmsListen::Mtls => {
+            let c = certs.expect("mTLS needs certs");
+            let port = free_port();
+            (
+                format!(
+                    "[listen]\ntcp = \"127.0.0.1:{port}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+                    c.server_cert.display(),
+                    c.server_key.display(),
+                    c.ca.display()
+                ),
+                format!("https://localhost:{port}"),
+            )
+        }
+    };
+    let config = dir.join("kms.toml");
+    fs::write(
+        &config,
+        format!(
+            "{listen_toml}\n[hsm]\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
+            hsm.token_label,
+            hsm.pin_file.display(),
+            hsm.kek_label,
+            dir.join("store").display()
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let out = Command::new(bin("progressdb-kms"))
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .arg("init-kek")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init-kek failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (config, endpoint)
+}
+
+impl Kms {
+    pub fn start(root: &Path, hsm: &SoftHsm, listen: KmsListen, certs: Option<&Certs>) -> Self {
+        let (config, endpoint) = kms_config(root, hsm, listen, certs);
+        let mut k = Kms {
+            proc: Proc::spawn("progressdb-kms", Command::new("true"), &root.join("kms.log")),
+            config,
+            endpoint,
+            listen,
+            root: root.to_owned(),
+        };
+        k.proc.child.take().map(|mut c| c.wait());
+        k.restart(hsm);
+        k
+    }
+
+    /// (Re)starts the process with the same config and waits until it listens.
+    pub fn restart(&mut self, hsm: &SoftHsm) {
+        let mut cmd = Command::new(bin("progressdb-kms"));
+        cmd.env("SOFTHSM2_CONF", &hsm.conf)
+            .env("RUST_LOG", "debug")
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config);
+        self.proc = Proc::spawn("progressdb-kms", cmd, &self.root.join("kms.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.proc.assert_running();
+            let up = match self.listen {
+                KmsListen::Unix => std::os::unix::net::UnixStream::connect(
+                    self.endpoint.trim_start_matches("unix://"),
+                )
+                .is_ok(),
+                KmsListen::Mtls => {
+                    let port = self.endpoint.rsplit(':').next().unwrap();
+                    std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
+                }
+            };
+            if up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "KMS did not listen within 30 s:\n{}", self.proc.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Which provider the server uses.
+#[derive(Clone, Debug)]
+pub enum Provider {
+    /// `kms.mode = "external"` against `endpoint`; TLS files when it is https.
+    External { endpoint: String, tls: Option<(PathBuf, PathBuf, PathBuf)> },
+    /// `kms.mode = "embedded"` with a master key file (dev builds only).
+    Embedded { master_key_file: PathBuf },
+}
+
+/// API keys of a test server.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub admin: String,
+    pub backend: String,
+    pub frontend: String,
+    pub signing_secret: String,
+}
+
+impl Keys {
+    pub fn random() -> Self {
+        Self {
+            admin: format!("adm_{}", random_hex(16)),
+            backend: format!("be_{}", random_hex(16)),
+            frontend: format!("fe_{}", random_hex(16)),
+            signing_secret: random_hex(32),
+        }
+    }
+
+    /// Hex HMAC-SHA256 of `user` under the signing secret.
+    pub fn sign(&self, user: &str) -> String {
+        let mut m = Hmac::<Sha256>::new_from_slice(self.signing_secret.as_bytes()).unwrap();
+        m.update(user.as_bytes());
+        hex::encode(m.finalize().into_bytes())
+    }
+}
+
+/// A running `progressdb`.
+pub struct Server {
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub base: String,
+    pub keys: Keys,
+    pub store: PathBuf,
+    pub root: PathBuf,
+    pub binary: PathBuf,
+}
+
+/// Writes a server config under `root/server/` and returns its path.
+pub fn server_config(root: &Path, provider: &Provider, encryption: bool, port: u16) -> (PathBuf, Keys, PathBuf) {
+    let dir = root.join("server");
+    let store = dir.join("store");
+    fs::create_dir_all(&store).unwrap();
+    let keys = Keys::random();
+    let keys_file = dir.join("keys.toml");
+    write_secret(
+        &keys_file,
+        format!(
+            "admin = [\"{}\"]\nbackend = [\"{}\"]\nfrontend = [\"{}\"]\nsigning_secret = \"{}\"\n",
+            keys.admin, keys.backend, keys.frontend, keys.signing_secret
+        )
+        .as_bytes(),
+    );
+    let kms = match provider {
+        Provider::External { endpoint, tls } => {
+            let mut s = format!("mode = \"external\"\nendpoint = \"{endpoint}\"\n");
+            if let Some((ca, cert, key)) = tls {
+                s.push_str(&format!(
+                    "ca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ));
+            }
+            s
+        }
+        Provider::Embedded { master_key_file } => format!(
+            "mode = \"embedded\"\nmaster_key_file = \"{}\"\n",
+            master_key_file.display()
+        ),
+    };
+    let config = dir.join("server.toml");
+    fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n\n[store]\npath = \"{}\"\n\n[auth]\nkeys_file = \"{}\"\n\n[encryption]\nenabled = {encryption}\n\n[kms]\n{kms}",
+            store.display(),
+            keys_file.display()
+        ),
+    )
+    .unwrap();
+    (config, keys, store)
+}
+
+impl Server {
+    /// Starts `binary` (`progressdb` or `progressdb-dev`) and waits for `/healthz`.
+    pub fn start(root: &Path, binary: &str, provider: &Provider, encryption: bool) -> Self {
+        let port = free_port();
+        let (config, keys, store) = server_config(root, provider, encryption, port);
+        let mut s = Server {
+            proc: Proc::spawn("progressdb", Command::new("true"), &root.join("server.log")),
+            config,
+            base: format!("http://127.0.0.1:{port}"),
+            keys,
+            store,
+            root: root.to_owned(),
+            binary: bin(binary),
+        };
+        s.proc.child.take().map(|mut c| c.wait());
+        s.restart();
+        s
+    }
+
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(&self.binary);
+        cmd.env("RUST_LOG", "debug")
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config);
+        self.proc = Proc::spawn("progressdb", cmd, &self.root.join("server.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.proc.assert_running();
+            if let Ok(r) = ureq::get(&format!("{}/healthz", self.base))
+                .timeout(Duration::from_secs(2))
+                .call()
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not answer /healthz within 30 s:\n{}", self.proc.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A client acting as `role` for `user`.
+    pub fn as_role(&self, role: Role, user: &str) -> Api {
+        let (key, sig) = match role {
+            Role::Admin => (self.keys.admin.clone(), None),
+            Role::Backend => (self.keys.backend.clone(), None),
+            Role::Frontend => (self.keys.frontend.clone(), Some(self.keys.sign(user))),
+        };
+        Api {
+            base: self.base.clone(),
+            key,
+            user: Some(user.to_owned()),
+            signature: sig,
+        }
+    }
+
+    /// Every byte of every file in the server's LMDB directory.
+    pub fn store_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for e in fs::read_dir(&self.store).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                all.extend(fs::read(p).unwrap());
+            }
+        }
+        all
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Backend,
+    Frontend,
+}
+
+/// A small blocking HTTP client for the server API.
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub base: String,
+    pub key: String,
+    pub user: Option<String>,
+    pub signature: Option<String>,
+}
+
+impl Api {
+    /// Sends a request; returns the status and the JSON body (`Value::Null` when empty).
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = ureq::request(method, &format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(30))
+            .set("Authorization", &format!("Bearer {}", self.key));
+        if let Some(u) = &self.user {
+            req = req.set("X-User-ID", u);
+        }
+        if let Some(s) = &self.signature {
+            req = req.set("X-User-Signature", s);
+        }
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap_or_default();
+        let v = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    pub fn create_thread(&self, title: &str) -> Value {
+        let (s, v) = self.call("POST", "/v1/threads", Some(serde_json::json!({ "title": title })));
+        assert_eq!(s, 201, "create thread: {v}");
+        v
+    }
+
+    pub fn post_message(&self, thread: &str, body: Value) -> Value {
+        let (s, v) = self.call(
+            "POST",
+            &format!("/v1/threads/{thread}/messages"),
+            Some(serde_json::json!({ "body": body })),
+        );
+        assert_eq!(s, 201, "post message: {v}");
+        v
+    }
+
+    /// Every message of a thread, oldest first, following cursors.
+    pub fn all_messages(&self, thread: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/threads/{thread}/messages?limit=50&order=asc");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (s, v) = self.call("GET", &path, None);
+            assert_eq!(s, 200, "list messages: {v}");
+            out.extend(v["messages"].as_array().unwrap().iter().cloned());
+            match v["next_cursor"].as_str() {
+                Some(c) if !c.is_empty() => cursor = Some(c.to_owned()),
+                _ => return out,
+            }
+        }
+    }
+}
+
+/// Asserts that none of `needles` occurs in `hay`, raw, hex or base64 encoded.
+pub fn assert_absent(what: &str, hay: &[u8], needles: &[&[u8]]) {
+    use base64::Engine as _;
+    for n in needles {
+        let mut forms = vec![
+            n.to_vec(),
+            hex::encode(n).into_bytes(),
+            hex::encode_upper(n).into_bytes(),
+        ];
+        // Base64 at each of the three alignments the needle can have inside a longer string:
+        // skip the characters that mix in the prefix and the last, padding-dependent ones.
+        for (offset, skip) in [(0usize, 0usize), (1, 2), (2, 3)] {
+            let mut buf = vec![0u8; offset];
+            buf.extend_from_slice(n);
+            let enc = base64::engine::general_purpose::STANDARD.encode(&buf);
+            let end = enc.len().saturating_sub(4);
+            if end > skip {
+                forms.push(enc.as_bytes()[skip..end].to_vec());
+            }
+        }
+        for f in forms {
+            if f.len() < 6 {
+                continue;
+            }
+            assert!(
+                !hay.windows(f.len()).any(|w| w == f.as_slice()),
+                "{what} contains a secret ({} bytes long form)",
+                f.len()
+            );
+        }
+    }
+}
+
+/// What [`functional_flow`] leaves behind, for further checks.
+#[derive(Debug)]
+pub struct FlowOutcome {
+    pub thread_id: String,
+    /// Plaintext markers that were posted (and must never reach disk or logs).
+    pub markers: Vec<String>,
+    /// Base64 wrapped DEK shown to the admin (when encryption is on).
+    pub wrapped_dek: Option<String>,
+}
+
+/// The functional contract of the server, identical for every provider: threads and messages
+/// CRUD, ordering, roles. Panics on the first deviation.
+pub fn functional_flow(server: &Server, encrypted: bool) -> FlowOutcome {
+    use serde_json::json;
+    let alice = server.as_role(Role::Frontend, "alice");
+    let bob = server.as_role(Role::Frontend, "bob");
+    let admin = server.as_role(Role::Admin, "alice");
+
+    let t = alice.create_thread("e2e thread");
+    let tid = t["id"].as_str().expect("thread id").to_owned();
+    assert_eq!(t["title"], "e2e thread");
+    assert_eq!(t["author"], "alice");
+    assert!(t.get("kms").is_none() || t["kms"].is_null(), "frontend must not see kms: {t}");
+
+    let run = random_hex(6);
+    let markers: Vec<String> = (0..5).map(|i| format!("PLAINTEXT-MARKER-{run}-{i}")).collect();
+    let mut ids = Vec::new();
+    for m in &markers {
+        let v = alice.post_message(&tid, json!({ "text": m, "n": 1 }));
+        assert_eq!(v["thread_id"], tid.as_str());
+        assert_eq!(v["author"], "alice");
+        assert_eq!(v["body"]["text"], m.as_str());
+        ids.push(v["id"].as_str().expect("message id").to_owned());
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "message ids must sort in posting order");
+
+    // Read back, oldest first and newest first.
+    let all = alice.all_messages(&tid);
+    let texts: Vec<&str> = all.iter().map(|m| m["body"]["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, markers.iter().map(String::as_str).collect::<Vec<_>>());
+    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages?order=desc&limit=2"), None);
+    assert_eq!(s, 200, "{v}");
+    let page: Vec<&str> = v["messages"].as_array().unwrap().iter().map(|m| m["body"]["text"].as_str().unwrap()).collect();
+    assert_eq!(page, vec![markers[4].as_str(), markers[3].as_str()]);
+    assert!(v["next_cursor"].as_str().is_some_and(|c| !c.is_empty()));
+
+    // One message: get, edit, delete.
+    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages/{}", ids[1]), None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["body"]["text"], markers[1].as_str());
+    let edited = format!("EDITED-MARKER-{run}");
+    let (s, v) = alice.call("PUT", &format!("/v1/threads/{tid}/messages/{}", ids[1]), Some(json!({ "body": { "text": edited } })));
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages/{}", ids[1]), None);
+    assert_eq!(v["body"]["text"], edited.as_str());
+    let (s, v) = alice.call("DELETE", &format!("/v1/threads/{tid}/messages/{}", ids[2]), None);
+    assert!(s == 200 || s == 204, "delete message: {s} {v}");
+    let (s, _) = alice.call("GET", &format!("/v1/threads/{tid}/messages/{}", ids[2]), None);
+    assert_eq!(s, 404);
+    assert_eq!(alice.all_messages(&tid).len(), 4);
+
+    // Rename; another user sees nothing of it.
+    let (s, v) = alice.call("PATCH", &format!("/v1/threads/{tid}"), Some(json!({ "title": "renamed" })));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["title"], "renamed");
+    let (s, _) = bob.call("GET", &format!("/v1/threads/{tid}"), None);
+    assert!(s == 404 || s == 403, "bob read alice's thread: {s}");
+    let (s, _) = bob.call("GET", &format!("/v1/threads/{tid}/messages"), None);
+    assert!(s == 404 || s == 403, "bob listed alice's messages: {s}");
+    let (s, v) = bob.call("GET", "/v1/threads", None);
+    assert_eq!(s, 200);
+    assert!(v["threads"].as_array().unwrap().iter().all(|t| t["id"] != tid.as_str()));
+
+    // Admin sees the KMS metadata.
+    let (s, k) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    let wrapped_dek = if encrypted {
+        assert_eq!(s, 200, "{k}");
+        assert!(k["key_id"].as_str().unwrap().starts_with("dek_"), "{k}");
+        assert!(k["wrapped_dek"].as_str().is_some_and(|w| w.len() > 40), "{k}");
+        assert_eq!(k["kek_version"], 1);
+        let (s, _) = alice.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+        assert!(s == 401 || s == 403, "frontend reached an admin route: {s}");
+        k["wrapped_dek"].as_str().map(str::to_owned)
+    } else {
+        None
+    };
+
+    let mut all_markers = markers;
+    all_markers.push(edited);
+    FlowOutcome { thread_id: tid, markers: all_markers, wrapped_dek }
+}
+
+impl Server {
+    /// Status and body of `GET /readyz`.
+    pub fn proc_ready_status(&self) -> (u16, Value) {
+        Api { base: self.base.clone(), key: String::new(), user: None, signature: None }
+            .call("GET", "/readyz", None)
+    }
+}

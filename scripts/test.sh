@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every check and every test of the workspace, on a fresh machine too:
+#   1. installs SoftHSM2 and OpenSC through apt when they are missing,
+#   2. cargo fmt --check and clippy (-D warnings, all targets, all features),
+#   3. builds the binaries the end-to-end tests start (both server flavours) into target/e2e/,
+#   4. runs every test: default features (incl. the KMS against SoftHSM and the end-to-end
+#      tests), then the server's tests again with the dev-only embedded provider.
+# Every integration test makes its own SoftHSM token in a temp dir (SOFTHSM2_CONF per test), so
+# nothing here touches a system token directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+bash scripts/ensure-deps.sh
+
+export CARGO_TERM_COLOR=never
+export RUST_BACKTRACE=1
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all targets, all features, -D warnings)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+log "building binaries for the end-to-end tests"
+mkdir -p target/e2e
+cargo build --locked -p progressdb-kms -p progressdb --bins
+cp target/debug/progressdb-kms target/e2e/progressdb-kms
+cp target/debug/progressdb target/e2e/progressdb
+cargo build --locked -p progressdb --bins --features dev-embedded
+cp target/debug/progressdb target/e2e/progressdb-dev
+export E2E_BIN_DIR="$PWD/target/e2e"
+
+log "cargo test --workspace (default features)"
+cargo test --workspace --locked
+
+log "cargo test -p progressdb --features dev-embedded"
+cargo test -p progressdb --features dev-embedded --locked
+
+log "all checks and tests passed"

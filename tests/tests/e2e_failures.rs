@@ -1,0 +1,113 @@
+//! Failures end to end: the KMS going away, the server killed with SIGKILL under load.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use serde_json::json;
+
+#[test]
+fn kms_down_gives_503_stores_nothing_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External { endpoint: kms.endpoint.clone(), tls: None };
+    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let alice = server.as_role(Role::Frontend, "alice");
+    let t = alice.create_thread("before");
+    let tid = t["id"].as_str().unwrap().to_owned();
+    alice.post_message(&tid, json!("first"));
+
+    assert!(kms.proc.sigterm().success());
+
+    let (s, v) = alice.call("POST", "/v1/threads", Some(json!({ "title": "during outage" })));
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"]["code"].is_string(), "{v}");
+    let (s, v) = alice.call("POST", &format!("/v1/threads/{tid}/messages"), Some(json!({ "body": "lost?" })));
+    assert_eq!(s, 503, "{v}");
+    let body = v.to_string();
+    assert!(!body.contains("kms.sock") && !body.contains("os error"), "5xx body leaks detail: {body}");
+    let (s, _) = server.proc_ready_status();
+    assert_eq!(s, 503, "/readyz must say unready while the KMS is down");
+
+    // Nothing half-written: one thread, one message.
+    let (_, v) = alice.call("GET", "/v1/threads", None);
+    assert_eq!(v["threads"].as_array().unwrap().len(), 1, "{v}");
+
+    // The server recovers by itself once the KMS is back.
+    kms.restart(&hsm);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, _) = alice.call("POST", &format!("/v1/threads/{tid}/messages"), Some(json!({ "body": "after" })));
+        if s == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not recover after the KMS came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bodies: Vec<serde_json::Value> = alice.all_messages(&tid).iter().map(|m| m["body"].clone()).collect();
+    assert_eq!(bodies, vec![json!("first"), json!("after")]);
+    let (s, _) = server.proc_ready_status();
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn sigkill_under_write_load_loses_no_acknowledged_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let _kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External { endpoint: _kms.endpoint.clone(), tls: None };
+    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let alice = server.as_role(Role::Frontend, "alice");
+    let tid = alice.create_thread("load")["id"].as_str().unwrap().to_owned();
+
+    // Writers record every acknowledged message (id -> body).
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_millis(1500);
+    let mut writers = Vec::new();
+    for w in 0..6 {
+        let api = alice.clone();
+        let acked = acked.clone();
+        let tid = tid.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut i = 0;
+            // Bounded: stops at the deadline or when the server is gone.
+            while Instant::now() < stop + Duration::from_secs(2) && i < 10_000 {
+                let text = format!("w{w}-m{i}");
+                let req = ureq::post(&format!("{}/v1/threads/{tid}/messages", api.base))
+                    .timeout(Duration::from_secs(5))
+                    .set("Authorization", &format!("Bearer {}", api.key))
+                    .set("X-User-ID", api.user.as_deref().unwrap())
+                    .set("X-User-Signature", api.signature.as_deref().unwrap());
+                match req.send_json(json!({ "body": text })) {
+                    Ok(r) if r.status() == 201 => {
+                        let v: serde_json::Value = r.into_json().unwrap();
+                        acked.lock().unwrap().insert(v["id"].as_str().unwrap().to_owned(), text);
+                    }
+                    _ => return,
+                }
+                i += 1;
+            }
+        }));
+    }
+    std::thread::sleep(stop.saturating_duration_since(Instant::now()));
+    server.proc.sigkill();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "the load was too small to mean anything: {}", acked.len());
+
+    server.restart();
+    let stored: BTreeMap<String, String> = alice
+        .all_messages(&tid)
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_owned(), m["body"].as_str().unwrap().to_owned()))
+        .collect();
+    for (id, text) in &acked {
+        assert_eq!(stored.get(id), Some(text), "acknowledged message {id} lost or changed");
+    }
+}
