@@ -1,1 +1,0 @@
-//! PKCS#11 backend (to be written).

@@ -1,0 +1,316 @@
+//! Token-level helpers: finding the token by label, logging in, finding, listing and creating
+//! KEK objects, and classifying PKCS#11 return values.
+
+use cryptoki::context::{Function, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::Ulong;
+use kms_api::{KekId, KekVersion};
+use secrecy::SecretString;
+
+use crate::backend::{BackendError, KekRef, DEK_LEN};
+
+/// A failed PKCS#11 call, kept structured so the caller can decide on recovery.
+#[derive(Debug)]
+pub(super) enum OpError {
+    Pkcs11 { func: Function, rv: RvError },
+    Backend(BackendError),
+}
+
+impl From<Error> for OpError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Pkcs11(rv, func) => OpError::Pkcs11 { func, rv },
+            other => OpError::Backend(BackendError::Internal(format!("PKCS#11: {other}"))),
+        }
+    }
+}
+
+impl From<BackendError> for OpError {
+    fn from(e: BackendError) -> Self {
+        OpError::Backend(e)
+    }
+}
+
+/// What a failed call means for the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Disposition {
+    /// The session (or the whole library state) is gone: reopen, log in, re-find handles.
+    SessionLost,
+    /// The session lives but the login or an object handle is gone: log in again and re-find.
+    Relogin,
+    /// A wrapped DEK did not authenticate (GCM tag mismatch and friends).
+    AuthFailed,
+    /// Anything else: report it.
+    Fail,
+}
+
+pub(super) fn classify(func: Function, rv: RvError) -> Disposition {
+    match rv {
+        RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::DeviceError
+        | RvError::DeviceRemoved
+        | RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::CryptokiNotInitialized => Disposition::SessionLost,
+        RvError::UserNotLoggedIn | RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid => {
+            Disposition::Relogin
+        }
+        // SoftHSM 2.6 reports a GCM tag mismatch as CKR_GENERAL_ERROR.
+        RvError::GeneralError | RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange
+            if matches!(func, Function::Decrypt) =>
+        {
+            Disposition::AuthFailed
+        }
+        _ => Disposition::Fail,
+    }
+}
+
+/// `C_Xxx returned CKR_...`-style text for logs. Never contains data.
+pub(super) fn describe(func: Function, rv: RvError) -> String {
+    format!("{func:?} failed: {rv:?}")
+}
+
+/// Maps a cryptoki error met while setting up (opening, logging in) to a backend error.
+pub(super) fn setup_error(what: &str, e: Error) -> BackendError {
+    match e {
+        Error::Pkcs11(rv, func) => match classify(func, rv) {
+            Disposition::SessionLost => {
+                BackendError::Unavailable(format!("{what}: {}", describe(func, rv)))
+            }
+            _ => BackendError::Internal(format!("{what}: {}", describe(func, rv))),
+        },
+        other => BackendError::Internal(format!("{what}: {other}")),
+    }
+}
+
+/// Finds the one slot whose token carries `label`.
+///
+/// # Errors
+/// `Config` when no token or several tokens carry the label; `Unavailable` when the slot list
+/// cannot be read.
+pub(super) fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Slot, BackendError> {
+    let slots = pkcs11
+        .get_slots_with_token()
+        .map_err(|e| setup_error("listing PKCS#11 slots", e))?;
+    let mut found = Vec::new();
+    for slot in slots {
+        match pkcs11.get_token_info(slot) {
+            Ok(info) if info.token_initialized() && info.label().trim_end() == label => {
+                found.push(slot)
+            }
+            Ok(_) => {}
+            // A slot that cannot describe its token is not the one we want; keep looking.
+            Err(e) => tracing::debug!(slot = %slot, error = %e, "skipping unreadable slot"),
+        }
+    }
+    match found.as_slice() {
+        [slot] => Ok(*slot),
+        [] => Err(BackendError::Config(format!(
+            "no initialised token labelled '{label}' (hsm.token_label); \
+             create it with softhsm-setup/setup.sh or the HSM vendor's tools"
+        ))),
+        _ => Err(BackendError::Config(format!(
+            "{} tokens are labelled '{label}' (hsm.token_label); the label must be unique",
+            found.len()
+        ))),
+    }
+}
+
+/// Logs the application in as the normal user unless the session already is.
+/// `CKR_USER_ALREADY_LOGGED_IN` is success: login state is per application, not per session.
+///
+/// # Errors
+/// `Config` for a wrong, locked or uninitialised PIN; `Unavailable`/`Internal` otherwise.
+pub(super) fn login(session: &Session, token: &str, pin: &SecretString) -> Result<(), OpError> {
+    let state = session.get_session_info()?.session_state();
+    if matches!(state, SessionState::RoUser | SessionState::RwUser) {
+        return Ok(());
+    }
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) => {
+            tracing::info!(token, "logged in to the HSM token");
+            Ok(())
+        }
+        Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(Error::Pkcs11(
+            rv @ (RvError::PinIncorrect
+            | RvError::PinInvalid
+            | RvError::PinLenRange
+            | RvError::PinLocked
+            | RvError::PinExpired
+            | RvError::UserPinNotInitialized),
+            _,
+        )) => Err(OpError::Backend(BackendError::Config(format!(
+            "login to token '{token}' refused ({rv:?}): check the PIN in hsm.pin_file"
+        )))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Resolves an [`OpError`] from `login`/setup into a backend error.
+pub(super) fn op_to_setup_error(what: &str, e: OpError) -> BackendError {
+    match e {
+        OpError::Backend(b) => b,
+        OpError::Pkcs11 { func, rv } => setup_error(what, Error::Pkcs11(rv, func)),
+    }
+}
+
+/// `CKA_ID` of a KEK version: the version as a 4-byte big-endian integer.
+pub(super) fn kek_id_bytes(version: KekVersion) -> Vec<u8> {
+    version.get().to_be_bytes().to_vec()
+}
+
+fn kek_search_template(label: &KekId, version: Option<KekVersion>) -> Vec<Attribute> {
+    let mut t = vec![
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(label.as_str().as_bytes().to_vec()),
+    ];
+    if let Some(v) = version {
+        t.push(Attribute::Id(kek_id_bytes(v)));
+    }
+    t
+}
+
+/// Every object of this KEK version (normally exactly one).
+pub(super) fn find_kek_objects(
+    session: &Session,
+    kek: &KekRef,
+) -> Result<Vec<ObjectHandle>, Error> {
+    session.find_objects(&kek_search_template(&kek.id, Some(kek.version)))
+}
+
+/// The handle of KEK `kek`, which must exist exactly once.
+///
+/// # Errors
+/// `KekNotFound` when absent; `Internal` when several objects carry the same label and version.
+pub(super) fn find_kek(session: &Session, kek: &KekRef) -> Result<ObjectHandle, OpError> {
+    let found = find_kek_objects(session, kek)?;
+    match found.as_slice() {
+        [h] => Ok(*h),
+        [] => Err(OpError::Backend(BackendError::KekNotFound {
+            id: kek.id.clone(),
+            version: kek.version,
+        })),
+        _ => Err(OpError::Backend(BackendError::Internal(format!(
+            "{} objects carry KEK label '{}' version {}; refusing to guess",
+            found.len(),
+            kek.id,
+            kek.version
+        )))),
+    }
+}
+
+/// Versions of every KEK object labelled `label`, ascending, one entry per object (so a
+/// duplicate shows up twice). Objects whose `CKA_ID` is not a 4-byte version are skipped.
+pub(super) fn list_kek_versions(
+    session: &Session,
+    label: &KekId,
+) -> Result<Vec<KekVersion>, Error> {
+    let mut versions = Vec::new();
+    for obj in session.find_objects(&kek_search_template(label, None))? {
+        let attrs = session.get_attributes(obj, &[AttributeType::Id])?;
+        let version = attrs.iter().find_map(|a| match a {
+            Attribute::Id(id) => <[u8; 4]>::try_from(id.as_slice())
+                .ok()
+                .and_then(|b| KekVersion::new(u32::from_be_bytes(b)).ok()),
+            _ => None,
+        });
+        match version {
+            Some(v) => versions.push(v),
+            None => tracing::warn!(
+                kek_label = %label,
+                "ignoring an object with the KEK label whose CKA_ID is not a version number"
+            ),
+        }
+    }
+    versions.sort();
+    Ok(versions)
+}
+
+/// The highest KEK version on the token.
+///
+/// # Errors
+/// `Config` when no version exists (the operator must run `init-kek`) or the highest version
+/// exists more than once.
+pub(super) fn current_kek(
+    session: &Session,
+    label: &KekId,
+    token: &str,
+) -> Result<KekRef, OpError> {
+    let versions = list_kek_versions(session, label)?;
+    let Some(&latest) = versions.last() else {
+        return Err(OpError::Backend(BackendError::Config(format!(
+            "no KEK labelled '{label}' (hsm.kek_label) on token '{token}'; \
+             create it with `progressdb-kms init-kek --config <file>`"
+        ))));
+    };
+    let copies = versions.iter().filter(|v| **v == latest).count();
+    if copies > 1 {
+        return Err(OpError::Backend(BackendError::Config(format!(
+            "{copies} objects carry KEK label '{label}' version {latest} on token '{token}'; \
+             remove the duplicates"
+        ))));
+    }
+    Ok(KekRef {
+        id: label.clone(),
+        version: latest,
+    })
+}
+
+/// Attributes of a new KEK that every PKCS#11 token must honour.
+fn kek_template(kek: &KekRef) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(Ulong::new(DEK_LEN as _)),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Label(kek.id.as_str().as_bytes().to_vec()),
+        Attribute::Id(kek_id_bytes(kek.version)),
+    ]
+}
+
+/// Hardening attributes some tokens refuse at generation time.
+fn kek_hardening() -> Vec<Attribute> {
+    vec![Attribute::Modifiable(false), Attribute::Copyable(false)]
+}
+
+/// Generates KEK `kek` inside the token (`CKM_AES_KEY_GEN`, AES-256, sensitive,
+/// non-extractable, encrypt/decrypt only). Needs a read-write, logged-in session.
+pub(super) fn generate_kek(session: &Session, kek: &KekRef) -> Result<ObjectHandle, Error> {
+    let mut template = kek_template(kek);
+    template.extend(kek_hardening());
+    match session.generate_key(&Mechanism::AesKeyGen, &template) {
+        Ok(h) => Ok(h),
+        Err(Error::Pkcs11(
+            rv @ (RvError::TemplateInconsistent
+            | RvError::AttributeReadOnly
+            | RvError::AttributeTypeInvalid
+            | RvError::AttributeValueInvalid),
+            _,
+        )) => {
+            tracing::warn!(
+                error = ?rv,
+                "token refused CKA_MODIFIABLE/CKA_COPYABLE=false on the KEK; creating it without"
+            );
+            session.generate_key(&Mechanism::AesKeyGen, &kek_template(kek))
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,134 @@
+//! Shared set-up of the in-process HSM tests: one SoftHSM token directory per test process.
+//!
+//! Every integration-test file is its own process and PKCS#11 can be initialised only once per
+//! process, so each file builds its tokens once (before the first `C_Initialize`), points
+//! `SOFTHSM2_CONF` at its own config and shares the context among its tests. Missing SoftHSM
+//! is a test failure, never a skip.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use kms_api::KekId;
+use progressdb_kms::backend::HsmSettings;
+use rand::RngCore;
+use secrecy::SecretString;
+
+/// The SoftHSM module; `PROGRESSDB_TEST_PKCS11_MODULE` overrides it.
+pub fn module() -> PathBuf {
+    std::env::var_os("PROGRESSDB_TEST_PKCS11_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"))
+}
+
+pub const KEK_LABEL: &str = "progressdb-kek";
+
+/// Token labels made for every test process. Each test that depends on login state or on
+/// the absence of a KEK gets a token of its own.
+pub const TOKENS: &[&str] = &["t-main", "t-initkek", "t-pin", "t-nokek", "t-conc"];
+
+#[derive(Debug)]
+pub struct TestHsm {
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+    pub tokendir: PathBuf,
+    pins: Vec<(String, String)>,
+}
+
+impl TestHsm {
+    pub fn pin(&self, token: &str) -> String {
+        self.pins
+            .iter()
+            .find(|(t, _)| t == token)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("no test token {token}"))
+    }
+
+    pub fn settings(&self, token: &str, sessions: usize) -> HsmSettings {
+        HsmSettings {
+            module: module(),
+            token_label: token.to_owned(),
+            pin: SecretString::from(self.pin(token)),
+            kek_label: KekId::parse(KEK_LABEL).unwrap(),
+            sessions,
+        }
+    }
+
+    /// Every PIN of this process, for log scans.
+    pub fn all_pins(&self) -> Vec<String> {
+        self.pins.iter().map(|(_, p)| p.clone()).collect()
+    }
+
+    /// Writes the SoftHSM config with `tokendir` as its token directory.
+    pub fn write_conf(&self, tokendir: &Path) {
+        write_conf(&self.conf, tokendir);
+    }
+}
+
+fn write_conf(conf: &Path, tokendir: &Path) {
+    std::fs::write(
+        conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokendir.display()
+        ),
+    )
+    .unwrap();
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Builds this process's tokens once and sets `SOFTHSM2_CONF`. Call before any PKCS#11 use.
+pub fn hsm() -> &'static TestHsm {
+    static HSM: OnceLock<TestHsm> = OnceLock::new();
+    HSM.get_or_init(|| {
+        let module = module();
+        assert!(
+            module.exists(),
+            "SoftHSM module {} not found: install softhsm2 (scripts/test.sh does)",
+            module.display()
+        );
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hsm-test-")
+            .tempdir_in(&base)
+            .unwrap()
+            .keep();
+        let tokendir = dir.join("tokens");
+        std::fs::create_dir_all(&tokendir).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        write_conf(&conf, &tokendir);
+        // Before the first C_Initialize of this process, which reads it.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+
+        let mut pins = Vec::new();
+        for label in TOKENS {
+            let pin = random_hex(8);
+            let so_pin = random_hex(8);
+            let out = Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args(["--init-token", "--free", "--label", label])
+                .args(["--pin", &pin, "--so-pin", &so_pin])
+                .output()
+                .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
+            assert!(
+                out.status.success(),
+                "softhsm2-util --init-token {label} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            pins.push(((*label).to_owned(), pin));
+        }
+        TestHsm {
+            dir,
+            conf,
+            tokendir,
+            pins,
+        }
+    })
+}
