@@ -1,2 +1,37 @@
 //! progressdb-kms: the key-management service of progressdb.
+//!
+//! The KEK lives in an HSM (PKCS#11); the KMS hands out per-thread DEKs, wrapped by the HSM
+//! and recorded in its own LMDB store, and encrypts/decrypts message bodies under them over a
+//! small JSON API on a Unix socket or mutual-TLS TCP.
+//!
+//! Layers, each with its own error type:
+//! * [`config`]: TOML file + `PROGRESSDB_KMS__SECTION__KEY` environment overrides.
+//! * [`backend`]: the [`backend::KeyBackend`] boundary and its PKCS#11 implementation.
+//! * [`keystore`]: durable key records ([`keystore::KeyStore`]; LMDB with group commit).
+//! * [`cache`]: bounded, zeroizing cache of unwrapped DEKs.
+//! * [`aead`]: AES-256-GCM message encryption.
+//! * [`service`]: the KMS operations; [`service::ServiceError::code`] maps failures to the
+//!   stable wire codes.
+//! * [`http`]: the HTTP API (routing, parsing, error bodies).
+//! * [`transport`]: Unix-socket and mutual-TLS listeners, connection limits, graceful shutdown.
+//! * [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//! * [`app`]: wiring, used by the thin `progressdb-kms` binary.
+
+pub mod aead;
+pub mod app;
 pub mod backend;
+pub mod cache;
+pub mod config;
+pub mod http;
+pub mod keystore;
+pub mod metrics;
+pub mod service;
+pub mod telemetry;
+pub mod transport;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod testing;
+
+pub use app::{App, StartError};
+pub use config::Config;

@@ -1,1 +1,120 @@
-fn main() {}
+//! `progressdb-kms`: parse the command line, load the config, start logging, run.
+//!
+//! * `progressdb-kms serve --config FILE`
+//! * `progressdb-kms init-kek --config FILE`
+//!
+//! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT), 2 for a bad
+//! configuration, 1 for any other failure; the reason is one line on stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use progressdb_kms::backend::pkcs11::InitKekOutcome;
+use progressdb_kms::{app, telemetry, Config};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "progressdb-kms",
+    version,
+    about = "HSM-backed key management service for progressdb"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the KMS.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Create the KEK in the HSM token if it does not exist yet (idempotent).
+    InitKek {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("progressdb-kms: error: {e}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = match &cli.command {
+        Command::Serve { config } | Command::InitKek { config } => config,
+    };
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e),
+    };
+    telemetry::init(&cfg.log);
+    match cli.command {
+        Command::Serve { .. } => serve(&cfg),
+        Command::InitKek { .. } => match app::init_kek(&cfg) {
+            Ok(InitKekOutcome::Created(k)) => {
+                println!("created KEK {} version {}", k.id, k.version);
+                ExitCode::SUCCESS
+            }
+            Ok(InitKekOutcome::AlreadyPresent(k)) => {
+                println!(
+                    "KEK {} version {} already present; nothing changed",
+                    k.id, k.version
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(exit_code(&e), &e),
+        },
+    }
+}
+
+fn exit_code(e: &app::StartError) -> u8 {
+    match e {
+        app::StartError::Config(_) => 2,
+        _ => 1,
+    }
+}
+
+fn serve(cfg: &Config) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kms-rt")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
+    };
+    let result = rt.block_on(async {
+        // Install the handlers first, so a signal during start-up is not fatal: it is seen by
+        // the accept loop, which then stops at once.
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(app::StartError::Task(format!(
+                    "cannot install signal handlers: {e}"
+                )))
+            }
+        };
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        };
+        app::serve(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(exit_code(&e), &e),
+    }
+}

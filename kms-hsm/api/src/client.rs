@@ -454,13 +454,21 @@ impl KmsClient {
             .await
             .map_err(|e| ClientError::Unavailable(format!("request failed: {e}")))?;
         let status = resp.status();
+        // The KMS closes the connection after some answers (413, 403, a body timeout): such a
+        // connection must not go back to the pool, where the next call would find it dead.
+        let closing = resp
+            .headers()
+            .get(http::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let bytes = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| ClientError::Unavailable(format!("reading answer failed: {e}")))?
             .to_bytes();
-        self.put_idle(sender);
+        if !closing {
+            self.put_idle(sender);
+        }
         Ok((status, bytes))
     }
 

@@ -1,0 +1,158 @@
+//! Wiring: build the KMS from its [`Config`] (metrics → key store → HSM backend → service →
+//! HTTP API), then [`App::run`] it on a [`Listener`] until a shutdown future completes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::pkcs11::{self, InitKekOutcome, Pkcs11Backend};
+use crate::backend::{BackendError, KeyBackend};
+use crate::cache::DekCache;
+use crate::config::{Config, ConfigError};
+use crate::http::{Api, HttpLimits};
+use crate::keystore::lmdb::LmdbStore;
+use crate::keystore::{KeyStore, StoreError};
+use crate::metrics::{BackendStats, Metrics};
+use crate::service::KeyService;
+use crate::transport::{self, Listener, ServeOptions, TransportError};
+
+/// Why the KMS could not start (or stopped with an error). Each message is one line naming
+/// the key, file or component at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("hsm: {0}")]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// A built KMS, ready to serve.
+pub struct App<B, S> {
+    api: Arc<Api<B, S>>,
+    serve: ServeOptions,
+    cache_ttl: Duration,
+}
+
+impl<B, S> std::fmt::Debug for App<B, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("serve", &self.serve)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App<Pkcs11Backend, LmdbStore> {
+    /// Opens the key store and the HSM (on a blocking thread) as configured.
+    ///
+    /// # Errors
+    /// [`StartError`] naming what is wrong (PIN file, token, KEK, store directory...).
+    pub async fn build(cfg: &Config) -> Result<Self, StartError> {
+        let settings = cfg.hsm_settings()?;
+        tracing::info!(
+            module = %settings.module.display(),
+            token_label = %settings.token_label,
+            kek_label = %settings.kek_label,
+            sessions = settings.sessions,
+            "opening HSM"
+        );
+        let backend = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
+            .await
+            .map_err(|e| StartError::Task(e.to_string()))??;
+        let kek = backend.current_kek();
+        tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "HSM ready");
+        Self::with_backend(cfg, Arc::new(backend))
+    }
+}
+
+impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
+    /// Builds the KMS around an already opened backend.
+    ///
+    /// # Errors
+    /// [`StartError::Store`] when the key store cannot be opened.
+    pub fn with_backend(cfg: &Config, backend: Arc<B>) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::new(backend.clone()));
+        let store = LmdbStore::open(
+            &cfg.store.path,
+            cfg.store.map_size_mb,
+            metrics.store.clone(),
+        )?;
+        let cache = DekCache::new(cfg.cache.ttl, cfg.cache.max_entries, metrics.cache.clone());
+        let service = Arc::new(KeyService::new(backend, store, cache));
+        let api = Arc::new(Api::new(
+            service,
+            metrics,
+            HttpLimits {
+                max_body_bytes: cfg.limits.max_body_bytes,
+                body_read_timeout: cfg.limits.read_timeout,
+            },
+        ));
+        Ok(Self {
+            api,
+            serve: ServeOptions {
+                read_timeout: cfg.limits.read_timeout,
+                shutdown_timeout: cfg.limits.shutdown_timeout,
+                max_connections: cfg.limits.max_connections,
+            },
+            cache_ttl: cfg.cache.ttl,
+        })
+    }
+}
+
+impl<B: KeyBackend, S: KeyStore> App<B, S> {
+    pub fn api(&self) -> &Arc<Api<B, S>> {
+        &self.api
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes in-flight requests.
+    ///
+    /// # Errors
+    /// [`StartError::Transport`].
+    pub async fn run(
+        self,
+        listener: Listener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        // Expired DEKs are dropped (and zeroized) even when no request touches them.
+        let period = self
+            .cache_ttl
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let svc = self.api.service().clone();
+        let purge = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                svc.cache().purge_expired();
+            }
+        });
+        let result = transport::serve(listener, self.api.clone(), self.serve, shutdown).await;
+        purge.abort();
+        result.map_err(StartError::from)
+    }
+}
+
+/// `progressdb-kms serve`: build, bind, serve until `shutdown`.
+///
+/// # Errors
+/// [`StartError`].
+pub async fn serve(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let app = App::build(cfg).await?;
+    let listener = Listener::bind(&cfg.listen)?;
+    app.run(listener, shutdown).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// `progressdb-kms init-kek`: creates the KEK in the token if it is missing.
+///
+/// # Errors
+/// [`StartError`].
+pub fn init_kek(cfg: &Config) -> Result<InitKekOutcome, StartError> {
+    let settings = cfg.hsm_settings()?;
+    Ok(pkcs11::init_kek(&settings)?)
+}

@@ -1,0 +1,684 @@
+//! Configuration of the KMS: one TOML file (`--config FILE`) whose every key can be overridden
+//! from the environment as `PROGRESSDB_KMS__SECTION__KEY` (e.g. `PROGRESSDB_KMS__CACHE__TTL_SECS`).
+//!
+//! Loading is two steps: the `config` crate merges the file and the environment into
+//! [`RawConfig`] (every key optional, unknown keys refused), then [`RawConfig::validate`] turns
+//! it into a [`Config`] whose values are checked and typed. Every error is one line that names
+//! the key or file at fault. Secrets are not read here: [`Config::hsm_settings`] reads the PIN
+//! (from `hsm.pin_file`, which must be mode 0600, or from `PROGRESSDB_KMS_HSM_PIN`) only when
+//! the HSM is about to be opened.
+//!
+//! Relative paths are resolved against the directory of the config file.
+//!
+//! See `progressdb-kms.example.toml` for the commented reference of every key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kms_api::secret_file::{self, SecretFileError};
+use kms_api::KekId;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::backend::HsmSettings;
+
+/// Prefix of environment overrides; sections and keys are separated by `__`.
+pub const ENV_PREFIX: &str = "PROGRESSDB_KMS";
+/// Environment variable that may hold the HSM user PIN instead of `hsm.pin_file`.
+pub const PIN_ENV: &str = "PROGRESSDB_KMS_HSM_PIN";
+
+/// Why the configuration was refused. Each message names the key or file at fault and never
+/// contains a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a value has the wrong type.
+    #[error("config {path}: {detail}")]
+    Load { path: PathBuf, detail: String },
+    /// A required key is absent.
+    #[error("config key {key} is required{hint}")]
+    Missing {
+        key: &'static str,
+        hint: &'static str,
+    },
+    /// A key has an unacceptable value.
+    #[error("config key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    /// Keys that cannot be used together (or a required choice left open).
+    #[error("config: {0}")]
+    Conflict(&'static str),
+    /// The PIN file is missing, unreadable or group/world accessible.
+    #[error("hsm.pin_file: {0}")]
+    PinFile(#[from] SecretFileError),
+}
+
+/// The file as written, before validation. Every key is optional here so that a missing key is
+/// reported by name by [`RawConfig::validate`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listen: RawListen,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub hsm: RawHsm,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// `[listen]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub unix: Option<PathBuf>,
+    pub tcp: Option<String>,
+    pub allowed_uids: Option<UidList>,
+}
+
+/// `listen.allowed_uids`: a TOML array of uids, or (from the environment) one uid or a
+/// comma-separated list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UidList {
+    One(u32),
+    Many(Vec<u32>),
+    Text(String),
+}
+
+/// `[tls]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[hsm]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsm {
+    pub module: Option<PathBuf>,
+    pub token_label: Option<String>,
+    pub pin_file: Option<PathBuf>,
+    pub kek_label: Option<String>,
+    pub sessions: Option<u32>,
+}
+
+/// `[store]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub path: Option<PathBuf>,
+    pub map_size_mb: Option<u64>,
+}
+
+/// `[cache]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub ttl_secs: Option<u64>,
+    pub max_entries: Option<u64>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_body_bytes: Option<u64>,
+    pub read_timeout_secs: Option<u64>,
+    pub shutdown_timeout_secs: Option<u64>,
+    pub max_connections: Option<u64>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was loaded from (for messages).
+    pub source: PathBuf,
+    pub listen: ListenConfig,
+    pub hsm: HsmConfig,
+    pub store: StoreConfig,
+    pub cache: CacheConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+/// Where the KMS listens: exactly one transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenConfig {
+    /// `listen.unix`: a Unix socket created with mode 0600, optionally restricted to peer uids.
+    Unix {
+        path: PathBuf,
+        allowed_uids: Option<Vec<u32>>,
+    },
+    /// `listen.tcp` with mutual TLS.
+    Tcp { addr: SocketAddr, tls: TlsConfig },
+}
+
+/// `[tls]`: files of the server certificate, its key (mode 0600) and the client CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// `[hsm]`
+#[derive(Debug, Clone)]
+pub struct HsmConfig {
+    pub module: PathBuf,
+    pub token_label: String,
+    /// `None`: the PIN comes from [`PIN_ENV`].
+    pub pin_file: Option<PathBuf>,
+    pub kek_label: KekId,
+    pub sessions: usize,
+}
+
+/// `[store]`
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub map_size_mb: u64,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Zero disables the cache.
+    pub ttl: Duration,
+    /// Zero disables the cache.
+    pub max_entries: usize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsConfig {
+    pub max_body_bytes: usize,
+    pub read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// `[log]`
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// Default filter directive when `RUST_LOG` is unset.
+    pub level: String,
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Defaults of optional keys (documented in the example file).
+pub mod defaults {
+    pub const HSM_SESSIONS: u32 = 4;
+    pub const MAP_SIZE_MB: u64 = 1024;
+    pub const CACHE_TTL_SECS: u64 = 300;
+    pub const CACHE_MAX_ENTRIES: u64 = 10_000;
+    pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+    pub const READ_TIMEOUT_SECS: u64 = 30;
+    pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+    pub const MAX_CONNECTIONS: u64 = 1024;
+    pub const LOG_LEVEL: &str = "info";
+}
+
+impl Config {
+    /// Loads `path` and applies overrides from the process environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or key at fault.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// Like [`Config::load`], with the environment given as a map (for tests); `None` reads
+    /// the process environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or key at fault.
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let load_err = |detail: String| ConfigError::Load {
+            path: path.to_owned(),
+            detail,
+        };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let env_source = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env_source)
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| load_err(one_line(&e.to_string())))?;
+        let absolute = std::path::absolute(path).map_err(|e| load_err(e.to_string()))?;
+        let base = absolute.parent().map(Path::to_owned).unwrap_or_default();
+        raw.validate(path, &base)
+    }
+
+    /// The settings of the PKCS#11 backend, with the PIN read from `hsm.pin_file` (refused
+    /// unless mode 0600 or stricter) or from `PROGRESSDB_KMS_HSM_PIN`.
+    ///
+    /// # Errors
+    /// [`ConfigError::PinFile`] naming the file; [`ConfigError::Missing`] or
+    /// [`ConfigError::Conflict`] when the PIN source is absent or ambiguous.
+    pub fn hsm_settings(&self) -> Result<HsmSettings, ConfigError> {
+        let env_pin = std::env::var(PIN_ENV).ok().filter(|p| !p.is_empty());
+        let pin: SecretString = match (&self.hsm.pin_file, env_pin) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "set either hsm.pin_file or PROGRESSDB_KMS_HSM_PIN, not both",
+                ))
+            }
+            (Some(file), None) => secret_file::read_secret_string(file)?,
+            (None, Some(p)) => SecretString::from(p),
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    key: "hsm.pin_file",
+                    hint: " (or set PROGRESSDB_KMS_HSM_PIN)",
+                })
+            }
+        };
+        Ok(HsmSettings {
+            module: self.hsm.module.clone(),
+            token_label: self.hsm.token_label.clone(),
+            pin,
+            kek_label: self.hsm.kek_label.clone(),
+            sessions: self.hsm.sessions,
+        })
+    }
+}
+
+impl RawConfig {
+    /// Checks every key and builds the typed [`Config`]. `base` is the directory relative
+    /// paths are resolved against.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key at fault.
+    pub fn validate(self, source: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let listen = match (self.listen.unix, self.listen.tcp) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "set exactly one of listen.unix and listen.tcp, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::Conflict(
+                    "set exactly one of listen.unix (socket path) and listen.tcp (host:port, mutual TLS)",
+                ))
+            }
+            (Some(path), None) => {
+                if path.as_os_str().is_empty() {
+                    return Err(invalid("listen.unix", "must be a socket path"));
+                }
+                if self.tls.cert.is_some()
+                    || self.tls.key.is_some()
+                    || self.tls.client_ca.is_some()
+                {
+                    return Err(ConfigError::Conflict(
+                        "tls.* is used only with listen.tcp; remove it or listen on TCP",
+                    ));
+                }
+                let allowed_uids = self
+                    .listen
+                    .allowed_uids
+                    .map(|u| u.into_vec())
+                    .transpose()?;
+                ListenConfig::Unix {
+                    path: abs(path),
+                    allowed_uids,
+                }
+            }
+            (None, Some(tcp)) => {
+                if self.listen.allowed_uids.is_some() {
+                    return Err(ConfigError::Conflict(
+                        "listen.allowed_uids applies only to listen.unix",
+                    ));
+                }
+                let addr: SocketAddr = tcp.trim().parse().map_err(|_| {
+                    invalid("listen.tcp", "must be an IP address and port, e.g. 127.0.0.1:7443")
+                })?;
+                let tls = match (self.tls.cert, self.tls.key, self.tls.client_ca) {
+                    (Some(cert), Some(key), Some(client_ca)) => TlsConfig {
+                        cert: abs(cert),
+                        key: abs(key),
+                        client_ca: abs(client_ca),
+                    },
+                    _ => {
+                        return Err(ConfigError::Conflict(
+                            "listen.tcp requires tls.cert, tls.key and tls.client_ca (mutual TLS); plain TCP is refused",
+                        ))
+                    }
+                };
+                ListenConfig::Tcp { addr, tls }
+            }
+        };
+
+        let module = self.hsm.module.ok_or(ConfigError::Missing {
+            key: "hsm.module",
+            hint: " (path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so)",
+        })?;
+        let token_label = self.hsm.token_label.ok_or(ConfigError::Missing {
+            key: "hsm.token_label",
+            hint: "",
+        })?;
+        if token_label.is_empty() || token_label.len() > 32 {
+            return Err(invalid("hsm.token_label", "must be 1 to 32 characters"));
+        }
+        let kek_label = self.hsm.kek_label.ok_or(ConfigError::Missing {
+            key: "hsm.kek_label",
+            hint: "",
+        })?;
+        let kek_label = KekId::parse(&kek_label).map_err(|e| invalid("hsm.kek_label", e))?;
+        let sessions = self.hsm.sessions.unwrap_or(defaults::HSM_SESSIONS);
+        if !(1..=64).contains(&sessions) {
+            return Err(invalid("hsm.sessions", "must be between 1 and 64"));
+        }
+        let hsm = HsmConfig {
+            module,
+            token_label,
+            pin_file: self.hsm.pin_file.map(abs),
+            kek_label,
+            sessions: sessions as usize,
+        };
+
+        let store = StoreConfig {
+            path: abs(self.store.path.ok_or(ConfigError::Missing {
+                key: "store.path",
+                hint: " (directory of the key store)",
+            })?),
+            map_size_mb: self.store.map_size_mb.unwrap_or(defaults::MAP_SIZE_MB),
+        };
+        if !(1..=1 << 24).contains(&store.map_size_mb) {
+            return Err(invalid(
+                "store.map_size_mb",
+                "must be between 1 and 16777216",
+            ));
+        }
+
+        let cache = CacheConfig {
+            ttl: Duration::from_secs(self.cache.ttl_secs.unwrap_or(defaults::CACHE_TTL_SECS)),
+            max_entries: to_usize(
+                "cache.max_entries",
+                self.cache
+                    .max_entries
+                    .unwrap_or(defaults::CACHE_MAX_ENTRIES),
+            )?,
+        };
+
+        let max_body_bytes = self
+            .limits
+            .max_body_bytes
+            .unwrap_or(defaults::MAX_BODY_BYTES);
+        if !(1024..=1 << 30).contains(&max_body_bytes) {
+            return Err(invalid(
+                "limits.max_body_bytes",
+                "must be between 1024 and 1073741824",
+            ));
+        }
+        let read_timeout_secs = self
+            .limits
+            .read_timeout_secs
+            .unwrap_or(defaults::READ_TIMEOUT_SECS);
+        if !(1..=3600).contains(&read_timeout_secs) {
+            return Err(invalid(
+                "limits.read_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        let shutdown_timeout_secs = self
+            .limits
+            .shutdown_timeout_secs
+            .unwrap_or(defaults::SHUTDOWN_TIMEOUT_SECS);
+        if shutdown_timeout_secs > 3600 {
+            return Err(invalid(
+                "limits.shutdown_timeout_secs",
+                "must be at most 3600",
+            ));
+        }
+        let max_connections = self
+            .limits
+            .max_connections
+            .unwrap_or(defaults::MAX_CONNECTIONS);
+        if !(1..=1 << 20).contains(&max_connections) {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be between 1 and 1048576",
+            ));
+        }
+        let limits = LimitsConfig {
+            max_body_bytes: to_usize("limits.max_body_bytes", max_body_bytes)?,
+            read_timeout: Duration::from_secs(read_timeout_secs),
+            shutdown_timeout: Duration::from_secs(shutdown_timeout_secs),
+            max_connections: to_usize("limits.max_connections", max_connections)?,
+        };
+
+        let format = match self.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(invalid("log.format", "must be \"text\" or \"json\"")),
+        };
+        let level = self
+            .log
+            .level
+            .unwrap_or_else(|| defaults::LOG_LEVEL.to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(invalid(
+                "log.level",
+                "must be a tracing filter such as \"info\" or \"progressdb_kms=debug\"",
+            ));
+        }
+
+        Ok(Config {
+            source: source.to_owned(),
+            listen,
+            hsm,
+            store,
+            cache,
+            limits,
+            log: LogConfig { format, level },
+        })
+    }
+}
+
+impl UidList {
+    fn into_vec(self) -> Result<Vec<u32>, ConfigError> {
+        let v = match self {
+            UidList::One(u) => vec![u],
+            UidList::Many(v) => v,
+            UidList::Text(t) => t
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<u32>().map_err(|_| {
+                        invalid("listen.allowed_uids", "must be a list of numeric uids")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if v.is_empty() {
+            return Err(invalid(
+                "listen.allowed_uids",
+                "must list at least one uid (omit the key to allow any peer)",
+            ));
+        }
+        Ok(v)
+    }
+}
+
+fn invalid(key: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
+fn to_usize(key: &'static str, v: u64) -> Result<usize, ConfigError> {
+    usize::try_from(v).map_err(|_| invalid(key, "is too large"))
+}
+
+/// Keeps an error message on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kms.toml");
+        std::fs::write(&p, toml).unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load_with_env(&p, Some(env))
+    }
+
+    const BASE: &str = r#"
+        [listen]
+        unix = "kms.sock"
+        [hsm]
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "progressdb"
+        pin_file = "pin"
+        kek_label = "progressdb-kek"
+        [store]
+        path = "/var/lib/progressdb-kms"
+    "#;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = load(BASE, &[]).unwrap();
+        match &c.listen {
+            ListenConfig::Unix { path, allowed_uids } => {
+                assert!(path.is_absolute() && path.ends_with("kms.sock"));
+                assert!(allowed_uids.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.hsm.sessions, 4);
+        assert_eq!(c.cache.max_entries, 10_000);
+        assert_eq!(c.limits.max_body_bytes, 4 << 20);
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn env_overrides_every_section() {
+        let c = load(
+            BASE,
+            &[
+                ("PROGRESSDB_KMS__CACHE__TTL_SECS", "7"),
+                ("PROGRESSDB_KMS__CACHE__MAX_ENTRIES", "0"),
+                ("PROGRESSDB_KMS__HSM__SESSIONS", "2"),
+                ("PROGRESSDB_KMS__LISTEN__ALLOWED_UIDS", "1000,1001"),
+                ("PROGRESSDB_KMS__LOG__FORMAT", "json"),
+                ("PROGRESSDB_KMS__LIMITS__MAX_BODY_BYTES", "65536"),
+                ("PROGRESSDB_KMS__STORE__PATH", "/tmp/other"),
+                ("PROGRESSDB_KMS_HSM_PIN", "ignored-by-config"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.cache.ttl, Duration::from_secs(7));
+        assert_eq!(c.cache.max_entries, 0);
+        assert_eq!(c.hsm.sessions, 2);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.limits.max_body_bytes, 65536);
+        assert_eq!(c.store.path, PathBuf::from("/tmp/other"));
+        match c.listen {
+            ListenConfig::Unix { allowed_uids, .. } => {
+                assert_eq!(allowed_uids, Some(vec![1000, 1001]))
+            }
+            other => panic!("{other:?}"),
+        }
+        let one = load(BASE, &[("PROGRESSDB_KMS__LISTEN__ALLOWED_UIDS", "42")]).unwrap();
+        assert!(
+            matches!(one.listen, ListenConfig::Unix { allowed_uids: Some(ref v), .. } if v == &[42])
+        );
+    }
+
+    #[test]
+    fn plain_tcp_is_refused() {
+        let toml = BASE.replace("unix = \"kms.sock\"", "tcp = \"127.0.0.1:7443\"");
+        let e = load(&toml, &[]).unwrap_err().to_string();
+        assert!(e.contains("listen.tcp") && e.contains("tls.cert"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(&BASE.replace("token_label = \"progressdb\"", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hsm.token_label"), "{e}");
+        let e = load(BASE, &[("PROGRESSDB_KMS__CACHE__TTL_SECS", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cache.ttl_secs"), "{e}");
+        let e = load(&format!("{BASE}\n[cache]\nttl = 3\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ttl"), "{e}");
+        let e = load(BASE, &[("PROGRESSDB_KMS__LOG__FORMAT", "xml")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.format"), "{e}");
+        let e = load(BASE, &[("PROGRESSDB_KMS__HSM__KEK_LABEL", "a b")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hsm.kek_label"), "{e}");
+        let e = load(
+            &BASE.replace(
+                "unix = \"kms.sock\"",
+                "unix = \"kms.sock\"\ntcp = \"127.0.0.1:1\"",
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen.unix") && e.contains("listen.tcp"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/kms.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/kms.toml"), "{e}");
+    }
+}

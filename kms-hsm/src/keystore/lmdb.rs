@@ -1,0 +1,536 @@
+//! The LMDB key store (heed), with group commit.
+//!
+//! * Layout: database `keys` maps the key id (UTF-8) to the JSON of a [`KeyRecord`]; database
+//!   `meta` holds `format = "1"`.
+//! * Reads open a short read transaction on the calling thread; no transaction ever lives
+//!   across an `.await`.
+//! * Every write goes through one dedicated writer thread. It blocks for the first pending
+//!   write, drains whatever else is queued (up to [`MAX_BATCH`]), applies them all in one write
+//!   transaction and commits it with LMDB's default durable sync, then answers each caller
+//!   through its oneshot channel. Concurrent creates therefore share one fsync instead of
+//!   paying one each, and a caller is answered only after its record is on disk.
+//! * A full map (`MDB_MAP_FULL`) aborts the whole transaction: nothing of the batch is written,
+//!   every caller of the batch gets [`StoreError::Full`], and the store stays consistent
+//!   (LMDB never leaves a half-applied transaction).
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use heed::types::{Bytes, Str};
+use heed::{Database, Env, EnvOpenOptions, RwTxn};
+use kms_api::KeyId;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
+use crate::metrics::StoreMetrics;
+
+/// Most writes applied in one transaction.
+pub const MAX_BATCH: usize = 256;
+/// Pending writes queued before callers wait for room (back-pressure).
+const QUEUE_DEPTH: usize = 4096;
+/// Value of `meta/format`.
+const FORMAT: &str = "1";
+
+enum Op {
+    PutNew(KeyRecord),
+    Update(KeyRecord),
+    Destroy { key_id: KeyId, at: u64 },
+}
+
+enum OpOutput {
+    Written,
+    Destroy(DestroyOutcome),
+}
+
+struct Pending {
+    op: Op,
+    reply: oneshot::Sender<Result<OpOutput, StoreError>>,
+}
+
+/// The LMDB store. Dropping it stops the writer after the writes already queued.
+pub struct LmdbStore {
+    env: Env,
+    keys: Database<Str, Bytes>,
+    path: PathBuf,
+    map_size_mb: u64,
+    tx: Option<mpsc::Sender<Pending>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LmdbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LmdbStore")
+            .field("path", &self.path)
+            .field("map_size_mb", &self.map_size_mb)
+            .finish()
+    }
+}
+
+fn io_err(e: heed::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+impl LmdbStore {
+    /// Opens (creating if needed) the store in directory `path` with a map of `map_size_mb`
+    /// MiB, and starts its writer thread.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] naming the path.
+    pub fn open(path: &Path, map_size_mb: u64, metrics: StoreMetrics) -> Result<Self, StoreError> {
+        let open_err = |detail: String| StoreError::Open {
+            path: path.display().to_string(),
+            detail,
+        };
+        std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
+        set_private(path).map_err(|e| open_err(format!("cannot set mode 0700: {e}")))?;
+        let map_size = usize::try_from(map_size_mb)
+            .ok()
+            .and_then(|mb| mb.checked_mul(1024 * 1024))
+            .ok_or_else(|| open_err("store.map_size_mb is too large".into()))?;
+        let mut opts = EnvOpenOptions::new();
+        opts.map_size(map_size).max_dbs(4);
+        // SAFETY: the memory map is sound as long as no one modifies the files outside LMDB's
+        // own locking. (1) The store directory belongs to this KMS (created 0700 above;
+        // documented in docs/kms.md); nothing else writes these files. (2) Within this process
+        // the environment is opened at most once per path: heed keeps a process-wide table of
+        // open environments and returns `EnvAlreadyOpened` for a second open of the same
+        // canonical path, and this function is the only place that opens one. (3) Default
+        // flags only (no NO_LOCK / NO_SYNC / NO_META_SYNC), so LMDB's locks and durable
+        // commits stay in force, including against another process opening the same store.
+        #[allow(unsafe_code)]
+        let env = unsafe { opts.open(path) }.map_err(|e| open_err(e.to_string()))?;
+
+        let mut wtxn = env.write_txn().map_err(|e| open_err(e.to_string()))?;
+        let keys: Database<Str, Bytes> = env
+            .create_database(&mut wtxn, Some("keys"))
+            .map_err(|e| open_err(e.to_string()))?;
+        let meta: Database<Str, Str> = env
+            .create_database(&mut wtxn, Some("meta"))
+            .map_err(|e| open_err(e.to_string()))?;
+        match meta
+            .get(&wtxn, "format")
+            .map_err(|e| open_err(e.to_string()))?
+        {
+            None => meta
+                .put(&mut wtxn, "format", FORMAT)
+                .map_err(|e| open_err(e.to_string()))?,
+            Some(FORMAT) => {}
+            Some(other) => {
+                return Err(open_err(format!(
+                    "unsupported store format {other:?} (this build reads format {FORMAT})"
+                )))
+            }
+        }
+        wtxn.commit().map_err(|e| open_err(e.to_string()))?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer_env = env.clone();
+        let writer = std::thread::Builder::new()
+            .name("kms-store-writer".into())
+            .spawn(move || writer_loop(writer_env, keys, map_size_mb, rx, metrics))
+            .map_err(|e| open_err(format!("cannot start writer thread: {e}")))?;
+        tracing::info!(path = %path.display(), map_size_mb, "key store opened");
+        Ok(Self {
+            env,
+            keys,
+            path: path.to_owned(),
+            map_size_mb,
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    fn get_sync(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let Some(bytes) = self.keys.get(&rtxn, key_id.as_str()).map_err(io_err)? else {
+            return Ok(None);
+        };
+        decode(key_id.as_str(), bytes).map(Some)
+    }
+
+    fn list_sync(&self, after: Option<&KeyId>, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let start = match after {
+            Some(k) => Bound::Excluded(k.as_str()),
+            None => Bound::Unbounded,
+        };
+        let range = (start, Bound::<&str>::Unbounded);
+        let mut out = Vec::new();
+        for item in self.keys.range(&rtxn, &range).map_err(io_err)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io_err)?;
+            out.push(decode(k, v)?);
+        }
+        Ok(out)
+    }
+
+    async fn submit(&self, op: Op) -> Result<OpOutput, StoreError> {
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Pending { op, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for LmdbStore {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and exit.
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            if w.join().is_err() {
+                tracing::error!("key store writer thread panicked");
+            }
+        }
+    }
+}
+
+impl KeyStore for LmdbStore {
+    async fn get(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.get_sync(key_id)
+    }
+
+    async fn put_new(&self, record: KeyRecord) -> Result<(), StoreError> {
+        self.submit(Op::PutNew(record)).await.map(|_| ())
+    }
+
+    async fn update(&self, record: KeyRecord) -> Result<(), StoreError> {
+        self.submit(Op::Update(record)).await.map(|_| ())
+    }
+
+    async fn list(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.list_sync(after, limit)
+    }
+
+    async fn mark_destroyed(&self, key_id: &KeyId) -> Result<DestroyOutcome, StoreError> {
+        let op = Op::Destroy {
+            key_id: key_id.clone(),
+            at: now_secs(),
+        };
+        match self.submit(op).await? {
+            OpOutput::Destroy(o) => Ok(o),
+            OpOutput::Written => Ok(DestroyOutcome::Destroyed),
+        }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match &self.tx {
+            Some(tx) if !tx.is_closed() => {}
+            _ => return Err(StoreError::Closed),
+        }
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        self.keys.len(&rtxn).map_err(io_err)?;
+        Ok(())
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    let rec: KeyRecord = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        detail: format!(
+            "undecodable record at line {} column {}",
+            e.line(),
+            e.column()
+        ),
+    })?;
+    if rec.key_id.as_str() != key {
+        return Err(StoreError::Corrupt {
+            key: key.to_owned(),
+            detail: "record holds another key id".into(),
+        });
+    }
+    Ok(rec)
+}
+
+fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(rec).map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))
+}
+
+fn map_write_err(e: heed::Error, map_size_mb: u64) -> StoreError {
+    match e {
+        heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full { map_size_mb },
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+/// Applies one op inside `wtxn`. `Err` aborts the whole batch; logical outcomes (exists, not
+/// found) are per-op results in `Ok`.
+fn apply(
+    wtxn: &mut RwTxn<'_>,
+    keys: Database<Str, Bytes>,
+    op: &Op,
+    map_size_mb: u64,
+) -> Result<Result<OpOutput, StoreError>, StoreError> {
+    let werr = |e| map_write_err(e, map_size_mb);
+    match op {
+        Op::PutNew(rec) => {
+            if keys.get(wtxn, rec.key_id.as_str()).map_err(werr)?.is_some() {
+                return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
+            }
+            keys.put(wtxn, rec.key_id.as_str(), &encode(rec)?)
+                .map_err(werr)?;
+            Ok(Ok(OpOutput::Written))
+        }
+        Op::Update(rec) => {
+            if keys.get(wtxn, rec.key_id.as_str()).map_err(werr)?.is_none() {
+                return Ok(Err(StoreError::NotFound(rec.key_id.clone())));
+            }
+            keys.put(wtxn, rec.key_id.as_str(), &encode(rec)?)
+                .map_err(werr)?;
+            Ok(Ok(OpOutput::Written))
+        }
+        Op::Destroy { key_id, at } => {
+            let current = match keys.get(wtxn, key_id.as_str()).map_err(werr)? {
+                None => return Ok(Ok(OpOutput::Destroy(DestroyOutcome::Unknown))),
+                Some(bytes) => decode(key_id.as_str(), bytes)?,
+            };
+            if matches!(current.state, KeyState::Destroyed { .. }) {
+                return Ok(Ok(OpOutput::Destroy(DestroyOutcome::AlreadyDestroyed)));
+            }
+            let destroyed = KeyRecord {
+                state: KeyState::Destroyed { destroyed_at: *at },
+                ..current
+            };
+            keys.put(wtxn, key_id.as_str(), &encode(&destroyed)?)
+                .map_err(werr)?;
+            Ok(Ok(OpOutput::Destroy(DestroyOutcome::Destroyed)))
+        }
+    }
+}
+
+fn op_writes(r: &Result<OpOutput, StoreError>) -> bool {
+    matches!(
+        r,
+        Ok(OpOutput::Written) | Ok(OpOutput::Destroy(DestroyOutcome::Destroyed))
+    )
+}
+
+/// Runs one batch in one transaction. `Err` means nothing of the batch was written.
+fn commit_batch(
+    env: &Env,
+    keys: Database<Str, Bytes>,
+    batch: &[Pending],
+    map_size_mb: u64,
+) -> Result<Vec<Result<OpOutput, StoreError>>, StoreError> {
+    let mut wtxn = env.write_txn().map_err(io_err)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for p in batch {
+        // On `Err`, `wtxn` is dropped here, which aborts the transaction.
+        results.push(apply(&mut wtxn, keys, &p.op, map_size_mb)?);
+    }
+    wtxn.commit().map_err(|e| map_write_err(e, map_size_mb))?;
+    Ok(results)
+}
+
+fn writer_loop(
+    env: Env,
+    keys: Database<Str, Bytes>,
+    map_size_mb: u64,
+    mut rx: mpsc::Receiver<Pending>,
+    metrics: StoreMetrics,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        match commit_batch(&env, keys, &batch, map_size_mb) {
+            Ok(results) => {
+                let written = results.iter().filter(|r| op_writes(r)).count();
+                if written > 0 {
+                    metrics.commits.inc();
+                    metrics.writes.inc_by(written as u64);
+                    metrics.batch_size.observe(written as f64);
+                }
+                for (p, r) in batch.into_iter().zip(results) {
+                    // The caller may have gone away (request cancelled); its write is durable
+                    // anyway, which is the safe direction.
+                    let _ = p.reply.send(r);
+                }
+            }
+            Err(e) => {
+                metrics.commit_errors.inc();
+                match &e {
+                    StoreError::Full { .. } => tracing::error!(
+                        error = %e,
+                        batch = batch.len(),
+                        "key store is full: raise store.map_size_mb; the batch was not written"
+                    ),
+                    _ => {
+                        tracing::error!(error = %e, batch = batch.len(), "key store commit failed; the batch was not written")
+                    }
+                }
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+    tracing::debug!("key store writer stopped");
+}
+
+/// Restricts the store directory to its owner.
+fn set_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use kms_api::{KekId, KekVersion, ThreadId, WrappedDek};
+    use std::sync::Arc;
+
+    fn rec(n: u8) -> KeyRecord {
+        KeyRecord {
+            key_id: KeyId::from_random([n; 16]),
+            kek_id: KekId::parse("kek").unwrap(),
+            kek_version: KekVersion::FIRST,
+            thread_id: ThreadId::parse("thread-1").unwrap(),
+            created_at: now_secs(),
+            state: KeyState::Active {
+                wrapped: WrappedDek::new(vec![n; 65]),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn put_get_destroy_update_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+        let r = rec(1);
+        s.put_new(r.clone()).await.unwrap();
+        assert!(matches!(
+            s.put_new(r.clone()).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r.clone()));
+        assert_eq!(s.get(&rec(2).key_id).await.unwrap(), None);
+        assert!(matches!(
+            s.update(rec(2)).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let mut r2 = r.clone();
+        r2.kek_version = KekVersion::new(2).unwrap();
+        s.update(r2.clone()).await.unwrap();
+        assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r2));
+        assert_eq!(
+            s.mark_destroyed(&r.key_id).await.unwrap(),
+            DestroyOutcome::Destroyed
+        );
+        assert_eq!(
+            s.mark_destroyed(&r.key_id).await.unwrap(),
+            DestroyOutcome::AlreadyDestroyed
+        );
+        assert_eq!(
+            s.mark_destroyed(&rec(3).key_id).await.unwrap(),
+            DestroyOutcome::Unknown
+        );
+        let got = s.get(&r.key_id).await.unwrap().unwrap();
+        assert!(got.wrapped().is_none());
+        for n in 4..10 {
+            s.put_new(rec(n)).await.unwrap();
+        }
+        let first = s.list(None, 3).await.unwrap();
+        assert_eq!(first.len(), 3);
+        let rest = s.list(Some(&first[2].key_id), 100).await.unwrap();
+        assert_eq!(first.len() + rest.len(), 7);
+        s.check().unwrap();
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rec(7);
+        {
+            let s = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+            s.put_new(r.clone()).await.unwrap();
+        }
+        let s = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+        assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_puts_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = StoreMetrics::unregistered();
+        let s = Arc::new(LmdbStore::open(dir.path(), 8, m.clone()).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut r = rec(0);
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&i.to_be_bytes());
+                r.key_id = KeyId::from_random(b);
+                s.put_new(r).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(m.writes.get(), 200);
+        assert!(m.commits.get() < 200, "commits = {}", m.commits.get());
+        assert_eq!(s.list(None, 1000).await.unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn full_map_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(LmdbStore::open(dir.path(), 1, StoreMetrics::unregistered()).unwrap());
+        let mut stored = Vec::new();
+        let mut full = false;
+        // Concurrent puts (grouped into few commits) fill the map quickly.
+        for round in 0..100u32 {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..256u32 {
+                let mut r = rec(0);
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&round.to_be_bytes());
+                b[4..8].copy_from_slice(&i.to_be_bytes());
+                r.key_id = KeyId::from_random(b);
+                let s = s.clone();
+                set.spawn(async move { (s.put_new(r.clone()).await, r) });
+            }
+            while let Some(j) = set.join_next().await {
+                match j.unwrap() {
+                    (Ok(()), r) => stored.push(r),
+                    (Err(StoreError::Full { map_size_mb: 1 }), _) => full = true,
+                    (Err(e), _) => panic!("{e}"),
+                }
+            }
+            if full {
+                break;
+            }
+        }
+        assert!(full, "a 1 MiB map must fill up");
+        assert!(s.check().is_ok());
+        for r in stored.iter().step_by(97) {
+            assert_eq!(s.get(&r.key_id).await.unwrap().as_ref(), Some(r));
+        }
+        drop(s);
+        let s = LmdbStore::open(dir.path(), 1, StoreMetrics::unregistered()).unwrap();
+        assert_eq!(s.list(None, 100_000).await.unwrap().len(), stored.len());
+        // Nothing of the failed batches was half-written, and reads keep working.
+        assert_eq!(
+            s.get(&stored[0].key_id).await.unwrap().as_ref(),
+            Some(&stored[0])
+        );
+    }
+}

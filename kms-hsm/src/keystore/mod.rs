@@ -1,0 +1,179 @@
+//! Durable records of the DEKs the KMS has created: key id → wrapped DEK, KEK id and version,
+//! thread id, creation time and state.
+//!
+//! [`KeyStore`] is the boundary, so another store (PostgreSQL) can be added later; the only
+//! implementation today is [`lmdb::LmdbStore`]. A store promises:
+//! * a write returns only once it is durable (committed and synced);
+//! * writes are linearizable per key (one writer);
+//! * it never holds raw key material: records carry the *wrapped* DEK only, and a destroyed
+//!   record keeps no wrapped DEK at all (crypto-shredding).
+
+use std::future::Future;
+
+use kms_api::{KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+use serde::{Deserialize, Serialize};
+
+pub mod lmdb;
+
+/// One DEK's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: KeyId,
+    pub kek_id: KekId,
+    /// The KEK version the DEK is (or was, when destroyed) wrapped under.
+    pub kek_version: KekVersion,
+    pub thread_id: ThreadId,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    #[serde(flatten)]
+    pub state: KeyState,
+}
+
+/// Lifecycle state of a DEK. An active key has its wrapped form; a destroyed key has none,
+/// so no one (not even the HSM) can recover it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyState {
+    Active {
+        wrapped: WrappedDek,
+    },
+    Destroyed {
+        /// Seconds since the Unix epoch.
+        destroyed_at: u64,
+    },
+}
+
+impl KeyRecord {
+    /// The wrapped DEK of an active key.
+    pub fn wrapped(&self) -> Option<&WrappedDek> {
+        match &self.state {
+            KeyState::Active { wrapped } => Some(wrapped),
+            KeyState::Destroyed { .. } => None,
+        }
+    }
+}
+
+/// Outcome of [`KeyStore::mark_destroyed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestroyOutcome {
+    Destroyed,
+    AlreadyDestroyed,
+    Unknown,
+}
+
+/// Failures of a key store. Messages name keys and paths, never key material.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened at start-up.
+    #[error("key store {path}: {detail}")]
+    Open { path: String, detail: String },
+    /// The store is full: nothing was written (raise `store.map_size_mb`).
+    #[error("key store is full (store.map_size_mb = {map_size_mb}); nothing was written")]
+    Full { map_size_mb: u64 },
+    /// A record with this key id already exists (`put_new`).
+    #[error("key {0} already exists in the key store")]
+    AlreadyExists(KeyId),
+    /// No record with this key id (`update`).
+    #[error("key {0} is not in the key store")]
+    NotFound(KeyId),
+    /// A stored record cannot be decoded.
+    #[error("key record {key} is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
+    /// Reading or writing failed (I/O, LMDB).
+    #[error("key store I/O: {0}")]
+    Io(String),
+    /// The writer has stopped (shutting down or crashed).
+    #[error("key store writer is not running")]
+    Closed,
+}
+
+/// Where key records live.
+pub trait KeyStore: Send + Sync + 'static {
+    /// The record of `key_id`, if any (active or destroyed).
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn get(
+        &self,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<Option<KeyRecord>, StoreError>> + Send;
+
+    /// Stores a new record durably; concurrent calls may share one commit.
+    ///
+    /// # Errors
+    /// `AlreadyExists` when the key id is taken; `Full`, `Io`, `Closed`.
+    fn put_new(&self, record: KeyRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces an existing record durably (KEK rotation rewraps).
+    ///
+    /// # Errors
+    /// `NotFound` when there is no such record; `Full`, `Io`, `Closed`.
+    fn update(&self, record: KeyRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Up to `limit` records with key ids greater than `after`, in key-id order.
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn list(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<KeyRecord>, StoreError>> + Send;
+
+    /// Removes the wrapped DEK of `key_id` and marks it destroyed, durably. Idempotent.
+    ///
+    /// # Errors
+    /// `Full`, `Io`, `Closed`.
+    fn mark_destroyed(
+        &self,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<DestroyOutcome, StoreError>> + Send;
+
+    /// `Ok` when the store can serve reads and writes now.
+    ///
+    /// # Errors
+    /// The reason it cannot.
+    fn check(&self) -> Result<(), StoreError>;
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_json_shape() {
+        let r = KeyRecord {
+            key_id: KeyId::from_random([1; 16]),
+            kek_id: KekId::parse("kek").unwrap(),
+            kek_version: KekVersion::FIRST,
+            thread_id: ThreadId::parse("t1").unwrap(),
+            created_at: 5,
+            state: KeyState::Active {
+                wrapped: WrappedDek::new(vec![1, 2, 3]),
+            },
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["state"], "active");
+        assert_eq!(j["wrapped"], "AQID");
+        assert_eq!(j["kek_version"], 1);
+        let back: KeyRecord = serde_json::from_value(j).unwrap();
+        assert_eq!(back, r);
+        let d = KeyRecord {
+            state: KeyState::Destroyed { destroyed_at: 9 },
+            ..r
+        };
+        let j = serde_json::to_value(&d).unwrap();
+        assert_eq!(j["state"], "destroyed");
+        assert!(j.get("wrapped").is_none());
+        assert!(!format!("{d:?}").contains("AQID"));
+    }
+}

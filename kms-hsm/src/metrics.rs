@@ -1,0 +1,217 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text), all prefixed `progressdb_kms_`:
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `progressdb_kms_requests_total` | counter | `endpoint`, `status` |
+//! | `progressdb_kms_request_duration_seconds` | histogram | `endpoint`, `status` |
+//! | `progressdb_kms_hsm_calls_total` | counter | |
+//! | `progressdb_kms_hsm_errors_total` | counter | |
+//! | `progressdb_kms_hsm_recoveries_total` | counter | |
+//! | `progressdb_kms_hsm_ready` | gauge (0/1) | |
+//! | `progressdb_kms_cache_hits_total`, `_misses_total` | counter | |
+//! | `progressdb_kms_cache_entries` | gauge | |
+//! | `progressdb_kms_keystore_commits_total` | counter | |
+//! | `progressdb_kms_keystore_writes_total` | counter | |
+//! | `progressdb_kms_keystore_commit_errors_total` | counter | |
+//! | `progressdb_kms_keystore_commit_batch_size` | histogram | |
+//!
+//! HSM counters are read from the backend at scrape time ([`BackendStats`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::backend::KeyBackend;
+use crate::cache::CacheMetrics;
+
+/// HSM counters of a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HsmCounters {
+    pub calls: u64,
+    pub errors: u64,
+    pub recoveries: u64,
+}
+
+/// A backend that counts its HSM calls. Kept apart from [`KeyBackend`] so that trait stays
+/// about keys.
+pub trait BackendStats {
+    fn hsm_counters(&self) -> HsmCounters;
+}
+
+impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
+    fn hsm_counters(&self) -> HsmCounters {
+        let s = self.stats();
+        HsmCounters {
+            calls: s.calls,
+            errors: s.errors,
+            recoveries: s.recoveries,
+        }
+    }
+}
+
+/// Labels of the request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: &'static str,
+    pub status: u16,
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Key-store counters, updated by the writer thread.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    pub commits: Counter,
+    pub writes: Counter,
+    pub commit_errors: Counter,
+    /// Records written per commit.
+    pub batch_size: Histogram,
+}
+
+impl StoreMetrics {
+    /// Metrics not attached to any registry (tests, tools).
+    pub fn unregistered() -> Self {
+        Self {
+            commits: Counter::default(),
+            writes: Counter::default(),
+            commit_errors: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+        }
+    }
+}
+
+/// The registry and the handles the layers update.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    pub cache: CacheMetrics,
+    pub store: StoreMetrics,
+}
+
+struct HsmCollector<B> {
+    backend: Arc<B>,
+}
+
+impl<B> std::fmt::Debug for HsmCollector<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HsmCollector")
+    }
+}
+
+impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.backend.hsm_counters();
+        for (name, help, v) in [
+            ("hsm_calls", "PKCS#11 operations sent to the HSM", c.calls),
+            ("hsm_errors", "PKCS#11 operations that failed", c.errors),
+            (
+                "hsm_recoveries",
+                "Times the HSM sessions were reopened after a failure",
+                c.recoveries,
+            ),
+        ] {
+            let m = ConstCounter::new(v);
+            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        let ready = ConstGauge::new(i64::from(self.backend.is_ready()));
+        ready.encode(encoder.encode_descriptor(
+            "hsm_ready",
+            "1 when the HSM backend can serve, 0 while it recovers",
+            None,
+            ready.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; HSM counters are read from `backend` at each scrape.
+    pub fn new<B: KeyBackend + BackendStats>(backend: Arc<B>) -> Self {
+        let mut registry = Registry::with_prefix("progressdb_kms");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests answered, by endpoint and status",
+            requests.clone(),
+        );
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to answer, by endpoint and status",
+            latency.clone(),
+        );
+        let cache = CacheMetrics::default();
+        registry.register("cache_hits", "DEK cache hits", cache.hits.clone());
+        registry.register("cache_misses", "DEK cache misses", cache.misses.clone());
+        registry.register(
+            "cache_entries",
+            "DEKs currently cached",
+            cache.entries.clone(),
+        );
+        let store = StoreMetrics::unregistered();
+        registry.register(
+            "keystore_commits",
+            "Durable key-store commits (one per group of writes)",
+            store.commits.clone(),
+        );
+        registry.register(
+            "keystore_writes",
+            "Key records written",
+            store.writes.clone(),
+        );
+        registry.register(
+            "keystore_commit_errors",
+            "Key-store commits that failed (nothing of the batch was written)",
+            store.commit_errors.clone(),
+        );
+        registry.register(
+            "keystore_commit_batch_size",
+            "Key records written per commit",
+            store.batch_size.clone(),
+        );
+        registry.register_collector(Box::new(HsmCollector { backend }));
+        Self {
+            registry,
+            requests,
+            latency,
+            cache,
+            store,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn observe_request(&self, endpoint: &'static str, status: u16, elapsed: Duration) {
+        let labels = RequestLabels { endpoint, status };
+        self.requests.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The OpenMetrics text of every metric.
+    ///
+    /// # Errors
+    /// Only if formatting fails (it writes to a `String`, so it does not).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

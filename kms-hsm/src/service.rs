@@ -1,0 +1,620 @@
+//! The KMS operations, independent of HTTP: create a DEK for a thread, encrypt and decrypt
+//! under it (one item or a batch), read its wrapped form, destroy it, and report readiness.
+//!
+//! Generic over the [`KeyBackend`] (where the KEK lives) and the [`KeyStore`] (where key
+//! records live). Raw DEKs exist only in the backend's answers and the [`DekCache`]; they are
+//! zeroized when dropped.
+//!
+//! Errors are [`ServiceError`]; [`ServiceError::code`] is the one exhaustive mapping to the
+//! stable wire codes. Every decryption failure is the same [`ServiceError::DecryptionFailed`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kms_api::wire::SecretBytes;
+use kms_api::{ErrorCode, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::aead;
+use crate::backend::{BackendError, KekRef, KeyBackend};
+use crate::cache::{CachedDek, DekCache};
+use crate::keystore::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
+
+/// Longest wait for the HSM round trip of a readiness check.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Failures of the KMS operations. `Display` is for the log: it names keys, never key
+/// material, plaintext or the PIN.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No such key, or the key was destroyed.
+    #[error("unknown key {0}")]
+    UnknownKey(KeyId),
+    /// The ciphertext does not authenticate (any cause).
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// The stored wrapped DEK does not unwrap under its KEK (store corruption or a foreign
+    /// record).
+    #[error("stored wrapped DEK of key {0} does not authenticate under its KEK")]
+    CorruptKey(KeyId),
+    /// The random generator failed.
+    #[error("random generator failed")]
+    Random,
+    /// A broken internal invariant; detail for the log.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError {
+    /// The stable wire code of this error: the single mapping from service failures to the
+    /// API (the HTTP status follows from [`ErrorCode::status`]).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ServiceError::UnknownKey(_) => ErrorCode::UnknownKey,
+            ServiceError::DecryptionFailed => ErrorCode::DecryptionFailed,
+            ServiceError::CorruptKey(_) | ServiceError::Random | ServiceError::Internal(_) => {
+                ErrorCode::Internal
+            }
+            ServiceError::Backend(e) => match e {
+                BackendError::Unavailable(_) => ErrorCode::Unavailable,
+                BackendError::InvalidWrapped
+                | BackendError::KekNotFound { .. }
+                | BackendError::Config(_)
+                | BackendError::Internal(_) => ErrorCode::Internal,
+            },
+            ServiceError::Store(e) => match e {
+                StoreError::Full { .. }
+                | StoreError::Io(_)
+                | StoreError::Closed
+                | StoreError::Open { .. } => ErrorCode::Unavailable,
+                StoreError::AlreadyExists(_)
+                | StoreError::NotFound(_)
+                | StoreError::Corrupt { .. } => ErrorCode::Internal,
+            },
+        }
+    }
+}
+
+/// Answer of [`KeyService::create_dek_for_thread`].
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub key_id: KeyId,
+    pub wrapped: WrappedDek,
+    pub kek: KekRef,
+}
+
+/// Answer of [`KeyService::encrypt`]: `nonce | ciphertext | tag`, and the KEK version the DEK
+/// is wrapped under.
+#[derive(Debug, Clone)]
+pub struct Encrypted {
+    pub ciphertext: Vec<u8>,
+    pub kek_version: KekVersion,
+}
+
+/// Answer of [`KeyService::get_wrapped`].
+#[derive(Debug, Clone)]
+pub struct WrappedInfo {
+    pub wrapped: WrappedDek,
+    pub kek_id: KekId,
+    pub kek_version: KekVersion,
+}
+
+/// One item of an encrypt batch. `Debug` shows lengths only.
+pub struct EncryptItem<'a> {
+    pub key_id: &'a KeyId,
+    pub plaintext: &'a [u8],
+    pub aad: &'a [u8],
+}
+
+impl std::fmt::Debug for EncryptItem<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptItem")
+            .field("key_id", self.key_id)
+            .field("plaintext_len", &self.plaintext.len())
+            .field("aad_len", &self.aad.len())
+            .finish()
+    }
+}
+
+/// One item of a decrypt batch. `Debug` shows lengths only.
+pub struct DecryptItem<'a> {
+    pub key_id: &'a KeyId,
+    pub ciphertext: &'a [u8],
+    pub aad: &'a [u8],
+}
+
+impl std::fmt::Debug for DecryptItem<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptItem")
+            .field("key_id", self.key_id)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("aad_len", &self.aad.len())
+            .finish()
+    }
+}
+
+/// Decrypted bytes: zeroized on drop, redacting `Debug`.
+pub type Plaintext = SecretBytes;
+
+/// Result of a readiness check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Not ready, with a short reason safe to show to callers.
+    NotReady(&'static str),
+}
+
+/// The KMS operations.
+pub struct KeyService<B, S> {
+    backend: Arc<B>,
+    store: S,
+    cache: DekCache,
+    rng: SystemRandom,
+}
+
+impl<B, S> std::fmt::Debug for KeyService<B, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyService")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+type Shared = Result<Arc<CachedDek>, Arc<ServiceError>>;
+
+impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
+    pub fn new(backend: Arc<B>, store: S, cache: DekCache) -> Self {
+        Self {
+            backend,
+            store,
+            cache,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn cache(&self) -> &DekCache {
+        &self.cache
+    }
+
+    fn new_key_id(&self) -> Result<KeyId, ServiceError> {
+        let mut b = [0u8; 16];
+        self.rng.fill(&mut b).map_err(|_| ServiceError::Random)?;
+        Ok(KeyId::from_random(b))
+    }
+
+    /// Creates a DEK for `thread_id`: generated and wrapped by the HSM, its record committed
+    /// durably before this returns, and the raw DEK placed in the cache.
+    ///
+    /// # Errors
+    /// `Backend(Unavailable)` / `Store(..)` when the HSM or the store cannot be used; nothing is
+    /// left behind then except, at worst, an unused durable record.
+    pub async fn create_dek_for_thread(
+        &self,
+        thread_id: ThreadId,
+    ) -> Result<CreatedKey, ServiceError> {
+        let key_id = self.new_key_id()?;
+        let (dek, wrapped, kek) = self.backend.generate_dek(&key_id).await?;
+        let record = KeyRecord {
+            key_id: key_id.clone(),
+            kek_id: kek.id.clone(),
+            kek_version: kek.version,
+            thread_id,
+            created_at: now_secs(),
+            state: KeyState::Active {
+                wrapped: wrapped.clone(),
+            },
+        };
+        let epoch = self.cache.epoch();
+        self.store.put_new(record).await?;
+        self.cache.insert(
+            epoch,
+            key_id.clone(),
+            Arc::new(CachedDek {
+                dek,
+                kek_version: kek.version,
+            }),
+        );
+        tracing::debug!(key_id = %key_id, kek_id = %kek.id, kek_version = %kek.version, "DEK created");
+        Ok(CreatedKey {
+            key_id,
+            wrapped,
+            kek,
+        })
+    }
+
+    /// The DEK of `key_id`, from the cache or unwrapped by the HSM.
+    async fn dek(&self, key_id: &KeyId) -> Result<Arc<CachedDek>, ServiceError> {
+        if let Some(hit) = self.cache.get(key_id) {
+            return Ok(hit);
+        }
+        let epoch = self.cache.epoch();
+        let record = self
+            .store
+            .get(key_id)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownKey(key_id.clone()))?;
+        let wrapped = record
+            .wrapped()
+            .ok_or_else(|| ServiceError::UnknownKey(key_id.clone()))?;
+        let dek = self
+            .backend
+            .unwrap_dek(key_id, &record.kek_id, wrapped)
+            .await
+            .map_err(|e| match e {
+                BackendError::InvalidWrapped => ServiceError::CorruptKey(key_id.clone()),
+                other => ServiceError::Backend(other),
+            })?;
+        let cached = Arc::new(CachedDek {
+            dek,
+            kek_version: record.kek_version,
+        });
+        self.cache.insert(epoch, key_id.clone(), cached.clone());
+        Ok(cached)
+    }
+
+    /// DEKs of several keys, each resolved (and unwrapped) once.
+    async fn deks<'k>(&self, ids: impl Iterator<Item = &'k KeyId>) -> HashMap<KeyId, Shared> {
+        let mut out: HashMap<KeyId, Shared> = HashMap::new();
+        for id in ids {
+            if out.contains_key(id) {
+                continue;
+            }
+            let r = self.dek(id).await.map_err(Arc::new);
+            out.insert(id.clone(), r);
+        }
+        out
+    }
+
+    fn seal(
+        &self,
+        dek: &CachedDek,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Encrypted, ServiceError> {
+        let ciphertext =
+            aead::seal(&self.rng, &dek.dek, plaintext, aad).map_err(|_| ServiceError::Random)?;
+        Ok(Encrypted {
+            ciphertext,
+            kek_version: dek.kek_version,
+        })
+    }
+
+    /// Encrypts `plaintext` with `aad` under the DEK of `key_id`.
+    ///
+    /// # Errors
+    /// `UnknownKey`; `Backend(Unavailable)` when the DEK must be unwrapped and the HSM is down.
+    pub async fn encrypt(
+        &self,
+        key_id: &KeyId,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Encrypted, ServiceError> {
+        let dek = self.dek(key_id).await?;
+        self.seal(&dek, plaintext, aad)
+    }
+
+    /// Decrypts `nonce | ciphertext | tag` with `aad` under the DEK of `key_id`.
+    ///
+    /// # Errors
+    /// `DecryptionFailed` for anything that does not authenticate; `UnknownKey`;
+    /// `Backend(Unavailable)`.
+    pub async fn decrypt(
+        &self,
+        key_id: &KeyId,
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Plaintext, ServiceError> {
+        let dek = self.dek(key_id).await?;
+        aead::open(&dek.dek, ciphertext, aad).map_err(|_| ServiceError::DecryptionFailed)
+    }
+
+    /// Encrypts every item; items under the same key share one DEK lookup. One result per item,
+    /// in order.
+    pub async fn encrypt_batch(
+        &self,
+        items: &[EncryptItem<'_>],
+    ) -> Vec<Result<Encrypted, Arc<ServiceError>>> {
+        let deks = self.deks(items.iter().map(|i| i.key_id)).await;
+        items
+            .iter()
+            .map(|i| {
+                let dek = shared(&deks, i.key_id)?;
+                self.seal(&dek, i.plaintext, i.aad).map_err(Arc::new)
+            })
+            .collect()
+    }
+
+    /// Decrypts every item; items under the same key share one DEK lookup. One result per item,
+    /// in order.
+    pub async fn decrypt_batch(
+        &self,
+        items: &[DecryptItem<'_>],
+    ) -> Vec<Result<Plaintext, Arc<ServiceError>>> {
+        let deks = self.deks(items.iter().map(|i| i.key_id)).await;
+        items
+            .iter()
+            .map(|i| {
+                let dek = shared(&deks, i.key_id)?;
+                aead::open(&dek.dek, i.ciphertext, i.aad)
+                    .map_err(|_| Arc::new(ServiceError::DecryptionFailed))
+            })
+            .collect()
+    }
+
+    /// The wrapped DEK of an active key and its KEK.
+    ///
+    /// # Errors
+    /// `UnknownKey` for an unknown or destroyed key.
+    pub async fn get_wrapped(&self, key_id: &KeyId) -> Result<WrappedInfo, ServiceError> {
+        let record = self
+            .store
+            .get(key_id)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownKey(key_id.clone()))?;
+        match record.state {
+            KeyState::Active { wrapped } => Ok(WrappedInfo {
+                wrapped,
+                kek_id: record.kek_id,
+                kek_version: record.kek_version,
+            }),
+            KeyState::Destroyed { .. } => Err(ServiceError::UnknownKey(key_id.clone())),
+        }
+    }
+
+    /// Destroys the DEK of `key_id`: its wrapped form is removed from the store (durably) and
+    /// any cached copy is dropped. Idempotent; later use of the key answers `UnknownKey`.
+    ///
+    /// # Errors
+    /// `UnknownKey` for a key that never existed; `Store(..)`.
+    pub async fn destroy_key(&self, key_id: &KeyId) -> Result<(), ServiceError> {
+        let outcome = self.store.mark_destroyed(key_id).await;
+        // Evict even when the store failed: a cached DEK must not outlive a destroy request.
+        self.cache.evict(key_id);
+        match outcome? {
+            DestroyOutcome::Destroyed => {
+                tracing::info!(key_id = %key_id, "DEK destroyed");
+                Ok(())
+            }
+            DestroyOutcome::AlreadyDestroyed => Ok(()),
+            DestroyOutcome::Unknown => Err(ServiceError::UnknownKey(key_id.clone())),
+        }
+    }
+
+    /// Ready when the backend says so, a real HSM round trip succeeds and the store answers.
+    pub async fn readiness(&self) -> Readiness {
+        if !self.backend.is_ready() {
+            return Readiness::NotReady("HSM sessions are being re-established");
+        }
+        match tokio::time::timeout(READY_TIMEOUT, self.backend.health_check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: HSM round trip failed");
+                return Readiness::NotReady("HSM round trip failed");
+            }
+            Err(_) => {
+                tracing::warn!("readiness: HSM round trip timed out");
+                return Readiness::NotReady("HSM round trip timed out");
+            }
+        }
+        if let Err(e) = self.store.check() {
+            tracing::warn!(error = %e, "readiness: key store check failed");
+            return Readiness::NotReady("key store unavailable");
+        }
+        Readiness::Ready
+    }
+}
+
+fn shared(deks: &HashMap<KeyId, Shared>, id: &KeyId) -> Result<Arc<CachedDek>, Arc<ServiceError>> {
+    match deks.get(id) {
+        Some(r) => r.clone(),
+        // `deks` was built from the same items, so every id is present; answer an internal
+        // error rather than panic if that ever changes.
+        None => Err(Arc::new(ServiceError::Internal(
+            "batch key resolution missed an item",
+        ))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheMetrics;
+    use crate::keystore::lmdb::LmdbStore;
+    use crate::metrics::StoreMetrics;
+    use crate::testing::MockBackend;
+    use zeroize::Zeroizing;
+
+    fn service(cache_entries: usize) -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+        let cache = DekCache::new(
+            Duration::from_secs(60),
+            cache_entries,
+            CacheMetrics::default(),
+        );
+        (
+            dir,
+            KeyService::new(Arc::new(MockBackend::new()), store, cache),
+        )
+    }
+
+    fn tid(s: &str) -> ThreadId {
+        ThreadId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_encrypt_decrypt() {
+        for entries in [0, 100] {
+            let (_d, s) = service(entries);
+            let k = s.create_dek_for_thread(tid("t1")).await.unwrap();
+            let e = s.encrypt(&k.key_id, b"hello", b"aad").await.unwrap();
+            assert_eq!(e.kek_version, KekVersion::FIRST);
+            let p = s.decrypt(&k.key_id, &e.ciphertext, b"aad").await.unwrap();
+            assert_eq!(p.expose(), b"hello");
+            assert!(matches!(
+                s.decrypt(&k.key_id, &e.ciphertext, b"other").await,
+                Err(ServiceError::DecryptionFailed)
+            ));
+            let w = s.get_wrapped(&k.key_id).await.unwrap();
+            assert_eq!(w.wrapped, k.wrapped);
+            let unwraps = s.backend().unwraps();
+            if entries == 0 {
+                assert!(unwraps >= 2, "no cache: every call unwraps");
+            } else {
+                assert_eq!(unwraps, 0, "seeded cache: no unwrap");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn other_keys_ciphertext_fails() {
+        let (_d, s) = service(100);
+        let a = s.create_dek_for_thread(tid("a")).await.unwrap();
+        let b = s.create_dek_for_thread(tid("b")).await.unwrap();
+        let e = s.encrypt(&a.key_id, b"x", b"").await.unwrap();
+        let err = s.decrypt(&b.key_id, &e.ciphertext, b"").await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::DecryptionFailed);
+    }
+
+    #[tokio::test]
+    async fn unknown_and_destroyed() {
+        let (_d, s) = service(100);
+        let unknown = KeyId::from_random([9; 16]);
+        assert_eq!(
+            s.encrypt(&unknown, b"x", b"").await.unwrap_err().code(),
+            ErrorCode::UnknownKey
+        );
+        assert_eq!(
+            s.destroy_key(&unknown).await.unwrap_err().code(),
+            ErrorCode::UnknownKey
+        );
+        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let e = s.encrypt(&k.key_id, b"x", b"").await.unwrap();
+        s.destroy_key(&k.key_id).await.unwrap();
+        s.destroy_key(&k.key_id).await.unwrap();
+        for r in [
+            s.decrypt(&k.key_id, &e.ciphertext, b"").await.map(|_| ()),
+            s.encrypt(&k.key_id, b"x", b"").await.map(|_| ()),
+            s.get_wrapped(&k.key_id).await.map(|_| ()),
+        ] {
+            assert_eq!(r.unwrap_err().code(), ErrorCode::UnknownKey);
+        }
+    }
+
+    #[tokio::test]
+    async fn batch_shares_unwraps() {
+        let (_d, s) = service(0);
+        let a = s.create_dek_for_thread(tid("a")).await.unwrap();
+        let b = s.create_dek_for_thread(tid("b")).await.unwrap();
+        let unknown = KeyId::from_random([7; 16]);
+        let before = s.backend().unwraps();
+        let items = [
+            EncryptItem {
+                key_id: &a.key_id,
+                plaintext: b"1",
+                aad: b"",
+            },
+            EncryptItem {
+                key_id: &a.key_id,
+                plaintext: b"2",
+                aad: b"",
+            },
+            EncryptItem {
+                key_id: &b.key_id,
+                plaintext: b"3",
+                aad: b"x",
+            },
+            EncryptItem {
+                key_id: &unknown,
+                plaintext: b"4",
+                aad: b"",
+            },
+        ];
+        let r = s.encrypt_batch(&items).await;
+        assert_eq!(s.backend().unwraps() - before, 2);
+        assert_eq!(r[3].as_ref().unwrap_err().code(), ErrorCode::UnknownKey);
+        let cts: Vec<Vec<u8>> = r[..3]
+            .iter()
+            .map(|x| x.as_ref().unwrap().ciphertext.clone())
+            .collect();
+        let d = [
+            DecryptItem {
+                key_id: &a.key_id,
+                ciphertext: &cts[0],
+                aad: b"",
+            },
+            DecryptItem {
+                key_id: &a.key_id,
+                ciphertext: &cts[1],
+                aad: b"",
+            },
+            DecryptItem {
+                key_id: &b.key_id,
+                ciphertext: &cts[2],
+                aad: b"",
+            },
+        ];
+        let out = s.decrypt_batch(&d).await;
+        assert_eq!(out[0].as_ref().unwrap().expose(), b"1");
+        assert_eq!(out[1].as_ref().unwrap().expose(), b"2");
+        assert_eq!(
+            out[2].as_ref().unwrap_err().code(),
+            ErrorCode::DecryptionFailed
+        );
+    }
+
+    #[tokio::test]
+    async fn hsm_down_is_unavailable_and_not_ready() {
+        let (_d, s) = service(0);
+        assert_eq!(s.readiness().await, Readiness::Ready);
+        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        s.backend().set_down(true);
+        assert_eq!(
+            s.encrypt(&k.key_id, b"x", b"").await.unwrap_err().code(),
+            ErrorCode::Unavailable
+        );
+        assert_eq!(
+            s.create_dek_for_thread(tid("t")).await.unwrap_err().code(),
+            ErrorCode::Unavailable
+        );
+        assert!(matches!(s.readiness().await, Readiness::NotReady(_)));
+        s.backend().set_down(false);
+        assert_eq!(s.readiness().await, Readiness::Ready);
+    }
+
+    #[tokio::test]
+    async fn destroy_wins_over_a_racing_cache_fill() {
+        let (_d, s) = service(100);
+        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        s.cache().evict(&k.key_id);
+        // A reader that took its epoch before the destroy must not re-populate the cache.
+        let epoch = s.cache().epoch();
+        s.destroy_key(&k.key_id).await.unwrap();
+        s.cache().insert(
+            epoch,
+            k.key_id.clone(),
+            Arc::new(CachedDek {
+                dek: crate::backend::Dek::from_bytes(Zeroizing::new([0; 32])),
+                kek_version: KekVersion::FIRST,
+            }),
+        );
+        assert_eq!(
+            s.encrypt(&k.key_id, b"x", b"").await.unwrap_err().code(),
+            ErrorCode::UnknownKey
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! Listeners and the connection loop.
+//!
+//! * **Unix socket** (`listen.unix`): created with mode 0600 without a window in which it is
+//!   reachable with looser permissions (bound inside a fresh 0700 directory, chmod-ed, then
+//!   renamed into place). A stale socket left by a crashed KMS is replaced; a live one (another
+//!   process answers on it) or a path that is not a socket is refused. Optional allow-list of
+//!   peer uids checked with `SO_PEERCRED`: other peers get `403 forbidden` and the connection is
+//!   closed. The socket file is removed on shutdown if it is still ours.
+//! * **TCP with mutual TLS** (`listen.tcp`): rustls via [`kms_api::tls::server_config`]; a
+//!   client without a certificate issued by `tls.client_ca` fails the handshake. There is no
+//!   plain-TCP mode.
+//! * **Limits**: at most `limits.max_connections` connections; the request head must arrive
+//!   within `limits.read_timeout_secs` (hyper `header_read_timeout`) and so must the TLS
+//!   handshake; bodies have their own deadline in [`crate::http`].
+//! * **Graceful shutdown**: when the shutdown future completes the loop stops accepting,
+//!   removes the socket file, lets every open connection finish its in-flight request (idle
+//!   keep-alive connections are closed) and returns, or gives up after
+//!   `limits.shutdown_timeout_secs`.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{
+    DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use kms_api::tls::TlsError;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::backend::KeyBackend;
+use crate::config::ListenConfig;
+use crate::http::Api;
+use crate::keystore::KeyStore;
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("listen.unix {path}: {detail}")]
+    Unix { path: PathBuf, detail: String },
+    #[error("listen.tcp {addr}: {detail}")]
+    Tcp { addr: SocketAddr, detail: String },
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Timeouts and limits of the connection loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Deadline for a request head (and for a TLS handshake).
+    pub read_timeout: Duration,
+    /// How long in-flight requests may run after shutdown starts.
+    pub shutdown_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// A bound Unix socket that removes its file when dropped (if the file is still ours).
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file we created.
+    ident: (u64, u64),
+    allowed_uids: Option<HashSet<u32>>,
+}
+
+impl std::fmt::Debug for UnixSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixSocket")
+            .field("path", &self.path)
+            .field("allowed_uids", &self.allowed_uids)
+            .finish()
+    }
+}
+
+impl UnixSocket {
+    fn remove_file(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.ident => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove socket file");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        self.remove_file();
+    }
+}
+
+/// A TCP listener with its TLS acceptor.
+pub struct TlsSocket {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for TlsSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSocket")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Where connections come from.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(UnixSocket),
+    Tls(TlsSocket),
+}
+
+impl Listener {
+    /// Binds the configured transport. Must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`TransportError`] naming the key or file at fault.
+    pub fn bind(cfg: &ListenConfig) -> Result<Self, TransportError> {
+        match cfg {
+            ListenConfig::Unix { path, allowed_uids } => {
+                let err = |detail: String| TransportError::Unix {
+                    path: path.clone(),
+                    detail,
+                };
+                let std_listener = bind_unix_0600(path).map_err(err)?;
+                let ident = std::fs::symlink_metadata(path)
+                    .map(|m| (m.dev(), m.ino()))
+                    .map_err(|e| err(e.to_string()))?;
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(|e| err(e.to_string()))?;
+                let listener =
+                    UnixListener::from_std(std_listener).map_err(|e| err(e.to_string()))?;
+                Ok(Listener::Unix(UnixSocket {
+                    listener,
+                    path: path.clone(),
+                    ident,
+                    allowed_uids: allowed_uids.as_ref().map(|v| v.iter().copied().collect()),
+                }))
+            }
+            ListenConfig::Tcp { addr, tls } => {
+                let server = kms_api::tls::server_config(&tls.cert, &tls.key, &tls.client_ca)?;
+                let err = |detail: String| TransportError::Tcp {
+                    addr: *addr,
+                    detail,
+                };
+                let std_listener =
+                    std::net::TcpListener::bind(addr).map_err(|e| err(e.to_string()))?;
+                let local = std_listener.local_addr().map_err(|e| err(e.to_string()))?;
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(|e| err(e.to_string()))?;
+                let listener =
+                    TcpListener::from_std(std_listener).map_err(|e| err(e.to_string()))?;
+                Ok(Listener::Tls(TlsSocket {
+                    listener,
+                    acceptor: TlsAcceptor::from(Arc::new(server)),
+                    addr: local,
+                }))
+            }
+        }
+    }
+
+    /// Where it listens, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix(u) => format!("unix://{}", u.path.display()),
+            Listener::Tls(t) => format!("https://{} (mutual TLS)", t.addr),
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
+fn bind_unix_0600(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(format!("directory {} does not exist", parent.display()));
+    }
+    match std::fs::symlink_metadata(path) {
+        // Only a socket nobody listens on (ECONNREFUSED) is stale; anything else (a live
+        // listener, a socket we may not connect to) is left alone.
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err("another process is listening on this socket".into()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!("replacing stale socket file");
+            }
+            Err(e) => return Err(format!("existing socket cannot be checked: {e}")),
+        },
+        Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    // Bind inside a private directory, restrict the socket, then move it into place: no one
+    // can connect before the mode is 0600 (connecting needs search permission on the
+    // directory), and rename() atomically replaces a stale socket.
+    let tmp_dir = parent.join(format!(".kms{:08x}", rand::random::<u32>()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp_dir)
+        .map_err(|e| format!("cannot create {}: {e}", tmp_dir.display()))?;
+    let tmp_sock = tmp_dir.join("s");
+    let result = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&tmp_sock).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp_sock, path).map_err(|e| e.to_string())?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp_sock);
+    let _ = std::fs::remove_dir(&tmp_dir);
+    result
+}
+
+/// Accepts and serves connections until `shutdown` completes, then drains them.
+///
+/// # Errors
+/// Never at present (accept errors are logged and retried); kept fallible for future
+/// transports.
+pub async fn serve<B, S>(
+    listener: Listener,
+    api: Arc<Api<B, S>>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TransportError>
+where
+    B: KeyBackend,
+    S: KeyStore,
+{
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(opts.max_connections));
+    tokio::pin!(shutdown);
+    tracing::info!(listen = %listener.describe(), "serving");
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let watcher = graceful.watcher();
+        let api = api.clone();
+        match &listener {
+            Listener::Unix(u) => {
+                let accepted = tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    a = u.listener.accept() => a,
+                };
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        accept_backoff(&e).await;
+                        continue;
+                    }
+                };
+                let allowed = match (&u.allowed_uids, stream.peer_cred()) {
+                    (None, _) => true,
+                    (Some(set), Ok(cred)) => {
+                        let ok = set.contains(&cred.uid());
+                        if !ok {
+                            tracing::warn!(
+                                uid = cred.uid(),
+                                "refusing a peer not in listen.allowed_uids"
+                            );
+                        }
+                        ok
+                    }
+                    (Some(_), Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read peer credentials; refusing");
+                        false
+                    }
+                };
+                tokio::spawn(async move {
+                    serve_connection(stream, api, allowed, opts, watcher).await;
+                    drop(permit);
+                });
+            }
+            Listener::Tls(t) => {
+                let accepted = tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    a = t.listener.accept() => a,
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        accept_backoff(&e).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = t.acceptor.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, api, true, opts, watcher).await,
+                        Ok(Err(e)) => {
+                            tracing::info!(peer = %peer, error = %e, "TLS handshake refused")
+                        }
+                        Err(_) => tracing::info!(peer = %peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    // Stop accepting: close the listener (and remove the socket file) first.
+    drop(listener);
+    tracing::info!(
+        connections = graceful.count(),
+        "shutting down: finishing in-flight requests"
+    );
+    if tokio::time::timeout(opts.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout_secs = opts.shutdown_timeout.as_secs(),
+            "in-flight requests did not finish in time; closing them"
+        );
+    }
+    Ok(())
+}
+
+async fn accept_backoff(e: &io::Error) {
+    // EMFILE/ENFILE and friends: back off instead of spinning.
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn serve_connection<I, B, S>(
+    io: I,
+    api: Arc<Api<B, S>>,
+    allowed: bool,
+    opts: ServeOptions,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: KeyBackend,
+    S: KeyStore,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let api = api.clone();
+        async move {
+            let resp = if allowed {
+                api.handle(req).await
+            } else {
+                api.forbidden(&req)
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.read_timeout)
+        .keep_alive(allowed);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection closed with an error");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unix_socket_mode_stale_and_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.sock");
+        // A stale socket (bound then closed) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let cfg = ListenConfig::Unix {
+            path: path.clone(),
+            allowed_uids: None,
+        };
+        let l = Listener::bind(&cfg).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A live socket is refused.
+        let e = Listener::bind(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("listen.unix") && e.contains("another process"),
+            "{e}"
+        );
+        drop(l);
+        assert!(!path.exists(), "socket removed on drop");
+        // No temporary directories left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A regular file is not replaced.
+        std::fs::write(&path, "x").unwrap();
+        let e = Listener::bind(&cfg).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert!(path.exists());
+    }
+}

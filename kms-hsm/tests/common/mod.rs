@@ -1,0 +1,588 @@
+//! Harness of the end-to-end KMS tests: each test gets its own temp directory with a SoftHSM
+//! config and token, a 0600 PIN file, an LMDB store and a config file, runs
+//! `progressdb-kms init-kek` and then `progressdb-kms serve` as a child process (PKCS#11 can be
+//! initialised only once per process), with stdout and stderr appended to one log file that
+//! tests scan for secrets. SoftHSM missing is a failure, never a skip.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::missing_panics_doc
+)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use kms_api::{Endpoint, KmsClient, KmsClientConfig};
+use rand::RngCore as _;
+
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const KEK_LABEL: &str = "test-kek";
+pub const BIN: &str = env!("CARGO_BIN_EXE_progressdb-kms");
+
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+pub fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+pub fn unb64(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn write_secret(path: &Path, data: &[u8]) {
+    fs::write(path, data).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// TLS material made with rcgen: a CA, a server cert for localhost/127.0.0.1, a client cert,
+/// and an unrelated CA with its own client cert.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca: PathBuf,
+    pub other_client_cert: PathBuf,
+    pub other_client_key: PathBuf,
+}
+
+fn make_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    (p.self_signed(&key).unwrap(), key)
+}
+
+fn make_leaf(
+    sans: Vec<String>,
+    cn: &str,
+    eku: rcgen::ExtendedKeyUsagePurpose,
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(sans).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, cn.to_owned());
+    p.extended_key_usages = vec![eku];
+    let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Certs {
+    pub fn generate(dir: &Path) -> Self {
+        let ca = make_ca("progressdb test CA");
+        let other = make_ca("unrelated CA");
+        let (server_cert, server_key) = make_leaf(
+            vec!["localhost".into(), "127.0.0.1".into()],
+            "kms",
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            &ca,
+        );
+        let (client_cert, client_key) = make_leaf(
+            vec!["client".into()],
+            "server",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &ca,
+        );
+        let (o_cert, o_key) = make_leaf(
+            vec!["intruder".into()],
+            "intruder",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &other,
+        );
+        let c = Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            other_ca: dir.join("other-ca.pem"),
+            other_client_cert: dir.join("other-client.pem"),
+            other_client_key: dir.join("other-client.key"),
+        };
+        fs::write(&c.ca, ca.0.pem()).unwrap();
+        fs::write(&c.other_ca, other.0.pem()).unwrap();
+        fs::write(&c.server_cert, server_cert).unwrap();
+        write_secret(&c.server_key, server_key.as_bytes());
+        fs::write(&c.client_cert, client_cert).unwrap();
+        write_secret(&c.client_key, client_key.as_bytes());
+        fs::write(&c.other_client_cert, o_cert).unwrap();
+        write_secret(&c.other_client_key, o_key.as_bytes());
+        c
+    }
+
+    /// A client config trusting our CA and presenting `cert`/`key` (or no certificate).
+    pub fn client_tls(&self, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+        match identity {
+            Some((cert, key)) => {
+                Arc::new(kms_api::tls::client_config(&self.ca, cert, key).unwrap())
+            }
+            None => {
+                let roots = kms_api::tls::load_roots(&self.ca).unwrap();
+                let mut cfg = rustls::ClientConfig::builder_with_provider(kms_api::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(cfg)
+            }
+        }
+    }
+}
+
+/// How a test KMS is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tls: bool,
+    pub max_body_bytes: Option<u64>,
+    pub allowed_uids: Option<Vec<u32>>,
+    pub cache_max_entries: Option<u64>,
+    pub sessions: Option<u32>,
+    /// `RUST_LOG` of the child (default `info`).
+    pub rust_log: Option<String>,
+    /// Extra environment of the child.
+    pub env: Vec<(String, String)>,
+    /// Do not run `init-kek` while provisioning.
+    pub skip_init_kek: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tls: false,
+            max_body_bytes: None,
+            allowed_uids: None,
+            cache_max_entries: None,
+            sessions: Some(2),
+            rust_log: None,
+            env: Vec::new(),
+            skip_init_kek: false,
+        }
+    }
+}
+
+/// One KMS under test, with its own token, store and log.
+#[derive(Debug)]
+pub struct Kms {
+    pub dir: tempfile::TempDir,
+    pub softhsm_conf: PathBuf,
+    pub config: PathBuf,
+    pub pin: String,
+    pub pin_file: PathBuf,
+    pub socket: PathBuf,
+    pub store: PathBuf,
+    pub log: PathBuf,
+    pub certs: Option<Certs>,
+    pub port: u16,
+    pub opts: Options,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Kms {
+    /// Makes the token, PIN file, certs and config; runs `init-kek`. Does not start serving.
+    pub fn provision(opts: Options) -> Kms {
+        assert!(
+            Path::new(MODULE).exists(),
+            "SoftHSM module {MODULE} not found: install softhsm2 (scripts/test.sh does)"
+        );
+        // The system temp dir keeps the socket path short (Unix socket paths max ~107 bytes).
+        let dir = tempfile::Builder::new().prefix("kms-").tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let tokens = d.join("tokens");
+        fs::create_dir_all(&tokens).unwrap();
+        let softhsm_conf = d.join("softhsm2.conf");
+        fs::write(
+            &softhsm_conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let pin = random_hex(8);
+        let so_pin = random_hex(8);
+        let label = format!("t{}", random_hex(4));
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &softhsm_conf)
+            .args(["--init-token", "--free", "--label", &label])
+            .args(["--pin", &pin, "--so-pin", &so_pin])
+            .output()
+            .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = d.join("pin");
+        write_secret(&pin_file, format!("{pin}\n").as_bytes());
+        let certs = opts.tls.then(|| Certs::generate(&d));
+        let port = if opts.tls { free_port() } else { 0 };
+        let socket = d.join("kms.sock");
+        let store = d.join("store");
+        let mut toml = String::new();
+        if let Some(c) = &certs {
+            toml.push_str(&format!(
+                "[listen]\ntcp = \"127.0.0.1:{port}\"\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+                c.server_cert, c.server_key, c.ca
+            ));
+        } else {
+            toml.push_str(&format!("[listen]\nunix = {socket:?}\n"));
+            if let Some(u) = &opts.allowed_uids {
+                toml.push_str(&format!("allowed_uids = {u:?}\n"));
+            }
+        }
+        toml.push_str(&format!(
+            "[hsm]\nmodule = {MODULE:?}\ntoken_label = {label:?}\npin_file = {pin_file:?}\nkek_label = {KEK_LABEL:?}\nsessions = {}\n",
+            opts.sessions.unwrap_or(2)
+        ));
+        toml.push_str(&format!("[store]\npath = {store:?}\nmap_size_mb = 16\n"));
+        toml.push_str(&format!(
+            "[cache]\nttl_secs = 60\nmax_entries = {}\n",
+            opts.cache_max_entries.unwrap_or(1000)
+        ));
+        toml.push_str(&format!(
+            "[limits]\nmax_body_bytes = {}\nread_timeout_secs = 10\nshutdown_timeout_secs = 10\n",
+            opts.max_body_bytes.unwrap_or(1 << 20)
+        ));
+        let config = d.join("kms.toml");
+        fs::write(&config, toml).unwrap();
+        let kms = Kms {
+            log: d.join("kms.log"),
+            dir,
+            softhsm_conf,
+            config,
+            pin,
+            pin_file,
+            socket,
+            store,
+            certs,
+            port,
+            opts,
+            child: None,
+        };
+        if kms.opts.skip_init_kek {
+            return kms;
+        }
+        let out = kms.command(&["init-kek"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "init-kek failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        kms.append_log(&out.stdout);
+        kms.append_log(&out.stderr);
+        kms
+    }
+
+    /// Provisions and starts a KMS, waiting until `/readyz` answers 200.
+    pub async fn start(opts: Options) -> Kms {
+        let mut k = Kms::provision(opts);
+        k.spawn();
+        k.wait_ready().await;
+        k
+    }
+
+    /// A `progressdb-kms` command with this KMS's config and environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .env(
+                "RUST_LOG",
+                self.opts.rust_log.clone().unwrap_or_else(|| "info".into()),
+            )
+            .env_remove("PROGRESSDB_KMS_HSM_PIN");
+        for (k, v) in &self.opts.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Rewrites the config file.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let old = fs::read_to_string(&self.config).unwrap();
+        fs::write(&self.config, f(old)).unwrap();
+    }
+
+    /// Runs `serve` to completion (for start-up failures), with a deadline; returns the status
+    /// and the combined output, which is also appended to the log.
+    pub fn run_serve_expecting_exit(&self) -> (ExitStatus, String) {
+        let mut child = self
+            .command(&["serve"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("serve did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        self.append_log(&out.stdout);
+        self.append_log(&out.stderr);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    }
+
+    pub fn append_log(&self, bytes: &[u8]) {
+        use std::io::Write as _;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    /// Starts `serve` (stdout and stderr appended to the log).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .command(&["serve"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not running").id()
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        if self.opts.tls {
+            Endpoint::Https {
+                host: "localhost".into(),
+                port: self.port,
+            }
+        } else {
+            Endpoint::Unix(self.socket.clone())
+        }
+    }
+
+    /// A client with this KMS's default identity (the good client certificate under mTLS).
+    pub fn client(&self) -> KmsClient {
+        let tls = self
+            .certs
+            .as_ref()
+            .map(|c| c.client_tls(Some((c.client_cert.as_path(), c.client_key.as_path()))));
+        self.client_with(tls)
+    }
+
+    pub fn client_with(&self, tls: Option<Arc<rustls::ClientConfig>>) -> KmsClient {
+        let mut cfg = KmsClientConfig::new(self.endpoint(), tls);
+        cfg.max_retries = 0;
+        cfg.max_idle = 64;
+        cfg.request_timeout = Duration::from_secs(20);
+        KmsClient::new(cfg).unwrap()
+    }
+
+    pub async fn wait_ready(&mut self) {
+        self.wait_status(200).await;
+    }
+
+    /// Waits until `/readyz` answers `want`.
+    pub async fn wait_status(&mut self, want: u16) {
+        let client = self.client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "progressdb-kms exited early with {status}:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok((s, _)) = client.raw(http::Method::GET, "/readyz", Vec::new()).await {
+                if s == want {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "KMS not ready after 30 s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the child to exit (at most `timeout`).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self
+                .child
+                .as_mut()
+                .expect("not running")
+                .try_wait()
+                .unwrap()
+            {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "KMS did not exit within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL (a crash): nothing is cleaned up, the socket file stays behind.
+    pub fn crash(&mut self) {
+        let mut c = self.child.take().expect("not running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM, then expects a clean exit 0.
+    pub async fn stop(&mut self) {
+        self.sigterm();
+        let status = self.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.success(),
+            "KMS exited with {status}:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Stops the KMS if running and checks that the whole log holds none of `secrets` (nor
+    /// the PIN) in any common encoding.
+    pub async fn finish(mut self, secrets: &[&[u8]]) {
+        if self.child.is_some() {
+            self.stop().await;
+        }
+        let mut all: Vec<&[u8]> = secrets.to_vec();
+        all.push(self.pin.as_bytes());
+        assert_clean(&fs::read(&self.log).unwrap_or_default(), &all);
+    }
+
+    /// The value of one metric line (`name{labels} value`) from `/metrics`.
+    pub async fn metric(&self, line_prefix: &str) -> Option<f64> {
+        let (status, body) = self
+            .client()
+            .raw(http::Method::GET, "/metrics", Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Kms {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The encodings of `secret` that could show up in a log: raw, hex (both cases), standard and
+/// URL-safe base64 at each of the three byte alignments.
+pub fn encodings(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![
+        secret.to_vec(),
+        hex::encode(secret).into_bytes(),
+        hex::encode_upper(secret).into_bytes(),
+    ];
+    for engine in [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+    ] {
+        for k in 0..3usize {
+            let mut buf = vec![0u8; k];
+            buf.extend_from_slice(secret);
+            let enc = engine.encode(&buf).into_bytes();
+            let start = if k == 0 { 0 } else { 4 };
+            let end = enc.len().saturating_sub(4);
+            if end > start + 8 {
+                out.push(enc[start..end].to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Panics if `log` holds any encoding of any of `secrets`.
+pub fn assert_clean(log: &[u8], secrets: &[&[u8]]) {
+    for s in secrets {
+        assert!(s.len() >= 6, "secret too short to search for");
+        for e in encodings(s) {
+            if let Some(pos) = log.windows(e.len()).position(|w| w == e.as_slice()) {
+                let from = pos.saturating_sub(200);
+                let to = (pos + e.len() + 200).min(log.len());
+                panic!(
+                    "a secret appears in the log at byte {pos}: ...{}...",
+                    String::from_utf8_lossy(&log[from..to])
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Start-up and configuration: the reference config file, refused configurations and secret
+//! files, the PIN from the environment, and `init-kek`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use common::{Kms, Options};
+use progressdb_kms::config::{Config, ListenConfig, LogFormat};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("progressdb-kms.example.toml")
+}
+
+#[test]
+fn reference_config_file_loads_and_documents_every_key() {
+    let c = Config::load_with_env(&example(), Some(HashMap::new())).unwrap();
+    assert_eq!(
+        c.listen,
+        ListenConfig::Unix {
+            path: "/run/progressdb/kms.sock".into(),
+            allowed_uids: None
+        }
+    );
+    assert_eq!(
+        c.hsm.module,
+        PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
+    );
+    assert_eq!(c.hsm.token_label, "progressdb");
+    assert_eq!(c.hsm.kek_label.as_str(), "progressdb-kek");
+    assert_eq!(
+        c.hsm.pin_file.as_deref(),
+        Some(Path::new("/etc/progressdb-kms/hsm.pin"))
+    );
+    assert_eq!(c.hsm.sessions, 4);
+    assert_eq!(c.store.path, PathBuf::from("/var/lib/progressdb-kms"));
+    assert_eq!(c.store.map_size_mb, 1024);
+    assert_eq!(c.cache.ttl.as_secs(), 300);
+    assert_eq!(c.cache.max_entries, 10_000);
+    assert_eq!(c.limits.max_body_bytes, 4 << 20);
+    assert_eq!(c.limits.read_timeout.as_secs(), 30);
+    assert_eq!(c.limits.shutdown_timeout.as_secs(), 10);
+    assert_eq!(c.limits.max_connections, 1024);
+    assert_eq!(c.log.format, LogFormat::Text);
+
+    // Every key is documented (commented-out ones included).
+    let text = std::fs::read_to_string(example()).unwrap();
+    for key in [
+        "unix =",
+        "allowed_uids =",
+        "tcp =",
+        "cert =",
+        "key =",
+        "client_ca =",
+        "module =",
+        "token_label =",
+        "pin_file =",
+        "kek_label =",
+        "sessions =",
+        "path =",
+        "map_size_mb =",
+        "ttl_secs =",
+        "max_entries =",
+        "max_body_bytes =",
+        "read_timeout_secs =",
+        "shutdown_timeout_secs =",
+        "max_connections =",
+        "format =",
+        "level =",
+    ] {
+        assert!(text.contains(key), "{key} is not documented in the example");
+    }
+
+    // Environment overrides, switching to mutual TLS.
+    let env: HashMap<String, String> = [
+        ("PROGRESSDB_KMS__LISTEN__UNIX", ""),
+        ("PROGRESSDB_KMS__CACHE__TTL_SECS", "5"),
+        ("PROGRESSDB_KMS__LOG__FORMAT", "json"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let e = Config::load_with_env(&example(), Some(env))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listen.unix"), "{e}");
+    let env: HashMap<String, String> = [
+        ("PROGRESSDB_KMS__CACHE__TTL_SECS", "5"),
+        ("PROGRESSDB_KMS__LOG__FORMAT", "json"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let c = Config::load_with_env(&example(), Some(env)).unwrap();
+    assert_eq!(c.cache.ttl.as_secs(), 5);
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+fn one_line(out: &str) -> &str {
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("progressdb-kms: error"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected in:\n{out}");
+    lines[0]
+}
+
+#[test]
+fn group_or_world_readable_pin_file_stops_start_up() {
+    let kms = Kms::provision(Options::default());
+    std::fs::set_permissions(&kms.pin_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, out) = kms.run_serve_expecting_exit();
+    assert!(!status.success());
+    let line = one_line(&out);
+    assert!(
+        line.contains(kms.pin_file.to_str().unwrap()) && line.contains("0644"),
+        "{line}"
+    );
+    assert!(!kms.socket.exists(), "nothing was served");
+    common::assert_clean(out.as_bytes(), &[kms.pin.as_bytes()]);
+    // init-kek refuses it too.
+    let out = kms.command(&["init-kek"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(kms.pin_file.to_str().unwrap()));
+}
+
+#[test]
+fn plain_tcp_is_refused() {
+    let kms = Kms::provision(Options::default());
+    kms.edit_config(|t| {
+        t.lines()
+            .map(|l| {
+                if l.starts_with("unix =") {
+                    "tcp = \"127.0.0.1:7443\""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (status, out) = kms.run_serve_expecting_exit();
+    assert_eq!(status.code(), Some(2));
+    let line = one_line(&out);
+    assert!(
+        line.contains("listen.tcp") && line.contains("tls.cert"),
+        "{line}"
+    );
+}
+
+#[test]
+fn config_errors_name_the_key_or_file() {
+    let kms = Kms::provision(Options::default());
+    let run = |env: &[(&str, &str)]| {
+        let mut c = kms.command(&["serve"]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(
+        one_line(&run(&[("PROGRESSDB_KMS__CACHE__TTL_SECS", "soon")])).contains("cache.ttl_secs")
+    );
+    assert!(one_line(&run(&[("PROGRESSDB_KMS__HSM__SESSIONS", "0")])).contains("hsm.sessions"));
+    assert!(
+        one_line(&run(&[("PROGRESSDB_KMS__LISTEN__TCP", "127.0.0.1:1")])).contains("listen.unix")
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--config", "/nonexistent/kms.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&String::from_utf8_lossy(&out.stderr)).contains("/nonexistent/kms.toml"));
+    // A typo in a key.
+    kms.edit_config(|t| t.replace("ttl_secs", "ttl_seconds"));
+    let out = kms.command(&["serve"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&String::from_utf8_lossy(&out.stderr)).contains("ttl_seconds"));
+}
+
+#[tokio::test]
+async fn pin_from_the_environment_and_wrong_pin() {
+    let mut kms = Kms::provision(Options::default());
+    kms.edit_config(|t| {
+        t.lines()
+            .filter(|l| !l.starts_with("pin_file"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    // Neither file nor environment.
+    let (status, out) = kms.run_serve_expecting_exit();
+    assert_eq!(status.code(), Some(2));
+    assert!(one_line(&out).contains("PROGRESSDB_KMS_HSM_PIN"), "{out}");
+    // A wrong PIN is refused at start-up, without echoing it.
+    kms.opts.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), "00000000-wrong".into())];
+    let (status, out) = kms.run_serve_expecting_exit();
+    assert!(!status.success());
+    one_line(&out);
+    common::assert_clean(out.as_bytes(), &[b"00000000-wrong"]);
+    // The right PIN from the environment works.
+    kms.opts.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), kms.pin.clone())];
+    kms.spawn();
+    kms.wait_ready().await;
+    let k = kms
+        .client()
+        .create_dek_for_thread(&kms_api::ThreadId::parse("env-pin").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(k.kek_version.get(), 1);
+    kms.finish(&[b"00000000-wrong"]).await;
+}
+
+#[test]
+fn init_kek_is_idempotent_and_serve_needs_it() {
+    let kms = Kms::provision(Options {
+        skip_init_kek: true,
+        ..Options::default()
+    });
+    let (status, out) = kms.run_serve_expecting_exit();
+    assert!(!status.success());
+    assert!(one_line(&out).contains("init-kek"), "{out}");
+    let first = kms.command(&["init-kek"]).output().unwrap();
+    assert!(first.status.success());
+    assert!(String::from_utf8_lossy(&first.stdout).contains("created KEK"));
+    let second = kms.command(&["init-kek"]).output().unwrap();
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("already present"));
+    kms.append_log(&first.stderr);
+    kms.append_log(&second.stderr);
+    common::assert_clean(&std::fs::read(&kms.log).unwrap(), &[kms.pin.as_bytes()]);
+}

@@ -1,0 +1,226 @@
+//! End-to-end tests of the KMS transports and lifecycle: mutual TLS, the Unix socket and its
+//! uid allow-list, graceful shutdown, crash and restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::time::Duration;
+
+use common::{Kms, Options};
+use http::Method;
+use kms_api::{ErrorCode, ThreadId};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn tid(s: &str) -> ThreadId {
+    ThreadId::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
+    let kms = Kms::start(Options {
+        tls: true,
+        ..Options::default()
+    })
+    .await;
+    let certs = kms.certs.clone().unwrap();
+    let c = kms.client();
+    let k = c.create_dek_for_thread(&tid("tls-thread")).await.unwrap();
+    let e = c
+        .encrypt(&k.key_id, b"over mutual TLS", Some(b"aad"))
+        .await
+        .unwrap();
+    let p = c
+        .decrypt(&k.key_id, &e.ciphertext.0, Some(b"aad"))
+        .await
+        .unwrap();
+    assert_eq!(p.expose(), b"over mutual TLS");
+    let items = vec![kms_api::wire::DecryptRequest {
+        key_id: k.key_id.clone(),
+        ciphertext: e.ciphertext.clone(),
+        aad: Some(kms_api::wire::Bytes64(b"aad".to_vec())),
+    }];
+    assert_eq!(c.decrypt_batch(items).await.unwrap().len(), 1);
+
+    // No client certificate.
+    let anonymous = kms.client_with(Some(certs.client_tls(None)));
+    let r = anonymous.raw(Method::GET, "/healthz", vec![]).await;
+    assert!(r.is_err(), "a client without a certificate got {r:?}");
+    // A certificate from another CA.
+    let stranger = kms.client_with(Some(std::sync::Arc::new(
+        kms_api::tls::client_config(&certs.ca, &certs.other_client_cert, &certs.other_client_key)
+            .unwrap(),
+    )));
+    let r = stranger.raw(Method::GET, "/healthz", vec![]).await;
+    assert!(r.is_err(), "a client with a foreign certificate got {r:?}");
+    let r = stranger
+        .decrypt(&k.key_id, &e.ciphertext.0, Some(b"aad"))
+        .await;
+    assert!(r.is_err());
+
+    // The KMS keeps serving its real clients.
+    let p = c
+        .decrypt(&k.key_id, &e.ciphertext.0, Some(b"aad"))
+        .await
+        .unwrap();
+    assert_eq!(p.expose(), b"over mutual TLS");
+    assert!(kms.log_text().contains("TLS handshake refused"));
+    kms.finish(&[b"over mutual TLS"]).await;
+}
+
+#[tokio::test]
+async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
+    // An allow-list that does not hold our uid: every request is refused with 403.
+    let mut kms = Kms::provision(Options {
+        allowed_uids: Some(vec![4_000_000]),
+        ..Options::default()
+    });
+    kms.spawn();
+    kms.wait_status(403).await;
+    let meta = std::fs::metadata(&kms.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let our_uid = std::fs::metadata(kms.dir.path()).unwrap().uid();
+    assert_ne!(our_uid, 4_000_000);
+    let c = kms.client();
+    let (s, b) = c
+        .raw(
+            Method::POST,
+            "/create_dek_for_thread",
+            br#"{"thread_id":"x"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")));
+    let err = c.create_dek_for_thread(&tid("x")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
+    kms.stop().await;
+
+    // With our uid on the list it serves.
+    kms.edit_config(|t| {
+        t.replace(
+            "allowed_uids = [4000000]",
+            &format!("allowed_uids = [4000000, {our_uid}]"),
+        )
+    });
+    kms.spawn();
+    kms.wait_ready().await;
+    let k = kms.client().create_dek_for_thread(&tid("x")).await.unwrap();
+    assert_eq!(k.kek_version.get(), 1);
+    kms.finish(&[]).await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket() {
+    let mut kms = Kms::start(Options::default()).await;
+    let body = br#"{"thread_id":"in-flight"}"#;
+    let mut s = tokio::net::UnixStream::connect(&kms.socket).await.unwrap();
+    let head = format!(
+        "POST /create_dek_for_thread HTTP/1.1\r\nhost: kms\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body[..5]).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    kms.sigterm();
+    // It stops accepting (the socket file goes away) while our request is still open...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kms.socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "socket not removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tokio::net::UnixStream::connect(&kms.socket).await.is_err());
+    // ...and still answers it.
+    s.write_all(&body[5..]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let created: kms_api::wire::CreateDekResponse = serde_json::from_str(json).unwrap();
+
+    let status = kms.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        kms.log_text()
+    );
+    assert!(!kms.socket.exists());
+    let log = kms.log_text();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("stopped cleanly"),
+        "{log}"
+    );
+
+    // The key answered during shutdown was durable.
+    kms.spawn();
+    kms.wait_ready().await;
+    let w = kms.client().get_wrapped(&created.key_id).await.unwrap();
+    assert_eq!(w.wrapped, created.wrapped);
+    kms.finish(&[]).await;
+}
+
+#[tokio::test]
+async fn restart_after_crash_and_after_sigterm_keeps_every_key() {
+    let mut kms = Kms::start(Options::default()).await;
+    let c = kms.client();
+    let mut sealed = Vec::new();
+    for i in 0..6 {
+        let k = c
+            .create_dek_for_thread(&tid(&format!("t{i}")))
+            .await
+            .unwrap();
+        let msg = format!("message number {i}");
+        let aad = format!("thread:t{i}:msg:1");
+        let e = c
+            .encrypt(&k.key_id, msg.as_bytes(), Some(aad.as_bytes()))
+            .await
+            .unwrap();
+        sealed.push((k, msg, aad, e.ciphertext.0));
+    }
+    let destroyed = sealed.pop().unwrap();
+    c.destroy_key(&destroyed.0.key_id).await.unwrap();
+    drop(c);
+
+    // A crash leaves a stale socket file behind; the next start replaces it.
+    kms.crash();
+    assert!(kms.socket.exists(), "stale socket left by the crash");
+    for round in ["after crash", "after SIGTERM"] {
+        kms.spawn();
+        kms.wait_ready().await;
+        let c = kms.client();
+        for (k, msg, aad, ct) in &sealed {
+            // The cache is empty after a restart: each DEK is unwrapped by the HSM again.
+            let p = c
+                .decrypt(&k.key_id, ct, Some(aad.as_bytes()))
+                .await
+                .unwrap();
+            assert_eq!(p.expose(), msg.as_bytes(), "{round}");
+            let w = c.get_wrapped(&k.key_id).await.unwrap();
+            assert_eq!(w.wrapped, k.wrapped, "{round}");
+        }
+        let err = c
+            .decrypt(
+                &destroyed.0.key_id,
+                &destroyed.3,
+                Some(destroyed.2.as_bytes()),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::UnknownKey), "{round}");
+        let misses = kms
+            .metric("progressdb_kms_cache_misses_total")
+            .await
+            .unwrap();
+        assert!(misses >= sealed.len() as f64, "{round}: {misses} misses");
+        kms.stop().await;
+    }
+    let msgs: Vec<Vec<u8>> = sealed.iter().map(|s| s.1.clone().into_bytes()).collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    kms.finish(&refs).await;
+}
