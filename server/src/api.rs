@@ -1,0 +1,227 @@
+//! JSON shapes of the HTTP API: request bodies and the views returned to clients.
+//!
+//! Unknown request fields are ignored. Timestamps are RFC 3339 (UTC, nanoseconds).
+
+use std::fmt;
+
+use kms_api::ThreadId;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::error::ErrorCode;
+use crate::ids::{MessageId, UserId};
+use crate::provider::ThreadKey;
+use crate::store::ThreadRecord;
+
+/// `POST /v1/threads`
+#[derive(Debug, Deserialize)]
+pub struct CreateThreadBody {
+    pub title: String,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {
+    Option::<Value>::deserialize(d).map(Some)
+}
+
+/// `PATCH /v1/threads/{id}`: `title` renames; `metadata` replaces (`null` removes it).
+#[derive(Debug, Deserialize)]
+pub struct PatchThreadBody {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub metadata: Option<Option<Value>>,
+}
+
+/// `POST /v1/threads/{id}/messages` and `PUT .../messages/{msg_id}`: any JSON body.
+/// `Debug` does not show the body (message content is secret).
+#[derive(Deserialize)]
+pub struct MessageBody {
+    pub body: Value,
+}
+
+impl fmt::Debug for MessageBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MessageBody { body: <redacted> }")
+    }
+}
+
+/// `POST /v1/sign`
+#[derive(Debug, Deserialize)]
+pub struct SignBody {
+    pub user_id: String,
+}
+
+/// Answer of `POST /v1/sign`. `Debug` does not show the signature (a credential).
+#[derive(Serialize)]
+pub struct SignView {
+    pub user_id: UserId,
+    pub signature: String,
+}
+
+impl fmt::Debug for SignView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignView")
+            .field("user_id", &self.user_id)
+            .field("signature", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A thread as clients see it; `kms` only for admin callers.
+#[derive(Debug, Serialize)]
+pub struct ThreadView {
+    pub id: ThreadId,
+    pub title: String,
+    pub author: UserId,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms: Option<ThreadKey>,
+}
+
+/// Whether a view may show the thread's `kms` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KmsVisibility {
+    Shown,
+    Hidden,
+}
+
+impl ThreadView {
+    pub fn new(t: &ThreadRecord, kms: KmsVisibility) -> Self {
+        Self {
+            id: t.id.clone(),
+            title: t.title.clone(),
+            author: t.author.clone(),
+            created_at: t.created_at.to_rfc3339(),
+            updated_at: t.updated_at.to_rfc3339(),
+            metadata: t.metadata.clone(),
+            kms: match kms {
+                KmsVisibility::Shown => t.kms.clone(),
+                KmsVisibility::Hidden => None,
+            },
+        }
+    }
+}
+
+/// `GET /v1/threads`
+#[derive(Debug, Serialize)]
+pub struct ThreadList {
+    pub threads: Vec<ThreadView>,
+    pub next_cursor: Option<String>,
+}
+
+/// A readable message. `Debug` does not show the body.
+#[derive(Serialize)]
+pub struct MessageView {
+    pub id: MessageId,
+    pub thread_id: ThreadId,
+    pub author: UserId,
+    pub body: Value,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl fmt::Debug for MessageView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageView")
+            .field("id", &self.id)
+            .field("thread_id", &self.thread_id)
+            .field("author", &self.author)
+            .field("body", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
+}
+
+/// Answer of `DELETE /v1/threads/{id}/messages/{msg_id}`: the content is gone, so no body.
+#[derive(Debug, Serialize)]
+pub struct DeletedMessageView {
+    pub id: MessageId,
+    pub thread_id: ThreadId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub author: Option<UserId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    pub deleted: bool,
+}
+
+/// `{"code": ...}` of an unreadable list item.
+#[derive(Debug, Serialize)]
+pub struct ItemError {
+    pub code: ErrorCode,
+}
+
+/// One entry of a message page: the message, or why it cannot be read (never wrong content).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum MessageItem {
+    Ok(MessageView),
+    Unreadable {
+        id: MessageId,
+        thread_id: ThreadId,
+        error: ItemError,
+    },
+}
+
+/// `GET /v1/threads/{id}/messages`
+#[derive(Debug, Serialize)]
+pub struct MessageList {
+    pub messages: Vec<MessageItem>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /readyz`
+#[derive(Debug, Serialize)]
+pub struct ReadyView {
+    pub ready: bool,
+    pub store: &'static str,
+    pub kms: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn patch_distinguishes_null_from_absent() {
+        let p: PatchThreadBody = serde_json::from_str(r#"{"title":"x"}"#).unwrap();
+        assert_eq!(p.metadata, None);
+        let p: PatchThreadBody = serde_json::from_str(r#"{"metadata":null}"#).unwrap();
+        assert_eq!(p.metadata, Some(None));
+        let p: PatchThreadBody = serde_json::from_str(r#"{"metadata":{"a":1}}"#).unwrap();
+        assert_eq!(p.metadata, Some(Some(serde_json::json!({"a":1}))));
+    }
+
+    #[test]
+    fn debug_hides_content_and_signatures() {
+        let b: MessageBody = serde_json::from_str(r#"{"body":"top secret"}"#).unwrap();
+        assert!(!format!("{b:?}").contains("top secret"));
+        let v = MessageView {
+            id: MessageId::parse("00000000000000000001-000000").unwrap(),
+            thread_id: ThreadId::parse("t").unwrap(),
+            author: UserId::parse("u").unwrap(),
+            body: serde_json::json!("top secret"),
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        assert!(!format!("{v:?}").contains("top secret"));
+        assert!(!format!("{:?}", MessageItem::Ok(v)).contains("top secret"));
+        let s = SignView {
+            user_id: UserId::parse("u").unwrap(),
+            signature: "abcdef0123".into(),
+        };
+        assert!(!format!("{s:?}").contains("abcdef0123"));
+    }
+
+    #[test]
+    fn message_body_is_required_but_may_be_null() {
+        assert!(serde_json::from_str::<MessageBody>("{}").is_err());
+        assert!(serde_json::from_str::<MessageBody>(r#"{"body":null}"#).is_ok());
+    }
+}

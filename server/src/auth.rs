@@ -1,0 +1,451 @@
+//! API keys, roles and user signatures.
+//!
+//! * Keys come from `auth.keys_file`, a mode-0600 TOML file:
+//!   `admin = [..]`, `backend = [..]`, `frontend = [..]`, `signing_secret = ".."`.
+//! * `Authorization: Bearer <key>` selects the [`Role`]. Only SHA-256 digests of the keys are
+//!   kept, and a presented key is compared against **every** configured digest in constant
+//!   time (`subtle`), so timing reveals neither which key matched nor how much of it.
+//! * Frontend requests must carry `X-User-ID` and `X-User-Signature`, the lowercase or
+//!   uppercase hex HMAC-SHA256 of the user id under the signing secret (verified in constant
+//!   time). Backend and admin requests may act for a user with `X-User-ID` alone.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use http::HeaderMap;
+use kms_api::secret_file::{self, SecretFileError};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::ids::UserId;
+
+pub const HEADER_USER_ID: &str = "x-user-id";
+pub const HEADER_USER_SIGNATURE: &str = "x-user-signature";
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Everything, including `/admin/*` and the `kms` fields of threads.
+    Admin,
+    /// A trusted application backend: any thread, may act for any user, may sign user ids.
+    Backend,
+    /// An end-user client: only its signed user's own threads.
+    Frontend,
+}
+
+impl Role {
+    fn to_u8(self) -> u8 {
+        match self {
+            Role::Admin => 1,
+            Role::Backend => 2,
+            Role::Frontend => 3,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Role::Admin),
+            2 => Some(Role::Backend),
+            3 => Some(Role::Frontend),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Backend => "backend",
+            Role::Frontend => "frontend",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub role: Role,
+    /// The user acted for: always present for [`Role::Frontend`] (signed), optional otherwise.
+    pub user: Option<UserId>,
+}
+
+impl Principal {
+    /// Whether this caller may see `author`'s thread: frontends only their own, backend and
+    /// admin any.
+    pub fn may_access(&self, author: &UserId) -> bool {
+        match self.role {
+            Role::Admin | Role::Backend => true,
+            Role::Frontend => self.user.as_ref() == Some(author),
+        }
+    }
+}
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer API key")]
+    MissingKey,
+    #[error("unknown API key")]
+    UnknownKey,
+    #[error("frontend request without X-User-ID / X-User-Signature")]
+    MissingUser,
+    #[error("wrong user signature")]
+    BadSignature,
+    #[error("invalid X-User-ID")]
+    BadUserId,
+}
+
+/// Why the keys file was refused. Never shows a key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    #[error("auth.keys_file: {0}")]
+    Secret(#[from] SecretFileError),
+    #[error("auth.keys_file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    admin: Vec<String>,
+    #[serde(default)]
+    backend: Vec<String>,
+    #[serde(default)]
+    frontend: Vec<String>,
+    signing_secret: String,
+}
+
+impl Drop for KeysFile {
+    fn drop(&mut self) {
+        for k in self
+            .admin
+            .iter_mut()
+            .chain(self.backend.iter_mut())
+            .chain(self.frontend.iter_mut())
+        {
+            k.zeroize();
+        }
+        self.signing_secret.zeroize();
+    }
+}
+
+struct KeyEntry {
+    digest: [u8; 32],
+    role: Role,
+}
+
+/// The configured keys and signing secret.
+pub struct ApiKeys {
+    entries: Vec<KeyEntry>,
+    signing_secret: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeys")
+            .field("keys", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+impl ApiKeys {
+    /// Reads and checks the keys file (mode 0600 or stricter).
+    ///
+    /// # Errors
+    /// [`KeysFileError`] naming the file: too open, unreadable, not TOML of the documented
+    /// shape, an empty key or secret, or one key listed under two roles.
+    pub fn load(path: &Path) -> Result<Self, KeysFileError> {
+        let bytes = secret_file::read_secret_bytes(path)?;
+        let invalid = |message: String| KeysFileError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not UTF-8".into()))?;
+        // The TOML error may quote the offending line, which could be a key: show only its
+        // position-free summary.
+        let file: KeysFile = toml::from_str(text).map_err(|e| {
+            invalid(format!(
+                "not a valid keys file ({})",
+                e.message().lines().next().unwrap_or("parse error")
+            ))
+        })?;
+        let admin: Vec<&str> = file.admin.iter().map(String::as_str).collect();
+        let backend: Vec<&str> = file.backend.iter().map(String::as_str).collect();
+        let frontend: Vec<&str> = file.frontend.iter().map(String::as_str).collect();
+        Self::from_parts(&admin, &backend, &frontend, file.signing_secret.as_bytes())
+            .map_err(invalid)
+    }
+
+    /// Builds the key set from its parts.
+    ///
+    /// # Errors
+    /// A message (without key material) when a key or the secret is empty, or a key is listed
+    /// twice.
+    pub fn from_parts(
+        admin: &[&str],
+        backend: &[&str],
+        frontend: &[&str],
+        signing_secret: &[u8],
+    ) -> Result<Self, String> {
+        if signing_secret.is_empty() {
+            return Err("signing_secret must not be empty".into());
+        }
+        let mut entries = Vec::new();
+        for (role, keys) in [
+            (Role::Admin, admin),
+            (Role::Backend, backend),
+            (Role::Frontend, frontend),
+        ] {
+            for (i, k) in keys.iter().enumerate() {
+                let k = k.trim();
+                if k.is_empty() {
+                    return Err(format!("{} key #{} is empty", role.as_str(), i + 1));
+                }
+                let d = digest(k.as_bytes());
+                if entries.iter().any(|e: &KeyEntry| e.digest == d) {
+                    return Err(format!(
+                        "{} key #{} is listed more than once",
+                        role.as_str(),
+                        i + 1
+                    ));
+                }
+                entries.push(KeyEntry { digest: d, role });
+            }
+        }
+        if entries.is_empty() {
+            return Err("no API keys configured".into());
+        }
+        Ok(Self {
+            entries,
+            signing_secret: Zeroizing::new(signing_secret.to_vec()),
+        })
+    }
+
+    /// The role of `key`, comparing against every configured key in constant time.
+    pub fn role_of(&self, key: &[u8]) -> Option<Role> {
+        let d = digest(key);
+        let mut role = 0u8;
+        for e in &self.entries {
+            let eq = d[..].ct_eq(&e.digest[..]);
+            role.conditional_assign(&e.role.to_u8(), eq);
+        }
+        Role::from_u8(role)
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // Invariant: HMAC accepts keys of any length, so `new_from_slice` never fails.
+        Hmac::<Sha256>::new_from_slice(&self.signing_secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
+    }
+
+    /// The signature of `user`: lowercase hex HMAC-SHA256 of its id under the signing secret.
+    pub fn sign(&self, user: &UserId) -> String {
+        let mut m = self.mac();
+        m.update(user.as_str().as_bytes());
+        hex::encode(m.finalize().into_bytes())
+    }
+
+    /// Whether `sig_hex` is `user`'s signature (constant-time comparison).
+    pub fn verify(&self, user: &UserId, sig_hex: &str) -> bool {
+        let Ok(sig) = hex::decode(sig_hex.trim()) else {
+            return false;
+        };
+        let mut m = self.mac();
+        m.update(user.as_str().as_bytes());
+        m.verify_slice(&sig).is_ok()
+    }
+
+    /// Authenticates a request from its headers.
+    ///
+    /// # Errors
+    /// [`AuthError`]: no/unknown key, a frontend request without a valid user signature, or a
+    /// malformed `X-User-ID`.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
+        let key = bearer(headers).ok_or(AuthError::MissingKey)?;
+        let role = self.role_of(key.as_bytes()).ok_or(AuthError::UnknownKey)?;
+        let user = match headers.get(HEADER_USER_ID) {
+            None => None,
+            Some(v) => {
+                let s = v.to_str().map_err(|_| AuthError::BadUserId)?;
+                Some(UserId::parse(s).map_err(|_| AuthError::BadUserId)?)
+            }
+        };
+        if role == Role::Frontend {
+            let user = user.as_ref().ok_or(AuthError::MissingUser)?;
+            let sig = headers
+                .get(HEADER_USER_SIGNATURE)
+                .and_then(|v| v.to_str().ok())
+                .ok_or(AuthError::MissingUser)?;
+            if !self.verify(user, sig) {
+                return Err(AuthError::BadSignature);
+            }
+        }
+        Ok(Principal { role, user })
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn keys() -> ApiKeys {
+        ApiKeys::from_parts(&["adm-1"], &["be-1", "be-2"], &["fe-1"], b"s3cret").unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn roles_by_key() {
+        let k = keys();
+        assert_eq!(k.role_of(b"adm-1"), Some(Role::Admin));
+        assert_eq!(k.role_of(b"be-2"), Some(Role::Backend));
+        assert_eq!(k.role_of(b"fe-1"), Some(Role::Frontend));
+        assert_eq!(k.role_of(b"fe-"), None);
+        assert_eq!(k.role_of(b"fe-11"), None);
+        assert_eq!(k.role_of(b""), None);
+    }
+
+    #[test]
+    fn hmac_signature_matches_reference() {
+        // RFC 4231-style check against an independently computed HMAC-SHA256.
+        let k = ApiKeys::from_parts(&["a"], &[], &[], b"key").unwrap();
+        let u = UserId::parse("The_quick_brown_fox").unwrap();
+        let mut m = Hmac::<Sha256>::new_from_slice(b"key").unwrap();
+        m.update(b"The_quick_brown_fox");
+        let expect = hex::encode(m.finalize().into_bytes());
+        assert_eq!(k.sign(&u), expect);
+        assert!(k.verify(&u, &expect));
+        assert!(k.verify(&u, &expect.to_uppercase()));
+        assert!(!k.verify(&u, &expect[..62]));
+        assert!(!k.verify(&UserId::parse("other").unwrap(), &expect));
+        assert!(!k.verify(&u, "zz"));
+    }
+
+    #[test]
+    fn authenticate_rules() {
+        let k = keys();
+        let alice = UserId::parse("alice").unwrap();
+        let sig = k.sign(&alice);
+        assert_eq!(k.authenticate(&headers(&[])), Err(AuthError::MissingKey));
+        assert_eq!(
+            k.authenticate(&headers(&[("authorization", "Basic adm-1")])),
+            Err(AuthError::MissingKey)
+        );
+        assert_eq!(
+            k.authenticate(&headers(&[("authorization", "Bearer nope")])),
+            Err(AuthError::UnknownKey)
+        );
+        let p = k
+            .authenticate(&headers(&[("authorization", "bearer be-1")]))
+            .unwrap();
+        assert_eq!((p.role, p.user), (Role::Backend, None));
+        let p = k
+            .authenticate(&headers(&[
+                ("authorization", "Bearer be-1"),
+                ("x-user-id", "alice"),
+            ]))
+            .unwrap();
+        assert_eq!(p.user, Some(alice.clone()));
+        assert_eq!(
+            k.authenticate(&headers(&[
+                ("authorization", "Bearer be-1"),
+                ("x-user-id", "a:b"),
+            ])),
+            Err(AuthError::BadUserId)
+        );
+        // Frontend: user and signature required and checked.
+        assert_eq!(
+            k.authenticate(&headers(&[("authorization", "Bearer fe-1")])),
+            Err(AuthError::MissingUser)
+        );
+        assert_eq!(
+            k.authenticate(&headers(&[
+                ("authorization", "Bearer fe-1"),
+                ("x-user-id", "alice"),
+            ])),
+            Err(AuthError::MissingUser)
+        );
+        assert_eq!(
+            k.authenticate(&headers(&[
+                ("authorization", "Bearer fe-1"),
+                ("x-user-id", "mallory"),
+                ("x-user-signature", &sig),
+            ])),
+            Err(AuthError::BadSignature)
+        );
+        let p = k
+            .authenticate(&headers(&[
+                ("authorization", "Bearer fe-1"),
+                ("x-user-id", "alice"),
+                ("x-user-signature", &sig),
+            ]))
+            .unwrap();
+        assert_eq!((p.role, p.user.as_ref()), (Role::Frontend, Some(&alice)));
+        assert!(p.may_access(&alice));
+        assert!(!p.may_access(&UserId::parse("bob").unwrap()));
+    }
+
+    #[test]
+    fn keys_file_rules() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("keys.toml");
+        std::fs::write(
+            &p,
+            "admin = [\"a-key\"]\nbackend = [\"b-key\"]\nfrontend = [\"f-key\"]\nsigning_secret = \"sss\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ApiKeys::load(&p).unwrap_err().to_string();
+        assert!(e.contains("keys.toml") && e.contains("0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let k = ApiKeys::load(&p).unwrap();
+        assert_eq!(k.role_of(b"b-key"), Some(Role::Backend));
+        assert!(!format!("{k:?}").contains("key\""));
+
+        std::fs::write(
+            &p,
+            "admin = [\"dup\"]\nbackend = [\"dup\"]\nsigning_secret = \"s\"\n",
+        )
+        .unwrap();
+        let e = ApiKeys::load(&p).unwrap_err().to_string();
+        assert!(e.contains("more than once") && !e.contains("dup\""), "{e}");
+
+        std::fs::write(&p, "admin = [\"supersecretkey\"]\n").unwrap();
+        let e = ApiKeys::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("signing_secret") && !e.contains("supersecretkey"),
+            "{e}"
+        );
+
+        std::fs::write(&p, "admin = \"supersecretkey\nsigning_secret = \"s\"\n").unwrap();
+        let e = ApiKeys::load(&p).unwrap_err().to_string();
+        assert!(!e.contains("supersecretkey"), "{e}");
+    }
+}

@@ -1,0 +1,605 @@
+//! Server configuration: a TOML file given with `--config FILE`, every key overridable from
+//! the environment as `PROGRESSDB__SECTION__KEY` (e.g. `PROGRESSDB__HTTP__LISTEN`).
+//!
+//! [`Config::load`] reads and validates; every error is one line naming the key or the file at
+//! fault. Secret files named here (`auth.keys_file`, `kms.client_key`, `kms.master_key_file`)
+//! are read later, when the server is built, and refused unless mode 0600 or stricter.
+//! The reference file is `server/progressdb.example.toml`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kms_api::Endpoint;
+use serde::Deserialize;
+
+/// Prefix of environment overrides; sections and keys are separated by `__`.
+pub const ENV_PREFIX: &str = "PROGRESSDB";
+
+/// Why the configuration was refused. `Display` is a single line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    #[serde(default)]
+    pub kms: KmsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Who may read `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAccess {
+    /// An admin API key is required (the default).
+    Admin,
+    /// No key needed; expose the listener only on a trusted network.
+    Public,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on, e.g. `127.0.0.1:8080` (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// A client must send its request headers within this time.
+    pub header_read_timeout_secs: u64,
+    /// A client must send its request body within this time (408 otherwise).
+    pub body_read_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    pub shutdown_grace_secs: u64,
+    /// Connections served at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+    pub metrics_access: MetricsAccess,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            shutdown_grace_secs: 30,
+            max_connections: 1024,
+            metrics_access: MetricsAccess::Admin,
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// LMDB directory (created if missing).
+    pub path: PathBuf,
+    /// Initial LMDB map size in MiB.
+    #[serde(default = "default_map_size_mb")]
+    pub map_size_mb: u64,
+    /// The map grows (doubling) up to this many MiB; beyond it writes answer 507.
+    #[serde(default = "default_max_map_size_mb")]
+    pub max_map_size_mb: u64,
+    /// Most writes committed together by one group commit.
+    #[serde(default = "default_max_batch_ops")]
+    pub max_batch_ops: usize,
+}
+
+fn default_map_size_mb() -> u64 {
+    1024
+}
+fn default_max_map_size_mb() -> u64 {
+    64 * 1024
+}
+fn default_max_batch_ops() -> usize {
+    1024
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// TOML file (mode 0600): `admin = [..]`, `backend = [..]`, `frontend = [..]`,
+    /// `signing_secret = ".."`.
+    pub keys_file: PathBuf,
+}
+
+/// `[encryption]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Encrypt message content through the KMS (default). When false, new content is stored
+    /// in plain form, marked as such.
+    pub enabled: bool,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// Which key provider the server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KmsMode {
+    /// The `progressdb-kms` process, over a Unix socket or HTTPS with mutual TLS.
+    External,
+    /// In-process provider with a software master key: only in builds with the
+    /// `dev-embedded` feature.
+    Embedded,
+}
+
+/// `[kms]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsConfig {
+    pub mode: KmsMode,
+    /// `unix:///path/kms.sock` or `https://host:port`.
+    pub endpoint: Option<String>,
+    /// PEM client certificate for `https://` endpoints.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key (mode 0600) for `https://` endpoints.
+    pub client_key: Option<PathBuf>,
+    /// PEM CA certificate that signed the KMS's server certificate.
+    pub ca: Option<PathBuf>,
+    /// 32-byte master key, base64 or hex, mode 0600. `embedded` mode; in `external` mode (dev
+    /// builds only) it enables the local read fallback for threads it wrapped.
+    pub master_key_file: Option<PathBuf>,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    /// Retries of a failed KMS call (transport errors and 503), with backoff.
+    pub max_retries: u32,
+    /// Most items in one coalesced encrypt/decrypt batch.
+    pub max_batch_items: usize,
+    /// Coalesced batches in flight at once, per operation.
+    pub max_inflight_batches: usize,
+    /// `/readyz` gives the KMS this long to answer.
+    pub ready_timeout_ms: u64,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self {
+            mode: KmsMode::External,
+            endpoint: None,
+            client_cert: None,
+            client_key: None,
+            ca: None,
+            master_key_file: None,
+            connect_timeout_ms: 2000,
+            request_timeout_ms: 10_000,
+            max_retries: 2,
+            max_batch_items: 256,
+            max_inflight_batches: 4,
+            ready_timeout_ms: 2000,
+        }
+    }
+}
+
+impl KmsConfig {
+    /// The parsed endpoint, if configured.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `kms.endpoint`.
+    pub fn parsed_endpoint(&self) -> Result<Option<Endpoint>, ConfigError> {
+        self.endpoint
+            .as_deref()
+            .map(|e| {
+                e.parse::<Endpoint>()
+                    .map_err(|err| ConfigError::invalid("kms.endpoint", err.to_string()))
+            })
+            .transpose()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_millis(self.ready_timeout_ms)
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Page size when `limit` is not given (capped at `max_page_size`).
+    pub default_page_size: usize,
+    /// Largest accepted `limit`.
+    pub max_page_size: usize,
+    /// Longest thread title in bytes.
+    pub max_title_bytes: usize,
+    /// Thread metadata records kept in memory.
+    pub thread_cache_entries: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 256 * 1024,
+            default_page_size: 50,
+            max_page_size: 500,
+            max_title_bytes: 512,
+            thread_cache_entries: 10_000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `progressdb=debug,info`. `RUST_LOG` wins if set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (TOML), applies `PROGRESSDB__*` environment overrides and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`], one line naming the file or key at fault.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// Like [`Config::load`] with the environment given as a map (for tests); `None` reads the
+    /// process environment.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let load_err = |e: config::ConfigError| ConfigError::Load {
+            path: path.to_owned(),
+            message: one_line(&e.to_string()),
+        };
+        if !path.is_file() {
+            return Err(ConfigError::Load {
+                path: path.to_owned(),
+                message: "not found or not a regular file".into(),
+            });
+        }
+        let cfg: Config = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .separator("__")
+                    .source(env),
+            )
+            .build()
+            .map_err(load_err)?
+            .try_deserialize()
+            .map_err(load_err)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but make no sense.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("store.path", "must not be empty"));
+        }
+        if self.auth.keys_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("auth.keys_file", "must not be empty"));
+        }
+        if self.store.map_size_mb == 0 {
+            return Err(ConfigError::invalid(
+                "store.map_size_mb",
+                "must be at least 1",
+            ));
+        }
+        if self.store.max_map_size_mb < self.store.map_size_mb {
+            return Err(ConfigError::invalid(
+                "store.max_map_size_mb",
+                "must be at least store.map_size_mb",
+            ));
+        }
+        if usize::try_from(self.store.max_map_size_mb.saturating_mul(1 << 20)).is_err() {
+            return Err(ConfigError::invalid(
+                "store.max_map_size_mb",
+                "too large for this platform",
+            ));
+        }
+        if self.store.max_batch_ops == 0 {
+            return Err(ConfigError::invalid(
+                "store.max_batch_ops",
+                "must be at least 1",
+            ));
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "http.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.http.header_read_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "http.header_read_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.http.body_read_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "http.body_read_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        let l = &self.limits;
+        if l.max_body_bytes < 1024 || l.max_body_bytes > kms_api::wire::MAX_ITEM_BYTES / 2 {
+            return Err(ConfigError::invalid(
+                "limits.max_body_bytes",
+                format!(
+                    "must be between 1024 and {} bytes",
+                    kms_api::wire::MAX_ITEM_BYTES / 2
+                ),
+            ));
+        }
+        if l.max_page_size == 0 || l.max_page_size > kms_api::wire::MAX_BATCH_ITEMS {
+            return Err(ConfigError::invalid(
+                "limits.max_page_size",
+                format!("must be between 1 and {}", kms_api::wire::MAX_BATCH_ITEMS),
+            ));
+        }
+        if l.default_page_size == 0 {
+            return Err(ConfigError::invalid(
+                "limits.default_page_size",
+                "must be at least 1",
+            ));
+        }
+        if l.max_title_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_title_bytes",
+                "must be at least 1",
+            ));
+        }
+        let k = &self.kms;
+        if k.max_batch_items == 0 || k.max_batch_items > kms_api::wire::MAX_BATCH_ITEMS {
+            return Err(ConfigError::invalid(
+                "kms.max_batch_items",
+                format!("must be between 1 and {}", kms_api::wire::MAX_BATCH_ITEMS),
+            ));
+        }
+        if k.max_inflight_batches == 0 {
+            return Err(ConfigError::invalid(
+                "kms.max_inflight_batches",
+                "must be at least 1",
+            ));
+        }
+        if k.request_timeout_ms == 0 || k.connect_timeout_ms == 0 || k.ready_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "kms.request_timeout_ms",
+                "KMS timeouts must be at least 1 ms",
+            ));
+        }
+        let endpoint = k.parsed_endpoint()?;
+        match k.mode {
+            KmsMode::External => {
+                if self.encryption.enabled && endpoint.is_none() {
+                    return Err(ConfigError::invalid(
+                        "kms.endpoint",
+                        "required when encryption.enabled = true and kms.mode = \"external\"",
+                    ));
+                }
+                if let Some(Endpoint::Https { .. }) = endpoint {
+                    for (key, v) in [
+                        ("kms.client_cert", &k.client_cert),
+                        ("kms.client_key", &k.client_key),
+                        ("kms.ca", &k.ca),
+                    ] {
+                        if v.is_none() {
+                            return Err(ConfigError::invalid(
+                                key,
+                                "required for an https:// kms.endpoint",
+                            ));
+                        }
+                    }
+                }
+            }
+            KmsMode::Embedded => {
+                #[cfg(not(feature = "dev-embedded"))]
+                return Err(ConfigError::invalid(
+                    "kms.mode",
+                    "\"embedded\" is only available in dev builds: rebuild with `cargo build -p progressdb --features dev-embedded`, or use kms.mode = \"external\"",
+                ));
+                #[cfg(feature = "dev-embedded")]
+                if k.master_key_file.is_none() {
+                    return Err(ConfigError::invalid(
+                        "kms.master_key_file",
+                        "required when kms.mode = \"embedded\"",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        let p = dir.join("progressdb.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const MINIMAL: &str = r#"
+        [store]
+        path = "/tmp/x"
+        [auth]
+        keys_file = "/tmp/keys.toml"
+        [kms]
+        endpoint = "unix:///run/kms.sock"
+    "#;
+
+    #[test]
+    fn example_file_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("progressdb.example.toml");
+        let cfg = Config::load_with_env(&p, Some(HashMap::new())).expect("example loads");
+        assert_eq!(cfg.kms.mode, KmsMode::External);
+        assert!(cfg.encryption.enabled);
+        assert_eq!(
+            cfg.kms.parsed_endpoint().unwrap(),
+            Some(Endpoint::Unix("/run/progressdb-kms/kms.sock".into()))
+        );
+    }
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), MINIMAL);
+        let cfg = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
+        assert_eq!(cfg.http.listen.port(), 8080);
+        assert_eq!(cfg.limits.max_page_size, 500);
+        assert_eq!(cfg.http.metrics_access, MetricsAccess::Admin);
+        let env = HashMap::from([
+            (
+                "PROGRESSDB__HTTP__LISTEN".to_owned(),
+                "0.0.0.0:9999".to_owned(),
+            ),
+            (
+                "PROGRESSDB__ENCRYPTION__ENABLED".to_owned(),
+                "false".to_owned(),
+            ),
+            (
+                "PROGRESSDB__LIMITS__MAX_PAGE_SIZE".to_owned(),
+                "100".to_owned(),
+            ),
+            (
+                "PROGRESSDB__HTTP__METRICS_ACCESS".to_owned(),
+                "public".to_owned(),
+            ),
+            // Another binary's prefix is ignored.
+            ("PROGRESSDB_KMS__STORE__PATH".to_owned(), "/nope".to_owned()),
+        ]);
+        let cfg = Config::load_with_env(&p, Some(env)).unwrap();
+        assert_eq!(cfg.http.listen.port(), 9999);
+        assert!(!cfg.encryption.enabled);
+        assert_eq!(cfg.limits.max_page_size, 100);
+        assert_eq!(cfg.http.metrics_access, MetricsAccess::Public);
+        assert_eq!(cfg.store.path, Path::new("/tmp/x"));
+    }
+
+    fn err(body: &str) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), body);
+        let e = Config::load_with_env(&p, Some(HashMap::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    #[test]
+    fn errors_name_the_key_or_file() {
+        let e = Config::load_with_env(Path::new("/nonexistent/p.toml"), Some(HashMap::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/p.toml"), "{e}");
+
+        let e = err("[store]\npath = \"/x\"\n");
+        assert!(e.contains("auth"), "{e}");
+
+        let e = err(&format!("{MINIMAL}\n[http]\nlisten = \"not an address\"\n"));
+        assert!(e.contains("http.listen") || e.contains("listen"), "{e}");
+
+        let e = err(&MINIMAL.replace("unix:///run/kms.sock", "http://kms:1"));
+        assert!(e.contains("kms.endpoint"), "{e}");
+
+        let e = err(&MINIMAL.replace("unix:///run/kms.sock", "https://kms:7443"));
+        assert!(e.contains("kms.client_cert"), "{e}");
+
+        let e = err(&MINIMAL.replace("endpoint = \"unix:///run/kms.sock\"", ""));
+        assert!(e.contains("kms.endpoint"), "{e}");
+
+        let e = err(&MINIMAL.replace("endpoint = \"unix:///run/kms.sock\"", "mode = \"embedded\""));
+        #[cfg(feature = "dev-embedded")]
+        assert!(e.contains("kms.master_key_file"), "{e}");
+        #[cfg(not(feature = "dev-embedded"))]
+        assert!(
+            e.contains("kms.mode") && e.contains("--features dev-embedded"),
+            "{e}"
+        );
+
+        let e = err(&MINIMAL.replace("endpoint =", "mode = \"hsm\"\nendpoint ="));
+        assert!(e.contains("mode") || e.contains("hsm"), "{e}");
+
+        let e = err(&format!("{MINIMAL}\n[limits]\nmax_page_size = 5000\n"));
+        assert!(e.contains("limits.max_page_size"), "{e}");
+
+        let e = err(&format!("{MINIMAL}\n[http]\nlistn = \"x\"\n"));
+        assert!(e.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn encryption_off_needs_no_kms() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "[store]\npath = \"/x\"\n[auth]\nkeys_file = \"/k\"\n[encryption]\nenabled = false\n",
+        );
+        let cfg = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
+        assert!(!cfg.encryption.enabled);
+        assert_eq!(cfg.kms.parsed_endpoint().unwrap(), None);
+    }
+}

@@ -1,0 +1,350 @@
+//! Identifiers and timestamps of the server: [`MessageId`], [`UserId`], [`Timestamp`], and
+//! the generators of new thread and message ids.
+//!
+//! Thread ids are [`kms_api::ThreadId`] (no `:` possible). Every id type here is parsed once at
+//! the edge, so code holding one never re-checks it.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kms_api::ThreadId;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("message id must look like <20-digit unix nanos>-<6-digit sequence>")]
+    MessageId,
+    #[error(
+        "user id must be 1 to 128 characters of ASCII letters, digits and '-', '_', '.', '@', '+'"
+    )]
+    UserId,
+}
+
+/// A point in time: nanoseconds since the Unix epoch (UTC). Rendered as RFC 3339 in the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    pub const fn from_nanos(n: u64) -> Self {
+        Self(n)
+    }
+
+    pub const fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// The wall clock now. A clock before 1970 reads as the epoch; one after year 2554 (the
+    /// end of `u64` nanoseconds) saturates.
+    pub fn now() -> Self {
+        let n = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Self(n)
+    }
+
+    /// RFC 3339 in UTC with nanoseconds, e.g. `2024-05-01T12:00:00.000000001Z`.
+    pub fn to_rfc3339(self) -> String {
+        let secs = self.0 / 1_000_000_000;
+        let nanos = self.0 % 1_000_000_000;
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+            rem / 3600,
+            (rem % 3600) / 60,
+            rem % 60
+        )
+    }
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`, restricted to non-negative day counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A message's id: `<ts>-<seq>`, the unix-nanosecond creation time in 20 zero-padded digits and
+/// a 6-digit sequence number. Fixed width, so the byte order of ids is their time order.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    ts: u64,
+    seq: u32,
+}
+
+impl MessageId {
+    /// Width of the encoded id in bytes.
+    pub const LEN: usize = 20 + 1 + 6;
+    /// Largest sequence number (6 digits).
+    pub const MAX_SEQ: u32 = 999_999;
+
+    /// # Errors
+    /// [`IdError::MessageId`] when `seq` does not fit in 6 digits.
+    pub fn new(ts: Timestamp, seq: u32) -> Result<Self, IdError> {
+        if seq > Self::MAX_SEQ {
+            return Err(IdError::MessageId);
+        }
+        Ok(Self { ts: ts.0, seq })
+    }
+
+    pub fn timestamp(self) -> Timestamp {
+        Timestamp(self.ts)
+    }
+
+    pub fn seq(self) -> u32 {
+        self.seq
+    }
+
+    /// Parses exactly `dddddddddddddddddddd-dddddd`.
+    ///
+    /// # Errors
+    /// [`IdError::MessageId`] for anything else.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let b = s.as_bytes();
+        if b.len() != Self::LEN || b[20] != b'-' {
+            return Err(IdError::MessageId);
+        }
+        let (ts, seq) = (&s[..20], &s[21..]);
+        if !ts.bytes().chain(seq.bytes()).all(|c| c.is_ascii_digit()) {
+            return Err(IdError::MessageId);
+        }
+        let ts: u64 = ts.parse().map_err(|_| IdError::MessageId)?;
+        let seq: u32 = seq.parse().map_err(|_| IdError::MessageId)?;
+        Self::new(Timestamp(ts), seq)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:020}-{:06}", self.ts, self.seq)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for MessageId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The id of an end user, as sent in `X-User-ID`: 1..=128 characters of
+/// `[A-Za-z0-9_.@+-]`. Never contains `:`, so it can be a field of an LMDB key.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    pub const MAX_LEN: usize = 128;
+
+    /// # Errors
+    /// [`IdError::UserId`] when empty, too long or with a character outside the set.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+')
+            });
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(IdError::UserId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserId({:?})", self.0)
+    }
+}
+
+impl Serialize for UserId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A new thread id: `t` + 16 hex digits of the creation time in unix nanos + 16 random hex
+/// digits. Ids of threads sort by creation time, and two servers never collide in practice.
+pub fn new_thread_id(now: Timestamp) -> ThreadId {
+    let r: u64 = rand::random();
+    let s = format!("t{:016x}{r:016x}", now.as_nanos());
+    // Invariant: 33 characters of `t` and `[0-9a-f]`, within ThreadId's length and charset,
+    // so parsing cannot fail.
+    ThreadId::parse(&s).unwrap_or_else(|_| unreachable!("t + 32 hex digits is a valid ThreadId"))
+}
+
+/// Hands out strictly increasing [`MessageId`]s within this process: the timestamp never goes
+/// backwards (a clock step back keeps the last timestamp and bumps the sequence), and a
+/// sequence overflow moves to the next nanosecond.
+#[derive(Debug, Default)]
+pub struct MessageIdGen {
+    last: Mutex<(u64, u32)>,
+}
+
+impl MessageIdGen {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn next(&self) -> MessageId {
+        self.next_at(Timestamp::now())
+    }
+
+    /// The next id, given the clock reads `now`.
+    pub fn next_at(&self, now: Timestamp) -> MessageId {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (last_ts, last_seq) = *last;
+        let (ts, seq) = if now.0 > last_ts {
+            (now.0, 0)
+        } else if last_seq < MessageId::MAX_SEQ {
+            (last_ts, last_seq + 1)
+        } else {
+            (last_ts.saturating_add(1), 0)
+        };
+        *last = (ts, seq);
+        MessageId { ts, seq }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn message_id_round_trip_and_width() {
+        let id = MessageId::new(Timestamp::from_nanos(1_700_000_000_123_456_789), 42).unwrap();
+        let s = id.to_string();
+        assert_eq!(s, "01700000000123456789-000042");
+        assert_eq!(s.len(), MessageId::LEN);
+        assert_eq!(MessageId::parse(&s).unwrap(), id);
+        for bad in [
+            "",
+            "1-1",
+            "0170000000012345678-000042",
+            "01700000000123456789x000042",
+            "0170000000012345678x-000042",
+            "01700000000123456789-00004a",
+            "+1700000000123456789-000042",
+            "01700000000123456789-+00042",
+        ] {
+            assert!(MessageId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn message_ids_sort_as_strings_in_time_order() {
+        let mut ids = vec![
+            MessageId::new(Timestamp::from_nanos(9), 0).unwrap(),
+            MessageId::new(Timestamp::from_nanos(10), 0).unwrap(),
+            MessageId::new(Timestamp::from_nanos(10), 1).unwrap(),
+            MessageId::new(Timestamp::from_nanos(10), 10).unwrap(),
+            MessageId::new(Timestamp::from_nanos(u64::MAX), 0).unwrap(),
+            MessageId::new(Timestamp::from_nanos(100), 2).unwrap(),
+        ];
+        let mut as_strings: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        ids.sort();
+        as_strings.sort();
+        let back: Vec<MessageId> = as_strings.iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(ids, back);
+    }
+
+    #[test]
+    fn id_gen_is_strictly_increasing_even_when_the_clock_steps_back() {
+        let g = MessageIdGen::new();
+        let a = g.next_at(Timestamp::from_nanos(1000));
+        let b = g.next_at(Timestamp::from_nanos(1000));
+        let c = g.next_at(Timestamp::from_nanos(5));
+        let d = g.next_at(Timestamp::from_nanos(2000));
+        assert!(a < b && b < c && c < d, "{a} {b} {c} {d}");
+        assert_eq!(c.timestamp().as_nanos(), 1000);
+        let g = MessageIdGen::new();
+        *g.last.lock().unwrap() = (7, MessageId::MAX_SEQ);
+        let e = g.next_at(Timestamp::from_nanos(1));
+        assert_eq!((e.timestamp().as_nanos(), e.seq()), (8, 0));
+    }
+
+    #[test]
+    fn user_ids() {
+        assert!(UserId::parse("alice@example.com").is_ok());
+        assert!(UserId::parse("u_1-2.3+x").is_ok());
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a:b").is_err());
+        assert!(UserId::parse("a b").is_err());
+        assert!(UserId::parse(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(
+            Timestamp::from_nanos(0).to_rfc3339(),
+            "1970-01-01T00:00:00.000000000Z"
+        );
+        assert_eq!(
+            Timestamp::from_nanos(951_782_400_000_000_001).to_rfc3339(),
+            "2000-02-29T00:00:00.000000001Z"
+        );
+        assert_eq!(
+            Timestamp::from_nanos(1_700_000_000_000_000_000).to_rfc3339(),
+            "2023-11-14T22:13:20.000000000Z"
+        );
+    }
+
+    #[test]
+    fn thread_ids_are_valid_and_time_ordered() {
+        let a = new_thread_id(Timestamp::from_nanos(1));
+        let b = new_thread_id(Timestamp::from_nanos(2));
+        assert!(a < b);
+        assert_eq!(a.as_str().len(), 33);
+    }
+}

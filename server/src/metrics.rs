@@ -1,0 +1,230 @@
+//! Prometheus metrics (`prometheus-client`), served as text on `GET /metrics`.
+//!
+//! | metric | labels |
+//! |---|---|
+//! | `progressdb_http_requests_total` | `route`, `method`, `status` |
+//! | `progressdb_http_request_duration_seconds` | `route` |
+//! | `progressdb_store_commits_total`, `progressdb_store_commit_ops` (ops per group commit), `progressdb_store_commit_duration_seconds`, `progressdb_store_map_resizes_total`, `progressdb_store_map_size_bytes`, `progressdb_store_write_errors_total` | |
+//! | `progressdb_kms_calls_total` | `op`, `outcome` |
+//! | `progressdb_kms_batch_items` | `op` |
+//! | `progressdb_kms_fallback_decrypts_total` | |
+//!
+//! Routes are templates (`/v1/threads/{id}`), never raw paths, so label cardinality is fixed.
+
+use std::fmt;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KmsLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
+/// HTTP metrics.
+#[derive(Debug, Clone)]
+pub struct HttpMetrics {
+    pub requests: Family<HttpLabels, Counter>,
+    pub duration: HistogramFamily<RouteLabels>,
+}
+
+/// Store (LMDB writer) metrics.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    pub commits: Counter,
+    pub commit_ops: Histogram,
+    pub commit_duration: Histogram,
+    pub resizes: Counter,
+    pub map_size_bytes: Gauge,
+    pub write_errors: Counter,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            commits: Counter::default(),
+            commit_ops: batch_histogram(),
+            commit_duration: latency_histogram(),
+            resizes: Counter::default(),
+            map_size_bytes: Gauge::default(),
+            write_errors: Counter::default(),
+        }
+    }
+}
+
+/// Key-provider metrics.
+#[derive(Debug, Clone)]
+pub struct KmsMetrics {
+    pub calls: Family<KmsLabels, Counter>,
+    pub batch_items: HistogramFamily<OpLabels>,
+    pub fallback_decrypts: Counter,
+}
+
+impl Default for KmsMetrics {
+    fn default() -> Self {
+        Self {
+            calls: Family::default(),
+            batch_items: Family::new_with_constructor(batch_histogram),
+            fallback_decrypts: Counter::default(),
+        }
+    }
+}
+
+impl KmsMetrics {
+    pub fn call(&self, op: &'static str, outcome: &'static str) {
+        self.calls.get_or_create(&KmsLabels { op, outcome }).inc();
+    }
+}
+
+/// Every metric of the process and the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    pub http: HttpMetrics,
+    pub store: StoreMetrics,
+    pub kms: KmsMetrics,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("progressdb");
+        let http = HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            http.duration.clone(),
+        );
+        let store = StoreMetrics::default();
+        registry.register("store_commits", "LMDB group commits", store.commits.clone());
+        registry.register(
+            "store_commit_ops",
+            "Writes per LMDB group commit",
+            store.commit_ops.clone(),
+        );
+        registry.register(
+            "store_commit_duration_seconds",
+            "Duration of one LMDB group commit (including fsync)",
+            store.commit_duration.clone(),
+        );
+        registry.register(
+            "store_map_resizes",
+            "LMDB map resizes",
+            store.resizes.clone(),
+        );
+        registry.register(
+            "store_map_size_bytes",
+            "Current LMDB map size",
+            store.map_size_bytes.clone(),
+        );
+        registry.register(
+            "store_write_errors",
+            "Group commits that failed",
+            store.write_errors.clone(),
+        );
+        let kms = KmsMetrics::default();
+        registry.register(
+            "kms_calls",
+            "Key-provider calls by operation and outcome",
+            kms.calls.clone(),
+        );
+        registry.register(
+            "kms_batch_items",
+            "Items per key-provider batch call",
+            kms.batch_items.clone(),
+        );
+        registry.register(
+            "kms_fallback_decrypts",
+            "Decryptions done locally with the dev master key while the KMS was unreachable",
+            kms.fallback_decrypts.clone(),
+        );
+        Self {
+            registry,
+            http,
+            store,
+            kms,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes() {
+        let m = Metrics::new();
+        m.http
+            .requests
+            .get_or_create(&HttpLabels {
+                route: "/v1/threads",
+                method: "GET",
+                status: 200,
+            })
+            .inc();
+        m.kms.call("decrypt_batch", "ok");
+        let s = m.encode();
+        assert!(s.contains("progressdb_http_requests_total{route=\"/v1/threads\",method=\"GET\",status=\"200\"} 1"), "{s}");
+        assert!(s.contains("progressdb_kms_calls_total"), "{s}");
+        assert!(s.contains("# EOF"));
+    }
+}

@@ -1,0 +1,328 @@
+//! The external provider: `progressdb-kms` through [`kms_api::KmsClient`] (Unix socket or
+//! HTTPS with mutual TLS; pooled connections, timeouts, bounded retries of safe calls).
+//!
+//! Single encrypt/decrypt calls go through a [`Coalescer`] each, which sends them to
+//! `/encrypt_batch` / `/decrypt_batch` together with whatever else is waiting. Explicit batch
+//! calls (a page of messages) go straight to the batch endpoints in one call per
+//! [`kms_api::wire::MAX_BATCH_ITEMS`] items.
+//!
+//! With the `dev-embedded` feature and `kms.master_key_file` set, decryption of threads whose
+//! DEK the dev master key wrapped (`kek_id = "embedded-master"`) falls back to local
+//! decryption while the KMS is unreachable, with a warning in the log.
+
+use std::fmt;
+use std::sync::Arc;
+
+use kms_api::wire::{
+    Bytes64, DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, ErrorDetail,
+    ItemResult, SecretBytes, MAX_BATCH_ITEMS,
+};
+use kms_api::{ClientError, ErrorCode, KmsClient, ThreadId};
+
+use super::coalesce::{BatchFn, Coalescer};
+use super::{
+    BoxFuture, Ciphertext, DecryptItem, EncryptItem, ItemOutcome, KeyProvider, ProviderError,
+    ProviderKind, ThreadKey,
+};
+use crate::metrics::{KmsMetrics, OpLabels};
+
+/// Coalescing settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub max_batch_items: usize,
+    pub max_inflight_batches: usize,
+}
+
+/// See the module documentation.
+pub struct ExternalProvider {
+    client: KmsClient,
+    enc: Coalescer<EncryptRequest, EncryptResponse>,
+    dec: Coalescer<DecryptRequest, DecryptResponse>,
+    metrics: KmsMetrics,
+    #[cfg(feature = "dev-embedded")]
+    fallback: Option<Arc<super::embedded::MasterKey>>,
+}
+
+impl fmt::Debug for ExternalProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExternalProvider")
+            .field("endpoint", self.client.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a whole-call client error.
+pub fn map_client_error(e: ClientError) -> ProviderError {
+    match e {
+        ClientError::Unavailable(m) => ProviderError::Unavailable(m),
+        ClientError::Api { code, message, .. } => map_code(code, message),
+        ClientError::Protocol(m) | ClientError::Config(m) => ProviderError::Internal(m),
+    }
+}
+
+fn map_code(code: ErrorCode, message: String) -> ProviderError {
+    match code {
+        ErrorCode::UnknownKey => ProviderError::UnknownKey,
+        ErrorCode::DecryptionFailed => ProviderError::DecryptionFailed,
+        ErrorCode::Unavailable => ProviderError::Unavailable(message),
+        ErrorCode::MalformedRequest
+        | ErrorCode::InvalidBase64
+        | ErrorCode::InvalidArgument
+        | ErrorCode::NotFound
+        | ErrorCode::MethodNotAllowed
+        | ErrorCode::Forbidden
+        | ErrorCode::PayloadTooLarge => {
+            ProviderError::Rejected(format!("{}: {message}", code.as_str()))
+        }
+        ErrorCode::Internal => ProviderError::Internal(message),
+    }
+}
+
+fn map_item<T>(r: ItemResult<T>) -> ItemOutcome<T> {
+    match r {
+        ItemResult::Ok(v) => Ok(v),
+        ItemResult::Error(ErrorDetail { code, message }) => Err(map_code(code, message)),
+    }
+}
+
+fn outcome_label<T>(r: &Result<T, ProviderError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(ProviderError::Unavailable(_)) => "unavailable",
+        Err(ProviderError::UnknownKey) => "unknown_key",
+        Err(ProviderError::DecryptionFailed) => "decryption_failed",
+        Err(ProviderError::Rejected(_)) => "rejected",
+        Err(ProviderError::Internal(_)) => "error",
+    }
+}
+
+fn encrypt_request(item: EncryptItem) -> EncryptRequest {
+    EncryptRequest {
+        key_id: item.key.key_id.clone(),
+        plaintext: item.plaintext,
+        aad: Some(Bytes64(item.aad)),
+    }
+}
+
+fn decrypt_request(item: &DecryptItem) -> DecryptRequest {
+    DecryptRequest {
+        key_id: item.key.key_id.clone(),
+        ciphertext: Bytes64(item.ciphertext.clone()),
+        aad: Some(Bytes64(item.aad.clone())),
+    }
+}
+
+async fn encrypt_batch_call(
+    client: &KmsClient,
+    metrics: &KmsMetrics,
+    items: Vec<EncryptRequest>,
+) -> Result<Vec<ItemOutcome<EncryptResponse>>, ProviderError> {
+    metrics
+        .batch_items
+        .get_or_create(&OpLabels {
+            op: "encrypt_batch",
+        })
+        .observe(items.len() as f64);
+    let r = client
+        .encrypt_batch(items)
+        .await
+        .map(|v| v.into_iter().map(map_item).collect())
+        .map_err(map_client_error);
+    metrics.call("encrypt_batch", outcome_label(&r));
+    r
+}
+
+async fn decrypt_batch_call(
+    client: &KmsClient,
+    metrics: &KmsMetrics,
+    items: Vec<DecryptRequest>,
+) -> Result<Vec<ItemOutcome<DecryptResponse>>, ProviderError> {
+    metrics
+        .batch_items
+        .get_or_create(&OpLabels {
+            op: "decrypt_batch",
+        })
+        .observe(items.len() as f64);
+    let r = client
+        .decrypt_batch(items)
+        .await
+        .map(|v| v.into_iter().map(map_item).collect())
+        .map_err(map_client_error);
+    metrics.call("decrypt_batch", outcome_label(&r));
+    r
+}
+
+impl ExternalProvider {
+    /// Starts the two coalescing dispatchers on the current tokio runtime.
+    pub fn new(
+        client: KmsClient,
+        opts: Options,
+        metrics: KmsMetrics,
+        #[cfg(feature = "dev-embedded")] fallback: Option<Arc<super::embedded::MasterKey>>,
+    ) -> Self {
+        let max_items = opts.max_batch_items.clamp(1, MAX_BATCH_ITEMS);
+        let (c, m) = (client.clone(), metrics.clone());
+        let enc_send: BatchFn<EncryptRequest, EncryptResponse> = Arc::new(move |items| {
+            let (c, m) = (c.clone(), m.clone());
+            Box::pin(async move { encrypt_batch_call(&c, &m, items).await })
+        });
+        let (c, m) = (client.clone(), metrics.clone());
+        let dec_send: BatchFn<DecryptRequest, DecryptResponse> = Arc::new(move |items| {
+            let (c, m) = (c.clone(), m.clone());
+            Box::pin(async move { decrypt_batch_call(&c, &m, items).await })
+        });
+        Self {
+            enc: Coalescer::spawn("encrypt", enc_send, max_items, opts.max_inflight_batches),
+            dec: Coalescer::spawn("decrypt", dec_send, max_items, opts.max_inflight_batches),
+            client,
+            metrics,
+            #[cfg(feature = "dev-embedded")]
+            fallback,
+        }
+    }
+
+    /// Local decryption with the dev master key, when allowed for this item.
+    #[cfg(feature = "dev-embedded")]
+    fn fallback_decrypt(&self, item: &DecryptItem) -> Option<ItemOutcome<SecretBytes>> {
+        let key = self.fallback.as_ref()?;
+        if item.key.kek_id.as_str() != super::embedded::KEK_ID {
+            return None;
+        }
+        self.metrics.fallback_decrypts.inc();
+        Some(key.decrypt(&item.key, &item.ciphertext, &item.aad))
+    }
+
+    #[cfg(not(feature = "dev-embedded"))]
+    fn fallback_decrypt(&self, _item: &DecryptItem) -> Option<ItemOutcome<SecretBytes>> {
+        None
+    }
+
+    async fn decrypt_all(
+        &self,
+        items: Vec<DecryptItem>,
+    ) -> Result<Vec<ItemOutcome<SecretBytes>>, ProviderError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(MAX_BATCH_ITEMS) {
+            let reqs = chunk.iter().map(decrypt_request).collect();
+            match decrypt_batch_call(&self.client, &self.metrics, reqs).await {
+                Ok(rs) => out.extend(rs.into_iter().map(|r| r.map(|d| d.plaintext))),
+                Err(ProviderError::Unavailable(m)) => {
+                    let local: Option<Vec<_>> =
+                        chunk.iter().map(|i| self.fallback_decrypt(i)).collect();
+                    match local {
+                        Some(rs) => {
+                            tracing::warn!(
+                                items = rs.len(),
+                                "KMS unreachable: decrypted with the local dev master key"
+                            );
+                            out.extend(rs);
+                        }
+                        None => return Err(ProviderError::Unavailable(m)),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl KeyProvider for ExternalProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::External
+    }
+
+    fn create_dek_for_thread<'a>(
+        &'a self,
+        thread: &'a ThreadId,
+    ) -> BoxFuture<'a, Result<ThreadKey, ProviderError>> {
+        Box::pin(async move {
+            let r = self
+                .client
+                .create_dek_for_thread(thread)
+                .await
+                .map_err(map_client_error)
+                .map(|r| ThreadKey {
+                    key_id: r.key_id,
+                    wrapped_dek: r.wrapped,
+                    kek_id: r.kek_id,
+                    kek_version: r.kek_version,
+                });
+            self.metrics
+                .call("create_dek_for_thread", outcome_label(&r));
+            r
+        })
+    }
+
+    fn encrypt(&self, item: EncryptItem) -> BoxFuture<'_, Result<Ciphertext, ProviderError>> {
+        Box::pin(async move {
+            self.enc
+                .call(encrypt_request(item))
+                .await
+                .map(|r| Ciphertext(r.ciphertext.0))
+        })
+    }
+
+    fn decrypt(&self, item: DecryptItem) -> BoxFuture<'_, Result<SecretBytes, ProviderError>> {
+        Box::pin(async move {
+            match self.dec.call(decrypt_request(&item)).await {
+                Ok(r) => Ok(r.plaintext),
+                Err(ProviderError::Unavailable(m)) => match self.fallback_decrypt(&item) {
+                    Some(r) => {
+                        tracing::warn!("KMS unreachable: decrypted with the local dev master key");
+                        r
+                    }
+                    None => Err(ProviderError::Unavailable(m)),
+                },
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn encrypt_batch(
+        &self,
+        items: Vec<EncryptItem>,
+    ) -> BoxFuture<'_, Result<Vec<ItemOutcome<Ciphertext>>, ProviderError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            let mut reqs: Vec<EncryptRequest> = items.into_iter().map(encrypt_request).collect();
+            while !reqs.is_empty() {
+                let rest = reqs.split_off(reqs.len().min(MAX_BATCH_ITEMS));
+                let rs = encrypt_batch_call(&self.client, &self.metrics, reqs).await?;
+                out.extend(
+                    rs.into_iter()
+                        .map(|r| r.map(|e| Ciphertext(e.ciphertext.0))),
+                );
+                reqs = rest;
+            }
+            Ok(out)
+        })
+    }
+
+    fn decrypt_batch(
+        &self,
+        items: Vec<DecryptItem>,
+    ) -> BoxFuture<'_, Result<Vec<ItemOutcome<SecretBytes>>, ProviderError>> {
+        Box::pin(self.decrypt_all(items))
+    }
+
+    fn destroy_key<'a>(&'a self, key: &'a ThreadKey) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let r = match self.client.destroy_key(&key.key_id).await {
+                Ok(_) => Ok(()),
+                Err(e) => match map_client_error(e) {
+                    // Never known to this KMS (e.g. a DEK wrapped by the dev master key):
+                    // deleting the thread's wrapped copy is the shredding.
+                    ProviderError::UnknownKey => Ok(()),
+                    other => Err(other),
+                },
+            };
+            self.metrics.call("destroy_key", outcome_label(&r));
+            r
+        })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move { self.client.ready().await.map_err(map_client_error) })
+    }
+}

@@ -1,0 +1,632 @@
+//! The flows of the API (seed guide section 3), independent of HTTP.
+//!
+//! * **Create thread**: the DEK is provisioned first (`create_dek_for_thread`), then the thread
+//!   record with its `kms` fields and its index entry are committed in one transaction. If
+//!   the provider fails, nothing is stored and the answer is 503 `kms_unavailable`.
+//! * **Post / edit message**: the JSON bytes of `body` are encrypted under the thread's key
+//!   with AAD = the message's full key `thread:<id>:msg:<ts>-<seq>`, so a ciphertext moved to
+//!   another message or thread no longer decrypts. Only the ciphertext is stored.
+//! * **Read a page**: every encrypted item of the page is decrypted in **one** batch call; an
+//!   item that fails to authenticate is returned as `message_unreadable`, never as content.
+//! * **Delete thread**: the DEK is destroyed first (crypto-shredding), then the thread and all
+//!   its messages are deleted in one transaction. A crash in between leaves a thread whose
+//!   key is gone; deleting it again finishes the job.
+//! * Thread records are read once per request, through [`ThreadCache`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kms_api::wire::{Bytes64, SecretBytes};
+use kms_api::ThreadId;
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::api::{DeletedMessageView, ItemError, MessageItem, MessageView};
+use crate::auth::{ApiKeys, Principal, Role};
+use crate::cache::ThreadCache;
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::{new_thread_id, MessageId, MessageIdGen, Timestamp, UserId};
+use crate::metrics::Metrics;
+use crate::provider::{DecryptItem, EncryptItem, KeyProvider, ProviderError, ThreadKey};
+use crate::store::{
+    keys, Content, CreateThread, DeleteMessage, DeleteThread, MessageRecord, Order, Page,
+    PatchThread, PutMessage, SetThreadKeyIfAbsent, Store, StoredMessage, ThreadFilter,
+    ThreadRecord, UpdateMessage,
+};
+
+/// How new message content is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    /// Encrypted through the key provider (`encryption.enabled = true`).
+    Enabled,
+    /// Stored as `{"plain": ...}` (`encryption.enabled = false`).
+    Disabled,
+}
+
+/// Limits applied by the flows.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    pub max_title_bytes: usize,
+}
+
+/// Health of each dependency, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Unavailable,
+    /// No key provider is configured (encryption disabled).
+    NotConfigured,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Unavailable => "unavailable",
+            Health::NotConfigured => "not_configured",
+        }
+    }
+}
+
+/// Everything a request needs.
+#[derive(Debug)]
+pub struct App {
+    pub store: Store,
+    pub provider: Option<Arc<dyn KeyProvider>>,
+    pub encryption: Encryption,
+    pub keys: ApiKeys,
+    pub cache: ThreadCache,
+    pub ids: MessageIdGen,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub kms_ready_timeout: Duration,
+}
+
+fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {
+    p.user
+        .clone()
+        .ok_or_else(|| ApiError::invalid(format!("X-User-ID is required to {what}")))
+}
+
+fn decode_body(pt: &SecretBytes) -> Option<Value> {
+    serde_json::from_slice(pt.expose()).ok()
+}
+
+impl App {
+    fn provider(&self) -> Result<&Arc<dyn KeyProvider>, ApiError> {
+        self.provider.as_ref().ok_or_else(|| {
+            tracing::error!("an encrypted thread needs a key provider, and none is configured");
+            ApiError::KmsUnavailable
+        })
+    }
+
+    /// The thread `id` if `p` may see it; another user's thread is `NotFound`.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`], or a store error.
+    pub async fn thread_for(
+        &self,
+        p: &Principal,
+        id: &ThreadId,
+    ) -> Result<Arc<ThreadRecord>, ApiError> {
+        let rec = match self.cache.get(id) {
+            Some(r) => r,
+            None => {
+                let seen = self.cache.generation();
+                let r = Arc::new(self.store.get_thread(id).await?.ok_or(ApiError::NotFound)?);
+                self.cache.insert_read(seen, r.clone());
+                r
+            }
+        };
+        if p.may_access(&rec.author) {
+            Ok(rec)
+        } else {
+            Err(ApiError::NotFound)
+        }
+    }
+
+    fn check_title(&self, title: &str) -> Result<(), ApiError> {
+        if title.trim().is_empty() {
+            return Err(ApiError::invalid("title must not be empty"));
+        }
+        if title.len() > self.limits.max_title_bytes {
+            return Err(ApiError::invalid(format!(
+                "title must be at most {} bytes",
+                self.limits.max_title_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The page size for a requested `limit` (clamped to the maximum).
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidArgument`] for 0.
+    pub fn page_size(&self, limit: Option<usize>) -> Result<usize, ApiError> {
+        match limit {
+            None => Ok(self.limits.default_page_size),
+            Some(0) => Err(ApiError::invalid("limit must be at least 1")),
+            Some(n) => Ok(n.min(self.limits.max_page_size)),
+        }
+    }
+
+    /// Destroys a DEK that ended up unused, in the background.
+    fn discard_key(&self, key: ThreadKey) {
+        let Some(p) = self.provider.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = p.destroy_key(&key).await {
+                tracing::warn!(key_id = %key.key_id, error = %e, "could not destroy an unused DEK");
+            }
+        });
+    }
+
+    /// # Errors
+    /// 400 without a user or with a bad title, 503 when the DEK cannot be created.
+    pub async fn create_thread(
+        &self,
+        p: &Principal,
+        title: String,
+        metadata: Option<Value>,
+    ) -> Result<Arc<ThreadRecord>, ApiError> {
+        let author = require_user(p, "create a thread")?;
+        self.check_title(&title)?;
+        let now = Timestamp::now();
+        let id = new_thread_id(now);
+        let kms = match self.encryption {
+            Encryption::Disabled => None,
+            Encryption::Enabled => {
+                let key = self.provider()?.create_dek_for_thread(&id).await.map_err(|e| {
+                    tracing::warn!(thread = %id, error = %e, "cannot provision the thread's DEK");
+                    ApiError::KmsUnavailable
+                })?;
+                Some(key)
+            }
+        };
+        let rec = ThreadRecord {
+            id,
+            title,
+            author,
+            created_at: now,
+            updated_at: now,
+            metadata: metadata.filter(|m| !m.is_null()),
+            kms,
+        };
+        if let Err(e) = self.store.write(CreateThread::new(rec.clone())).await {
+            if let Some(k) = rec.kms {
+                self.discard_key(k);
+            }
+            return Err(e.into());
+        }
+        let rec = Arc::new(rec);
+        self.cache.put_fresh(rec.clone());
+        Ok(rec)
+    }
+
+    /// # Errors
+    /// 400 for a bad cursor.
+    pub async fn list_threads(
+        &self,
+        p: &Principal,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Page<ThreadRecord>, ApiError> {
+        let limit = self.page_size(limit)?;
+        let after = cursor
+            .map(|c| ThreadId::parse(c).map_err(|_| ApiError::invalid("invalid cursor")))
+            .transpose()?;
+        let filter = match &p.user {
+            Some(u) => ThreadFilter::Author(u.clone()),
+            None => ThreadFilter::All,
+        };
+        Ok(self.store.list_threads(filter, after, limit).await?)
+    }
+
+    /// # Errors
+    /// 404, 400 for a bad title or an empty patch.
+    pub async fn patch_thread(
+        &self,
+        p: &Principal,
+        id: &ThreadId,
+        title: Option<String>,
+        metadata: Option<Option<Value>>,
+    ) -> Result<Arc<ThreadRecord>, ApiError> {
+        self.thread_for(p, id).await?;
+        if title.is_none() && metadata.is_none() {
+            return Err(ApiError::invalid(
+                "nothing to change: give title and/or metadata",
+            ));
+        }
+        if let Some(t) = &title {
+            self.check_title(t)?;
+        }
+        let op = PatchThread {
+            id: id.clone(),
+            title,
+            metadata: metadata.map(|m| m.filter(|v| !v.is_null())),
+            now: Timestamp::now(),
+        };
+        match self.store.write(op).await {
+            Ok(rec) => {
+                let rec = Arc::new(rec);
+                self.cache.put_fresh(rec.clone());
+                Ok(rec)
+            }
+            Err(e) => {
+                self.cache.invalidate(id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Crypto-shreds the thread's DEK, then deletes the thread and its messages.
+    ///
+    /// # Errors
+    /// 404; 503 when the DEK cannot be destroyed now (nothing is deleted then).
+    pub async fn delete_thread(
+        &self,
+        p: &Principal,
+        id: &ThreadId,
+    ) -> Result<ThreadRecord, ApiError> {
+        let rec = self.thread_for(p, id).await?;
+        if let Some(k) = &rec.kms {
+            self.provider()?.destroy_key(k).await.map_err(|e| {
+                tracing::warn!(thread = %id, error = %e, "cannot destroy the thread's DEK");
+                match e {
+                    ProviderError::Unavailable(_) => ApiError::KmsUnavailable,
+                    other => ApiError::from(other),
+                }
+            })?;
+        }
+        let r = self.store.write(DeleteThread { id: id.clone() }).await;
+        self.cache.invalidate(id);
+        Ok(r?)
+    }
+
+    /// The thread's key, provisioning one for a thread created while encryption was off.
+    async fn thread_key(&self, thread: &ThreadRecord) -> Result<Arc<ThreadKey>, ApiError> {
+        if let Some(k) = &thread.kms {
+            return Ok(Arc::new(k.clone()));
+        }
+        let key = self
+            .provider()?
+            .create_dek_for_thread(&thread.id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(thread = %thread.id, error = %e, "cannot provision a DEK");
+                ApiError::KmsUnavailable
+            })?;
+        let op = SetThreadKeyIfAbsent {
+            id: thread.id.clone(),
+            key: key.clone(),
+        };
+        let rec = match self.store.write(op).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.discard_key(key);
+                return Err(e.into());
+            }
+        };
+        let stored = rec.kms.clone().ok_or(ApiError::Internal)?;
+        if stored.key_id != key.key_id {
+            // Another request provisioned the thread first; ours is unused.
+            self.discard_key(key);
+        }
+        self.cache.put_fresh(Arc::new(rec));
+        Ok(Arc::new(stored))
+    }
+
+    /// Stored form of `body` for message `id` of `thread`.
+    async fn seal(
+        &self,
+        thread: &ThreadRecord,
+        id: MessageId,
+        body: &Value,
+    ) -> Result<Content, ApiError> {
+        match self.encryption {
+            Encryption::Disabled => Ok(Content::Plain(body.clone())),
+            Encryption::Enabled => {
+                let key = self.thread_key(thread).await?;
+                let plaintext =
+                    Zeroizing::new(serde_json::to_vec(body).map_err(|_| ApiError::Internal)?);
+                let item = EncryptItem {
+                    key,
+                    plaintext: SecretBytes::new(plaintext.to_vec()),
+                    aad: keys::msg(&thread.id, id),
+                };
+                match self.provider()?.encrypt(item).await {
+                    Ok(ct) => Ok(Content::Enc(Bytes64(ct.0))),
+                    // The key is gone: the thread is being deleted.
+                    Err(ProviderError::UnknownKey) => Err(ApiError::NotFound),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// # Errors
+    /// 404, 400 without a user, 503 when the KMS is down (nothing stored).
+    pub async fn post_message(
+        &self,
+        p: &Principal,
+        tid: &ThreadId,
+        body: Value,
+    ) -> Result<MessageView, ApiError> {
+        let thread = self.thread_for(p, tid).await?;
+        let author = require_user(p, "post a message")?;
+        let id = self.ids.next();
+        let content = self.seal(&thread, id, &body).await?;
+        let now = id.timestamp();
+        let rec = MessageRecord {
+            author,
+            created_at: now,
+            updated_at: now,
+            content,
+        };
+        self.store.write(PutMessage::new(tid, id, &rec)?).await?;
+        Ok(view(tid, id, &rec, body))
+    }
+
+    /// # Errors
+    /// 404; 500 `message_unreadable` when the stored content does not decrypt.
+    pub async fn get_message(
+        &self,
+        p: &Principal,
+        tid: &ThreadId,
+        id: MessageId,
+    ) -> Result<MessageView, ApiError> {
+        let thread = self.thread_for(p, tid).await?;
+        let stored = self
+            .store
+            .get_message(tid, id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        match self.open_page(&thread, vec![stored]).await?.pop() {
+            Some(MessageItem::Ok(v)) => Ok(v),
+            Some(MessageItem::Unreadable { .. }) | None => Err(ApiError::MessageUnreadable),
+        }
+    }
+
+    /// # Errors
+    /// 404, 400 for a bad cursor.
+    pub async fn list_messages(
+        &self,
+        p: &Principal,
+        tid: &ThreadId,
+        order: Order,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<MessageItem>, Option<String>), ApiError> {
+        let limit = self.page_size(limit)?;
+        let after = cursor
+            .map(|c| MessageId::parse(c).map_err(|_| ApiError::invalid("invalid cursor")))
+            .transpose()?;
+        let thread = self.thread_for(p, tid).await?;
+        let page = self.store.list_messages(tid, order, after, limit).await?;
+        let next = if page.more {
+            page.items.last().map(|m| m.id.to_string())
+        } else {
+            None
+        };
+        Ok((self.open_page(&thread, page.items).await?, next))
+    }
+
+    /// # Errors
+    /// 404, 503 when the KMS is down (nothing changed).
+    pub async fn update_message(
+        &self,
+        p: &Principal,
+        tid: &ThreadId,
+        id: MessageId,
+        body: Value,
+    ) -> Result<MessageView, ApiError> {
+        let thread = self.thread_for(p, tid).await?;
+        if self.store.get_message(tid, id).await?.is_none() {
+            return Err(ApiError::NotFound);
+        }
+        let content = self.seal(&thread, id, &body).await?;
+        let rec = self
+            .store
+            .write(UpdateMessage {
+                thread: tid.clone(),
+                id,
+                content,
+                now: Timestamp::now(),
+            })
+            .await?;
+        Ok(view(tid, id, &rec, body))
+    }
+
+    /// Deletes a message; returns what is left to show of it (no body).
+    ///
+    /// # Errors
+    /// 404.
+    pub async fn delete_message(
+        &self,
+        p: &Principal,
+        tid: &ThreadId,
+        id: MessageId,
+    ) -> Result<DeletedMessageView, ApiError> {
+        self.thread_for(p, tid).await?;
+        let rec = self
+            .store
+            .write(DeleteMessage {
+                thread: tid.clone(),
+                id,
+            })
+            .await?;
+        Ok(DeletedMessageView {
+            id,
+            thread_id: tid.clone(),
+            author: rec.as_ref().map(|r| r.author.clone()),
+            created_at: rec.as_ref().map(|r| r.created_at.to_rfc3339()),
+            deleted: true,
+        })
+    }
+
+    /// Decrypts every encrypted item of a page in one batch call.
+    async fn open_page(
+        &self,
+        thread: &ThreadRecord,
+        items: Vec<StoredMessage>,
+    ) -> Result<Vec<MessageItem>, ApiError> {
+        let tid = &thread.id;
+        let unreadable = |id: MessageId| MessageItem::Unreadable {
+            id,
+            thread_id: tid.clone(),
+            error: ItemError {
+                code: ErrorCode::MessageUnreadable,
+            },
+        };
+        let key = thread.kms.clone().map(Arc::new);
+        // (index in page, decrypt request) of every encrypted item that can be attempted.
+        let mut to_decrypt: Vec<(usize, DecryptItem)> = Vec::new();
+        let mut out: Vec<Option<MessageItem>> = Vec::with_capacity(items.len());
+        let mut records: Vec<Option<MessageRecord>> = Vec::with_capacity(items.len());
+        for (i, m) in items.iter().enumerate() {
+            match &m.record {
+                Err(e) => {
+                    tracing::error!(thread = %tid, message = %m.id, error = %e, "unparseable message record");
+                    out.push(Some(unreadable(m.id)));
+                    records.push(None);
+                }
+                Ok(rec) => {
+                    match (&rec.content, &key) {
+                        (Content::Plain(v), _) => {
+                            out.push(Some(MessageItem::Ok(view(tid, m.id, rec, v.clone()))))
+                        }
+                        (Content::Enc(ct), Some(k)) => {
+                            to_decrypt.push((
+                                i,
+                                DecryptItem {
+                                    key: k.clone(),
+                                    ciphertext: ct.0.clone(),
+                                    aad: keys::msg(tid, m.id),
+                                },
+                            ));
+                            out.push(None);
+                        }
+                        (Content::Enc(_), None) => {
+                            tracing::error!(thread = %tid, message = %m.id, "encrypted message in a thread without a key");
+                            out.push(Some(unreadable(m.id)));
+                        }
+                    }
+                    records.push(Some(rec.clone()));
+                }
+            }
+        }
+        if !to_decrypt.is_empty() {
+            let (idx, reqs): (Vec<usize>, Vec<DecryptItem>) = to_decrypt.into_iter().unzip();
+            let results = self.provider()?.decrypt_batch(reqs).await.map_err(|e| match e {
+                ProviderError::Unavailable(_) => {
+                    tracing::warn!(thread = %tid, error = %e, "cannot decrypt: key provider unavailable");
+                    ApiError::KmsUnavailable
+                }
+                other => ApiError::from(other),
+            })?;
+            if results.len() != idx.len() {
+                tracing::error!("key provider answered a batch with the wrong number of results");
+                return Err(ApiError::Internal);
+            }
+            for (i, r) in idx.into_iter().zip(results) {
+                let id = items[i].id;
+                let item = match (r, &records[i]) {
+                    (Ok(pt), Some(rec)) => match decode_body(&pt) {
+                        Some(body) => MessageItem::Ok(view(tid, id, rec, body)),
+                        None => {
+                            tracing::error!(thread = %tid, message = %id, "decrypted content is not JSON");
+                            unreadable(id)
+                        }
+                    },
+                    (Ok(_), None) => unreadable(id),
+                    (Err(ProviderError::Unavailable(m)), _) => {
+                        tracing::warn!(thread = %tid, error = %m, "cannot decrypt: key provider unavailable");
+                        return Err(ApiError::KmsUnavailable);
+                    }
+                    (Err(e @ (ProviderError::DecryptionFailed | ProviderError::UnknownKey)), _) => {
+                        tracing::warn!(thread = %tid, message = %id, error = %e, "message does not decrypt");
+                        unreadable(id)
+                    }
+                    (Err(e @ (ProviderError::Rejected(_) | ProviderError::Internal(_))), _) => {
+                        tracing::error!(thread = %tid, message = %id, error = %e, "message decryption error");
+                        unreadable(id)
+                    }
+                };
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(item);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .zip(items.iter())
+            .map(|(o, m)| o.unwrap_or_else(|| unreadable(m.id)))
+            .collect())
+    }
+
+    /// `POST /v1/sign`: backend (and admin) keys only.
+    ///
+    /// # Errors
+    /// 403 for frontend keys, 400 for a bad user id.
+    pub fn sign(&self, p: &Principal, user_id: &str) -> Result<(UserId, String), ApiError> {
+        match p.role {
+            Role::Backend | Role::Admin => {}
+            Role::Frontend => return Err(ApiError::Forbidden),
+        }
+        let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let sig = self.keys.sign(&user);
+        Ok((user, sig))
+    }
+
+    /// `GET /admin/threads/{id}/kms`.
+    ///
+    /// # Errors
+    /// 403 for non-admin keys, 404 for an unknown thread or one without a key.
+    pub async fn thread_kms(&self, p: &Principal, id: &ThreadId) -> Result<ThreadKey, ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let rec = self.thread_for(p, id).await?;
+        rec.kms.clone().ok_or(ApiError::NotFound)
+    }
+
+    /// Health of the store and the key provider.
+    pub async fn readiness(&self) -> (Health, Health) {
+        let store = match self.store.check().await {
+            Ok(()) => Health::Ok,
+            Err(e) => {
+                tracing::warn!(error = %e, "store not ready");
+                Health::Unavailable
+            }
+        };
+        let kms = match &self.provider {
+            None => Health::NotConfigured,
+            Some(p) => match tokio::time::timeout(self.kms_ready_timeout, p.ready()).await {
+                Ok(Ok(())) => Health::Ok,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "key provider not ready");
+                    Health::Unavailable
+                }
+                Err(_) => {
+                    tracing::warn!("key provider readiness check timed out");
+                    Health::Unavailable
+                }
+            },
+        };
+        (store, kms)
+    }
+}
+
+fn view(tid: &ThreadId, id: MessageId, rec: &MessageRecord, body: Value) -> MessageView {
+    MessageView {
+        id,
+        thread_id: tid.clone(),
+        author: rec.author.clone(),
+        body,
+        created_at: rec.created_at.to_rfc3339(),
+        updated_at: rec.updated_at.to_rfc3339(),
+    }
+}

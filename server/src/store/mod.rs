@@ -1,0 +1,530 @@
+//! The LMDB store (heed): one [`heed::Env`] per process, one database, keys as in [`keys`].
+//!
+//! * **Reads** run on tokio's blocking pool ([`tokio::task::spawn_blocking`]), each in its own
+//!   short read transaction that never crosses an `.await`.
+//! * **Writes** go to a single dedicated writer thread ([`writer`]) through a bounded queue.
+//!   The writer drains whatever is queued (up to `store.max_batch_ops`) into **one** write
+//!   transaction and commits it once: group commit. LMDB's commit fsyncs (no `NO_SYNC`-like
+//!   flags are set), and a caller is answered only after that commit returned, so an
+//!   acknowledged write is durable.
+//! * **Full map**: when a commit hits `MDB_MAP_FULL` the transaction is aborted (nothing is
+//!   written), the writer doubles the map (up to `store.max_map_size_mb`) while no transaction
+//!   is open in the process, and retries. At the limit, each write of the group is retried
+//!   alone and those that still do not fit fail with [`StoreError::Full`] (HTTP 507).
+
+pub mod keys;
+pub mod records;
+mod writer;
+
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use heed::types::Bytes;
+use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+use kms_api::ThreadId;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ids::{MessageId, UserId};
+use crate::metrics::StoreMetrics;
+pub use records::{Content, MessageRecord, ThreadRecord};
+pub use writer::{
+    CreateThread, DeleteMessage, DeleteThread, PatchThread, PutMessage, RawPut,
+    SetThreadKeyIfAbsent, UpdateMessage, WriteOp,
+};
+
+/// The one LMDB database: raw byte keys and values.
+pub type Db = Database<Bytes, Bytes>;
+
+/// A failed store operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("the LMDB map is full and at store.max_map_size_mb")]
+    Full,
+    #[error("the store is closed")]
+    Closed,
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("LMDB: {0}")]
+    Lmdb(String),
+}
+
+impl From<heed::Error> for StoreError {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
+            other => StoreError::Lmdb(other.to_string()),
+        }
+    }
+}
+
+/// Why the store could not be opened: names the directory.
+#[derive(Debug, thiserror::Error)]
+#[error("store.path {path}: {message}")]
+pub struct OpenError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    /// Initial map size in bytes (a multiple of 1 MiB).
+    pub map_size: usize,
+    /// Largest map size in bytes (a multiple of 1 MiB).
+    pub max_map_size: usize,
+    /// Most writes per group commit.
+    pub max_batch_ops: usize,
+}
+
+impl StoreOptions {
+    /// Options from sizes in MiB.
+    pub fn new(path: impl Into<PathBuf>, map_size_mb: u64, max_map_size_mb: u64) -> Self {
+        let mib = |m: u64| usize::try_from(m.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        Self {
+            path: path.into(),
+            map_size: mib(map_size_mb),
+            max_map_size: mib(max_map_size_mb),
+            max_batch_ops: 1024,
+        }
+    }
+}
+
+/// Newest or oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Asc,
+    Desc,
+}
+
+/// Which threads to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThreadFilter {
+    All,
+    Author(UserId),
+}
+
+/// One page of a listing: `more` tells whether items follow the last one.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub more: bool,
+}
+
+/// A message as read: its id (from its key) and its record, or why the record is unreadable.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    pub record: Result<MessageRecord, String>,
+}
+
+pub(crate) struct Shared {
+    env: Env<WithoutTls>,
+    db: Db,
+    /// Read transactions hold it shared; a map resize holds it exclusively, because
+    /// `mdb_env_set_mapsize` requires that no transaction is open in the process.
+    gate: RwLock<()>,
+    path: PathBuf,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: Mutex<Option<mpsc::Sender<Box<dyn writer::Job>>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and exit.
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("LMDB writer thread panicked");
+            }
+        }
+    }
+}
+
+/// A cheap-to-clone handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.shared.path)
+            .finish()
+    }
+}
+
+fn read_guard(gate: &RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
+    gate.read().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    /// Opens (creating if needed) the LMDB environment at `opts.path` and starts the writer
+    /// thread. Open each path once per process.
+    ///
+    /// # Errors
+    /// [`OpenError`] naming the directory.
+    pub fn open(opts: &StoreOptions, metrics: StoreMetrics) -> Result<Self, OpenError> {
+        let err = |message: String| OpenError {
+            path: opts.path.clone(),
+            message,
+        };
+        create_private_dir(&opts.path).map_err(|e| err(e.to_string()))?;
+        let mut o = EnvOpenOptions::new().read_txn_without_tls();
+        o.map_size(opts.map_size).max_readers(1024).max_dbs(1);
+        #[allow(unsafe_code)]
+        // SAFETY: `EnvOpenOptions::open` is unsafe because the memory map is UB if the file is
+        // modified behind LMDB's back. Here: (1) the server opens one Env per path per process
+        // (`Store::open` is called once, by `Server::build`; heed itself refuses a second open
+        // of the same path with `EnvAlreadyOpened`); (2) no unsafe flags (`NO_LOCK`,
+        // `NO_SYNC`, `NO_META_SYNC`) are set, so LMDB's own locking protects against other
+        // processes; (3) the files live in a private directory that nothing else writes.
+        let env = unsafe { o.open(&opts.path) }.map_err(|e| err(e.to_string()))?;
+        let mut wtxn = env.write_txn().map_err(|e| err(e.to_string()))?;
+        let db: Db = env
+            .create_database(&mut wtxn, None)
+            .map_err(|e| err(e.to_string()))?;
+        wtxn.commit().map_err(|e| err(e.to_string()))?;
+        let map_size = env.info().map_size;
+        metrics
+            .map_size_bytes
+            .set(i64::try_from(map_size).unwrap_or(i64::MAX));
+        let shared = Arc::new(Shared {
+            env,
+            db,
+            gate: RwLock::new(()),
+            path: opts.path.clone(),
+        });
+        let (tx, rx) = mpsc::channel(opts.max_batch_ops.max(1) * 4);
+        let w = writer::Writer::new(
+            shared.clone(),
+            rx,
+            opts.max_batch_ops.max(1),
+            opts.max_map_size.max(map_size),
+            metrics,
+        );
+        let handle = std::thread::Builder::new()
+            .name("progressdb-writer".into())
+            .spawn(move || w.run())
+            .map_err(|e| err(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.shared.path
+    }
+
+    /// Current map size in bytes.
+    pub fn map_size(&self) -> usize {
+        self.inner.shared.env.info().map_size
+    }
+
+    /// Queues `op` for the writer and waits until its group commit is durable.
+    ///
+    /// # Errors
+    /// The op's own error ([`StoreError::NotFound`]...), or the commit's.
+    pub async fn write<O: WriteOp>(&self, op: O) -> Result<O::Out, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job = writer::pending(op, reply);
+        let tx = {
+            let guard = self.inner.tx.lock().unwrap_or_else(|p| p.into_inner());
+            guard.clone().ok_or(StoreError::Closed)?
+        };
+        tx.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db, &RoTxn<'_, WithoutTls>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let shared = self.inner.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let _gate = read_guard(&shared.gate);
+            let txn = shared.env.read_txn()?;
+            f(&shared.db, &txn)
+        })
+        .await
+        .map_err(|e| StoreError::Lmdb(format!("read task failed: {e}")))?
+    }
+
+    /// Checks that a read transaction can be opened and that the writer is running.
+    ///
+    /// # Errors
+    /// [`StoreError`] when not.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        let writer_alive = self
+            .inner
+            .writer
+            .lock()
+            .map(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
+            .unwrap_or(false);
+        if !writer_alive {
+            return Err(StoreError::Closed);
+        }
+        self.read(|db, txn| {
+            db.first(txn)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The thread record of `id`.
+    ///
+    /// # Errors
+    /// [`StoreError`]; a record that does not parse is [`StoreError::Corrupt`].
+    pub async fn get_thread(&self, id: &ThreadId) -> Result<Option<ThreadRecord>, StoreError> {
+        let key = keys::meta(id);
+        self.read(move |db, txn| match db.get(txn, &key)? {
+            None => Ok(None),
+            Some(v) => parse_thread(&key, v).map(Some),
+        })
+        .await
+    }
+
+    /// Up to `limit` threads after `after` (exclusive), in id order (creation order for
+    /// server-made ids).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn list_threads(
+        &self,
+        filter: ThreadFilter,
+        after: Option<ThreadId>,
+        limit: usize,
+    ) -> Result<Page<ThreadRecord>, StoreError> {
+        self.read(move |db, txn| match filter {
+            ThreadFilter::All => list_all_threads(db, txn, after.as_ref(), limit),
+            ThreadFilter::Author(u) => list_author_threads(db, txn, &u, after.as_ref(), limit),
+        })
+        .await
+    }
+
+    /// One message, or `None`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn get_message(
+        &self,
+        thread: &ThreadId,
+        id: MessageId,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let key = keys::msg(thread, id);
+        self.read(move |db, txn| {
+            Ok(db.get(txn, &key)?.map(|v| StoredMessage {
+                id,
+                record: serde_json::from_slice(v).map_err(|e| e.to_string()),
+            }))
+        })
+        .await
+    }
+
+    /// Up to `limit` messages of `thread` after the cursor `after` (exclusive) in `order`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn list_messages(
+        &self,
+        thread: &ThreadId,
+        order: Order,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Page<StoredMessage>, StoreError> {
+        let thread = thread.clone();
+        self.read(move |db, txn| list_messages(db, txn, &thread, order, after, limit))
+            .await
+    }
+
+    /// The raw value stored under `key`: for operator tools and tests.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn raw_get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(move |db, txn| Ok(db.get(txn, &key)?.map(<[u8]>::to_vec)))
+            .await
+    }
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+fn parse_thread(key: &[u8], v: &[u8]) -> Result<ThreadRecord, StoreError> {
+    serde_json::from_slice(v)
+        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key))))
+}
+
+fn list_all_threads(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    after: Option<&ThreadId>,
+    limit: usize,
+) -> Result<Page<ThreadRecord>, StoreError> {
+    let (lo, hi) = keys::all_threads();
+    // Seek from thread to thread: after a thread's first key (its meta), jump past all of its
+    // keys instead of walking its messages.
+    let mut lower = match after {
+        Some(t) => keys::thread_end(t),
+        None => lo,
+    };
+    let mut items = Vec::new();
+    loop {
+        let next = {
+            let mut it = db.range(
+                txn,
+                &(
+                    Bound::Included(lower.as_slice()),
+                    Bound::Excluded(hi.as_slice()),
+                ),
+            )?;
+            match it.next() {
+                None => None,
+                Some(r) => {
+                    let (k, v) = r?;
+                    Some((k.to_vec(), keys::parse_meta(k).map(|_| v.to_vec())))
+                }
+            }
+        };
+        let Some((k, meta)) = next else {
+            return Ok(Page { items, more: false });
+        };
+        match keys::parse_thread_of(&k) {
+            Some(tid) => lower = keys::thread_end(&tid),
+            None => {
+                // Not a key this server writes; step over it.
+                lower = k;
+                lower.push(0);
+                continue;
+            }
+        }
+        if let Some(v) = meta {
+            if items.len() == limit {
+                return Ok(Page { items, more: true });
+            }
+            match parse_thread(&k, &v) {
+                Ok(t) => items.push(t),
+                Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
+            }
+        }
+    }
+}
+
+fn list_author_threads(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    user: &UserId,
+    after: Option<&ThreadId>,
+    limit: usize,
+) -> Result<Page<ThreadRecord>, StoreError> {
+    let (lo, hi) = keys::author_index_bounds(user);
+    let start = after.map(|t| keys::author_index(user, t));
+    let lower = match &start {
+        Some(s) => Bound::Excluded(s.as_slice()),
+        None => Bound::Included(lo.as_slice()),
+    };
+    let mut items = Vec::new();
+    for r in db.range(txn, &(lower, Bound::Excluded(hi.as_slice())))? {
+        let (k, _) = r?;
+        let Some(tid) = keys::parse_author_index(&lo, k) else {
+            continue;
+        };
+        let mk = keys::meta(&tid);
+        let Some(v) = db.get(txn, &mk)? else {
+            continue;
+        };
+        if items.len() == limit {
+            return Ok(Page { items, more: true });
+        }
+        match parse_thread(&mk, v) {
+            Ok(t) => items.push(t),
+            Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
+        }
+    }
+    Ok(Page { items, more: false })
+}
+
+fn list_messages(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    thread: &ThreadId,
+    order: Order,
+    after: Option<MessageId>,
+    limit: usize,
+) -> Result<Page<StoredMessage>, StoreError> {
+    let prefix = keys::msg_prefix(thread);
+    let end = keys::msg_end(thread);
+    let cursor = after.map(|a| keys::msg(thread, a));
+    let mut items = Vec::with_capacity(limit.min(1024));
+    let mut push = |k: &[u8], v: &[u8]| -> bool {
+        let Some(id) = keys::parse_msg(&prefix, k) else {
+            return true;
+        };
+        if items.len() == limit {
+            return false;
+        }
+        items.push(StoredMessage {
+            id,
+            record: serde_json::from_slice(v).map_err(|e| e.to_string()),
+        });
+        true
+    };
+    let mut more = false;
+    match order {
+        Order::Asc => {
+            let lower = match &cursor {
+                Some(c) => Bound::Excluded(c.as_slice()),
+                None => Bound::Included(prefix.as_slice()),
+            };
+            for r in db.range(txn, &(lower, Bound::Excluded(end.as_slice())))? {
+                let (k, v) = r?;
+                if !push(k, v) {
+                    more = true;
+                    break;
+                }
+            }
+        }
+        Order::Desc => {
+            let upper = match &cursor {
+                Some(c) => Bound::Excluded(c.as_slice()),
+                None => Bound::Excluded(end.as_slice()),
+            };
+            for r in db.rev_range(txn, &(Bound::Included(prefix.as_slice()), upper))? {
+                let (k, v) = r?;
+                if !push(k, v) {
+                    more = true;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Page { items, more })
+}

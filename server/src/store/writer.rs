@@ -1,0 +1,473 @@
+//! The single LMDB writer thread and its write operations.
+//!
+//! Each [`WriteOp`] validates before it writes: a logical failure (thread not found, key
+//! exists) is returned to its caller and leaves the shared transaction untouched, so other
+//! writes of the same group commit are unaffected. An LMDB failure aborts the whole group;
+//! every caller of that group gets the error and nothing of it was written.
+
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Instant;
+
+use heed::RwTxn;
+use kms_api::ThreadId;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{keys, records, Db, Shared, StoreError};
+use crate::ids::{MessageId, Timestamp};
+use crate::metrics::StoreMetrics;
+use crate::provider::ThreadKey;
+use records::{Content, MessageRecord, ThreadRecord};
+
+/// One write. `apply` runs inside the writer's shared transaction and may run more than once
+/// (a group is retried after the map grew), so it must depend only on `self` and the txn.
+pub trait WriteOp: Send + 'static {
+    type Out: Send + 'static;
+
+    /// Returns `Ok(Err(_))` for a logical failure, having written nothing; `Err(_)` for an
+    /// LMDB failure, which aborts the group.
+    ///
+    /// # Errors
+    /// [`heed::Error`] from LMDB.
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<Self::Out, StoreError>>;
+}
+
+/// A queued op with its reply channel, type-erased for the queue.
+pub(crate) trait Job: Send {
+    fn apply(&mut self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<()>;
+    /// Answers the caller: the op's own result if the commit succeeded, else the commit error.
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>);
+}
+
+struct Pending<O: WriteOp> {
+    op: O,
+    result: Option<Result<O::Out, StoreError>>,
+    reply: oneshot::Sender<Result<O::Out, StoreError>>,
+}
+
+pub(crate) fn pending<O: WriteOp>(
+    op: O,
+    reply: oneshot::Sender<Result<O::Out, StoreError>>,
+) -> Box<dyn Job> {
+    Box::new(Pending {
+        op,
+        result: None,
+        reply,
+    })
+}
+
+impl<O: WriteOp> Job for Pending<O> {
+    fn apply(&mut self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<()> {
+        self.result = Some(self.op.apply(db, txn)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+        let answer = match (commit, self.result) {
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(StoreError::Lmdb("write was not applied".into())),
+            (Err(e), _) => Err(e),
+        };
+        // The caller may have gone away (client disconnected): the write stands regardless.
+        let _ = self.reply.send(answer);
+    }
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Box<dyn Job>>,
+    max_batch: usize,
+    max_map_size: usize,
+    metrics: StoreMetrics,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Box<dyn Job>>,
+        max_batch: usize,
+        max_map_size: usize,
+        metrics: StoreMetrics,
+    ) -> Self {
+        Self {
+            shared,
+            rx,
+            max_batch,
+            max_map_size,
+            metrics,
+        }
+    }
+
+    /// Runs until every sender is gone and the queue is drained.
+    pub(crate) fn run(mut self) {
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            let started = Instant::now();
+            let n = jobs.len();
+            match self.commit(&mut jobs) {
+                Ok(()) => {
+                    self.metrics.commits.inc();
+                    self.metrics.commit_ops.observe(n as f64);
+                    self.metrics
+                        .commit_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    for j in jobs {
+                        j.finish(Ok(()));
+                    }
+                }
+                Err(StoreError::Full) if n > 1 => {
+                    // At the size limit: give each write its own chance, so one large write
+                    // does not fail small ones that still fit.
+                    for mut j in jobs {
+                        let r = self.commit(std::slice::from_mut(&mut j));
+                        if r.is_ok() {
+                            self.metrics.commits.inc();
+                            self.metrics.commit_ops.observe(1.0);
+                        } else {
+                            self.metrics.write_errors.inc();
+                        }
+                        j.finish(r);
+                    }
+                }
+                Err(e) => {
+                    self.metrics.write_errors.inc();
+                    tracing::error!(error = %e, writes = n, "group commit failed");
+                    for j in jobs {
+                        j.finish(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        tracing::debug!("LMDB writer stopped");
+    }
+
+    /// Applies and commits `jobs` in one transaction, growing the map on `MDB_MAP_FULL`.
+    fn commit(&self, jobs: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+        loop {
+            match self.try_commit(jobs) {
+                Ok(()) => return Ok(()),
+                Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                    if !self.grow()? {
+                        tracing::warn!(
+                            max_bytes = self.max_map_size,
+                            "LMDB map is full at store.max_map_size_mb"
+                        );
+                        return Err(StoreError::Full);
+                    }
+                }
+                Err(e) => return Err(StoreError::Lmdb(e.to_string())),
+            }
+        }
+    }
+
+    fn try_commit(&self, jobs: &mut [Box<dyn Job>]) -> heed::Result<()> {
+        let mut txn = self.shared.env.write_txn()?;
+        for j in jobs.iter_mut() {
+            j.apply(&self.shared.db, &mut txn)?;
+        }
+        // On error, `txn` is dropped here, which aborts it: nothing of the group is written.
+        txn.commit()
+    }
+
+    /// Doubles the map (up to the limit). `Ok(false)` when already at the limit.
+    fn grow(&self) -> Result<bool, StoreError> {
+        const MIB: usize = 1 << 20;
+        let current = self.shared.env.info().map_size;
+        if current >= self.max_map_size {
+            return Ok(false);
+        }
+        let doubled = current.saturating_mul(2).div_ceil(MIB).saturating_mul(MIB);
+        let new_size = doubled.min(self.max_map_size);
+        {
+            let _exclusive = self.shared.gate.write().unwrap_or_else(|p| p.into_inner());
+            #[allow(unsafe_code)]
+            // SAFETY: `mdb_env_set_mapsize` needs no transaction open in this process. This
+            // thread is the only writer and has no transaction open (`try_commit` dropped or
+            // committed it); every read transaction is opened and closed while holding `gate`
+            // shared, and we hold it exclusively. The size is a multiple of 1 MiB, hence of
+            // the page size.
+            unsafe { self.shared.env.resize(new_size) }?;
+        }
+        tracing::info!(from = current, to = new_size, "grew the LMDB map");
+        self.metrics.resizes.inc();
+        self.metrics
+            .map_size_bytes
+            .set(i64::try_from(new_size).unwrap_or(i64::MAX));
+        Ok(true)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(format!("cannot encode record: {e}")))
+}
+
+fn read_thread(
+    db: &Db,
+    txn: &RwTxn<'_>,
+    key: &[u8],
+) -> heed::Result<Option<Result<ThreadRecord, StoreError>>> {
+    Ok(db.get(txn, key)?.map(|v| {
+        serde_json::from_slice::<ThreadRecord>(v)
+            .map_err(|e| StoreError::Corrupt(format!("thread record: {e}")))
+    }))
+}
+
+/// Stores a new thread and its author index entry. Fails with `Conflict` if the id exists.
+#[derive(Debug)]
+pub struct CreateThread {
+    record: ThreadRecord,
+}
+
+impl CreateThread {
+    pub fn new(record: ThreadRecord) -> Self {
+        Self { record }
+    }
+}
+
+impl WriteOp for CreateThread {
+    type Out = ();
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+        let key = keys::meta(&self.record.id);
+        if db.get(txn, &key)?.is_some() {
+            return Ok(Err(StoreError::Conflict("thread id exists")));
+        }
+        let value = match to_json(&self.record) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        db.put(txn, &key, &value)?;
+        db.put(
+            txn,
+            &keys::author_index(&self.record.author, &self.record.id),
+            &[],
+        )?;
+        Ok(Ok(()))
+    }
+}
+
+/// Renames a thread and/or replaces its metadata; returns the new record.
+#[derive(Debug)]
+pub struct PatchThread {
+    pub id: ThreadId,
+    pub title: Option<String>,
+    /// `Some(None)` removes the metadata.
+    pub metadata: Option<Option<Value>>,
+    pub now: Timestamp,
+}
+
+impl WriteOp for PatchThread {
+    type Out = ThreadRecord;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<ThreadRecord, StoreError>> {
+        let key = keys::meta(&self.id);
+        let mut rec = match read_thread(db, txn, &key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
+        };
+        if let Some(t) = &self.title {
+            rec.title.clone_from(t);
+        }
+        if let Some(m) = &self.metadata {
+            rec.metadata.clone_from(m);
+        }
+        rec.updated_at = self.now.max(rec.updated_at);
+        let value = match to_json(&rec) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        db.put(txn, &key, &value)?;
+        Ok(Ok(rec))
+    }
+}
+
+/// Gives a thread created without encryption its DEK, unless it has one already; returns
+/// the record (with whichever key it ends up with).
+#[derive(Debug)]
+pub struct SetThreadKeyIfAbsent {
+    pub id: ThreadId,
+    pub key: ThreadKey,
+}
+
+impl WriteOp for SetThreadKeyIfAbsent {
+    type Out = ThreadRecord;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<ThreadRecord, StoreError>> {
+        let key = keys::meta(&self.id);
+        let mut rec = match read_thread(db, txn, &key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
+        };
+        if rec.kms.is_some() {
+            return Ok(Ok(rec));
+        }
+        rec.kms = Some(self.key.clone());
+        let value = match to_json(&rec) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        db.put(txn, &key, &value)?;
+        Ok(Ok(rec))
+    }
+}
+
+/// Deletes a thread: its meta, every message and its index entry, in one transaction.
+/// Returns the deleted record.
+#[derive(Debug)]
+pub struct DeleteThread {
+    pub id: ThreadId,
+}
+
+impl WriteOp for DeleteThread {
+    type Out = ThreadRecord;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<ThreadRecord, StoreError>> {
+        let key = keys::meta(&self.id);
+        let rec = match read_thread(db, txn, &key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
+        };
+        let lo = keys::thread_prefix(&self.id);
+        let hi = keys::thread_end(&self.id);
+        db.delete_range(
+            txn,
+            &(
+                Bound::Included(lo.as_slice()),
+                Bound::Excluded(hi.as_slice()),
+            ),
+        )?;
+        db.delete(txn, &keys::author_index(&rec.author, &self.id))?;
+        Ok(Ok(rec))
+    }
+}
+
+/// Stores a new message of an existing thread. `NotFound` if the thread is gone (so no
+/// message outlives a deleted thread), `Conflict` if the id is taken.
+#[derive(Debug)]
+pub struct PutMessage {
+    thread: ThreadId,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl PutMessage {
+    /// # Errors
+    /// [`StoreError::Corrupt`] if the record cannot be encoded.
+    pub fn new(
+        thread: &ThreadId,
+        id: MessageId,
+        record: &MessageRecord,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            thread: thread.clone(),
+            key: keys::msg(thread, id),
+            value: to_json(record)?,
+        })
+    }
+}
+
+impl WriteOp for PutMessage {
+    type Out = ();
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+        if db.get(txn, &keys::meta(&self.thread))?.is_none() {
+            return Ok(Err(StoreError::NotFound));
+        }
+        if db.get(txn, &self.key)?.is_some() {
+            return Ok(Err(StoreError::Conflict("message id exists")));
+        }
+        db.put(txn, &self.key, &self.value)?;
+        Ok(Ok(()))
+    }
+}
+
+/// Replaces a message's content (keeps author and creation time); returns the new record.
+#[derive(Debug)]
+pub struct UpdateMessage {
+    pub thread: ThreadId,
+    pub id: MessageId,
+    pub content: Content,
+    pub now: Timestamp,
+}
+
+impl WriteOp for UpdateMessage {
+    type Out = MessageRecord;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<MessageRecord, StoreError>> {
+        let key = keys::msg(&self.thread, self.id);
+        let mut rec: MessageRecord = match db.get(txn, &key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(v) => match serde_json::from_slice(v) {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(StoreError::Corrupt(format!("message record: {e}")))),
+            },
+        };
+        rec.content = self.content.clone();
+        rec.updated_at = self.now.max(rec.updated_at);
+        let value = match to_json(&rec) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        db.put(txn, &key, &value)?;
+        Ok(Ok(rec))
+    }
+}
+
+/// Deletes one message; returns its record (`None` if it did not parse).
+#[derive(Debug)]
+pub struct DeleteMessage {
+    pub thread: ThreadId,
+    pub id: MessageId,
+}
+
+impl WriteOp for DeleteMessage {
+    type Out = Option<MessageRecord>;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<Option<MessageRecord>, StoreError>> {
+        let key = keys::msg(&self.thread, self.id);
+        let rec = match db.get(txn, &key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(v) => serde_json::from_slice::<MessageRecord>(v).ok(),
+        };
+        db.delete(txn, &key)?;
+        Ok(Ok(rec))
+    }
+}
+
+/// Writes raw bytes under a raw key: for operator tools and tests only.
+#[derive(Debug)]
+pub struct RawPut {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+impl WriteOp for RawPut {
+    type Out = ();
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+        db.put(txn, &self.key, &self.value)?;
+        Ok(Ok(()))
+    }
+}

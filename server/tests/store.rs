@@ -1,0 +1,212 @@
+//! The LMDB store on its own: group commit, durability across reopen, map growth and the
+//! full-map error, and thread key-prefix isolation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use kms_api::ThreadId;
+use progressdb::ids::{MessageId, Timestamp, UserId};
+use progressdb::metrics::StoreMetrics;
+use progressdb::store::{
+    Content, CreateThread, DeleteThread, MessageRecord, Order, PutMessage, Store, StoreError,
+    StoreOptions, ThreadFilter, ThreadRecord,
+};
+
+fn thread(id: &str, author: &str) -> ThreadRecord {
+    ThreadRecord {
+        id: ThreadId::parse(id).unwrap(),
+        title: format!("title of {id}"),
+        author: UserId::parse(author).unwrap(),
+        created_at: Timestamp::from_nanos(1),
+        updated_at: Timestamp::from_nanos(1),
+        metadata: None,
+        kms: None,
+    }
+}
+
+fn message(n: u64, pad: usize) -> (MessageId, MessageRecord) {
+    let id = MessageId::new(Timestamp::from_nanos(1_000 + n), 0).unwrap();
+    let rec = MessageRecord {
+        author: UserId::parse("u").unwrap(),
+        created_at: id.timestamp(),
+        updated_at: id.timestamp(),
+        content: Content::Plain(serde_json::json!({"n": n, "pad": "x".repeat(pad)})),
+    };
+    (id, rec)
+}
+
+async fn open(dir: &std::path::Path, map_mb: u64, max_mb: u64) -> (Store, StoreMetrics) {
+    let opts = StoreOptions::new(dir, map_mb, max_mb);
+    let m = StoreMetrics::default();
+    let m2 = m.clone();
+    let s = tokio::task::spawn_blocking(move || Store::open(&opts, m2))
+        .await
+        .unwrap()
+        .unwrap();
+    (s, m)
+}
+
+async fn close(s: Store) {
+    tokio::task::spawn_blocking(move || drop(s)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_group_committed_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, metrics) = open(dir.path(), 8, 64).await;
+    let t = ThreadId::parse("t1").unwrap();
+    s.write(CreateThread::new(thread("t1", "u"))).await.unwrap();
+    let n = 400u64;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (s, t) = (s.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            let (id, rec) = message(i, 10);
+            s.write(PutMessage::new(&t, id, &rec).unwrap()).await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let commits = metrics.commits.get();
+    assert!(commits < n + 1, "{commits} commits for {} writes", n + 1);
+    // A second write of the same id is a conflict, and leaves the first intact.
+    let (id, rec) = message(0, 10);
+    assert_eq!(
+        s.write(PutMessage::new(&t, id, &rec).unwrap()).await,
+        Err(StoreError::Conflict("message id exists"))
+    );
+    // No message without its thread.
+    let other = ThreadId::parse("ghost").unwrap();
+    assert_eq!(
+        s.write(PutMessage::new(&other, id, &rec).unwrap()).await,
+        Err(StoreError::NotFound)
+    );
+    close(s).await;
+
+    let (s, _) = open(dir.path(), 8, 64).await;
+    let page = s.list_messages(&t, Order::Asc, None, 1000).await.unwrap();
+    assert_eq!(page.items.len(), n as usize);
+    assert!(!page.more);
+    let ids: Vec<MessageId> = page.items.iter().map(|m| m.id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    let page = s
+        .list_messages(&t, Order::Desc, Some(ids[10]), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.items.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[9], ids[8], ids[7]]
+    );
+    assert!(page.more);
+    close(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_map_grows_then_refuses_without_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, metrics) = open(dir.path(), 1, 4).await;
+    let t = ThreadId::parse("t").unwrap();
+    s.write(CreateThread::new(thread("t", "u"))).await.unwrap();
+    let mut stored = 0u64;
+    let full = loop {
+        let (id, rec) = message(stored, 100_000);
+        match s.write(PutMessage::new(&t, id, &rec).unwrap()).await {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 1000, "never full");
+    };
+    assert_eq!(full, StoreError::Full);
+    assert!(metrics.resizes.get() >= 2, "the map did not grow");
+    assert_eq!(s.map_size(), 4 << 20);
+    // Small writes still fit; everything stored is intact.
+    let (id, rec) = message(10_000, 1);
+    s.write(PutMessage::new(&t, id, &rec).unwrap())
+        .await
+        .unwrap();
+    let page = s.list_messages(&t, Order::Asc, None, 1000).await.unwrap();
+    assert_eq!(page.items.len() as u64, stored + 1);
+    assert!(page.items.iter().all(|m| m.record.is_ok()));
+    close(s).await;
+
+    // Reopened with a larger limit, it takes more.
+    let (s, _) = open(dir.path(), 1, 16).await;
+    let (id, rec) = message(20_000, 100_000);
+    s.write(PutMessage::new(&t, id, &rec).unwrap())
+        .await
+        .unwrap();
+    close(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_prefix_never_matches_another_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), 8, 8).await;
+    let names = ["ab", "abc", "ab-", "a", "ab_"];
+    for (i, name) in names.iter().enumerate() {
+        let t = ThreadId::parse(name).unwrap();
+        s.write(CreateThread::new(thread(
+            name,
+            if i % 2 == 0 { "x" } else { "y" },
+        )))
+        .await
+        .unwrap();
+        for j in 0..=i as u64 {
+            let (id, rec) = message(j, 1);
+            s.write(PutMessage::new(&t, id, &rec).unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        let t = ThreadId::parse(name).unwrap();
+        let page = s.list_messages(&t, Order::Asc, None, 100).await.unwrap();
+        assert_eq!(page.items.len(), i + 1, "{name}");
+        let page = s.list_messages(&t, Order::Desc, None, 100).await.unwrap();
+        assert_eq!(page.items.len(), i + 1, "{name}");
+    }
+    let all = s.list_threads(ThreadFilter::All, None, 100).await.unwrap();
+    assert_eq!(all.items.len(), names.len());
+    let xs = s
+        .list_threads(ThreadFilter::Author(UserId::parse("x").unwrap()), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(xs.items.len(), 3);
+    // Paging through all threads one at a time visits each exactly once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let p = s
+            .list_threads(ThreadFilter::All, after.clone(), 1)
+            .await
+            .unwrap();
+        seen.extend(p.items.iter().map(|t| t.id.to_string()));
+        if !p.more {
+            break;
+        }
+        after = p.items.last().map(|t| t.id.clone());
+    }
+    let mut expect: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    expect.sort();
+    seen.sort();
+    assert_eq!(seen, expect);
+
+    s.write(DeleteThread {
+        id: ThreadId::parse("ab").unwrap(),
+    })
+    .await
+    .unwrap();
+    for (i, name) in names.iter().enumerate().skip(1) {
+        let t = ThreadId::parse(name).unwrap();
+        let page = s.list_messages(&t, Order::Asc, None, 100).await.unwrap();
+        assert_eq!(page.items.len(), i + 1, "{name} lost messages");
+        assert!(s.get_thread(&t).await.unwrap().is_some());
+    }
+    assert!(s
+        .get_thread(&ThreadId::parse("ab").unwrap())
+        .await
+        .unwrap()
+        .is_none());
+    close(s).await;
+}
