@@ -32,10 +32,15 @@ cargo build --locked -p progressdb --bins --features dev-embedded
 cp target/debug/progressdb target/e2e/progressdb-dev
 export E2E_BIN_DIR="$PWD/target/e2e"
 
+RESULTS=$(mktemp)
+trap 'rm -f "$RESULTS"' EXIT
+
 log "cargo test --workspace (default features)"
-cargo test --workspace --locked
+cargo test --workspace --locked 2>&1 | tee -a "$RESULTS"
 
 log "cargo test -p progressdb --features dev-embedded"
-cargo test -p progressdb --features dev-embedded --locked
+cargo test -p progressdb --features dev-embedded --locked 2>&1 | tee -a "$RESULTS"
 
-log "all checks and tests passed"
+# One closing line for the whole run (cargo's last line is a doc-test summary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\n==> all checks and tests passed\ntests: %d passed, %d failed\n", p, f }' "$RESULTS"

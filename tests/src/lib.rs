@@ -5,7 +5,11 @@
 //! says what to install or build. The binaries are taken from `E2E_BIN_DIR` (set by
 //! `scripts/test.sh`, which builds both server flavours) or from `target/e2e/`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 
 use std::fs;
 use std::io::Write as _;
@@ -334,7 +338,12 @@ pub struct Kms {
 }
 
 /// Writes the KMS config for `root` and runs `init-kek` (twice: it must be idempotent).
-pub fn kms_config(root: &Path, hsm: &SoftHsm, listen: KmsListen, certs: Option<&Certs>) -> (PathBuf, String) {
+pub fn kms_config(
+    root: &Path,
+    hsm: &SoftHsm,
+    listen: KmsListen,
+    certs: Option<&Certs>,
+) -> (PathBuf, String) {
     let dir = root.join("kms");
     fs::create_dir_all(dir.join("store")).unwrap();
     let (listen_toml, endpoint) = match listen {
@@ -393,7 +402,11 @@ impl Kms {
     pub fn start(root: &Path, hsm: &SoftHsm, listen: KmsListen, certs: Option<&Certs>) -> Self {
         let (config, endpoint) = kms_config(root, hsm, listen, certs);
         let mut k = Kms {
-            proc: Proc::spawn("progressdb-kms", Command::new("true"), &root.join("kms.log")),
+            proc: Proc::spawn(
+                "progressdb-kms",
+                Command::new("true"),
+                &root.join("kms.log"),
+            ),
             config,
             endpoint,
             listen,
@@ -429,7 +442,11 @@ impl Kms {
             if up {
                 return;
             }
-            assert!(Instant::now() < deadline, "KMS did not listen within 30 s:\n{}", self.proc.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "KMS did not listen within 30 s:\n{}",
+                self.proc.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -439,7 +456,10 @@ impl Kms {
 #[derive(Clone, Debug)]
 pub enum Provider {
     /// `kms.mode = "external"` against `endpoint`; TLS files when it is https.
-    External { endpoint: String, tls: Option<(PathBuf, PathBuf, PathBuf)> },
+    External {
+        endpoint: String,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    },
     /// `kms.mode = "embedded"` with a master key file (dev builds only).
     Embedded { master_key_file: PathBuf },
 }
@@ -483,7 +503,12 @@ pub struct Server {
 }
 
 /// Writes a server config under `root/server/` and returns its path.
-pub fn server_config(root: &Path, provider: &Provider, encryption: bool, port: u16) -> (PathBuf, Keys, PathBuf) {
+pub fn server_config(
+    root: &Path,
+    provider: &Provider,
+    encryption: bool,
+    port: u16,
+) -> (PathBuf, Keys, PathBuf) {
     let dir = root.join("server");
     let store = dir.join("store");
     fs::create_dir_all(&store).unwrap();
@@ -565,7 +590,11 @@ impl Server {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "server did not answer /healthz within 30 s:\n{}", self.proc.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server did not answer /healthz within 30 s:\n{}",
+                self.proc.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -646,7 +675,11 @@ impl Api {
     }
 
     pub fn create_thread(&self, title: &str) -> Value {
-        let (s, v) = self.call("POST", "/v1/threads", Some(serde_json::json!({ "title": title })));
+        let (s, v) = self.call(
+            "POST",
+            "/v1/threads",
+            Some(serde_json::json!({ "title": title })),
+        );
         assert_eq!(s, 201, "create thread: {v}");
         v
     }
@@ -736,10 +769,15 @@ pub fn functional_flow(server: &Server, encrypted: bool) -> FlowOutcome {
     let tid = t["id"].as_str().expect("thread id").to_owned();
     assert_eq!(t["title"], "e2e thread");
     assert_eq!(t["author"], "alice");
-    assert!(t.get("kms").is_none() || t["kms"].is_null(), "frontend must not see kms: {t}");
+    assert!(
+        t.get("kms").is_none() || t["kms"].is_null(),
+        "frontend must not see kms: {t}"
+    );
 
     let run = random_hex(6);
-    let markers: Vec<String> = (0..5).map(|i| format!("PLAINTEXT-MARKER-{run}-{i}")).collect();
+    let markers: Vec<String> = (0..5)
+        .map(|i| format!("PLAINTEXT-MARKER-{run}-{i}"))
+        .collect();
     let mut ids = Vec::new();
     for m in &markers {
         let v = alice.post_message(&tid, json!({ "text": m, "n": 1 }));
@@ -754,31 +792,70 @@ pub fn functional_flow(server: &Server, encrypted: bool) -> FlowOutcome {
 
     // Read back, oldest first and newest first.
     let all = alice.all_messages(&tid);
-    let texts: Vec<&str> = all.iter().map(|m| m["body"]["text"].as_str().unwrap()).collect();
-    assert_eq!(texts, markers.iter().map(String::as_str).collect::<Vec<_>>());
-    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages?order=desc&limit=2"), None);
+    let texts: Vec<&str> = all
+        .iter()
+        .map(|m| m["body"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        markers.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let (s, v) = alice.call(
+        "GET",
+        &format!("/v1/threads/{tid}/messages?order=desc&limit=2"),
+        None,
+    );
     assert_eq!(s, 200, "{v}");
-    let page: Vec<&str> = v["messages"].as_array().unwrap().iter().map(|m| m["body"]["text"].as_str().unwrap()).collect();
+    let page: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"]["text"].as_str().unwrap())
+        .collect();
     assert_eq!(page, vec![markers[4].as_str(), markers[3].as_str()]);
     assert!(v["next_cursor"].as_str().is_some_and(|c| !c.is_empty()));
 
     // One message: get, edit, delete.
-    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages/{}", ids[1]), None);
+    let (s, v) = alice.call(
+        "GET",
+        &format!("/v1/threads/{tid}/messages/{}", ids[1]),
+        None,
+    );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["body"]["text"], markers[1].as_str());
     let edited = format!("EDITED-MARKER-{run}");
-    let (s, v) = alice.call("PUT", &format!("/v1/threads/{tid}/messages/{}", ids[1]), Some(json!({ "body": { "text": edited } })));
+    let (s, v) = alice.call(
+        "PUT",
+        &format!("/v1/threads/{tid}/messages/{}", ids[1]),
+        Some(json!({ "body": { "text": edited } })),
+    );
     assert_eq!(s, 200, "{v}");
-    let (_, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages/{}", ids[1]), None);
+    let (_, v) = alice.call(
+        "GET",
+        &format!("/v1/threads/{tid}/messages/{}", ids[1]),
+        None,
+    );
     assert_eq!(v["body"]["text"], edited.as_str());
-    let (s, v) = alice.call("DELETE", &format!("/v1/threads/{tid}/messages/{}", ids[2]), None);
+    let (s, v) = alice.call(
+        "DELETE",
+        &format!("/v1/threads/{tid}/messages/{}", ids[2]),
+        None,
+    );
     assert!(s == 200 || s == 204, "delete message: {s} {v}");
-    let (s, _) = alice.call("GET", &format!("/v1/threads/{tid}/messages/{}", ids[2]), None);
+    let (s, _) = alice.call(
+        "GET",
+        &format!("/v1/threads/{tid}/messages/{}", ids[2]),
+        None,
+    );
     assert_eq!(s, 404);
     assert_eq!(alice.all_messages(&tid).len(), 4);
 
     // Rename; another user sees nothing of it.
-    let (s, v) = alice.call("PATCH", &format!("/v1/threads/{tid}"), Some(json!({ "title": "renamed" })));
+    let (s, v) = alice.call(
+        "PATCH",
+        &format!("/v1/threads/{tid}"),
+        Some(json!({ "title": "renamed" })),
+    );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["title"], "renamed");
     let (s, _) = bob.call("GET", &format!("/v1/threads/{tid}"), None);
@@ -787,14 +864,21 @@ pub fn functional_flow(server: &Server, encrypted: bool) -> FlowOutcome {
     assert!(s == 404 || s == 403, "bob listed alice's messages: {s}");
     let (s, v) = bob.call("GET", "/v1/threads", None);
     assert_eq!(s, 200);
-    assert!(v["threads"].as_array().unwrap().iter().all(|t| t["id"] != tid.as_str()));
+    assert!(v["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["id"] != tid.as_str()));
 
     // Admin sees the KMS metadata.
     let (s, k) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
     let wrapped_dek = if encrypted {
         assert_eq!(s, 200, "{k}");
         assert!(k["key_id"].as_str().unwrap().starts_with("dek_"), "{k}");
-        assert!(k["wrapped_dek"].as_str().is_some_and(|w| w.len() > 40), "{k}");
+        assert!(
+            k["wrapped_dek"].as_str().is_some_and(|w| w.len() > 40),
+            "{k}"
+        );
         assert_eq!(k["kek_version"], 1);
         let (s, _) = alice.call("GET", &format!("/admin/threads/{tid}/kms"), None);
         assert!(s == 401 || s == 403, "frontend reached an admin route: {s}");
@@ -805,13 +889,22 @@ pub fn functional_flow(server: &Server, encrypted: bool) -> FlowOutcome {
 
     let mut all_markers = markers;
     all_markers.push(edited);
-    FlowOutcome { thread_id: tid, markers: all_markers, wrapped_dek }
+    FlowOutcome {
+        thread_id: tid,
+        markers: all_markers,
+        wrapped_dek,
+    }
 }
 
 impl Server {
     /// Status and body of `GET /readyz`.
     pub fn proc_ready_status(&self) -> (u16, Value) {
-        Api { base: self.base.clone(), key: String::new(), user: None, signature: None }
-            .call("GET", "/readyz", None)
+        Api {
+            base: self.base.clone(),
+            key: String::new(),
+            user: None,
+            signature: None,
+        }
+        .call("GET", "/readyz", None)
     }
 }

@@ -14,7 +14,10 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External { endpoint: kms.endpoint.clone(), tls: None };
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
     let server = Server::start(tmp.path(), "progressdb", &provider, true);
     let alice = server.as_role(Role::Frontend, "alice");
     let t = alice.create_thread("before");
@@ -23,13 +26,24 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
 
     assert!(kms.proc.sigterm().success());
 
-    let (s, v) = alice.call("POST", "/v1/threads", Some(json!({ "title": "during outage" })));
+    let (s, v) = alice.call(
+        "POST",
+        "/v1/threads",
+        Some(json!({ "title": "during outage" })),
+    );
     assert_eq!(s, 503, "{v}");
     assert!(v["error"]["code"].is_string(), "{v}");
-    let (s, v) = alice.call("POST", &format!("/v1/threads/{tid}/messages"), Some(json!({ "body": "lost?" })));
+    let (s, v) = alice.call(
+        "POST",
+        &format!("/v1/threads/{tid}/messages"),
+        Some(json!({ "body": "lost?" })),
+    );
     assert_eq!(s, 503, "{v}");
     let body = v.to_string();
-    assert!(!body.contains("kms.sock") && !body.contains("os error"), "5xx body leaks detail: {body}");
+    assert!(
+        !body.contains("kms.sock") && !body.contains("os error"),
+        "5xx body leaks detail: {body}"
+    );
     let (s, _) = server.proc_ready_status();
     assert_eq!(s, 503, "/readyz must say unready while the KMS is down");
 
@@ -41,14 +55,25 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     kms.restart(&hsm);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (s, _) = alice.call("POST", &format!("/v1/threads/{tid}/messages"), Some(json!({ "body": "after" })));
+        let (s, _) = alice.call(
+            "POST",
+            &format!("/v1/threads/{tid}/messages"),
+            Some(json!({ "body": "after" })),
+        );
         if s == 201 {
             break;
         }
-        assert!(Instant::now() < deadline, "server did not recover after the KMS came back");
+        assert!(
+            Instant::now() < deadline,
+            "server did not recover after the KMS came back"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let bodies: Vec<serde_json::Value> = alice.all_messages(&tid).iter().map(|m| m["body"].clone()).collect();
+    let bodies: Vec<serde_json::Value> = alice
+        .all_messages(&tid)
+        .iter()
+        .map(|m| m["body"].clone())
+        .collect();
     assert_eq!(bodies, vec![json!("first"), json!("after")]);
     let (s, _) = server.proc_ready_status();
     assert_eq!(s, 200);
@@ -59,10 +84,16 @@ fn sigkill_under_write_load_loses_no_acknowledged_message() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let _kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External { endpoint: _kms.endpoint.clone(), tls: None };
+    let provider = Provider::External {
+        endpoint: _kms.endpoint.clone(),
+        tls: None,
+    };
     let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
     let alice = server.as_role(Role::Frontend, "alice");
-    let tid = alice.create_thread("load")["id"].as_str().unwrap().to_owned();
+    let tid = alice.create_thread("load")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Writers record every acknowledged message (id -> body).
     let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
@@ -85,7 +116,10 @@ fn sigkill_under_write_load_loses_no_acknowledged_message() {
                 match req.send_json(json!({ "body": text })) {
                     Ok(r) if r.status() == 201 => {
                         let v: serde_json::Value = r.into_json().unwrap();
-                        acked.lock().unwrap().insert(v["id"].as_str().unwrap().to_owned(), text);
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(v["id"].as_str().unwrap().to_owned(), text);
                     }
                     _ => return,
                 }
@@ -99,15 +133,28 @@ fn sigkill_under_write_load_loses_no_acknowledged_message() {
         w.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "the load was too small to mean anything: {}", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the load was too small to mean anything: {}",
+        acked.len()
+    );
 
     server.restart();
     let stored: BTreeMap<String, String> = alice
         .all_messages(&tid)
         .iter()
-        .map(|m| (m["id"].as_str().unwrap().to_owned(), m["body"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["body"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     for (id, text) in &acked {
-        assert_eq!(stored.get(id), Some(text), "acknowledged message {id} lost or changed");
+        assert_eq!(
+            stored.get(id),
+            Some(text),
+            "acknowledged message {id} lost or changed"
+        );
     }
 }

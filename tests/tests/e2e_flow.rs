@@ -4,9 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use base64::Engine as _;
-use e2e::{
-    assert_absent, functional_flow, Certs, Kms, KmsListen, Provider, Server, SoftHsm,
-};
+use e2e::{assert_absent, functional_flow, Certs, Kms, KmsListen, Provider, Server, SoftHsm};
 
 fn secrets_of(out: &e2e::FlowOutcome, hsm: &SoftHsm, server: &Server) -> Vec<Vec<u8>> {
     let mut s: Vec<Vec<u8>> = out.markers.iter().map(|m| m.as_bytes().to_vec()).collect();
@@ -38,13 +36,19 @@ fn unix_socket_kms_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External { endpoint: kms.endpoint.clone(), tls: None };
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
     let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
 
     let out = functional_flow(&server, true);
 
     // Everything survives a restart of both processes.
-    assert!(server.proc.sigterm().success(), "server did not exit cleanly");
+    assert!(
+        server.proc.sigterm().success(),
+        "server did not exit cleanly"
+    );
     assert!(kms.proc.sigterm().success(), "KMS did not exit cleanly");
     kms.restart(&hsm);
     server.restart();
@@ -60,7 +64,11 @@ fn unix_socket_kms_end_to_end() {
     // Deleting the thread shreds its DEK: the thread and its messages are gone.
     let (s, v) = alice.call("DELETE", &format!("/v1/threads/{}", out.thread_id), None);
     assert!(s == 200 || s == 204, "delete thread: {s} {v}");
-    let (s, _) = alice.call("GET", &format!("/v1/threads/{}/messages", out.thread_id), None);
+    let (s, _) = alice.call(
+        "GET",
+        &format!("/v1/threads/{}/messages", out.thread_id),
+        None,
+    );
     assert_eq!(s, 404);
 
     assert!(server.proc.sigterm().success());
@@ -76,7 +84,11 @@ fn mutual_tls_kms_end_to_end() {
     let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Mtls, Some(&certs));
     let provider = Provider::External {
         endpoint: kms.endpoint.clone(),
-        tls: Some((certs.ca.clone(), certs.client_cert.clone(), certs.client_key.clone())),
+        tls: Some((
+            certs.ca.clone(),
+            certs.client_cert.clone(),
+            certs.client_key.clone(),
+        )),
     };
     let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
     let out = functional_flow(&server, true);
@@ -86,16 +98,31 @@ fn mutual_tls_kms_end_to_end() {
     let tmp2 = tempfile::tempdir().unwrap();
     let bad = Provider::External {
         endpoint: kms.endpoint.clone(),
-        tls: Some((certs.ca.clone(), certs.other_client_cert.clone(), certs.other_client_key.clone())),
+        tls: Some((
+            certs.ca.clone(),
+            certs.other_client_cert.clone(),
+            certs.other_client_key.clone(),
+        )),
     };
     let intruder = Server::start(tmp2.path(), "progressdb", &bad, true);
+    let (s, v) = intruder.as_role(e2e::Role::Frontend, "mallory").call(
+        "POST",
+        "/v1/threads",
+        Some(serde_json::json!({ "title": "x" })),
+    );
+    assert_eq!(
+        s, 503,
+        "a server with a foreign client certificate created a thread: {v}"
+    );
     let (s, v) = intruder
         .as_role(e2e::Role::Frontend, "mallory")
-        .call("POST", "/v1/threads", Some(serde_json::json!({ "title": "x" })));
-    assert_eq!(s, 503, "a server with a foreign client certificate created a thread: {v}");
-    let (s, v) = intruder.as_role(e2e::Role::Frontend, "mallory").call("GET", "/v1/threads", None);
+        .call("GET", "/v1/threads", None);
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["threads"].as_array().unwrap().len(), 0, "nothing may be stored: {v}");
+    assert_eq!(
+        v["threads"].as_array().unwrap().len(),
+        0,
+        "nothing may be stored: {v}"
+    );
     drop(intruder);
 
     assert!(kms.proc.sigterm().success());
@@ -107,7 +134,9 @@ fn embedded_provider_passes_the_same_flow() {
     let tmp = tempfile::tempdir().unwrap();
     let key_file = tmp.path().join("master.key");
     e2e::write_secret(&key_file, e2e::random_hex(32).as_bytes());
-    let provider = Provider::Embedded { master_key_file: key_file };
+    let provider = Provider::Embedded {
+        master_key_file: key_file,
+    };
     let mut server = Server::start(tmp.path(), "progressdb-dev", &provider, true);
     let out = functional_flow(&server, true);
     let markers: Vec<&[u8]> = out.markers.iter().map(|m| m.as_bytes()).collect();
@@ -121,13 +150,19 @@ fn plaintext_mode_passes_the_same_flow() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External { endpoint: kms.endpoint.clone(), tls: None };
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
     let server = Server::start(tmp.path(), "progressdb", &provider, false);
     let out = functional_flow(&server, false);
     // Stored in plain form (and marked so a later job can encrypt it).
     let bytes = server.store_bytes();
     let m = out.markers[0].as_bytes();
-    assert!(bytes.windows(m.len()).any(|w| w == m), "plain mode should store content as is");
+    assert!(
+        bytes.windows(m.len()).any(|w| w == m),
+        "plain mode should store content as is"
+    );
 }
 
 #[test]
@@ -135,7 +170,9 @@ fn release_build_refuses_embedded_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let key_file = tmp.path().join("master.key");
     e2e::write_secret(&key_file, e2e::random_hex(32).as_bytes());
-    let provider = Provider::Embedded { master_key_file: key_file };
+    let provider = Provider::Embedded {
+        master_key_file: key_file,
+    };
     let (config, _, _) = e2e::server_config(tmp.path(), &provider, true, e2e::free_port());
     let out = std::process::Command::new(e2e::bin("progressdb"))
         .arg("serve")
@@ -143,7 +180,17 @@ fn release_build_refuses_embedded_mode() {
         .arg(&config)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a default build accepted kms.mode = embedded");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("dev-embedded"), "the refusal must say how to build for dev: {text}");
+    assert!(
+        !out.status.success(),
+        "a default build accepted kms.mode = embedded"
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("dev-embedded"),
+        "the refusal must say how to build for dev: {text}"
+    );
 }

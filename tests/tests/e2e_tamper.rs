@@ -1,0 +1,83 @@
+//! Stored ciphertext is bound to its place: with the real KMS and SoftHSM, a message value
+//! copied onto another message or into another thread is reported unreadable, never served as
+//! the wrong content.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb::metrics::StoreMetrics;
+use progressdb::store::{RawPut, Store, StoreOptions};
+use serde_json::json;
+
+/// Opens the (stopped) server's LMDB store in this process, applies `f`, closes it.
+fn with_store(server: &Server, f: impl FnOnce(&Store, &tokio::runtime::Runtime)) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Store::open(
+        &StoreOptions::new(&server.store, 64, 1024),
+        StoreMetrics::default(),
+    )
+    .unwrap();
+    f(&store, &rt);
+    drop(store);
+}
+
+#[test]
+fn moved_ciphertext_is_refused_with_the_real_kms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let alice = server.as_role(Role::Frontend, "alice");
+    let ta = alice.create_thread("a")["id"].as_str().unwrap().to_owned();
+    let tb = alice.create_thread("b")["id"].as_str().unwrap().to_owned();
+    let id = |v: serde_json::Value| v["id"].as_str().unwrap().to_owned();
+    let a1 = id(alice.post_message(&ta, json!("secret of a1")));
+    let a2 = id(alice.post_message(&ta, json!("secret of a2")));
+    let b1 = id(alice.post_message(&tb, json!("secret of b1")));
+
+    assert!(server.proc.sigterm().success());
+    let key = |t: &str, m: &str| format!("thread:{t}:msg:{m}").into_bytes();
+    with_store(&server, |store, rt| {
+        let v = rt
+            .block_on(store.raw_get(key(&ta, &a1)))
+            .unwrap()
+            .expect("a1 stored");
+        rt.block_on(store.write(RawPut {
+            key: key(&ta, &a2),
+            value: v.clone(),
+        }))
+        .unwrap();
+        rt.block_on(store.write(RawPut {
+            key: key(&tb, &b1),
+            value: v,
+        }))
+        .unwrap();
+    });
+    server.restart();
+
+    for (t, m) in [(&ta, &a2), (&tb, &b1)] {
+        let (s, v) = alice.call("GET", &format!("/v1/threads/{t}/messages/{m}"), None);
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (500, Some("message_unreadable")),
+            "{v}"
+        );
+        assert!(
+            !v.to_string().contains("secret of a1"),
+            "moved content was served: {v}"
+        );
+    }
+    let page = alice.all_messages(&ta);
+    assert_eq!(page[0]["body"], "secret of a1");
+    assert_eq!(page[1]["error"]["code"], "message_unreadable");
+    assert!(page[1].get("body").is_none());
+    drop(kms);
+}
