@@ -29,24 +29,11 @@ say "provisioning the SoftHSM token and KEK (softhsm-setup/setup.sh)"
 PROGRESSDB_KMS_BIN=$KMS_BIN bash softhsm-setup/setup.sh "$DEV/softhsm"
 export SOFTHSM2_CONF=$DEV/softhsm/softhsm2.conf
 
-mkdir -p "$DEV/kms-store" "$DEV/server-store"
-cat > "$DEV/kms.toml" <<TOML
-[listen]
-unix = "$DEV/kms.sock"
-
-[hsm]
-module = "/usr/lib/softhsm/libsofthsm2.so"
-token_label = "${PROGRESSDB_HSM_TOKEN_LABEL:-progressdb}"
-pin_file = "$DEV/softhsm/user-pin"
-kek_label = "${PROGRESSDB_HSM_KEK_LABEL:-progressdb-kek}"
-
-[store]
-path = "$DEV/kms-store"
-
-[cache]
-ttl_secs = 300
-max_entries = 10000
-TOML
+# setup.sh wrote the KMS config for this token (listen.unix, hsm.*, store.path).
+KMS_CONF=$DEV/softhsm/kms.toml
+KMS_SOCK=$(sed -n 's/^unix = "\(.*\)"$/\1/p' "$KMS_CONF")
+[ -n "$KMS_SOCK" ] || { echo "no listen.unix in $KMS_CONF" >&2; exit 1; }
+mkdir -p "$DEV/server-store"
 
 KEYS=$DEV/keys.toml
 if [ ! -f "$KEYS" ]; then
@@ -81,7 +68,7 @@ enabled = true
 
 [kms]
 mode = "external"
-endpoint = "unix://$DEV/kms.sock"
+endpoint = "unix://$KMS_SOCK"
 TOML
 
 PIDS=()
@@ -92,10 +79,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 say "starting progressdb-kms (log: .dev/kms.log)"
-"$KMS_BIN" serve --config "$DEV/kms.toml" >>"$DEV/kms.log" 2>&1 &
+"$KMS_BIN" serve --config "$KMS_CONF" >>"$DEV/kms.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 1 100); do [ -S "$DEV/kms.sock" ] && break; sleep 0.1; done
-[ -S "$DEV/kms.sock" ] || { tail -20 "$DEV/kms.log"; echo "KMS did not start" >&2; exit 1; }
+for _ in $(seq 1 100); do [ -S "$KMS_SOCK" ] && break; sleep 0.1; done
+[ -S "$KMS_SOCK" ] || { tail -20 "$DEV/kms.log"; echo "KMS did not start" >&2; exit 1; }
 
 say "starting progressdb on 127.0.0.1:$PORT (log: .dev/server.log)"
 "$SERVER_BIN" serve --config "$DEV/server.toml" >>"$DEV/server.log" 2>&1 &
@@ -139,5 +126,5 @@ if [ "$DEMO_ONLY" = 1 ]; then
   say "demo done; stopping"
   exit 0
 fi
-say "running: API on $BASE, KMS on unix://$DEV/kms.sock. Keys in .dev/keys.toml. Ctrl-C stops."
+say "running: API on $BASE, KMS on unix://$KMS_SOCK. Keys in .dev/keys.toml. Ctrl-C stops."
 wait

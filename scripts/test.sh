@@ -24,13 +24,14 @@ log "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 log "building binaries for the end-to-end tests"
-mkdir -p target/e2e
+TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+mkdir -p "$TARGET_DIR/e2e"
 cargo build --locked -p progressdb-kms -p progressdb --bins
-cp target/debug/progressdb-kms target/e2e/progressdb-kms
-cp target/debug/progressdb target/e2e/progressdb
+cp "$TARGET_DIR/debug/progressdb-kms" "$TARGET_DIR/e2e/progressdb-kms"
+cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb"
 cargo build --locked -p progressdb --bins --features dev-embedded
-cp target/debug/progressdb target/e2e/progressdb-dev
-export E2E_BIN_DIR="$PWD/target/e2e"
+cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb-dev"
+export E2E_BIN_DIR="$TARGET_DIR/e2e"
 
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
@@ -40,6 +41,9 @@ cargo test --workspace --locked 2>&1 | tee -a "$RESULTS"
 
 log "cargo test -p progressdb --features dev-embedded"
 cargo test -p progressdb --features dev-embedded --locked 2>&1 | tee -a "$RESULTS"
+
+log "benchmark smoke run (debug build, --quick: checks the command works; figures mean nothing)"
+cargo run --locked -q -p progressdb-e2e --bin progressdb-bench -- --quick >/dev/null
 
 # One closing line for the whole run (cargo's last line is a doc-test summary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

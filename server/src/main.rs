@@ -72,6 +72,11 @@ fn serve(path: &Path) -> ExitCode {
         Err(e) => return fail(format!("cannot start the runtime: {e}"), 1),
     };
     rt.block_on(async {
+        // Signal handlers first, so a SIGTERM during start-up is a clean stop too.
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => return fail(format!("cannot install signal handlers: {e}"), 1),
+        };
         let server = match Server::build(&cfg).await {
             Ok(s) => s,
             Err(e) => return fail(e, 2),
@@ -80,7 +85,7 @@ fn serve(path: &Path) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(format!("http.listen {}: {e}", cfg.http.listen), 2),
         };
-        match server.run(listener, shutdown_signal()).await {
+        match server.run(listener, shutdown).await {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -90,21 +95,19 @@ fn serve(path: &Path) -> ExitCode {
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now; the returned future completes on either signal
+/// (also one received before it is first polled).
+///
+/// # Errors
+/// When the handlers cannot be installed.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    })
 }
