@@ -120,7 +120,7 @@ fn group_or_world_readable_pin_file_stops_start_up() {
         "{line}"
     );
     assert!(!kms.socket.exists(), "nothing was served");
-    common::assert_clean(out.as_bytes(), &[kms.pin.as_bytes()]);
+    testkit::assert_absent("KMS output", out.as_bytes(), &[kms.pin.as_bytes()]);
     // init-kek refuses it too.
     let out = kms.command(&["init-kek"]).output().unwrap();
     assert!(!out.status.success());
@@ -201,7 +201,7 @@ async fn pin_from_the_environment_and_wrong_pin() {
     let (status, out) = kms.run_serve_expecting_exit();
     assert!(!status.success());
     one_line(&out);
-    common::assert_clean(out.as_bytes(), &[b"00000000-wrong"]);
+    testkit::assert_absent("KMS output", out.as_bytes(), &[b"00000000-wrong"]);
     // The right PIN from the environment works.
     kms.opts.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), kms.pin.clone())];
     kms.spawn();
@@ -232,5 +232,9 @@ fn init_kek_is_idempotent_and_serve_needs_it() {
     assert!(String::from_utf8_lossy(&second.stdout).contains("already present"));
     kms.append_log(&first.stderr);
     kms.append_log(&second.stderr);
-    common::assert_clean(&std::fs::read(&kms.log).unwrap(), &[kms.pin.as_bytes()]);
+    testkit::assert_absent(
+        "KMS log",
+        &std::fs::read(&kms.log).unwrap(),
+        &[kms.pin.as_bytes()],
+    );
 }

@@ -43,7 +43,7 @@ async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
     assert_eq!(c.decrypt_batch(items).await.unwrap().len(), 1);
 
     // No client certificate.
-    let anonymous = kms.client_with(Some(certs.client_tls(None)));
+    let anonymous = kms.client_with(Some(common::client_tls(&certs, None)));
     let r = anonymous.raw(Method::GET, "/healthz", vec![]).await;
     assert!(r.is_err(), "a client without a certificate got {r:?}");
     // A certificate from another CA.

@@ -19,7 +19,6 @@ use std::time::Duration;
 use kms_api::wire::{Bytes64, SecretBytes};
 use kms_api::ThreadId;
 use serde_json::Value;
-use zeroize::Zeroizing;
 
 use crate::api::{DeletedMessageView, ItemError, MessageItem, MessageView};
 use crate::auth::{ApiKeys, Principal, Role};
@@ -330,11 +329,12 @@ impl App {
             Encryption::Disabled => Ok(Content::Plain(body.clone())),
             Encryption::Enabled => {
                 let key = self.thread_key(thread).await?;
+                // Straight into the zeroizing container: no second plaintext copy to forget.
                 let plaintext =
-                    Zeroizing::new(serde_json::to_vec(body).map_err(|_| ApiError::Internal)?);
+                    SecretBytes::new(serde_json::to_vec(body).map_err(|_| ApiError::Internal)?);
                 let item = EncryptItem {
                     key,
-                    plaintext: SecretBytes::new(plaintext.to_vec()),
+                    plaintext,
                     aad: keys::msg(&thread.id, id),
                 };
                 match self.provider()?.encrypt(item).await {

@@ -12,9 +12,6 @@
 )]
 
 use std::fs;
-use std::io::Write as _;
-use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -23,8 +20,7 @@ use hmac::{Hmac, Mac as _};
 use serde_json::Value;
 use sha2::Sha256;
 
-/// Path of the SoftHSM PKCS#11 module on Debian.
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub use testkit::{assert_absent, free_port, random_hex, write_secret, Certs, SOFTHSM_MODULE};
 
 /// Directory holding the binaries under test.
 pub fn bin_dir() -> PathBuf {
@@ -53,38 +49,6 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// Writes `content` to `path` with mode 0600.
-pub fn write_secret(path: &Path, content: &[u8]) {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    f.write_all(content).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-use std::os::unix::fs::OpenOptionsExt as _;
-
-/// A random lowercase hex string of `n` bytes.
-pub fn random_hex(n: usize) -> String {
-    use rand::RngCore as _;
-    let mut b = vec![0u8; n];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A SoftHSM token made for one test, in its own directory and config.
 pub struct SoftHsm {
     pub conf: PathBuf,
@@ -97,140 +61,13 @@ pub struct SoftHsm {
 impl SoftHsm {
     /// Creates `root/softhsm/` with a config, a token directory and an initialised token.
     pub fn new(root: &Path) -> Self {
-        let dir = root.join("softhsm");
-        let tokens = dir.join("tokens");
-        fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let pin = format!("pin{}", random_hex(8));
-        let so_pin = format!("so{}", random_hex(8));
-        let token_label = "progressdb-e2e".to_owned();
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                &token_label,
-                "--pin",
-                &pin,
-                "--so-pin",
-                &so_pin,
-            ])
-            .output()
-            .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pin_file = dir.join("user-pin");
-        write_secret(&pin_file, pin.as_bytes());
+        let t = testkit::softhsm::Token::create(&root.join("softhsm"), "progressdb-e2e");
         Self {
-            conf,
-            pin_file,
-            pin,
-            token_label,
+            conf: t.conf,
+            pin_file: t.pin_file,
+            pin: t.pin,
+            token_label: t.label,
             kek_label: "progressdb-kek".into(),
-        }
-    }
-}
-
-/// TLS material for mutual TLS between the server and the KMS, plus an unrelated CA.
-pub struct Certs {
-    pub ca: PathBuf,
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
-    pub other_client_cert: PathBuf,
-    pub other_client_key: PathBuf,
-    pub other_ca: PathBuf,
-}
-
-fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, name.to_owned());
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let k = rcgen::KeyPair::generate().unwrap();
-    (p.self_signed(&k).unwrap(), k)
-}
-
-fn leaf(
-    sans: &[&str],
-    cn: &str,
-    usage: rcgen::ExtendedKeyUsagePurpose,
-    issuer: &rcgen::Certificate,
-    issuer_key: &rcgen::KeyPair,
-) -> (String, String) {
-    let mut p =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, cn.to_owned());
-    p.extended_key_usages = vec![usage];
-    let k = rcgen::KeyPair::generate().unwrap();
-    let c = p.signed_by(&k, issuer, issuer_key).unwrap();
-    (c.pem(), k.serialize_pem())
-}
-
-impl Certs {
-    pub fn new(root: &Path) -> Self {
-        let dir = root.join("tls");
-        fs::create_dir_all(&dir).unwrap();
-        let (ca_cert, ca_key) = ca("progressdb e2e CA");
-        let (other_ca, other_key) = ca("unrelated CA");
-        let (sc, sk) = leaf(
-            &["localhost", "127.0.0.1"],
-            "progressdb-kms",
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            &ca_cert,
-            &ca_key,
-        );
-        let (cc, ck) = leaf(
-            &["progressdb"],
-            "progressdb",
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            &ca_cert,
-            &ca_key,
-        );
-        let (oc, ok) = leaf(
-            &["intruder"],
-            "intruder",
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            &other_ca,
-            &other_key,
-        );
-        let w = |name: &str, s: &str, secret: bool| {
-            let p = dir.join(name);
-            if secret {
-                write_secret(&p, s.as_bytes());
-            } else {
-                fs::write(&p, s).unwrap();
-            }
-            p
-        };
-        Self {
-            ca: w("ca.pem", &ca_cert.pem(), false),
-            server_cert: w("kms.pem", &sc, false),
-            server_key: w("kms.key", &sk, true),
-            client_cert: w("client.pem", &cc, false),
-            client_key: w("client.key", &ck, true),
-            other_client_cert: w("other-client.pem", &oc, false),
-            other_client_key: w("other-client.key", &ok, true),
-            other_ca: w("other-ca.pem", &other_ca.pem(), false),
         }
     }
 }
@@ -644,10 +481,21 @@ pub struct Api {
 }
 
 impl Api {
-    /// Sends a request; returns the status and the JSON body (`Value::Null` when empty).
-    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = ureq::request(method, &format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(30))
+    /// Sends one request with this caller's headers on `agent` (which carries the timeouts and
+    /// the keep-alive pool); returns the status and the body text of any answer, error
+    /// statuses included.
+    ///
+    /// # Errors
+    /// Transport failures (connection refused, reset, timeout).
+    pub fn send(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), Box<ureq::Transport>> {
+        let mut req = agent
+            .request(method, &format!("{}{path}", self.base))
             .set("Authorization", &format!("Bearer {}", self.key));
         if let Some(u) = &self.user {
             req = req.set("X-User-ID", u);
@@ -662,10 +510,24 @@ impl Api {
         let resp = match res {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
+            Err(ureq::Error::Transport(t)) => return Err(Box::new(t)),
         };
         let status = resp.status();
-        let text = resp.into_string().unwrap_or_default();
+        Ok((status, resp.into_string().unwrap_or_default()))
+    }
+
+    /// Sends a request; returns the status and the JSON body (`Value::Null` when empty).
+    /// Panics on transport failures.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+        let agent = AGENT.get_or_init(|| {
+            ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(30))
+                .build()
+        });
+        let (status, text) = self
+            .send(agent, method, path, body.as_ref())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let v = if text.trim().is_empty() {
             Value::Null
         } else {
@@ -710,39 +572,6 @@ impl Api {
                 Some(c) if !c.is_empty() => cursor = Some(c.to_owned()),
                 _ => return out,
             }
-        }
-    }
-}
-
-/// Asserts that none of `needles` occurs in `hay`, raw, hex or base64 encoded.
-pub fn assert_absent(what: &str, hay: &[u8], needles: &[&[u8]]) {
-    use base64::Engine as _;
-    for n in needles {
-        let mut forms = vec![
-            n.to_vec(),
-            hex::encode(n).into_bytes(),
-            hex::encode_upper(n).into_bytes(),
-        ];
-        // Base64 at each of the three alignments the needle can have inside a longer string:
-        // skip the characters that mix in the prefix and the last, padding-dependent ones.
-        for (offset, skip) in [(0usize, 0usize), (1, 2), (2, 3)] {
-            let mut buf = vec![0u8; offset];
-            buf.extend_from_slice(n);
-            let enc = base64::engine::general_purpose::STANDARD.encode(&buf);
-            let end = enc.len().saturating_sub(4);
-            if end > skip {
-                forms.push(enc.as_bytes()[skip..end].to_vec());
-            }
-        }
-        for f in forms {
-            if f.len() < 6 {
-                continue;
-            }
-            assert!(
-                !hay.windows(f.len()).any(|w| w == f.as_slice()),
-                "{what} contains a secret ({} bytes long form)",
-                f.len()
-            );
         }
     }
 }

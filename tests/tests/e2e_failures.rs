@@ -104,18 +104,17 @@ fn sigkill_under_write_load_loses_no_acknowledged_message() {
         let acked = acked.clone();
         let tid = tid.clone();
         writers.push(std::thread::spawn(move || {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .build();
             let mut i = 0;
             // Bounded: stops at the deadline or when the server is gone.
             while Instant::now() < stop + Duration::from_secs(2) && i < 10_000 {
                 let text = format!("w{w}-m{i}");
-                let req = ureq::post(&format!("{}/v1/threads/{tid}/messages", api.base))
-                    .timeout(Duration::from_secs(5))
-                    .set("Authorization", &format!("Bearer {}", api.key))
-                    .set("X-User-ID", api.user.as_deref().unwrap())
-                    .set("X-User-Signature", api.signature.as_deref().unwrap());
-                match req.send_json(json!({ "body": text })) {
-                    Ok(r) if r.status() == 201 => {
-                        let v: serde_json::Value = r.into_json().unwrap();
+                let path = format!("/v1/threads/{tid}/messages");
+                match api.send(&agent, "POST", &path, Some(&json!({ "body": text }))) {
+                    Ok((201, answer)) => {
+                        let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
                         acked
                             .lock()
                             .unwrap()

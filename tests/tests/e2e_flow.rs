@@ -80,7 +80,7 @@ fn unix_socket_kms_end_to_end() {
 fn mutual_tls_kms_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
-    let certs = Certs::new(tmp.path());
+    let certs = Certs::generate(&tmp.path().join("tls"));
     let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Mtls, Some(&certs));
     let provider = Provider::External {
         endpoint: kms.endpoint.clone(),

@@ -11,7 +11,6 @@
 )]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -19,17 +18,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use kms_api::{Endpoint, KmsClient, KmsClientConfig};
-use rand::RngCore as _;
 
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const KEK_LABEL: &str = "test-kek";
 pub const BIN: &str = env!("CARGO_BIN_EXE_progressdb-kms");
 
-pub fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
+pub use testkit::{free_port, random_hex, Certs};
 
 pub fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
@@ -39,113 +33,19 @@ pub fn unb64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
 
-fn write_secret(path: &Path, data: &[u8]) {
-    fs::write(path, data).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// TLS material made with rcgen: a CA, a server cert for localhost/127.0.0.1, a client cert,
-/// and an unrelated CA with its own client cert.
-#[derive(Debug, Clone)]
-pub struct Certs {
-    pub ca: PathBuf,
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
-    pub other_ca: PathBuf,
-    pub other_client_cert: PathBuf,
-    pub other_client_key: PathBuf,
-}
-
-fn make_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, name.to_owned());
-    (p.self_signed(&key).unwrap(), key)
-}
-
-fn make_leaf(
-    sans: Vec<String>,
-    cn: &str,
-    eku: rcgen::ExtendedKeyUsagePurpose,
-    ca: &(rcgen::Certificate, rcgen::KeyPair),
-) -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(sans).unwrap();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, cn.to_owned());
-    p.extended_key_usages = vec![eku];
-    let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-impl Certs {
-    pub fn generate(dir: &Path) -> Self {
-        let ca = make_ca("progressdb test CA");
-        let other = make_ca("unrelated CA");
-        let (server_cert, server_key) = make_leaf(
-            vec!["localhost".into(), "127.0.0.1".into()],
-            "kms",
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            &ca,
-        );
-        let (client_cert, client_key) = make_leaf(
-            vec!["client".into()],
-            "server",
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            &ca,
-        );
-        let (o_cert, o_key) = make_leaf(
-            vec!["intruder".into()],
-            "intruder",
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            &other,
-        );
-        let c = Certs {
-            ca: dir.join("ca.pem"),
-            server_cert: dir.join("server.pem"),
-            server_key: dir.join("server.key"),
-            client_cert: dir.join("client.pem"),
-            client_key: dir.join("client.key"),
-            other_ca: dir.join("other-ca.pem"),
-            other_client_cert: dir.join("other-client.pem"),
-            other_client_key: dir.join("other-client.key"),
-        };
-        fs::write(&c.ca, ca.0.pem()).unwrap();
-        fs::write(&c.other_ca, other.0.pem()).unwrap();
-        fs::write(&c.server_cert, server_cert).unwrap();
-        write_secret(&c.server_key, server_key.as_bytes());
-        fs::write(&c.client_cert, client_cert).unwrap();
-        write_secret(&c.client_key, client_key.as_bytes());
-        fs::write(&c.other_client_cert, o_cert).unwrap();
-        write_secret(&c.other_client_key, o_key.as_bytes());
-        c
-    }
-
-    /// A client config trusting our CA and presenting `cert`/`key` (or no certificate).
-    pub fn client_tls(&self, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
-        match identity {
-            Some((cert, key)) => {
-                Arc::new(kms_api::tls::client_config(&self.ca, cert, key).unwrap())
-            }
-            None => {
-                let roots = kms_api::tls::load_roots(&self.ca).unwrap();
-                let mut cfg = rustls::ClientConfig::builder_with_provider(kms_api::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .unwrap()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Arc::new(cfg)
-            }
+/// A client config trusting the test CA and presenting `cert`/`key` (or no certificate).
+pub fn client_tls(certs: &Certs, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    match identity {
+        Some((cert, key)) => Arc::new(kms_api::tls::client_config(&certs.ca, cert, key).unwrap()),
+        None => {
+            let roots = kms_api::tls::load_roots(&certs.ca).unwrap();
+            let mut cfg = rustls::ClientConfig::builder_with_provider(kms_api::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(cfg)
         }
     }
 }
@@ -198,14 +98,6 @@ pub struct Kms {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Kms {
     /// Makes the token, PIN file, certs and config; runs `init-kek`. Does not start serving.
     pub fn provision(opts: Options) -> Kms {
@@ -216,33 +108,9 @@ impl Kms {
         // The system temp dir keeps the socket path short (Unix socket paths max ~107 bytes).
         let dir = tempfile::Builder::new().prefix("kms-").tempdir().unwrap();
         let d = dir.path().to_owned();
-        let tokens = d.join("tokens");
-        fs::create_dir_all(&tokens).unwrap();
-        let softhsm_conf = d.join("softhsm2.conf");
-        fs::write(
-            &softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let pin = random_hex(8);
-        let so_pin = random_hex(8);
         let label = format!("t{}", random_hex(4));
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .args(["--init-token", "--free", "--label", &label])
-            .args(["--pin", &pin, "--so-pin", &so_pin])
-            .output()
-            .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pin_file = d.join("pin");
-        write_secret(&pin_file, format!("{pin}\n").as_bytes());
+        let token = testkit::softhsm::Token::create(&d, &label);
+        let (softhsm_conf, pin, pin_file) = (token.conf, token.pin, token.pin_file);
         let certs = opts.tls.then(|| Certs::generate(&d));
         let port = if opts.tls { free_port() } else { 0 };
         let socket = d.join("kms.sock");
@@ -412,7 +280,7 @@ impl Kms {
         let tls = self
             .certs
             .as_ref()
-            .map(|c| c.client_tls(Some((c.client_cert.as_path(), c.client_key.as_path()))));
+            .map(|c| client_tls(c, Some((c.client_cert.as_path(), c.client_key.as_path()))));
         self.client_with(tls)
     }
 
@@ -516,7 +384,7 @@ impl Kms {
         }
         let mut all: Vec<&[u8]> = secrets.to_vec();
         all.push(self.pin.as_bytes());
-        assert_clean(&fs::read(&self.log).unwrap_or_default(), &all);
+        testkit::assert_absent("KMS log", &fs::read(&self.log).unwrap_or_default(), &all);
     }
 
     /// The value of one metric line (`name{labels} value`) from `/metrics`.
@@ -540,49 +408,6 @@ impl Drop for Kms {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-        }
-    }
-}
-
-/// The encodings of `secret` that could show up in a log: raw, hex (both cases), standard and
-/// URL-safe base64 at each of the three byte alignments.
-pub fn encodings(secret: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = vec![
-        secret.to_vec(),
-        hex::encode(secret).into_bytes(),
-        hex::encode_upper(secret).into_bytes(),
-    ];
-    for engine in [
-        base64::engine::general_purpose::STANDARD,
-        base64::engine::general_purpose::URL_SAFE,
-    ] {
-        for k in 0..3usize {
-            let mut buf = vec![0u8; k];
-            buf.extend_from_slice(secret);
-            let enc = engine.encode(&buf).into_bytes();
-            let start = if k == 0 { 0 } else { 4 };
-            let end = enc.len().saturating_sub(4);
-            if end > start + 8 {
-                out.push(enc[start..end].to_vec());
-            }
-        }
-    }
-    out
-}
-
-/// Panics if `log` holds any encoding of any of `secrets`.
-pub fn assert_clean(log: &[u8], secrets: &[&[u8]]) {
-    for s in secrets {
-        assert!(s.len() >= 6, "secret too short to search for");
-        for e in encodings(s) {
-            if let Some(pos) = log.windows(e.len()).position(|w| w == e.as_slice()) {
-                let from = pos.saturating_sub(200);
-                let to = (pos + e.len() + 200).min(log.len());
-                panic!(
-                    "a secret appears in the log at byte {pos}: ...{}...",
-                    String::from_utf8_lossy(&log[from..to])
-                );
-            }
         }
     }
 }

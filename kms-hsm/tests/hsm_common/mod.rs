@@ -7,12 +7,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use kms_api::KekId;
 use progressdb_kms::backend::HsmSettings;
-use rand::RngCore;
 use secrecy::SecretString;
 
 /// The SoftHSM module; `PROGRESSDB_TEST_PKCS11_MODULE` overrides it.
@@ -62,25 +60,8 @@ impl TestHsm {
 
     /// Writes the SoftHSM config with `tokendir` as its token directory.
     pub fn write_conf(&self, tokendir: &Path) {
-        write_conf(&self.conf, tokendir);
+        testkit::softhsm::write_conf(&self.conf, tokendir);
     }
-}
-
-fn write_conf(conf: &Path, tokendir: &Path) {
-    std::fs::write(
-        conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            tokendir.display()
-        ),
-    )
-    .unwrap();
-}
-
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Builds this process's tokens once and sets `SOFTHSM2_CONF`. Call before any PKCS#11 use.
@@ -103,26 +84,16 @@ pub fn hsm() -> &'static TestHsm {
         let tokendir = dir.join("tokens");
         std::fs::create_dir_all(&tokendir).unwrap();
         let conf = dir.join("softhsm2.conf");
-        write_conf(&conf, &tokendir);
+        testkit::softhsm::write_conf(&conf, &tokendir);
         // Before the first C_Initialize of this process, which reads it.
         std::env::set_var("SOFTHSM2_CONF", &conf);
 
         let mut pins = Vec::new();
         for label in TOKENS {
-            let pin = random_hex(8);
-            let so_pin = random_hex(8);
-            let out = Command::new("softhsm2-util")
-                .env("SOFTHSM2_CONF", &conf)
-                .args(["--init-token", "--free", "--label", label])
-                .args(["--pin", &pin, "--so-pin", &so_pin])
-                .output()
-                .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
-            assert!(
-                out.status.success(),
-                "softhsm2-util --init-token {label} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            pins.push(((*label).to_owned(), pin));
+            pins.push((
+                (*label).to_owned(),
+                testkit::softhsm::init_token(&conf, label),
+            ));
         }
         TestHsm {
             dir,

@@ -1107,27 +1107,9 @@ impl ServerRun {
         body: Option<&Value>,
         want: u16,
     ) -> Result<Value> {
-        let mut req = self
-            .agent
-            .request(method, &format!("{}{path}", api.base))
-            .set("Authorization", &format!("Bearer {}", api.key));
-        if let Some(u) = &api.user {
-            req = req.set("X-User-ID", u);
-        }
-        if let Some(s) = &api.signature {
-            req = req.set("X-User-Signature", s);
-        }
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => bail!("{method} {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string()?;
+        let (status, text) = api
+            .send(&self.agent, method, path, body)
+            .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))?;
         if status != want {
             bail!("{method} {path}: status {status}, body {text}");
         }

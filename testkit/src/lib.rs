@@ -1,0 +1,280 @@
+//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: real SoftHSM
+//! tokens in their own directories, TLS material for mutual TLS, and scans of logs and files
+//! for secrets in every encoding they could take.
+//!
+//! Nothing here skips: a missing `softhsm2-util` fails the calling test with a message that
+//! says what to install.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use rand::RngCore as _;
+
+/// Path of the SoftHSM PKCS#11 module on Debian.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A random lowercase hex string of `n` bytes.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `content` to `path`, created with mode 0600 (never readable by others, not even
+/// for a moment).
+pub fn write_secret(path: &Path, content: &[u8]) {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(content).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// SoftHSM tokens made for tests, each set in a directory of its own.
+pub mod softhsm {
+    use super::*;
+    use std::process::Command;
+
+    /// Writes a SoftHSM config whose token directory is `tokendir`.
+    pub fn write_conf(conf: &Path, tokendir: &Path) {
+        fs::write(
+            conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokendir.display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Initialises a token labelled `label` in the first free slot of `conf`; returns its
+    /// random user PIN.
+    pub fn init_token(conf: &Path, label: &str) -> String {
+        let pin = random_hex(8);
+        let so_pin = random_hex(8);
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", conf)
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--pin", &pin, "--so-pin", &so_pin])
+            .output()
+            .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token {label} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pin
+    }
+
+    /// One initialised token with its config and a 0600 user-PIN file.
+    #[derive(Debug, Clone)]
+    pub struct Token {
+        pub conf: PathBuf,
+        pub label: String,
+        pub pin: String,
+        pub pin_file: PathBuf,
+    }
+
+    impl Token {
+        /// Creates `dir/softhsm2.conf`, `dir/tokens/`, a token labelled `label` and
+        /// `dir/user-pin`.
+        pub fn create(dir: &Path, label: &str) -> Self {
+            assert!(
+                Path::new(SOFTHSM_MODULE).exists(),
+                "SoftHSM module {SOFTHSM_MODULE} not found: install softhsm2 (scripts/test.sh does)"
+            );
+            let tokens = dir.join("tokens");
+            fs::create_dir_all(&tokens).unwrap();
+            let conf = dir.join("softhsm2.conf");
+            write_conf(&conf, &tokens);
+            let pin = init_token(&conf, label);
+            let pin_file = dir.join("user-pin");
+            write_secret(&pin_file, format!("{pin}\n").as_bytes());
+            Self {
+                conf,
+                label: label.to_owned(),
+                pin,
+                pin_file,
+            }
+        }
+    }
+}
+
+/// TLS material made with rcgen: a CA, a server certificate for localhost/127.0.0.1, a client
+/// certificate, and an unrelated CA with a client certificate of its own.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca: PathBuf,
+    pub other_client_cert: PathBuf,
+    pub other_client_key: PathBuf,
+}
+
+fn make_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    (p.self_signed(&key).unwrap(), key)
+}
+
+fn make_leaf(
+    sans: &[&str],
+    cn: &str,
+    eku: rcgen::ExtendedKeyUsagePurpose,
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+    let mut p = rcgen::CertificateParams::new(sans).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, cn.to_owned());
+    p.extended_key_usages = vec![eku];
+    let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Certs {
+    /// Writes every file into `dir` (created if missing); private keys are 0600.
+    pub fn generate(dir: &Path) -> Self {
+        fs::create_dir_all(dir).unwrap();
+        let ca = make_ca("progressdb test CA");
+        let other = make_ca("unrelated CA");
+        let (server_cert, server_key) = make_leaf(
+            &["localhost", "127.0.0.1"],
+            "progressdb-kms",
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            &ca,
+        );
+        let (client_cert, client_key) = make_leaf(
+            &["progressdb"],
+            "progressdb",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &ca,
+        );
+        let (o_cert, o_key) = make_leaf(
+            &["intruder"],
+            "intruder",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &other,
+        );
+        let c = Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            other_ca: dir.join("other-ca.pem"),
+            other_client_cert: dir.join("other-client.pem"),
+            other_client_key: dir.join("other-client.key"),
+        };
+        fs::write(&c.ca, ca.0.pem()).unwrap();
+        fs::write(&c.other_ca, other.0.pem()).unwrap();
+        fs::write(&c.server_cert, server_cert).unwrap();
+        write_secret(&c.server_key, server_key.as_bytes());
+        fs::write(&c.client_cert, client_cert).unwrap();
+        write_secret(&c.client_key, client_key.as_bytes());
+        fs::write(&c.other_client_cert, o_cert).unwrap();
+        write_secret(&c.other_client_key, o_key.as_bytes());
+        c
+    }
+}
+
+/// The encodings of `secret` that could show up in a log or a file: raw, hex (both cases),
+/// standard and URL-safe base64 at each of the three byte alignments it can have inside a
+/// longer encoded string (the characters that mix in neighbouring bytes are left out).
+pub fn encodings(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![
+        secret.to_vec(),
+        hex::encode(secret).into_bytes(),
+        hex::encode_upper(secret).into_bytes(),
+    ];
+    for engine in [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+    ] {
+        for k in 0..3usize {
+            let mut buf = vec![0u8; k];
+            buf.extend_from_slice(secret);
+            let enc = engine.encode(&buf).into_bytes();
+            let start = if k == 0 { 0 } else { 4 };
+            let end = enc.len().saturating_sub(4);
+            if end > start + 8 {
+                out.push(enc[start..end].to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Panics if `hay` (named `what` in the message) holds any encoding of any of `secrets`.
+/// The message shows where, with the secret itself blanked out.
+pub fn assert_absent(what: &str, hay: &[u8], secrets: &[&[u8]]) {
+    for s in secrets {
+        assert!(s.len() >= 6, "secret too short to search for");
+        for e in encodings(s) {
+            if let Some(pos) = hay.windows(e.len()).position(|w| w == e.as_slice()) {
+                let from = pos.saturating_sub(120);
+                let to = (pos + e.len() + 120).min(hay.len());
+                panic!(
+                    "{what} holds a secret at byte {pos}: ...{}<secret>{}...",
+                    String::from_utf8_lossy(&hay[from..pos]),
+                    String::from_utf8_lossy(&hay[pos + e.len()..to])
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_secret_in_every_encoding_and_alignment() {
+        let secret = b"pin-0123456789";
+        for prefix in 0..3 {
+            let mut data = vec![b'x'; prefix];
+            data.extend_from_slice(secret);
+            data.extend_from_slice(b"tail");
+            for hay in [
+                base64::engine::general_purpose::STANDARD.encode(&data),
+                base64::engine::general_purpose::URL_SAFE.encode(&data),
+                hex::encode(&data),
+            ] {
+                let r = std::panic::catch_unwind(|| assert_absent("t", hay.as_bytes(), &[secret]));
+                assert!(r.is_err(), "missed the secret in {hay}");
+            }
+        }
+        assert_absent("t", b"nothing to see here at all", &[secret]);
+    }
+}
