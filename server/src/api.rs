@@ -47,10 +47,12 @@ impl fmt::Debug for MessageBody {
     }
 }
 
-/// `POST /v1/sign`
+/// `POST /v1/sign`: `expires_in_secs` asks for the expiring signature form.
 #[derive(Debug, Deserialize)]
 pub struct SignBody {
     pub user_id: String,
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
 }
 
 /// Answer of `POST /v1/sign`. `Debug` does not show the signature (a credential).
@@ -58,6 +60,9 @@ pub struct SignBody {
 pub struct SignView {
     pub user_id: UserId,
     pub signature: String,
+    /// When an expiring signature stops being accepted (RFC 3339); absent for the plain form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 impl fmt::Debug for SignView {
@@ -215,6 +220,7 @@ mod tests {
         let s = SignView {
             user_id: UserId::parse("u").unwrap(),
             signature: "abcdef0123".into(),
+            expires_at: None,
         };
         assert!(!format!("{s:?}").contains("abcdef0123"));
     }

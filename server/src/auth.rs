@@ -5,9 +5,17 @@
 //! * `Authorization: Bearer <key>` selects the [`Role`]. Only SHA-256 digests of the keys are
 //!   kept, and a presented key is compared against **every** configured digest in constant
 //!   time (`subtle`), so timing reveals neither which key matched nor how much of it.
-//! * Frontend requests must carry `X-User-ID` and `X-User-Signature`, the lowercase or
-//!   uppercase hex HMAC-SHA256 of the user id under the signing secret (verified in constant
-//!   time). Backend and admin requests may act for a user with `X-User-ID` alone.
+//! * Frontend requests must carry `X-User-ID` and `X-User-Signature`, verified in constant
+//!   time against every configured signing secret (so a secret can be rotated without
+//!   downtime: list the new one first, keep the old one until its signatures are gone). Two
+//!   forms are accepted:
+//!   * plain: the hex HMAC-SHA256 of the user id (never expires);
+//!   * expiring: `v2.<expires_unix_secs>.<hex HMAC-SHA256 of
+//!     "progressdb-user-sig:v2" 0x00 <user id> 0x00 <expires_unix_secs>>`, refused after the
+//!     expiry time.
+//!
+//!   The first secret signs (`POST /v1/sign`). Backend and admin requests may act for a user
+//!   with `X-User-ID` alone.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -115,7 +123,10 @@ struct KeysFile {
     backend: Vec<String>,
     #[serde(default)]
     frontend: Vec<String>,
-    signing_secret: String,
+    #[serde(default)]
+    signing_secret: Option<String>,
+    #[serde(default)]
+    signing_secrets: Vec<String>,
 }
 
 impl Drop for KeysFile {
@@ -128,7 +139,12 @@ impl Drop for KeysFile {
         {
             k.zeroize();
         }
-        self.signing_secret.zeroize();
+        if let Some(s) = &mut self.signing_secret {
+            s.zeroize();
+        }
+        for s in &mut self.signing_secrets {
+            s.zeroize();
+        }
     }
 }
 
@@ -137,10 +153,25 @@ struct KeyEntry {
     role: Role,
 }
 
-/// The configured keys and signing secret.
+/// The configured keys and signing secrets (the first one signs; all of them verify).
 pub struct ApiKeys {
     entries: Vec<KeyEntry>,
-    signing_secret: Zeroizing<Vec<u8>>,
+    signing_secrets: Vec<Zeroizing<Vec<u8>>>,
+}
+
+/// Domain tag of the expiring signature form.
+const SIG_V2_TAG: &[u8] = b"progressdb-user-sig:v2";
+/// Prefix of an expiring signature in `X-User-Signature`.
+const SIG_V2_PREFIX: &str = "v2.";
+/// Longest lifetime `POST /v1/sign` grants an expiring signature (one year).
+pub const MAX_SIGNATURE_TTL_SECS: u64 = 366 * 24 * 3600;
+
+/// Seconds since the Unix epoch (0 before 1970).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl fmt::Debug for ApiKeys {
@@ -179,8 +210,16 @@ impl ApiKeys {
         let admin: Vec<&str> = file.admin.iter().map(String::as_str).collect();
         let backend: Vec<&str> = file.backend.iter().map(String::as_str).collect();
         let frontend: Vec<&str> = file.frontend.iter().map(String::as_str).collect();
-        Self::from_parts(&admin, &backend, &frontend, file.signing_secret.as_bytes())
-            .map_err(invalid)
+        let secrets: Vec<&[u8]> = match (&file.signing_secret, file.signing_secrets.as_slice()) {
+            (Some(_), [_, ..]) => {
+                return Err(invalid(
+                    "set signing_secret or signing_secrets (a list, newest first), not both".into(),
+                ))
+            }
+            (Some(one), []) => vec![one.as_bytes()],
+            (None, many) => many.iter().map(String::as_bytes).collect(),
+        };
+        Self::with_secrets(&admin, &backend, &frontend, &secrets).map_err(invalid)
     }
 
     /// Builds the key set from its parts.
@@ -194,8 +233,33 @@ impl ApiKeys {
         frontend: &[&str],
         signing_secret: &[u8],
     ) -> Result<Self, String> {
-        if signing_secret.is_empty() {
-            return Err("signing_secret must not be empty".into());
+        Self::with_secrets(admin, backend, frontend, &[signing_secret])
+    }
+
+    /// Like [`ApiKeys::from_parts`] with several signing secrets, newest (the one that signs)
+    /// first.
+    ///
+    /// # Errors
+    /// As [`ApiKeys::from_parts`]; also when no secret is given or one is listed twice.
+    pub fn with_secrets(
+        admin: &[&str],
+        backend: &[&str],
+        frontend: &[&str],
+        signing_secrets: &[&[u8]],
+    ) -> Result<Self, String> {
+        if signing_secrets.is_empty() {
+            return Err("signing_secret (or signing_secrets) is required".into());
+        }
+        for (i, s) in signing_secrets.iter().enumerate() {
+            if s.is_empty() {
+                return Err(format!("signing secret #{} must not be empty", i + 1));
+            }
+            if signing_secrets[..i].contains(s) {
+                return Err(format!(
+                    "signing secret #{} is listed more than once",
+                    i + 1
+                ));
+            }
         }
         let mut entries = Vec::new();
         for (role, keys) in [
@@ -224,7 +288,10 @@ impl ApiKeys {
         }
         Ok(Self {
             entries,
-            signing_secret: Zeroizing::new(signing_secret.to_vec()),
+            signing_secrets: signing_secrets
+                .iter()
+                .map(|s| Zeroizing::new(s.to_vec()))
+                .collect(),
         })
     }
 
@@ -239,27 +306,89 @@ impl ApiKeys {
         Role::from_u8(role)
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
+    fn mac(secret: &[u8]) -> Hmac<Sha256> {
         // Invariant: HMAC accepts keys of any length, so `new_from_slice` never fails.
-        Hmac::<Sha256>::new_from_slice(&self.signing_secret)
+        Hmac::<Sha256>::new_from_slice(secret)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
     }
 
-    /// The signature of `user`: lowercase hex HMAC-SHA256 of its id under the signing secret.
-    pub fn sign(&self, user: &UserId) -> String {
-        let mut m = self.mac();
-        m.update(user.as_str().as_bytes());
-        hex::encode(m.finalize().into_bytes())
+    /// The signing secret: the first configured one. `with_secrets` refuses an empty list.
+    fn signing_secret(&self) -> &[u8] {
+        self.signing_secrets.first().map_or(&[], |s| s.as_slice())
     }
 
-    /// Whether `sig_hex` is `user`'s signature (constant-time comparison).
-    pub fn verify(&self, user: &UserId, sig_hex: &str) -> bool {
-        let Ok(sig) = hex::decode(sig_hex.trim()) else {
+    fn plain_tag(secret: &[u8], user: &UserId) -> [u8; 32] {
+        let mut m = Self::mac(secret);
+        m.update(user.as_str().as_bytes());
+        m.finalize().into_bytes().into()
+    }
+
+    fn v2_tag(secret: &[u8], user: &UserId, expires: u64) -> [u8; 32] {
+        let mut m = Self::mac(secret);
+        m.update(SIG_V2_TAG);
+        m.update(&[0]);
+        m.update(user.as_str().as_bytes());
+        m.update(&[0]);
+        m.update(expires.to_string().as_bytes());
+        m.finalize().into_bytes().into()
+    }
+
+    /// The plain (non-expiring) signature of `user`: lowercase hex HMAC-SHA256 of its id under
+    /// the signing secret.
+    pub fn sign(&self, user: &UserId) -> String {
+        hex::encode(Self::plain_tag(self.signing_secret(), user))
+    }
+
+    /// An expiring signature of `user`, valid until `expires` (unix seconds).
+    pub fn sign_until(&self, user: &UserId, expires: u64) -> String {
+        format!(
+            "{SIG_V2_PREFIX}{expires}.{}",
+            hex::encode(Self::v2_tag(self.signing_secret(), user, expires))
+        )
+    }
+
+    /// Whether `sig` is a valid signature of `user` (either form) under any configured secret,
+    /// at the current time.
+    pub fn verify(&self, user: &UserId, sig: &str) -> bool {
+        self.verify_at(user, sig, unix_now())
+    }
+
+    /// [`ApiKeys::verify`] with the clock reading `now` (unix seconds). Every secret is tried
+    /// (no early exit) and each comparison is constant-time.
+    pub fn verify_at(&self, user: &UserId, sig: &str, now: u64) -> bool {
+        let sig = sig.trim();
+        let (expires, hex_tag) = match sig.strip_prefix(SIG_V2_PREFIX) {
+            Some(rest) => match rest.split_once('.') {
+                Some((exp, tag)) if !exp.is_empty() && exp.bytes().all(|b| b.is_ascii_digit()) => {
+                    match exp.parse::<u64>() {
+                        // The canonical decimal form only, so one signature has one spelling.
+                        Ok(e) if e.to_string() == exp => (Some(e), tag),
+                        _ => return false,
+                    }
+                }
+                _ => return false,
+            },
+            None => (None, sig),
+        };
+        let Ok(presented) = hex::decode(hex_tag) else {
             return false;
         };
-        let mut m = self.mac();
-        m.update(user.as_str().as_bytes());
-        m.verify_slice(&sig).is_ok()
+        if presented.len() != 32 {
+            return false;
+        }
+        let mut ok = subtle::Choice::from(0u8);
+        for secret in &self.signing_secrets {
+            let expected = match expires {
+                None => Self::plain_tag(secret, user),
+                Some(e) => Self::v2_tag(secret, user, e),
+            };
+            ok |= expected[..].ct_eq(&presented[..]);
+        }
+        let fresh = match expires {
+            None => true,
+            Some(e) => now <= e,
+        };
+        bool::from(ok) && fresh
     }
 
     /// Authenticates a request from its headers.
@@ -346,6 +475,70 @@ mod tests {
         assert!(!k.verify(&u, &expect[..62]));
         assert!(!k.verify(&UserId::parse("other").unwrap(), &expect));
         assert!(!k.verify(&u, "zz"));
+    }
+
+    #[test]
+    fn several_secrets_verify_and_the_first_signs() {
+        let k = ApiKeys::with_secrets(&["a"], &[], &[], &[b"new", b"old"]).unwrap();
+        let only_old = ApiKeys::from_parts(&["a"], &[], &[], b"old").unwrap();
+        let only_new = ApiKeys::from_parts(&["a"], &[], &[], b"new").unwrap();
+        let u = UserId::parse("alice").unwrap();
+        assert_eq!(k.sign(&u), only_new.sign(&u));
+        assert!(k.verify(&u, &only_old.sign(&u)));
+        assert!(k.verify(&u, &only_new.sign(&u)));
+        assert!(!only_old.verify(&u, &k.sign(&u)));
+        assert!(ApiKeys::with_secrets(&["a"], &[], &[], &[]).is_err());
+        assert!(ApiKeys::with_secrets(&["a"], &[], &[], &[b"x", b"x"]).is_err());
+        assert!(ApiKeys::with_secrets(&["a"], &[], &[], &[b"x", b""]).is_err());
+    }
+
+    #[test]
+    fn expiring_signatures() {
+        let k = ApiKeys::with_secrets(&["a"], &[], &[], &[b"new", b"old"]).unwrap();
+        let old = ApiKeys::from_parts(&["a"], &[], &[], b"old").unwrap();
+        let u = UserId::parse("alice").unwrap();
+        let sig = k.sign_until(&u, 1000);
+        assert!(sig.starts_with("v2.1000."));
+        assert!(k.verify_at(&u, &sig, 999));
+        assert!(k.verify_at(&u, &sig, 1000));
+        assert!(!k.verify_at(&u, &sig, 1001), "expired");
+        assert!(
+            k.verify_at(&u, &old.sign_until(&u, 1000), 10),
+            "older secret"
+        );
+        assert!(!k.verify_at(&UserId::parse("bob").unwrap(), &sig, 10));
+        let tag = sig.rsplit('.').next().unwrap();
+        for forged in [
+            format!("v2.2000.{tag}"),
+            format!("v2.01000.{tag}"),
+            format!("v2.+1000.{tag}"),
+            format!("v2..{tag}"),
+            "v2.1000".to_owned(),
+            tag.to_owned(),
+            "v2.1000.zz".to_owned(),
+        ] {
+            assert!(!k.verify_at(&u, &forged, 10), "{forged}");
+        }
+        // A plain signature is not an expiring one and vice versa.
+        assert!(!k.verify_at(&u, &format!("v2.1000.{}", k.sign(&u)), 10));
+    }
+
+    #[test]
+    fn keys_file_takes_one_or_several_secrets() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("keys.toml");
+        let write = |body: &str| {
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write("admin = [\"a\"]\nsigning_secrets = [\"s2\", \"s1\"]\n");
+        let k = ApiKeys::load(&p).unwrap();
+        let s1 = ApiKeys::from_parts(&["a"], &[], &[], b"s1").unwrap();
+        let u = UserId::parse("u").unwrap();
+        assert!(k.verify(&u, &s1.sign(&u)));
+        write("admin = [\"a\"]\nsigning_secret = \"s\"\nsigning_secrets = [\"t\"]\n");
+        let e = ApiKeys::load(&p).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
     }
 
     #[test]

@@ -104,6 +104,7 @@ mod tests {
             updated_at: Timestamp::from_nanos(1),
             metadata: None,
             kms: None,
+            plain_migration: None,
         })
     }
 

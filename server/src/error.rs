@@ -46,6 +46,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The LMDB map reached `store.max_map_size_mb`.
     StorageFull,
+    /// Deleting a thread: the KMS does not know the thread's DEK, so it cannot be shown to be
+    /// destroyed; the thread was kept.
+    ShredFailed,
 }
 
 impl ErrorCode {
@@ -59,7 +62,9 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::MessageUnreadable | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::MessageUnreadable | ErrorCode::Internal | ErrorCode::ShredFailed => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ErrorCode::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorCode::KmsUnavailable | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
@@ -83,11 +88,12 @@ impl ErrorCode {
             ErrorCode::KmsUnavailable => "kms_unavailable",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::StorageFull => "storage_full",
+            ErrorCode::ShredFailed => "shred_failed",
         }
     }
 
     /// Every code, for tests and docs.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::MalformedRequest,
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthorized,
@@ -102,6 +108,7 @@ impl ErrorCode {
         ErrorCode::KmsUnavailable,
         ErrorCode::Unavailable,
         ErrorCode::StorageFull,
+        ErrorCode::ShredFailed,
     ];
 }
 
@@ -137,6 +144,8 @@ pub enum ApiError {
     Unavailable,
     #[error("storage full")]
     StorageFull,
+    #[error("the thread's key could not be shown to be destroyed; the thread was kept")]
+    ShredFailed,
 }
 
 impl ApiError {
@@ -156,6 +165,7 @@ impl ApiError {
             ApiError::KmsUnavailable => ErrorCode::KmsUnavailable,
             ApiError::Unavailable => ErrorCode::Unavailable,
             ApiError::StorageFull => ErrorCode::StorageFull,
+            ApiError::ShredFailed => ErrorCode::ShredFailed,
         }
     }
 
@@ -197,6 +207,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Full => ApiError::StorageFull,
             StoreError::Closed => ApiError::Unavailable,
+            StoreError::NotAuthor => ApiError::Forbidden,
             StoreError::Conflict(what) => {
                 tracing::error!(what, "store conflict");
                 ApiError::Internal

@@ -109,6 +109,24 @@ impl MessageId {
         self.seq
     }
 
+    /// The smallest id greater than this one (the next sequence number, or the next
+    /// nanosecond after the last one); `self` at the very end of the id space.
+    pub fn successor(self) -> MessageId {
+        if self.seq < Self::MAX_SEQ {
+            MessageId {
+                ts: self.ts,
+                seq: self.seq + 1,
+            }
+        } else if self.ts < u64::MAX {
+            MessageId {
+                ts: self.ts + 1,
+                seq: 0,
+            }
+        } else {
+            self
+        }
+    }
+
     /// Parses exactly `dddddddddddddddddddd-dddddd`.
     ///
     /// # Errors

@@ -8,6 +8,8 @@
 //! | `progressdb_kms_calls_total` | `op`, `outcome` |
 //! | `progressdb_kms_batch_items` | `op` |
 //! | `progressdb_kms_fallback_decrypts_total` | |
+//! | `progressdb_plain_records_refused_total` (plain records met in encrypted threads) | |
+//! | `progressdb_kms_shred_failures_total` (thread deletes refused: the KMS did not know the DEK) | |
 //!
 //! Routes are templates (`/v1/threads/{id}`), never raw paths, so label cardinality is fixed.
 
@@ -90,6 +92,10 @@ pub struct KmsMetrics {
     pub calls: Family<KmsLabels, Counter>,
     pub batch_items: HistogramFamily<OpLabels>,
     pub fallback_decrypts: Counter,
+    /// Plain records refused because their thread has a DEK.
+    pub plain_refused: Counter,
+    /// Thread deletions refused because the KMS did not know the DEK.
+    pub shred_failures: Counter,
 }
 
 impl Default for KmsMetrics {
@@ -98,6 +104,8 @@ impl Default for KmsMetrics {
             calls: Family::default(),
             batch_items: Family::new_with_constructor(batch_histogram),
             fallback_decrypts: Counter::default(),
+            plain_refused: Counter::default(),
+            shred_failures: Counter::default(),
         }
     }
 }
@@ -187,6 +195,16 @@ impl Metrics {
             "kms_fallback_decrypts",
             "Decryptions done locally with the dev master key while the KMS was unreachable",
             kms.fallback_decrypts.clone(),
+        );
+        registry.register(
+            "plain_records_refused",
+            "Plain message records refused because their thread has a DEK",
+            kms.plain_refused.clone(),
+        );
+        registry.register(
+            "kms_shred_failures",
+            "Thread deletions refused because the KMS did not know the thread's DEK",
+            kms.shred_failures.clone(),
         );
         Self {
             registry,

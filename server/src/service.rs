@@ -27,10 +27,11 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ids::{new_thread_id, MessageId, MessageIdGen, Timestamp, UserId};
 use crate::metrics::Metrics;
 use crate::provider::{DecryptItem, EncryptItem, KeyProvider, ProviderError, ThreadKey};
+use crate::store::aad::{message_aad, MessageBinding};
 use crate::store::{
-    keys, Content, CreateThread, DeleteMessage, DeleteThread, MessageRecord, Order, Page,
-    PatchThread, PutMessage, SetThreadKeyIfAbsent, Store, StoredMessage, ThreadFilter,
-    ThreadRecord, UpdateMessage,
+    AuthorRule, Content, CreateThread, DeleteMessage, DeleteThread, MessageRecord, Order, Page,
+    PatchThread, PutMessage, RecordFormat, SetThreadKeyIfAbsent, Store, StoredMessage,
+    ThreadFilter, ThreadRecord, UpdateMessage,
 };
 
 /// How new message content is stored.
@@ -87,6 +88,33 @@ fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {
     p.user
         .clone()
         .ok_or_else(|| ApiError::invalid(format!("X-User-ID is required to {what}")))
+}
+
+/// Which messages `p` may edit or delete: frontend callers only their own.
+fn author_rule(p: &Principal) -> AuthorRule {
+    match (p.role, &p.user) {
+        (Role::Admin | Role::Backend, _) => AuthorRule::Anyone,
+        (Role::Frontend, Some(u)) => AuthorRule::OnlyAuthor(u.clone()),
+        // A frontend principal always carries its signed user; without one it may change
+        // nothing (no message has an empty author).
+        (Role::Frontend, None) => AuthorRule::Nobody,
+    }
+}
+
+/// What the ciphertext of message `id` (by `author` at `created_at`) in `thread` is bound to.
+fn binding<'a>(
+    thread: &'a ThreadRecord,
+    id: MessageId,
+    author: &'a UserId,
+    created_at: Timestamp,
+) -> MessageBinding<'a> {
+    MessageBinding {
+        thread: &thread.id,
+        thread_author: &thread.author,
+        id,
+        author,
+        created_at,
+    }
 }
 
 fn decode_body(pt: &SecretBytes) -> Option<Value> {
@@ -193,6 +221,7 @@ impl App {
             updated_at: now,
             metadata: metadata.filter(|m| !m.is_null()),
             kms,
+            plain_migration: None,
         };
         if let Err(e) = self.store.write(CreateThread::new(rec.clone())).await {
             if let Some(k) = rec.kms {
@@ -248,23 +277,19 @@ impl App {
             metadata: metadata.map(|m| m.filter(|v| !v.is_null())),
             now: Timestamp::now(),
         };
-        match self.store.write(op).await {
-            Ok(rec) => {
-                let rec = Arc::new(rec);
-                self.cache.put_fresh(rec.clone());
-                Ok(rec)
-            }
-            Err(e) => {
-                self.cache.invalidate(id);
-                Err(e.into())
-            }
-        }
+        // Invalidate, never insert: two writers may finish in the other order than they
+        // committed, and only the store knows which record is the newer one.
+        let r = self.store.write(op).await;
+        self.cache.invalidate(id);
+        Ok(Arc::new(r?))
     }
 
     /// Crypto-shreds the thread's DEK, then deletes the thread and its messages.
     ///
     /// # Errors
-    /// 404; 503 when the DEK cannot be destroyed now (nothing is deleted then).
+    /// 404; 503 when the DEK cannot be destroyed now; 500 `shred_failed` when the KMS does not
+    /// know the DEK at all (a wrong KMS, or a forged record): the key cannot be shown to be
+    /// destroyed, so nothing is deleted and the operator is told.
     pub async fn delete_thread(
         &self,
         p: &Principal,
@@ -272,11 +297,24 @@ impl App {
     ) -> Result<ThreadRecord, ApiError> {
         let rec = self.thread_for(p, id).await?;
         if let Some(k) = &rec.kms {
-            self.provider()?.destroy_key(k).await.map_err(|e| {
-                tracing::warn!(thread = %id, error = %e, "cannot destroy the thread's DEK");
-                match e {
-                    ProviderError::Unavailable(_) => ApiError::KmsUnavailable,
-                    other => ApiError::from(other),
+            self.provider()?.destroy_key(k).await.map_err(|e| match e {
+                ProviderError::Unavailable(_) => {
+                    tracing::warn!(thread = %id, error = %e, "cannot destroy the thread's DEK");
+                    ApiError::KmsUnavailable
+                }
+                ProviderError::UnknownKey => {
+                    tracing::error!(
+                        thread = %id,
+                        key_id = %k.key_id,
+                        "the KMS does not know this thread's DEK: it cannot be shown to be \
+                         shredded, so the thread is kept (is kms.endpoint the right KMS?)"
+                    );
+                    self.metrics.kms.shred_failures.inc();
+                    ApiError::ShredFailed
+                }
+                other => {
+                    tracing::error!(thread = %id, error = %other, "cannot destroy the thread's DEK");
+                    ApiError::from(other)
                 }
             })?;
         }
@@ -314,36 +352,41 @@ impl App {
             // Another request provisioned the thread first; ours is unused.
             self.discard_key(key);
         }
-        self.cache.put_fresh(Arc::new(rec));
+        self.cache.invalidate(&thread.id);
         Ok(Arc::new(stored))
     }
 
-    /// Stored form of `body` for message `id` of `thread`.
+    /// Stored form of `body` for message `id` of `thread`, written by `author` at
+    /// `created_at`, in [`RecordFormat::CURRENT`]. A thread that has a DEK is always
+    /// encrypted, whatever `encryption.enabled` says: plain content never enters an encrypted
+    /// thread.
     async fn seal(
         &self,
         thread: &ThreadRecord,
         id: MessageId,
+        author: &UserId,
+        created_at: Timestamp,
         body: &Value,
     ) -> Result<Content, ApiError> {
-        match self.encryption {
-            Encryption::Disabled => Ok(Content::Plain(body.clone())),
-            Encryption::Enabled => {
-                let key = self.thread_key(thread).await?;
-                // Straight into the zeroizing container: no second plaintext copy to forget.
-                let plaintext =
-                    SecretBytes::new(serde_json::to_vec(body).map_err(|_| ApiError::Internal)?);
-                let item = EncryptItem {
-                    key,
-                    plaintext,
-                    aad: keys::msg(&thread.id, id),
-                };
-                match self.provider()?.encrypt(item).await {
-                    Ok(ct) => Ok(Content::Enc(Bytes64(ct.0))),
-                    // The key is gone: the thread is being deleted.
-                    Err(ProviderError::UnknownKey) => Err(ApiError::NotFound),
-                    Err(e) => Err(e.into()),
-                }
-            }
+        if thread.kms.is_none() && self.encryption == Encryption::Disabled {
+            return Ok(Content::Plain(body.clone()));
+        }
+        let key = self.thread_key(thread).await?;
+        // Straight into the zeroizing container: no second plaintext copy to forget.
+        let plaintext = SecretBytes::new(serde_json::to_vec(body).map_err(|_| ApiError::Internal)?);
+        let item = EncryptItem {
+            key,
+            plaintext,
+            aad: message_aad(
+                RecordFormat::CURRENT,
+                &binding(thread, id, author, created_at),
+            ),
+        };
+        match self.provider()?.encrypt(item).await {
+            Ok(ct) => Ok(Content::Enc(Bytes64(ct.0))),
+            // The key is gone: the thread is being deleted.
+            Err(ProviderError::UnknownKey) => Err(ApiError::NotFound),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -358,9 +401,10 @@ impl App {
         let thread = self.thread_for(p, tid).await?;
         let author = require_user(p, "post a message")?;
         let id = self.ids.next();
-        let content = self.seal(&thread, id, &body).await?;
         let now = id.timestamp();
+        let content = self.seal(&thread, id, &author, now, &body).await?;
         let rec = MessageRecord {
+            format: RecordFormat::CURRENT,
             author,
             created_at: now,
             updated_at: now,
@@ -415,7 +459,8 @@ impl App {
     }
 
     /// # Errors
-    /// 404, 503 when the KMS is down (nothing changed).
+    /// 404; 403 when a frontend caller edits another user's message; 503 when the KMS is
+    /// down (nothing changed).
     pub async fn update_message(
         &self,
         p: &Principal,
@@ -424,16 +469,31 @@ impl App {
         body: Value,
     ) -> Result<MessageView, ApiError> {
         let thread = self.thread_for(p, tid).await?;
-        if self.store.get_message(tid, id).await?.is_none() {
-            return Err(ApiError::NotFound);
+        let stored = self
+            .store
+            .get_message(tid, id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        let old = stored.record.map_err(|e| {
+            tracing::error!(thread = %tid, message = %id, error = %e, "unparseable message record");
+            ApiError::MessageUnreadable
+        })?;
+        let rule = author_rule(p);
+        if !rule.allows(&old.author) {
+            return Err(ApiError::Forbidden);
         }
-        let content = self.seal(&thread, id, &body).await?;
+        let content = self
+            .seal(&thread, id, &old.author, old.created_at, &body)
+            .await?;
         let rec = self
             .store
             .write(UpdateMessage {
                 thread: tid.clone(),
                 id,
                 content,
+                format: RecordFormat::CURRENT,
+                sealed_for: (old.author, old.created_at),
+                rule,
                 now: Timestamp::now(),
             })
             .await?;
@@ -443,7 +503,7 @@ impl App {
     /// Deletes a message; returns what is left to show of it (no body).
     ///
     /// # Errors
-    /// 404.
+    /// 404; 403 when a frontend caller deletes another user's message.
     pub async fn delete_message(
         &self,
         p: &Principal,
@@ -456,6 +516,7 @@ impl App {
             .write(DeleteMessage {
                 thread: tid.clone(),
                 id,
+                rule: author_rule(p),
             })
             .await?;
         Ok(DeletedMessageView {
@@ -495,8 +556,16 @@ impl App {
                 }
                 Ok(rec) => {
                     match (&rec.content, &key) {
-                        (Content::Plain(v), _) => {
+                        (Content::Plain(v), _) if thread.accepts_plain(m.id) => {
+                            if thread.kms.is_some() {
+                                tracing::debug!(thread = %tid, message = %m.id, "plain message from before the thread's DEK (plain_migration)");
+                            }
                             out.push(Some(MessageItem::Ok(view(tid, m.id, rec, v.clone()))))
+                        }
+                        (Content::Plain(_), _) => {
+                            tracing::error!(thread = %tid, message = %m.id, "plain record in an encrypted thread refused (forged or planted)");
+                            self.metrics.kms.plain_refused.inc();
+                            out.push(Some(unreadable(m.id)));
                         }
                         (Content::Enc(ct), Some(k)) => {
                             to_decrypt.push((
@@ -504,7 +573,10 @@ impl App {
                                 DecryptItem {
                                     key: k.clone(),
                                     ciphertext: ct.0.clone(),
-                                    aad: keys::msg(tid, m.id),
+                                    aad: message_aad(
+                                        rec.format,
+                                        &binding(thread, m.id, &rec.author, rec.created_at),
+                                    ),
                                 },
                             ));
                             out.push(None);
@@ -567,18 +639,37 @@ impl App {
             .collect())
     }
 
-    /// `POST /v1/sign`: backend (and admin) keys only.
+    /// `POST /v1/sign`: backend (and admin) keys only. With `expires_in_secs`, the expiring
+    /// signature form valid that long (at most a year); without, the plain form.
     ///
     /// # Errors
-    /// 403 for frontend keys, 400 for a bad user id.
-    pub fn sign(&self, p: &Principal, user_id: &str) -> Result<(UserId, String), ApiError> {
+    /// 403 for frontend keys, 400 for a bad user id or lifetime.
+    pub fn sign(
+        &self,
+        p: &Principal,
+        user_id: &str,
+        expires_in_secs: Option<u64>,
+    ) -> Result<(UserId, String, Option<u64>), ApiError> {
         match p.role {
             Role::Backend | Role::Admin => {}
             Role::Frontend => return Err(ApiError::Forbidden),
         }
         let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-        let sig = self.keys.sign(&user);
-        Ok((user, sig))
+        match expires_in_secs {
+            None => {
+                let sig = self.keys.sign(&user);
+                Ok((user, sig, None))
+            }
+            Some(ttl) if (1..=crate::auth::MAX_SIGNATURE_TTL_SECS).contains(&ttl) => {
+                let expires = crate::auth::unix_now().saturating_add(ttl);
+                let sig = self.keys.sign_until(&user, expires);
+                Ok((user, sig, Some(expires)))
+            }
+            Some(_) => Err(ApiError::invalid(format!(
+                "expires_in_secs must be 1 to {}",
+                crate::auth::MAX_SIGNATURE_TTL_SECS
+            ))),
+        }
     }
 
     /// `GET /admin/threads/{id}/kms`.

@@ -89,6 +89,41 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(*state.destroyed.lock().unwrap(), vec![key_id]);
+
+    // A thread whose DEK the KMS has never heard of (a forged key id, or the wrong KMS) is not
+    // "shredded" by deleting its record: the delete is refused and the thread kept.
+    let t2 = c.create_thread(&u, "t2").await;
+    let tid = kms_api::ThreadId::parse(&t2).unwrap();
+    let meta_key = progressdb::store::keys::meta(&tid);
+    let mut meta: serde_json::Value = serde_json::from_slice(
+        &s.app
+            .store
+            .raw_get(meta_key.clone())
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    meta["kms"]["key_id"] = json!("dek_0123456789abcdef0123456789abcdef");
+    s.app
+        .store
+        .write(progressdb::store::RawPut {
+            key: meta_key,
+            value: serde_json::to_vec(&meta).unwrap(),
+        })
+        .await
+        .unwrap();
+    s.app.cache.invalidate(&tid);
+    let r = c
+        .call(&u, "DELETE", &format!("/v1/threads/{t2}"), None)
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (500, "shred_failed"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(c.get(&u, &format!("/v1/threads/{t2}")).await.status, 200);
     s.stop().await;
     kms.stop().await;
 }

@@ -6,8 +6,8 @@ use kms_api::ThreadId;
 use progressdb::ids::{MessageId, Timestamp, UserId};
 use progressdb::metrics::StoreMetrics;
 use progressdb::store::{
-    Content, CreateThread, DeleteThread, MessageRecord, Order, PutMessage, Store, StoreError,
-    StoreOptions, ThreadFilter, ThreadRecord,
+    Content, CreateThread, DeleteThread, MessageRecord, Order, PutMessage, RecordFormat, Store,
+    StoreError, StoreOptions, ThreadFilter, ThreadRecord,
 };
 
 fn thread(id: &str, author: &str) -> ThreadRecord {
@@ -19,12 +19,14 @@ fn thread(id: &str, author: &str) -> ThreadRecord {
         updated_at: Timestamp::from_nanos(1),
         metadata: None,
         kms: None,
+        plain_migration: None,
     }
 }
 
 fn message(n: u64, pad: usize) -> (MessageId, MessageRecord) {
     let id = MessageId::new(Timestamp::from_nanos(1_000 + n), 0).unwrap();
     let rec = MessageRecord {
+        format: RecordFormat::CURRENT,
         author: UserId::parse("u").unwrap(),
         created_at: id.timestamp(),
         updated_at: id.timestamp(),

@@ -22,7 +22,7 @@ use crate::api::{
 use crate::auth::{Principal, Role};
 use crate::config::MetricsAccess;
 use crate::error::ApiError;
-use crate::ids::MessageId;
+use crate::ids::{MessageId, Timestamp};
 use crate::metrics::{HttpLabels, RouteLabels};
 use crate::service::{App, Health};
 use crate::store::Order;
@@ -148,7 +148,8 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
         | ApiError::NotImplemented
         | ApiError::KmsUnavailable
         | ApiError::Unavailable
-        | ApiError::StorageFull => {}
+        | ApiError::StorageFull
+        | ApiError::ShredFailed => {}
     }
     r
 }
@@ -319,15 +320,17 @@ impl Router {
             })?;
         let bytes = collected.to_bytes();
         serde_json::from_slice(&bytes).map_err(|e| {
-            let msg = match e.classify() {
-                serde_json::error::Category::Data => format!("unexpected JSON shape: {e}"),
+            // Category and position only: serde's own text can quote the request (a message
+            // body, a title), which must reach neither the answer nor the log.
+            let what = match e.classify() {
+                serde_json::error::Category::Data => {
+                    "the body does not have the documented shape (missing, unknown or mistyped field)"
+                }
                 serde_json::error::Category::Syntax
                 | serde_json::error::Category::Eof
-                | serde_json::error::Category::Io => {
-                    format!("invalid JSON at line {} column {}", e.line(), e.column())
-                }
+                | serde_json::error::Category::Io => "the body is not valid JSON",
             };
-            ApiError::MalformedRequest(msg)
+            ApiError::MalformedRequest(format!("{what} at line {} column {}", e.line(), e.column()))
         })
     }
 
@@ -483,10 +486,16 @@ impl Router {
                     return Err(ApiError::Forbidden);
                 }
                 let b: SignBody = self.json_body(req).await?;
-                let (user_id, signature) = app.sign(&p, &b.user_id)?;
+                let (user_id, signature, expires) = app.sign(&p, &b.user_id, b.expires_in_secs)?;
                 Ok(json_response(
                     StatusCode::OK,
-                    &SignView { user_id, signature },
+                    &SignView {
+                        user_id,
+                        signature,
+                        expires_at: expires.map(|e| {
+                            Timestamp::from_nanos(e.saturating_mul(1_000_000_000)).to_rfc3339()
+                        }),
+                    },
                 ))
             }
             Route::AdminThreadKms(id) => {

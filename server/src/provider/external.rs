@@ -197,6 +197,17 @@ impl ExternalProvider {
         None
     }
 
+    /// Whether `key` was wrapped by the configured dev master key (dev builds only).
+    #[cfg(feature = "dev-embedded")]
+    fn wrapped_by_dev_master_key(&self, key: &ThreadKey) -> bool {
+        self.fallback.is_some() && key.kek_id.as_str() == super::embedded::KEK_ID
+    }
+
+    #[cfg(not(feature = "dev-embedded"))]
+    fn wrapped_by_dev_master_key(&self, _key: &ThreadKey) -> bool {
+        false
+    }
+
     async fn decrypt_all(
         &self,
         items: Vec<DecryptItem>,
@@ -311,9 +322,11 @@ impl KeyProvider for ExternalProvider {
             let r = match self.client.destroy_key(&key.key_id).await {
                 Ok(_) => Ok(()),
                 Err(e) => match map_client_error(e) {
-                    // Never known to this KMS (e.g. a DEK wrapped by the dev master key):
-                    // deleting the thread's wrapped copy is the shredding.
-                    ProviderError::UnknownKey => Ok(()),
+                    // A DEK that the dev master key wrapped was never known to this KMS:
+                    // deleting the thread's wrapped copy is its shredding.
+                    ProviderError::UnknownKey if self.wrapped_by_dev_master_key(key) => Ok(()),
+                    // Anything else the KMS does not know cannot be called shredded: the
+                    // caller reports it instead of deleting the thread.
                     other => Err(other),
                 },
             };

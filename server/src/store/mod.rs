@@ -12,6 +12,7 @@
 //!   is open in the process, and retries. At the limit, each write of the group is retried
 //!   alone and those that still do not fit fail with [`StoreError::Full`] (HTTP 507).
 
+pub mod aad;
 pub mod keys;
 pub mod records;
 mod writer;
@@ -28,9 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{MessageId, UserId};
 use crate::metrics::StoreMetrics;
-pub use records::{Content, MessageRecord, ThreadRecord};
+pub use records::{Content, MessageRecord, PlainMigration, RecordFormat, ThreadRecord};
 pub use writer::{
-    CreateThread, DeleteMessage, DeleteThread, PatchThread, PutMessage, RawPut,
+    AuthorRule, CreateThread, DeleteMessage, DeleteThread, PatchThread, PutMessage, RawPut,
     SetThreadKeyIfAbsent, UpdateMessage, WriteOp,
 };
 
@@ -48,6 +49,9 @@ pub enum StoreError {
     Closed,
     #[error("conflict: {0}")]
     Conflict(&'static str),
+    /// A frontend caller tried to change a message written by someone else.
+    #[error("the message was written by another user")]
+    NotAuthor,
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("LMDB: {0}")]

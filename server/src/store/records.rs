@@ -10,7 +10,7 @@ use kms_api::wire::Bytes64;
 use kms_api::ThreadId;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Timestamp, UserId};
+use crate::ids::{MessageId, Timestamp, UserId};
 use crate::provider::ThreadKey;
 
 /// `thread:<id>:meta`
@@ -27,11 +27,83 @@ pub struct ThreadRecord {
     /// disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms: Option<ThreadKey>,
+    /// Set when a thread that was written with encryption off got its DEK later: messages
+    /// older than this boundary may still be stored in plain form. Without it, a plain record
+    /// in a thread that has a DEK is refused (it can only be a forgery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_migration: Option<PlainMigration>,
+}
+
+/// The explicit, logged state that lets a thread with a DEK still hold plain messages: those
+/// written before it got its key. Recorded by the store when it adds the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlainMigration {
+    /// Messages whose ids sort before this one may be plain; later ones never are.
+    pub plain_before: MessageId,
+}
+
+impl ThreadRecord {
+    /// Whether a plain record stored under message `id` is acceptable in this thread: always in
+    /// a thread without a DEK, and in one with a DEK only before its [`PlainMigration`]
+    /// boundary.
+    pub fn accepts_plain(&self, id: MessageId) -> bool {
+        match (&self.kms, &self.plain_migration) {
+            (None, _) => true,
+            (Some(_), Some(m)) => id < m.plain_before,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// Format of a message record, stored as `"v"` (absent in records written before it existed,
+/// which are format 1). It decides what the ciphertext's AAD covers; see
+/// [`crate::store::aad`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum RecordFormat {
+    /// AAD = the message key only.
+    #[default]
+    V1,
+    /// AAD = the message key, the author, the creation time and the thread's author,
+    /// length-prefixed.
+    V2,
+}
+
+impl RecordFormat {
+    /// The format of every new write.
+    pub const CURRENT: RecordFormat = RecordFormat::V2;
+
+    fn is_v1(&self) -> bool {
+        *self == RecordFormat::V1
+    }
+}
+
+impl Serialize for RecordFormat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(match self {
+            RecordFormat::V1 => 1,
+            RecordFormat::V2 => 2,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u8::deserialize(d)? {
+            1 => Ok(RecordFormat::V1),
+            2 => Ok(RecordFormat::V2),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown message record format {other}"
+            ))),
+        }
+    }
 }
 
 /// `thread:<id>:msg:<ts>-<seq>`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageRecord {
+    /// Record format (absent = 1).
+    #[serde(default, rename = "v", skip_serializing_if = "RecordFormat::is_v1")]
+    pub format: RecordFormat,
     pub author: UserId,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,

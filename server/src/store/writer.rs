@@ -15,10 +15,10 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{keys, records, Db, Shared, StoreError};
-use crate::ids::{MessageId, Timestamp};
+use crate::ids::{MessageId, Timestamp, UserId};
 use crate::metrics::StoreMetrics;
 use crate::provider::ThreadKey;
-use records::{Content, MessageRecord, ThreadRecord};
+use records::{Content, MessageRecord, PlainMigration, RecordFormat, ThreadRecord};
 
 /// One write. `apply` runs inside the writer's shared transaction and may run more than once
 /// (a group is retried after the map grew), so it must depend only on `self` and the txn.
@@ -215,7 +215,7 @@ fn read_thread(
 ) -> heed::Result<Option<Result<ThreadRecord, StoreError>>> {
     Ok(db.get(txn, key)?.map(|v| {
         serde_json::from_slice::<ThreadRecord>(v)
-            .map_err(|e| StoreError::Corrupt(format!("thread record: {e}")))
+            .map_err(|e| StoreError::Corrupt(format!("thread record: {}", e.classify_text())))
     }))
 }
 
@@ -292,7 +292,9 @@ impl WriteOp for PatchThread {
 }
 
 /// Gives a thread created without encryption its DEK, unless it has one already; returns
-/// the record (with whichever key it ends up with).
+/// the record (with whichever key it ends up with). When the thread already holds messages
+/// (stored plain), it also records the [`PlainMigration`] boundary: the id after its newest
+/// message, so those plain records stay readable and any later plain record is refused.
 #[derive(Debug)]
 pub struct SetThreadKeyIfAbsent {
     pub id: ThreadId,
@@ -315,6 +317,16 @@ impl WriteOp for SetThreadKeyIfAbsent {
         if rec.kms.is_some() {
             return Ok(Ok(rec));
         }
+        let newest = newest_message(db, txn, &self.id)?;
+        if let Some(last) = newest {
+            let plain_before = last.successor();
+            tracing::info!(
+                thread = %self.id,
+                plain_before = %plain_before,
+                "thread gets its DEK: messages before this id stay readable in plain form"
+            );
+            rec.plain_migration = Some(PlainMigration { plain_before });
+        }
         rec.kms = Some(self.key.clone());
         let value = match to_json(&rec) {
             Ok(v) => v,
@@ -323,6 +335,23 @@ impl WriteOp for SetThreadKeyIfAbsent {
         db.put(txn, &key, &value)?;
         Ok(Ok(rec))
     }
+}
+
+/// The id of the newest message of `thread`, if any.
+fn newest_message(db: &Db, txn: &RwTxn<'_>, thread: &ThreadId) -> heed::Result<Option<MessageId>> {
+    let prefix = keys::msg_prefix(thread);
+    let end = keys::msg_end(thread);
+    let range = (
+        Bound::Included(prefix.as_slice()),
+        Bound::Excluded(end.as_slice()),
+    );
+    for r in db.rev_range(txn, &range)? {
+        let (k, _) = r?;
+        if let Some(id) = keys::parse_msg(&prefix, k) {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
 
 /// Deletes a thread: its meta, every message and its index entry, in one transaction.
@@ -398,13 +427,69 @@ impl WriteOp for PutMessage {
     }
 }
 
+/// Who may change a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorRule {
+    /// Any caller that may see the thread (backend and admin keys).
+    Anyone,
+    /// Only the message's author (frontend keys).
+    OnlyAuthor(UserId),
+    /// No one (a frontend principal without a user; cannot happen after authentication).
+    Nobody,
+}
+
+impl AuthorRule {
+    /// Whether a message written by `author` may be changed under this rule.
+    pub fn allows(&self, author: &UserId) -> bool {
+        match self {
+            AuthorRule::Anyone => true,
+            AuthorRule::OnlyAuthor(u) => u == author,
+            AuthorRule::Nobody => false,
+        }
+    }
+}
+
 /// Replaces a message's content (keeps author and creation time); returns the new record.
+///
+/// The new content was sealed for the author and creation time the caller read
+/// (`sealed_for`); if the stored record no longer has them the write is refused with
+/// `Conflict`, so a ciphertext is never stored next to metadata it is not bound to.
 #[derive(Debug)]
 pub struct UpdateMessage {
     pub thread: ThreadId,
     pub id: MessageId,
     pub content: Content,
+    pub format: RecordFormat,
+    pub sealed_for: (UserId, Timestamp),
+    pub rule: AuthorRule,
     pub now: Timestamp,
+}
+
+fn read_message(
+    db: &Db,
+    txn: &RwTxn<'_>,
+    key: &[u8],
+) -> heed::Result<Option<Result<MessageRecord, StoreError>>> {
+    Ok(db.get(txn, key)?.map(|v| {
+        serde_json::from_slice::<MessageRecord>(v)
+            .map_err(|e| StoreError::Corrupt(format!("message record: {}", e.classify_text())))
+    }))
+}
+
+/// serde_json error text without the input it may quote.
+trait ClassifyText {
+    fn classify_text(&self) -> String;
+}
+
+impl ClassifyText for serde_json::Error {
+    fn classify_text(&self) -> String {
+        format!(
+            "{:?} error at line {} column {}",
+            self.classify(),
+            self.line(),
+            self.column()
+        )
+    }
 }
 
 impl WriteOp for UpdateMessage {
@@ -415,14 +500,21 @@ impl WriteOp for UpdateMessage {
         txn: &mut RwTxn<'_>,
     ) -> heed::Result<Result<MessageRecord, StoreError>> {
         let key = keys::msg(&self.thread, self.id);
-        let mut rec: MessageRecord = match db.get(txn, &key)? {
+        let mut rec = match read_message(db, txn, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
-            Some(v) => match serde_json::from_slice(v) {
-                Ok(r) => r,
-                Err(e) => return Ok(Err(StoreError::Corrupt(format!("message record: {e}")))),
-            },
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
         };
+        if !self.rule.allows(&rec.author) {
+            return Ok(Err(StoreError::NotAuthor));
+        }
+        if (&rec.author, rec.created_at) != (&self.sealed_for.0, self.sealed_for.1) {
+            return Ok(Err(StoreError::Conflict(
+                "message metadata changed while it was being re-encrypted",
+            )));
+        }
         rec.content = self.content.clone();
+        rec.format = self.format;
         rec.updated_at = self.now.max(rec.updated_at);
         let value = match to_json(&rec) {
             Ok(v) => v,
@@ -433,11 +525,14 @@ impl WriteOp for UpdateMessage {
     }
 }
 
-/// Deletes one message; returns its record (`None` if it did not parse).
+/// Deletes one message; returns its record (`None` if it did not parse). Under
+/// [`AuthorRule::OnlyAuthor`] a record that does not parse cannot be shown to be the caller's,
+/// so it is refused with `NotAuthor`.
 #[derive(Debug)]
 pub struct DeleteMessage {
     pub thread: ThreadId,
     pub id: MessageId,
+    pub rule: AuthorRule,
 }
 
 impl WriteOp for DeleteMessage {
@@ -448,10 +543,18 @@ impl WriteOp for DeleteMessage {
         txn: &mut RwTxn<'_>,
     ) -> heed::Result<Result<Option<MessageRecord>, StoreError>> {
         let key = keys::msg(&self.thread, self.id);
-        let rec = match db.get(txn, &key)? {
+        let rec = match read_message(db, txn, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
-            Some(v) => serde_json::from_slice::<MessageRecord>(v).ok(),
+            Some(r) => r.ok(),
         };
+        let allowed = match (&self.rule, &rec) {
+            (AuthorRule::Anyone, _) => true,
+            (rule, Some(r)) => rule.allows(&r.author),
+            (AuthorRule::OnlyAuthor(_) | AuthorRule::Nobody, None) => false,
+        };
+        if !allowed {
+            return Ok(Err(StoreError::NotAuthor));
+        }
         db.delete(txn, &key)?;
         Ok(Ok(rec))
     }

@@ -182,19 +182,24 @@ impl State {
                 let Ok(r) = serde_json::from_slice::<DestroyKeyRequest>(&body) else {
                     return bad();
                 };
-                if self
-                    .keys
+                let removed = self.keys.lock().unwrap().remove(r.key_id.as_str());
+                // Like the real KMS: destroying a destroyed key succeeds (a tombstone
+                // remains); a key that never existed is unknown.
+                let known_destroyed = self
+                    .destroyed
                     .lock()
                     .unwrap()
-                    .remove(r.key_id.as_str())
-                    .is_none()
-                {
+                    .iter()
+                    .any(|k| k == r.key_id.as_str());
+                if removed.is_none() && !known_destroyed {
                     return json(404, &ErrorBody::new(ErrorCode::UnknownKey, "unknown key"));
                 }
-                self.destroyed
-                    .lock()
-                    .unwrap()
-                    .push(r.key_id.as_str().to_owned());
+                if removed.is_some() {
+                    self.destroyed
+                        .lock()
+                        .unwrap()
+                        .push(r.key_id.as_str().to_owned());
+                }
                 json(
                     200,
                     &DestroyKeyResponse {

@@ -47,6 +47,17 @@ fn write_secret(path: &Path, body: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// Rewrites `dir/keys.toml` with the test keys and `secrets` (TOML lines naming the signing
+/// secret or secrets).
+pub fn write_keys(dir: &Path, secrets: &str) {
+    write_secret(
+        &dir.join("keys.toml"),
+        &format!(
+            "admin = [\"{ADMIN}\"]\nbackend = [\"{BACKEND}\"]\nfrontend = [\"{FRONTEND}\"]\n{secrets}"
+        ),
+    );
+}
+
 impl TestEnv {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,132 @@
+//! What a message's ciphertext is bound to (its AAD), by record format.
+//!
+//! * [`RecordFormat::V1`] (records written before formats existed): the message key
+//!   `thread:<id>:msg:<ts>-<seq>`. A ciphertext moved to another message or thread no longer
+//!   decrypts, but the record's `author` and `created_at` are not covered.
+//! * [`RecordFormat::V2`] (every new write): a domain tag, then four length-prefixed fields
+//!   (`u32` big-endian length, then the bytes): the message key, the message's author, its
+//!   creation time (8 bytes, big-endian unix nanoseconds) and the thread's author. A disk
+//!   writer who edits the author or the creation time of a message, or the author of its
+//!   thread, makes the message unreadable instead of re-attributing it.
+//!
+//! Length prefixes make the encoding injective: no two different field tuples give the same
+//! bytes, whatever the fields contain.
+//!
+//! Downgrading a record (removing its `"v": 2`) does not help a forger: the ciphertext was made
+//! under the V2 AAD, so opening it with the V1 AAD fails.
+
+use kms_api::ThreadId;
+
+use super::keys;
+use super::records::RecordFormat;
+use crate::ids::{MessageId, Timestamp, UserId};
+
+/// Domain tag of the V2 AAD.
+const V2_TAG: &[u8] = b"progressdb:msg:v2";
+
+/// The facts a message's ciphertext is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageBinding<'a> {
+    pub thread: &'a ThreadId,
+    pub thread_author: &'a UserId,
+    pub id: MessageId,
+    pub author: &'a UserId,
+    pub created_at: Timestamp,
+}
+
+fn push_field(out: &mut Vec<u8>, field: &[u8]) {
+    // Ids are at most a few hundred bytes; a field longer than u32::MAX cannot exist here, but
+    // saturate rather than truncate silently if it ever did (the AAD then simply differs).
+    let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(field);
+}
+
+/// The AAD of a message stored in `format`.
+pub fn message_aad(format: RecordFormat, b: &MessageBinding<'_>) -> Vec<u8> {
+    let key = keys::msg(b.thread, b.id);
+    match format {
+        RecordFormat::V1 => key,
+        RecordFormat::V2 => {
+            let mut out = Vec::with_capacity(V2_TAG.len() + 4 * 4 + key.len() + 80);
+            out.extend_from_slice(V2_TAG);
+            push_field(&mut out, &key);
+            push_field(&mut out, b.author.as_str().as_bytes());
+            push_field(&mut out, &b.created_at.as_nanos().to_be_bytes());
+            push_field(&mut out, b.thread_author.as_str().as_bytes());
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn u(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn v1_is_the_message_key_and_v2_covers_every_field() {
+        let t = ThreadId::parse("t1").unwrap();
+        let id = MessageId::new(Timestamp::from_nanos(5), 1).unwrap();
+        let (alice, bob) = (u("alice"), u("bob"));
+        let base = MessageBinding {
+            thread: &t,
+            thread_author: &alice,
+            id,
+            author: &alice,
+            created_at: Timestamp::from_nanos(5),
+        };
+        assert_eq!(message_aad(RecordFormat::V1, &base), keys::msg(&t, id));
+        let v2 = message_aad(RecordFormat::V2, &base);
+        assert!(v2.starts_with(V2_TAG));
+        let variants = [
+            MessageBinding {
+                author: &bob,
+                ..base
+            },
+            MessageBinding {
+                thread_author: &bob,
+                ..base
+            },
+            MessageBinding {
+                created_at: Timestamp::from_nanos(6),
+                ..base
+            },
+            MessageBinding {
+                id: MessageId::new(Timestamp::from_nanos(5), 2).unwrap(),
+                ..base
+            },
+        ];
+        for v in variants {
+            assert_ne!(message_aad(RecordFormat::V2, &v), v2, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn length_prefixes_keep_field_boundaries() {
+        // ("ab", "c") and ("a", "bc") as author / thread author must not collide.
+        let t = ThreadId::parse("t").unwrap();
+        let id = MessageId::new(Timestamp::from_nanos(1), 0).unwrap();
+        let (ab, c, a, bc) = (u("ab"), u("c"), u("a"), u("bc"));
+        let x = MessageBinding {
+            thread: &t,
+            thread_author: &c,
+            id,
+            author: &ab,
+            created_at: Timestamp::from_nanos(1),
+        };
+        let y = MessageBinding {
+            thread_author: &bc,
+            author: &a,
+            ..x
+        };
+        assert_ne!(
+            message_aad(RecordFormat::V2, &x),
+            message_aad(RecordFormat::V2, &y)
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! Fail-closed behaviour of the server against a hostile disk writer and hostile callers, over
+//! real LMDB files with the dev-only embedded provider: planted plain records, re-attributed
+//! ciphertext, other users' messages, racing writes, request text in error answers, signature
+//! rotation and expiry.
+#![cfg(feature = "dev-embedded")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Caller, Client, InProc, Kms, TestEnv};
+use kms_api::wire::SecretBytes;
+use kms_api::ThreadId;
+use progressdb::ids::MessageId;
+use progressdb::provider::EncryptItem;
+use progressdb::store::{keys, RawPut};
+use serde_json::{json, Value};
+
+fn msg_key(t: &str, m: &str) -> Vec<u8> {
+    format!("thread:{t}:msg:{m}").into_bytes()
+}
+
+async fn raw_json(s: &InProc, key: Vec<u8>) -> Value {
+    serde_json::from_slice(&s.app.store.raw_get(key).await.unwrap().unwrap()).unwrap()
+}
+
+async fn put_json(s: &InProc, key: Vec<u8>, v: &Value) {
+    s.app
+        .store
+        .write(RawPut {
+            key,
+            value: serde_json::to_vec(v).unwrap(),
+        })
+        .await
+        .unwrap();
+}
+
+fn assert_unreadable(r: &common::Resp, secret: &str) {
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (500, "message_unreadable"),
+        "{:?}",
+        r.json()
+    );
+    assert!(!String::from_utf8_lossy(&r.body).contains(secret));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_record_planted_in_an_encrypted_thread_is_refused() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let t = c.create_thread(&u, "t").await;
+    let m1 = c.post_message(&u, &t, json!("genuine one")).await;
+    let m2 = c.post_message(&u, &t, json!("genuine two")).await;
+
+    // Replace m1's {"enc": ..} by {"plain": ..}, keeping everything else.
+    let mut v = raw_json(&s, msg_key(&t, &m1)).await;
+    v["content"] = json!({"plain": "FORGED-PLAIN-TEXT"});
+    put_json(&s, msg_key(&t, &m1), &v).await;
+
+    let r = c.get(&u, &format!("/v1/threads/{t}/messages/{m1}")).await;
+    assert_unreadable(&r, "FORGED");
+    let page = c.all_messages(&u, &t, "asc", 10).await;
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["error"]["code"], "message_unreadable");
+    assert!(!page[0].to_string().contains("FORGED"));
+    assert_eq!(page[1]["body"], "genuine two");
+    let _ = m2;
+    let metrics =
+        String::from_utf8(c.get(&Caller::admin(), "/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("progressdb_plain_records_refused_total ")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_messages_from_before_the_dek_stay_readable_and_later_plain_ones_do_not() {
+    let env = TestEnv::new();
+    let u = Caller::backend_as("u");
+    let s = InProc::start(&env.config(&Kms::Plain, "")).await;
+    let c = Client::new(s.addr);
+    let t = c.create_thread(&u, "t").await;
+    let old = c.post_message(&u, &t, json!("written in plain")).await;
+    s.stop().await;
+
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let new = c.post_message(&u, &t, json!("written encrypted")).await;
+    let meta = raw_json(&s, keys::meta(&ThreadId::parse(&t).unwrap())).await;
+    let boundary = meta["plain_migration"]["plain_before"].as_str().unwrap();
+    assert!(
+        old.as_str() < boundary && boundary <= new.as_str(),
+        "{meta}"
+    );
+    let page = c.all_messages(&u, &t, "asc", 10).await;
+    assert_eq!(page[0]["body"], "written in plain");
+    assert_eq!(page[1]["body"], "written encrypted");
+
+    // A plain record after the boundary is a forgery.
+    let mut v = raw_json(&s, msg_key(&t, &new)).await;
+    v["content"] = json!({"plain": "FORGED-AFTER-BOUNDARY"});
+    put_json(&s, msg_key(&t, &new), &v).await;
+    assert_unreadable(
+        &c.get(&u, &format!("/v1/threads/{t}/messages/{new}")).await,
+        "FORGED",
+    );
+    assert_eq!(
+        c.get(&u, &format!("/v1/threads/{t}/messages/{old}"))
+            .await
+            .json()["body"],
+        "written in plain"
+    );
+    s.stop().await;
+
+    // With encryption switched off again, a thread that has a DEK is still encrypted.
+    let s = InProc::try_start_with_env(
+        &env.config(&Kms::Embedded, ""),
+        &[("PROGRESSDB__ENCRYPTION__ENABLED", "false")],
+    )
+    .await
+    .unwrap();
+    let c = Client::new(s.addr);
+    let later = c.post_message(&u, &t, json!("OFF-BUT-ENCRYPTED")).await;
+    let v = raw_json(&s, msg_key(&t, &later)).await;
+    assert!(v["content"].get("enc").is_some(), "{v}");
+    assert_eq!(
+        c.get(&u, &format!("/v1/threads/{t}/messages/{later}"))
+            .await
+            .json()["body"],
+        "OFF-BUT-ENCRYPTED"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let alice = Caller::backend_as("alice");
+    let t = c.create_thread(&alice, "t").await;
+    let m1 = c.post_message(&alice, &t, json!("said by alice")).await;
+    let m2 = c.post_message(&alice, &t, json!("also alice")).await;
+    let m3 = c.post_message(&alice, &t, json!("alice again")).await;
+    let v1 = raw_json(&s, msg_key(&t, &m1)).await;
+    assert_eq!(v1["v"], 2, "new records carry their format");
+
+    // m1: the author is changed to bob.
+    let mut v = v1.clone();
+    v["author"] = json!("bob");
+    put_json(&s, msg_key(&t, &m1), &v).await;
+    assert_unreadable(
+        &c.get(&alice, &format!("/v1/threads/{t}/messages/{m1}"))
+            .await,
+        "said by alice",
+    );
+    // m2: the creation time is moved.
+    let mut v = raw_json(&s, msg_key(&t, &m2)).await;
+    v["created_at"] = json!(v["created_at"].as_u64().unwrap() - 1_000_000_000);
+    put_json(&s, msg_key(&t, &m2), &v).await;
+    assert_unreadable(
+        &c.get(&alice, &format!("/v1/threads/{t}/messages/{m2}"))
+            .await,
+        "also alice",
+    );
+    // m3: downgraded to the old format (no "v"): the AAD no longer matches either.
+    let mut v = raw_json(&s, msg_key(&t, &m3)).await;
+    v.as_object_mut().unwrap().remove("v");
+    put_json(&s, msg_key(&t, &m3), &v).await;
+    assert_unreadable(
+        &c.get(&alice, &format!("/v1/threads/{t}/messages/{m3}"))
+            .await,
+        "alice again",
+    );
+
+    // A record written by the previous format (AAD = the message key, no "v") still reads.
+    let tid = ThreadId::parse(&t).unwrap();
+    let thread = s.app.store.get_thread(&tid).await.unwrap().unwrap();
+    let id = MessageId::parse("00000000000000000042-000000").unwrap();
+    let ct = s
+        .app
+        .provider
+        .as_ref()
+        .unwrap()
+        .encrypt(EncryptItem {
+            key: Arc::new(thread.kms.clone().unwrap()),
+            plaintext: SecretBytes::new(br#""an old v1 record""#.to_vec()),
+            aad: keys::msg(&tid, id),
+        })
+        .await
+        .unwrap();
+    let old = json!({
+        "author": "alice", "created_at": 42, "updated_at": 42,
+        "content": {"enc": base64(&ct.0)},
+    });
+    put_json(&s, keys::msg(&tid, id), &old).await;
+    assert_eq!(
+        c.get(&alice, &format!("/v1/threads/{t}/messages/{id}"))
+            .await
+            .json()["body"],
+        "an old v1 record"
+    );
+
+    // The thread's author is bound too: re-attributing the thread breaks every v2 message.
+    let m4 = c.post_message(&alice, &t, json!("fourth")).await;
+    let mut meta = raw_json(&s, keys::meta(&tid)).await;
+    meta["author"] = json!("mallory");
+    put_json(&s, keys::meta(&tid), &meta).await;
+    s.app.cache.invalidate(&tid);
+    assert_unreadable(
+        &c.get(&alice, &format!("/v1/threads/{t}/messages/{m4}"))
+            .await,
+        "fourth",
+    );
+    s.stop().await;
+}
+
+fn base64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_user_changes_only_the_messages_they_wrote() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let alice = Caller::frontend("alice");
+    let t = c.create_thread(&alice, "alice's thread").await;
+    let mine = c.post_message(&alice, &t, json!("by alice")).await;
+    // A backend posts in alice's thread on behalf of a support agent.
+    let agent = Caller::backend_as("agent");
+    let theirs = c.post_message(&agent, &t, json!("by the agent")).await;
+
+    let path = |m: &str| format!("/v1/threads/{t}/messages/{m}");
+    let r = c
+        .call(
+            &alice,
+            "PUT",
+            &path(&theirs),
+            Some(json!({"body": "hijacked"})),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+    let r = c.call(&alice, "DELETE", &path(&theirs), None).await;
+    assert_eq!((r.status, r.code().as_str()), (403, "forbidden"));
+    let r = c.get(&alice, &path(&theirs)).await;
+    assert_eq!(r.json()["body"], "by the agent", "nothing changed");
+
+    let r = c
+        .call(&alice, "PUT", &path(&mine), Some(json!({"body": "edited"})))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(c.get(&alice, &path(&mine)).await.json()["body"], "edited");
+    // Backend keys may moderate any message.
+    let r = c
+        .call(
+            &Caller::backend(),
+            "PUT",
+            &path(&theirs),
+            Some(json!({"body": "moderated"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["author"], "agent", "the author is kept");
+    let r = c.call(&alice, "DELETE", &path(&mine), None).await;
+    assert_eq!(r.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_patches_and_deletes_never_leave_a_stale_thread_cached() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    for round in 0..25 {
+        let t = c.create_thread(&u, "start").await;
+        let path = format!("/v1/threads/{t}");
+        let patches: Vec<_> = (0..4)
+            .map(|i| {
+                let (c, u, path) = (c, u.clone(), path.clone());
+                tokio::spawn(async move {
+                    c.call(
+                        &u,
+                        "PATCH",
+                        &path,
+                        Some(json!({"title": format!("r{round}-{i}")})),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        for p in patches {
+            assert_eq!(p.await.unwrap().status, 200);
+        }
+        // What the API shows is what is stored.
+        let tid = ThreadId::parse(&t).unwrap();
+        let stored = raw_json(&s, keys::meta(&tid)).await;
+        assert_eq!(c.get(&u, &path).await.json()["title"], stored["title"]);
+
+        // A PATCH racing a DELETE: once the delete answered 200, the thread is gone.
+        let (p, d) = tokio::join!(
+            c.call(&u, "PATCH", &path, Some(json!({"title": "late"}))),
+            c.call(&u, "DELETE", &path, None)
+        );
+        assert_eq!(d.status, 200, "{:?}", d.json());
+        assert!(p.status == 200 || p.status == 404, "{:?}", p.json());
+        assert_eq!(c.get(&u, &path).await.status, 404, "round {round}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_errors_do_not_echo_what_the_caller_sent() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    for body in [
+        json!({"title": 98765432123_u64}),
+        json!({"title": "ok", "metadata": 1, "x": "SECRET-VALUE-77"}),
+        json!({"title": {"SECRET-KEY-77": true}}),
+    ] {
+        let r = c.post(&u, "/v1/threads", body.clone()).await;
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        assert!(
+            !text.contains("98765432123") && !text.contains("SECRET"),
+            "{text}"
+        );
+        if r.status != 201 {
+            assert_eq!(
+                (r.status, r.code().as_str()),
+                (400, "malformed_request"),
+                "{text}"
+            );
+        }
+    }
+    let t = c.create_thread(&u, "t").await;
+    let r = c
+        .call(
+            &u,
+            "POST",
+            &format!("/v1/threads/{t}/messages"),
+            Some(json!({"bdy": "SECRET-BODY-TEXT"})),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(!String::from_utf8_lossy(&r.body).contains("SECRET"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_secrets_rotate_and_expiring_signatures_expire() {
+    let env = TestEnv::new();
+    // Rotate: a new secret first, the test suite's old one kept for existing signatures.
+    common::write_keys(
+        env.path(),
+        &format!(
+            "signing_secrets = [\"brand-new-signing-secret\", \"{}\"]\n",
+            common::SIGNING_SECRET
+        ),
+    );
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    // A signature under the old secret still works.
+    let old = Caller::frontend("alice");
+    let t = c.create_thread(&old, "t").await;
+    // /v1/sign now signs with the new secret; it differs from the old one and works.
+    let r = c
+        .post(&Caller::backend(), "/v1/sign", json!({"user_id": "alice"}))
+        .await;
+    let new_sig = r.json()["signature"].as_str().unwrap().to_owned();
+    assert_ne!(Some(new_sig.clone()), old.sig);
+    let with = |sig: String| Caller {
+        key: common::FRONTEND.into(),
+        user: Some("alice".into()),
+        sig: Some(sig),
+    };
+    assert_eq!(
+        c.get(&with(new_sig), &format!("/v1/threads/{t}"))
+            .await
+            .status,
+        200
+    );
+
+    // Expiring form.
+    let r = c
+        .post(
+            &Caller::backend(),
+            "/v1/sign",
+            json!({"user_id": "alice", "expires_in_secs": 600}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let sig = r.json()["signature"].as_str().unwrap().to_owned();
+    assert!(
+        sig.starts_with("v2.") && r.json()["expires_at"].is_string(),
+        "{sig}"
+    );
+    assert_eq!(
+        c.get(&with(sig.clone()), &format!("/v1/threads/{t}"))
+            .await
+            .status,
+        200
+    );
+    // Not for another user, not with a changed expiry.
+    let bob = Caller {
+        key: common::FRONTEND.into(),
+        user: Some("bob".into()),
+        sig: Some(sig.clone()),
+    };
+    assert_eq!(c.get(&bob, "/v1/threads").await.status, 401);
+    let parts: Vec<&str> = sig.split('.').collect();
+    let later = format!(
+        "v2.{}.{}",
+        parts[1].parse::<u64>().unwrap() + 1000,
+        parts[2]
+    );
+    assert_eq!(c.get(&with(later), "/v1/threads").await.status, 401);
+    // An expired one (signed by hand with the new secret, an hour ago).
+    let keys =
+        progressdb::auth::ApiKeys::with_secrets(&["a"], &[], &[], &[b"brand-new-signing-secret"])
+            .unwrap();
+    let alice = progressdb::ids::UserId::parse("alice").unwrap();
+    let expired = keys.sign_until(&alice, progressdb::auth::unix_now() - 3600);
+    assert_eq!(c.get(&with(expired), "/v1/threads").await.status, 401);
+    let r = c
+        .post(
+            &Caller::backend(),
+            "/v1/sign",
+            json!({"user_id": "alice", "expires_in_secs": 0}),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    s.stop().await;
+}
