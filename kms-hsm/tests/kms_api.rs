@@ -97,7 +97,7 @@ async fn batch_round_trip_with_mixed_items() {
         aad: aad.map(|x| kms_api::wire::Bytes64(x.as_bytes().to_vec())),
     };
     let res = c
-        .encrypt_batch(vec![
+        .encrypt_batch(&[
             item(&a.key_id, "a-1", Some("m1")),
             item(&b.key_id, "b-1", None),
             item(&unknown, "x", None),
@@ -120,7 +120,7 @@ async fn batch_round_trip_with_mixed_items() {
         aad: aad.map(|x| kms_api::wire::Bytes64(x.as_bytes().to_vec())),
     };
     let out = c
-        .decrypt_batch(vec![
+        .decrypt_batch(&[
             d(&a.key_id, &c0, Some("m1")),
             d(&b.key_id, &c1, None),
             d(&a.key_id, &c3, Some("m1")), // wrong AAD
@@ -496,7 +496,7 @@ async fn trace_logs_hold_no_secret() {
         plaintext: SecretBytes::new(marker.as_bytes().to_vec()),
         aad: None,
     }];
-    c.encrypt_batch(batch).await.unwrap();
+    c.encrypt_batch(&batch).await.unwrap();
     c.destroy_key(&k.key_id).await.unwrap();
     let log = kms.log_text();
     assert!(

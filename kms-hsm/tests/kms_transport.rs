@@ -40,7 +40,7 @@ async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
         ciphertext: e.ciphertext.clone(),
         aad: Some(kms_api::wire::Bytes64(b"aad".to_vec())),
     }];
-    assert_eq!(c.decrypt_batch(items).await.unwrap().len(), 1);
+    assert_eq!(c.decrypt_batch(&items).await.unwrap().len(), 1);
 
     // No client certificate.
     let anonymous = kms.client_with(Some(common::client_tls(&certs, None)));

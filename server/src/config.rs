@@ -177,6 +177,9 @@ pub struct KmsConfig {
     pub max_retries: u32,
     /// Most items in one coalesced encrypt/decrypt batch.
     pub max_batch_items: usize,
+    /// Largest body of one batch request to the KMS, in bytes. Keep it at or below the KMS's
+    /// `limits.max_body_bytes` (4 MiB by default); default 3 MiB.
+    pub max_batch_bytes: usize,
     /// Coalesced batches in flight at once, per operation.
     pub max_inflight_batches: usize,
     /// `/readyz` gives the KMS this long to answer.
@@ -196,6 +199,7 @@ impl Default for KmsConfig {
             request_timeout_ms: 10_000,
             max_retries: 2,
             max_batch_items: 256,
+            max_batch_bytes: 3 << 20,
             max_inflight_batches: 4,
             ready_timeout_ms: 2000,
         }
@@ -411,6 +415,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "kms.max_batch_items",
                 format!("must be between 1 and {}", kms_api::wire::MAX_BATCH_ITEMS),
+            ));
+        }
+        if k.max_batch_bytes < 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "kms.max_batch_bytes",
+                "must be at least 65536 (and at most the KMS's limits.max_body_bytes)",
             ));
         }
         if k.max_inflight_batches == 0 {

@@ -25,9 +25,9 @@ use serde::Serialize;
 
 use crate::ids::{KeyId, ThreadId};
 use crate::wire::{
-    BatchRequest, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
-    DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
-    ErrorBody, ErrorCode, GetWrappedResponse, ItemResult, SecretBytes,
+    BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest, DecryptResponse,
+    DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse, ErrorBody, ErrorCode,
+    GetWrappedResponse, ItemResult, SecretBytes,
 };
 
 /// Where the KMS listens.
@@ -270,17 +270,12 @@ impl KmsClient {
     /// [`ClientError`] when the whole call fails; per-item failures are in the results.
     pub async fn encrypt_batch(
         &self,
-        items: Vec<EncryptRequest>,
+        items: &[EncryptRequest],
     ) -> Result<Vec<ItemResult<EncryptResponse>>, ClientError> {
-        let n = items.len();
         let r: BatchResponse<EncryptResponse> = self
-            .call_json(
-                Method::POST,
-                "/encrypt_batch",
-                Some(&BatchRequest { items }),
-            )
+            .call_json(Method::POST, "/encrypt_batch", Some(&BatchItems { items }))
             .await?;
-        check_len(n, r.results)
+        check_len(items.len(), r.results)
     }
 
     /// One call for many decryptions; one result per item, in order.
@@ -289,17 +284,12 @@ impl KmsClient {
     /// [`ClientError`] when the whole call fails; per-item failures are in the results.
     pub async fn decrypt_batch(
         &self,
-        items: Vec<DecryptRequest>,
+        items: &[DecryptRequest],
     ) -> Result<Vec<ItemResult<DecryptResponse>>, ClientError> {
-        let n = items.len();
         let r: BatchResponse<DecryptResponse> = self
-            .call_json(
-                Method::POST,
-                "/decrypt_batch",
-                Some(&BatchRequest { items }),
-            )
+            .call_json(Method::POST, "/decrypt_batch", Some(&BatchItems { items }))
             .await?;
-        check_len(n, r.results)
+        check_len(items.len(), r.results)
     }
 
     /// The wrapped DEK and KEK metadata of `key_id`.
@@ -542,6 +532,13 @@ where
         }
     });
     Ok(sender)
+}
+
+/// The body of a batch call, borrowing its items (the shape of [`crate::wire::BatchRequest`]),
+/// so a caller keeps them to split and resend after a 413.
+#[derive(Serialize)]
+struct BatchItems<'a, T> {
+    items: &'a [T],
 }
 
 fn check_len<T>(n: usize, results: Vec<ItemResult<T>>) -> Result<Vec<ItemResult<T>>, ClientError> {

@@ -17,6 +17,17 @@ pub const MAX_BATCH_ITEMS: usize = 1024;
 /// Largest AAD, in bytes.
 pub const MAX_AAD_BYTES: usize = 4096;
 
+/// Length of the standard base64 (padded) text of `n` bytes.
+pub const fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
+/// JSON framing of one batch item besides its base64 fields and key id: field names, quotes,
+/// separators (measured at 44 bytes for an encrypt item; rounded up).
+const ITEM_FRAMING_BYTES: usize = 64;
+/// `{"items":[` and `]}`.
+pub const BATCH_FRAMING_BYTES: usize = 16;
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
@@ -122,6 +133,16 @@ pub struct EncryptRequest {
     pub aad: Option<Bytes64>,
 }
 
+impl EncryptRequest {
+    /// An upper bound of this item's size inside a batch request body, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        ITEM_FRAMING_BYTES
+            + self.key_id.as_str().len()
+            + base64_len(self.plaintext.len())
+            + self.aad.as_ref().map_or(0, |a| base64_len(a.0.len()))
+    }
+}
+
 /// Answer of `/encrypt`: `ciphertext` is `nonce(12) | ciphertext | tag(16)` (AES-256-GCM);
 /// `key_version` is the KEK version under which the DEK is currently wrapped.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +159,16 @@ pub struct DecryptRequest {
     pub ciphertext: Bytes64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aad: Option<Bytes64>,
+}
+
+impl DecryptRequest {
+    /// An upper bound of this item's size inside a batch request body, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        ITEM_FRAMING_BYTES
+            + self.key_id.as_str().len()
+            + base64_len(self.ciphertext.0.len())
+            + self.aad.as_ref().map_or(0, |a| base64_len(a.0.len()))
+    }
 }
 
 /// Answer of `/decrypt`.
@@ -330,6 +361,37 @@ mod tests {
         });
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["error"]["code"], "decryption_failed");
+    }
+
+    #[test]
+    fn encoded_len_bounds_the_real_encoding() {
+        for (pt, aad) in [
+            (0usize, None),
+            (1, Some(0)),
+            (1000, Some(77)),
+            (65536, Some(4096)),
+        ] {
+            let e = EncryptRequest {
+                key_id: KeyId::from_random([7; 16]),
+                plaintext: SecretBytes::new(vec![0xa5; pt]),
+                aad: aad.map(|n| Bytes64(vec![1; n])),
+            };
+            let real = serde_json::to_vec(&e).unwrap().len();
+            assert!(
+                real <= e.encoded_len() && e.encoded_len() <= real + 64,
+                "{real}"
+            );
+            let d = DecryptRequest {
+                key_id: KeyId::from_random([7; 16]),
+                ciphertext: Bytes64(vec![0xa5; pt + 28]),
+                aad: aad.map(|n| Bytes64(vec![1; n])),
+            };
+            let real = serde_json::to_vec(&d).unwrap().len();
+            assert!(
+                real <= d.encoded_len() && d.encoded_len() <= real + 64,
+                "{real}"
+            );
+        }
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! Single encrypt/decrypt calls go through a [`Coalescer`] each, which sends them to
 //! `/encrypt_batch` / `/decrypt_batch` together with whatever else is waiting. Explicit batch
-//! calls (a page of messages) go straight to the batch endpoints in one call per
-//! [`kms_api::wire::MAX_BATCH_ITEMS`] items.
+//! calls (a page of messages) go straight to the batch endpoints. Every batch stays within
+//! `kms.max_batch_items` items and `kms.max_batch_bytes` of request body (the KMS refuses
+//! bodies over its `limits.max_body_bytes` with 413); a batch the KMS still refuses as too
+//! large is split in halves and sent again.
 //!
 //! With the `dev-embedded` feature and `kms.master_key_file` set, decryption of threads whose
 //! DEK the dev master key wrapped (`kek_id = "embedded-master"`) falls back to local
@@ -15,11 +17,11 @@ use std::sync::Arc;
 
 use kms_api::wire::{
     Bytes64, DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, ErrorDetail,
-    ItemResult, SecretBytes, MAX_BATCH_ITEMS,
+    ItemResult, SecretBytes, BATCH_FRAMING_BYTES, MAX_BATCH_ITEMS,
 };
 use kms_api::{ClientError, ErrorCode, KmsClient, ThreadId};
 
-use super::coalesce::{BatchFn, Coalescer};
+use super::coalesce::{split, BatchFn, BatchLimits, Coalescer};
 use super::{
     BoxFuture, Ciphertext, DecryptItem, EncryptItem, ItemOutcome, KeyProvider, ProviderError,
     ProviderKind, ThreadKey,
@@ -30,6 +32,9 @@ use crate::metrics::{KmsMetrics, OpLabels};
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub max_batch_items: usize,
+    /// Largest batch request body sent to the KMS (keep it at or below the KMS's
+    /// `limits.max_body_bytes`).
+    pub max_batch_bytes: usize,
     pub max_inflight_batches: usize,
 }
 
@@ -38,6 +43,7 @@ pub struct ExternalProvider {
     client: KmsClient,
     enc: Coalescer<EncryptRequest, EncryptResponse>,
     dec: Coalescer<DecryptRequest, DecryptResponse>,
+    limits: BatchLimits,
     metrics: KmsMetrics,
     #[cfg(feature = "dev-embedded")]
     fallback: Option<Arc<super::embedded::MasterKey>>,
@@ -112,44 +118,78 @@ fn decrypt_request(item: &DecryptItem) -> DecryptRequest {
     }
 }
 
-async fn encrypt_batch_call(
-    client: &KmsClient,
-    metrics: &KmsMetrics,
-    items: Vec<EncryptRequest>,
-) -> Result<Vec<ItemOutcome<EncryptResponse>>, ProviderError> {
-    metrics
-        .batch_items
-        .get_or_create(&OpLabels {
-            op: "encrypt_batch",
-        })
-        .observe(items.len() as f64);
-    let r = client
-        .encrypt_batch(items)
-        .await
-        .map(|v| v.into_iter().map(map_item).collect())
-        .map_err(map_client_error);
-    metrics.call("encrypt_batch", outcome_label(&r));
-    r
+/// One batch endpoint of the KMS, as the two batch calls share their handling.
+trait BatchOp: Sized + Send + Sync + 'static {
+    type Resp: Send + 'static;
+    const NAME: &'static str;
+    fn call<'a>(
+        client: &'a KmsClient,
+        items: &'a [Self],
+    ) -> BoxFuture<'a, Result<Vec<ItemResult<Self::Resp>>, ClientError>>;
 }
 
-async fn decrypt_batch_call(
-    client: &KmsClient,
-    metrics: &KmsMetrics,
-    items: Vec<DecryptRequest>,
-) -> Result<Vec<ItemOutcome<DecryptResponse>>, ProviderError> {
-    metrics
-        .batch_items
-        .get_or_create(&OpLabels {
-            op: "decrypt_batch",
-        })
-        .observe(items.len() as f64);
-    let r = client
-        .decrypt_batch(items)
-        .await
-        .map(|v| v.into_iter().map(map_item).collect())
-        .map_err(map_client_error);
-    metrics.call("decrypt_batch", outcome_label(&r));
-    r
+impl BatchOp for EncryptRequest {
+    type Resp = EncryptResponse;
+    const NAME: &'static str = "encrypt_batch";
+    fn call<'a>(
+        client: &'a KmsClient,
+        items: &'a [Self],
+    ) -> BoxFuture<'a, Result<Vec<ItemResult<EncryptResponse>>, ClientError>> {
+        Box::pin(client.encrypt_batch(items))
+    }
+}
+
+impl BatchOp for DecryptRequest {
+    type Resp = DecryptResponse;
+    const NAME: &'static str = "decrypt_batch";
+    fn call<'a>(
+        client: &'a KmsClient,
+        items: &'a [Self],
+    ) -> BoxFuture<'a, Result<Vec<ItemResult<DecryptResponse>>, ClientError>> {
+        Box::pin(client.decrypt_batch(items))
+    }
+}
+
+/// One batch call. A `413` from the KMS (its `limits.max_body_bytes` is below
+/// `kms.max_batch_bytes`) splits the batch in halves and sends each again, down to single
+/// items; only a single item that is still too large fails, with that error.
+fn batch_call<'a, Op: BatchOp>(
+    client: &'a KmsClient,
+    metrics: &'a KmsMetrics,
+    items: &'a [Op],
+) -> BoxFuture<'a, Result<Vec<ItemOutcome<Op::Resp>>, ProviderError>> {
+    Box::pin(async move {
+        metrics
+            .batch_items
+            .get_or_create(&OpLabels { op: Op::NAME })
+            .observe(items.len() as f64);
+        let r = Op::call(client, items).await;
+        match r {
+            Err(ClientError::Api {
+                code: ErrorCode::PayloadTooLarge,
+                ..
+            }) if items.len() > 1 => {
+                metrics.call(Op::NAME, "split");
+                tracing::warn!(
+                    op = Op::NAME,
+                    items = items.len(),
+                    "the KMS refused a batch as too large; splitting it (lower kms.max_batch_bytes \
+                     to the KMS's limits.max_body_bytes to avoid the extra round trip)"
+                );
+                let (left, right) = items.split_at(items.len() / 2);
+                let mut out = batch_call(client, metrics, left).await?;
+                out.extend(batch_call(client, metrics, right).await?);
+                Ok(out)
+            }
+            other => {
+                let r = other
+                    .map(|v| v.into_iter().map(map_item).collect())
+                    .map_err(map_client_error);
+                metrics.call(Op::NAME, outcome_label(&r));
+                r
+            }
+        }
+    })
 }
 
 impl ExternalProvider {
@@ -160,20 +200,40 @@ impl ExternalProvider {
         metrics: KmsMetrics,
         #[cfg(feature = "dev-embedded")] fallback: Option<Arc<super::embedded::MasterKey>>,
     ) -> Self {
-        let max_items = opts.max_batch_items.clamp(1, MAX_BATCH_ITEMS);
+        let limits = BatchLimits {
+            max_items: opts.max_batch_items.clamp(1, MAX_BATCH_ITEMS),
+            max_bytes: opts
+                .max_batch_bytes
+                .saturating_sub(BATCH_FRAMING_BYTES)
+                .max(1),
+        };
         let (c, m) = (client.clone(), metrics.clone());
         let enc_send: BatchFn<EncryptRequest, EncryptResponse> = Arc::new(move |items| {
             let (c, m) = (c.clone(), m.clone());
-            Box::pin(async move { encrypt_batch_call(&c, &m, items).await })
+            Box::pin(async move { batch_call(&c, &m, &items).await })
         });
         let (c, m) = (client.clone(), metrics.clone());
         let dec_send: BatchFn<DecryptRequest, DecryptResponse> = Arc::new(move |items| {
             let (c, m) = (c.clone(), m.clone());
-            Box::pin(async move { decrypt_batch_call(&c, &m, items).await })
+            Box::pin(async move { batch_call(&c, &m, &items).await })
         });
+        let inflight = opts.max_inflight_batches;
         Self {
-            enc: Coalescer::spawn("encrypt", enc_send, max_items, opts.max_inflight_batches),
-            dec: Coalescer::spawn("decrypt", dec_send, max_items, opts.max_inflight_batches),
+            enc: Coalescer::spawn(
+                "encrypt",
+                enc_send,
+                limits,
+                EncryptRequest::encoded_len,
+                inflight,
+            ),
+            dec: Coalescer::spawn(
+                "decrypt",
+                dec_send,
+                limits,
+                DecryptRequest::encoded_len,
+                inflight,
+            ),
+            limits,
             client,
             metrics,
             #[cfg(feature = "dev-embedded")]
@@ -213,13 +273,16 @@ impl ExternalProvider {
         items: Vec<DecryptItem>,
     ) -> Result<Vec<ItemOutcome<SecretBytes>>, ProviderError> {
         let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(MAX_BATCH_ITEMS) {
-            let reqs = chunk.iter().map(decrypt_request).collect();
-            match decrypt_batch_call(&self.client, &self.metrics, reqs).await {
+        let weighed: Vec<(DecryptRequest, &DecryptItem)> =
+            items.iter().map(|i| (decrypt_request(i), i)).collect();
+        for chunk in split(weighed, self.limits, |(r, _)| r.encoded_len()) {
+            let (reqs, chunk): (Vec<DecryptRequest>, Vec<&DecryptItem>) = chunk.into_iter().unzip();
+            match batch_call(&self.client, &self.metrics, &reqs).await {
                 Ok(rs) => out.extend(rs.into_iter().map(|r| r.map(|d| d.plaintext))),
                 Err(ProviderError::Unavailable(m)) => {
                     let local: Option<Vec<_>> =
                         chunk.iter().map(|i| self.fallback_decrypt(i)).collect();
+                    drop(reqs);
                     match local {
                         Some(rs) => {
                             tracing::warn!(
@@ -296,15 +359,13 @@ impl KeyProvider for ExternalProvider {
     ) -> BoxFuture<'_, Result<Vec<ItemOutcome<Ciphertext>>, ProviderError>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(items.len());
-            let mut reqs: Vec<EncryptRequest> = items.into_iter().map(encrypt_request).collect();
-            while !reqs.is_empty() {
-                let rest = reqs.split_off(reqs.len().min(MAX_BATCH_ITEMS));
-                let rs = encrypt_batch_call(&self.client, &self.metrics, reqs).await?;
+            let reqs: Vec<EncryptRequest> = items.into_iter().map(encrypt_request).collect();
+            for chunk in split(reqs, self.limits, EncryptRequest::encoded_len) {
+                let rs = batch_call(&self.client, &self.metrics, &chunk).await?;
                 out.extend(
                     rs.into_iter()
                         .map(|r| r.map(|e| Ciphertext(e.ciphertext.0))),
                 );
-                reqs = rest;
             }
             Ok(out)
         })

@@ -201,6 +201,7 @@ pub fn build(
                 client,
                 external::Options {
                     max_batch_items: cfg.max_batch_items,
+                    max_batch_bytes: cfg.max_batch_bytes,
                     max_inflight_batches: cfg.max_inflight_batches,
                 },
                 metrics,

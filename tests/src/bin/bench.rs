@@ -918,7 +918,7 @@ async fn section_b_kms(p: Profile, kms: &KmsRun, ring_rate: f64, rep: &mut Repor
             move |_, _| {
                 let (c, it) = (c.clone(), Arc::clone(&it));
                 async move {
-                    let res = c.encrypt_batch(it.as_ref().clone()).await?;
+                    let res = c.encrypt_batch(it.as_ref()).await?;
                     if res.len() != BATCH_ITEMS
                         || res.iter().any(|r| matches!(r, ItemResult::Error(_)))
                     {

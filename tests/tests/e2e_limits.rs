@@ -1,0 +1,86 @@
+//! Big bodies and big pages through the real KMS (external provider over its Unix socket): every
+//! batch the server sends must fit under the KMS's body limit, however large the messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use serde_json::json;
+
+/// A JSON string body of about `n` bytes (random, so it does not compress into anything).
+fn text(n: usize, tag: usize) -> String {
+    let mut s = format!("m{tag}-");
+    while s.len() < n {
+        s.push_str(&e2e::random_hex(32));
+    }
+    s.truncate(n);
+    s
+}
+
+#[test]
+fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let alice = server.as_role(Role::Backend, "alice");
+    let t = alice.create_thread("large");
+    let tid = t["id"].as_str().unwrap().to_owned();
+
+    // 50 messages of 64 KiB: one page of them is about 4.3 MiB of base64 ciphertext, over the
+    // KMS's default 4 MiB body limit if sent as one batch.
+    let mut sent = Vec::new();
+    for i in 0..50 {
+        let body = text(64 * 1024, i);
+        alice.post_message(&tid, json!(body));
+        sent.push(body);
+    }
+    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages?limit=50"), None);
+    assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
+    let got: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().expect("every item readable"))
+        .collect();
+    assert_eq!(got, sent.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // 24 concurrent posts of about 240 KB each (under the server's 256 KiB body limit): they
+    // are coalesced into batches, which must be split to fit.
+    let t2 = alice.create_thread("concurrent");
+    let tid2 = t2["id"].as_str().unwrap().to_owned();
+    let handles: Vec<_> = (0..24)
+        .map(|i| {
+            let api = server.as_role(Role::Backend, "alice");
+            let tid2 = tid2.clone();
+            std::thread::spawn(move || {
+                let (s, v) = api.call(
+                    "POST",
+                    &format!("/v1/threads/{tid2}/messages"),
+                    Some(json!({ "body": text(240_000, i) })),
+                );
+                (s, v["error"].clone())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (s, e) = h.join().unwrap();
+        assert_eq!(s, 201, "{e}");
+    }
+    let all = alice.all_messages(&tid2);
+    assert_eq!(all.len(), 24);
+    assert!(all
+        .iter()
+        .all(|m| m["body"].as_str().map(str::len) == Some(240_000)));
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(
+        !server.proc.log_text().contains("answering 500"),
+        "no internal errors"
+    );
+    drop(kms);
+}
