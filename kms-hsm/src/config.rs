@@ -22,7 +22,7 @@ use kms_api::KekId;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::backend::HsmSettings;
+use crate::backend::{HsmLimits, HsmSettings};
 
 /// Prefix of environment overrides; sections and keys are separated by `__`.
 pub const ENV_PREFIX: &str = "PROGRESSDB_KMS";
@@ -111,6 +111,8 @@ pub struct RawHsm {
     pub pin_file: Option<PathBuf>,
     pub kek_label: Option<String>,
     pub sessions: Option<u32>,
+    pub queue_depth: Option<u32>,
+    pub job_timeout_ms: Option<u64>,
 }
 
 /// `[store]`
@@ -189,6 +191,7 @@ pub struct HsmConfig {
     pub pin_file: Option<PathBuf>,
     pub kek_label: KekId,
     pub sessions: usize,
+    pub limits: HsmLimits,
 }
 
 /// `[store]`
@@ -234,6 +237,8 @@ pub enum LogFormat {
 /// Defaults of optional keys (documented in the example file).
 pub mod defaults {
     pub const HSM_SESSIONS: u32 = 4;
+    pub const HSM_QUEUE_DEPTH: u32 = 64;
+    pub const HSM_JOB_TIMEOUT_MS: u64 = 5000;
     pub const MAP_SIZE_MB: u64 = 1024;
     pub const CACHE_TTL_SECS: u64 = 300;
     pub const CACHE_MAX_ENTRIES: u64 = 10_000;
@@ -314,6 +319,7 @@ impl Config {
             pin,
             kek_label: self.hsm.kek_label.clone(),
             sessions: self.hsm.sessions,
+            limits: self.hsm.limits,
         })
     }
 }
@@ -405,12 +411,30 @@ impl RawConfig {
         if !(1..=64).contains(&sessions) {
             return Err(invalid("hsm.sessions", "must be between 1 and 64"));
         }
+        let queue_depth = self.hsm.queue_depth.unwrap_or(defaults::HSM_QUEUE_DEPTH);
+        if !(1..=65_536).contains(&queue_depth) {
+            return Err(invalid("hsm.queue_depth", "must be between 1 and 65536"));
+        }
+        let job_timeout_ms = self
+            .hsm
+            .job_timeout_ms
+            .unwrap_or(defaults::HSM_JOB_TIMEOUT_MS);
+        if !(10..=600_000).contains(&job_timeout_ms) {
+            return Err(invalid(
+                "hsm.job_timeout_ms",
+                "must be between 10 and 600000",
+            ));
+        }
         let hsm = HsmConfig {
             module,
             token_label,
             pin_file: self.hsm.pin_file.map(abs),
             kek_label,
             sessions: sessions as usize,
+            limits: HsmLimits {
+                queue_depth: queue_depth as usize,
+                job_timeout: Duration::from_millis(job_timeout_ms),
+            },
         };
 
         let store = StoreConfig {

@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{
+    HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use kms_api::wire::{
@@ -53,6 +55,9 @@ pub type Body = Full<Bytes>;
 /// Extra bytes of an oversize body read and discarded before answering 413, so an ordinary
 /// client reads the answer instead of a reset; beyond that the connection is closed.
 const DRAIN_ALLOWANCE: usize = 4 << 20;
+
+/// `Retry-After` of a 503 `overloaded` answer, in seconds.
+pub const RETRY_AFTER_SECS: &str = "1";
 
 /// Limits on request bodies.
 #[derive(Debug, Clone, Copy)]
@@ -87,9 +92,6 @@ pub enum HttpError {
     InvalidArgument(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
-    /// A service error shared by several items of a batch.
-    #[error(transparent)]
-    SharedService(Arc<ServiceError>),
 }
 
 impl HttpError {
@@ -108,7 +110,6 @@ impl HttpError {
             HttpError::InvalidBase64 { .. } => ErrorCode::InvalidBase64,
             HttpError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             HttpError::Service(e) => e.code(),
-            HttpError::SharedService(e) => e.code(),
         }
     }
 
@@ -129,7 +130,11 @@ fn detail(code: ErrorCode, err: &dyn std::fmt::Display, endpoint: &'static str) 
             tracing::warn!(endpoint, error = %err, "answering 503");
             "the key service is temporarily unavailable; retry later".to_owned()
         }
-        ErrorCode::Internal => {
+        ErrorCode::Overloaded => {
+            tracing::warn!(endpoint, error = %err, "answering 503 overloaded");
+            "the key service is at capacity; retry after the Retry-After delay".to_owned()
+        }
+        ErrorCode::Internal | ErrorCode::Unknown => {
             tracing::error!(endpoint, error = %err, "answering 500");
             "internal error".to_owned()
         }
@@ -441,6 +446,10 @@ fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
     }
+    if code == ErrorCode::Overloaded {
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    }
     if err.closes_connection() {
         r.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -694,7 +703,8 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
 }
 
 /// Puts the service's results back in item order next to the items refused at validation.
-/// An `unavailable` result fails the whole call (retryable as a unit).
+/// Every item fails on its own: a cold key whose unwrap meets an HSM outage answers
+/// `unavailable` for its items, while the items under cached keys beside it succeed.
 fn merge<I, T, R>(
     endpoint: &'static str,
     inputs: Vec<Result<I, HttpError>>,
@@ -702,15 +712,11 @@ fn merge<I, T, R>(
     ok: impl Fn(T) -> R,
 ) -> Result<Vec<ItemResult<R>>, HttpError> {
     let mut out = Vec::with_capacity(inputs.len());
-    let mut unavailable = None;
     for input in inputs {
         match input {
             Err(e) => out.push(ItemResult::Error(detail(e.code(), &e, endpoint))),
             Ok(_) => match done.next() {
                 Some(Ok(v)) => out.push(ItemResult::Ok(ok(v))),
-                Some(Err(e)) if e.code() == ErrorCode::Unavailable => {
-                    unavailable = Some(e);
-                }
                 Some(Err(e)) => out.push(ItemResult::Error(detail(e.code(), &e, endpoint))),
                 None => {
                     return Err(HttpError::Service(ServiceError::Internal(
@@ -720,10 +726,7 @@ fn merge<I, T, R>(
             },
         }
     }
-    match unavailable {
-        Some(e) => Err(HttpError::SharedService(e)),
-        None => Ok(out),
-    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -943,13 +946,15 @@ mod tests {
         assert_eq!(s, 503);
         assert_eq!(v["error"]["code"], "unavailable");
         assert!(!v.to_string().contains("mock"), "no internal detail: {v}");
-        let (s, _) = post(
+        // In a batch, the cold key's item fails alone.
+        let (s, r) = post(
             &f,
             "/encrypt_batch",
             json!({"items": [{"key_id": key_id, "plaintext": "aGk="}]}),
         )
         .await;
-        assert_eq!(s, 503);
+        assert_eq!(s, 200);
+        assert_eq!(r["results"][0]["error"]["code"], "unavailable", "{r}");
         let (s, v) = call(&f, Method::GET, "/readyz", b"").await;
         assert_eq!(
             (s, v["error"]["code"].as_str().unwrap()),

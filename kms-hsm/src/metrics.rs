@@ -8,6 +8,11 @@
 //! | `progressdb_kms_hsm_errors_total` | counter | |
 //! | `progressdb_kms_hsm_recoveries_total` | counter | |
 //! | `progressdb_kms_hsm_ready` | gauge (0/1) | |
+//! | `progressdb_kms_hsm_resets_total` (library resets: `C_Finalize` + `C_Initialize`) | counter | |
+//! | `progressdb_kms_hsm_login_failures_total` (PIN refused; at most one per token) | counter | |
+//! | `progressdb_kms_hsm_pin_rejected` (1: the KMS will not log in again until restarted) | gauge | |
+//! | `progressdb_kms_hsm_sessions` (sessions open now) | gauge | |
+//! | `progressdb_kms_hsm_overloaded_total` (jobs refused: every HSM queue full) | counter | |
 //! | `progressdb_kms_cache_hits_total`, `_misses_total` | counter | |
 //! | `progressdb_kms_cache_entries` | gauge | |
 //! | `progressdb_kms_keystore_commits_total` | counter | |
@@ -37,6 +42,11 @@ pub struct HsmCounters {
     pub calls: u64,
     pub errors: u64,
     pub recoveries: u64,
+    pub resets: u64,
+    pub login_failures: u64,
+    pub pin_rejected: bool,
+    pub sessions_open: i64,
+    pub overloaded: u64,
 }
 
 /// A backend that counts its HSM calls. Kept apart from [`KeyBackend`] so that trait stays
@@ -52,6 +62,11 @@ impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
             calls: s.calls,
             errors: s.errors,
             recoveries: s.recoveries,
+            resets: s.resets,
+            login_failures: s.login_failures,
+            pin_rejected: s.pin_rejected,
+            sessions_open: s.sessions_open,
+            overloaded: s.overloaded,
         }
     }
 }
@@ -123,9 +138,35 @@ impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
                 "Times the HSM sessions were reopened after a failure",
                 c.recoveries,
             ),
+            (
+                "hsm_resets",
+                "PKCS#11 library resets (C_Finalize + C_Initialize) after a lost session or token",
+                c.resets,
+            ),
+            (
+                "hsm_login_failures",
+                "Logins the token refused for the PIN (never retried)",
+                c.login_failures,
+            ),
+            (
+                "hsm_overloaded",
+                "HSM jobs refused because every worker queue was full",
+                c.overloaded,
+            ),
         ] {
             let m = ConstCounter::new(v);
             m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        for (name, help, v) in [
+            (
+                "hsm_pin_rejected",
+                "1 when the token refused the PIN: no login is tried until a restart",
+                i64::from(c.pin_rejected),
+            ),
+            ("hsm_sessions", "PKCS#11 sessions open now", c.sessions_open),
+        ] {
+            let g = ConstGauge::new(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
         let ready = ConstGauge::new(i64::from(self.backend.is_ready()));
         ready.encode(encoder.encode_descriptor(

@@ -9,7 +9,7 @@
 //! stable wire codes. Every decryption failure is the same [`ServiceError::DecryptionFailed`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use kms_api::wire::SecretBytes;
@@ -17,12 +17,15 @@ use kms_api::{ErrorCode, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::aead;
-use crate::backend::{BackendError, KekRef, KeyBackend};
+use crate::backend::{BackendError, BackendState, KekRef, KeyBackend};
 use crate::cache::{CachedDek, DekCache};
 use crate::keystore::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
 
 /// Longest wait for the HSM round trip of a readiness check.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a readiness answer is reused: `/readyz` needs no credentials, so without this any
+/// local caller could turn it into HSM load.
+const READY_CACHE: Duration = Duration::from_secs(1);
 
 /// Failures of the KMS operations. `Display` is for the log: it names keys, never key
 /// material, plaintext or the PIN.
@@ -48,6 +51,9 @@ pub enum ServiceError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The failure of an unwrap that several requests waited for.
+    #[error(transparent)]
+    Shared(Arc<ServiceError>),
 }
 
 impl ServiceError {
@@ -61,7 +67,12 @@ impl ServiceError {
                 ErrorCode::Internal
             }
             ServiceError::Backend(e) => match e {
-                BackendError::Unavailable(_) => ErrorCode::Unavailable,
+                // A refused KEK or PIN leaves the KMS unready until an operator acts: callers
+                // see an outage (503), the log and /metrics say why.
+                BackendError::Unavailable(_)
+                | BackendError::KekRefused { .. }
+                | BackendError::PinRejected(_) => ErrorCode::Unavailable,
+                BackendError::Overloaded => ErrorCode::Overloaded,
                 BackendError::InvalidWrapped
                 | BackendError::KekNotFound { .. }
                 | BackendError::Config(_)
@@ -76,6 +87,7 @@ impl ServiceError {
                 | StoreError::NotFound(_)
                 | StoreError::Corrupt { .. } => ErrorCode::Internal,
             },
+            ServiceError::Shared(e) => e.code(),
         }
     }
 }
@@ -149,12 +161,19 @@ pub enum Readiness {
     NotReady(&'static str),
 }
 
+/// One unwrap in flight, shared by every request that misses the cache for the same key.
+type Flight = Arc<tokio::sync::OnceCell<Shared>>;
+
 /// The KMS operations.
 pub struct KeyService<B, S> {
     backend: Arc<B>,
     store: S,
     cache: DekCache,
     rng: SystemRandom,
+    /// Unwraps in flight, by key: concurrent misses for one cold key share one HSM call.
+    flights: std::sync::Mutex<HashMap<KeyId, Flight>>,
+    /// The last HSM readiness round trip and when it ended.
+    ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
 
 impl<B, S> std::fmt::Debug for KeyService<B, S> {
@@ -174,6 +193,8 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             store,
             cache,
             rng: SystemRandom::new(),
+            flights: std::sync::Mutex::new(HashMap::new()),
+            ready: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -235,8 +256,32 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         })
     }
 
-    /// The DEK of `key_id`, from the cache or unwrapped by the HSM.
+    /// The DEK of `key_id`, from the cache or unwrapped by the HSM. Concurrent misses for the
+    /// same key wait for one unwrap instead of each making their own.
     async fn dek(&self, key_id: &KeyId) -> Result<Arc<CachedDek>, ServiceError> {
+        if let Some(hit) = self.cache.get(key_id) {
+            return Ok(hit);
+        }
+        let flight = {
+            let mut f = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            f.entry(key_id.clone()).or_default().clone()
+        };
+        let out = flight
+            .get_or_init(|| async { self.load_dek(key_id).await.map_err(Arc::new) })
+            .await
+            .clone();
+        {
+            let mut f = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            // Only the flight we joined: a later miss may have started a new one.
+            if f.get(key_id).is_some_and(|cur| Arc::ptr_eq(cur, &flight)) {
+                f.remove(key_id);
+            }
+        }
+        out.map_err(ServiceError::Shared)
+    }
+
+    /// Reads `key_id`'s record and unwraps its DEK through the HSM, caching the result.
+    async fn load_dek(&self, key_id: &KeyId) -> Result<Arc<CachedDek>, ServiceError> {
         if let Some(hit) = self.cache.get(key_id) {
             return Ok(hit);
         }
@@ -272,7 +317,10 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             if out.contains_key(id) {
                 continue;
             }
-            let r = self.dek(id).await.map_err(Arc::new);
+            let r = self.dek(id).await.map_err(|e| match e {
+                ServiceError::Shared(shared) => shared,
+                other => Arc::new(other),
+            });
             out.insert(id.clone(), r);
         }
         out
@@ -394,10 +442,25 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     }
 
     /// Ready when the backend says so, a real HSM round trip succeeds and the store answers.
+    /// The HSM round trip is made at most once per [`READY_CACHE`]; concurrent callers share
+    /// it.
     pub async fn readiness(&self) -> Readiness {
-        if !self.backend.is_ready() {
-            return Readiness::NotReady("HSM sessions are being re-established");
+        let state = self.backend.state();
+        if state != BackendState::Ready {
+            return Readiness::NotReady(state.reason());
         }
+        let mut last = self.ready.lock().await;
+        if let Some((at, r)) = *last {
+            if at.elapsed() < READY_CACHE {
+                return r;
+            }
+        }
+        let r = self.check_ready().await;
+        *last = Some((std::time::Instant::now(), r));
+        r
+    }
+
+    async fn check_ready(&self) -> Readiness {
         match tokio::time::timeout(READY_TIMEOUT, self.backend.health_check()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

@@ -9,7 +9,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::backend::{
-    parse_wrapped_header, wrap_aad, BackendError, Dek, KekRef, KeyBackend, WrapFormat, DEK_LEN,
+    parse_wrapped_header, wrap_aad, BackendError, BackendState, Dek, KekRef, KeyBackend,
+    WrapFormat, DEK_LEN,
 };
 use crate::metrics::{BackendStats, HsmCounters};
 
@@ -128,8 +129,12 @@ impl KeyBackend for MockBackend {
         self.check_up()
     }
 
-    fn is_ready(&self) -> bool {
-        !self.down.load(Ordering::SeqCst)
+    fn state(&self) -> BackendState {
+        if self.down.load(Ordering::SeqCst) {
+            BackendState::Recovering
+        } else {
+            BackendState::Ready
+        }
     }
 }
 
@@ -139,6 +144,7 @@ impl BackendStats for MockBackend {
             calls: self.calls.load(Ordering::SeqCst),
             errors: 0,
             recoveries: 0,
+            ..HsmCounters::default()
         }
     }
 }

@@ -332,9 +332,16 @@ fn open_refuses_bad_configuration() {
 
     let mut s = h.settings("t-pin", 1);
     s.pin = SecretString::from("wrong-pin".to_owned());
-    let err = Pkcs11Backend::open(s).unwrap_err();
-    assert!(matches!(err, BackendError::Config(_)), "{err:?}");
+    let err = Pkcs11Backend::open(s.clone()).unwrap_err();
+    assert!(matches!(err, BackendError::PinRejected(_)), "{err:?}");
     assert!(!err.to_string().contains("wrong-pin"));
+    // The refused PIN is not tried again in this process, not even with another PIN.
+    s.pin = SecretString::from("another-wrong-pin".to_owned());
+    let err = Pkcs11Backend::open(s).unwrap_err();
+    assert!(
+        matches!(&err, BackendError::PinRejected(m) if m.contains("earlier login")),
+        "{err:?}"
+    );
 
     let s = h.settings("t-main", 1);
     let mut unknown = s.clone();

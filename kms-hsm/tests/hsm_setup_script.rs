@@ -172,6 +172,7 @@ fn setup_script_is_idempotent_and_its_token_serves_the_backend() {
         ),
         kek_label: KekId::parse("script-kek").unwrap(),
         sessions: 2,
+        limits: Default::default(),
     };
     assert!(matches!(
         init_kek(&settings).unwrap(),
@@ -185,6 +186,7 @@ fn setup_script_is_idempotent_and_its_token_serves_the_backend() {
     assert!(attrs.sensitive && !attrs.extractable && attrs.wrap_by_other_key_refused);
     let backend = Pkcs11Backend::open(settings).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {

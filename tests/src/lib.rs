@@ -737,3 +737,79 @@ impl Server {
         .call("GET", "/readyz", None)
     }
 }
+
+/// One HTTP/1.1 request over a Unix socket (`Connection: close`), blocking, with a 10 s
+/// timeout: for talking to the KMS from tests without a client library. Returns the status
+/// and the body as text.
+pub fn uds_raw(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let body = body
+        .map(|b| serde_json::to_vec(b).unwrap())
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: kms\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(&body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// [`uds_raw`] with the body parsed as JSON (`Null` when it is not JSON).
+pub fn uds_request(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, Value)> {
+    let (status, text) = uds_raw(sock, method, path, body)?;
+    Ok((
+        status,
+        serde_json::from_str(text.trim()).unwrap_or(Value::Null),
+    ))
+}
+
+/// The value of an un-labelled metric in Prometheus text, if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+impl Kms {
+    /// The Unix socket path (for a `KmsListen::Unix` KMS).
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(self.endpoint.trim_start_matches("unix://"))
+    }
+
+    /// One request to the KMS's Unix socket; see [`uds_request`].
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        uds_request(&self.socket(), method, path, body.as_ref()).unwrap()
+    }
+
+    /// The KMS's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        uds_raw(&self.socket(), "GET", "/metrics", None).unwrap().1
+    }
+}

@@ -382,7 +382,7 @@ impl KmsClient {
                 .map_err(|e| ClientError::Protocol(format!("bad answer to {path}: {e}")));
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) if b.error.code == ErrorCode::Unavailable => {
+            Ok(b) if matches!(b.error.code, ErrorCode::Unavailable | ErrorCode::Overloaded) => {
                 Err(ClientError::Unavailable(b.error.message))
             }
             Ok(b) => Err(ClientError::Api {

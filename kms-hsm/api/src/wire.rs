@@ -246,8 +246,13 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The HSM or the key store cannot be reached now; retry later.
     Unavailable,
+    /// The KMS is at a limit (connections, HSM queue); retry after the `Retry-After` delay.
+    Overloaded,
     /// Anything else inside the KMS; detail is in the KMS log only.
     Internal,
+    /// A code this build does not know (sent by a newer KMS). Treated like `internal`.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -262,8 +267,8 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::DecryptionFailed => 422,
-            ErrorCode::Internal => 500,
-            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal | ErrorCode::Unknown => 500,
+            ErrorCode::Unavailable | ErrorCode::Overloaded => 503,
         }
     }
 
@@ -280,7 +285,9 @@ impl ErrorCode {
             ErrorCode::DecryptionFailed => "decryption_failed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -335,12 +342,21 @@ mod tests {
             ErrorCode::DecryptionFailed,
             ErrorCode::PayloadTooLarge,
             ErrorCode::Unavailable,
+            ErrorCode::Overloaded,
             ErrorCode::Internal,
         ] {
             let j = serde_json::to_string(&c).unwrap();
             assert_eq!(j, format!("\"{}\"", c.as_str()));
             assert!((400..600).contains(&c.status()));
         }
+    }
+
+    #[test]
+    fn unknown_codes_are_tolerated() {
+        let b: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"quota_exceeded","message":"m"}}"#).unwrap();
+        assert_eq!(b.error.code, ErrorCode::Unknown);
+        assert_eq!(b.error.code.status(), 500);
     }
 
     #[test]

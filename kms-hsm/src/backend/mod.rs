@@ -137,6 +137,27 @@ pub struct HsmSettings {
     pub kek_label: KekId,
     /// Sessions (= worker threads) opened against the token.
     pub sessions: usize,
+    /// Queue and deadline of HSM jobs.
+    pub limits: HsmLimits,
+}
+
+/// Bounds on the work waiting for the HSM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HsmLimits {
+    /// Jobs queued per worker (session) before new ones are refused with `Overloaded`.
+    pub queue_depth: usize,
+    /// How long a caller waits for an HSM job (queue time included) before `Unavailable`.
+    pub job_timeout: std::time::Duration,
+}
+
+impl Default for HsmLimits {
+    /// 64 jobs per worker, 5 s.
+    fn default() -> Self {
+        Self {
+            queue_depth: 64,
+            job_timeout: std::time::Duration::from_secs(5),
+        }
+    }
 }
 
 impl fmt::Debug for HsmSettings {
@@ -147,6 +168,7 @@ impl fmt::Debug for HsmSettings {
             .field("pin", &"<redacted>")
             .field("kek_label", &self.kek_label)
             .field("sessions", &self.sessions)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -166,6 +188,22 @@ pub enum BackendError {
     /// The KEK named by id and version is not in the token.
     #[error("KEK {id} version {version} not found in the token")]
     KekNotFound { id: KekId, version: KekVersion },
+    /// An object with the KEK's label and version is not a hardened KEK (not sensitive,
+    /// extractable, imported, usable for wrapping...): it is never used.
+    #[error("KEK '{id}' version {version} is refused: {reason}; remove or replace that object")]
+    KekRefused {
+        id: KekId,
+        version: KekVersion,
+        reason: String,
+    },
+    /// The token refused the PIN. Never retried (a real HSM locks the PIN after a few
+    /// failures); the KMS stays unready until it is restarted with a correct PIN.
+    #[error("HSM PIN rejected: {0}")]
+    PinRejected(String),
+    /// Every HSM worker's queue is full: the HSM is saturated. Retryable; maps to 503
+    /// `overloaded`.
+    #[error("HSM queues are full")]
+    Overloaded,
     /// Configuration problems found when opening (module not loadable, no token with that
     /// label, wrong PIN). Fatal at start-up.
     #[error("HSM configuration: {0}")]
@@ -215,7 +253,35 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// `Unavailable` when the HSM does not answer correctly.
     fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// `false` while the backend knows it cannot serve (recovering sessions after a device
-    /// error); `/readyz` reports unready then.
-    fn is_ready(&self) -> bool;
+    /// What the backend can do now, without a round trip; `/readyz` reports unready unless
+    /// [`BackendState::Ready`].
+    fn state(&self) -> BackendState;
+
+    /// `state() == Ready`.
+    fn is_ready(&self) -> bool {
+        self.state() == BackendState::Ready
+    }
+}
+
+/// Whether a backend can serve, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Ready,
+    /// Sessions are being re-established after a loss; the backend heals by itself.
+    Recovering,
+    /// The token refused the PIN; nothing happens until an operator fixes it and restarts.
+    PinRejected,
+}
+
+impl BackendState {
+    /// A short reason safe to show to callers.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BackendState::Ready => "ready",
+            BackendState::Recovering => "HSM sessions are being re-established",
+            BackendState::PinRejected => {
+                "the HSM refused the PIN; fix hsm.pin_file and restart the KMS"
+            }
+        }
+    }
 }

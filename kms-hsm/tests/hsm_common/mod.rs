@@ -50,6 +50,7 @@ impl TestHsm {
             pin: SecretString::from(self.pin(token)),
             kek_label: KekId::parse(KEK_LABEL).unwrap(),
             sessions,
+            limits: Default::default(),
         }
     }
 

@@ -70,7 +70,7 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
     match code {
         ErrorCode::UnknownKey => ProviderError::UnknownKey,
         ErrorCode::DecryptionFailed => ProviderError::DecryptionFailed,
-        ErrorCode::Unavailable => ProviderError::Unavailable(message),
+        ErrorCode::Unavailable | ErrorCode::Overloaded => ProviderError::Unavailable(message),
         ErrorCode::MalformedRequest
         | ErrorCode::InvalidBase64
         | ErrorCode::InvalidArgument
@@ -80,7 +80,9 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         | ErrorCode::PayloadTooLarge => {
             ProviderError::Rejected(format!("{}: {message}", code.as_str()))
         }
-        ErrorCode::Internal => ProviderError::Internal(message),
+        ErrorCode::Internal | ErrorCode::Unknown => {
+            ProviderError::Internal(format!("{}: {message}", code.as_str()))
+        }
     }
 }
 

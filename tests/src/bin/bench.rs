@@ -623,6 +623,7 @@ async fn section_a(p: Profile, root: &Path, rep: &mut Report) -> Result<()> {
         pin: SecretString::from(hsm.pin.clone()),
         kek_label: KekId::parse(&hsm.kek_label)?,
         sessions: HSM_SESSIONS,
+        limits: Default::default(),
     };
     let backend = tokio::task::spawn_blocking(move || -> Result<Pkcs11Backend> {
         init_kek(&settings)?;

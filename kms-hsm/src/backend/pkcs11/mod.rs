@@ -8,38 +8,34 @@
 //!   module path later in the same process is a `Config` error.
 //! * **One login.** Login state belongs to the application, not to a session: `open` logs in
 //!   once; every later session inherits it (`CKR_USER_ALREADY_LOGGED_IN` counts as success).
+//!   A PIN the token refuses is never tried again (see [`context`]).
 //! * **Worker threads own sessions.** `open` starts `settings.sessions` std threads; each opens
 //!   one read-only session and keeps it for its life. Async callers send a job over the
-//!   worker's channel and await a `tokio::sync::oneshot` reply, so no PKCS#11 call ever runs
-//!   on the async runtime. The dispatcher picks the healthy worker with the fewest jobs in
-//!   flight (ties broken round-robin), so concurrent requests spread over all sessions and a
-//!   worker that is recovering does not hold up others.
+//!   worker's **bounded** queue (`hsm.queue_depth` jobs) and await a `tokio::sync::oneshot`
+//!   reply with a deadline (`hsm.job_timeout_ms`), so no PKCS#11 call ever runs on the async
+//!   runtime, a saturated HSM answers `Overloaded` (503) at once instead of growing a queue,
+//!   and a stuck one answers `Unavailable` after the deadline. The dispatcher picks the
+//!   healthy worker with the fewest jobs in flight (ties broken round-robin).
 //! * **Why not `spawn_blocking`.** A blocking-pool closure would first have to check a session
 //!   out of a shared pool (a lock, and a session that may have last run on another thread) and
-//!   hop to a pool thread that may need spawning. A worker that owns its session pays neither:
-//!   one channel send, one wake-up, and the session's object-handle cache stays local and
-//!   lock-free. It also bounds HSM concurrency to the number of sessions by construction.
-//!   Measured (`progressdb-bench`, section a, SoftHSM 2.6.1, 2 vCPUs): unwrap throughput is
-//!   at parity with `spawn_blocking` over a `Mutex<Vec<Session>>` pool, within run-to-run
-//!   noise; the HSM call dominates either dispatch. The reasons to keep workers are the
-//!   bounded concurrency and session affinity above, not speed.
+//!   hop to a pool thread that may need spawning. A worker that owns its session pays neither,
+//!   and it bounds HSM concurrency to the number of sessions by construction. Measured
+//!   (`progressdb-bench`, section a, SoftHSM 2.6.1, 2 vCPUs): unwrap throughput is at parity
+//!   with `spawn_blocking` over a `Mutex<Vec<Session>>` pool, within run-to-run noise.
 //!
 //! # Recovery
-//! When a call fails with `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`,
-//! `CKR_DEVICE_ERROR`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`,
-//! `CKR_TOKEN_NOT_RECOGNIZED` or `CKR_CRYPTOKI_NOT_INITIALIZED`, the worker forgets its session
-//! (it never closes it: the handle may already belong to a newer session), marks itself
-//! unready, re-initialises the library if needed, finds the token again **by label**, opens a
-//! new session, logs in if the application is no longer logged in, re-finds the KEK handle
-//! (handles are never kept across a reopen) and retries the job once. The other workers learn
-//! through an epoch counter that their sessions are suspect and reopen before their next job.
-//! `CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID` and `CKR_OBJECT_HANDLE_INVALID` only
-//! trigger a new login and a fresh handle lookup on the same session.
+//! See [`worker`]: a lost login is answered by a new login, a lost session by a library reset
+//! (`C_Finalize` + `C_Initialize`, which closes every session of the process and makes the
+//! library rescan its tokens) and a reopen, with backoff, in the background; the KMS recovers
+//! without a restart, and `/readyz` is 503 meanwhile. Successful reopens are counted in
+//! [`HsmStats::recoveries`], resets in [`HsmStats::resets`].
 //!
-//! While any worker is without a session [`KeyBackend::is_ready`] is `false`. If the token is
-//! gone, jobs fail fast with `Unavailable`; the worker retries the reopen in the background
-//! with a backoff (100 ms doubling to 5 s) and on the next job after the backoff, so the KMS
-//! recovers without a restart. Successful reopens are counted in [`HsmStats::recoveries`].
+//! # The KEK is checked, not trusted
+//! Every KEK object is checked when it is first looked up in a session (at start and after
+//! every recovery): it must be an AES-256 secret key generated in the token, sensitive and
+//! never extractable, for encryption and decryption only (`token::check_kek`). Anything else,
+//! e.g. a key planted with `pkcs11-tool` under the KEK's label and a higher version, is
+//! refused with the label, version and attribute at fault, never used.
 //!
 //! # Secrets
 //! Raw DEK bytes only ever live in `Zeroizing` buffers; the PIN stays in a `SecretString`.
@@ -47,9 +43,10 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
 
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -59,10 +56,12 @@ use cryptoki::types::Ulong;
 use kms_api::{KekId, KekVersion, KeyId, WrappedDek};
 use tokio::sync::oneshot;
 
-use self::context::Runtime;
+use self::context::Pkcs11Context;
 use self::token::OpError;
-use self::worker::{Job, Shared, Worker, WorkerSlot};
-use crate::backend::{parse_wrapped_header, BackendError, Dek, HsmSettings, KekRef, KeyBackend};
+use self::worker::{Job, JobKind, Worker, WorkerPool, WorkerSlot};
+use crate::backend::{
+    parse_wrapped_header, BackendError, BackendState, Dek, HsmSettings, KekRef, KeyBackend,
+};
 
 mod context;
 mod token;
@@ -78,6 +77,16 @@ pub struct HsmStats {
     pub errors: u64,
     /// Sessions reopened after a loss.
     pub recoveries: u64,
+    /// Library resets (`C_Finalize` + `C_Initialize`) done by this process.
+    pub resets: u64,
+    /// Logins the token refused for the PIN (at most one per process: see the PIN latch).
+    pub login_failures: u64,
+    /// Whether the PIN latch is set (the KMS will not log in again until restarted).
+    pub pin_rejected: bool,
+    /// Sessions this backend has open now.
+    pub sessions_open: i64,
+    /// Jobs refused because every worker queue was full.
+    pub overloaded: u64,
 }
 
 /// Result of [`init_kek`].
@@ -126,32 +135,37 @@ pub struct KekAttributes {
 
 /// The PKCS#11 backend. Cheap to share behind an `Arc`; see the module docs.
 pub struct Pkcs11Backend {
-    shared: Arc<Shared>,
-    workers: Vec<Sender<Job>>,
+    pool: Arc<WorkerPool>,
+    workers: Vec<SyncSender<Job>>,
     next: AtomicUsize,
+    job_timeout: std::time::Duration,
+    overloaded: AtomicU64,
 }
 
 impl fmt::Debug for Pkcs11Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pkcs11Backend")
-            .field("token_label", &self.shared.token_label)
-            .field("current_kek", &self.shared.current_kek())
+            .field("token_label", &self.pool.token_label)
+            .field("current_kek", &self.pool.current_kek())
             .field("sessions", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Pkcs11Backend {
-    /// Loads the module (once per process), finds the token by label, logs in once, finds the
-    /// current KEK (highest version labelled `kek_label`) and starts `settings.sessions` worker
-    /// threads, each owning one session. Blocks until every worker has its session; call it
-    /// at start-up (or from `spawn_blocking`), not on the async runtime.
+    /// Loads the module (once per process), finds the token by label, logs in once, finds and
+    /// checks the current KEK (highest version labelled `kek_label`) and starts
+    /// `settings.sessions` worker threads, each owning one session. Blocks until every worker
+    /// has its session; call it at start-up (or from `spawn_blocking`), not on the async
+    /// runtime.
     ///
     /// # Errors
     /// * `Config`: `sessions` is 0; the module cannot be loaded or another module is loaded in
-    ///   this process; no (or more than one) token with that label; the PIN is refused; no KEK
-    ///   with that label (the message tells the operator to run `progressdb-kms init-kek`) or
-    ///   a duplicated current version.
+    ///   this process; no (or more than one) token with that label; no KEK with that label
+    ///   (the message tells the operator to run `progressdb-kms init-kek`) or a duplicated
+    ///   current version.
+    /// * `PinRejected`: the token refused the PIN (it is not tried again in this process).
+    /// * `KekRefused`: the current KEK object is not a hardened KEK.
     /// * `Unavailable`: a device error while opening sessions.
     /// * `Internal`: anything else (e.g. a worker thread could not be spawned).
     ///
@@ -163,33 +177,45 @@ impl Pkcs11Backend {
                 "the number of HSM sessions must be at least 1".into(),
             ));
         }
-        let rt = context::runtime(&settings.module)?;
-        rt.ensure_initialized()?;
+        let ctx = context::context(&settings.module)?;
+        ctx.ensure_initialized()?;
+        if ctx.pin_rejected(&settings.token_label) {
+            return Err(BackendError::PinRejected(
+                "an earlier login in this process was refused".into(),
+            ));
+        }
 
         // Log in once and find the current KEK; the bootstrap session holds the login until
         // the workers have opened theirs.
         let (bootstrap, current) = {
-            let _w = rt.write_gate();
-            let slot = token::find_slot(&rt.pkcs11, &settings.token_label)?;
-            let session = rt
+            let _g = ctx.read_gate();
+            let slot = token::find_slot(&ctx.pkcs11, &settings.token_label)?;
+            let session = ctx
                 .pkcs11
                 .open_ro_session(slot)
                 .map_err(|e| token::setup_error("opening an HSM session", e))?;
-            token::login(&session, &settings.token_label, &settings.pin)
-                .map_err(|e| token::op_to_setup_error("logging in", e))?;
+            if let Err(e) = token::login(&session, &settings.token_label, &settings.pin) {
+                if let OpError::Backend(BackendError::PinRejected(_)) = &e {
+                    ctx.reject_pin(&settings.token_label);
+                }
+                return Err(token::op_to_setup_error("logging in", e));
+            }
             let current = token::current_kek(&session, &settings.kek_label, &settings.token_label)
                 .map_err(|e| token::op_to_setup_error("finding the KEK", e))?;
             (session, current)
         };
 
-        let shared = Arc::new(Shared {
-            rt,
+        let pool = Arc::new(WorkerPool {
+            ctx,
             token_label: settings.token_label.clone(),
             pin: settings.pin.clone(),
             current: RwLock::new(current.clone()),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
+            login_failures: AtomicU64::new(0),
+            sessions_open: AtomicI64::new(0),
+            known_keks: RwLock::new(std::iter::once(current.clone()).collect()),
             slots: (0..settings.sessions)
                 .map(|_| WorkerSlot::default())
                 .collect(),
@@ -198,8 +224,8 @@ impl Pkcs11Backend {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
         let mut workers = Vec::with_capacity(settings.sessions);
         for index in 0..settings.sessions {
-            let (tx, rx) = mpsc::channel::<Job>();
-            let mut worker = Worker::new(index, Arc::clone(&shared));
+            let (tx, rx) = mpsc::sync_channel::<Job>(settings.limits.queue_depth.max(1));
+            let mut worker = Worker::new(index, Arc::clone(&pool));
             let ready = ready_tx.clone();
             std::thread::Builder::new()
                 .name(format!("hsm-worker-{index}"))
@@ -231,7 +257,7 @@ impl Pkcs11Backend {
             }
         }
         {
-            let _g = rt.read_gate();
+            let _g = ctx.read_gate();
             drop(bootstrap);
         }
         tracing::info!(
@@ -242,79 +268,106 @@ impl Pkcs11Backend {
             "PKCS#11 backend ready"
         );
         Ok(Self {
-            shared,
+            pool,
             workers,
             next: AtomicUsize::new(0),
+            job_timeout: settings.limits.job_timeout,
+            overloaded: AtomicU64::new(0),
         })
     }
 
-    /// Snapshot of the call, error and recovery counters.
+    /// Snapshot of the counters.
     pub fn stats(&self) -> HsmStats {
         HsmStats {
-            calls: self.shared.calls.load(Ordering::Relaxed),
-            errors: self.shared.errors.load(Ordering::Relaxed),
-            recoveries: self.shared.recoveries.load(Ordering::Relaxed),
+            calls: self.pool.calls.load(Ordering::Relaxed),
+            errors: self.pool.errors.load(Ordering::Relaxed),
+            recoveries: self.pool.recoveries.load(Ordering::Relaxed),
+            resets: self.pool.ctx.resets.load(Ordering::Relaxed),
+            login_failures: self.pool.login_failures.load(Ordering::Relaxed),
+            pin_rejected: self.pool.ctx.pin_rejected(&self.pool.token_label),
+            sessions_open: self.pool.sessions_open.load(Ordering::Relaxed),
+            overloaded: self.overloaded.load(Ordering::Relaxed),
         }
     }
 
-    /// Test hook: makes every session of this process disappear behind the workers' backs,
-    /// as a device reset would (`C_Finalize`; cryptoki has no safe `C_CloseAllSessions`). It
-    /// waits for in-flight operations of this process's backends to finish first. The next
-    /// job on each worker fails with `CKR_CRYPTOKI_NOT_INITIALIZED` and goes through the
-    /// recovery path. Affects every backend in the process.
+    /// Test hook (only with the `test-hooks` feature, never in a release build): makes every
+    /// session of this process disappear behind the workers' backs, as a device reset would
+    /// (`C_Finalize`). The next job on each worker fails with `CKR_CRYPTOKI_NOT_INITIALIZED`
+    /// and goes through the recovery path. Affects every backend in the process.
     ///
     /// # Errors
     /// `Internal` if `C_Finalize` fails.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn simulate_session_loss(&self) -> Result<(), BackendError> {
-        self.shared.rt.finalize_for_test()
+        self.pool.ctx.finalize_for_test()
     }
 
-    /// Sends `job` to the healthy worker with the fewest jobs in flight.
+    /// Sends `job` to the healthy worker with the fewest jobs in flight whose queue has room.
     fn dispatch(&self, mut job: Job) -> Result<(), BackendError> {
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut order: Vec<usize> = (0..n).map(|k| (start.wrapping_add(k)) % n).collect();
         // Stable sort keeps the round-robin order among equals.
         order.sort_by_key(|&i| {
-            self.shared.slots.get(i).map_or((1, usize::MAX), |s| {
+            self.pool.slots.get(i).map_or((1, usize::MAX), |s| {
                 (
                     u8::from(!s.healthy.load(Ordering::Acquire)),
                     s.inflight.load(Ordering::Acquire),
                 )
             })
         });
+        let mut full = false;
         for i in order {
-            let (Some(tx), Some(slot)) = (self.workers.get(i), self.shared.slots.get(i)) else {
+            let (Some(tx), Some(slot)) = (self.workers.get(i), self.pool.slots.get(i)) else {
                 continue;
             };
             slot.inflight.fetch_add(1, Ordering::AcqRel);
-            match tx.send(job) {
+            match tx.try_send(job) {
                 Ok(()) => return Ok(()),
-                Err(mpsc::SendError(back)) => {
+                Err(TrySendError::Full(back)) => {
+                    slot.inflight.fetch_sub(1, Ordering::AcqRel);
+                    full = true;
+                    job = back;
+                }
+                Err(TrySendError::Disconnected(back)) => {
                     slot.inflight.fetch_sub(1, Ordering::AcqRel);
                     job = back;
                 }
             }
+        }
+        if full {
+            self.overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(BackendError::Overloaded);
         }
         Err(BackendError::Unavailable("no HSM worker is running".into()))
     }
 
     async fn call<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> Job,
+        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> JobKind,
     ) -> Result<T, BackendError> {
         let (tx, rx) = oneshot::channel();
-        self.dispatch(make(tx))?;
-        rx.await.map_err(|_| {
-            BackendError::Unavailable("the HSM worker stopped before answering".into())
-        })?
+        let deadline = Instant::now() + self.job_timeout;
+        self.dispatch(Job {
+            kind: make(tx),
+            deadline,
+        })?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(BackendError::Unavailable(
+                "the HSM worker stopped before answering".into(),
+            )),
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "the HSM did not answer within {:?} (hsm.job_timeout_ms)",
+                self.job_timeout
+            ))),
+        }
     }
 }
 
 impl KeyBackend for Pkcs11Backend {
     fn current_kek(&self) -> KekRef {
-        self.shared.current_kek()
+        self.pool.current_kek()
     }
 
     fn generate_dek(
@@ -322,7 +375,7 @@ impl KeyBackend for Pkcs11Backend {
         key_id: &KeyId,
     ) -> impl Future<Output = Result<(Dek, WrappedDek, KekRef), BackendError>> + Send {
         let key_id = key_id.clone();
-        self.call(move |reply| Job::Generate { key_id, reply })
+        self.call(move |reply| JobKind::Generate { key_id, reply })
     }
 
     fn unwrap_dek(
@@ -342,7 +395,7 @@ impl KeyBackend for Pkcs11Backend {
                 id: kek_id,
                 version: header.kek_version,
             };
-            self.call(move |reply| Job::Unwrap {
+            self.call(move |reply| JobKind::Unwrap {
                 key_id,
                 kek,
                 format: header.format,
@@ -354,27 +407,35 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
-        self.call(|reply| Job::Health { reply })
+        self.call(|reply| JobKind::Health { reply })
     }
 
-    fn is_ready(&self) -> bool {
-        !self.shared.slots.is_empty()
+    fn state(&self) -> BackendState {
+        if self.pool.ctx.pin_rejected(&self.pool.token_label) {
+            return BackendState::PinRejected;
+        }
+        let all_healthy = !self.pool.slots.is_empty()
             && self
-                .shared
+                .pool
                 .slots
                 .iter()
-                .all(|s| s.healthy.load(Ordering::Acquire))
+                .all(|s| s.healthy.load(Ordering::Acquire));
+        if all_healthy {
+            BackendState::Ready
+        } else {
+            BackendState::Recovering
+        }
     }
 }
 
 /// Runs `f` on a fresh logged-in session of the token, under the write gate (one-shot
-/// administrative sessions must not overlap a worker's recovery; see [`context`]).
+/// administrative sessions must not overlap a reset; see [`context`]).
 fn with_admin_session<T>(
     settings: &HsmSettings,
     read_write: bool,
-    f: impl FnOnce(&Runtime, &Session) -> Result<T, BackendError>,
+    f: impl FnOnce(&Pkcs11Context, &Session) -> Result<T, BackendError>,
 ) -> Result<T, BackendError> {
-    let rt = context::runtime(&settings.module)?;
+    let rt = context::context(&settings.module)?;
     rt.ensure_initialized()?;
     let _w = rt.write_gate();
     let slot = token::find_slot(&rt.pkcs11, &settings.token_label)?;
@@ -384,8 +445,17 @@ fn with_admin_session<T>(
         rt.pkcs11.open_ro_session(slot)
     }
     .map_err(|e| token::setup_error("opening an HSM session", e))?;
-    token::login(&session, &settings.token_label, &settings.pin)
-        .map_err(|e| token::op_to_setup_error("logging in", e))?;
+    if rt.pin_rejected(&settings.token_label) {
+        return Err(BackendError::PinRejected(
+            "an earlier login in this process was refused".into(),
+        ));
+    }
+    if let Err(e) = token::login(&session, &settings.token_label, &settings.pin) {
+        if let OpError::Backend(BackendError::PinRejected(_)) = &e {
+            rt.reject_pin(&settings.token_label);
+        }
+        return Err(token::op_to_setup_error("logging in", e));
+    }
     let out = f(rt, &session);
     if let Err(e) = session.close() {
         tracing::debug!(error = %e, "closing the administrative HSM session");

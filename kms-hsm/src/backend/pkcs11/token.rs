@@ -145,7 +145,7 @@ pub(super) fn login(session: &Session, token: &str, pin: &SecretString) -> Resul
             | RvError::PinExpired
             | RvError::UserPinNotInitialized),
             _,
-        )) => Err(OpError::Backend(BackendError::Config(format!(
+        )) => Err(OpError::Backend(BackendError::PinRejected(format!(
             "login to token '{token}' refused ({rv:?}): check the PIN in hsm.pin_file"
         )))),
         Err(e) => Err(e.into()),
@@ -186,14 +186,18 @@ pub(super) fn find_kek_objects(
     session.find_objects(&kek_search_template(&kek.id, Some(kek.version)))
 }
 
-/// The handle of KEK `kek`, which must exist exactly once.
+/// The handle of KEK `kek`, which must exist exactly once and pass [`check_kek`].
 ///
 /// # Errors
-/// `KekNotFound` when absent; `Internal` when several objects carry the same label and version.
+/// `KekNotFound` when absent; `KekRefused` when it is not a hardened KEK; `Internal` when
+/// several objects carry the same label and version.
 pub(super) fn find_kek(session: &Session, kek: &KekRef) -> Result<ObjectHandle, OpError> {
     let found = find_kek_objects(session, kek)?;
     match found.as_slice() {
-        [h] => Ok(*h),
+        [h] => {
+            check_kek(session, *h, kek)?;
+            Ok(*h)
+        }
         [] => Err(OpError::Backend(BackendError::KekNotFound {
             id: kek.id.clone(),
             version: kek.version,
@@ -262,6 +266,147 @@ pub(super) fn current_kek(
         id: label.clone(),
         version: latest,
     })
+}
+
+/// What a KEK object must be, attribute by attribute: the attributes [`generate_kek`] asks
+/// for, plus what the token records about the key's history. A key imported in the clear, or
+/// made extractable or non-sensitive at any time, fails `CKA_LOCAL`, `CKA_NEVER_EXTRACTABLE`
+/// or `CKA_ALWAYS_SENSITIVE`: such an object is refused even if its other attributes were
+/// tightened afterwards.
+const KEK_REQUIREMENTS: &[(AttributeType, bool)] = &[
+    (AttributeType::Token, true),
+    (AttributeType::Private, true),
+    (AttributeType::Sensitive, true),
+    (AttributeType::Extractable, false),
+    (AttributeType::AlwaysSensitive, true),
+    (AttributeType::NeverExtractable, true),
+    (AttributeType::Local, true),
+    (AttributeType::Encrypt, true),
+    (AttributeType::Decrypt, true),
+    (AttributeType::Wrap, false),
+    (AttributeType::Unwrap, false),
+    (AttributeType::Sign, false),
+    (AttributeType::Verify, false),
+    (AttributeType::Derive, false),
+];
+
+fn bool_attr(a: &Attribute) -> Option<(AttributeType, bool)> {
+    use AttributeType as T;
+    Some(match a {
+        Attribute::Token(v) => (T::Token, *v),
+        Attribute::Private(v) => (T::Private, *v),
+        Attribute::Sensitive(v) => (T::Sensitive, *v),
+        Attribute::Extractable(v) => (T::Extractable, *v),
+        Attribute::AlwaysSensitive(v) => (T::AlwaysSensitive, *v),
+        Attribute::NeverExtractable(v) => (T::NeverExtractable, *v),
+        Attribute::Local(v) => (T::Local, *v),
+        Attribute::Encrypt(v) => (T::Encrypt, *v),
+        Attribute::Decrypt(v) => (T::Decrypt, *v),
+        Attribute::Wrap(v) => (T::Wrap, *v),
+        Attribute::Unwrap(v) => (T::Unwrap, *v),
+        Attribute::Sign(v) => (T::Sign, *v),
+        Attribute::Verify(v) => (T::Verify, *v),
+        Attribute::Derive(v) => (T::Derive, *v),
+        Attribute::Modifiable(v) => (T::Modifiable, *v),
+        _ => return None,
+    })
+}
+
+/// Checks that the object `handle` is a KEK this KMS may use: an AES-256 secret key made
+/// inside the token, sensitive and never extractable, for encryption and decryption only
+/// ([`KEK_REQUIREMENTS`]). `CKA_MODIFIABLE = true` is only warned about (some tokens refuse
+/// to create keys with it false).
+///
+/// # Errors
+/// `KekRefused` naming the label, the version and the first attribute at fault; an attribute
+/// the token does not report counts as at fault (fail closed).
+pub(super) fn check_kek(
+    session: &Session,
+    handle: ObjectHandle,
+    kek: &KekRef,
+) -> Result<(), OpError> {
+    let refused = |reason: String| {
+        OpError::Backend(BackendError::KekRefused {
+            id: kek.id.clone(),
+            version: kek.version,
+            reason,
+        })
+    };
+    let mut wanted: Vec<AttributeType> = KEK_REQUIREMENTS.iter().map(|(t, _)| *t).collect();
+    wanted.extend([
+        AttributeType::Class,
+        AttributeType::KeyType,
+        AttributeType::ValueLen,
+        AttributeType::Modifiable,
+    ]);
+    let attrs = session.get_attributes(handle, &wanted)?;
+    let class_ok = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::Class(c) if *c == ObjectClass::SECRET_KEY));
+    let type_ok = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(k) if *k == KeyType::AES));
+    if !class_ok || !type_ok {
+        return Err(refused("it is not an AES secret key".into()));
+    }
+    let len = attrs.iter().find_map(|a| match a {
+        Attribute::ValueLen(v) => Some(usize::from(*v)),
+        _ => None,
+    });
+    if len != Some(DEK_LEN) {
+        return Err(refused(format!(
+            "CKA_VALUE_LEN is {len:?}, expected {DEK_LEN} (AES-256)"
+        )));
+    }
+    let flags: Vec<(AttributeType, bool)> = attrs.iter().filter_map(bool_attr).collect();
+    for (t, want) in KEK_REQUIREMENTS {
+        match flags.iter().find(|(ft, _)| ft == t) {
+            Some((_, v)) if v == want => {}
+            Some((_, v)) => {
+                return Err(refused(format!(
+                    "CKA_{} is {v}, must be {want}",
+                    attr_name(*t)
+                )))
+            }
+            None => {
+                return Err(refused(format!(
+                    "the token does not report CKA_{}",
+                    attr_name(*t)
+                )))
+            }
+        }
+    }
+    if flags.contains(&(AttributeType::Modifiable, true)) {
+        tracing::warn!(
+            kek_id = %kek.id,
+            kek_version = %kek.version,
+            "the KEK is CKA_MODIFIABLE (the token did not accept CKA_MODIFIABLE=false)"
+        );
+    }
+    Ok(())
+}
+
+/// `EXTRACTABLE`, `NEVER_EXTRACTABLE`, ...: the PKCS#11 name without its `CKA_` prefix.
+fn attr_name(t: AttributeType) -> &'static str {
+    use AttributeType as T;
+    match t {
+        T::Token => "TOKEN",
+        T::Private => "PRIVATE",
+        T::Sensitive => "SENSITIVE",
+        T::Extractable => "EXTRACTABLE",
+        T::AlwaysSensitive => "ALWAYS_SENSITIVE",
+        T::NeverExtractable => "NEVER_EXTRACTABLE",
+        T::Local => "LOCAL",
+        T::Encrypt => "ENCRYPT",
+        T::Decrypt => "DECRYPT",
+        T::Wrap => "WRAP",
+        T::Unwrap => "UNWRAP",
+        T::Sign => "SIGN",
+        T::Verify => "VERIFY",
+        T::Derive => "DERIVE",
+        T::Modifiable => "MODIFIABLE",
+        _ => "?",
+    }
 }
 
 /// Attributes of a new KEK that every PKCS#11 token must honour.

@@ -1,7 +1,26 @@
-//! Worker threads: each owns one PKCS#11 session and runs jobs sent over its channel.
+//! Worker threads: each owns one PKCS#11 session and runs jobs sent over its bounded queue.
+//!
+//! # Recovery
+//! A job that fails because the session, the login or the KEK handle is gone is answered by
+//! one of three steps, then retried once:
+//! * **re-login** (`CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID`,
+//!   `CKR_OBJECT_HANDLE_INVALID`): log in again on the same session (unless the PIN latch is
+//!   set) and look the KEK up again;
+//! * **library reset** (the session itself is gone: `CKR_SESSION_HANDLE_INVALID`,
+//!   `CKR_SESSION_CLOSED`, `CKR_DEVICE_ERROR`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`,
+//!   `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_CRYPTOKI_NOT_INITIALIZED`; or the KEK or the token is
+//!   no longer found after a re-login): [`Pkcs11Context::reset`], which closes every session
+//!   of the process and makes the library rescan its slots, then reopen;
+//! * **reopen** (the generation moved on because another worker reset the library): open a
+//!   new session, log in if the process is no longer logged in, find and check the KEK.
+//!
+//! While a worker has no session it is unhealthy (so `/readyz` is 503) and retries in the
+//! background with a backoff (100 ms doubling to 5 s), without any request; jobs meanwhile
+//! fail fast with `Unavailable`. A job that waited in the queue past its deadline is answered
+//! `Unavailable` without touching the HSM.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -18,7 +37,7 @@ use secrecy::SecretString;
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-use super::context::Runtime;
+use super::context::{Pkcs11Context, Reset};
 use super::token::{self, classify, describe, Disposition, OpError};
 use crate::backend::{wrap_aad, BackendError, Dek, KekRef, WrapFormat, AES_GCM_V1_LEN, DEK_LEN};
 
@@ -30,18 +49,36 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Everything the workers and the backend handle share.
-pub(super) struct Shared {
-    pub(super) rt: &'static Runtime,
+pub(super) struct WorkerPool {
+    pub(super) ctx: &'static Pkcs11Context,
     pub(super) token_label: String,
     pub(super) pin: SecretString,
     pub(super) current: RwLock<KekRef>,
     pub(super) calls: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) recoveries: AtomicU64,
+    pub(super) login_failures: AtomicU64,
+    /// Sessions this pool has open (opened minus closed; zeroed by a library reset).
+    pub(super) sessions_open: AtomicI64,
+    /// KEK versions found (and checked) at least once by this pool: if one of them is no
+    /// longer found, the token lost objects, which calls for a library reset. A version never
+    /// seen (a forged or future header) is just not found.
+    pub(super) known_keks: RwLock<std::collections::HashSet<KekRef>>,
     pub(super) slots: Vec<WorkerSlot>,
 }
 
-impl Shared {
+impl WorkerPool {
+    /// Whether KEK `(id, version)` was found before by this pool.
+    fn knows(&self, id: &kms_api::KekId, version: kms_api::KekVersion) -> bool {
+        self.known_keks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&KekRef {
+                id: id.clone(),
+                version,
+            })
+    }
+
     pub(super) fn current_kek(&self) -> KekRef {
         self.current
             .read()
@@ -61,7 +98,8 @@ pub(super) struct WorkerSlot {
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, BackendError>>;
 
-pub(super) enum Job {
+/// What a job asks of the HSM.
+pub(super) enum JobKind {
     Generate {
         key_id: KeyId,
         reply: Reply<(Dek, WrappedDek, KekRef)>,
@@ -79,21 +117,35 @@ pub(super) enum Job {
     },
 }
 
+/// A job and the time after which nobody waits for it any more.
+pub(super) struct Job {
+    pub(super) kind: JobKind,
+    pub(super) deadline: Instant,
+}
+
 /// A session the worker owns, with the object handles found through it.
 struct Live {
     session: Session,
     slot: Slot,
-    epoch: u64,
+    generation: u64,
     keks: HashMap<KekRef, ObjectHandle>,
+    known: Option<Arc<WorkerPool>>,
 }
 
 impl Live {
+    /// The handle of `kek`, found (and its attributes checked) once per session.
     fn kek_handle(&mut self, kek: &KekRef) -> Result<ObjectHandle, OpError> {
         if let Some(h) = self.keks.get(kek) {
             return Ok(*h);
         }
         let h = token::find_kek(&self.session, kek)?;
         self.keks.insert(kek.clone(), h);
+        if let Some(pool) = &self.known {
+            pool.known_keks
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(kek.clone());
+        }
         Ok(h)
     }
 }
@@ -104,20 +156,22 @@ struct Backoff {
     last_error: String,
 }
 
+/// What the failure of one attempt calls for.
+enum Recovery {
+    Relogin,
+    Reset(String),
+}
+
 pub(super) struct Worker {
     index: usize,
-    shared: Arc<Shared>,
+    pool: Arc<WorkerPool>,
     live: Option<Live>,
     backoff: Option<Backoff>,
-    /// Set when this worker saw its session die (as opposed to being told by the epoch).
-    loss_detected: bool,
-    /// Set when the loss was `CKR_CRYPTOKI_NOT_INITIALIZED`.
-    needs_init: bool,
     opened_once: bool,
 }
 
 /// Marks the worker unhealthy if its thread ends for any reason (including a panic).
-struct ExitGuard(Arc<Shared>, usize);
+struct ExitGuard(Arc<WorkerPool>, usize);
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
@@ -128,20 +182,18 @@ impl Drop for ExitGuard {
 }
 
 impl Worker {
-    pub(super) fn new(index: usize, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(index: usize, pool: Arc<WorkerPool>) -> Self {
         Self {
             index,
-            shared,
+            pool,
             live: None,
             backoff: None,
-            loss_detected: false,
-            needs_init: false,
             opened_once: false,
         }
     }
 
     fn slot(&self) -> Option<&WorkerSlot> {
-        self.shared.slots.get(self.index)
+        self.pool.slots.get(self.index)
     }
 
     fn set_healthy(&self, healthy: bool) {
@@ -157,7 +209,7 @@ impl Worker {
 
     /// The thread body: serve jobs until every sender is dropped.
     pub(super) fn run(mut self, jobs: Receiver<Job>) {
-        let _exit = ExitGuard(Arc::clone(&self.shared), self.index);
+        let _exit = ExitGuard(Arc::clone(&self.pool), self.index);
         loop {
             let job = if self.live.is_some() {
                 match jobs.recv() {
@@ -193,37 +245,61 @@ impl Worker {
 
     fn shutdown(&mut self) {
         if let Some(live) = self.live.take() {
-            let _g = self.shared.rt.read_gate();
-            // Close only a session that is certainly still ours; otherwise just forget it.
-            if live.epoch == self.shared.rt.epoch() {
-                if let Err(e) = live.session.close() {
-                    tracing::debug!(worker = self.index, error = %e, "closing HSM session");
-                }
+            let _g = self.pool.ctx.read_gate();
+            // Close only a session of the current generation; an older one is already gone.
+            if live.generation == self.pool.ctx.generation() {
+                self.close(live);
             }
         }
         tracing::debug!(worker = self.index, "HSM worker stopped");
     }
 
+    /// Closes a session this worker opened in the current generation. Call under the gate.
+    fn close(&self, live: Live) {
+        match live.session.close() {
+            Ok(()) => {
+                self.pool.sessions_open.fetch_sub(1, Ordering::AcqRel);
+            }
+            Err(e) => tracing::debug!(worker = self.index, error = %e, "closing HSM session"),
+        }
+    }
+
     fn handle(&mut self, job: Job) {
-        match job {
-            Job::Generate { key_id, reply } => {
-                let kek = self.shared.current_kek();
+        let expired = Instant::now() > job.deadline;
+        let late = || {
+            BackendError::Unavailable("the HSM job waited in the queue past its deadline".into())
+        };
+        match job.kind {
+            JobKind::Generate { key_id, reply } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let kek = self.pool.current_kek();
                 let res = self.run_op(|live| generate(live, &key_id, &kek));
                 // The receiver may have gone (caller cancelled): the DEK is dropped and zeroized.
                 let _ = reply.send(res);
             }
-            Job::Unwrap {
+            JobKind::Unwrap {
                 key_id,
                 kek,
                 format,
                 wrapped,
                 reply,
             } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
                 let res = self.run_op(|live| unwrap(live, &key_id, &kek, format, &wrapped));
                 let _ = reply.send(res);
             }
-            Job::Health { reply } => {
-                let kek = self.shared.current_kek();
+            JobKind::Health { reply } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let kek = self.pool.current_kek();
                 let res = self.run_op(|live| health(live, &kek)).map_err(|e| match e {
                     BackendError::Unavailable(m) => BackendError::Unavailable(m),
                     other => BackendError::Unavailable(other.to_string()),
@@ -234,15 +310,15 @@ impl Worker {
     }
 
     fn count_error(&self) {
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        self.pool.errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs `op` on this worker's session, recovering once from a lost session or login.
+    /// Runs `op` on this worker's session, recovering once (see the module docs).
     fn run_op<T>(
         &mut self,
         mut op: impl FnMut(&mut Live) -> Result<T, OpError>,
     ) -> Result<T, BackendError> {
-        self.shared.calls.fetch_add(1, Ordering::Relaxed);
+        self.pool.calls.fetch_add(1, Ordering::Relaxed);
         let mut retried = false;
         loop {
             let gate = match self.acquire() {
@@ -259,60 +335,80 @@ impl Worker {
             };
             let outcome = op(live);
             drop(gate);
-            let (func, rv) = match outcome {
+            let recovery = match outcome {
                 Ok(v) => return Ok(v),
+                Err(OpError::Backend(BackendError::InvalidWrapped)) => {
+                    return Err(BackendError::InvalidWrapped)
+                }
+                // A KEK that a running KMS used to find is gone: the token lost its objects
+                // (SoftHSM after its files moved) or is being replaced. Only a library reset
+                // makes such a token be read again.
+                Err(OpError::Backend(BackendError::KekNotFound { id, version }))
+                    if self.pool.knows(&id, version) =>
+                {
+                    Recovery::Reset(format!("KEK {id} version {version} no longer found"))
+                }
                 Err(OpError::Backend(e)) => {
-                    if !matches!(e, BackendError::InvalidWrapped) {
+                    self.count_error();
+                    return Err(self.runtime_error(e));
+                }
+                Err(OpError::Pkcs11 { func, rv }) => match classify(func, rv) {
+                    Disposition::AuthFailed => return Err(BackendError::InvalidWrapped),
+                    Disposition::SessionLost => Recovery::Reset(describe(func, rv)),
+                    Disposition::Relogin => Recovery::Relogin,
+                    Disposition::Fail => {
                         self.count_error();
+                        return Err(BackendError::Internal(describe(func, rv)));
                     }
-                    return Err(e);
-                }
-                Err(OpError::Pkcs11 { func, rv }) => (func, rv),
+                },
             };
-            let disposition = classify(func, rv);
-            if disposition == Disposition::AuthFailed {
-                return Err(BackendError::InvalidWrapped);
-            }
             self.count_error();
-            let what = describe(func, rv);
-            match disposition {
-                Disposition::SessionLost => {
-                    tracing::warn!(worker = self.index, error = %what, "HSM session lost; reopening");
-                    self.lose_session(rv == RvError::CryptokiNotInitialized);
-                    if retried {
-                        return Err(BackendError::Unavailable(what));
-                    }
-                }
-                Disposition::Relogin => {
-                    tracing::warn!(
-                        worker = self.index,
-                        error = %what,
-                        "HSM login or object handle lost; logging in again"
-                    );
-                    if retried {
-                        return Err(BackendError::Unavailable(what));
-                    }
-                    self.relogin();
-                }
-                Disposition::AuthFailed | Disposition::Fail => {
-                    return Err(BackendError::Internal(what));
-                }
+            if retried {
+                return Err(BackendError::Unavailable(match recovery {
+                    Recovery::Relogin => "HSM login or object handle lost again".into(),
+                    Recovery::Reset(why) => why,
+                }));
             }
             retried = true;
+            match recovery {
+                Recovery::Relogin => {
+                    tracing::warn!(
+                        worker = self.index,
+                        "HSM login or object handle lost; logging in again"
+                    );
+                    self.relogin();
+                }
+                Recovery::Reset(why) => {
+                    tracing::warn!(worker = self.index, error = %why, "HSM session lost");
+                    self.reset(&why);
+                }
+            }
         }
     }
 
-    /// A read guard with a live session of the current epoch, reopening if needed.
+    /// After start-up, a refused PIN or KEK is an outage of this KMS, not a start-up
+    /// configuration error: the process keeps running, unready, and says why.
+    fn runtime_error(&self, e: BackendError) -> BackendError {
+        match e {
+            BackendError::Config(m) if self.opened_once => BackendError::Unavailable(m),
+            other => other,
+        }
+    }
+
+    /// A read guard with a live session of the current generation, reopening if needed.
     fn acquire(&mut self) -> Result<RwLockReadGuard<'static, ()>, BackendError> {
-        let rt = self.shared.rt;
+        let ctx = self.pool.ctx;
         for _ in 0..3 {
-            let gate = rt.read_gate();
+            let gate = ctx.read_gate();
             match &self.live {
-                Some(live) if live.epoch == rt.epoch() => return Ok(gate),
+                Some(live) if live.generation == ctx.generation() => return Ok(gate),
                 Some(_) => {
                     drop(gate);
-                    tracing::info!(worker = self.index, "HSM sessions were reset; reopening");
-                    // Forget, never close: the handle may belong to a newer session now.
+                    tracing::info!(
+                        worker = self.index,
+                        "the PKCS#11 library was reset; reopening"
+                    );
+                    // Its session was closed by the reset: forget it, never close it.
                     self.live = None;
                     self.set_healthy(false);
                 }
@@ -321,44 +417,79 @@ impl Worker {
             self.reopen()?;
         }
         Err(BackendError::Unavailable(
-            "HSM sessions keep being reset; giving up for this request".into(),
+            "the PKCS#11 library keeps being reset; giving up for this request".into(),
         ))
     }
 
-    /// Drops the session after a loss (without closing it) and flags the worker unready.
-    fn lose_session(&mut self, not_initialized: bool) {
+    /// Resets the library (if nobody did since this worker's session was opened) and drops
+    /// the session, which the reset closed.
+    fn reset(&mut self, why: &str) {
+        let seen = self
+            .live
+            .as_ref()
+            .map_or_else(|| self.pool.ctx.generation(), |l| l.generation);
         self.live = None;
-        self.loss_detected = true;
-        self.needs_init |= not_initialized;
         self.set_healthy(false);
+        match self.pool.ctx.reset(seen, why) {
+            Ok(Reset::Done) => {
+                self.pool.sessions_open.store(0, Ordering::Release);
+            }
+            Ok(Reset::AlreadyDone | Reset::TooSoon) => {}
+            Err(e) => {
+                tracing::warn!(worker = self.index, error = %e, "PKCS#11 library reset failed")
+            }
+        }
     }
 
-    /// Logs in again and forgets object handles; escalates to a reopen if the session is gone.
+    /// Logs in again and forgets object handles; escalates to a reset if that fails.
     fn relogin(&mut self) {
         let Some(live) = self.live.as_mut() else {
             return;
         };
         live.keks.clear();
-        let res = {
-            let _g = self.shared.rt.read_gate();
-            token::login(&live.session, &self.shared.token_label, &self.shared.pin)
+        let res = if self.pool.ctx.pin_rejected(&self.pool.token_label) {
+            Err(OpError::Backend(BackendError::PinRejected(
+                "an earlier login was refused".into(),
+            )))
+        } else {
+            let _g = self.pool.ctx.read_gate();
+            token::login(&live.session, &self.pool.token_label, &self.pool.pin)
         };
         match res {
             Ok(()) => {}
-            Err(OpError::Pkcs11 { func, rv }) if classify(func, rv) == Disposition::SessionLost => {
-                self.lose_session(rv == RvError::CryptokiNotInitialized);
+            Err(OpError::Backend(BackendError::PinRejected(m))) => {
+                self.pin_rejected(&m);
             }
             Err(e) => {
                 let e = token::op_to_setup_error("logging in again", e);
-                tracing::warn!(worker = self.index, error = %e, "HSM re-login failed; reopening");
-                self.lose_session(false);
+                self.reset(&format!("re-login failed: {e}"));
             }
+        }
+    }
+
+    /// Sets the PIN latch (once per process) and raises the alert.
+    fn pin_rejected(&self, detail: &str) {
+        self.pool.login_failures.fetch_add(1, Ordering::Relaxed);
+        if self.pool.ctx.reject_pin(&self.pool.token_label) {
+            tracing::error!(
+                alert = "hsm_pin_rejected",
+                error = %detail,
+                "the HSM refused the PIN: no further login will be tried (a real HSM locks the \
+                 PIN after a few failures); the KMS stays unready until it is restarted with a \
+                 correct hsm.pin_file"
+            );
         }
     }
 
     /// Opens a new session (finding the token by label), logs in if needed and finds the
     /// current KEK. Fails fast while a previous attempt's backoff runs.
     fn reopen(&mut self) -> Result<(), BackendError> {
+        if self.pool.ctx.pin_rejected(&self.pool.token_label) {
+            self.set_healthy(false);
+            return Err(BackendError::Unavailable(
+                "the HSM refused the PIN; restart the KMS with a correct hsm.pin_file".into(),
+            ));
+        }
         if let Some(b) = &self.backoff {
             let now = Instant::now();
             if now < b.retry_at {
@@ -370,22 +501,23 @@ impl Worker {
             }
         }
         self.set_healthy(false);
-        let res = self.open_session();
-        match res {
+        match self.open_session() {
             Ok(live) => {
                 self.live = Some(live);
                 self.backoff = None;
-                self.loss_detected = false;
-                self.needs_init = false;
                 self.set_healthy(true);
+                self.pool.ctx.reset_pace_ok();
                 if self.opened_once {
-                    self.shared.recoveries.fetch_add(1, Ordering::Relaxed);
+                    self.pool.recoveries.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(worker = self.index, "HSM session recovered");
                 }
                 self.opened_once = true;
                 Ok(())
             }
             Err(e) => {
+                if let BackendError::PinRejected(m) = &e {
+                    self.pin_rejected(m);
+                }
                 let delay = self
                     .backoff
                     .as_ref()
@@ -414,10 +546,23 @@ impl Worker {
                 if !self.opened_once {
                     return Err(e);
                 }
-                // After start-up a missing token or a refused login is an outage, not a
-                // configuration error: the service keeps running and retries.
+                // A token or KEK that is not found, or a device-level failure, after start-up:
+                // the library may need a rescan to see the token again.
+                if matches!(
+                    e,
+                    BackendError::Config(_)
+                        | BackendError::Unavailable(_)
+                        | BackendError::KekNotFound { .. }
+                ) {
+                    self.reset(&format!("reopening failed: {e}"));
+                }
                 Err(match e {
-                    BackendError::Config(m) => BackendError::Unavailable(m),
+                    BackendError::Config(m) | BackendError::PinRejected(m) => {
+                        BackendError::Unavailable(m)
+                    }
+                    BackendError::KekNotFound { id, version } => BackendError::Unavailable(
+                        format!("KEK {id} version {version} not found in the token"),
+                    ),
                     other => other,
                 })
             }
@@ -425,31 +570,37 @@ impl Worker {
     }
 
     fn open_session(&mut self) -> Result<Live, BackendError> {
-        let rt = self.shared.rt;
-        let _w = rt.write_gate();
-        rt.reinit_if_needed(self.needs_init)?;
-        if self.loss_detected {
-            // Every session opened before now may be gone, and its handle may be reused by
-            // the session we are about to open: make the other workers drop theirs.
-            rt.bump_epoch();
-        }
-        let slot = token::find_slot(&rt.pkcs11, &self.shared.token_label)?;
-        let session = rt
+        let ctx = self.pool.ctx;
+        ctx.ensure_initialized()?;
+        let _g = ctx.read_gate();
+        let slot = token::find_slot(&ctx.pkcs11, &self.pool.token_label)?;
+        let session = ctx
             .pkcs11
             .open_ro_session_no_drop(slot)
-            .map_err(|e| token::setup_error("opening an HSM session", e))?;
+            .map_err(|e| match e {
+                cryptoki::error::Error::Pkcs11(RvError::SessionCount, _) => {
+                    BackendError::Unavailable(
+                        "the token has no session left (CKR_SESSION_COUNT): lower hsm.sessions or \
+                 free sessions held by other applications"
+                            .into(),
+                    )
+                }
+                e => token::setup_error("opening an HSM session", e),
+            })?;
+        self.pool.sessions_open.fetch_add(1, Ordering::AcqRel);
         let mut live = Live {
             session,
             slot,
-            epoch: rt.epoch(),
+            generation: ctx.generation(),
             keks: HashMap::new(),
+            known: Some(Arc::clone(&self.pool)),
         };
-        let kek = self.shared.current_kek();
-        let checked = token::login(&live.session, &self.shared.token_label, &self.shared.pin)
+        let kek = self.pool.current_kek();
+        let checked = token::login(&live.session, &self.pool.token_label, &self.pool.pin)
             .and_then(|()| live.kek_handle(&kek).map(|_| ()));
         if let Err(e) = checked {
-            // The session is ours and nobody else runs (write gate): closing it is safe.
-            let _ = live.session.close();
+            // The session is ours and of the current generation (we hold the gate).
+            self.close(live);
             return Err(token::op_to_setup_error("preparing the HSM session", e));
         }
         tracing::debug!(worker = self.index, slot = %live.slot, "HSM session open");
