@@ -15,6 +15,7 @@ use crate::keystore::{KeyStore, StoreError};
 use crate::metrics::{BackendStats, Metrics};
 use crate::service::KeyService;
 use crate::transport::{self, Listener, ServeOptions, TransportError};
+use service_kit::conn::{ConnectionGate, ConnectionLimits};
 
 /// Why the KMS could not start (or stopped with an error). Each message is one line naming
 /// the key, file or component at fault.
@@ -36,6 +37,7 @@ pub enum StartError {
 pub struct App<B, S> {
     api: Arc<Api<B, S>>,
     serve: ServeOptions,
+    gate: Arc<ConnectionGate>,
     cache_ttl: Duration,
 }
 
@@ -76,7 +78,11 @@ impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
     /// # Errors
     /// [`StartError::Store`] when the key store cannot be opened.
     pub fn with_backend(cfg: &Config, backend: Arc<B>) -> Result<Self, StartError> {
-        let metrics = Arc::new(Metrics::new(backend.clone()));
+        let gate = ConnectionGate::new(ConnectionLimits {
+            max_connections: cfg.limits.max_connections,
+            max_per_peer: cfg.limits.max_connections_per_peer,
+        });
+        let metrics = Arc::new(Metrics::new(backend.clone(), gate.clone()));
         let store = LmdbStore::open(
             &cfg.store.path,
             cfg.store.map_size_mb,
@@ -97,9 +103,9 @@ impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
             serve: ServeOptions {
                 read_timeout: cfg.limits.read_timeout,
                 shutdown_timeout: cfg.limits.shutdown_timeout,
-                max_connections: cfg.limits.max_connections,
             },
             cache_ttl: cfg.cache.ttl,
+            gate,
         })
     }
 }
@@ -130,7 +136,8 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
                 svc.cache().purge_expired();
             }
         });
-        let result = transport::serve(listener, self.api.clone(), self.serve, shutdown).await;
+        let result =
+            transport::serve(listener, self.api.clone(), self.serve, self.gate, shutdown).await;
         purge.abort();
         result.map_err(StartError::from)
     }
@@ -141,6 +148,17 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
 /// # Errors
 /// [`StartError`].
 pub async fn serve(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    if let Some(n) = service_kit::conn::raise_open_file_limit() {
+        let wanted = cfg.limits.max_connections as u64 + 256;
+        if n < wanted {
+            tracing::warn!(
+                open_file_limit = n,
+                max_connections = cfg.limits.max_connections,
+                "the open-file limit is below limits.max_connections: raise it (LimitNOFILE) or \
+                 lower limits.max_connections"
+            );
+        }
+    }
     let app = App::build(cfg).await?;
     let listener = Listener::bind(&cfg.listen)?;
     app.run(listener, shutdown).await?;

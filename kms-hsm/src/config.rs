@@ -17,10 +17,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kms_api::secret_file::{self, SecretFileError};
 use kms_api::KekId;
 use secrecy::SecretString;
 use serde::Deserialize;
+use service_kit::secret_file::{self, SecretFileError};
 
 use crate::backend::{HsmLimits, HsmSettings};
 
@@ -34,8 +34,8 @@ pub const PIN_ENV: &str = "PROGRESSDB_KMS_HSM_PIN";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read or parsed, or a value has the wrong type.
-    #[error("config {path}: {detail}")]
-    Load { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Load(#[from] service_kit::config::LoadError),
     /// A required key is absent.
     #[error("config key {key} is required{hint}")]
     Missing {
@@ -139,6 +139,7 @@ pub struct RawLimits {
     pub read_timeout_secs: Option<u64>,
     pub shutdown_timeout_secs: Option<u64>,
     pub max_connections: Option<u64>,
+    pub max_connections_per_peer: Option<u64>,
 }
 
 /// `[log]`
@@ -217,22 +218,11 @@ pub struct LimitsConfig {
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
+    /// Connections from one peer (uid on the Unix socket, client certificate on TCP).
+    pub max_connections_per_peer: usize,
 }
 
-/// `[log]`
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// Default filter directive when `RUST_LOG` is unset.
-    pub level: String,
-}
-
-/// `log.format`
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use service_kit::telemetry::{LogConfig, LogFormat};
 
 /// Defaults of optional keys (documented in the example file).
 pub mod defaults {
@@ -243,9 +233,10 @@ pub mod defaults {
     pub const CACHE_TTL_SECS: u64 = 300;
     pub const CACHE_MAX_ENTRIES: u64 = 10_000;
     pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
-    pub const READ_TIMEOUT_SECS: u64 = 30;
+    pub const READ_TIMEOUT_SECS: u64 = 10;
     pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
-    pub const MAX_CONNECTIONS: u64 = 1024;
+    pub const MAX_CONNECTIONS: u64 = 4096;
+    pub const MAX_CONNECTIONS_PER_PEER: u64 = 1024;
     pub const LOG_LEVEL: &str = "info";
 }
 
@@ -267,26 +258,8 @@ impl Config {
         path: &Path,
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let load_err = |detail: String| ConfigError::Load {
-            path: path.to_owned(),
-            detail,
-        };
-        if !path.is_file() {
-            return Err(load_err("no such file".into()));
-        }
-        let env_source = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .source(env);
-        let raw: RawConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(env_source)
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| load_err(one_line(&e.to_string())))?;
-        let absolute = std::path::absolute(path).map_err(|e| load_err(e.to_string()))?;
-        let base = absolute.parent().map(Path::to_owned).unwrap_or_default();
+        let raw: RawConfig = service_kit::config::load(path, ENV_PREFIX, env)?;
+        let base = service_kit::config::base_dir(path)?;
         raw.validate(path, &base)
     }
 
@@ -495,6 +468,17 @@ impl RawConfig {
             .limits
             .max_connections
             .unwrap_or(defaults::MAX_CONNECTIONS);
+        let max_connections_per_peer = self
+            .limits
+            .max_connections_per_peer
+            .unwrap_or(defaults::MAX_CONNECTIONS_PER_PEER)
+            .min(max_connections);
+        if max_connections_per_peer == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_peer",
+                "must be at least 1",
+            ));
+        }
         if !(1..=1 << 20).contains(&max_connections) {
             return Err(invalid(
                 "limits.max_connections",
@@ -506,6 +490,10 @@ impl RawConfig {
             read_timeout: Duration::from_secs(read_timeout_secs),
             shutdown_timeout: Duration::from_secs(shutdown_timeout_secs),
             max_connections: to_usize("limits.max_connections", max_connections)?,
+            max_connections_per_peer: to_usize(
+                "limits.max_connections_per_peer",
+                max_connections_per_peer,
+            )?,
         };
 
         let format = match self.log.format.as_deref().unwrap_or("text") {
@@ -571,11 +559,6 @@ fn invalid(key: &'static str, reason: impl ToString) -> ConfigError {
 
 fn to_usize(key: &'static str, v: u64) -> Result<usize, ConfigError> {
     usize::try_from(v).map_err(|_| invalid(key, "is too large"))
-}
-
-/// Keeps an error message on one line.
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

@@ -746,7 +746,11 @@ mod tests {
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(MockBackend::new());
-        let metrics = Arc::new(Metrics::new(backend.clone()));
+        let gate = service_kit::conn::ConnectionGate::new(service_kit::conn::ConnectionLimits {
+            max_connections: 16,
+            max_per_peer: 16,
+        });
+        let metrics = Arc::new(Metrics::new(backend.clone(), gate));
         let store = LmdbStore::open(dir.path(), 8, metrics.store.clone()).unwrap();
         let cache = DekCache::new(Duration::from_secs(60), 100, metrics.cache.clone());
         let service = Arc::new(KeyService::new(backend, store, cache));

@@ -14,7 +14,8 @@
 //!   stable wire codes.
 //! * [`http`]: the HTTP API (routing, parsing, error bodies).
 //! * [`transport`]: Unix-socket and mutual-TLS listeners, connection limits, graceful shutdown.
-//! * [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//! * [`metrics`]: Prometheus metrics. Logging, config-loading conventions, secret files,
+//!   connection admission and the shutdown signal come from the shared `service_kit` crate.
 //! * [`app`]: wiring, used by the thin `progressdb-kms` binary.
 
 pub mod aead;
@@ -26,7 +27,6 @@ pub mod http;
 pub mod keystore;
 pub mod metrics;
 pub mod service;
-pub mod telemetry;
 pub mod transport;
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use progressdb_kms::backend::pkcs11::InitKekOutcome;
-use progressdb_kms::{app, telemetry, Config};
-use tokio::signal::unix::{signal, SignalKind};
+use progressdb_kms::{app, Config};
+use service_kit::telemetry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,23 +94,8 @@ fn serve(cfg: &Config) -> ExitCode {
     let result = rt.block_on(async {
         // Install the handlers first, so a signal during start-up is not fatal: it is seen by
         // the accept loop, which then stops at once.
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(app::StartError::Task(format!(
-                    "cannot install signal handlers: {e}"
-                )))
-            }
-        };
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        };
+        let shutdown = service_kit::shutdown::signals()
+            .map_err(|e| app::StartError::Task(format!("cannot install signal handlers: {e}")))?;
         app::serve(cfg, shutdown).await
     });
     match result {

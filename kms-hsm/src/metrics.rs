@@ -13,6 +13,8 @@
 //! | `progressdb_kms_hsm_pin_rejected` (1: the KMS will not log in again until restarted) | gauge | |
 //! | `progressdb_kms_hsm_sessions` (sessions open now) | gauge | |
 //! | `progressdb_kms_hsm_overloaded_total` (jobs refused: every HSM queue full) | counter | |
+//! | `progressdb_kms_connections_open` | gauge | |
+//! | `progressdb_kms_connections_refused_total` (answered 503 overloaded) | counter | `reason` (`global`, `peer`) |
 //! | `progressdb_kms_cache_hits_total`, `_misses_total` | counter | |
 //! | `progressdb_kms_cache_entries` | gauge | |
 //! | `progressdb_kms_keystore_commits_total` | counter | |
@@ -181,7 +183,10 @@ impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
 
 impl Metrics {
     /// Registers every metric; HSM counters are read from `backend` at each scrape.
-    pub fn new<B: KeyBackend + BackendStats>(backend: Arc<B>) -> Self {
+    pub fn new<B: KeyBackend + BackendStats>(
+        backend: Arc<B>,
+        gate: Arc<service_kit::conn::ConnectionGate>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("progressdb_kms");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -225,6 +230,7 @@ impl Metrics {
             store.batch_size.clone(),
         );
         registry.register_collector(Box::new(HsmCollector { backend }));
+        registry.register_collector(Box::new(service_kit::conn::GateCollector(gate)));
         Self {
             registry,
             requests,

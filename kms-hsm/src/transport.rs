@@ -9,9 +9,14 @@
 //! * **TCP with mutual TLS** (`listen.tcp`): rustls via [`kms_api::tls::server_config`]; a
 //!   client without a certificate issued by `tls.client_ca` fails the handshake. There is no
 //!   plain-TCP mode.
-//! * **Limits**: at most `limits.max_connections` connections; the request head must arrive
-//!   within `limits.read_timeout_secs` (hyper `header_read_timeout`) and so must the TLS
-//!   handshake; bodies have their own deadline in [`crate::http`].
+//! * **Limits** ([`service_kit::conn`]): every connection is accepted at once, then admitted
+//!   under `limits.max_connections` (all peers) and `limits.max_connections_per_peer` (one
+//!   uid on the Unix socket, one client certificate on TCP); one over a cap gets an immediate
+//!   `503 overloaded` with `Retry-After` (on TCP, a connection over the global cap is closed
+//!   before any TLS handshake is spent on it). The request head must arrive within
+//!   `limits.read_timeout_secs` (hyper `header_read_timeout`, which also closes keep-alive
+//!   connections idle that long) and so must the TLS handshake; bodies have their own
+//!   deadline in [`crate::http`].
 //! * **Graceful shutdown**: when the shutdown future completes the loop stops accepting,
 //!   removes the socket file, lets every open connection finish its in-flight request (idle
 //!   keep-alive connections are closed) and returns, or gives up after
@@ -36,9 +41,9 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use kms_api::tls::TlsError;
+use service_kit::conn::{ConnectionGate, PeerId};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::backend::KeyBackend;
@@ -60,11 +65,10 @@ pub enum TransportError {
 /// Timeouts and limits of the connection loop.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// Deadline for a request head (and for a TLS handshake).
+    /// Deadline for a request head (and for a TLS handshake); also the idle timeout.
     pub read_timeout: Duration,
     /// How long in-flight requests may run after shutdown starts.
     pub shutdown_timeout: Duration,
-    pub max_connections: usize,
 }
 
 /// A bound Unix socket that removes its file when dropped (if the file is still ours).
@@ -239,6 +243,7 @@ pub async fn serve<B, S>(
     listener: Listener,
     api: Arc<Api<B, S>>,
     opts: ServeOptions,
+    gate: Arc<ConnectionGate>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TransportError>
 where
@@ -246,18 +251,9 @@ where
     S: KeyStore,
 {
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(opts.max_connections));
     tokio::pin!(shutdown);
     tracing::info!(listen = %listener.describe(), "serving");
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let watcher = graceful.watcher();
         let api = api.clone();
         match &listener {
@@ -274,21 +270,35 @@ where
                         continue;
                     }
                 };
-                let allowed = match (&u.allowed_uids, stream.peer_cred()) {
-                    (None, _) => true,
-                    (Some(set), Ok(cred)) => {
-                        let ok = set.contains(&cred.uid());
-                        if !ok {
-                            tracing::warn!(
-                                uid = cred.uid(),
-                                "refusing a peer not in listen.allowed_uids"
-                            );
-                        }
-                        ok
+                let global = match gate.admit() {
+                    Ok(p) => p,
+                    Err(why) => {
+                        tokio::spawn(service_kit::conn::refuse(stream, why));
+                        continue;
                     }
-                    (Some(_), Err(e)) => {
+                };
+                let (allowed, permit) = match stream.peer_cred() {
+                    Ok(cred) => {
+                        let uid = cred.uid();
+                        let allowed = match &u.allowed_uids {
+                            None => true,
+                            Some(set) => set.contains(&uid),
+                        };
+                        if !allowed {
+                            tracing::warn!(uid, "refusing a peer not in listen.allowed_uids");
+                        }
+                        (allowed, gate.admit_peer(global, PeerId::Uid(uid)))
+                    }
+                    Err(e) => {
                         tracing::warn!(error = %e, "cannot read peer credentials; refusing");
-                        false
+                        (false, Ok(ConnectionGate::without_peer(global)))
+                    }
+                };
+                let permit = match permit {
+                    Ok(p) => p,
+                    Err(why) => {
+                        tokio::spawn(service_kit::conn::refuse(stream, why));
+                        continue;
                     }
                 };
                 tokio::spawn(async move {
@@ -309,17 +319,49 @@ where
                         continue;
                     }
                 };
+                // Over the global cap: closed before any TLS handshake is spent on it.
+                let Ok(global) = gate.admit() else {
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = t.acceptor.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, api, true, opts, watcher).await,
-                        Ok(Err(e)) => {
-                            tracing::info!(peer = %peer, error = %e, "TLS handshake refused")
+                    let tls =
+                        match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(peer = %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    // The verifier demands a client certificate, so there is one.
+                    let fingerprint = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| ring::digest::digest(&ring::digest::SHA256, c.as_ref()));
+                    let permit = match fingerprint {
+                        Some(d) => {
+                            let mut id = [0u8; 32];
+                            id.copy_from_slice(d.as_ref());
+                            gate.admit_peer(global, PeerId::Certificate(id))
                         }
-                        Err(_) => tracing::info!(peer = %peer, "TLS handshake timed out"),
+                        None => Ok(ConnectionGate::without_peer(global)),
+                    };
+                    match permit {
+                        Ok(permit) => {
+                            serve_connection(tls, api, true, opts, watcher).await;
+                            drop(permit);
+                        }
+                        Err(why) => service_kit::conn::refuse(tls, why).await,
                     }
-                    drop(permit);
                 });
             }
         }

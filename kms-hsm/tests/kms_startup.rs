@@ -41,9 +41,12 @@ fn reference_config_file_loads_and_documents_every_key() {
     assert_eq!(c.cache.ttl.as_secs(), 300);
     assert_eq!(c.cache.max_entries, 10_000);
     assert_eq!(c.limits.max_body_bytes, 4 << 20);
-    assert_eq!(c.limits.read_timeout.as_secs(), 30);
+    assert_eq!(c.limits.read_timeout.as_secs(), 10);
     assert_eq!(c.limits.shutdown_timeout.as_secs(), 10);
-    assert_eq!(c.limits.max_connections, 1024);
+    assert_eq!(c.limits.max_connections, 4096);
+    assert_eq!(c.limits.max_connections_per_peer, 1024);
+    assert_eq!(c.hsm.limits.queue_depth, 64);
+    assert_eq!(c.hsm.limits.job_timeout.as_millis(), 5000);
     assert_eq!(c.log.format, LogFormat::Text);
 
     // Every key is documented (commented-out ones included).
@@ -68,6 +71,9 @@ fn reference_config_file_loads_and_documents_every_key() {
         "read_timeout_secs =",
         "shutdown_timeout_secs =",
         "max_connections =",
+        "max_connections_per_peer =",
+        "queue_depth =",
+        "job_timeout_ms =",
         "format =",
         "level =",
     ] {

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
-use kms_api::secret_file::{self, SecretFileError};
 use serde::Deserialize;
+use service_kit::secret_file::{self, SecretFileError};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 use zeroize::{Zeroize, Zeroizing};

@@ -20,8 +20,8 @@ pub const ENV_PREFIX: &str = "PROGRESSDB";
 /// Why the configuration was refused. `Display` is a single line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {message}")]
-    Load { path: PathBuf, message: String },
+    #[error(transparent)]
+    Load(#[from] service_kit::config::LoadError),
     #[error("config key {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
@@ -75,8 +75,11 @@ pub struct HttpConfig {
     pub body_read_timeout_secs: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     pub shutdown_grace_secs: u64,
-    /// Connections served at once; further ones wait in the accept queue.
+    /// Connections served at once; one more is answered 503 `overloaded` at once.
     pub max_connections: usize,
+    /// Connections served at once from one client IP address (0: `max_connections`). Leave
+    /// it at 0 behind a load balancer, where every connection comes from its address.
+    pub max_connections_per_peer: usize,
     pub metrics_access: MetricsAccess,
 }
 
@@ -87,7 +90,8 @@ impl Default for HttpConfig {
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 30,
             shutdown_grace_secs: 30,
-            max_connections: 1024,
+            max_connections: 4096,
+            max_connections_per_peer: 0,
             metrics_access: MetricsAccess::Admin,
         }
     }
@@ -260,31 +264,7 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// `[log]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A `tracing` filter, e.g. `info` or `progressdb=debug,info`. `RUST_LOG` wins if set.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
+pub use service_kit::telemetry::{LogConfig, LogFormat};
 
 impl Config {
     /// Reads `path` (TOML), applies `PROGRESSDB__*` environment overrides and validates.
@@ -304,27 +284,7 @@ impl Config {
         path: &Path,
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let load_err = |e: config::ConfigError| ConfigError::Load {
-            path: path.to_owned(),
-            message: one_line(&e.to_string()),
-        };
-        if !path.is_file() {
-            return Err(ConfigError::Load {
-                path: path.to_owned(),
-                message: "not found or not a regular file".into(),
-            });
-        }
-        let cfg: Config = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .separator("__")
-                    .source(env),
-            )
-            .build()
-            .map_err(load_err)?
-            .try_deserialize()
-            .map_err(load_err)?;
+        let cfg: Config = service_kit::config::load(path, ENV_PREFIX, env)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -476,10 +436,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

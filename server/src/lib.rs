@@ -33,6 +33,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use service_kit::conn::{ConnectionGate, ConnectionLimits};
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -83,7 +84,15 @@ impl Server {
     pub async fn build(cfg: &Config) -> Result<Self, BuildError> {
         cfg.validate()?;
         let keys = ApiKeys::load(&cfg.auth.keys_file)?;
-        let metrics = Arc::new(metrics::Metrics::new());
+        let per_peer = match cfg.http.max_connections_per_peer {
+            0 => cfg.http.max_connections,
+            n => n.min(cfg.http.max_connections),
+        };
+        let gate = ConnectionGate::new(ConnectionLimits {
+            max_connections: cfg.http.max_connections,
+            max_per_peer: per_peer,
+        });
+        let metrics = Arc::new(metrics::Metrics::new(gate.clone()));
         let provider = if wants_provider(cfg) {
             Some(provider::build(&cfg.kms, metrics.kms.clone())?)
         } else {
@@ -124,12 +133,12 @@ impl Server {
                 max_title_bytes: cfg.limits.max_title_bytes,
             },
             kms_ready_timeout: cfg.kms.ready_timeout(),
+            gate,
         };
         let http = http::HttpOptions {
             header_read_timeout: Duration::from_secs(cfg.http.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(cfg.http.body_read_timeout_secs),
             shutdown_grace: Duration::from_secs(cfg.http.shutdown_grace_secs),
-            max_connections: cfg.http.max_connections,
             max_body_bytes: cfg.limits.max_body_bytes,
             metrics_access: cfg.http.metrics_access,
         };
@@ -167,6 +176,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BuildError> {
+    service_kit::conn::raise_open_file_limit();
     let server = Server::build(cfg).await?;
     if let Err(e) = server.run(listener, shutdown).await {
         tracing::error!(error = %e, "server stopped");

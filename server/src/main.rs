@@ -2,14 +2,11 @@
 //! serve until SIGTERM/SIGINT. Configuration errors exit with status 2 and one line on
 //! stderr naming the key or file at fault.
 
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use progressdb::config::{LogConfig, LogFormat};
 use progressdb::{Config, Server};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,26 +41,12 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_tracing(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match cfg.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn serve(path: &Path) -> ExitCode {
     let cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return fail(e, 2),
     };
-    init_tracing(&cfg.log);
+    service_kit::telemetry::init(&cfg.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,7 +56,7 @@ fn serve(path: &Path) -> ExitCode {
     };
     rt.block_on(async {
         // Signal handlers first, so a SIGTERM during start-up is a clean stop too.
-        let shutdown = match shutdown_signal() {
+        let shutdown = match service_kit::shutdown::signals() {
             Ok(s) => s,
             Err(e) => return fail(format!("cannot install signal handlers: {e}"), 1),
         };
@@ -91,23 +74,6 @@ fn serve(path: &Path) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => fail(format!("server error: {e}"), 1),
-        }
-    })
-}
-
-/// Installs the SIGTERM/SIGINT handlers now; the returned future completes on either signal
-/// (also one received before it is first polled).
-///
-/// # Errors
-/// When the handlers cannot be installed.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
 }

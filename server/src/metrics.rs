@@ -7,6 +7,7 @@
 //! | `progressdb_store_commits_total`, `progressdb_store_commit_ops` (ops per group commit), `progressdb_store_commit_duration_seconds`, `progressdb_store_map_resizes_total`, `progressdb_store_map_size_bytes`, `progressdb_store_write_errors_total` | |
 //! | `progressdb_kms_calls_total` | `op`, `outcome` |
 //! | `progressdb_kms_batch_items` | `op` |
+//! | `progressdb_connections_open`, `progressdb_connections_refused_total` (503 overloaded) | `reason` |
 //! | `progressdb_kms_fallback_decrypts_total` | |
 //! | `progressdb_plain_records_refused_total` (plain records met in encrypted threads) | |
 //! | `progressdb_kms_shred_failures_total` (thread deletes refused: the KMS did not know the DEK) | |
@@ -131,14 +132,21 @@ impl fmt::Debug for Metrics {
 }
 
 impl Default for Metrics {
+    /// Metrics with a gate of their own (for tools and tests).
     fn default() -> Self {
-        Self::new()
+        Self::new(service_kit::conn::ConnectionGate::new(
+            service_kit::conn::ConnectionLimits {
+                max_connections: 1024,
+                max_per_peer: 1024,
+            },
+        ))
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(gate: std::sync::Arc<service_kit::conn::ConnectionGate>) -> Self {
         let mut registry = Registry::with_prefix("progressdb");
+        registry.register_collector(Box::new(service_kit::conn::GateCollector(gate)));
         let http = HttpMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
@@ -230,7 +238,7 @@ mod tests {
 
     #[test]
     fn encodes() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         m.http
             .requests
             .get_or_create(&HttpLabels {

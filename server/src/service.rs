@@ -82,6 +82,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub kms_ready_timeout: Duration,
+    /// Connection admission of the HTTP listener (shared with `/metrics`).
+    pub gate: std::sync::Arc<service_kit::conn::ConnectionGate>,
 }
 
 fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {

@@ -702,3 +702,63 @@ async fn slow_clients_are_cut_off() {
     assert!(started.elapsed() < std::time::Duration::from_secs(4));
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_requests_gets_503_overloaded_not_a_stall() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = TestEnv::new();
+    let s = InProc::try_start_with_env(
+        &env.config(&Kms::Embedded, ""),
+        &[
+            ("PROGRESSDB__HTTP__HEADER_READ_TIMEOUT_SECS", "2"),
+            ("PROGRESSDB__HTTP__MAX_CONNECTIONS", "64"),
+        ],
+    )
+    .await
+    .unwrap();
+    let c = Client::new(s.addr);
+    // 64 connections that send half a request head and then nothing.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut t = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        t.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        held.push(t);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Over the cap: answered at once, not queued.
+    let started = std::time::Instant::now();
+    let r = c.get(&Caller::anonymous(), "/healthz").await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (503, "overloaded"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // Once the header timeout closed the slow ones, the server answers again by itself.
+    let mut closed = 0;
+    for t in &mut held {
+        let mut buf = Vec::new();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), t.read_to_end(&mut buf))
+            .await
+            .is_ok()
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 64, "every slow connection was closed");
+    let r = c.get(&Caller::anonymous(), "/healthz").await;
+    assert_eq!(r.status, 200);
+    let metrics =
+        String::from_utf8(c.get(&Caller::admin(), "/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("progressdb_connections_refused_total{reason=\"global\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    s.stop().await;
+}

@@ -237,7 +237,25 @@ pub fn kms_config(
 
 impl Kms {
     pub fn start(root: &Path, hsm: &SoftHsm, listen: KmsListen, certs: Option<&Certs>) -> Self {
+        Self::start_with(root, hsm, listen, certs, "")
+    }
+
+    /// Like [`Kms::start`], with `extra` TOML appended to the config (e.g. a `[limits]`
+    /// section).
+    pub fn start_with(
+        root: &Path,
+        hsm: &SoftHsm,
+        listen: KmsListen,
+        certs: Option<&Certs>,
+        extra: &str,
+    ) -> Self {
         let (config, endpoint) = kms_config(root, hsm, listen, certs);
+        if !extra.is_empty() {
+            let mut text = fs::read_to_string(&config).unwrap();
+            text.push('\n');
+            text.push_str(extra);
+            fs::write(&config, text).unwrap();
+        }
         let mut k = Kms {
             proc: Proc::spawn(
                 "progressdb-kms",

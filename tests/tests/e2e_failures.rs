@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
 use serde_json::json;
 
 #[test]

@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use base64::Engine as _;
-use e2e::{assert_absent, functional_flow, Certs, Kms, KmsListen, Provider, Server, SoftHsm};
+use progressdb_e2e::{
+    assert_absent, functional_flow, Certs, Kms, KmsListen, Provider, Server, SoftHsm,
+};
 
-fn secrets_of(out: &e2e::FlowOutcome, hsm: &SoftHsm, server: &Server) -> Vec<Vec<u8>> {
+fn secrets_of(out: &progressdb_e2e::FlowOutcome, hsm: &SoftHsm, server: &Server) -> Vec<Vec<u8>> {
     let mut s: Vec<Vec<u8>> = out.markers.iter().map(|m| m.as_bytes().to_vec()).collect();
     s.push(hsm.pin.as_bytes().to_vec());
     s.push(server.keys.admin.as_bytes().to_vec());
@@ -20,7 +22,7 @@ fn secrets_of(out: &e2e::FlowOutcome, hsm: &SoftHsm, server: &Server) -> Vec<Vec
     s
 }
 
-fn check_clean(out: &e2e::FlowOutcome, hsm: &SoftHsm, kms: &Kms, server: &Server) {
+fn check_clean(out: &progressdb_e2e::FlowOutcome, hsm: &SoftHsm, kms: &Kms, server: &Server) {
     // No plaintext of any posted message in the server's LMDB files.
     let markers: Vec<&[u8]> = out.markers.iter().map(|m| m.as_bytes()).collect();
     assert_absent("server LMDB files", &server.store_bytes(), &markers);
@@ -52,7 +54,7 @@ fn unix_socket_kms_end_to_end() {
     assert!(kms.proc.sigterm().success(), "KMS did not exit cleanly");
     kms.restart(&hsm);
     server.restart();
-    let alice = server.as_role(e2e::Role::Frontend, "alice");
+    let alice = server.as_role(progressdb_e2e::Role::Frontend, "alice");
     let texts: Vec<String> = alice
         .all_messages(&out.thread_id)
         .iter()
@@ -105,17 +107,19 @@ fn mutual_tls_kms_end_to_end() {
         )),
     };
     let intruder = Server::start(tmp2.path(), "progressdb", &bad, true);
-    let (s, v) = intruder.as_role(e2e::Role::Frontend, "mallory").call(
-        "POST",
-        "/v1/threads",
-        Some(serde_json::json!({ "title": "x" })),
-    );
+    let (s, v) = intruder
+        .as_role(progressdb_e2e::Role::Frontend, "mallory")
+        .call(
+            "POST",
+            "/v1/threads",
+            Some(serde_json::json!({ "title": "x" })),
+        );
     assert_eq!(
         s, 503,
         "a server with a foreign client certificate created a thread: {v}"
     );
     let (s, v) = intruder
-        .as_role(e2e::Role::Frontend, "mallory")
+        .as_role(progressdb_e2e::Role::Frontend, "mallory")
         .call("GET", "/v1/threads", None);
     assert_eq!(s, 200, "{v}");
     assert_eq!(
@@ -133,7 +137,7 @@ fn mutual_tls_kms_end_to_end() {
 fn embedded_provider_passes_the_same_flow() {
     let tmp = tempfile::tempdir().unwrap();
     let key_file = tmp.path().join("master.key");
-    e2e::write_secret(&key_file, e2e::random_hex(32).as_bytes());
+    progressdb_e2e::write_secret(&key_file, progressdb_e2e::random_hex(32).as_bytes());
     let provider = Provider::Embedded {
         master_key_file: key_file,
     };
@@ -169,12 +173,13 @@ fn plaintext_mode_passes_the_same_flow() {
 fn release_build_refuses_embedded_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let key_file = tmp.path().join("master.key");
-    e2e::write_secret(&key_file, e2e::random_hex(32).as_bytes());
+    progressdb_e2e::write_secret(&key_file, progressdb_e2e::random_hex(32).as_bytes());
     let provider = Provider::Embedded {
         master_key_file: key_file,
     };
-    let (config, _, _) = e2e::server_config(tmp.path(), &provider, true, e2e::free_port());
-    let out = std::process::Command::new(e2e::bin("progressdb"))
+    let (config, _, _) =
+        progressdb_e2e::server_config(tmp.path(), &provider, true, progressdb_e2e::free_port());
+    let out = std::process::Command::new(progressdb_e2e::bin("progressdb"))
         .arg("serve")
         .arg("--config")
         .arg(&config)

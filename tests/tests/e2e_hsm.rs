@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{Kms, KmsListen, SoftHsm};
+use progressdb_e2e::{Kms, KmsListen, SoftHsm};
 use serde_json::json;
 
 fn tail(log: &str) -> String {
@@ -104,7 +104,7 @@ fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
         .env("SOFTHSM2_CONF", &hsm.conf)
         .args([
             "--module",
-            e2e::SOFTHSM_MODULE,
+            progressdb_e2e::SOFTHSM_MODULE,
             "--token-label",
             &hsm.token_label,
         ])
@@ -121,7 +121,7 @@ fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
 
 /// Runs `progressdb-kms serve` and waits for it to exit (it must, within 30 s).
 fn serve_expecting_exit(kms: &Kms, hsm: &SoftHsm) -> (std::process::ExitStatus, String) {
-    let mut child = std::process::Command::new(e2e::bin("progressdb-kms"))
+    let mut child = std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))
         .env("SOFTHSM2_CONF", &hsm.conf)
         .args(["serve", "--config"])
         .arg(&kms.config)
@@ -261,12 +261,12 @@ fn a_pin_changed_underneath_is_tried_once_and_never_again() {
     }
     let m = kms.metrics();
     assert_eq!(
-        e2e::metric(&m, "progressdb_kms_hsm_login_failures_total"),
+        progressdb_e2e::metric(&m, "progressdb_kms_hsm_login_failures_total"),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        e2e::metric(&m, "progressdb_kms_hsm_pin_rejected"),
+        progressdb_e2e::metric(&m, "progressdb_kms_hsm_pin_rejected"),
         Some(1.0)
     );
     let log = kms.proc.log_text();

@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
 use serde_json::json;
 
 /// A JSON string body of about `n` bytes (random, so it does not compress into anything).
 fn text(n: usize, tag: usize) -> String {
     let mut s = format!("m{tag}-");
     while s.len() < n {
-        s.push_str(&e2e::random_hex(32));
+        s.push_str(&progressdb_e2e::random_hex(32));
     }
     s.truncate(n);
     s

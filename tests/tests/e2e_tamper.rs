@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
 use progressdb::metrics::StoreMetrics;
 use progressdb::store::{RawPut, Store, StoreOptions};
+use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
 use serde_json::json;
 
 /// Opens the (stopped) server's LMDB store in this process, applies `f`, closes it.

@@ -1,8 +1,12 @@
 //! The HTTP/1.1 server (hyper 1 + tokio): accept loop, per-connection limits and graceful
 //! shutdown.
 //!
-//! * At most `http.max_connections` connections are served at once; the accept loop waits
-//!   for a free slot.
+//! * Every connection is accepted at once and admitted by the shared
+//!   [`service_kit::conn::ConnectionGate`]: at most `http.max_connections` at once, and at
+//!   most `http.max_connections_per_peer` from one client IP (when set); one over a cap is
+//!   answered `503 overloaded` with `Retry-After` and closed, never left waiting in the
+//!   kernel's backlog. The header read timeout also closes keep-alive connections idle that
+//!   long.
 //! * Request headers must arrive within `http.header_read_timeout_secs` (hyper closes the
 //!   connection otherwise); bodies within `http.body_read_timeout_secs` (408) and up to
 //!   `limits.max_body_bytes` (413).
@@ -20,8 +24,9 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use service_kit::conn::PeerId;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::MetricsAccess;
 use crate::service::App;
@@ -33,7 +38,6 @@ pub struct HttpOptions {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
-    pub max_connections: usize,
     pub max_body_bytes: usize,
     pub metrics_access: MetricsAccess,
 }
@@ -50,19 +54,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on {addr}");
-    let router = Arc::new(Router::new(app, opts.clone()));
-    let max = opts.max_connections.clamp(1, Semaphore::MAX_PERMITS);
-    let slots = Arc::new(Semaphore::new(max));
+    let router = Arc::new(Router::new(app.clone(), opts.clone()));
+    let gate = app.gate.clone();
+    // In flight: every connection task holds one read guard; shutdown waits for all of them.
+    let tasks = Arc::new(tokio::sync::RwLock::new(()));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            () = &mut shutdown => break,
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -75,12 +73,24 @@ pub async fn serve(
                 }
             },
         };
+        let permit = match gate
+            .admit()
+            .and_then(|g| gate.admit_peer(g, PeerId::Ip(peer.ip())))
+        {
+            Ok(p) => p,
+            Err(why) => {
+                tokio::spawn(service_kit::conn::refuse(stream, why));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let mut stop = stop_rx.clone();
         let header_timeout = opts.header_read_timeout;
+        let running = tasks.clone().read_owned().await;
         tokio::spawn(async move {
-            let _slot = slot;
+            let _permit = permit;
+            let _running = running;
             let svc = service_fn(move |req| {
                 let router = router.clone();
                 async move { Ok::<_, Infallible>(router.handle(req).await) }
@@ -111,8 +121,7 @@ pub async fn serve(
     drop(listener);
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
-    let all = u32::try_from(max).unwrap_or(u32::MAX);
-    match tokio::time::timeout(opts.shutdown_grace, slots.acquire_many(all)).await {
+    match tokio::time::timeout(opts.shutdown_grace, tasks.write()).await {
         Ok(_) => tracing::info!("all connections closed"),
         Err(_) => tracing::warn!(
             grace = ?opts.shutdown_grace,

@@ -15,11 +15,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use kms_api::secret_file;
 use kms_api::wire::SecretBytes;
 use kms_api::{KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
+use service_kit::secret_file;
 use zeroize::Zeroizing;
 
 use super::{

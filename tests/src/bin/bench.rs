@@ -46,11 +46,13 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::types::Ulong;
-use e2e::{kms_config, server_config, Api, KmsListen, Proc, Provider, Role, Server, SoftHsm};
 use kms_api::client::{Endpoint, KmsClient, KmsClientConfig};
 use kms_api::wire::Bytes64;
 use kms_api::wire::{EncryptRequest, ItemResult, SecretBytes};
 use kms_api::{KekId, KeyId, ThreadId, WrappedDek};
+use progressdb_e2e::{
+    kms_config, server_config, Api, KmsListen, Proc, Provider, Role, Server, SoftHsm,
+};
 use progressdb_kms::backend::pkcs11::{init_kek, Pkcs11Backend};
 use progressdb_kms::backend::{parse_wrapped_header, wrap_aad, HsmSettings, KekRef, KeyBackend};
 use rand::RngCore as _;
@@ -530,7 +532,8 @@ struct BlockingPool {
 
 impl BlockingPool {
     fn open(token_label: &str, pin: SecretString, kek: KekRef, n: usize) -> Result<Self> {
-        let pkcs11 = Pkcs11::new(e2e::SOFTHSM_MODULE).context("loading the PKCS#11 module")?;
+        let pkcs11 =
+            Pkcs11::new(progressdb_e2e::SOFTHSM_MODULE).context("loading the PKCS#11 module")?;
         // The backend initialised the library in this process already; that is fine.
         match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
@@ -618,7 +621,7 @@ async fn section_a(p: Profile, root: &Path, rep: &mut Report) -> Result<()> {
     eprintln!("section a: HSM in-process ({HSM_SESSIONS} sessions)");
     let hsm = harness("creating the SoftHSM token", || SoftHsm::new(root))?;
     let settings = HsmSettings {
-        module: PathBuf::from(e2e::SOFTHSM_MODULE),
+        module: PathBuf::from(progressdb_e2e::SOFTHSM_MODULE),
         token_label: hsm.token_label.clone(),
         pin: SecretString::from(hsm.pin.clone()),
         kek_label: KekId::parse(&hsm.kek_label)?,
@@ -1046,7 +1049,7 @@ impl ServerRun {
     fn start(bins: &Path, root: &Path, kms_endpoint: &str, encryption: bool) -> Result<Self> {
         need_bins(bins, &["progressdb"])?;
         std::fs::create_dir_all(root)?;
-        let port = e2e::free_port();
+        let port = progressdb_e2e::free_port();
         let provider = Provider::External {
             endpoint: kms_endpoint.to_owned(),
             tls: None,

@@ -1,6 +1,6 @@
 //! Loading TLS material for mutual TLS between the server and the KMS (rustls, ring provider).
 //!
-//! Private keys go through [`crate::secret_file`], so a group/world-readable key file is
+//! Private keys go through [`service_kit::secret_file`], so a group/world-readable key file is
 //! refused like any other secret.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::secret_file::{self, SecretFileError};
+use service_kit::secret_file::{self, SecretFileError};
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]

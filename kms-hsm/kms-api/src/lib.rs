@@ -6,15 +6,14 @@
 //!   (one exhaustive mapping from [`wire::ErrorCode`] to HTTP status).
 //! * [`client`]: an HTTP client for the KMS over a Unix socket or HTTPS with mutual TLS, with
 //!   connection reuse, timeouts and bounded retries of safe calls.
-//! * [`secret_file`] and [`tls`]: loading secrets and TLS material from files, refusing files
-//!   that are group/world readable. Used by both binaries.
+//! * [`tls`]: rustls configurations from PEM files (private keys through
+//!   [`service_kit::secret_file`], so a group/world-readable key file is refused).
 //!
 //! Nothing in this crate ever prints key material: every type that holds secret or wrapped
 //! bytes has a redacting `Debug` and no `Display`.
 
 pub mod client;
 pub mod ids;
-pub mod secret_file;
 pub mod tls;
 pub mod wire;
 

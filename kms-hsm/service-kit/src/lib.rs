@@ -1,0 +1,18 @@
+//! What the two progressdb services do alike, written once.
+//!
+//! * [`config`]: the configuration conventions: one TOML file given with `--config`, every key
+//!   overridable from the environment as `<PREFIX>__SECTION__KEY`, every error one line that
+//!   names the file or key at fault.
+//! * [`telemetry`]: logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`.
+//! * [`secret_file`]: secrets read from files that must not be group/world accessible.
+//! * [`conn`]: connection admission for listeners that refuse to be exhausted: a global cap
+//!   and a per-peer cap, and an immediate `503 overloaded` answer instead of a silent stall.
+//! * [`shutdown`]: one future that completes on SIGTERM or SIGINT, installed before start-up.
+//!
+//! `progressdb-kms` (`kms-hsm/`) and `progressdb` (`server/`) both use every module.
+
+pub mod config;
+pub mod conn;
+pub mod secret_file;
+pub mod shutdown;
+pub mod telemetry;
