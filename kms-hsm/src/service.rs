@@ -85,6 +85,7 @@ impl ServiceError {
                 | StoreError::Open { .. } => ErrorCode::Unavailable,
                 StoreError::AlreadyExists(_)
                 | StoreError::NotFound(_)
+                | StoreError::Conflict(_)
                 | StoreError::Corrupt { .. } => ErrorCode::Internal,
             },
             ServiceError::Shared(e) => e.code(),

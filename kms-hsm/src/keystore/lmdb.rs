@@ -34,8 +34,14 @@ const FORMAT: &str = "1";
 
 enum Op {
     PutNew(KeyRecord),
-    Update(KeyRecord),
-    Destroy { key_id: KeyId, at: u64 },
+    CompareAndSwap {
+        expected: Box<KeyRecord>,
+        new: Box<KeyRecord>,
+    },
+    Destroy {
+        key_id: KeyId,
+        at: u64,
+    },
 }
 
 enum OpOutput {
@@ -198,8 +204,19 @@ impl KeyStore for LmdbStore {
         self.submit(Op::PutNew(record)).await.map(|_| ())
     }
 
-    async fn update(&self, record: KeyRecord) -> Result<(), StoreError> {
-        self.submit(Op::Update(record)).await.map(|_| ())
+    async fn compare_and_swap(
+        &self,
+        expected: &KeyRecord,
+        new: KeyRecord,
+    ) -> Result<(), StoreError> {
+        if expected.key_id != new.key_id {
+            return Err(StoreError::Conflict(new.key_id));
+        }
+        let op = Op::CompareAndSwap {
+            expected: Box::new(expected.clone()),
+            new: Box::new(new),
+        };
+        self.submit(op).await.map(|_| ())
     }
 
     async fn list(
@@ -279,11 +296,15 @@ fn apply(
                 .map_err(werr)?;
             Ok(Ok(OpOutput::Written))
         }
-        Op::Update(rec) => {
-            if keys.get(wtxn, rec.key_id.as_str()).map_err(werr)?.is_none() {
-                return Ok(Err(StoreError::NotFound(rec.key_id.clone())));
+        Op::CompareAndSwap { expected, new } => {
+            let current = match keys.get(wtxn, new.key_id.as_str()).map_err(werr)? {
+                None => return Ok(Err(StoreError::NotFound(new.key_id.clone()))),
+                Some(bytes) => decode(new.key_id.as_str(), bytes)?,
+            };
+            if current != **expected {
+                return Ok(Err(StoreError::Conflict(new.key_id.clone())));
             }
-            keys.put(wtxn, rec.key_id.as_str(), &encode(rec)?)
+            keys.put(wtxn, new.key_id.as_str(), &encode(new)?)
                 .map_err(werr)?;
             Ok(Ok(OpOutput::Written))
         }
@@ -423,13 +444,21 @@ mod tests {
         assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r.clone()));
         assert_eq!(s.get(&rec(2).key_id).await.unwrap(), None);
         assert!(matches!(
-            s.update(rec(2)).await,
+            s.compare_and_swap(&rec(2), rec(2)).await,
             Err(StoreError::NotFound(_))
         ));
         let mut r2 = r.clone();
         r2.kek_version = KekVersion::new(2).unwrap();
-        s.update(r2.clone()).await.unwrap();
-        assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r2));
+        s.compare_and_swap(&r, r2.clone()).await.unwrap();
+        assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r2.clone()));
+        // A swap from a stale copy is refused and writes nothing.
+        let mut r3 = r.clone();
+        r3.kek_version = KekVersion::new(3).unwrap();
+        assert!(matches!(
+            s.compare_and_swap(&r, r3).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r2.clone()));
         assert_eq!(
             s.mark_destroyed(&r.key_id).await.unwrap(),
             DestroyOutcome::Destroyed
@@ -452,6 +481,33 @@ mod tests {
         let rest = s.list(Some(&first[2].key_id), 100).await.unwrap();
         assert_eq!(first.len() + rest.len(), 7);
         s.check().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rewrap_racing_a_destroy_never_resurrects_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap());
+        for round in 0..50u8 {
+            let r = rec(round);
+            s.put_new(r.clone()).await.unwrap();
+            // A rewrap that read the record before the destroy, and writes after it.
+            let mut rewrapped = r.clone();
+            rewrapped.kek_version = KekVersion::new(2).unwrap();
+            rewrapped.state = KeyState::Active {
+                wrapped: WrappedDek::new(vec![0xee; 65]),
+            };
+            let (s1, s2) = (s.clone(), s.clone());
+            let (k, r2) = (r.key_id.clone(), r.clone());
+            let destroy = tokio::spawn(async move { s1.mark_destroyed(&k).await });
+            let swap = tokio::spawn(async move { s2.compare_and_swap(&r2, rewrapped).await });
+            let (d, w) = (destroy.await.unwrap().unwrap(), swap.await.unwrap());
+            assert_eq!(d, DestroyOutcome::Destroyed);
+            let after = s.get(&r.key_id).await.unwrap().unwrap();
+            assert!(
+                after.wrapped().is_none(),
+                "round {round}: destroyed key came back ({w:?})"
+            );
+        }
     }
 
     #[tokio::test]

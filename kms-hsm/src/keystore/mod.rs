@@ -73,9 +73,12 @@ pub enum StoreError {
     /// A record with this key id already exists (`put_new`).
     #[error("key {0} already exists in the key store")]
     AlreadyExists(KeyId),
-    /// No record with this key id (`update`).
+    /// No record with this key id (`compare_and_swap`).
     #[error("key {0} is not in the key store")]
     NotFound(KeyId),
+    /// The record changed since the caller read it (`compare_and_swap`); nothing was written.
+    #[error("key {0} changed concurrently; nothing was written")]
+    Conflict(KeyId),
     /// A stored record cannot be decoded.
     #[error("key record {key} is corrupt: {detail}")]
     Corrupt { key: String, detail: String },
@@ -104,11 +107,18 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `AlreadyExists` when the key id is taken; `Full`, `Io`, `Closed`.
     fn put_new(&self, record: KeyRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Replaces an existing record durably (KEK rotation rewraps).
+    /// Replaces `expected` by `new` durably, only if the stored record is still exactly
+    /// `expected` (compare-and-swap; KEK rotation rewraps this way). A destroy that raced the
+    /// caller therefore wins: a destroyed key is never brought back by a late rewrap.
     ///
     /// # Errors
-    /// `NotFound` when there is no such record; `Full`, `Io`, `Closed`.
-    fn update(&self, record: KeyRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// `NotFound` when there is no such record; `Conflict` when it changed since `expected`
+    /// was read (nothing written); `Full`, `Io`, `Closed`.
+    fn compare_and_swap(
+        &self,
+        expected: &KeyRecord,
+        new: KeyRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Up to `limit` records with key ids greater than `after`, in key-id order.
     ///
