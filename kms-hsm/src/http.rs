@@ -34,15 +34,15 @@ use http::header::{
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use kms_api::wire::{
-    BatchResponse, Bytes64, CreateDekResponse, DecryptResponse, DestroyKeyResponse,
-    EncryptResponse, GetWrappedResponse, ItemResult, ReadyResponse, MAX_AAD_BYTES, MAX_BATCH_ITEMS,
-    MAX_ITEM_BYTES,
+    to_json_zeroizing, BatchResponse, Bytes64, CreateDekResponse, DecryptResponse,
+    DestroyKeyResponse, EncryptResponse, GetWrappedResponse, ItemResult, ReadyResponse,
+    ZeroizingBuf, MAX_AAD_BYTES, MAX_BATCH_ITEMS, MAX_ITEM_BYTES,
 };
 use kms_api::{ErrorBody, ErrorCode, ErrorDetail, KeyId, ThreadId};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize as _, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::backend::KeyBackend;
 use crate::keystore::KeyStore;
@@ -347,18 +347,6 @@ fn check_batch_len(n: usize) -> Result<(), HttpError> {
     Ok(())
 }
 
-/// Appends `data`, moving to a larger buffer by hand so no un-zeroized copy is left behind
-/// when the vector grows.
-fn push_zeroizing(buf: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
-    if buf.capacity() - buf.len() < data.len() {
-        let want = (buf.len() + data.len()).max(buf.capacity() * 2);
-        let mut bigger = Zeroizing::new(Vec::with_capacity(want));
-        bigger.extend_from_slice(buf);
-        *buf = bigger;
-    }
-    buf.extend_from_slice(data);
-}
-
 /// Reads the whole body within the size limit and the deadline. The buffer is zeroized on drop.
 async fn read_body<Bd>(
     req: Request<Bd>,
@@ -381,7 +369,7 @@ where
     let read = async {
         let mut over = declared.is_some_and(|n| n > limit as u64);
         let initial = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0).min(limit));
-        let mut buf = Zeroizing::new(Vec::with_capacity(if over { 0 } else { initial }));
+        let mut buf = ZeroizingBuf::with_capacity(if over { 0 } else { initial });
         let mut seen = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| HttpError::BodyRead)?;
@@ -391,18 +379,18 @@ where
             seen = seen.saturating_add(data.len());
             if over || seen > limit {
                 over = true;
-                buf.zeroize();
+                buf.clear();
                 if seen > limit.saturating_add(DRAIN_ALLOWANCE) {
                     break;
                 }
                 continue;
             }
-            push_zeroizing(&mut buf, &data);
+            buf.push(&data);
         }
         if over {
             Err(HttpError::BodyTooLarge { limit })
         } else {
-            Ok(buf)
+            Ok(buf.into_inner())
         }
     };
     tokio::time::timeout(limits.body_read_timeout, read)
@@ -410,10 +398,12 @@ where
         .map_err(|_| HttpError::BodyTimeout(limits.body_read_timeout))?
 }
 
+/// A JSON answer. Answers can carry plaintext (`/decrypt`), so every body is built in a
+/// [`ZeroizingBuf`] and handed to hyper as `Bytes` that wipe their memory when dropped.
 fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => {
-            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    match to_json_zeroizing(value, 256) {
+        Ok(buf) => {
+            let mut r = Response::new(Full::new(buf.into_bytes()));
             *r.status_mut() = status;
             let h = r.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -9,7 +9,6 @@
 //! * [`backend`]: the [`backend::KeyBackend`] boundary and its PKCS#11 implementation.
 //! * [`keystore`]: durable key records ([`keystore::KeyStore`]; LMDB with group commit).
 //! * [`cache`]: bounded, zeroizing cache of unwrapped DEKs.
-//! * [`aead`]: AES-256-GCM message encryption.
 //! * [`service`]: the KMS operations; [`service::ServiceError::code`] maps failures to the
 //!   stable wire codes.
 //! * [`http`]: the HTTP API (routing, parsing, error bodies).
@@ -18,7 +17,6 @@
 //!   connection admission and the shutdown signal come from the shared `service_kit` crate.
 //! * [`app`]: wiring, used by the thin `progressdb-kms` binary.
 
-pub mod aead;
 pub mod app;
 pub mod backend;
 pub mod cache;

@@ -16,10 +16,10 @@ use kms_api::wire::SecretBytes;
 use kms_api::{ErrorCode, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::aead;
 use crate::backend::{BackendError, BackendState, KekRef, KeyBackend};
 use crate::cache::{CachedDek, DekCache};
 use crate::keystore::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
+use service_kit::aead;
 
 /// Longest wait for the HSM round trip of a readiness check.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -367,7 +367,9 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         aad: &[u8],
     ) -> Result<Plaintext, ServiceError> {
         let dek = self.dek(key_id).await?;
-        aead::open(&dek.dek, ciphertext, aad).map_err(|_| ServiceError::DecryptionFailed)
+        aead::open(&dek.dek, ciphertext, aad)
+            .map(plaintext)
+            .map_err(|_| ServiceError::DecryptionFailed)
     }
 
     /// Encrypts every item; items under the same key share one DEK lookup. One result per item,
@@ -398,6 +400,7 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             .map(|i| {
                 let dek = shared(&deks, i.key_id)?;
                 aead::open(&dek.dek, i.ciphertext, i.aad)
+                    .map(plaintext)
                     .map_err(|_| Arc::new(ServiceError::DecryptionFailed))
             })
             .collect()
@@ -479,6 +482,11 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         }
         Readiness::Ready
     }
+}
+
+/// Moves an opened buffer (no copy) into the redacting, zeroizing wire type.
+fn plaintext(mut buf: zeroize::Zeroizing<Vec<u8>>) -> Plaintext {
+    SecretBytes::new(std::mem::take(&mut *buf))
 }
 
 fn shared(deks: &HashMap<KeyId, Shared>, id: &KeyId) -> Result<Arc<CachedDek>, Arc<ServiceError>> {

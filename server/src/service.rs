@@ -374,8 +374,12 @@ impl App {
             return Ok(Content::Plain(body.clone()));
         }
         let key = self.thread_key(thread).await?;
-        // Straight into the zeroizing container: no second plaintext copy to forget.
-        let plaintext = SecretBytes::new(serde_json::to_vec(body).map_err(|_| ApiError::Internal)?);
+        // Serialized into zeroizing memory that grows without leaving copies, then moved (no
+        // copy) into the zeroizing wire type.
+        let mut buf = kms_api::wire::to_json_zeroizing(body, 256)
+            .map_err(|_| ApiError::Internal)?
+            .into_inner();
+        let plaintext = SecretBytes::new(std::mem::take(&mut *buf));
         let item = EncryptItem {
             key,
             plaintext,

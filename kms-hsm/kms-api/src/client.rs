@@ -25,9 +25,9 @@ use serde::Serialize;
 
 use crate::ids::{KeyId, ThreadId};
 use crate::wire::{
-    BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest, DecryptResponse,
-    DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse, ErrorBody, ErrorCode,
-    GetWrappedResponse, ItemResult, SecretBytes,
+    to_json_zeroizing, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
+    DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
+    ErrorBody, ErrorCode, GetWrappedResponse, ItemResult, SecretBytes, ZeroizingBuf,
 };
 
 /// Where the KMS listens.
@@ -164,6 +164,9 @@ impl ClientError {
 }
 
 type Sender = SendRequest<Full<Bytes>>;
+
+/// Largest answer the client reads (a batch of 1024 items of 1 MiB, in base64, and framing).
+const MAX_ANSWER_BYTES: usize = 1536 << 20;
 
 struct Inner {
     cfg: KmsClientConfig,
@@ -349,10 +352,11 @@ impl KmsClient {
         path: &str,
         body: Option<&Req>,
     ) -> Result<Resp, ClientError> {
+        // Request bodies may carry plaintext: built in, and sent from, zeroizing memory.
         let body = match body {
-            Some(b) => Bytes::from(
-                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
-            ),
+            Some(b) => to_json_zeroizing(b, 256)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .into_bytes(),
             None => Bytes::new(),
         };
         let mut attempt = 0u32;
@@ -450,12 +454,22 @@ impl KmsClient {
             .headers()
             .get(http::header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Unavailable(format!("reading answer failed: {e}")))?
-            .to_bytes();
+        // Answers may carry plaintext: collected into zeroizing memory, frame by frame.
+        let mut body = resp.into_body();
+        let mut buf = ZeroizingBuf::with_capacity(1024);
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| ClientError::Unavailable(format!("reading answer failed: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len().saturating_add(data.len()) > MAX_ANSWER_BYTES {
+                    return Err(ClientError::Protocol(format!(
+                        "{path} answered more than {MAX_ANSWER_BYTES} bytes"
+                    )));
+                }
+                buf.push(&data);
+            }
+        }
+        let bytes = buf.into_bytes();
         if !closing {
             self.put_idle(sender);
         }

@@ -28,13 +28,96 @@ const ITEM_FRAMING_BYTES: usize = 64;
 /// `{"items":[` and `]}`.
 pub const BATCH_FRAMING_BYTES: usize = 16;
 
+/// A byte buffer that is zeroized when dropped and, unlike a `Vec`, never leaves a copy of
+/// its content behind in freed memory when it grows: it moves to a larger zeroizing buffer by
+/// hand and wipes the old one. Bodies that carry plaintext are built and read with it.
+#[derive(Default)]
+pub struct ZeroizingBuf(Zeroizing<Vec<u8>>);
+
+impl ZeroizingBuf {
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Zeroizing::new(Vec::with_capacity(n)))
+    }
+
+    /// Appends `data`, growing without leaving an unwiped copy.
+    pub fn push(&mut self, data: &[u8]) {
+        let buf = &mut self.0;
+        if buf.capacity() - buf.len() < data.len() {
+            let want = (buf.len() + data.len()).max(buf.capacity() * 2);
+            let mut bigger = Zeroizing::new(Vec::with_capacity(want));
+            bigger.extend_from_slice(buf);
+            // The old buffer is zeroized when it is dropped here.
+            *buf = bigger;
+        }
+        buf.extend_from_slice(data);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+
+    /// The content as [`bytes::Bytes`] that zeroize their memory when the last clone is
+    /// dropped (for HTTP bodies).
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self.0)
+    }
+
+    /// Wipes the content, keeping nothing.
+    pub fn clear(&mut self) {
+        use zeroize::Zeroize as _;
+        self.0.zeroize();
+    }
+}
+
+impl std::io::Write for ZeroizingBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.push(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ZeroizingBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ZeroizingBuf(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// `value` as JSON in a [`ZeroizingBuf`] (sized up front from `size_hint`).
+///
+/// # Errors
+/// When `value` cannot be serialized.
+pub fn to_json_zeroizing<T: Serialize>(
+    value: &T,
+    size_hint: usize,
+) -> Result<ZeroizingBuf, serde_json::Error> {
+    let mut buf = ZeroizingBuf::with_capacity(size_hint.max(64));
+    serde_json::to_writer(&mut buf, value)?;
+    Ok(buf)
+}
+
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
 /// Secret bytes (plaintext, raw key material): zeroized on drop, redacting `Debug`, no
-/// `Display`. Serialized as base64.
-#[derive(Clone, Default, PartialEq, Eq)]
+/// `Display`, neither `Clone` nor `PartialEq` (a copy is made only on purpose, with
+/// [`SecretBytes::duplicate`]). Serialized as base64, through zeroizing buffers.
+#[derive(Default)]
 pub struct SecretBytes(Zeroizing<Vec<u8>>);
 
 impl SecretBytes {
@@ -49,6 +132,11 @@ impl SecretBytes {
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// A second zeroizing copy, for the rare caller that must keep one (e.g. to retry).
+    pub fn duplicate(&self) -> Self {
+        Self::new(self.0.to_vec())
     }
 }
 
@@ -124,7 +212,7 @@ pub struct CreateDekResponse {
 }
 
 /// `POST /encrypt`, and one item of `POST /encrypt_batch`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptRequest {
     pub key_id: KeyId,
@@ -172,7 +260,7 @@ impl DecryptRequest {
 }
 
 /// Answer of `/decrypt`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct DecryptResponse {
     pub plaintext: SecretBytes,
 }
@@ -349,6 +437,26 @@ mod tests {
             assert_eq!(j, format!("\"{}\"", c.as_str()));
             assert!((400..600).contains(&c.status()));
         }
+    }
+
+    #[test]
+    fn zeroizing_buf_grows_and_serializes() {
+        let mut b = ZeroizingBuf::with_capacity(2);
+        for i in 0..100u8 {
+            b.push(&[i; 3]);
+        }
+        assert_eq!(b.len(), 300);
+        assert_eq!(&b.as_slice()[297..], &[99, 99, 99]);
+        let j = to_json_zeroizing(
+            &DecryptResponse {
+                plaintext: SecretBytes::new(b"hi".to_vec()),
+            },
+            1,
+        )
+        .unwrap();
+        assert_eq!(j.as_slice(), br#"{"plaintext":"aGk="}"#);
+        assert_eq!(&j.into_bytes()[..], br#"{"plaintext":"aGk="}"#);
+        assert!(!format!("{b:?}").contains("99"));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! What the two progressdb services do alike, written once.
 //!
+//! * [`aead`]: AES-256-GCM under a boxed, zeroizing [`aead::DataKey`]: the KMS's message
+//!   encryption and the dev-only embedded provider of the server.
 //! * [`config`]: the configuration conventions: one TOML file given with `--config`, every key
 //!   overridable from the environment as `<PREFIX>__SECTION__KEY`, every error one line that
 //!   names the file or key at fault.
@@ -11,6 +13,7 @@
 //!
 //! `progressdb-kms` (`kms-hsm/`) and `progressdb` (`server/`) both use every module.
 
+pub mod aead;
 pub mod config;
 pub mod conn;
 pub mod secret_file;

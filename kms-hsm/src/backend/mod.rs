@@ -19,33 +19,15 @@ use std::future::Future;
 
 use kms_api::{KekId, KekVersion, KeyId, WrappedDek};
 use secrecy::SecretString;
-use zeroize::Zeroizing;
 
 pub mod pkcs11;
 
 /// Length of a DEK in bytes (AES-256).
-pub const DEK_LEN: usize = 32;
+pub const DEK_LEN: usize = service_kit::aead::KEY_LEN;
 
-/// A raw data-encryption key. Zeroized on drop; `Debug` prints nothing of it; no `Display`.
-#[derive(Clone)]
-pub struct Dek(Zeroizing<[u8; DEK_LEN]>);
-
-impl Dek {
-    pub fn from_bytes(bytes: Zeroizing<[u8; DEK_LEN]>) -> Self {
-        Self(bytes)
-    }
-
-    /// The key bytes, for the AEAD only.
-    pub fn expose(&self) -> &[u8; DEK_LEN] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Dek {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Dek(<redacted>)")
-    }
-}
+/// A raw data-encryption key: boxed, zeroized on drop, never printed, not `Clone`
+/// ([`service_kit::aead::DataKey`]).
+pub use service_kit::aead::DataKey as Dek;
 
 /// One KEK: its label in the HSM and its version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -154,9 +154,11 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
     r
 }
 
+/// A JSON answer, built in zeroizing memory and sent from `Bytes` that wipe it when dropped
+/// (answers carry decrypted message bodies).
 fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
-    match serde_json::to_vec(v) {
-        Ok(b) => with_type(status, Bytes::from(b), "application/json"),
+    match kms_api::wire::to_json_zeroizing(v, 512) {
+        Ok(b) => with_type(status, b.into_bytes(), "application/json"),
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a response");
             with_type(

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use kms_api::wire::SecretBytes;
 use kms_api::{KekId, KekVersion, KeyId, ThreadId, WrappedDek};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
+use service_kit::aead::{self, DataKey};
 use service_kit::secret_file;
 use zeroize::Zeroizing;
 
@@ -32,51 +32,22 @@ use crate::metrics::KmsMetrics;
 pub const KEK_ID: &str = "embedded-master";
 const WRAP_FORMAT: u8 = 0xE1;
 const WRAP_AAD_PREFIX: &[u8] = b"progressdb-embedded-dek-v1:";
-const TAG_LEN: usize = 16;
-const DEK_LEN: usize = 32;
+const DEK_LEN: usize = aead::KEY_LEN;
 
-fn aead_key(bytes: &[u8]) -> Result<LessSafeKey, ProviderError> {
-    UnboundKey::new(&AES_256_GCM, bytes)
-        .map(LessSafeKey::new)
-        .map_err(|_| ProviderError::Internal("invalid AES-256 key length".into()))
+fn rng_error(_: aead::SealError) -> ProviderError {
+    ProviderError::Internal("no randomness".into())
 }
 
 /// `nonce | ciphertext | tag` of `plaintext` under `key` with `aad`.
-fn seal(key: &LessSafeKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ProviderError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    SystemRandom::new()
-        .fill(&mut nonce)
-        .map_err(|_| ProviderError::Internal("no randomness".into()))?;
-    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(plaintext);
-    // Encrypts in place: once this returns, `out` holds no plaintext.
-    let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut out[NONCE_LEN..],
-        )
-        .map_err(|_| ProviderError::Internal("encryption failed".into()))?;
-    out.extend_from_slice(tag.as_ref());
-    Ok(out)
+fn seal(key: &DataKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ProviderError> {
+    aead::seal(&SystemRandom::new(), key, plaintext, aad).map_err(rng_error)
 }
 
 /// Opens `nonce | ciphertext | tag`; any failure is the one opaque `DecryptionFailed`.
-fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
-    if sealed.len() < NONCE_LEN + TAG_LEN {
-        return Err(ProviderError::DecryptionFailed);
-    }
-    let (nonce, body) = sealed.split_at(NONCE_LEN);
-    let nonce =
-        Nonce::try_assume_unique_for_key(nonce).map_err(|_| ProviderError::DecryptionFailed)?;
-    let mut buf = Zeroizing::new(body.to_vec());
-    let n = key
-        .open_in_place(nonce, Aad::from(aad), &mut buf)
-        .map_err(|_| ProviderError::DecryptionFailed)?
-        .len();
-    buf.truncate(n);
-    Ok(buf)
+fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, ProviderError> {
+    let mut pt = aead::open(key, sealed, aad).map_err(|_| ProviderError::DecryptionFailed)?;
+    // Moved (no copy) into the redacting, zeroizing wire type.
+    Ok(SecretBytes::new(std::mem::take(&mut *pt)))
 }
 
 fn wrap_aad(key_id: &KeyId) -> Vec<u8> {
@@ -87,7 +58,7 @@ fn wrap_aad(key_id: &KeyId) -> Vec<u8> {
 
 /// The dev master key. `Debug` shows nothing of it.
 pub struct MasterKey {
-    key: LessSafeKey,
+    key: DataKey,
     kek_id: KekId,
 }
 
@@ -131,7 +102,8 @@ impl MasterKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProviderError> {
         let kek_id = KekId::parse(KEK_ID).map_err(|e| ProviderError::Internal(e.to_string()))?;
         Ok(Self {
-            key: aead_key(bytes)?,
+            key: DataKey::from_slice(bytes)
+                .ok_or_else(|| ProviderError::Internal("invalid AES-256 key length".into()))?,
             kek_id,
         })
     }
@@ -146,10 +118,9 @@ impl MasterKey {
         let mut id = [0u8; 16];
         rng.fill(&mut id).map_err(no_rng)?;
         let key_id = KeyId::from_random(id);
-        let mut dek = Zeroizing::new([0u8; DEK_LEN]);
-        rng.fill(&mut dek[..]).map_err(no_rng)?;
+        let dek = DataKey::random(&rng).map_err(rng_error)?;
         let mut wrapped = vec![WRAP_FORMAT];
-        wrapped.extend(seal(&self.key, &wrap_aad(&key_id), &dek[..])?);
+        wrapped.extend(seal(&self.key, &wrap_aad(&key_id), dek.expose())?);
         Ok(ThreadKey {
             key_id,
             wrapped_dek: WrappedDek::new(wrapped),
@@ -158,8 +129,8 @@ impl MasterKey {
         })
     }
 
-    /// The DEK of `key`, as a ready AES key. `UnknownKey` if another KEK wrapped it.
-    fn unwrap(&self, key: &ThreadKey) -> Result<LessSafeKey, ProviderError> {
+    /// The DEK of `key`. `UnknownKey` if another KEK wrapped it.
+    fn unwrap(&self, key: &ThreadKey) -> Result<DataKey, ProviderError> {
         if key.kek_id != self.kek_id {
             return Err(ProviderError::UnknownKey);
         }
@@ -167,7 +138,7 @@ impl MasterKey {
         match w.split_first() {
             Some((&WRAP_FORMAT, sealed)) => {
                 let dek = open(&self.key, &wrap_aad(&key.key_id), sealed)?;
-                aead_key(&dek)
+                DataKey::from_slice(dek.expose()).ok_or(ProviderError::DecryptionFailed)
             }
             _ => Err(ProviderError::DecryptionFailed),
         }
@@ -196,8 +167,7 @@ impl MasterKey {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> ItemOutcome<SecretBytes> {
-        let pt = open(&self.unwrap(key)?, aad, ciphertext)?;
-        Ok(SecretBytes::new(pt.to_vec()))
+        open(&self.unwrap(key)?, aad, ciphertext)
     }
 }
 
@@ -220,7 +190,7 @@ impl EmbeddedProvider {
 
     fn decrypt_many(&self, items: &[DecryptItem]) -> Vec<ItemOutcome<SecretBytes>> {
         // Unwrap each distinct DEK once per call.
-        let mut keys: HashMap<&KeyId, Result<LessSafeKey, ProviderError>> = HashMap::new();
+        let mut keys: HashMap<&KeyId, Result<DataKey, ProviderError>> = HashMap::new();
         items
             .iter()
             .map(|i| {
@@ -228,7 +198,7 @@ impl EmbeddedProvider {
                     .entry(&i.key.key_id)
                     .or_insert_with(|| self.master.unwrap(&i.key));
                 match k {
-                    Ok(k) => open(k, &i.aad, &i.ciphertext).map(|pt| SecretBytes::new(pt.to_vec())),
+                    Ok(k) => open(k, &i.aad, &i.ciphertext),
                     Err(e) => Err(e.clone()),
                 }
             })
@@ -324,22 +294,24 @@ mod tests {
             b"hello marker"
         );
         assert_eq!(
-            m.decrypt(&k, &ct.0, b"aad-2"),
+            m.decrypt(&k, &ct.0, b"aad-2").map(|p| p.expose().to_vec()),
             Err(ProviderError::DecryptionFailed)
         );
         let mut bad = ct.0.clone();
         bad[20] ^= 1;
         assert_eq!(
-            m.decrypt(&k, &bad, b"aad-1"),
+            m.decrypt(&k, &bad, b"aad-1").map(|p| p.expose().to_vec()),
             Err(ProviderError::DecryptionFailed)
         );
         assert_eq!(
-            m.decrypt(&k, &ct.0[..20], b"aad-1"),
+            m.decrypt(&k, &ct.0[..20], b"aad-1")
+                .map(|p| p.expose().to_vec()),
             Err(ProviderError::DecryptionFailed)
         );
         let other = m.new_dek().unwrap();
         assert_eq!(
-            m.decrypt(&other, &ct.0, b"aad-1"),
+            m.decrypt(&other, &ct.0, b"aad-1")
+                .map(|p| p.expose().to_vec()),
             Err(ProviderError::DecryptionFailed)
         );
         // A wrapped DEK moved to another key id does not unwrap.
@@ -348,13 +320,14 @@ mod tests {
             ..k.clone()
         };
         assert_eq!(
-            m.decrypt(&moved, &ct.0, b"aad-1"),
+            m.decrypt(&moved, &ct.0, b"aad-1")
+                .map(|p| p.expose().to_vec()),
             Err(ProviderError::DecryptionFailed)
         );
         // Another master key cannot unwrap it.
         let m2 = MasterKey::from_bytes(&[8u8; 32]).unwrap();
         assert_eq!(
-            m2.decrypt(&k, &ct.0, b"aad-1"),
+            m2.decrypt(&k, &ct.0, b"aad-1").map(|p| p.expose().to_vec()),
             Err(ProviderError::DecryptionFailed)
         );
         assert!(!format!("{m:?}").contains('7'));

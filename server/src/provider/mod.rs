@@ -52,7 +52,7 @@ impl fmt::Debug for Ciphertext {
 }
 
 /// One encryption: `plaintext` under `key`'s DEK, bound to `aad`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EncryptItem {
     pub key: Arc<ThreadKey>,
     pub plaintext: SecretBytes,

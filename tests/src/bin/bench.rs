@@ -904,12 +904,14 @@ async fn section_b_kms(p: Profile, kms: &KmsRun, ring_rate: f64, rep: &mut Repor
         .await?;
         single[k] = rep.push(row);
     }
-    let item = EncryptRequest {
-        key_id: key_id.clone(),
-        plaintext: SecretBytes::new(msg.to_vec()),
-        aad: Some(Bytes64(aad.to_vec())),
-    };
-    let items = Arc::new(vec![item; BATCH_ITEMS]);
+    let items: Vec<EncryptRequest> = (0..BATCH_ITEMS)
+        .map(|_| EncryptRequest {
+            key_id: key_id.clone(),
+            plaintext: SecretBytes::new(msg.to_vec()),
+            aad: Some(Bytes64(aad.to_vec())),
+        })
+        .collect();
+    let items = Arc::new(items);
     let mut batch = [0.0; 2];
     for (k, conc) in [1usize, 16].into_iter().enumerate() {
         let (c, it) = (kms.client.clone(), Arc::clone(&items));
