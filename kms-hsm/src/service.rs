@@ -649,6 +649,79 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_for_one_cold_key_share_one_unwrap() {
+        let (_d, s) = service(100);
+        let s = Arc::new(s);
+        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let ct = s.encrypt(&k.key_id, b"cold", b"").await.unwrap().ciphertext;
+        s.cache().evict(&k.key_id);
+        s.backend().set_unwrap_delay_ms(100);
+        let before = s.backend().unwraps();
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (s, id, ct) = (s.clone(), k.key_id.clone(), ct.clone());
+                tokio::spawn(
+                    async move { s.decrypt(&id, &ct, b"").await.map(|p| p.expose().to_vec()) },
+                )
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), b"cold");
+        }
+        assert_eq!(
+            s.backend().unwraps() - before,
+            1,
+            "one HSM unwrap for 32 misses"
+        );
+        // The flight is gone once it landed: a later miss unwraps again.
+        s.cache().evict(&k.key_id);
+        s.decrypt(&k.key_id, &ct, b"").await.unwrap();
+        assert_eq!(s.backend().unwraps() - before, 2);
+        assert!(s.flights.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn readiness_round_trips_are_cached_for_a_second() {
+        let (_d, s) = service(100);
+        let before = s.backend().calls();
+        for _ in 0..50 {
+            assert_eq!(s.readiness().await, Readiness::Ready);
+        }
+        assert_eq!(
+            s.backend().calls() - before,
+            1,
+            "50 probes, one HSM round trip"
+        );
+        tokio::time::sleep(READY_CACHE + Duration::from_millis(50)).await;
+        assert_eq!(s.readiness().await, Readiness::Ready);
+        assert_eq!(s.backend().calls() - before, 2);
+    }
+
+    #[tokio::test]
+    async fn a_cold_key_in_an_outage_fails_alone_in_its_batch() {
+        let (_d, s) = service(100);
+        let warm = s.create_dek_for_thread(tid("warm")).await.unwrap();
+        let cold = s.create_dek_for_thread(tid("cold")).await.unwrap();
+        s.cache().evict(&cold.key_id);
+        s.backend().set_down(true);
+        let items = [
+            EncryptItem {
+                key_id: &warm.key_id,
+                plaintext: b"a",
+                aad: b"",
+            },
+            EncryptItem {
+                key_id: &cold.key_id,
+                plaintext: b"b",
+                aad: b"",
+            },
+        ];
+        let out = s.encrypt_batch(&items).await;
+        assert!(out[0].is_ok(), "the cached key keeps serving");
+        assert_eq!(out[1].as_ref().unwrap_err().code(), ErrorCode::Unavailable);
+    }
+
     #[tokio::test]
     async fn hsm_down_is_unavailable_and_not_ready() {
         let (_d, s) = service(0);

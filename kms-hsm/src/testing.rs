@@ -21,6 +21,7 @@ pub struct MockBackend {
     down: AtomicBool,
     calls: AtomicU64,
     unwraps: AtomicU64,
+    unwrap_delay_ms: AtomicU64,
 }
 
 impl MockBackend {
@@ -38,7 +39,18 @@ impl MockBackend {
             down: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
+            unwrap_delay_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Makes every unwrap take `ms` milliseconds (so concurrent callers overlap).
+    pub fn set_unwrap_delay_ms(&self, ms: u64) {
+        self.unwrap_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Backend calls so far (generate, unwrap, health check).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
     }
 
     pub fn set_down(&self, down: bool) {
@@ -102,6 +114,10 @@ impl KeyBackend for MockBackend {
     ) -> Result<Dek, BackendError> {
         self.check_up()?;
         self.unwraps.fetch_add(1, Ordering::SeqCst);
+        let delay = self.unwrap_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let h = parse_wrapped_header(wrapped)?;
         let kek = KekRef {
             id: kek_id.clone(),

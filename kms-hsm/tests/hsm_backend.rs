@@ -394,3 +394,34 @@ fn settings_debug_hides_the_pin() {
     let d = format!("{s:?}");
     assert!(!d.contains(&hsm().pin("t-main")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_hsm_queue_answers_overloaded_at_once() {
+    let mut s = ready_token("t-queue", 1);
+    s.limits = progressdb_kms::backend::HsmLimits {
+        queue_depth: 1,
+        job_timeout: std::time::Duration::from_secs(5),
+    };
+    let backend = Arc::new(Pkcs11Backend::open(s).unwrap());
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let b = Arc::clone(&backend);
+            tokio::spawn(async move { b.generate_dek(&random_key_id()).await.map(|_| ()) })
+        })
+        .collect();
+    let (mut ok, mut overloaded) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(BackendError::Overloaded) => overloaded += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert!(ok >= 1, "some jobs ran");
+    assert!(
+        overloaded >= 1,
+        "a one-slot queue under 400 callers refused some"
+    );
+    assert_eq!(backend.stats().overloaded, overloaded as u64);
+    assert!(backend.is_ready(), "overload is not an outage");
+}

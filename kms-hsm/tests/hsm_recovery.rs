@@ -88,6 +88,14 @@ async fn sessions_and_token_recover_without_restart() {
         "each of the 3 workers reopened: {after:?}"
     );
     assert!(after.errors > before.errors, "{after:?}");
+    assert!(
+        after.resets > before.resets,
+        "the loss was answered by a library reset"
+    );
+    assert_eq!(
+        after.sessions_open, 3,
+        "no session leaked across the recovery: {after:?}"
+    );
 
     // 2. The token goes away: the library comes back without it.
     let empty = h.dir.join("empty-tokens");
@@ -122,6 +130,7 @@ async fn sessions_and_token_recover_without_restart() {
     backend.health_check().await.unwrap();
     let back = backend.unwrap_dek(&k1, &kek.id, &w1).await.unwrap();
     assert_eq!(back.expose(), dek1.expose());
+    assert_eq!(backend.stats().sessions_open, 3, "{:?}", backend.stats());
     let (dek3, w3, _) = backend.generate_dek(&k1).await.unwrap();
     assert_eq!(
         backend

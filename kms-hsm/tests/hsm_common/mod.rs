@@ -24,7 +24,14 @@ pub const KEK_LABEL: &str = "progressdb-kek";
 
 /// Token labels made for every test process. Each test that depends on login state or on
 /// the absence of a KEK gets a token of its own.
-pub const TOKENS: &[&str] = &["t-main", "t-initkek", "t-pin", "t-nokek", "t-conc"];
+pub const TOKENS: &[&str] = &[
+    "t-main",
+    "t-initkek",
+    "t-pin",
+    "t-nokek",
+    "t-conc",
+    "t-queue",
+];
 
 #[derive(Debug)]
 pub struct TestHsm {

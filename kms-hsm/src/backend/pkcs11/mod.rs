@@ -43,7 +43,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
@@ -214,7 +214,6 @@ impl Pkcs11Backend {
             errors: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
             login_failures: AtomicU64::new(0),
-            sessions_open: AtomicI64::new(0),
             known_keks: RwLock::new(std::iter::once(current.clone()).collect()),
             slots: (0..settings.sessions)
                 .map(|_| WorkerSlot::default())
@@ -285,7 +284,16 @@ impl Pkcs11Backend {
             resets: self.pool.ctx.resets.load(Ordering::Relaxed),
             login_failures: self.pool.login_failures.load(Ordering::Relaxed),
             pin_rejected: self.pool.ctx.pin_rejected(&self.pool.token_label),
-            sessions_open: self.pool.sessions_open.load(Ordering::Relaxed),
+            sessions_open: {
+                let g = self.pool.ctx.generation();
+                let n = self
+                    .pool
+                    .slots
+                    .iter()
+                    .filter(|s| s.session_generation.load(Ordering::Acquire) == g)
+                    .count();
+                i64::try_from(n).unwrap_or(i64::MAX)
+            },
             overloaded: self.overloaded.load(Ordering::Relaxed),
         }
     }

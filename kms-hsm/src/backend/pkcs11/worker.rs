@@ -20,7 +20,7 @@
 //! `Unavailable` without touching the HSM.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -58,8 +58,6 @@ pub(super) struct WorkerPool {
     pub(super) errors: AtomicU64,
     pub(super) recoveries: AtomicU64,
     pub(super) login_failures: AtomicU64,
-    /// Sessions this pool has open (opened minus closed; zeroed by a library reset).
-    pub(super) sessions_open: AtomicI64,
     /// KEK versions found (and checked) at least once by this pool: if one of them is no
     /// longer found, the token lost objects, which calls for a library reset. A version never
     /// seen (a forged or future header) is just not found.
@@ -88,12 +86,28 @@ impl WorkerPool {
 }
 
 /// Per-worker state visible to the dispatcher.
-#[derive(Default)]
 pub(super) struct WorkerSlot {
     /// The worker has a session it believes usable.
     pub(super) healthy: AtomicBool,
     /// Jobs sent to the worker and not finished yet.
     pub(super) inflight: AtomicUsize,
+    /// Library generation of the worker's open session, or [`NO_SESSION`]. A session of an
+    /// older generation was closed by a reset, so the sessions open now are exactly the
+    /// slots whose value is the current generation.
+    pub(super) session_generation: AtomicU64,
+}
+
+/// [`WorkerSlot::session_generation`] of a worker without a session.
+pub(super) const NO_SESSION: u64 = u64::MAX;
+
+impl Default for WorkerSlot {
+    fn default() -> Self {
+        Self {
+            healthy: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            session_generation: AtomicU64::new(NO_SESSION),
+        }
+    }
 }
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, BackendError>>;
@@ -202,6 +216,12 @@ impl Worker {
         }
     }
 
+    fn set_session(&self, generation: u64) {
+        if let Some(slot) = self.slot() {
+            slot.session_generation.store(generation, Ordering::Release);
+        }
+    }
+
     /// Opens the first session; the outcome is reported to `Pkcs11Backend::open`.
     pub(super) fn start(&mut self) -> Result<(), BackendError> {
         self.reopen()
@@ -256,11 +276,9 @@ impl Worker {
 
     /// Closes a session this worker opened in the current generation. Call under the gate.
     fn close(&self, live: Live) {
-        match live.session.close() {
-            Ok(()) => {
-                self.pool.sessions_open.fetch_sub(1, Ordering::AcqRel);
-            }
-            Err(e) => tracing::debug!(worker = self.index, error = %e, "closing HSM session"),
+        self.set_session(NO_SESSION);
+        if let Err(e) = live.session.close() {
+            tracing::debug!(worker = self.index, error = %e, "closing HSM session");
         }
     }
 
@@ -431,10 +449,7 @@ impl Worker {
         self.live = None;
         self.set_healthy(false);
         match self.pool.ctx.reset(seen, why) {
-            Ok(Reset::Done) => {
-                self.pool.sessions_open.store(0, Ordering::Release);
-            }
-            Ok(Reset::AlreadyDone | Reset::TooSoon) => {}
+            Ok(Reset::Done | Reset::AlreadyDone | Reset::TooSoon) => {}
             Err(e) => {
                 tracing::warn!(worker = self.index, error = %e, "PKCS#11 library reset failed")
             }
@@ -587,7 +602,7 @@ impl Worker {
                 }
                 e => token::setup_error("opening an HSM session", e),
             })?;
-        self.pool.sessions_open.fetch_add(1, Ordering::AcqRel);
+        self.set_session(ctx.generation());
         let mut live = Live {
             session,
             slot,
