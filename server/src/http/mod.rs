@@ -16,21 +16,20 @@
 
 pub mod router;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use service_kit::conn::PeerId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::MetricsAccess;
 use crate::service::App;
-pub use router::Router;
+pub use router::{error_response, service, HttpService};
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
@@ -54,7 +53,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on {addr}");
-    let router = Arc::new(Router::new(app.clone(), opts.clone()));
+    let service = router::service(app.clone(), opts.clone());
     let gate = app.gate.clone();
     // In flight: every connection task holds one read guard; shutdown waits for all of them.
     let tasks = Arc::new(tokio::sync::RwLock::new(()));
@@ -84,17 +83,13 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
+        let svc = TowerToHyperService::new(service.clone());
         let mut stop = stop_rx.clone();
         let header_timeout = opts.header_read_timeout;
         let running = tasks.clone().read_owned().await;
         tokio::spawn(async move {
             let _permit = permit;
             let _running = running;
-            let svc = service_fn(move |req| {
-                let router = router.clone();
-                async move { Ok::<_, Infallible>(router.handle(req).await) }
-            });
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

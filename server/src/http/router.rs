@@ -1,18 +1,35 @@
-//! Routing, request parsing and responses. Handlers call [`App`]; every error leaves through
-//! [`error_response`], the single place that turns an [`ApiError`] into an HTTP answer.
+//! Routing, request parsing and responses, on `axum` with `tower-http` layers. Handlers call
+//! [`App`]; every error leaves through [`error_response`] (the `IntoResponse` of
+//! [`ApiError`]), the single place that turns an error into an HTTP answer.
+//!
+//! * Routing, path parameters, query strings (`serde_urlencoded`) and method dispatch are
+//!   axum's; unknown paths and methods get our JSON error bodies (`not_found`,
+//!   `method_not_allowed` with `Allow`). A trailing slash is ignored (`NormalizePath`).
+//! * Request bodies: `tower_http::limit::RequestBodyLimitLayer` (`limits.max_body_bytes`,
+//!   413) and `tower_http::timeout::RequestBodyTimeoutLayer` (`http.body_read_timeout_secs`
+//!   between frames, 408); [`JsonBody`] reads within both, into zeroizing memory, and maps
+//!   every failure to a stable code without quoting the request.
+//! * Every answer is counted in `/metrics` by route template, method and status.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt as _, LengthLimitError};
+use kms_api::wire::ZeroizingBuf;
 use kms_api::ThreadId;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tower::Layer as _;
+use tower_http::normalize_path::{NormalizePath, NormalizePathLayer};
 
 use super::HttpOptions;
 use crate::api::{
@@ -27,109 +44,65 @@ use crate::metrics::{HttpLabels, RouteLabels};
 use crate::service::{App, Health};
 use crate::store::Order;
 
-type Body = Full<Bytes>;
-
-/// A matched route, with its path parameters parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    Healthz,
-    Readyz,
-    Metrics,
-    Threads,
-    Thread(ThreadId),
-    Messages(ThreadId),
-    Message(ThreadId, MessageId),
-    Sign,
-    AdminThreadKms(ThreadId),
-    AdminRotateDek(ThreadId),
-    AdminJob,
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct RouterState {
+    app: Arc<App>,
+    opts: Arc<HttpOptions>,
 }
 
-impl Route {
-    /// Matches `path`.
-    ///
-    /// # Errors
-    /// `NotFound` for unknown paths, `InvalidArgument` for malformed ids.
-    pub fn parse(path: &str) -> Result<Self, ApiError> {
-        let path = if path.len() > 1 {
-            path.strip_suffix('/').unwrap_or(path)
-        } else {
-            path
-        };
-        let segs: Vec<&str> = path.split('/').skip(1).collect();
-        let thread =
-            |s: &str| ThreadId::parse(s).map_err(|_| ApiError::invalid("invalid thread id"));
-        let message =
-            |s: &str| MessageId::parse(s).map_err(|_| ApiError::invalid("invalid message id"));
-        Ok(match segs.as_slice() {
-            ["healthz"] => Route::Healthz,
-            ["readyz"] => Route::Readyz,
-            ["metrics"] => Route::Metrics,
-            ["v1", "threads"] => Route::Threads,
-            ["v1", "threads", t] => Route::Thread(thread(t)?),
-            ["v1", "threads", t, "messages"] => Route::Messages(thread(t)?),
-            ["v1", "threads", t, "messages", m] => Route::Message(thread(t)?, message(m)?),
-            ["v1", "sign"] => Route::Sign,
-            ["admin", "threads", t, "kms"] => Route::AdminThreadKms(thread(t)?),
-            ["admin", "threads", t, "rotate-dek"] => Route::AdminRotateDek(thread(t)?),
-            ["admin", "jobs", _] => Route::AdminJob,
-            _ => return Err(ApiError::NotFound),
-        })
-    }
+/// The whole HTTP service: the router behind its layers, ready for hyper.
+pub type HttpService = NormalizePath<axum::Router>;
 
-    /// The route template, for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Route::Healthz => "/healthz",
-            Route::Readyz => "/readyz",
-            Route::Metrics => "/metrics",
-            Route::Threads => "/v1/threads",
-            Route::Thread(_) => "/v1/threads/{id}",
-            Route::Messages(_) => "/v1/threads/{id}/messages",
-            Route::Message(..) => "/v1/threads/{id}/messages/{msg_id}",
-            Route::Sign => "/v1/sign",
-            Route::AdminThreadKms(_) => "/admin/threads/{id}/kms",
-            Route::AdminRotateDek(_) => "/admin/threads/{id}/rotate-dek",
-            Route::AdminJob => "/admin/jobs/{job_id}",
-        }
-    }
-
-    /// The methods the route accepts.
-    pub fn allowed(&self) -> &'static [Method] {
-        const GET: &[Method] = &[Method::GET];
-        const POST: &[Method] = &[Method::POST];
-        const GET_POST: &[Method] = &[Method::GET, Method::POST];
-        const THREAD: &[Method] = &[Method::GET, Method::PATCH, Method::DELETE];
-        const MESSAGE: &[Method] = &[Method::GET, Method::PUT, Method::DELETE];
-        match self {
-            Route::Healthz
-            | Route::Readyz
-            | Route::Metrics
-            | Route::AdminThreadKms(_)
-            | Route::AdminJob => GET,
-            Route::Threads | Route::Messages(_) => GET_POST,
-            Route::Thread(_) => THREAD,
-            Route::Message(..) => MESSAGE,
-            Route::Sign | Route::AdminRotateDek(_) => POST,
-        }
-    }
+/// Builds the service for `app`.
+pub fn service(app: Arc<App>, opts: HttpOptions) -> HttpService {
+    let state = RouterState {
+        app,
+        opts: Arc::new(opts),
+    };
+    let router = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/threads", get(list_threads).post(create_thread))
+        .route(
+            "/v1/threads/{id}",
+            get(get_thread).patch(patch_thread).delete(delete_thread),
+        )
+        .route(
+            "/v1/threads/{id}/messages",
+            get(list_messages).post(post_message),
+        )
+        .route(
+            "/v1/threads/{id}/messages/{msg_id}",
+            get(get_message).put(put_message).delete(delete_message),
+        )
+        .route("/v1/sign", post(sign))
+        .route("/admin/threads/{id}/kms", get(thread_kms))
+        .route("/admin/threads/{id}/rotate-dek", post(rotate_dek))
+        .route("/admin/jobs/{job_id}", get(admin_job))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.opts.body_read_timeout,
+        ))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            state.opts.max_body_bytes,
+        ))
+        // Outermost: sees every answer, including the layers' own refusals.
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state);
+    NormalizePathLayer::trim_trailing_slash().layer(router)
 }
 
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(&self)
     }
 }
 
 /// Turns an error into its JSON answer: the only place that does.
-pub fn error_response(e: &ApiError) -> Response<Body> {
+pub fn error_response(e: &ApiError) -> Response {
     let mut r = json_response(e.status(), &e.body());
     match e {
         ApiError::Unauthorized => {
@@ -156,404 +129,465 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
 
 /// A JSON answer, built in zeroizing memory and sent from `Bytes` that wipe it when dropped
 /// (answers carry decrypted message bodies).
-fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response {
     match kms_api::wire::to_json_zeroizing(v, 512) {
-        Ok(b) => with_type(status, b.into_bytes(), "application/json"),
+        Ok(b) => with_type(status, Body::from(b.into_bytes()), "application/json"),
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a response");
             with_type(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Bytes::from_static(br#"{"error":{"code":"internal","message":"internal error"}}"#),
+                Body::from(&br#"{"error":{"code":"internal","message":"internal error"}}"#[..]),
                 "application/json",
             )
         }
     }
 }
 
-fn with_type(status: StatusCode, body: Bytes, ctype: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(body));
+fn with_type(status: StatusCode, body: Body, ctype: &'static str) -> Response {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
     r
 }
 
-/// Decoded query parameters (later duplicates win).
-fn query(req: &Request<Incoming>) -> Result<HashMap<String, String>, ApiError> {
-    let mut out = HashMap::new();
-    let Some(q) = req.uri().query() else {
-        return Ok(out);
-    };
-    for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(percent_decode(k)?, percent_decode(v)?);
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
-    Ok(out)
 }
 
-fn percent_decode(s: &str) -> Result<String, ApiError> {
-    let bad = || ApiError::invalid("invalid percent-encoding in the query string");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3).ok_or_else(bad)?;
-                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad())
-}
+/// The route templates, so metric labels are `&'static` and of fixed cardinality.
+const ROUTES: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/threads",
+    "/v1/threads/{id}",
+    "/v1/threads/{id}/messages",
+    "/v1/threads/{id}/messages/{msg_id}",
+    "/v1/sign",
+    "/admin/threads/{id}/kms",
+    "/admin/threads/{id}/rotate-dek",
+    "/admin/jobs/{job_id}",
+];
 
-fn parse_limit(q: &HashMap<String, String>) -> Result<Option<usize>, ApiError> {
-    q.get("limit")
-        .map(|l| {
-            l.parse::<usize>()
-                .map_err(|_| ApiError::invalid("limit must be a positive integer"))
+/// Counts and logs every answer by route template; turns the body-limit layer's own 413
+/// (sent before any handler runs, when `Content-Length` is already too large) into our JSON
+/// error.
+async fn observe(State(st): State<RouterState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let label = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()).copied())
+        .unwrap_or("unmatched");
+    let mut resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        resp = error_response(&ApiError::PayloadTooLarge(st.opts.max_body_bytes));
+    }
+    let status = resp.status();
+    if status.is_server_error() {
+        tracing::warn!(method = %method, route = label, status = status.as_u16(), "request failed");
+    } else {
+        tracing::debug!(method = %method, route = label, status = status.as_u16(), "request");
+    }
+    let m = &st.app.metrics.http;
+    m.requests
+        .get_or_create(&HttpLabels {
+            route: label,
+            method: method_label(&method),
+            status: status.as_u16(),
         })
-        .transpose()
+        .inc();
+    m.duration
+        .get_or_create(&RouteLabels { route: label })
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }
 
-fn parse_order(q: &HashMap<String, String>) -> Result<Order, ApiError> {
-    match q.get("order").map(String::as_str) {
-        None | Some("asc") => Ok(Order::Asc),
-        Some("desc") => Ok(Order::Desc),
-        Some(_) => Err(ApiError::invalid("order must be asc or desc")),
-    }
+async fn not_found() -> ApiError {
+    ApiError::NotFound
 }
 
-fn cursor(q: &HashMap<String, String>) -> Option<&str> {
-    q.get("cursor")
-        .map(String::as_str)
-        .filter(|c| !c.is_empty())
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
-/// Dispatches requests to [`App`].
+// ---- extractors ----
+
+/// The authenticated caller (`Authorization: Bearer`, and the user headers).
 #[derive(Debug)]
-pub struct Router {
-    app: Arc<App>,
-    opts: HttpOptions,
+pub struct Caller(Principal);
+
+impl FromRequestParts<RouterState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &RouterState) -> Result<Self, ApiError> {
+        Ok(Caller(st.app.keys.authenticate(&parts.headers)?))
+    }
 }
 
-impl Router {
-    pub fn new(app: Arc<App>, opts: HttpOptions) -> Self {
-        Self { app, opts }
-    }
+/// An admin caller; any other valid key is 403.
+#[derive(Debug)]
+pub struct AdminCaller(Principal);
 
-    /// Answers one request; never fails (errors become JSON answers).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let route = Route::parse(req.uri().path());
-        let label = route.as_ref().map_or("unmatched", Route::label);
-        let resp = match route {
-            Ok(route) => match self.dispatch(route, req).await {
-                Ok(r) => r,
-                Err(e) => error_response(&e),
-            },
-            Err(e) => error_response(&e),
-        };
-        let status = resp.status();
-        if status.is_server_error() {
-            tracing::warn!(method = %method, route = label, status = status.as_u16(), "request failed");
-        } else {
-            tracing::debug!(method = %method, route = label, status = status.as_u16(), "request");
-        }
-        let m = &self.app.metrics.http;
-        m.requests
-            .get_or_create(&HttpLabels {
-                route: label,
-                method: method_label(&method),
-                status: status.as_u16(),
-            })
-            .inc();
-        m.duration
-            .get_or_create(&RouteLabels { route: label })
-            .observe(started.elapsed().as_secs_f64());
-        resp
-    }
+impl FromRequestParts<RouterState> for AdminCaller {
+    type Rejection = ApiError;
 
-    fn auth(&self, req: &Request<Incoming>) -> Result<Principal, ApiError> {
-        Ok(self.app.keys.authenticate(req.headers())?)
-    }
-
-    fn admin(&self, req: &Request<Incoming>) -> Result<Principal, ApiError> {
-        let p = self.auth(req)?;
+    async fn from_request_parts(parts: &mut Parts, st: &RouterState) -> Result<Self, ApiError> {
+        let Caller(p) = Caller::from_request_parts(parts, st).await?;
         if p.role == Role::Admin {
-            Ok(p)
+            Ok(AdminCaller(p))
         } else {
             Err(ApiError::Forbidden)
         }
     }
+}
 
-    /// Reads a JSON body within the size limit and the body read timeout.
-    async fn json_body<T: DeserializeOwned>(&self, req: Request<Incoming>) -> Result<T, ApiError> {
-        let max = self.opts.max_body_bytes;
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
-            return Err(ApiError::PayloadTooLarge(max));
-        }
-        let body = Limited::new(req.into_body(), max);
-        let collected = tokio::time::timeout(self.opts.body_read_timeout, body.collect())
+/// `{id}`: a thread id.
+#[derive(Debug)]
+pub struct ThreadPath(ThreadId);
+
+impl<S: Send + Sync> FromRequestParts<S> for ThreadPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, st)
             .await
-            .map_err(|_| ApiError::RequestTimeout)?
-            .map_err(|e| {
-                if e.is::<LengthLimitError>() {
-                    ApiError::PayloadTooLarge(max)
-                } else {
-                    ApiError::MalformedRequest("the request body could not be read".into())
-                }
-            })?;
-        let bytes = collected.to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| {
-            // Category and position only: serde's own text can quote the request (a message
-            // body, a title), which must reach neither the answer nor the log.
-            let what = match e.classify() {
-                serde_json::error::Category::Data => {
-                    "the body does not have the documented shape (missing, unknown or mistyped field)"
-                }
-                serde_json::error::Category::Syntax
-                | serde_json::error::Category::Eof
-                | serde_json::error::Category::Io => "the body is not valid JSON",
-            };
-            ApiError::MalformedRequest(format!("{what} at line {} column {}", e.line(), e.column()))
-        })
-    }
-
-    fn view_kms(p: &Principal) -> KmsVisibility {
-        match p.role {
-            Role::Admin => KmsVisibility::Shown,
-            Role::Backend | Role::Frontend => KmsVisibility::Hidden,
-        }
-    }
-
-    async fn dispatch(
-        &self,
-        route: Route,
-        req: Request<Incoming>,
-    ) -> Result<Response<Body>, ApiError> {
-        let method = req.method().clone();
-        if !route.allowed().contains(&method) {
-            let allow = route
-                .allowed()
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut r = error_response(&ApiError::MethodNotAllowed);
-            if let Ok(v) = HeaderValue::from_str(&allow) {
-                r.headers_mut().insert(ALLOW, v);
-            }
-            return Ok(r);
-        }
-        let app = &self.app;
-        match route {
-            Route::Healthz => Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({"status": "ok"}),
-            )),
-            Route::Readyz => {
-                let (store, kms) = app.readiness().await;
-                let ready = store == Health::Ok && kms != Health::Unavailable;
-                let status = if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                Ok(json_response(
-                    status,
-                    &ReadyView {
-                        ready,
-                        store: store.as_str(),
-                        kms: kms.as_str(),
-                    },
-                ))
-            }
-            Route::Metrics => {
-                match self.opts.metrics_access {
-                    MetricsAccess::Public => {}
-                    MetricsAccess::Admin => {
-                        self.admin(&req)?;
-                    }
-                }
-                Ok(with_type(
-                    StatusCode::OK,
-                    Bytes::from(app.metrics.encode()),
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ))
-            }
-            Route::Threads => {
-                let p = self.auth(&req)?;
-                if method == Method::POST {
-                    let b: CreateThreadBody = self.json_body(req).await?;
-                    let t = app.create_thread(&p, b.title, b.metadata).await?;
-                    Ok(json_response(
-                        StatusCode::CREATED,
-                        &ThreadView::new(&t, Self::view_kms(&p)),
-                    ))
-                } else {
-                    let q = query(&req)?;
-                    let page = app.list_threads(&p, cursor(&q), parse_limit(&q)?).await?;
-                    let next_cursor = if page.more {
-                        page.items.last().map(|t| t.id.to_string())
-                    } else {
-                        None
-                    };
-                    let vis = Self::view_kms(&p);
-                    Ok(json_response(
-                        StatusCode::OK,
-                        &ThreadList {
-                            threads: page.items.iter().map(|t| ThreadView::new(t, vis)).collect(),
-                            next_cursor,
-                        },
-                    ))
-                }
-            }
-            Route::Thread(id) => {
-                let p = self.auth(&req)?;
-                let vis = Self::view_kms(&p);
-                match method {
-                    Method::GET => {
-                        let t = app.thread_for(&p, &id).await?;
-                        Ok(json_response(StatusCode::OK, &ThreadView::new(&t, vis)))
-                    }
-                    Method::PATCH => {
-                        let b: PatchThreadBody = self.json_body(req).await?;
-                        let t = app.patch_thread(&p, &id, b.title, b.metadata).await?;
-                        Ok(json_response(StatusCode::OK, &ThreadView::new(&t, vis)))
-                    }
-                    _ => {
-                        let t = app.delete_thread(&p, &id).await?;
-                        Ok(json_response(StatusCode::OK, &ThreadView::new(&t, vis)))
-                    }
-                }
-            }
-            Route::Messages(tid) => {
-                let p = self.auth(&req)?;
-                if method == Method::POST {
-                    let b: MessageBody = self.json_body(req).await?;
-                    let m = app.post_message(&p, &tid, b.body).await?;
-                    Ok(json_response(StatusCode::CREATED, &m))
-                } else {
-                    let q = query(&req)?;
-                    let (messages, next_cursor) = app
-                        .list_messages(&p, &tid, parse_order(&q)?, cursor(&q), parse_limit(&q)?)
-                        .await?;
-                    Ok(json_response(
-                        StatusCode::OK,
-                        &MessageList {
-                            messages,
-                            next_cursor,
-                        },
-                    ))
-                }
-            }
-            Route::Message(tid, mid) => {
-                let p = self.auth(&req)?;
-                match method {
-                    Method::GET => Ok(json_response(
-                        StatusCode::OK,
-                        &app.get_message(&p, &tid, mid).await?,
-                    )),
-                    Method::PUT => {
-                        let b: MessageBody = self.json_body(req).await?;
-                        let m = app.update_message(&p, &tid, mid, b.body).await?;
-                        Ok(json_response(StatusCode::OK, &m))
-                    }
-                    _ => Ok(json_response(
-                        StatusCode::OK,
-                        &app.delete_message(&p, &tid, mid).await?,
-                    )),
-                }
-            }
-            Route::Sign => {
-                let p = self.auth(&req)?;
-                if p.role == Role::Frontend {
-                    return Err(ApiError::Forbidden);
-                }
-                let b: SignBody = self.json_body(req).await?;
-                let (user_id, signature, expires) = app.sign(&p, &b.user_id, b.expires_in_secs)?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &SignView {
-                        user_id,
-                        signature,
-                        expires_at: expires.map(|e| {
-                            Timestamp::from_nanos(e.saturating_mul(1_000_000_000)).to_rfc3339()
-                        }),
-                    },
-                ))
-            }
-            Route::AdminThreadKms(id) => {
-                let p = self.admin(&req)?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &app.thread_kms(&p, &id).await?,
-                ))
-            }
-            Route::AdminRotateDek(id) => {
-                let p = self.admin(&req)?;
-                app.thread_for(&p, &id).await?;
-                Err(ApiError::NotImplemented)
-            }
-            Route::AdminJob => {
-                self.admin(&req)?;
-                Err(ApiError::NotImplemented)
-            }
-        }
+            .map_err(|_| ApiError::invalid("invalid thread id"))?;
+        ThreadId::parse(&raw)
+            .map(ThreadPath)
+            .map_err(|_| ApiError::invalid("invalid thread id"))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
+/// `{id}/.../{msg_id}`: a thread id and a message id.
+#[derive(Debug)]
+pub struct MessagePath(ThreadId, MessageId);
 
-    #[test]
-    fn routes() {
-        assert_eq!(Route::parse("/v1/threads").unwrap(), Route::Threads);
-        assert_eq!(Route::parse("/v1/threads/").unwrap(), Route::Threads);
-        assert!(matches!(
-            Route::parse("/v1/threads/t1").unwrap(),
-            Route::Thread(_)
-        ));
-        assert!(matches!(
-            Route::parse("/v1/threads/t1/messages/00000000000000000001-000000").unwrap(),
-            Route::Message(..)
-        ));
-        assert_eq!(Route::parse("/nope"), Err(ApiError::NotFound));
-        assert_eq!(Route::parse("/"), Err(ApiError::NotFound));
-        assert!(matches!(
-            Route::parse("/v1/threads/a:b"),
-            Err(ApiError::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            Route::parse("/v1/threads/t1/messages/12"),
-            Err(ApiError::InvalidArgument(_))
-        ));
-        assert_eq!(Route::parse("/admin/jobs/j1").unwrap(), Route::AdminJob);
+impl<S: Send + Sync> FromRequestParts<S> for MessagePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, ApiError> {
+        let Path((t, m)) = Path::<(String, String)>::from_request_parts(parts, st)
+            .await
+            .map_err(|_| ApiError::invalid("invalid path"))?;
+        let t = ThreadId::parse(&t).map_err(|_| ApiError::invalid("invalid thread id"))?;
+        let m = MessageId::parse(&m).map_err(|_| ApiError::invalid("invalid message id"))?;
+        Ok(MessagePath(t, m))
+    }
+}
+
+/// The query parameters of the listings, decoded by `serde_urlencoded`; values are checked
+/// by the handlers so each gets its own message.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+    order: Option<String>,
+}
+
+impl ListQuery {
+    fn from(q: Result<Query<ListQuery>, QueryRejection>) -> Result<Self, ApiError> {
+        q.map(|Query(q)| q)
+            .map_err(|_| ApiError::invalid("invalid query string"))
     }
 
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b+c").unwrap(), "a b c");
-        assert!(percent_decode("%zz").is_err());
-        assert!(percent_decode("%2").is_err());
+    fn limit(&self) -> Result<Option<usize>, ApiError> {
+        self.limit
+            .as_deref()
+            .map(|l| {
+                l.parse::<usize>()
+                    .map_err(|_| ApiError::invalid("limit must be a positive integer"))
+            })
+            .transpose()
     }
+
+    fn order(&self) -> Result<Order, ApiError> {
+        match self.order.as_deref() {
+            None | Some("asc") => Ok(Order::Asc),
+            Some("desc") => Ok(Order::Desc),
+            Some(_) => Err(ApiError::invalid("order must be asc or desc")),
+        }
+    }
+
+    fn cursor(&self) -> Option<&str> {
+        self.cursor.as_deref().filter(|c| !c.is_empty())
+    }
+}
+
+/// A JSON request body, read within the body-limit and body-timeout layers into zeroizing
+/// memory (message bodies are secret) and parsed into `T`. Failures are 413
+/// `payload_too_large`, 408 `request_timeout` or 400 `malformed_request` with the category
+/// and position of a JSON error, never serde's text (it can quote the request).
+pub struct JsonBody<T>(T);
+
+impl<T> std::fmt::Debug for JsonBody<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonBody(<redacted>)")
+    }
+}
+
+impl<T: DeserializeOwned> FromRequest<RouterState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &RouterState) -> Result<Self, ApiError> {
+        let max = st.opts.max_body_bytes;
+        let mut body = req.into_body();
+        let mut buf = ZeroizingBuf::with_capacity(1024);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| classify_body_error(&e, max))?;
+            if let Ok(data) = frame.into_data() {
+                buf.push(&data);
+            }
+        }
+        serde_json::from_slice(buf.as_slice())
+            .map(JsonBody)
+            .map_err(|e| {
+                let what = match e.classify() {
+                    serde_json::error::Category::Data => {
+                        "the body does not have the documented shape (missing, unknown or mistyped field)"
+                    }
+                    serde_json::error::Category::Syntax
+                    | serde_json::error::Category::Eof
+                    | serde_json::error::Category::Io => "the body is not valid JSON",
+                };
+                ApiError::MalformedRequest(format!(
+                    "{what} at line {} column {}",
+                    e.line(),
+                    e.column()
+                ))
+            })
+    }
+}
+
+/// What a failed body read means: over the limit, too slow, or broken.
+fn classify_body_error(e: &axum::Error, max: usize) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<LengthLimitError>() {
+            return ApiError::PayloadTooLarge(max);
+        }
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::RequestTimeout;
+        }
+        source = err.source();
+    }
+    ApiError::MalformedRequest("the request body could not be read".into())
+}
+
+fn view_kms(p: &Principal) -> KmsVisibility {
+    match p.role {
+        Role::Admin => KmsVisibility::Shown,
+        Role::Backend | Role::Frontend => KmsVisibility::Hidden,
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn ok<T: Serialize>(v: &T) -> Answer {
+    Ok(json_response(StatusCode::OK, v))
+}
+
+// ---- handlers ----
+
+async fn healthz() -> Answer {
+    ok(&serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<RouterState>) -> Answer {
+    let (store, kms) = st.app.readiness().await;
+    let ready = store == Health::Ok && kms != Health::Unavailable;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json_response(
+        status,
+        &ReadyView {
+            ready,
+            store: store.as_str(),
+            kms: kms.as_str(),
+        },
+    ))
+}
+
+async fn metrics(State(st): State<RouterState>, headers: axum::http::HeaderMap) -> Answer {
+    match st.opts.metrics_access {
+        MetricsAccess::Public => {}
+        MetricsAccess::Admin => {
+            let p = st.app.keys.authenticate(&headers)?;
+            if p.role != Role::Admin {
+                return Err(ApiError::Forbidden);
+            }
+        }
+    }
+    Ok(with_type(
+        StatusCode::OK,
+        Body::from(st.app.metrics.encode()),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    ))
+}
+
+async fn create_thread(
+    State(st): State<RouterState>,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<CreateThreadBody>,
+) -> Answer {
+    let t = st.app.create_thread(&p, b.title, b.metadata).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &ThreadView::new(&t, view_kms(&p)),
+    ))
+}
+
+async fn list_threads(
+    State(st): State<RouterState>,
+    Caller(p): Caller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let q = ListQuery::from(q)?;
+    let page = st.app.list_threads(&p, q.cursor(), q.limit()?).await?;
+    let next_cursor = if page.more {
+        page.items.last().map(|t| t.id.to_string())
+    } else {
+        None
+    };
+    let vis = view_kms(&p);
+    ok(&ThreadList {
+        threads: page.items.iter().map(|t| ThreadView::new(t, vis)).collect(),
+        next_cursor,
+    })
+}
+
+async fn get_thread(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    Caller(p): Caller,
+) -> Answer {
+    let t = st.app.thread_for(&p, &id).await?;
+    ok(&ThreadView::new(&t, view_kms(&p)))
+}
+
+async fn patch_thread(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<PatchThreadBody>,
+) -> Answer {
+    let t = st.app.patch_thread(&p, &id, b.title, b.metadata).await?;
+    ok(&ThreadView::new(&t, view_kms(&p)))
+}
+
+async fn delete_thread(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    Caller(p): Caller,
+) -> Answer {
+    let t = st.app.delete_thread(&p, &id).await?;
+    ok(&ThreadView::new(&t, view_kms(&p)))
+}
+
+async fn post_message(
+    State(st): State<RouterState>,
+    ThreadPath(tid): ThreadPath,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<MessageBody>,
+) -> Answer {
+    let m = st.app.post_message(&p, &tid, b.body).await?;
+    Ok(json_response(StatusCode::CREATED, &m))
+}
+
+async fn list_messages(
+    State(st): State<RouterState>,
+    ThreadPath(tid): ThreadPath,
+    Caller(p): Caller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let q = ListQuery::from(q)?;
+    let (messages, next_cursor) = st
+        .app
+        .list_messages(&p, &tid, q.order()?, q.cursor(), q.limit()?)
+        .await?;
+    ok(&MessageList {
+        messages,
+        next_cursor,
+    })
+}
+
+async fn get_message(
+    State(st): State<RouterState>,
+    MessagePath(tid, mid): MessagePath,
+    Caller(p): Caller,
+) -> Answer {
+    ok(&st.app.get_message(&p, &tid, mid).await?)
+}
+
+async fn put_message(
+    State(st): State<RouterState>,
+    MessagePath(tid, mid): MessagePath,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<MessageBody>,
+) -> Answer {
+    ok(&st.app.update_message(&p, &tid, mid, b.body).await?)
+}
+
+async fn delete_message(
+    State(st): State<RouterState>,
+    MessagePath(tid, mid): MessagePath,
+    Caller(p): Caller,
+) -> Answer {
+    ok(&st.app.delete_message(&p, &tid, mid).await?)
+}
+
+async fn sign(
+    State(st): State<RouterState>,
+    Caller(p): Caller,
+    JsonBody(b): JsonBody<SignBody>,
+) -> Answer {
+    if p.role == Role::Frontend {
+        return Err(ApiError::Forbidden);
+    }
+    let (user_id, signature, expires) = st.app.sign(&p, &b.user_id, b.expires_in_secs)?;
+    ok(&SignView {
+        user_id,
+        signature,
+        expires_at: expires
+            .map(|e| Timestamp::from_nanos(e.saturating_mul(1_000_000_000)).to_rfc3339()),
+    })
+}
+
+async fn thread_kms(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    AdminCaller(p): AdminCaller,
+) -> Answer {
+    ok(&st.app.thread_kms(&p, &id).await?)
+}
+
+async fn rotate_dek(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    AdminCaller(p): AdminCaller,
+) -> Answer {
+    st.app.thread_for(&p, &id).await?;
+    Err(ApiError::NotImplemented)
+}
+
+async fn admin_job(AdminCaller(_): AdminCaller) -> Answer {
+    Err(ApiError::NotImplemented)
 }
