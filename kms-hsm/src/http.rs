@@ -1,4 +1,5 @@
-//! The HTTP API (hyper 1, HTTP/1.1): routing, request parsing, answers and error bodies.
+//! The HTTP API on `axum` (hyper 1, HTTP/1.1), with `tower-http` body-limit and body-timeout
+//! layers: routing, request parsing, answers and error bodies.
 //!
 //! | method, path | body | answer |
 //! |---|---|---|
@@ -11,28 +12,35 @@
 //! | GET /healthz, /readyz, /metrics | | liveness, readiness, Prometheus text |
 //!
 //! Parsing is explicit, so each failure has its own stable code without looking at serde's
-//! messages: the body is read with a size limit and a deadline (413 / 400), parsed as JSON
-//! into structs of plain strings (400 `malformed_request`), then every binary field is decoded
-//! from base64 (400 `invalid_base64`) and every id parsed (400 `invalid_argument`).
+//! messages: the body is read within `limits.max_body_bytes` (`RequestBodyLimitLayer`, 413)
+//! and `limits.read_timeout_secs` between frames (`RequestBodyTimeoutLayer`, 400) into
+//! zeroizing memory, parsed as JSON into structs of plain strings (400 `malformed_request`),
+//! then every binary field is decoded from base64 (400 `invalid_base64`) and every id parsed
+//! (400 `invalid_argument`). Unknown paths are 404 `not_found`, known paths with another
+//! method 405 `method_not_allowed` with `Allow`.
 //!
 //! Errors are `{"error": {"code", "message"}}` ([`ErrorBody`]) with the status of
 //! [`ErrorCode::status`]. 5xx answers carry a generic message only; their detail goes to the
 //! log. Request and response bodies are never logged.
 //!
-//! In a batch, an item that is invalid or fails (unknown key, decryption failure) gets its own
-//! error result; a failure of the HSM or the store (503) fails the whole call so the caller
-//! retries it as a unit.
+//! In a batch, every item succeeds or fails on its own (an invalid item, an unknown key, a
+//! decryption failure, or a cold key whose unwrap meets an HSM outage), so the cached keys
+//! beside a failing one keep serving.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
 use base64::Engine as _;
-use bytes::Bytes;
-use http::header::{
-    HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
-};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, LengthLimitError};
 use kms_api::wire::{
     to_json_zeroizing, BatchResponse, Bytes64, CreateDekResponse, DecryptResponse,
     DestroyKeyResponse, EncryptResponse, GetWrappedResponse, ItemResult, ReadyResponse,
@@ -42,19 +50,14 @@ use kms_api::{ErrorBody, ErrorCode, ErrorDetail, KeyId, ThreadId};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError};
 use zeroize::Zeroizing;
 
 use crate::backend::KeyBackend;
 use crate::keystore::KeyStore;
 use crate::metrics::{self, Metrics};
 use crate::service::{DecryptItem, EncryptItem, KeyService, Readiness, ServiceError};
-
-/// Response body type of every answer.
-pub type Body = Full<Bytes>;
-
-/// Extra bytes of an oversize body read and discarded before answering 413, so an ordinary
-/// client reads the answer instead of a reset; beyond that the connection is closed.
-const DRAIN_ALLOWANCE: usize = 4 << 20;
 
 /// `Retry-After` of a 503 `overloaded` answer, in seconds.
 pub const RETRY_AFTER_SECS: &str = "1";
@@ -73,7 +76,7 @@ pub enum HttpError {
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed on this endpoint")]
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed,
     #[error("this peer is not allowed to use the KMS")]
     Forbidden,
     #[error("request body is larger than {limit} bytes")]
@@ -99,7 +102,7 @@ impl HttpError {
     pub fn code(&self) -> ErrorCode {
         match self {
             HttpError::NotFound => ErrorCode::NotFound,
-            HttpError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            HttpError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             HttpError::Forbidden => ErrorCode::Forbidden,
             HttpError::BodyTooLarge { .. } | HttpError::ItemTooLarge { .. } => {
                 ErrorCode::PayloadTooLarge
@@ -158,17 +161,18 @@ pub enum Route {
     Metrics,
 }
 
-const ROUTES: &[(&str, Method, Route)] = &[
-    ("/create_dek_for_thread", Method::POST, Route::CreateDek),
-    ("/encrypt", Method::POST, Route::Encrypt),
-    ("/decrypt", Method::POST, Route::Decrypt),
-    ("/encrypt_batch", Method::POST, Route::EncryptBatch),
-    ("/decrypt_batch", Method::POST, Route::DecryptBatch),
-    ("/destroy_key", Method::POST, Route::DestroyKey),
-    ("/get_wrapped", Method::GET, Route::GetWrapped),
-    ("/healthz", Method::GET, Route::Healthz),
-    ("/readyz", Method::GET, Route::Readyz),
-    ("/metrics", Method::GET, Route::Metrics),
+/// Path and [`Route`] of every endpoint.
+const ROUTES: &[(&str, Route)] = &[
+    ("/create_dek_for_thread", Route::CreateDek),
+    ("/encrypt", Route::Encrypt),
+    ("/decrypt", Route::Decrypt),
+    ("/encrypt_batch", Route::EncryptBatch),
+    ("/decrypt_batch", Route::DecryptBatch),
+    ("/destroy_key", Route::DestroyKey),
+    ("/get_wrapped", Route::GetWrapped),
+    ("/healthz", Route::Healthz),
+    ("/readyz", Route::Readyz),
+    ("/metrics", Route::Metrics),
 ];
 
 impl Route {
@@ -188,21 +192,8 @@ impl Route {
         }
     }
 
-    fn find(method: &Method, path: &str) -> Result<Route, HttpError> {
-        let mut path_matched = None;
-        for (p, m, r) in ROUTES {
-            if *p == path {
-                if m == method {
-                    return Ok(*r);
-                }
-                path_matched = Some(m);
-            }
-        }
-        match path_matched {
-            Some(m) if *m == Method::GET => Err(HttpError::MethodNotAllowed { allow: "GET" }),
-            Some(_) => Err(HttpError::MethodNotAllowed { allow: "POST" }),
-            None => Err(HttpError::NotFound),
-        }
+    fn of_path(path: &str) -> Option<Route> {
+        ROUTES.iter().find(|(p, _)| *p == path).map(|(_, r)| *r)
     }
 }
 
@@ -347,63 +338,12 @@ fn check_batch_len(n: usize) -> Result<(), HttpError> {
     Ok(())
 }
 
-/// Reads the whole body within the size limit and the deadline. The buffer is zeroized on drop.
-async fn read_body<Bd>(
-    req: Request<Bd>,
-    limits: HttpLimits,
-) -> Result<Zeroizing<Vec<u8>>, HttpError>
-where
-    Bd: hyper::body::Body<Data = Bytes> + Unpin,
-{
-    let limit = limits.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_ALLOWANCE) as u64) {
-        // Not worth draining: answer at once and close the connection.
-        return Err(HttpError::BodyTooLarge { limit });
-    }
-    let mut body = req.into_body();
-    let read = async {
-        let mut over = declared.is_some_and(|n| n > limit as u64);
-        let initial = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0).min(limit));
-        let mut buf = ZeroizingBuf::with_capacity(if over { 0 } else { initial });
-        let mut seen = 0usize;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|_| HttpError::BodyRead)?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            seen = seen.saturating_add(data.len());
-            if over || seen > limit {
-                over = true;
-                buf.clear();
-                if seen > limit.saturating_add(DRAIN_ALLOWANCE) {
-                    break;
-                }
-                continue;
-            }
-            buf.push(&data);
-        }
-        if over {
-            Err(HttpError::BodyTooLarge { limit })
-        } else {
-            Ok(buf.into_inner())
-        }
-    };
-    tokio::time::timeout(limits.body_read_timeout, read)
-        .await
-        .map_err(|_| HttpError::BodyTimeout(limits.body_read_timeout))?
-}
-
 /// A JSON answer. Answers can carry plaintext (`/decrypt`), so every body is built in a
 /// [`ZeroizingBuf`] and handed to hyper as `Bytes` that wipe their memory when dropped.
 fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match to_json_zeroizing(value, 256) {
         Ok(buf) => {
-            let mut r = Response::new(Full::new(buf.into_bytes()));
+            let mut r = Response::new(Body::from(buf.into_bytes()));
             *r.status_mut() = status;
             let h = r.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -412,9 +352,9 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> 
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot serialize an answer");
-            let mut r = Response::new(Full::new(Bytes::from_static(
-                br#"{"error":{"code":"internal","message":"internal error"}}"#,
-            )));
+            let mut r = Response::new(Body::from(
+                &br#"{"error":{"code":"internal","message":"internal error"}}"#[..],
+            ));
             *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -432,10 +372,6 @@ fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
             error: detail(code, err, endpoint),
         },
     );
-    if let HttpError::MethodNotAllowed { allow } = err {
-        r.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static(allow));
-    }
     if code == ErrorCode::Overloaded {
         r.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
@@ -447,25 +383,7 @@ fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
     r
 }
 
-fn query_key_id(query: Option<&str>) -> Result<KeyId, HttpError> {
-    let mut found = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == "key_id" {
-            if found.is_some() {
-                return Err(HttpError::InvalidArgument(
-                    "key_id is given more than once".into(),
-                ));
-            }
-            found = Some(v);
-        }
-    }
-    let v = found
-        .ok_or_else(|| HttpError::InvalidArgument("query parameter key_id is required".into()))?;
-    parse_key_id(v)
-}
-
-/// The HTTP front of a [`KeyService`].
+/// The HTTP front of a [`KeyService`]: what every handler gets.
 pub struct Api<B, S> {
     service: Arc<KeyService<B, S>>,
     metrics: Arc<Metrics>,
@@ -493,203 +411,342 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
         &self.service
     }
 
-    /// Answers one request (never fails: errors become error answers).
-    pub async fn handle<Bd>(&self, req: Request<Bd>) -> Response<Body>
-    where
-        Bd: hyper::body::Body<Data = Bytes> + Unpin,
-    {
-        let start = Instant::now();
-        let (label, resp) = match Route::find(req.method(), req.uri().path()) {
-            Ok(route) => {
-                let label = route.label();
-                let resp = match self.dispatch(route, req).await {
-                    Ok(r) => r,
-                    Err(e) => error_response(&e, label),
-                };
-                (label, resp)
-            }
-            Err(e) => (UNKNOWN_ENDPOINT, error_response(&e, UNKNOWN_ENDPOINT)),
-        };
-        self.finish(label, start, resp)
+    pub fn limits(&self) -> HttpLimits {
+        self.limits
     }
+}
 
-    /// Answers a request from a peer that is not allowed: 403, without reading the body.
-    pub fn forbidden<Bd>(&self, req: &Request<Bd>) -> Response<Body> {
-        let start = Instant::now();
-        let label = Route::find(req.method(), req.uri().path())
-            .map(Route::label)
-            .unwrap_or(UNKNOWN_ENDPOINT);
-        let mut resp = error_response(&HttpError::Forbidden, label);
-        resp.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        self.finish(label, start, resp)
-    }
+/// The shared state of the handlers.
+type ApiState<B, S> = State<Arc<Api<B, S>>>;
 
-    fn finish(&self, label: &'static str, start: Instant, resp: Response<Body>) -> Response<Body> {
-        let elapsed = start.elapsed();
-        let status = resp.status().as_u16();
-        self.metrics.observe_request(label, status, elapsed);
-        tracing::debug!(
-            endpoint = label,
-            status,
-            micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            "request"
-        );
-        resp
-    }
+/// The KMS API for an allowed peer.
+pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
+    let limits = api.limits;
+    Router::new()
+        .route("/create_dek_for_thread", post(create_dek::<B, S>))
+        .route("/encrypt", post(encrypt::<B, S>))
+        .route("/decrypt", post(decrypt::<B, S>))
+        .route("/encrypt_batch", post(encrypt_batch::<B, S>))
+        .route("/decrypt_batch", post(decrypt_batch::<B, S>))
+        .route("/destroy_key", post(destroy_key::<B, S>))
+        .route("/get_wrapped", get(get_wrapped::<B, S>))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<B, S>))
+        .route("/metrics", get(metrics::<B, S>))
+        .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
+        .method_not_allowed_fallback(|uri: Uri| async move {
+            let label = Route::of_path(uri.path()).map_or(UNKNOWN_ENDPOINT, Route::label);
+            error_response(&HttpError::MethodNotAllowed, label)
+        })
+        .layer(RequestBodyTimeoutLayer::new(limits.body_read_timeout))
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        // Outermost: sees every answer, including the layers' own refusals.
+        .layer(middleware::from_fn_with_state(api.clone(), observe::<B, S>))
+        .with_state(api)
+}
 
-    async fn dispatch<Bd>(
-        &self,
-        route: Route,
-        req: Request<Bd>,
-    ) -> Result<Response<Body>, HttpError>
-    where
-        Bd: hyper::body::Body<Data = Bytes> + Unpin,
-    {
-        let svc = &self.service;
-        match route {
-            Route::Healthz => Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({ "status": "ok" }),
-            )),
-            Route::Readyz => match svc.readiness().await {
-                Readiness::Ready => Ok(json_response(
-                    StatusCode::OK,
-                    &ReadyResponse {
-                        ready: true,
-                        reason: None,
-                    },
-                )),
-                Readiness::NotReady(reason) => Ok(json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &ErrorBody::new(ErrorCode::Unavailable, format!("not ready: {reason}")),
-                )),
+/// What a peer outside `listen.allowed_uids` gets, whatever it asks: 403, without its body
+/// being read, and the connection closed.
+pub fn forbidden_router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
+    Router::new()
+        .fallback(|| async {
+            let mut r = error_response(&HttpError::Forbidden, UNKNOWN_ENDPOINT);
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            r
+        })
+        .layer(middleware::from_fn_with_state(api.clone(), observe::<B, S>))
+        .with_state(api)
+}
+
+/// Counts every answer by endpoint and status; turns the body-limit layer's own 413 (sent
+/// when `Content-Length` is already too large) into our JSON error, closing the connection.
+async fn observe<B: KeyBackend, S: KeyStore>(
+    State(api): ApiState<B, S>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let start = Instant::now();
+    let label = Route::of_path(req.uri().path()).map_or(UNKNOWN_ENDPOINT, Route::label);
+    let mut resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        resp = error_response(
+            &HttpError::BodyTooLarge {
+                limit: api.limits.max_body_bytes,
             },
-            Route::Metrics => {
-                let text = self.metrics.encode().map_err(|_| {
-                    HttpError::Service(ServiceError::Internal("metrics encoding failed"))
-                })?;
-                let mut r = Response::new(Full::new(Bytes::from(text)));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static(metrics::CONTENT_TYPE),
-                );
-                Ok(r)
-            }
-            Route::GetWrapped => {
-                let key_id = query_key_id(req.uri().query())?;
-                let w = svc.get_wrapped(&key_id).await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &GetWrappedResponse {
-                        wrapped: w.wrapped,
-                        kek_id: w.kek_id,
-                        kek_version: w.kek_version,
-                    },
-                ))
-            }
-            Route::CreateDek => {
-                let body = read_body(req, self.limits).await?;
-                let raw: RawCreate = parse_json(&body)?;
-                let thread_id = ThreadId::parse(&raw.thread_id)
-                    .map_err(|e| HttpError::InvalidArgument(format!("thread_id: {e}")))?;
-                let k = svc.create_dek_for_thread(thread_id).await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &CreateDekResponse {
-                        key_id: k.key_id,
-                        wrapped: k.wrapped,
-                        kek_id: k.kek.id,
-                        kek_version: k.kek.version,
-                    },
-                ))
-            }
-            Route::Encrypt => {
-                let body = read_body(req, self.limits).await?;
-                let input = parse_json::<RawEncrypt>(&body)?.validate()?;
-                drop(body);
-                let e = svc
-                    .encrypt(&input.key_id, &input.plaintext, &input.aad)
-                    .await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &EncryptResponse {
-                        ciphertext: Bytes64(e.ciphertext),
-                        key_version: e.kek_version,
-                    },
-                ))
-            }
-            Route::Decrypt => {
-                let body = read_body(req, self.limits).await?;
-                let input = parse_json::<RawDecrypt>(&body)?.validate()?;
-                let p = svc
-                    .decrypt(&input.key_id, &input.ciphertext, &input.aad)
-                    .await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &DecryptResponse { plaintext: p },
-                ))
-            }
-            Route::DestroyKey => {
-                let body = read_body(req, self.limits).await?;
-                let raw: RawDestroy = parse_json(&body)?;
-                let key_id = parse_key_id(&raw.key_id)?;
-                svc.destroy_key(&key_id).await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &DestroyKeyResponse {
-                        key_id,
-                        state: "destroyed".to_owned(),
-                    },
-                ))
-            }
-            Route::EncryptBatch => {
-                let body = read_body(req, self.limits).await?;
-                let raw: RawBatch<RawEncrypt> = parse_json(&body)?;
-                drop(body);
-                check_batch_len(raw.items.len())?;
-                let inputs: Vec<Result<EncryptInput, HttpError>> =
-                    raw.items.into_iter().map(RawEncrypt::validate).collect();
-                let items: Vec<EncryptItem<'_>> = inputs
-                    .iter()
-                    .flatten()
-                    .map(|i| EncryptItem {
-                        key_id: &i.key_id,
-                        plaintext: &i.plaintext,
-                        aad: &i.aad,
-                    })
-                    .collect();
-                let mut done = svc.encrypt_batch(&items).await.into_iter();
-                let results = merge(route.label(), inputs, &mut done, |e| EncryptResponse {
-                    ciphertext: Bytes64(e.ciphertext),
-                    key_version: e.kek_version,
-                })?;
-                Ok(json_response(StatusCode::OK, &BatchResponse { results }))
-            }
-            Route::DecryptBatch => {
-                let body = read_body(req, self.limits).await?;
-                let raw: RawBatch<RawDecrypt> = parse_json(&body)?;
-                drop(body);
-                check_batch_len(raw.items.len())?;
-                let inputs: Vec<Result<DecryptInput, HttpError>> =
-                    raw.items.into_iter().map(RawDecrypt::validate).collect();
-                let items: Vec<DecryptItem<'_>> = inputs
-                    .iter()
-                    .flatten()
-                    .map(|i| DecryptItem {
-                        key_id: &i.key_id,
-                        ciphertext: &i.ciphertext,
-                        aad: &i.aad,
-                    })
-                    .collect();
-                let mut done = svc.decrypt_batch(&items).await.into_iter();
-                let results = merge(route.label(), inputs, &mut done, |p| DecryptResponse {
-                    plaintext: p,
-                })?;
-                Ok(json_response(StatusCode::OK, &BatchResponse { results }))
-            }
+            label,
+        );
+    }
+    let elapsed = start.elapsed();
+    let status = resp.status().as_u16();
+    api.metrics.observe_request(label, status, elapsed);
+    tracing::debug!(
+        endpoint = label,
+        status,
+        micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+    resp
+}
+
+/// An error answer for endpoint `label` (the `IntoResponse` of the handlers).
+struct Failure(HttpError, &'static str);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error_response(&self.0, self.1)
+    }
+}
+
+type Answer = Result<Response, Failure>;
+
+fn fail(route: Route) -> impl Fn(HttpError) -> Failure {
+    move |e| Failure(e, route.label())
+}
+
+/// The request body, read within the body-limit and body-timeout layers into zeroizing
+/// memory (it may carry plaintext). Over the limit: 413 and the connection is closed; too
+/// slow or broken: 400.
+async fn read_body(body: Body, limits: HttpLimits) -> Result<Zeroizing<Vec<u8>>, HttpError> {
+    let mut body = body;
+    let mut buf = ZeroizingBuf::with_capacity(1024);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| classify_body_error(&e, limits))?;
+        if let Ok(data) = frame.into_data() {
+            buf.push(&data);
         }
     }
+    Ok(buf.into_inner())
+}
+
+/// What a failed body read means.
+fn classify_body_error(e: &axum::Error, limits: HttpLimits) -> HttpError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<LengthLimitError>() {
+            return HttpError::BodyTooLarge {
+                limit: limits.max_body_bytes,
+            };
+        }
+        if err.is::<TimeoutError>() {
+            return HttpError::BodyTimeout(limits.body_read_timeout);
+        }
+        source = err.source();
+    }
+    HttpError::BodyRead
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>) -> Response {
+    match api.service.readiness().await {
+        Readiness::Ready => json_response(
+            StatusCode::OK,
+            &ReadyResponse {
+                ready: true,
+                reason: None,
+            },
+        ),
+        Readiness::NotReady(reason) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &ErrorBody::new(ErrorCode::Unavailable, format!("not ready: {reason}")),
+        ),
+    }
+}
+
+async fn metrics<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>) -> Answer {
+    let text = api.metrics.encode().map_err(|_| {
+        Failure(
+            HttpError::Service(ServiceError::Internal("metrics encoding failed")),
+            Route::Metrics.label(),
+        )
+    })?;
+    let mut r = Response::new(Body::from(text));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    Ok(r)
+}
+
+/// `GET /get_wrapped?key_id=`, decoded by `serde_urlencoded`.
+#[derive(Deserialize)]
+struct GetWrappedQuery {
+    key_id: Option<String>,
+}
+
+async fn get_wrapped<B: KeyBackend, S: KeyStore>(
+    State(api): ApiState<B, S>,
+    q: Result<Query<GetWrappedQuery>, QueryRejection>,
+) -> Answer {
+    let f = fail(Route::GetWrapped);
+    let Query(q) = q.map_err(|_| {
+        f(HttpError::InvalidArgument(
+            "the query string must be key_id=<key id>, once".into(),
+        ))
+    })?;
+    let raw = q.key_id.ok_or_else(|| {
+        f(HttpError::InvalidArgument(
+            "query parameter key_id is required".into(),
+        ))
+    })?;
+    let key_id = parse_key_id(&raw).map_err(&f)?;
+    let w = api
+        .service
+        .get_wrapped(&key_id)
+        .await
+        .map_err(|e| f(e.into()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &GetWrappedResponse {
+            wrapped: w.wrapped,
+            kek_id: w.kek_id,
+            kek_version: w.kek_version,
+        },
+    ))
+}
+
+async fn create_dek<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
+    let f = fail(Route::CreateDek);
+    let body = read_body(body, api.limits).await.map_err(&f)?;
+    let raw: RawCreate = parse_json(&body).map_err(&f)?;
+    let thread_id = ThreadId::parse(&raw.thread_id)
+        .map_err(|e| f(HttpError::InvalidArgument(format!("thread_id: {e}"))))?;
+    let k = api
+        .service
+        .create_dek_for_thread(thread_id)
+        .await
+        .map_err(|e| f(e.into()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &CreateDekResponse {
+            key_id: k.key_id,
+            wrapped: k.wrapped,
+            kek_id: k.kek.id,
+            kek_version: k.kek.version,
+        },
+    ))
+}
+
+async fn encrypt<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
+    let f = fail(Route::Encrypt);
+    let body = read_body(body, api.limits).await.map_err(&f)?;
+    let input = parse_json::<RawEncrypt>(&body)
+        .and_then(RawEncrypt::validate)
+        .map_err(&f)?;
+    drop(body);
+    let e = api
+        .service
+        .encrypt(&input.key_id, &input.plaintext, &input.aad)
+        .await
+        .map_err(|e| f(e.into()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &EncryptResponse {
+            ciphertext: Bytes64(e.ciphertext),
+            key_version: e.kek_version,
+        },
+    ))
+}
+
+async fn decrypt<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
+    let f = fail(Route::Decrypt);
+    let body = read_body(body, api.limits).await.map_err(&f)?;
+    let input = parse_json::<RawDecrypt>(&body)
+        .and_then(RawDecrypt::validate)
+        .map_err(&f)?;
+    let p = api
+        .service
+        .decrypt(&input.key_id, &input.ciphertext, &input.aad)
+        .await
+        .map_err(|e| f(e.into()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &DecryptResponse { plaintext: p },
+    ))
+}
+
+async fn destroy_key<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
+    let f = fail(Route::DestroyKey);
+    let body = read_body(body, api.limits).await.map_err(&f)?;
+    let raw: RawDestroy = parse_json(&body).map_err(&f)?;
+    let key_id = parse_key_id(&raw.key_id).map_err(&f)?;
+    api.service
+        .destroy_key(&key_id)
+        .await
+        .map_err(|e| f(e.into()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &DestroyKeyResponse {
+            key_id,
+            state: "destroyed".to_owned(),
+        },
+    ))
+}
+
+async fn encrypt_batch<B: KeyBackend, S: KeyStore>(
+    State(api): ApiState<B, S>,
+    body: Body,
+) -> Answer {
+    let route = Route::EncryptBatch;
+    let f = fail(route);
+    let body = read_body(body, api.limits).await.map_err(&f)?;
+    let raw: RawBatch<RawEncrypt> = parse_json(&body).map_err(&f)?;
+    drop(body);
+    check_batch_len(raw.items.len()).map_err(&f)?;
+    let inputs: Vec<Result<EncryptInput, HttpError>> =
+        raw.items.into_iter().map(RawEncrypt::validate).collect();
+    let items: Vec<EncryptItem<'_>> = inputs
+        .iter()
+        .flatten()
+        .map(|i| EncryptItem {
+            key_id: &i.key_id,
+            plaintext: &i.plaintext,
+            aad: &i.aad,
+        })
+        .collect();
+    let mut done = api.service.encrypt_batch(&items).await.into_iter();
+    let results = merge(route.label(), inputs, &mut done, |e| EncryptResponse {
+        ciphertext: Bytes64(e.ciphertext),
+        key_version: e.kek_version,
+    })
+    .map_err(&f)?;
+    Ok(json_response(StatusCode::OK, &BatchResponse { results }))
+}
+
+async fn decrypt_batch<B: KeyBackend, S: KeyStore>(
+    State(api): ApiState<B, S>,
+    body: Body,
+) -> Answer {
+    let route = Route::DecryptBatch;
+    let f = fail(route);
+    let body = read_body(body, api.limits).await.map_err(&f)?;
+    let raw: RawBatch<RawDecrypt> = parse_json(&body).map_err(&f)?;
+    drop(body);
+    check_batch_len(raw.items.len()).map_err(&f)?;
+    let inputs: Vec<Result<DecryptInput, HttpError>> =
+        raw.items.into_iter().map(RawDecrypt::validate).collect();
+    let items: Vec<DecryptItem<'_>> = inputs
+        .iter()
+        .flatten()
+        .map(|i| DecryptItem {
+            key_id: &i.key_id,
+            ciphertext: &i.ciphertext,
+            aad: &i.aad,
+        })
+        .collect();
+    let mut done = api.service.decrypt_batch(&items).await.into_iter();
+    let results = merge(route.label(), inputs, &mut done, |p| DecryptResponse {
+        plaintext: p,
+    })
+    .map_err(&f)?;
+    Ok(json_response(StatusCode::OK, &BatchResponse { results }))
 }
 
 /// Puts the service's results back in item order next to the items refused at validation.
@@ -726,11 +783,23 @@ mod tests {
     use crate::cache::DekCache;
     use crate::keystore::lmdb::LmdbStore;
     use crate::testing::MockBackend;
+    use axum::http::Method;
     use serde_json::{json, Value};
+    use tower::ServiceExt as _;
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        api: Api<MockBackend, LmdbStore>,
+        api: Arc<Api<MockBackend, LmdbStore>>,
+    }
+
+    impl Fixture {
+        async fn handle(&self, req: Request) -> Response {
+            let r = router(self.api.clone()).oneshot(req).await;
+            match r {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
     }
 
     fn fixture() -> Fixture {
@@ -752,16 +821,19 @@ mod tests {
                 body_read_timeout: Duration::from_secs(5),
             },
         );
-        Fixture { _dir: dir, api }
+        Fixture {
+            _dir: dir,
+            api: Arc::new(api),
+        }
     }
 
     async fn call(f: &Fixture, method: Method, path: &str, body: &[u8]) -> (u16, Value) {
         let req = Request::builder()
             .method(method)
             .uri(path)
-            .body(Full::new(Bytes::copy_from_slice(body)))
+            .body(Body::from(body.to_vec()))
             .unwrap();
-        let resp = f.api.handle(req).await;
+        let resp = f.handle(req).await;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -965,9 +1037,9 @@ mod tests {
         call(&f, Method::GET, "/healthz", b"").await;
         let req = Request::builder()
             .uri("/metrics")
-            .body(Full::new(Bytes::new()))
+            .body(Body::empty())
             .unwrap();
-        let resp = f.api.handle(req).await;
+        let resp = f.handle(req).await;
         let text = String::from_utf8(
             resp.into_body()
                 .collect()

@@ -23,7 +23,6 @@
 //!   `limits.shutdown_timeout_secs`.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -34,12 +33,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
 use kms_api::tls::TlsError;
 use service_kit::conn::{ConnectionGate, PeerId};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -251,11 +248,15 @@ where
     S: KeyStore,
 {
     let graceful = GracefulShutdown::new();
+    let routers = Routers {
+        allowed: crate::http::router(api.clone()),
+        forbidden: crate::http::forbidden_router(api),
+    };
     tokio::pin!(shutdown);
     tracing::info!(listen = %listener.describe(), "serving");
     loop {
         let watcher = graceful.watcher();
-        let api = api.clone();
+        let routers = routers.clone();
         match &listener {
             Listener::Unix(u) => {
                 let accepted = tokio::select! {
@@ -302,7 +303,7 @@ where
                     }
                 };
                 tokio::spawn(async move {
-                    serve_connection(stream, api, allowed, opts, watcher).await;
+                    serve_connection(stream, routers, allowed, opts, watcher).await;
                     drop(permit);
                 });
             }
@@ -357,7 +358,7 @@ where
                     };
                     match permit {
                         Ok(permit) => {
-                            serve_connection(tls, api, true, opts, watcher).await;
+                            serve_connection(tls, routers, true, opts, watcher).await;
                             drop(permit);
                         }
                         Err(why) => service_kit::conn::refuse(tls, why).await,
@@ -391,28 +392,28 @@ async fn accept_backoff(e: &io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn serve_connection<I, B, S>(
+/// The two routers, built once: the API, and the 403 answer for peers not allowed.
+#[derive(Clone)]
+struct Routers {
+    allowed: axum::Router,
+    forbidden: axum::Router,
+}
+
+async fn serve_connection<I>(
     io: I,
-    api: Arc<Api<B, S>>,
+    routers: Routers,
     allowed: bool,
     opts: ServeOptions,
     watcher: Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    B: KeyBackend,
-    S: KeyStore,
 {
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let api = api.clone();
-        async move {
-            let resp = if allowed {
-                api.handle(req).await
-            } else {
-                api.forbidden(&req)
-            };
-            Ok::<_, Infallible>(resp)
-        }
-    });
+    let router = if allowed {
+        routers.allowed
+    } else {
+        routers.forbidden
+    };
+    let svc = TowerToHyperService::new(router);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
