@@ -3,8 +3,9 @@
 //! * `progressdb-kms serve --config FILE`
 //! * `progressdb-kms init-kek --config FILE`
 //!
-//! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT), 2 for a bad
-//! configuration, 1 for any other failure; the reason is one line on stderr.
+//! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT); 2 for a bad
+//! configuration or provisioning (key or file at fault, no such token, PIN refused, KEK
+//! missing or refused); 1 for any other failure. The reason is one line on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,10 +76,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// 2 for what the operator must fix in the configuration or the token's provisioning (a bad
+/// key or file, no such token, a refused PIN, a missing or refused KEK); 1 for everything
+/// else (device errors, I/O, the key store, the socket).
 fn exit_code(e: &app::StartError) -> u8 {
+    use progressdb_kms::backend::BackendError as B;
     match e {
-        app::StartError::Config(_) => 2,
-        _ => 1,
+        app::StartError::Config(_)
+        | app::StartError::Backend(
+            B::Config(_) | B::PinRejected(_) | B::KekRefused { .. } | B::KekNotFound { .. },
+        ) => 2,
+        app::StartError::Backend(
+            B::Unavailable(_) | B::InvalidWrapped | B::Overloaded | B::Internal(_),
+        )
+        | app::StartError::Store(_)
+        | app::StartError::Transport(_)
+        | app::StartError::Task(_) => 1,
     }
 }
 

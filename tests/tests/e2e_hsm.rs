@@ -171,7 +171,7 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
         ],
     );
     let (status, err) = serve_expecting_exit(&kms, &hsm);
-    assert!(!status.success(), "{err}");
+    assert_eq!(status.code(), Some(2), "a provisioning problem: {err}");
     let line = err.lines().last().unwrap_or_default();
     assert!(
         line.contains(&hsm.kek_label) && line.contains("version 2") && line.contains("CKA_"),
