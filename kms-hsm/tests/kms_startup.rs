@@ -205,7 +205,11 @@ async fn pin_from_the_environment_and_wrong_pin() {
     // A wrong PIN is refused at start-up, without echoing it.
     kms.opts.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), "00000000-wrong".into())];
     let (status, out) = kms.run_serve_expecting_exit();
-    assert_eq!(status.code(), Some(2), "a refused PIN is a provisioning error: {out}");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a refused PIN is a provisioning error: {out}"
+    );
     assert!(one_line(&out).contains("PIN"), "{out}");
     testkit::assert_absent("KMS output", out.as_bytes(), &[b"00000000-wrong"]);
     // The right PIN from the environment works.

@@ -7,6 +7,8 @@
 //!   names the file or key at fault.
 //! * [`telemetry`]: logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`.
 //! * [`secret_file`]: secrets read from files that must not be group/world accessible.
+//! * [`group_commit`]: the single LMDB writer of both stores: one thread, one transaction and
+//!   one fsync per group of concurrent writes, map growth, answers only after the commit.
 //! * [`conn`]: connection admission for listeners that refuse to be exhausted: a global cap
 //!   and a per-peer cap, and an immediate `503 overloaded` answer instead of a silent stall.
 //! * [`shutdown`]: one future that completes on SIGTERM or SIGINT, installed before start-up.
@@ -16,6 +18,7 @@
 pub mod aead;
 pub mod config;
 pub mod conn;
+pub mod group_commit;
 pub mod secret_file;
 pub mod shutdown;
 pub mod telemetry;

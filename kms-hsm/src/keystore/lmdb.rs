@@ -4,22 +4,25 @@
 //!   `meta` holds `format = "1"`.
 //! * Reads open a short read transaction on the calling thread; no transaction ever lives
 //!   across an `.await`.
-//! * Every write goes through one dedicated writer thread. It blocks for the first pending
-//!   write, drains whatever else is queued (up to [`MAX_BATCH`]), applies them all in one write
-//!   transaction and commits it with LMDB's default durable sync, then answers each caller
-//!   through its oneshot channel. Concurrent creates therefore share one fsync instead of
-//!   paying one each, and a caller is answered only after its record is on disk.
-//! * A full map (`MDB_MAP_FULL`) aborts the whole transaction: nothing of the batch is written,
-//!   every caller of the batch gets [`StoreError::Full`], and the store stays consistent
-//!   (LMDB never leaves a half-applied transaction).
+//! * Every write goes through the shared group-commit writer ([`service_kit::group_commit`]):
+//!   one thread drains whatever is queued (up to [`MAX_BATCH`]) into one write transaction,
+//!   commits it with LMDB's default durable sync, then answers each caller through its oneshot
+//!   channel. Concurrent creates therefore share one fsync instead of paying one each, and a
+//!   caller is answered only after its record is on disk.
+//! * A full map (`MDB_MAP_FULL`) aborts the transaction: nothing of it is written; each write
+//!   of the group is then retried alone and those that still do not fit get
+//!   [`StoreError::Full`] (the map is not grown: its size is `store.map_size_mb`). LMDB never
+//!   leaves a half-applied transaction.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
 use heed::types::{Bytes, Str};
 use heed::{Database, Env, EnvOpenOptions, RwTxn};
 use kms_api::KeyId;
+use service_kit::group_commit::{self, CommitError, GroupCommitWriter, Observer, Write};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
@@ -51,6 +54,9 @@ enum OpOutput {
 
 struct Pending {
     op: Op,
+    keys: Database<Str, Bytes>,
+    map_size_mb: u64,
+    result: Option<Result<OpOutput, StoreError>>,
     reply: oneshot::Sender<Result<OpOutput, StoreError>>,
 }
 
@@ -60,7 +66,7 @@ pub struct LmdbStore {
     keys: Database<Str, Bytes>,
     path: PathBuf,
     map_size_mb: u64,
-    tx: Option<mpsc::Sender<Pending>>,
+    tx: Option<mpsc::Sender<Box<dyn Write>>>,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -131,10 +137,20 @@ impl LmdbStore {
         wtxn.commit().map_err(|e| open_err(e.to_string()))?;
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let writer_env = env.clone();
+        // The map never grows (its size is `store.map_size_mb`), so reads need no gate.
+        let w = GroupCommitWriter::new(
+            env.clone(),
+            Arc::new(RwLock::new(())),
+            rx,
+            group_commit::Options {
+                max_batch: MAX_BATCH,
+                max_map_size: map_size,
+            },
+            StoreObserver(metrics),
+        );
         let writer = std::thread::Builder::new()
             .name("kms-store-writer".into())
-            .spawn(move || writer_loop(writer_env, keys, map_size_mb, rx, metrics))
+            .spawn(move || w.run())
             .map_err(|e| open_err(format!("cannot start writer thread: {e}")))?;
         tracing::info!(path = %path.display(), map_size_mb, "key store opened");
         Ok(Self {
@@ -176,9 +192,14 @@ impl LmdbStore {
     async fn submit(&self, op: Op) -> Result<OpOutput, StoreError> {
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Pending { op, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let pending = Box::new(Pending {
+            op,
+            keys: self.keys,
+            map_size_mb: self.map_size_mb,
+            result: None,
+            reply,
+        });
+        tx.send(pending).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -271,47 +292,50 @@ fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(rec).map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))
 }
 
-fn map_write_err(e: heed::Error, map_size_mb: u64) -> StoreError {
-    match e {
-        heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full { map_size_mb },
-        other => StoreError::Io(other.to_string()),
-    }
-}
-
-/// Applies one op inside `wtxn`. `Err` aborts the whole batch; logical outcomes (exists, not
-/// found) are per-op results in `Ok`.
+/// Applies one op inside `wtxn`. `Err` (LMDB) aborts the whole group; logical outcomes
+/// (exists, not found, conflict, a corrupt record) are the op's own result in `Ok`.
 fn apply(
     wtxn: &mut RwTxn<'_>,
     keys: Database<Str, Bytes>,
     op: &Op,
-    map_size_mb: u64,
-) -> Result<Result<OpOutput, StoreError>, StoreError> {
-    let werr = |e| map_write_err(e, map_size_mb);
+) -> heed::Result<Result<OpOutput, StoreError>> {
     match op {
         Op::PutNew(rec) => {
-            if keys.get(wtxn, rec.key_id.as_str()).map_err(werr)?.is_some() {
+            if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
                 return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
             }
-            keys.put(wtxn, rec.key_id.as_str(), &encode(rec)?)
-                .map_err(werr)?;
+            let value = match encode(rec) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            keys.put(wtxn, rec.key_id.as_str(), &value)?;
             Ok(Ok(OpOutput::Written))
         }
         Op::CompareAndSwap { expected, new } => {
-            let current = match keys.get(wtxn, new.key_id.as_str()).map_err(werr)? {
+            let current = match keys.get(wtxn, new.key_id.as_str())? {
                 None => return Ok(Err(StoreError::NotFound(new.key_id.clone()))),
-                Some(bytes) => decode(new.key_id.as_str(), bytes)?,
+                Some(bytes) => match decode(new.key_id.as_str(), bytes) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
+                },
             };
             if current != **expected {
                 return Ok(Err(StoreError::Conflict(new.key_id.clone())));
             }
-            keys.put(wtxn, new.key_id.as_str(), &encode(new)?)
-                .map_err(werr)?;
+            let value = match encode(new) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            keys.put(wtxn, new.key_id.as_str(), &value)?;
             Ok(Ok(OpOutput::Written))
         }
         Op::Destroy { key_id, at } => {
-            let current = match keys.get(wtxn, key_id.as_str()).map_err(werr)? {
+            let current = match keys.get(wtxn, key_id.as_str())? {
                 None => return Ok(Ok(OpOutput::Destroy(DestroyOutcome::Unknown))),
-                Some(bytes) => decode(key_id.as_str(), bytes)?,
+                Some(bytes) => match decode(key_id.as_str(), bytes) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
+                },
             };
             if matches!(current.state, KeyState::Destroyed { .. }) {
                 return Ok(Ok(OpOutput::Destroy(DestroyOutcome::AlreadyDestroyed)));
@@ -320,85 +344,63 @@ fn apply(
                 state: KeyState::Destroyed { destroyed_at: *at },
                 ..current
             };
-            keys.put(wtxn, key_id.as_str(), &encode(&destroyed)?)
-                .map_err(werr)?;
+            let value = match encode(&destroyed) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            keys.put(wtxn, key_id.as_str(), &value)?;
             Ok(Ok(OpOutput::Destroy(DestroyOutcome::Destroyed)))
         }
     }
 }
 
-fn op_writes(r: &Result<OpOutput, StoreError>) -> bool {
-    matches!(
-        r,
-        Ok(OpOutput::Written) | Ok(OpOutput::Destroy(DestroyOutcome::Destroyed))
-    )
+impl Write for Pending {
+    fn apply(&mut self, txn: &mut RwTxn<'_>) -> heed::Result<()> {
+        self.result = Some(apply(txn, self.keys, &self.op)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), CommitError>) {
+        let answer = match (commit, self.result) {
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(StoreError::Io("write was not applied".into())),
+            (Err(CommitError::MapFull), _) => Err(StoreError::Full {
+                map_size_mb: self.map_size_mb,
+            }),
+            (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Io(m)),
+        };
+        // The caller may have gone away (request cancelled); its write is durable anyway,
+        // which is the safe direction.
+        let _ = self.reply.send(answer);
+    }
 }
 
-/// Runs one batch in one transaction. `Err` means nothing of the batch was written.
-fn commit_batch(
-    env: &Env,
-    keys: Database<Str, Bytes>,
-    batch: &[Pending],
-    map_size_mb: u64,
-) -> Result<Vec<Result<OpOutput, StoreError>>, StoreError> {
-    let mut wtxn = env.write_txn().map_err(io_err)?;
-    let mut results = Vec::with_capacity(batch.len());
-    for p in batch {
-        // On `Err`, `wtxn` is dropped here, which aborts the transaction.
-        results.push(apply(&mut wtxn, keys, &p.op, map_size_mb)?);
-    }
-    wtxn.commit().map_err(|e| map_write_err(e, map_size_mb))?;
-    Ok(results)
-}
+/// Key-store metrics and logs for the group-commit writer.
+struct StoreObserver(StoreMetrics);
 
-fn writer_loop(
-    env: Env,
-    keys: Database<Str, Bytes>,
-    map_size_mb: u64,
-    mut rx: mpsc::Receiver<Pending>,
-    metrics: StoreMetrics,
-) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        match commit_batch(&env, keys, &batch, map_size_mb) {
-            Ok(results) => {
-                let written = results.iter().filter(|r| op_writes(r)).count();
-                if written > 0 {
-                    metrics.commits.inc();
-                    metrics.writes.inc_by(written as u64);
-                    metrics.batch_size.observe(written as f64);
-                }
-                for (p, r) in batch.into_iter().zip(results) {
-                    // The caller may have gone away (request cancelled); its write is durable
-                    // anyway, which is the safe direction.
-                    let _ = p.reply.send(r);
-                }
-            }
-            Err(e) => {
-                metrics.commit_errors.inc();
-                match &e {
-                    StoreError::Full { .. } => tracing::error!(
-                        error = %e,
-                        batch = batch.len(),
-                        "key store is full: raise store.map_size_mb; the batch was not written"
-                    ),
-                    _ => {
-                        tracing::error!(error = %e, batch = batch.len(), "key store commit failed; the batch was not written")
-                    }
-                }
-                for p in batch {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
-            }
+impl Observer for StoreObserver {
+    fn committed(&self, writes: usize, _took: std::time::Duration) {
+        self.0.commits.inc();
+        self.0.writes.inc_by(writes as u64);
+        self.0.batch_size.observe(writes as f64);
+    }
+
+    fn failed(&self, error: &CommitError, writes: usize) {
+        self.0.commit_errors.inc();
+        match error {
+            CommitError::MapFull => tracing::error!(
+                writes,
+                "key store is full: raise store.map_size_mb; the writes were not stored"
+            ),
+            CommitError::Lmdb(_) => tracing::error!(
+                error = %error,
+                writes,
+                "key store commit failed; the writes were not stored"
+            ),
         }
     }
-    tracing::debug!("key store writer stopped");
+
+    fn resized(&self, _bytes: usize) {}
 }
 
 /// Restricts the store directory to its owner.

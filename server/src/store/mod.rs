@@ -2,9 +2,10 @@
 //!
 //! * **Reads** run on tokio's blocking pool ([`tokio::task::spawn_blocking`]), each in its own
 //!   short read transaction that never crosses an `.await`.
-//! * **Writes** go to a single dedicated writer thread ([`writer`]) through a bounded queue.
-//!   The writer drains whatever is queued (up to `store.max_batch_ops`) into **one** write
-//!   transaction and commits it once: group commit. LMDB's commit fsyncs (no `NO_SYNC`-like
+//! * **Writes** go to a single dedicated writer thread (the shared
+//!   [`service_kit::group_commit`] writer, running the ops of [`writer`]) through a bounded
+//!   queue. The writer drains whatever is queued (up to `store.max_batch_ops`) into **one**
+//!   write transaction and commits it once: group commit. LMDB's commit fsyncs (no `NO_SYNC`-like
 //!   flags are set), and a caller is answered only after that commit returned, so an
 //!   acknowledged write is durable.
 //! * **Full map**: when a commit hits `MDB_MAP_FULL` the transaction is aborted (nothing is
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use heed::types::Bytes;
 use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
 use kms_api::ThreadId;
+use service_kit::group_commit::{self, GroupCommitWriter, Write};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{MessageId, UserId};
@@ -133,13 +135,13 @@ pub(crate) struct Shared {
     db: Db,
     /// Read transactions hold it shared; a map resize holds it exclusively, because
     /// `mdb_env_set_mapsize` requires that no transaction is open in the process.
-    gate: RwLock<()>,
+    gate: Arc<RwLock<()>>,
     path: PathBuf,
 }
 
 struct Inner {
     shared: Arc<Shared>,
-    tx: Mutex<Option<mpsc::Sender<Box<dyn writer::Job>>>>,
+    tx: Mutex<Option<mpsc::Sender<Box<dyn Write>>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -207,19 +209,23 @@ impl Store {
         metrics
             .map_size_bytes
             .set(i64::try_from(map_size).unwrap_or(i64::MAX));
+        let gate = Arc::new(RwLock::new(()));
         let shared = Arc::new(Shared {
-            env,
+            env: env.clone(),
             db,
-            gate: RwLock::new(()),
+            gate: gate.clone(),
             path: opts.path.clone(),
         });
         let (tx, rx) = mpsc::channel(opts.max_batch_ops.max(1) * 4);
-        let w = writer::Writer::new(
-            shared.clone(),
+        let w = GroupCommitWriter::new(
+            env,
+            gate,
             rx,
-            opts.max_batch_ops.max(1),
-            opts.max_map_size.max(map_size),
-            metrics,
+            group_commit::Options {
+                max_batch: opts.max_batch_ops.max(1),
+                max_map_size: opts.max_map_size.max(map_size),
+            },
+            writer::StoreObserver(metrics),
         );
         let handle = std::thread::Builder::new()
             .name("progressdb-writer".into())
@@ -249,7 +255,7 @@ impl Store {
     /// The op's own error ([`StoreError::NotFound`]...), or the commit's.
     pub async fn write<O: WriteOp>(&self, op: O) -> Result<O::Out, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let job = writer::pending(op, reply);
+        let job = writer::pending(op, self.inner.shared.db, reply);
         let tx = {
             let guard = self.inner.tx.lock().unwrap_or_else(|p| p.into_inner());
             guard.clone().ok_or(StoreError::Closed)?

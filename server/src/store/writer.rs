@@ -1,4 +1,5 @@
-//! The single LMDB writer thread and its write operations.
+//! The server's write operations, run by the shared group-commit writer
+//! ([`service_kit::group_commit`]: one thread, one transaction per group, map growth).
 //!
 //! Each [`WriteOp`] validates before it writes: a logical failure (thread not found, key
 //! exists) is returned to its caller and leaves the shared transaction untouched, so other
@@ -6,15 +7,14 @@
 //! every caller of that group gets the error and nothing of it was written.
 
 use std::ops::Bound;
-use std::sync::Arc;
-use std::time::Instant;
 
 use heed::RwTxn;
 use kms_api::ThreadId;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use service_kit::group_commit::{CommitError, Observer, Write};
+use tokio::sync::oneshot;
 
-use super::{keys, records, Db, Shared, StoreError};
+use super::{keys, records, Db, StoreError};
 use crate::ids::{MessageId, Timestamp, UserId};
 use crate::metrics::StoreMetrics;
 use crate::provider::ThreadKey;
@@ -33,174 +33,71 @@ pub trait WriteOp: Send + 'static {
     fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<Self::Out, StoreError>>;
 }
 
-/// A queued op with its reply channel, type-erased for the queue.
-pub(crate) trait Job: Send {
-    fn apply(&mut self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<()>;
-    /// Answers the caller: the op's own result if the commit succeeded, else the commit error.
-    fn finish(self: Box<Self>, commit: Result<(), StoreError>);
-}
-
+/// A queued op with its reply channel and the database it writes to.
 struct Pending<O: WriteOp> {
     op: O,
+    db: Db,
     result: Option<Result<O::Out, StoreError>>,
     reply: oneshot::Sender<Result<O::Out, StoreError>>,
 }
 
+/// `op` as a write for the shared group-commit writer.
 pub(crate) fn pending<O: WriteOp>(
     op: O,
+    db: Db,
     reply: oneshot::Sender<Result<O::Out, StoreError>>,
-) -> Box<dyn Job> {
+) -> Box<dyn Write> {
     Box::new(Pending {
         op,
+        db,
         result: None,
         reply,
     })
 }
 
-impl<O: WriteOp> Job for Pending<O> {
-    fn apply(&mut self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<()> {
-        self.result = Some(self.op.apply(db, txn)?);
+impl<O: WriteOp> Write for Pending<O> {
+    fn apply(&mut self, txn: &mut RwTxn<'_>) -> heed::Result<()> {
+        self.result = Some(self.op.apply(&self.db, txn)?);
         Ok(())
     }
 
-    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+    fn finish(self: Box<Self>, commit: Result<(), CommitError>) {
         let answer = match (commit, self.result) {
             (Ok(()), Some(r)) => r,
             (Ok(()), None) => Err(StoreError::Lmdb("write was not applied".into())),
-            (Err(e), _) => Err(e),
+            (Err(CommitError::MapFull), _) => Err(StoreError::Full),
+            (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Lmdb(m)),
         };
         // The caller may have gone away (client disconnected): the write stands regardless.
         let _ = self.reply.send(answer);
     }
 }
 
-pub(crate) struct Writer {
-    shared: Arc<Shared>,
-    rx: mpsc::Receiver<Box<dyn Job>>,
-    max_batch: usize,
-    max_map_size: usize,
-    metrics: StoreMetrics,
-}
+/// Store metrics and logs for the group-commit writer.
+pub(crate) struct StoreObserver(pub(crate) StoreMetrics);
 
-impl Writer {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        rx: mpsc::Receiver<Box<dyn Job>>,
-        max_batch: usize,
-        max_map_size: usize,
-        metrics: StoreMetrics,
-    ) -> Self {
-        Self {
-            shared,
-            rx,
-            max_batch,
-            max_map_size,
-            metrics,
-        }
+impl Observer for StoreObserver {
+    fn committed(&self, writes: usize, took: std::time::Duration) {
+        self.0.commits.inc();
+        self.0.commit_ops.observe(writes as f64);
+        self.0.commit_duration.observe(took.as_secs_f64());
     }
 
-    /// Runs until every sender is gone and the queue is drained.
-    pub(crate) fn run(mut self) {
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
-                }
+    fn failed(&self, error: &CommitError, writes: usize) {
+        self.0.write_errors.inc();
+        match error {
+            CommitError::MapFull => {
+                tracing::warn!(writes, "LMDB map is full at store.max_map_size_mb")
             }
-            let started = Instant::now();
-            let n = jobs.len();
-            match self.commit(&mut jobs) {
-                Ok(()) => {
-                    self.metrics.commits.inc();
-                    self.metrics.commit_ops.observe(n as f64);
-                    self.metrics
-                        .commit_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    for j in jobs {
-                        j.finish(Ok(()));
-                    }
-                }
-                Err(StoreError::Full) if n > 1 => {
-                    // At the size limit: give each write its own chance, so one large write
-                    // does not fail small ones that still fit.
-                    for mut j in jobs {
-                        let r = self.commit(std::slice::from_mut(&mut j));
-                        if r.is_ok() {
-                            self.metrics.commits.inc();
-                            self.metrics.commit_ops.observe(1.0);
-                        } else {
-                            self.metrics.write_errors.inc();
-                        }
-                        j.finish(r);
-                    }
-                }
-                Err(e) => {
-                    self.metrics.write_errors.inc();
-                    tracing::error!(error = %e, writes = n, "group commit failed");
-                    for j in jobs {
-                        j.finish(Err(e.clone()));
-                    }
-                }
-            }
-        }
-        tracing::debug!("LMDB writer stopped");
-    }
-
-    /// Applies and commits `jobs` in one transaction, growing the map on `MDB_MAP_FULL`.
-    fn commit(&self, jobs: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
-        loop {
-            match self.try_commit(jobs) {
-                Ok(()) => return Ok(()),
-                Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
-                    if !self.grow()? {
-                        tracing::warn!(
-                            max_bytes = self.max_map_size,
-                            "LMDB map is full at store.max_map_size_mb"
-                        );
-                        return Err(StoreError::Full);
-                    }
-                }
-                Err(e) => return Err(StoreError::Lmdb(e.to_string())),
-            }
+            CommitError::Lmdb(_) => tracing::error!(error = %error, writes, "group commit failed"),
         }
     }
 
-    fn try_commit(&self, jobs: &mut [Box<dyn Job>]) -> heed::Result<()> {
-        let mut txn = self.shared.env.write_txn()?;
-        for j in jobs.iter_mut() {
-            j.apply(&self.shared.db, &mut txn)?;
-        }
-        // On error, `txn` is dropped here, which aborts it: nothing of the group is written.
-        txn.commit()
-    }
-
-    /// Doubles the map (up to the limit). `Ok(false)` when already at the limit.
-    fn grow(&self) -> Result<bool, StoreError> {
-        const MIB: usize = 1 << 20;
-        let current = self.shared.env.info().map_size;
-        if current >= self.max_map_size {
-            return Ok(false);
-        }
-        let doubled = current.saturating_mul(2).div_ceil(MIB).saturating_mul(MIB);
-        let new_size = doubled.min(self.max_map_size);
-        {
-            let _exclusive = self.shared.gate.write().unwrap_or_else(|p| p.into_inner());
-            #[allow(unsafe_code)]
-            // SAFETY: `mdb_env_set_mapsize` needs no transaction open in this process. This
-            // thread is the only writer and has no transaction open (`try_commit` dropped or
-            // committed it); every read transaction is opened and closed while holding `gate`
-            // shared, and we hold it exclusively. The size is a multiple of 1 MiB, hence of
-            // the page size.
-            unsafe { self.shared.env.resize(new_size) }?;
-        }
-        tracing::info!(from = current, to = new_size, "grew the LMDB map");
-        self.metrics.resizes.inc();
-        self.metrics
+    fn resized(&self, bytes: usize) {
+        self.0.resizes.inc();
+        self.0
             .map_size_bytes
-            .set(i64::try_from(new_size).unwrap_or(i64::MAX));
-        Ok(true)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 }
 

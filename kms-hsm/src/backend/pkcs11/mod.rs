@@ -137,6 +137,7 @@ pub struct KekAttributes {
 pub struct Pkcs11Backend {
     pool: Arc<WorkerPool>,
     workers: Vec<SyncSender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
     job_timeout: std::time::Duration,
     overloaded: AtomicU64,
@@ -222,11 +223,13 @@ impl Pkcs11Backend {
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
         let mut workers = Vec::with_capacity(settings.sessions);
+        let mut threads = Vec::with_capacity(settings.sessions);
+        let mut failure = None;
         for index in 0..settings.sessions {
             let (tx, rx) = mpsc::sync_channel::<Job>(settings.limits.queue_depth.max(1));
             let mut worker = Worker::new(index, Arc::clone(&pool));
             let ready = ready_tx.clone();
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("hsm-worker-{index}"))
                 .spawn(move || {
                     let started = worker.start();
@@ -236,24 +239,47 @@ impl Pkcs11Backend {
                     if ok {
                         worker.run(rx);
                     }
-                })
-                .map_err(|e| {
-                    BackendError::Internal(format!("cannot spawn an HSM worker thread: {e}"))
-                })?;
-            workers.push(tx);
-        }
-        drop(ready_tx);
-        for _ in 0..settings.sessions {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                // Dropping `workers` on return stops the workers that did start.
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(BackendError::Internal(
-                        "an HSM worker thread stopped during start-up".into(),
-                    ))
+                });
+            match spawned {
+                Ok(t) => {
+                    threads.push(t);
+                    workers.push(tx);
+                }
+                Err(e) => {
+                    failure = Some(BackendError::Internal(format!(
+                        "cannot spawn an HSM worker thread: {e}"
+                    )));
+                    break;
                 }
             }
+        }
+        drop(ready_tx);
+        // Every started worker reports once; wait for all of them even after a failure, so no
+        // worker is still inside the PKCS#11 library when this returns.
+        for _ in 0..threads.len() {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    failure.get_or_insert(BackendError::Internal(
+                        "an HSM worker thread stopped during start-up".into(),
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            // Closing the queues stops the workers that did start (they close their
+            // sessions); joining them means the process can exit without a worker mid-call.
+            drop(workers);
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::error!("an HSM worker thread panicked during start-up");
+                }
+            }
+            return Err(e);
         }
         {
             let _g = ctx.read_gate();
@@ -269,6 +295,7 @@ impl Pkcs11Backend {
         Ok(Self {
             pool,
             workers,
+            threads,
             next: AtomicUsize::new(0),
             job_timeout: settings.limits.job_timeout,
             overloaded: AtomicU64::new(0),
@@ -369,6 +396,19 @@ impl Pkcs11Backend {
                 "the HSM did not answer within {:?} (hsm.job_timeout_ms)",
                 self.job_timeout
             ))),
+        }
+    }
+}
+
+impl Drop for Pkcs11Backend {
+    /// Closes the queues and waits for the workers to finish their jobs and close their
+    /// sessions, so the process never exits with a worker inside the PKCS#11 library.
+    fn drop(&mut self) {
+        self.workers.clear();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("an HSM worker thread panicked");
+            }
         }
     }
 }
