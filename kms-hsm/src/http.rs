@@ -32,10 +32,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{StatusCode, Uri};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -50,6 +49,7 @@ use kms_api::{ErrorBody, ErrorCode, ErrorDetail, KeyId, ThreadId};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tower::ServiceExt as _;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError};
 use zeroize::Zeroizing;
@@ -440,8 +440,6 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
         })
         .layer(RequestBodyTimeoutLayer::new(limits.body_read_timeout))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
-        // Outermost: sees every answer, including the layers' own refusals.
-        .layer(middleware::from_fn_with_state(api.clone(), observe::<B, S>))
         .with_state(api)
 }
 
@@ -455,20 +453,28 @@ pub fn forbidden_router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Rout
                 .insert(CONNECTION, HeaderValue::from_static("close"));
             r
         })
-        .layer(middleware::from_fn_with_state(api.clone(), observe::<B, S>))
         .with_state(api)
 }
 
-/// Counts every answer by endpoint and status; turns the body-limit layer's own 413 (sent
-/// when `Content-Length` is already too large) into our JSON error, closing the connection.
-async fn observe<B: KeyBackend, S: KeyStore>(
-    State(api): ApiState<B, S>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Answers `req` with `router` (one of [`router`] and [`forbidden_router`]), then counts the
+/// answer by endpoint and status and turns the body-limit layer's own 413 (sent when
+/// `Content-Length` is already too large) into our JSON error. The transport serves every
+/// request through this, without a boxed middleware in between.
+pub async fn answer<B: KeyBackend, S: KeyStore, Bd>(
+    api: &Api<B, S>,
+    router: Router,
+    req: axum::http::Request<Bd>,
+) -> Response
+where
+    Bd: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    Bd::Error: Into<axum::BoxError>,
+{
     let start = Instant::now();
     let label = Route::of_path(req.uri().path()).map_or(UNKNOWN_ENDPOINT, Route::label);
-    let mut resp = next.run(req).await;
+    let mut resp = match router.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
     let is_json = resp
         .headers()
         .get(CONTENT_TYPE)
@@ -783,9 +789,8 @@ mod tests {
     use crate::cache::DekCache;
     use crate::keystore::lmdb::LmdbStore;
     use crate::testing::MockBackend;
-    use axum::http::Method;
+    use axum::http::{Method, Request};
     use serde_json::{json, Value};
-    use tower::ServiceExt as _;
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -793,12 +798,8 @@ mod tests {
     }
 
     impl Fixture {
-        async fn handle(&self, req: Request) -> Response {
-            let r = router(self.api.clone()).oneshot(req).await;
-            match r {
-                Ok(r) => r,
-                Err(never) => match never {},
-            }
+        async fn handle(&self, req: Request<Body>) -> Response {
+            answer(&self.api, router(self.api.clone()), req).await
         }
     }
 

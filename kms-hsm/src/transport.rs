@@ -34,9 +34,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
 use kms_api::tls::TlsError;
 use service_kit::conn::{ConnectionGate, PeerId};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -250,7 +250,8 @@ where
     let graceful = GracefulShutdown::new();
     let routers = Routers {
         allowed: crate::http::router(api.clone()),
-        forbidden: crate::http::forbidden_router(api),
+        forbidden: crate::http::forbidden_router(api.clone()),
+        api,
     };
     tokio::pin!(shutdown);
     tracing::info!(listen = %listener.describe(), "serving");
@@ -393,27 +394,43 @@ async fn accept_backoff(e: &io::Error) {
 }
 
 /// The two routers, built once: the API, and the 403 answer for peers not allowed.
-#[derive(Clone)]
-struct Routers {
+struct Routers<B, S> {
+    api: Arc<Api<B, S>>,
     allowed: axum::Router,
     forbidden: axum::Router,
 }
 
-async fn serve_connection<I>(
+impl<B, S> Clone for Routers<B, S> {
+    fn clone(&self) -> Self {
+        Self {
+            api: Arc::clone(&self.api),
+            allowed: self.allowed.clone(),
+            forbidden: self.forbidden.clone(),
+        }
+    }
+}
+
+async fn serve_connection<I, B, S>(
     io: I,
-    routers: Routers,
+    routers: Routers<B, S>,
     allowed: bool,
     opts: ServeOptions,
     watcher: Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: KeyBackend,
+    S: KeyStore,
 {
     let router = if allowed {
         routers.allowed
     } else {
         routers.forbidden
     };
-    let svc = TowerToHyperService::new(router);
+    let api = routers.api;
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (api, router) = (Arc::clone(&api), router.clone());
+        async move { Ok::<_, std::convert::Infallible>(crate::http::answer(&api, router, req).await) }
+    });
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

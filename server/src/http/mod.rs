@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use service_kit::conn::PeerId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -83,7 +83,11 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(service.clone());
+        let http = service.clone();
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let http = http.clone();
+            async move { Ok::<_, std::convert::Infallible>(http.answer(req).await) }
+        });
         let mut stop = stop_rx.clone();
         let header_timeout = opts.header_read_timeout;
         let running = tasks.clone().read_owned().await;

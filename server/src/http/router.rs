@@ -16,11 +16,10 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt as _, LengthLimitError};
@@ -28,7 +27,7 @@ use kms_api::wire::ZeroizingBuf;
 use kms_api::ThreadId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tower::Layer as _;
+use tower::{Layer as _, ServiceExt as _};
 use tower_http::normalize_path::{NormalizePath, NormalizePathLayer};
 
 use super::HttpOptions;
@@ -51,8 +50,13 @@ pub struct RouterState {
     opts: Arc<HttpOptions>,
 }
 
-/// The whole HTTP service: the router behind its layers, ready for hyper.
-pub type HttpService = NormalizePath<axum::Router>;
+/// The whole HTTP service: the router behind its layers; [`HttpService::answer`] serves one
+/// request.
+#[derive(Debug, Clone)]
+pub struct HttpService {
+    inner: NormalizePath<axum::Router>,
+    state: RouterState,
+}
 
 /// Builds the service for `app`.
 pub fn service(app: Arc<App>, opts: HttpOptions) -> HttpService {
@@ -89,10 +93,11 @@ pub fn service(app: Arc<App>, opts: HttpOptions) -> HttpService {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             state.opts.max_body_bytes,
         ))
-        // Outermost: sees every answer, including the layers' own refusals.
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state);
-    NormalizePathLayer::trim_trailing_slash().layer(router)
+        .with_state(state.clone());
+    HttpService {
+        inner: NormalizePathLayer::trim_trailing_slash().layer(router),
+        state,
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -164,58 +169,72 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// The route templates, so metric labels are `&'static` and of fixed cardinality.
-const ROUTES: &[&str] = &[
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/v1/threads",
-    "/v1/threads/{id}",
-    "/v1/threads/{id}/messages",
-    "/v1/threads/{id}/messages/{msg_id}",
-    "/v1/sign",
-    "/admin/threads/{id}/kms",
-    "/admin/threads/{id}/rotate-dek",
-    "/admin/jobs/{job_id}",
-];
+impl HttpService {
+    /// Answers one request, then counts and logs the answer by route template. The
+    /// body-limit layer's own 413 (sent before any handler runs, when `Content-Length` is
+    /// already too large) becomes our JSON error. No boxed middleware sits in between.
+    pub async fn answer<Bd>(&self, req: axum::http::Request<Bd>) -> Response
+    where
+        Bd: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        Bd::Error: Into<axum::BoxError>,
+    {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let label = route_label(req.uri().path());
+        let mut resp = match self.inner.clone().oneshot(req.map(Body::new)).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let is_json = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+            resp = error_response(&ApiError::PayloadTooLarge(self.state.opts.max_body_bytes));
+        }
+        let status = resp.status();
+        if status.is_server_error() {
+            tracing::warn!(method = %method, route = label, status = status.as_u16(), "request failed");
+        } else {
+            tracing::debug!(method = %method, route = label, status = status.as_u16(), "request");
+        }
+        let m = &self.state.app.metrics.http;
+        m.requests
+            .get_or_create(&HttpLabels {
+                route: label,
+                method: method_label(&method),
+                status: status.as_u16(),
+            })
+            .inc();
+        m.duration
+            .get_or_create(&RouteLabels { route: label })
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+}
 
-/// Counts and logs every answer by route template; turns the body-limit layer's own 413
-/// (sent before any handler runs, when `Content-Length` is already too large) into our JSON
-/// error.
-async fn observe(State(st): State<RouterState>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let label = req
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()).copied())
-        .unwrap_or("unmatched");
-    let mut resp = next.run(req).await;
-    let is_json = resp
-        .headers()
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
-        resp = error_response(&ApiError::PayloadTooLarge(st.opts.max_body_bytes));
-    }
-    let status = resp.status();
-    if status.is_server_error() {
-        tracing::warn!(method = %method, route = label, status = status.as_u16(), "request failed");
+/// The route template of `path`, for metric labels of fixed cardinality.
+fn route_label(path: &str) -> &'static str {
+    let path = if path.len() > 1 {
+        path.strip_suffix('/').unwrap_or(path)
     } else {
-        tracing::debug!(method = %method, route = label, status = status.as_u16(), "request");
+        path
+    };
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    match segs.as_slice() {
+        ["healthz"] => "/healthz",
+        ["readyz"] => "/readyz",
+        ["metrics"] => "/metrics",
+        ["v1", "threads"] => "/v1/threads",
+        ["v1", "threads", _] => "/v1/threads/{id}",
+        ["v1", "threads", _, "messages"] => "/v1/threads/{id}/messages",
+        ["v1", "threads", _, "messages", _] => "/v1/threads/{id}/messages/{msg_id}",
+        ["v1", "sign"] => "/v1/sign",
+        ["admin", "threads", _, "kms"] => "/admin/threads/{id}/kms",
+        ["admin", "threads", _, "rotate-dek"] => "/admin/threads/{id}/rotate-dek",
+        ["admin", "jobs", _] => "/admin/jobs/{job_id}",
+        _ => "unmatched",
     }
-    let m = &st.app.metrics.http;
-    m.requests
-        .get_or_create(&HttpLabels {
-            route: label,
-            method: method_label(&method),
-            status: status.as_u16(),
-        })
-        .inc();
-    m.duration
-        .get_or_create(&RouteLabels { route: label })
-        .observe(started.elapsed().as_secs_f64());
-    resp
 }
 
 async fn not_found() -> ApiError {
