@@ -163,7 +163,7 @@ pub enum Readiness {
 }
 
 /// One unwrap in flight, shared by every request that misses the cache for the same key.
-type Flight = Arc<tokio::sync::OnceCell<Shared>>;
+type Flight = Arc<tokio::sync::OnceCell<DekOutcome>>;
 
 /// The KMS operations.
 pub struct KeyService<B, S> {
@@ -185,7 +185,8 @@ impl<B, S> std::fmt::Debug for KeyService<B, S> {
     }
 }
 
-type Shared = Result<Arc<CachedDek>, Arc<ServiceError>>;
+/// A DEK lookup's outcome, shared by every item (or waiter) that asked for the same key.
+type DekOutcome = Result<Arc<CachedDek>, Arc<ServiceError>>;
 
 impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     pub fn new(backend: Arc<B>, store: S, cache: DekCache) -> Self {
@@ -312,8 +313,8 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     }
 
     /// DEKs of several keys, each resolved (and unwrapped) once.
-    async fn deks<'k>(&self, ids: impl Iterator<Item = &'k KeyId>) -> HashMap<KeyId, Shared> {
-        let mut out: HashMap<KeyId, Shared> = HashMap::new();
+    async fn deks<'k>(&self, ids: impl Iterator<Item = &'k KeyId>) -> HashMap<KeyId, DekOutcome> {
+        let mut out: HashMap<KeyId, DekOutcome> = HashMap::new();
         for id in ids {
             if out.contains_key(id) {
                 continue;
@@ -489,7 +490,10 @@ fn plaintext(mut buf: zeroize::Zeroizing<Vec<u8>>) -> Plaintext {
     SecretBytes::new(std::mem::take(&mut *buf))
 }
 
-fn shared(deks: &HashMap<KeyId, Shared>, id: &KeyId) -> Result<Arc<CachedDek>, Arc<ServiceError>> {
+fn shared(
+    deks: &HashMap<KeyId, DekOutcome>,
+    id: &KeyId,
+) -> Result<Arc<CachedDek>, Arc<ServiceError>> {
     match deks.get(id) {
         Some(r) => r.clone(),
         // `deks` was built from the same items, so every id is present; answer an internal

@@ -42,7 +42,7 @@ pub use error::{ApiError, ErrorCode};
 use auth::{ApiKeys, KeysFileError};
 use config::KmsMode;
 use provider::ProviderBuildError;
-use service::{App, Encryption, Limits};
+use service::{Encryption, Limits, MessageService};
 use store::{OpenError, Store, StoreOptions};
 
 /// Why the server could not be built. `Display` is one line naming the key or file at fault.
@@ -61,7 +61,7 @@ pub enum BuildError {
 /// A built server, ready to [`run`](Server::run).
 #[derive(Debug)]
 pub struct Server {
-    app: Arc<App>,
+    app: Arc<MessageService>,
     http: http::HttpOptions,
 }
 
@@ -119,7 +119,7 @@ impl Server {
             );
             Encryption::Disabled
         };
-        let app = App {
+        let app = MessageService {
             store,
             provider,
             encryption,
@@ -149,7 +149,7 @@ impl Server {
     }
 
     /// The application state (for tools and tests).
-    pub fn app(&self) -> &Arc<App> {
+    pub fn app(&self) -> &Arc<MessageService> {
         &self.app
     }
 

@@ -72,7 +72,7 @@ impl Health {
 
 /// Everything a request needs.
 #[derive(Debug)]
-pub struct App {
+pub struct MessageService {
     pub store: Store,
     pub provider: Option<Arc<dyn KeyProvider>>,
     pub encryption: Encryption,
@@ -123,7 +123,7 @@ fn decode_body(pt: &SecretBytes) -> Option<Value> {
     serde_json::from_slice(pt.expose()).ok()
 }
 
-impl App {
+impl MessageService {
     fn provider(&self) -> Result<&Arc<dyn KeyProvider>, ApiError> {
         self.provider.as_ref().ok_or_else(|| {
             tracing::error!("an encrypted thread needs a key provider, and none is configured");

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::MetricsAccess;
-use crate::service::App;
+use crate::service::MessageService;
 pub use router::{error_response, service, HttpService};
 
 /// HTTP settings.
@@ -47,7 +47,7 @@ pub struct HttpOptions {
 /// Only when the listener's address cannot be read; accept errors are logged and retried.
 pub async fn serve(
     listener: TcpListener,
-    app: Arc<App>,
+    app: Arc<MessageService>,
     opts: HttpOptions,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {

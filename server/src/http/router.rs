@@ -1,5 +1,5 @@
 //! Routing, request parsing and responses, on `axum` with `tower-http` layers. Handlers call
-//! [`App`]; every error leaves through [`error_response`] (the `IntoResponse` of
+//! [`MessageService`]; every error leaves through [`error_response`] (the `IntoResponse` of
 //! [`ApiError`]), the single place that turns an error into an HTTP answer.
 //!
 //! * Routing, path parameters, query strings (`serde_urlencoded`) and method dispatch are
@@ -40,13 +40,13 @@ use crate::config::MetricsAccess;
 use crate::error::ApiError;
 use crate::ids::{MessageId, Timestamp};
 use crate::metrics::{HttpLabels, RouteLabels};
-use crate::service::{App, Health};
+use crate::service::{Health, MessageService};
 use crate::store::Order;
 
 /// What every handler gets.
 #[derive(Debug, Clone)]
 pub struct RouterState {
-    app: Arc<App>,
+    app: Arc<MessageService>,
     opts: Arc<HttpOptions>,
 }
 
@@ -59,7 +59,7 @@ pub struct HttpService {
 }
 
 /// Builds the service for `app`.
-pub fn service(app: Arc<App>, opts: HttpOptions) -> HttpService {
+pub fn service(app: Arc<MessageService>, opts: HttpOptions) -> HttpService {
     let state = RouterState {
         app,
         opts: Arc::new(opts),

@@ -130,7 +130,7 @@ pub struct StoredMessage {
     pub record: Result<MessageRecord, String>,
 }
 
-pub(crate) struct Shared {
+pub(crate) struct StoreEnv {
     env: Env<WithoutTls>,
     db: Db,
     /// Read transactions hold it shared; a map resize holds it exclusively, because
@@ -140,7 +140,7 @@ pub(crate) struct Shared {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
+    shared: Arc<StoreEnv>,
     tx: Mutex<Option<mpsc::Sender<Box<dyn Write>>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -210,7 +210,7 @@ impl Store {
             .map_size_bytes
             .set(i64::try_from(map_size).unwrap_or(i64::MAX));
         let gate = Arc::new(RwLock::new(()));
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(StoreEnv {
             env: env.clone(),
             db,
             gate: gate.clone(),

@@ -118,7 +118,7 @@ impl TestEnv {
 /// A server running inside the test's tokio runtime.
 pub struct InProc {
     pub addr: SocketAddr,
-    pub app: std::sync::Arc<progressdb::service::App>,
+    pub app: std::sync::Arc<progressdb::service::MessageService>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
