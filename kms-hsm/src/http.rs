@@ -66,7 +66,8 @@ pub const RETRY_AFTER_SECS: &str = "1";
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
     pub max_body_bytes: usize,
-    /// Deadline for receiving the whole body once the head has arrived.
+    /// Deadline for receiving the whole body once the head has arrived (and, through the
+    /// body-timeout layer, for every pause between two of its frames).
     pub body_read_timeout: Duration,
 }
 
@@ -517,16 +518,25 @@ fn fail(route: Route) -> impl Fn(HttpError) -> Failure {
 /// The request body, read within the body-limit and body-timeout layers into zeroizing
 /// memory (it may carry plaintext). Over the limit: 413 and the connection is closed; too
 /// slow or broken: 400.
+///
+/// The body-timeout layer bounds each pause between frames; the whole body must also arrive
+/// within the same time, so a client that trickles a byte now and then cannot hold the
+/// connection.
 async fn read_body(body: Body, limits: HttpLimits) -> Result<Zeroizing<Vec<u8>>, HttpError> {
     let mut body = body;
-    let mut buf = ZeroizingBuf::with_capacity(1024);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| classify_body_error(&e, limits))?;
-        if let Ok(data) = frame.into_data() {
-            buf.push(&data);
+    let read = async {
+        let mut buf = ZeroizingBuf::with_capacity(1024);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| classify_body_error(&e, limits))?;
+            if let Ok(data) = frame.into_data() {
+                buf.push(&data);
+            }
         }
-    }
-    Ok(buf.into_inner())
+        Ok(buf.into_inner())
+    };
+    tokio::time::timeout(limits.body_read_timeout, read)
+        .await
+        .map_err(|_| HttpError::BodyTimeout(limits.body_read_timeout))?
 }
 
 /// What a failed body read means.

@@ -436,6 +436,12 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         let outcome = self.store.mark_destroyed(key_id).await;
         // Evict even when the store failed: a cached DEK must not outlive a destroy request.
         self.cache.evict(key_id);
+        // Nor may an unwrap that started before it: a request arriving from now on starts a
+        // new flight, which reads the destroyed record.
+        self.flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key_id);
         match outcome? {
             DestroyOutcome::Destroyed => {
                 tracing::info!(key_id = %key_id, "DEK destroyed");

@@ -275,7 +275,7 @@ where
                 let global = match gate.admit() {
                     Ok(p) => p,
                     Err(why) => {
-                        tokio::spawn(service_kit::conn::refuse(stream, why));
+                        gate.refuse(stream, why);
                         continue;
                     }
                 };
@@ -299,7 +299,7 @@ where
                 let permit = match permit {
                     Ok(p) => p,
                     Err(why) => {
-                        tokio::spawn(service_kit::conn::refuse(stream, why));
+                        gate.refuse(stream, why);
                         continue;
                     }
                 };
@@ -362,7 +362,7 @@ where
                             serve_connection(tls, routers, true, opts, watcher).await;
                             drop(permit);
                         }
-                        Err(why) => service_kit::conn::refuse(tls, why).await,
+                        Err(why) => gate.refuse(tls, why),
                     }
                 });
             }

@@ -199,12 +199,19 @@ impl ApiKeys {
             message,
         };
         let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not UTF-8".into()))?;
-        // The TOML error may quote the offending line, which could be a key: show only its
-        // position-free summary.
+        // The TOML error can quote the offending value, which could be a key or a secret
+        // (`signing_secrets = "s3cret"`): say only where, never what.
         let file: KeysFile = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" at line {line}")
+                })
+                .unwrap_or_default();
             invalid(format!(
-                "not a valid keys file ({})",
-                e.message().lines().next().unwrap_or("parse error")
+                "not a valid keys file{at}: expected admin, backend, frontend as lists of \
+                 strings and signing_secret (a string) or signing_secrets (a list of strings)"
             ))
         })?;
         let admin: Vec<&str> = file.admin.iter().map(String::as_str).collect();
@@ -640,5 +647,16 @@ mod tests {
         std::fs::write(&p, "admin = \"supersecretkey\nsigning_secret = \"s\"\n").unwrap();
         let e = ApiKeys::load(&p).unwrap_err().to_string();
         assert!(!e.contains("supersecretkey"), "{e}");
+        // A type error (a string where a list belongs) must not quote the value either.
+        std::fs::write(
+            &p,
+            "admin = [\"a\"]\nsigning_secrets = \"s3cret-value-77\"\n",
+        )
+        .unwrap();
+        let e = ApiKeys::load(&p).unwrap_err().to_string();
+        assert!(
+            !e.contains("s3cret-value-77") && e.contains("line 2"),
+            "{e}"
+        );
     }
 }

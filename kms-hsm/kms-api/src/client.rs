@@ -215,6 +215,11 @@ impl KmsClient {
         &self.inner.cfg.endpoint
     }
 
+    /// Retries after a first failed attempt (transport errors, 503), as configured.
+    pub fn max_retries(&self) -> u32 {
+        self.inner.cfg.max_retries
+    }
+
     /// Creates a DEK for `thread_id`.
     ///
     /// # Errors
@@ -275,6 +280,18 @@ impl KmsClient {
         &self,
         items: &[EncryptRequest],
     ) -> Result<Vec<ItemResult<EncryptResponse>>, ClientError> {
+        let refs: Vec<&EncryptRequest> = items.iter().collect();
+        self.encrypt_batch_refs(&refs).await
+    }
+
+    /// [`KmsClient::encrypt_batch`] of borrowed items (to resend some of a batch).
+    ///
+    /// # Errors
+    /// As [`KmsClient::encrypt_batch`].
+    pub async fn encrypt_batch_refs(
+        &self,
+        items: &[&EncryptRequest],
+    ) -> Result<Vec<ItemResult<EncryptResponse>>, ClientError> {
         let r: BatchResponse<EncryptResponse> = self
             .call_json(Method::POST, "/encrypt_batch", Some(&BatchItems { items }))
             .await?;
@@ -288,6 +305,18 @@ impl KmsClient {
     pub async fn decrypt_batch(
         &self,
         items: &[DecryptRequest],
+    ) -> Result<Vec<ItemResult<DecryptResponse>>, ClientError> {
+        let refs: Vec<&DecryptRequest> = items.iter().collect();
+        self.decrypt_batch_refs(&refs).await
+    }
+
+    /// [`KmsClient::decrypt_batch`] of borrowed items (to resend some of a batch).
+    ///
+    /// # Errors
+    /// As [`KmsClient::decrypt_batch`].
+    pub async fn decrypt_batch_refs(
+        &self,
+        items: &[&DecryptRequest],
     ) -> Result<Vec<ItemResult<DecryptResponse>>, ClientError> {
         let r: BatchResponse<DecryptResponse> = self
             .call_json(Method::POST, "/decrypt_batch", Some(&BatchItems { items }))

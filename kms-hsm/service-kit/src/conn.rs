@@ -67,6 +67,8 @@ pub struct GateStats {
 pub struct ConnectionGate {
     limits: ConnectionLimits,
     global: Arc<Semaphore>,
+    /// Refusals being answered; past [`MAX_REFUSING`] a refused socket is closed at once.
+    refusing: Arc<Semaphore>,
     peers: Mutex<HashMap<PeerId, usize>>,
     refused_global: AtomicU64,
     refused_peer: AtomicU64,
@@ -108,6 +110,7 @@ impl ConnectionGate {
                 max_per_peer: limits.max_per_peer.max(1),
             },
             global: Arc::new(Semaphore::new(max)),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             peers: Mutex::new(HashMap::new()),
             refused_global: AtomicU64::new(0),
             refused_peer: AtomicU64::new(0),
@@ -164,6 +167,24 @@ impl ConnectionGate {
         }
     }
 
+    /// Answers a refused connection in the background ([`refuse`]), or, when
+    /// [`MAX_REFUSING`] refusals are already being answered, closes it at once: a flood of
+    /// refused connections holds at most that many sockets, each for well under a second.
+    pub fn refuse<IO>(&self, io: IO, why: Refusal)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.refusing.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    refuse(io, why).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => drop(io),
+        }
+    }
+
     pub fn stats(&self) -> GateStats {
         GateStats {
             open: self
@@ -212,6 +233,9 @@ impl prometheus_client::collector::Collector for GateCollector {
     }
 }
 
+/// Refusals answered at once, at most; further refused sockets are closed without an answer.
+pub const MAX_REFUSING: usize = 1024;
+
 /// Seconds in the `Retry-After` of a refusal.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
@@ -231,15 +255,16 @@ pub fn overloaded_response(why: Refusal) -> Vec<u8> {
 
 /// Answers a refused connection with [`overloaded_response`] and closes it.
 ///
-/// The request head is awaited first, for at most 250 ms (up to 16 KiB of it), so an ordinary
+/// The request head is awaited first, for at most 100 ms (up to 16 KiB of it), so an ordinary
 /// client sees the answer to the request it sent rather than a connection closed under it;
 /// a client that sends nothing gets the answer after that wait. After the answer, whatever
-/// the peer still sends is read and discarded until it closes its side, because closing a
-/// socket with unread input makes the kernel reset the connection and the peer would lose
-/// the answer. The whole exchange takes at most 1.25 s, whatever the peer does.
+/// the peer still sends is read and discarded for at most 200 ms or until it closes its
+/// side, because closing a socket with unread input makes the kernel reset the connection
+/// and the peer would lose the answer. The whole exchange takes well under a second,
+/// whatever the peer does.
 pub async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, why: Refusal) {
     let mut head = Vec::with_capacity(1024);
-    let _ = tokio::time::timeout(Duration::from_millis(250), async {
+    let _ = tokio::time::timeout(Duration::from_millis(100), async {
         let mut buf = [0u8; 2048];
         while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
             match io.read(&mut buf).await {
@@ -250,9 +275,15 @@ pub async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, why: Refusal
     })
     .await;
     let answer = overloaded_response(why);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let written = tokio::time::timeout(Duration::from_millis(500), async {
         io.write_all(&answer).await?;
-        io.shutdown().await?;
+        io.shutdown().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
         let mut sink = [0u8; 4096];
         let mut seen = 0usize;
         while seen < 64 * 1024 {

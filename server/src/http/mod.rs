@@ -78,7 +78,7 @@ pub async fn serve(
         {
             Ok(p) => p,
             Err(why) => {
-                tokio::spawn(service_kit::conn::refuse(stream, why));
+                gate.refuse(stream, why);
                 continue;
             }
         };

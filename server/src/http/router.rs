@@ -7,8 +7,9 @@
 //!   `method_not_allowed` with `Allow`). A trailing slash is ignored (`NormalizePath`).
 //! * Request bodies: `tower_http::limit::RequestBodyLimitLayer` (`limits.max_body_bytes`,
 //!   413) and `tower_http::timeout::RequestBodyTimeoutLayer` (`http.body_read_timeout_secs`
-//!   between frames, 408); [`JsonBody`] reads within both, into zeroizing memory, and maps
-//!   every failure to a stable code without quoting the request.
+//!   between frames, 408); [`JsonBody`] reads within both and within the same time for the
+//!   whole body, into zeroizing memory, and maps every failure to a stable code without
+//!   quoting the request.
 //! * Every answer is counted in `/metrics` by route template, method and status.
 
 use std::sync::Arc;
@@ -366,13 +367,20 @@ impl<T: DeserializeOwned> FromRequest<RouterState> for JsonBody<T> {
     async fn from_request(req: Request, st: &RouterState) -> Result<Self, ApiError> {
         let max = st.opts.max_body_bytes;
         let mut body = req.into_body();
-        let mut buf = ZeroizingBuf::with_capacity(1024);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| classify_body_error(&e, max))?;
-            if let Ok(data) = frame.into_data() {
-                buf.push(&data);
+        // The layer bounds each pause between frames; the whole body gets the same time.
+        let read = async {
+            let mut buf = ZeroizingBuf::with_capacity(1024);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| classify_body_error(&e, max))?;
+                if let Ok(data) = frame.into_data() {
+                    buf.push(&data);
+                }
             }
-        }
+            Ok::<_, ApiError>(buf)
+        };
+        let buf = tokio::time::timeout(st.opts.body_read_timeout, read)
+            .await
+            .map_err(|_| ApiError::RequestTimeout)??;
         serde_json::from_slice(buf.as_slice())
             .map(JsonBody)
             .map_err(|e| {

@@ -126,7 +126,7 @@ trait BatchOp: Sized + Send + Sync + 'static {
     const NAME: &'static str;
     fn call<'a>(
         client: &'a KmsClient,
-        items: &'a [Self],
+        items: &'a [&'a Self],
     ) -> BoxFuture<'a, Result<Vec<ItemResult<Self::Resp>>, ClientError>>;
 }
 
@@ -135,9 +135,9 @@ impl BatchOp for EncryptRequest {
     const NAME: &'static str = "encrypt_batch";
     fn call<'a>(
         client: &'a KmsClient,
-        items: &'a [Self],
+        items: &'a [&'a Self],
     ) -> BoxFuture<'a, Result<Vec<ItemResult<EncryptResponse>>, ClientError>> {
-        Box::pin(client.encrypt_batch(items))
+        Box::pin(client.encrypt_batch_refs(items))
     }
 }
 
@@ -146,19 +146,54 @@ impl BatchOp for DecryptRequest {
     const NAME: &'static str = "decrypt_batch";
     fn call<'a>(
         client: &'a KmsClient,
-        items: &'a [Self],
+        items: &'a [&'a Self],
     ) -> BoxFuture<'a, Result<Vec<ItemResult<DecryptResponse>>, ClientError>> {
-        Box::pin(client.decrypt_batch(items))
+        Box::pin(client.decrypt_batch_refs(items))
     }
+}
+
+/// One batch call, then the items that failed `unavailable`/`overloaded` (a cold key while
+/// the HSM is down or saturated; the KMS answers every item on its own) sent again with the
+/// client's backoff, up to its `max_retries` times.
+fn batch_call<'a, Op: BatchOp>(
+    client: &'a KmsClient,
+    metrics: &'a KmsMetrics,
+    items: &'a [Op],
+) -> BoxFuture<'a, Result<Vec<ItemOutcome<Op::Resp>>, ProviderError>> {
+    Box::pin(async move {
+        let all: Vec<&Op> = items.iter().collect();
+        let mut out = batch_call_once(client, metrics, &all).await?;
+        for attempt in 0..client.max_retries() {
+            let retry: Vec<usize> = out
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| matches!(r, Err(ProviderError::Unavailable(_))))
+                .map(|(i, _)| i)
+                .collect();
+            if retry.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50u64 << attempt.min(6))).await;
+            metrics.call(Op::NAME, "item_retry");
+            let again: Vec<&Op> = retry.iter().filter_map(|&i| items.get(i)).collect();
+            let results = batch_call_once(client, metrics, &again).await?;
+            for (i, r) in retry.into_iter().zip(results) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = r;
+                }
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// One batch call. A `413` from the KMS (its `limits.max_body_bytes` is below
 /// `kms.max_batch_bytes`) splits the batch in halves and sends each again, down to single
 /// items; only a single item that is still too large fails, with that error.
-fn batch_call<'a, Op: BatchOp>(
+fn batch_call_once<'a, Op: BatchOp>(
     client: &'a KmsClient,
     metrics: &'a KmsMetrics,
-    items: &'a [Op],
+    items: &'a [&'a Op],
 ) -> BoxFuture<'a, Result<Vec<ItemOutcome<Op::Resp>>, ProviderError>> {
     Box::pin(async move {
         metrics
@@ -179,8 +214,8 @@ fn batch_call<'a, Op: BatchOp>(
                      to the KMS's limits.max_body_bytes to avoid the extra round trip)"
                 );
                 let (left, right) = items.split_at(items.len() / 2);
-                let mut out = batch_call(client, metrics, left).await?;
-                out.extend(batch_call(client, metrics, right).await?);
+                let mut out = batch_call_once(client, metrics, left).await?;
+                out.extend(batch_call_once(client, metrics, right).await?);
                 Ok(out)
             }
             other => {

@@ -64,10 +64,13 @@ pub(super) struct Pkcs11Context {
     /// initialisation succeeds.
     needs_init: AtomicBool,
     pace: Mutex<ResetPace>,
-    /// Labels of the tokens whose PIN was refused in this process.
+    /// Labels of the tokens whose PIN was refused in this process. Also the lock every
+    /// login is made under (see [`Pkcs11Context::login`]).
     pin_rejected: Mutex<std::collections::HashSet<String>>,
     /// Library resets done (for `/metrics`).
     pub(super) resets: AtomicU64,
+    /// `C_Login` calls the token refused for the PIN.
+    login_refusals: AtomicU64,
     /// Serialises KEK creation inside this process.
     pub(super) kek_create: Mutex<()>,
 }
@@ -120,6 +123,7 @@ pub(super) fn context(module: &Path) -> Result<&'static Pkcs11Context, BackendEr
         }),
         pin_rejected: Mutex::new(std::collections::HashSet::new()),
         resets: AtomicU64::new(0),
+        login_refusals: AtomicU64::new(0),
         kek_create: Mutex::new(()),
     };
     Ok(CONTEXT.get_or_init(|| c))
@@ -226,7 +230,7 @@ impl Pkcs11Context {
         }
     }
 
-    /// After a session opened: resets may again follow each other quickly.
+    /// After every worker has a session again: resets may again follow each other quickly.
     pub(super) fn reset_pace_ok(&self) {
         let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
         pace.delay = FIRST_RESET_DELAY;
@@ -257,6 +261,44 @@ impl Pkcs11Context {
         }
     }
 
+    /// Logs `session` in to token `label`, unless the process already is, under one lock for
+    /// the whole process: the PIN latch is checked and set under the same lock, so however
+    /// many workers reopen at once, a refused PIN is sent to the token exactly once.
+    ///
+    /// Returns whether a `C_Login` was actually refused by this call (for the failure
+    /// counter).
+    ///
+    /// # Errors
+    /// `PinRejected` when the latch is set or the token refuses the PIN (setting the latch);
+    /// others as [`token::login`](super::token::login).
+    pub(super) fn login(
+        &self,
+        session: &cryptoki::session::Session,
+        label: &str,
+        pin: &secrecy::SecretString,
+    ) -> Result<(), super::token::OpError> {
+        let mut rejected = self
+            .pin_rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if rejected.contains(label) {
+            return Err(super::token::OpError::Backend(BackendError::PinRejected(
+                "an earlier login in this process was refused; restart with a correct PIN".into(),
+            )));
+        }
+        let r = super::token::login(session, label, pin);
+        if let Err(super::token::OpError::Backend(BackendError::PinRejected(_))) = &r {
+            rejected.insert(label.to_owned());
+            self.login_refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Logins the token refused for the PIN (each one real `C_Login`).
+    pub(super) fn login_refusals(&self) -> u64 {
+        self.login_refusals.load(Ordering::Relaxed)
+    }
+
     /// Whether a login to token `label` was refused for the PIN in this process (see the
     /// module docs). Login state, and so the latch, is per token.
     pub(super) fn pin_rejected(&self, label: &str) -> bool {
@@ -264,14 +306,6 @@ impl Pkcs11Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(label)
-    }
-
-    /// Sets the PIN latch of token `label`; `true` if this call set it.
-    pub(super) fn reject_pin(&self, label: &str) -> bool {
-        self.pin_rejected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(label.to_owned())
     }
 
     /// Test hook: `C_Finalize` without the matching `C_Initialize`, exactly like a device

@@ -195,12 +195,8 @@ impl Pkcs11Backend {
                 .pkcs11
                 .open_ro_session(slot)
                 .map_err(|e| token::setup_error("opening an HSM session", e))?;
-            if let Err(e) = token::login(&session, &settings.token_label, &settings.pin) {
-                if let OpError::Backend(BackendError::PinRejected(_)) = &e {
-                    ctx.reject_pin(&settings.token_label);
-                }
-                return Err(token::op_to_setup_error("logging in", e));
-            }
+            ctx.login(&session, &settings.token_label, &settings.pin)
+                .map_err(|e| token::op_to_setup_error("logging in", e))?;
             let current = token::current_kek(&session, &settings.kek_label, &settings.token_label)
                 .map_err(|e| token::op_to_setup_error("finding the KEK", e))?;
             (session, current)
@@ -214,7 +210,7 @@ impl Pkcs11Backend {
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
-            login_failures: AtomicU64::new(0),
+            alerted: std::sync::atomic::AtomicBool::new(false),
             known_keks: RwLock::new(std::iter::once(current.clone()).collect()),
             slots: (0..settings.sessions)
                 .map(|_| WorkerSlot::default())
@@ -309,7 +305,7 @@ impl Pkcs11Backend {
             errors: self.pool.errors.load(Ordering::Relaxed),
             recoveries: self.pool.recoveries.load(Ordering::Relaxed),
             resets: self.pool.ctx.resets.load(Ordering::Relaxed),
-            login_failures: self.pool.login_failures.load(Ordering::Relaxed),
+            login_failures: self.pool.ctx.login_refusals(),
             pin_rejected: self.pool.ctx.pin_rejected(&self.pool.token_label),
             sessions_open: {
                 let g = self.pool.ctx.generation();
@@ -493,17 +489,8 @@ fn with_admin_session<T>(
         rt.pkcs11.open_ro_session(slot)
     }
     .map_err(|e| token::setup_error("opening an HSM session", e))?;
-    if rt.pin_rejected(&settings.token_label) {
-        return Err(BackendError::PinRejected(
-            "an earlier login in this process was refused".into(),
-        ));
-    }
-    if let Err(e) = token::login(&session, &settings.token_label, &settings.pin) {
-        if let OpError::Backend(BackendError::PinRejected(_)) = &e {
-            rt.reject_pin(&settings.token_label);
-        }
-        return Err(token::op_to_setup_error("logging in", e));
-    }
+    rt.login(&session, &settings.token_label, &settings.pin)
+        .map_err(|e| token::op_to_setup_error("logging in", e))?;
     let out = f(rt, &session);
     if let Err(e) = session.close() {
         tracing::debug!(error = %e, "closing the administrative HSM session");

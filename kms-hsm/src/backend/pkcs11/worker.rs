@@ -57,7 +57,8 @@ pub(super) struct WorkerPool {
     pub(super) calls: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) recoveries: AtomicU64,
-    pub(super) login_failures: AtomicU64,
+    /// Whether the refused-PIN alert was logged.
+    pub(super) alerted: AtomicBool,
     /// KEK versions found (and checked) at least once by this pool: if one of them is no
     /// longer found, the token lost objects, which calls for a library reset. A version never
     /// seen (a forged or future header) is just not found.
@@ -182,6 +183,10 @@ pub(super) struct Worker {
     live: Option<Live>,
     backoff: Option<Backoff>,
     opened_once: bool,
+    /// Set when this worker's session was lost but the reset was refused by the rate limit:
+    /// the generation it saw. The worker opens no session until the library was reset (a new
+    /// session in the same generation could get a handle another worker still holds).
+    awaiting_reset: Option<u64>,
 }
 
 /// Marks the worker unhealthy if its thread ends for any reason (including a panic).
@@ -203,6 +208,7 @@ impl Worker {
             live: None,
             backoff: None,
             opened_once: false,
+            awaiting_reset: None,
         }
     }
 
@@ -449,32 +455,35 @@ impl Worker {
         self.live = None;
         self.set_healthy(false);
         match self.pool.ctx.reset(seen, why) {
-            Ok(Reset::Done | Reset::AlreadyDone | Reset::TooSoon) => {}
+            Ok(Reset::Done | Reset::AlreadyDone) => self.awaiting_reset = None,
+            Ok(Reset::TooSoon) => self.awaiting_reset = Some(seen),
             Err(e) => {
-                tracing::warn!(worker = self.index, error = %e, "PKCS#11 library reset failed")
+                // The generation moved on before `C_Initialize` failed; the next reopen
+                // initialises the library again.
+                self.awaiting_reset = None;
+                tracing::warn!(worker = self.index, error = %e, "PKCS#11 library reset failed");
             }
         }
     }
 
     /// Logs in again and forgets object handles; escalates to a reset if that fails.
     fn relogin(&mut self) {
-        let Some(live) = self.live.as_mut() else {
-            return;
-        };
-        live.keks.clear();
-        let res = if self.pool.ctx.pin_rejected(&self.pool.token_label) {
-            Err(OpError::Backend(BackendError::PinRejected(
-                "an earlier login was refused".into(),
-            )))
-        } else {
-            let _g = self.pool.ctx.read_gate();
-            token::login(&live.session, &self.pool.token_label, &self.pool.pin)
+        let ctx = self.pool.ctx;
+        let res = {
+            let _g = ctx.read_gate();
+            let Some(live) = self.live.as_mut() else {
+                return;
+            };
+            if live.generation != ctx.generation() {
+                // The library was reset meanwhile: the session is gone; `acquire` reopens.
+                return;
+            }
+            live.keks.clear();
+            ctx.login(&live.session, &self.pool.token_label, &self.pool.pin)
         };
         match res {
             Ok(()) => {}
-            Err(OpError::Backend(BackendError::PinRejected(m))) => {
-                self.pin_rejected(&m);
-            }
+            Err(OpError::Backend(BackendError::PinRejected(m))) => self.pin_rejected(&m),
             Err(e) => {
                 let e = token::op_to_setup_error("logging in again", e);
                 self.reset(&format!("re-login failed: {e}"));
@@ -482,10 +491,9 @@ impl Worker {
         }
     }
 
-    /// Sets the PIN latch (once per process) and raises the alert.
+    /// Raises the alert once per process when the token refused the PIN.
     fn pin_rejected(&self, detail: &str) {
-        self.pool.login_failures.fetch_add(1, Ordering::Relaxed);
-        if self.pool.ctx.reject_pin(&self.pool.token_label) {
+        if !self.pool.alerted.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 alert = "hsm_pin_rejected",
                 error = %detail,
@@ -516,12 +524,19 @@ impl Worker {
             }
         }
         self.set_healthy(false);
-        match self.open_session() {
+        match self.reset_then_open() {
             Ok(live) => {
                 self.live = Some(live);
                 self.backoff = None;
                 self.set_healthy(true);
-                self.pool.ctx.reset_pace_ok();
+                if self
+                    .pool
+                    .slots
+                    .iter()
+                    .all(|s| s.healthy.load(Ordering::Acquire))
+                {
+                    self.pool.ctx.reset_pace_ok();
+                }
                 if self.opened_once {
                     self.pool.recoveries.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(worker = self.index, "HSM session recovered");
@@ -584,6 +599,29 @@ impl Worker {
         }
     }
 
+    /// Opens a session, first finishing a reset this worker is waiting for.
+    fn reset_then_open(&mut self) -> Result<Live, BackendError> {
+        if let Some(seen) = self.awaiting_reset {
+            if self.pool.ctx.generation() == seen {
+                match self.pool.ctx.reset(seen, "a session was lost") {
+                    Ok(Reset::Done | Reset::AlreadyDone) => self.awaiting_reset = None,
+                    Ok(Reset::TooSoon) => {
+                        return Err(BackendError::Unavailable(
+                            "waiting for the PKCS#11 library reset (rate-limited)".into(),
+                        ))
+                    }
+                    Err(e) => {
+                        self.awaiting_reset = None;
+                        return Err(e);
+                    }
+                }
+            } else {
+                self.awaiting_reset = None;
+            }
+        }
+        self.open_session()
+    }
+
     fn open_session(&mut self) -> Result<Live, BackendError> {
         let ctx = self.pool.ctx;
         ctx.ensure_initialized()?;
@@ -593,12 +631,14 @@ impl Worker {
             .pkcs11
             .open_ro_session_no_drop(slot)
             .map_err(|e| match e {
+                // At its session limit the token lost nothing: no reset (it would close every
+                // other worker's session too).
                 cryptoki::error::Error::Pkcs11(RvError::SessionCount, _) => {
-                    BackendError::Unavailable(
-                        "the token has no session left (CKR_SESSION_COUNT): lower hsm.sessions or \
-                 free sessions held by other applications"
-                            .into(),
-                    )
+                    tracing::warn!(
+                        "the token has no session left (CKR_SESSION_COUNT): lower hsm.sessions \
+                         or free sessions held by other applications"
+                    );
+                    BackendError::Overloaded
                 }
                 e => token::setup_error("opening an HSM session", e),
             })?;
@@ -611,7 +651,8 @@ impl Worker {
             known: Some(Arc::clone(&self.pool)),
         };
         let kek = self.pool.current_kek();
-        let checked = token::login(&live.session, &self.pool.token_label, &self.pool.pin)
+        let checked = ctx
+            .login(&live.session, &self.pool.token_label, &self.pool.pin)
             .and_then(|()| live.kek_handle(&kek).map(|_| ()));
         if let Err(e) = checked {
             // The session is ours and of the current generation (we hold the gate).
