@@ -39,15 +39,16 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use base64::Engine as _;
 use http_body_util::{BodyExt as _, LengthLimitError};
-use kms_api::wire::{
-    to_json_zeroizing, BatchResponse, Bytes64, CreateDekResponse, DecryptResponse,
-    DestroyKeyResponse, EncryptResponse, GetWrappedResponse, ItemResult, ReadyResponse,
-    ZeroizingBuf, MAX_AAD_BYTES, MAX_BATCH_ITEMS, MAX_ITEM_BYTES,
+use kms_api::parse::{
+    parse_json, BatchBody, CreateDekBody, DecryptBody, DestroyKeyBody, EncryptBody, ParseError,
 };
-use kms_api::{ErrorBody, ErrorCode, ErrorDetail, KeyId, ThreadId};
-use secrecy::{ExposeSecret as _, SecretString};
+use kms_api::wire::{
+    to_json_zeroizing, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
+    DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
+    GetWrappedResponse, ItemResult, ReadyResponse, ZeroizingBuf,
+};
+use kms_api::{ErrorBody, ErrorCode, ErrorDetail, KeyId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt as _;
@@ -81,16 +82,12 @@ pub enum HttpError {
     Forbidden,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("{field} is larger than {limit} bytes")]
-    ItemTooLarge { field: &'static str, limit: usize },
     #[error("request body was not received within {0:?}")]
     BodyTimeout(Duration),
     #[error("request body could not be read")]
     BodyRead,
-    #[error("{0}")]
-    Malformed(String),
-    #[error("{field} is not valid standard base64")]
-    InvalidBase64 { field: &'static str },
+    #[error(transparent)]
+    Parse(#[from] ParseError),
     #[error("{0}")]
     InvalidArgument(String),
     #[error(transparent)]
@@ -104,13 +101,9 @@ impl HttpError {
             HttpError::NotFound => ErrorCode::NotFound,
             HttpError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             HttpError::Forbidden => ErrorCode::Forbidden,
-            HttpError::BodyTooLarge { .. } | HttpError::ItemTooLarge { .. } => {
-                ErrorCode::PayloadTooLarge
-            }
-            HttpError::BodyTimeout(_) | HttpError::BodyRead | HttpError::Malformed(_) => {
-                ErrorCode::MalformedRequest
-            }
-            HttpError::InvalidBase64 { .. } => ErrorCode::InvalidBase64,
+            HttpError::BodyTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            HttpError::BodyTimeout(_) | HttpError::BodyRead => ErrorCode::MalformedRequest,
+            HttpError::Parse(e) => e.code(),
             HttpError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             HttpError::Service(e) => e.code(),
         }
@@ -200,142 +193,20 @@ impl Route {
 /// Label for requests that matched no route.
 const UNKNOWN_ENDPOINT: &str = "unknown";
 
-// ---- raw request bodies: plain strings, decoded explicitly ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCreate {
-    thread_id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEncrypt {
-    key_id: String,
-    plaintext: SecretString,
-    #[serde(default)]
-    aad: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDecrypt {
-    key_id: String,
-    ciphertext: String,
-    #[serde(default)]
-    aad: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDestroy {
-    key_id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBatch<T> {
-    items: Vec<T>,
-}
-
-struct EncryptInput {
-    key_id: KeyId,
-    plaintext: Zeroizing<Vec<u8>>,
-    aad: Vec<u8>,
-}
-
-struct DecryptInput {
-    key_id: KeyId,
-    ciphertext: Vec<u8>,
-    aad: Vec<u8>,
-}
-
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
-    serde_json::from_slice(body).map_err(|e| {
-        // Position and category only: serde's messages can quote the input.
-        let what = match e.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                "request body is not valid JSON"
-            }
-            serde_json::error::Category::Data | serde_json::error::Category::Io => {
-                "request body does not match the schema of this endpoint (missing, unknown or mistyped field)"
-            }
-        };
-        HttpError::Malformed(format!(
-            "{what} (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })
-}
-
 fn parse_key_id(s: &str) -> Result<KeyId, HttpError> {
     KeyId::parse(s).map_err(|e| HttpError::InvalidArgument(format!("key_id: {e}")))
 }
 
-/// Longest base64 text that can decode to at most `limit` bytes.
-fn b64_len(limit: usize) -> usize {
-    limit.div_ceil(3) * 4
+/// The AAD of a request (empty when absent).
+fn aad(a: &Option<Bytes64>) -> &[u8] {
+    a.as_ref().map_or(&[], |a| a.0.as_slice())
 }
 
-fn decode_b64(field: &'static str, s: &str, limit: usize) -> Result<Vec<u8>, HttpError> {
-    if s.len() > b64_len(limit) {
-        return Err(HttpError::ItemTooLarge { field, limit });
-    }
-    let v = base64::engine::general_purpose::STANDARD
-        .decode(s.as_bytes())
-        .map_err(|_| HttpError::InvalidBase64 { field })?;
-    if v.len() > limit {
-        return Err(HttpError::ItemTooLarge { field, limit });
-    }
-    Ok(v)
-}
-
-fn decode_aad(s: Option<&str>) -> Result<Vec<u8>, HttpError> {
-    s.map_or(Ok(Vec::new()), |s| decode_b64("aad", s, MAX_AAD_BYTES))
-}
-
-impl RawEncrypt {
-    fn validate(self) -> Result<EncryptInput, HttpError> {
-        let key_id = parse_key_id(&self.key_id)?;
-        let text = self.plaintext.expose_secret();
-        if text.len() > b64_len(MAX_ITEM_BYTES) {
-            return Err(HttpError::ItemTooLarge {
-                field: "plaintext",
-                limit: MAX_ITEM_BYTES,
-            });
-        }
-        let mut plaintext = Zeroizing::new(vec![0u8; text.len() / 4 * 3 + 3]);
-        let n = base64::engine::general_purpose::STANDARD
-            .decode_slice(text.as_bytes(), plaintext.as_mut_slice())
-            .map_err(|_| HttpError::InvalidBase64 { field: "plaintext" })?;
-        plaintext.truncate(n);
-        let aad = decode_aad(self.aad.as_deref())?;
-        Ok(EncryptInput {
-            key_id,
-            plaintext,
-            aad,
-        })
-    }
-}
-
-impl RawDecrypt {
-    fn validate(self) -> Result<DecryptInput, HttpError> {
-        Ok(DecryptInput {
-            key_id: parse_key_id(&self.key_id)?,
-            ciphertext: decode_b64("ciphertext", &self.ciphertext, MAX_ITEM_BYTES + 28)?,
-            aad: decode_aad(self.aad.as_deref())?,
-        })
-    }
-}
-
-fn check_batch_len(n: usize) -> Result<(), HttpError> {
-    if n > MAX_BATCH_ITEMS {
-        return Err(HttpError::InvalidArgument(format!(
-            "a batch holds at most {MAX_BATCH_ITEMS} items"
-        )));
-    }
-    Ok(())
+/// `body` into the typed request `R` through its written form `W` ([`kms_api::parse`]).
+fn parse<W: DeserializeOwned, R: TryFrom<W, Error = ParseError>>(
+    body: &[u8],
+) -> Result<R, HttpError> {
+    Ok(R::try_from(parse_json::<W>(body)?)?)
 }
 
 /// A JSON answer. Answers can carry plaintext (`/decrypt`), so every body is built in a
@@ -623,12 +494,10 @@ async fn get_wrapped<B: KeyBackend, S: KeyStore>(
 async fn create_dek<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
     let f = fail(Route::CreateDek);
     let body = read_body(body, api.limits).await.map_err(&f)?;
-    let raw: RawCreate = parse_json(&body).map_err(&f)?;
-    let thread_id = ThreadId::parse(&raw.thread_id)
-        .map_err(|e| f(HttpError::InvalidArgument(format!("thread_id: {e}"))))?;
+    let req: CreateDekRequest = parse::<CreateDekBody, _>(&body).map_err(&f)?;
     let k = api
         .service
-        .create_dek_for_thread(thread_id)
+        .create_dek_for_thread(req.thread_id)
         .await
         .map_err(|e| f(e.into()))?;
     Ok(json_response(
@@ -645,13 +514,11 @@ async fn create_dek<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body
 async fn encrypt<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
     let f = fail(Route::Encrypt);
     let body = read_body(body, api.limits).await.map_err(&f)?;
-    let input = parse_json::<RawEncrypt>(&body)
-        .and_then(RawEncrypt::validate)
-        .map_err(&f)?;
+    let req: EncryptRequest = parse::<EncryptBody, _>(&body).map_err(&f)?;
     drop(body);
     let e = api
         .service
-        .encrypt(&input.key_id, &input.plaintext, &input.aad)
+        .encrypt(&req.key_id, req.plaintext.expose(), aad(&req.aad))
         .await
         .map_err(|e| f(e.into()))?;
     Ok(json_response(
@@ -666,12 +533,10 @@ async fn encrypt<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: B
 async fn decrypt<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
     let f = fail(Route::Decrypt);
     let body = read_body(body, api.limits).await.map_err(&f)?;
-    let input = parse_json::<RawDecrypt>(&body)
-        .and_then(RawDecrypt::validate)
-        .map_err(&f)?;
+    let req: DecryptRequest = parse::<DecryptBody, _>(&body).map_err(&f)?;
     let p = api
         .service
-        .decrypt(&input.key_id, &input.ciphertext, &input.aad)
+        .decrypt(&req.key_id, &req.ciphertext.0, aad(&req.aad))
         .await
         .map_err(|e| f(e.into()))?;
     Ok(json_response(
@@ -683,8 +548,7 @@ async fn decrypt<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: B
 async fn destroy_key<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body: Body) -> Answer {
     let f = fail(Route::DestroyKey);
     let body = read_body(body, api.limits).await.map_err(&f)?;
-    let raw: RawDestroy = parse_json(&body).map_err(&f)?;
-    let key_id = parse_key_id(&raw.key_id).map_err(&f)?;
+    let DestroyKeyRequest { key_id } = parse::<DestroyKeyBody, _>(&body).map_err(&f)?;
     api.service
         .destroy_key(&key_id)
         .await
@@ -705,18 +569,21 @@ async fn encrypt_batch<B: KeyBackend, S: KeyStore>(
     let route = Route::EncryptBatch;
     let f = fail(route);
     let body = read_body(body, api.limits).await.map_err(&f)?;
-    let raw: RawBatch<RawEncrypt> = parse_json(&body).map_err(&f)?;
+    let raw: BatchBody<EncryptBody> = parse_json(&body).map_err(|e| f(e.into()))?;
     drop(body);
-    check_batch_len(raw.items.len()).map_err(&f)?;
-    let inputs: Vec<Result<EncryptInput, HttpError>> =
-        raw.items.into_iter().map(RawEncrypt::validate).collect();
+    let inputs: Vec<Result<EncryptRequest, HttpError>> = raw
+        .into_items()
+        .map_err(|e| f(e.into()))?
+        .into_iter()
+        .map(|b| EncryptRequest::try_from(b).map_err(HttpError::from))
+        .collect();
     let items: Vec<EncryptItem<'_>> = inputs
         .iter()
         .flatten()
         .map(|i| EncryptItem {
             key_id: &i.key_id,
-            plaintext: &i.plaintext,
-            aad: &i.aad,
+            plaintext: i.plaintext.expose(),
+            aad: aad(&i.aad),
         })
         .collect();
     let mut done = api.service.encrypt_batch(&items).await.into_iter();
@@ -735,18 +602,21 @@ async fn decrypt_batch<B: KeyBackend, S: KeyStore>(
     let route = Route::DecryptBatch;
     let f = fail(route);
     let body = read_body(body, api.limits).await.map_err(&f)?;
-    let raw: RawBatch<RawDecrypt> = parse_json(&body).map_err(&f)?;
+    let raw: BatchBody<DecryptBody> = parse_json(&body).map_err(|e| f(e.into()))?;
     drop(body);
-    check_batch_len(raw.items.len()).map_err(&f)?;
-    let inputs: Vec<Result<DecryptInput, HttpError>> =
-        raw.items.into_iter().map(RawDecrypt::validate).collect();
+    let inputs: Vec<Result<DecryptRequest, HttpError>> = raw
+        .into_items()
+        .map_err(|e| f(e.into()))?
+        .into_iter()
+        .map(|b| DecryptRequest::try_from(b).map_err(HttpError::from))
+        .collect();
     let items: Vec<DecryptItem<'_>> = inputs
         .iter()
         .flatten()
         .map(|i| DecryptItem {
             key_id: &i.key_id,
-            ciphertext: &i.ciphertext,
-            aad: &i.aad,
+            ciphertext: &i.ciphertext.0,
+            aad: aad(&i.aad),
         })
         .collect();
     let mut done = api.service.decrypt_batch(&items).await.into_iter();
@@ -848,7 +718,7 @@ mod tests {
     }
 
     fn b64(b: &[u8]) -> String {
-        base64::engine::general_purpose::STANDARD.encode(b)
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b)
     }
 
     #[tokio::test]

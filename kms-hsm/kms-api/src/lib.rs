@@ -2,6 +2,8 @@
 //!
 //! * [`ids`]: newtypes for identifiers and key material that cross the wire
 //!   (`ThreadId`, `KeyId`, `KekId`, `KekVersion`, `WrappedDek`), parsed once at the edge.
+//! * [`parse`]: reading request bodies on the KMS side: JSON into their written form, then
+//!   into the typed [`wire`] requests, each failure with its own stable code.
 //! * [`wire`]: the JSON request/response bodies of the KMS HTTP API and its stable error codes
 //!   (one exhaustive mapping from [`wire::ErrorCode`] to HTTP status).
 //! * [`client`]: an HTTP client for the KMS over a Unix socket or HTTPS with mutual TLS, with
@@ -14,6 +16,7 @@
 
 pub mod client;
 pub mod ids;
+pub mod parse;
 pub mod tls;
 pub mod wire;
 

@@ -16,6 +16,8 @@ pub const MAX_ITEM_BYTES: usize = 1 << 20;
 pub const MAX_BATCH_ITEMS: usize = 1024;
 /// Largest AAD, in bytes.
 pub const MAX_AAD_BYTES: usize = 4096;
+/// Bytes a ciphertext has beyond its plaintext: nonce (12) and tag (16).
+pub const CIPHERTEXT_OVERHEAD: usize = 28;
 
 /// Length of the standard base64 (padded) text of `n` bytes.
 pub const fn base64_len(n: usize) -> usize {

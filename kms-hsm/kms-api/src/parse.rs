@@ -1,0 +1,273 @@
+//! The first stage of reading a KMS request body on the server side of the wire: JSON into
+//! structs of plain strings ([`EncryptBody`] and friends), then each into its typed request
+//! ([`EncryptRequest`], ...) by `TryFrom`. Two stages so every failure has its own stable
+//! code without looking at serde's messages (which can quote the input): a body that is not
+//! the schema is `malformed_request`, a binary field that is not base64 `invalid_base64`, a bad
+//! id `invalid_argument`, an item over its size limit `payload_too_large`.
+//!
+//! The typed requests are the same ones the client sends, so both sides share one definition
+//! of every body.
+
+use base64::Engine as _;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::ids::{KeyId, ThreadId};
+use crate::wire::{
+    base64_len, Bytes64, CreateDekRequest, DecryptRequest, DestroyKeyRequest, EncryptRequest,
+    ErrorCode, SecretBytes, MAX_AAD_BYTES, MAX_BATCH_ITEMS, MAX_ITEM_BYTES,
+};
+
+/// Why a request body was refused. Messages never quote the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{field} is not valid standard base64")]
+    InvalidBase64 { field: &'static str },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{field} is larger than {limit} bytes")]
+    ItemTooLarge { field: &'static str, limit: usize },
+}
+
+impl ParseError {
+    /// The stable wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ParseError::Malformed(_) => ErrorCode::MalformedRequest,
+            ParseError::InvalidBase64 { .. } => ErrorCode::InvalidBase64,
+            ParseError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            ParseError::ItemTooLarge { .. } => ErrorCode::PayloadTooLarge,
+        }
+    }
+}
+
+/// `body` as JSON into `T`; a failure names its category and position only.
+///
+/// # Errors
+/// [`ParseError::Malformed`].
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "request body is not valid JSON"
+            }
+            serde_json::error::Category::Data | serde_json::error::Category::Io => {
+                "request body does not match the schema of this endpoint (missing, unknown or mistyped field)"
+            }
+        };
+        ParseError::Malformed(format!("{what} (line {}, column {})", e.line(), e.column()))
+    })
+}
+
+/// `POST /create_dek_for_thread`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDekBody {
+    thread_id: String,
+}
+
+/// `POST /encrypt` (and a batch item), as written. The plaintext text is secret.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptBody {
+    key_id: String,
+    plaintext: SecretString,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+/// `POST /decrypt` (and a batch item), as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptBody {
+    key_id: String,
+    ciphertext: String,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+/// `POST /destroy_key`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyKeyBody {
+    key_id: String,
+}
+
+/// A batch, as written: its items are parsed one by one (a bad item fails alone).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody<T> {
+    pub items: Vec<T>,
+}
+
+impl<T> BatchBody<T> {
+    /// The items, at most [`MAX_BATCH_ITEMS`] of them.
+    ///
+    /// # Errors
+    /// [`ParseError::InvalidArgument`] for a longer batch.
+    pub fn into_items(self) -> Result<Vec<T>, ParseError> {
+        if self.items.len() > MAX_BATCH_ITEMS {
+            return Err(ParseError::InvalidArgument(format!(
+                "a batch holds at most {MAX_BATCH_ITEMS} items"
+            )));
+        }
+        Ok(self.items)
+    }
+}
+
+fn key_id(s: &str) -> Result<KeyId, ParseError> {
+    KeyId::parse(s).map_err(|e| ParseError::InvalidArgument(format!("key_id: {e}")))
+}
+
+fn decode_b64(field: &'static str, s: &str, limit: usize) -> Result<Vec<u8>, ParseError> {
+    if s.len() > base64_len(limit) {
+        return Err(ParseError::ItemTooLarge { field, limit });
+    }
+    let v = base64::engine::general_purpose::STANDARD
+        .decode(s.as_bytes())
+        .map_err(|_| ParseError::InvalidBase64 { field })?;
+    if v.len() > limit {
+        return Err(ParseError::ItemTooLarge { field, limit });
+    }
+    Ok(v)
+}
+
+fn aad(s: Option<&str>) -> Result<Option<Bytes64>, ParseError> {
+    s.map(|s| decode_b64("aad", s, MAX_AAD_BYTES).map(Bytes64))
+        .transpose()
+}
+
+impl TryFrom<CreateDekBody> for CreateDekRequest {
+    type Error = ParseError;
+    fn try_from(b: CreateDekBody) -> Result<Self, ParseError> {
+        let thread_id = ThreadId::parse(&b.thread_id)
+            .map_err(|e| ParseError::InvalidArgument(format!("thread_id: {e}")))?;
+        Ok(CreateDekRequest { thread_id })
+    }
+}
+
+impl TryFrom<EncryptBody> for EncryptRequest {
+    type Error = ParseError;
+    /// Decodes the plaintext straight into zeroizing memory of its final size.
+    fn try_from(b: EncryptBody) -> Result<Self, ParseError> {
+        let key_id = key_id(&b.key_id)?;
+        let text = b.plaintext.expose_secret();
+        if text.len() > base64_len(MAX_ITEM_BYTES) {
+            return Err(ParseError::ItemTooLarge {
+                field: "plaintext",
+                limit: MAX_ITEM_BYTES,
+            });
+        }
+        let mut plaintext = Zeroizing::new(vec![0u8; text.len() / 4 * 3 + 3]);
+        let n = base64::engine::general_purpose::STANDARD
+            .decode_slice(text.as_bytes(), plaintext.as_mut_slice())
+            .map_err(|_| ParseError::InvalidBase64 { field: "plaintext" })?;
+        plaintext.truncate(n);
+        Ok(EncryptRequest {
+            key_id,
+            plaintext: SecretBytes::new(std::mem::take(&mut *plaintext)),
+            aad: aad(b.aad.as_deref())?,
+        })
+    }
+}
+
+impl TryFrom<DecryptBody> for DecryptRequest {
+    type Error = ParseError;
+    fn try_from(b: DecryptBody) -> Result<Self, ParseError> {
+        Ok(DecryptRequest {
+            key_id: key_id(&b.key_id)?,
+            ciphertext: Bytes64(decode_b64(
+                "ciphertext",
+                &b.ciphertext,
+                MAX_ITEM_BYTES + crate::wire::CIPHERTEXT_OVERHEAD,
+            )?),
+            aad: aad(b.aad.as_deref())?,
+        })
+    }
+}
+
+impl TryFrom<DestroyKeyBody> for DestroyKeyRequest {
+    type Error = ParseError;
+    fn try_from(b: DestroyKeyBody) -> Result<Self, ParseError> {
+        Ok(DestroyKeyRequest {
+            key_id: key_id(&b.key_id)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn enc(json: &str) -> Result<EncryptRequest, ParseError> {
+        EncryptRequest::try_from(parse_json::<EncryptBody>(json.as_bytes())?)
+    }
+
+    #[test]
+    fn each_failure_has_its_code_and_quotes_nothing() {
+        let k = "dek_00000000000000000000000000000000";
+        let ok = enc(&format!(
+            r#"{{"key_id":"{k}","plaintext":"aGk=","aad":"YQ=="}}"#
+        ))
+        .unwrap();
+        assert_eq!(ok.plaintext.expose(), b"hi");
+        assert_eq!(ok.aad.unwrap().0, b"a");
+        for (json, code) in [
+            ("{not json".to_owned(), ErrorCode::MalformedRequest),
+            (
+                format!(r#"{{"key_id":"{k}","plaintext":"aGk=","x":1}}"#),
+                ErrorCode::MalformedRequest,
+            ),
+            (
+                format!(r#"{{"key_id":"{k}","plaintext":"SECRET!!"}}"#),
+                ErrorCode::InvalidBase64,
+            ),
+            (
+                r#"{"key_id":"SECRET-ID","plaintext":"aGk="}"#.to_owned(),
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                format!(r#"{{"key_id":"{k}","plaintext":"aGk=","aad":"%%"}}"#),
+                ErrorCode::InvalidBase64,
+            ),
+        ] {
+            let e = enc(&json).unwrap_err();
+            assert_eq!(e.code(), code, "{json}");
+            assert!(!e.to_string().contains("SECRET"), "{e}");
+        }
+        let big = "A".repeat(base64_len(MAX_ITEM_BYTES) + 4);
+        let e = enc(&format!(r#"{{"key_id":"{k}","plaintext":"{big}"}}"#)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn typed_and_written_forms_agree() {
+        // What the client serializes parses back into the same request.
+        let r = EncryptRequest {
+            key_id: KeyId::from_random([3; 16]),
+            plaintext: SecretBytes::new(b"round trip".to_vec()),
+            aad: Some(Bytes64(b"aad".to_vec())),
+        };
+        let json = serde_json::to_vec(&r).unwrap();
+        let back = EncryptRequest::try_from(parse_json::<EncryptBody>(&json).unwrap()).unwrap();
+        assert_eq!(back.plaintext.expose(), b"round trip");
+        assert_eq!(back.key_id, r.key_id);
+        let d = DecryptRequest {
+            key_id: KeyId::from_random([4; 16]),
+            ciphertext: Bytes64(vec![9; 40]),
+            aad: None,
+        };
+        let json = serde_json::to_vec(&d).unwrap();
+        let back = DecryptRequest::try_from(parse_json::<DecryptBody>(&json).unwrap()).unwrap();
+        assert_eq!(back.ciphertext, d.ciphertext);
+        let b: BatchBody<DecryptBody> =
+            parse_json(format!(r#"{{"items":[{}]}}"#, String::from_utf8(json).unwrap()).as_bytes())
+                .unwrap();
+        assert_eq!(b.into_items().unwrap().len(), 1);
+    }
+}
