@@ -268,17 +268,17 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             let mut f = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
             f.entry(key_id.clone()).or_default().clone()
         };
+        // Removes the flight when this caller is done with it, also when the caller is
+        // cancelled (a client that went away), so no flight outlives every one of its waiters.
+        let _leave = LeaveFlight {
+            flights: &self.flights,
+            key_id,
+            flight: &flight,
+        };
         let out = flight
             .get_or_init(|| async { self.load_dek(key_id).await.map_err(Arc::new) })
             .await
             .clone();
-        {
-            let mut f = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-            // Only the flight we joined: a later miss may have started a new one.
-            if f.get(key_id).is_some_and(|cur| Arc::ptr_eq(cur, &flight)) {
-                f.remove(key_id);
-            }
-        }
         out.map_err(ServiceError::Shared)
     }
 
@@ -491,6 +491,25 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     }
 }
 
+/// Takes a flight out of the map when dropped, if it is still the one there (a later miss
+/// may have started a new one).
+struct LeaveFlight<'a> {
+    flights: &'a std::sync::Mutex<HashMap<KeyId, Flight>>,
+    key_id: &'a KeyId,
+    flight: &'a Flight,
+}
+
+impl Drop for LeaveFlight<'_> {
+    fn drop(&mut self) {
+        let mut f = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        if f.get(self.key_id)
+            .is_some_and(|cur| Arc::ptr_eq(cur, self.flight))
+        {
+            f.remove(self.key_id);
+        }
+    }
+}
+
 /// Moves an opened buffer (no copy) into the redacting, zeroizing wire type.
 fn plaintext(mut buf: zeroize::Zeroizing<Vec<u8>>) -> Plaintext {
     SecretBytes::new(std::mem::take(&mut *buf))
@@ -689,6 +708,26 @@ mod tests {
         s.decrypt(&k.key_id, &ct, b"").await.unwrap();
         assert_eq!(s.backend().unwraps() - before, 2);
         assert!(s.flights.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_unwrap_leaves_no_flight_behind() {
+        let (_d, s) = service(100);
+        let s = Arc::new(s);
+        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let ct = s.encrypt(&k.key_id, b"x", b"").await.unwrap().ciphertext;
+        s.cache().evict(&k.key_id);
+        s.backend().set_unwrap_delay_ms(500);
+        let (s2, id, ct2) = (s.clone(), k.key_id.clone(), ct.clone());
+        let waiter = tokio::spawn(async move { s2.decrypt(&id, &ct2, b"").await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(s.flights.lock().unwrap().len(), 1);
+        waiter.abort();
+        let _ = waiter.await;
+        assert!(
+            s.flights.lock().unwrap().is_empty(),
+            "the flight left with its last waiter"
+        );
     }
 
     #[tokio::test]
