@@ -351,6 +351,15 @@ async fn bad_requests_get_their_4xx_and_the_kms_keeps_serving() {
         (s, v["error"]["code"].as_str()),
         (405, Some("method_not_allowed"))
     );
+    // A body over the limit, but within the drain allowance, is read and answered 413
+    // (the client sees the answer, not a reset).
+    for size in [(4 << 20) + 1, 6 << 20] {
+        let (s, _) = c
+            .raw(Method::POST, "/encrypt_batch", vec![b'a'; size])
+            .await
+            .unwrap();
+        assert_eq!(s, 413, "{size} bytes");
+    }
     // A body far above the limit is cut off without being buffered.
     let huge = vec![b'a'; 8 << 20];
     // (An error instead of an answer means the KMS closed the connection mid-upload: also a

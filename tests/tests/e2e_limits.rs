@@ -84,3 +84,47 @@ fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
     );
     drop(kms);
 }
+
+#[test]
+fn a_kms_with_a_smaller_body_limit_than_the_servers_batches_still_serves_large_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    // The KMS refuses bodies over 1 MiB; the server's batches are cut at 3 MiB by default, so
+    // a page of 20 x 64 KiB (about 1.7 MiB of base64) is refused with 413 and must be split.
+    let kms = Kms::start_with(
+        tmp.path(),
+        &hsm,
+        KmsListen::Unix,
+        None,
+        "[limits]\nmax_body_bytes = 1048576\n",
+    );
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let alice = server.as_role(Role::Backend, "alice");
+    let tid = alice.create_thread("split")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let body = text(64 * 1024, i);
+        alice.post_message(&tid, json!(body));
+        sent.push(body);
+    }
+    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages?limit=20"), None);
+    assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
+    let got: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().expect("every item readable"))
+        .collect();
+    assert_eq!(got, sent.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        server.proc.log_text().contains("splitting it"),
+        "the 413 was answered by splitting the batch"
+    );
+}
