@@ -39,18 +39,19 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use http_body_util::{BodyExt as _, LengthLimitError};
+use http_body_util::BodyExt as _;
 use kms_api::parse::{
     parse_json, BatchBody, CreateDekBody, DecryptBody, DestroyKeyBody, EncryptBody, ParseError,
 };
 use kms_api::wire::{
     to_json_zeroizing, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
     DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
-    GetWrappedResponse, ItemResult, ReadyResponse, ZeroizingBuf,
+    GetWrappedResponse, ItemResult, ReadyResponse,
 };
 use kms_api::{ErrorBody, ErrorCode, ErrorDetail, KeyId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use service_kit::body::BodyError;
 use tower::ServiceExt as _;
 use tower_http::limit::RequestBodyLimitLayer;
 use zeroize::Zeroizing;
@@ -422,34 +423,14 @@ fn fail(route: Route) -> impl Fn(HttpError) -> Failure {
 /// closed; not complete within the deadline (a client that trickles a byte now and then
 /// included) or broken: 400.
 async fn read_body(body: Body, limits: HttpLimits) -> Result<Zeroizing<Vec<u8>>, HttpError> {
-    let mut body = body;
-    let read = async {
-        let mut buf = ZeroizingBuf::with_capacity(1024);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| classify_body_error(&e, limits))?;
-            if let Ok(data) = frame.into_data() {
-                buf.push(&data);
-            }
-        }
-        Ok(buf.into_inner())
-    };
-    tokio::time::timeout(limits.body_read_timeout, read)
-        .await
-        .map_err(|_| HttpError::BodyTimeout(limits.body_read_timeout))?
-}
-
-/// What a failed body read means.
-fn classify_body_error(e: &axum::Error, limits: HttpLimits) -> HttpError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<LengthLimitError>() {
-            return HttpError::BodyTooLarge {
-                limit: limits.max_body_bytes,
-            };
-        }
-        source = err.source();
+    match service_kit::body::read_zeroizing(body, limits.body_read_timeout).await {
+        Ok(buf) => Ok(buf.into_inner()),
+        Err(BodyError::TooLarge) => Err(HttpError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+        }),
+        Err(BodyError::Timeout) => Err(HttpError::BodyTimeout(limits.body_read_timeout)),
+        Err(BodyError::Broken) => Err(HttpError::BodyRead),
     }
-    HttpError::BodyRead
 }
 
 async fn healthz() -> Response {

@@ -30,74 +30,7 @@ const ITEM_FRAMING_BYTES: usize = 64;
 /// `{"items":[` and `]}`.
 pub const BATCH_FRAMING_BYTES: usize = 16;
 
-/// A byte buffer that is zeroized when dropped and, unlike a `Vec`, never leaves a copy of
-/// its content behind in freed memory when it grows: it moves to a larger zeroizing buffer by
-/// hand and wipes the old one. Bodies that carry plaintext are built and read with it.
-#[derive(Default)]
-pub struct ZeroizingBuf(Zeroizing<Vec<u8>>);
-
-impl ZeroizingBuf {
-    pub fn with_capacity(n: usize) -> Self {
-        Self(Zeroizing::new(Vec::with_capacity(n)))
-    }
-
-    /// Appends `data`, growing without leaving an unwiped copy.
-    pub fn push(&mut self, data: &[u8]) {
-        let buf = &mut self.0;
-        if buf.capacity() - buf.len() < data.len() {
-            let want = (buf.len() + data.len()).max(buf.capacity() * 2);
-            let mut bigger = Zeroizing::new(Vec::with_capacity(want));
-            bigger.extend_from_slice(buf);
-            // The old buffer is zeroized when it is dropped here.
-            *buf = bigger;
-        }
-        buf.extend_from_slice(data);
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.0
-    }
-
-    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
-        self.0
-    }
-
-    /// The content as [`bytes::Bytes`] that zeroize their memory when the last clone is
-    /// dropped (for HTTP bodies).
-    pub fn into_bytes(self) -> bytes::Bytes {
-        bytes::Bytes::from_owner(self.0)
-    }
-
-    /// Wipes the content, keeping nothing.
-    pub fn clear(&mut self) {
-        use zeroize::Zeroize as _;
-        self.0.zeroize();
-    }
-}
-
-impl std::io::Write for ZeroizingBuf {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.push(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl fmt::Debug for ZeroizingBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ZeroizingBuf(<{} bytes redacted>)", self.0.len())
-    }
-}
+pub use service_kit::body::ZeroizingBuf;
 
 /// `value` as JSON in a [`ZeroizingBuf`] (sized up front from `size_hint`).
 ///

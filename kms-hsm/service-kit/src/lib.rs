@@ -2,6 +2,7 @@
 //!
 //! * [`aead`]: AES-256-GCM under a boxed, zeroizing [`aead::DataKey`]: the KMS's message
 //!   encryption and the dev-only embedded provider of the server.
+//! * [`body`]: request bodies read into zeroizing memory (`ZeroizingBuf`) within a deadline.
 //! * [`config`]: the configuration conventions: one TOML file given with `--config`, every key
 //!   overridable from the environment as `<PREFIX>__SECTION__KEY`, every error one line that
 //!   names the file or key at fault.
@@ -16,6 +17,7 @@
 //! `progressdb-kms` (`kms-hsm/`) and `progressdb` (`server/`) both use every module.
 
 pub mod aead;
+pub mod body;
 pub mod config;
 pub mod conn;
 pub mod group_commit;

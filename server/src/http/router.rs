@@ -6,10 +6,10 @@
 //!   axum's; unknown paths and methods get our JSON error bodies (`not_found`,
 //!   `method_not_allowed` with `Allow`). A trailing slash is ignored (`NormalizePath`).
 //! * Request bodies: `tower_http::limit::RequestBodyLimitLayer` (`limits.max_body_bytes`,
-//!   413) and `tower_http::timeout::RequestBodyTimeoutLayer` (`http.body_read_timeout_secs`
-//!   between frames, 408); [`JsonBody`] reads within both and within the same time for the
-//!   whole body, into zeroizing memory, and maps every failure to a stable code without
-//!   quoting the request.
+//!   413); [`JsonBody`] reads within it and within a whole-body deadline of
+//!   `http.body_read_timeout_secs` (408) into zeroizing memory
+//!   ([`service_kit::body::read_zeroizing`], shared with the KMS), and maps every failure to a
+//!   stable code without quoting the request.
 //! * Every answer is counted in `/metrics` by route template, method and status.
 
 use std::sync::Arc;
@@ -23,11 +23,10 @@ use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::{BodyExt as _, LengthLimitError};
-use kms_api::wire::ZeroizingBuf;
 use kms_api::ThreadId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use service_kit::body::BodyError;
 use tower::{Layer as _, ServiceExt as _};
 use tower_http::normalize_path::{NormalizePath, NormalizePathLayer};
 
@@ -88,9 +87,6 @@ pub fn service(app: Arc<MessageService>, opts: HttpOptions) -> HttpService {
         .route("/admin/jobs/{job_id}", get(admin_job))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            state.opts.body_read_timeout,
-        ))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             state.opts.max_body_bytes,
         ))
@@ -349,7 +345,7 @@ impl ListQuery {
     }
 }
 
-/// A JSON request body, read within the body-limit and body-timeout layers into zeroizing
+/// A JSON request body, read within the body-limit layer and the body deadline into zeroizing
 /// memory (message bodies are secret) and parsed into `T`. Failures are 413
 /// `payload_too_large`, 408 `request_timeout` or 400 `malformed_request` with the category
 /// and position of a JSON error, never serde's text (it can quote the request).
@@ -365,22 +361,15 @@ impl<T: DeserializeOwned> FromRequest<RouterState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, st: &RouterState) -> Result<Self, ApiError> {
-        let max = st.opts.max_body_bytes;
-        let mut body = req.into_body();
-        // The layer bounds each pause between frames; the whole body gets the same time.
-        let read = async {
-            let mut buf = ZeroizingBuf::with_capacity(1024);
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| classify_body_error(&e, max))?;
-                if let Ok(data) = frame.into_data() {
-                    buf.push(&data);
-                }
-            }
-            Ok::<_, ApiError>(buf)
-        };
-        let buf = tokio::time::timeout(st.opts.body_read_timeout, read)
+        let buf = service_kit::body::read_zeroizing(req.into_body(), st.opts.body_read_timeout)
             .await
-            .map_err(|_| ApiError::RequestTimeout)??;
+            .map_err(|e| match e {
+                BodyError::TooLarge => ApiError::PayloadTooLarge(st.opts.max_body_bytes),
+                BodyError::Timeout => ApiError::RequestTimeout,
+                BodyError::Broken => {
+                    ApiError::MalformedRequest("the request body could not be read".into())
+                }
+            })?;
         serde_json::from_slice(buf.as_slice())
             .map(JsonBody)
             .map_err(|e| {
@@ -399,21 +388,6 @@ impl<T: DeserializeOwned> FromRequest<RouterState> for JsonBody<T> {
                 ))
             })
     }
-}
-
-/// What a failed body read means: over the limit, too slow, or broken.
-fn classify_body_error(e: &axum::Error, max: usize) -> ApiError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<LengthLimitError>() {
-            return ApiError::PayloadTooLarge(max);
-        }
-        if err.is::<tower_http::timeout::TimeoutError>() {
-            return ApiError::RequestTimeout;
-        }
-        source = err.source();
-    }
-    ApiError::MalformedRequest("the request body could not be read".into())
 }
 
 fn view_kms(p: &Principal) -> KmsVisibility {
