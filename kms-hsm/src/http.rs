@@ -379,11 +379,7 @@ where
             Err(never) => match never {},
         },
     };
-    let is_json = resp
-        .headers()
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+    if service_kit::body::is_limit_layer_refusal(&resp) {
         resp = error_response(
             &HttpError::BodyTooLarge {
                 limit: api.limits.max_body_bytes,

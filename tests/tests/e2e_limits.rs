@@ -8,6 +8,30 @@ use std::time::Duration;
 use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
 use serde_json::json;
 
+/// Posts `n` messages of `size` bytes to `tid`, then reads them back as one page and checks
+/// every body came back, in order.
+fn post_then_read_one_page(api: &progressdb_e2e::Api, tid: &str, n: usize, size: usize) {
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let body = text(size, i);
+        api.post_message(tid, json!(body));
+        sent.push(body);
+    }
+    let (s, v) = api.call(
+        "GET",
+        &format!("/v1/threads/{tid}/messages?limit={n}"),
+        None,
+    );
+    assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
+    let got: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().expect("every item readable"))
+        .collect();
+    assert_eq!(got, sent.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 /// A JSON string body of about `n` bytes (random, so it does not compress into anything).
 fn text(n: usize, tag: usize) -> String {
     let mut s = format!("m{tag}-");
@@ -34,21 +58,7 @@ fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
 
     // 50 messages of 64 KiB: one page of them is about 4.3 MiB of base64 ciphertext, over the
     // KMS's default 4 MiB body limit if sent as one batch.
-    let mut sent = Vec::new();
-    for i in 0..50 {
-        let body = text(64 * 1024, i);
-        alice.post_message(&tid, json!(body));
-        sent.push(body);
-    }
-    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages?limit=50"), None);
-    assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
-    let got: Vec<&str> = v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().expect("every item readable"))
-        .collect();
-    assert_eq!(got, sent.iter().map(String::as_str).collect::<Vec<_>>());
+    post_then_read_one_page(&alice, &tid, 50, 64 * 1024);
 
     // 24 concurrent posts of about 240 KB each (under the server's 256 KiB body limit): they
     // are coalesced into batches, which must be split to fit.
@@ -108,21 +118,7 @@ fn a_kms_with_a_smaller_body_limit_than_the_servers_batches_still_serves_large_p
         .as_str()
         .unwrap()
         .to_owned();
-    let mut sent = Vec::new();
-    for i in 0..20 {
-        let body = text(64 * 1024, i);
-        alice.post_message(&tid, json!(body));
-        sent.push(body);
-    }
-    let (s, v) = alice.call("GET", &format!("/v1/threads/{tid}/messages?limit=20"), None);
-    assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
-    let got: Vec<&str> = v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().expect("every item readable"))
-        .collect();
-    assert_eq!(got, sent.iter().map(String::as_str).collect::<Vec<_>>());
+    post_then_read_one_page(&alice, &tid, 20, 64 * 1024);
     assert!(
         server.proc.log_text().contains("splitting it"),
         "the 413 was answered by splitting the batch"

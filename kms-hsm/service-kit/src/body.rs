@@ -77,6 +77,16 @@ impl fmt::Debug for ZeroizingBuf {
     }
 }
 
+/// Whether `resp` is the body-limit layer's own 413 (plain text, sent before any handler ran
+/// because `Content-Length` was already too large): each service replaces it by its JSON error.
+pub fn is_limit_layer_refusal<B>(resp: &http::Response<B>) -> bool {
+    resp.status() == http::StatusCode::PAYLOAD_TOO_LARGE
+        && !resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+}
+
 /// Why a body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyError {

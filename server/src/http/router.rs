@@ -182,11 +182,7 @@ impl HttpService {
             Ok(r) => r,
             Err(never) => match never {},
         };
-        let is_json = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-        if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        if service_kit::body::is_limit_layer_refusal(&resp) {
             resp = error_response(&ApiError::PayloadTooLarge(self.state.opts.max_body_bytes));
         }
         let status = resp.status();
