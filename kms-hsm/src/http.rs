@@ -155,39 +155,39 @@ pub enum Route {
     Metrics,
 }
 
-/// Path and [`Route`] of every endpoint.
-const ROUTES: &[(&str, Route)] = &[
-    ("/create_dek_for_thread", Route::CreateDek),
-    ("/encrypt", Route::Encrypt),
-    ("/decrypt", Route::Decrypt),
-    ("/encrypt_batch", Route::EncryptBatch),
-    ("/decrypt_batch", Route::DecryptBatch),
-    ("/destroy_key", Route::DestroyKey),
-    ("/get_wrapped", Route::GetWrapped),
-    ("/healthz", Route::Healthz),
-    ("/readyz", Route::Readyz),
-    ("/metrics", Route::Metrics),
+/// Every endpoint.
+const ROUTES: [Route; 10] = [
+    Route::CreateDek,
+    Route::Encrypt,
+    Route::Decrypt,
+    Route::EncryptBatch,
+    Route::DecryptBatch,
+    Route::DestroyKey,
+    Route::GetWrapped,
+    Route::Healthz,
+    Route::Readyz,
+    Route::Metrics,
 ];
 
 impl Route {
-    /// Metric label of the endpoint.
+    /// Path of the endpoint: its metric label.
     pub fn label(self) -> &'static str {
         match self {
-            Route::CreateDek => "create_dek_for_thread",
-            Route::Encrypt => "encrypt",
-            Route::Decrypt => "decrypt",
-            Route::EncryptBatch => "encrypt_batch",
-            Route::DecryptBatch => "decrypt_batch",
-            Route::DestroyKey => "destroy_key",
-            Route::GetWrapped => "get_wrapped",
-            Route::Healthz => "healthz",
-            Route::Readyz => "readyz",
-            Route::Metrics => "metrics",
+            Route::CreateDek => "/create_dek_for_thread",
+            Route::Encrypt => "/encrypt",
+            Route::Decrypt => "/decrypt",
+            Route::EncryptBatch => "/encrypt_batch",
+            Route::DecryptBatch => "/decrypt_batch",
+            Route::DestroyKey => "/destroy_key",
+            Route::GetWrapped => "/get_wrapped",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
         }
     }
 
     fn of_path(path: &str) -> Option<Route> {
-        ROUTES.iter().find(|(p, _)| *p == path).map(|(_, r)| *r)
+        ROUTES.into_iter().find(|r| r.label() == path)
     }
 }
 
@@ -345,6 +345,7 @@ where
     Bd::Error: Into<axum::BoxError>,
 {
     let start = Instant::now();
+    let method = req.method().clone();
     let label = Route::of_path(req.uri().path()).map_or(UNKNOWN_ENDPOINT, Route::label);
     let declared = req
         .headers()
@@ -389,9 +390,9 @@ where
     }
     let elapsed = start.elapsed();
     let status = resp.status().as_u16();
-    api.metrics.observe_request(label, status, elapsed);
+    api.metrics.http.observe(label, &method, status, elapsed);
     tracing::debug!(
-        endpoint = label,
+        route = label,
         status,
         micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         "request"
@@ -450,13 +451,7 @@ async fn readyz<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>) -> Respo
 }
 
 async fn metrics<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>) -> Answer {
-    let text = api.metrics.encode().map_err(|_| {
-        Failure(
-            HttpError::Service(ServiceError::Internal("metrics encoding failed")),
-            Route::Metrics.label(),
-        )
-    })?;
-    let mut r = Response::new(Body::from(text));
+    let mut r = Response::new(Body::from(api.metrics.encode()));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static(metrics::CONTENT_TYPE),
@@ -933,7 +928,9 @@ mod tests {
         )
         .unwrap();
         assert!(
-            text.contains(r#"progressdb_kms_requests_total{endpoint="healthz",status="200"} 1"#),
+            text.contains(
+                r#"progressdb_kms_http_requests_total{route="/healthz",method="GET",status="200"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains("progressdb_kms_hsm_calls_total"));

@@ -2,8 +2,8 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `progressdb_kms_requests_total` | counter | `endpoint`, `status` |
-//! | `progressdb_kms_request_duration_seconds` | histogram | `endpoint`, `status` |
+//! | `progressdb_kms_http_requests_total` | counter | `route`, `method`, `status` |
+//! | `progressdb_kms_http_request_duration_seconds` | histogram | `route`, `method`, `status` |
 //! | `progressdb_kms_hsm_calls_total` | counter | |
 //! | `progressdb_kms_hsm_errors_total` | counter | |
 //! | `progressdb_kms_hsm_recoveries_total` | counter | |
@@ -22,18 +22,20 @@
 //! | `progressdb_kms_keystore_commit_errors_total` | counter | |
 //! | `progressdb_kms_keystore_commit_batch_size` | histogram | |
 //!
-//! HSM counters are read from the backend at scrape time ([`BackendStats`]).
+//! The two request metrics are [`service_kit::metrics::HttpMetrics`], the same as the
+//! server's. HSM counters are read from the backend at scrape time ([`BackendStats`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use service_kit::metrics::HttpMetrics;
+pub use service_kit::metrics::CONTENT_TYPE;
 
 use crate::backend::KeyBackend;
 use crate::cache::CacheMetrics;
@@ -73,20 +75,6 @@ impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
     }
 }
 
-/// Labels of the request metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub endpoint: &'static str,
-    pub status: u16,
-}
-
-type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 100 µs .. ~3.3 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
-}
-
 /// Key-store counters, updated by the writer thread.
 #[derive(Debug, Clone)]
 pub struct StoreMetrics {
@@ -113,8 +101,7 @@ impl StoreMetrics {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    latency: HistogramFamily,
+    pub http: HttpMetrics,
     pub cache: CacheMetrics,
     pub store: StoreMetrics,
 }
@@ -188,18 +175,7 @@ impl Metrics {
         gate: Arc<service_kit::conn::ConnectionGate>,
     ) -> Self {
         let mut registry = Registry::with_prefix("progressdb_kms");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "HTTP requests answered, by endpoint and status",
-            requests.clone(),
-        );
-        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register(
-            "request_duration_seconds",
-            "Time from request head to answer, by endpoint and status",
-            latency.clone(),
-        );
+        let http = HttpMetrics::register(&mut registry);
         let cache = CacheMetrics::default();
         registry.register("cache_hits", "DEK cache hits", cache.hits.clone());
         registry.register("cache_misses", "DEK cache misses", cache.misses.clone());
@@ -233,32 +209,14 @@ impl Metrics {
         registry.register_collector(Box::new(service_kit::conn::GateCollector(gate)));
         Self {
             registry,
-            requests,
-            latency,
+            http,
             cache,
             store,
         }
     }
 
-    /// Records one answered request.
-    pub fn observe_request(&self, endpoint: &'static str, status: u16, elapsed: Duration) {
-        let labels = RequestLabels { endpoint, status };
-        self.requests.get_or_create(&labels).inc();
-        self.latency
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-    }
-
     /// The OpenMetrics text of every metric.
-    ///
-    /// # Errors
-    /// Only if formatting fails (it writes to a `String`, so it does not).
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
+    pub fn encode(&self) -> String {
+        service_kit::metrics::encode(&self.registry)
     }
 }
-
-/// Content type of [`Metrics::encode`].
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

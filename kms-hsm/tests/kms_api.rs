@@ -62,8 +62,8 @@ async fn round_trip_over_unix_socket() {
     assert_eq!(s, 200);
     let text = String::from_utf8(b.to_vec()).unwrap();
     for name in [
-        "progressdb_kms_requests_total{endpoint=\"encrypt\",status=\"200\"}",
-        "progressdb_kms_request_duration_seconds_bucket",
+        "progressdb_kms_http_requests_total{route=\"/encrypt\",method=\"POST\",status=\"200\"}",
+        "progressdb_kms_http_request_duration_seconds_bucket",
         "progressdb_kms_hsm_calls_total",
         "progressdb_kms_hsm_errors_total",
         "progressdb_kms_hsm_recoveries_total",

@@ -3,7 +3,7 @@
 //! | metric | labels |
 //! |---|---|
 //! | `progressdb_http_requests_total` | `route`, `method`, `status` |
-//! | `progressdb_http_request_duration_seconds` | `route` |
+//! | `progressdb_http_request_duration_seconds` | `route`, `method`, `status` |
 //! | `progressdb_store_commits_total`, `progressdb_store_commit_ops` (ops per group commit), `progressdb_store_commit_duration_seconds`, `progressdb_store_map_resizes_total`, `progressdb_store_map_size_bytes`, `progressdb_store_write_errors_total` | |
 //! | `progressdb_kms_calls_total` | `op`, `outcome` |
 //! | `progressdb_kms_batch_items` | `op` |
@@ -12,7 +12,8 @@
 //! | `progressdb_plain_records_refused_total` (plain records met in encrypted threads) | |
 //! | `progressdb_kms_shred_failures_total` (thread deletes refused: the KMS did not know the DEK) | |
 //!
-//! Routes are templates (`/v1/threads/{id}`), never raw paths, so label cardinality is fixed.
+//! The two request metrics are [`service_kit::metrics::HttpMetrics`], the same as the KMS's;
+//! routes are templates (`/v1/threads/{id}`), never raw paths, so label cardinality is fixed.
 
 use std::fmt;
 
@@ -22,18 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    pub route: &'static str,
-    pub method: &'static str,
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: &'static str,
-}
+use service_kit::metrics::HttpMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KmsLabels {
@@ -54,13 +44,6 @@ fn latency_histogram() -> Histogram {
 
 fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 11))
-}
-
-/// HTTP metrics.
-#[derive(Debug, Clone)]
-pub struct HttpMetrics {
-    pub requests: Family<HttpLabels, Counter>,
-    pub duration: HistogramFamily<RouteLabels>,
 }
 
 /// Store (LMDB writer) metrics.
@@ -147,20 +130,7 @@ impl Metrics {
     pub fn new(gate: std::sync::Arc<service_kit::conn::ConnectionGate>) -> Self {
         let mut registry = Registry::with_prefix("progressdb");
         registry.register_collector(Box::new(service_kit::conn::GateCollector(gate)));
-        let http = HttpMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(latency_histogram),
-        };
-        registry.register(
-            "http_requests",
-            "HTTP requests by route, method and status",
-            http.requests.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency by route",
-            http.duration.clone(),
-        );
+        let http = HttpMetrics::register(&mut registry);
         let store = StoreMetrics::default();
         registry.register("store_commits", "LMDB group commits", store.commits.clone());
         registry.register(
@@ -224,11 +194,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        out
+        service_kit::metrics::encode(&self.registry)
     }
 }
 
@@ -239,14 +205,12 @@ mod tests {
     #[test]
     fn encodes() {
         let m = Metrics::default();
-        m.http
-            .requests
-            .get_or_create(&HttpLabels {
-                route: "/v1/threads",
-                method: "GET",
-                status: 200,
-            })
-            .inc();
+        m.http.observe(
+            "/v1/threads",
+            &http::Method::GET,
+            200,
+            std::time::Duration::from_millis(1),
+        );
         m.kms.call("decrypt_batch", "ok");
         let s = m.encode();
         assert!(s.contains("progressdb_http_requests_total{route=\"/v1/threads\",method=\"GET\",status=\"200\"} 1"), "{s}");

@@ -20,7 +20,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kms_api::ThreadId;
@@ -39,7 +39,6 @@ use crate::auth::{Principal, Role};
 use crate::config::MetricsAccess;
 use crate::error::ApiError;
 use crate::ids::{MessageId, Timestamp};
-use crate::metrics::{HttpLabels, RouteLabels};
 use crate::service::{Health, MessageService};
 use crate::store::Order;
 
@@ -153,19 +152,6 @@ fn with_type(status: StatusCode, body: Body, ctype: &'static str) -> Response {
     r
 }
 
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
-}
-
 impl HttpService {
     /// Answers one request, then counts and logs the answer by route template. The
     /// body-limit layer's own 413 (sent before any handler runs, when `Content-Length` is
@@ -191,17 +177,11 @@ impl HttpService {
         } else {
             tracing::debug!(method = %method, route = label, status = status.as_u16(), "request");
         }
-        let m = &self.state.app.metrics.http;
-        m.requests
-            .get_or_create(&HttpLabels {
-                route: label,
-                method: method_label(&method),
-                status: status.as_u16(),
-            })
-            .inc();
-        m.duration
-            .get_or_create(&RouteLabels { route: label })
-            .observe(started.elapsed().as_secs_f64());
+        self.state
+            .app
+            .metrics
+            .http
+            .observe(label, &method, status.as_u16(), started.elapsed());
         resp
     }
 }
@@ -436,7 +416,7 @@ async fn metrics(State(st): State<RouterState>, headers: axum::http::HeaderMap) 
     Ok(with_type(
         StatusCode::OK,
         Body::from(st.app.metrics.encode()),
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        service_kit::metrics::CONTENT_TYPE,
     ))
 }
 
