@@ -97,6 +97,7 @@ impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
                 max_body_bytes: cfg.limits.max_body_bytes,
                 body_read_timeout: cfg.limits.read_timeout,
             },
+            cfg.lifecycle,
         ));
         Ok(Self {
             api,
@@ -115,13 +116,15 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
         &self.api
     }
 
-    /// Serves on `listener` until `shutdown` completes, then finishes in-flight requests.
+    /// Serves the key API on `listener` and the admin API on `admin` until `shutdown`
+    /// completes, then finishes in-flight requests. Unfinished lifecycle jobs resume first.
     ///
     /// # Errors
     /// [`StartError::Transport`].
     pub async fn run(
         self,
         listener: Listener,
+        admin: Option<Listener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
         // Expired DEKs are dropped (and zeroized) even when no request touches them.
@@ -136,8 +139,20 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
                 svc.cache().purge_expired();
             }
         });
-        let result =
-            transport::serve(listener, self.api.clone(), self.serve, self.gate, shutdown).await;
+        match self.api.lifecycle().resume() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "resumed unfinished lifecycle jobs"),
+            Err(e) => tracing::error!(error = %e, "cannot read lifecycle jobs; none resumed"),
+        }
+        let result = transport::serve(
+            listener,
+            admin,
+            self.api.clone(),
+            self.serve,
+            self.gate,
+            shutdown,
+        )
+        .await;
         purge.abort();
         result.map_err(StartError::from)
     }
@@ -161,7 +176,8 @@ pub async fn serve(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let app = App::build(cfg).await?;
     let listener = Listener::bind(&cfg.listen)?;
-    app.run(listener, shutdown).await?;
+    let admin = Listener::bind_admin(&cfg.admin)?;
+    app.run(listener, Some(admin), shutdown).await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

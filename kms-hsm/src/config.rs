@@ -72,6 +72,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub lifecycle: RawLifecycle,
 }
 
 /// `[listen]`
@@ -81,6 +83,8 @@ pub struct RawListen {
     pub unix: Option<PathBuf>,
     pub tcp: Option<String>,
     pub allowed_uids: Option<UidList>,
+    pub admin_unix: Option<PathBuf>,
+    pub admin_uids: Option<UidList>,
 }
 
 /// `listen.allowed_uids`: a TOML array of uids, or (from the environment) one uid or a
@@ -100,6 +104,35 @@ pub struct RawTls {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    pub admin_subjects: Option<StringList>,
+}
+
+/// A TOML array of strings, or (from the environment) a comma-separated list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StringList {
+    Many(Vec<String>),
+    Text(String),
+}
+
+impl StringList {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StringList::Many(v) => v,
+            StringList::Text(t) => t.split(',').map(|s| s.trim().to_owned()).collect(),
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
+    }
+}
+
+/// `[lifecycle]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLifecycle {
+    pub rewrap_concurrency: Option<u32>,
+    pub rewrap_batch: Option<u32>,
 }
 
 /// `[hsm]`
@@ -156,11 +189,25 @@ pub struct Config {
     /// The file it was loaded from (for messages).
     pub source: PathBuf,
     pub listen: ListenConfig,
+    /// The admin endpoint: always a Unix socket of its own.
+    pub admin: AdminConfig,
     pub hsm: HsmConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub lifecycle: crate::lifecycle::LifecycleOptions,
+}
+
+/// The admin endpoint (`listen.admin_unix`, `listen.admin_uids`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The admin socket (mode 0600). Default: beside `listen.unix`, named
+    /// `<stem>.admin.sock` (`kms.sock` → `kms.admin.sock`); with `listen.tcp`,
+    /// `kms.admin.sock` inside `store.path`.
+    pub unix: PathBuf,
+    /// Peer uids allowed on the admin socket. Default: the KMS's own uid only.
+    pub uids: Vec<u32>,
 }
 
 /// Where the KMS listens: exactly one transport.
@@ -181,6 +228,9 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// Client-certificate subjects (common name or DNS name) that are admin identities on
+    /// TCP: they get the admin API instead of the key API.
+    pub admin_subjects: Vec<String>,
 }
 
 /// `[hsm]`
@@ -238,6 +288,8 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: u64 = 4096;
     pub const MAX_CONNECTIONS_PER_PEER: u64 = 1024;
     pub const LOG_LEVEL: &str = "info";
+    pub const REWRAP_CONCURRENCY: u32 = 2;
+    pub const REWRAP_BATCH: u32 = 128;
 }
 
 impl Config {
@@ -324,6 +376,7 @@ impl RawConfig {
                 if self.tls.cert.is_some()
                     || self.tls.key.is_some()
                     || self.tls.client_ca.is_some()
+                    || self.tls.admin_subjects.is_some()
                 {
                     return Err(ConfigError::Conflict(
                         "tls.* is used only with listen.tcp; remove it or listen on TCP",
@@ -332,7 +385,7 @@ impl RawConfig {
                 let allowed_uids = self
                     .listen
                     .allowed_uids
-                    .map(|u| u.into_vec())
+                    .map(|u| u.into_vec("listen.allowed_uids"))
                     .transpose()?;
                 ListenConfig::Unix {
                     path: abs(path),
@@ -353,6 +406,11 @@ impl RawConfig {
                         cert: abs(cert),
                         key: abs(key),
                         client_ca: abs(client_ca),
+                        admin_subjects: self
+                            .tls
+                            .admin_subjects
+                            .map(StringList::into_vec)
+                            .unwrap_or_default(),
                     },
                     _ => {
                         return Err(ConfigError::Conflict(
@@ -362,6 +420,51 @@ impl RawConfig {
                 };
                 ListenConfig::Tcp { addr, tls }
             }
+        };
+
+        let store_path = abs(self.store.path.clone().ok_or(ConfigError::Missing {
+            key: "store.path",
+            hint: " (directory of the key store)",
+        })?);
+        let admin_unix = match (self.listen.admin_unix, &listen) {
+            (Some(p), _) if p.as_os_str().is_empty() => {
+                return Err(invalid("listen.admin_unix", "must be a socket path"))
+            }
+            (Some(p), _) => abs(p),
+            (None, ListenConfig::Unix { path, .. }) => default_admin_socket(path),
+            (None, ListenConfig::Tcp { .. }) => store_path.join("kms.admin.sock"),
+        };
+        if let ListenConfig::Unix { path, .. } = &listen {
+            if *path == admin_unix {
+                return Err(ConfigError::Conflict(
+                    "listen.admin_unix must differ from listen.unix",
+                ));
+            }
+        }
+        let admin_uids = match self.listen.admin_uids {
+            Some(u) => {
+                let uids = u.into_vec("listen.admin_uids")?;
+                if let ListenConfig::Unix {
+                    allowed_uids: Some(clients),
+                    ..
+                } = &listen
+                {
+                    if let Some(uid) = uids.iter().find(|u| clients.contains(u)) {
+                        return Err(invalid(
+                            "listen.admin_uids",
+                            format!(
+                                "uid {uid} is also in listen.allowed_uids: the server's identity must not be an admin"
+                            ),
+                        ));
+                    }
+                }
+                uids
+            }
+            None => vec![rustix::process::getuid().as_raw()],
+        };
+        let admin = AdminConfig {
+            unix: admin_unix,
+            uids: admin_uids,
         };
 
         let module = self.hsm.module.ok_or(ConfigError::Missing {
@@ -411,10 +514,7 @@ impl RawConfig {
         };
 
         let store = StoreConfig {
-            path: abs(self.store.path.ok_or(ConfigError::Missing {
-                key: "store.path",
-                hint: " (directory of the key store)",
-            })?),
+            path: store_path,
             map_size_mb: self.store.map_size_mb.unwrap_or(defaults::MAP_SIZE_MB),
         };
         if !(1..=1 << 24).contains(&store.map_size_mb) {
@@ -512,9 +612,36 @@ impl RawConfig {
             ));
         }
 
+        let rewrap_concurrency = self
+            .lifecycle
+            .rewrap_concurrency
+            .unwrap_or(defaults::REWRAP_CONCURRENCY);
+        if !(1..=256).contains(&rewrap_concurrency) {
+            return Err(invalid(
+                "lifecycle.rewrap_concurrency",
+                "must be between 1 and 256",
+            ));
+        }
+        let rewrap_batch = self
+            .lifecycle
+            .rewrap_batch
+            .unwrap_or(defaults::REWRAP_BATCH);
+        if !(1..=10_000).contains(&rewrap_batch) {
+            return Err(invalid(
+                "lifecycle.rewrap_batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        let lifecycle = crate::lifecycle::LifecycleOptions {
+            concurrency: rewrap_concurrency as usize,
+            batch: rewrap_batch as usize,
+        };
+
         Ok(Config {
             source: source.to_owned(),
             listen,
+            admin,
+            lifecycle,
             hsm,
             store,
             cache,
@@ -524,8 +651,16 @@ impl RawConfig {
     }
 }
 
+/// `listen.admin_unix` by default: `<stem>.admin.sock` beside the client socket.
+pub fn default_admin_socket(client: &Path) -> PathBuf {
+    let stem = client
+        .file_stem()
+        .map_or_else(|| "kms".into(), |s| s.to_string_lossy().into_owned());
+    client.with_file_name(format!("{stem}.admin.sock"))
+}
+
 impl UidList {
-    fn into_vec(self) -> Result<Vec<u32>, ConfigError> {
+    fn into_vec(self, key: &'static str) -> Result<Vec<u32>, ConfigError> {
         let v = match self {
             UidList::One(u) => vec![u],
             UidList::Many(v) => v,
@@ -534,16 +669,15 @@ impl UidList {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(|s| {
-                    s.parse::<u32>().map_err(|_| {
-                        invalid("listen.allowed_uids", "must be a list of numeric uids")
-                    })
+                    s.parse::<u32>()
+                        .map_err(|_| invalid(key, "must be a list of numeric uids"))
                 })
                 .collect::<Result<_, _>>()?,
         };
         if v.is_empty() {
             return Err(invalid(
-                "listen.allowed_uids",
-                "must list at least one uid (omit the key to allow any peer)",
+                key,
+                "must list at least one uid (omit the key for the default)",
             ));
         }
         Ok(v)

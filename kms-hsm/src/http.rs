@@ -28,6 +28,8 @@
 //! decryption failure, or a cold key whose unwrap meets an HSM outage), so the cached keys
 //! beside a failing one keep serving.
 
+pub mod admin;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +39,7 @@ use axum::extract::{Query, State};
 use axum::http::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use http_body_util::BodyExt as _;
 use kms_api::parse::{
@@ -81,6 +83,8 @@ pub enum HttpError {
     MethodNotAllowed,
     #[error("this peer is not allowed to use the KMS")]
     Forbidden,
+    #[error("admin operations are served only on the admin endpoint, to an admin identity")]
+    AdminOnly,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("request body was not received within {0:?}")]
@@ -93,6 +97,8 @@ pub enum HttpError {
     InvalidArgument(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
+    #[error(transparent)]
+    Lifecycle(#[from] crate::lifecycle::LifecycleError),
 }
 
 impl HttpError {
@@ -101,12 +107,13 @@ impl HttpError {
         match self {
             HttpError::NotFound => ErrorCode::NotFound,
             HttpError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
-            HttpError::Forbidden => ErrorCode::Forbidden,
+            HttpError::Forbidden | HttpError::AdminOnly => ErrorCode::Forbidden,
             HttpError::BodyTooLarge { .. } => ErrorCode::PayloadTooLarge,
             HttpError::BodyTimeout(_) | HttpError::BodyRead => ErrorCode::MalformedRequest,
             HttpError::Parse(e) => e.code(),
             HttpError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             HttpError::Service(e) => e.code(),
+            HttpError::Lifecycle(e) => e.code(),
         }
     }
 
@@ -262,6 +269,7 @@ fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
 /// The HTTP front of a [`KeyService`]: what every handler gets.
 pub struct Api<B, S> {
     service: Arc<KeyService<B, S>>,
+    lifecycle: Arc<crate::lifecycle::Lifecycle<B, S>>,
     metrics: Arc<Metrics>,
     limits: HttpLimits,
 }
@@ -275,8 +283,14 @@ impl<B, S> std::fmt::Debug for Api<B, S> {
 }
 
 impl<B: KeyBackend, S: KeyStore> Api<B, S> {
-    pub fn new(service: Arc<KeyService<B, S>>, metrics: Arc<Metrics>, limits: HttpLimits) -> Self {
+    pub fn new(
+        service: Arc<KeyService<B, S>>,
+        metrics: Arc<Metrics>,
+        limits: HttpLimits,
+        lifecycle: crate::lifecycle::LifecycleOptions,
+    ) -> Self {
         Self {
+            lifecycle: crate::lifecycle::Lifecycle::new(Arc::clone(&service), lifecycle),
             service,
             metrics,
             limits,
@@ -289,6 +303,10 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
 
     pub fn limits(&self) -> HttpLimits {
         self.limits
+    }
+
+    pub fn lifecycle(&self) -> &Arc<crate::lifecycle::Lifecycle<B, S>> {
+        &self.lifecycle
     }
 }
 
@@ -309,6 +327,8 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<B, S>))
         .route("/metrics", get(metrics::<B, S>))
+        .route("/admin", any(admin_refused))
+        .route("/admin/{*rest}", any(admin_refused))
         .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
         .method_not_allowed_fallback(|uri: Uri| async move {
             let label = Route::of_path(uri.path()).map_or(UNKNOWN_ENDPOINT, Route::label);
@@ -316,6 +336,17 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
         })
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .with_state(api)
+}
+
+/// `/admin/...` on the client endpoint: refused whoever asks (the server's identity is never
+/// an admin), and logged.
+async fn admin_refused(uri: Uri) -> Response {
+    let label = admin::route_label(uri.path()).unwrap_or(UNKNOWN_ENDPOINT);
+    tracing::warn!(route = label, "admin call refused on the client endpoint");
+    let mut r = error_response(&HttpError::AdminOnly, label);
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// What a peer outside `listen.allowed_uids` gets, whatever it asks: 403, without its body
@@ -346,7 +377,10 @@ where
 {
     let start = Instant::now();
     let method = req.method().clone();
-    let label = Route::of_path(req.uri().path()).map_or(UNKNOWN_ENDPOINT, Route::label);
+    let label = Route::of_path(req.uri().path())
+        .map(Route::label)
+        .or_else(|| admin::route_label(req.uri().path()))
+        .unwrap_or(UNKNOWN_ENDPOINT);
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -698,6 +732,7 @@ mod tests {
                 max_body_bytes: 64 * 1024,
                 body_read_timeout: Duration::from_secs(5),
             },
+            crate::lifecycle::LifecycleOptions::default(),
         );
         Fixture {
             _dir: dir,

@@ -11,18 +11,24 @@
 //! * [`cache`]: bounded, zeroizing cache of unwrapped DEKs.
 //! * [`service`]: the KMS operations; [`service::ServiceError::code`] maps failures to the
 //!   stable wire codes.
-//! * [`http`]: the HTTP API (routing, parsing, error bodies).
+//! * [`lifecycle`]: KEK rotation with bulk rewrap, verification, KEK destruction, status:
+//!   resumable jobs persisted in the key store.
+//! * [`http`]: the HTTP API (routing, parsing, error bodies): the client API and, on the
+//!   admin endpoint only, the admin API.
 //! * [`transport`]: Unix-socket and mutual-TLS listeners, connection limits, graceful shutdown.
 //! * [`metrics`]: Prometheus metrics. Logging, config-loading conventions, secret files,
 //!   connection admission and the shutdown signal come from the shared `service_kit` crate.
 //! * [`app`]: wiring, used by the thin `progressdb-kms` binary.
+//! * [`cli`]: the admin subcommands, clients of the running KMS's admin socket.
 
 pub mod app;
 pub mod backend;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod keystore;
+pub mod lifecycle;
 pub mod metrics;
 pub mod service;
 pub mod transport;

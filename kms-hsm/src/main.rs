@@ -2,17 +2,22 @@
 //!
 //! * `progressdb-kms serve --config FILE`
 //! * `progressdb-kms init-kek --config FILE`
+//! * admin subcommands, clients of the running KMS's admin socket ([`progressdb_kms::cli`]):
+//!   `status`, `rotate-kek`, `verify`, `jobs`, `kek destroy --version V`.
 //!
 //! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT); 2 for a bad
 //! configuration or provisioning (key or file at fault, no such token, PIN refused, KEK
-//! missing or refused); 1 for any other failure. The reason is one line on stderr.
+//! missing or refused); 3 when an admin command cannot reach the admin socket; 1 for any
+//! other failure. The reason is one line on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kms_api::admin::JobId;
+use kms_api::KekVersion;
 use progressdb_kms::backend::pkcs11::InitKekOutcome;
-use progressdb_kms::{app, Config};
+use progressdb_kms::{app, cli, Config};
 use service_kit::telemetry;
 
 #[derive(Debug, Parser)]
@@ -40,6 +45,65 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show KEK versions, DEK counts per version and lifecycle jobs (needs the running KMS).
+    Status {
+        /// TOML configuration file (the admin socket is found from it).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate the KEK: make a new version in the HSM, rewrap every DEK to it in the
+    /// background, verify them all, then retire the old versions (needs the running KMS).
+    /// Started twice, it returns the rotation already running.
+    RotateKek {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Return once the job is started instead of waiting for it to end.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unwrap every active DEK under its KEK and count them per version; changes nothing
+    /// (needs the running KMS).
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List lifecycle jobs, or show one (needs the running KMS).
+    Jobs {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// One job's id (`job-...`).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// KEK version management (needs the running KMS).
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KekCommand {
+    /// Remove a retired KEK version from the HSM. Refused while it is current, not retired
+    /// by a completed rotation, or any key record still depends on it.
+    Destroy {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The version to destroy.
+        #[arg(long)]
+        version: u32,
+    },
 }
 
 fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
@@ -50,7 +114,15 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match &cli.command {
-        Command::Serve { config } | Command::InitKek { config } => config,
+        Command::Serve { config }
+        | Command::InitKek { config }
+        | Command::Status { config, .. }
+        | Command::RotateKek { config, .. }
+        | Command::Verify { config, .. }
+        | Command::Jobs { config, .. }
+        | Command::Kek {
+            command: KekCommand::Destroy { config, .. },
+        } => config,
     };
     let cfg = match Config::load(path) {
         Ok(c) => c,
@@ -73,6 +145,57 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(exit_code(&e), &e),
         },
+        Command::Status { json, .. } => admin(cli::status(&cfg, output(json))),
+        Command::RotateKek { no_wait, json, .. } => {
+            admin(cli::rotate_kek(&cfg, wait(no_wait), output(json)))
+        }
+        Command::Verify { no_wait, json, .. } => {
+            admin(cli::verify(&cfg, wait(no_wait), output(json)))
+        }
+        Command::Jobs { id, json, .. } => {
+            let id = match id.map(|s| JobId::parse(&s)).transpose() {
+                Ok(id) => id,
+                Err(e) => return fail(2, &format!("--id: {e}")),
+            };
+            admin(cli::jobs(&cfg, id, output(json)))
+        }
+        Command::Kek {
+            command: KekCommand::Destroy { version, .. },
+        } => match KekVersion::new(version) {
+            Ok(v) => admin(cli::destroy_kek(&cfg, v)),
+            Err(e) => fail(2, &format!("--version: {e}")),
+        },
+    }
+}
+
+fn output(json: bool) -> cli::Output {
+    if json {
+        cli::Output::Json
+    } else {
+        cli::Output::Text
+    }
+}
+
+fn wait(no_wait: bool) -> cli::Wait {
+    if no_wait {
+        cli::Wait::No
+    } else {
+        cli::Wait::UntilDone
+    }
+}
+
+/// Runs an admin command on a small runtime of its own.
+fn admin(f: impl std::future::Future<Output = Result<(), cli::CliError>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.exit_code(), &e),
     }
 }
 

@@ -59,6 +59,36 @@ pub enum ServiceError {
 impl ServiceError {
     /// The stable wire code of this error: the single mapping from service failures to the
     /// API (the HTTP status follows from [`ErrorCode::status`]).
+    /// The wire code of a backend failure.
+    pub fn backend_code(e: &BackendError) -> ErrorCode {
+        match e {
+            // A refused KEK or PIN leaves the KMS unready until an operator acts: callers
+            // see an outage (503), the log and /metrics say why.
+            BackendError::Unavailable(_)
+            | BackendError::KekRefused { .. }
+            | BackendError::PinRejected(_) => ErrorCode::Unavailable,
+            BackendError::Overloaded => ErrorCode::Overloaded,
+            BackendError::InvalidWrapped
+            | BackendError::KekNotFound { .. }
+            | BackendError::Config(_)
+            | BackendError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The wire code of a key-store failure.
+    pub fn store_code(e: &StoreError) -> ErrorCode {
+        match e {
+            StoreError::Full { .. }
+            | StoreError::Io(_)
+            | StoreError::Closed
+            | StoreError::Open { .. } => ErrorCode::Unavailable,
+            StoreError::AlreadyExists(_)
+            | StoreError::NotFound(_)
+            | StoreError::Conflict(_)
+            | StoreError::Corrupt { .. } => ErrorCode::Internal,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             ServiceError::UnknownKey(_) => ErrorCode::UnknownKey,
@@ -66,28 +96,8 @@ impl ServiceError {
             ServiceError::CorruptKey(_) | ServiceError::Random | ServiceError::Internal(_) => {
                 ErrorCode::Internal
             }
-            ServiceError::Backend(e) => match e {
-                // A refused KEK or PIN leaves the KMS unready until an operator acts: callers
-                // see an outage (503), the log and /metrics say why.
-                BackendError::Unavailable(_)
-                | BackendError::KekRefused { .. }
-                | BackendError::PinRejected(_) => ErrorCode::Unavailable,
-                BackendError::Overloaded => ErrorCode::Overloaded,
-                BackendError::InvalidWrapped
-                | BackendError::KekNotFound { .. }
-                | BackendError::Config(_)
-                | BackendError::Internal(_) => ErrorCode::Internal,
-            },
-            ServiceError::Store(e) => match e {
-                StoreError::Full { .. }
-                | StoreError::Io(_)
-                | StoreError::Closed
-                | StoreError::Open { .. } => ErrorCode::Unavailable,
-                StoreError::AlreadyExists(_)
-                | StoreError::NotFound(_)
-                | StoreError::Conflict(_)
-                | StoreError::Corrupt { .. } => ErrorCode::Internal,
-            },
+            ServiceError::Backend(e) => Self::backend_code(e),
+            ServiceError::Store(e) => Self::store_code(e),
             ServiceError::Shared(e) => e.code(),
         }
     }

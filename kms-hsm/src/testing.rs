@@ -1,7 +1,9 @@
 //! Test doubles (compiled for unit tests only): a software [`KeyBackend`] that follows the
-//! real wrapped-DEK format with an in-memory KEK, and can be switched "down".
+//! real wrapped-DEK format with in-memory KEK versions, and can be switched "down".
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use kms_api::{KekId, KekVersion, KeyId, WrappedDek};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
@@ -15,8 +17,9 @@ use crate::backend::{
 use crate::metrics::{BackendStats, HsmCounters};
 
 pub struct MockBackend {
-    kek: LessSafeKey,
-    kek_ref: KekRef,
+    keks: Mutex<BTreeMap<KekVersion, LessSafeKey>>,
+    kek_ref: Mutex<KekRef>,
+    rewraps: AtomicU64,
     rng: SystemRandom,
     down: AtomicBool,
     calls: AtomicU64,
@@ -27,20 +30,96 @@ pub struct MockBackend {
 impl MockBackend {
     pub fn new() -> Self {
         let rng = SystemRandom::new();
-        let mut k = [0u8; 32];
-        rng.fill(&mut k).unwrap();
+        let first = Self::new_kek(&rng);
         Self {
-            kek: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k).unwrap()),
-            kek_ref: KekRef {
+            keks: Mutex::new(BTreeMap::from([(KekVersion::FIRST, first)])),
+            kek_ref: Mutex::new(KekRef {
                 id: KekId::parse("mock-kek").unwrap(),
                 version: KekVersion::FIRST,
-            },
+            }),
+            rewraps: AtomicU64::new(0),
             rng,
             down: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
             unwrap_delay_ms: AtomicU64::new(0),
         }
+    }
+
+    fn new_kek(rng: &SystemRandom) -> LessSafeKey {
+        let mut k = Zeroizing::new([0u8; 32]);
+        rng.fill(k.as_mut()).unwrap();
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k.as_ref()).unwrap())
+    }
+
+    /// A fresh DEK for `key_id` wrapped under KEK `version` (which must exist).
+    pub fn generate_dek_under(&self, key_id: &KeyId, version: KekVersion) -> WrappedDek {
+        let kek = KekRef {
+            id: self.current_kek().id,
+            version,
+        };
+        self.seal(key_id, &kek, &[7u8; DEK_LEN]).unwrap()
+    }
+
+    /// Rewraps done so far.
+    pub fn rewraps(&self) -> u64 {
+        self.rewraps.load(Ordering::SeqCst)
+    }
+
+    fn seal(&self, key_id: &KeyId, kek: &KekRef, raw: &[u8]) -> Result<WrappedDek, BackendError> {
+        let keks = self.keks.lock().unwrap();
+        let key = keks.get(&kek.version).ok_or(BackendError::KekNotFound {
+            id: kek.id.clone(),
+            version: kek.version,
+        })?;
+        let mut iv = [0u8; 12];
+        self.rng.fill(&mut iv).unwrap();
+        let mut buf = raw.to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(iv),
+                Aad::from(wrap_aad(key_id, kek)),
+                &mut buf,
+            )
+            .unwrap();
+        let mut out = vec![WrapFormat::AesGcmV1 as u8];
+        out.extend_from_slice(&kek.version.get().to_be_bytes());
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&buf);
+        out.extend_from_slice(tag.as_ref());
+        Ok(WrappedDek::new(out))
+    }
+
+    fn open(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> Result<Dek, BackendError> {
+        let h = parse_wrapped_header(wrapped)?;
+        let kek = KekRef {
+            id: kek_id.clone(),
+            version: h.kek_version,
+        };
+        let keks = self.keks.lock().unwrap();
+        let key = match keks.get(&kek.version) {
+            Some(k) if kek.id == self.kek_ref.lock().unwrap().id => k,
+            _ => {
+                return Err(BackendError::KekNotFound {
+                    id: kek.id,
+                    version: kek.version,
+                })
+            }
+        };
+        let b = wrapped.as_bytes();
+        let nonce = Nonce::try_assume_unique_for_key(&b[5..17]).unwrap();
+        let mut buf = Zeroizing::new(b[17..].to_vec());
+        let plain = key
+            .open_in_place(nonce, Aad::from(wrap_aad(key_id, &kek)), &mut buf)
+            .map_err(|_| BackendError::InvalidWrapped)?;
+        let mut raw = Zeroizing::new([0u8; DEK_LEN]);
+        raw.copy_from_slice(plain);
+        Ok(Dek::from_bytes(raw))
     }
 
     /// Makes every unwrap take `ms` milliseconds (so concurrent callers overlap).
@@ -73,7 +152,7 @@ impl MockBackend {
 
 impl KeyBackend for MockBackend {
     fn current_kek(&self) -> KekRef {
-        self.kek_ref.clone()
+        self.kek_ref.lock().unwrap().clone()
     }
 
     async fn generate_dek(
@@ -83,27 +162,9 @@ impl KeyBackend for MockBackend {
         self.check_up()?;
         let mut raw = Zeroizing::new([0u8; DEK_LEN]);
         self.rng.fill(raw.as_mut()).unwrap();
-        let mut iv = [0u8; 12];
-        self.rng.fill(&mut iv).unwrap();
-        let mut buf = raw.to_vec();
-        let tag = self
-            .kek
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(iv),
-                Aad::from(wrap_aad(key_id, &self.kek_ref)),
-                &mut buf,
-            )
-            .unwrap();
-        let mut out = vec![WrapFormat::AesGcmV1 as u8];
-        out.extend_from_slice(&self.kek_ref.version.get().to_be_bytes());
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(&buf);
-        out.extend_from_slice(tag.as_ref());
-        Ok((
-            Dek::from_bytes(raw),
-            WrappedDek::new(out),
-            self.kek_ref.clone(),
-        ))
+        let kek = self.current_kek();
+        let blob = self.seal(key_id, &kek, raw.as_ref())?;
+        Ok((Dek::from_bytes(raw), blob, kek))
     }
 
     async fn unwrap_dek(
@@ -118,27 +179,58 @@ impl KeyBackend for MockBackend {
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        let h = parse_wrapped_header(wrapped)?;
-        let kek = KekRef {
-            id: kek_id.clone(),
-            version: h.kek_version,
-        };
-        if kek != self.kek_ref {
-            return Err(BackendError::KekNotFound {
-                id: kek.id,
-                version: kek.version,
-            });
+        self.open(key_id, kek_id, wrapped)
+    }
+
+    async fn rewrap_dek(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> Result<(WrappedDek, KekRef), BackendError> {
+        self.check_up()?;
+        let dek = self.open(key_id, kek_id, wrapped)?;
+        let kek = self.current_kek();
+        let blob = self.seal(key_id, &kek, dek.expose())?;
+        self.rewraps.fetch_add(1, Ordering::SeqCst);
+        Ok((blob, kek))
+    }
+
+    async fn kek_versions(&self) -> Result<Vec<KekVersion>, BackendError> {
+        self.check_up()?;
+        Ok(self.keks.lock().unwrap().keys().copied().collect())
+    }
+
+    async fn ensure_kek_version(&self, version: KekVersion) -> Result<KekRef, BackendError> {
+        self.check_up()?;
+        self.keks
+            .lock()
+            .unwrap()
+            .entry(version)
+            .or_insert_with(|| Self::new_kek(&self.rng));
+        let mut current = self.kek_ref.lock().unwrap();
+        if version > current.version {
+            current.version = version;
         }
-        let b = wrapped.as_bytes();
-        let nonce = Nonce::try_assume_unique_for_key(&b[5..17]).unwrap();
-        let mut buf = Zeroizing::new(b[17..].to_vec());
-        let plain = self
-            .kek
-            .open_in_place(nonce, Aad::from(wrap_aad(key_id, &kek)), &mut buf)
-            .map_err(|_| BackendError::InvalidWrapped)?;
-        let mut raw = Zeroizing::new([0u8; DEK_LEN]);
-        raw.copy_from_slice(plain);
-        Ok(Dek::from_bytes(raw))
+        Ok(KekRef {
+            id: current.id.clone(),
+            version,
+        })
+    }
+
+    async fn destroy_kek_version(&self, version: KekVersion) -> Result<(), BackendError> {
+        self.check_up()?;
+        let current = self.current_kek();
+        if current.version == version {
+            return Err(BackendError::Config("current KEK".into()));
+        }
+        match self.keks.lock().unwrap().remove(&version) {
+            Some(_) => Ok(()),
+            None => Err(BackendError::KekNotFound {
+                id: current.id,
+                version,
+            }),
+        }
     }
 
     async fn health_check(&self) -> Result<(), BackendError> {

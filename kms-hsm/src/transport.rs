@@ -17,6 +17,11 @@
 //!   `limits.read_timeout_secs` (hyper `header_read_timeout`, which also closes keep-alive
 //!   connections idle that long) and so must the TLS handshake; bodies have their own
 //!   deadline in [`crate::http`].
+//! * **Admin socket** (`listen.admin_unix`, see [`crate::config::AdminConfig`]): a second
+//!   Unix socket, bound the same way, whose peers must be in `listen.admin_uids`; it serves
+//!   only the admin API ([`crate::http::admin`]). On TCP, a client whose certificate subject
+//!   is in `tls.admin_subjects` gets the admin API instead of the key API. The key API
+//!   answers `/admin/...` with 403 whoever asks.
 //! * **Graceful shutdown**: when the shutdown future completes the loop stops accepting,
 //!   removes the socket file, lets every open connection finish its in-flight request (idle
 //!   keep-alive connections are closed) and returns, or gives up after
@@ -110,6 +115,7 @@ pub struct TlsSocket {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     addr: SocketAddr,
+    admin_subjects: Arc<Vec<String>>,
 }
 
 impl std::fmt::Debug for TlsSocket {
@@ -173,9 +179,29 @@ impl Listener {
                     listener,
                     acceptor: TlsAcceptor::from(Arc::new(server)),
                     addr: local,
+                    admin_subjects: Arc::new(tls.admin_subjects.clone()),
                 }))
             }
         }
+    }
+
+    /// Binds the admin socket (mode 0600, peers restricted to `listen.admin_uids`). Must run
+    /// inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`TransportError`] naming the socket path.
+    pub fn bind_admin(cfg: &crate::config::AdminConfig) -> Result<Self, TransportError> {
+        Self::bind(&ListenConfig::Unix {
+            path: cfg.unix.clone(),
+            allowed_uids: Some(cfg.uids.clone()),
+        })
+        .map_err(|e| match e {
+            TransportError::Unix { path, detail } => TransportError::Unix {
+                path,
+                detail: format!("(admin socket, listen.admin_unix) {detail}"),
+            },
+            other => other,
+        })
     }
 
     /// Where it listens, for the log.
@@ -231,13 +257,30 @@ fn bind_unix_0600(path: &Path) -> Result<std::os::unix::net::UnixListener, Strin
     result
 }
 
-/// Accepts and serves connections until `shutdown` completes, then drains them.
+/// What a connection is served: the key API, the admin API, or only 403s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Client,
+    Admin,
+    Refused,
+}
+
+/// Which endpoint a listener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndpointKind {
+    Client,
+    Admin,
+}
+
+/// Accepts and serves connections on the client `listener` and the `admin` socket until
+/// `shutdown` completes, then drains them.
 ///
 /// # Errors
 /// Never at present (accept errors are logged and retried); kept fallible for future
 /// transports.
 pub async fn serve<B, S>(
     listener: Listener,
+    admin: Option<Listener>,
     api: Arc<Api<B, S>>,
     opts: ServeOptions,
     gate: Arc<ConnectionGate>,
@@ -249,128 +292,48 @@ where
 {
     let graceful = GracefulShutdown::new();
     let routers = Routers {
-        allowed: crate::http::router(api.clone()),
+        client: crate::http::router(api.clone()),
+        admin: crate::http::admin::router(api.clone()),
         forbidden: crate::http::forbidden_router(api.clone()),
         api,
     };
-    tokio::pin!(shutdown);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tracing::info!(listen = %listener.describe(), "serving");
-    loop {
-        let watcher = graceful.watcher();
-        let routers = routers.clone();
-        match &listener {
-            Listener::Unix(u) => {
-                let accepted = tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    a = u.listener.accept() => a,
-                };
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        accept_backoff(&e).await;
-                        continue;
-                    }
-                };
-                let global = match gate.admit() {
-                    Ok(p) => p,
-                    Err(why) => {
-                        gate.refuse(stream, why);
-                        continue;
-                    }
-                };
-                let (allowed, permit) = match stream.peer_cred() {
-                    Ok(cred) => {
-                        let uid = cred.uid();
-                        let allowed = match &u.allowed_uids {
-                            None => true,
-                            Some(set) => set.contains(&uid),
-                        };
-                        if !allowed {
-                            tracing::warn!(uid, "refusing a peer not in listen.allowed_uids");
-                        }
-                        (allowed, gate.admit_peer(global, PeerId::Uid(uid)))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read peer credentials; refusing");
-                        (false, Ok(ConnectionGate::without_peer(global)))
-                    }
-                };
-                let permit = match permit {
-                    Ok(p) => p,
-                    Err(why) => {
-                        gate.refuse(stream, why);
-                        continue;
-                    }
-                };
-                tokio::spawn(async move {
-                    serve_connection(stream, routers, allowed, opts, watcher).await;
-                    drop(permit);
-                });
-            }
-            Listener::Tls(t) => {
-                let accepted = tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    a = t.listener.accept() => a,
-                };
-                let (tcp, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        accept_backoff(&e).await;
-                        continue;
-                    }
-                };
-                // Over the global cap: closed before any TLS handshake is spent on it.
-                let Ok(global) = gate.admit() else {
-                    drop(tcp);
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = t.acceptor.clone();
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let tls =
-                        match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(peer = %peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    // The verifier demands a client certificate, so there is one.
-                    let fingerprint = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| ring::digest::digest(&ring::digest::SHA256, c.as_ref()));
-                    let permit = match fingerprint {
-                        Some(d) => {
-                            let mut id = [0u8; 32];
-                            id.copy_from_slice(d.as_ref());
-                            gate.admit_peer(global, PeerId::Certificate(id))
-                        }
-                        None => Ok(ConnectionGate::without_peer(global)),
-                    };
-                    match permit {
-                        Ok(permit) => {
-                            serve_connection(tls, routers, true, opts, watcher).await;
-                            drop(permit);
-                        }
-                        Err(why) => gate.refuse(tls, why),
-                    }
-                });
-            }
-        }
+    if let Some(a) = &admin {
+        tracing::info!(listen = %a.describe(), "serving the admin API");
     }
+    let client_loop = accept_loop(
+        &listener,
+        EndpointKind::Client,
+        &routers,
+        opts,
+        &gate,
+        &graceful,
+        stop_rx.clone(),
+    );
+    let admin_loop = async {
+        if let Some(a) = &admin {
+            accept_loop(
+                a,
+                EndpointKind::Admin,
+                &routers,
+                opts,
+                &gate,
+                &graceful,
+                stop_rx.clone(),
+            )
+            .await;
+        }
+    };
+    let stop = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::join!(client_loop, admin_loop, stop);
 
-    // Stop accepting: close the listener (and remove the socket file) first.
+    // Stop accepting: close the listeners (and remove the socket files) first.
     drop(listener);
+    drop(admin);
     tracing::info!(
         connections = graceful.count(),
         "shutting down: finishing in-flight requests"
@@ -387,16 +350,188 @@ where
     Ok(())
 }
 
+/// Accepts on one listener until `stop` turns true.
+async fn accept_loop<B, S>(
+    listener: &Listener,
+    kind: EndpointKind,
+    routers: &Routers<B, S>,
+    opts: ServeOptions,
+    gate: &Arc<ConnectionGate>,
+    graceful: &GracefulShutdown,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    B: KeyBackend,
+    S: KeyStore,
+{
+    loop {
+        let watcher = graceful.watcher();
+        let routers = routers.clone();
+        match listener {
+            Listener::Unix(u) => {
+                let accepted = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return,
+                    a = u.listener.accept() => a,
+                };
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        accept_backoff(&e).await;
+                        continue;
+                    }
+                };
+                let global = match gate.admit() {
+                    Ok(p) => p,
+                    Err(why) => {
+                        gate.refuse(stream, why);
+                        continue;
+                    }
+                };
+                let (role, permit) = match stream.peer_cred() {
+                    Ok(cred) => {
+                        let uid = cred.uid();
+                        let allowed = match &u.allowed_uids {
+                            None => true,
+                            Some(set) => set.contains(&uid),
+                        };
+                        let role = match (allowed, kind) {
+                            (false, EndpointKind::Client) => {
+                                tracing::warn!(uid, "refusing a peer not in listen.allowed_uids");
+                                Role::Refused
+                            }
+                            (false, EndpointKind::Admin) => {
+                                tracing::warn!(uid, "refusing an admin connection from a uid not in listen.admin_uids");
+                                Role::Refused
+                            }
+                            (true, EndpointKind::Client) => Role::Client,
+                            (true, EndpointKind::Admin) => Role::Admin,
+                        };
+                        (role, gate.admit_peer(global, PeerId::Uid(uid)))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read peer credentials; refusing");
+                        (Role::Refused, Ok(ConnectionGate::without_peer(global)))
+                    }
+                };
+                let permit = match permit {
+                    Ok(p) => p,
+                    Err(why) => {
+                        gate.refuse(stream, why);
+                        continue;
+                    }
+                };
+                tokio::spawn(async move {
+                    serve_connection(stream, routers, role, opts, watcher).await;
+                    drop(permit);
+                });
+            }
+            Listener::Tls(t) => {
+                let accepted = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return,
+                    a = t.listener.accept() => a,
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        accept_backoff(&e).await;
+                        continue;
+                    }
+                };
+                // Over the global cap: closed before any TLS handshake is spent on it.
+                let Ok(global) = gate.admit() else {
+                    drop(tcp);
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = t.acceptor.clone();
+                let admin_subjects = Arc::clone(&t.admin_subjects);
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let tls =
+                        match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(peer = %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    // The verifier demands a client certificate, so there is one.
+                    let cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
+                    let Some(cert) = cert else {
+                        return;
+                    };
+                    let role = if is_admin_certificate(&cert, &admin_subjects) {
+                        Role::Admin
+                    } else {
+                        Role::Client
+                    };
+                    let d = ring::digest::digest(&ring::digest::SHA256, &cert);
+                    let mut id = [0u8; 32];
+                    id.copy_from_slice(d.as_ref());
+                    match gate.admit_peer(global, PeerId::Certificate(id)) {
+                        Ok(permit) => {
+                            serve_connection(tls, routers, role, opts, watcher).await;
+                            drop(permit);
+                        }
+                        Err(why) => gate.refuse(tls, why),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Whether the (chain-verified) client certificate `der` names an admin: its subject common
+/// name or one of its DNS subject-alternative names is in `tls.admin_subjects`. A
+/// certificate that cannot be parsed is not an admin.
+fn is_admin_certificate(der: &[u8], admin_subjects: &[String]) -> bool {
+    if admin_subjects.is_empty() {
+        return false;
+    }
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let listed = |name: &str| admin_subjects.iter().any(|s| s == name);
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|a| a.as_str().ok())
+        .any(listed);
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|ext| {
+            ext.value.general_names.iter().any(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => listed(d),
+                _ => false,
+            })
+        });
+    cn || san
+}
+
 async fn accept_backoff(e: &io::Error) {
     // EMFILE/ENFILE and friends: back off instead of spinning.
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// The two routers, built once: the API, and the 403 answer for peers not allowed.
+/// The routers, built once: the key API, the admin API, and the 403 answer for peers not
+/// allowed.
 struct Routers<B, S> {
     api: Arc<Api<B, S>>,
-    allowed: axum::Router,
+    client: axum::Router,
+    admin: axum::Router,
     forbidden: axum::Router,
 }
 
@@ -404,7 +539,8 @@ impl<B, S> Clone for Routers<B, S> {
     fn clone(&self) -> Self {
         Self {
             api: Arc::clone(&self.api),
-            allowed: self.allowed.clone(),
+            client: self.client.clone(),
+            admin: self.admin.clone(),
             forbidden: self.forbidden.clone(),
         }
     }
@@ -413,7 +549,7 @@ impl<B, S> Clone for Routers<B, S> {
 async fn serve_connection<I, B, S>(
     io: I,
     routers: Routers<B, S>,
-    allowed: bool,
+    role: Role,
     opts: ServeOptions,
     watcher: Watcher,
 ) where
@@ -421,10 +557,10 @@ async fn serve_connection<I, B, S>(
     B: KeyBackend,
     S: KeyStore,
 {
-    let router = if allowed {
-        routers.allowed
-    } else {
-        routers.forbidden
+    let router = match role {
+        Role::Client => routers.client,
+        Role::Admin => routers.admin,
+        Role::Refused => routers.forbidden,
     };
     let api = routers.api;
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -435,7 +571,7 @@ async fn serve_connection<I, B, S>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(opts.read_timeout)
-        .keep_alive(allowed);
+        .keep_alive(role != Role::Refused);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection closed with an error");

@@ -48,6 +48,12 @@ fn reference_config_file_loads_and_documents_every_key() {
     assert_eq!(c.hsm.limits.queue_depth, 64);
     assert_eq!(c.hsm.limits.job_timeout.as_millis(), 5000);
     assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(
+        c.admin.unix,
+        PathBuf::from("/run/progressdb/kms.admin.sock")
+    );
+    assert_eq!(c.lifecycle.concurrency, 2);
+    assert_eq!(c.lifecycle.batch, 128);
 
     // Every key is documented (commented-out ones included).
     let text = std::fs::read_to_string(example()).unwrap();
@@ -74,6 +80,11 @@ fn reference_config_file_loads_and_documents_every_key() {
         "max_connections_per_peer =",
         "queue_depth =",
         "job_timeout_ms =",
+        "admin_unix =",
+        "admin_uids =",
+        "admin_subjects =",
+        "rewrap_concurrency =",
+        "rewrap_batch =",
         "format =",
         "level =",
     ] {

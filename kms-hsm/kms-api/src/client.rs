@@ -23,7 +23,7 @@ use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::ids::{KeyId, ThreadId};
+use crate::ids::{KekVersion, KeyId, ThreadId};
 use crate::wire::{
     to_json_zeroizing, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
     DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
@@ -343,6 +343,66 @@ impl KmsClient {
             key_id: key_id.clone(),
         };
         self.call_json(Method::POST, "/destroy_key", Some(&req))
+            .await
+    }
+
+    /// Admin: KEK versions, DEK counts and jobs (`GET /admin/status`).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: Forbidden, .. }` on a non-admin endpoint.
+    pub async fn admin_status(&self) -> Result<crate::admin::StatusResponse, ClientError> {
+        self.call_json::<(), _>(Method::GET, "/admin/status", None)
+            .await
+    }
+
+    /// Admin: starts a KEK rotation, or returns the one running (`POST /admin/kek/rotate`).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn rotate_kek(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
+        self.call_once(Method::POST, "/admin/kek/rotate", Bytes::new())
+            .await
+    }
+
+    /// Admin: starts a verification of every DEK (`POST /admin/verify`).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn start_verify(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
+        self.call_once(Method::POST, "/admin/verify", Bytes::new())
+            .await
+    }
+
+    /// Admin: one job (`GET /admin/jobs/{id}`).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: UnknownJob, .. }`.
+    pub async fn job(&self, id: &crate::admin::JobId) -> Result<crate::admin::Job, ClientError> {
+        let path = format!("/admin/jobs/{id}");
+        self.call_json::<(), _>(Method::GET, &path, None).await
+    }
+
+    /// Admin: every job (`GET /admin/jobs`).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn jobs(&self) -> Result<crate::admin::JobsResponse, ClientError> {
+        self.call_json::<(), _>(Method::GET, "/admin/jobs", None)
+            .await
+    }
+
+    /// Admin: removes a retired KEK version from the HSM (`POST /admin/kek/destroy`). Not
+    /// retried: it is not idempotent in its answer.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api { code: KekNotRetired | KekInUse, .. }` when refused.
+    pub async fn destroy_kek(
+        &self,
+        version: KekVersion,
+    ) -> Result<crate::admin::DestroyKekResponse, ClientError> {
+        let body = serde_json::to_vec(&crate::admin::DestroyKekRequest { version })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.call_once(Method::POST, "/admin/kek/destroy", Bytes::from(body))
             .await
     }
 

@@ -1,5 +1,7 @@
 //! Shared vocabulary of the progressdb KMS and its callers.
 //!
+//! * [`admin`]: the admin API's bodies (KEK rotation, lifecycle jobs, status), served only on
+//!   the admin endpoint.
 //! * [`ids`]: newtypes for identifiers and key material that cross the wire
 //!   (`ThreadId`, `KeyId`, `KekId`, `KekVersion`, `WrappedDek`), parsed once at the edge.
 //! * [`parse`]: reading request bodies on the KMS side: JSON into their written form, then
@@ -14,6 +16,7 @@
 //! Nothing in this crate ever prints key material: every type that holds secret or wrapped
 //! bytes has a redacting `Debug` and no `Display`.
 
+pub mod admin;
 pub mod client;
 pub mod ids;
 pub mod parse;

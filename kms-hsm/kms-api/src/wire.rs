@@ -271,6 +271,13 @@ pub enum ErrorCode {
     Unavailable,
     /// The KMS is at a limit (connections, HSM queue); retry after the `Retry-After` delay.
     Overloaded,
+    /// Admin: no job with that id.
+    UnknownJob,
+    /// Admin: the KEK version is current, or not retired yet (a rotation has not moved and
+    /// verified every DEK off it); it is not destroyed.
+    KekNotRetired,
+    /// Admin: key records still depend on the KEK version; it is not destroyed.
+    KekInUse,
     /// Anything else inside the KMS; detail is in the KMS log only.
     Internal,
     /// A code this build does not know (sent by a newer KMS). Treated like `internal`.
@@ -286,7 +293,8 @@ impl ErrorCode {
                 400
             }
             ErrorCode::Forbidden => 403,
-            ErrorCode::NotFound | ErrorCode::UnknownKey => 404,
+            ErrorCode::NotFound | ErrorCode::UnknownKey | ErrorCode::UnknownJob => 404,
+            ErrorCode::KekNotRetired | ErrorCode::KekInUse => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::DecryptionFailed => 422,
@@ -309,6 +317,9 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::UnknownJob => "unknown_job",
+            ErrorCode::KekNotRetired => "kek_not_retired",
+            ErrorCode::KekInUse => "kek_in_use",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

@@ -229,6 +229,52 @@ pub trait KeyBackend: Send + Sync + 'static {
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<Dek, BackendError>> + Send;
 
+    /// Unwraps `wrapped` (made for `key_id` under an older KEK version) and wraps the same
+    /// DEK again under the current KEK, inside one HSM job: the DEK bytes never leave the
+    /// backend and are zeroized at once. KEK rotation moves every record this way.
+    ///
+    /// # Errors
+    /// As [`KeyBackend::unwrap_dek`] for the unwrap; `Unavailable`/`Overloaded` when the HSM
+    /// cannot take the job now (nothing changed: the caller keeps the old blob).
+    fn rewrap_dek(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> impl Future<Output = Result<(WrappedDek, KekRef), BackendError>> + Send;
+
+    /// The KEK versions present in the HSM, ascending (one entry per object, so a duplicate
+    /// shows twice).
+    ///
+    /// # Errors
+    /// `Unavailable` when the HSM cannot be asked now.
+    fn kek_versions(&self) -> impl Future<Output = Result<Vec<KekVersion>, BackendError>> + Send;
+
+    /// Makes KEK `version` exist in the HSM, generating it inside the token with the same
+    /// hardened attributes as the first one when it is missing, checks it like every KEK, and
+    /// makes it current for new wraps when it is newer than the current one. Idempotent: a
+    /// version that already exists and passes the checks is adopted, not made twice.
+    ///
+    /// # Errors
+    /// `KekRefused` when an object with that label and version exists but is not a hardened
+    /// KEK (it is not used); `Unavailable` for device errors; `Internal` when the token
+    /// refuses to generate the key. On error the current KEK is unchanged.
+    fn ensure_kek_version(
+        &self,
+        version: KekVersion,
+    ) -> impl Future<Output = Result<KekRef, BackendError>> + Send;
+
+    /// Destroys every object of KEK `version` in the HSM; afterwards the backend answers
+    /// `KekNotFound` for blobs under it. The caller has checked that nothing depends on it.
+    ///
+    /// # Errors
+    /// `Config` when `version` is the current KEK (never destroyed); `KekNotFound` when no
+    /// object has that version; `Unavailable` for device errors.
+    fn destroy_kek_version(
+        &self,
+        version: KekVersion,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
     /// One real round trip to the HSM (e.g. a random-number request on a pooled session).
     ///
     /// # Errors

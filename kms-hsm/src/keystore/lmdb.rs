@@ -25,7 +25,10 @@ use kms_api::KeyId;
 use service_kit::group_commit::{self, CommitError, GroupCommitWriter, Observer, Write};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
+use super::{
+    now_secs, DestroyOutcome, JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore,
+    StoreError,
+};
 use crate::metrics::StoreMetrics;
 
 /// Most writes applied in one transaction.
@@ -45,6 +48,11 @@ enum Op {
         key_id: KeyId,
         at: u64,
     },
+    /// Creates or replaces one record of the `lifecycle` database.
+    PutLifecycle {
+        key: String,
+        value: Vec<u8>,
+    },
 }
 
 enum OpOutput {
@@ -55,6 +63,7 @@ enum OpOutput {
 struct Pending {
     op: Op,
     keys: Database<Str, Bytes>,
+    lifecycle: Database<Str, Bytes>,
     map_size_mb: u64,
     result: Option<Result<OpOutput, StoreError>>,
     reply: oneshot::Sender<Result<OpOutput, StoreError>>,
@@ -64,6 +73,7 @@ struct Pending {
 pub struct LmdbStore {
     env: Env,
     keys: Database<Str, Bytes>,
+    lifecycle: Database<Str, Bytes>,
     path: PathBuf,
     map_size_mb: u64,
     tx: Option<mpsc::Sender<Box<dyn Write>>>,
@@ -101,7 +111,7 @@ impl LmdbStore {
             .and_then(|mb| mb.checked_mul(1024 * 1024))
             .ok_or_else(|| open_err("store.map_size_mb is too large".into()))?;
         let mut opts = EnvOpenOptions::new();
-        opts.map_size(map_size).max_dbs(4);
+        opts.map_size(map_size).max_dbs(8);
         // SAFETY: the memory map is sound as long as no one modifies the files outside LMDB's
         // own locking. (1) The store directory belongs to this KMS (created 0700 above;
         // documented in docs/kms.md); nothing else writes these files. (2) Within this process
@@ -116,6 +126,9 @@ impl LmdbStore {
         let mut wtxn = env.write_txn().map_err(|e| open_err(e.to_string()))?;
         let keys: Database<Str, Bytes> = env
             .create_database(&mut wtxn, Some("keys"))
+            .map_err(|e| open_err(e.to_string()))?;
+        let lifecycle: Database<Str, Bytes> = env
+            .create_database(&mut wtxn, Some("lifecycle"))
             .map_err(|e| open_err(e.to_string()))?;
         let meta: Database<Str, Str> = env
             .create_database(&mut wtxn, Some("meta"))
@@ -156,6 +169,7 @@ impl LmdbStore {
         Ok(Self {
             env,
             keys,
+            lifecycle,
             path: path.to_owned(),
             map_size_mb,
             tx: Some(tx),
@@ -189,12 +203,46 @@ impl LmdbStore {
         Ok(out)
     }
 
+    /// Every `lifecycle` record whose key starts with `prefix`, decoded, in key order.
+    fn lifecycle_prefix<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let mut out = Vec::new();
+        for item in self.lifecycle.prefix_iter(&rtxn, prefix).map_err(io_err)? {
+            let (k, v) = item.map_err(io_err)?;
+            out.push(serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+                key: k.to_owned(),
+                detail: format!(
+                    "undecodable record at line {} column {}",
+                    e.line(),
+                    e.column()
+                ),
+            })?);
+        }
+        Ok(out)
+    }
+
+    async fn put_lifecycle<T: serde::Serialize>(
+        &self,
+        key: String,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Io(format!("cannot encode {key}: {e}")))?;
+        self.submit(Op::PutLifecycle { key, value })
+            .await
+            .map(|_| ())
+    }
+
     async fn submit(&self, op: Op) -> Result<OpOutput, StoreError> {
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
         let (reply, rx) = oneshot::channel();
         let pending = Box::new(Pending {
             op,
             keys: self.keys,
+            lifecycle: self.lifecycle,
             map_size_mb: self.map_size_mb,
             result: None,
             reply,
@@ -259,6 +307,31 @@ impl KeyStore for LmdbStore {
         }
     }
 
+    fn key_count(&self) -> Result<u64, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        self.keys.len(&rtxn).map_err(io_err)
+    }
+
+    fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError> {
+        self.lifecycle_prefix("kek/")
+    }
+
+    async fn put_kek_version(&self, record: KekVersionRecord) -> Result<(), StoreError> {
+        let key = format!("kek/{:010}", record.version.get());
+        self.put_lifecycle(key, &record).await
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs: Vec<JobRecord> = self.lifecycle_prefix("job/")?;
+        jobs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(jobs)
+    }
+
+    async fn put_job(&self, job: JobRecord) -> Result<(), StoreError> {
+        let key = format!("job/{}", job.id);
+        self.put_lifecycle(key, &job).await
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         match &self.tx {
             Some(tx) if !tx.is_closed() => {}
@@ -297,9 +370,14 @@ fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
 fn apply(
     wtxn: &mut RwTxn<'_>,
     keys: Database<Str, Bytes>,
+    lifecycle: Database<Str, Bytes>,
     op: &Op,
 ) -> heed::Result<Result<OpOutput, StoreError>> {
     match op {
+        Op::PutLifecycle { key, value } => {
+            lifecycle.put(wtxn, key, value)?;
+            Ok(Ok(OpOutput::Written))
+        }
         Op::PutNew(rec) => {
             if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
                 return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
@@ -356,7 +434,7 @@ fn apply(
 
 impl Write for Pending {
     fn apply(&mut self, txn: &mut RwTxn<'_>) -> heed::Result<()> {
-        self.result = Some(apply(txn, self.keys, &self.op)?);
+        self.result = Some(apply(txn, self.keys, self.lifecycle, &self.op)?);
         Ok(())
     }
 

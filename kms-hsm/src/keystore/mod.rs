@@ -1,5 +1,6 @@
-//! Durable records of the DEKs the KMS has created: key id → wrapped DEK, KEK id and version,
-//! thread id, creation time and state.
+//! Durable records of the DEKs the KMS has created (key id → wrapped DEK, KEK id and version,
+//! thread id, creation time and state), and of the key lifecycle: what happened to each KEK
+//! version and the lifecycle jobs with their progress.
 //!
 //! [`KeyStore`] is the boundary, so another store (PostgreSQL) can be added later; the only
 //! implementation today is [`lmdb::LmdbStore`]. A store promises:
@@ -52,6 +53,36 @@ impl KeyRecord {
         }
     }
 }
+
+/// What the KMS did with a KEK version (the key itself lives in the HSM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KekState {
+    /// Usable: the current version, or an older one that records may still depend on.
+    Active,
+    /// A rotation moved every DEK off it and verified them; it only stays for old backups
+    /// until `kek destroy` removes it from the HSM.
+    Retired,
+    /// Removed from the HSM; nothing can be unwrapped under it any more.
+    Destroyed,
+}
+
+/// The store's record of one KEK version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KekVersionRecord {
+    pub version: KekVersion,
+    pub state: KekState,
+    /// Seconds since the Unix epoch; 0 when the version predates these records.
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<u64>,
+}
+
+/// A lifecycle job's record (see [`crate::lifecycle`]): the admin API's [`kms_api::admin::Job`]
+/// as it is, persisted after every step, so a restarted KMS resumes it where it stopped.
+pub type JobRecord = kms_api::admin::Job;
 
 /// Outcome of [`KeyStore::mark_destroyed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +169,39 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         key_id: &KeyId,
     ) -> impl Future<Output = Result<DestroyOutcome, StoreError>> + Send;
+
+    /// How many key records (active and destroyed) the store holds.
+    ///
+    /// # Errors
+    /// `Io`.
+    fn key_count(&self) -> Result<u64, StoreError>;
+
+    /// Every KEK version record, ascending.
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError>;
+
+    /// Stores (creates or replaces) the record of one KEK version, durably.
+    ///
+    /// # Errors
+    /// `Full`, `Io`, `Closed`.
+    fn put_kek_version(
+        &self,
+        record: KekVersionRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every job record, oldest first.
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Stores (creates or replaces) a job record, durably.
+    ///
+    /// # Errors
+    /// `Full`, `Io`, `Closed`.
+    fn put_job(&self, job: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// `Ok` when the store can serve reads and writes now.
     ///

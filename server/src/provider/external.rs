@@ -80,9 +80,12 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         | ErrorCode::PayloadTooLarge => {
             ProviderError::Rejected(format!("{}: {message}", code.as_str()))
         }
-        ErrorCode::Internal | ErrorCode::Unknown => {
-            ProviderError::Internal(format!("{}: {message}", code.as_str()))
-        }
+        // Admin-only codes: the server never calls the admin API, so meeting one is a bug.
+        ErrorCode::Internal
+        | ErrorCode::Unknown
+        | ErrorCode::UnknownJob
+        | ErrorCode::KekNotRetired
+        | ErrorCode::KekInUse => ProviderError::Internal(format!("{}: {message}", code.as_str())),
     }
 }
 

@@ -136,6 +136,8 @@ pub struct KekAttributes {
 /// The PKCS#11 backend. Cheap to share behind an `Arc`; see the module docs.
 pub struct Pkcs11Backend {
     pool: Arc<WorkerPool>,
+    /// For the administrative sessions of KEK creation and destruction.
+    settings: HsmSettings,
     workers: Vec<SyncSender<Job>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
@@ -212,6 +214,7 @@ impl Pkcs11Backend {
             recoveries: AtomicU64::new(0),
             alerted: std::sync::atomic::AtomicBool::new(false),
             known_keks: RwLock::new(std::iter::once(current.clone()).collect()),
+            destroyed_keks: RwLock::new(std::collections::HashSet::new()),
             slots: (0..settings.sessions)
                 .map(|_| WorkerSlot::default())
                 .collect(),
@@ -290,10 +293,11 @@ impl Pkcs11Backend {
         );
         Ok(Self {
             pool,
+            job_timeout: settings.limits.job_timeout,
+            settings,
             workers,
             threads,
             next: AtomicUsize::new(0),
-            job_timeout: settings.limits.job_timeout,
             overloaded: AtomicU64::new(0),
         })
     }
@@ -450,6 +454,100 @@ impl KeyBackend for Pkcs11Backend {
         }
     }
 
+    fn rewrap_dek(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> impl Future<Output = Result<(WrappedDek, KekRef), BackendError>> + Send {
+        let header = parse_wrapped_header(wrapped);
+        let key_id = key_id.clone();
+        let kek_id = kek_id.clone();
+        let wrapped = wrapped.clone();
+        async move {
+            let header = header?;
+            let kek = KekRef {
+                id: kek_id,
+                version: header.kek_version,
+            };
+            self.call(move |reply| JobKind::Rewrap {
+                key_id,
+                kek,
+                format: header.format,
+                wrapped,
+                reply,
+            })
+            .await
+        }
+    }
+
+    fn kek_versions(&self) -> impl Future<Output = Result<Vec<KekVersion>, BackendError>> + Send {
+        let settings = self.settings.clone();
+        async move {
+            tokio::task::spawn_blocking(move || list_kek_versions(&settings))
+                .await
+                .map_err(|e| BackendError::Internal(format!("KEK listing task failed: {e}")))?
+        }
+    }
+
+    fn ensure_kek_version(
+        &self,
+        version: KekVersion,
+    ) -> impl Future<Output = Result<KekRef, BackendError>> + Send {
+        let settings = self.settings.clone();
+        let pool = Arc::clone(&self.pool);
+        async move {
+            let kek = tokio::task::spawn_blocking(move || ensure_kek(&settings, version))
+                .await
+                .map_err(|e| BackendError::Internal(format!("KEK creation task failed: {e}")))??;
+            pool.known_keks
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(kek.clone());
+            pool.destroyed_keks
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&kek.version);
+            let mut current = pool.current.write().unwrap_or_else(PoisonError::into_inner);
+            if kek.version > current.version {
+                tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "new KEK version is current");
+                *current = kek.clone();
+            }
+            Ok(kek)
+        }
+    }
+
+    fn destroy_kek_version(
+        &self,
+        version: KekVersion,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let settings = self.settings.clone();
+        let pool = Arc::clone(&self.pool);
+        async move {
+            if pool.current_kek().version == version {
+                return Err(BackendError::Config(format!(
+                    "KEK version {version} is the current KEK and is never destroyed"
+                )));
+            }
+            // Refuse every use first, so no job starts on the object while it goes.
+            pool.destroyed_keks
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(version);
+            let kek = KekRef {
+                id: settings.kek_label.clone(),
+                version,
+            };
+            pool.known_keks
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&kek);
+            tokio::task::spawn_blocking(move || destroy_kek(&settings, &kek))
+                .await
+                .map_err(|e| BackendError::Internal(format!("KEK destruction task failed: {e}")))?
+        }
+    }
+
     fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         self.call(|reply| JobKind::Health { reply })
     }
@@ -540,6 +638,61 @@ pub fn init_kek(settings: &HsmSettings) -> Result<InitKekOutcome, BackendError> 
             "KEK created in the HSM"
         );
         Ok(InitKekOutcome::Created(kek))
+    })
+}
+
+/// Makes KEK `version` exist: adopts an existing object that passes [`token::check_kek`],
+/// otherwise generates it in the token. Blocking.
+fn ensure_kek(settings: &HsmSettings, version: KekVersion) -> Result<KekRef, BackendError> {
+    let kek = KekRef {
+        id: settings.kek_label.clone(),
+        version,
+    };
+    with_admin_session(settings, true, |rt, session| {
+        let _create = rt.kek_create.lock().unwrap_or_else(PoisonError::into_inner);
+        match token::find_kek(session, &kek) {
+            Ok(_) => {
+                tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "KEK version already in the HSM; adopted");
+                return Ok(kek.clone());
+            }
+            Err(OpError::Backend(BackendError::KekNotFound { .. })) => {}
+            Err(OpError::Backend(b)) => return Err(b),
+            Err(OpError::Pkcs11 { func, rv }) => {
+                return Err(hsm_error("finding the KEK", Error::Pkcs11(rv, func)))
+            }
+        }
+        token::generate_kek(session, &kek).map_err(|e| hsm_error("generating the KEK", e))?;
+        // Read it back through the same checks as every KEK before anyone uses it.
+        token::find_kek(session, &kek)
+            .map_err(|e| token::op_to_setup_error("checking the new KEK", e))?;
+        tracing::info!(
+            token = %settings.token_label,
+            kek_id = %kek.id,
+            kek_version = %kek.version,
+            "KEK version created in the HSM"
+        );
+        Ok(kek.clone())
+    })
+}
+
+/// Destroys every object of KEK `kek`. Blocking.
+fn destroy_kek(settings: &HsmSettings, kek: &KekRef) -> Result<(), BackendError> {
+    with_admin_session(settings, true, |_, session| {
+        let objects =
+            token::find_kek_objects(session, kek).map_err(|e| hsm_error("finding the KEK", e))?;
+        if objects.is_empty() {
+            return Err(BackendError::KekNotFound {
+                id: kek.id.clone(),
+                version: kek.version,
+            });
+        }
+        for h in objects {
+            session
+                .destroy_object(h)
+                .map_err(|e| hsm_error("destroying the KEK", e))?;
+        }
+        tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "KEK version destroyed in the HSM");
+        Ok(())
     })
 }
 

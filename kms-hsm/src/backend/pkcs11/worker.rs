@@ -63,6 +63,9 @@ pub(super) struct WorkerPool {
     /// longer found, the token lost objects, which calls for a library reset. A version never
     /// seen (a forged or future header) is just not found.
     pub(super) known_keks: RwLock<std::collections::HashSet<KekRef>>,
+    /// KEK versions this process destroyed: never looked up again, even through a handle a
+    /// session cached before the destroy.
+    pub(super) destroyed_keks: RwLock<std::collections::HashSet<kms_api::KekVersion>>,
     pub(super) slots: Vec<WorkerSlot>,
 }
 
@@ -76,6 +79,13 @@ impl WorkerPool {
                 id: id.clone(),
                 version,
             })
+    }
+
+    fn is_destroyed(&self, version: kms_api::KekVersion) -> bool {
+        self.destroyed_keks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&version)
     }
 
     pub(super) fn current_kek(&self) -> KekRef {
@@ -127,6 +137,14 @@ pub(super) enum JobKind {
         wrapped: WrappedDek,
         reply: Reply<Dek>,
     },
+    /// Unwrap under `kek` (an older version), then wrap the same DEK under the current KEK.
+    Rewrap {
+        key_id: KeyId,
+        kek: KekRef,
+        format: WrapFormat,
+        wrapped: WrappedDek,
+        reply: Reply<(WrappedDek, KekRef)>,
+    },
     Health {
         reply: Reply<()>,
     },
@@ -150,6 +168,17 @@ struct Live {
 impl Live {
     /// The handle of `kek`, found (and its attributes checked) once per session.
     fn kek_handle(&mut self, kek: &KekRef) -> Result<ObjectHandle, OpError> {
+        if self
+            .known
+            .as_ref()
+            .is_some_and(|pool| pool.is_destroyed(kek.version))
+        {
+            self.keks.remove(kek);
+            return Err(OpError::Backend(BackendError::KekNotFound {
+                id: kek.id.clone(),
+                version: kek.version,
+            }));
+        }
         if let Some(h) = self.keks.get(kek) {
             return Ok(*h);
         }
@@ -316,6 +345,25 @@ impl Worker {
                     return;
                 }
                 let res = self.run_op(|live| unwrap(live, &key_id, &kek, format, &wrapped));
+                let _ = reply.send(res);
+            }
+            JobKind::Rewrap {
+                key_id,
+                kek,
+                format,
+                wrapped,
+                reply,
+            } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let current = self.pool.current_kek();
+                let res = self.run_op(|live| {
+                    let dek = unwrap(live, &key_id, &kek, format, &wrapped)?;
+                    let blob = seal(live, &key_id, &current, &dek)?;
+                    Ok((blob, current.clone()))
+                });
                 let _ = reply.send(res);
             }
             JobKind::Health { reply } => {
@@ -674,16 +722,23 @@ fn generate(
     key_id: &KeyId,
     kek: &KekRef,
 ) -> Result<(Dek, WrappedDek, KekRef), OpError> {
-    let handle = live.kek_handle(kek)?;
     let mut dek = Zeroizing::new([0u8; DEK_LEN]);
     live.session.generate_random_slice(&mut dek[..])?;
+    let dek = Dek::from_bytes(dek);
+    let blob = seal(live, key_id, kek, &dek)?;
+    Ok((dek, blob, kek.clone()))
+}
+
+/// `dek` encrypted under `kek` by the HSM (`AesGcmV1`, IV from the HSM RNG).
+fn seal(live: &mut Live, key_id: &KeyId, kek: &KekRef, dek: &Dek) -> Result<WrappedDek, OpError> {
+    let handle = live.kek_handle(kek)?;
     let mut iv = [0u8; IV_LEN];
     live.session.generate_random_slice(&mut iv)?;
     let aad = wrap_aad(key_id, kek);
     let ct = {
         let params = GcmParams::new(&mut iv, &aad, gcm_tag_bits())?;
         live.session
-            .encrypt(&Mechanism::AesGcm(params), handle, &dek[..])?
+            .encrypt(&Mechanism::AesGcm(params), handle, &dek.expose()[..])?
     };
     if ct.len() != DEK_LEN + TAG_LEN {
         return Err(OpError::Backend(BackendError::Internal(format!(
@@ -698,7 +753,7 @@ fn generate(
     blob.extend_from_slice(&iv);
     blob.extend_from_slice(&ct);
     debug_assert_eq!(blob.len(), AES_GCM_V1_LEN);
-    Ok((Dek::from_bytes(dek), WrappedDek::new(blob), kek.clone()))
+    Ok(WrappedDek::new(blob))
 }
 
 /// Decrypts a wrapped DEK through the HSM; any authentication failure is `InvalidWrapped`.

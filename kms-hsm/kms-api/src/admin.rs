@@ -1,0 +1,253 @@
+//! The admin API of the KMS: KEK rotation, lifecycle jobs, status and verification. Served
+//! only on the admin endpoint (the admin Unix socket, or TCP with an admin client
+//! certificate); the client endpoint answers every `/admin/...` path with 403 `forbidden`.
+//!
+//! | method, path | body | answer |
+//! |---|---|---|
+//! | `GET /admin/status` | | [`StatusResponse`] |
+//! | `POST /admin/kek/rotate` | | 202 [`StartJobResponse`]: the rotation job (a running one is returned, not doubled) |
+//! | `POST /admin/kek/destroy` | [`DestroyKekRequest`] | [`DestroyKekResponse`]; 409 `kek_not_retired` / `kek_in_use` |
+//! | `POST /admin/verify` | | 202 [`StartJobResponse`]: a verification job |
+//! | `GET /admin/jobs` | | [`JobsResponse`] |
+//! | `GET /admin/jobs/{id}` | | [`Job`]; 404 `unknown_job` |
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::ids::{KekId, KekVersion, KeyId};
+
+/// Id of a lifecycle job: `job-` and 16 lowercase hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+/// A job id that is not `job-` and 16 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a job id is `job-` followed by 16 lowercase hex digits")]
+pub struct JobIdError;
+
+impl JobId {
+    /// A new id from 8 random bytes.
+    pub fn from_random(bytes: [u8; 8]) -> Self {
+        Self(format!("job-{}", hex::encode(bytes)))
+    }
+
+    /// # Errors
+    /// [`JobIdError`] unless `s` is `job-` and 16 lowercase hex digits.
+    pub fn parse(s: &str) -> Result<Self, JobIdError> {
+        match s.strip_prefix("job-") {
+            Some(h)
+                if h.len() == 16 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+            {
+                Ok(Self(s.to_owned()))
+            }
+            _ => Err(JobIdError),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a job does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobKind {
+    /// KEK rotation: make `target` (a new KEK version) current, rewrap every DEK under older
+    /// versions to it, verify every DEK, then mark the older versions retired.
+    RotateKek { target: KekVersion },
+    /// Unwrap every active DEK under its KEK and count them per KEK version; changes nothing.
+    Verify,
+}
+
+impl JobKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            JobKind::RotateKek { .. } => "rotate_kek",
+            JobKind::Verify => "verify",
+        }
+    }
+}
+
+/// Where a job is. `succeeded` and `failed` are final; every other state resumes after a
+/// restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Rotation: generating the new KEK version in the HSM.
+    CreatingKek,
+    /// Rotation: rewrapping DEKs under older versions, in key-id order from the cursor.
+    Rewrapping,
+    /// Unwrapping every active DEK under the current KEK (rotation), or under its own
+    /// (verify).
+    Verifying,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+}
+
+/// Counters of a job. Key ids in `failed_keys` are the first few that failed (at most 20).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// Key records in the store when the current phase started (for a progress bar).
+    pub total: u64,
+    /// Records the current phase has looked at.
+    pub scanned: u64,
+    /// DEKs rewrapped under the new KEK version.
+    pub rewrapped: u64,
+    /// DEKs already under the current version when reached.
+    pub already_current: u64,
+    /// Destroyed keys passed over (they have nothing to rewrap).
+    pub destroyed: u64,
+    /// DEKs unwrapped successfully in the verification phase.
+    pub verified: u64,
+    /// DEKs that failed (did not unwrap, or could not be rewrapped).
+    pub failed: u64,
+    /// Rewrap passes made (a DEK created under the old version while the first pass ran is
+    /// caught by verification and rewrapped by another pass).
+    pub passes: u32,
+    /// Active DEKs per KEK version seen by the verification phase.
+    #[serde(default)]
+    pub per_version: BTreeMap<u32, u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_keys: Vec<KeyId>,
+    /// Why the job failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A job as stored and as reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub kind: JobKind,
+    pub state: JobState,
+    /// The last key id the current phase finished; phases walk key ids in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<KeyId>,
+    pub progress: JobProgress,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub updated_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+}
+
+/// `POST /admin/kek/rotate`, `POST /admin/verify`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartJobResponse {
+    pub job: Job,
+    /// `false` when a job of that kind was already running and is returned instead.
+    pub started: bool,
+}
+
+/// `GET /admin/jobs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsResponse {
+    pub jobs: Vec<Job>,
+}
+
+/// One KEK version as `status` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KekVersionStatus {
+    pub version: KekVersion,
+    /// `active`, `retired` or `destroyed` (what the KMS did with it).
+    pub state: String,
+    /// Whether the HSM holds an object of this version now.
+    pub in_hsm: bool,
+    /// Active DEKs wrapped under it.
+    pub deks: u64,
+    pub current: bool,
+}
+
+/// `GET /admin/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub kek_id: KekId,
+    pub current_version: KekVersion,
+    pub versions: Vec<KekVersionStatus>,
+    pub active_deks: u64,
+    pub destroyed_deks: u64,
+    /// Running jobs, then the most recent finished ones.
+    pub jobs: Vec<Job>,
+}
+
+/// `POST /admin/kek/destroy`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyKekRequest {
+    pub version: KekVersion,
+}
+
+/// Answer to `POST /admin/kek/destroy`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyKekResponse {
+    pub version: KekVersion,
+    pub destroyed: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_parse_strictly() {
+        let id = JobId::from_random([0xab; 8]);
+        assert_eq!(id.as_str(), "job-abababababababab");
+        assert_eq!(JobId::parse(id.as_str()).unwrap(), id);
+        for bad in [
+            "",
+            "job-",
+            "job-ABABABABABABABAB",
+            "job-abababababababa",
+            "jab-abababababababab",
+            "job-../../etc/pass",
+        ] {
+            assert!(JobId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn job_json_shape() {
+        let j = Job {
+            id: JobId::from_random([1; 8]),
+            kind: JobKind::RotateKek {
+                target: KekVersion::new(2).unwrap(),
+            },
+            state: JobState::Rewrapping,
+            cursor: None,
+            progress: JobProgress::default(),
+            created_at: 1,
+            updated_at: 2,
+            finished_at: None,
+        };
+        let v = serde_json::to_value(&j).unwrap();
+        assert_eq!(v["kind"]["type"], "rotate_kek");
+        assert_eq!(v["kind"]["target"], 2);
+        assert_eq!(v["state"], "rewrapping");
+        let back: Job = serde_json::from_value(v).unwrap();
+        assert_eq!(back, j);
+    }
+}

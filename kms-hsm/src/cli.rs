@@ -1,0 +1,272 @@
+//! The admin subcommands of `progressdb-kms`: clients of the **running** KMS's admin socket
+//! (`listen.admin_unix` of the same `--config` file), so one process keeps owning the key
+//! store and the PKCS#11 session. Long jobs show a progress bar with rate and ETA on a
+//! terminal and a log line every few seconds otherwise.
+//!
+//! Exit status: 0 on success; 1 when the job failed or the KMS refused (the reason is one
+//! line on stderr); 3 when the admin socket cannot be reached (is the KMS running?).
+
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
+
+use kms_api::admin::{Job, JobId, JobState, StatusResponse};
+use kms_api::{ClientError, Endpoint, KekVersion, KmsClient, KmsClientConfig};
+
+use crate::config::Config;
+
+/// How a failed admin command ends.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The admin socket did not answer.
+    #[error("cannot reach the KMS admin socket {path}: {detail} (is `progressdb-kms serve` running with this config?)")]
+    Unreachable { path: String, detail: String },
+    /// The KMS answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// The job ended in `failed`.
+    #[error("job {id} failed: {reason}")]
+    JobFailed { id: JobId, reason: String },
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Unreachable { .. } => 3,
+            CliError::Refused(_) | CliError::JobFailed { .. } => 1,
+        }
+    }
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Whether to wait for a job to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    UntilDone,
+    No,
+}
+
+/// The client of `cfg`'s admin socket.
+pub fn admin_client(cfg: &Config) -> Result<KmsClient, CliError> {
+    let mut c = KmsClientConfig::new(Endpoint::Unix(cfg.admin.unix.clone()), None);
+    c.request_timeout = Duration::from_secs(600);
+    c.max_retries = 0;
+    KmsClient::new(c).map_err(|e| CliError::Unreachable {
+        path: cfg.admin.unix.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn map_err(cfg: &Config, e: ClientError) -> CliError {
+    match e {
+        ClientError::Unavailable(detail) => CliError::Unreachable {
+            path: cfg.admin.unix.display().to_string(),
+            detail,
+        },
+        ClientError::Api { code, message, .. } => {
+            CliError::Refused(format!("the KMS refused: {message} ({})", code.as_str()))
+        }
+        other => CliError::Refused(other.to_string()),
+    }
+}
+
+/// `progressdb-kms status`.
+pub async fn status(cfg: &Config, out: Output) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    let s = c.admin_status().await.map_err(|e| map_err(cfg, e))?;
+    match out {
+        Output::Json => println!("{}", to_json(&s)),
+        Output::Text => print_status(&s),
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn print_status(s: &StatusResponse) {
+    println!("KEK {} (current version {})", s.kek_id, s.current_version);
+    println!("  version  state      in HSM  DEKs");
+    for v in &s.versions {
+        println!(
+            "  {:>7}  {:<9}  {:<6}  {}{}",
+            v.version,
+            v.state,
+            if v.in_hsm { "yes" } else { "no" },
+            v.deks,
+            if v.current { "  (current)" } else { "" }
+        );
+    }
+    println!(
+        "DEKs: {} active, {} destroyed",
+        s.active_deks, s.destroyed_deks
+    );
+    if s.jobs.is_empty() {
+        println!("jobs: none");
+    }
+    for j in &s.jobs {
+        println!("job {}", describe(j));
+    }
+}
+
+fn describe(j: &Job) -> String {
+    let p = &j.progress;
+    let mut line = format!(
+        "{} {} {:?}: {}/{} scanned, {} rewrapped, {} already current, {} verified, {} failed",
+        j.id,
+        j.kind.label(),
+        j.state,
+        p.scanned,
+        p.total,
+        p.rewrapped,
+        p.already_current,
+        p.verified,
+        p.failed
+    );
+    if !p.per_version.is_empty() {
+        let per: Vec<String> = p
+            .per_version
+            .iter()
+            .map(|(v, n)| format!("v{v}: {n}"))
+            .collect();
+        line.push_str(&format!(" [{}]", per.join(", ")));
+    }
+    if let Some(e) = &p.error {
+        line.push_str(&format!(" — {e}"));
+    }
+    line
+}
+
+/// `progressdb-kms rotate-kek`.
+pub async fn rotate_kek(cfg: &Config, wait: Wait, out: Output) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    let r = c.rotate_kek().await.map_err(|e| map_err(cfg, e))?;
+    if out == Output::Text {
+        if r.started {
+            println!(
+                "started KEK rotation {} (to version {})",
+                r.job.id,
+                target(&r.job)
+            );
+        } else {
+            println!("a KEK rotation is already running: {}", r.job.id);
+        }
+    }
+    finish(cfg, &c, r.job, wait, out).await
+}
+
+fn target(j: &Job) -> String {
+    match &j.kind {
+        kms_api::admin::JobKind::RotateKek { target } => target.to_string(),
+        kms_api::admin::JobKind::Verify => "-".into(),
+    }
+}
+
+/// `progressdb-kms verify`.
+pub async fn verify(cfg: &Config, wait: Wait, out: Output) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    let r = c.start_verify().await.map_err(|e| map_err(cfg, e))?;
+    if out == Output::Text {
+        println!("verifying every DEK: job {}", r.job.id);
+    }
+    finish(cfg, &c, r.job, wait, out).await
+}
+
+/// `progressdb-kms jobs [--id ID]`.
+pub async fn jobs(cfg: &Config, id: Option<JobId>, out: Output) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    match id {
+        Some(id) => {
+            let j = c.job(&id).await.map_err(|e| map_err(cfg, e))?;
+            match out {
+                Output::Json => println!("{}", to_json(&j)),
+                Output::Text => println!("{}", describe(&j)),
+            }
+        }
+        None => {
+            let js = c.jobs().await.map_err(|e| map_err(cfg, e))?;
+            match out {
+                Output::Json => println!("{}", to_json(&js)),
+                Output::Text => {
+                    for j in &js.jobs {
+                        println!("{}", describe(j));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `progressdb-kms kek destroy --version V`.
+pub async fn destroy_kek(cfg: &Config, version: KekVersion) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    c.destroy_kek(version).await.map_err(|e| map_err(cfg, e))?;
+    println!("KEK version {version} destroyed in the HSM");
+    Ok(())
+}
+
+/// Waits for `job` to end (unless `wait` says not to), showing progress, and reports it.
+async fn finish(
+    cfg: &Config,
+    c: &KmsClient,
+    mut job: Job,
+    wait: Wait,
+    out: Output,
+) -> Result<(), CliError> {
+    if wait == Wait::UntilDone {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(job.progress.total.max(1));
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>12} [{bar:40}] {pos}/{len} ({per_sec}, ETA {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b
+        });
+        let mut last_log = Instant::now();
+        while !job.state.is_final() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            job = c.job(&job.id).await.map_err(|e| map_err(cfg, e))?;
+            let p = &job.progress;
+            match &bar {
+                Some(b) => {
+                    b.set_length(p.total.max(p.scanned).max(1));
+                    b.set_position(p.scanned);
+                    b.set_message(format!("{:?}", job.state).to_lowercase());
+                }
+                None if last_log.elapsed() >= Duration::from_secs(5) => {
+                    eprintln!("progress: {}", describe(&job));
+                    last_log = Instant::now();
+                }
+                None => {}
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    }
+    match out {
+        Output::Json => println!("{}", to_json(&job)),
+        Output::Text => println!("{}", describe(&job)),
+    }
+    if job.state == JobState::Failed {
+        return Err(CliError::JobFailed {
+            id: job.id.clone(),
+            reason: job
+                .progress
+                .error
+                .clone()
+                .unwrap_or_else(|| "see the KMS log".into()),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The admin API ([`kms_api::admin`]), served only to an admin identity: a peer of the admin
+//! Unix socket whose uid is in `listen.admin_uids`, or a TCP client whose certificate
+//! subject is in `tls.admin_subjects`. The client endpoint answers every `/admin/...` path
+//! with 403 `forbidden` (and logs the refusal); the admin endpoint serves no key operation
+//! (an admin cannot encrypt or decrypt).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use kms_api::admin::{
+    DestroyKekRequest, DestroyKekResponse, JobId, JobsResponse, StartJobResponse,
+};
+use kms_api::ErrorCode;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use super::{
+    error_response, healthz, json_response, metrics, read_body, readyz, Api, HttpError,
+    UNKNOWN_ENDPOINT,
+};
+use crate::backend::KeyBackend;
+use crate::keystore::KeyStore;
+use crate::lifecycle::LifecycleError;
+
+/// Largest admin request body (the only one is `{"version": N}`).
+const MAX_ADMIN_BODY: usize = 4096;
+
+/// Route labels of the admin endpoints (metrics and logs).
+pub const ADMIN_ROUTES: [&str; 6] = [
+    "/admin/status",
+    "/admin/kek/rotate",
+    "/admin/kek/destroy",
+    "/admin/verify",
+    "/admin/jobs",
+    "/admin/jobs/{id}",
+];
+
+/// The label of an admin path, if it is one.
+pub fn route_label(path: &str) -> Option<&'static str> {
+    if let Some(r) = ADMIN_ROUTES.iter().find(|r| **r == path) {
+        return Some(r);
+    }
+    match path.strip_prefix("/admin/jobs/") {
+        Some(rest) if !rest.is_empty() && !rest.contains('/') => Some("/admin/jobs/{id}"),
+        _ => None,
+    }
+}
+
+impl LifecycleError {
+    /// The stable wire code (exhaustive).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LifecycleError::UnknownJob(_) => ErrorCode::UnknownJob,
+            LifecycleError::KekNotRetired { .. } => ErrorCode::KekNotRetired,
+            LifecycleError::KekInUse { .. } => ErrorCode::KekInUse,
+            LifecycleError::VersionsExhausted(_) => ErrorCode::Internal,
+            LifecycleError::Backend(e) => crate::service::ServiceError::backend_code(e),
+            LifecycleError::Store(e) => crate::service::ServiceError::store_code(e),
+        }
+    }
+}
+
+type AdminState<B, S> = State<Arc<Api<B, S>>>;
+type Answer = Result<Response, (HttpError, &'static str)>;
+
+fn failed(e: LifecycleError, route: &'static str) -> (HttpError, &'static str) {
+    (HttpError::Lifecycle(e), route)
+}
+
+fn answer(r: Answer) -> Response {
+    match r {
+        Ok(resp) => resp,
+        Err((e, route)) => error_response(&e, route),
+    }
+}
+
+/// The admin endpoint's router: the admin API, plus `/healthz`, `/readyz` and `/metrics`.
+pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
+    Router::new()
+        .route("/admin/status", get(status::<B, S>))
+        .route("/admin/kek/rotate", post(rotate::<B, S>))
+        .route("/admin/kek/destroy", post(destroy::<B, S>))
+        .route("/admin/verify", post(verify::<B, S>))
+        .route("/admin/jobs", get(jobs::<B, S>))
+        .route("/admin/jobs/{id}", get(job::<B, S>))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<B, S>))
+        .route("/metrics", get(metrics::<B, S>))
+        .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
+        .method_not_allowed_fallback(|uri: Uri| async move {
+            let label = route_label(uri.path()).unwrap_or(UNKNOWN_ENDPOINT);
+            error_response(&HttpError::MethodNotAllowed, label)
+        })
+        .layer(RequestBodyLimitLayer::new(MAX_ADMIN_BODY))
+        .with_state(api)
+}
+
+async fn status<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
+    answer(
+        api.lifecycle()
+            .status()
+            .await
+            .map(|s| json_response(StatusCode::OK, &s))
+            .map_err(|e| failed(e, "/admin/status")),
+    )
+}
+
+async fn rotate<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
+    tracing::info!("admin: KEK rotation requested");
+    answer(
+        api.lifecycle()
+            .rotate_kek()
+            .await
+            .map(|(job, started)| {
+                json_response(StatusCode::ACCEPTED, &StartJobResponse { job, started })
+            })
+            .map_err(|e| failed(e, "/admin/kek/rotate")),
+    )
+}
+
+async fn verify<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
+    tracing::info!("admin: verification requested");
+    answer(
+        api.lifecycle()
+            .verify()
+            .await
+            .map(|(job, started)| {
+                json_response(StatusCode::ACCEPTED, &StartJobResponse { job, started })
+            })
+            .map_err(|e| failed(e, "/admin/verify")),
+    )
+}
+
+async fn destroy<B: KeyBackend, S: KeyStore>(
+    State(api): AdminState<B, S>,
+    req: axum::extract::Request,
+) -> Response {
+    const ROUTE: &str = "/admin/kek/destroy";
+    let body = match read_body(req.into_body(), api.limits()).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e, ROUTE),
+    };
+    let parsed: DestroyKekRequest = match kms_api::parse::parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(&HttpError::Parse(e), ROUTE),
+    };
+    tracing::info!(kek_version = %parsed.version, "admin: KEK destruction requested");
+    answer(
+        api.lifecycle()
+            .destroy_kek(parsed.version)
+            .await
+            .map(|()| {
+                json_response(
+                    StatusCode::OK,
+                    &DestroyKekResponse {
+                        version: parsed.version,
+                        destroyed: true,
+                    },
+                )
+            })
+            .map_err(|e| failed(e, ROUTE)),
+    )
+}
+
+async fn jobs<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
+    answer(
+        api.lifecycle()
+            .jobs()
+            .map(|jobs| json_response(StatusCode::OK, &JobsResponse { jobs }))
+            .map_err(|e| failed(e, "/admin/jobs")),
+    )
+}
+
+async fn job<B: KeyBackend, S: KeyStore>(
+    State(api): AdminState<B, S>,
+    Path(id): Path<String>,
+) -> Response {
+    const ROUTE: &str = "/admin/jobs/{id}";
+    let Ok(id) = JobId::parse(&id) else {
+        return error_response(
+            &HttpError::InvalidArgument("job id: `job-` and 16 lowercase hex digits".into()),
+            ROUTE,
+        );
+    };
+    answer(
+        api.lifecycle()
+            .job(&id)
+            .map(|j| json_response(StatusCode::OK, &j))
+            .map_err(|e| failed(e, ROUTE)),
+    )
+}

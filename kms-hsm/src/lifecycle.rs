@@ -1,0 +1,1164 @@
+//! Key lifecycle: KEK rotation with bulk rewrap, verification of every DEK, destruction of
+//! retired KEK versions, and the status the admin API reports.
+//!
+//! # Jobs
+//! A job ([`kms_api::admin::Job`]) is a small state machine persisted in the key store after
+//! every step, so a KMS killed at any point (SIGKILL included) resumes it at start-up where it
+//! stopped ([`Lifecycle::resume`]):
+//!
+//! ```text
+//! rotate_kek:  creating_kek ──► rewrapping ──► verifying ──► succeeded
+//!                                   ▲              │  (a DEK still under an old version:
+//!                                   └──────────────┘   another pass, at most MAX_PASSES)
+//!                                                  └──► failed (a DEK that does not unwrap)
+//! verify:      verifying ──► succeeded | failed
+//! ```
+//!
+//! * **creating_kek**: KEK version `target` (one above the highest in the HSM when the job
+//!   was made) is generated in the HSM with the hardened attributes, or adopted if a previous
+//!   run already made it (idempotent), and becomes current for new DEKs at once.
+//! * **rewrapping**: key records are walked in key-id order from the persisted cursor, a batch
+//!   at a time. Each active DEK under an older version is rewrapped inside the HSM
+//!   ([`KeyBackend::rewrap_dek`]) and replaced by compare-and-swap, so a destroy or another
+//!   change that raced it wins and is re-read, never overwritten. A DEK already under the
+//!   current version is left alone, so a resumed batch never wraps anything twice. The cursor
+//!   moves only after a whole batch is durable; an HSM or store outage pauses the job (with
+//!   backoff) instead of failing it. At most `lifecycle.rewrap_concurrency` HSM jobs run at
+//!   once, leaving the rest of the HSM queues to live traffic.
+//! * **verifying**: every active DEK is unwrapped through the HSM (not the cache) and counted
+//!   per KEK version. Only when every one is under the current version and unwraps are the
+//!   older versions marked retired; DEKs created under the old version while the first pass
+//!   ran are caught here and rewrapped by another pass.
+//!
+//! Starting a rotation while one runs returns the running one. Job starts and KEK
+//! destruction are serialised by one lock, so they never interleave.
+//!
+//! # Cached DEKs
+//! Rewrapping changes the wrapped form, not the DEK: cached DEKs stay valid throughout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt as _};
+use kms_api::admin::{
+    Job, JobId, JobKind, JobProgress, JobState, KekVersionStatus, StatusResponse,
+};
+use kms_api::{KekVersion, KeyId};
+
+use crate::backend::{parse_wrapped_header, BackendError, KekRef, KeyBackend};
+use crate::keystore::{
+    now_secs, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore, StoreError,
+};
+use crate::service::KeyService;
+
+/// Rewrap passes before a rotation gives up (each pass after the first only meets DEKs made
+/// under the old version while the previous pass ran).
+const MAX_PASSES: u32 = 5;
+/// Failed key ids kept in a job's progress.
+const MAX_FAILED_KEYS: usize = 20;
+/// Finished jobs shown by `status` (running ones are always shown).
+const FINISHED_IN_STATUS: usize = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Settings of the lifecycle jobs (`[lifecycle]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifecycleOptions {
+    /// HSM rewraps (or verification unwraps) in flight at once.
+    pub concurrency: usize,
+    /// Key records per batch: the cursor is persisted after each.
+    pub batch: usize,
+}
+
+impl Default for LifecycleOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            batch: 128,
+        }
+    }
+}
+
+/// Failures of an admin lifecycle call.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("no job {0}")]
+    UnknownJob(JobId),
+    /// The version is current or has not been retired by a completed rotation.
+    #[error("KEK version {version} is not retired: {reason}")]
+    KekNotRetired {
+        version: KekVersion,
+        reason: &'static str,
+    },
+    /// Active key records still depend on the version.
+    #[error("KEK version {version} still wraps {count} active DEK(s); rotate first")]
+    KekInUse { version: KekVersion, count: u64 },
+    /// The KEK version space is exhausted (u32).
+    #[error("no KEK version is left after {0}")]
+    VersionsExhausted(KekVersion),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a step of a job ran into.
+enum StepError {
+    /// The HSM or the store cannot serve now: retried with backoff, the job state unchanged.
+    Transient(String),
+    /// The job cannot go on.
+    Fatal(String),
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full { .. } | StoreError::Io(_) | StoreError::Closed => {
+                StepError::Transient(e.to_string())
+            }
+            StoreError::Open { .. }
+            | StoreError::AlreadyExists(_)
+            | StoreError::NotFound(_)
+            | StoreError::Conflict(_)
+            | StoreError::Corrupt { .. } => StepError::Fatal(e.to_string()),
+        }
+    }
+}
+
+fn backend_step_error(e: BackendError) -> StepError {
+    match e {
+        BackendError::Unavailable(_) | BackendError::Overloaded => {
+            StepError::Transient(e.to_string())
+        }
+        BackendError::InvalidWrapped
+        | BackendError::KekNotFound { .. }
+        | BackendError::KekRefused { .. }
+        | BackendError::PinRejected(_)
+        | BackendError::Config(_)
+        | BackendError::Internal(_) => StepError::Fatal(e.to_string()),
+    }
+}
+
+/// Outcome of one record in a rewrap batch.
+enum Rewrap {
+    Rewrapped,
+    AlreadyCurrent,
+    Destroyed,
+    Failed(KeyId),
+}
+
+/// Outcome of one record in a verification batch.
+enum Verified {
+    Ok(KekVersion),
+    Destroyed,
+    Failed(KeyId),
+}
+
+/// The lifecycle engine of one KMS process.
+pub struct Lifecycle<B, S> {
+    svc: Arc<KeyService<B, S>>,
+    opts: LifecycleOptions,
+    /// Serialises job starts and KEK destruction.
+    admin: tokio::sync::Mutex<()>,
+    /// Jobs driven by this process.
+    running: std::sync::Mutex<BTreeMap<JobId, tokio::task::JoinHandle<()>>>,
+}
+
+impl<B, S> std::fmt::Debug for Lifecycle<B, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B, S> Drop for Lifecycle<B, S> {
+    /// Stops the job tasks; what they did is persisted, and the next start resumes them.
+    fn drop(&mut self) {
+        let running = std::mem::take(
+            &mut *self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (_, task) in running {
+            task.abort();
+        }
+    }
+}
+
+impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
+    pub fn new(svc: Arc<KeyService<B, S>>, opts: LifecycleOptions) -> Arc<Self> {
+        Arc::new(Self {
+            svc,
+            opts: LifecycleOptions {
+                concurrency: opts.concurrency.max(1),
+                batch: opts.batch.max(1),
+            },
+            admin: tokio::sync::Mutex::new(()),
+            running: std::sync::Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Resumes every job that had not finished when the KMS last stopped. Call once at
+    /// start-up, inside the runtime.
+    ///
+    /// # Errors
+    /// `Store` when the job records cannot be read.
+    pub fn resume(self: &Arc<Self>) -> Result<usize, LifecycleError> {
+        let mut n = 0;
+        for job in self.svc.store().jobs()? {
+            if !job.state.is_final() {
+                tracing::info!(job = %job.id, kind = job.kind.label(), state = ?job.state, "resuming lifecycle job");
+                self.spawn(job);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Starts a KEK rotation, or returns the one already running (`started == false`).
+    ///
+    /// # Errors
+    /// `Backend` when the HSM cannot list its KEK versions; `Store` when the job cannot be
+    /// recorded (then nothing was started); `VersionsExhausted`.
+    pub async fn rotate_kek(self: &Arc<Self>) -> Result<(Job, bool), LifecycleError> {
+        let _admin = self.admin.lock().await;
+        if let Some(job) = self.running_job(|k| matches!(k, JobKind::RotateKek { .. }))? {
+            self.ensure_driven(&job);
+            return Ok((job, false));
+        }
+        let versions = self.svc.backend().kek_versions().await?;
+        let current = self.svc.backend().current_kek().version;
+        let highest = versions.last().copied().unwrap_or(current).max(current);
+        let target = highest
+            .next()
+            .ok_or(LifecycleError::VersionsExhausted(highest))?;
+        let job = self
+            .new_job(JobKind::RotateKek { target }, JobState::CreatingKek)
+            .await?;
+        tracing::info!(job = %job.id, from = %current, target = %target, "KEK rotation started");
+        self.spawn(job.clone());
+        Ok((job, true))
+    }
+
+    /// Starts a verification of every DEK, or returns the one already running.
+    ///
+    /// # Errors
+    /// `Store` when the job cannot be recorded.
+    pub async fn verify(self: &Arc<Self>) -> Result<(Job, bool), LifecycleError> {
+        let _admin = self.admin.lock().await;
+        if let Some(job) = self.running_job(|k| matches!(k, JobKind::Verify))? {
+            self.ensure_driven(&job);
+            return Ok((job, false));
+        }
+        let mut job = self.new_job(JobKind::Verify, JobState::Verifying).await?;
+        job.progress.total = self.svc.store().key_count()?;
+        self.svc.store().put_job(job.clone()).await?;
+        self.spawn(job.clone());
+        Ok((job, true))
+    }
+
+    /// One job.
+    ///
+    /// # Errors
+    /// `UnknownJob`; `Store`.
+    pub fn job(&self, id: &JobId) -> Result<Job, LifecycleError> {
+        self.svc
+            .store()
+            .jobs()?
+            .into_iter()
+            .find(|j| &j.id == id)
+            .ok_or_else(|| LifecycleError::UnknownJob(id.clone()))
+    }
+
+    /// Every job, oldest first.
+    ///
+    /// # Errors
+    /// `Store`.
+    pub fn jobs(&self) -> Result<Vec<Job>, LifecycleError> {
+        Ok(self.svc.store().jobs()?)
+    }
+
+    /// Removes retired KEK `version` from the HSM. Refused while it is current, not retired
+    /// by a completed rotation, a rotation runs, or any active record depends on it.
+    /// Idempotent for a version already destroyed.
+    ///
+    /// # Errors
+    /// `KekNotRetired`, `KekInUse`, `Backend`, `Store`.
+    pub async fn destroy_kek(&self, version: KekVersion) -> Result<(), LifecycleError> {
+        let _admin = self.admin.lock().await;
+        if self.svc.backend().current_kek().version == version {
+            return Err(LifecycleError::KekNotRetired {
+                version,
+                reason: "it is the current KEK",
+            });
+        }
+        if self
+            .running_job(|k| matches!(k, JobKind::RotateKek { .. }))?
+            .is_some()
+        {
+            return Err(LifecycleError::KekNotRetired {
+                version,
+                reason: "a KEK rotation is running",
+            });
+        }
+        let record = self
+            .svc
+            .store()
+            .kek_versions()?
+            .into_iter()
+            .find(|r| r.version == version);
+        let Some(mut record) = record else {
+            return Err(LifecycleError::KekNotRetired {
+                version,
+                reason: "no completed rotation retired it",
+            });
+        };
+        match record.state {
+            KekState::Active => {
+                return Err(LifecycleError::KekNotRetired {
+                    version,
+                    reason: "no completed rotation retired it",
+                })
+            }
+            KekState::Retired | KekState::Destroyed => {}
+        }
+        let in_use = self.count_dependents(version).await?;
+        if in_use > 0 {
+            return Err(LifecycleError::KekInUse {
+                version,
+                count: in_use,
+            });
+        }
+        match self.svc.backend().destroy_kek_version(version).await {
+            Ok(()) => {}
+            // Destroyed by an earlier call that stopped before recording it.
+            Err(BackendError::KekNotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if record.state != KekState::Destroyed {
+            record.state = KekState::Destroyed;
+            record.destroyed_at = Some(now_secs());
+            self.svc.store().put_kek_version(record).await?;
+        }
+        tracing::info!(kek_version = %version, "retired KEK version destroyed");
+        Ok(())
+    }
+
+    /// KEK versions, DEK counts per version, and jobs.
+    ///
+    /// # Errors
+    /// `Backend` when the HSM cannot list its KEK versions; `Store`.
+    pub async fn status(&self) -> Result<StatusResponse, LifecycleError> {
+        let current = self.svc.backend().current_kek();
+        let in_hsm: BTreeSet<KekVersion> = self
+            .svc
+            .backend()
+            .kek_versions()
+            .await?
+            .into_iter()
+            .collect();
+        let records: BTreeMap<KekVersion, KekVersionRecord> = self
+            .svc
+            .store()
+            .kek_versions()?
+            .into_iter()
+            .map(|r| (r.version, r))
+            .collect();
+        let (per_version, active, destroyed) = self.census().await?;
+        let mut versions: BTreeSet<KekVersion> = in_hsm.clone();
+        versions.extend(records.keys().copied());
+        versions.extend(per_version.keys().copied());
+        let versions = versions
+            .into_iter()
+            .map(|v| KekVersionStatus {
+                version: v,
+                state: match records.get(&v).map(|r| r.state) {
+                    Some(KekState::Retired) => "retired",
+                    Some(KekState::Destroyed) => "destroyed",
+                    Some(KekState::Active) | None => "active",
+                }
+                .to_owned(),
+                in_hsm: in_hsm.contains(&v),
+                deks: per_version.get(&v).copied().unwrap_or(0),
+                current: v == current.version,
+            })
+            .collect();
+        let all = self.svc.store().jobs()?;
+        let mut jobs: Vec<Job> = all
+            .iter()
+            .filter(|j| !j.state.is_final())
+            .cloned()
+            .collect();
+        let mut finished: Vec<Job> = all.into_iter().filter(|j| j.state.is_final()).collect();
+        finished.sort_by_key(|j| std::cmp::Reverse((j.finished_at, j.created_at)));
+        jobs.extend(finished.into_iter().take(FINISHED_IN_STATUS));
+        Ok(StatusResponse {
+            kek_id: current.id,
+            current_version: current.version,
+            versions,
+            active_deks: active,
+            destroyed_deks: destroyed,
+            jobs,
+        })
+    }
+
+    /// Active DEKs per KEK version, active and destroyed totals.
+    async fn census(&self) -> Result<(BTreeMap<KekVersion, u64>, u64, u64), StoreError> {
+        let mut per_version = BTreeMap::new();
+        let (mut active, mut destroyed) = (0, 0);
+        let mut after: Option<KeyId> = None;
+        loop {
+            let page = self.svc.store().list(after.as_ref(), 1024).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key_id.clone());
+            for r in &page {
+                match &r.state {
+                    KeyState::Active { .. } => {
+                        active += 1;
+                        *per_version.entry(record_version(r)).or_insert(0) += 1;
+                    }
+                    KeyState::Destroyed { .. } => destroyed += 1,
+                }
+            }
+        }
+        Ok((per_version, active, destroyed))
+    }
+
+    /// Active records wrapped under `version` (by the record or by the blob's header).
+    async fn count_dependents(&self, version: KekVersion) -> Result<u64, StoreError> {
+        let mut n = 0;
+        let mut after: Option<KeyId> = None;
+        loop {
+            let page = self.svc.store().list(after.as_ref(), 1024).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key_id.clone());
+            n += page
+                .iter()
+                .filter(|r| match &r.state {
+                    KeyState::Active { wrapped } => {
+                        r.kek_version == version
+                            || parse_wrapped_header(wrapped)
+                                .map_or(true, |h| h.kek_version == version)
+                    }
+                    KeyState::Destroyed { .. } => false,
+                })
+                .count() as u64;
+        }
+        Ok(n)
+    }
+
+    fn running_job(&self, kind: impl Fn(&JobKind) -> bool) -> Result<Option<Job>, StoreError> {
+        Ok(self
+            .svc
+            .store()
+            .jobs()?
+            .into_iter()
+            .find(|j| !j.state.is_final() && kind(&j.kind)))
+    }
+
+    async fn new_job(&self, kind: JobKind, state: JobState) -> Result<Job, LifecycleError> {
+        let now = now_secs();
+        let job = Job {
+            id: JobId::from_random(rand::random()),
+            kind,
+            state,
+            cursor: None,
+            progress: JobProgress {
+                passes: u32::from(state == JobState::Verifying),
+                ..JobProgress::default()
+            },
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        };
+        self.svc.store().put_job(job.clone()).await?;
+        Ok(job)
+    }
+
+    /// Drives `job` on a task of its own unless this process already does.
+    fn ensure_driven(self: &Arc<Self>, job: &Job) {
+        let driven = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&job.id)
+            .is_some_and(|t| !t.is_finished());
+        if !driven {
+            self.spawn(job.clone());
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, job: Job) {
+        let id = job.id.clone();
+        // The task holds a weak reference: dropping the engine (shutdown) ends it.
+        let me = Arc::downgrade(self);
+        let task = tokio::spawn(async move { drive(me, job).await });
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.retain(|_, t| !t.is_finished());
+        running.insert(id, task);
+    }
+
+    /// One step of `job`; the caller persists the job after it.
+    async fn step(&self, job: &mut Job) -> Result<(), StepError> {
+        match job.state {
+            JobState::CreatingKek => self.step_create(job).await,
+            JobState::Rewrapping => self.step_rewrap(job).await,
+            JobState::Verifying => self.step_verify(job).await,
+            JobState::Succeeded | JobState::Failed => Ok(()),
+        }
+    }
+
+    async fn step_create(&self, job: &mut Job) -> Result<(), StepError> {
+        let JobKind::RotateKek { target } = job.kind else {
+            return Err(StepError::Fatal("only a rotation creates a KEK".into()));
+        };
+        let kek = self
+            .svc
+            .backend()
+            .ensure_kek_version(target)
+            .await
+            .map_err(backend_step_error)?;
+        let known = self.svc.store().kek_versions()?;
+        if !known.iter().any(|r| r.version == target) {
+            self.svc
+                .store()
+                .put_kek_version(KekVersionRecord {
+                    version: target,
+                    state: KekState::Active,
+                    created_at: now_secs(),
+                    retired_at: None,
+                    destroyed_at: None,
+                })
+                .await?;
+        }
+        tracing::info!(job = %job.id, kek_version = %kek.version, "new KEK version is current; rewrapping");
+        job.state = JobState::Rewrapping;
+        job.cursor = None;
+        job.progress.passes = 1;
+        job.progress.scanned = 0;
+        job.progress.total = self.svc.store().key_count()?;
+        Ok(())
+    }
+
+    async fn step_rewrap(&self, job: &mut Job) -> Result<(), StepError> {
+        let batch = self
+            .svc
+            .store()
+            .list(job.cursor.as_ref(), self.opts.batch)
+            .await?;
+        let Some(last) = batch.last().map(|r| r.key_id.clone()) else {
+            // Verification finds every DEK that failed here again (it is still under an old
+            // version, or does not unwrap), so it starts its own count.
+            job.state = JobState::Verifying;
+            job.cursor = None;
+            job.progress.scanned = 0;
+            job.progress.verified = 0;
+            job.progress.failed = 0;
+            job.progress.failed_keys.clear();
+            job.progress.per_version.clear();
+            job.progress.total = self.svc.store().key_count()?;
+            return Ok(());
+        };
+        let current = self.svc.backend().current_kek();
+        let n = batch.len() as u64;
+        let outcomes: Vec<Result<Rewrap, StepError>> = stream::iter(batch)
+            .map(|r| self.rewrap_one(r, &current))
+            .buffer_unordered(self.opts.concurrency)
+            .collect()
+            .await;
+        let mut p = job.progress.clone();
+        for o in outcomes {
+            match o? {
+                Rewrap::Rewrapped => p.rewrapped += 1,
+                Rewrap::AlreadyCurrent => p.already_current += 1,
+                Rewrap::Destroyed => p.destroyed += 1,
+                Rewrap::Failed(k) => {
+                    p.failed += 1;
+                    if p.failed_keys.len() < MAX_FAILED_KEYS {
+                        p.failed_keys.push(k);
+                    }
+                }
+            }
+        }
+        p.scanned += n;
+        job.progress = p;
+        job.cursor = Some(last);
+        Ok(())
+    }
+
+    async fn rewrap_one(&self, mut rec: KeyRecord, current: &KekRef) -> Result<Rewrap, StepError> {
+        for _ in 0..8 {
+            let KeyState::Active { wrapped } = &rec.state else {
+                return Ok(Rewrap::Destroyed);
+            };
+            let Ok(header) = parse_wrapped_header(wrapped) else {
+                tracing::error!(key_id = %rec.key_id, "key record holds a malformed wrapped DEK");
+                return Ok(Rewrap::Failed(rec.key_id));
+            };
+            if header.kek_version == current.version && rec.kek_version == current.version {
+                return Ok(Rewrap::AlreadyCurrent);
+            }
+            let (blob, kek) = match self
+                .svc
+                .backend()
+                .rewrap_dek(&rec.key_id, &rec.kek_id, wrapped)
+                .await
+            {
+                Ok(x) => x,
+                Err(e @ (BackendError::InvalidWrapped | BackendError::KekNotFound { .. })) => {
+                    tracing::error!(key_id = %rec.key_id, error = %e, "DEK cannot be rewrapped");
+                    return Ok(Rewrap::Failed(rec.key_id));
+                }
+                Err(e) => return Err(backend_step_error(e)),
+            };
+            let new = KeyRecord {
+                kek_id: kek.id,
+                kek_version: kek.version,
+                state: KeyState::Active { wrapped: blob },
+                ..rec.clone()
+            };
+            match self.svc.store().compare_and_swap(&rec, new).await {
+                Ok(()) => return Ok(Rewrap::Rewrapped),
+                Err(StoreError::Conflict(_)) => match self.svc.store().get(&rec.key_id).await? {
+                    Some(r) => rec = r,
+                    None => return Ok(Rewrap::Destroyed),
+                },
+                Err(StoreError::NotFound(_)) => return Ok(Rewrap::Destroyed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StepError::Transient(format!(
+            "key {} kept changing while being rewrapped",
+            rec.key_id
+        )))
+    }
+
+    async fn step_verify(&self, job: &mut Job) -> Result<(), StepError> {
+        let batch = self
+            .svc
+            .store()
+            .list(job.cursor.as_ref(), self.opts.batch)
+            .await?;
+        let Some(last) = batch.last().map(|r| r.key_id.clone()) else {
+            return self.finish_verification(job).await;
+        };
+        let n = batch.len() as u64;
+        let outcomes: Vec<Result<Verified, StepError>> = stream::iter(batch)
+            .map(|r| self.verify_one(r))
+            .buffer_unordered(self.opts.concurrency)
+            .collect()
+            .await;
+        let mut p = job.progress.clone();
+        for o in outcomes {
+            match o? {
+                Verified::Ok(v) => {
+                    p.verified += 1;
+                    *p.per_version.entry(v.get()).or_insert(0) += 1;
+                }
+                Verified::Destroyed => {}
+                Verified::Failed(k) => {
+                    p.failed += 1;
+                    if p.failed_keys.len() < MAX_FAILED_KEYS {
+                        p.failed_keys.push(k);
+                    }
+                }
+            }
+        }
+        p.scanned += n;
+        job.progress = p;
+        job.cursor = Some(last);
+        Ok(())
+    }
+
+    async fn verify_one(&self, rec: KeyRecord) -> Result<Verified, StepError> {
+        let KeyState::Active { wrapped } = &rec.state else {
+            return Ok(Verified::Destroyed);
+        };
+        let Ok(header) = parse_wrapped_header(wrapped) else {
+            tracing::error!(key_id = %rec.key_id, "key record holds a malformed wrapped DEK");
+            return Ok(Verified::Failed(rec.key_id));
+        };
+        if header.kek_version != rec.kek_version {
+            tracing::error!(key_id = %rec.key_id, "key record and its wrapped DEK name different KEK versions");
+            return Ok(Verified::Failed(rec.key_id));
+        }
+        match self
+            .svc
+            .backend()
+            .unwrap_dek(&rec.key_id, &rec.kek_id, wrapped)
+            .await
+        {
+            Ok(_dek) => Ok(Verified::Ok(header.kek_version)),
+            Err(e @ (BackendError::InvalidWrapped | BackendError::KekNotFound { .. })) => {
+                tracing::error!(key_id = %rec.key_id, error = %e, "DEK does not unwrap");
+                Ok(Verified::Failed(rec.key_id))
+            }
+            Err(e) => Err(backend_step_error(e)),
+        }
+    }
+
+    /// End of a verification pass: finish, fail, or (rotation) go round again.
+    async fn finish_verification(&self, job: &mut Job) -> Result<(), StepError> {
+        let now = now_secs();
+        let failed = job.progress.failed;
+        match job.kind {
+            JobKind::Verify => {
+                if failed == 0 {
+                    job.state = JobState::Succeeded;
+                } else {
+                    job.state = JobState::Failed;
+                    job.progress.error =
+                        Some(format!("{failed} DEK(s) did not unwrap under their KEK"));
+                }
+            }
+            JobKind::RotateKek { target } => {
+                let current = self.svc.backend().current_kek().version;
+                let stale: u64 = job
+                    .progress
+                    .per_version
+                    .iter()
+                    .filter(|(v, _)| **v != current.get())
+                    .map(|(_, n)| n)
+                    .sum();
+                if failed > 0 {
+                    job.state = JobState::Failed;
+                    job.progress.error = Some(format!(
+                        "{failed} DEK(s) could not be rewrapped or did not unwrap; older KEK \
+                         versions stay active"
+                    ));
+                } else if stale > 0 {
+                    if job.progress.passes >= MAX_PASSES {
+                        job.state = JobState::Failed;
+                        job.progress.error = Some(format!(
+                            "{stale} DEK(s) are still under older KEK versions after {MAX_PASSES} passes"
+                        ));
+                    } else {
+                        tracing::info!(job = %job.id, stale, "DEKs under older versions remain; another rewrap pass");
+                        job.state = JobState::Rewrapping;
+                        job.cursor = None;
+                        job.progress.passes += 1;
+                        job.progress.scanned = 0;
+                        job.progress.total = self.svc.store().key_count()?;
+                        return Ok(());
+                    }
+                } else {
+                    self.retire_below(target).await?;
+                    job.state = JobState::Succeeded;
+                }
+            }
+        }
+        job.cursor = None;
+        job.finished_at = Some(now);
+        tracing::info!(
+            job = %job.id,
+            kind = job.kind.label(),
+            state = ?job.state,
+            verified = job.progress.verified,
+            failed,
+            "lifecycle job finished"
+        );
+        Ok(())
+    }
+
+    /// Marks every version below `target` that is still active as retired.
+    async fn retire_below(&self, target: KekVersion) -> Result<(), StepError> {
+        let records: BTreeMap<KekVersion, KekVersionRecord> = self
+            .svc
+            .store()
+            .kek_versions()?
+            .into_iter()
+            .map(|r| (r.version, r))
+            .collect();
+        let mut versions: BTreeSet<KekVersion> = self
+            .svc
+            .backend()
+            .kek_versions()
+            .await
+            .map_err(backend_step_error)?
+            .into_iter()
+            .collect();
+        versions.extend(records.keys().copied());
+        let now = now_secs();
+        for v in versions.into_iter().filter(|v| *v < target) {
+            let rec = records.get(&v).cloned().unwrap_or(KekVersionRecord {
+                version: v,
+                state: KekState::Active,
+                created_at: 0,
+                retired_at: None,
+                destroyed_at: None,
+            });
+            if rec.state == KekState::Active {
+                self.svc
+                    .store()
+                    .put_kek_version(KekVersionRecord {
+                        state: KekState::Retired,
+                        retired_at: Some(now),
+                        ..rec
+                    })
+                    .await?;
+                tracing::info!(kek_version = %v, "KEK version retired");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The KEK version an active record is under (its blob's header is authoritative).
+fn record_version(r: &KeyRecord) -> KekVersion {
+    match &r.state {
+        KeyState::Active { wrapped } => {
+            parse_wrapped_header(wrapped).map_or(r.kek_version, |h| h.kek_version)
+        }
+        KeyState::Destroyed { .. } => r.kek_version,
+    }
+}
+
+/// Runs `job` to its end, persisting it after every step. Transient failures pause it with
+/// backoff; a persisted state is only ever one the job really reached.
+async fn drive<B: KeyBackend, S: KeyStore>(engine: std::sync::Weak<Lifecycle<B, S>>, mut job: Job) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let Some(me) = engine.upgrade() else { return };
+        if job.state.is_final() {
+            return;
+        }
+        let mut next = job.clone();
+        match me.step(&mut next).await {
+            Ok(()) => {
+                next.updated_at = now_secs();
+                match me.svc.store().put_job(next.clone()).await {
+                    Ok(()) => {
+                        job = next;
+                        backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                    Err(e) => {
+                        // The step's own writes are idempotent: redoing it is safe.
+                        tracing::warn!(job = %job.id, error = %e, "cannot record job progress; retrying");
+                    }
+                }
+            }
+            Err(StepError::Transient(why)) => {
+                tracing::warn!(job = %job.id, state = ?job.state, error = %why, "lifecycle job paused; retrying");
+            }
+            Err(StepError::Fatal(why)) => {
+                tracing::error!(job = %job.id, state = ?job.state, error = %why, "lifecycle job failed");
+                let mut failed = job.clone();
+                failed.state = JobState::Failed;
+                failed.progress.error = Some(why);
+                failed.finished_at = Some(now_secs());
+                failed.updated_at = now_secs();
+                if me.svc.store().put_job(failed.clone()).await.is_ok() {
+                    return;
+                }
+            }
+        }
+        drop(me);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::cache::{CacheMetrics, DekCache};
+    use crate::keystore::lmdb::LmdbStore;
+    use crate::metrics::StoreMetrics;
+    use crate::testing::MockBackend;
+    use kms_api::ThreadId;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        backend: Arc<MockBackend>,
+        svc: Arc<KeyService<MockBackend, LmdbStore>>,
+    }
+
+    fn fixture_in(dir: tempfile::TempDir, backend: Arc<MockBackend>) -> Fixture {
+        let store = LmdbStore::open(dir.path(), 64, StoreMetrics::unregistered()).unwrap();
+        // No cache: every decrypt unwraps the stored blob, so the tests see what rewrap wrote.
+        let cache = DekCache::new(Duration::from_secs(60), 0, CacheMetrics::default());
+        let svc = Arc::new(KeyService::new(Arc::clone(&backend), store, cache));
+        Fixture { dir, backend, svc }
+    }
+
+    fn fixture() -> Fixture {
+        fixture_in(tempfile::tempdir().unwrap(), Arc::new(MockBackend::new()))
+    }
+
+    fn opts() -> LifecycleOptions {
+        LifecycleOptions {
+            concurrency: 3,
+            batch: 7,
+        }
+    }
+
+    /// `n` DEKs, each with one ciphertext of its own key id.
+    async fn seed(f: &Fixture, n: usize) -> Vec<(KeyId, Vec<u8>)> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let k = f
+                .svc
+                .create_dek_for_thread(ThreadId::parse(&format!("t{i}")).unwrap())
+                .await
+                .unwrap();
+            let ct = f
+                .svc
+                .encrypt(&k.key_id, k.key_id.as_str().as_bytes(), b"aad")
+                .await
+                .unwrap();
+            out.push((k.key_id, ct.ciphertext));
+        }
+        out
+    }
+
+    async fn wait_final(lc: &Lifecycle<MockBackend, LmdbStore>, id: &JobId) -> Job {
+        for _ in 0..2000 {
+            let j = lc.job(id).unwrap();
+            if j.state.is_final() {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("job {id} did not finish");
+    }
+
+    async fn all_decrypt(f: &Fixture, keys: &[(KeyId, Vec<u8>)]) {
+        for (k, ct) in keys {
+            let p = f.svc.decrypt(k, ct, b"aad").await.unwrap();
+            assert_eq!(p.expose(), k.as_str().as_bytes());
+        }
+    }
+
+    async fn versions_of(f: &Fixture) -> BTreeMap<u32, u64> {
+        let mut m = BTreeMap::new();
+        for r in f.svc.store().list(None, usize::MAX).await.unwrap() {
+            if let KeyState::Active { .. } = r.state {
+                let v = record_version(&r);
+                assert_eq!(v, r.kek_version, "record and blob agree");
+                *m.entry(v.get()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotation_rewraps_verifies_and_retires() {
+        let f = fixture();
+        let keys = seed(&f, 40).await;
+        f.svc.destroy_key(&keys[3].0).await.unwrap();
+        let lc = Lifecycle::new(Arc::clone(&f.svc), opts());
+        let (job, started) = lc.rotate_kek().await.unwrap();
+        assert!(started);
+        assert_eq!(
+            job.kind,
+            JobKind::RotateKek {
+                target: KekVersion::new(2).unwrap()
+            }
+        );
+        // Asked again while it runs (or just after): the same job, not a second rotation.
+        let (again, started_again) = lc.rotate_kek().await.unwrap();
+        if !started_again {
+            assert_eq!(again.id, job.id);
+        }
+        let done = wait_final(&lc, &job.id).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(done.progress.rewrapped, 39);
+        assert_eq!(f.backend.rewraps(), 39, "each DEK rewrapped exactly once");
+        assert_eq!(done.progress.failed, 0);
+        assert_eq!(done.progress.verified, 39);
+        assert_eq!(done.progress.per_version, BTreeMap::from([(2, 39)]));
+        assert_eq!(f.backend.current_kek().version.get(), 2);
+        assert_eq!(versions_of(&f).await, BTreeMap::from([(2, 39)]));
+        let live: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 3)
+            .map(|(_, k)| k.clone())
+            .collect();
+        all_decrypt(&f, &live).await;
+        // New DEKs are under the new version.
+        let new = seed(&f, 1).await;
+        all_decrypt(&f, &new).await;
+        let status = lc.status().await.unwrap();
+        assert_eq!(status.current_version.get(), 2);
+        let v1 = status
+            .versions
+            .iter()
+            .find(|v| v.version.get() == 1)
+            .unwrap();
+        assert_eq!(
+            (v1.state.as_str(), v1.deks, v1.in_hsm),
+            ("retired", 0, true)
+        );
+        let v2 = status
+            .versions
+            .iter()
+            .find(|v| v.version.get() == 2)
+            .unwrap();
+        assert_eq!(
+            (v2.state.as_str(), v2.deks, v2.current),
+            ("active", 40, true)
+        );
+        assert_eq!((status.active_deks, status.destroyed_deks), (40, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_rotation_resumes_and_ends_consistent() {
+        let f = fixture();
+        let keys = seed(&f, 60).await;
+        let (dir, backend) = {
+            let lc = Lifecycle::new(
+                Arc::clone(&f.svc),
+                LifecycleOptions {
+                    concurrency: 2,
+                    batch: 5,
+                },
+            );
+            let (job, _) = lc.rotate_kek().await.unwrap();
+            // Let it get part of the way, then "kill" it: the engine and its tasks go away
+            // wherever they are, like a SIGKILL (only what was committed remains).
+            loop {
+                let j = lc.job(&job.id).unwrap();
+                if j.progress.rewrapped >= 15 || j.state.is_final() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(lc);
+            let Fixture { dir, backend, svc } = f;
+            // Every task held only a weak reference: the service (and the store) close.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(svc);
+            (dir, backend)
+        };
+        let f = fixture_in(dir, backend);
+        let mid = versions_of(&f).await;
+        assert_eq!(mid.values().sum::<u64>(), 60, "no record lost: {mid:?}");
+        let lc = Lifecycle::new(Arc::clone(&f.svc), opts());
+        assert_eq!(
+            lc.resume().unwrap(),
+            usize::from(lc.jobs().unwrap().iter().any(|j| !j.state.is_final()))
+        );
+        let job = lc.jobs().unwrap().pop().unwrap();
+        let done = wait_final(&lc, &job.id).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(versions_of(&f).await, BTreeMap::from([(2, 60)]));
+        all_decrypt(&f, &keys).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn destroy_is_refused_until_retired_and_unused() {
+        let f = fixture();
+        let keys = seed(&f, 5).await;
+        let lc = Lifecycle::new(Arc::clone(&f.svc), opts());
+        let v1 = KekVersion::FIRST;
+        assert!(matches!(
+            lc.destroy_kek(v1).await,
+            Err(LifecycleError::KekNotRetired { .. })
+        ));
+        let (job, _) = lc.rotate_kek().await.unwrap();
+        assert_eq!(wait_final(&lc, &job.id).await.state, JobState::Succeeded);
+        let v2 = KekVersion::new(2).unwrap();
+        assert!(matches!(
+            lc.destroy_kek(v2).await,
+            Err(LifecycleError::KekNotRetired { .. })
+        ));
+        // Plant a record that still depends on v1 (as a restore of an old backup would).
+        let rec = f.svc.store().get(&keys[0].0).await.unwrap().unwrap();
+        let old_blob = f.backend.generate_dek_under(&rec.key_id, v1);
+        let planted = KeyRecord {
+            kek_version: v1,
+            state: KeyState::Active { wrapped: old_blob },
+            ..rec.clone()
+        };
+        f.svc
+            .store()
+            .compare_and_swap(&rec, planted.clone())
+            .await
+            .unwrap();
+        match lc.destroy_kek(v1).await {
+            Err(LifecycleError::KekInUse { count, .. }) => assert_eq!(count, 1),
+            other => panic!("{other:?}"),
+        }
+        f.svc.store().compare_and_swap(&planted, rec).await.unwrap();
+        lc.destroy_kek(v1).await.unwrap();
+        // Idempotent, and the version is gone from the backend.
+        lc.destroy_kek(v1).await.unwrap();
+        assert_eq!(f.backend.kek_versions().await.unwrap(), vec![v2]);
+        let status = lc.status().await.unwrap();
+        let s1 = status.versions.iter().find(|v| v.version == v1).unwrap();
+        assert_eq!((s1.state.as_str(), s1.in_hsm), ("destroyed", false));
+        all_decrypt(&f, &keys).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dek_that_does_not_unwrap_fails_the_job_and_retires_nothing() {
+        let f = fixture();
+        let keys = seed(&f, 6).await;
+        // Tamper with one stored blob (flip a ciphertext byte).
+        let rec = f.svc.store().get(&keys[2].0).await.unwrap().unwrap();
+        let KeyState::Active { wrapped } = &rec.state else {
+            panic!()
+        };
+        let mut bytes = wrapped.as_bytes().to_vec();
+        bytes[20] ^= 1;
+        let bad = KeyRecord {
+            state: KeyState::Active {
+                wrapped: kms_api::WrappedDek::new(bytes),
+            },
+            ..rec.clone()
+        };
+        f.svc.store().compare_and_swap(&rec, bad).await.unwrap();
+        let lc = Lifecycle::new(Arc::clone(&f.svc), opts());
+        let (verify, _) = lc.verify().await.unwrap();
+        let v = wait_final(&lc, &verify.id).await;
+        assert_eq!(v.state, JobState::Failed);
+        assert_eq!((v.progress.verified, v.progress.failed), (5, 1));
+        assert_eq!(v.progress.failed_keys, vec![keys[2].0.clone()]);
+        let (job, _) = lc.rotate_kek().await.unwrap();
+        let done = wait_final(&lc, &job.id).await;
+        assert_eq!(done.state, JobState::Failed, "{done:?}");
+        assert!(done.progress.error.as_deref().unwrap().contains("1 DEK"));
+        let records = f.svc.store().kek_versions().unwrap();
+        assert!(
+            records.iter().all(|r| r.state == KekState::Active),
+            "nothing retired: {records:?}"
+        );
+        assert!(matches!(
+            lc.destroy_kek(KekVersion::FIRST).await,
+            Err(LifecycleError::KekNotRetired { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_hsm_outage_pauses_the_job_instead_of_failing_it() {
+        let f = fixture();
+        let keys = seed(&f, 12).await;
+        f.backend.set_down(true);
+        let lc = Lifecycle::new(Arc::clone(&f.svc), opts());
+        // The KEK versions cannot even be listed: nothing is started.
+        assert!(matches!(
+            lc.rotate_kek().await,
+            Err(LifecycleError::Backend(_))
+        ));
+        f.backend.set_down(false);
+        let (job, _) = lc.rotate_kek().await.unwrap();
+        f.backend.set_down(true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let paused = lc.job(&job.id).unwrap();
+        assert!(!paused.state.is_final(), "{paused:?}");
+        f.backend.set_down(false);
+        let done = wait_final(&lc, &job.id).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        all_decrypt(&f, &keys).await;
+        let _ = &f.dir;
+    }
+}
