@@ -148,6 +148,12 @@ enum Rewrap {
     Failed(KeyId),
 }
 
+/// A record read for rewrapping: settled already, or its replacement to write.
+enum Prepared {
+    Done(Rewrap),
+    Swap { old: KeyRecord, new: KeyRecord },
+}
+
 /// Outcome of one record in a verification batch.
 enum Verified {
     Ok(KekVersion),
@@ -567,14 +573,41 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         };
         let current = self.svc.backend().current_kek();
         let n = batch.len() as u64;
-        let outcomes: Vec<Result<Rewrap, StepError>> = stream::iter(batch)
-            .map(|r| self.rewrap_one(r, &current))
+        // HSM work at most `concurrency` at a time; then every replacement of the batch is
+        // queued at once, so they share one or two durable commits instead of one each.
+        let prepared: Vec<Result<Prepared, StepError>> = stream::iter(batch)
+            .map(|r| self.prepare_rewrap(r, &current))
             .buffer_unordered(self.opts.concurrency)
             .collect()
             .await;
+        let mut swaps = Vec::new();
+        let mut outcomes = Vec::new();
+        for p in prepared {
+            match p? {
+                Prepared::Done(o) => outcomes.push(o),
+                Prepared::Swap { old, new } => swaps.push((old, new)),
+            }
+        }
+        let swapped = futures_util::future::join_all(
+            swaps
+                .iter()
+                .map(|(old, new)| self.svc.store().compare_and_swap(old, new.clone())),
+        )
+        .await;
+        for ((old, _), res) in swaps.into_iter().zip(swapped) {
+            match res {
+                Ok(()) => outcomes.push(Rewrap::Rewrapped),
+                // Changed (or destroyed) since it was read: settle that one record alone.
+                Err(StoreError::Conflict(_)) => {
+                    outcomes.push(self.rewrap_alone(old.key_id, &current).await?)
+                }
+                Err(StoreError::NotFound(_)) => outcomes.push(Rewrap::Destroyed),
+                Err(e) => return Err(e.into()),
+            }
+        }
         let mut p = job.progress.clone();
         for o in outcomes {
-            match o? {
+            match o {
                 Rewrap::Rewrapped => p.rewrapped += 1,
                 Rewrap::AlreadyCurrent => p.already_current += 1,
                 Rewrap::Destroyed => p.destroyed += 1,
@@ -592,50 +625,64 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         Ok(())
     }
 
-    async fn rewrap_one(&self, mut rec: KeyRecord, current: &KekRef) -> Result<Rewrap, StepError> {
+    /// The rewrapped record for `rec`, or why there is none to write.
+    async fn prepare_rewrap(
+        &self,
+        rec: KeyRecord,
+        current: &KekRef,
+    ) -> Result<Prepared, StepError> {
+        let KeyState::Active { wrapped } = &rec.state else {
+            return Ok(Prepared::Done(Rewrap::Destroyed));
+        };
+        let Ok(header) = parse_wrapped_header(wrapped) else {
+            tracing::error!(key_id = %rec.key_id, "key record holds a malformed wrapped DEK");
+            return Ok(Prepared::Done(Rewrap::Failed(rec.key_id)));
+        };
+        if header.kek_version == current.version && rec.kek_version == current.version {
+            return Ok(Prepared::Done(Rewrap::AlreadyCurrent));
+        }
+        let (blob, kek) = match self
+            .svc
+            .backend()
+            .rewrap_dek(&rec.key_id, &rec.kek_id, wrapped)
+            .await
+        {
+            Ok(x) => x,
+            Err(e @ (BackendError::InvalidWrapped | BackendError::KekNotFound { .. })) => {
+                tracing::error!(key_id = %rec.key_id, error = %e, "DEK cannot be rewrapped");
+                return Ok(Prepared::Done(Rewrap::Failed(rec.key_id)));
+            }
+            Err(e) => return Err(backend_step_error(e)),
+        };
+        let new = KeyRecord {
+            kek_id: kek.id,
+            kek_version: kek.version,
+            state: KeyState::Active { wrapped: blob },
+            ..rec.clone()
+        };
+        Ok(Prepared::Swap { old: rec, new })
+    }
+
+    /// Rewraps one record that changed under a batch: re-read, rewrap, compare-and-swap,
+    /// a few times.
+    async fn rewrap_alone(&self, key_id: KeyId, current: &KekRef) -> Result<Rewrap, StepError> {
         for _ in 0..8 {
-            let KeyState::Active { wrapped } = &rec.state else {
+            let Some(rec) = self.svc.store().get(&key_id).await? else {
                 return Ok(Rewrap::Destroyed);
             };
-            let Ok(header) = parse_wrapped_header(wrapped) else {
-                tracing::error!(key_id = %rec.key_id, "key record holds a malformed wrapped DEK");
-                return Ok(Rewrap::Failed(rec.key_id));
+            let (old, new) = match self.prepare_rewrap(rec, current).await? {
+                Prepared::Done(o) => return Ok(o),
+                Prepared::Swap { old, new } => (old, new),
             };
-            if header.kek_version == current.version && rec.kek_version == current.version {
-                return Ok(Rewrap::AlreadyCurrent);
-            }
-            let (blob, kek) = match self
-                .svc
-                .backend()
-                .rewrap_dek(&rec.key_id, &rec.kek_id, wrapped)
-                .await
-            {
-                Ok(x) => x,
-                Err(e @ (BackendError::InvalidWrapped | BackendError::KekNotFound { .. })) => {
-                    tracing::error!(key_id = %rec.key_id, error = %e, "DEK cannot be rewrapped");
-                    return Ok(Rewrap::Failed(rec.key_id));
-                }
-                Err(e) => return Err(backend_step_error(e)),
-            };
-            let new = KeyRecord {
-                kek_id: kek.id,
-                kek_version: kek.version,
-                state: KeyState::Active { wrapped: blob },
-                ..rec.clone()
-            };
-            match self.svc.store().compare_and_swap(&rec, new).await {
+            match self.svc.store().compare_and_swap(&old, new).await {
                 Ok(()) => return Ok(Rewrap::Rewrapped),
-                Err(StoreError::Conflict(_)) => match self.svc.store().get(&rec.key_id).await? {
-                    Some(r) => rec = r,
-                    None => return Ok(Rewrap::Destroyed),
-                },
+                Err(StoreError::Conflict(_)) => continue,
                 Err(StoreError::NotFound(_)) => return Ok(Rewrap::Destroyed),
                 Err(e) => return Err(e.into()),
             }
         }
         Err(StepError::Transient(format!(
-            "key {} kept changing while being rewrapped",
-            rec.key_id
+            "key {key_id} kept changing while being rewrapped"
         )))
     }
 

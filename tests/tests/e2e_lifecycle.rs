@@ -1,0 +1,413 @@
+//! KEK lifecycle from outside: a real `progressdb-kms` on a real SoftHSM token, driven by the
+//! `progressdb-kms` admin subcommands over its admin socket, exactly as an operator would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use progressdb_e2e::{bin, uds_request, Kms, KmsListen, SoftHsm};
+use serde_json::{json, Value};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn admin(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
+    Command::new(bin("progressdb-kms"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .arg("--config")
+        .arg(&kms.config)
+        .output()
+        .unwrap()
+}
+
+fn admin_json(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Value {
+    let out = admin(hsm, kms, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn admin_socket(kms: &Kms) -> PathBuf {
+    kms.socket().with_file_name("kms.admin.sock")
+}
+
+/// Creates `n` DEKs from `threads` threads; returns (key id, ciphertext of its own id).
+fn seed(kms: &Kms, n: usize, threads: usize) -> Vec<(String, String)> {
+    let sock = kms.socket();
+    let per = n.div_ceil(threads);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..per {
+                    let (s, k) = uds_request(
+                        &sock,
+                        "POST",
+                        "/create_dek_for_thread",
+                        Some(&json!({"thread_id": format!("t{t}-{i}")})),
+                    )
+                    .unwrap();
+                    assert_eq!(s, 200, "{k}");
+                    let key = k["key_id"].as_str().unwrap().to_owned();
+                    // Only some keys get a ciphertext: checking every one is verify's job.
+                    if i % 50 == 0 {
+                        let (s, e) = uds_request(
+                            &sock,
+                            "POST",
+                            "/encrypt",
+                            Some(&json!({"key_id": key, "plaintext": B64.encode(&key)})),
+                        )
+                        .unwrap();
+                        assert_eq!(s, 200, "{e}");
+                        out.push((key, e["ciphertext"].as_str().unwrap().to_owned()));
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+fn decrypts(sock: &Path, key: &str, ct: &str) -> Result<(), String> {
+    let (s, d) = uds_request(
+        sock,
+        "POST",
+        "/decrypt",
+        Some(&json!({"key_id": key, "ciphertext": ct})),
+    )
+    .map_err(|e| e.to_string())?;
+    if s != 200 {
+        return Err(format!("{s} {d}"));
+    }
+    if d["plaintext"].as_str() != Some(&B64.encode(key)) {
+        return Err(format!("wrong plaintext for {key}"));
+    }
+    Ok(())
+}
+
+fn status(hsm: &SoftHsm, kms: &Kms) -> Value {
+    admin_json(hsm, kms, &["status", "--json"])
+}
+
+fn version<'a>(status: &'a Value, v: u64) -> &'a Value {
+    status["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["version"] == v)
+        .unwrap_or_else(|| panic!("no version {v} in {status}"))
+}
+
+fn wait_job(hsm: &SoftHsm, kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = admin_json(hsm, kms, &["jobs", "--id", id, "--json"]);
+        if until(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start_with(
+        tmp.path(),
+        &hsm,
+        KmsListen::Unix,
+        None,
+        "[lifecycle]\nrewrap_concurrency = 2\nrewrap_batch = 256\n",
+    );
+    let sample = seed(&kms, 10_000, 8);
+    let before = status(&hsm, &kms);
+    assert_eq!(before["current_version"], 1);
+    assert_eq!(version(&before, 1)["deks"], 10_000);
+
+    // `kek destroy` before any rotation: refused, the KMS says why.
+    let out = admin(&hsm, &kms, &["kek", "destroy", "--version", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kek_not_retired"), "{err}");
+
+    // Live traffic: decrypts of old ciphertexts, encrypts, and new DEKs, all the time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let traffic: Vec<_> = (0..3)
+        .map(|t| {
+            let (sock, sample) = (kms.socket(), sample.clone());
+            let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut i = t;
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let (k, ct) = &sample[i % sample.len()];
+                    if let Err(e) = decrypts(&sock, k, ct) {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        errors.push(e);
+                    }
+                    if i % 10 == 0 {
+                        let (s, b) = uds_request(
+                            &sock,
+                            "POST",
+                            "/create_dek_for_thread",
+                            Some(&json!({"thread_id": format!("live-{t}-{i}")})),
+                        )
+                        .unwrap();
+                        if s != 200 {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            errors.push(format!("create {s} {b}"));
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 3;
+                }
+                errors
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let out = admin(&hsm, &kms, &["rotate-kek", "--json"]);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = traffic
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "{errors:?}");
+    assert!(done.load(Ordering::Relaxed) > 50, "the traffic ran");
+    eprintln!(
+        "rotation of {} DEKs took {took:?} with {} live requests alongside",
+        job["progress"]["rewrapped"],
+        done.load(Ordering::Relaxed)
+    );
+    assert!(
+        job["progress"]["rewrapped"].as_u64().unwrap() >= 9_000,
+        "{job}"
+    );
+    assert_eq!(job["progress"]["failed"], 0);
+
+    let after = status(&hsm, &kms);
+    assert_eq!(after["current_version"], 2);
+    assert_eq!(version(&after, 1)["state"], "retired");
+    assert_eq!(version(&after, 1)["deks"], 0);
+    let total = after["active_deks"].as_u64().unwrap();
+    assert!(total > 10_000, "live creates were kept: {after}");
+    assert_eq!(
+        version(&after, 2)["deks"].as_u64().unwrap(),
+        total,
+        "{after}"
+    );
+    for (k, ct) in &sample {
+        decrypts(&kms.socket(), k, ct).unwrap();
+    }
+
+    // A verification pass agrees, and a retired version can now go.
+    let v = admin_json(&hsm, &kms, &["verify", "--json"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["progress"]["verified"].as_u64().unwrap(), total);
+    let out = admin(&hsm, &kms, &["kek", "destroy", "--version", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kek_not_retired"));
+    let out = admin(&hsm, &kms, &["kek", "destroy", "--version", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = status(&hsm, &kms);
+    assert_eq!(version(&gone, 1)["state"], "destroyed");
+    assert_eq!(version(&gone, 1)["in_hsm"], false);
+    for (k, ct) in sample.iter().take(20) {
+        decrypts(&kms.socket(), k, ct).unwrap();
+    }
+}
+
+#[test]
+fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let mut kms = Kms::start_with(
+        tmp.path(),
+        &hsm,
+        KmsListen::Unix,
+        None,
+        "[lifecycle]\nrewrap_concurrency = 1\nrewrap_batch = 16\n",
+    );
+    let sample = seed(&kms, 3_000, 6);
+    let out = admin(&hsm, &kms, &["rotate-kek", "--no-wait", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = started["state"]
+        .as_str()
+        .map(|_| started["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    // Started twice: the same job.
+    let again = admin_json(&hsm, &kms, &["rotate-kek", "--no-wait", "--json"]);
+    assert_eq!(again["id"], id.as_str());
+
+    // SIGKILL early in the rewrap, in the middle, and during verification.
+    let points: [(&str, Box<dyn Fn(&Value) -> bool>); 3] = [
+        (
+            "early",
+            Box::new(|j: &Value| {
+                j["progress"]["rewrapped"].as_u64().unwrap_or(0) >= 32
+                    || j["state"] != "creating_kek" && j["state"] != "rewrapping"
+            }),
+        ),
+        (
+            "mid-batch",
+            Box::new(|j: &Value| {
+                j["progress"]["scanned"].as_u64().unwrap_or(0) >= 1_500
+                    || j["state"] != "rewrapping"
+            }),
+        ),
+        (
+            "verifying",
+            Box::new(|j: &Value| j["state"] == "verifying" || j["state"] == "succeeded"),
+        ),
+    ];
+    for (name, at) in points {
+        let j = wait_job(&hsm, &kms, &id, at);
+        kms.proc.sigkill();
+        eprintln!("killed {name}: {}", j["state"]);
+        kms.restart(&hsm);
+        // Every record is still there and every sampled ciphertext decrypts, whatever mix
+        // of versions the kill left.
+        let s = status(&hsm, &kms);
+        assert_eq!(s["active_deks"], 3_000, "{s}");
+        for (k, ct) in sample.iter().step_by(7) {
+            decrypts(&kms.socket(), k, ct).unwrap();
+        }
+    }
+    let j = wait_job(&hsm, &kms, &id, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["progress"]["per_version"], json!({"2": 3000}), "{j}");
+    let s = status(&hsm, &kms);
+    assert_eq!(s["current_version"], 2);
+    assert_eq!(version(&s, 2)["deks"], 3_000);
+    assert_eq!(version(&s, 1)["state"], "retired");
+    for (k, ct) in &sample {
+        decrypts(&kms.socket(), k, ct).unwrap();
+    }
+    // Only versions 1 and 2 exist: no kill made a third.
+    let versions: Vec<u64> = s["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+}
+
+#[test]
+fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let admin_sock = admin_socket(&kms);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&admin_sock).unwrap().permissions(),
+    ) & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The client socket (the server's identity) never reaches the admin API.
+    for (method, path) in [
+        ("GET", "/admin/status"),
+        ("POST", "/admin/kek/rotate"),
+        ("POST", "/admin/kek/destroy"),
+        ("GET", "/admin/jobs/job-0000000000000000"),
+        ("GET", "/admin"),
+    ] {
+        let (s, b) = kms.call(method, path, Some(json!({"version": 1})));
+        assert_eq!(s, 403, "{method} {path}: {b}");
+        assert_eq!(b["error"]["code"], "forbidden");
+    }
+    assert!(kms
+        .proc
+        .log_text()
+        .contains("admin call refused on the client endpoint"));
+    // The admin socket serves no key operation.
+    let (s, _) = uds_request(
+        &admin_sock,
+        "POST",
+        "/create_dek_for_thread",
+        Some(&json!({"thread_id": "t"})),
+    )
+    .unwrap();
+    assert_eq!(s, 404);
+    let (s, st) = uds_request(&admin_sock, "GET", "/admin/status", None).unwrap();
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(st["current_version"], 1);
+    let (s, b) = uds_request(&admin_sock, "GET", "/admin/jobs/job-0000000000000000", None).unwrap();
+    assert_eq!((s, b["error"]["code"].as_str()), (404, Some("unknown_job")));
+    let (s, b) = uds_request(&admin_sock, "GET", "/admin/jobs/../../etc", None).unwrap();
+    assert!(s == 400 || s == 404, "{s} {b}");
+    let (s, b) = uds_request(
+        &admin_sock,
+        "POST",
+        "/admin/kek/destroy",
+        Some(&json!({"version": 0})),
+    )
+    .unwrap();
+    assert_eq!(s, 400, "{b}");
+
+    // An admin socket restricted to another uid refuses this one.
+    kms.proc.sigterm();
+    let mut text = std::fs::read_to_string(&kms.config).unwrap();
+    text = text.replacen("[listen]\n", "[listen]\nadmin_uids = [4242]\n", 1);
+    std::fs::write(&kms.config, text).unwrap();
+    kms.restart(&hsm);
+    let (s, b) = uds_request(&admin_sock, "GET", "/admin/status", None).unwrap();
+    assert_eq!(s, 403, "{b}");
+    let out = admin(&hsm, &kms, &["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // With the KMS stopped, the admin commands say it is not running.
+    kms.proc.sigterm();
+    let out = admin(&hsm, &kms, &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `progressdb-kms serve` running"));
+}
