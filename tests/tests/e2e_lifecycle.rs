@@ -109,7 +109,7 @@ fn status(hsm: &SoftHsm, kms: &Kms) -> Value {
     admin_json(hsm, kms, &["status", "--json"])
 }
 
-fn version<'a>(status: &'a Value, v: u64) -> &'a Value {
+fn version(status: &Value, v: u64) -> &Value {
     status["versions"]
         .as_array()
         .unwrap()
@@ -282,7 +282,8 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
     assert_eq!(again["id"], id.as_str());
 
     // SIGKILL early in the rewrap, in the middle, and during verification.
-    let points: [(&str, Box<dyn Fn(&Value) -> bool>); 3] = [
+    type Point = Box<dyn Fn(&Value) -> bool>;
+    let points: [(&str, Point); 3] = [
         (
             "early",
             Box::new(|j: &Value| {
