@@ -63,9 +63,15 @@ impl App<Pkcs11Backend, LmdbStore> {
             sessions = settings.sessions,
             "opening HSM"
         );
-        let backend = tokio::task::spawn_blocking(move || Pkcs11Backend::open(settings))
-            .await
-            .map_err(|e| StartError::Task(e.to_string()))??;
+        let backend = tokio::task::spawn_blocking(move || {
+            // A store provisioned before the audit log existed gets its key now.
+            if pkcs11::ensure_audit_key(&settings)? {
+                tracing::info!("created the audit log's HMAC key in the HSM");
+            }
+            Pkcs11Backend::open(settings)
+        })
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))??;
         let kek = backend.current_kek();
         tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "HSM ready");
         Self::with_backend(cfg, Arc::new(backend))

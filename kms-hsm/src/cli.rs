@@ -270,3 +270,52 @@ async fn finish(
     }
     Ok(())
 }
+
+/// `progressdb-kms audit verify`: exit 0 when the whole log verifies, 1 naming the first bad
+/// entry otherwise.
+pub async fn audit_verify(cfg: &Config, out: Output) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    let v = c.audit_verify().await.map_err(|e| map_err(cfg, e))?;
+    match out {
+        Output::Json => println!("{}", to_json(&v)),
+        Output::Text => match &v.problem {
+            None => println!(
+                "audit log verified: {} entries, head {}",
+                v.verified, v.head_seq
+            ),
+            Some(p) => println!(
+                "audit log is NOT intact: {} at entry {}: {} ({} entries verified before it)",
+                p.kind, p.seq, p.message, v.verified
+            ),
+        },
+    }
+    match v.problem {
+        None => Ok(()),
+        Some(p) => Err(CliError::Refused(format!(
+            "audit log verification failed at entry {}: {}",
+            p.seq, p.kind
+        ))),
+    }
+}
+
+/// `progressdb-kms audit list`: prints entries (JSON lines) after `after`.
+pub async fn audit_list(cfg: &Config, after: u64, limit: usize) -> Result<(), CliError> {
+    let c = admin_client(cfg)?;
+    let mut after = after;
+    let mut left = limit;
+    while left > 0 {
+        let page = c
+            .audit_entries(after, left.min(1000))
+            .await
+            .map_err(|e| map_err(cfg, e))?;
+        let Some(last) = page.entries.last().map(|e| e.seq) else {
+            break;
+        };
+        for e in &page.entries {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+        }
+        left = left.saturating_sub(page.entries.len());
+        after = last;
+    }
+    Ok(())
+}

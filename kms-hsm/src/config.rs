@@ -143,6 +143,7 @@ pub struct RawHsm {
     pub token_label: Option<String>,
     pub pin_file: Option<PathBuf>,
     pub kek_label: Option<String>,
+    pub audit_key_label: Option<String>,
     pub sessions: Option<u32>,
     pub queue_depth: Option<u32>,
     pub job_timeout_ms: Option<u64>,
@@ -241,6 +242,8 @@ pub struct HsmConfig {
     /// `None`: the PIN comes from [`PIN_ENV`].
     pub pin_file: Option<PathBuf>,
     pub kek_label: KekId,
+    /// Default: `<kek_label>-audit`.
+    pub audit_key_label: String,
     pub sessions: usize,
     pub limits: HsmLimits,
 }
@@ -343,6 +346,7 @@ impl Config {
             token_label: self.hsm.token_label.clone(),
             pin,
             kek_label: self.hsm.kek_label.clone(),
+            audit_key_label: self.hsm.audit_key_label.clone(),
             sessions: self.hsm.sessions,
             limits: self.hsm.limits,
         })
@@ -483,6 +487,19 @@ impl RawConfig {
             hint: "",
         })?;
         let kek_label = KekId::parse(&kek_label).map_err(|e| invalid("hsm.kek_label", e))?;
+        let audit_key_label = self
+            .hsm
+            .audit_key_label
+            .unwrap_or_else(|| format!("{kek_label}-audit"));
+        if audit_key_label.is_empty() || audit_key_label.len() > 64 {
+            return Err(invalid("hsm.audit_key_label", "must be 1 to 64 characters"));
+        }
+        if audit_key_label == kek_label.as_str() {
+            return Err(invalid(
+                "hsm.audit_key_label",
+                "must differ from hsm.kek_label",
+            ));
+        }
         let sessions = self.hsm.sessions.unwrap_or(defaults::HSM_SESSIONS);
         if !(1..=64).contains(&sessions) {
             return Err(invalid("hsm.sessions", "must be between 1 and 64"));
@@ -506,6 +523,7 @@ impl RawConfig {
             token_label,
             pin_file: self.hsm.pin_file.map(abs),
             kek_label,
+            audit_key_label,
             sessions: sessions as usize,
             limits: HsmLimits {
                 queue_depth: queue_depth as usize,

@@ -269,6 +269,8 @@ fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
 /// The HTTP front of a [`KeyService`]: what every handler gets.
 pub struct Api<B, S> {
     service: Arc<KeyService<B, S>>,
+    /// (second, refused admin calls audited in it).
+    refusals: std::sync::Mutex<(u64, u32)>,
     lifecycle: Arc<crate::lifecycle::Lifecycle<B, S>>,
     metrics: Arc<Metrics>,
     limits: HttpLimits,
@@ -291,6 +293,7 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
     ) -> Self {
         Self {
             lifecycle: crate::lifecycle::Lifecycle::new(Arc::clone(&service), lifecycle),
+            refusals: std::sync::Mutex::new((0, 0)),
             service,
             metrics,
             limits,
@@ -308,7 +311,47 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
     pub fn lifecycle(&self) -> &Arc<crate::lifecycle::Lifecycle<B, S>> {
         &self.lifecycle
     }
+
+    /// Audits a refused admin call, at most [`REFUSAL_AUDITS_PER_SEC`] a second (a flood of
+    /// refused calls must not flood the log); the refusal stands whether or not it is
+    /// written.
+    pub async fn audit_refusal(&self, route: &'static str, why: &'static str) {
+        let now = crate::keystore::now_secs();
+        let allowed = {
+            let mut w = self
+                .refusals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if w.0 != now {
+                *w = (now, 0);
+            }
+            w.1 += 1;
+            w.1 <= REFUSAL_AUDITS_PER_SEC
+        };
+        if !allowed {
+            tracing::warn!(
+                route,
+                "refused admin call not audited: over the per-second cap"
+            );
+            return;
+        }
+        let ev = crate::audit::AuditEvent::new("admin.refused")
+            .outcome(crate::audit::Outcome::Refused)
+            .with("route", route)
+            .with("reason", why);
+        if let Err(e) = self.service.audit(ev).await {
+            tracing::error!(error = %e, "cannot audit a refused admin call");
+        }
+    }
 }
+
+/// Refused admin calls audited per second at most.
+pub const REFUSAL_AUDITS_PER_SEC: u32 = 20;
+
+/// Who sent a request, as the transport saw it (`uid:1000`, `cert:<sha256 prefix>`, with an
+/// `admin:` prefix on the admin endpoint): the actor of the audit entries it causes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer(pub String);
 
 /// The shared state of the handlers.
 type ApiState<B, S> = State<Arc<Api<B, S>>>;
@@ -327,8 +370,8 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<B, S>))
         .route("/metrics", get(metrics::<B, S>))
-        .route("/admin", any(admin_refused))
-        .route("/admin/{*rest}", any(admin_refused))
+        .route("/admin", any(admin_refused::<B, S>))
+        .route("/admin/{*rest}", any(admin_refused::<B, S>))
         .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
         .method_not_allowed_fallback(|uri: Uri| async move {
             let label = Route::of_path(uri.path()).map_or(UNKNOWN_ENDPOINT, Route::label);
@@ -339,10 +382,14 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
 }
 
 /// `/admin/...` on the client endpoint: refused whoever asks (the server's identity is never
-/// an admin), and logged.
-async fn admin_refused(uri: Uri) -> Response {
+/// an admin), logged and audited.
+async fn admin_refused<B: KeyBackend, S: KeyStore>(
+    State(api): ApiState<B, S>,
+    uri: Uri,
+) -> Response {
     let label = admin::route_label(uri.path()).unwrap_or(UNKNOWN_ENDPOINT);
     tracing::warn!(route = label, "admin call refused on the client endpoint");
+    api.audit_refusal(label, "client endpoint").await;
     let mut r = error_response(&HttpError::AdminOnly, label);
     r.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -409,10 +456,16 @@ where
                 .insert(CONNECTION, HeaderValue::from_static("close"));
             r
         }
-        _ => match router.oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        },
+        _ => {
+            let actor = req
+                .extensions()
+                .get::<Peer>()
+                .map_or_else(|| "unknown".to_owned(), |p| p.0.clone());
+            match crate::audit::ACTOR.scope(actor, router.oneshot(req)).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
     };
     if service_kit::body::is_limit_layer_refusal(&resp) {
         resp = error_response(

@@ -11,6 +11,8 @@
 //! * [`cache`]: bounded, zeroizing cache of unwrapped DEKs.
 //! * [`service`]: the KMS operations; [`service::ServiceError::code`] maps failures to the
 //!   stable wire codes.
+//! * [`audit`]: the tamper-evident audit log (entries chained by an HMAC made in the HSM,
+//!   appended durably before the action they record).
 //! * [`lifecycle`]: KEK rotation with bulk rewrap, verification, KEK destruction, status:
 //!   resumable jobs persisted in the key store.
 //! * [`http`]: the HTTP API (routing, parsing, error bodies): the client API and, on the
@@ -22,6 +24,7 @@
 //! * [`cli`]: the admin subcommands, clients of the running KMS's admin socket.
 
 pub mod app;
+pub mod audit;
 pub mod backend;
 pub mod cache;
 pub mod cli;

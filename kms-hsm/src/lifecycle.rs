@@ -46,11 +46,13 @@ use kms_api::admin::{
 };
 use kms_api::{KekVersion, KeyId};
 
+use crate::audit::{AuditEvent, Outcome};
 use crate::backend::{parse_wrapped_header, BackendError, KekRef, KeyBackend};
 use crate::keystore::{
     now_secs, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore, StoreError,
 };
 use crate::service::KeyService;
+use crate::service::ServiceError;
 
 /// Rewrap passes before a rotation gives up (each pass after the first only meets DEKs made
 /// under the old version while the previous pass ran).
@@ -101,6 +103,9 @@ pub enum LifecycleError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit entry could not be written, so nothing was done.
+    #[error("{0}")]
+    Audit(ServiceError),
 }
 
 /// What a step of a job ran into.
@@ -128,7 +133,8 @@ impl From<StoreError> for StepError {
 
 fn backend_step_error(e: BackendError) -> StepError {
     match e {
-        BackendError::Unavailable(_) | BackendError::Overloaded => {
+        // No audit, no step: the job waits until the audit key is usable again.
+        BackendError::Unavailable(_) | BackendError::Overloaded | BackendError::AuditKey { .. } => {
             StepError::Transient(e.to_string())
         }
         BackendError::InvalidWrapped
@@ -241,6 +247,12 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let target = highest
             .next()
             .ok_or(LifecycleError::VersionsExhausted(highest))?;
+        self.audit(
+            AuditEvent::new("kek.rotate")
+                .with("from_version", current)
+                .with("target_version", target),
+        )
+        .await?;
         let job = self
             .new_job(JobKind::RotateKek { target }, JobState::CreatingKek)
             .await?;
@@ -259,6 +271,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             self.ensure_driven(&job);
             return Ok((job, false));
         }
+        self.audit(AuditEvent::new("verify.start")).await?;
         let mut job = self.new_job(JobKind::Verify, JobState::Verifying).await?;
         job.progress.total = self.svc.store().key_count()?;
         self.svc.store().put_job(job.clone()).await?;
@@ -295,6 +308,22 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     /// `KekNotRetired`, `KekInUse`, `Backend`, `Store`.
     pub async fn destroy_kek(&self, version: KekVersion) -> Result<(), LifecycleError> {
         let _admin = self.admin.lock().await;
+        let result = self.destroy_kek_locked(version).await;
+        if let Err(e @ (LifecycleError::KekNotRetired { .. } | LifecycleError::KekInUse { .. })) =
+            &result
+        {
+            let ev = AuditEvent::new("kek.destroy")
+                .outcome(Outcome::Refused)
+                .with("version", version)
+                .with("reason", e);
+            if let Err(a) = self.svc.audit(ev).await {
+                tracing::error!(error = %a, "cannot audit a refused KEK destruction");
+            }
+        }
+        result
+    }
+
+    async fn destroy_kek_locked(&self, version: KekVersion) -> Result<(), LifecycleError> {
         if self.svc.backend().current_kek().version == version {
             return Err(LifecycleError::KekNotRetired {
                 version,
@@ -338,6 +367,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 count: in_use,
             });
         }
+        self.audit(AuditEvent::new("kek.destroy").with("version", version))
+            .await?;
         match self.svc.backend().destroy_kek_version(version).await {
             Ok(()) => {}
             // Destroyed by an earlier call that stopped before recording it.
@@ -456,6 +487,10 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         Ok(n)
     }
 
+    async fn audit(&self, ev: AuditEvent) -> Result<(), LifecycleError> {
+        self.svc.audit(ev).await.map_err(LifecycleError::Audit)
+    }
+
     fn running_job(&self, kind: impl Fn(&JobKind) -> bool) -> Result<Option<Job>, StoreError> {
         Ok(self
             .svc
@@ -524,6 +559,12 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let JobKind::RotateKek { target } = job.kind else {
             return Err(StepError::Fatal("only a rotation creates a KEK".into()));
         };
+        self.step_audit(
+            AuditEvent::new("kek.create")
+                .with("job", &job.id)
+                .with("version", target),
+        )
+        .await?;
         let kek = self
             .svc
             .backend()
@@ -800,6 +841,21 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 }
             }
         }
+        let mut ev = AuditEvent::new("job.finish")
+            .outcome(if job.state == JobState::Succeeded {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            })
+            .with("job", &job.id)
+            .with("kind", job.kind.label())
+            .with("verified", job.progress.verified)
+            .with("rewrapped", job.progress.rewrapped)
+            .with("failed", failed);
+        if let Some(e) = &job.progress.error {
+            ev = ev.with("error", e);
+        }
+        self.step_audit(ev).await?;
         job.cursor = None;
         job.finished_at = Some(now);
         tracing::info!(
@@ -811,6 +867,14 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             "lifecycle job finished"
         );
         Ok(())
+    }
+
+    /// Audits from a job step: a failed audit pauses the job (the step is redone).
+    async fn step_audit(&self, ev: AuditEvent) -> Result<(), StepError> {
+        self.svc
+            .audit(ev)
+            .await
+            .map_err(|e| StepError::Transient(e.to_string()))
     }
 
     /// Marks every version below `target` that is still active as retired.
@@ -841,6 +905,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 destroyed_at: None,
             });
             if rec.state == KekState::Active {
+                self.step_audit(AuditEvent::new("kek.retire").with("version", v))
+                    .await?;
                 self.svc
                     .store()
                     .put_kek_version(KekVersionRecord {

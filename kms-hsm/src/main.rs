@@ -3,7 +3,8 @@
 //! * `progressdb-kms serve --config FILE`
 //! * `progressdb-kms init-kek --config FILE`
 //! * admin subcommands, clients of the running KMS's admin socket ([`progressdb_kms::cli`]):
-//!   `status`, `rotate-kek`, `verify`, `jobs`, `kek destroy --version V`.
+//!   `status`, `rotate-kek`, `verify`, `jobs`, `kek destroy --version V`, `audit verify`,
+//!   `audit list`.
 //!
 //! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT); 2 for a bad
 //! configuration or provisioning (key or file at fault, no such token, PIN refused, KEK
@@ -91,6 +92,34 @@ enum Command {
         #[command(subcommand)]
         command: KekCommand,
     },
+    /// The tamper-evident audit log (needs the running KMS: the MACs are made in the HSM).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every entry's HMAC chain and the recorded head; names the first bad entry
+    /// (edited, removed, inserted, reordered) or a truncated tail. Exit 1 when not intact.
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print entries as JSON lines.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +151,9 @@ fn main() -> ExitCode {
         | Command::Jobs { config, .. }
         | Command::Kek {
             command: KekCommand::Destroy { config, .. },
+        }
+        | Command::Audit {
+            command: AuditCommand::Verify { config, .. } | AuditCommand::List { config, .. },
         } => config,
     };
     let cfg = match Config::load(path) {
@@ -165,6 +197,12 @@ fn main() -> ExitCode {
             Ok(v) => admin(cli::destroy_kek(&cfg, v)),
             Err(e) => fail(2, &format!("--version: {e}")),
         },
+        Command::Audit {
+            command: AuditCommand::Verify { json, .. },
+        } => admin(cli::audit_verify(&cfg, output(json))),
+        Command::Audit {
+            command: AuditCommand::List { after, limit, .. },
+        } => admin(cli::audit_list(&cfg, after, limit)),
     }
 }
 
@@ -207,7 +245,11 @@ fn exit_code(e: &app::StartError) -> u8 {
     match e {
         app::StartError::Config(_)
         | app::StartError::Backend(
-            B::Config(_) | B::PinRejected(_) | B::KekRefused { .. } | B::KekNotFound { .. },
+            B::Config(_)
+            | B::PinRejected(_)
+            | B::KekRefused { .. }
+            | B::KekNotFound { .. }
+            | B::AuditKey { .. },
         ) => 2,
         app::StartError::Backend(
             B::Unavailable(_) | B::InvalidWrapped | B::Overloaded | B::Internal(_),

@@ -54,6 +54,9 @@ pub enum ServiceError {
     /// The failure of an unwrap that several requests waited for.
     #[error(transparent)]
     Shared(Arc<ServiceError>),
+    /// The audit entry of the action could not be written; the action was not done.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl ServiceError {
@@ -66,6 +69,7 @@ impl ServiceError {
             // see an outage (503), the log and /metrics say why.
             BackendError::Unavailable(_)
             | BackendError::KekRefused { .. }
+            | BackendError::AuditKey { .. }
             | BackendError::PinRejected(_) => ErrorCode::Unavailable,
             BackendError::Overloaded => ErrorCode::Overloaded,
             BackendError::InvalidWrapped
@@ -99,6 +103,7 @@ impl ServiceError {
             ServiceError::Backend(e) => Self::backend_code(e),
             ServiceError::Store(e) => Self::store_code(e),
             ServiceError::Shared(e) => e.code(),
+            ServiceError::Audit(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -185,6 +190,7 @@ pub struct KeyService<B, S> {
     flights: std::sync::Mutex<HashMap<KeyId, Flight>>,
     /// The last HSM readiness round trip and when it ended.
     ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
+    audit: crate::audit::AuditLog,
 }
 
 impl<B, S> std::fmt::Debug for KeyService<B, S> {
@@ -207,7 +213,19 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             rng: SystemRandom::new(),
             flights: std::sync::Mutex::new(HashMap::new()),
             ready: tokio::sync::Mutex::new(None),
+            audit: crate::audit::AuditLog::default(),
         }
+    }
+
+    /// Appends `ev` to the audit log, durably; see [`crate::audit`].
+    ///
+    /// # Errors
+    /// `Audit` when it could not be written: the action it records must not be done.
+    pub async fn audit(&self, ev: crate::audit::AuditEvent) -> Result<(), ServiceError> {
+        self.audit
+            .append(&*self.backend, &self.store, ev)
+            .await
+            .map_err(ServiceError::from)
     }
 
     pub fn backend(&self) -> &Arc<B> {
@@ -250,6 +268,14 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
                 wrapped: wrapped.clone(),
             },
         };
+        // No audit, no key: the entry is durable before the record is.
+        self.audit(
+            crate::audit::AuditEvent::new("dek.create")
+                .with("key_id", &key_id)
+                .with("thread_id", &record.thread_id)
+                .with("kek_version", kek.version),
+        )
+        .await?;
         let epoch = self.cache.epoch();
         self.store.put_new(record).await?;
         self.cache.insert(
@@ -443,6 +469,10 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     /// # Errors
     /// `UnknownKey` for a key that never existed; `Store(..)`.
     pub async fn destroy_key(&self, key_id: &KeyId) -> Result<(), ServiceError> {
+        // Evicted first: even when the audit fails, no cached copy outlives the request.
+        self.cache.evict(key_id);
+        self.audit(crate::audit::AuditEvent::new("dek.destroy").with("key_id", key_id))
+            .await?;
         let outcome = self.store.mark_destroyed(key_id).await;
         // Evict even when the store failed: a cached DEK must not outlive a destroy request.
         self.cache.evict(key_id);

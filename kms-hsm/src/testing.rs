@@ -20,6 +20,7 @@ pub struct MockBackend {
     keks: Mutex<BTreeMap<KekVersion, LessSafeKey>>,
     kek_ref: Mutex<KekRef>,
     rewraps: AtomicU64,
+    audit_key: ring::hmac::Key,
     rng: SystemRandom,
     down: AtomicBool,
     calls: AtomicU64,
@@ -38,6 +39,7 @@ impl MockBackend {
                 version: KekVersion::FIRST,
             }),
             rewraps: AtomicU64::new(0),
+            audit_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).unwrap(),
             rng,
             down: AtomicBool::new(false),
             calls: AtomicU64::new(0),
@@ -231,6 +233,26 @@ impl KeyBackend for MockBackend {
                 version,
             }),
         }
+    }
+
+    async fn audit_chain(
+        &self,
+        prev: [u8; 32],
+        messages: Vec<Vec<u8>>,
+    ) -> Result<Vec<[u8; 32]>, BackendError> {
+        self.check_up()?;
+        let mut prev = prev;
+        let mut out = Vec::new();
+        for m in messages {
+            let mut ctx = ring::hmac::Context::with_key(&self.audit_key);
+            ctx.update(&prev);
+            ctx.update(&m);
+            let mut mac = [0u8; 32];
+            mac.copy_from_slice(ctx.sign().as_ref());
+            out.push(mac);
+            prev = mac;
+        }
+        Ok(out)
     }
 
     async fn health_check(&self) -> Result<(), BackendError> {

@@ -420,8 +420,20 @@ async fn accept_loop<B, S>(
                         continue;
                     }
                 };
+                let peer = match (stream.peer_cred(), kind) {
+                    (Ok(c), EndpointKind::Client) => format!("uid:{}", c.uid()),
+                    (Ok(c), EndpointKind::Admin) => format!("admin:uid:{}", c.uid()),
+                    (Err(_), _) => "uid:unknown".to_owned(),
+                };
+                if role == Role::Refused && kind == EndpointKind::Admin {
+                    let api = Arc::clone(&routers.api);
+                    tokio::spawn(crate::audit::ACTOR.scope(peer.clone(), async move {
+                        api.audit_refusal("/admin", "uid not in listen.admin_uids")
+                            .await;
+                    }));
+                }
                 tokio::spawn(async move {
-                    serve_connection(stream, routers, role, opts, watcher).await;
+                    serve_connection(stream, routers, role, peer, opts, watcher).await;
                     drop(permit);
                 });
             }
@@ -478,9 +490,14 @@ async fn accept_loop<B, S>(
                     let d = ring::digest::digest(&ring::digest::SHA256, &cert);
                     let mut id = [0u8; 32];
                     id.copy_from_slice(d.as_ref());
+                    let peer = format!(
+                        "{}cert:{}",
+                        if role == Role::Admin { "admin:" } else { "" },
+                        hex::encode(&id[..8])
+                    );
                     match gate.admit_peer(global, PeerId::Certificate(id)) {
                         Ok(permit) => {
-                            serve_connection(tls, routers, role, opts, watcher).await;
+                            serve_connection(tls, routers, role, peer, opts, watcher).await;
                             drop(permit);
                         }
                         Err(why) => gate.refuse(tls, why),
@@ -550,6 +567,7 @@ async fn serve_connection<I, B, S>(
     io: I,
     routers: Routers<B, S>,
     role: Role,
+    peer: String,
     opts: ServeOptions,
     watcher: Watcher,
 ) where
@@ -563,7 +581,9 @@ async fn serve_connection<I, B, S>(
         Role::Refused => routers.forbidden,
     };
     let api = routers.api;
-    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    let peer = crate::http::Peer(peer);
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
         let (api, router) = (Arc::clone(&api), router.clone());
         async move { Ok::<_, std::convert::Infallible>(crate::http::answer(&api, router, req).await) }
     });

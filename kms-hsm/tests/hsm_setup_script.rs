@@ -171,6 +171,7 @@ fn setup_script_is_idempotent_and_its_token_serves_the_backend() {
                 .to_owned(),
         ),
         kek_label: KekId::parse("script-kek").unwrap(),
+        audit_key_label: "script-kek-audit".into(),
         sessions: 2,
         limits: Default::default(),
     };

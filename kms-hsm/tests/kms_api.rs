@@ -452,7 +452,8 @@ async fn concurrent_creates_share_commits() {
         .metric("progressdb_kms_keystore_writes_total")
         .await
         .unwrap();
-    assert_eq!(writes, N as f64);
+    // Key records, plus the audit appends that preceded them (batched too).
+    assert!(writes >= N as f64, "{writes}");
     assert!(
         commits < N as f64,
         "group commit: {commits} commits for {N} creates"

@@ -252,6 +252,64 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     for (k, ct) in sample.iter().take(20) {
         decrypts(&kms.socket(), k, ct).unwrap();
     }
+
+    // Every step is in the audit log, which verifies.
+    let v = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        v["verified"].as_u64().unwrap() > total,
+        "one entry per DEK at least: {v}"
+    );
+    let out = admin(
+        &hsm,
+        &kms,
+        &["audit", "list", "--after", "10000", "--limit", "100000"],
+    );
+    assert!(out.status.success());
+    let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in [
+        "kek.rotate",
+        "kek.create",
+        "kek.retire",
+        "job.finish",
+        "verify.start",
+        "kek.destroy",
+    ] {
+        assert!(actions.contains(&a), "{a} not audited: {actions:?}");
+    }
+    let refused = entries
+        .iter()
+        .find(|e| e["action"] == "kek.destroy" && e["outcome"] == "refused")
+        .expect("the refused destroy of the current version is audited");
+    assert!(
+        refused["actor"].as_str().unwrap().starts_with("admin:uid:"),
+        "{refused}"
+    );
+    let rotate = entries
+        .iter()
+        .find(|e| e["action"] == "kek.rotate")
+        .unwrap();
+    assert_eq!(rotate["detail"]["target_version"], "2");
+    let create = entries
+        .iter()
+        .find(|e| e["action"] == "kek.create")
+        .unwrap();
+    assert_eq!(create["actor"], "kms");
+    // Ids and versions only: no wrapped DEK is in it.
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (k, _) in sample.iter().take(20) {
+        let (s, w) = kms.call("GET", &format!("/get_wrapped?key_id={k}"), None);
+        assert_eq!(s, 200, "{w}");
+        let blob = w["wrapped"].as_str().unwrap();
+        assert!(!text.contains(blob), "a wrapped DEK is in the audit log");
+    }
 }
 
 #[test]
@@ -411,4 +469,98 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     let out = admin(&hsm, &kms, &["status"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `progressdb-kms serve` running"));
+
+    // Every refusal was audited, with who asked.
+    let text = std::fs::read_to_string(&kms.config).unwrap();
+    std::fs::write(&kms.config, text.replacen("admin_uids = [4242]\n", "", 1)).unwrap();
+    kms.restart(&hsm);
+    let out = admin(&hsm, &kms, &["audit", "list", "--limit", "1000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let me = format!("uid:{}", unsafe_free_uid());
+    let client_refusals = entries
+        .iter()
+        .filter(|e| e["action"] == "admin.refused" && e["actor"] == me.as_str())
+        .count();
+    assert_eq!(client_refusals, 5, "{entries:?}");
+    assert!(entries
+        .iter()
+        .any(|e| e["action"] == "admin.refused" && e["actor"] == format!("admin:{me}").as_str()));
+}
+
+/// This process's uid, read from /proc (no libc call needed).
+fn unsafe_free_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// Runs `f` on the KMS's LMDB store with the KMS stopped, as someone with write access to
+/// its files would.
+fn tamper_store(kms: &Kms, f: impl FnOnce(&heed::Env, &mut heed::RwTxn<'_>)) {
+    let dir = kms.root.join("kms").join("store");
+    let mut opts = heed::EnvOpenOptions::new();
+    opts.max_dbs(8).map_size(64 << 20);
+    // SAFETY: the KMS that owns these files is stopped, and this test is the only process
+    // opening them; the environment is opened once here and dropped before the KMS restarts.
+    #[allow(unsafe_code)]
+    let env = unsafe { opts.open(&dir) }.unwrap();
+    let mut w = env.write_txn().unwrap();
+    f(&env, &mut w);
+    w.commit().unwrap();
+    drop(env);
+}
+
+#[test]
+fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    seed(&kms, 30, 3);
+    let v = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
+    assert_eq!(
+        (v["ok"].as_bool(), v["verified"].as_u64()),
+        (Some(true), Some(30))
+    );
+
+    // Edit entry 7's thread id behind the KMS's back.
+    kms.proc.sigterm();
+    let mut original = Vec::new();
+    tamper_store(&kms, |env, w| {
+        let db: heed::Database<heed::types::Bytes, heed::types::Bytes> =
+            env.open_database(w, Some("audit")).unwrap().unwrap();
+        let key = 7u64.to_be_bytes();
+        original = db.get(w, &key).unwrap().unwrap().to_vec();
+        let mut e: Value = serde_json::from_slice(&original).unwrap();
+        e["detail"]["thread_id"] = json!("someone-else");
+        db.put(w, &key, &serde_json::to_vec(&e).unwrap()).unwrap();
+    });
+    kms.restart(&hsm);
+    let out = admin(&hsm, &kms, &["audit", "verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["problem"]["kind"], "mac_mismatch", "{v}");
+    assert_eq!(v["problem"]["seq"], 7);
+
+    // Cut the last three entries: reported as a truncated tail (after restoring entry 7).
+    kms.proc.sigterm();
+    tamper_store(&kms, |env, w| {
+        let db: heed::Database<heed::types::Bytes, heed::types::Bytes> =
+            env.open_database(w, Some("audit")).unwrap().unwrap();
+        db.put(w, &7u64.to_be_bytes(), &original).unwrap();
+        for seq in 28u64..=30 {
+            db.delete(w, &seq.to_be_bytes()).unwrap();
+        }
+    });
+    kms.restart(&hsm);
+    let out = admin(&hsm, &kms, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("truncated_tail at entry 28"), "{text}");
 }

@@ -10,6 +10,8 @@
 //! | `POST /admin/verify` | | 202 [`StartJobResponse`]: a verification job |
 //! | `GET /admin/jobs` | | [`JobsResponse`] |
 //! | `GET /admin/jobs/{id}` | | [`Job`]; 404 `unknown_job` |
+//! | `GET /admin/audit?after=&limit=` | | [`AuditListResponse`]: entries after seq `after` (default 0), at most `limit` (default 100, max 1000) |
+//! | `POST /admin/audit/verify` | | [`AuditVerifyResponse`] |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -205,6 +207,60 @@ pub struct DestroyKekRequest {
 pub struct DestroyKekResponse {
     pub version: KekVersion,
     pub destroyed: bool,
+}
+
+/// One entry of the tamper-evident audit log. Its `mac` is
+/// `HMAC-SHA256(audit key in the HSM, mac of the previous entry || "progressdb-kms:audit:v1" 0x00 || JSON of the other fields)`,
+/// so editing, removing, inserting or reordering entries breaks the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// 1, 2, 3, ... without gaps.
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// What happened, e.g. `dek.create`, `kek.rotate`, `admin.refused`.
+    pub action: String,
+    /// Who asked: `uid:<n>` or `cert:<sha256 prefix>` on the client endpoint, `admin:...` on
+    /// the admin endpoint, `kms` for the KMS's own jobs.
+    pub actor: String,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: String,
+    /// Ids and versions only (never key material).
+    #[serde(default)]
+    pub detail: BTreeMap<String, String>,
+    /// Hex.
+    pub mac: String,
+}
+
+/// `GET /admin/audit`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditListResponse {
+    pub entries: Vec<AuditEntry>,
+}
+
+/// What `audit verify` found wrong first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditProblem {
+    /// `mac_mismatch` (an edited, inserted or reordered entry), `gap` (removed entries),
+    /// `moved` (an entry stored under another sequence number), `undecodable`,
+    /// `truncated_tail` (the log ends before the recorded head), `beyond_head`,
+    /// `head_mismatch`, `head_missing`.
+    pub kind: String,
+    /// The first bad sequence number.
+    pub seq: u64,
+    pub message: String,
+}
+
+/// `POST /admin/audit/verify`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerifyResponse {
+    pub ok: bool,
+    /// Entries that verified before the first problem (all of them when `ok`).
+    pub verified: u64,
+    /// The head the store records: the last entry's sequence number.
+    pub head_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<AuditProblem>,
 }
 
 #[cfg(test)]

@@ -406,6 +406,28 @@ impl KmsClient {
             .await
     }
 
+    /// Admin: checks the audit log's chain and head (`POST /admin/audit/verify`).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn audit_verify(&self) -> Result<crate::admin::AuditVerifyResponse, ClientError> {
+        self.call_once(Method::POST, "/admin/audit/verify", Bytes::new())
+            .await
+    }
+
+    /// Admin: audit entries after sequence number `after` (`GET /admin/audit`).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn audit_entries(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<crate::admin::AuditListResponse, ClientError> {
+        let path = format!("/admin/audit?after={after}&limit={limit}");
+        self.call_json::<(), _>(Method::GET, &path, None).await
+    }
+
     /// `Ok(())` when the KMS answers `/readyz` with 200.
     ///
     /// # Errors

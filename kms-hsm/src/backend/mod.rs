@@ -117,6 +117,8 @@ pub struct HsmSettings {
     pub pin: SecretString,
     /// KEK label (`CKA_LABEL` of the key); the KEK id on the wire.
     pub kek_label: KekId,
+    /// Label of the audit log's HMAC key (a generic-secret token object, never extractable).
+    pub audit_key_label: String,
     /// Sessions (= worker threads) opened against the token.
     pub sessions: usize,
     /// Queue and deadline of HSM jobs.
@@ -149,6 +151,7 @@ impl fmt::Debug for HsmSettings {
             .field("token_label", &self.token_label)
             .field("pin", &"<redacted>")
             .field("kek_label", &self.kek_label)
+            .field("audit_key_label", &self.audit_key_label)
             .field("sessions", &self.sessions)
             .field("limits", &self.limits)
             .finish()
@@ -178,6 +181,10 @@ pub enum BackendError {
         version: KekVersion,
         reason: String,
     },
+    /// The audit log's HMAC key is missing or is not a hardened key; nothing is audited, so
+    /// nothing that must be audited is done. Fatal at start-up, 503 later.
+    #[error("audit key '{label}': {reason}")]
+    AuditKey { label: String, reason: String },
     /// The token refused the PIN. Never retried (a real HSM locks the PIN after a few
     /// failures); the KMS stays unready until it is restarted with a correct PIN.
     #[error("HSM PIN rejected: {0}")]
@@ -274,6 +281,18 @@ pub trait KeyBackend: Send + Sync + 'static {
         &self,
         version: KekVersion,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Extends the audit chain: for each message `m_i`, `mac_i = HMAC-SHA256(audit key,
+    /// mac_{i-1} || m_i)` computed inside the HSM, starting from `prev`. One HSM job for the
+    /// whole batch.
+    ///
+    /// # Errors
+    /// `AuditKey` when the audit key is missing or refused; `Unavailable`/`Overloaded`.
+    fn audit_chain(
+        &self,
+        prev: [u8; 32],
+        messages: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<[u8; 32]>, BackendError>> + Send;
 
     /// One real round trip to the HSM (e.g. a random-number request on a pooled session).
     ///

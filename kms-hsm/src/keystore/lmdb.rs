@@ -26,8 +26,8 @@ use service_kit::group_commit::{self, CommitError, GroupCommitWriter, Observer, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    now_secs, DestroyOutcome, JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore,
-    StoreError,
+    now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord, KeyRecord, KeyState,
+    KeyStore, StoreError,
 };
 use crate::metrics::StoreMetrics;
 
@@ -37,6 +37,8 @@ pub const MAX_BATCH: usize = 256;
 const QUEUE_DEPTH: usize = 4096;
 /// Value of `meta/format`.
 const FORMAT: &str = "1";
+/// Key of the audit head in the `lifecycle` database.
+const AUDIT_HEAD: &str = "audit/head";
 
 enum Op {
     PutNew(KeyRecord),
@@ -53,6 +55,11 @@ enum Op {
         key: String,
         value: Vec<u8>,
     },
+    /// Appends encoded audit entries and replaces the head.
+    AppendAudit {
+        entries: Vec<(u64, Vec<u8>)>,
+        head: Vec<u8>,
+    },
 }
 
 enum OpOutput {
@@ -64,6 +71,7 @@ struct Pending {
     op: Op,
     keys: Database<Str, Bytes>,
     lifecycle: Database<Str, Bytes>,
+    audit: Database<Bytes, Bytes>,
     map_size_mb: u64,
     result: Option<Result<OpOutput, StoreError>>,
     reply: oneshot::Sender<Result<OpOutput, StoreError>>,
@@ -74,6 +82,7 @@ pub struct LmdbStore {
     env: Env,
     keys: Database<Str, Bytes>,
     lifecycle: Database<Str, Bytes>,
+    audit: Database<Bytes, Bytes>,
     path: PathBuf,
     map_size_mb: u64,
     tx: Option<mpsc::Sender<Box<dyn Write>>>,
@@ -130,6 +139,9 @@ impl LmdbStore {
         let lifecycle: Database<Str, Bytes> = env
             .create_database(&mut wtxn, Some("lifecycle"))
             .map_err(|e| open_err(e.to_string()))?;
+        let audit: Database<Bytes, Bytes> = env
+            .create_database(&mut wtxn, Some("audit"))
+            .map_err(|e| open_err(e.to_string()))?;
         let meta: Database<Str, Str> = env
             .create_database(&mut wtxn, Some("meta"))
             .map_err(|e| open_err(e.to_string()))?;
@@ -170,6 +182,7 @@ impl LmdbStore {
             env,
             keys,
             lifecycle,
+            audit,
             path: path.to_owned(),
             map_size_mb,
             tx: Some(tx),
@@ -243,6 +256,7 @@ impl LmdbStore {
             op,
             keys: self.keys,
             lifecycle: self.lifecycle,
+            audit: self.audit,
             map_size_mb: self.map_size_mb,
             result: None,
             reply,
@@ -332,6 +346,56 @@ impl KeyStore for LmdbStore {
         self.put_lifecycle(key, &job).await
     }
 
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let Some(v) = self.lifecycle.get(&rtxn, AUDIT_HEAD).map_err(io_err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt {
+                key: AUDIT_HEAD.into(),
+                detail: "undecodable audit head".into(),
+            })
+    }
+
+    async fn append_audit(
+        &self,
+        entries: Vec<kms_api::admin::AuditEntry>,
+        head: AuditHead,
+    ) -> Result<(), StoreError> {
+        let entries = entries
+            .iter()
+            .map(|e| {
+                serde_json::to_vec(e)
+                    .map(|v| (e.seq, v))
+                    .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let head = serde_json::to_vec(&head)
+            .map_err(|e| StoreError::Io(format!("cannot encode the audit head: {e}")))?;
+        self.submit(Op::AppendAudit { entries, head })
+            .await
+            .map(|_| ())
+    }
+
+    fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let start = after.saturating_add(1).to_be_bytes();
+        let range = (Bound::Included(&start[..]), Bound::<&[u8]>::Unbounded);
+        let mut out = Vec::new();
+        for item in self.audit.range(&rtxn, &range).map_err(io_err)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io_err)?;
+            // A key that is not 8 bytes was planted: report it as what it claims, in order.
+            let seq = <[u8; 8]>::try_from(k).map_or(u64::MAX, u64::from_be_bytes);
+            out.push((seq, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         match &self.tx {
             Some(tx) if !tx.is_closed() => {}
@@ -340,6 +404,20 @@ impl KeyStore for LmdbStore {
         let rtxn = self.env.read_txn().map_err(io_err)?;
         self.keys.len(&rtxn).map_err(io_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl LmdbStore {
+    /// Test hook: edits the audit database and the head behind the store's back, as someone
+    /// with write access to the files would.
+    pub(crate) fn tamper_audit(
+        &self,
+        f: impl FnOnce(&mut RwTxn<'_>, Database<Bytes, Bytes>, Database<Str, Bytes>),
+    ) {
+        let mut w = self.env.write_txn().unwrap();
+        f(&mut w, self.audit, self.lifecycle);
+        w.commit().unwrap();
     }
 }
 
@@ -371,9 +449,17 @@ fn apply(
     wtxn: &mut RwTxn<'_>,
     keys: Database<Str, Bytes>,
     lifecycle: Database<Str, Bytes>,
+    audit: Database<Bytes, Bytes>,
     op: &Op,
 ) -> heed::Result<Result<OpOutput, StoreError>> {
     match op {
+        Op::AppendAudit { entries, head } => {
+            for (seq, value) in entries {
+                audit.put(wtxn, &seq.to_be_bytes(), value)?;
+            }
+            lifecycle.put(wtxn, AUDIT_HEAD, head)?;
+            Ok(Ok(OpOutput::Written))
+        }
         Op::PutLifecycle { key, value } => {
             lifecycle.put(wtxn, key, value)?;
             Ok(Ok(OpOutput::Written))
@@ -434,7 +520,7 @@ fn apply(
 
 impl Write for Pending {
     fn apply(&mut self, txn: &mut RwTxn<'_>) -> heed::Result<()> {
-        self.result = Some(apply(txn, self.keys, self.lifecycle, &self.op)?);
+        self.result = Some(apply(txn, self.keys, self.lifecycle, self.audit, &self.op)?);
         Ok(())
     }
 

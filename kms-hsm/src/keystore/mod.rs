@@ -84,6 +84,29 @@ pub struct KekVersionRecord {
 /// as it is, persisted after every step, so a restarted KMS resumes it where it stopped.
 pub type JobRecord = kms_api::admin::Job;
 
+/// The last audit entry: its sequence number and MAC. Written in the same transaction as the
+/// entries, so a log shorter than its head was cut after the fact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: u64,
+    #[serde(with = "hex_mac")]
+    pub mac: [u8; 32],
+}
+
+mod hex_mac {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(m))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let v = hex::decode(s).map_err(serde::de::Error::custom)?;
+        <[u8; 32]>::try_from(v.as_slice()).map_err(|_| serde::de::Error::custom("32 bytes"))
+    }
+}
+
 /// Outcome of [`KeyStore::mark_destroyed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestroyOutcome {
@@ -202,6 +225,30 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// `Full`, `Io`, `Closed`.
     fn put_job(&self, job: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The audit log's head, if any entry was ever written.
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+
+    /// Appends audit entries and moves the head, in one durable transaction. The caller
+    /// (the one audit sequencer) numbers and chains them.
+    ///
+    /// # Errors
+    /// `Full`, `Io`, `Closed`; then nothing was written.
+    fn append_audit(
+        &self,
+        entries: Vec<kms_api::admin::AuditEntry>,
+        head: AuditHead,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Up to `limit` audit records stored under sequence numbers greater than `after`, in
+    /// order, as stored (undecoded: verification must see what is on disk).
+    ///
+    /// # Errors
+    /// `Io`.
+    fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
     /// `Ok` when the store can serve reads and writes now.
     ///

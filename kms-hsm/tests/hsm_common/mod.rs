@@ -56,6 +56,7 @@ impl TestHsm {
             token_label: token.to_owned(),
             pin: SecretString::from(self.pin(token)),
             kek_label: KekId::parse(KEK_LABEL).unwrap(),
+            audit_key_label: format!("{KEK_LABEL}-audit"),
             sessions,
             limits: Default::default(),
         }

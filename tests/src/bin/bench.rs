@@ -625,6 +625,7 @@ async fn section_a(p: Profile, root: &Path, rep: &mut Report) -> Result<()> {
         token_label: hsm.token_label.clone(),
         pin: SecretString::from(hsm.pin.clone()),
         kek_label: KekId::parse(&hsm.kek_label)?,
+        audit_key_label: format!("{}-audit", hsm.kek_label),
         sessions: HSM_SESSIONS,
         limits: Default::default(),
     };

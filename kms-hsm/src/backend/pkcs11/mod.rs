@@ -201,12 +201,15 @@ impl Pkcs11Backend {
                 .map_err(|e| token::op_to_setup_error("logging in", e))?;
             let current = token::current_kek(&session, &settings.kek_label, &settings.token_label)
                 .map_err(|e| token::op_to_setup_error("finding the KEK", e))?;
+            token::find_audit_key(&session, &settings.audit_key_label)
+                .map_err(|e| token::op_to_setup_error("finding the audit key", e))?;
             (session, current)
         };
 
         let pool = Arc::new(WorkerPool {
             ctx,
             token_label: settings.token_label.clone(),
+            audit_label: settings.audit_key_label.clone(),
             pin: settings.pin.clone(),
             current: RwLock::new(current.clone()),
             calls: AtomicU64::new(0),
@@ -548,6 +551,18 @@ impl KeyBackend for Pkcs11Backend {
         }
     }
 
+    fn audit_chain(
+        &self,
+        prev: [u8; 32],
+        messages: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<[u8; 32]>, BackendError>> + Send {
+        self.call(move |reply| JobKind::AuditChain {
+            prev,
+            messages,
+            reply,
+        })
+    }
+
     fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         self.call(|reply| JobKind::Health { reply })
     }
@@ -612,6 +627,7 @@ fn hsm_error(what: &str, e: Error) -> BackendError {
 /// Creation is serialised inside this process only; do not run two `init-kek` processes
 /// against one token at the same moment.
 pub fn init_kek(settings: &HsmSettings) -> Result<InitKekOutcome, BackendError> {
+    ensure_audit_key(settings)?;
     with_admin_session(settings, true, |rt, session| {
         let _create = rt.kek_create.lock().unwrap_or_else(PoisonError::into_inner);
         let versions = token::list_kek_versions(session, &settings.kek_label)
@@ -639,6 +655,40 @@ pub fn init_kek(settings: &HsmSettings) -> Result<InitKekOutcome, BackendError> 
         );
         Ok(InitKekOutcome::Created(kek))
     })
+}
+
+/// Creates the audit log's HMAC key in the token unless it exists; checks it either way.
+/// Idempotent. Blocking.
+///
+/// # Errors
+/// `AuditKey` when an object with the label exists but is not a hardened HMAC key; as
+/// [`init_kek`] otherwise.
+pub fn ensure_audit_key(settings: &HsmSettings) -> Result<bool, BackendError> {
+    with_admin_session(settings, true, |rt, session| {
+        let _create = rt.kek_create.lock().unwrap_or_else(PoisonError::into_inner);
+        match token::find_audit_key(session, &settings.audit_key_label) {
+            Ok(_) => return Ok(false),
+            Err(OpError::Backend(BackendError::AuditKey { .. }))
+                if token_has_no_audit_key(session, &settings.audit_key_label)? => {}
+            Err(e) => return Err(token::op_to_setup_error("finding the audit key", e)),
+        }
+        token::generate_audit_key(session, &settings.audit_key_label)
+            .map_err(|e| hsm_error("generating the audit key", e))?;
+        token::find_audit_key(session, &settings.audit_key_label)
+            .map_err(|e| token::op_to_setup_error("checking the new audit key", e))?;
+        tracing::info!(label = %settings.audit_key_label, "audit key created in the HSM");
+        Ok(true)
+    })
+}
+
+fn token_has_no_audit_key(session: &Session, label: &str) -> Result<bool, BackendError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(|e| hsm_error("looking for the audit key", e))?;
+    Ok(found.is_empty())
 }
 
 /// Makes KEK `version` exist: adopts an existing object that passes [`token::check_kek`],

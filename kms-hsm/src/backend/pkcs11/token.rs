@@ -459,3 +459,129 @@ pub(super) fn generate_kek(session: &Session, kek: &KekRef) -> Result<ObjectHand
         Err(e) => Err(e),
     }
 }
+
+/// What the audit key must be: a generic secret generated in the token, sensitive, never
+/// extractable, for HMAC signing and verifying only.
+const AUDIT_KEY_REQUIREMENTS: &[(AttributeType, bool)] = &[
+    (AttributeType::Token, true),
+    (AttributeType::Private, true),
+    (AttributeType::Sensitive, true),
+    (AttributeType::Extractable, false),
+    (AttributeType::AlwaysSensitive, true),
+    (AttributeType::NeverExtractable, true),
+    (AttributeType::Local, true),
+    (AttributeType::Sign, true),
+    (AttributeType::Verify, true),
+    (AttributeType::Encrypt, false),
+    (AttributeType::Decrypt, false),
+    (AttributeType::Wrap, false),
+    (AttributeType::Unwrap, false),
+    (AttributeType::Derive, false),
+];
+
+/// Length of the audit key (HMAC-SHA256).
+pub(super) const AUDIT_KEY_LEN: usize = 32;
+
+fn audit_key_search(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// The handle of the audit key labelled `label`, which must exist exactly once and meet
+/// [`AUDIT_KEY_REQUIREMENTS`].
+///
+/// # Errors
+/// `AuditKey` when it is absent, duplicated or not hardened.
+pub(super) fn find_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, OpError> {
+    let refused = |reason: String| {
+        OpError::Backend(BackendError::AuditKey {
+            label: label.to_owned(),
+            reason,
+        })
+    };
+    let found = session.find_objects(&audit_key_search(label))?;
+    let h = match found.as_slice() {
+        [h] => *h,
+        [] => {
+            return Err(refused(
+                "not in the token; create it with `progressdb-kms init-kek --config <file>`".into(),
+            ))
+        }
+        _ => return Err(refused(format!("{} objects carry this label", found.len()))),
+    };
+    let mut wanted: Vec<AttributeType> = AUDIT_KEY_REQUIREMENTS.iter().map(|(t, _)| *t).collect();
+    wanted.extend([AttributeType::KeyType, AttributeType::ValueLen]);
+    let attrs = session.get_attributes(h, &wanted)?;
+    if !attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(k) if *k == KeyType::GENERIC_SECRET))
+    {
+        return Err(refused("it is not a generic secret key".into()));
+    }
+    let len = attrs.iter().find_map(|a| match a {
+        Attribute::ValueLen(v) => Some(usize::from(*v)),
+        _ => None,
+    });
+    if len != Some(AUDIT_KEY_LEN) {
+        return Err(refused(format!(
+            "CKA_VALUE_LEN is {len:?}, expected {AUDIT_KEY_LEN}"
+        )));
+    }
+    let flags: Vec<(AttributeType, bool)> = attrs.iter().filter_map(bool_attr).collect();
+    for (t, want) in AUDIT_KEY_REQUIREMENTS {
+        match flags.iter().find(|(ft, _)| ft == t) {
+            Some((_, v)) if v == want => {}
+            Some((_, v)) => {
+                return Err(refused(format!(
+                    "CKA_{} is {v}, must be {want}",
+                    attr_name(*t)
+                )))
+            }
+            None => {
+                return Err(refused(format!(
+                    "the token does not report CKA_{}",
+                    attr_name(*t)
+                )))
+            }
+        }
+    }
+    Ok(h)
+}
+
+/// Generates the audit key in the token (`CKM_GENERIC_SECRET_KEY_GEN`, 32 bytes). Needs a
+/// read-write, logged-in session.
+pub(super) fn generate_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, Error> {
+    let base = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(Ulong::new(AUDIT_KEY_LEN as _)),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    let mut hardened = base.clone();
+    hardened.extend(kek_hardening());
+    match session.generate_key(&Mechanism::GenericSecretKeyGen, &hardened) {
+        Ok(h) => Ok(h),
+        Err(Error::Pkcs11(
+            RvError::TemplateInconsistent
+            | RvError::AttributeReadOnly
+            | RvError::AttributeTypeInvalid
+            | RvError::AttributeValueInvalid,
+            _,
+        )) => session.generate_key(&Mechanism::GenericSecretKeyGen, &base),
+        Err(e) => Err(e),
+    }
+}

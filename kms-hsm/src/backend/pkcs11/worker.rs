@@ -52,6 +52,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub(super) struct WorkerPool {
     pub(super) ctx: &'static Pkcs11Context,
     pub(super) token_label: String,
+    pub(super) audit_label: String,
     pub(super) pin: SecretString,
     pub(super) current: RwLock<KekRef>,
     pub(super) calls: AtomicU64,
@@ -145,6 +146,12 @@ pub(super) enum JobKind {
         wrapped: WrappedDek,
         reply: Reply<(WrappedDek, KekRef)>,
     },
+    /// Extend the audit chain from `prev` over `messages` (HMAC-SHA256 in the HSM).
+    AuditChain {
+        prev: [u8; 32],
+        messages: Vec<Vec<u8>>,
+        reply: Reply<Vec<[u8; 32]>>,
+    },
     Health {
         reply: Reply<()>,
     },
@@ -162,6 +169,8 @@ struct Live {
     slot: Slot,
     generation: u64,
     keks: HashMap<KekRef, ObjectHandle>,
+    /// The audit key's handle, found (and checked) once per session.
+    audit: Option<ObjectHandle>,
     known: Option<Arc<WorkerPool>>,
 }
 
@@ -364,6 +373,19 @@ impl Worker {
                     let blob = seal(live, &key_id, &current, &dek)?;
                     Ok((blob, current.clone()))
                 });
+                let _ = reply.send(res);
+            }
+            JobKind::AuditChain {
+                prev,
+                messages,
+                reply,
+            } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let label = self.pool.audit_label.clone();
+                let res = self.run_op(|live| audit_chain(live, &label, prev, &messages));
                 let _ = reply.send(res);
             }
             JobKind::Health { reply } => {
@@ -696,6 +718,7 @@ impl Worker {
             slot,
             generation: ctx.generation(),
             keks: HashMap::new(),
+            audit: None,
             known: Some(Arc::clone(&self.pool)),
         };
         let kek = self.pool.current_kek();
@@ -790,6 +813,40 @@ fn unwrap(
             Ok(Dek::from_bytes(dek))
         }
     }
+}
+
+/// `mac_i = HMAC-SHA256(audit key, mac_{i-1} || m_i)` for each message, from `prev`.
+fn audit_chain(
+    live: &mut Live,
+    label: &str,
+    prev: [u8; 32],
+    messages: &[Vec<u8>],
+) -> Result<Vec<[u8; 32]>, OpError> {
+    let key = match live.audit {
+        Some(h) => h,
+        None => {
+            let h = token::find_audit_key(&live.session, label)?;
+            live.audit = Some(h);
+            h
+        }
+    };
+    let mut prev = prev;
+    let mut out = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut data = Vec::with_capacity(32 + m.len());
+        data.extend_from_slice(&prev);
+        data.extend_from_slice(m);
+        let mac = live.session.sign(&Mechanism::Sha256Hmac, key, &data)?;
+        let Ok(mac) = <[u8; 32]>::try_from(mac.as_slice()) else {
+            return Err(OpError::Backend(BackendError::Internal(format!(
+                "HMAC-SHA256 returned {} bytes",
+                mac.len()
+            ))));
+        };
+        out.push(mac);
+        prev = mac;
+    }
+    Ok(out)
 }
 
 /// A real round trip: the session is logged in, the RNG answers, the KEK handle is valid.

@@ -1,0 +1,586 @@
+//! The tamper-evident audit log: every key lifecycle event and admin action, appended
+//! durably to the key store and chained with an HMAC made inside the HSM.
+//!
+//! # Format
+//! Entries ([`AuditEntry`]) are numbered 1, 2, 3, ... without gaps. Entry `n` carries
+//! `mac_n = HMAC-SHA256(K, mac_{n-1} || "progressdb-kms:audit:v1" 0x00 || body_n)` where `K` is
+//! the audit key (a generic-secret token object in the HSM, sensitive and never extractable,
+//! labelled `hsm.audit_key_label`), `mac_0` is 32 zero bytes and `body_n` is the JSON of the
+//! entry without its `mac` (fields in declaration order, `detail` sorted by key). The store
+//! keeps the head (`seq`, `mac` of the last entry) in the same transaction as the entries.
+//!
+//! Without the HSM nobody can make a valid MAC, so [`verify`] finds an edited, removed,
+//! inserted or reordered entry and names the first bad one; a log that ends before its
+//! recorded head is reported as a truncated tail. (Someone able to rewrite the whole store
+//! can still cut the tail *and* the head together; export the head (`audit verify` prints
+//! it) to keep that detectable too.)
+//!
+//! # Fail closed
+//! [`AuditLog::append`] returns only once the entry is durable. Callers append *before* they
+//! act (create or destroy a DEK, create, retire or destroy a KEK version, start a job): no
+//! audit, no action. Concurrent appends share one HSM job and one commit: the caller that
+//! takes the sequencer lock writes everything queued.
+//!
+//! # Who
+//! The HTTP layer runs every request inside [`ACTOR`] (the peer uid or certificate, and
+//! whether it came through the admin endpoint); lifecycle jobs append as `kms`.
+
+use std::collections::BTreeMap;
+use std::sync::PoisonError;
+
+use kms_api::admin::{AuditEntry, AuditProblem, AuditVerifyResponse};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::backend::{BackendError, KeyBackend};
+use crate::keystore::{now_secs, AuditHead, KeyStore, StoreError};
+
+tokio::task_local! {
+    /// Who the current request comes from (set by the HTTP layer for each request).
+    pub static ACTOR: String;
+}
+
+/// The actor of the current task: the request's peer, or `kms` outside a request.
+pub fn current_actor() -> String {
+    ACTOR
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| "kms".into())
+}
+
+/// Domain separation of the MAC input.
+const DOMAIN: &[u8] = b"progressdb-kms:audit:v1\0";
+/// Entries MACed per HSM job during verification.
+const VERIFY_CHUNK: usize = 256;
+
+/// Whether the audited action went ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Refused,
+    Failed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// One thing to audit. `detail` holds ids and versions only, never key material.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub action: &'static str,
+    pub outcome: Outcome,
+    pub detail: Vec<(&'static str, String)>,
+}
+
+impl AuditEvent {
+    pub fn new(action: &'static str) -> Self {
+        Self {
+            action,
+            outcome: Outcome::Ok,
+            detail: Vec::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn outcome(mut self, o: Outcome) -> Self {
+        self.outcome = o;
+        self
+    }
+
+    #[must_use]
+    pub fn with(mut self, key: &'static str, value: impl ToString) -> Self {
+        self.detail.push((key, value.to_string()));
+        self
+    }
+}
+
+/// Why an entry could not be appended. The action it guarded must not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log: {0}")]
+    Backend(#[from] BackendError),
+    #[error("audit log: {0}")]
+    Store(#[from] StoreError),
+    #[error("audit log: the sequencer stopped before answering")]
+    Dropped,
+}
+
+/// The body that is MACed: an entry without its `mac`.
+#[derive(Serialize)]
+struct Body<'a> {
+    seq: u64,
+    at: u64,
+    action: &'a str,
+    actor: &'a str,
+    outcome: &'a str,
+    detail: &'a BTreeMap<String, String>,
+}
+
+fn mac_input(e: &AuditEntry) -> Vec<u8> {
+    let body = Body {
+        seq: e.seq,
+        at: e.at,
+        action: &e.action,
+        actor: &e.actor,
+        outcome: &e.outcome,
+        detail: &e.detail,
+    };
+    let mut out = DOMAIN.to_vec();
+    // Serializing a struct of strings, integers and a string map cannot fail.
+    out.extend(serde_json::to_vec(&body).unwrap_or_default());
+    out
+}
+
+struct Queued {
+    entry: AuditEntry,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// The audit sequencer of one process.
+#[derive(Default)]
+pub struct AuditLog {
+    queue: std::sync::Mutex<Vec<Queued>>,
+    /// The head as last committed (`None`: read it from the store first).
+    head: tokio::sync::Mutex<Option<Option<AuditHead>>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Appends `ev` (as the current [`ACTOR`]) and returns once it is durable.
+    ///
+    /// # Errors
+    /// [`AuditError`] when the HSM cannot MAC it or the store cannot write it; nothing of the
+    /// entry is then in the log, and the guarded action must not happen.
+    pub async fn append<B: KeyBackend, S: KeyStore>(
+        &self,
+        backend: &B,
+        store: &S,
+        ev: AuditEvent,
+    ) -> Result<(), AuditError> {
+        let entry = AuditEntry {
+            seq: 0,
+            at: now_secs(),
+            action: ev.action.to_owned(),
+            actor: current_actor(),
+            outcome: ev.outcome.as_str().to_owned(),
+            detail: ev
+                .detail
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            mac: String::new(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Queued { entry, reply: tx });
+        {
+            // Whoever holds the lock writes everything queued, including entries of callers
+            // still waiting for it: one HSM job and one commit for a group of appends.
+            let mut head = self.head.lock().await;
+            let batch =
+                std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            if !batch.is_empty() {
+                self.write(backend, store, &mut head, batch).await;
+            }
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(AuditError::Store(StoreError::Io(why))),
+            Err(_) => Err(AuditError::Dropped),
+        }
+    }
+
+    async fn write<B: KeyBackend, S: KeyStore>(
+        &self,
+        backend: &B,
+        store: &S,
+        head: &mut Option<Option<AuditHead>>,
+        mut batch: Vec<Queued>,
+    ) {
+        let result = async {
+            let current = match *head {
+                Some(h) => h,
+                None => store.audit_head()?,
+            };
+            let (mut seq, prev) = current.map_or((0, [0u8; 32]), |h| (h.seq, h.mac));
+            for q in &mut batch {
+                seq += 1;
+                q.entry.seq = seq;
+            }
+            let messages = batch.iter().map(|q| mac_input(&q.entry)).collect();
+            let macs = backend.audit_chain(prev, messages).await?;
+            if macs.len() != batch.len() {
+                return Err(AuditError::Backend(BackendError::Internal(
+                    "the HSM returned a MAC count different from the entry count".into(),
+                )));
+            }
+            for (q, m) in batch.iter_mut().zip(&macs) {
+                q.entry.mac = hex::encode(m);
+            }
+            let new_head = AuditHead {
+                seq,
+                mac: macs.last().copied().unwrap_or(prev),
+            };
+            store
+                .append_audit(batch.iter().map(|q| q.entry.clone()).collect(), new_head)
+                .await?;
+            Ok::<_, AuditError>(new_head)
+        }
+        .await;
+        match result {
+            Ok(h) => {
+                *head = Some(Some(h));
+                for q in batch {
+                    let _ = q.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, entries = batch.len(), "cannot append to the audit log; the audited actions are refused");
+                // Re-read the head next time: the store knows what was committed.
+                *head = None;
+                for q in batch {
+                    let _ = q.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Checks the whole log against its chain and its head.
+///
+/// # Errors
+/// [`AuditError`] when the HSM or the store cannot be used (then nothing was judged).
+pub async fn verify<B: KeyBackend, S: KeyStore>(
+    backend: &B,
+    store: &S,
+) -> Result<AuditVerifyResponse, AuditError> {
+    let head = store.audit_head()?;
+    let head_seq = head.map_or(0, |h| h.seq);
+    let problem = |kind: &str, seq: u64, message: String| AuditProblem {
+        kind: kind.to_owned(),
+        seq,
+        message,
+    };
+    let answer = |verified: u64, p: Option<AuditProblem>| AuditVerifyResponse {
+        ok: p.is_none(),
+        verified,
+        head_seq,
+        problem: p,
+    };
+    let mut expected = 1u64;
+    let mut prev = [0u8; 32];
+    let mut verified = 0u64;
+    let mut after = 0u64;
+    loop {
+        let page = store.audit_range(after, VERIFY_CHUNK)?;
+        let Some(&(last, _)) = page.last() else { break };
+        let mut entries = Vec::with_capacity(page.len());
+        for (key, bytes) in page {
+            if key != expected {
+                let p = if key > expected {
+                    problem(
+                        "gap",
+                        expected,
+                        format!("entries {expected}..{} are missing (removed)", key - 1),
+                    )
+                } else {
+                    problem("moved", key, format!("unexpected entry key {key}"))
+                };
+                return Ok(answer(verified, Some(p)));
+            }
+            let Ok(e) = serde_json::from_slice::<AuditEntry>(&bytes) else {
+                return Ok(answer(
+                    verified,
+                    Some(problem(
+                        "undecodable",
+                        key,
+                        format!("entry {key} cannot be read"),
+                    )),
+                ));
+            };
+            if e.seq != key {
+                return Ok(answer(
+                    verified,
+                    Some(problem(
+                        "moved",
+                        key,
+                        format!(
+                            "the entry stored as {key} says it is {} (moved or reordered)",
+                            e.seq
+                        ),
+                    )),
+                ));
+            }
+            entries.push(e);
+            expected += 1;
+        }
+        let macs = backend
+            .audit_chain(prev, entries.iter().map(mac_input).collect())
+            .await?;
+        for (e, m) in entries.iter().zip(&macs) {
+            let stored = hex::decode(&e.mac).unwrap_or_default();
+            if !constant_time_eq(&stored, m) {
+                return Ok(answer(
+                    verified,
+                    Some(problem(
+                        "mac_mismatch",
+                        e.seq,
+                        format!(
+                            "entry {} does not verify: it, or one before it, was edited, inserted or reordered",
+                            e.seq
+                        ),
+                    )),
+                ));
+            }
+            verified += 1;
+            prev = *m;
+        }
+        after = last;
+    }
+    let last = expected - 1;
+    let p = match head {
+        None if last == 0 => None,
+        None => Some(problem(
+            "head_missing",
+            1,
+            format!("{last} entries but no recorded head"),
+        )),
+        Some(h) if h.seq > last => Some(problem(
+            "truncated_tail",
+            last + 1,
+            format!(
+                "the log ends at {last} but its head says {}: entries {}..{} were cut off",
+                h.seq,
+                last + 1,
+                h.seq
+            ),
+        )),
+        Some(h) if h.seq < last => Some(problem(
+            "beyond_head",
+            h.seq + 1,
+            format!("entries after the recorded head {} were added", h.seq),
+        )),
+        Some(h) if !constant_time_eq(&h.mac, &prev) => Some(problem(
+            "head_mismatch",
+            h.seq,
+            "the last entry's MAC is not the recorded head's".into(),
+        )),
+        Some(_) => None,
+    };
+    Ok(answer(verified, p))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::keystore::lmdb::LmdbStore;
+    use crate::metrics::StoreMetrics;
+    use crate::testing::MockBackend;
+
+    async fn filled(n: usize) -> (tempfile::TempDir, MockBackend, LmdbStore, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LmdbStore::open(dir.path(), 16, StoreMetrics::unregistered()).unwrap();
+        let backend = MockBackend::new();
+        let log = AuditLog::default();
+        for i in 0..n {
+            log.append(
+                &backend,
+                &store,
+                AuditEvent::new("dek.create").with("key_id", format!("k{i}")),
+            )
+            .await
+            .unwrap();
+        }
+        (dir, backend, store, log)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_chain_and_verify() {
+        let (_d, backend, store, log) = filled(3).await;
+        // Concurrent appends share commits and stay gapless.
+        let (backend, store, log) = (Arc::new(backend), Arc::new(store), Arc::new(log));
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (b, s, l) = (backend.clone(), store.clone(), log.clone());
+                tokio::spawn(ACTOR.scope(format!("uid:{i}"), async move {
+                    l.append(
+                        &*b,
+                        &*s,
+                        AuditEvent::new("admin.refused").outcome(Outcome::Refused),
+                    )
+                    .await
+                    .unwrap();
+                }))
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let v = verify(&*backend, &*store).await.unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!((v.verified, v.head_seq), (23, 23));
+        let page = store.audit_range(0, 100).unwrap();
+        let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=23).collect::<Vec<_>>());
+        let e: AuditEntry = serde_json::from_slice(&page[5].1).unwrap();
+        assert!(e.actor.starts_with("uid:"), "{e:?}");
+        assert_eq!(e.outcome, "refused");
+        let first: AuditEntry = serde_json::from_slice(&page[0].1).unwrap();
+        assert_eq!(first.actor, "kms");
+        assert_eq!(first.detail["key_id"], "k0");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_hsm_appends_nothing_and_the_chain_continues() {
+        let (_d, backend, store, log) = filled(2).await;
+        backend.set_down(true);
+        assert!(log
+            .append(&backend, &store, AuditEvent::new("kek.rotate"))
+            .await
+            .is_err());
+        backend.set_down(false);
+        log.append(&backend, &store, AuditEvent::new("kek.rotate"))
+            .await
+            .unwrap();
+        let v = verify(&backend, &store).await.unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.head_seq, 3);
+    }
+
+    /// Runs `f` on a fresh log of 6 entries and returns what verification says.
+    async fn tampered(
+        f: impl FnOnce(
+            &mut heed::RwTxn<'_>,
+            heed::Database<heed::types::Bytes, heed::types::Bytes>,
+            heed::Database<heed::types::Str, heed::types::Bytes>,
+        ),
+    ) -> AuditVerifyResponse {
+        let (_d, backend, store, _log) = filled(6).await;
+        store.tamper_audit(f);
+        verify(&backend, &store).await.unwrap()
+    }
+
+    fn get(
+        w: &heed::RwTxn<'_>,
+        db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+        seq: u64,
+    ) -> AuditEntry {
+        serde_json::from_slice(db.get(w, &seq.to_be_bytes()).unwrap().unwrap()).unwrap()
+    }
+
+    fn put(
+        w: &mut heed::RwTxn<'_>,
+        db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+        seq: u64,
+        e: &AuditEntry,
+    ) {
+        db.put(w, &seq.to_be_bytes(), &serde_json::to_vec(e).unwrap())
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_tampering_is_found_and_named() {
+        // Edited.
+        let v = tampered(|w, db, _| {
+            let mut e = get(w, db, 3);
+            e.detail.insert("key_id".into(), "someone-else".into());
+            put(w, db, 3, &e);
+        })
+        .await;
+        let p = v.problem.unwrap();
+        assert_eq!((p.kind.as_str(), p.seq, v.verified), ("mac_mismatch", 3, 2));
+        // Removed from the middle.
+        let v = tampered(|w, db, _| {
+            db.delete(w, &4u64.to_be_bytes()).unwrap();
+        })
+        .await;
+        let p = v.problem.unwrap();
+        assert_eq!((p.kind.as_str(), p.seq), ("gap", 4), "{p:?}");
+        // Removed from the middle and renumbered to hide the gap.
+        let v = tampered(|w, db, _| {
+            for seq in 4..6 {
+                let mut e = get(w, db, seq + 1);
+                e.seq = seq;
+                put(w, db, seq, &e);
+            }
+            db.delete(w, &6u64.to_be_bytes()).unwrap();
+        })
+        .await;
+        assert_eq!(v.problem.unwrap().kind, "mac_mismatch");
+        // Inserted (a forged entry with a made-up MAC, the rest renumbered).
+        let v = tampered(|w, db, _| {
+            for seq in (3..=6).rev() {
+                let mut e = get(w, db, seq);
+                e.seq = seq + 1;
+                put(w, db, seq + 1, &e);
+            }
+            let mut forged = get(w, db, 2);
+            forged.seq = 3;
+            forged.action = "kek.destroy".into();
+            put(w, db, 3, &forged);
+        })
+        .await;
+        let p = v.problem.unwrap();
+        assert_eq!((p.kind.as_str(), p.seq), ("mac_mismatch", 3));
+        // Reordered (two entries swapped, keys only).
+        let v = tampered(|w, db, _| {
+            let (a, b) = (get(w, db, 2), get(w, db, 5));
+            put(w, db, 2, &b);
+            put(w, db, 5, &a);
+        })
+        .await;
+        let p = v.problem.unwrap();
+        assert_eq!((p.kind.as_str(), p.seq), ("moved", 2));
+        // Reordered with the sequence numbers rewritten too.
+        let v = tampered(|w, db, _| {
+            let (mut a, mut b) = (get(w, db, 2), get(w, db, 5));
+            a.seq = 5;
+            b.seq = 2;
+            put(w, db, 2, &b);
+            put(w, db, 5, &a);
+        })
+        .await;
+        let p = v.problem.unwrap();
+        assert_eq!((p.kind.as_str(), p.seq), ("mac_mismatch", 2));
+        // Truncated tail.
+        let v = tampered(|w, db, _| {
+            db.delete(w, &6u64.to_be_bytes()).unwrap();
+            db.delete(w, &5u64.to_be_bytes()).unwrap();
+        })
+        .await;
+        let p = v.problem.unwrap();
+        assert_eq!(
+            (p.kind.as_str(), p.seq, v.verified),
+            ("truncated_tail", 5, 4)
+        );
+        // Undecodable.
+        let v = tampered(|w, db, _| {
+            db.put(w, &2u64.to_be_bytes(), b"{not json").unwrap();
+        })
+        .await;
+        assert_eq!(v.problem.unwrap().kind, "undecodable");
+        // Untouched: fine.
+        let v = tampered(|_, _, _| {}).await;
+        assert!(v.ok && v.verified == 6 && v.head_seq == 6, "{v:?}");
+    }
+}
