@@ -435,6 +435,22 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     let (s, st) = uds_request(&admin_sock, "GET", "/admin/status", None).unwrap();
     assert_eq!(s, 200, "{st}");
     assert_eq!(st["current_version"], 1);
+
+    // The operator scripts wrap the same commands.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new("bash")
+        .arg(repo.join("scripts/verify-keys.sh"))
+        .env("KMS_CONFIG", &kms.config)
+        .env("KMS_BIN", bin("progressdb-kms"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("audit log verified"), "{text}");
     let (s, b) = uds_request(&admin_sock, "GET", "/admin/jobs/job-0000000000000000", None).unwrap();
     assert_eq!((s, b["error"]["code"].as_str()), (404, Some("unknown_job")));
     let (s, b) = uds_request(&admin_sock, "GET", "/admin/jobs/../../etc", None).unwrap();
