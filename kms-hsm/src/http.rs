@@ -99,6 +99,8 @@ pub enum HttpError {
     Service(#[from] ServiceError),
     #[error(transparent)]
     Lifecycle(#[from] crate::lifecycle::LifecycleError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 impl HttpError {
@@ -114,6 +116,7 @@ impl HttpError {
             HttpError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             HttpError::Service(e) => e.code(),
             HttpError::Lifecycle(e) => e.code(),
+            HttpError::Backup(e) => e.code(),
         }
     }
 

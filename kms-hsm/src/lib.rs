@@ -13,6 +13,8 @@
 //!   stable wire codes.
 //! * [`audit`]: the tamper-evident audit log (entries chained by an HMAC made in the HSM,
 //!   appended durably before the action they record).
+//! * [`backup`]: backup and restore of the key store (HSM-HMAC-protected file, tombstones
+//!   honoured).
 //! * [`lifecycle`]: KEK rotation with bulk rewrap, verification, KEK destruction, status:
 //!   resumable jobs persisted in the key store.
 //! * [`http`]: the HTTP API (routing, parsing, error bodies): the client API and, on the
@@ -26,6 +28,7 @@
 pub mod app;
 pub mod audit;
 pub mod backend;
+pub mod backup;
 pub mod cache;
 pub mod cli;
 pub mod config;

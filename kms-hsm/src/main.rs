@@ -4,7 +4,7 @@
 //! * `progressdb-kms init-kek --config FILE`
 //! * admin subcommands, clients of the running KMS's admin socket ([`progressdb_kms::cli`]):
 //!   `status`, `rotate-kek`, `verify`, `jobs`, `kek destroy --version V`, `audit verify`,
-//!   `audit list`.
+//!   `audit list`, `backup --out FILE`, `restore --in FILE`.
 //!
 //! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT); 2 for a bad
 //! configuration or provisioning (key or file at fault, no such token, PIN refused, KEK
@@ -92,6 +92,36 @@ enum Command {
         #[command(subcommand)]
         command: KekCommand,
     },
+    /// Write every key record (wrapped DEKs and metadata, tombstones included) to FILE, in a
+    /// versioned file protected by an HMAC made in the HSM (needs the running KMS).
+    Backup {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write it (mode 0600; replaced atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Import a backup into the store, never overwriting: missing records are added,
+    /// differing ones reported, destroyed keys stay destroyed unless named with
+    /// --resurrect. A file that does not verify is refused whole (needs the running KMS).
+    Restore {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// A destroyed key to bring back from the backup (repeatable).
+        #[arg(long, value_name = "KEY_ID")]
+        resurrect: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// OFFLINE (stop the KMS first; refused while it runs): rewrite the key store without its
+    /// free pages, so the wrapped DEKs of destroyed keys no longer exist in its files.
+    Compact {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// The tamper-evident audit log (needs the running KMS: the MACs are made in the HSM).
     Audit {
         #[command(subcommand)]
@@ -154,7 +184,10 @@ fn main() -> ExitCode {
         }
         | Command::Audit {
             command: AuditCommand::Verify { config, .. } | AuditCommand::List { config, .. },
-        } => config,
+        }
+        | Command::Backup { config, .. }
+        | Command::Restore { config, .. }
+        | Command::Compact { config } => config,
     };
     let cfg = match Config::load(path) {
         Ok(c) => c,
@@ -203,6 +236,32 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::List { after, limit, .. },
         } => admin(cli::audit_list(&cfg, after, limit)),
+        Command::Backup { out, .. } => admin(cli::backup(&cfg, &out)),
+        Command::Compact { .. } => {
+            match progressdb_kms::keystore::lmdb::LmdbStore::compact(&cfg.store.path) {
+                Ok((before, after)) => {
+                    println!("key store compacted: {before} -> {after} bytes");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e),
+            }
+        }
+        Command::Restore {
+            input,
+            resurrect,
+            json,
+            ..
+        } => {
+            let keys = match resurrect
+                .iter()
+                .map(|k| kms_api::KeyId::parse(k))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(k) => k,
+                Err(e) => return fail(2, &format!("--resurrect: {e}")),
+            };
+            admin(cli::restore(&cfg, &input, &keys, output(json)))
+        }
     }
 }
 

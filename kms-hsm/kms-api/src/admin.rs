@@ -12,6 +12,8 @@
 //! | `GET /admin/jobs/{id}` | | [`Job`]; 404 `unknown_job` |
 //! | `GET /admin/audit?after=&limit=` | | [`AuditListResponse`]: entries after seq `after` (default 0), at most `limit` (default 100, max 1000) |
 //! | `POST /admin/audit/verify` | | [`AuditVerifyResponse`] |
+//! | `GET /admin/backup` | | the backup file (JSON, integrity-protected by an HMAC made in the HSM) |
+//! | `POST /admin/restore?resurrect=KEY_ID&...` | the backup file | [`RestoreReport`]; 422 `backup_invalid` |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -261,6 +263,28 @@ pub struct AuditVerifyResponse {
     pub head_seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<AuditProblem>,
+}
+
+/// What `restore` did with each record of a backup.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// Records in the backup.
+    pub records: u64,
+    /// Active records added (the store did not have them).
+    pub imported: u64,
+    /// Records identical in the store already.
+    pub unchanged: u64,
+    /// Tombstones (destroyed keys) added.
+    pub tombstones_imported: u64,
+    /// Keys destroyed in the store whose backup copy was *not* restored (a destroyed key is
+    /// brought back only when named with `--resurrect`).
+    pub tombstoned: Vec<KeyId>,
+    /// Destroyed keys brought back because they were named.
+    pub resurrected: Vec<KeyId>,
+    /// Keys whose store record differs from the backup's; the store's was kept.
+    pub conflicts: Vec<KeyId>,
+    /// Keys under a KEK version destroyed in the HSM: not importable (they cannot unwrap).
+    pub kek_unavailable: Vec<KeyId>,
 }
 
 #[cfg(test)]

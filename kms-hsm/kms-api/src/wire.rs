@@ -278,6 +278,9 @@ pub enum ErrorCode {
     KekNotRetired,
     /// Admin: key records still depend on the KEK version; it is not destroyed.
     KekInUse,
+    /// Admin: the backup file is not a backup of this format, or its HMAC does not verify
+    /// (tampered, truncated, or made under another audit key); nothing was restored.
+    BackupInvalid,
     /// Anything else inside the KMS; detail is in the KMS log only.
     Internal,
     /// A code this build does not know (sent by a newer KMS). Treated like `internal`.
@@ -297,7 +300,7 @@ impl ErrorCode {
             ErrorCode::KekNotRetired | ErrorCode::KekInUse => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::DecryptionFailed => 422,
+            ErrorCode::DecryptionFailed | ErrorCode::BackupInvalid => 422,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
             ErrorCode::Unavailable | ErrorCode::Overloaded => 503,
         }
@@ -320,6 +323,7 @@ impl ErrorCode {
             ErrorCode::UnknownJob => "unknown_job",
             ErrorCode::KekNotRetired => "kek_not_retired",
             ErrorCode::KekInUse => "kek_in_use",
+            ErrorCode::BackupInvalid => "backup_invalid",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

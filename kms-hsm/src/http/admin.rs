@@ -25,12 +25,16 @@ use crate::backend::KeyBackend;
 use crate::keystore::KeyStore;
 use crate::lifecycle::LifecycleError;
 
-/// Largest admin request body (the only one is `{"version": N}`).
+/// Largest admin request body other than a restore (`{"version": N}`).
 const MAX_ADMIN_BODY: usize = 4096;
+/// Largest backup file `POST /admin/restore` accepts (about a million key records).
+pub const MAX_RESTORE_BODY: usize = 512 << 20;
 
 /// Route labels of the admin endpoints (metrics and logs).
-pub const ADMIN_ROUTES: [&str; 8] = [
+pub const ADMIN_ROUTES: [&str; 10] = [
     "/admin/status",
+    "/admin/backup",
+    "/admin/restore",
     "/admin/audit",
     "/admin/audit/verify",
     "/admin/kek/rotate",
@@ -48,6 +52,16 @@ pub fn route_label(path: &str) -> Option<&'static str> {
     match path.strip_prefix("/admin/jobs/") {
         Some(rest) if !rest.is_empty() && !rest.contains('/') => Some("/admin/jobs/{id}"),
         _ => None,
+    }
+}
+
+impl crate::backup::BackupError {
+    /// The stable wire code (exhaustive).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            crate::backup::BackupError::Invalid(_) => ErrorCode::BackupInvalid,
+            crate::backup::BackupError::Service(e) => e.code(),
+        }
     }
 }
 
@@ -82,7 +96,11 @@ fn answer(r: Answer) -> Response {
 
 /// The admin endpoint's router: the admin API, plus `/healthz`, `/readyz` and `/metrics`.
 pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
+    let restore_route = Router::new()
+        .route("/admin/restore", post(restore::<B, S>))
+        .layer(RequestBodyLimitLayer::new(MAX_RESTORE_BODY));
     Router::new()
+        .route("/admin/backup", get(backup::<B, S>))
         .route("/admin/status", get(status::<B, S>))
         .route("/admin/kek/rotate", post(rotate::<B, S>))
         .route("/admin/kek/destroy", post(destroy::<B, S>))
@@ -100,6 +118,7 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
             error_response(&HttpError::MethodNotAllowed, label)
         })
         .layer(RequestBodyLimitLayer::new(MAX_ADMIN_BODY))
+        .merge(restore_route)
         .with_state(api)
 }
 
@@ -256,5 +275,61 @@ async fn audit_verify<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) 
             &HttpError::Service(crate::service::ServiceError::Audit(e)),
             ROUTE,
         ),
+    }
+}
+
+async fn backup<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
+    const ROUTE: &str = "/admin/backup";
+    tracing::info!("admin: backup requested");
+    match crate::backup::backup(api.service()).await {
+        Ok(bytes) => {
+            let mut r = Response::new(axum::body::Body::from(bytes));
+            r.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => error_response(&HttpError::Backup(e), ROUTE),
+    }
+}
+
+/// `POST /admin/restore?resurrect=KEY_ID&resurrect=...`.
+async fn restore<B: KeyBackend, S: KeyStore>(
+    State(api): AdminState<B, S>,
+    req: axum::extract::Request,
+) -> Response {
+    const ROUTE: &str = "/admin/restore";
+    let mut resurrect = std::collections::BTreeSet::new();
+    for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        match (k.as_ref(), kms_api::KeyId::parse(&v)) {
+            ("resurrect", Ok(id)) => {
+                resurrect.insert(id);
+            }
+            _ => {
+                return error_response(
+                    &HttpError::InvalidArgument("query: only resurrect=<key id>, repeated".into()),
+                    ROUTE,
+                )
+            }
+        }
+    }
+    let mut limits = api.limits();
+    // A large file over a local socket: give it time.
+    limits.body_read_timeout = limits
+        .body_read_timeout
+        .max(std::time::Duration::from_secs(120));
+    let body = match read_body(req.into_body(), limits).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e, ROUTE),
+    };
+    tracing::info!(
+        bytes = body.len(),
+        resurrect = resurrect.len(),
+        "admin: restore requested"
+    );
+    match crate::backup::restore(api.service(), &body, &resurrect).await {
+        Ok(report) => json_response(StatusCode::OK, &report),
+        Err(e) => error_response(&HttpError::Backup(e), ROUTE),
     }
 }

@@ -85,7 +85,10 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         | ErrorCode::Unknown
         | ErrorCode::UnknownJob
         | ErrorCode::KekNotRetired
-        | ErrorCode::KekInUse => ProviderError::Internal(format!("{}: {message}", code.as_str())),
+        | ErrorCode::KekInUse
+        | ErrorCode::BackupInvalid => {
+            ProviderError::Internal(format!("{}: {message}", code.as_str()))
+        }
     }
 }
 

@@ -1,0 +1,347 @@
+//! Backup and restore of the key store: every key record (wrapped DEKs and metadata only,
+//! tombstones included) and the KEK version records, in one versioned JSON file whose
+//! integrity is protected by an HMAC made in the HSM.
+//!
+//! # File
+//! ```json
+//! {"format":"progressdb-kms-backup/1","created_at":…,"kek_id":"…","kek_versions":[…],
+//!  "records":[…],"mac":"<hex>"}
+//! ```
+//! `mac = HMAC-SHA256(audit key, 32 zero bytes || "progressdb-kms:backup:v1" 0x00 || JSON of
+//! the file without "mac")`, made inside the HSM under the audit key (domain-separated from
+//! the audit chain). A file that does not verify is refused as a whole: nothing is restored.
+//! No raw DEK and no KEK is ever in a backup; the file is only useful together with the HSM
+//! token that holds the KEK versions it names.
+//!
+//! # Restore
+//! Record by record, never overwriting: a key the store lacks is added; an identical one is
+//! left alone; a different one is reported as a conflict and the store's kept; a key
+//! destroyed in the store stays destroyed (a tombstone is honoured) unless the operator
+//! names it to be resurrected; a key under a KEK version destroyed in the HSM is reported
+//! and skipped.
+
+use std::collections::BTreeSet;
+
+use kms_api::admin::RestoreReport;
+use kms_api::{KekId, KeyId};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditEvent;
+use crate::backend::{parse_wrapped_header, KeyBackend};
+use crate::keystore::{now_secs, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore};
+use crate::service::{KeyService, ServiceError};
+
+/// The `format` of this build's backups.
+pub const FORMAT: &str = "progressdb-kms-backup/1";
+const DOMAIN: &[u8] = b"progressdb-kms:backup:v1\0";
+
+/// Failures of backup and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Not a backup of this format, or its HMAC does not verify.
+    #[error("the backup file is invalid: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    format: String,
+    created_at: u64,
+    kek_id: KekId,
+    kek_versions: Vec<KekVersionRecord>,
+    records: Vec<KeyRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(flatten)]
+    body: Body,
+    mac: String,
+}
+
+async fn mac_of<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    body: &Body,
+) -> Result<[u8; 32], ServiceError> {
+    let mut msg = DOMAIN.to_vec();
+    msg.extend(
+        serde_json::to_vec(body).map_err(|_| ServiceError::Internal("cannot encode the backup"))?,
+    );
+    let macs = svc.backend().audit_chain([0u8; 32], vec![msg]).await?;
+    macs.first()
+        .copied()
+        .ok_or(ServiceError::Internal("the HSM returned no MAC"))
+}
+
+/// Every key record and KEK version record, as a backup file.
+///
+/// # Errors
+/// `Service` when the store, the HSM (for the MAC) or the audit log cannot be used.
+pub async fn backup<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+) -> Result<Vec<u8>, BackupError> {
+    let mut records = Vec::new();
+    let mut after: Option<KeyId> = None;
+    loop {
+        let page = svc
+            .store()
+            .list(after.as_ref(), 4096)
+            .await
+            .map_err(ServiceError::from)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key_id.clone());
+        records.extend(page);
+    }
+    svc.audit(AuditEvent::new("backup").with("records", records.len()))
+        .await?;
+    let body = Body {
+        format: FORMAT.to_owned(),
+        created_at: now_secs(),
+        kek_id: svc.backend().current_kek().id,
+        kek_versions: svc.store().kek_versions().map_err(ServiceError::from)?,
+        records,
+    };
+    let mac = hex::encode(mac_of(svc, &body).await?);
+    serde_json::to_vec(&File { body, mac })
+        .map_err(|_| BackupError::Service(ServiceError::Internal("cannot encode the backup")))
+}
+
+/// Restores `file` into the store (see the module docs). `resurrect` names destroyed keys
+/// whose backup copy may replace the tombstone.
+///
+/// # Errors
+/// `Invalid` for a file of another format or that does not verify (nothing restored);
+/// `Service` when the store, the HSM or the audit log fails (what was restored before the
+/// failure stays, and a second run completes it: restore is idempotent).
+pub async fn restore<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    file: &[u8],
+    resurrect: &BTreeSet<KeyId>,
+) -> Result<RestoreReport, BackupError> {
+    let file: File = serde_json::from_slice(file).map_err(|e| {
+        BackupError::Invalid(format!(
+            "not a backup file (line {} column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if file.body.format != FORMAT {
+        return Err(BackupError::Invalid(format!(
+            "format {:?}, this build reads {FORMAT:?}",
+            file.body.format
+        )));
+    }
+    let expected = mac_of(svc, &file.body).await?;
+    let stored = hex::decode(&file.mac).unwrap_or_default();
+    if stored.len() != 32
+        || stored
+            .iter()
+            .zip(&expected)
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            != 0
+    {
+        return Err(BackupError::Invalid(
+            "its HMAC does not verify: the file was changed, or made under another HSM audit key"
+                .into(),
+        ));
+    }
+    svc.audit(
+        AuditEvent::new("restore")
+            .with("records", file.body.records.len())
+            .with("created_at", file.body.created_at)
+            .with("resurrect", resurrect.len()),
+    )
+    .await?;
+    let store = svc.store();
+    let known = store.kek_versions().map_err(ServiceError::from)?;
+    let destroyed: BTreeSet<u32> = known
+        .iter()
+        .filter(|r| r.state == KekState::Destroyed)
+        .map(|r| r.version.get())
+        .collect();
+    for v in &file.body.kek_versions {
+        if !known.iter().any(|k| k.version == v.version) {
+            store
+                .put_kek_version(v.clone())
+                .await
+                .map_err(ServiceError::from)?;
+        }
+    }
+    let mut report = RestoreReport {
+        records: file.body.records.len() as u64,
+        ..RestoreReport::default()
+    };
+    for r in file.body.records {
+        let under_destroyed = match &r.state {
+            KeyState::Active { wrapped } => parse_wrapped_header(wrapped).map_or(true, |h| {
+                destroyed.contains(&h.kek_version.get()) || destroyed.contains(&r.kek_version.get())
+            }),
+            KeyState::Destroyed { .. } => false,
+        };
+        let current = store.get(&r.key_id).await.map_err(ServiceError::from)?;
+        match current {
+            None if under_destroyed => report.kek_unavailable.push(r.key_id),
+            None => {
+                let tombstone = matches!(r.state, KeyState::Destroyed { .. });
+                match store.put_new(r).await {
+                    Ok(()) if tombstone => report.tombstones_imported += 1,
+                    Ok(()) => report.imported += 1,
+                    Err(crate::keystore::StoreError::AlreadyExists(k)) => report.conflicts.push(k),
+                    Err(e) => return Err(ServiceError::from(e).into()),
+                }
+            }
+            Some(c) if c == r => report.unchanged += 1,
+            Some(c) => match (&c.state, &r.state) {
+                (KeyState::Destroyed { .. }, KeyState::Active { .. }) => {
+                    if resurrect.contains(&r.key_id) && !under_destroyed {
+                        svc.audit(AuditEvent::new("dek.resurrect").with("key_id", &r.key_id))
+                            .await?;
+                        let key_id = r.key_id.clone();
+                        match store.compare_and_swap(&c, r).await {
+                            Ok(()) => report.resurrected.push(key_id),
+                            Err(crate::keystore::StoreError::Conflict(k)) => {
+                                report.conflicts.push(k)
+                            }
+                            Err(e) => return Err(ServiceError::from(e).into()),
+                        }
+                    } else {
+                        report.tombstoned.push(r.key_id);
+                    }
+                }
+                // Destroyed in the backup, active here (or both active and different, e.g.
+                // rewrapped since): the store is newer; keep it and say so.
+                _ => report.conflicts.push(r.key_id),
+            },
+        }
+    }
+    tracing::info!(
+        records = report.records,
+        imported = report.imported,
+        unchanged = report.unchanged,
+        conflicts = report.conflicts.len(),
+        tombstoned = report.tombstoned.len(),
+        resurrected = report.resurrected.len(),
+        "restore finished"
+    );
+    Ok(report)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cache::{CacheMetrics, DekCache};
+    use crate::keystore::lmdb::LmdbStore;
+    use crate::metrics::StoreMetrics;
+    use crate::testing::MockBackend;
+    use kms_api::ThreadId;
+
+    fn service(
+        backend: &Arc<MockBackend>,
+    ) -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LmdbStore::open(dir.path(), 16, StoreMetrics::unregistered()).unwrap();
+        let cache = DekCache::new(Duration::from_secs(60), 0, CacheMetrics::default());
+        (dir, KeyService::new(Arc::clone(backend), store, cache))
+    }
+
+    async fn seed(svc: &KeyService<MockBackend, LmdbStore>, n: usize) -> Vec<(KeyId, Vec<u8>)> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let k = svc
+                .create_dek_for_thread(ThreadId::parse(&format!("t{i}")).unwrap())
+                .await
+                .unwrap();
+            let ct = svc.encrypt(&k.key_id, b"secret", b"").await.unwrap();
+            out.push((k.key_id, ct.ciphertext));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn backup_then_restore_into_an_empty_store_decrypts_everything() {
+        let backend = Arc::new(MockBackend::new());
+        let (_a, svc) = service(&backend);
+        let keys = seed(&svc, 12).await;
+        svc.destroy_key(&keys[0].0).await.unwrap();
+        let file = backup(&svc).await.unwrap();
+        assert!(!String::from_utf8_lossy(&file).contains("secret"));
+
+        // A wiped store, the same HSM.
+        let (_b, fresh) = service(&backend);
+        let r = restore(&fresh, &file, &BTreeSet::new()).await.unwrap();
+        assert_eq!((r.records, r.imported, r.tombstones_imported), (12, 11, 1));
+        for (k, ct) in &keys[1..] {
+            assert_eq!(fresh.decrypt(k, ct, b"").await.unwrap().expose(), b"secret");
+        }
+        assert!(fresh.decrypt(&keys[0].0, &keys[0].1, b"").await.is_err());
+        // Idempotent.
+        let again = restore(&fresh, &file, &BTreeSet::new()).await.unwrap();
+        assert_eq!((again.imported, again.unchanged), (0, 12));
+    }
+
+    #[tokio::test]
+    async fn a_tampered_backup_is_refused_whole() {
+        let backend = Arc::new(MockBackend::new());
+        let (_a, svc) = service(&backend);
+        seed(&svc, 3).await;
+        let file = backup(&svc).await.unwrap();
+        let text = String::from_utf8(file).unwrap();
+        let (_b, fresh) = service(&backend);
+        for forged in [
+            text.replacen("\"t1\"", "\"t9\"", 1),
+            text.replacen("progressdb-kms-backup/1", "progressdb-kms-backup/9", 1),
+            text[..text.len() - 10].to_owned(),
+            text.replacen("\"mac\":\"", "\"mac\":\"00", 1),
+        ] {
+            assert!(
+                matches!(
+                    restore(&fresh, forged.as_bytes(), &BTreeSet::new()).await,
+                    Err(BackupError::Invalid(_))
+                ),
+                "{}",
+                &forged[..80]
+            );
+        }
+        assert_eq!(fresh.store().key_count().unwrap(), 0, "nothing restored");
+        // Made under another HSM's audit key: refused too.
+        let other = Arc::new(MockBackend::new());
+        let (_c, elsewhere) = service(&other);
+        assert!(matches!(
+            restore(&elsewhere, text.as_bytes(), &BTreeSet::new()).await,
+            Err(BackupError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_honoured_unless_a_key_is_named() {
+        let backend = Arc::new(MockBackend::new());
+        let (_a, svc) = service(&backend);
+        let keys = seed(&svc, 3).await;
+        let file = backup(&svc).await.unwrap();
+        svc.destroy_key(&keys[1].0).await.unwrap();
+        svc.destroy_key(&keys[2].0).await.unwrap();
+        let r = restore(&svc, &file, &BTreeSet::new()).await.unwrap();
+        assert_eq!(r.tombstoned.len(), 2);
+        assert!(svc.decrypt(&keys[1].0, &keys[1].1, b"").await.is_err());
+        let named: BTreeSet<KeyId> = [keys[1].0.clone()].into();
+        let r = restore(&svc, &file, &named).await.unwrap();
+        assert_eq!(r.resurrected, vec![keys[1].0.clone()]);
+        assert_eq!(r.tombstoned, vec![keys[2].0.clone()]);
+        assert_eq!(
+            svc.decrypt(&keys[1].0, &keys[1].1, b"")
+                .await
+                .unwrap()
+                .expose(),
+            b"secret"
+        );
+        assert!(svc.decrypt(&keys[2].0, &keys[2].1, b"").await.is_err());
+    }
+}
