@@ -351,9 +351,9 @@ async fn bad_requests_get_their_4xx_and_the_kms_keeps_serving() {
         (s, v["error"]["code"].as_str()),
         (405, Some("method_not_allowed"))
     );
-    // A body over the limit, but within the drain allowance, is read and answered 413
-    // (the client sees the answer, not a reset).
-    for size in [(4 << 20) + 1, 6 << 20] {
+    // A body over the limit (64 KiB here), but within the drain allowance (4 MiB more), is
+    // read and answered 413 (the client sees the answer, not a reset).
+    for size in [(64 << 10) + 1, (64 << 10) + (3 << 20)] {
         let (s, _) = c
             .raw(Method::POST, "/encrypt_batch", vec![b'a'; size])
             .await
