@@ -105,6 +105,9 @@ mod tests {
             metadata: None,
             kms: None,
             plain_migration: None,
+            rotation: None,
+            sealed: 0,
+            key_since: None,
         })
     }
 

@@ -140,11 +140,20 @@ pub struct EncryptionConfig {
     /// Encrypt message content through the KMS (default). When false, new content is stored
     /// in plain form, marked as such.
     pub enabled: bool,
+    /// Rotate a thread's DEK once it has sealed more messages than this (default 2^30, far
+    /// below AES-GCM's 2^32 random-nonce bound).
+    pub rotate_after_messages: u64,
+    /// Rotate a thread's DEK once it is older than this many days (0 = never, the default).
+    pub rotate_after_days: u64,
 }
 
 impl Default for EncryptionConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            rotate_after_messages: 1 << 30,
+            rotate_after_days: 0,
+        }
     }
 }
 

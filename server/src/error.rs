@@ -49,6 +49,8 @@ pub enum ErrorCode {
     /// Deleting a thread: the KMS does not know the thread's DEK, so it cannot be shown to be
     /// destroyed; the thread was kept.
     ShredFailed,
+    /// `POST /admin/threads/{id}/encrypt` on a thread that is encrypted already.
+    AlreadyEncrypted,
 }
 
 impl ErrorCode {
@@ -68,6 +70,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorCode::KmsUnavailable | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorCode::AlreadyEncrypted => StatusCode::CONFLICT,
         }
     }
 
@@ -89,11 +92,12 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::ShredFailed => "shred_failed",
+            ErrorCode::AlreadyEncrypted => "already_encrypted",
         }
     }
 
     /// Every code, for tests and docs.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::MalformedRequest,
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthorized,
@@ -109,6 +113,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::StorageFull,
         ErrorCode::ShredFailed,
+        ErrorCode::AlreadyEncrypted,
     ];
 }
 
@@ -146,6 +151,8 @@ pub enum ApiError {
     StorageFull,
     #[error("the thread's key could not be shown to be destroyed; the thread was kept")]
     ShredFailed,
+    #[error("the thread is encrypted already (use rotate-dek for a new key)")]
+    AlreadyEncrypted,
 }
 
 impl ApiError {
@@ -166,6 +173,7 @@ impl ApiError {
             ApiError::Unavailable => ErrorCode::Unavailable,
             ApiError::StorageFull => ErrorCode::StorageFull,
             ApiError::ShredFailed => ErrorCode::ShredFailed,
+            ApiError::AlreadyEncrypted => ErrorCode::AlreadyEncrypted,
         }
     }
 
@@ -208,6 +216,8 @@ impl From<StoreError> for ApiError {
             StoreError::Full => ApiError::StorageFull,
             StoreError::Closed => ApiError::Unavailable,
             StoreError::NotAuthor => ApiError::Forbidden,
+            // The caller retried and the rotation kept moving: retryable.
+            StoreError::StaleKey => ApiError::Unavailable,
             StoreError::Conflict(what) => {
                 tracing::error!(what, "store conflict");
                 ApiError::Internal

@@ -127,6 +127,23 @@ impl MessageId {
         }
     }
 
+    /// The greatest id smaller than this one, or `None` for the very first id.
+    pub fn predecessor(self) -> Option<MessageId> {
+        if self.seq > 0 {
+            Some(MessageId {
+                ts: self.ts,
+                seq: self.seq - 1,
+            })
+        } else if self.ts > 0 {
+            Some(MessageId {
+                ts: self.ts - 1,
+                seq: Self::MAX_SEQ,
+            })
+        } else {
+            None
+        }
+    }
+
     /// Parses exactly `dddddddddddddddddddd-dddddd`.
     ///
     /// # Errors

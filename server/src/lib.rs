@@ -24,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod jobs;
 pub mod metrics;
 pub mod provider;
 pub mod service;
@@ -134,6 +135,14 @@ impl Server {
             },
             kms_ready_timeout: cfg.kms.ready_timeout(),
             gate,
+            rotation_policy: jobs::RotationPolicy {
+                after_messages: cfg.encryption.rotate_after_messages,
+                after_age: match cfg.encryption.rotate_after_days {
+                    0 => None,
+                    d => Some(Duration::from_secs(d.saturating_mul(86_400))),
+                },
+            },
+            running: jobs::Running::default(),
         };
         let http = http::HttpOptions {
             header_read_timeout: Duration::from_secs(cfg.http.header_read_timeout_secs),
@@ -163,6 +172,12 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        // Jobs a stopped server left unfinished go on from where they were.
+        match jobs::resume_all(&self.app).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "resumed unfinished DEK rotation jobs"),
+            Err(e) => tracing::error!(error = %e, "cannot read the job records; none resumed"),
+        }
         http::serve(listener, self.app, self.http, shutdown).await
     }
 }

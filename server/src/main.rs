@@ -27,12 +27,33 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// OFFLINE (stop the server first; refused while it runs): rewrite the store without its
+    /// free pages, where the bytes of replaced and deleted records linger (e.g. plain
+    /// messages after an in-place encryption, ciphertext of deleted threads).
+    Compact {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(&config),
+        Command::Compact { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(e, 2),
+            };
+            service_kit::telemetry::init(&cfg.log);
+            match progressdb::store::compact(&cfg.store.path) {
+                Ok((before, after)) => {
+                    println!("store compacted: {before} -> {after} bytes");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format!("store.path {}: {e}", cfg.store.path.display()), 1),
+            }
+        }
     }
 }
 

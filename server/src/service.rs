@@ -30,9 +30,12 @@ use crate::provider::{DecryptItem, EncryptItem, KeyProvider, ProviderError, Thre
 use crate::store::aad::{message_aad, MessageBinding};
 use crate::store::{
     AuthorRule, Content, CreateThread, DeleteMessage, DeleteThread, MessageRecord, Order, Page,
-    PatchThread, PutMessage, RecordFormat, SetThreadKeyIfAbsent, Store, StoredMessage,
-    ThreadFilter, ThreadRecord, UpdateMessage,
+    PatchThread, PutMessage, RecordFormat, SealedBy, SetThreadKeyIfAbsent, Store, StoreError,
+    StoredMessage, ThreadFilter, ThreadRecord, UpdateMessage,
 };
+
+/// Times a post or edit is sealed again when a rotation moved on under it.
+const SEAL_ATTEMPTS: usize = 4;
 
 /// How new message content is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,10 @@ pub struct MessageService {
     pub kms_ready_timeout: Duration,
     /// Connection admission of the HTTP listener (shared with `/metrics`).
     pub gate: std::sync::Arc<service_kit::conn::ConnectionGate>,
+    /// When thread keys are rotated without being asked.
+    pub rotation_policy: crate::jobs::RotationPolicy,
+    /// Jobs this process drives now.
+    pub running: crate::jobs::Running,
 }
 
 fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {
@@ -224,6 +231,9 @@ impl MessageService {
             metadata: metadata.filter(|m| !m.is_null()),
             kms,
             plain_migration: None,
+            rotation: None,
+            sealed: 0,
+            key_since: None,
         };
         if let Err(e) = self.store.write(CreateThread::new(rec.clone())).await {
             if let Some(k) = rec.kms {
@@ -298,6 +308,18 @@ impl MessageService {
         id: &ThreadId,
     ) -> Result<ThreadRecord, ApiError> {
         let rec = self.thread_for(p, id).await?;
+        // A rotation's retiring key goes too (a job that already destroyed it left the KMS
+        // a tombstone: "unknown" is fine for it).
+        if let Some(old) = rec.rotation.as_ref().and_then(|r| r.retiring.as_ref()) {
+            match self.provider()?.destroy_key(old).await {
+                Ok(()) | Err(ProviderError::UnknownKey) => {}
+                Err(ProviderError::Unavailable(m)) => {
+                    tracing::warn!(thread = %id, error = %m, "cannot destroy the thread's retiring DEK");
+                    return Err(ApiError::KmsUnavailable);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         if let Some(k) = &rec.kms {
             self.provider()?.destroy_key(k).await.map_err(|e| match e {
                 ProviderError::Unavailable(_) => {
@@ -359,9 +381,12 @@ impl MessageService {
     }
 
     /// Stored form of `body` for message `id` of `thread`, written by `author` at
-    /// `created_at`, in [`RecordFormat::CURRENT`]. A thread that has a DEK is always
-    /// encrypted, whatever `encryption.enabled` says: plain content never enters an encrypted
-    /// thread.
+    /// `created_at`, in [`RecordFormat::CURRENT`], and the key id it is sealed under. The key
+    /// is the one the thread's rotation rule names for `id` ([`ThreadRecord::sealed_by`]);
+    /// the writer checks that again inside its transaction. A thread that has a DEK is
+    /// always encrypted, whatever `encryption.enabled` says: plain content never enters an
+    /// encrypted thread (a not yet migrated message of a plain thread being encrypted stays
+    /// plain until the job reaches it).
     async fn seal(
         &self,
         thread: &ThreadRecord,
@@ -369,17 +394,24 @@ impl MessageService {
         author: &UserId,
         created_at: Timestamp,
         body: &Value,
-    ) -> Result<Content, ApiError> {
-        if thread.kms.is_none() && self.encryption == Encryption::Disabled {
-            return Ok(Content::Plain(body.clone()));
-        }
-        let key = self.thread_key(thread).await?;
+    ) -> Result<(Content, Option<kms_api::KeyId>), ApiError> {
+        let key = match thread.sealed_by(id) {
+            SealedBy::Key(k) => Arc::new(k.clone()),
+            SealedBy::Plain if thread.rotation.is_some() => {
+                return Ok((Content::Plain(body.clone()), None))
+            }
+            SealedBy::Plain if self.encryption == Encryption::Disabled => {
+                return Ok((Content::Plain(body.clone()), None))
+            }
+            SealedBy::Plain => self.thread_key(thread).await?,
+        };
         // Serialized into zeroizing memory that grows without leaving copies, then moved (no
         // copy) into the zeroizing wire type.
         let mut buf = kms_api::wire::to_json_zeroizing(body, 256)
             .map_err(|_| ApiError::Internal)?
             .into_inner();
         let plaintext = SecretBytes::new(std::mem::take(&mut *buf));
+        let key_id = key.key_id.clone();
         let item = EncryptItem {
             key,
             plaintext,
@@ -389,7 +421,7 @@ impl MessageService {
             ),
         };
         match self.provider()?.encrypt(item).await {
-            Ok(ct) => Ok(Content::Enc(Bytes64(ct.0))),
+            Ok(ct) => Ok((Content::Enc(Bytes64(ct.0)), Some(key_id))),
             // The key is gone: the thread is being deleted.
             Err(ProviderError::UnknownKey) => Err(ApiError::NotFound),
             Err(e) => Err(e.into()),
@@ -399,25 +431,44 @@ impl MessageService {
     /// # Errors
     /// 404, 400 without a user, 503 when the KMS is down (nothing stored).
     pub async fn post_message(
-        &self,
+        self: &Arc<Self>,
         p: &Principal,
         tid: &ThreadId,
         body: Value,
     ) -> Result<MessageView, ApiError> {
-        let thread = self.thread_for(p, tid).await?;
         let author = require_user(p, "post a message")?;
         let id = self.ids.next();
         let now = id.timestamp();
-        let content = self.seal(&thread, id, &author, now, &body).await?;
-        let rec = MessageRecord {
-            format: RecordFormat::CURRENT,
-            author,
-            created_at: now,
-            updated_at: now,
-            content,
-        };
-        self.store.write(PutMessage::new(tid, id, &rec)?).await?;
-        Ok(view(tid, id, &rec, body))
+        // A rotation that moved on between reading the thread and writing is seen by the
+        // writer (StaleKey): read the thread again and seal again.
+        for attempt in 0..SEAL_ATTEMPTS {
+            let thread = self.thread_for(p, tid).await?;
+            let (content, sealed_with) = self.seal(&thread, id, &author, now, &body).await?;
+            let rec = MessageRecord {
+                format: RecordFormat::CURRENT,
+                author: author.clone(),
+                created_at: now,
+                updated_at: now,
+                content,
+            };
+            match self
+                .store
+                .write(PutMessage::new(tid, id, &rec, sealed_with)?)
+                .await
+            {
+                Ok(counted) => {
+                    if let Some(t) = counted {
+                        crate::jobs::maybe_rotate(self, &t);
+                    }
+                    return Ok(view(tid, id, &rec, body));
+                }
+                Err(StoreError::StaleKey) if attempt + 1 < SEAL_ATTEMPTS => {
+                    self.cache.invalidate(tid);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Unavailable)
     }
 
     /// # Errors
@@ -428,12 +479,11 @@ impl MessageService {
         tid: &ThreadId,
         id: MessageId,
     ) -> Result<MessageView, ApiError> {
-        let thread = self.thread_for(p, tid).await?;
-        let stored = self
-            .store
-            .get_message(tid, id)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        self.thread_for(p, tid).await?;
+        let (thread, stored) = self.store.message_with_thread(tid, id).await?;
+        let (Some(thread), Some(stored)) = (thread, stored) else {
+            return Err(ApiError::NotFound);
+        };
         match self.open_page(&thread, vec![stored]).await?.pop() {
             Some(MessageItem::Ok(v)) => Ok(v),
             Some(MessageItem::Unreadable { .. }) | None => Err(ApiError::MessageUnreadable),
@@ -454,8 +504,14 @@ impl MessageService {
         let after = cursor
             .map(|c| MessageId::parse(c).map_err(|_| ApiError::invalid("invalid cursor")))
             .transpose()?;
-        let thread = self.thread_for(p, tid).await?;
-        let page = self.store.list_messages(tid, order, after, limit).await?;
+        self.thread_for(p, tid).await?;
+        // The page and the thread record of one snapshot: a rotation's cursor moves with the
+        // messages it migrates.
+        let (thread, page) = self
+            .store
+            .messages_with_thread(tid, order, after, limit)
+            .await?;
+        let thread = thread.ok_or(ApiError::NotFound)?;
         let next = if page.more {
             page.items.last().map(|m| m.id.to_string())
         } else {
@@ -488,22 +544,34 @@ impl MessageService {
         if !rule.allows(&old.author) {
             return Err(ApiError::Forbidden);
         }
-        let content = self
-            .seal(&thread, id, &old.author, old.created_at, &body)
-            .await?;
-        let rec = self
-            .store
-            .write(UpdateMessage {
-                thread: tid.clone(),
-                id,
-                content,
-                format: RecordFormat::CURRENT,
-                sealed_for: (old.author, old.created_at),
-                rule,
-                now: Timestamp::now(),
-            })
-            .await?;
-        Ok(view(tid, id, &rec, body))
+        let mut thread = thread;
+        for attempt in 0..SEAL_ATTEMPTS {
+            let (content, sealed_with) = self
+                .seal(&thread, id, &old.author, old.created_at, &body)
+                .await?;
+            let written = self
+                .store
+                .write(UpdateMessage {
+                    thread: tid.clone(),
+                    id,
+                    content,
+                    format: RecordFormat::CURRENT,
+                    sealed_for: (old.author.clone(), old.created_at),
+                    sealed_with,
+                    rule: rule.clone(),
+                    now: Timestamp::now(),
+                })
+                .await;
+            match written {
+                Ok(rec) => return Ok(view(tid, id, &rec, body)),
+                Err(StoreError::StaleKey) if attempt + 1 < SEAL_ATTEMPTS => {
+                    self.cache.invalidate(tid);
+                    thread = self.thread_for(p, tid).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Unavailable)
     }
 
     /// Deletes a message; returns what is left to show of it (no body).
@@ -548,7 +616,6 @@ impl MessageService {
                 code: ErrorCode::MessageUnreadable,
             },
         };
-        let key = thread.kms.clone().map(Arc::new);
         // (index in page, decrypt request) of every encrypted item that can be attempted.
         let mut to_decrypt: Vec<(usize, DecryptItem)> = Vec::new();
         let mut out: Vec<Option<MessageItem>> = Vec::with_capacity(items.len());
@@ -561,7 +628,7 @@ impl MessageService {
                     records.push(None);
                 }
                 Ok(rec) => {
-                    match (&rec.content, &key) {
+                    match (&rec.content, thread.sealed_by(m.id)) {
                         (Content::Plain(v), _) if thread.accepts_plain(m.id) => {
                             if thread.kms.is_some() {
                                 tracing::debug!(thread = %tid, message = %m.id, "plain message from before the thread's DEK (plain_migration)");
@@ -573,11 +640,11 @@ impl MessageService {
                             self.metrics.kms.plain_refused.inc();
                             out.push(Some(unreadable(m.id)));
                         }
-                        (Content::Enc(ct), Some(k)) => {
+                        (Content::Enc(ct), SealedBy::Key(k)) => {
                             to_decrypt.push((
                                 i,
                                 DecryptItem {
-                                    key: k.clone(),
+                                    key: Arc::new(k.clone()),
                                     ciphertext: ct.0.clone(),
                                     aad: message_aad(
                                         rec.format,
@@ -587,8 +654,8 @@ impl MessageService {
                             ));
                             out.push(None);
                         }
-                        (Content::Enc(_), None) => {
-                            tracing::error!(thread = %tid, message = %m.id, "encrypted message in a thread without a key");
+                        (Content::Enc(_), SealedBy::Plain) => {
+                            tracing::error!(thread = %tid, message = %m.id, "encrypted message where the thread names no key");
                             out.push(Some(unreadable(m.id)));
                         }
                     }

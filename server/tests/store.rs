@@ -20,6 +20,9 @@ fn thread(id: &str, author: &str) -> ThreadRecord {
         metadata: None,
         kms: None,
         plain_migration: None,
+        rotation: None,
+        sealed: 0,
+        key_since: None,
     }
 }
 
@@ -62,7 +65,7 @@ async fn concurrent_writes_are_group_committed_and_survive_reopen() {
         let (s, t) = (s.clone(), t.clone());
         tasks.push(tokio::spawn(async move {
             let (id, rec) = message(i, 10);
-            s.write(PutMessage::new(&t, id, &rec).unwrap()).await
+            s.write(PutMessage::new(&t, id, &rec, None).unwrap()).await
         }));
     }
     for task in tasks {
@@ -73,13 +76,14 @@ async fn concurrent_writes_are_group_committed_and_survive_reopen() {
     // A second write of the same id is a conflict, and leaves the first intact.
     let (id, rec) = message(0, 10);
     assert_eq!(
-        s.write(PutMessage::new(&t, id, &rec).unwrap()).await,
+        s.write(PutMessage::new(&t, id, &rec, None).unwrap()).await,
         Err(StoreError::Conflict("message id exists"))
     );
     // No message without its thread.
     let other = ThreadId::parse("ghost").unwrap();
     assert_eq!(
-        s.write(PutMessage::new(&other, id, &rec).unwrap()).await,
+        s.write(PutMessage::new(&other, id, &rec, None).unwrap())
+            .await,
         Err(StoreError::NotFound)
     );
     close(s).await;
@@ -113,8 +117,8 @@ async fn the_map_grows_then_refuses_without_corruption() {
     let mut stored = 0u64;
     let full = loop {
         let (id, rec) = message(stored, 100_000);
-        match s.write(PutMessage::new(&t, id, &rec).unwrap()).await {
-            Ok(()) => stored += 1,
+        match s.write(PutMessage::new(&t, id, &rec, None).unwrap()).await {
+            Ok(_) => stored += 1,
             Err(e) => break e,
         }
         assert!(stored < 1000, "never full");
@@ -124,7 +128,7 @@ async fn the_map_grows_then_refuses_without_corruption() {
     assert_eq!(s.map_size(), 4 << 20);
     // Small writes still fit; everything stored is intact.
     let (id, rec) = message(10_000, 1);
-    s.write(PutMessage::new(&t, id, &rec).unwrap())
+    s.write(PutMessage::new(&t, id, &rec, None).unwrap())
         .await
         .unwrap();
     let page = s.list_messages(&t, Order::Asc, None, 1000).await.unwrap();
@@ -135,7 +139,7 @@ async fn the_map_grows_then_refuses_without_corruption() {
     // Reopened with a larger limit, it takes more.
     let (s, _) = open(dir.path(), 1, 16).await;
     let (id, rec) = message(20_000, 100_000);
-    s.write(PutMessage::new(&t, id, &rec).unwrap())
+    s.write(PutMessage::new(&t, id, &rec, None).unwrap())
         .await
         .unwrap();
     close(s).await;
@@ -156,7 +160,7 @@ async fn a_thread_prefix_never_matches_another_thread() {
         .unwrap();
         for j in 0..=i as u64 {
             let (id, rec) = message(j, 1);
-            s.write(PutMessage::new(&t, id, &rec).unwrap())
+            s.write(PutMessage::new(&t, id, &rec, None).unwrap())
                 .await
                 .unwrap();
         }

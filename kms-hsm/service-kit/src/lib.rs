@@ -10,6 +10,8 @@
 //! * [`secret_file`]: secrets read from files that must not be group/world accessible.
 //! * [`group_commit`]: the single LMDB writer of both stores: one thread, one transaction and
 //!   one fsync per group of concurrent writes, map growth, answers only after the commit.
+//! * [`lmdb`]: one process per LMDB store (an exclusive `flock`) and offline compaction
+//!   (drops free pages, where replaced and deleted records' bytes linger).
 //! * [`metrics`]: the HTTP request metrics (count and latency by route template, method and
 //!   status) and the OpenMetrics encoding of a registry.
 //! * [`conn`]: connection admission for listeners that refuse to be exhausted: a global cap
@@ -23,6 +25,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod group_commit;
+pub mod lmdb;
 pub mod metrics;
 pub mod secret_file;
 pub mod shutdown;

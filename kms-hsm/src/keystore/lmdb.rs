@@ -37,6 +37,8 @@ pub const MAX_BATCH: usize = 256;
 const QUEUE_DEPTH: usize = 4096;
 /// Value of `meta/format`.
 const FORMAT: &str = "1";
+/// The store's lock file (one process per store).
+const LOCK_FILE: &str = "kms.lock";
 /// Key of the audit head in the `lifecycle` database.
 const AUDIT_HEAD: &str = "audit/head";
 
@@ -117,7 +119,7 @@ impl LmdbStore {
         };
         std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
         set_private(path).map_err(|e| open_err(format!("cannot set mode 0700: {e}")))?;
-        let lock = lock_store(path).map_err(open_err)?;
+        let lock = service_kit::lmdb::lock_store(path, LOCK_FILE).map_err(open_err)?;
         let map_size = usize::try_from(map_size_mb)
             .ok()
             .and_then(|mb| mb.checked_mul(1024 * 1024))
@@ -195,48 +197,16 @@ impl LmdbStore {
     }
 
     /// Offline compaction (the KMS must be stopped: the store's lock says whether it is):
-    /// copies the store without its free pages and replaces `data.mdb` with the copy
-    /// atomically. LMDB keeps the bytes of deleted or replaced records in free pages until
-    /// they are reused; after this, a destroyed key's wrapped DEK is gone from the files.
-    /// Returns the file size before and after.
+    /// see [`service_kit::lmdb::compact`]. After it, a destroyed key's wrapped DEK is gone
+    /// from the files. Returns the file size before and after.
     ///
     /// # Errors
     /// [`StoreError::Open`] when the store is in use or cannot be copied.
     pub fn compact(path: &Path) -> Result<(u64, u64), StoreError> {
-        let open_err = |detail: String| StoreError::Open {
+        service_kit::lmdb::compact(path, LOCK_FILE, 8).map_err(|detail| StoreError::Open {
             path: path.display().to_string(),
             detail,
-        };
-        let data = path.join("data.mdb");
-        let before = std::fs::metadata(&data)
-            .map_err(|e| open_err(format!("no store here: {e}")))?
-            .len();
-        let _lock = lock_store(path).map_err(open_err)?;
-        let tmp = path.join("data.mdb.compact");
-        let _ = std::fs::remove_file(&tmp);
-        {
-            let mut opts = EnvOpenOptions::new();
-            opts.max_dbs(8)
-                .map_size(usize::try_from(before.max(1 << 20)).unwrap_or(usize::MAX));
-            // SAFETY: as in `open`: the store's exclusive lock is held, so no KMS has it open,
-            // and this is the only environment on the path in this process; default flags.
-            #[allow(unsafe_code)]
-            let env = unsafe { opts.open(path) }.map_err(|e| open_err(e.to_string()))?;
-            let copy = env
-                .copy_to_path(&tmp, heed::CompactionOption::Enabled)
-                .map_err(|e| open_err(format!("compacting copy: {e}")))?;
-            copy.sync_all().map_err(|e| open_err(e.to_string()))?;
-            env.prepare_for_closing().wait();
-        }
-        std::fs::rename(&tmp, &data).map_err(|e| open_err(e.to_string()))?;
-        std::fs::File::open(path)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| open_err(e.to_string()))?;
-        let after = std::fs::metadata(&data)
-            .map_err(|e| open_err(e.to_string()))?
-            .len();
-        tracing::info!(path = %path.display(), before, after, "key store compacted");
-        Ok((before, after))
+        })
     }
 
     fn get_sync(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
@@ -467,25 +437,6 @@ impl LmdbStore {
         let mut w = self.env.write_txn().unwrap();
         f(&mut w, self.audit, self.lifecycle);
         w.commit().unwrap();
-    }
-}
-
-/// Takes the store's exclusive lock (`kms.lock`, `flock`), or says who holds it.
-fn lock_store(path: &Path) -> Result<std::fs::File, String> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path.join("kms.lock"))
-        .map_err(|e| format!("cannot open kms.lock: {e}"))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(
-            "another process (a running progressdb-kms, or `compact`) is using this store".into(),
-        ),
-        Err(e) => Err(format!("cannot lock kms.lock: {e}")),
     }
 }
 

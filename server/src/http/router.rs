@@ -83,6 +83,8 @@ pub fn service(app: Arc<MessageService>, opts: HttpOptions) -> HttpService {
         .route("/v1/sign", post(sign))
         .route("/admin/threads/{id}/kms", get(thread_kms))
         .route("/admin/threads/{id}/rotate-dek", post(rotate_dek))
+        .route("/admin/threads/{id}/encrypt", post(encrypt_thread))
+        .route("/admin/jobs", get(admin_jobs))
         .route("/admin/jobs/{job_id}", get(admin_job))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -123,7 +125,8 @@ pub fn error_response(e: &ApiError) -> Response {
         | ApiError::KmsUnavailable
         | ApiError::Unavailable
         | ApiError::StorageFull
-        | ApiError::ShredFailed => {}
+        | ApiError::ShredFailed
+        | ApiError::AlreadyEncrypted => {}
     }
     r
 }
@@ -205,6 +208,8 @@ fn route_label(path: &str) -> &'static str {
         ["v1", "sign"] => "/v1/sign",
         ["admin", "threads", _, "kms"] => "/admin/threads/{id}/kms",
         ["admin", "threads", _, "rotate-dek"] => "/admin/threads/{id}/rotate-dek",
+        ["admin", "threads", _, "encrypt"] => "/admin/threads/{id}/encrypt",
+        ["admin", "jobs"] => "/admin/jobs",
         ["admin", "jobs", _] => "/admin/jobs/{job_id}",
         _ => "unmatched",
     }
@@ -556,15 +561,48 @@ async fn thread_kms(
     ok(&st.app.thread_kms(&p, &id).await?)
 }
 
+/// `{job_id, started, job}` with 202.
+fn job_started(job: &crate::store::JobRecord, started: bool) -> Answer {
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({"job_id": job.id, "started": started, "job": job}),
+    ))
+}
+
 async fn rotate_dek(
     State(st): State<RouterState>,
     ThreadPath(id): ThreadPath,
     AdminCaller(p): AdminCaller,
 ) -> Answer {
     st.app.thread_for(&p, &id).await?;
-    Err(ApiError::NotImplemented)
+    let (job, started) =
+        crate::jobs::start(&st.app, &id, crate::store::JobKind::RotateDek, "admin").await?;
+    job_started(&job, started)
 }
 
-async fn admin_job(AdminCaller(_): AdminCaller) -> Answer {
-    Err(ApiError::NotImplemented)
+async fn encrypt_thread(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    AdminCaller(p): AdminCaller,
+) -> Answer {
+    st.app.thread_for(&p, &id).await?;
+    let (job, started) =
+        crate::jobs::start(&st.app, &id, crate::store::JobKind::EncryptThread, "admin").await?;
+    job_started(&job, started)
+}
+
+async fn admin_job(
+    State(st): State<RouterState>,
+    AdminCaller(_): AdminCaller,
+    axum::extract::Path(job_id): axum::extract::Path<String>,
+) -> Answer {
+    let id = kms_api::admin::JobId::parse(&job_id)
+        .map_err(|_| ApiError::invalid("job id: `job-` and 16 lowercase hex digits"))?;
+    let job = st.app.store.get_job(&id).await?.ok_or(ApiError::NotFound)?;
+    ok(&job)
+}
+
+async fn admin_jobs(State(st): State<RouterState>, AdminCaller(_): AdminCaller) -> Answer {
+    let jobs = st.app.store.jobs().await?;
+    ok(&serde_json::json!({ "jobs": jobs }))
 }

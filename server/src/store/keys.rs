@@ -6,6 +6,7 @@
 //! | `thread:<thread_id>:meta` | thread record (JSON) |
 //! | `thread:<thread_id>:msg:<ts>-<seq>` | message record (JSON, content ciphertext) |
 //! | `idx:author:<user_id>:<thread_id>` | empty: the threads of a user |
+//! | `job:<job_id>` | a server job (DEK rotation, thread encryption), JSON |
 //!
 //! `<ts>-<seq>` is a [`MessageId`]: fixed width, so byte order is time order. Within one
 //! thread, `:meta` sorts before every `:msg:` key (`e` < `s`).
@@ -16,6 +17,17 @@ use crate::ids::{MessageId, UserId};
 
 const THREAD: &str = "thread:";
 const AUTHOR_IDX: &str = "idx:author:";
+const JOB: &str = "job:";
+
+/// `job:<id>`
+pub fn job(id: &kms_api::admin::JobId) -> Vec<u8> {
+    format!("{JOB}{id}").into_bytes()
+}
+
+/// `job:` and `job;`: the bounds of all job keys.
+pub fn all_jobs() -> (Vec<u8>, Vec<u8>) {
+    (JOB.as_bytes().to_vec(), b"job;".to_vec())
+}
 
 /// `thread:<id>:meta`
 pub fn meta(thread: &ThreadId) -> Vec<u8> {

@@ -31,10 +31,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{MessageId, UserId};
 use crate::metrics::StoreMetrics;
-pub use records::{Content, MessageRecord, PlainMigration, RecordFormat, ThreadRecord};
+pub use records::{
+    Content, DekRotation, JobKind, JobProgress, JobRecord, JobState, MessageRecord, PlainMigration,
+    RecordFormat, SealedBy, ThreadRecord,
+};
 pub use writer::{
-    AuthorRule, CreateThread, DeleteMessage, DeleteThread, PatchThread, PutMessage, RawPut,
-    SetThreadKeyIfAbsent, UpdateMessage, WriteOp,
+    AuthorRule, CreateThread, DeleteMessage, DeleteThread, FinishRotation, MigrateBatch, Migrated,
+    PatchThread, PutJob, PutMessage, RawPut, RotationStart, SetThreadKeyIfAbsent, StartRotation,
+    UpdateMessage, WriteOp,
 };
 
 /// The one LMDB database: raw byte keys and values.
@@ -54,6 +58,10 @@ pub enum StoreError {
     /// A frontend caller tried to change a message written by someone else.
     #[error("the message was written by another user")]
     NotAuthor,
+    /// The content was sealed under a key the thread no longer names for that message (a
+    /// rotation moved on meanwhile); nothing was written: seal again.
+    #[error("sealed under a key the thread's rotation no longer names for this message")]
+    StaleKey,
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("LMDB: {0}")]
@@ -143,6 +151,20 @@ struct Inner {
     shared: Arc<StoreEnv>,
     tx: Mutex<Option<mpsc::Sender<Box<dyn Write>>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `progressdb.lock`, exclusively `flock`ed: one process per store.
+    _lock: std::fs::File,
+}
+
+/// The store's lock file.
+const LOCK_FILE: &str = "progressdb.lock";
+
+/// Offline compaction of the store in `dir` (the server must be stopped; the store's lock
+/// says whether it is): the bytes of replaced and deleted records (free pages) are dropped.
+///
+/// # Errors
+/// A one-line reason.
+pub fn compact(dir: &Path) -> Result<(u64, u64), String> {
+    service_kit::lmdb::compact(dir, LOCK_FILE, 1)
 }
 
 impl Drop for Inner {
@@ -190,6 +212,7 @@ impl Store {
             message,
         };
         create_private_dir(&opts.path).map_err(|e| err(e.to_string()))?;
+        let lock = service_kit::lmdb::lock_store(&opts.path, LOCK_FILE).map_err(err)?;
         let mut o = EnvOpenOptions::new().read_txn_without_tls();
         o.map_size(opts.map_size).max_readers(1024).max_dbs(1);
         #[allow(unsafe_code)]
@@ -235,6 +258,7 @@ impl Store {
             inner: Arc::new(Inner {
                 shared,
                 tx: Mutex::new(Some(tx)),
+                _lock: lock,
                 writer: Mutex::new(Some(handle)),
             }),
         })
@@ -365,6 +389,169 @@ impl Store {
         let thread = thread.clone();
         self.read(move |db, txn| list_messages(db, txn, &thread, order, after, limit))
             .await
+    }
+
+    /// Up to `limit` messages of `thread` with ids after `after` and before `before`, in id
+    /// order, as stored (raw bytes: a migration compares them when it writes back).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn raw_messages(
+        &self,
+        thread: &ThreadId,
+        after: Option<MessageId>,
+        before: MessageId,
+        limit: usize,
+    ) -> Result<Vec<(MessageId, Vec<u8>)>, StoreError> {
+        let thread = thread.clone();
+        self.read(move |db, txn| {
+            let prefix = keys::msg_prefix(&thread);
+            let lo = match after {
+                Some(a) => std::ops::Bound::Excluded(keys::msg(&thread, a)),
+                None => std::ops::Bound::Included(prefix.clone()),
+            };
+            let hi = std::ops::Bound::Excluded(keys::msg(&thread, before));
+            let range = (
+                lo.as_ref().map(Vec::as_slice),
+                hi.as_ref().map(Vec::as_slice),
+            );
+            let mut out = Vec::new();
+            for r in db.range(txn, &range)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = r?;
+                if let Some(id) = keys::parse_msg(&prefix, k) {
+                    out.push((id, v.to_vec()));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many messages `thread` holds before `before`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn count_messages(
+        &self,
+        thread: &ThreadId,
+        before: MessageId,
+    ) -> Result<u64, StoreError> {
+        let thread = thread.clone();
+        self.read(move |db, txn| {
+            let lo = keys::msg_prefix(&thread);
+            let hi = keys::msg(&thread, before);
+            let range = (
+                std::ops::Bound::Included(lo.as_slice()),
+                std::ops::Bound::Excluded(hi.as_slice()),
+            );
+            let mut n = 0u64;
+            for r in db.range(txn, &range)? {
+                r?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// The job `id`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`]; a record that does not parse is [`StoreError::Corrupt`].
+    pub async fn get_job(
+        &self,
+        id: &kms_api::admin::JobId,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let key = keys::job(id);
+        self.read(move |db, txn| match db.get(txn, &key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(v)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("job record".into())),
+        })
+        .await
+    }
+
+    /// Every job record (undecodable ones are skipped and logged).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(move |db, txn| {
+            let (lo, hi) = keys::all_jobs();
+            let range = (
+                std::ops::Bound::Included(lo.as_slice()),
+                std::ops::Bound::Excluded(hi.as_slice()),
+            );
+            let mut out = Vec::new();
+            for r in db.range(txn, &range)? {
+                let (k, v) = r?;
+                match serde_json::from_slice::<JobRecord>(v) {
+                    Ok(j) => out.push(j),
+                    Err(_) => {
+                        tracing::error!(key = %String::from_utf8_lossy(k), "undecodable job record")
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Like [`Store::list_messages`], with the thread record read in the **same** read
+    /// transaction: which key sealed each message follows that record's rotation state, so
+    /// a reader must judge messages by the record of the same snapshot.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn messages_with_thread(
+        &self,
+        thread: &ThreadId,
+        order: Order,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<(Option<ThreadRecord>, Page<StoredMessage>), StoreError> {
+        let thread = thread.clone();
+        self.read(move |db, txn| {
+            let key = keys::meta(&thread);
+            let rec = match db.get(txn, &key)? {
+                None => None,
+                Some(v) => Some(parse_thread(&key, v)?),
+            };
+            Ok((rec, list_messages(db, txn, &thread, order, after, limit)?))
+        })
+        .await
+    }
+
+    /// One message and the thread record, from one read transaction (see
+    /// [`Store::messages_with_thread`]).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn message_with_thread(
+        &self,
+        thread: &ThreadId,
+        id: MessageId,
+    ) -> Result<(Option<ThreadRecord>, Option<StoredMessage>), StoreError> {
+        let thread = thread.clone();
+        self.read(move |db, txn| {
+            let key = keys::meta(&thread);
+            let rec = match db.get(txn, &key)? {
+                None => None,
+                Some(v) => Some(parse_thread(&key, v)?),
+            };
+            let msg = db
+                .get(txn, &keys::msg(&thread, id))?
+                .map(|v| StoredMessage {
+                    id,
+                    record: serde_json::from_slice(v).map_err(|e| e.to_string()),
+                });
+            Ok((rec, msg))
+        })
+        .await
     }
 
     /// The raw value stored under `key`: for operator tools and tests.

@@ -32,6 +32,128 @@ pub struct ThreadRecord {
     /// in a thread that has a DEK is refused (it can only be a forgery).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain_migration: Option<PlainMigration>,
+    /// A DEK rotation (or the encryption of a plain thread) in progress: see
+    /// [`DekRotation`] for which key sealed which message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<DekRotation>,
+    /// Messages sealed (posted or edited) under `kms` since it became the thread's key: the
+    /// automatic rotation counts this against `encryption.rotate_after_messages`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sealed: u64,
+    /// When `kms` became the thread's key (absent: when the thread was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_since: Option<Timestamp>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The state of a DEK rotation of one thread, which decides without guessing which key
+/// sealed each message (messages carry no key information):
+///
+/// * a message whose id is at or after `start` was written after the rotation began: sealed
+///   under the thread's current key (`kms`);
+/// * a message before `start` and at or before `cursor` has been migrated: current key;
+/// * any other message (before `start`, after `cursor`) is not migrated yet: sealed under
+///   `retiring`, or plain when `retiring` is `None` (a plain thread being encrypted).
+///
+/// The writer checks every new or edited message against this rule inside its transaction
+/// (a writer that sealed under a stale key is refused and retries), and the migration moves
+/// `cursor` in the same transaction as the messages it re-encrypted, so the rule is always
+/// true of what is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DekRotation {
+    pub job: kms_api::admin::JobId,
+    /// The key being retired; `None` when the thread was plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<ThreadKey>,
+    pub start: MessageId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<MessageId>,
+}
+
+/// What a server job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// A new DEK for a thread; every message re-encrypted under it; the old DEK destroyed.
+    RotateDek,
+    /// A thread stored plain gets a DEK; every message encrypted under it in place.
+    EncryptThread,
+}
+
+/// Where a server job is. `succeeded` and `failed` are final; the others resume after a
+/// restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Migrating,
+    Verifying,
+    DestroyingOld,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+}
+
+/// Counters of a job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// Messages to migrate when the job started (an estimate: posts go on).
+    pub total: u64,
+    /// Messages re-encrypted (or encrypted) under the new key.
+    pub migrated: u64,
+    /// Messages that already did not decrypt before migration (left as they are).
+    pub unreadable: u64,
+    /// Migrated messages decrypted again under the new key by the verification pass.
+    pub verified: u64,
+    /// Messages changed by an edit while they were being migrated (migrated again).
+    pub conflicts: u64,
+}
+
+/// `job:<id>`: a server job, persisted after every batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: kms_api::admin::JobId,
+    pub kind: JobKind,
+    pub thread: ThreadId,
+    pub state: JobState,
+    pub progress: JobProgress,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_key_id: Option<kms_api::KeyId>,
+    pub new_key_id: kms_api::KeyId,
+    /// Why it ended `failed`, or why it is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why the job started: `admin` or `automatic` (a count or age limit).
+    pub reason: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+}
+
+/// Which key a message is sealed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedBy<'a> {
+    Key(&'a ThreadKey),
+    /// Stored plain (a thread without a DEK, or a not yet encrypted message of one).
+    Plain,
+}
+
+impl SealedBy<'_> {
+    /// The key id, if sealed under a key.
+    pub fn key_id(&self) -> Option<&kms_api::KeyId> {
+        match self {
+            SealedBy::Key(k) => Some(&k.key_id),
+            SealedBy::Plain => None,
+        }
+    }
 }
 
 /// The explicit, logged state that lets a thread with a DEK still hold plain messages: those
@@ -47,10 +169,35 @@ impl ThreadRecord {
     /// a thread without a DEK, and in one with a DEK only before its [`PlainMigration`]
     /// boundary.
     pub fn accepts_plain(&self, id: MessageId) -> bool {
+        if let Some(r) = &self.rotation {
+            if id >= r.start || r.cursor.is_some_and(|c| id <= c) {
+                // New or migrated: never plain.
+                return false;
+            }
+            if r.retiring.is_none() {
+                return true;
+            }
+        }
         match (&self.kms, &self.plain_migration) {
             (None, _) => true,
             (Some(_), Some(m)) => id < m.plain_before,
             (Some(_), None) => false,
+        }
+    }
+
+    /// The key that seals message `id` now, by the rule of [`DekRotation`].
+    pub fn sealed_by(&self, id: MessageId) -> SealedBy<'_> {
+        let current = match &self.kms {
+            Some(k) => SealedBy::Key(k),
+            None => SealedBy::Plain,
+        };
+        match &self.rotation {
+            Some(r) if id < r.start && !matches!(r.cursor, Some(c) if id <= c) => match &r.retiring
+            {
+                Some(k) => SealedBy::Key(k),
+                None => SealedBy::Plain,
+            },
+            _ => current,
         }
     }
 }
@@ -135,6 +282,69 @@ impl fmt::Debug for Content {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::ids::{Timestamp, UserId};
+
+    fn key(n: u8) -> ThreadKey {
+        ThreadKey {
+            key_id: kms_api::KeyId::from_random([n; 16]),
+            wrapped_dek: kms_api::WrappedDek::new(vec![n]),
+            kek_id: kms_api::KekId::parse("kek").unwrap(),
+            kek_version: kms_api::KekVersion::FIRST,
+        }
+    }
+
+    fn id(n: u64) -> MessageId {
+        MessageId::new(Timestamp::from_nanos(n), 0).unwrap()
+    }
+
+    #[test]
+    fn the_rotation_rule_names_one_key_per_message() {
+        let mut t = ThreadRecord {
+            id: ThreadId::parse("t").unwrap(),
+            title: String::new(),
+            author: UserId::parse("u").unwrap(),
+            created_at: Timestamp::from_nanos(1),
+            updated_at: Timestamp::from_nanos(1),
+            metadata: None,
+            kms: Some(key(2)),
+            plain_migration: None,
+            rotation: Some(DekRotation {
+                job: kms_api::admin::JobId::from_random([0; 8]),
+                retiring: Some(key(1)),
+                start: id(100),
+                cursor: Some(id(40)),
+            }),
+            sealed: 0,
+            key_since: None,
+        };
+        let by = |t: &ThreadRecord, n| t.sealed_by(id(n)).key_id().cloned();
+        let (k1, k2) = (Some(key(1).key_id), Some(key(2).key_id));
+        assert_eq!(by(&t, 10), k2, "migrated");
+        assert_eq!(by(&t, 40), k2, "the cursor itself is migrated");
+        assert_eq!(by(&t, 41), k1, "not migrated yet");
+        assert_eq!(by(&t, 99), k1);
+        assert_eq!(by(&t, 100), k2, "written after the start");
+        assert!(
+            !t.accepts_plain(id(50)),
+            "an encrypted thread's rotation accepts no plain"
+        );
+        // A plain thread being encrypted: unmigrated messages are plain, the rest not.
+        if let Some(r) = t.rotation.as_mut() {
+            r.retiring = None;
+        }
+        assert_eq!(t.sealed_by(id(50)), SealedBy::Plain);
+        assert!(t.accepts_plain(id(50)));
+        assert!(
+            !t.accepts_plain(id(40)),
+            "a migrated message is never plain again"
+        );
+        assert!(!t.accepts_plain(id(100)));
+        assert_eq!(by(&t, 30), k2);
+        // No rotation: the thread's key for everything.
+        t.rotation = None;
+        assert_eq!(by(&t, 50), k2);
+        assert!(!t.accepts_plain(id(50)));
+    }
 
     #[test]
     fn content_shapes() {

@@ -286,41 +286,89 @@ impl WriteOp for DeleteThread {
 }
 
 /// Stores a new message of an existing thread. `NotFound` if the thread is gone (so no
-/// message outlives a deleted thread), `Conflict` if the id is taken.
+/// message outlives a deleted thread), `Conflict` if the id is taken, and
+/// [`StoreError::StaleKey`] if the content was not sealed by the key the thread's rotation
+/// rule names for this id now (the caller re-reads the thread and seals again).
 #[derive(Debug)]
 pub struct PutMessage {
     thread: ThreadId,
+    id: MessageId,
     key: Vec<u8>,
     value: Vec<u8>,
+    sealed_with: Option<kms_api::KeyId>,
 }
 
 impl PutMessage {
+    /// `sealed_with`: the key id the content is encrypted under (`None`: plain).
+    ///
     /// # Errors
     /// [`StoreError::Corrupt`] if the record cannot be encoded.
     pub fn new(
         thread: &ThreadId,
         id: MessageId,
         record: &MessageRecord,
+        sealed_with: Option<kms_api::KeyId>,
     ) -> Result<Self, StoreError> {
         Ok(Self {
             thread: thread.clone(),
+            id,
             key: keys::msg(thread, id),
             value: to_json(record)?,
+            sealed_with,
         })
     }
 }
 
-impl WriteOp for PutMessage {
-    type Out = ();
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
-        if db.get(txn, &keys::meta(&self.thread))?.is_none() {
-            return Ok(Err(StoreError::NotFound));
+/// Checks that content sealed with `sealed_with` is what `thread`'s rule names for `id`, and
+/// counts the seal against the current key. Returns the record to write back (when counted).
+fn check_seal(
+    thread: &ThreadRecord,
+    id: MessageId,
+    sealed_with: Option<&kms_api::KeyId>,
+) -> Result<Option<ThreadRecord>, StoreError> {
+    let expected = thread.sealed_by(id);
+    if expected.key_id() != sealed_with {
+        return Err(StoreError::StaleKey);
+    }
+    match (&thread.kms, sealed_with) {
+        (Some(k), Some(used)) if &k.key_id == used => {
+            let mut t = thread.clone();
+            t.sealed = t.sealed.saturating_add(1);
+            Ok(Some(t))
         }
+        _ => Ok(None),
+    }
+}
+
+impl WriteOp for PutMessage {
+    /// The thread's updated [`ThreadRecord`] when the seal was counted against its key.
+    type Out = Option<ThreadRecord>;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<Option<ThreadRecord>, StoreError>> {
+        let meta_key = keys::meta(&self.thread);
+        let thread = match read_thread(db, txn, &meta_key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(t)) => t,
+        };
         if db.get(txn, &self.key)?.is_some() {
             return Ok(Err(StoreError::Conflict("message id exists")));
         }
+        let counted = match check_seal(&thread, self.id, self.sealed_with.as_ref()) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(t) = &counted {
+            match to_json(t) {
+                Ok(v) => db.put(txn, &meta_key, &v)?,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
         db.put(txn, &self.key, &self.value)?;
-        Ok(Ok(()))
+        Ok(Ok(counted))
     }
 }
 
@@ -358,6 +406,9 @@ pub struct UpdateMessage {
     pub content: Content,
     pub format: RecordFormat,
     pub sealed_for: (UserId, Timestamp),
+    /// The key id `content` is encrypted under (`None`: plain); checked like
+    /// [`PutMessage`]'s.
+    pub sealed_with: Option<kms_api::KeyId>,
     pub rule: AuthorRule,
     pub now: Timestamp,
 }
@@ -409,6 +460,20 @@ impl WriteOp for UpdateMessage {
             return Ok(Err(StoreError::Conflict(
                 "message metadata changed while it was being re-encrypted",
             )));
+        }
+        let meta_key = keys::meta(&self.thread);
+        let thread = match read_thread(db, txn, &meta_key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(t)) => t,
+        };
+        match check_seal(&thread, self.id, self.sealed_with.as_ref()) {
+            Ok(Some(t)) => match to_json(&t) {
+                Ok(v) => db.put(txn, &meta_key, &v)?,
+                Err(e) => return Ok(Err(e)),
+            },
+            Ok(None) => {}
+            Err(e) => return Ok(Err(e)),
         }
         rec.content = self.content.clone();
         rec.format = self.format;
@@ -468,6 +533,201 @@ impl WriteOp for RawPut {
     type Out = ();
     fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
         db.put(txn, &self.key, &self.value)?;
+        Ok(Ok(()))
+    }
+}
+
+/// Reads a job record.
+fn read_job(
+    db: &Db,
+    txn: &RwTxn<'_>,
+    id: &kms_api::admin::JobId,
+) -> heed::Result<Option<Result<records::JobRecord, StoreError>>> {
+    Ok(db.get(txn, &keys::job(id))?.map(|v| {
+        serde_json::from_slice::<records::JobRecord>(v)
+            .map_err(|e| StoreError::Corrupt(format!("job record: {}", e.classify_text())))
+    }))
+}
+
+/// Outcome of [`StartRotation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotationStart {
+    Started(records::JobRecord),
+    /// A rotation of this thread is running already: its job.
+    Running(kms_api::admin::JobId),
+}
+
+/// Begins a DEK rotation (or, for a thread without a key, its encryption): `new_key` becomes
+/// the thread's key for every message from `start` on, the old key (if any) is kept as the
+/// retiring one, and the job record is stored, all in one transaction.
+#[derive(Debug)]
+pub struct StartRotation {
+    pub thread: ThreadId,
+    pub new_key: ThreadKey,
+    pub start: MessageId,
+    pub job: records::JobRecord,
+}
+
+impl WriteOp for StartRotation {
+    type Out = RotationStart;
+    fn apply(
+        &self,
+        db: &Db,
+        txn: &mut RwTxn<'_>,
+    ) -> heed::Result<Result<RotationStart, StoreError>> {
+        let meta_key = keys::meta(&self.thread);
+        let mut rec = match read_thread(db, txn, &meta_key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
+        };
+        if let Some(r) = &rec.rotation {
+            return Ok(Ok(RotationStart::Running(r.job.clone())));
+        }
+        let mut job = self.job.clone();
+        job.old_key_id = rec.kms.as_ref().map(|k| k.key_id.clone());
+        rec.rotation = Some(records::DekRotation {
+            job: job.id.clone(),
+            retiring: rec.kms.take(),
+            start: self.start,
+            cursor: None,
+        });
+        rec.kms = Some(self.new_key.clone());
+        rec.sealed = 0;
+        rec.key_since = Some(self.job.created_at);
+        let (value, job_value) = match (to_json(&rec), to_json(&job)) {
+            (Ok(v), Ok(j)) => (v, j),
+            (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+        };
+        db.put(txn, &meta_key, &value)?;
+        db.put(txn, &keys::job(&job.id), &job_value)?;
+        Ok(Ok(RotationStart::Started(job)))
+    }
+}
+
+/// One migrated message: the record as the job read it (raw) and its re-encrypted form.
+#[derive(Debug)]
+pub struct Migrated {
+    pub id: MessageId,
+    pub expected: Vec<u8>,
+    pub new: Vec<u8>,
+}
+
+/// Writes a batch of migrated messages and moves the rotation's cursor past them, in one
+/// transaction. Messages are applied in id order up to the first one that changed since the
+/// job read it (an edit, or a delete); the cursor stops just before it, so the job reads it
+/// again. Returns how many were applied. `NotFound` when the thread or its rotation by this
+/// job is gone.
+#[derive(Debug)]
+pub struct MigrateBatch {
+    pub thread: ThreadId,
+    pub job: records::JobRecord,
+    pub items: Vec<Migrated>,
+    /// The last id the job looked at (messages it did not list were deleted meanwhile).
+    pub scanned_to: MessageId,
+}
+
+impl WriteOp for MigrateBatch {
+    type Out = usize;
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<usize, StoreError>> {
+        let meta_key = keys::meta(&self.thread);
+        let mut rec = match read_thread(db, txn, &meta_key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
+        };
+        let Some(rot) = rec.rotation.as_mut() else {
+            return Ok(Err(StoreError::NotFound));
+        };
+        if rot.job != self.job.id {
+            return Ok(Err(StoreError::Conflict(
+                "another rotation owns this thread",
+            )));
+        }
+        let mut applied = 0;
+        let mut cursor = self.scanned_to;
+        for m in &self.items {
+            let key = keys::msg(&self.thread, m.id);
+            match db.get(txn, &key)? {
+                Some(current) if current == m.expected.as_slice() => {
+                    db.put(txn, &key, &m.new)?;
+                    applied += 1;
+                }
+                _ => {
+                    // Changed (or deleted) meanwhile: stop before it.
+                    cursor = match m.id.predecessor() {
+                        Some(p) => p,
+                        None => return Ok(Ok(0)),
+                    };
+                    break;
+                }
+            }
+        }
+        if !matches!(rot.cursor, Some(c) if cursor <= c) {
+            rot.cursor = Some(cursor);
+        }
+        let mut job = self.job.clone();
+        job.progress.migrated += applied as u64;
+        if applied < self.items.len() {
+            job.progress.conflicts += 1;
+        }
+        let (value, job_value) = match (to_json(&rec), to_json(&job)) {
+            (Ok(v), Ok(j)) => (v, j),
+            (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+        };
+        db.put(txn, &meta_key, &value)?;
+        db.put(txn, &keys::job(&job.id), &job_value)?;
+        Ok(Ok(applied))
+    }
+}
+
+/// Ends a rotation: the retiring key is forgotten (the caller destroyed it in the KMS first),
+/// every message is under the thread's key, so the plain-migration boundary goes too; the
+/// job is marked succeeded. Idempotent.
+#[derive(Debug)]
+pub struct FinishRotation {
+    pub thread: ThreadId,
+    pub job: records::JobRecord,
+}
+
+impl WriteOp for FinishRotation {
+    type Out = ();
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+        let meta_key = keys::meta(&self.thread);
+        if let Some(Ok(mut rec)) = read_thread(db, txn, &meta_key)? {
+            if rec.rotation.as_ref().is_some_and(|r| r.job == self.job.id) {
+                rec.rotation = None;
+                rec.plain_migration = None;
+                match to_json(&rec) {
+                    Ok(v) => db.put(txn, &meta_key, &v)?,
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+        }
+        match to_json(&self.job) {
+            Ok(v) => db.put(txn, &keys::job(&self.job.id), &v)?,
+            Err(e) => return Ok(Err(e)),
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// Stores (creates or replaces) a job record, unless it is final already.
+#[derive(Debug)]
+pub struct PutJob(pub records::JobRecord);
+
+impl WriteOp for PutJob {
+    type Out = ();
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+        if let Some(Ok(j)) = read_job(db, txn, &self.0.id)? {
+            if j.state.is_final() {
+                return Ok(Ok(()));
+            }
+        }
+        match to_json(&self.0) {
+            Ok(v) => db.put(txn, &keys::job(&self.0.id), &v)?,
+            Err(e) => return Ok(Err(e)),
+        }
         Ok(Ok(()))
     }
 }

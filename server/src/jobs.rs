@@ -1,0 +1,584 @@
+//! Server jobs: per-thread DEK rotation and the encryption of plain threads in place.
+//!
+//! ```text
+//! migrating ──► verifying ──► destroying_old ──► succeeded
+//!     │              └─ a migrated message does not decrypt ──► failed (the old key is kept)
+//!     └─ the thread was deleted ──► failed
+//! ```
+//!
+//! * **Start** ([`start`]): a new DEK is created in the KMS, then one transaction makes it the
+//!   thread's key for every message from the next id on, keeps the old key as the retiring
+//!   one (none for a plain thread) and stores the job (`job:<id>`). Posts and edits work at
+//!   once: which key sealed which message follows [`crate::store::DekRotation`]'s rule, and
+//!   the writer refuses a message sealed under a key the rule no longer names.
+//! * **migrating**: messages before the start id and after the cursor are read in id order,
+//!   a batch at a time; each is decrypted under the retiring key (or taken as it is, when
+//!   plain) and encrypted under the new key (record format upgraded to the current one), in
+//!   one batch call each way. The batch and the moved cursor are written in **one**
+//!   transaction, each message by compare-and-swap on its stored bytes: an edit that raced
+//!   the job wins and the job reads that message again. A message that already did not
+//!   decrypt is left as it is and counted (`unreadable`).
+//! * **verifying**: every message before the start id is decrypted under the new key.
+//! * **destroying_old**: the retiring DEK is destroyed in the KMS, then the rotation state is
+//!   cleared (in that order: a crash in between finds nothing left under the old key and
+//!   destroys it again, which the KMS answers as done).
+//!
+//! The job record and the rotation state are persisted with every batch, so a job survives
+//! a SIGKILL of the server: [`resume_all`] starts every unfinished job again at start-up.
+//! KMS outages pause a job (with backoff); they never fail it.
+//!
+//! **Automatic rotation**: after a post, a thread whose key has sealed more than
+//! `encryption.rotate_after_messages` messages (default 2^30, far below the 2^32
+//! random-nonce bound of AES-GCM), or is older than `encryption.rotate_after_days` (0 =
+//! never), gets the same job.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kms_api::admin::JobId;
+use kms_api::wire::{Bytes64, SecretBytes};
+use kms_api::ThreadId;
+
+use crate::error::ApiError;
+use crate::ids::{MessageId, Timestamp};
+use crate::provider::{DecryptItem, EncryptItem, ProviderError, ThreadKey};
+use crate::service::MessageService;
+use crate::store::aad::{message_aad, MessageBinding};
+use crate::store::{
+    Content, FinishRotation, JobKind, JobProgress, JobRecord, JobState, MessageRecord,
+    MigrateBatch, Migrated, PutJob, RecordFormat, RotationStart, SealedBy, StartRotation,
+    StoreError, ThreadRecord,
+};
+
+/// Messages per migration batch.
+const BATCH: usize = 64;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// When a thread's key is rotated without being asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// Rotate once the key has sealed more messages than this.
+    pub after_messages: u64,
+    /// Rotate once the key is older than this (`None`: never for age).
+    pub after_age: Option<Duration>,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            after_messages: 1 << 30,
+            after_age: None,
+        }
+    }
+}
+
+/// Jobs this process drives now (so one job never runs twice here).
+#[derive(Debug, Default)]
+pub struct Running(Mutex<BTreeSet<JobId>>);
+
+impl Running {
+    fn claim(&self, id: &JobId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone())
+    }
+
+    fn release(&self, id: &JobId) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+}
+
+/// Why a step stopped.
+enum Step {
+    /// The KMS or the store cannot serve now: retry with backoff.
+    Pause(String),
+    /// The job ends `failed`.
+    Fail(String),
+}
+
+impl From<StoreError> for Step {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full | StoreError::Closed | StoreError::Lmdb(_) => {
+                Step::Pause(e.to_string())
+            }
+            StoreError::NotFound
+            | StoreError::Conflict(_)
+            | StoreError::NotAuthor
+            | StoreError::StaleKey
+            | StoreError::Corrupt(_) => Step::Fail(e.to_string()),
+        }
+    }
+}
+
+fn provider_step(e: ProviderError) -> Step {
+    match e {
+        ProviderError::Unavailable(m) => Step::Pause(m),
+        other => Step::Fail(other.to_string()),
+    }
+}
+
+/// Starts a rotation of `thread`'s DEK (`kind` = [`JobKind::RotateDek`]) or the encryption
+/// of a plain thread ([`JobKind::EncryptThread`]), or returns the job already running on it
+/// (`started = false`).
+///
+/// # Errors
+/// 404 for an unknown thread; 409 `already_encrypted` for `EncryptThread` on a thread that
+/// has a key and no plain messages; 503 when the KMS cannot create the new DEK (nothing
+/// changed).
+pub async fn start(
+    svc: &Arc<MessageService>,
+    thread: &ThreadId,
+    kind: JobKind,
+    reason: &str,
+) -> Result<(JobRecord, bool), ApiError> {
+    let rec = svc
+        .store
+        .get_thread(thread)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if let Some(r) = &rec.rotation {
+        let job = svc.store.get_job(&r.job).await?.ok_or(ApiError::Internal)?;
+        ensure_driven(svc, &job);
+        return Ok((job, false));
+    }
+    if kind == JobKind::EncryptThread && rec.kms.is_some() && rec.plain_migration.is_none() {
+        return Err(ApiError::AlreadyEncrypted);
+    }
+    let provider = svc.provider.as_ref().ok_or(ApiError::KmsUnavailable)?;
+    let new_key = provider.create_dek_for_thread(thread).await.map_err(|e| {
+        tracing::warn!(thread = %thread, error = %e, "cannot create the new DEK");
+        ApiError::KmsUnavailable
+    })?;
+    let now = Timestamp::now();
+    let id = JobId::from_random(rand::random());
+    let start = svc.ids.next();
+    let total = svc.store.count_messages(thread, start).await?;
+    let job = JobRecord {
+        id: id.clone(),
+        kind,
+        thread: thread.clone(),
+        state: JobState::Migrating,
+        progress: JobProgress {
+            total,
+            ..JobProgress::default()
+        },
+        old_key_id: None,
+        new_key_id: new_key.key_id.clone(),
+        error: None,
+        reason: reason.to_owned(),
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+    };
+    let outcome = svc
+        .store
+        .write(StartRotation {
+            thread: thread.clone(),
+            new_key: new_key.clone(),
+            start,
+            job,
+        })
+        .await;
+    svc.cache.invalidate(thread);
+    match outcome {
+        Ok(RotationStart::Started(job)) => {
+            tracing::info!(job = %job.id, thread = %thread, kind = ?kind, reason, "DEK rotation started");
+            ensure_driven(svc, &job);
+            Ok((job, true))
+        }
+        Ok(RotationStart::Running(other)) => {
+            // Another request started one first: ours is unused.
+            discard(svc, new_key);
+            let job = svc.store.get_job(&other).await?.ok_or(ApiError::Internal)?;
+            ensure_driven(svc, &job);
+            Ok((job, false))
+        }
+        Err(e) => {
+            discard(svc, new_key);
+            Err(e.into())
+        }
+    }
+}
+
+fn discard(svc: &Arc<MessageService>, key: ThreadKey) {
+    let svc = Arc::clone(svc);
+    tokio::spawn(async move {
+        if let Some(p) = &svc.provider {
+            if let Err(e) = p.destroy_key(&key).await {
+                tracing::warn!(key_id = %key.key_id, error = %e, "cannot destroy an unused DEK");
+            }
+        }
+    });
+}
+
+/// Starts every unfinished job again (at start-up).
+///
+/// # Errors
+/// A store error reading the jobs.
+pub async fn resume_all(svc: &Arc<MessageService>) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for job in svc.store.jobs().await? {
+        if !job.state.is_final() {
+            tracing::info!(job = %job.id, thread = %job.thread, state = ?job.state, "resuming server job");
+            ensure_driven(svc, &job);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// After a post: starts an automatic rotation when the thread's key is past the policy
+/// (`thread` is the record as the post left it).
+pub fn maybe_rotate(svc: &Arc<MessageService>, thread: &ThreadRecord) {
+    if thread.kms.is_none() || thread.rotation.is_some() {
+        return;
+    }
+    let policy = svc.rotation_policy;
+    let by_count = thread.sealed > policy.after_messages;
+    let by_age = policy.after_age.is_some_and(|age| {
+        let since = thread.key_since.unwrap_or(thread.created_at);
+        Timestamp::now().as_nanos().saturating_sub(since.as_nanos())
+            > u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)
+    });
+    if !(by_count || by_age) {
+        return;
+    }
+    let (svc, id) = (Arc::clone(svc), thread.id.clone());
+    let reason = if by_count {
+        "automatic: message count"
+    } else {
+        "automatic: key age"
+    };
+    tokio::spawn(async move {
+        if let Err(e) = start(&svc, &id, JobKind::RotateDek, reason).await {
+            tracing::warn!(thread = %id, error = ?e, "automatic DEK rotation did not start; the next post retries");
+        }
+    });
+}
+
+fn ensure_driven(svc: &Arc<MessageService>, job: &JobRecord) {
+    if job.state.is_final() || !svc.running.claim(&job.id) {
+        return;
+    }
+    let svc = Arc::clone(svc);
+    let job = job.clone();
+    tokio::spawn(async move {
+        let id = job.id.clone();
+        drive(&svc, job).await;
+        svc.running.release(&id);
+    });
+}
+
+async fn drive(svc: &Arc<MessageService>, mut job: JobRecord) {
+    let mut backoff = FIRST_BACKOFF;
+    while !job.state.is_final() {
+        match step(svc, &mut job).await {
+            Ok(()) => backoff = FIRST_BACKOFF,
+            Err(Step::Pause(why)) => {
+                tracing::warn!(job = %job.id, state = ?job.state, error = %why, "server job paused; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(Step::Fail(why)) => {
+                tracing::error!(job = %job.id, state = ?job.state, error = %why, "server job failed");
+                job.state = JobState::Failed;
+                job.error = Some(why);
+                job.finished_at = Some(Timestamp::now());
+                job.updated_at = Timestamp::now();
+                if let Err(e) = svc.store.write(PutJob(job.clone())).await {
+                    tracing::error!(job = %job.id, error = %e, "cannot record the job's failure");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// One step; `job` is what was persisted after it.
+async fn step(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step> {
+    let Some(thread) = svc.store.get_thread(&job.thread).await? else {
+        return Err(Step::Fail("the thread was deleted".into()));
+    };
+    let Some(rot) = thread.rotation.clone() else {
+        // Finished by an earlier run that stopped before its job record said so.
+        if job.state == JobState::DestroyingOld {
+            finish(svc, job).await?;
+            return Ok(());
+        }
+        return Err(Step::Fail("the thread has no rotation by this job".into()));
+    };
+    if rot.job != job.id {
+        return Err(Step::Fail("another job owns the thread's rotation".into()));
+    }
+    match job.state {
+        JobState::Migrating => migrate_batch(svc, &thread, job).await,
+        JobState::Verifying => verify(svc, &thread, job).await,
+        JobState::DestroyingOld => {
+            if let (Some(old), Some(p)) = (&rot.retiring, &svc.provider) {
+                match p.destroy_key(old).await {
+                    Ok(()) | Err(ProviderError::UnknownKey) => {}
+                    Err(e) => return Err(provider_step(e)),
+                }
+            }
+            finish(svc, job).await
+        }
+        JobState::Succeeded | JobState::Failed => Ok(()),
+    }
+}
+
+async fn finish(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step> {
+    let mut done = job.clone();
+    done.state = JobState::Succeeded;
+    done.finished_at = Some(Timestamp::now());
+    done.updated_at = Timestamp::now();
+    svc.store
+        .write(FinishRotation {
+            thread: job.thread.clone(),
+            job: done.clone(),
+        })
+        .await?;
+    svc.cache.invalidate(&job.thread);
+    tracing::info!(job = %job.id, thread = %job.thread, migrated = done.progress.migrated, "DEK rotation finished; the old DEK is destroyed");
+    *job = done;
+    Ok(())
+}
+
+fn binding<'a>(
+    thread: &'a ThreadRecord,
+    id: MessageId,
+    rec: &'a MessageRecord,
+) -> MessageBinding<'a> {
+    MessageBinding {
+        thread: &thread.id,
+        thread_author: &thread.author,
+        id,
+        author: &rec.author,
+        created_at: rec.created_at,
+    }
+}
+
+async fn migrate_batch(
+    svc: &Arc<MessageService>,
+    thread: &ThreadRecord,
+    job: &mut JobRecord,
+) -> Result<(), Step> {
+    let rot = thread
+        .rotation
+        .as_ref()
+        .ok_or_else(|| Step::Fail("no rotation".into()))?;
+    let Some(new_key) = thread.kms.clone().map(Arc::new) else {
+        return Err(Step::Fail("the thread has no key".into()));
+    };
+    let provider = svc
+        .provider
+        .as_ref()
+        .ok_or_else(|| Step::Pause("no key provider".into()))?;
+    let raw = svc
+        .store
+        .raw_messages(&thread.id, rot.cursor, rot.start, BATCH)
+        .await?;
+    let Some(&(scanned_to, _)) = raw.last() else {
+        job.state = JobState::Verifying;
+        job.updated_at = Timestamp::now();
+        svc.store.write(PutJob(job.clone())).await?;
+        return Ok(());
+    };
+    // Parse; decrypt what is sealed under the retiring key, in one batch.
+    let mut parsed: Vec<(MessageId, Vec<u8>, Option<MessageRecord>)> = Vec::new();
+    let mut to_open: Vec<(usize, DecryptItem)> = Vec::new();
+    for (id, bytes) in raw {
+        let rec: Option<MessageRecord> = serde_json::from_slice(&bytes).ok();
+        if let Some(r) = &rec {
+            if let (Content::Enc(ct), SealedBy::Key(k)) = (&r.content, thread.sealed_by(id)) {
+                to_open.push((
+                    parsed.len(),
+                    DecryptItem {
+                        key: Arc::new(k.clone()),
+                        ciphertext: ct.0.clone(),
+                        aad: message_aad(r.format, &binding(thread, id, r)),
+                    },
+                ));
+            }
+        }
+        parsed.push((id, bytes, rec));
+    }
+    let mut plaintexts: Vec<Option<SecretBytes>> = (0..parsed.len()).map(|_| None).collect();
+    let mut unreadable = vec![false; parsed.len()];
+    if !to_open.is_empty() {
+        let (idx, reqs): (Vec<usize>, Vec<DecryptItem>) = to_open.into_iter().unzip();
+        let results = provider.decrypt_batch(reqs).await.map_err(provider_step)?;
+        if results.len() != idx.len() {
+            return Err(Step::Pause(
+                "the KMS answered a batch with the wrong length".into(),
+            ));
+        }
+        for (i, r) in idx.into_iter().zip(results) {
+            match r {
+                Ok(pt) => plaintexts[i] = Some(pt),
+                Err(ProviderError::Unavailable(m)) => return Err(Step::Pause(m)),
+                Err(e) => {
+                    tracing::warn!(job = %job.id, message = %parsed[i].0, error = %e, "message did not decrypt before migration; left as it is");
+                    unreadable[i] = true;
+                }
+            }
+        }
+    }
+    // Encrypt every migratable message under the new key, in one batch.
+    let mut to_seal: Vec<(usize, EncryptItem)> = Vec::new();
+    for (i, (id, _, rec)) in parsed.iter().enumerate() {
+        let Some(rec) = rec else {
+            unreadable[i] = true;
+            continue;
+        };
+        let plaintext = match (&rec.content, plaintexts[i].take()) {
+            (Content::Enc(_), Some(pt)) => pt,
+            (Content::Enc(_), None) => continue,
+            (Content::Plain(v), _) if thread.accepts_plain(*id) => {
+                let mut buf = kms_api::wire::to_json_zeroizing(v, 256)
+                    .map_err(|_| Step::Fail("cannot encode a plain body".into()))?
+                    .into_inner();
+                SecretBytes::new(std::mem::take(&mut *buf))
+            }
+            (Content::Plain(_), _) => {
+                tracing::error!(job = %job.id, message = %id, "plain record where the thread allows none: left as it is");
+                unreadable[i] = true;
+                continue;
+            }
+        };
+        to_seal.push((
+            i,
+            EncryptItem {
+                key: Arc::clone(&new_key),
+                plaintext,
+                aad: message_aad(RecordFormat::CURRENT, &binding(thread, *id, rec)),
+            },
+        ));
+    }
+    let mut items = Vec::new();
+    if !to_seal.is_empty() {
+        let (idx, reqs): (Vec<usize>, Vec<EncryptItem>) = to_seal.into_iter().unzip();
+        let results = provider.encrypt_batch(reqs).await.map_err(provider_step)?;
+        if results.len() != idx.len() {
+            return Err(Step::Pause(
+                "the KMS answered a batch with the wrong length".into(),
+            ));
+        }
+        for (i, r) in idx.into_iter().zip(results) {
+            let ct = r.map_err(provider_step)?;
+            let (id, bytes, rec) = &parsed[i];
+            let Some(rec) = rec else { continue };
+            let mut new = rec.clone();
+            new.format = RecordFormat::CURRENT;
+            new.content = Content::Enc(Bytes64(ct.0));
+            let new = serde_json::to_vec(&new)
+                .map_err(|_| Step::Fail("cannot encode a record".into()))?;
+            items.push(Migrated {
+                id: *id,
+                expected: bytes.clone(),
+                new,
+            });
+        }
+    }
+    items.sort_by_key(|m| m.id);
+    let mut next = job.clone();
+    next.progress.unreadable += unreadable.iter().filter(|u| **u).count() as u64;
+    next.updated_at = Timestamp::now();
+    let applied = svc
+        .store
+        .write(MigrateBatch {
+            thread: thread.id.clone(),
+            job: next.clone(),
+            items,
+            scanned_to,
+        })
+        .await?;
+    svc.cache.invalidate(&thread.id);
+    // What MigrateBatch wrote as the job record.
+    if let Some(stored) = svc.store.get_job(&job.id).await? {
+        *job = stored;
+    } else {
+        next.progress.migrated += applied as u64;
+        *job = next;
+    }
+    Ok(())
+}
+
+async fn verify(
+    svc: &Arc<MessageService>,
+    thread: &ThreadRecord,
+    job: &mut JobRecord,
+) -> Result<(), Step> {
+    let rot = thread
+        .rotation
+        .as_ref()
+        .ok_or_else(|| Step::Fail("no rotation".into()))?;
+    let provider = svc
+        .provider
+        .as_ref()
+        .ok_or_else(|| Step::Pause("no key provider".into()))?;
+    let mut after = None;
+    let mut verified = 0u64;
+    let mut failed = 0u64;
+    loop {
+        let raw = svc
+            .store
+            .raw_messages(&thread.id, after, rot.start, BATCH)
+            .await?;
+        let Some(&(last, _)) = raw.last() else { break };
+        after = Some(last);
+        let mut reqs = Vec::new();
+        for (id, bytes) in &raw {
+            let Ok(rec) = serde_json::from_slice::<MessageRecord>(bytes) else {
+                failed += 1;
+                continue;
+            };
+            match (&rec.content, thread.sealed_by(*id)) {
+                (Content::Enc(ct), SealedBy::Key(k)) => reqs.push(DecryptItem {
+                    key: Arc::new(k.clone()),
+                    ciphertext: ct.0.clone(),
+                    aad: message_aad(rec.format, &binding(thread, *id, &rec)),
+                }),
+                _ => failed += 1,
+            }
+        }
+        if reqs.is_empty() {
+            continue;
+        }
+        let n = reqs.len();
+        let results = provider.decrypt_batch(reqs).await.map_err(provider_step)?;
+        if results.len() != n {
+            return Err(Step::Pause(
+                "the KMS answered a batch with the wrong length".into(),
+            ));
+        }
+        for r in results {
+            match r {
+                Ok(_) => verified += 1,
+                Err(ProviderError::Unavailable(m)) => return Err(Step::Pause(m)),
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    job.progress.verified = verified;
+    job.updated_at = Timestamp::now();
+    if failed > job.progress.unreadable {
+        job.state = JobState::Failed;
+        job.finished_at = Some(Timestamp::now());
+        job.error = Some(format!(
+            "{failed} message(s) do not decrypt under the new key ({} were unreadable before); \
+             the old key is kept",
+            job.progress.unreadable
+        ));
+    } else {
+        job.state = JobState::DestroyingOld;
+    }
+    svc.store.write(PutJob(job.clone())).await?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Per-thread DEK rotation and in-place encryption, from outside: a real `progressdb-kms` on
+//! a real SoftHSM token and a real `progressdb`, driven through the admin HTTP API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use progressdb_e2e::{Api, Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use serde_json::{json, Value};
+
+fn external(kms: &Kms) -> Provider {
+    Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// Posts `n` messages `{"n": i}` from `threads` threads.
+fn fill(api: &Api, thread: &str, n: usize, threads: usize) {
+    let per = n.div_ceil(threads);
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let (api, thread) = (api.clone(), thread.to_owned());
+            std::thread::spawn(move || {
+                for i in 0..per {
+                    let k = t * per + i;
+                    if k < n {
+                        api.post_message(&thread, json!({ "n": k }));
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+}
+
+fn wait_job(admin: &Api, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (s, j) = admin.call("GET", &format!("/admin/jobs/{id}"), None);
+        assert_eq!(s, 200, "{j}");
+        if until(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every message body by id, checking that none is unreadable.
+fn bodies(api: &Api, thread: &str) -> BTreeMap<String, Value> {
+    api.all_messages(thread)
+        .into_iter()
+        .map(|m| {
+            assert!(m.get("error").is_none(), "unreadable message: {m}");
+            (m["id"].as_str().unwrap().to_owned(), m["body"].clone())
+        })
+        .collect()
+}
+
+#[test]
+fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let admin = server.as_role(Role::Admin, "ops");
+    let api = server.as_role(Role::Backend, "alice");
+    let t = api.create_thread("rotate me");
+    let tid = t["id"].as_str().unwrap().to_owned();
+    fill(&api, &tid, 5_000, 8);
+    let (_, before) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    let old_key = before["key_id"].as_str().unwrap().to_owned();
+
+    // Posts and edits go on during the whole job, each checked.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let edits: Arc<Mutex<BTreeMap<String, Value>>> = Arc::default();
+    let posted = Arc::new(AtomicU64::new(0));
+    let ids: Vec<String> = bodies(&api, &tid).into_keys().collect();
+    let writer = {
+        let (api, tid, stop, failures, edits, posted) = (
+            api.clone(),
+            tid.clone(),
+            stop.clone(),
+            failures.clone(),
+            edits.clone(),
+            posted.clone(),
+        );
+        std::thread::spawn(move || {
+            let agent = agent();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let body = json!({ "live": i });
+                match api.send(
+                    &agent,
+                    "POST",
+                    &format!("/v1/threads/{tid}/messages"),
+                    Some(&json!({ "body": body })),
+                ) {
+                    Ok((201, _)) => {
+                        posted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The server is being killed and restarted: not a data error.
+                    Ok((503, _)) | Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    Ok((s, b)) => failures.lock().unwrap().push(format!("post {s} {b}")),
+                }
+                let target = &ids[(i * 37) % ids.len()];
+                let body = json!({ "edited": i });
+                match api.send(
+                    &agent,
+                    "PUT",
+                    &format!("/v1/threads/{tid}/messages/{target}"),
+                    Some(&json!({ "body": body })),
+                ) {
+                    Ok((200, _)) => {
+                        edits.lock().unwrap().insert(target.clone(), body);
+                    }
+                    Ok((503, _)) | Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    Ok((s, b)) => failures.lock().unwrap().push(format!("edit {s} {b}")),
+                }
+            }
+        })
+    };
+
+    let (s, started) = admin.call("POST", &format!("/admin/threads/{tid}/rotate-dek"), None);
+    assert_eq!(s, 202, "{started}");
+    let job_id = started["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(started["started"], true);
+    // Asked again: the same job.
+    let (s, again) = admin.call("POST", &format!("/admin/threads/{tid}/rotate-dek"), None);
+    assert_eq!((s, again["job_id"].as_str()), (202, Some(job_id.as_str())));
+    assert_eq!(again["started"], false);
+    // SIGKILL the server mid-migration: the job survives in LMDB and resumes.
+    let mid = wait_job(&admin, &job_id, |j| {
+        j["progress"]["migrated"].as_u64().unwrap_or(0) >= 500 || j["state"] != "migrating"
+    });
+    server.proc.sigkill();
+    eprintln!("killed the server at {} {}", mid["state"], mid["progress"]);
+    assert_eq!(
+        mid["state"], "migrating",
+        "the kill must land mid-migration: {mid}"
+    );
+    server.restart();
+    // Readable while the job goes on (or just after), both keys in use.
+    assert!(bodies(&api, &tid).len() >= 5_000);
+    let done = wait_job(&admin, &job_id, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "{:?}",
+        failures.lock().unwrap()
+    );
+    assert!(
+        posted.load(Ordering::Relaxed) > 0,
+        "posts ran during the job"
+    );
+    assert!(
+        done["progress"]["migrated"].as_u64().unwrap() >= 5_000 - 1,
+        "{done}"
+    );
+    assert_eq!(done["progress"]["unreadable"], 0);
+
+    // Every message readable, edits kept, posts kept.
+    let all = bodies(&api, &tid);
+    assert_eq!(
+        all.len() as u64,
+        5_000 + posted.load(Ordering::Relaxed),
+        "nothing lost"
+    );
+    for (id, body) in edits.lock().unwrap().iter() {
+        assert_eq!(&all[id], body, "the last edit of {id} stands");
+    }
+    // The thread has a new key; the old one is destroyed in the KMS.
+    let (_, after) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    assert_ne!(after["key_id"].as_str().unwrap(), old_key);
+    let (s, _) = kms.call("GET", &format!("/get_wrapped?key_id={old_key}"), None);
+    assert_eq!(s, 404, "the old DEK is destroyed");
+    let (s, jobs) = admin.call("GET", "/admin/jobs", None);
+    assert_eq!(s, 200);
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), false);
+    let api = server.as_role(Role::Backend, "bob");
+    let t = api.create_thread("plain");
+    let tid = t["id"].as_str().unwrap().to_owned();
+    for i in 0..150 {
+        api.post_message(&tid, json!({ "text": format!("PLAINMARKER-{i:04}") }));
+    }
+    assert!(contains(&server.store_bytes(), b"PLAINMARKER-0042"));
+
+    // Encryption turned on; the old thread is encrypted by the job.
+    server.proc.sigterm();
+    let text = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(
+        &server.config,
+        text.replace("enabled = false", "enabled = true"),
+    )
+    .unwrap();
+    server.restart();
+    let admin = server.as_role(Role::Admin, "ops");
+    let (s, started) = admin.call("POST", &format!("/admin/threads/{tid}/encrypt"), None);
+    assert_eq!(s, 202, "{started}");
+    let id = started["job_id"].as_str().unwrap().to_owned();
+    let done = wait_job(&admin, &id, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["progress"]["migrated"], 150);
+    let all = bodies(&api, &tid);
+    assert_eq!(all.len(), 150);
+    assert!(all.values().any(|b| b["text"] == "PLAINMARKER-0042"));
+    // Again: refused, it is encrypted now.
+    let (s, b) = admin.call("POST", &format!("/admin/threads/{tid}/encrypt"), None);
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("already_encrypted"))
+    );
+
+    // The records are ciphertext now; LMDB still holds the old plain records in free pages
+    // until they are reused, and `progressdb compact` (offline) drops them.
+    server.proc.sigterm();
+    let live = String::from_utf8_lossy(&server.store_bytes()).into_owned();
+    assert!(
+        live.contains("PLAINMARKER"),
+        "the free pages still hold the old records (so this test can fail)"
+    );
+    let out = std::process::Command::new(progressdb_e2e::bin("progressdb"))
+        .args(["compact", "--config"])
+        .arg(&server.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !contains(&server.store_bytes(), b"PLAINMARKER"),
+        "a plaintext copy survived compaction"
+    );
+    server.restart();
+    assert_eq!(bodies(&api, &tid).len(), 150);
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_unreadable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let admin = server.as_role(Role::Admin, "ops");
+    let api = server.as_role(Role::Backend, "carol");
+    let t = api.create_thread("shred me");
+    let tid = t["id"].as_str().unwrap().to_owned();
+    fill(&api, &tid, 600, 4);
+    let (_, k1) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    let (s, started) = admin.call("POST", &format!("/admin/threads/{tid}/rotate-dek"), None);
+    assert_eq!(s, 202, "{started}");
+    let (_, k2) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    assert_ne!(k1["key_id"], k2["key_id"]);
+
+    // A copy of the server's store taken before the delete.
+    server.proc.sigterm();
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(server.store.join("data.mdb"), copy.join("data.mdb")).unwrap();
+    server.restart();
+    let (s, b) = api.call("DELETE", &format!("/v1/threads/{tid}"), None);
+    assert_eq!(s, 200, "{b}");
+    for k in [&k1, &k2] {
+        let (s, _) = kms.call(
+            "GET",
+            &format!("/get_wrapped?key_id={}", k["key_id"].as_str().unwrap()),
+            None,
+        );
+        assert_eq!(s, 404, "both DEKs are destroyed");
+    }
+
+    // The server on the pre-delete copy: the thread is there, its messages cannot be read.
+    server.proc.sigterm();
+    std::fs::remove_file(server.store.join("data.mdb")).unwrap();
+    let _ = std::fs::remove_file(server.store.join("lock.mdb"));
+    std::fs::copy(copy.join("data.mdb"), server.store.join("data.mdb")).unwrap();
+    server.restart();
+    let (s, v) = api.call("GET", &format!("/v1/threads/{tid}/messages?limit=50"), None);
+    assert_eq!(s, 200, "{v}");
+    let msgs = v["messages"].as_array().unwrap();
+    assert!(!msgs.is_empty());
+    assert!(
+        msgs.iter()
+            .all(|m| m["error"]["code"] == "message_unreadable"),
+        "a pre-delete copy decrypts nothing: {}",
+        msgs[0]
+    );
+}
