@@ -502,7 +502,8 @@ async fn errors_limits_and_probes() {
         .await;
     assert_eq!(r.json()["messages"].as_array().unwrap().len(), 3);
     assert!(r.json()["next_cursor"].is_string());
-    // Reserved admin endpoints.
+    // Admin jobs: a rotation starts (202 with its job), a malformed job id is 400, an
+    // unknown one 404, and a backend key may not start one.
     let r = c
         .call(
             &Caller::admin(),
@@ -511,9 +512,18 @@ async fn errors_limits_and_probes() {
             None,
         )
         .await;
-    assert_eq!((r.status, r.code().as_str()), (501, "not_implemented"));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    assert!(r.json()["job_id"].as_str().unwrap().starts_with("job-"));
     let r = c.get(&Caller::admin(), "/admin/jobs/j1").await;
-    assert_eq!(r.status, 501);
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    let r = c
+        .get(&Caller::admin(), "/admin/jobs/job-0000000000000000")
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    let r = c
+        .call(&u, "POST", &format!("/admin/threads/{t}/rotate-dek"), None)
+        .await;
+    assert_eq!(r.status, 403);
     s.stop().await;
 }
 

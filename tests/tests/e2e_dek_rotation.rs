@@ -221,13 +221,30 @@ fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
     .unwrap();
     server.restart();
     let admin = server.as_role(Role::Admin, "ops");
-    let (s, started) = admin.call("POST", &format!("/admin/threads/{tid}/encrypt"), None);
-    assert_eq!(s, 202, "{started}");
-    let id = started["job_id"].as_str().unwrap().to_owned();
-    let done = wait_job(&admin, &id, |j| {
-        j["state"] == "succeeded" || j["state"] == "failed"
-    });
+    // Through the operator script (which waits for the job).
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(repo.join("scripts/rotate-thread-dek.sh"))
+        .arg(&tid)
+        .arg("--encrypt")
+        .env("PROGRESSDB_URL", &server.base)
+        .env("PROGRESSDB_ADMIN_KEY", &server.keys.admin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("succeeded: 150/150 migrated"), "{text}");
+    let (s, jobs) = admin.call("GET", "/admin/jobs", None);
+    assert_eq!(s, 200);
+    let done = jobs["jobs"][0].clone();
     assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["kind"], "encrypt_thread");
     assert_eq!(done["progress"]["migrated"], 150);
     let all = bodies(&api, &tid);
     assert_eq!(all.len(), 150);
