@@ -230,6 +230,107 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
     Ok(report)
 }
 
+/// Rebuilds lost key records from the server's copies of its threads' keys. A copy is
+/// imported only when the store has no record of that key id and the copy unwraps in the HSM
+/// (the wrap's AAD binds key id and KEK version, so a forged copy fails); a destroyed key
+/// (tombstone) is never brought back this way.
+///
+/// # Errors
+/// `Service` when the store, the HSM or the audit log fails (a rerun completes it).
+pub async fn import_copies<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    copies: Vec<kms_api::admin::KeyCopy>,
+) -> Result<kms_api::admin::ImportReport, BackupError> {
+    use kms_api::admin::{ImportReport, Unrecovered};
+    svc.audit(AuditEvent::new("import_copies").with("copies", copies.len()))
+        .await?;
+    let store = svc.store();
+    let destroyed: BTreeSet<u32> = store
+        .kek_versions()
+        .map_err(ServiceError::from)?
+        .iter()
+        .filter(|r| r.state == KekState::Destroyed)
+        .map(|r| r.version.get())
+        .collect();
+    let mut report = ImportReport {
+        copies: copies.len() as u64,
+        ..ImportReport::default()
+    };
+    for c in copies {
+        let lost = |reason: &str| Unrecovered {
+            thread_id: c.thread_id.clone(),
+            key_id: c.key_id.clone(),
+            reason: reason.to_owned(),
+        };
+        match store.get(&c.key_id).await.map_err(ServiceError::from)? {
+            Some(r) if matches!(r.state, KeyState::Destroyed { .. }) => {
+                report.unrecovered.push(lost("destroyed"));
+                continue;
+            }
+            Some(_) => {
+                report.present += 1;
+                continue;
+            }
+            None => {}
+        }
+        let header = match parse_wrapped_header(&c.wrapped_dek) {
+            Ok(h) if h.kek_version == c.kek_version => h,
+            _ => {
+                report.unrecovered.push(lost("does_not_unwrap"));
+                continue;
+            }
+        };
+        if destroyed.contains(&header.kek_version.get()) {
+            report.unrecovered.push(lost("kek_destroyed"));
+            continue;
+        }
+        match svc
+            .backend()
+            .unwrap_dek(&c.key_id, &c.kek_id, &c.wrapped_dek)
+            .await
+        {
+            Ok(_dek) => {}
+            Err(
+                crate::backend::BackendError::InvalidWrapped
+                | crate::backend::BackendError::KekNotFound { .. },
+            ) => {
+                report.unrecovered.push(lost("does_not_unwrap"));
+                continue;
+            }
+            Err(e) => return Err(ServiceError::from(e).into()),
+        }
+        svc.audit(
+            AuditEvent::new("dek.import")
+                .with("key_id", &c.key_id)
+                .with("thread_id", &c.thread_id),
+        )
+        .await?;
+        let record = KeyRecord {
+            key_id: c.key_id.clone(),
+            kek_id: c.kek_id,
+            kek_version: c.kek_version,
+            thread_id: c.thread_id,
+            created_at: now_secs(),
+            state: KeyState::Active {
+                wrapped: c.wrapped_dek,
+            },
+        };
+        match store.put_new(record).await {
+            Ok(()) => report.imported += 1,
+            Err(crate::keystore::StoreError::AlreadyExists(_)) => report.present += 1,
+            Err(e) => return Err(ServiceError::from(e).into()),
+        }
+    }
+    tracing::info!(
+        copies = report.copies,
+        imported = report.imported,
+        present = report.present,
+        unrecovered = report.unrecovered.len(),
+        "key records rebuilt from the server's copies"
+    );
+    Ok(report)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -343,5 +444,38 @@ mod tests {
             b"secret"
         );
         assert!(svc.decrypt(&keys[2].0, &keys[2].1, b"").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn lost_records_are_rebuilt_from_verified_copies_only() {
+        let backend = Arc::new(MockBackend::new());
+        let (_a, svc) = service(&backend);
+        let keys = seed(&svc, 4).await;
+        let mut copies = Vec::new();
+        for (k, _) in &keys {
+            let r = svc.store().get(k).await.unwrap().unwrap();
+            copies.push(kms_api::admin::KeyCopy {
+                thread_id: r.thread_id.clone(),
+                key_id: r.key_id.clone(),
+                wrapped_dek: r.wrapped().unwrap().clone(),
+                kek_id: r.kek_id.clone(),
+                kek_version: r.kek_version,
+            });
+        }
+        svc.destroy_key(&keys[3].0).await.unwrap();
+        // A forged copy: another key's blob under key 2's id.
+        copies[2].wrapped_dek = copies[1].wrapped_dek.clone();
+        // The store loses records 0..2 (keeps 3's tombstone): a fresh store with it only.
+        let (_b, fresh) = service(&backend);
+        let tomb = svc.store().get(&keys[3].0).await.unwrap().unwrap();
+        fresh.store().put_new(tomb).await.unwrap();
+        let r = import_copies(&fresh, copies).await.unwrap();
+        assert_eq!((r.copies, r.imported, r.present), (4, 2, 0));
+        let reasons: Vec<&str> = r.unrecovered.iter().map(|u| u.reason.as_str()).collect();
+        assert_eq!(reasons, vec!["does_not_unwrap", "destroyed"]);
+        for (k, ct) in &keys[..2] {
+            assert_eq!(fresh.decrypt(k, ct, b"").await.unwrap().expose(), b"secret");
+        }
+        assert!(fresh.decrypt(&keys[3].0, &keys[3].1, b"").await.is_err());
     }
 }

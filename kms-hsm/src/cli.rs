@@ -446,3 +446,45 @@ pub async fn restore(
     }
     Ok(())
 }
+
+/// `progressdb-kms import-copies --in FILE`: FILE is what the server's
+/// `GET /admin/kms/key-copies` answers (`{"copies": [...]}`).
+pub async fn import_copies(
+    cfg: &Config,
+    in_path: &std::path::Path,
+    out: Output,
+) -> Result<(), CliError> {
+    let body = std::fs::read(in_path)
+        .map_err(|e| CliError::Refused(format!("cannot read {}: {e}", in_path.display())))?;
+    let c = admin_client(cfg)?;
+    let (status, answer) = c
+        .raw(http::Method::POST, "/admin/import-copies", body)
+        .await
+        .map_err(|e| map_err(cfg, e))?;
+    if status != 200 {
+        return Err(raw_error(status, &answer));
+    }
+    let report: kms_api::admin::ImportReport = serde_json::from_slice(&answer)
+        .map_err(|e| CliError::Refused(format!("unexpected answer: {e}")))?;
+    match out {
+        Output::Json => println!("{}", to_json(&report)),
+        Output::Text => {
+            println!(
+                "{} copies: {} key records rebuilt, {} already present, {} not recoverable",
+                report.copies,
+                report.imported,
+                report.present,
+                report.unrecovered.len()
+            );
+            for u in &report.unrecovered {
+                println!(
+                    "  thread {} (key {}): {}",
+                    u.thread_id,
+                    u.key_id.as_str(),
+                    u.reason
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -116,6 +116,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild lost key records from the server's copies of its threads' keys (FILE: the
+    /// server's `GET /admin/kms/key-copies` answer). Each copy must unwrap in the HSM; the
+    /// threads that cannot be recovered are listed (needs the running KMS).
+    ImportCopies {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// OFFLINE (stop the KMS first; refused while it runs): rewrite the key store without its
     /// free pages, so the wrapped DEKs of destroyed keys no longer exist in its files.
     Compact {
@@ -187,7 +198,8 @@ fn main() -> ExitCode {
         }
         | Command::Backup { config, .. }
         | Command::Restore { config, .. }
-        | Command::Compact { config } => config,
+        | Command::Compact { config }
+        | Command::ImportCopies { config, .. } => config,
     };
     let cfg = match Config::load(path) {
         Ok(c) => c,
@@ -237,6 +249,9 @@ fn main() -> ExitCode {
             command: AuditCommand::List { after, limit, .. },
         } => admin(cli::audit_list(&cfg, after, limit)),
         Command::Backup { out, .. } => admin(cli::backup(&cfg, &out)),
+        Command::ImportCopies { input, json, .. } => {
+            admin(cli::import_copies(&cfg, &input, output(json)))
+        }
         Command::Compact { .. } => {
             match progressdb_kms::keystore::lmdb::LmdbStore::compact(&cfg.store.path) {
                 Ok((before, after)) => {

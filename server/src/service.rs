@@ -754,7 +754,117 @@ impl MessageService {
             return Err(ApiError::Forbidden);
         }
         let rec = self.thread_for(p, id).await?;
-        rec.kms.clone().ok_or(ApiError::NotFound)
+        let copy = rec.kms.clone().ok_or(ApiError::NotFound)?;
+        // The copy is informational (reads use the key id), but it is shown true: refreshed
+        // from the KMS, which rewraps DEKs when its KEK rotates.
+        let Some(provider) = &self.provider else {
+            return Ok(copy);
+        };
+        let fresh = match provider.current_copy(&copy).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(thread = %id, error = %e, "cannot refresh the thread's key copy; showing the stored one");
+                return Ok(copy);
+            }
+        };
+        if fresh != copy {
+            let changed = self
+                .store
+                .write(crate::store::RefreshKeyCopy {
+                    thread: id.clone(),
+                    fresh: fresh.clone(),
+                })
+                .await?;
+            self.cache.invalidate(id);
+            if changed {
+                tracing::info!(thread = %id, kek_version = %fresh.kek_version, "thread's key copy refreshed after a KEK rotation");
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// `GET /admin/kms/key-copies`: every thread's copy of its key, and of a rotation's
+    /// retiring key.
+    ///
+    /// # Errors
+    /// 403 for non-admin keys; store errors.
+    pub async fn key_copies(&self, p: &Principal) -> Result<Vec<Value>, ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_threads(ThreadFilter::All, after.clone(), 256)
+                .await?;
+            for t in &page.items {
+                let retiring = t.rotation.as_ref().and_then(|r| r.retiring.as_ref());
+                for k in t.kms.iter().chain(retiring) {
+                    out.push(serde_json::json!({
+                        "thread_id": t.id,
+                        "key_id": k.key_id,
+                        "wrapped_dek": k.wrapped_dek,
+                        "kek_id": k.kek_id,
+                        "kek_version": k.kek_version,
+                    }));
+                }
+            }
+            match (page.more, page.items.last()) {
+                (true, Some(last)) => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /admin/kms/refresh-copies`: refreshes every thread's copy of its key from the KMS.
+    /// Returns (threads checked, copies refreshed, copies the KMS could not give).
+    ///
+    /// # Errors
+    /// 403 for non-admin keys; store errors.
+    pub async fn refresh_key_copies(&self, p: &Principal) -> Result<(u64, u64, u64), ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let provider = self.provider()?;
+        let (mut checked, mut refreshed, mut missing) = (0, 0, 0);
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_threads(ThreadFilter::All, after.clone(), 256)
+                .await?;
+            for t in &page.items {
+                let Some(copy) = &t.kms else { continue };
+                checked += 1;
+                match provider.current_copy(copy).await {
+                    Ok(fresh) if &fresh != copy => {
+                        let changed = self
+                            .store
+                            .write(crate::store::RefreshKeyCopy {
+                                thread: t.id.clone(),
+                                fresh,
+                            })
+                            .await?;
+                        self.cache.invalidate(&t.id);
+                        refreshed += u64::from(changed);
+                    }
+                    Ok(_) => {}
+                    Err(ProviderError::Unavailable(_)) => return Err(ApiError::KmsUnavailable),
+                    Err(e) => {
+                        tracing::warn!(thread = %t.id, error = %e, "the KMS has no current copy of the thread's key");
+                        missing += 1;
+                    }
+                }
+            }
+            match (page.more, page.items.last()) {
+                (true, Some(last)) => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        Ok((checked, refreshed, missing))
     }
 
     /// Health of the store and the key provider.

@@ -337,3 +337,106 @@ fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_u
         msgs[0]
     );
 }
+
+#[test]
+fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let admin = server.as_role(Role::Admin, "ops");
+    let api = server.as_role(Role::Backend, "dave");
+    let threads: Vec<String> = (0..3)
+        .map(|i| {
+            let t = api.create_thread(&format!("t{i}"));
+            let id = t["id"].as_str().unwrap().to_owned();
+            fill(&api, &id, 20, 2);
+            id
+        })
+        .collect();
+    let kms_config = kms.config.clone();
+    let kms_cli = |args: &[&str]| {
+        std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .args(args)
+            .arg("--config")
+            .arg(&kms_config)
+            .output()
+            .unwrap()
+    };
+    let out = kms_cli(&["rotate-kek"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The admin view refreshes the copy lazily; the bulk refresh does the rest.
+    let (_, k) = admin.call("GET", &format!("/admin/threads/{}/kms", threads[0]), None);
+    assert_eq!(k["kek_version"], 2, "{k}");
+    let (s, r) = admin.call("POST", "/admin/kms/refresh-copies", None);
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        (
+            r["checked"].as_u64(),
+            r["refreshed"].as_u64(),
+            r["missing"].as_u64()
+        ),
+        (Some(3), Some(2), Some(0))
+    );
+    let (_, r) = admin.call("POST", "/admin/kms/refresh-copies", None);
+    assert_eq!(r["refreshed"], 0, "idempotent");
+    for t in &threads {
+        assert_eq!(bodies(&api, t).len(), 20);
+    }
+
+    // The KMS loses its whole store; the server's copies rebuild it.
+    let (s, copies) = admin.call("GET", "/admin/kms/key-copies", None);
+    assert_eq!(s, 200);
+    assert_eq!(copies["copies"].as_array().unwrap().len(), 3);
+    let file = tmp.path().join("copies.json");
+    std::fs::write(&file, serde_json::to_vec(&copies).unwrap()).unwrap();
+    kms.proc.sigterm();
+    let store = kms.root.join("kms").join("store");
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&store).unwrap();
+    kms.restart(&hsm);
+    let (s, v) = api.call(
+        "GET",
+        &format!("/v1/threads/{}/messages?limit=5", threads[1]),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(
+        v["messages"][0]["error"]["code"], "message_unreadable",
+        "{v}"
+    );
+    // A forged copy among them is refused, not stored.
+    let mut forged = copies.clone();
+    let w1 = forged["copies"][1]["wrapped_dek"].clone();
+    forged["copies"][2]["wrapped_dek"] = w1;
+    std::fs::write(&file, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let out = kms_cli(&["import-copies", "--in", file.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["imported"], 2, "{report}");
+    assert_eq!(report["unrecovered"][0]["reason"], "does_not_unwrap");
+    assert_eq!(report["unrecovered"][0]["thread_id"], threads[2].as_str());
+    for t in &threads[..2] {
+        assert_eq!(bodies(&api, t).len(), 20);
+    }
+    // The genuine copy of the third still rebuilds it.
+    std::fs::write(&file, serde_json::to_vec(&copies).unwrap()).unwrap();
+    let out = kms_cli(&["import-copies", "--in", file.to_str().unwrap(), "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["imported"].as_u64(), report["present"].as_u64()),
+        (Some(1), Some(2)),
+        "{report}"
+    );
+    assert_eq!(bodies(&api, &threads[2]).len(), 20);
+}

@@ -12,6 +12,7 @@
 //! | `GET /admin/jobs/{id}` | | [`Job`]; 404 `unknown_job` |
 //! | `GET /admin/audit?after=&limit=` | | [`AuditListResponse`]: entries after seq `after` (default 0), at most `limit` (default 100, max 1000) |
 //! | `POST /admin/audit/verify` | | [`AuditVerifyResponse`] |
+//! | `POST /admin/import-copies` | [`ImportCopiesRequest`] (the server's thread key copies) | [`ImportReport`] |
 //! | `GET /admin/backup` | | the backup file (JSON, integrity-protected by an HMAC made in the HSM) |
 //! | `POST /admin/restore?resurrect=KEY_ID&...` | the backup file | [`RestoreReport`]; 422 `backup_invalid` |
 
@@ -263,6 +264,45 @@ pub struct AuditVerifyResponse {
     pub head_seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<AuditProblem>,
+}
+
+/// One thread's copy of its key, as the server stores it (`GET /admin/kms/key-copies` on the
+/// server gives them all).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCopy {
+    pub thread_id: crate::ids::ThreadId,
+    pub key_id: KeyId,
+    pub wrapped_dek: crate::ids::WrappedDek,
+    pub kek_id: KekId,
+    pub kek_version: KekVersion,
+}
+
+/// `POST /admin/import-copies`: rebuild lost key records from the server's copies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportCopiesRequest {
+    pub copies: Vec<KeyCopy>,
+}
+
+/// A copy that could not be imported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unrecovered {
+    pub thread_id: crate::ids::ThreadId,
+    pub key_id: KeyId,
+    /// `destroyed` (the key was shredded: never brought back this way), `does_not_unwrap`
+    /// (the copy is not a valid wrapped DEK of that key id under that KEK), `kek_destroyed`.
+    pub reason: String,
+}
+
+/// What `import-copies` did. Every copy is unwrapped in the HSM before it is imported: a
+/// forged or damaged copy is refused, never stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub copies: u64,
+    /// Key records rebuilt.
+    pub imported: u64,
+    /// Keys the store already has (left as they are).
+    pub present: u64,
+    pub unrecovered: Vec<Unrecovered>,
 }
 
 /// What `restore` did with each record of a backup.

@@ -31,8 +31,9 @@ const MAX_ADMIN_BODY: usize = 4096;
 pub const MAX_RESTORE_BODY: usize = 512 << 20;
 
 /// Route labels of the admin endpoints (metrics and logs).
-pub const ADMIN_ROUTES: [&str; 10] = [
+pub const ADMIN_ROUTES: [&str; 11] = [
     "/admin/status",
+    "/admin/import-copies",
     "/admin/backup",
     "/admin/restore",
     "/admin/audit",
@@ -98,6 +99,7 @@ fn answer(r: Answer) -> Response {
 pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
     let restore_route = Router::new()
         .route("/admin/restore", post(restore::<B, S>))
+        .route("/admin/import-copies", post(import_copies::<B, S>))
         .layer(RequestBodyLimitLayer::new(MAX_RESTORE_BODY));
     Router::new()
         .route("/admin/backup", get(backup::<B, S>))
@@ -329,6 +331,33 @@ async fn restore<B: KeyBackend, S: KeyStore>(
         "admin: restore requested"
     );
     match crate::backup::restore(api.service(), &body, &resurrect).await {
+        Ok(report) => json_response(StatusCode::OK, &report),
+        Err(e) => error_response(&HttpError::Backup(e), ROUTE),
+    }
+}
+
+async fn import_copies<B: KeyBackend, S: KeyStore>(
+    State(api): AdminState<B, S>,
+    req: axum::extract::Request,
+) -> Response {
+    const ROUTE: &str = "/admin/import-copies";
+    let mut limits = api.limits();
+    limits.body_read_timeout = limits
+        .body_read_timeout
+        .max(std::time::Duration::from_secs(120));
+    let body = match read_body(req.into_body(), limits).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e, ROUTE),
+    };
+    let parsed: kms_api::admin::ImportCopiesRequest = match kms_api::parse::parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(&HttpError::Parse(e), ROUTE),
+    };
+    tracing::info!(
+        copies = parsed.copies.len(),
+        "admin: import of the server's key copies requested"
+    );
+    match crate::backup::import_copies(api.service(), parsed.copies).await {
         Ok(report) => json_response(StatusCode::OK, &report),
         Err(e) => error_response(&HttpError::Backup(e), ROUTE),
     }

@@ -85,6 +85,8 @@ pub fn service(app: Arc<MessageService>, opts: HttpOptions) -> HttpService {
         .route("/admin/threads/{id}/rotate-dek", post(rotate_dek))
         .route("/admin/threads/{id}/encrypt", post(encrypt_thread))
         .route("/admin/jobs", get(admin_jobs))
+        .route("/admin/kms/refresh-copies", post(refresh_copies))
+        .route("/admin/kms/key-copies", get(key_copies))
         .route("/admin/jobs/{job_id}", get(admin_job))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -210,6 +212,8 @@ fn route_label(path: &str) -> &'static str {
         ["admin", "threads", _, "rotate-dek"] => "/admin/threads/{id}/rotate-dek",
         ["admin", "threads", _, "encrypt"] => "/admin/threads/{id}/encrypt",
         ["admin", "jobs"] => "/admin/jobs",
+        ["admin", "kms", "refresh-copies"] => "/admin/kms/refresh-copies",
+        ["admin", "kms", "key-copies"] => "/admin/kms/key-copies",
         ["admin", "jobs", _] => "/admin/jobs/{job_id}",
         _ => "unmatched",
     }
@@ -600,6 +604,17 @@ async fn admin_job(
         .map_err(|_| ApiError::invalid("job id: `job-` and 16 lowercase hex digits"))?;
     let job = st.app.store.get_job(&id).await?.ok_or(ApiError::NotFound)?;
     ok(&job)
+}
+
+async fn refresh_copies(State(st): State<RouterState>, AdminCaller(p): AdminCaller) -> Answer {
+    let (checked, refreshed, missing) = st.app.refresh_key_copies(&p).await?;
+    ok(&serde_json::json!({"checked": checked, "refreshed": refreshed, "missing": missing}))
+}
+
+/// Every thread's copy of its key (and a rotation's retiring key), for
+/// `progressdb-kms import-copies` when the KMS lost records.
+async fn key_copies(State(st): State<RouterState>, AdminCaller(p): AdminCaller) -> Answer {
+    ok(&serde_json::json!({ "copies": st.app.key_copies(&p).await? }))
 }
 
 async fn admin_jobs(State(st): State<RouterState>, AdminCaller(_): AdminCaller) -> Answer {

@@ -264,6 +264,14 @@ impl KeyProvider for EmbeddedProvider {
         Box::pin(async { Ok(()) })
     }
 
+    fn current_copy<'a>(
+        &'a self,
+        key: &'a ThreadKey,
+    ) -> BoxFuture<'a, Result<ThreadKey, ProviderError>> {
+        // The thread record holds the only copy.
+        Box::pin(async move { Ok(key.clone()) })
+    }
+
     fn ready(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async { Ok(()) })
     }

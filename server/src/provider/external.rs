@@ -439,6 +439,30 @@ impl KeyProvider for ExternalProvider {
         })
     }
 
+    fn current_copy<'a>(
+        &'a self,
+        key: &'a ThreadKey,
+    ) -> BoxFuture<'a, Result<ThreadKey, ProviderError>> {
+        Box::pin(async move {
+            if self.wrapped_by_dev_master_key(key) {
+                return Ok(key.clone());
+            }
+            let r = self
+                .client
+                .get_wrapped(&key.key_id)
+                .await
+                .map_err(map_client_error)
+                .map(|w| ThreadKey {
+                    key_id: key.key_id.clone(),
+                    wrapped_dek: w.wrapped,
+                    kek_id: w.kek_id,
+                    kek_version: w.kek_version,
+                });
+            self.metrics.call("get_wrapped", outcome_label(&r));
+            r
+        })
+    }
+
     fn ready(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move { self.client.ready().await.map_err(map_client_error) })
     }

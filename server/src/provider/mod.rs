@@ -142,6 +142,13 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// succeeds.
     fn destroy_key<'a>(&'a self, key: &'a ThreadKey) -> BoxFuture<'a, Result<(), ProviderError>>;
 
+    /// The key as the provider holds it now: after a KEK rotation the wrapped DEK and KEK
+    /// version differ from the thread's copy (the key id and the DEK do not).
+    fn current_copy<'a>(
+        &'a self,
+        key: &'a ThreadKey,
+    ) -> BoxFuture<'a, Result<ThreadKey, ProviderError>>;
+
     /// `Ok` when the provider can serve requests now.
     fn ready(&self) -> BoxFuture<'_, Result<(), ProviderError>>;
 }

@@ -731,3 +731,33 @@ impl WriteOp for PutJob {
         Ok(Ok(()))
     }
 }
+
+/// Replaces the thread's copy of its key (`kms`) by `fresh` when it names the same key id
+/// (after a KEK rotation the KMS holds the DEK wrapped anew); returns whether it changed.
+#[derive(Debug)]
+pub struct RefreshKeyCopy {
+    pub thread: ThreadId,
+    pub fresh: ThreadKey,
+}
+
+impl WriteOp for RefreshKeyCopy {
+    type Out = bool;
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<bool, StoreError>> {
+        let meta_key = keys::meta(&self.thread);
+        let mut rec = match read_thread(db, txn, &meta_key)? {
+            None => return Ok(Err(StoreError::NotFound)),
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(r)) => r,
+        };
+        match &rec.kms {
+            Some(k) if k.key_id == self.fresh.key_id && *k != self.fresh => {}
+            _ => return Ok(Ok(false)),
+        }
+        rec.kms = Some(self.fresh.clone());
+        match to_json(&rec) {
+            Ok(v) => db.put(txn, &meta_key, &v)?,
+            Err(e) => return Ok(Err(e)),
+        }
+        Ok(Ok(true))
+    }
+}
