@@ -69,6 +69,44 @@ async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
 }
 
 #[tokio::test]
+async fn on_tcp_an_admin_certificate_subject_gets_the_admin_api_and_nothing_else() {
+    let kms = Kms::start(Options {
+        tls: true,
+        env: vec![(
+            "PROGRESSDB_KMS__TLS__ADMIN_SUBJECTS".into(),
+            "kms-admin".into(),
+        )],
+        ..Options::default()
+    })
+    .await;
+    let certs = kms.certs.clone().unwrap();
+    // The server's certificate: key API yes, admin API no.
+    let c = kms.client();
+    c.create_dek_for_thread(&tid("t")).await.unwrap();
+    let (s, _) = c.raw(Method::GET, "/admin/status", vec![]).await.unwrap();
+    assert_eq!(s, 403);
+    // The admin certificate (same CA, subject kms-admin): admin API yes, key API no.
+    let admin = kms.client_with(Some(std::sync::Arc::new(
+        kms_api::tls::client_config(&certs.ca, &certs.admin_client_cert, &certs.admin_client_key)
+            .unwrap(),
+    )));
+    let st = admin.admin_status().await.unwrap();
+    assert_eq!(st.active_deks, 1);
+    let (s, _) = admin
+        .raw(
+            Method::POST,
+            "/encrypt",
+            br#"{"key_id":"x","plaintext":""}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "an admin cannot use the key API");
+    let job = admin.start_verify().await.unwrap();
+    assert!(job.started);
+    kms.finish(&[]).await;
+}
+
+#[tokio::test]
 async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
     // An allow-list that does not hold our uid: every request is refused with 403.
     let mut kms = Kms::provision(Options {

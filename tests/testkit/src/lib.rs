@@ -128,6 +128,9 @@ pub struct Certs {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate from the same CA for the subject `kms-admin`.
+    pub admin_client_cert: PathBuf,
+    pub admin_client_key: PathBuf,
     pub other_ca: PathBuf,
     pub other_client_cert: PathBuf,
     pub other_client_key: PathBuf,
@@ -181,6 +184,12 @@ impl Certs {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
             &ca,
         );
+        let (a_cert, a_key) = make_leaf(
+            &["kms-admin"],
+            "kms-admin",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            &ca,
+        );
         let (o_cert, o_key) = make_leaf(
             &["intruder"],
             "intruder",
@@ -193,6 +202,8 @@ impl Certs {
             server_key: dir.join("server.key"),
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
+            admin_client_cert: dir.join("admin-client.pem"),
+            admin_client_key: dir.join("admin-client.key"),
             other_ca: dir.join("other-ca.pem"),
             other_client_cert: dir.join("other-client.pem"),
             other_client_key: dir.join("other-client.key"),
@@ -203,6 +214,8 @@ impl Certs {
         write_secret(&c.server_key, server_key.as_bytes());
         fs::write(&c.client_cert, client_cert).unwrap();
         write_secret(&c.client_key, client_key.as_bytes());
+        fs::write(&c.admin_client_cert, a_cert).unwrap();
+        write_secret(&c.admin_client_key, a_key.as_bytes());
         fs::write(&c.other_client_cert, o_cert).unwrap();
         write_secret(&c.other_client_key, o_key.as_bytes());
         c
