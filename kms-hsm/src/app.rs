@@ -63,7 +63,8 @@ impl App<Pkcs11Backend, LmdbStore> {
             sessions = settings.sessions,
             "opening HSM"
         );
-        let backend = tokio::task::spawn_blocking(move || {
+        let token = settings.token_label.clone();
+        let opened = tokio::task::spawn_blocking(move || {
             // A store provisioned before the audit log existed gets its key now.
             if pkcs11::ensure_audit_key(&settings)? {
                 tracing::info!("created the audit log's HMAC key in the HSM");
@@ -71,7 +72,17 @@ impl App<Pkcs11Backend, LmdbStore> {
             Pkcs11Backend::open(settings)
         })
         .await
-        .map_err(|e| StartError::Task(e.to_string()))??;
+        .map_err(|e| StartError::Task(e.to_string()))?;
+        let backend = match opened {
+            Ok(b) => b,
+            Err(e @ BackendError::PinRejected(_)) => {
+                // The HSM that makes the audit MACs refused us: the event waits, pending,
+                // for the next start that can chain it.
+                record_pin_rejected(cfg, &token).await;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let kek = backend.current_kek();
         tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "HSM ready");
         Self::with_backend(cfg, Arc::new(backend))
@@ -138,11 +149,43 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
             .cache_ttl
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
         let svc = self.api.service().clone();
+        let purger = svc.clone();
         let purge = tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                svc.cache().purge_expired();
+                purger.cache().purge_expired();
+            }
+        });
+        // Events recorded while the HSM could not MAC them are chained now.
+        match svc.store().pending_audits() {
+            Ok(p) if !p.is_empty() => {
+                let ev =
+                    crate::audit::AuditEvent::new("audit.pending_chained").with("entries", p.len());
+                if let Err(e) = svc.audit(ev).await {
+                    tracing::error!(error = %e, "cannot chain the pending audit entries yet");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the pending audit entries"),
+        }
+        // A PIN refused while running (the HSM cannot MAC then) becomes a pending entry.
+        let watched = svc.clone();
+        let pin_watch = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if watched.backend().state() == crate::backend::BackendState::PinRejected {
+                    let entry = crate::audit::pending_entry(
+                        crate::audit::AuditEvent::new("hsm.pin_rejected")
+                            .outcome(crate::audit::Outcome::Failed)
+                            .with("when", "running"),
+                    );
+                    if let Err(e) = watched.store().put_pending_audit(entry).await {
+                        tracing::error!(error = %e, "cannot record the refused PIN in the audit log");
+                    }
+                    return;
+                }
             }
         });
         match self.api.lifecycle().resume() {
@@ -160,7 +203,33 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
         )
         .await;
         purge.abort();
+        pin_watch.abort();
         result.map_err(StartError::from)
+    }
+}
+
+/// Stores a pending `hsm.pin_rejected` audit entry (see [`crate::audit`]); failures are
+/// logged, the start-up error stands either way.
+async fn record_pin_rejected(cfg: &Config, token: &str) {
+    let store = match LmdbStore::open(
+        &cfg.store.path,
+        cfg.store.map_size_mb,
+        crate::metrics::StoreMetrics::unregistered(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the refused PIN in the audit log");
+            return;
+        }
+    };
+    let entry = crate::audit::pending_entry(
+        crate::audit::AuditEvent::new("hsm.pin_rejected")
+            .outcome(crate::audit::Outcome::Failed)
+            .with("token", token)
+            .with("when", "start-up"),
+    );
+    if let Err(e) = store.put_pending_audit(entry).await {
+        tracing::error!(error = %e, "cannot record the refused PIN in the audit log");
     }
 }
 

@@ -21,6 +21,11 @@
 //! audit, no action. Concurrent appends share one HSM job and one commit: the caller that
 //! takes the sequencer lock writes everything queued.
 //!
+//! # Events the HSM cannot MAC
+//! A refused PIN leaves the HSM unusable, so its entry cannot be chained when it happens: it
+//! is stored as *pending* (unauthenticated) and chained, with its own time, by the next
+//! append once the HSM is usable again (after the PIN is fixed and the KMS restarted).
+//!
 //! # Who
 //! The HTTP layer runs every request inside [`ACTOR`] (the peer uid or certificate, and
 //! whether it came through the admin endpoint); lifecycle jobs append as `kms`.
@@ -208,35 +213,38 @@ impl AuditLog {
         backend: &B,
         store: &S,
         head: &mut Option<Option<AuditHead>>,
-        mut batch: Vec<Queued>,
+        batch: Vec<Queued>,
     ) {
         let result = async {
             let current = match *head {
                 Some(h) => h,
                 None => store.audit_head()?,
             };
+            // Events recorded while the HSM could not MAC them go first, with their own time.
+            let pending = store.pending_audits()?;
+            let chained: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
+            let mut entries: Vec<AuditEntry> = pending.into_iter().map(|(_, e)| e).collect();
+            entries.extend(batch.iter().map(|q| q.entry.clone()));
             let (mut seq, prev) = current.map_or((0, [0u8; 32]), |h| (h.seq, h.mac));
-            for q in &mut batch {
+            for e in &mut entries {
                 seq += 1;
-                q.entry.seq = seq;
+                e.seq = seq;
             }
-            let messages = batch.iter().map(|q| mac_input(&q.entry)).collect();
+            let messages = entries.iter().map(mac_input).collect();
             let macs = backend.audit_chain(prev, messages).await?;
-            if macs.len() != batch.len() {
+            if macs.len() != entries.len() {
                 return Err(AuditError::Backend(BackendError::Internal(
                     "the HSM returned a MAC count different from the entry count".into(),
                 )));
             }
-            for (q, m) in batch.iter_mut().zip(&macs) {
-                q.entry.mac = hex::encode(m);
+            for (e, m) in entries.iter_mut().zip(&macs) {
+                e.mac = hex::encode(m);
             }
             let new_head = AuditHead {
                 seq,
                 mac: macs.last().copied().unwrap_or(prev),
             };
-            store
-                .append_audit(batch.iter().map(|q| q.entry.clone()).collect(), new_head)
-                .await?;
+            store.append_audit(entries, new_head, chained).await?;
             Ok::<_, AuditError>(new_head)
         }
         .await;
@@ -256,6 +264,23 @@ impl AuditLog {
                 }
             }
         }
+    }
+}
+
+/// An entry for an event that cannot be MACed now (see [`KeyStore::put_pending_audit`]).
+pub fn pending_entry(ev: AuditEvent) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        at: now_secs(),
+        action: ev.action.to_owned(),
+        actor: current_actor(),
+        outcome: ev.outcome.as_str().to_owned(),
+        detail: ev
+            .detail
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        mac: String::new(),
     }
 }
 

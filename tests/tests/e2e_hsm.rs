@@ -210,7 +210,7 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
 fn a_pin_changed_underneath_is_tried_once_and_never_again() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
     assert_eq!(create_dek(&kms, "t").0, 200);
     // Someone changes the user PIN; the KMS's PIN file still holds the old one.
     let new_pin = format!("{}9", hsm.pin);
@@ -280,5 +280,37 @@ fn a_pin_changed_underneath_is_tried_once_and_never_again() {
     assert!(
         !log.contains(&hsm.pin) && !log.contains(&new_pin),
         "no PIN in the log"
+    );
+
+    // The refusal could not be MACed then (the HSM refused us); once the operator fixes the
+    // PIN file and restarts, it is in the audit log, chained, and the log verifies.
+    kms.proc.sigterm();
+    testkit::write_secret(&hsm.pin_file, new_pin.as_bytes());
+    kms.restart(&hsm);
+    assert_eq!(create_dek(&kms, "t-fixed").0, 200);
+    let run = |args: &[&str]| {
+        std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))
+            .args(args)
+            .arg("--config")
+            .arg(&kms.config)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["audit", "list", "--limit", "1000"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pin_entry = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["action"] == "hsm.pin_rejected")
+        .unwrap_or_else(|| panic!("no hsm.pin_rejected entry: {text}"));
+    assert_eq!(pin_entry["outcome"], "failed");
+    assert_eq!(pin_entry["detail"]["when"], "running");
+    assert!(text.contains("audit.pending_chained"), "{text}");
+    assert!(!text.contains(&new_pin) && !text.contains(&hsm.pin));
+    let out = run(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }

@@ -61,6 +61,7 @@ enum Op {
     AppendAudit {
         entries: Vec<(u64, Vec<u8>)>,
         head: Vec<u8>,
+        chained: Vec<String>,
     },
 }
 
@@ -382,6 +383,7 @@ impl KeyStore for LmdbStore {
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
         head: AuditHead,
+        chained: Vec<String>,
     ) -> Result<(), StoreError> {
         let entries = entries
             .iter()
@@ -393,9 +395,40 @@ impl KeyStore for LmdbStore {
             .collect::<Result<Vec<_>, _>>()?;
         let head = serde_json::to_vec(&head)
             .map_err(|e| StoreError::Io(format!("cannot encode the audit head: {e}")))?;
-        self.submit(Op::AppendAudit { entries, head })
-            .await
-            .map(|_| ())
+        self.submit(Op::AppendAudit {
+            entries,
+            head,
+            chained,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {
+        let key = format!(
+            "audit-pending/{:020}-{:016x}",
+            entry.at,
+            rand::random::<u64>()
+        );
+        self.put_lifecycle(key, &entry).await
+    }
+
+    fn pending_audits(&self) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let mut out = Vec::new();
+        for item in self
+            .lifecycle
+            .prefix_iter(&rtxn, "audit-pending/")
+            .map_err(io_err)?
+        {
+            let (k, v) = item.map_err(io_err)?;
+            let e = serde_json::from_slice(v).map_err(|_| StoreError::Corrupt {
+                key: k.to_owned(),
+                detail: "undecodable pending audit entry".into(),
+            })?;
+            out.push((k.to_owned(), e));
+        }
+        Ok(out)
     }
 
     fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
@@ -472,9 +505,16 @@ fn apply(
     op: &Op,
 ) -> heed::Result<Result<OpOutput, StoreError>> {
     match op {
-        Op::AppendAudit { entries, head } => {
+        Op::AppendAudit {
+            entries,
+            head,
+            chained,
+        } => {
             for (seq, value) in entries {
                 audit.put(wtxn, &seq.to_be_bytes(), value)?;
+            }
+            for k in chained {
+                lifecycle.delete(wtxn, k)?;
             }
             lifecycle.put(wtxn, AUDIT_HEAD, head)?;
             Ok(Ok(OpOutput::Written))

@@ -232,8 +232,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `Io` or `Corrupt`.
     fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
 
-    /// Appends audit entries and moves the head, in one durable transaction. The caller
-    /// (the one audit sequencer) numbers and chains them.
+    /// Appends audit entries and moves the head, in one durable transaction, removing the
+    /// pending entries named in `chained` (now part of the chain). The caller (the one audit
+    /// sequencer) numbers and chains them.
     ///
     /// # Errors
     /// `Full`, `Io`, `Closed`; then nothing was written.
@@ -241,7 +242,25 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
         head: AuditHead,
+        chained: Vec<String>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records an event that must be audited but cannot be MACed now (the HSM refused the
+    /// PIN): it is chained, with its own time, by the next append once the HSM is usable.
+    ///
+    /// # Errors
+    /// `Full`, `Io`, `Closed`.
+    fn put_pending_audit(
+        &self,
+        entry: kms_api::admin::AuditEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The pending entries (see [`KeyStore::put_pending_audit`]) with their keys, oldest
+    /// first.
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn pending_audits(&self) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError>;
 
     /// Up to `limit` audit records stored under sequence numbers greater than `after`, in
     /// order, as stored (undecoded: verification must see what is on disk).
