@@ -440,3 +440,59 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     );
     assert_eq!(bodies(&api, &threads[2]).len(), 20);
 }
+
+#[test]
+fn a_key_past_its_message_count_is_rotated_automatically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    server.proc.sigterm();
+    let text = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(
+        &server.config,
+        text.replace(
+            "enabled = true",
+            "enabled = true\nrotate_after_messages = 5",
+        ),
+    )
+    .unwrap();
+    server.restart();
+    let admin = server.as_role(Role::Admin, "ops");
+    let api = server.as_role(Role::Backend, "erin");
+    let t = api.create_thread("busy");
+    let tid = t["id"].as_str().unwrap().to_owned();
+    let (_, k1) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    for i in 0..5 {
+        api.post_message(&tid, json!({ "n": i }));
+    }
+    let (_, jobs) = admin.call("GET", "/admin/jobs", None);
+    assert_eq!(
+        jobs["jobs"].as_array().unwrap().len(),
+        0,
+        "not past the limit yet: {jobs}"
+    );
+    api.post_message(&tid, json!({ "n": 5 }));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (_, jobs) = admin.call("GET", "/admin/jobs", None);
+        if let Some(j) = jobs["jobs"].as_array().unwrap().first() {
+            if j["state"] == "succeeded" {
+                break j.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "no automatic rotation: {jobs}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(job["reason"], "automatic: message count");
+    assert_eq!(job["old_key_id"], k1["key_id"]);
+    let (_, k2) = admin.call("GET", &format!("/admin/threads/{tid}/kms"), None);
+    assert_ne!(k2["key_id"], k1["key_id"]);
+    assert_eq!(bodies(&api, &tid).len(), 6);
+    let (s, _) = kms.call(
+        "GET",
+        &format!("/get_wrapped?key_id={}", k1["key_id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(s, 404, "the old DEK is destroyed");
+}
