@@ -42,13 +42,13 @@ use crate::keystore::{now_secs, AuditHead, KeyStore, StoreError};
 
 tokio::task_local! {
     /// Who the current request comes from (set by the HTTP layer for each request).
-    pub static ACTOR: String;
+    pub static ACTOR: std::sync::Arc<str>;
 }
 
 /// The actor of the current task: the request's peer, or `kms` outside a request.
 pub fn current_actor() -> String {
     ACTOR
-        .try_with(Clone::clone)
+        .try_with(|a| a.to_string())
         .unwrap_or_else(|_| "kms".into())
 }
 
@@ -144,6 +144,8 @@ fn mac_input(e: &AuditEntry) -> Vec<u8> {
 
 struct Queued {
     entry: AuditEntry,
+    /// A new key record written in the same transaction as the entry.
+    record: Option<crate::keystore::KeyRecord>,
     reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -173,6 +175,21 @@ impl AuditLog {
         store: &S,
         ev: AuditEvent,
     ) -> Result<(), AuditError> {
+        self.append_with(backend, store, ev, None).await
+    }
+
+    /// Like [`AuditLog::append`], storing `record` (a new key) in the same transaction as
+    /// the entry: the key exists if and only if its creation is in the log, for one commit.
+    ///
+    /// # Errors
+    /// As [`AuditLog::append`]; `record` is not stored when this fails.
+    pub async fn append_with<B: KeyBackend, S: KeyStore>(
+        &self,
+        backend: &B,
+        store: &S,
+        ev: AuditEvent,
+        record: Option<crate::keystore::KeyRecord>,
+    ) -> Result<(), AuditError> {
         let entry = AuditEntry {
             seq: 0,
             at: now_secs(),
@@ -190,18 +207,30 @@ impl AuditLog {
         self.queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(Queued { entry, reply: tx });
-        {
-            // Whoever holds the lock writes everything queued, including entries of callers
-            // still waiting for it: one HSM job and one commit for a group of appends.
-            let mut head = self.head.lock().await;
-            let batch =
-                std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-            if !batch.is_empty() {
-                self.write(backend, store, &mut head, batch).await;
+            .push(Queued {
+                entry,
+                record,
+                reply: tx,
+            });
+        // Leader and followers: whoever takes the lock writes everything queued, including
+        // the entries of callers still waiting for it (one HSM job and one commit for the
+        // group); a caller whose entry a leader wrote meanwhile leaves the line at once.
+        let mut rx = rx;
+        let answer = tokio::select! {
+            biased;
+            r = &mut rx => r,
+            mut head = self.head.lock() => {
+                let batch =
+                    std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+                if !batch.is_empty() {
+                    self.write(backend, store, &mut head, batch).await;
+                }
+                drop(head);
+                // Our entry was in this batch or an earlier one: its answer is there.
+                rx.await
             }
-        }
-        match rx.await {
+        };
+        match answer {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(AuditError::Store(StoreError::Io(why))),
             Err(_) => Err(AuditError::Dropped),
@@ -244,7 +273,10 @@ impl AuditLog {
                 seq,
                 mac: macs.last().copied().unwrap_or(prev),
             };
-            store.append_audit(entries, new_head, chained).await?;
+            let records = batch.iter().filter_map(|q| q.record.clone()).collect();
+            store
+                .append_audit(entries, new_head, chained, records)
+                .await?;
             Ok::<_, AuditError>(new_head)
         }
         .await;
@@ -447,15 +479,17 @@ mod tests {
         let tasks: Vec<_> = (0..20)
             .map(|i| {
                 let (b, s, l) = (backend.clone(), store.clone(), log.clone());
-                tokio::spawn(ACTOR.scope(format!("uid:{i}"), async move {
-                    l.append(
-                        &*b,
-                        &*s,
-                        AuditEvent::new("admin.refused").outcome(Outcome::Refused),
-                    )
-                    .await
-                    .unwrap();
-                }))
+                tokio::spawn(
+                    ACTOR.scope(std::sync::Arc::from(format!("uid:{i}")), async move {
+                        l.append(
+                            &*b,
+                            &*s,
+                            AuditEvent::new("admin.refused").outcome(Outcome::Refused),
+                        )
+                        .await
+                        .unwrap();
+                    }),
+                )
             })
             .collect();
         for t in tasks {

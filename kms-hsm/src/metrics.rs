@@ -192,7 +192,7 @@ impl Metrics {
         );
         registry.register(
             "keystore_writes",
-            "Key records written",
+            "Key-store write operations (new keys and their audit entries, appended together, are one)",
             store.writes.clone(),
         );
         registry.register(
@@ -202,7 +202,7 @@ impl Metrics {
         );
         registry.register(
             "keystore_commit_batch_size",
-            "Key records written per commit",
+            "Key-store write operations per commit",
             store.batch_size.clone(),
         );
         registry.register_collector(Box::new(HsmCollector { backend }));

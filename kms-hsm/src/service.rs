@@ -268,16 +268,19 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
                 wrapped: wrapped.clone(),
             },
         };
-        // No audit, no key: the entry is durable before the record is.
-        self.audit(
-            crate::audit::AuditEvent::new("dek.create")
-                .with("key_id", &key_id)
-                .with("thread_id", &record.thread_id)
-                .with("kek_version", kek.version),
-        )
-        .await?;
+        // No audit, no key: the record and its audit entry are committed together.
         let epoch = self.cache.epoch();
-        self.store.put_new(record).await?;
+        let ev = crate::audit::AuditEvent::new("dek.create")
+            .with("key_id", &key_id)
+            .with("thread_id", &record.thread_id)
+            .with("kek_version", kek.version);
+        self.audit
+            .append_with(&*self.backend, &self.store, ev, Some(record))
+            .await
+            .map_err(|e| match e {
+                crate::audit::AuditError::Store(s) => ServiceError::Store(s),
+                other => ServiceError::Audit(other),
+            })?;
         self.cache.insert(
             epoch,
             key_id.clone(),

@@ -427,10 +427,13 @@ async fn accept_loop<B, S>(
                 };
                 if role == Role::Refused && kind == EndpointKind::Admin {
                     let api = Arc::clone(&routers.api);
-                    tokio::spawn(crate::audit::ACTOR.scope(peer.clone(), async move {
-                        api.audit_refusal("/admin", "uid not in listen.admin_uids")
-                            .await;
-                    }));
+                    tokio::spawn(crate::audit::ACTOR.scope(
+                        std::sync::Arc::from(peer.as_str()),
+                        async move {
+                            api.audit_refusal("/admin", "uid not in listen.admin_uids")
+                                .await;
+                        },
+                    ));
                 }
                 tokio::spawn(async move {
                     serve_connection(stream, routers, role, peer, opts, watcher).await;
@@ -581,7 +584,7 @@ async fn serve_connection<I, B, S>(
         Role::Refused => routers.forbidden,
     };
     let api = routers.api;
-    let peer = crate::http::Peer(peer);
+    let peer = crate::http::Peer(std::sync::Arc::from(peer));
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
         let (api, router) = (Arc::clone(&api), router.clone());

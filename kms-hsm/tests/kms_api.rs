@@ -452,10 +452,11 @@ async fn concurrent_creates_share_commits() {
         .metric("progressdb_kms_keystore_writes_total")
         .await
         .unwrap();
-    // Key records, plus the audit appends that preceded them (batched too).
-    assert!(writes >= N as f64, "{writes}");
+    // A create's record and its audit entry are one write; concurrent creates share
+    // audit batches and commits.
+    assert!(writes >= 1.0 && writes <= N as f64, "{writes}");
     assert!(
-        commits < N as f64,
+        commits < (N / 4) as f64,
         "group commit: {commits} commits for {N} creates"
     );
     eprintln!("{N} creates in {commits} commits");

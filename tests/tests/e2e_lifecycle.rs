@@ -169,6 +169,19 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
                         failures.fetch_add(1, Ordering::Relaxed);
                         errors.push(e);
                     }
+                    if i % 5 == 0 {
+                        let (s, b) = uds_request(
+                            &sock,
+                            "POST",
+                            "/encrypt",
+                            Some(&json!({"key_id": k, "plaintext": B64.encode(b"live")})),
+                        )
+                        .unwrap();
+                        if s != 200 {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            errors.push(format!("encrypt {s} {b}"));
+                        }
+                    }
                     if i % 10 == 0 {
                         let (s, b) = uds_request(
                             &sock,

@@ -62,6 +62,7 @@ enum Op {
         entries: Vec<(u64, Vec<u8>)>,
         head: Vec<u8>,
         chained: Vec<String>,
+        records: Vec<KeyRecord>,
     },
 }
 
@@ -384,6 +385,7 @@ impl KeyStore for LmdbStore {
         entries: Vec<kms_api::admin::AuditEntry>,
         head: AuditHead,
         chained: Vec<String>,
+        records: Vec<KeyRecord>,
     ) -> Result<(), StoreError> {
         let entries = entries
             .iter()
@@ -399,6 +401,7 @@ impl KeyStore for LmdbStore {
             entries,
             head,
             chained,
+            records,
         })
         .await
         .map(|_| ())
@@ -509,7 +512,22 @@ fn apply(
             entries,
             head,
             chained,
+            records,
         } => {
+            // Validate every record first: all of this or none of it.
+            let mut encoded = Vec::with_capacity(records.len());
+            for rec in records {
+                if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
+                    return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
+                }
+                match encode(rec) {
+                    Ok(v) => encoded.push((rec.key_id.as_str(), v)),
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            for (k, v) in encoded {
+                keys.put(wtxn, k, &v)?;
+            }
             for (seq, value) in entries {
                 audit.put(wtxn, &seq.to_be_bytes(), value)?;
             }

@@ -233,16 +233,19 @@ pub trait KeyStore: Send + Sync + 'static {
     fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
 
     /// Appends audit entries and moves the head, in one durable transaction, removing the
-    /// pending entries named in `chained` (now part of the chain). The caller (the one audit
-    /// sequencer) numbers and chains them.
+    /// pending entries named in `chained` (now part of the chain) and storing the new key
+    /// `records` the entries record (so a created key and its audit entry share one commit).
+    /// The caller (the one audit sequencer) numbers and chains the entries.
     ///
     /// # Errors
-    /// `Full`, `Io`, `Closed`; then nothing was written.
+    /// `AlreadyExists` when one of `records` exists; `Full`, `Io`, `Closed`; in every case
+    /// nothing was written.
     fn append_audit(
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
         head: AuditHead,
         chained: Vec<String>,
+        records: Vec<KeyRecord>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Records an event that must be audited but cannot be MACed now (the HSM refused the
