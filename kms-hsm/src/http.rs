@@ -356,9 +356,10 @@ pub const REFUSAL_AUDITS_PER_SEC: u32 = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer(pub std::sync::Arc<str>);
 
-/// Whether requests to `route` can append to the audit log (so need their actor).
-fn audited(route: &'static str) -> bool {
-    route.starts_with("/admin")
+/// Whether a request (its route label and raw path) can append to the audit log, so needs
+/// its actor: key creation and destruction, and anything under `/admin` (a refused one too).
+fn audited(route: &'static str, path: &str) -> bool {
+    path.starts_with("/admin")
         || route == Route::CreateDek.label()
         || route == Route::DestroyKey.label()
 }
@@ -468,7 +469,7 @@ where
         }
         // Only requests that may be audited run with their actor set: the hot key
         // operations (encrypt, decrypt, batches) are never audited and pay nothing for it.
-        _ if audited(label) => {
+        _ if audited(label, req.uri().path()) => {
             let actor = req
                 .extensions()
                 .get::<Peer>()
