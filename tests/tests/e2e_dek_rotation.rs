@@ -88,6 +88,9 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let edits: Arc<Mutex<BTreeMap<String, Value>>> = Arc::default();
     let posted = Arc::new(AtomicU64::new(0));
+    // Requests cut by the kill: they may or may not have been committed.
+    let uncertain_posts = Arc::new(AtomicU64::new(0));
+    let uncertain_edits: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let ids: Vec<String> = bodies(&api, &tid).into_keys().collect();
     let writer = {
         let (api, tid, stop, failures, edits, posted) = (
@@ -98,6 +101,7 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
             edits.clone(),
             posted.clone(),
         );
+        let (uncertain_posts, uncertain_edits) = (uncertain_posts.clone(), uncertain_edits.clone());
         std::thread::spawn(move || {
             let agent = agent();
             let mut i = 0usize;
@@ -113,8 +117,13 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
                     Ok((201, _)) => {
                         posted.fetch_add(1, Ordering::Relaxed);
                     }
-                    // The server is being killed and restarted: not a data error.
-                    Ok((503, _)) | Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    // Refused while the server restarts: nothing was stored.
+                    Ok((503, _)) => std::thread::sleep(Duration::from_millis(20)),
+                    // Cut by the kill: it may have been committed.
+                    Err(_) => {
+                        uncertain_posts.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     Ok((s, b)) => failures.lock().unwrap().push(format!("post {s} {b}")),
                 }
                 let target = &ids[(i * 37) % ids.len()];
@@ -128,7 +137,11 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
                     Ok((200, _)) => {
                         edits.lock().unwrap().insert(target.clone(), body);
                     }
-                    Ok((503, _)) | Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    Ok((503, _)) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(_) => {
+                        uncertain_edits.lock().unwrap().insert(target.clone());
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     Ok((s, b)) => failures.lock().unwrap().push(format!("edit {s} {b}")),
                 }
             }
