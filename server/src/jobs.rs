@@ -422,10 +422,19 @@ async fn migrate_batch(
         for (i, r) in idx.into_iter().zip(results) {
             match r {
                 Ok(pt) => plaintexts[i] = Some(pt),
+                // Only a ciphertext that does not authenticate is left behind (it was
+                // unreadable already); any other failure may be the KMS's, and moving past it
+                // would lose the message once the old key is destroyed: pause instead.
+                Err(ProviderError::DecryptionFailed) => {
+                    tracing::warn!(job = %job.id, message = %parsed[i].0, "message did not decrypt before migration; left as it is");
+                    unreadable[i] = true;
+                }
                 Err(ProviderError::Unavailable(m)) => return Err(Step::Pause(m)),
                 Err(e) => {
-                    tracing::warn!(job = %job.id, message = %parsed[i].0, error = %e, "message did not decrypt before migration; left as it is");
-                    unreadable[i] = true;
+                    return Err(Step::Pause(format!(
+                        "decrypting message {}: {e}",
+                        parsed[i].0
+                    )))
                 }
             }
         }
