@@ -274,8 +274,10 @@ impl AuditLog {
                 mac: macs.last().copied().unwrap_or(prev),
             };
             let records = batch.iter().filter_map(|q| q.record.clone()).collect();
+            // `current` is the head these entries chain on: if the stored one differs (an
+            // append whose caller went away after queueing it), nothing is written.
             store
-                .append_audit(entries, new_head, chained, records)
+                .append_audit(entries, current, new_head, chained, records)
                 .await?;
             Ok::<_, AuditError>(new_head)
         }
@@ -341,8 +343,10 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
     let mut prev = [0u8; 32];
     let mut verified = 0u64;
     let mut after = 0u64;
-    loop {
-        let page = store.audit_range(after, VERIFY_CHUNK)?;
+    // Up to the head read first: entries appended while this runs are not judged against it.
+    while after < head_seq {
+        let mut page = store.audit_range(after, VERIFY_CHUNK)?;
+        page.retain(|(k, _)| *k <= head_seq);
         let Some(&(last, _)) = page.last() else { break };
         let mut entries = Vec::with_capacity(page.len());
         for (key, bytes) in page {
@@ -430,6 +434,12 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
             h.seq + 1,
             format!("entries after the recorded head {} were added", h.seq),
         )),
+        // Entries past the head that a live append has not covered by a newer head.
+        Some(h) if beyond_current_head(store, h.seq)? => Some(problem(
+            "beyond_head",
+            h.seq + 1,
+            format!("entries after the recorded head {} were added", h.seq),
+        )),
         Some(h) if !constant_time_eq(&h.mac, &prev) => Some(problem(
             "head_mismatch",
             h.seq,
@@ -438,6 +448,13 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
         Some(_) => None,
     };
     Ok(answer(verified, p))
+}
+
+/// Whether an entry exists past the head as it is *now* (re-read: appends go on while a
+/// verification runs).
+fn beyond_current_head<S: KeyStore>(store: &S, verified_to: u64) -> Result<bool, AuditError> {
+    let now = store.audit_head()?.map_or(0, |h| h.seq).max(verified_to);
+    Ok(!store.audit_range(now, 1)?.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -507,6 +524,30 @@ mod tests {
         let first: AuditEntry = serde_json::from_slice(&page[0].1).unwrap();
         assert_eq!(first.actor, "kms");
         assert_eq!(first.detail["key_id"], "k0");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_chained_on_a_stale_head_writes_nothing() {
+        let (_d, backend, store, _log) = filled(3).await;
+        let e = AuditEntry {
+            seq: 1,
+            at: 0,
+            action: "forged".into(),
+            actor: "x".into(),
+            outcome: "ok".into(),
+            detail: BTreeMap::new(),
+            mac: "00".into(),
+        };
+        let stale = AuditHead {
+            seq: 1,
+            mac: [0; 32],
+        };
+        let r = store
+            .append_audit(vec![e.clone()], None, stale, vec![], vec![])
+            .await;
+        assert!(matches!(r, Err(StoreError::AuditHeadMoved)), "{r:?}");
+        let v = verify(&backend, &store).await.unwrap();
+        assert!(v.ok && v.head_seq == 3, "{v:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

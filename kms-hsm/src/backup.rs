@@ -77,6 +77,40 @@ async fn mac_of<B: KeyBackend, S: KeyStore>(
         .ok_or(ServiceError::Internal("the HSM returned no MAC"))
 }
 
+/// KEK versions nothing may be restored or imported under: destroyed by the store's or the
+/// backup's records, or simply absent from the HSM.
+struct Unusable {
+    destroyed: BTreeSet<u32>,
+    in_hsm: BTreeSet<u32>,
+}
+
+impl Unusable {
+    fn contains(&self, v: &u32) -> bool {
+        self.destroyed.contains(v) || !self.in_hsm.contains(v)
+    }
+}
+
+async fn unusable_versions<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    known: &[KekVersionRecord],
+    from_backup: &[KekVersionRecord],
+) -> Result<Unusable, ServiceError> {
+    let in_hsm = svc
+        .backend()
+        .kek_versions()
+        .await?
+        .into_iter()
+        .map(|v| v.get())
+        .collect();
+    let destroyed = known
+        .iter()
+        .chain(from_backup)
+        .filter(|r| r.state == KekState::Destroyed)
+        .map(|r| r.version.get())
+        .collect();
+    Ok(Unusable { destroyed, in_hsm })
+}
+
 /// Every key record and KEK version record, as a backup file.
 ///
 /// # Errors
@@ -158,11 +192,7 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
     .await?;
     let store = svc.store();
     let known = store.kek_versions().map_err(ServiceError::from)?;
-    let destroyed: BTreeSet<u32> = known
-        .iter()
-        .filter(|r| r.state == KekState::Destroyed)
-        .map(|r| r.version.get())
-        .collect();
+    let destroyed = unusable_versions(svc, &known, &file.body.kek_versions).await?;
     for v in &file.body.kek_versions {
         if !known.iter().any(|k| k.version == v.version) {
             store
@@ -245,13 +275,8 @@ pub async fn import_copies<B: KeyBackend, S: KeyStore>(
     svc.audit(AuditEvent::new("import_copies").with("copies", copies.len()))
         .await?;
     let store = svc.store();
-    let destroyed: BTreeSet<u32> = store
-        .kek_versions()
-        .map_err(ServiceError::from)?
-        .iter()
-        .filter(|r| r.state == KekState::Destroyed)
-        .map(|r| r.version.get())
-        .collect();
+    let known = store.kek_versions().map_err(ServiceError::from)?;
+    let destroyed = unusable_versions(svc, &known, &[]).await?;
     let mut report = ImportReport {
         copies: copies.len() as u64,
         ..ImportReport::default()

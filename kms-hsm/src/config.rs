@@ -464,7 +464,24 @@ impl RawConfig {
                 }
                 uids
             }
-            None => vec![rustix::process::getuid().as_raw()],
+            None => {
+                let me = rustix::process::getuid().as_raw();
+                if let ListenConfig::Unix {
+                    allowed_uids: Some(clients),
+                    ..
+                } = &listen
+                {
+                    if clients.contains(&me) {
+                        return Err(invalid(
+                            "listen.admin_uids",
+                            format!(
+                                "defaults to the KMS's own uid {me}, which listen.allowed_uids lists as a client: set listen.admin_uids to the operators' uids"
+                            ),
+                        ));
+                    }
+                }
+                vec![me]
+            }
         };
         let admin = AdminConfig {
             unix: admin_unix,

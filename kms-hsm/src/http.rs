@@ -448,8 +448,10 @@ where
         // Declared too large, but not absurdly: read and discard it first (within the body
         // deadline), so the client reads the 413 instead of a reset of a connection it is
         // still writing to; the server's KMS client splits a batch on exactly this answer.
+        // (The admin routes that take whole backup files have their own, larger limit.)
         Some(n)
-            if n > api.limits.max_body_bytes
+            if !admin::large_body_route(label)
+                && n > api.limits.max_body_bytes
                 && n <= api.limits.max_body_bytes + DRAIN_ALLOWANCE =>
         {
             let mut body = std::pin::pin!(req.into_body());

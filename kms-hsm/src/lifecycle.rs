@@ -119,9 +119,10 @@ enum StepError {
 impl From<StoreError> for StepError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Full { .. } | StoreError::Io(_) | StoreError::Closed => {
-                StepError::Transient(e.to_string())
-            }
+            StoreError::Full { .. }
+            | StoreError::Io(_)
+            | StoreError::Closed
+            | StoreError::AuditHeadMoved => StepError::Transient(e.to_string()),
             StoreError::Open { .. }
             | StoreError::AlreadyExists(_)
             | StoreError::NotFound(_)
@@ -211,6 +212,12 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             admin: tokio::sync::Mutex::new(()),
             running: std::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The lock that serialises job starts and KEK destruction; restore and import hold it
+    /// too, so no record can appear under a version while that version is being destroyed.
+    pub async fn admin_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.admin.lock().await
     }
 
     /// Resumes every job that had not finished when the KMS last stopped. Call once at

@@ -85,7 +85,8 @@ impl ServiceError {
             StoreError::Full { .. }
             | StoreError::Io(_)
             | StoreError::Closed
-            | StoreError::Open { .. } => ErrorCode::Unavailable,
+            | StoreError::Open { .. }
+            | StoreError::AuditHeadMoved => ErrorCode::Unavailable,
             StoreError::AlreadyExists(_)
             | StoreError::NotFound(_)
             | StoreError::Conflict(_)

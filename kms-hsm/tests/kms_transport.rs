@@ -134,11 +134,26 @@ async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
     assert_eq!(err.code(), Some(ErrorCode::Forbidden));
     kms.stop().await;
 
-    // With our uid on the list it serves.
+    // Our uid as a client and, by default, as the admin too: refused at start-up (the
+    // server's identity must never be an admin).
     kms.edit_config(|t| {
         t.replace(
             "allowed_uids = [4000000]",
             &format!("allowed_uids = [4000000, {our_uid}]"),
+        )
+    });
+    let out = kms.command(&["serve"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen.admin_uids"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With the operators' uid set apart, it serves.
+    kms.edit_config(|t| {
+        t.replace(
+            &format!("allowed_uids = [4000000, {our_uid}]"),
+            &format!("allowed_uids = [4000000, {our_uid}]\nadmin_uids = [4000001]"),
         )
     });
     kms.spawn();

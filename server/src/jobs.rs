@@ -410,7 +410,6 @@ async fn migrate_batch(
         parsed.push((id, bytes, rec));
     }
     let mut plaintexts: Vec<Option<SecretBytes>> = (0..parsed.len()).map(|_| None).collect();
-    let mut unreadable = vec![false; parsed.len()];
     if !to_open.is_empty() {
         let (idx, reqs): (Vec<usize>, Vec<DecryptItem>) = to_open.into_iter().unzip();
         let results = provider.decrypt_batch(reqs).await.map_err(provider_step)?;
@@ -427,7 +426,6 @@ async fn migrate_batch(
                 // would lose the message once the old key is destroyed: pause instead.
                 Err(ProviderError::DecryptionFailed) => {
                     tracing::warn!(job = %job.id, message = %parsed[i].0, "message did not decrypt before migration; left as it is");
-                    unreadable[i] = true;
                 }
                 Err(ProviderError::Unavailable(m)) => return Err(Step::Pause(m)),
                 Err(e) => {
@@ -443,7 +441,6 @@ async fn migrate_batch(
     let mut to_seal: Vec<(usize, EncryptItem)> = Vec::new();
     for (i, (id, _, rec)) in parsed.iter().enumerate() {
         let Some(rec) = rec else {
-            unreadable[i] = true;
             continue;
         };
         let plaintext = match (&rec.content, plaintexts[i].take()) {
@@ -457,7 +454,6 @@ async fn migrate_batch(
             }
             (Content::Plain(_), _) => {
                 tracing::error!(job = %job.id, message = %id, "plain record where the thread allows none: left as it is");
-                unreadable[i] = true;
                 continue;
             }
         };
@@ -470,7 +466,7 @@ async fn migrate_batch(
             },
         ));
     }
-    let mut items = Vec::new();
+    let mut sealed: Vec<Option<Vec<u8>>> = (0..parsed.len()).map(|_| None).collect();
     if !to_seal.is_empty() {
         let (idx, reqs): (Vec<usize>, Vec<EncryptItem>) = to_seal.into_iter().unzip();
         let results = provider.encrypt_batch(reqs).await.map_err(provider_step)?;
@@ -481,23 +477,30 @@ async fn migrate_batch(
         }
         for (i, r) in idx.into_iter().zip(results) {
             let ct = r.map_err(provider_step)?;
-            let (id, bytes, rec) = &parsed[i];
+            let (_, _, rec) = &parsed[i];
             let Some(rec) = rec else { continue };
             let mut new = rec.clone();
             new.format = RecordFormat::CURRENT;
             new.content = Content::Enc(Bytes64(ct.0));
-            let new = serde_json::to_vec(&new)
-                .map_err(|_| Step::Fail("cannot encode a record".into()))?;
-            items.push(Migrated {
-                id: *id,
-                expected: bytes.clone(),
-                new,
-            });
+            sealed[i] = Some(
+                serde_json::to_vec(&new)
+                    .map_err(|_| Step::Fail("cannot encode a record".into()))?,
+            );
         }
     }
+    // Every scanned message goes to the write, migrated or left as it is, so that one changed
+    // since it was read stops the cursor before it.
+    let mut items: Vec<Migrated> = parsed
+        .iter()
+        .zip(sealed)
+        .map(|((id, bytes, _), new)| Migrated {
+            id: *id,
+            expected: bytes.clone(),
+            new,
+        })
+        .collect();
     items.sort_by_key(|m| m.id);
     let mut next = job.clone();
-    next.progress.unreadable += unreadable.iter().filter(|u| **u).count() as u64;
     next.updated_at = Timestamp::now();
     let applied = svc
         .store

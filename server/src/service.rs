@@ -344,7 +344,29 @@ impl MessageService {
         }
         let r = self.store.write(DeleteThread { id: id.clone() }).await;
         self.cache.invalidate(id);
-        Ok(r?)
+        let deleted = r?;
+        // A rotation that started after our read gave the thread a key we did not destroy:
+        // shred whatever the deleted record named too.
+        let shredded: Vec<&kms_api::KeyId> = rec
+            .kms
+            .iter()
+            .chain(rec.rotation.as_ref().and_then(|r| r.retiring.as_ref()))
+            .map(|k| &k.key_id)
+            .collect();
+        let named = deleted
+            .kms
+            .iter()
+            .chain(deleted.rotation.as_ref().and_then(|r| r.retiring.as_ref()));
+        for k in named.filter(|k| !shredded.contains(&&k.key_id)) {
+            match self.provider()?.destroy_key(k).await {
+                Ok(()) | Err(ProviderError::UnknownKey) => {}
+                Err(e) => {
+                    tracing::error!(thread = %id, key_id = %k.key_id, error = %e, "a deleted thread's newer DEK could not be destroyed; destroy it with the KMS's destroy_key");
+                    self.metrics.kms.shred_failures.inc();
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// The thread's key, provisioning one for a thread created while encryption was off.
@@ -437,12 +459,12 @@ impl MessageService {
         body: Value,
     ) -> Result<MessageView, ApiError> {
         let author = require_user(p, "post a message")?;
-        let id = self.ids.next();
-        let now = id.timestamp();
         // A rotation that moved on between reading the thread and writing is seen by the
-        // writer (StaleKey): read the thread again and seal again.
+        // writer (StaleKey): take a new id, read the thread again and seal again.
         for attempt in 0..SEAL_ATTEMPTS {
             let thread = self.thread_for(p, tid).await?;
+            let id = self.ids.next();
+            let now = id.timestamp();
             let (content, sealed_with) = self.seal(&thread, id, &author, now, &body).await?;
             let rec = MessageRecord {
                 format: RecordFormat::CURRENT,

@@ -598,7 +598,14 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
 fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    // A key-API body limit far below the backup's size: restore has its own.
+    let mut kms = Kms::start_with(
+        tmp.path(),
+        &hsm,
+        KmsListen::Unix,
+        None,
+        "[limits]\nmax_body_bytes = 16384\n",
+    );
     let sample = seed(&kms, 400, 4);
     let (gone, _) = sample[0].clone();
     let (s, b) = kms.call("POST", "/destroy_key", Some(json!({"key_id": gone})));
@@ -615,6 +622,10 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.len() > 16384,
+        "the backup is larger than the key API's body limit"
+    );
     assert!(!text.contains(&hsm.pin), "no PIN in a backup");
 
     // Lose the whole key store.

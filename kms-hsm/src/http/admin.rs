@@ -45,6 +45,12 @@ pub const ADMIN_ROUTES: [&str; 11] = [
     "/admin/jobs/{id}",
 ];
 
+/// Whether `route` takes bodies up to [`MAX_RESTORE_BODY`] (backup files) rather than
+/// `limits.max_body_bytes`.
+pub fn large_body_route(route: &str) -> bool {
+    matches!(route, "/admin/restore" | "/admin/import-copies")
+}
+
 /// The label of an admin path, if it is one.
 pub fn route_label(path: &str) -> Option<&'static str> {
     if let Some(r) = ADMIN_ROUTES.iter().find(|r| **r == path) {
@@ -357,6 +363,7 @@ async fn import_copies<B: KeyBackend, S: KeyStore>(
         copies = parsed.copies.len(),
         "admin: import of the server's key copies requested"
     );
+    let _exclusive = api.lifecycle().admin_lock().await;
     match crate::backup::import_copies(api.service(), parsed.copies).await {
         Ok(report) => json_response(StatusCode::OK, &report),
         Err(e) => error_response(&HttpError::Backup(e), ROUTE),

@@ -60,6 +60,7 @@ enum Op {
     /// Appends encoded audit entries and replaces the head.
     AppendAudit {
         entries: Vec<(u64, Vec<u8>)>,
+        prev: Option<AuditHead>,
         head: Vec<u8>,
         chained: Vec<String>,
         records: Vec<KeyRecord>,
@@ -383,6 +384,7 @@ impl KeyStore for LmdbStore {
     async fn append_audit(
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
+        prev: Option<AuditHead>,
         head: AuditHead,
         chained: Vec<String>,
         records: Vec<KeyRecord>,
@@ -399,6 +401,7 @@ impl KeyStore for LmdbStore {
             .map_err(|e| StoreError::Io(format!("cannot encode the audit head: {e}")))?;
         self.submit(Op::AppendAudit {
             entries,
+            prev,
             head,
             chained,
             records,
@@ -510,10 +513,26 @@ fn apply(
     match op {
         Op::AppendAudit {
             entries,
+            prev,
             head,
             chained,
             records,
         } => {
+            let stored: Option<AuditHead> = match lifecycle.get(wtxn, AUDIT_HEAD)? {
+                None => None,
+                Some(v) => match serde_json::from_slice(v) {
+                    Ok(h) => Some(h),
+                    Err(_) => {
+                        return Ok(Err(StoreError::Corrupt {
+                            key: AUDIT_HEAD.into(),
+                            detail: "undecodable audit head".into(),
+                        }))
+                    }
+                },
+            };
+            if stored != *prev {
+                return Ok(Err(StoreError::AuditHeadMoved));
+            }
             // Validate every record first: all of this or none of it.
             let mut encoded = Vec::with_capacity(records.len());
             for rec in records {

@@ -133,6 +133,10 @@ pub enum StoreError {
     /// The record changed since the caller read it (`compare_and_swap`); nothing was written.
     #[error("key {0} changed concurrently; nothing was written")]
     Conflict(KeyId),
+    /// The audit head moved since the appender read it (an append it did not see); nothing
+    /// was written.
+    #[error("the audit log's head moved; nothing was written")]
+    AuditHeadMoved,
     /// A stored record cannot be decoded.
     #[error("key record {key} is corrupt: {detail}")]
     Corrupt { key: String, detail: String },
@@ -240,9 +244,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// `AlreadyExists` when one of `records` exists; `Full`, `Io`, `Closed`; in every case
     /// nothing was written.
+    /// `prev` is the head the entries were chained on (`None`: the log was empty): when the
+    /// stored head is another one (an append the caller did not see), nothing is written and
+    /// the answer is `Conflict`, so the chain never forks.
     fn append_audit(
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
+        prev: Option<AuditHead>,
         head: AuditHead,
         chained: Vec<String>,
         records: Vec<KeyRecord>,

@@ -357,6 +357,11 @@ impl WriteOp for PutMessage {
         if db.get(txn, &self.key)?.is_some() {
             return Ok(Err(StoreError::Conflict("message id exists")));
         }
+        // During a rotation the messages before its start are a fixed set the job walks:
+        // a new message there (an id taken before the rotation began) would be passed over.
+        if thread.rotation.as_ref().is_some_and(|r| self.id < r.start) {
+            return Ok(Err(StoreError::StaleKey));
+        }
         let counted = match check_seal(&thread, self.id, self.sealed_with.as_ref()) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
@@ -605,12 +610,14 @@ impl WriteOp for StartRotation {
     }
 }
 
-/// One migrated message: the record as the job read it (raw) and its re-encrypted form.
+/// One message the job looked at: the record as it read it (raw) and its re-encrypted form,
+/// or `None` when it is left as it is (it did not decrypt). Every scanned message is listed,
+/// so the cursor never passes one that changed after the job read it.
 #[derive(Debug)]
 pub struct Migrated {
     pub id: MessageId,
     pub expected: Vec<u8>,
-    pub new: Vec<u8>,
+    pub new: Option<Vec<u8>>,
 }
 
 /// Writes a batch of migrated messages and moves the rotation's cursor past them, in one
@@ -645,16 +652,24 @@ impl WriteOp for MigrateBatch {
             )));
         }
         let mut applied = 0;
+        let mut left = 0u64;
+        let mut stopped = false;
         let mut cursor = self.scanned_to;
         for m in &self.items {
             let key = keys::msg(&self.thread, m.id);
             match db.get(txn, &key)? {
-                Some(current) if current == m.expected.as_slice() => {
-                    db.put(txn, &key, &m.new)?;
-                    applied += 1;
-                }
-                _ => {
-                    // Changed (or deleted) meanwhile: stop before it.
+                Some(current) if current == m.expected.as_slice() => match &m.new {
+                    Some(new) => {
+                        db.put(txn, &key, new)?;
+                        applied += 1;
+                    }
+                    None => left += 1,
+                },
+                // Deleted since the job read it: nothing to migrate.
+                None => {}
+                Some(_) => {
+                    // Changed meanwhile (an edit): stop before it; the job reads it again.
+                    stopped = true;
                     cursor = match m.id.predecessor() {
                         Some(p) => p,
                         None => return Ok(Ok(0)),
@@ -668,7 +683,8 @@ impl WriteOp for MigrateBatch {
         }
         let mut job = self.job.clone();
         job.progress.migrated += applied as u64;
-        if applied < self.items.len() {
+        job.progress.unreadable += left;
+        if stopped {
             job.progress.conflicts += 1;
         }
         let (value, job_value) = match (to_json(&rec), to_json(&job)) {
