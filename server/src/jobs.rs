@@ -47,8 +47,8 @@ use crate::service::MessageService;
 use crate::store::aad::{message_aad, MessageBinding};
 use crate::store::{
     Content, FinishRotation, JobKind, JobProgress, JobRecord, JobState, MessageRecord,
-    MigrateBatch, Migrated, PutJob, RecordFormat, RotationStart, SealedBy, StartRotation,
-    StoreError, ThreadRecord,
+    MigrateBatch, Migrated, PutJob, RecordFormat, ReviveJob, RotationStart, SealedBy,
+    StartRotation, StoreError, ThreadRecord,
 };
 
 /// Messages per migration batch.
@@ -145,6 +145,20 @@ pub async fn start(
         .ok_or(ApiError::NotFound)?;
     if let Some(r) = &rec.rotation {
         let job = svc.store.get_job(&r.job).await?.ok_or(ApiError::Internal)?;
+        if job.state == JobState::Failed {
+            // A failed job leaves its rotation in place (messages are under both keys): asked
+            // again, it runs again from its cursor instead of wedging the thread.
+            let mut again = job;
+            again.state = JobState::Migrating;
+            again.error = None;
+            again.finished_at = None;
+            again.progress.verified = 0;
+            again.updated_at = Timestamp::now();
+            svc.store.write(ReviveJob(again.clone())).await?;
+            tracing::info!(job = %again.id, thread = %thread, "failed DEK rotation started again");
+            ensure_driven(svc, &again);
+            return Ok((again, true));
+        }
         ensure_driven(svc, &job);
         return Ok((job, false));
     }

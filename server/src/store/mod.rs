@@ -37,8 +37,8 @@ pub use records::{
 };
 pub use writer::{
     AuthorRule, CreateThread, DeleteMessage, DeleteThread, FinishRotation, MigrateBatch, Migrated,
-    PatchThread, PutJob, PutMessage, RawPut, RefreshKeyCopy, RotationStart, SetThreadKeyIfAbsent,
-    StartRotation, UpdateMessage, WriteOp,
+    PatchThread, PutJob, PutMessage, RawPut, RefreshKeyCopy, ReviveJob, RotationStart,
+    SetThreadKeyIfAbsent, StartRotation, UpdateMessage, WriteOp,
 };
 
 /// The one LMDB database: raw byte keys and values.

@@ -777,3 +777,18 @@ impl WriteOp for RefreshKeyCopy {
         Ok(Ok(true))
     }
 }
+
+/// Replaces a job record even when it is final: a failed job asked to run again.
+#[derive(Debug)]
+pub struct ReviveJob(pub records::JobRecord);
+
+impl WriteOp for ReviveJob {
+    type Out = ();
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+        match to_json(&self.0) {
+            Ok(v) => db.put(txn, &keys::job(&self.0.id), &v)?,
+            Err(e) => return Ok(Err(e)),
+        }
+        Ok(Ok(()))
+    }
+}
