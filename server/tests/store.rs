@@ -216,3 +216,75 @@ async fn a_thread_prefix_never_matches_another_thread() {
         .is_none());
     close(s).await;
 }
+
+fn key(n: u8) -> progressdb::provider::ThreadKey {
+    progressdb::provider::ThreadKey {
+        key_id: kms_api::KeyId::from_random([n; 16]),
+        wrapped_dek: kms_api::WrappedDek::new(vec![n]),
+        kek_id: kms_api::KekId::parse("kek").unwrap(),
+        kek_version: kms_api::KekVersion::FIRST,
+    }
+}
+
+/// The rotation rule stays true at its edges: a message stored under the old key with an id
+/// after the start the job chose (a post that committed first) moves the start past it, and
+/// a post below the start once the rotation runs is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_start_never_claims_a_message_sealed_before_it() {
+    use progressdb::store::{
+        JobKind, JobProgress, JobRecord, JobState, RotationStart, SealedBy, StartRotation,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), 8, 64).await;
+    let t = ThreadId::parse("t1").unwrap();
+    let mut rec = thread("t1", "u");
+    rec.kms = Some(key(1));
+    s.write(CreateThread::new(rec)).await.unwrap();
+    let chosen_start = MessageId::new(Timestamp::from_nanos(2_000), 0).unwrap();
+    // A post that took its id after the job chose its start, and committed first.
+    let late = MessageId::new(Timestamp::from_nanos(3_000), 0).unwrap();
+    let (_, mut m) = message(0, 1);
+    m.content = Content::Enc(kms_api::wire::Bytes64(vec![9; 40]));
+    s.write(PutMessage::new(&t, late, &m, Some(key(1).key_id)).unwrap())
+        .await
+        .unwrap();
+    let job = JobRecord {
+        id: kms_api::admin::JobId::from_random([7; 8]),
+        kind: JobKind::RotateDek,
+        thread: t.clone(),
+        state: JobState::Migrating,
+        progress: JobProgress::default(),
+        old_key_id: None,
+        new_key_id: key(2).key_id,
+        error: None,
+        reason: "test".into(),
+        created_at: Timestamp::from_nanos(1),
+        updated_at: Timestamp::from_nanos(1),
+        finished_at: None,
+    };
+    let out = s
+        .write(StartRotation {
+            thread: t.clone(),
+            new_key: key(2),
+            start: chosen_start,
+            job,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(out, RotationStart::Started(_)));
+    let th = s.get_thread(&t).await.unwrap().unwrap();
+    let start = th.rotation.as_ref().unwrap().start;
+    assert!(
+        start > late,
+        "the start moved past the message sealed before it"
+    );
+    assert_eq!(th.sealed_by(late), SealedBy::Key(&key(1)));
+    // A post below the start now is refused (it would be skipped by the job).
+    let below = MessageId::new(Timestamp::from_nanos(2_500), 0).unwrap();
+    assert_eq!(
+        s.write(PutMessage::new(&t, below, &m, Some(key(1).key_id)).unwrap())
+            .await,
+        Err(StoreError::StaleKey)
+    );
+    close(s).await;
+}

@@ -591,10 +591,17 @@ impl WriteOp for StartRotation {
         }
         let mut job = self.job.clone();
         job.old_key_id = rec.kms.as_ref().map(|k| k.key_id.clone());
+        // Every message stored so far was sealed under the old key, including one whose id
+        // was taken after `self.start` by a post that committed before this transaction: the
+        // new key starts after all of them.
+        let start = match newest_message(db, txn, &self.thread)? {
+            Some(newest) if newest >= self.start => newest.successor(),
+            _ => self.start,
+        };
         rec.rotation = Some(records::DekRotation {
             job: job.id.clone(),
             retiring: rec.kms.take(),
-            start: self.start,
+            start,
             cursor: None,
         });
         rec.kms = Some(self.new_key.clone());
