@@ -190,19 +190,7 @@ impl AuditLog {
         ev: AuditEvent,
         record: Option<crate::keystore::KeyRecord>,
     ) -> Result<(), AuditError> {
-        let entry = AuditEntry {
-            seq: 0,
-            at: now_secs(),
-            action: ev.action.to_owned(),
-            actor: current_actor(),
-            outcome: ev.outcome.as_str().to_owned(),
-            detail: ev
-                .detail
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-            mac: String::new(),
-        };
+        let entry = pending_entry(ev);
         let (tx, rx) = oneshot::channel();
         self.queue
             .lock()
@@ -301,7 +289,8 @@ impl AuditLog {
     }
 }
 
-/// An entry for an event that cannot be MACed now (see [`KeyStore::put_pending_audit`]).
+/// `ev` as an entry not numbered or MACed yet: what an append queues, and what is stored as
+/// pending when the HSM cannot MAC it now (see [`KeyStore::put_pending_audit`]).
 pub fn pending_entry(ev: AuditEvent) -> AuditEntry {
     AuditEntry {
         seq: 0,

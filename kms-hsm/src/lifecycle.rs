@@ -453,45 +453,46 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     async fn census(&self) -> Result<(BTreeMap<KekVersion, u64>, u64, u64), StoreError> {
         let mut per_version = BTreeMap::new();
         let (mut active, mut destroyed) = (0, 0);
-        let mut after: Option<KeyId> = None;
-        loop {
-            let page = self.svc.store().list(after.as_ref(), 1024).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key_id.clone());
-            for r in &page {
-                match &r.state {
-                    KeyState::Active { .. } => {
-                        active += 1;
-                        *per_version.entry(record_version(r)).or_insert(0) += 1;
-                    }
-                    KeyState::Destroyed { .. } => destroyed += 1,
-                }
+        self.for_each_record(|r| match &r.state {
+            KeyState::Active { .. } => {
+                active += 1;
+                *per_version.entry(record_version(r)).or_insert(0) += 1;
             }
-        }
+            KeyState::Destroyed { .. } => destroyed += 1,
+        })
+        .await?;
         Ok((per_version, active, destroyed))
     }
 
-    /// Active records wrapped under `version` (by the record or by the blob's header).
+    /// Active records wrapped under `version` (by the record or by the blob's header; a blob
+    /// whose header cannot be read counts too: it cannot be shown not to depend on it).
     async fn count_dependents(&self, version: KekVersion) -> Result<u64, StoreError> {
         let mut n = 0;
+        self.for_each_record(|r| {
+            if let KeyState::Active { wrapped } = &r.state {
+                let under = match parse_wrapped_header(wrapped) {
+                    Ok(h) => h.kek_version == version,
+                    Err(_) => true,
+                };
+                if r.kek_version == version || under {
+                    n += 1;
+                }
+            }
+        })
+        .await?;
+        Ok(n)
+    }
+
+    /// Calls `f` on every key record, in key-id order, a page at a time.
+    async fn for_each_record(&self, mut f: impl FnMut(&KeyRecord)) -> Result<(), StoreError> {
         let mut after: Option<KeyId> = None;
         loop {
             let page = self.svc.store().list(after.as_ref(), 1024).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key_id.clone());
-            n += page
-                .iter()
-                .filter(|r| match &r.state {
-                    KeyState::Active { wrapped } => {
-                        r.kek_version == version
-                            || parse_wrapped_header(wrapped)
-                                .map_or(true, |h| h.kek_version == version)
-                    }
-                    KeyState::Destroyed { .. } => false,
-                })
-                .count() as u64;
+            page.iter().for_each(&mut f);
         }
-        Ok(n)
+        Ok(())
     }
 
     async fn audit(&self, ev: AuditEvent) -> Result<(), LifecycleError> {
@@ -659,12 +660,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 Rewrap::Rewrapped => p.rewrapped += 1,
                 Rewrap::AlreadyCurrent => p.already_current += 1,
                 Rewrap::Destroyed => p.destroyed += 1,
-                Rewrap::Failed(k) => {
-                    p.failed += 1;
-                    if p.failed_keys.len() < MAX_FAILED_KEYS {
-                        p.failed_keys.push(k);
-                    }
-                }
+                Rewrap::Failed(k) => note_failure(&mut p, k),
             }
         }
         p.scanned += n;
@@ -757,12 +753,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                     *p.per_version.entry(v.get()).or_insert(0) += 1;
                 }
                 Verified::Destroyed => {}
-                Verified::Failed(k) => {
-                    p.failed += 1;
-                    if p.failed_keys.len() < MAX_FAILED_KEYS {
-                        p.failed_keys.push(k);
-                    }
-                }
+                Verified::Failed(k) => note_failure(&mut p, k),
             }
         }
         p.scanned += n;
@@ -926,6 +917,14 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts a DEK that failed, keeping the first [`MAX_FAILED_KEYS`] ids.
+fn note_failure(p: &mut JobProgress, key: KeyId) {
+    p.failed += 1;
+    if p.failed_keys.len() < MAX_FAILED_KEYS {
+        p.failed_keys.push(key);
     }
 }
 

@@ -124,6 +124,18 @@ fn provider_step(e: ProviderError) -> Step {
     }
 }
 
+/// A batch call's results, which must be one per item (`n`).
+fn one_per_item<T>(r: Result<Vec<T>, ProviderError>, n: usize) -> Result<Vec<T>, Step> {
+    let results = r.map_err(provider_step)?;
+    if results.len() == n {
+        Ok(results)
+    } else {
+        Err(Step::Pause(
+            "the KMS answered a batch with the wrong number of results".into(),
+        ))
+    }
+}
+
 /// Starts a rotation of `thread`'s DEK (`kind` = [`JobKind::RotateDek`]) or the encryption
 /// of a plain thread ([`JobKind::EncryptThread`]), or returns the job already running on it
 /// (`started = false`).
@@ -426,12 +438,7 @@ async fn migrate_batch(
     let mut plaintexts: Vec<Option<SecretBytes>> = (0..parsed.len()).map(|_| None).collect();
     if !to_open.is_empty() {
         let (idx, reqs): (Vec<usize>, Vec<DecryptItem>) = to_open.into_iter().unzip();
-        let results = provider.decrypt_batch(reqs).await.map_err(provider_step)?;
-        if results.len() != idx.len() {
-            return Err(Step::Pause(
-                "the KMS answered a batch with the wrong length".into(),
-            ));
-        }
+        let results = one_per_item(provider.decrypt_batch(reqs).await, idx.len())?;
         for (i, r) in idx.into_iter().zip(results) {
             match r {
                 Ok(pt) => plaintexts[i] = Some(pt),
@@ -483,12 +490,7 @@ async fn migrate_batch(
     let mut sealed: Vec<Option<Vec<u8>>> = (0..parsed.len()).map(|_| None).collect();
     if !to_seal.is_empty() {
         let (idx, reqs): (Vec<usize>, Vec<EncryptItem>) = to_seal.into_iter().unzip();
-        let results = provider.encrypt_batch(reqs).await.map_err(provider_step)?;
-        if results.len() != idx.len() {
-            return Err(Step::Pause(
-                "the KMS answered a batch with the wrong length".into(),
-            ));
-        }
+        let results = one_per_item(provider.encrypt_batch(reqs).await, idx.len())?;
         for (i, r) in idx.into_iter().zip(results) {
             let ct = r.map_err(provider_step)?;
             let (_, _, rec) = &parsed[i];
@@ -578,12 +580,7 @@ async fn verify(
             continue;
         }
         let n = reqs.len();
-        let results = provider.decrypt_batch(reqs).await.map_err(provider_step)?;
-        if results.len() != n {
-            return Err(Step::Pause(
-                "the KMS answered a batch with the wrong length".into(),
-            ));
-        }
+        let results = one_per_item(provider.decrypt_batch(reqs).await, n)?;
         for r in results {
             match r {
                 Ok(_) => verified += 1,

@@ -88,16 +88,16 @@ impl LifecycleError {
 }
 
 type AdminState<B, S> = State<Arc<Api<B, S>>>;
-type Answer = Result<Response, (HttpError, &'static str)>;
 
-fn failed(e: LifecycleError, route: &'static str) -> (HttpError, &'static str) {
-    (HttpError::Lifecycle(e), route)
-}
-
-fn answer(r: Answer) -> Response {
+/// `r` as a JSON answer with `status`, or its error's.
+fn reply<T: serde::Serialize>(
+    route: &'static str,
+    status: StatusCode,
+    r: Result<T, LifecycleError>,
+) -> Response {
     match r {
-        Ok(resp) => resp,
-        Err((e, route)) => error_response(&e, route),
+        Ok(v) => json_response(status, &v),
+        Err(e) => error_response(&HttpError::Lifecycle(e), route),
     }
 }
 
@@ -131,39 +131,25 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
 }
 
 async fn status<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
-    answer(
-        api.lifecycle()
-            .status()
-            .await
-            .map(|s| json_response(StatusCode::OK, &s))
-            .map_err(|e| failed(e, "/admin/status")),
+    reply(
+        "/admin/status",
+        StatusCode::OK,
+        api.lifecycle().status().await,
     )
 }
 
 async fn rotate<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
     tracing::info!("admin: KEK rotation requested");
-    answer(
-        api.lifecycle()
-            .rotate_kek()
-            .await
-            .map(|(job, started)| {
-                json_response(StatusCode::ACCEPTED, &StartJobResponse { job, started })
-            })
-            .map_err(|e| failed(e, "/admin/kek/rotate")),
-    )
+    let r = api.lifecycle().rotate_kek().await;
+    let r = r.map(|(job, started)| StartJobResponse { job, started });
+    reply("/admin/kek/rotate", StatusCode::ACCEPTED, r)
 }
 
 async fn verify<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
     tracing::info!("admin: verification requested");
-    answer(
-        api.lifecycle()
-            .verify()
-            .await
-            .map(|(job, started)| {
-                json_response(StatusCode::ACCEPTED, &StartJobResponse { job, started })
-            })
-            .map_err(|e| failed(e, "/admin/verify")),
-    )
+    let r = api.lifecycle().verify().await;
+    let r = r.map(|(job, started)| StartJobResponse { job, started });
+    reply("/admin/verify", StatusCode::ACCEPTED, r)
 }
 
 async fn destroy<B: KeyBackend, S: KeyStore>(
@@ -180,30 +166,17 @@ async fn destroy<B: KeyBackend, S: KeyStore>(
         Err(e) => return error_response(&HttpError::Parse(e), ROUTE),
     };
     tracing::info!(kek_version = %parsed.version, "admin: KEK destruction requested");
-    answer(
-        api.lifecycle()
-            .destroy_kek(parsed.version)
-            .await
-            .map(|()| {
-                json_response(
-                    StatusCode::OK,
-                    &DestroyKekResponse {
-                        version: parsed.version,
-                        destroyed: true,
-                    },
-                )
-            })
-            .map_err(|e| failed(e, ROUTE)),
-    )
+    let r = api.lifecycle().destroy_kek(parsed.version).await;
+    let r = r.map(|()| DestroyKekResponse {
+        version: parsed.version,
+        destroyed: true,
+    });
+    reply(ROUTE, StatusCode::OK, r)
 }
 
 async fn jobs<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
-    answer(
-        api.lifecycle()
-            .jobs()
-            .map(|jobs| json_response(StatusCode::OK, &JobsResponse { jobs }))
-            .map_err(|e| failed(e, "/admin/jobs")),
-    )
+    let r = api.lifecycle().jobs().map(|jobs| JobsResponse { jobs });
+    reply("/admin/jobs", StatusCode::OK, r)
 }
 
 async fn job<B: KeyBackend, S: KeyStore>(
@@ -217,12 +190,7 @@ async fn job<B: KeyBackend, S: KeyStore>(
             ROUTE,
         );
     };
-    answer(
-        api.lifecycle()
-            .job(&id)
-            .map(|j| json_response(StatusCode::OK, &j))
-            .map_err(|e| failed(e, ROUTE)),
-    )
+    reply(ROUTE, StatusCode::OK, api.lifecycle().job(&id))
 }
 
 /// `GET /admin/audit?after=&limit=`.

@@ -565,34 +565,27 @@ async fn thread_kms(
     ok(&st.app.thread_kms(&p, &id).await?)
 }
 
-/// `{job_id, started, job}` with 202.
-fn job_started(job: &crate::store::JobRecord, started: bool) -> Answer {
+async fn rotate_dek(st: State<RouterState>, id: ThreadPath, p: AdminCaller) -> Answer {
+    start_job(st, id, p, crate::store::JobKind::RotateDek).await
+}
+
+async fn encrypt_thread(st: State<RouterState>, id: ThreadPath, p: AdminCaller) -> Answer {
+    start_job(st, id, p, crate::store::JobKind::EncryptThread).await
+}
+
+/// 202 `{job_id, started, job}`: the job `kind` on thread `id`, started or already running.
+async fn start_job(
+    State(st): State<RouterState>,
+    ThreadPath(id): ThreadPath,
+    AdminCaller(p): AdminCaller,
+    kind: crate::store::JobKind,
+) -> Answer {
+    st.app.thread_for(&p, &id).await?;
+    let (job, started) = crate::jobs::start(&st.app, &id, kind, "admin").await?;
     Ok(json_response(
         StatusCode::ACCEPTED,
         &serde_json::json!({"job_id": job.id, "started": started, "job": job}),
     ))
-}
-
-async fn rotate_dek(
-    State(st): State<RouterState>,
-    ThreadPath(id): ThreadPath,
-    AdminCaller(p): AdminCaller,
-) -> Answer {
-    st.app.thread_for(&p, &id).await?;
-    let (job, started) =
-        crate::jobs::start(&st.app, &id, crate::store::JobKind::RotateDek, "admin").await?;
-    job_started(&job, started)
-}
-
-async fn encrypt_thread(
-    State(st): State<RouterState>,
-    ThreadPath(id): ThreadPath,
-    AdminCaller(p): AdminCaller,
-) -> Answer {
-    st.app.thread_for(&p, &id).await?;
-    let (job, started) =
-        crate::jobs::start(&st.app, &id, crate::store::JobKind::EncryptThread, "admin").await?;
-    job_started(&job, started)
 }
 
 async fn admin_job(

@@ -61,6 +61,7 @@ use self::token::OpError;
 use self::worker::{Job, JobKind, Worker, WorkerPool, WorkerSlot};
 use crate::backend::{
     parse_wrapped_header, BackendError, BackendState, Dek, HsmSettings, KekRef, KeyBackend,
+    WrapFormat,
 };
 
 mod context;
@@ -436,20 +437,15 @@ impl KeyBackend for Pkcs11Backend {
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<Dek, BackendError>> + Send {
         // A malformed blob is refused here, without a trip to a worker.
-        let header = parse_wrapped_header(wrapped);
+        let parsed = blob_kek(kek_id, wrapped);
         let key_id = key_id.clone();
-        let kek_id = kek_id.clone();
         let wrapped = wrapped.clone();
         async move {
-            let header = header?;
-            let kek = KekRef {
-                id: kek_id,
-                version: header.kek_version,
-            };
+            let (kek, format) = parsed?;
             self.call(move |reply| JobKind::Unwrap {
                 key_id,
                 kek,
-                format: header.format,
+                format,
                 wrapped,
                 reply,
             })
@@ -463,20 +459,15 @@ impl KeyBackend for Pkcs11Backend {
         kek_id: &KekId,
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<(WrappedDek, KekRef), BackendError>> + Send {
-        let header = parse_wrapped_header(wrapped);
+        let parsed = blob_kek(kek_id, wrapped);
         let key_id = key_id.clone();
-        let kek_id = kek_id.clone();
         let wrapped = wrapped.clone();
         async move {
-            let header = header?;
-            let kek = KekRef {
-                id: kek_id,
-                version: header.kek_version,
-            };
+            let (kek, format) = parsed?;
             self.call(move |reply| JobKind::Rewrap {
                 key_id,
                 kek,
-                format: header.format,
+                format,
                 wrapped,
                 reply,
             })
@@ -583,6 +574,21 @@ impl KeyBackend for Pkcs11Backend {
             BackendState::Recovering
         }
     }
+}
+
+/// The KEK (`kek_id` and the version in the blob's header) and the format of `wrapped`.
+///
+/// # Errors
+/// `InvalidWrapped` for a malformed blob.
+fn blob_kek(kek_id: &KekId, wrapped: &WrappedDek) -> Result<(KekRef, WrapFormat), BackendError> {
+    let header = parse_wrapped_header(wrapped)?;
+    Ok((
+        KekRef {
+            id: kek_id.clone(),
+            version: header.kek_version,
+        },
+        header.format,
+    ))
 }
 
 /// Runs `f` on a fresh logged-in session of the token, under the write gate (one-shot

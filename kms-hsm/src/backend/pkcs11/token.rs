@@ -359,23 +359,7 @@ pub(super) fn check_kek(
         )));
     }
     let flags: Vec<(AttributeType, bool)> = attrs.iter().filter_map(bool_attr).collect();
-    for (t, want) in KEK_REQUIREMENTS {
-        match flags.iter().find(|(ft, _)| ft == t) {
-            Some((_, v)) if v == want => {}
-            Some((_, v)) => {
-                return Err(refused(format!(
-                    "CKA_{} is {v}, must be {want}",
-                    attr_name(*t)
-                )))
-            }
-            None => {
-                return Err(refused(format!(
-                    "the token does not report CKA_{}",
-                    attr_name(*t)
-                )))
-            }
-        }
-    }
+    unmet_requirement(&flags, KEK_REQUIREMENTS).map_or(Ok(()), |why| Err(refused(why)))?;
     if flags.contains(&(AttributeType::Modifiable, true)) {
         tracing::warn!(
             kek_id = %kek.id,
@@ -384,6 +368,21 @@ pub(super) fn check_kek(
         );
     }
     Ok(())
+}
+
+/// The first of `requirements` that `flags` (what the token reported) does not meet, as a
+/// reason; an attribute the token does not report is unmet (fail closed).
+fn unmet_requirement(
+    flags: &[(AttributeType, bool)],
+    requirements: &[(AttributeType, bool)],
+) -> Option<String> {
+    requirements
+        .iter()
+        .find_map(|(t, want)| match flags.iter().find(|(ft, _)| ft == t) {
+            Some((_, v)) if v == want => None,
+            Some((_, v)) => Some(format!("CKA_{} is {v}, must be {want}", attr_name(*t))),
+            None => Some(format!("the token does not report CKA_{}", attr_name(*t))),
+        })
 }
 
 /// `EXTRACTABLE`, `NEVER_EXTRACTABLE`, ...: the PKCS#11 name without its `CKA_` prefix.
@@ -531,23 +530,7 @@ pub(super) fn find_audit_key(session: &Session, label: &str) -> Result<ObjectHan
         )));
     }
     let flags: Vec<(AttributeType, bool)> = attrs.iter().filter_map(bool_attr).collect();
-    for (t, want) in AUDIT_KEY_REQUIREMENTS {
-        match flags.iter().find(|(ft, _)| ft == t) {
-            Some((_, v)) if v == want => {}
-            Some((_, v)) => {
-                return Err(refused(format!(
-                    "CKA_{} is {v}, must be {want}",
-                    attr_name(*t)
-                )))
-            }
-            None => {
-                return Err(refused(format!(
-                    "the token does not report CKA_{}",
-                    attr_name(*t)
-                )))
-            }
-        }
-    }
+    unmet_requirement(&flags, AUDIT_KEY_REQUIREMENTS).map_or(Ok(()), |why| Err(refused(why)))?;
     Ok(h)
 }
 
