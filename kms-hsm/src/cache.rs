@@ -88,6 +88,16 @@ impl DekCache {
         }
     }
 
+    /// The most DEKs it holds.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
+    /// How long it keeps a DEK.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     fn enabled(&self) -> bool {
         self.max_entries > 0 && !self.ttl.is_zero()
     }

@@ -107,6 +107,20 @@ fn print_status(s: &StatusResponse) {
         "DEKs: {} active, {} destroyed",
         s.active_deks, s.destroyed_deks
     );
+    let c = &s.cache;
+    if c.max_entries == 0 || c.ttl_secs == 0 {
+        println!("cache: off");
+    } else {
+        println!(
+            "cache: {} of {} DEKs held, ttl {} s",
+            c.entries, c.max_entries, c.ttl_secs
+        );
+    }
+    let h = &s.hsm;
+    println!(
+        "HSM: {}, {} workers, {} sessions open; {} calls, {} errors, {} recoveries, {} resets, {} refused (queues full)",
+        h.state, h.workers, h.sessions_open, h.calls, h.errors, h.recoveries, h.resets, h.overloaded
+    );
     if s.jobs.is_empty() {
         println!("jobs: none");
     }

@@ -311,6 +311,10 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
         self.limits
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn lifecycle(&self) -> &Arc<crate::lifecycle::Lifecycle<B, S>> {
         &self.lifecycle
     }

@@ -30,6 +30,7 @@ pub mod audit;
 pub mod backend;
 pub mod backup;
 pub mod cache;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -42,7 +42,8 @@ use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt as _};
 use kms_api::admin::{
-    Job, JobId, JobKind, JobProgress, JobState, KekVersionStatus, StatusResponse,
+    CacheStatus, HsmStatus, Job, JobId, JobKind, JobProgress, JobState, KekVersionStatus,
+    StatusResponse,
 };
 use kms_api::{KekVersion, KeyId};
 
@@ -391,11 +392,12 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         Ok(())
     }
 
-    /// KEK versions, DEK counts per version, and jobs.
+    /// KEK versions, DEK counts per version, jobs and the cache, with `hsm` (the backend's
+    /// state and counters, which the caller reads from its metrics).
     ///
     /// # Errors
     /// `Backend` when the HSM cannot list its KEK versions; `Store`.
-    pub async fn status(&self) -> Result<StatusResponse, LifecycleError> {
+    pub async fn status(&self, hsm: HsmStatus) -> Result<StatusResponse, LifecycleError> {
         let current = self.svc.backend().current_kek();
         let in_hsm: BTreeSet<KekVersion> = self
             .svc
@@ -446,6 +448,12 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             active_deks: active,
             destroyed_deks: destroyed,
             jobs,
+            cache: CacheStatus {
+                entries: self.svc.cache().len() as u64,
+                max_entries: self.svc.cache().max_entries() as u64,
+                ttl_secs: self.svc.cache().ttl().as_secs(),
+            },
+            hsm,
         })
     }
 
@@ -1106,7 +1114,7 @@ mod tests {
         // New DEKs are under the new version.
         let new = seed(&f, 1).await;
         all_decrypt(&f, &new).await;
-        let status = lc.status().await.unwrap();
+        let status = lc.status(HsmStatus::default()).await.unwrap();
         assert_eq!(status.current_version.get(), 2);
         let v1 = status
             .versions
@@ -1212,7 +1220,7 @@ mod tests {
         // Idempotent, and the version is gone from the backend.
         lc.destroy_kek(v1).await.unwrap();
         assert_eq!(f.backend.kek_versions().await.unwrap(), vec![v2]);
-        let status = lc.status().await.unwrap();
+        let status = lc.status(HsmStatus::default()).await.unwrap();
         let s1 = status.versions.iter().find(|v| v.version == v1).unwrap();
         assert_eq!((s1.state.as_str(), s1.in_hsm), ("destroyed", false));
         all_decrypt(&f, &keys).await;

@@ -5,6 +5,7 @@
 //! * admin subcommands, clients of the running KMS's admin socket ([`progressdb_kms::cli`]):
 //!   `status`, `rotate-kek`, `verify`, `jobs`, `kek destroy --version V`, `audit verify`,
 //!   `audit list`, `backup --out FILE`, `restore --in FILE`.
+//! * `progressdb-kms check-config --config FILE`: [`progressdb_kms::check`].
 //!
 //! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT); 2 for a bad
 //! configuration or provisioning (key or file at fault, no such token, PIN refused, KEK
@@ -46,7 +47,17 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Show KEK versions, DEK counts per version and lifecycle jobs (needs the running KMS).
+    /// Validate a config and the files and token it names without starting: every key,
+    /// socket and store directories, TLS files, the PIN file's mode, the module, the token,
+    /// the PIN (one login), the KEK and the audit key. One line per finding; exit 2 when
+    /// there is a problem. Needs no running KMS.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show KEK versions, DEK counts per version, the DEK cache, the HSM workers and
+    /// lifecycle jobs (needs the running KMS).
     Status {
         /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
@@ -59,31 +70,38 @@ enum Command {
     /// background, verify them all, then retire the old versions (needs the running KMS).
     /// Started twice, it returns the rotation already running.
     RotateKek {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Return once the job is started instead of waiting for it to end.
         #[arg(long)]
         no_wait: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Unwrap every active DEK under its KEK and count them per version; changes nothing
     /// (needs the running KMS).
     Verify {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Return once the job is started instead of waiting for it to end.
         #[arg(long)]
         no_wait: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List lifecycle jobs, or show one (needs the running KMS).
     Jobs {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// One job's id (`job-...`).
         #[arg(long)]
         id: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -95,6 +113,7 @@ enum Command {
     /// Write every key record (wrapped DEKs and metadata, tombstones included) to FILE, in a
     /// versioned file protected by an HMAC made in the HSM (needs the running KMS).
     Backup {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Where to write it (mode 0600; replaced atomically).
@@ -105,6 +124,7 @@ enum Command {
     /// differing ones reported, destroyed keys stay destroyed unless named with
     /// --resurrect. A file that does not verify is refused whole (needs the running KMS).
     Restore {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// The backup file.
@@ -113,6 +133,7 @@ enum Command {
         /// A destroyed key to bring back from the backup (repeatable).
         #[arg(long, value_name = "KEY_ID")]
         resurrect: Vec<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -120,16 +141,20 @@ enum Command {
     /// server's `GET /admin/kms/key-copies` answer). Each copy must unwrap in the HSM; the
     /// threads that cannot be recovered are listed (needs the running KMS).
     ImportCopies {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// The server's `GET /admin/kms/key-copies` answer, saved to a file.
         #[arg(long = "in", value_name = "FILE")]
         input: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// OFFLINE (stop the KMS first; refused while it runs): rewrite the key store without its
     /// free pages, so the wrapped DEKs of destroyed keys no longer exist in its files.
     Compact {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -145,13 +170,16 @@ enum AuditCommand {
     /// Check every entry's HMAC chain and the recorded head; names the first bad entry
     /// (edited, removed, inserted, reordered) or a truncated tail. Exit 1 when not intact.
     Verify {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Print entries as JSON lines.
     List {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Start after this sequence number.
@@ -168,6 +196,7 @@ enum KekCommand {
     /// Remove a retired KEK version from the HSM. Refused while it is current, not retired
     /// by a completed rotation, or any key record still depends on it.
     Destroy {
+        /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// The version to destroy.
@@ -183,7 +212,14 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CheckConfig { config } = &cli.command {
+        // Its own report, also for a config that does not load.
+        let report = progressdb_kms::check::run(config);
+        print!("{}", report.render(config));
+        return ExitCode::from(report.exit_code());
+    }
     let path = match &cli.command {
+        Command::CheckConfig { config } => config,
         Command::Serve { config }
         | Command::InitKek { config }
         | Command::Status { config, .. }
@@ -208,6 +244,7 @@ fn main() -> ExitCode {
     telemetry::init(&cfg.log);
     match cli.command {
         Command::Serve { .. } => serve(&cfg),
+        Command::CheckConfig { .. } => ExitCode::SUCCESS, // handled above
         Command::InitKek { .. } => match app::init_kek(&cfg) {
             Ok(InitKekOutcome::Created(k)) => {
                 println!("created KEK {} version {}", k.id, k.version);

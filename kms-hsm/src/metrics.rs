@@ -51,6 +51,7 @@ pub struct HsmCounters {
     pub pin_rejected: bool,
     pub sessions_open: i64,
     pub overloaded: u64,
+    pub workers: usize,
 }
 
 /// A backend that counts its HSM calls. Kept apart from [`KeyBackend`] so that trait stays
@@ -71,6 +72,7 @@ impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
             pin_rejected: s.pin_rejected,
             sessions_open: s.sessions_open,
             overloaded: s.overloaded,
+            workers: s.workers,
         }
     }
 }
@@ -104,6 +106,16 @@ pub struct Metrics {
     pub http: HttpMetrics,
     pub cache: CacheMetrics,
     pub store: StoreMetrics,
+    hsm: HsmView,
+}
+
+/// Reads the backend's HSM counters and state (for `status`), whatever the backend type.
+struct HsmView(Box<dyn Fn() -> (HsmCounters, crate::backend::BackendState) + Send + Sync>);
+
+impl std::fmt::Debug for HsmView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HsmView")
+    }
 }
 
 struct HsmCollector<B> {
@@ -205,6 +217,8 @@ impl Metrics {
             "Key-store write operations per commit",
             store.batch_size.clone(),
         );
+        let view = backend.clone();
+        let hsm = HsmView(Box::new(move || (view.hsm_counters(), view.state())));
         registry.register_collector(Box::new(HsmCollector { backend }));
         registry.register_collector(Box::new(service_kit::conn::GateCollector(gate)));
         Self {
@@ -212,7 +226,13 @@ impl Metrics {
             http,
             cache,
             store,
+            hsm,
         }
+    }
+
+    /// The backend's HSM counters and state now.
+    pub fn hsm(&self) -> (HsmCounters, crate::backend::BackendState) {
+        (self.hsm.0)()
     }
 
     /// The OpenMetrics text of every metric.

@@ -293,9 +293,34 @@ impl Config {
         path: &Path,
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let cfg: Config = service_kit::config::load(path, ENV_PREFIX, env)?;
+        let mut cfg: Config = service_kit::config::load(path, ENV_PREFIX, env)?;
+        let base = service_kit::config::base_dir(path)?;
+        cfg.resolve_paths(&base);
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Makes every relative file path absolute against `base` (the config file's directory),
+    /// as the KMS does, so a config means the same from any working directory.
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.store.path);
+        abs(&mut self.auth.keys_file);
+        for p in [
+            &mut self.kms.client_cert,
+            &mut self.kms.client_key,
+            &mut self.kms.ca,
+            &mut self.kms.master_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            abs(p);
+        }
     }
 
     /// Checks values that parse but make no sense.
@@ -398,10 +423,22 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if k.request_timeout_ms == 0 || k.connect_timeout_ms == 0 || k.ready_timeout_ms == 0 {
+        for (key, v) in [
+            ("kms.connect_timeout_ms", k.connect_timeout_ms),
+            ("kms.request_timeout_ms", k.request_timeout_ms),
+            ("kms.ready_timeout_ms", k.ready_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be at least 1 (milliseconds)",
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
-                "kms.request_timeout_ms",
-                "KMS timeouts must be at least 1 ms",
+                "log.level",
+                "must be a tracing filter such as \"info\" or \"progressdb=debug\"",
             ));
         }
         let endpoint = k.parsed_endpoint()?;

@@ -20,6 +20,7 @@
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod http;

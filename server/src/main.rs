@@ -1,5 +1,6 @@
 //! `progressdb serve --config FILE`: parse the config, initialise tracing, build the server,
-//! serve until SIGTERM/SIGINT. Configuration errors exit with status 2 and one line on
+//! serve until SIGTERM/SIGINT. Also `check-config` ([`progressdb::check`]) and the offline
+//! `compact`. Configuration errors exit with status 2 and one line on
 //! stderr naming the key or file at fault.
 
 use std::path::{Path, PathBuf};
@@ -27,10 +28,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Validate a config and the files it names without starting: every key, the listen
+    /// address, the store directory, the API keys file (mode, content), the KMS endpoint
+    /// (TLS files, socket, whether a KMS answers). One line per finding; exit 2 when there is
+    /// a problem.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// OFFLINE (stop the server first; refused while it runs): rewrite the store without its
     /// free pages, where the bytes of replaced and deleted records linger (e.g. plain
     /// messages after an in-place encryption, ciphertext of deleted threads).
     Compact {
+        /// TOML configuration file (its store.path is compacted).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -40,6 +51,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => {
+            let report = progressdb::check::run(&config);
+            print!("{}", report.render(&config));
+            ExitCode::from(report.exit_code())
+        }
         Command::Compact { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,

@@ -196,6 +196,43 @@ pub struct StatusResponse {
     pub destroyed_deks: u64,
     /// Running jobs, then the most recent finished ones.
     pub jobs: Vec<Job>,
+    /// The unwrapped-DEK cache.
+    pub cache: CacheStatus,
+    /// The HSM backend: state, workers and counters since start.
+    pub hsm: HsmStatus,
+}
+
+/// The unwrapped-DEK cache as `status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    /// DEKs held unwrapped now.
+    pub entries: u64,
+    /// `cache.max_entries` (0: the cache is off).
+    pub max_entries: u64,
+    /// `cache.ttl_secs` (0: the cache is off).
+    pub ttl_secs: u64,
+}
+
+/// The HSM backend as `status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HsmStatus {
+    /// `ready`, `recovering` (sessions being re-established) or `pin_rejected` (the token
+    /// refused the PIN; fix `hsm.pin_file` and restart).
+    pub state: String,
+    /// Worker threads, one PKCS#11 session each (`hsm.sessions`).
+    pub workers: u64,
+    /// Sessions open now.
+    pub sessions_open: u64,
+    /// Operations sent to the HSM since start.
+    pub calls: u64,
+    /// Operations that failed (a wrapped DEK that does not authenticate is not counted).
+    pub errors: u64,
+    /// Times sessions were reopened after a loss.
+    pub recoveries: u64,
+    /// PKCS#11 library resets after a lost token.
+    pub resets: u64,
+    /// Jobs refused because every worker queue was full.
+    pub overloaded: u64,
 }
 
 /// `POST /admin/kek/destroy`.

@@ -3,6 +3,8 @@
 //! * [`aead`]: AES-256-GCM under a boxed, zeroizing [`aead::DataKey`]: the KMS's message
 //!   encryption and the dev-only embedded provider of the server.
 //! * [`body`]: request bodies read into zeroizing memory (`ZeroizingBuf`) within a deadline.
+//! * [`check`]: `check-config`: findings about a config and the files it names, one line each,
+//!   and the checks both binaries share (secret files, store and socket directories).
 //! * [`config`]: the configuration conventions: one TOML file given with `--config`, every key
 //!   overridable from the environment as `<PREFIX>__SECTION__KEY`, every error one line that
 //!   names the file or key at fault.
@@ -22,6 +24,7 @@
 
 pub mod aead;
 pub mod body;
+pub mod check;
 pub mod config;
 pub mod conn;
 pub mod group_commit;

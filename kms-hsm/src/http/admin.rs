@@ -12,7 +12,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use kms_api::admin::{
-    DestroyKekRequest, DestroyKekResponse, JobId, JobsResponse, StartJobResponse,
+    DestroyKekRequest, DestroyKekResponse, HsmStatus, JobId, JobsResponse, StartJobResponse,
 };
 use kms_api::ErrorCode;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -21,7 +21,7 @@ use super::{
     error_response, healthz, json_response, metrics, read_body, readyz, Api, HttpError,
     UNKNOWN_ENDPOINT,
 };
-use crate::backend::KeyBackend;
+use crate::backend::{BackendState, KeyBackend};
 use crate::keystore::KeyStore;
 use crate::lifecycle::LifecycleError;
 
@@ -131,10 +131,26 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
 }
 
 async fn status<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
+    let (c, state) = api.metrics().hsm();
+    let hsm = HsmStatus {
+        state: match state {
+            BackendState::Ready => "ready",
+            BackendState::Recovering => "recovering",
+            BackendState::PinRejected => "pin_rejected",
+        }
+        .to_owned(),
+        workers: c.workers as u64,
+        sessions_open: u64::try_from(c.sessions_open).unwrap_or(0),
+        calls: c.calls,
+        errors: c.errors,
+        recoveries: c.recoveries,
+        resets: c.resets,
+        overloaded: c.overloaded,
+    };
     reply(
         "/admin/status",
         StatusCode::OK,
-        api.lifecycle().status().await,
+        api.lifecycle().status(hsm).await,
     )
 }
 

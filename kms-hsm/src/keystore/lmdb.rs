@@ -38,7 +38,7 @@ const QUEUE_DEPTH: usize = 4096;
 /// Value of `meta/format`.
 const FORMAT: &str = "1";
 /// The store's lock file (one process per store).
-const LOCK_FILE: &str = "kms.lock";
+pub const LOCK_FILE: &str = "kms.lock";
 /// Key of the audit head in the `lifecycle` database.
 const AUDIT_HEAD: &str = "audit/head";
 

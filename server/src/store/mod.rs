@@ -156,7 +156,7 @@ struct Inner {
 }
 
 /// The store's lock file.
-const LOCK_FILE: &str = "progressdb.lock";
+pub const LOCK_FILE: &str = "progressdb.lock";
 
 /// Offline compaction of the store in `dir` (the server must be stopped; the store's lock
 /// says whether it is): the bytes of replaced and deleted records (free pages) are dropped.

@@ -88,6 +88,8 @@ pub struct HsmStats {
     pub sessions_open: i64,
     /// Jobs refused because every worker queue was full.
     pub overloaded: u64,
+    /// Worker threads, one PKCS#11 session each (`hsm.sessions`).
+    pub workers: usize,
 }
 
 /// Result of [`init_kek`].
@@ -326,6 +328,7 @@ impl Pkcs11Backend {
                 i64::try_from(n).unwrap_or(i64::MAX)
             },
             overloaded: self.overloaded.load(Ordering::Relaxed),
+            workers: self.workers.len(),
         }
     }
 
@@ -749,6 +752,51 @@ fn destroy_kek(settings: &HsmSettings, kek: &KekRef) -> Result<(), BackendError>
         }
         tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "KEK version destroyed in the HSM");
         Ok(())
+    })
+}
+
+/// What [`check_token`] found in the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenCheck {
+    /// The current (highest) KEK version, present exactly once and hardened; `None` when no
+    /// version exists yet (run `init-kek`).
+    pub kek: Option<KekRef>,
+    /// Whether the audit key exists (and is hardened); when absent, `init-kek` or the first
+    /// start creates it.
+    pub audit_key: bool,
+}
+
+/// Read-only check for `check-config`: the module loads, the token with `hsm.token_label` is
+/// present, the PIN logs in (one attempt: a token counts failed logins), the current KEK
+/// exists once and is a hardened KEK, and the audit key, if present, is hardened. Changes
+/// nothing in the token. Blocking.
+///
+/// # Errors
+/// `Config` (module, token label, PIN, no KEK, duplicates), `PinRejected`, `KekRefused`,
+/// `AuditKey`, `Unavailable`.
+pub fn check_token(settings: &HsmSettings) -> Result<TokenCheck, BackendError> {
+    with_admin_session(settings, false, |_, session| {
+        let versions = token::list_kek_versions(session, &settings.kek_label)
+            .map_err(|e| hsm_error("listing KEK versions", e))?;
+        let kek = if versions.is_empty() {
+            None
+        } else {
+            let kek = token::current_kek(session, &settings.kek_label, &settings.token_label)
+                .map_err(|e| token::op_to_setup_error("finding the KEK", e))?;
+            token::find_kek(session, &kek)
+                .map_err(|e| token::op_to_setup_error("checking the KEK", e))?;
+            Some(kek)
+        };
+        let audit_key = match token::find_audit_key(session, &settings.audit_key_label) {
+            Ok(_) => true,
+            Err(OpError::Backend(BackendError::AuditKey { .. }))
+                if token_has_no_audit_key(session, &settings.audit_key_label)? =>
+            {
+                false
+            }
+            Err(e) => return Err(token::op_to_setup_error("checking the audit key", e)),
+        };
+        Ok(TokenCheck { kek, audit_key })
     })
 }
 

@@ -1,0 +1,204 @@
+//! `progressdb-kms check-config --config FILE`: validates a configuration and everything it
+//! names without starting the KMS: every key (as `serve` would read them), the socket and
+//! store directories, the TLS files, the PIN file's mode, and, through PKCS#11, the module,
+//! the token (by label), the PIN (one login: tokens count failed logins), the current KEK
+//! (present once, hardened) and the audit key. Nothing is created or changed, in the token or
+//! on disk, beyond a probe file created and removed in each directory checked.
+
+use std::path::Path;
+
+use service_kit::check::Report;
+
+use crate::backend::pkcs11::{check_token, TokenCheck};
+use crate::backend::BackendError;
+use crate::config::{Config, ListenConfig, PIN_ENV};
+
+/// Runs every check of `path`; see the module docs.
+pub fn run(path: &Path) -> Report {
+    let mut r = Report::new();
+    let cfg = match Config::load(path) {
+        Ok(c) => {
+            r.ok(
+                path.display().to_string(),
+                "every key parses and is in range",
+            );
+            c
+        }
+        Err(e) => {
+            r.problem(
+                path.display().to_string(),
+                e.to_string(),
+                "correct the key named, see docs/configuration.md",
+            );
+            return r;
+        }
+    };
+    listen(&mut r, &cfg);
+    r.writable_dir("store.path", &cfg.store.path);
+    if cfg.store.path.is_dir() {
+        match service_kit::lmdb::lock_store(&cfg.store.path, crate::keystore::lmdb::LOCK_FILE) {
+            Ok(_lock) => r.ok("store.path", "not in use by another process"),
+            Err(e) => r.warn(
+                format!("store.path {}", cfg.store.path.display()),
+                e,
+                "fine if this is the running KMS; otherwise stop the other process",
+            ),
+        }
+    }
+    hsm(&mut r, &cfg, path);
+    r
+}
+
+fn listen(r: &mut Report, cfg: &Config) {
+    match &cfg.listen {
+        ListenConfig::Unix { path, allowed_uids } => {
+            r.socket_dir("listen.unix", path);
+            let me = rustix::process::getuid().as_raw();
+            if allowed_uids.is_none() && cfg.admin.uids == [me] {
+                r.warn(
+                    "listen.allowed_uids",
+                    format!(
+                        "unset: the client socket admits the KMS's own uid {me}, which is also the default admin (listen.admin_uids); a server running as this user can use the admin API"
+                    ),
+                    "run progressdb as its own user and set listen.allowed_uids = [its uid] (docs/deploy.md)",
+                );
+            }
+        }
+        ListenConfig::Tcp { tls, .. } => {
+            match kms_api::tls::load_certs(&tls.cert) {
+                Ok(_) => r.ok(
+                    format!("tls.cert {}", tls.cert.display()),
+                    "certificate chain reads",
+                ),
+                Err(e) => r.problem(
+                    format!("tls.cert {}", tls.cert.display()),
+                    e.to_string(),
+                    "point it at the PEM certificate chain of the KMS",
+                ),
+            }
+            if r.secret_file("tls.key", &tls.key) {
+                if let Err(e) = kms_api::tls::load_key(&tls.key) {
+                    r.problem(
+                        format!("tls.key {}", tls.key.display()),
+                        e.to_string(),
+                        "point it at the PEM private key of tls.cert",
+                    );
+                }
+            }
+            match kms_api::tls::load_roots(&tls.client_ca) {
+                Ok(_) => r.ok(
+                    format!("tls.client_ca {}", tls.client_ca.display()),
+                    "CA certificates read",
+                ),
+                Err(e) => r.problem(
+                    format!("tls.client_ca {}", tls.client_ca.display()),
+                    e.to_string(),
+                    "point it at the PEM certificate of the CA that issues client certificates",
+                ),
+            }
+            if let Err(e) = kms_api::tls::server_config(&tls.cert, &tls.key, &tls.client_ca) {
+                r.problem(
+                    "tls",
+                    format!("the TLS files do not make a server configuration: {e}"),
+                    "check that tls.key is the key of tls.cert",
+                );
+            }
+            if tls.admin_subjects.is_empty() {
+                r.ok(
+                    "tls.admin_subjects",
+                    "empty: no TCP client is an admin (the admin API is on listen.admin_unix only)",
+                );
+            }
+        }
+    }
+    r.socket_dir("listen.admin_unix", &cfg.admin.unix);
+    if cfg.admin.unix.exists() && std::os::unix::net::UnixStream::connect(&cfg.admin.unix).is_ok() {
+        r.ok(
+            format!("listen.admin_unix {}", cfg.admin.unix.display()),
+            "a KMS is serving on it now",
+        );
+    }
+}
+
+fn hsm(r: &mut Report, cfg: &Config, path: &Path) {
+    let module = &cfg.hsm.module;
+    if !module.is_file() {
+        r.problem(
+            format!("hsm.module {}", module.display()),
+            "does not exist or is not a file",
+            "install the HSM vendor's PKCS#11 library and set its absolute path",
+        );
+        return;
+    }
+    match &cfg.hsm.pin_file {
+        Some(p) => {
+            if !r.secret_file("hsm.pin_file", p) {
+                return;
+            }
+        }
+        None => r.ok(PIN_ENV, "the PIN comes from the environment"),
+    }
+    let settings = match cfg.hsm_settings() {
+        Ok(s) => s,
+        Err(e) => {
+            r.problem(
+                "hsm.pin_file",
+                e.to_string(),
+                "give the PIN in exactly one way",
+            );
+            return;
+        }
+    };
+    let label = &cfg.hsm.token_label;
+    let kek = &cfg.hsm.kek_label;
+    match check_token(&settings) {
+        Ok(TokenCheck { kek: found, audit_key }) => {
+            r.ok(
+                format!("hsm.token_label {label}"),
+                "token found; the PIN logs in",
+            );
+            match found {
+                Some(k) => r.ok(
+                    format!("hsm.kek_label {kek}"),
+                    format!("current version {} is present once and hardened", k.version),
+                ),
+                None => r.problem(
+                    format!("hsm.kek_label {kek}"),
+                    format!("no KEK with this label on token '{label}'"),
+                    format!("progressdb-kms init-kek --config {}", path.display()),
+                ),
+            }
+            if audit_key {
+                r.ok(
+                    format!("hsm.audit_key_label {}", cfg.hsm.audit_key_label),
+                    "audit key present and hardened",
+                );
+            } else {
+                r.ok(
+                    format!("hsm.audit_key_label {}", cfg.hsm.audit_key_label),
+                    "absent: created by init-kek or at the first start",
+                );
+            }
+        }
+        Err(BackendError::PinRejected(_)) => r.problem(
+            "hsm.pin_file",
+            format!("token '{label}' refused the PIN (this check tried once; the token counts failures)"),
+            "write the token's user PIN into the file",
+        ),
+        Err(BackendError::KekRefused { id, version, reason }) => r.problem(
+            format!("hsm.kek_label {id}"),
+            format!("version {version} is refused: {reason}"),
+            "remove or replace that object; the KMS only uses KEKs it generated itself",
+        ),
+        Err(BackendError::AuditKey { label, reason }) => r.problem(
+            format!("hsm.audit_key_label {label}"),
+            reason,
+            "remove the object with that label or choose another hsm.audit_key_label",
+        ),
+        Err(e) => r.problem(
+            format!("hsm (module {}, token '{label}')", module.display()),
+            e.to_string(),
+            "check hsm.module, hsm.token_label and that the HSM is reachable",
+        ),
+    }
+}
