@@ -4,6 +4,7 @@
 //! the token (by label), the PIN (one login: tokens count failed logins), the current KEK
 //! (present once, hardened) and the audit key. Nothing is created or changed, in the token or
 //! on disk, beyond a probe file created and removed in each directory checked.
+//! `--no-login` skips the token part (for a check before every start).
 
 use std::path::Path;
 
@@ -11,10 +12,20 @@ use service_kit::check::Report;
 
 use crate::backend::pkcs11::{check_token, TokenCheck};
 use crate::backend::BackendError;
-use crate::config::{Config, ListenConfig, PIN_ENV};
+use crate::config::{Config, ListenConfig, SocketAccess, PIN_ENV};
+
+/// Whether `check-config` logs in to the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Login {
+    /// Load the module, find the token, log in once, look for the KEK and the audit key.
+    Try,
+    /// Check only what needs no login (e.g. before every start, from a systemd
+    /// `ExecStartPre=`, where a wrong PIN must not cost a second failed login).
+    Skip,
+}
 
 /// Runs every check of `path`; see the module docs.
-pub fn run(path: &Path) -> Report {
+pub fn run(path: &Path, login: Login) -> Report {
     let mut r = Report::new();
     let cfg = match Config::load(path) {
         Ok(c) => {
@@ -45,14 +56,24 @@ pub fn run(path: &Path) -> Report {
             ),
         }
     }
-    hsm(&mut r, &cfg, path);
+    hsm(&mut r, &cfg, path, login);
     r
 }
 
 fn listen(r: &mut Report, cfg: &Config) {
     match &cfg.listen {
-        ListenConfig::Unix { path, allowed_uids } => {
+        ListenConfig::Unix {
+            path,
+            access,
+            allowed_uids,
+        } => {
             r.socket_dir("listen.unix", path);
+            if *access == SocketAccess::Group {
+                r.ok(
+                    "listen.socket_access",
+                    "\"group\": the client socket is mode 0660; peers are still checked against listen.allowed_uids",
+                );
+            }
             let me = rustix::process::getuid().as_raw();
             if allowed_uids.is_none() && cfg.admin.uids == [me] {
                 r.warn(
@@ -120,7 +141,7 @@ fn listen(r: &mut Report, cfg: &Config) {
     }
 }
 
-fn hsm(r: &mut Report, cfg: &Config, path: &Path) {
+fn hsm(r: &mut Report, cfg: &Config, path: &Path, login: Login) {
     let module = &cfg.hsm.module;
     if !module.is_file() {
         r.problem(
@@ -149,6 +170,13 @@ fn hsm(r: &mut Report, cfg: &Config, path: &Path) {
             return;
         }
     };
+    if login == Login::Skip {
+        r.ok(
+            "hsm",
+            "token, PIN and KEK not checked (--no-login); serve checks them at start",
+        );
+        return;
+    }
     let label = &cfg.hsm.token_label;
     let kek = &cfg.hsm.kek_label;
     match check_token(&settings) {

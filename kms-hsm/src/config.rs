@@ -82,9 +82,33 @@ pub struct RawConfig {
 pub struct RawListen {
     pub unix: Option<PathBuf>,
     pub tcp: Option<String>,
+    pub socket_access: Option<SocketAccess>,
     pub allowed_uids: Option<UidList>,
     pub admin_unix: Option<PathBuf>,
     pub admin_uids: Option<UidList>,
+}
+
+/// `listen.socket_access`: who may open the client socket file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketAccess {
+    /// Mode 0600: only the KMS's own user (and root).
+    #[default]
+    Owner,
+    /// Mode 0660: also the members of the socket's group (the KMS's group, or the directory's
+    /// with setgid), so the server can run as a user of its own. Requires
+    /// `listen.allowed_uids`: group membership alone admits no one.
+    Group,
+}
+
+impl SocketAccess {
+    /// The socket file's mode.
+    pub fn mode(self) -> u32 {
+        match self {
+            SocketAccess::Owner => 0o600,
+            SocketAccess::Group => 0o660,
+        }
+    }
 }
 
 /// `listen.allowed_uids`: a TOML array of uids, or (from the environment) one uid or a
@@ -214,9 +238,11 @@ pub struct AdminConfig {
 /// Where the KMS listens: exactly one transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenConfig {
-    /// `listen.unix`: a Unix socket created with mode 0600, optionally restricted to peer uids.
+    /// `listen.unix`: a Unix socket created with mode 0600 (or 0660, `listen.socket_access`),
+    /// optionally restricted to peer uids.
     Unix {
         path: PathBuf,
+        access: SocketAccess,
         allowed_uids: Option<Vec<u32>>,
     },
     /// `listen.tcp` with mutual TLS.
@@ -391,15 +417,23 @@ impl RawConfig {
                     .allowed_uids
                     .map(|u| u.into_vec("listen.allowed_uids"))
                     .transpose()?;
+                let access = self.listen.socket_access.unwrap_or_default();
+                if access == SocketAccess::Group && allowed_uids.is_none() {
+                    return Err(invalid(
+                        "listen.socket_access",
+                        "\"group\" requires listen.allowed_uids (the uids of the servers): group membership alone must not admit a peer",
+                    ));
+                }
                 ListenConfig::Unix {
                     path: abs(path),
+                    access,
                     allowed_uids,
                 }
             }
             (None, Some(tcp)) => {
-                if self.listen.allowed_uids.is_some() {
+                if self.listen.allowed_uids.is_some() || self.listen.socket_access.is_some() {
                     return Err(ConfigError::Conflict(
-                        "listen.allowed_uids applies only to listen.unix",
+                        "listen.allowed_uids and listen.socket_access apply only to listen.unix",
                     ));
                 }
                 let addr: SocketAddr = tcp.trim().parse().map_err(|_| {
@@ -762,7 +796,9 @@ mod tests {
     fn minimal_file_gets_defaults() {
         let c = load(BASE, &[]).unwrap();
         match &c.listen {
-            ListenConfig::Unix { path, allowed_uids } => {
+            ListenConfig::Unix {
+                path, allowed_uids, ..
+            } => {
                 assert!(path.is_absolute() && path.ends_with("kms.sock"));
                 assert!(allowed_uids.is_none());
             }

@@ -39,7 +39,7 @@ use axum::extract::{Query, State};
 use axum::http::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, MethodRouter};
 use axum::Router;
 use http_body_util::BodyExt as _;
 use kms_api::parse::{
@@ -371,22 +371,49 @@ fn audited(route: &'static str, path: &str) -> bool {
 /// The shared state of the handlers.
 type ApiState<B, S> = State<Arc<Api<B, S>>>;
 
+/// A route table: (path, handlers). Each router is built from its table and nothing else, so
+/// the table's paths are exactly the paths served (the API reference test holds
+/// `docs/openapi/kms.yaml` to them).
+pub type RouteTable<B, S> = Vec<(&'static str, MethodRouter<Arc<Api<B, S>>>)>;
+
+/// The paths of `table`.
+pub fn paths<B, S>(table: &RouteTable<B, S>) -> Vec<&'static str> {
+    table.iter().map(|(p, _)| *p).collect()
+}
+
+/// Every route of the client endpoint. The two `/admin` catch-alls only refuse (403).
+pub fn client_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
+    vec![
+        ("/create_dek_for_thread", post(create_dek::<B, S>)),
+        ("/encrypt", post(encrypt::<B, S>)),
+        ("/decrypt", post(decrypt::<B, S>)),
+        ("/encrypt_batch", post(encrypt_batch::<B, S>)),
+        ("/decrypt_batch", post(decrypt_batch::<B, S>)),
+        ("/destroy_key", post(destroy_key::<B, S>)),
+        ("/get_wrapped", get(get_wrapped::<B, S>)),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz::<B, S>)),
+        ("/metrics", get(metrics::<B, S>)),
+        ("/admin", any(admin_refused::<B, S>)),
+        ("/admin/{*rest}", any(admin_refused::<B, S>)),
+    ]
+}
+
+/// `table` as a router.
+fn build<B, S>(table: RouteTable<B, S>) -> Router<Arc<Api<B, S>>>
+where
+    B: KeyBackend,
+    S: KeyStore,
+{
+    table
+        .into_iter()
+        .fold(Router::new(), |r, (path, methods)| r.route(path, methods))
+}
+
 /// The KMS API for an allowed peer.
 pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
     let limits = api.limits;
-    Router::new()
-        .route("/create_dek_for_thread", post(create_dek::<B, S>))
-        .route("/encrypt", post(encrypt::<B, S>))
-        .route("/decrypt", post(decrypt::<B, S>))
-        .route("/encrypt_batch", post(encrypt_batch::<B, S>))
-        .route("/decrypt_batch", post(decrypt_batch::<B, S>))
-        .route("/destroy_key", post(destroy_key::<B, S>))
-        .route("/get_wrapped", get(get_wrapped::<B, S>))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz::<B, S>))
-        .route("/metrics", get(metrics::<B, S>))
-        .route("/admin", any(admin_refused::<B, S>))
-        .route("/admin/{*rest}", any(admin_refused::<B, S>))
+    build(client_routes::<B, S>())
         .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
         .method_not_allowed_fallback(|uri: Uri| async move {
             let label = Route::of_path(uri.path()).map_or(UNKNOWN_ENDPOINT, Route::label);

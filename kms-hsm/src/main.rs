@@ -55,6 +55,10 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Do not log in to the token (no PIN, KEK or audit-key check): for a check before
+        /// every start, where a wrong PIN must not cost the token a second failed login.
+        #[arg(long)]
+        no_login: bool,
     },
     /// Show KEK versions, DEK counts per version, the DEK cache, the HSM workers and
     /// lifecycle jobs (needs the running KMS).
@@ -212,14 +216,19 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::CheckConfig { config } = &cli.command {
+    if let Command::CheckConfig { config, no_login } = &cli.command {
         // Its own report, also for a config that does not load.
-        let report = progressdb_kms::check::run(config);
+        let login = if *no_login {
+            progressdb_kms::check::Login::Skip
+        } else {
+            progressdb_kms::check::Login::Try
+        };
+        let report = progressdb_kms::check::run(config, login);
         print!("{}", report.render(config));
         return ExitCode::from(report.exit_code());
     }
     let path = match &cli.command {
-        Command::CheckConfig { config } => config,
+        Command::CheckConfig { config, .. } => config,
         Command::Serve { config }
         | Command::InitKek { config }
         | Command::Status { config, .. }

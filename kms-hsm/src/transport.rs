@@ -140,12 +140,16 @@ impl Listener {
     /// [`TransportError`] naming the key or file at fault.
     pub fn bind(cfg: &ListenConfig) -> Result<Self, TransportError> {
         match cfg {
-            ListenConfig::Unix { path, allowed_uids } => {
+            ListenConfig::Unix {
+                path,
+                access,
+                allowed_uids,
+            } => {
                 let err = |detail: String| TransportError::Unix {
                     path: path.clone(),
                     detail,
                 };
-                let std_listener = bind_unix_0600(path).map_err(err)?;
+                let std_listener = bind_unix(path, access.mode()).map_err(err)?;
                 let ident = std::fs::symlink_metadata(path)
                     .map(|m| (m.dev(), m.ino()))
                     .map_err(|e| err(e.to_string()))?;
@@ -193,6 +197,7 @@ impl Listener {
     pub fn bind_admin(cfg: &crate::config::AdminConfig) -> Result<Self, TransportError> {
         Self::bind(&ListenConfig::Unix {
             path: cfg.unix.clone(),
+            access: crate::config::SocketAccess::Owner,
             allowed_uids: Some(cfg.uids.clone()),
         })
         .map_err(|e| match e {
@@ -213,8 +218,8 @@ impl Listener {
     }
 }
 
-/// Binds a Unix socket at `path` with mode 0600, replacing a stale socket file.
-fn bind_unix_0600(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+/// Binds a Unix socket at `path` with `mode` (0600 or 0660), replacing a stale socket file.
+fn bind_unix(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, String> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -237,7 +242,7 @@ fn bind_unix_0600(path: &Path) -> Result<std::os::unix::net::UnixListener, Strin
         Err(e) => return Err(e.to_string()),
     }
     // Bind inside a private directory, restrict the socket, then move it into place: no one
-    // can connect before the mode is 0600 (connecting needs search permission on the
+    // can connect before the mode is set (connecting needs search permission on the
     // directory), and rename() atomically replaces a stale socket.
     let tmp_dir = parent.join(format!(".kms{:08x}", rand::random::<u32>()));
     std::fs::DirBuilder::new()
@@ -247,7 +252,7 @@ fn bind_unix_0600(path: &Path) -> Result<std::os::unix::net::UnixListener, Strin
     let tmp_sock = tmp_dir.join("s");
     let result = (|| {
         let l = std::os::unix::net::UnixListener::bind(&tmp_sock).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
+        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(mode))
             .map_err(|e| e.to_string())?;
         std::fs::rename(&tmp_sock, path).map_err(|e| e.to_string())?;
         Ok(l)
@@ -614,8 +619,19 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let cfg = ListenConfig::Unix {
             path: path.clone(),
+            access: crate::config::SocketAccess::Owner,
             allowed_uids: None,
         };
+        // `socket_access = "group"`: 0660 (the peer check still applies).
+        let group = ListenConfig::Unix {
+            path: path.clone(),
+            access: crate::config::SocketAccess::Group,
+            allowed_uids: Some(vec![1]),
+        };
+        let l = Listener::bind(&group).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        drop(l);
         let l = Listener::bind(&cfg).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

@@ -22,6 +22,7 @@ fn reference_config_file_loads_and_documents_every_key() {
         c.listen,
         ListenConfig::Unix {
             path: "/run/progressdb/kms.sock".into(),
+            access: progressdb_kms::config::SocketAccess::Owner,
             allowed_uids: None
         }
     );

@@ -166,6 +166,15 @@ impl TryFrom<EncryptBody> for EncryptRequest {
         let n = base64::engine::general_purpose::STANDARD
             .decode_slice(text.as_bytes(), plaintext.as_mut_slice())
             .map_err(|_| ParseError::InvalidBase64 { field: "plaintext" })?;
+        // The text-length check above lets up to 2 bytes past the limit through (base64
+        // without padding); the decoded length is what counts, so that every ciphertext made
+        // here fits `/decrypt`'s limit.
+        if n > MAX_ITEM_BYTES {
+            return Err(ParseError::ItemTooLarge {
+                field: "plaintext",
+                limit: MAX_ITEM_BYTES,
+            });
+        }
         plaintext.truncate(n);
         Ok(EncryptRequest {
             key_id,
@@ -206,6 +215,29 @@ mod tests {
 
     fn enc(json: &str) -> Result<EncryptRequest, ParseError> {
         EncryptRequest::try_from(parse_json::<EncryptBody>(json.as_bytes())?)
+    }
+
+    #[test]
+    fn plaintext_limit_is_on_decoded_bytes() {
+        let k = "dek_00000000000000000000000000000000";
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        let at = enc(&format!(
+            r#"{{"key_id":"{k}","plaintext":"{}"}}"#,
+            b64(MAX_ITEM_BYTES)
+        ));
+        assert_eq!(at.unwrap().plaintext.expose().len(), MAX_ITEM_BYTES);
+        for over in [MAX_ITEM_BYTES + 1, MAX_ITEM_BYTES + 2] {
+            let text = b64(over);
+            assert!(
+                text.len() <= base64_len(MAX_ITEM_BYTES),
+                "passes the text check"
+            );
+            let e = enc(&format!(r#"{{"key_id":"{k}","plaintext":"{text}"}}"#)).unwrap_err();
+            assert!(
+                matches!(e, ParseError::ItemTooLarge { .. }),
+                "{over}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@ use kms_api::ErrorCode;
 use tower_http::limit::RequestBodyLimitLayer;
 
 use super::{
-    error_response, healthz, json_response, metrics, read_body, readyz, Api, HttpError,
-    UNKNOWN_ENDPOINT,
+    build, error_response, healthz, json_response, metrics, read_body, readyz, Api, HttpError,
+    RouteTable, UNKNOWN_ENDPOINT,
 };
 use crate::backend::{BackendState, KeyBackend};
 use crate::keystore::KeyStore;
@@ -101,32 +101,45 @@ fn reply<T: serde::Serialize>(
     }
 }
 
+/// The admin routes that take backup-sized bodies ([`MAX_RESTORE_BODY`]).
+pub fn large_body_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
+    vec![
+        ("/admin/restore", post(restore::<B, S>)),
+        ("/admin/import-copies", post(import_copies::<B, S>)),
+    ]
+}
+
+/// Every other route of the admin endpoint (bodies up to 4 KiB).
+pub fn admin_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
+    vec![
+        ("/admin/backup", get(backup::<B, S>)),
+        ("/admin/status", get(status::<B, S>)),
+        ("/admin/kek/rotate", post(rotate::<B, S>)),
+        ("/admin/kek/destroy", post(destroy::<B, S>)),
+        ("/admin/verify", post(verify::<B, S>)),
+        ("/admin/jobs", get(jobs::<B, S>)),
+        ("/admin/jobs/{id}", get(job::<B, S>)),
+        ("/admin/audit", get(audit_list::<B, S>)),
+        ("/admin/audit/verify", post(audit_verify::<B, S>)),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz::<B, S>)),
+        ("/metrics", get(metrics::<B, S>)),
+    ]
+}
+
 /// The admin endpoint's router: the admin API, plus `/healthz`, `/readyz` and `/metrics`.
 pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
-    let restore_route = Router::new()
-        .route("/admin/restore", post(restore::<B, S>))
-        .route("/admin/import-copies", post(import_copies::<B, S>))
-        .layer(RequestBodyLimitLayer::new(MAX_RESTORE_BODY));
-    Router::new()
-        .route("/admin/backup", get(backup::<B, S>))
-        .route("/admin/status", get(status::<B, S>))
-        .route("/admin/kek/rotate", post(rotate::<B, S>))
-        .route("/admin/kek/destroy", post(destroy::<B, S>))
-        .route("/admin/verify", post(verify::<B, S>))
-        .route("/admin/jobs", get(jobs::<B, S>))
-        .route("/admin/jobs/{id}", get(job::<B, S>))
-        .route("/admin/audit", get(audit_list::<B, S>))
-        .route("/admin/audit/verify", post(audit_verify::<B, S>))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz::<B, S>))
-        .route("/metrics", get(metrics::<B, S>))
+    let large =
+        build(large_body_routes::<B, S>()).layer(RequestBodyLimitLayer::new(MAX_RESTORE_BODY));
+    build(admin_routes::<B, S>())
+        .layer(RequestBodyLimitLayer::new(MAX_ADMIN_BODY))
+        .merge(large)
         .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
+        // After the merge, so the large-body routes answer a wrong method in JSON too.
         .method_not_allowed_fallback(|uri: Uri| async move {
             let label = route_label(uri.path()).unwrap_or(UNKNOWN_ENDPOINT);
             error_response(&HttpError::MethodNotAllowed, label)
         })
-        .layer(RequestBodyLimitLayer::new(MAX_ADMIN_BODY))
-        .merge(restore_route)
         .with_state(api)
 }
 
@@ -197,10 +210,11 @@ async fn jobs<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Respo
 
 async fn job<B: KeyBackend, S: KeyStore>(
     State(api): AdminState<B, S>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     const ROUTE: &str = "/admin/jobs/{id}";
-    let Ok(id) = JobId::parse(&id) else {
+    // A path that is not UTF-8 is a bad id like any other (JSON error, not axum's text).
+    let Some(Ok(id)) = id.ok().map(|Path(id)| JobId::parse(&id)) else {
         return error_response(
             &HttpError::InvalidArgument("job id: `job-` and 16 lowercase hex digits".into()),
             ROUTE,
@@ -276,9 +290,15 @@ async fn backup<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Res
     match crate::backup::backup(api.service()).await {
         Ok(bytes) => {
             let mut r = Response::new(axum::body::Body::from(bytes));
-            r.headers_mut().insert(
+            let h = r.headers_mut();
+            h.insert(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("application/json"),
+            );
+            // Wrapped DEKs: no cache on the way keeps a copy.
+            h.insert(
+                axum::http::header::CACHE_CONTROL,
+                axum::http::HeaderValue::from_static("no-store"),
             );
             r
         }

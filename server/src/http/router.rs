@@ -22,7 +22,7 @@ use axum::http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use kms_api::ThreadId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -57,37 +57,54 @@ pub struct HttpService {
     state: RouterState,
 }
 
+/// Every route of the API, as (path, handlers). The router is built from this table and
+/// nothing else, so its paths are exactly the paths served (the API reference test holds
+/// `docs/openapi/server.yaml` to them).
+pub fn routes() -> Vec<(&'static str, MethodRouter<RouterState>)> {
+    vec![
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
+        ("/metrics", get(metrics)),
+        ("/v1/threads", get(list_threads).post(create_thread)),
+        (
+            "/v1/threads/{id}",
+            get(get_thread).patch(patch_thread).delete(delete_thread),
+        ),
+        (
+            "/v1/threads/{id}/messages",
+            get(list_messages).post(post_message),
+        ),
+        (
+            "/v1/threads/{id}/messages/{msg_id}",
+            get(get_message).put(put_message).delete(delete_message),
+        ),
+        ("/v1/sign", post(sign)),
+        ("/admin/threads/{id}/kms", get(thread_kms)),
+        ("/admin/threads/{id}/rotate-dek", post(rotate_dek)),
+        ("/admin/threads/{id}/encrypt", post(encrypt_thread)),
+        ("/admin/jobs", get(admin_jobs)),
+        ("/admin/jobs/{job_id}", get(admin_job)),
+        ("/admin/kms/refresh-copies", post(refresh_copies)),
+        ("/admin/kms/key-copies", get(key_copies)),
+    ]
+}
+
+/// The paths of [`routes`].
+pub fn paths() -> Vec<&'static str> {
+    routes().into_iter().map(|(p, _)| p).collect()
+}
+
 /// Builds the service for `app`.
 pub fn service(app: Arc<MessageService>, opts: HttpOptions) -> HttpService {
     let state = RouterState {
         app,
         opts: Arc::new(opts),
     };
-    let router = axum::Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/threads", get(list_threads).post(create_thread))
-        .route(
-            "/v1/threads/{id}",
-            get(get_thread).patch(patch_thread).delete(delete_thread),
-        )
-        .route(
-            "/v1/threads/{id}/messages",
-            get(list_messages).post(post_message),
-        )
-        .route(
-            "/v1/threads/{id}/messages/{msg_id}",
-            get(get_message).put(put_message).delete(delete_message),
-        )
-        .route("/v1/sign", post(sign))
-        .route("/admin/threads/{id}/kms", get(thread_kms))
-        .route("/admin/threads/{id}/rotate-dek", post(rotate_dek))
-        .route("/admin/threads/{id}/encrypt", post(encrypt_thread))
-        .route("/admin/jobs", get(admin_jobs))
-        .route("/admin/kms/refresh-copies", post(refresh_copies))
-        .route("/admin/kms/key-copies", get(key_copies))
-        .route("/admin/jobs/{job_id}", get(admin_job))
+    let router = routes()
+        .into_iter()
+        .fold(axum::Router::new(), |r, (path, methods)| {
+            r.route(path, methods)
+        })
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
@@ -591,10 +608,13 @@ async fn start_job(
 async fn admin_job(
     State(st): State<RouterState>,
     AdminCaller(_): AdminCaller,
-    axum::extract::Path(job_id): axum::extract::Path<String>,
+    job_id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Answer {
-    let id = kms_api::admin::JobId::parse(&job_id)
-        .map_err(|_| ApiError::invalid("job id: `job-` and 16 lowercase hex digits"))?;
+    // A path that is not UTF-8 is a bad id like any other (JSON error, not axum's text).
+    let id = job_id
+        .ok()
+        .and_then(|axum::extract::Path(j)| kms_api::admin::JobId::parse(&j).ok())
+        .ok_or_else(|| ApiError::invalid("job id: `job-` and 16 lowercase hex digits"))?;
     let job = st.app.store.get_job(&id).await?.ok_or(ApiError::NotFound)?;
     ok(&job)
 }
