@@ -39,10 +39,10 @@ RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 
 log "cargo test --workspace (default features)"
-cargo test --workspace --locked 2>&1 | tee -a "$RESULTS"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
 
 log "cargo test -p progressdb --features dev-embedded"
-cargo test -p progressdb --features dev-embedded --locked 2>&1 | tee -a "$RESULTS"
+cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
 
 log "benchmark smoke run (debug build, --quick: checks the command works; figures mean nothing)"
 cargo run --locked -q -p progressdb-e2e --bin progressdb-bench -- --quick >/dev/null

@@ -449,6 +449,11 @@ async fn errors_limits_and_probes() {
     )
     .await;
     assert_eq!((r.status, r.code().as_str()), (400, "malformed_request"));
+    // The fields as an array (serde's other form of a struct) is not the documented shape.
+    for body in [&br#"["title"]"#[..], br#" "title" "#, b"7"] {
+        let r = raw(s.addr, "POST", "/v1/threads", &h, Some(body.to_vec())).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "malformed_request"));
+    }
     let r = raw(
         s.addr,
         "POST",

@@ -50,6 +50,13 @@ impl ParseError {
 /// # Errors
 /// [`ParseError::Malformed`].
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
+    // Every request body is a JSON object; serde would also take a struct written as an
+    // array of its fields in order, which is not the documented shape.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ParseError::Malformed(
+            "request body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         let what = match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
@@ -251,6 +258,9 @@ mod tests {
         assert_eq!(ok.aad.unwrap().0, b"a");
         for (json, code) in [
             ("{not json".to_owned(), ErrorCode::MalformedRequest),
+            // The fields as an array, which serde would take for the struct.
+            (format!(r#"["{k}","aGk="]"#), ErrorCode::MalformedRequest),
+            (r#" "a string" "#.to_owned(), ErrorCode::MalformedRequest),
             (
                 format!(r#"{{"key_id":"{k}","plaintext":"aGk=","x":1}}"#),
                 ErrorCode::MalformedRequest,

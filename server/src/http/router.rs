@@ -372,6 +372,13 @@ impl<T: DeserializeOwned> FromRequest<RouterState> for JsonBody<T> {
                     ApiError::MalformedRequest("the request body could not be read".into())
                 }
             })?;
+        // Every request body is a JSON object; serde would also take a struct written as an
+        // array of its fields in order, which is not the documented shape.
+        if buf.as_slice().iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::MalformedRequest(
+                "the body must be a JSON object".into(),
+            ));
+        }
         serde_json::from_slice(buf.as_slice())
             .map(JsonBody)
             .map_err(|e| {
