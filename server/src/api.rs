@@ -51,8 +51,27 @@ impl fmt::Debug for MessageBody {
 #[derive(Debug, Deserialize)]
 pub struct SignBody {
     pub user_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral_u64")]
     pub expires_in_secs: Option<u64>,
+}
+
+/// A JSON integer, also when written with a zero fraction (`60.0`): JSON Schema counts that
+/// as an integer, so a client generated from the API reference may send it.
+fn integral_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(v) = n.as_u64() {
+        return Ok(Some(v));
+    }
+    match n.as_f64() {
+        // Exact below 2^53, far above any accepted value.
+        // In range and integral, so the cast is exact.
+        Some(f) if f.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&f) => {
+            Ok(Some(f as u64))
+        }
+        _ => Err(serde::de::Error::custom("expected a non-negative integer")),
+    }
 }
 
 /// Answer of `POST /v1/sign`. `Debug` does not show the signature (a credential).

@@ -255,7 +255,9 @@ impl MessageService {
         limit: Option<usize>,
     ) -> Result<Page<ThreadRecord>, ApiError> {
         let limit = self.page_size(limit)?;
+        // An empty cursor is no cursor (a client passing back a missing `next_cursor`).
         let after = cursor
+            .filter(|c| !c.is_empty())
             .map(|c| ThreadId::parse(c).map_err(|_| ApiError::invalid("invalid cursor")))
             .transpose()?;
         let filter = match &p.user {
@@ -265,8 +267,11 @@ impl MessageService {
         Ok(self.store.list_threads(filter, after, limit).await?)
     }
 
+    /// A patch that changes nothing (no title, no metadata) answers the thread as it is and
+    /// writes nothing (`updated_at` stays).
+    ///
     /// # Errors
-    /// 404, 400 for a bad title or an empty patch.
+    /// 404, 400 for a bad title.
     pub async fn patch_thread(
         &self,
         p: &Principal,
@@ -274,11 +279,9 @@ impl MessageService {
         title: Option<String>,
         metadata: Option<Option<Value>>,
     ) -> Result<Arc<ThreadRecord>, ApiError> {
-        self.thread_for(p, id).await?;
+        let current = self.thread_for(p, id).await?;
         if title.is_none() && metadata.is_none() {
-            return Err(ApiError::invalid(
-                "nothing to change: give title and/or metadata",
-            ));
+            return Ok(current);
         }
         if let Some(t) = &title {
             self.check_title(t)?;
@@ -523,7 +526,9 @@ impl MessageService {
         limit: Option<usize>,
     ) -> Result<(Vec<MessageItem>, Option<String>), ApiError> {
         let limit = self.page_size(limit)?;
+        // An empty cursor is no cursor (a client passing back a missing `next_cursor`).
         let after = cursor
+            .filter(|c| !c.is_empty())
             .map(|c| MessageId::parse(c).map_err(|_| ApiError::invalid("invalid cursor")))
             .transpose()?;
         self.thread_for(p, tid).await?;

@@ -58,6 +58,23 @@ async fn thread_crud() {
     assert_eq!(r.json()["metadata"], json!({"k": [1, 2]}));
     let r = c.get(&alice, &format!("/v1/threads/{id}")).await;
     assert_eq!(r.json()["title"], "renamed");
+    // A patch that changes nothing answers the thread as it is and writes nothing.
+    let before = r.json();
+    for body in [json!({}), json!({"title": null})] {
+        let r = c
+            .call(&alice, "PATCH", &format!("/v1/threads/{id}"), Some(body))
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json(), before);
+    }
+    // An empty cursor is no cursor.
+    let r = c.get(&alice, "/v1/threads?cursor=").await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["threads"][0]["id"], id.as_str());
+    let r = c
+        .get(&alice, &format!("/v1/threads/{id}/messages?cursor="))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
     let r = c
         .call(
             &alice,
@@ -76,7 +93,9 @@ async fn thread_crud() {
             Some(json!({})),
         )
         .await;
-    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    // Nothing to change: the thread as it is.
+    assert_eq!(r.status, 200);
+    assert!(r.json().get("metadata").is_none());
     let r = c
         .call(
             &alice,

@@ -441,5 +441,29 @@ async fn signing_secrets_rotate_and_expiring_signatures_expire() {
         )
         .await;
     assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    // An integer written with a zero fraction is an integer (JSON Schema's view); a fraction
+    // or a negative number is not.
+    let r = c
+        .post(
+            &Caller::backend(),
+            "/v1/sign",
+            json!({"user_id": "alice", "expires_in_secs": 600.0}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    for bad in [json!(600.5), json!(-1), json!("600")] {
+        let r = c
+            .post(
+                &Caller::backend(),
+                "/v1/sign",
+                json!({"user_id": "alice", "expires_in_secs": bad}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "malformed_request"),
+            "{bad}"
+        );
+    }
     s.stop().await;
 }

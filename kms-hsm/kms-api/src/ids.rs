@@ -210,8 +210,38 @@ impl fmt::Display for KekVersion {
 
 impl<'de> Deserialize<'de> for KekVersion {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = u32::deserialize(d)?;
+        let v = d.deserialize_u32(IntegralU32)?;
         Self::new(v).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A `u32`, also when written with a zero fraction (`3.0`): JSON Schema counts that as an
+/// integer, so a client generated from the API reference may send it. Anything with a
+/// fraction, negative or out of range is refused.
+struct IntegralU32;
+
+impl serde::de::Visitor<'_> for IntegralU32 {
+    type Value = u32;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an integer from 0 to 4294967295")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u32, E> {
+        u32::try_from(v).map_err(|_| E::custom("integer out of range"))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u32, E> {
+        u32::try_from(v).map_err(|_| E::custom("integer out of range"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u32, E> {
+        if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) {
+            // Integral and in range: the cast is exact.
+            Ok(v as u32)
+        } else {
+            Err(E::custom("expected an integer"))
+        }
     }
 }
 
@@ -299,6 +329,10 @@ mod tests {
         assert!(KekVersion::new(0).is_err());
         assert!(serde_json::from_str::<KekVersion>("0").is_err());
         assert_eq!(serde_json::from_str::<KekVersion>("3").unwrap().get(), 3);
+        assert_eq!(serde_json::from_str::<KekVersion>("3.0").unwrap().get(), 3);
+        for bad in ["3.5", "-1", "4294967296", "0.0", "\"3\""] {
+            assert!(serde_json::from_str::<KekVersion>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
