@@ -188,6 +188,13 @@ pub struct KmsConfig {
     pub request_timeout_ms: u64,
     /// Retries of a failed KMS call (transport errors and 503), with backoff.
     pub max_retries: u32,
+    /// The most a user request waits for the KMS, all retries included: past it, 503
+    /// `kms_unavailable`.
+    pub deadline_ms: u64,
+    /// Consecutive failed KMS calls after which calls fail at once (circuit open); 0 never.
+    pub breaker_failures: u32,
+    /// How long an open circuit fails calls at once before one probe is let through.
+    pub breaker_cooldown_ms: u64,
     /// Most items in one coalesced encrypt/decrypt batch.
     pub max_batch_items: usize,
     /// Largest body of one batch request to the KMS, in bytes. Keep it at or below the KMS's
@@ -211,6 +218,9 @@ impl Default for KmsConfig {
             connect_timeout_ms: 2000,
             request_timeout_ms: 10_000,
             max_retries: 2,
+            deadline_ms: 5000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 2000,
             max_batch_items: 256,
             max_batch_bytes: 3 << 20,
             max_inflight_batches: 4,
@@ -242,6 +252,12 @@ impl KmsConfig {
     }
     pub fn ready_timeout(&self) -> Duration {
         Duration::from_millis(self.ready_timeout_ms)
+    }
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+    pub fn breaker_cooldown(&self) -> Duration {
+        Duration::from_millis(self.breaker_cooldown_ms)
     }
 }
 
@@ -427,6 +443,8 @@ impl Config {
             ("kms.connect_timeout_ms", k.connect_timeout_ms),
             ("kms.request_timeout_ms", k.request_timeout_ms),
             ("kms.ready_timeout_ms", k.ready_timeout_ms),
+            ("kms.deadline_ms", k.deadline_ms),
+            ("kms.breaker_cooldown_ms", k.breaker_cooldown_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(

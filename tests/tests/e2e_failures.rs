@@ -79,6 +79,97 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     assert_eq!(s, 200);
 }
 
+/// `kill -STOP` / `-CONT`: a KMS that hangs instead of dying.
+fn signal(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    // One second per user request, retries included; the circuit opens after two failures
+    // and lets a probe through every half second.
+    let mut conf = std::fs::read_to_string(&server.config).unwrap();
+    conf.push_str("deadline_ms = 1000\nbreaker_failures = 2\nbreaker_cooldown_ms = 500\n");
+    std::fs::write(&server.config, conf).unwrap();
+    server.restart();
+    let alice = server.as_role(Role::Backend, "alice");
+    let t = alice.create_thread("hang");
+    let tid = t["id"].as_str().unwrap().to_owned();
+    alice.post_message(&tid, json!("before"));
+    let post = |body: &str| {
+        let t0 = Instant::now();
+        let (s, v) = alice.call(
+            "POST",
+            &format!("/v1/threads/{tid}/messages"),
+            Some(json!({ "body": body })),
+        );
+        (s, v, t0.elapsed())
+    };
+
+    signal(kms.proc.pid(), "-STOP");
+    // The first requests wait for the deadline (not 3 x 10 s of attempts), then 503.
+    for i in 0..2 {
+        let (s, v, took) = post("during");
+        assert_eq!(s, 503, "{v}");
+        assert_eq!(v["error"]["code"], "kms_unavailable", "{v}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+            "request {i} took {took:?}"
+        );
+    }
+    // The circuit is open: later requests fail at once, reads too.
+    for _ in 0..5 {
+        let (s, _, took) = post("during");
+        assert_eq!(s, 503);
+        assert!(took < Duration::from_millis(500), "fail fast: {took:?}");
+    }
+    let t0 = Instant::now();
+    let (s, _) = alice.call("GET", &format!("/v1/threads/{tid}/messages"), None);
+    assert_eq!(s, 503);
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // The KMS wakes up: a probe finds it back without any restart.
+    signal(kms.proc.pid(), "-CONT");
+    let back = Instant::now();
+    loop {
+        let (s, _, _) = post("after");
+        if s == 201 {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(10), "no recovery");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        back.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        back.elapsed()
+    );
+    // Nothing half-written: only the acknowledged messages.
+    let bodies: Vec<serde_json::Value> = alice
+        .all_messages(&tid)
+        .iter()
+        .map(|m| m["body"].clone())
+        .collect();
+    assert_eq!(bodies, vec![json!("before"), json!("after")]);
+}
+
 #[test]
 fn sigkill_under_write_load_loses_no_acknowledged_message() {
     let tmp = tempfile::tempdir().unwrap();

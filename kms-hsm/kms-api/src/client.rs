@@ -3,16 +3,23 @@
 //! * Connections are reused: a small pool of HTTP/1.1 connections, each driven by its own task.
 //! * Every call has a connect timeout and a request timeout.
 //! * Transport failures and `503` answers are retried a bounded number of times with
-//!   exponential backoff. Every KMS call is safe to retry: encrypt/decrypt/get_wrapped have no
-//!   side effect, and a retried `create_dek_for_thread` can at worst leave an unused key record
-//!   in the KMS, never a thread without a key.
+//!   exponential backoff, all within one deadline per call ([`KmsClientConfig::deadline`]):
+//!   each attempt gets what is left of it, and no retry starts that could not finish in it.
+//!   Every KMS call is safe to retry: encrypt/decrypt/get_wrapped have no side effect, and a
+//!   retried `create_dek_for_thread` can at worst leave an unused key record in the KMS, never
+//!   a thread without a key.
+//! * A circuit breaker ([`BreakerConfig`]): after that many consecutive failed attempts
+//!   (transport errors and `503 unavailable`; not `overloaded`, which is a live KMS shedding
+//!   load) the client fails every call at once for the cooldown, then lets one call through
+//!   as a probe: its success closes the circuit, its failure opens it again. [`KmsClient::ready`]
+//!   always goes to the KMS, so a readiness probe finds it back too.
 //! * Errors keep the KMS's stable [`ErrorCode`]; no error carries request bodies.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -96,8 +103,29 @@ pub struct KmsClientConfig {
     pub request_timeout: Duration,
     /// Retries after the first attempt, for transport failures and 503 answers.
     pub max_retries: u32,
+    /// The most one call may take, retries and backoff included.
+    pub deadline: Duration,
+    pub breaker: BreakerConfig,
     /// Idle connections kept for reuse.
     pub max_idle: usize,
+}
+
+/// When the client stops calling a KMS that keeps failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failed attempts that open the circuit; 0 never opens it.
+    pub failures: u32,
+    /// How long an open circuit fails calls at once before a probe is let through.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            cooldown: Duration::from_secs(2),
+        }
+    }
 }
 
 impl fmt::Debug for KmsClientConfig {
@@ -108,13 +136,16 @@ impl fmt::Debug for KmsClientConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_retries", &self.max_retries)
+            .field("deadline", &self.deadline)
+            .field("breaker", &self.breaker)
             .field("max_idle", &self.max_idle)
             .finish()
     }
 }
 
 impl KmsClientConfig {
-    /// Defaults: 2 s connect, 10 s request, 2 retries, 32 idle connections.
+    /// Defaults: 2 s connect, 10 s request, 2 retries, 5 s deadline, a breaker opening after
+    /// 5 failures for 2 s, 32 idle connections.
     pub fn new(endpoint: Endpoint, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         Self {
             endpoint,
@@ -122,6 +153,8 @@ impl KmsClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             max_retries: 2,
+            deadline: Duration::from_secs(5),
+            breaker: BreakerConfig::default(),
             max_idle: 32,
         }
     }
@@ -130,9 +163,13 @@ impl KmsClientConfig {
 /// A failed KMS call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The KMS could not be reached, timed out, or answered 503.
+    /// The KMS could not be reached, timed out, answered 503 `unavailable`, or the circuit is
+    /// open after repeated failures.
     #[error("KMS unavailable: {0}")]
     Unavailable(String),
+    /// The KMS answered 503 `overloaded`: it is up, and shedding load.
+    #[error("KMS overloaded: {0}")]
+    Overloaded(String),
     /// The KMS answered with an error body.
     #[error("KMS error {status} {code:?}: {message}")]
     Api {
@@ -154,12 +191,149 @@ impl ClientError {
         match self {
             ClientError::Api { code, .. } => Some(*code),
             ClientError::Unavailable(_) => Some(ErrorCode::Unavailable),
+            ClientError::Overloaded(_) => Some(ErrorCode::Overloaded),
             _ => None,
         }
     }
 
     fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unavailable(_) | ClientError::Overloaded(_)
+        )
+    }
+
+    /// Whether this attempt counts against the KMS's health (opens the circuit).
+    fn counts_as_failure(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
+    }
+}
+
+/// The circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Circuit {
+    /// Calls go through; `failures` consecutive attempts have failed.
+    Closed { failures: u32 },
+    /// Calls fail at once until `until`.
+    Open { until: Instant },
+    /// One probe is out; other calls fail at once until it ends.
+    Probing,
+}
+
+/// How a call was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Normal,
+    Probe,
+}
+
+/// The circuit breaker ([`BreakerConfig`]).
+#[derive(Debug)]
+struct Breaker {
+    cfg: BreakerConfig,
+    state: Mutex<Circuit>,
+}
+
+impl Breaker {
+    fn new(cfg: BreakerConfig) -> Self {
+        Self {
+            cfg,
+            state: Mutex::new(Circuit::Closed { failures: 0 }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Circuit> {
+        // The state is a plain value: a panic elsewhere cannot leave it half-written.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets a call through, or fails it at once while the circuit is open.
+    fn admit(&self) -> Result<Admission, ClientError> {
+        let mut s = self.lock();
+        match *s {
+            Circuit::Closed { .. } => Ok(Admission::Normal),
+            Circuit::Open { until } if Instant::now() >= until => {
+                *s = Circuit::Probing;
+                Ok(Admission::Probe)
+            }
+            Circuit::Open { .. } | Circuit::Probing => Err(ClientError::Unavailable(
+                "circuit open: the KMS failed repeatedly; calls fail fast until a probe succeeds"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Records the outcome of an attempt: a success closes the circuit, a failure that counts
+    /// moves it towards open (or back to open after a probe).
+    fn record(&self, admission: Admission, failed: bool) {
+        if self.cfg.failures == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        let before = *s;
+        *s = match (failed, admission, before) {
+            (false, _, _) => Circuit::Closed { failures: 0 },
+            (true, Admission::Probe, _) | (true, _, Circuit::Probing) => Circuit::Open {
+                until: Instant::now() + self.cfg.cooldown,
+            },
+            (true, Admission::Normal, Circuit::Closed { failures }) => {
+                let failures = failures.saturating_add(1);
+                if failures >= self.cfg.failures {
+                    Circuit::Open {
+                        until: Instant::now() + self.cfg.cooldown,
+                    }
+                } else {
+                    Circuit::Closed { failures }
+                }
+            }
+            (true, Admission::Normal, open @ Circuit::Open { .. }) => open,
+        };
+        match (before, *s) {
+            (Circuit::Closed { .. }, Circuit::Open { .. }) => tracing::warn!(
+                failures = self.cfg.failures,
+                cooldown_ms = self.cfg.cooldown.as_millis() as u64,
+                "KMS circuit opened: calls fail fast until a probe succeeds"
+            ),
+            (Circuit::Probing | Circuit::Open { .. }, Circuit::Closed { .. }) => {
+                tracing::info!("KMS circuit closed: the KMS answers again")
+            }
+            _ => {}
+        }
+    }
+
+    /// A probe that ended without an outcome (its call was cancelled): the next call probes.
+    fn abandon(&self, admission: Admission) {
+        if admission == Admission::Probe {
+            let mut s = self.lock();
+            if *s == Circuit::Probing {
+                *s = Circuit::Open {
+                    until: Instant::now(),
+                };
+            }
+        }
+    }
+}
+
+/// Ends an admitted attempt: records its outcome, or, if dropped without one (the caller's
+/// future was cancelled), gives the probe back.
+struct Attempt<'a> {
+    breaker: &'a Breaker,
+    admission: Admission,
+    done: bool,
+}
+
+impl Attempt<'_> {
+    fn finish(mut self, failed: bool) {
+        self.done = true;
+        self.breaker.record(self.admission, failed);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.abandon(self.admission);
+        }
     }
 }
 
@@ -172,6 +346,7 @@ struct Inner {
     cfg: KmsClientConfig,
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Mutex<Vec<Sender>>,
+    breaker: Breaker,
 }
 
 /// A cheap-to-clone handle to the KMS.
@@ -202,11 +377,13 @@ impl KmsClient {
             (Endpoint::Https { .. }, Some(t)) => Some(tokio_rustls::TlsConnector::from(t.clone())),
             (Endpoint::Unix(_), _) => None,
         };
+        let breaker = Breaker::new(cfg.breaker);
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 tls,
                 idle: Mutex::new(Vec::new()),
+                breaker,
             }),
         })
     }
@@ -360,8 +537,13 @@ impl KmsClient {
     /// # Errors
     /// [`ClientError`].
     pub async fn rotate_kek(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
-        self.call_once(Method::POST, "/admin/kek/rotate", Bytes::new())
-            .await
+        self.call_once(
+            Method::POST,
+            "/admin/kek/rotate",
+            Bytes::new(),
+            self.inner.cfg.request_timeout,
+        )
+        .await
     }
 
     /// Admin: starts a verification of every DEK (`POST /admin/verify`).
@@ -369,8 +551,13 @@ impl KmsClient {
     /// # Errors
     /// [`ClientError`].
     pub async fn start_verify(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
-        self.call_once(Method::POST, "/admin/verify", Bytes::new())
-            .await
+        self.call_once(
+            Method::POST,
+            "/admin/verify",
+            Bytes::new(),
+            self.inner.cfg.request_timeout,
+        )
+        .await
     }
 
     /// Admin: one job (`GET /admin/jobs/{id}`).
@@ -402,8 +589,13 @@ impl KmsClient {
     ) -> Result<crate::admin::DestroyKekResponse, ClientError> {
         let body = serde_json::to_vec(&crate::admin::DestroyKekRequest { version })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.call_once(Method::POST, "/admin/kek/destroy", Bytes::from(body))
-            .await
+        self.call_once(
+            Method::POST,
+            "/admin/kek/destroy",
+            Bytes::from(body),
+            self.inner.cfg.request_timeout,
+        )
+        .await
     }
 
     /// Admin: checks the audit log's chain and head (`POST /admin/audit/verify`).
@@ -411,8 +603,13 @@ impl KmsClient {
     /// # Errors
     /// [`ClientError`].
     pub async fn audit_verify(&self) -> Result<crate::admin::AuditVerifyResponse, ClientError> {
-        self.call_once(Method::POST, "/admin/audit/verify", Bytes::new())
-            .await
+        self.call_once(
+            Method::POST,
+            "/admin/audit/verify",
+            Bytes::new(),
+            self.inner.cfg.request_timeout,
+        )
+        .await
     }
 
     /// Admin: audit entries after sequence number `after` (`GET /admin/audit`).
@@ -433,14 +630,20 @@ impl KmsClient {
     /// # Errors
     /// [`ClientError::Unavailable`] otherwise.
     pub async fn ready(&self) -> Result<(), ClientError> {
-        let (status, _) = self.raw_once(Method::GET, "/readyz", Bytes::new()).await?;
-        if status == StatusCode::OK {
-            Ok(())
-        } else {
-            Err(ClientError::Unavailable(format!(
+        // Past the breaker: the probe that finds a KMS back. A success closes the circuit.
+        let timeout = self.inner.cfg.request_timeout.min(self.inner.cfg.deadline);
+        let r = match self
+            .raw_once(Method::GET, "/readyz", Bytes::new(), timeout)
+            .await
+        {
+            Ok((StatusCode::OK, _)) => Ok(()),
+            Ok((status, _)) => Err(ClientError::Unavailable(format!(
                 "readyz answered {status}"
-            )))
-        }
+            ))),
+            Err(e) => Err(e),
+        };
+        self.inner.breaker.record(Admission::Normal, r.is_err());
+        r
     }
 
     /// Sends raw bytes once (no retry) and returns the status and body. For tests and tools.
@@ -453,7 +656,10 @@ impl KmsClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Bytes), ClientError> {
-        let (s, b) = self.raw_once(method, path, Bytes::from(body)).await?;
+        let timeout = self.inner.cfg.request_timeout;
+        let (s, b) = self
+            .raw_once(method, path, Bytes::from(body), timeout)
+            .await?;
         Ok((s.as_u16(), b))
     }
 
@@ -470,12 +676,32 @@ impl KmsClient {
                 .into_bytes(),
             None => Bytes::new(),
         };
+        let cfg = &self.inner.cfg;
+        let deadline = Instant::now() + cfg.deadline;
         let mut attempt = 0u32;
         loop {
-            let res = self.call_once(method.clone(), path, body.clone()).await;
+            let admitted = Attempt {
+                breaker: &self.inner.breaker,
+                admission: self.inner.breaker.admit()?,
+                done: false,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let res = self
+                .call_once(
+                    method.clone(),
+                    path,
+                    body.clone(),
+                    cfg.request_timeout.min(left),
+                )
+                .await;
+            admitted.finish(matches!(&res, Err(e) if e.counts_as_failure()));
             match res {
-                Err(e) if e.retryable() && attempt < self.inner.cfg.max_retries => {
+                Err(e) if e.retryable() && attempt < cfg.max_retries => {
                     let backoff = Duration::from_millis(50u64 << attempt.min(6));
+                    // A retry that could not finish within the deadline is not started.
+                    if Instant::now() + backoff >= deadline {
+                        return Err(e);
+                    }
                     tracing::debug!(path, attempt, error = %e, "retrying KMS call");
                     tokio::time::sleep(backoff).await;
                     attempt += 1;
@@ -490,15 +716,19 @@ impl KmsClient {
         method: Method,
         path: &str,
         body: Bytes,
+        timeout: Duration,
     ) -> Result<Resp, ClientError> {
-        let (status, bytes) = self.raw_once(method, path, body).await?;
+        let (status, bytes) = self.raw_once(method, path, body, timeout).await?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| ClientError::Protocol(format!("bad answer to {path}: {e}")));
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) if matches!(b.error.code, ErrorCode::Unavailable | ErrorCode::Overloaded) => {
+            Ok(b) if b.error.code == ErrorCode::Unavailable => {
                 Err(ClientError::Unavailable(b.error.message))
+            }
+            Ok(b) if b.error.code == ErrorCode::Overloaded => {
+                Err(ClientError::Overloaded(b.error.message))
             }
             Ok(b) => Err(ClientError::Api {
                 status: status.as_u16(),
@@ -519,8 +749,8 @@ impl KmsClient {
         method: Method,
         path: &str,
         body: Bytes,
+        timeout: Duration,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let timeout = self.inner.cfg.request_timeout;
         match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Unavailable(format!(

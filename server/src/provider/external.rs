@@ -36,11 +36,15 @@ pub struct Options {
     /// `limits.max_body_bytes`).
     pub max_batch_bytes: usize,
     pub max_inflight_batches: usize,
+    /// The most one provider call waits, the client's retries and the per-item retries of a
+    /// batch included (`kms.deadline_ms`).
+    pub deadline: std::time::Duration,
 }
 
 /// See the module documentation.
 pub struct ExternalProvider {
     client: KmsClient,
+    deadline: std::time::Duration,
     enc: Coalescer<EncryptRequest, EncryptResponse>,
     dec: Coalescer<DecryptRequest, DecryptResponse>,
     limits: BatchLimits,
@@ -60,7 +64,8 @@ impl fmt::Debug for ExternalProvider {
 /// Maps a whole-call client error.
 pub fn map_client_error(e: ClientError) -> ProviderError {
     match e {
-        ClientError::Unavailable(m) => ProviderError::Unavailable(m),
+        // Both are 503 to the caller: retrying later may work.
+        ClientError::Unavailable(m) | ClientError::Overloaded(m) => ProviderError::Unavailable(m),
         ClientError::Api { code, message, .. } => map_code(code, message),
         ClientError::Protocol(m) | ClientError::Config(m) => ProviderError::Internal(m),
     }
@@ -278,9 +283,28 @@ impl ExternalProvider {
             ),
             limits,
             client,
+            deadline: opts.deadline,
             metrics,
             #[cfg(feature = "dev-embedded")]
             fallback,
+        }
+    }
+
+    /// `fut`, or `Unavailable` once the deadline has passed (the call is dropped: a cancelled
+    /// create may leave an unused key in the KMS, never a thread without its key).
+    async fn within<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        match tokio::time::timeout(self.deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.metrics.call("any", "deadline");
+                Err(ProviderError::Unavailable(format!(
+                    "no answer from the KMS within kms.deadline_ms ({} ms)",
+                    self.deadline.as_millis()
+                )))
+            }
         }
     }
 
@@ -355,10 +379,13 @@ impl KeyProvider for ExternalProvider {
     ) -> BoxFuture<'a, Result<ThreadKey, ProviderError>> {
         Box::pin(async move {
             let r = self
-                .client
-                .create_dek_for_thread(thread)
+                .within(async {
+                    self.client
+                        .create_dek_for_thread(thread)
+                        .await
+                        .map_err(map_client_error)
+                })
                 .await
-                .map_err(map_client_error)
                 .map(|r| ThreadKey {
                     key_id: r.key_id,
                     wrapped_dek: r.wrapped,
@@ -373,8 +400,7 @@ impl KeyProvider for ExternalProvider {
 
     fn encrypt(&self, item: EncryptItem) -> BoxFuture<'_, Result<Ciphertext, ProviderError>> {
         Box::pin(async move {
-            self.enc
-                .call(encrypt_request(item))
+            self.within(self.enc.call(encrypt_request(item)))
                 .await
                 .map(|r| Ciphertext(r.ciphertext.0))
         })
@@ -382,7 +408,7 @@ impl KeyProvider for ExternalProvider {
 
     fn decrypt(&self, item: DecryptItem) -> BoxFuture<'_, Result<SecretBytes, ProviderError>> {
         Box::pin(async move {
-            match self.dec.call(decrypt_request(&item)).await {
+            match self.within(self.dec.call(decrypt_request(&item))).await {
                 Ok(r) => Ok(r.plaintext),
                 Err(ProviderError::Unavailable(m)) => match self.fallback_decrypt(&item) {
                     Some(r) => {
@@ -400,7 +426,7 @@ impl KeyProvider for ExternalProvider {
         &self,
         items: Vec<EncryptItem>,
     ) -> BoxFuture<'_, Result<Vec<ItemOutcome<Ciphertext>>, ProviderError>> {
-        Box::pin(async move {
+        Box::pin(self.within(async move {
             let mut out = Vec::with_capacity(items.len());
             let reqs: Vec<EncryptRequest> = items.into_iter().map(encrypt_request).collect();
             for chunk in split(reqs, self.limits, EncryptRequest::encoded_len) {
@@ -411,21 +437,29 @@ impl KeyProvider for ExternalProvider {
                 );
             }
             Ok(out)
-        })
+        }))
     }
 
     fn decrypt_batch(
         &self,
         items: Vec<DecryptItem>,
     ) -> BoxFuture<'_, Result<Vec<ItemOutcome<SecretBytes>>, ProviderError>> {
-        Box::pin(self.decrypt_all(items))
+        Box::pin(self.within(self.decrypt_all(items)))
     }
 
     fn destroy_key<'a>(&'a self, key: &'a ThreadKey) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
-            let r = match self.client.destroy_key(&key.key_id).await {
+            let r = match self
+                .within(async {
+                    self.client
+                        .destroy_key(&key.key_id)
+                        .await
+                        .map_err(map_client_error)
+                })
+                .await
+            {
                 Ok(_) => Ok(()),
-                Err(e) => match map_client_error(e) {
+                Err(e) => match e {
                     // A DEK that the dev master key wrapped was never known to this KMS:
                     // deleting the thread's wrapped copy is its shredding.
                     ProviderError::UnknownKey if self.wrapped_by_dev_master_key(key) => Ok(()),
@@ -448,10 +482,13 @@ impl KeyProvider for ExternalProvider {
                 return Ok(key.clone());
             }
             let r = self
-                .client
-                .get_wrapped(&key.key_id)
+                .within(async {
+                    self.client
+                        .get_wrapped(&key.key_id)
+                        .await
+                        .map_err(map_client_error)
+                })
                 .await
-                .map_err(map_client_error)
                 .map(|w| ThreadKey {
                     key_id: key.key_id.clone(),
                     wrapped_dek: w.wrapped,

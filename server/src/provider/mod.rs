@@ -193,6 +193,11 @@ pub fn build(
             client_cfg.connect_timeout = cfg.connect_timeout();
             client_cfg.request_timeout = cfg.request_timeout();
             client_cfg.max_retries = cfg.max_retries;
+            client_cfg.deadline = cfg.deadline();
+            client_cfg.breaker = kms_api::client::BreakerConfig {
+                failures: cfg.breaker_failures,
+                cooldown: cfg.breaker_cooldown(),
+            };
             let client = kms_api::KmsClient::new(client_cfg)
                 .map_err(|e| ProviderBuildError::Endpoint(e.to_string()))?;
             #[cfg(feature = "dev-embedded")]
@@ -210,6 +215,7 @@ pub fn build(
                     max_batch_items: cfg.max_batch_items,
                     max_batch_bytes: cfg.max_batch_bytes,
                     max_inflight_batches: cfg.max_inflight_batches,
+                    deadline: cfg.deadline(),
                 },
                 metrics,
                 #[cfg(feature = "dev-embedded")]
