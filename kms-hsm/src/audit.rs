@@ -146,7 +146,9 @@ struct Queued {
     entry: AuditEntry,
     /// A new key record written in the same transaction as the entry.
     record: Option<crate::keystore::KeyRecord>,
-    reply: oneshot::Sender<Result<(), String>>,
+    /// The batch's outcome: a store failure as it is (so a full store stays `storage_full`),
+    /// anything else as an I/O failure of the log.
+    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// The audit sequencer of one process.
@@ -220,7 +222,7 @@ impl AuditLog {
         };
         match answer {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => Err(AuditError::Store(StoreError::Io(why))),
+            Ok(Err(e)) => Err(AuditError::Store(e)),
             Err(_) => Err(AuditError::Dropped),
         }
     }
@@ -281,8 +283,12 @@ impl AuditLog {
                 tracing::error!(error = %e, entries = batch.len(), "cannot append to the audit log; the audited actions are refused");
                 // Re-read the head next time: the store knows what was committed.
                 *head = None;
+                let failure = match &e {
+                    AuditError::Store(s) => s.clone(),
+                    other => StoreError::Io(other.to_string()),
+                };
                 for q in batch {
-                    let _ = q.reply.send(Err(e.to_string()));
+                    let _ = q.reply.send(Err(failure.clone()));
                 }
             }
         }

@@ -121,6 +121,7 @@ impl From<StoreError> for StepError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Full { .. }
+            | StoreError::NoSpace(_)
             | StoreError::Io(_)
             | StoreError::Closed
             | StoreError::AuditHeadMoved => StepError::Transient(e.to_string()),

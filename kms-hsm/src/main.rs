@@ -394,6 +394,8 @@ fn serve(cfg: &Config) -> ExitCode {
         // the accept loop, which then stops at once.
         let shutdown = service_kit::shutdown::signals()
             .map_err(|e| app::StartError::Task(format!("cannot install signal handlers: {e}")))?;
+        service_kit::shutdown::survive_file_size_limit()
+            .map_err(|e| app::StartError::Task(format!("cannot install signal handlers: {e}")))?;
         app::serve(cfg, shutdown).await
     });
     match result {

@@ -82,8 +82,8 @@ impl ServiceError {
     /// The wire code of a key-store failure.
     pub fn store_code(e: &StoreError) -> ErrorCode {
         match e {
-            StoreError::Full { .. }
-            | StoreError::Io(_)
+            StoreError::Full { .. } | StoreError::NoSpace(_) => ErrorCode::StorageFull,
+            StoreError::Io(_)
             | StoreError::Closed
             | StoreError::Open { .. }
             | StoreError::AuditHeadMoved => ErrorCode::Unavailable,

@@ -97,6 +97,9 @@ fn serve(path: &Path) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(format!("cannot install signal handlers: {e}"), 1),
         };
+        if let Err(e) = service_kit::shutdown::survive_file_size_limit() {
+            return fail(format!("cannot install signal handlers: {e}"), 1);
+        }
         let server = match Server::build(&cfg).await {
             Ok(s) => s,
             Err(e) => return fail(e, 2),

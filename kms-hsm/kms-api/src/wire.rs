@@ -271,6 +271,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The KMS is at a limit (connections, HSM queue); retry after the `Retry-After` delay.
     Overloaded,
+    /// The key store cannot take writes: its map is at `store.map_size_mb`, or its file system
+    /// is full. Nothing was written; reads keep working.
+    StorageFull,
     /// Admin: no job with that id.
     UnknownJob,
     /// Admin: the KEK version is current, or not retired yet (a rotation has not moved and
@@ -303,6 +306,7 @@ impl ErrorCode {
             ErrorCode::DecryptionFailed | ErrorCode::BackupInvalid => 422,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
             ErrorCode::Unavailable | ErrorCode::Overloaded => 503,
+            ErrorCode::StorageFull => 507,
         }
     }
 
@@ -320,6 +324,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::StorageFull => "storage_full",
             ErrorCode::UnknownJob => "unknown_job",
             ErrorCode::KekNotRetired => "kek_not_retired",
             ErrorCode::KekInUse => "kek_in_use",
@@ -381,6 +386,7 @@ mod tests {
             ErrorCode::PayloadTooLarge,
             ErrorCode::Unavailable,
             ErrorCode::Overloaded,
+            ErrorCode::StorageFull,
             ErrorCode::Internal,
         ] {
             let j = serde_json::to_string(&c).unwrap();

@@ -17,6 +17,10 @@
 //!   applied again. At the limit, each write of the group is retried alone, so one large write
 //!   does not fail small ones that still fit; those that do not fit get
 //!   [`CommitError::MapFull`].
+//! * **Full file system** (`ENOSPC`, `EDQUOT`, `EFBIG`, or the `EIO` LMDB reports for a write
+//!   cut short, when the disk or the file-size limit leaves under 1 MiB): [`CommitError::NoSpace`], nothing
+//!   written; the next group tries again, so writes work once space is freed. An `fsync`
+//!   failure is an error like any other: no write of the group is acknowledged.
 //!
 //! `apply` may therefore run more than once for the same write: it must depend only on the
 //! write itself and the transaction.
@@ -33,6 +37,10 @@ pub enum CommitError {
     /// The map is full at its largest allowed size.
     #[error("the LMDB map is full at its largest allowed size")]
     MapFull,
+    /// The file system refused to grow the store: no space left (`ENOSPC`), a quota
+    /// (`EDQUOT`) or a file-size limit (`EFBIG`). Freeing space makes writes work again.
+    #[error("the file system is full: {0}")]
+    NoSpace(String),
     /// Any other LMDB failure (I/O, a full file system, ...).
     #[error("LMDB: {0}")]
     Lmdb(String),
@@ -50,6 +58,47 @@ pub trait Write: Send {
     /// Answers the caller once the group's outcome is known: `Ok` when the commit succeeded
     /// (the write's own result stands), the commit's error otherwise.
     fn finish(self: Box<Self>, commit: Result<(), CommitError>);
+}
+
+/// Whether `e` says the file system has no room (or the process may not grow the file).
+pub fn is_no_space(e: &heed::Error) -> bool {
+    use rustix::io::Errno;
+    let code = match e {
+        heed::Error::Io(io) => io.raw_os_error(),
+        heed::Error::Mdb(heed::MdbError::Other(c)) => Some(*c),
+        _ => None,
+    };
+    matches!(code, Some(c) if [Errno::NOSPC, Errno::DQUOT, Errno::FBIG]
+        .iter()
+        .any(|e| e.raw_os_error() == c))
+}
+
+/// Whether `e` is `EIO`, which LMDB also reports for a short write: a page write that the
+/// file system cut off when it ran out of room.
+fn is_eio(e: &heed::Error) -> bool {
+    let code = match e {
+        heed::Error::Io(io) => io.raw_os_error(),
+        heed::Error::Mdb(heed::MdbError::Other(c)) => Some(*c),
+        _ => None,
+    };
+    code == Some(rustix::io::Errno::IO.raw_os_error())
+}
+
+/// Whether the store in `dir` cannot grow now: less than 1 MiB free on its file system, or its
+/// data file within 1 MiB of the process's file-size limit. Tells a short write from a
+/// failing disk (an `EIO` with room to spare stays an I/O error).
+fn space_exhausted(dir: &std::path::Path) -> bool {
+    const MARGIN: u64 = 1 << 20;
+    let free = rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(u64::MAX);
+    let limited = match rustix::process::getrlimit(rustix::process::Resource::Fsize).current {
+        Some(limit) => std::fs::metadata(dir.join("data.mdb"))
+            .map(|m| m.len().saturating_add(MARGIN) > limit)
+            .unwrap_or(false),
+        None => false,
+    };
+    free < MARGIN || limited
 }
 
 /// Settings of the writer.
@@ -160,6 +209,9 @@ impl<T: TlsUsage, O: Observer> GroupCommitWriter<T, O> {
                     if !self.grow()? {
                         return Err(CommitError::MapFull);
                     }
+                }
+                Err(e) if is_no_space(&e) || (is_eio(&e) && space_exhausted(self.env.path())) => {
+                    return Err(CommitError::NoSpace(e.to_string()))
                 }
                 Err(e) => return Err(CommitError::Lmdb(e.to_string())),
             }

@@ -1,4 +1,4 @@
-//! The shutdown signal of both binaries.
+//! The signals of both binaries: the shutdown signal, and `SIGXFSZ` made harmless.
 
 use std::future::Future;
 
@@ -18,4 +18,25 @@ pub fn signals() -> std::io::Result<impl Future<Output = ()> + Send> {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+/// Makes a file-size limit (`RLIMIT_FSIZE`, `ulimit -f`) an error instead of a kill: by default
+/// `SIGXFSZ` terminates the process with a core dump; with a handler installed the write just
+/// fails with `EFBIG`, which the stores answer like a full disk (507, nothing written, reads
+/// go on). Each occurrence is logged. Must run inside a tokio runtime.
+///
+/// # Errors
+/// When the handler cannot be installed.
+pub fn survive_file_size_limit() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let raw = rustix::process::Signal::XFSZ.as_raw();
+    let mut s = signal(SignalKind::from_raw(raw))?;
+    tokio::spawn(async move {
+        while s.recv().await.is_some() {
+            tracing::warn!(
+                "SIGXFSZ: a store file reached the process's file-size limit; the write failed"
+            );
+        }
+    });
+    Ok(())
 }

@@ -627,6 +627,7 @@ impl Write for Pending {
             (Err(CommitError::MapFull), _) => Err(StoreError::Full {
                 map_size_mb: self.map_size_mb,
             }),
+            (Err(CommitError::NoSpace(m)), _) => Err(StoreError::NoSpace(m)),
             (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Io(m)),
         };
         // The caller may have gone away (request cancelled); its write is durable anyway,
@@ -651,6 +652,12 @@ impl Observer for StoreObserver {
             CommitError::MapFull => tracing::error!(
                 writes,
                 "key store is full: raise store.map_size_mb; the writes were not stored"
+            ),
+            CommitError::NoSpace(_) => tracing::error!(
+                error = %error,
+                writes,
+                alert = "disk_full",
+                "the key store's file system is full: writes answer 507 until space is freed"
             ),
             CommitError::Lmdb(_) => tracing::error!(
                 error = %error,

@@ -124,6 +124,10 @@ pub enum StoreError {
     /// The store is full: nothing was written (raise `store.map_size_mb`).
     #[error("key store is full (store.map_size_mb = {map_size_mb}); nothing was written")]
     Full { map_size_mb: u64 },
+    /// The file system under the store is full (or a quota or file-size limit was hit):
+    /// nothing was written; writes work again once space is freed.
+    #[error("the key store's file system is full; nothing was written: {0}")]
+    NoSpace(String),
     /// A record with this key id already exists (`put_new`).
     #[error("key {0} already exists in the key store")]
     AlreadyExists(KeyId),

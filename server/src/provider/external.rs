@@ -75,7 +75,11 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
     match code {
         ErrorCode::UnknownKey => ProviderError::UnknownKey,
         ErrorCode::DecryptionFailed => ProviderError::DecryptionFailed,
-        ErrorCode::Unavailable | ErrorCode::Overloaded => ProviderError::Unavailable(message),
+        // The KMS's key store full: the KMS cannot take writes now (503 kms_unavailable here;
+        // the server's own store is fine).
+        ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::StorageFull => {
+            ProviderError::Unavailable(message)
+        }
         ErrorCode::MalformedRequest
         | ErrorCode::InvalidBase64
         | ErrorCode::InvalidArgument

@@ -65,7 +65,7 @@ impl<O: WriteOp> Write for Pending<O> {
         let answer = match (commit, self.result) {
             (Ok(()), Some(r)) => r,
             (Ok(()), None) => Err(StoreError::Lmdb("write was not applied".into())),
-            (Err(CommitError::MapFull), _) => Err(StoreError::Full),
+            (Err(CommitError::MapFull | CommitError::NoSpace(_)), _) => Err(StoreError::Full),
             (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Lmdb(m)),
         };
         // The caller may have gone away (client disconnected): the write stands regardless.
@@ -89,6 +89,12 @@ impl Observer for StoreObserver {
             CommitError::MapFull => {
                 tracing::warn!(writes, "LMDB map is full at store.max_map_size_mb")
             }
+            CommitError::NoSpace(_) => tracing::error!(
+                error = %error,
+                writes,
+                alert = "disk_full",
+                "the store's file system is full: writes answer 507 until space is freed"
+            ),
             CommitError::Lmdb(_) => tracing::error!(error = %error, writes, "group commit failed"),
         }
     }
