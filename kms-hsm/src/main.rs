@@ -215,6 +215,9 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = service_kit::process::deny_core_dumps() {
+        eprintln!("progressdb-kms: warning: cannot disable core dumps: {e}");
+    }
     let cli = Cli::parse();
     if let Command::CheckConfig { config, no_login } = &cli.command {
         // Its own report, also for a config that does not load.

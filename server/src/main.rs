@@ -48,6 +48,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = service_kit::process::deny_core_dumps() {
+        eprintln!("progressdb: warning: cannot disable core dumps: {e}");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(&config),

@@ -127,6 +127,20 @@ impl Proc {
         }
     }
 
+    /// Stops the process with SIGTERM if it still runs (before starting it again: the old
+    /// one must have let go of its store and sockets).
+    pub fn stop_if_running(&mut self) {
+        let running = match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        };
+        if running {
+            self.sigterm();
+        } else {
+            self.child.take().map(|mut c| c.wait());
+        }
+    }
+
     pub fn sigterm(&mut self) -> ExitStatus {
         self.signal_and_wait(libc::SIGTERM)
     }
@@ -272,8 +286,10 @@ impl Kms {
         k
     }
 
-    /// (Re)starts the process with the same config and waits until it listens.
+    /// (Re)starts the process with the same config (stopping it first if it runs) and waits
+    /// until it listens.
     pub fn restart(&mut self, hsm: &SoftHsm) {
+        self.proc.stop_if_running();
         let mut cmd = Command::new(bin("progressdb-kms"));
         cmd.env("SOFTHSM2_CONF", &hsm.conf)
             .env("RUST_LOG", "debug")
@@ -427,7 +443,9 @@ impl Server {
         s
     }
 
+    /// (Re)starts the server, stopping it first if it runs, and waits for `/healthz`.
     pub fn restart(&mut self) {
+        self.proc.stop_if_running();
         let mut cmd = Command::new(&self.binary);
         cmd.env("RUST_LOG", "debug")
             .arg("serve")

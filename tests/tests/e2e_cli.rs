@@ -465,3 +465,29 @@ fn kms_status_text_and_json() {
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
 }
+
+/// Both services run with core dumps off (soft and hard `RLIMIT_CORE` 0), set by the binaries
+/// themselves whatever limit they were started with.
+#[test]
+fn both_services_run_without_core_dumps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let server = progressdb_e2e::Server::start(tmp.path(), "progressdb", &provider, true);
+    for (name, pid) in [
+        ("progressdb-kms", kms.proc.pid()),
+        ("progressdb", server.proc.pid()),
+    ] {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        let fields: Vec<&str> = core.split_whitespace().collect();
+        assert_eq!(&fields[4..6], ["0", "0"], "{name}: {core}");
+    }
+}

@@ -10,6 +10,7 @@
 //!   names the file or key at fault.
 //! * [`telemetry`]: logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`.
 //! * [`secret_file`]: secrets read from files that must not be group/world accessible.
+//! * [`process`]: no core dumps and a non-dumpable process, set before any secret is read.
 //! * [`group_commit`]: the single LMDB writer of both stores: one thread, one transaction and
 //!   one fsync per group of concurrent writes, map growth, answers only after the commit.
 //! * [`lmdb`]: one process per LMDB store (an exclusive `flock`) and offline compaction
@@ -30,6 +31,7 @@ pub mod conn;
 pub mod group_commit;
 pub mod lmdb;
 pub mod metrics;
+pub mod process;
 pub mod secret_file;
 pub mod shutdown;
 pub mod telemetry;
