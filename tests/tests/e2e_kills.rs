@@ -36,9 +36,11 @@ fn writers(
                 .build();
             let mut thread: Option<String> = None;
             let mut i = 0u64;
+            // Posts left before the next new thread.
+            let mut posts_left = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let Some(tid) = thread.clone().filter(|_| i % 10 != 0) else {
+                let Some(tid) = thread.clone().filter(|_| posts_left > 0) else {
                     match api.send(
                         &agent,
                         "POST",
@@ -50,6 +52,7 @@ fn writers(
                             let id = v["id"].as_str().unwrap().to_owned();
                             acked.lock().unwrap().entry(id.clone()).or_default();
                             thread = Some(id);
+                            posts_left = 9;
                         }
                         Ok((503, _)) | Err(_) => {
                             refused.fetch_add(1, Ordering::Relaxed);
@@ -67,6 +70,7 @@ fn writers(
                     Some(&json!({ "body": text })),
                 ) {
                     Ok((201, body)) => {
+                        posts_left -= 1;
                         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                         acked
                             .lock()
@@ -190,7 +194,10 @@ fn the_kms_killed_and_restarted_under_load_loses_nothing_and_no_thread_lacks_its
     // turns 200 within seconds, with no restart of the server.
     let t0 = std::time::Instant::now();
     while server.proc_ready_status().0 != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the server did not recover");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the server did not recover"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     check(&api, &admin, &acked, 0);
