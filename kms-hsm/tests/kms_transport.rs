@@ -68,6 +68,58 @@ async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
     kms.finish(&[b"over mutual TLS"]).await;
 }
 
+/// The mutual-TLS refusal matrix: client certificates from the right CA that are expired, not
+/// valid yet, or made for servers only are refused in the handshake, like no certificate and
+/// another CA's; and a client refuses a KMS whose certificate does not name the host it
+/// dialled. Each refusal leaves the KMS serving its real client.
+#[tokio::test]
+async fn mtls_refuses_expired_future_and_wrong_usage_certificates_and_wrong_server_names() {
+    let kms = Kms::start(Options {
+        tls: true,
+        ..Options::default()
+    })
+    .await;
+    let certs = kms.certs.clone().unwrap();
+    let good = kms.client();
+    good.ready().await.unwrap();
+    for (what, (cert, key)) in [
+        ("expired", &certs.expired_client),
+        ("not valid yet", &certs.future_client),
+        ("serverAuth only", &certs.server_only_client),
+    ] {
+        let tls = std::sync::Arc::new(kms_api::tls::client_config(&certs.ca, cert, key).unwrap());
+        let c = kms.client_with(Some(tls));
+        let r = c.raw(Method::GET, "/healthz", vec![]).await;
+        assert!(r.is_err(), "a client certificate that is {what} got {r:?}");
+        let r = c.create_dek_for_thread(&tid("refused")).await;
+        assert!(r.is_err(), "{what}: {r:?}");
+        good.ready().await.unwrap();
+    }
+
+    // Client side: the KMS's certificate names localhost and 127.0.0.1; a client that dialled
+    // another name must refuse it (no answer reaches the caller).
+    let tls =
+        kms_api::tls::client_config(&certs.ca, &certs.client_cert, &certs.client_key).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("not-the-kms.example").unwrap();
+    let r = connector.connect(name, tcp).await;
+    let e = r
+        .err()
+        .expect("a server certificate for another name was accepted");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    // The right name is accepted by the same client settings.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap();
+    good.ready().await.unwrap();
+    kms.finish(&[]).await;
+}
+
 #[tokio::test]
 async fn on_tcp_an_admin_certificate_subject_gets_the_admin_api_and_nothing_else() {
     let kms = Kms::start(Options {

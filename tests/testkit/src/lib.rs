@@ -134,6 +134,11 @@ pub struct Certs {
     pub other_ca: PathBuf,
     pub other_client_cert: PathBuf,
     pub other_client_key: PathBuf,
+    /// Client certificates from the right CA that must still be refused: expired, not valid
+    /// yet, and one made for servers only (`serverAuth` extended key usage).
+    pub expired_client: (PathBuf, PathBuf),
+    pub future_client: (PathBuf, PathBuf),
+    pub server_only_client: (PathBuf, PathBuf),
 }
 
 fn make_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
@@ -156,9 +161,24 @@ fn make_leaf(
     eku: rcgen::ExtendedKeyUsagePurpose,
     ca: &(rcgen::Certificate, rcgen::KeyPair),
 ) -> (String, String) {
+    make_leaf_valid(sans, cn, eku, ca, None)
+}
+
+/// A leaf certificate; `validity` (not before, not after) overrides rcgen's default span.
+fn make_leaf_valid(
+    sans: &[&str],
+    cn: &str,
+    eku: rcgen::ExtendedKeyUsagePurpose,
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+    validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
     let mut p = rcgen::CertificateParams::new(sans).unwrap();
+    if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
+        p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+        p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    }
     p.distinguished_name
         .push(rcgen::DnType::CommonName, cn.to_owned());
     p.extended_key_usages = vec![eku];
@@ -196,7 +216,38 @@ impl Certs {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
             &other,
         );
+        use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let expired = make_leaf_valid(
+            &["progressdb"],
+            "progressdb",
+            ClientAuth,
+            &ca,
+            Some(((2001, 1, 1), (2002, 1, 1))),
+        );
+        let future = make_leaf_valid(
+            &["progressdb"],
+            "progressdb",
+            ClientAuth,
+            &ca,
+            Some(((2090, 1, 1), (2091, 1, 1))),
+        );
+        let server_only = make_leaf(&["progressdb"], "progressdb", ServerAuth, &ca);
+        let pair = |name: &str, (cert, key): (String, String)| {
+            let (c, k) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            fs::write(&c, cert).unwrap();
+            write_secret(&k, key.as_bytes());
+            (c, k)
+        };
+        let expired_client = pair("expired-client", expired);
+        let future_client = pair("future-client", future);
+        let server_only_client = pair("server-only-client", server_only);
         let c = Certs {
+            expired_client,
+            future_client,
+            server_only_client,
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
