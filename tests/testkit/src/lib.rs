@@ -164,13 +164,16 @@ fn make_leaf(
     make_leaf_valid(sans, cn, eku, ca, None)
 }
 
+/// A date: year, month, day.
+type Ymd = (i32, u8, u8);
+
 /// A leaf certificate; `validity` (not before, not after) overrides rcgen's default span.
 fn make_leaf_valid(
     sans: &[&str],
     cn: &str,
     eku: rcgen::ExtendedKeyUsagePurpose,
     ca: &(rcgen::Certificate, rcgen::KeyPair),
-    validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+    validity: Option<(Ymd, Ymd)>,
 ) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
