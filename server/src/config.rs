@@ -181,6 +181,9 @@ pub struct KmsConfig {
     pub client_key: Option<PathBuf>,
     /// PEM CA certificate that signed the KMS's server certificate.
     pub ca: Option<PathBuf>,
+    /// For a `unix://` endpoint: the uid the KMS runs as; a socket served by another uid is
+    /// refused (checked with `SO_PEERCRED` on each connection).
+    pub peer_uid: Option<u32>,
     /// 32-byte master key, base64 or hex, mode 0600. `embedded` mode; in `external` mode (dev
     /// builds only) it enables the local read fallback for threads it wrapped.
     pub master_key_file: Option<PathBuf>,
@@ -214,6 +217,7 @@ impl Default for KmsConfig {
             client_cert: None,
             client_key: None,
             ca: None,
+            peer_uid: None,
             master_key_file: None,
             connect_timeout_ms: 2000,
             request_timeout_ms: 10_000,
@@ -468,6 +472,12 @@ impl Config {
                         "required when encryption.enabled = true and kms.mode = \"external\"",
                     ));
                 }
+                if k.peer_uid.is_some() && !matches!(endpoint, Some(Endpoint::Unix(_))) {
+                    return Err(ConfigError::invalid(
+                        "kms.peer_uid",
+                        "applies only to a unix:// kms.endpoint (mutual TLS identifies the KMS by its certificate)",
+                    ));
+                }
                 if let Some(Endpoint::Https { .. }) = endpoint {
                     for (key, v) in [
                         ("kms.client_cert", &k.client_cert),
@@ -619,6 +629,12 @@ mod tests {
 
         let e = err(&format!("{MINIMAL}\n[http]\nlistn = \"x\"\n"));
         assert!(e.contains("listn"), "{e}");
+        // kms.peer_uid is for Unix sockets only.
+        let e = err(&MINIMAL.replace(
+            "endpoint = \"unix:///run/kms.sock\"",
+            "endpoint = \"https://kms:7443\"\npeer_uid = 7",
+        ));
+        assert!(e.contains("kms.peer_uid"), "{e}");
     }
 
     #[test]

@@ -108,6 +108,52 @@ fn strace(log: &Path) -> Command {
     c
 }
 
+/// The service strace runs (its child), killed when the test ends early: killing strace alone
+/// would leave it running, detached.
+struct Traced(Option<String>);
+
+impl Traced {
+    fn of(strace: &Proc) -> Traced {
+        let t = Instant::now();
+        loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", strace.pid()))
+                    .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return Traced(Some(pid.to_owned()));
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "strace started nothing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits for it to go.
+    fn stop(&mut self) {
+        let pid = self.0.take().unwrap();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let t = Instant::now();
+        while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+            assert!(t.elapsed() < Duration::from_secs(20), "{pid} did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    }
+}
+
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
@@ -151,6 +197,7 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
         .args(["serve", "--config"])
         .arg(&kms_conf);
     let mut kms = Proc::spawn("progressdb-kms", cmd, &tmp.path().join("kms.log"));
+    let mut kms_service = Traced::of(&kms);
     wait_until("the KMS did not start", || {
         kms.assert_running();
         std::os::unix::net::UnixStream::connect(&sock).is_ok()
@@ -180,6 +227,7 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
         .args(["serve", "--config"])
         .arg(&conf);
     let mut server = Proc::spawn("progressdb", cmd, &tmp.path().join("server.log"));
+    let mut server_service = Traced::of(&server);
     let base = format!("http://127.0.0.1:{port}");
     wait_until("the server did not start", || {
         server.assert_running();
@@ -205,26 +253,10 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
     }
 
     // SIGTERM to the services themselves (strace's children); strace ends with them.
-    for p in [&mut server, &mut kms] {
-        let traced =
-            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", p.pid())).unwrap();
-        let pid = traced
-            .split_whitespace()
-            .next()
-            .expect("the traced service");
-        let ok = Command::new("kill")
-            .args(["-TERM", pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        let t = Instant::now();
-        while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
-            assert!(t.elapsed() < Duration::from_secs(20), "{pid} did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        p.sigterm();
-    }
+    server_service.stop();
+    server.sigterm();
+    kms_service.stop();
+    kms.sigterm();
     // The KMS's first N answers are the N creates (later ones are the server's calls).
     check_trace(&kms_trace, N);
     // The server's: the thread and its N messages.

@@ -106,6 +106,10 @@ pub struct KmsClientConfig {
     /// The most one call may take, retries and backoff included.
     pub deadline: Duration,
     pub breaker: BreakerConfig,
+    /// For `unix://` endpoints: the uid the process serving the socket must run as (checked
+    /// with `SO_PEERCRED` on every new connection). A socket squatted by another user's process
+    /// is then refused instead of being sent plaintext.
+    pub expected_peer_uid: Option<u32>,
     /// Idle connections kept for reuse.
     pub max_idle: usize,
 }
@@ -138,6 +142,7 @@ impl fmt::Debug for KmsClientConfig {
             .field("max_retries", &self.max_retries)
             .field("deadline", &self.deadline)
             .field("breaker", &self.breaker)
+            .field("expected_peer_uid", &self.expected_peer_uid)
             .field("max_idle", &self.max_idle)
             .finish()
     }
@@ -155,6 +160,7 @@ impl KmsClientConfig {
             max_retries: 2,
             deadline: Duration::from_secs(5),
             breaker: BreakerConfig::default(),
+            expected_peer_uid: None,
             max_idle: 32,
         }
     }
@@ -845,6 +851,23 @@ impl KmsClient {
                     let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
                         ClientError::Unavailable(format!("connect {}: {e}", path.display()))
                     })?;
+                    if let Some(want) = self.inner.cfg.expected_peer_uid {
+                        let uid = s.peer_cred().map(|c| c.uid()).map_err(|e| {
+                            ClientError::Unavailable(format!("peer of {}: {e}", path.display()))
+                        })?;
+                        if uid != want {
+                            tracing::error!(
+                                socket = %path.display(),
+                                uid,
+                                expected = want,
+                                "the process on the KMS socket is not the KMS's user; refusing it"
+                            );
+                            return Err(ClientError::Unavailable(format!(
+                                "the process on {} runs as uid {uid}, not the configured KMS uid {want}",
+                                path.display()
+                            )));
+                        }
+                    }
                     handshake(TokioIo::new(s)).await
                 }
                 Endpoint::Https { host, port } => {

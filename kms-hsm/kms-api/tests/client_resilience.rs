@@ -268,3 +268,34 @@ async fn a_readiness_probe_closes_the_circuit_and_overload_never_opens_it() {
     }
     assert_eq!(stub.seen(), before + 6, "every call reached the KMS");
 }
+
+#[tokio::test]
+async fn a_socket_served_by_another_uid_is_refused() {
+    let stub = Stub::start(OK).await;
+    let me = own_uid();
+    // The stub runs as this test's uid: expecting it works, expecting another uid refuses
+    // before any request is sent.
+    let c = stub.client(|c| c.expected_peer_uid = Some(me));
+    encrypt(&c).await.unwrap();
+    let seen = stub.seen();
+    let c = stub.client(|c| {
+        c.expected_peer_uid = Some(me.wrapping_add(1));
+        c.breaker = NO_BREAKER;
+        c.max_retries = 0;
+    });
+    let e = encrypt(&c).await.unwrap_err();
+    assert!(matches!(e, ClientError::Unavailable(_)), "{e}");
+    assert!(e.to_string().contains("not the configured KMS uid"), "{e}");
+    assert_eq!(stub.seen(), seen, "nothing was sent to the impostor");
+}
+
+/// This process's uid, read from a socket pair's peer credentials.
+fn own_uid() -> u32 {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let s = tokio::net::UnixStream::from_std({
+        a.set_nonblocking(true).unwrap();
+        a
+    })
+    .unwrap();
+    s.peer_cred().unwrap().uid()
+}

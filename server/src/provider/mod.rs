@@ -194,6 +194,7 @@ pub fn build(
             client_cfg.request_timeout = cfg.request_timeout();
             client_cfg.max_retries = cfg.max_retries;
             client_cfg.deadline = cfg.deadline();
+            client_cfg.expected_peer_uid = cfg.peer_uid;
             client_cfg.breaker = kms_api::client::BreakerConfig {
                 failures: cfg.breaker_failures,
                 cooldown: cfg.breaker_cooldown(),
