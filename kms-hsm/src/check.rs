@@ -27,35 +27,11 @@ pub enum Login {
 /// Runs every check of `path`; see the module docs.
 pub fn run(path: &Path, login: Login) -> Report {
     let mut r = Report::new();
-    let cfg = match Config::load(path) {
-        Ok(c) => {
-            r.ok(
-                path.display().to_string(),
-                "every key parses and is in range",
-            );
-            c
-        }
-        Err(e) => {
-            r.problem(
-                path.display().to_string(),
-                e.to_string(),
-                "correct the key named, see docs/configuration.md",
-            );
-            return r;
-        }
+    let Some(cfg) = r.config(path, Config::load(path)) else {
+        return r;
     };
     listen(&mut r, &cfg);
-    r.writable_dir("store.path", &cfg.store.path);
-    if cfg.store.path.is_dir() {
-        match service_kit::lmdb::lock_store(&cfg.store.path, crate::keystore::lmdb::LOCK_FILE) {
-            Ok(_lock) => r.ok("store.path", "not in use by another process"),
-            Err(e) => r.warn(
-                format!("store.path {}", cfg.store.path.display()),
-                e,
-                "fine if this is the running KMS; otherwise stop the other process",
-            ),
-        }
-    }
+    r.store_dir(&cfg.store.path, crate::keystore::lmdb::LOCK_FILE);
     hsm(&mut r, &cfg, path, login);
     r
 }

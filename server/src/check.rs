@@ -16,22 +16,8 @@ use crate::config::{Config, KmsMode};
 /// Runs every check of `path`; see the module docs.
 pub fn run(path: &Path) -> Report {
     let mut r = Report::new();
-    let cfg = match Config::load(path) {
-        Ok(c) => {
-            r.ok(
-                path.display().to_string(),
-                "every key parses and is in range",
-            );
-            c
-        }
-        Err(e) => {
-            r.problem(
-                path.display().to_string(),
-                e.to_string(),
-                "correct the key named, see docs/configuration.md",
-            );
-            return r;
-        }
+    let Some(cfg) = r.config(path, Config::load(path)) else {
+        return r;
     };
     match std::net::TcpListener::bind(cfg.http.listen) {
         Ok(_) => r.ok(format!("http.listen {}", cfg.http.listen), "the address can be bound"),
@@ -46,17 +32,7 @@ pub fn run(path: &Path) -> Report {
             "use an address of this host and a port this user may bind (>= 1024 without CAP_NET_BIND_SERVICE)",
         ),
     }
-    r.writable_dir("store.path", &cfg.store.path);
-    if cfg.store.path.is_dir() {
-        match service_kit::lmdb::lock_store(&cfg.store.path, crate::store::LOCK_FILE) {
-            Ok(_lock) => r.ok("store.path", "not in use by another process"),
-            Err(e) => r.warn(
-                format!("store.path {}", cfg.store.path.display()),
-                e,
-                "fine if this is the running server; otherwise stop the other process",
-            ),
-        }
-    }
+    r.store_dir(&cfg.store.path, crate::store::LOCK_FILE);
     if r.secret_file("auth.keys_file", &cfg.auth.keys_file) {
         match ApiKeys::load(&cfg.auth.keys_file) {
             Ok(_) => r.ok("auth.keys_file", "API keys and signing secret read"),

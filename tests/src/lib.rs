@@ -323,6 +323,19 @@ impl Kms {
     }
 }
 
+/// The usual system of an end-to-end test under `root`: a SoftHSM token, a KMS on a Unix
+/// socket, and an encrypting `progressdb` using it.
+pub fn system(root: &Path) -> (SoftHsm, Kms, Server) {
+    let hsm = SoftHsm::new(root);
+    let kms = Kms::start(root, &hsm, KmsListen::Unix, None);
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let server = Server::start(root, "progressdb", &provider, true);
+    (hsm, kms, server)
+}
+
 /// Which provider the server uses.
 #[derive(Clone, Debug)]
 pub enum Provider {

@@ -471,13 +471,7 @@ fn kms_status_text_and_json() {
 #[test]
 fn both_services_run_without_core_dumps() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = progressdb_e2e::Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, kms, server) = progressdb_e2e::system(tmp.path());
     for (name, pid) in [
         ("progressdb-kms", kms.proc.pid()),
         ("progressdb", server.proc.pid()),

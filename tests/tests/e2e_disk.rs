@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Kms, KmsListen, Role, SoftHsm};
 use serde_json::json;
 
 /// Sets the soft file-size limit of `pid` (bytes; `None`: unlimited), hard limit unlimited.
@@ -33,13 +33,7 @@ fn size(path: &Path) -> u64 {
 #[test]
 fn a_full_server_store_answers_507_keeps_reading_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("disk");
     let tid = t["id"].as_str().unwrap().to_owned();

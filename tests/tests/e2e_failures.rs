@@ -12,13 +12,7 @@ use serde_json::json;
 #[test]
 fn kms_down_gives_503_stores_nothing_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let t = alice.create_thread("before");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -92,13 +86,7 @@ fn signal(pid: i32, sig: &str) {
 #[test]
 fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     // One second per user request, retries included; the circuit opens after two failures
     // and lets a probe through every half second.
     let mut conf = std::fs::read_to_string(&server.config).unwrap();

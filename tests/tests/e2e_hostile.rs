@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::Role;
 use serde_json::json;
 
 /// Sends `raw` (a whole HTTP/1.1 request) and returns the status and body.
@@ -73,13 +73,7 @@ fn assert_refused(what: &str, status: u16, body: &[u8]) {
 #[test]
 fn hostile_requests_get_4xx_crash_nothing_and_change_no_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, mut kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("target");
     let tid = t["id"].as_str().unwrap().to_owned();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use progressdb_e2e::{Api, Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Api, Role};
 use serde_json::json;
 
 /// What the writers had acknowledged: thread id → (message id → body).
@@ -121,13 +121,7 @@ fn check(api: &Api, admin: &Api, acked: &Acked, round: usize) {
 #[test]
 fn the_server_killed_ten_times_under_load_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
     let api = server.as_role(Role::Backend, "alice");
     let admin = server.as_role(Role::Admin, "ops");
     let acked: Acked = Arc::default();
@@ -161,13 +155,7 @@ fn the_server_killed_ten_times_under_load_loses_nothing_acknowledged() {
 #[test]
 fn the_kms_killed_and_restarted_under_load_loses_nothing_and_no_thread_lacks_its_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let api = server.as_role(Role::Backend, "alice");
     let admin = server.as_role(Role::Admin, "ops");
     let acked: Acked = Arc::default();

@@ -145,6 +145,43 @@ impl Report {
         }
     }
 
+    /// The outcome of loading the config file at `path`: its value, or `None` with the
+    /// loader's one-line reason as a problem (nothing else can be checked then).
+    pub fn config<T, E: fmt::Display>(&mut self, path: &Path, loaded: Result<T, E>) -> Option<T> {
+        let subject = path.display().to_string();
+        match loaded {
+            Ok(c) => {
+                self.ok(subject, "every key parses and is in range");
+                Some(c)
+            }
+            Err(e) => {
+                self.problem(
+                    subject,
+                    e.to_string(),
+                    "correct the key named, see docs/configuration.md",
+                );
+                None
+            }
+        }
+    }
+
+    /// A store directory (`store.path`): writable (see [`Report::writable_dir`]), and whether
+    /// another process holds its lock file `lock_name` (a warning: it may be the running
+    /// service).
+    pub fn store_dir(&mut self, dir: &Path, lock_name: &str) {
+        self.writable_dir("store.path", dir);
+        if dir.is_dir() {
+            match crate::lmdb::lock_store(dir, lock_name) {
+                Ok(_lock) => self.ok("store.path", "not in use by another process"),
+                Err(e) => self.warn(
+                    format!("store.path {}", dir.display()),
+                    e,
+                    "fine if this is the running service; otherwise stop the other process",
+                ),
+            }
+        }
+    }
+
     /// A secret file named by `key`: present, a regular file, mode 0600 or stricter,
     /// readable, not empty. Returns whether it passed.
     pub fn secret_file(&mut self, key: &str, path: &Path) -> bool {
