@@ -600,7 +600,7 @@ async fn serve_connection<I, B, S>(
         .timer(TokioTimer::new())
         .header_read_timeout(opts.read_timeout)
         .keep_alive(role != Role::Refused);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection(TokioIo::new(service_kit::linger::Linger::new(io)), svc);
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection closed with an error");
     }

@@ -427,3 +427,47 @@ fn hostile_requests_get_4xx_crash_nothing_and_change_no_store() {
     server.proc.assert_running();
     kms.proc.assert_running();
 }
+
+/// Sends the head of `raw` (up to its blank line), waits, then the body, and reads the whole
+/// answer: a connection reset anywhere fails.
+fn send_split<S: Read + Write>(mut s: S, raw: &[u8]) -> u16 {
+    let head = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    s.write_all(&raw[..head]).unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    // The service may already have answered and shut its side: the body is then unwanted
+    // but must still not cost the answer.
+    let _ = s.write_all(&raw[head..]);
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("{e} after {:?}", String::from_utf8_lossy(&out)));
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap()
+}
+
+/// An answer sent before the request's body was read (refused, unknown or unauthenticated
+/// requests) reaches the client whole, although the body arrives after the answer was
+/// written: both services drain a closing connection instead of resetting it.
+#[test]
+fn answers_sent_before_the_body_arrives_are_not_lost_to_a_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hsm, kms, server) = progressdb_e2e::system(tmp.path());
+    let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
+    let body = vec![b' '; 32 * 1024];
+    for (path, want) in [("/nope", 404), ("/v1/threads", 401)] {
+        for _ in 0..20 {
+            let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(send_split(s, &request("POST", path, &[], &body)), want);
+        }
+    }
+    for (path, want) in [("/admin/status", 403), ("/nope", 404)] {
+        for _ in 0..20 {
+            let s = std::os::unix::net::UnixStream::connect(kms.socket()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(send_split(s, &request("POST", path, &[], &body)), want);
+        }
+    }
+}

@@ -258,10 +258,9 @@ pub fn overloaded_response(why: Refusal) -> Vec<u8> {
 /// The request head is awaited first, for at most 100 ms (up to 16 KiB of it), so an ordinary
 /// client sees the answer to the request it sent rather than a connection closed under it;
 /// a client that sends nothing gets the answer after that wait. After the answer, whatever
-/// the peer still sends is read and discarded for at most 200 ms or until it closes its
-/// side, because closing a socket with unread input makes the kernel reset the connection
-/// and the peer would lose the answer. The whole exchange takes well under a second,
-/// whatever the peer does.
+/// the peer still sends is drained ([`crate::linger::drain`]), because closing a socket with
+/// unread input makes the kernel reset the connection and the peer would lose the answer.
+/// The whole exchange takes at most 1.1 s, whatever the peer does.
 pub async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, why: Refusal) {
     let mut head = Vec::with_capacity(1024);
     let _ = tokio::time::timeout(Duration::from_millis(100), async {
@@ -283,18 +282,7 @@ pub async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, why: Refusal
     if !matches!(written, Ok(Ok(()))) {
         return;
     }
-    let _ = tokio::time::timeout(Duration::from_millis(200), async {
-        let mut sink = [0u8; 4096];
-        let mut seen = 0usize;
-        while seen < 64 * 1024 {
-            match io.read(&mut sink).await? {
-                0 => break,
-                n => seen += n,
-            }
-        }
-        Ok::<(), std::io::Error>(())
-    })
-    .await;
+    crate::linger::drain(&mut io).await;
 }
 
 /// Raises this process's soft limit of open files to its hard limit, so `max_connections`

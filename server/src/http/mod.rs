@@ -99,7 +99,8 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let conn = builder
+                .serve_connection(TokioIo::new(service_kit::linger::Linger::new(stream)), svc);
             tokio::pin!(conn);
             let stopping = async move {
                 // Only the fact matters; the guard is dropped before the next await.
