@@ -44,9 +44,6 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
 log "cargo test -p progressdb --features dev-embedded"
 cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
 
-log "benchmark smoke run (debug build, --quick: checks the command works; figures mean nothing)"
-cargo run --locked -q -p progressdb-e2e --bin progressdb-bench -- --quick >/dev/null
-
 # One closing line for the whole run (cargo's last line is a doc-test summary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\n==> all checks and tests passed\ntests: %d passed, %d failed\n", p, f }' "$RESULTS"

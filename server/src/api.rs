@@ -144,7 +144,10 @@ pub struct MessageView {
     pub id: MessageId,
     pub thread_id: ThreadId,
     pub author: UserId,
-    pub body: Value,
+    /// The body's JSON text, checked to be one JSON value and sent as it is (a decrypted body
+    /// is the compact JSON written at post time, so it is not parsed into a tree and written
+    /// out again).
+    pub body: Box<serde_json::value::RawValue>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -230,7 +233,7 @@ mod tests {
             id: MessageId::parse("00000000000000000001-000000").unwrap(),
             thread_id: ThreadId::parse("t").unwrap(),
             author: UserId::parse("u").unwrap(),
-            body: serde_json::json!("top secret"),
+            body: serde_json::value::to_raw_value("top secret").unwrap(),
             created_at: String::new(),
             updated_at: String::new(),
         };

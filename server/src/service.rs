@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use kms_api::wire::{Bytes64, SecretBytes};
 use kms_api::ThreadId;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::api::{DeletedMessageView, ItemError, MessageItem, MessageView};
@@ -126,8 +127,17 @@ fn binding<'a>(
     }
 }
 
-fn decode_body(pt: &SecretBytes) -> Option<Value> {
+/// A decrypted body, if it is one JSON value.
+fn decode_body(pt: &SecretBytes) -> Option<Box<RawValue>> {
     serde_json::from_slice(pt.expose()).ok()
+}
+
+/// `body` as JSON text for a [`MessageView`].
+fn raw_body(body: &Value) -> Result<Box<RawValue>, ApiError> {
+    serde_json::value::to_raw_value(body).map_err(|e| {
+        tracing::error!(error = %e, "a message body does not serialize");
+        ApiError::Internal
+    })
 }
 
 impl MessageService {
@@ -485,7 +495,7 @@ impl MessageService {
                     if let Some(t) = counted {
                         crate::jobs::maybe_rotate(self, &t);
                     }
-                    return Ok(view(tid, id, &rec, body));
+                    return Ok(view(tid, id, &rec, raw_body(&body)?));
                 }
                 Err(StoreError::StaleKey) if attempt + 1 < SEAL_ATTEMPTS => {
                     self.cache.invalidate(tid);
@@ -590,7 +600,7 @@ impl MessageService {
                 })
                 .await;
             match written {
-                Ok(rec) => return Ok(view(tid, id, &rec, body)),
+                Ok(rec) => return Ok(view(tid, id, &rec, raw_body(&body)?)),
                 Err(StoreError::StaleKey) if attempt + 1 < SEAL_ATTEMPTS => {
                     self.cache.invalidate(tid);
                     thread = self.thread_for(p, tid).await?;
@@ -644,51 +654,67 @@ impl MessageService {
             },
         };
         // (index in page, decrypt request) of every encrypted item that can be attempted.
+        // The page is taken apart rather than copied: each ciphertext moves into its request
+        // and each record (without its content) stays for the view.
         let mut to_decrypt: Vec<(usize, DecryptItem)> = Vec::new();
         let mut out: Vec<Option<MessageItem>> = Vec::with_capacity(items.len());
         let mut records: Vec<Option<MessageRecord>> = Vec::with_capacity(items.len());
-        for (i, m) in items.iter().enumerate() {
-            match &m.record {
+        let mut ids: Vec<MessageId> = Vec::with_capacity(items.len());
+        // Consecutive messages share their key: one `Arc` per run, not one per message.
+        let mut last_key: Option<Arc<ThreadKey>> = None;
+        for (i, m) in items.into_iter().enumerate() {
+            ids.push(m.id);
+            let mut rec = match m.record {
                 Err(e) => {
                     tracing::error!(thread = %tid, message = %m.id, error = %e, "unparseable message record");
                     out.push(Some(unreadable(m.id)));
                     records.push(None);
+                    continue;
                 }
-                Ok(rec) => {
-                    match (&rec.content, thread.sealed_by(m.id)) {
-                        (Content::Plain(v), _) if thread.accepts_plain(m.id) => {
-                            if thread.kms.is_some() {
-                                tracing::debug!(thread = %tid, message = %m.id, "plain message from before the thread's DEK (plain_migration)");
-                            }
-                            out.push(Some(MessageItem::Ok(view(tid, m.id, rec, v.clone()))))
-                        }
-                        (Content::Plain(_), _) => {
-                            tracing::error!(thread = %tid, message = %m.id, "plain record in an encrypted thread refused (forged or planted)");
-                            self.metrics.kms.plain_refused.inc();
-                            out.push(Some(unreadable(m.id)));
-                        }
-                        (Content::Enc(ct), SealedBy::Key(k)) => {
-                            to_decrypt.push((
-                                i,
-                                DecryptItem {
-                                    key: Arc::new(k.clone()),
-                                    ciphertext: ct.0.clone(),
-                                    aad: message_aad(
-                                        rec.format,
-                                        &binding(thread, m.id, &rec.author, rec.created_at),
-                                    ),
-                                },
-                            ));
-                            out.push(None);
-                        }
-                        (Content::Enc(_), SealedBy::Plain) => {
-                            tracing::error!(thread = %tid, message = %m.id, "encrypted message where the thread names no key");
-                            out.push(Some(unreadable(m.id)));
-                        }
+                Ok(rec) => rec,
+            };
+            let content = std::mem::replace(&mut rec.content, Content::Plain(Value::Null));
+            match (content, thread.sealed_by(m.id)) {
+                (Content::Plain(v), _) if thread.accepts_plain(m.id) => {
+                    if thread.kms.is_some() {
+                        tracing::debug!(thread = %tid, message = %m.id, "plain message from before the thread's DEK (plain_migration)");
                     }
-                    records.push(Some(rec.clone()));
+                    out.push(Some(MessageItem::Ok(view(tid, m.id, &rec, raw_body(&v)?))))
+                }
+                (Content::Plain(_), _) => {
+                    tracing::error!(thread = %tid, message = %m.id, "plain record in an encrypted thread refused (forged or planted)");
+                    self.metrics.kms.plain_refused.inc();
+                    out.push(Some(unreadable(m.id)));
+                }
+                (Content::Enc(ct), SealedBy::Key(k)) => {
+                    let key = match &last_key {
+                        Some(a) if **a == *k => Arc::clone(a),
+                        _ => {
+                            let a = Arc::new(k.clone());
+                            last_key = Some(Arc::clone(&a));
+                            a
+                        }
+                    };
+                    let aad = message_aad(
+                        rec.format,
+                        &binding(thread, m.id, &rec.author, rec.created_at),
+                    );
+                    to_decrypt.push((
+                        i,
+                        DecryptItem {
+                            key,
+                            ciphertext: ct.0,
+                            aad,
+                        },
+                    ));
+                    out.push(None);
+                }
+                (Content::Enc(_), SealedBy::Plain) => {
+                    tracing::error!(thread = %tid, message = %m.id, "encrypted message where the thread names no key");
+                    out.push(Some(unreadable(m.id)));
                 }
             }
+            records.push(Some(rec));
         }
         if !to_decrypt.is_empty() {
             let (idx, reqs): (Vec<usize>, Vec<DecryptItem>) = to_decrypt.into_iter().unzip();
@@ -704,7 +730,9 @@ impl MessageService {
                 return Err(ApiError::Internal);
             }
             for (i, r) in idx.into_iter().zip(results) {
-                let id = items[i].id;
+                let Some(&id) = ids.get(i) else {
+                    return Err(ApiError::Internal);
+                };
                 let item = match (r, &records[i]) {
                     (Ok(pt), Some(rec)) => match decode_body(&pt) {
                         Some(body) => MessageItem::Ok(view(tid, id, rec, body)),
@@ -734,8 +762,8 @@ impl MessageService {
         }
         Ok(out
             .into_iter()
-            .zip(items.iter())
-            .map(|(o, m)| o.unwrap_or_else(|| unreadable(m.id)))
+            .zip(ids)
+            .map(|(o, id)| o.unwrap_or_else(|| unreadable(id)))
             .collect())
     }
 
@@ -921,7 +949,7 @@ impl MessageService {
     }
 }
 
-fn view(tid: &ThreadId, id: MessageId, rec: &MessageRecord, body: Value) -> MessageView {
+fn view(tid: &ThreadId, id: MessageId, rec: &MessageRecord, body: Box<RawValue>) -> MessageView {
     MessageView {
         id,
         thread_id: tid.clone(),

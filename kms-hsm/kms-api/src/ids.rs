@@ -4,7 +4,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why an identifier was refused. The message names the rule, never echoes secret bytes.
@@ -266,15 +265,15 @@ impl WrappedDek {
 
     /// Standard base64, as stored in thread metadata.
     pub fn to_base64(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(&self.0)
+        crate::b64::encode(&self.0)
     }
 
     /// # Errors
     /// When `s` is not standard base64 or is empty.
-    pub fn from_base64(s: &str) -> Result<Self, base64::DecodeError> {
-        let v = base64::engine::general_purpose::STANDARD.decode(s)?;
+    pub fn from_base64(s: &str) -> Result<Self, crate::b64::InvalidBase64> {
+        let v = crate::b64::decode(s.as_bytes())?;
         if v.is_empty() {
-            return Err(base64::DecodeError::InvalidLength(0));
+            return Err(crate::b64::InvalidBase64);
         }
         Ok(Self(v))
     }

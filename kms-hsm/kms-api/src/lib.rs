@@ -17,6 +17,7 @@
 //! bytes has a redacting `Debug` and no `Display`.
 
 pub mod admin;
+pub mod b64;
 pub mod client;
 pub mod ids;
 pub mod parse;

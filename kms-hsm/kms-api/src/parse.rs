@@ -8,11 +8,9 @@
 //! The typed requests are the same ones the client sends, so both sides share one definition
 //! of every body.
 
-use base64::Engine as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use zeroize::Zeroizing;
 
 use crate::ids::{KeyId, ThreadId};
 use crate::wire::{
@@ -134,9 +132,7 @@ fn decode_b64(field: &'static str, s: &str, limit: usize) -> Result<Vec<u8>, Par
     if s.len() > base64_len(limit) {
         return Err(ParseError::ItemTooLarge { field, limit });
     }
-    let v = base64::engine::general_purpose::STANDARD
-        .decode(s.as_bytes())
-        .map_err(|_| ParseError::InvalidBase64 { field })?;
+    let v = crate::b64::decode(s.as_bytes()).map_err(|_| ParseError::InvalidBase64 { field })?;
     if v.len() > limit {
         return Err(ParseError::ItemTooLarge { field, limit });
     }
@@ -169,20 +165,17 @@ impl TryFrom<EncryptBody> for EncryptRequest {
                 limit: MAX_ITEM_BYTES,
             });
         }
-        let mut plaintext = Zeroizing::new(vec![0u8; text.len() / 4 * 3 + 3]);
-        let n = base64::engine::general_purpose::STANDARD
-            .decode_slice(text.as_bytes(), plaintext.as_mut_slice())
+        let mut plaintext = crate::b64::decode_zeroizing(text.as_bytes())
             .map_err(|_| ParseError::InvalidBase64 { field: "plaintext" })?;
-        // The text-length check above lets up to 2 bytes past the limit through (base64
-        // without padding); the decoded length is what counts, so that every ciphertext made
-        // here fits `/decrypt`'s limit.
-        if n > MAX_ITEM_BYTES {
+        // The text-length check above lets up to 2 bytes past the limit through (a final
+        // quad without padding); the decoded length is what counts, so that every ciphertext
+        // made here fits `/decrypt`'s limit.
+        if plaintext.len() > MAX_ITEM_BYTES {
             return Err(ParseError::ItemTooLarge {
                 field: "plaintext",
                 limit: MAX_ITEM_BYTES,
             });
         }
-        plaintext.truncate(n);
         Ok(EncryptRequest {
             key_id,
             plaintext: SecretBytes::new(std::mem::take(&mut *plaintext)),
@@ -227,7 +220,7 @@ mod tests {
     #[test]
     fn plaintext_limit_is_on_decoded_bytes() {
         let k = "dek_00000000000000000000000000000000";
-        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        let b64 = |n: usize| crate::b64::encode(&vec![7u8; n]);
         let at = enc(&format!(
             r#"{{"key_id":"{k}","plaintext":"{}"}}"#,
             b64(MAX_ITEM_BYTES)

@@ -4,7 +4,6 @@
 
 use std::fmt;
 
-use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
@@ -43,10 +42,6 @@ pub fn to_json_zeroizing<T: Serialize>(
     let mut buf = ZeroizingBuf::with_capacity(size_hint.max(64));
     serde_json::to_writer(&mut buf, value)?;
     Ok(buf)
-}
-
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
 }
 
 /// Secret bytes (plaintext, raw key material): zeroized on drop, redacting `Debug`, no
@@ -89,18 +84,16 @@ impl fmt::Debug for SecretBytes {
 
 impl Serialize for SecretBytes {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let enc = Zeroizing::new(b64().encode(self.0.as_slice()));
-        s.serialize_str(&enc)
+        s.serialize_str(&crate::b64::encode_zeroizing(self.0.as_slice()))
     }
 }
 
 impl<'de> Deserialize<'de> for SecretBytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = Zeroizing::new(String::deserialize(d)?);
-        let v = b64()
-            .decode(s.as_bytes())
+        let v = crate::b64::decode_zeroizing(s.as_bytes())
             .map_err(|_| serde::de::Error::custom("invalid base64"))?;
-        Ok(Self::new(v))
+        Ok(Self(v))
     }
 }
 
@@ -116,15 +109,14 @@ impl fmt::Debug for Bytes64 {
 
 impl Serialize for Bytes64 {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&b64().encode(&self.0))
+        s.serialize_str(&crate::b64::encode(&self.0))
     }
 }
 
 impl<'de> Deserialize<'de> for Bytes64 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        b64()
-            .decode(s.as_bytes())
+        crate::b64::decode(s.as_bytes())
             .map(Bytes64)
             .map_err(|_| serde::de::Error::custom("invalid base64"))
     }

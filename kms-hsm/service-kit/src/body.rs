@@ -98,6 +98,9 @@ pub enum BodyError {
     Broken,
 }
 
+/// The most [`read_zeroizing`] allocates before the body's bytes arrive.
+pub const PREALLOC_MAX: usize = 256 * 1024;
+
 /// Reads the whole of `body` within `deadline` into a [`ZeroizingBuf`].
 ///
 /// # Errors
@@ -108,9 +111,16 @@ where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Sized from `Content-Length` when there is one, so a large body is not copied (and its
+    // copies zeroized) at each doubling; at most PREALLOC_MAX up front, so a request that
+    // announces a large body and then sends nothing costs little.
+    let hint = body.size_hint();
+    let first = usize::try_from(hint.exact().unwrap_or(hint.lower()))
+        .unwrap_or(PREALLOC_MAX)
+        .clamp(1024, PREALLOC_MAX);
     let read = async {
         let mut body = std::pin::pin!(body);
-        let mut buf = ZeroizingBuf::with_capacity(1024);
+        let mut buf = ZeroizingBuf::with_capacity(first);
         while let Some(frame) = body.as_mut().frame().await {
             let frame = frame.map_err(|e| classify(&*e.into()))?;
             if let Ok(data) = frame.into_data() {
