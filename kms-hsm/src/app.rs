@@ -120,6 +120,7 @@ impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
             api,
             serve: ServeOptions {
                 read_timeout: cfg.limits.read_timeout,
+                write_timeout: cfg.limits.write_timeout,
                 shutdown_timeout: cfg.limits.shutdown_timeout,
             },
             cache_ttl: cfg.cache.ttl,

@@ -195,6 +195,7 @@ pub struct RawCache {
 pub struct RawLimits {
     pub max_body_bytes: Option<u64>,
     pub read_timeout_secs: Option<u64>,
+    pub write_timeout_secs: Option<u64>,
     pub shutdown_timeout_secs: Option<u64>,
     pub max_connections: Option<u64>,
     pub max_connections_per_peer: Option<u64>,
@@ -295,6 +296,8 @@ pub struct CacheConfig {
 pub struct LimitsConfig {
     pub max_body_bytes: usize,
     pub read_timeout: Duration,
+    /// A connection whose client reads nothing of its answer this long is closed.
+    pub write_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
     /// Connections from one peer (uid on the Unix socket, client certificate on TCP).
@@ -313,6 +316,7 @@ pub mod defaults {
     pub const CACHE_MAX_ENTRIES: u64 = 10_000;
     pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
     pub const READ_TIMEOUT_SECS: u64 = 10;
+    pub const WRITE_TIMEOUT_SECS: u64 = 30;
     pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
     pub const MAX_CONNECTIONS: u64 = 4096;
     pub const MAX_CONNECTIONS_PER_PEER: u64 = 1024;
@@ -623,6 +627,16 @@ impl RawConfig {
                 "must be between 1 and 3600",
             ));
         }
+        let write_timeout_secs = self
+            .limits
+            .write_timeout_secs
+            .unwrap_or(defaults::WRITE_TIMEOUT_SECS);
+        if !(1..=3600).contains(&write_timeout_secs) {
+            return Err(invalid(
+                "limits.write_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
         let shutdown_timeout_secs = self
             .limits
             .shutdown_timeout_secs
@@ -657,6 +671,7 @@ impl RawConfig {
         let limits = LimitsConfig {
             max_body_bytes: to_usize("limits.max_body_bytes", max_body_bytes)?,
             read_timeout: Duration::from_secs(read_timeout_secs),
+            write_timeout: Duration::from_secs(write_timeout_secs),
             shutdown_timeout: Duration::from_secs(shutdown_timeout_secs),
             max_connections: to_usize("limits.max_connections", max_connections)?,
             max_connections_per_peer: to_usize(

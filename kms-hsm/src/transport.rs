@@ -69,6 +69,8 @@ pub enum TransportError {
 pub struct ServeOptions {
     /// Deadline for a request head (and for a TLS handshake); also the idle timeout.
     pub read_timeout: Duration,
+    /// A write that makes no progress this long ends the connection.
+    pub write_timeout: Duration,
     /// How long in-flight requests may run after shutdown starts.
     pub shutdown_timeout: Duration,
 }
@@ -226,6 +228,11 @@ fn bind_unix(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener,
     };
     if !parent.is_dir() {
         return Err(format!("directory {} does not exist", parent.display()));
+    }
+    if let Some(why) = service_kit::check::unsafe_socket_dir(parent) {
+        return Err(format!(
+            "{why}; use a directory only the KMS's user and group can write (e.g. /run/progressdb-kms, mode 0750)"
+        ));
     }
     match std::fs::symlink_metadata(path) {
         // Only a socket nobody listens on (ECONNREFUSED) is stale; anything else (a live
@@ -600,7 +607,13 @@ async fn serve_connection<I, B, S>(
         .timer(TokioTimer::new())
         .header_read_timeout(opts.read_timeout)
         .keep_alive(role != Role::Refused);
-    let conn = builder.serve_connection(TokioIo::new(service_kit::linger::Linger::new(io)), svc);
+    let conn = builder.serve_connection(
+        TokioIo::new(service_kit::guarded_io::GuardedIo::new(
+            io,
+            opts.write_timeout,
+        )),
+        svc,
+    );
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection closed with an error");
     }
@@ -614,6 +627,20 @@ mod tests {
     #[tokio::test]
     async fn unix_socket_mode_stale_and_cleanup() {
         let dir = tempfile::tempdir().unwrap();
+        // A directory every user can write is refused, naming it.
+        let other = tempfile::tempdir().unwrap();
+        let open = other.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = Listener::bind(&ListenConfig::Unix {
+            path: open.join("kms.sock"),
+            access: crate::config::SocketAccess::Owner,
+            allowed_uids: None,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("writable by every user"), "{e}");
+        assert!(!open.join("kms.sock").exists());
         let path = dir.path().join("kms.sock");
         // A stale socket (bound then closed) is replaced.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());

@@ -73,6 +73,8 @@ pub struct HttpConfig {
     pub header_read_timeout_secs: u64,
     /// A client must send its request body within this time (408 otherwise).
     pub body_read_timeout_secs: u64,
+    /// A connection whose client reads nothing of its answer for this long is closed.
+    pub write_timeout_secs: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     pub shutdown_grace_secs: u64,
     /// Connections served at once; one more is answered 503 `overloaded` at once.
@@ -89,6 +91,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 30,
+            write_timeout_secs: 30,
             shutdown_grace_secs: 30,
             max_connections: 4096,
             max_connections_per_peer: 0,
@@ -393,6 +396,12 @@ impl Config {
         if self.http.body_read_timeout_secs == 0 {
             return Err(ConfigError::invalid(
                 "http.body_read_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.http.write_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "http.write_timeout_secs",
                 "must be at least 1",
             ));
         }

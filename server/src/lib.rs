@@ -148,6 +148,7 @@ impl Server {
         let http = http::HttpOptions {
             header_read_timeout: Duration::from_secs(cfg.http.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(cfg.http.body_read_timeout_secs),
+            write_timeout: Duration::from_secs(cfg.http.write_timeout_secs),
             shutdown_grace: Duration::from_secs(cfg.http.shutdown_grace_secs),
             max_body_bytes: cfg.limits.max_body_bytes,
             metrics_access: cfg.http.metrics_access,

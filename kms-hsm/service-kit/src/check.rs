@@ -286,6 +286,8 @@ impl Report {
 
     /// The directory a Unix socket `key` is created in: it must exist and be writable (the
     /// services do not create socket directories).
+    /// A Unix socket's directory (`key` names the socket): it exists, is not writable by
+    /// every user ([`unsafe_socket_dir`]) and is writable by this user.
     pub fn socket_dir(&mut self, key: &str, socket: &Path) {
         let subject = format!("{key} {}", socket.display());
         let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
@@ -314,6 +316,17 @@ impl Report {
             );
             return;
         }
+        if let Some(why) = unsafe_socket_dir(dir) {
+            self.problem(
+                subject,
+                why,
+                format!(
+                    "use a directory only the service's user and group can write, e.g. install -d -m 0750 {}",
+                    dir.display()
+                ),
+            );
+            return;
+        }
         match probe_write(dir) {
             Ok(()) => self.ok(subject, "socket directory exists and is writable"),
             Err(e) => self.problem(
@@ -337,6 +350,22 @@ fn probe_write(dir: &Path) -> std::io::Result<()> {
         .open(&probe)?;
     drop(f);
     std::fs::remove_file(&probe)
+}
+
+/// Why `dir` must not hold a service's socket, if it must not: a directory every user can
+/// write (mode `o+w`, sticky or not, like `/tmp`) lets another user plant a socket at the path
+/// before the service starts, or (without the sticky bit) replace the service's socket with
+/// its own. `None` when the directory is safe or cannot be read (binding then reports that).
+pub fn unsafe_socket_dir(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode();
+    (mode & 0o002 != 0).then(|| {
+        format!(
+            "directory {} is writable by every user (mode {:o}): another user could plant or replace the socket",
+            dir.display(),
+            mode & 0o7777
+        )
+    })
 }
 
 #[cfg(test)]
@@ -394,5 +423,24 @@ mod tests {
         // No probe file is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1);
+
+        // A directory every user may write is refused, with the sticky bit too (/tmp).
+        use std::os::unix::fs::PermissionsExt as _;
+        for mode in [0o777, 0o1777, 0o733] {
+            let open = dir.path().join(format!("open{mode:o}"));
+            std::fs::create_dir(&open).unwrap();
+            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mut r = Report::new();
+            r.socket_dir("listen.unix", &open.join("kms.sock"));
+            assert_eq!(r.problems(), 1, "{mode:o}");
+            assert!(
+                r.findings()[0]
+                    .to_string()
+                    .contains("writable by every user"),
+                "{}",
+                r.findings()[0]
+            );
+        }
+        assert!(unsafe_socket_dir(dir.path()).is_none());
     }
 }

@@ -258,7 +258,7 @@ pub fn overloaded_response(why: Refusal) -> Vec<u8> {
 /// The request head is awaited first, for at most 100 ms (up to 16 KiB of it), so an ordinary
 /// client sees the answer to the request it sent rather than a connection closed under it;
 /// a client that sends nothing gets the answer after that wait. After the answer, whatever
-/// the peer still sends is drained ([`crate::linger::drain`]), because closing a socket with
+/// the peer still sends is drained ([`crate::guarded_io::drain`]), because closing a socket with
 /// unread input makes the kernel reset the connection and the peer would lose the answer.
 /// The whole exchange takes at most 1.1 s, whatever the peer does.
 pub async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, why: Refusal) {
@@ -282,7 +282,7 @@ pub async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, why: Refusal
     if !matches!(written, Ok(Ok(()))) {
         return;
     }
-    crate::linger::drain(&mut io).await;
+    crate::guarded_io::drain(&mut io).await;
 }
 
 /// Raises this process's soft limit of open files to its hard limit, so `max_connections`

@@ -19,8 +19,10 @@
 //!   status) and the OpenMetrics encoding of a registry.
 //! * [`conn`]: connection admission for listeners that refuse to be exhausted: a global cap
 //!   and a per-peer cap, and an immediate `503 overloaded` answer instead of a silent stall.
-//! * [`linger`]: a lingering close, so a peer whose request was answered before it was read
-//!   whole still receives the answer instead of a reset.
+//! * [`guarded_io`]: the I/O of every served connection: a write that makes no progress for
+//!   the write timeout ends the connection (a client that never reads its answer), and a
+//!   lingering close, so a peer answered before its request was read whole still receives
+//!   the answer instead of a reset.
 //! * [`shutdown`]: one future that completes on SIGTERM or SIGINT, installed before start-up.
 //!
 //! `progressdb-kms` (`kms-hsm/`) and `progressdb` (`server/`) both use every module.
@@ -31,7 +33,7 @@ pub mod check;
 pub mod config;
 pub mod conn;
 pub mod group_commit;
-pub mod linger;
+pub mod guarded_io;
 pub mod lmdb;
 pub mod metrics;
 pub mod process;

@@ -9,7 +9,8 @@
 //!   long.
 //! * Request headers must arrive within `http.header_read_timeout_secs` (hyper closes the
 //!   connection otherwise); bodies within `http.body_read_timeout_secs` (408) and up to
-//!   `limits.max_body_bytes` (413).
+//!   `limits.max_body_bytes` (413). A client that stops reading its answer for
+//!   `http.write_timeout_secs` loses the connection ([`service_kit::guarded_io`]).
 //! * When the shutdown future completes (SIGTERM/SIGINT in the binary), the listener closes,
 //!   every connection finishes its in-flight request and closes, and [`serve`] waits up to
 //!   `http.shutdown_grace_secs` for that.
@@ -36,6 +37,8 @@ pub use router::{error_response, service, HttpService};
 pub struct HttpOptions {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// A write that makes no progress this long ends the connection.
+    pub write_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
     pub metrics_access: MetricsAccess,
@@ -90,6 +93,7 @@ pub async fn serve(
         });
         let mut stop = stop_rx.clone();
         let header_timeout = opts.header_read_timeout;
+        let write_timeout = opts.write_timeout;
         let running = tasks.clone().read_owned().await;
         tokio::spawn(async move {
             let _permit = permit;
@@ -99,8 +103,13 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .keep_alive(true);
-            let conn = builder
-                .serve_connection(TokioIo::new(service_kit::linger::Linger::new(stream)), svc);
+            let conn = builder.serve_connection(
+                TokioIo::new(service_kit::guarded_io::GuardedIo::new(
+                    stream,
+                    write_timeout,
+                )),
+                svc,
+            );
             tokio::pin!(conn);
             let stopping = async move {
                 // Only the fact matters; the guard is dropped before the next await.
