@@ -113,6 +113,7 @@ impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
             HttpLimits {
                 max_body_bytes: cfg.limits.max_body_bytes,
                 body_read_timeout: cfg.limits.read_timeout,
+                peer_rate: cfg.limits.peer_rate,
             },
             cfg.lifecycle,
         ));

@@ -199,6 +199,8 @@ pub struct RawLimits {
     pub shutdown_timeout_secs: Option<u64>,
     pub max_connections: Option<u64>,
     pub max_connections_per_peer: Option<u64>,
+    pub peer_rate_per_sec: Option<u64>,
+    pub peer_rate_burst: Option<u64>,
 }
 
 /// `[log]`
@@ -300,6 +302,8 @@ pub struct LimitsConfig {
     pub write_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
+    /// Requests a second from one peer on the key API (off when `per_sec` is 0).
+    pub peer_rate: service_kit::rate::RateLimit,
     /// Connections from one peer (uid on the Unix socket, client certificate on TCP).
     pub max_connections_per_peer: usize,
 }
@@ -668,7 +672,18 @@ impl RawConfig {
                 "must be between 1 and 1048576",
             ));
         }
+        let rate = |key: &'static str, v: Option<u64>| -> Result<u32, ConfigError> {
+            match v.unwrap_or(0) {
+                n @ 0..=1_000_000 => Ok(n as u32),
+                _ => Err(invalid(key, "must be between 0 and 1000000")),
+            }
+        };
+        let peer_rate = service_kit::rate::RateLimit {
+            per_sec: rate("limits.peer_rate_per_sec", self.limits.peer_rate_per_sec)?,
+            burst: rate("limits.peer_rate_burst", self.limits.peer_rate_burst)?,
+        };
         let limits = LimitsConfig {
+            peer_rate,
             max_body_bytes: to_usize("limits.max_body_bytes", max_body_bytes)?,
             read_timeout: Duration::from_secs(read_timeout_secs),
             write_timeout: Duration::from_secs(write_timeout_secs),

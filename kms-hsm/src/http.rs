@@ -72,6 +72,8 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// Deadline for receiving the whole body once the head has arrived.
     pub body_read_timeout: Duration,
+    /// Requests a second per peer on the key API; off by default.
+    pub peer_rate: service_kit::rate::RateLimit,
 }
 
 /// Failures found at the HTTP edge, plus the service's own errors.
@@ -91,6 +93,8 @@ pub enum HttpError {
     BodyTimeout(Duration),
     #[error("request body could not be read")]
     BodyRead,
+    #[error("too many requests from this peer; retry in {} s", .0.as_secs())]
+    RateLimited(Duration),
     #[error(transparent)]
     Parse(#[from] ParseError),
     #[error("{0}")]
@@ -112,6 +116,7 @@ impl HttpError {
             HttpError::Forbidden | HttpError::AdminOnly => ErrorCode::Forbidden,
             HttpError::BodyTooLarge { .. } => ErrorCode::PayloadTooLarge,
             HttpError::BodyTimeout(_) | HttpError::BodyRead => ErrorCode::MalformedRequest,
+            HttpError::RateLimited(_) => ErrorCode::RateLimited,
             HttpError::Parse(e) => e.code(),
             HttpError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             HttpError::Service(e) => e.code(),
@@ -262,6 +267,10 @@ fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
         r.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
     }
+    if let HttpError::RateLimited(wait) = err {
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+    }
     if err.closes_connection() {
         r.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -277,6 +286,8 @@ pub struct Api<B, S> {
     lifecycle: Arc<crate::lifecycle::Lifecycle<B, S>>,
     metrics: Arc<Metrics>,
     limits: HttpLimits,
+    /// Per peer (its transport identity, e.g. `uid:1000`), on the key API only.
+    rate: service_kit::rate::RateLimiter<std::sync::Arc<str>>,
 }
 
 impl<B, S> std::fmt::Debug for Api<B, S> {
@@ -300,6 +311,7 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
             service,
             metrics,
             limits,
+            rate: service_kit::rate::RateLimiter::new(limits.peer_rate),
         }
     }
 
@@ -475,12 +487,26 @@ where
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let mut resp = match declared {
+    // The key API's rate per peer (admin peers, probes and metrics are not limited).
+    let over_rate =
+        if api.limits.peer_rate.is_on() && !matches!(label, "/healthz" | "/readyz" | "/metrics") {
+            req.extensions()
+                .get::<Peer>()
+                .filter(|p| !p.0.starts_with("admin:"))
+                .and_then(|p| api.rate.check(&p.0).err())
+        } else {
+            None
+        };
+    let mut resp = match (over_rate, declared) {
+        (Some(wait), _) => {
+            tracing::debug!(route = label, "peer over its request rate");
+            error_response(&HttpError::RateLimited(wait), label)
+        }
         // Declared too large, but not absurdly: read and discard it first (within the body
         // deadline), so the client reads the 413 instead of a reset of a connection it is
         // still writing to; the server's KMS client splits a batch on exactly this answer.
         // (The admin routes that take whole backup files have their own, larger limit.)
-        Some(n)
+        (None, Some(n))
             if !admin::large_body_route(label)
                 && n > api.limits.max_body_bytes
                 && n <= api.limits.max_body_bytes + DRAIN_ALLOWANCE =>
@@ -502,7 +528,7 @@ where
         }
         // Only requests that may be audited run with their actor set: the hot key
         // operations (encrypt, decrypt, batches) are never audited and pay nothing for it.
-        _ if audited(label, req.uri().path()) => {
+        (None, _) if audited(label, req.uri().path()) => {
             let actor = req
                 .extensions()
                 .get::<Peer>()
@@ -512,7 +538,7 @@ where
                 Err(never) => match never {},
             }
         }
-        _ => match router.oneshot(req).await {
+        (None, _) => match router.oneshot(req).await {
             Ok(r) => r,
             Err(never) => match never {},
         },
@@ -834,6 +860,7 @@ mod tests {
             HttpLimits {
                 max_body_bytes: 64 * 1024,
                 body_read_timeout: Duration::from_secs(5),
+                peer_rate: service_kit::rate::RateLimit::OFF,
             },
             crate::lifecycle::LifecycleOptions::default(),
         );

@@ -77,7 +77,13 @@ pub struct Principal {
     pub role: Role,
     /// The user acted for: always present for [`Role::Frontend`] (signed), optional otherwise.
     pub user: Option<UserId>,
+    /// Which configured API key was presented (what rate limits count against).
+    pub key: ApiKeyId,
 }
+
+/// A configured API key, by its position in the keys file: an identity that is not secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ApiKeyId(u32);
 
 impl Principal {
     /// Whether this caller may see `author`'s thread: frontends only their own, backend and
@@ -304,13 +310,20 @@ impl ApiKeys {
 
     /// The role of `key`, comparing against every configured key in constant time.
     pub fn role_of(&self, key: &[u8]) -> Option<Role> {
+        self.lookup(key).map(|(role, _)| role)
+    }
+
+    /// The role and identity of `key`, comparing against every entry in constant time.
+    fn lookup(&self, key: &[u8]) -> Option<(Role, ApiKeyId)> {
         let d = digest(key);
         let mut role = 0u8;
-        for e in &self.entries {
+        let mut index = 0u32;
+        for (i, e) in self.entries.iter().enumerate() {
             let eq = d[..].ct_eq(&e.digest[..]);
             role.conditional_assign(&e.role.to_u8(), eq);
+            index.conditional_assign(&u32::try_from(i).unwrap_or(u32::MAX), eq);
         }
-        Role::from_u8(role)
+        Role::from_u8(role).map(|r| (r, ApiKeyId(index)))
     }
 
     fn mac(secret: &[u8]) -> Hmac<Sha256> {
@@ -405,7 +418,7 @@ impl ApiKeys {
     /// malformed `X-User-ID`.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
         let key = bearer(headers).ok_or(AuthError::MissingKey)?;
-        let role = self.role_of(key.as_bytes()).ok_or(AuthError::UnknownKey)?;
+        let (role, id) = self.lookup(key.as_bytes()).ok_or(AuthError::UnknownKey)?;
         let user = match headers.get(HEADER_USER_ID) {
             None => None,
             Some(v) => {
@@ -423,7 +436,11 @@ impl ApiKeys {
                 return Err(AuthError::BadSignature);
             }
         }
-        Ok(Principal { role, user })
+        Ok(Principal {
+            role,
+            user,
+            key: id,
+        })
     }
 }
 

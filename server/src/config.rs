@@ -282,6 +282,10 @@ pub struct LimitsConfig {
     pub max_title_bytes: usize,
     /// Thread metadata records kept in memory.
     pub thread_cache_entries: usize,
+    /// Requests a second per API key (0: no limit).
+    pub key_rate_per_sec: u32,
+    /// Burst per API key (0: `key_rate_per_sec`).
+    pub key_rate_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -292,6 +296,8 @@ impl Default for LimitsConfig {
             max_page_size: 500,
             max_title_bytes: 512,
             thread_cache_entries: 10_000,
+            key_rate_per_sec: 0,
+            key_rate_burst: 0,
         }
     }
 }

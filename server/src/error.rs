@@ -51,6 +51,7 @@ pub enum ErrorCode {
     ShredFailed,
     /// `POST /admin/threads/{id}/encrypt` on a thread that is encrypted already.
     AlreadyEncrypted,
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -71,6 +72,7 @@ impl ErrorCode {
             ErrorCode::KmsUnavailable | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::AlreadyEncrypted => StatusCode::CONFLICT,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -93,11 +95,12 @@ impl ErrorCode {
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::ShredFailed => "shred_failed",
             ErrorCode::AlreadyEncrypted => "already_encrypted",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
     /// Every code, for tests and docs.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::MalformedRequest,
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthorized,
@@ -114,6 +117,7 @@ impl ErrorCode {
         ErrorCode::StorageFull,
         ErrorCode::ShredFailed,
         ErrorCode::AlreadyEncrypted,
+        ErrorCode::RateLimited,
     ];
 }
 
@@ -153,6 +157,9 @@ pub enum ApiError {
     ShredFailed,
     #[error("the thread is encrypted already (use rotate-dek for a new key)")]
     AlreadyEncrypted,
+    /// Over the API key's request rate; retry after this many seconds.
+    #[error("too many requests for this API key; retry in {0} s")]
+    RateLimited(u64),
 }
 
 impl ApiError {
@@ -174,6 +181,7 @@ impl ApiError {
             ApiError::StorageFull => ErrorCode::StorageFull,
             ApiError::ShredFailed => ErrorCode::ShredFailed,
             ApiError::AlreadyEncrypted => ErrorCode::AlreadyEncrypted,
+            ApiError::RateLimited(_) => ErrorCode::RateLimited,
         }
     }
 

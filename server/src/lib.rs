@@ -127,6 +127,10 @@ impl Server {
             encryption,
             keys,
             cache: cache::ThreadCache::new(cfg.limits.thread_cache_entries),
+            key_rate: service_kit::rate::RateLimiter::new(service_kit::rate::RateLimit {
+                per_sec: cfg.limits.key_rate_per_sec,
+                burst: cfg.limits.key_rate_burst,
+            }),
             ids: ids::MessageIdGen::new(),
             metrics,
             limits: Limits {

@@ -92,6 +92,8 @@ pub struct MessageService {
     pub rotation_policy: crate::jobs::RotationPolicy,
     /// Jobs this process drives now.
     pub running: crate::jobs::Running,
+    /// Requests a second per API key (`limits.key_rate_per_sec`).
+    pub key_rate: service_kit::rate::RateLimiter<crate::auth::ApiKeyId>,
 }
 
 fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {

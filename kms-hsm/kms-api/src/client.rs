@@ -733,7 +733,8 @@ impl KmsClient {
             Ok(b) if b.error.code == ErrorCode::Unavailable => {
                 Err(ClientError::Unavailable(b.error.message))
             }
-            Ok(b) if b.error.code == ErrorCode::Overloaded => {
+            // Over a limit, the KMS's or this peer's: retry later.
+            Ok(b) if matches!(b.error.code, ErrorCode::Overloaded | ErrorCode::RateLimited) => {
                 Err(ClientError::Overloaded(b.error.message))
             }
             Ok(b) => Err(ClientError::Api {

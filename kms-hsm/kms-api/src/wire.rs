@@ -263,6 +263,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The KMS is at a limit (connections, HSM queue); retry after the `Retry-After` delay.
     Overloaded,
+    /// This peer is over its request rate (`limits.peer_rate_per_sec`); retry after the
+    /// `Retry-After` delay.
+    RateLimited,
     /// The key store cannot take writes: its map is at `store.map_size_mb`, or its file system
     /// is full. Nothing was written; reads keep working.
     StorageFull,
@@ -295,6 +298,7 @@ impl ErrorCode {
             ErrorCode::KekNotRetired | ErrorCode::KekInUse => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RateLimited => 429,
             ErrorCode::DecryptionFailed | ErrorCode::BackupInvalid => 422,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
             ErrorCode::Unavailable | ErrorCode::Overloaded => 503,
@@ -316,6 +320,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::UnknownJob => "unknown_job",
             ErrorCode::KekNotRetired => "kek_not_retired",

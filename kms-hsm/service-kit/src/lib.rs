@@ -23,6 +23,8 @@
 //!   the write timeout ends the connection (a client that never reads its answer), and a
 //!   lingering close, so a peer answered before its request was read whole still receives
 //!   the answer instead of a reset.
+//! * [`rate`]: token-bucket request rate limits per caller (429 with `Retry-After`), with
+//!   bounded memory.
 //! * [`shutdown`]: one future that completes on SIGTERM or SIGINT, installed before start-up.
 //!
 //! `progressdb-kms` (`kms-hsm/`) and `progressdb` (`server/`) both use every module.
@@ -37,6 +39,7 @@ pub mod guarded_io;
 pub mod lmdb;
 pub mod metrics;
 pub mod process;
+pub mod rate;
 pub mod secret_file;
 pub mod shutdown;
 pub mod telemetry;

@@ -131,6 +131,10 @@ pub fn error_response(e: &ApiError) -> Response {
             r.headers_mut()
                 .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        ApiError::RateLimited(secs) => {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
         ApiError::MalformedRequest(_)
         | ApiError::InvalidArgument(_)
         | ApiError::Forbidden
@@ -253,8 +257,14 @@ pub struct Caller(Principal);
 impl FromRequestParts<RouterState> for Caller {
     type Rejection = ApiError;
 
+    /// Authenticates, then counts the request against its API key's rate.
     async fn from_request_parts(parts: &mut Parts, st: &RouterState) -> Result<Self, ApiError> {
-        Ok(Caller(st.app.keys.authenticate(&parts.headers)?))
+        let p = st.app.keys.authenticate(&parts.headers)?;
+        st.app
+            .key_rate
+            .check(&p.key)
+            .map_err(|wait| ApiError::RateLimited(wait.as_secs().max(1)))?;
+        Ok(Caller(p))
     }
 }
 

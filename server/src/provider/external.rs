@@ -77,9 +77,10 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         ErrorCode::DecryptionFailed => ProviderError::DecryptionFailed,
         // The KMS's key store full: the KMS cannot take writes now (503 kms_unavailable here;
         // the server's own store is fine).
-        ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::StorageFull => {
-            ProviderError::Unavailable(message)
-        }
+        ErrorCode::Unavailable
+        | ErrorCode::Overloaded
+        | ErrorCode::RateLimited
+        | ErrorCode::StorageFull => ProviderError::Unavailable(message),
         ErrorCode::MalformedRequest
         | ErrorCode::InvalidBase64
         | ErrorCode::InvalidArgument
