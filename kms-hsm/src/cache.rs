@@ -134,6 +134,7 @@ impl DekCache {
             Some(_) => self.metrics.hits.inc(),
             None => self.metrics.misses.inc(),
         };
+        tracing::trace!(key_id = %key_id, hit = found.is_some(), "DEK cache lookup");
         found
     }
 

@@ -180,6 +180,12 @@ pub enum KmsListen {
 }
 
 /// A running `progressdb-kms` with its own SoftHSM token.
+/// The log filter the services run with: `PROGRESSDB_E2E_LOG` (e.g. `trace`, for a test that
+/// scans every line), default `debug`.
+pub fn log_level() -> String {
+    std::env::var("PROGRESSDB_E2E_LOG").unwrap_or_else(|_| "debug".into())
+}
+
 pub struct Kms {
     pub proc: Proc,
     pub config: PathBuf,
@@ -292,7 +298,7 @@ impl Kms {
         self.proc.stop_if_running();
         let mut cmd = Command::new(bin("progressdb-kms"));
         cmd.env("SOFTHSM2_CONF", &hsm.conf)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", log_level())
             .arg("serve")
             .arg("--config")
             .arg(&self.config);
@@ -460,7 +466,7 @@ impl Server {
     pub fn restart(&mut self) {
         self.proc.stop_if_running();
         let mut cmd = Command::new(&self.binary);
-        cmd.env("RUST_LOG", "debug")
+        cmd.env("RUST_LOG", log_level())
             .arg("serve")
             .arg("--config")
             .arg(&self.config);

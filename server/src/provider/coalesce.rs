@@ -155,6 +155,11 @@ async fn dispatch<Req: Send + 'static, Resp: Send + 'static>(
             continue;
         }
         let send = send.clone();
+        tracing::trace!(
+            items = jobs.len(),
+            bytes,
+            "coalesced batch sent to the key provider"
+        );
         tokio::spawn(async move {
             let _slot = slot;
             let (items, replies): (Vec<Req>, Vec<_>) =

@@ -328,6 +328,7 @@ impl Worker {
 
     fn handle(&mut self, job: Job) {
         let expired = Instant::now() > job.deadline;
+        tracing::trace!(expired, "HSM job taken by a worker");
         let late = || {
             BackendError::Unavailable("the HSM job waited in the queue past its deadline".into())
         };
