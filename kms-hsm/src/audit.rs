@@ -155,8 +155,36 @@ struct Queued {
 #[derive(Default)]
 pub struct AuditLog {
     queue: std::sync::Mutex<Vec<Queued>>,
-    /// The head as last committed (`None`: read it from the store first).
+    /// The head the next group chains on: that of the last group queued, committed or not
+    /// (`None`: read the committed one from the store first).
     head: tokio::sync::Mutex<Option<Option<AuditHead>>>,
+    /// Keys of pending entries a queued group chains and has not committed yet: no other
+    /// group chains them again.
+    chaining: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A group queued in the store and not known to be durable yet.
+struct InFlight {
+    commit: crate::keystore::Commit,
+    /// The head it moves the log to.
+    head: AuditHead,
+    batch: Vec<Queued>,
+}
+
+/// Releases the pending-entry keys a group chained once it is settled (or its leader was
+/// cancelled): committed, they are gone from the store; failed, a later group chains them.
+struct Chaining<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    keys: Vec<String>,
+}
+
+impl Drop for Chaining<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(PoisonError::into_inner);
+        for k in &self.keys {
+            set.remove(k);
+        }
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -205,6 +233,12 @@ impl AuditLog {
         // Leader and followers: whoever takes the lock writes everything queued, including
         // the entries of callers still waiting for it (one HSM job and one commit for the
         // group); a caller whose entry a leader wrote meanwhile leaves the line at once.
+        //
+        // Pipelined: the head lock is held to number, MAC and queue a group, not while it
+        // commits, so the next group is MACed by the HSM while this one is fsynced (and
+        // groups queued meanwhile can share a commit). The store applies groups in the order
+        // queued, and each one only on the head it was chained on, so a group chained on one
+        // that then failed fails too: the chain never forks or has a gap.
         let mut rx = rx;
         let answer = tokio::select! {
             biased;
@@ -212,10 +246,16 @@ impl AuditLog {
             mut head = self.head.lock() => {
                 let batch =
                     std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-                if !batch.is_empty() {
-                    self.write(backend, store, &mut head, batch).await;
-                }
+                let queued = if batch.is_empty() {
+                    None
+                } else {
+                    self.queue_group(backend, store, &mut head, batch).await
+                };
                 drop(head);
+                if let Some((group, chaining)) = queued {
+                    self.settle(group).await;
+                    drop(chaining);
+                }
                 // Our entry was in this batch or an earlier one: its answer is there.
                 rx.await
             }
@@ -227,20 +267,33 @@ impl AuditLog {
         }
     }
 
-    async fn write<B: KeyBackend, S: KeyStore>(
-        &self,
+    /// Numbers, chains, MACs and queues `batch` on `head` (held by the caller). Nothing is
+    /// queued when this fails: the batch's callers are answered, and `head` is still the one
+    /// to chain on.
+    async fn queue_group<'a, B: KeyBackend, S: KeyStore>(
+        &'a self,
         backend: &B,
         store: &S,
         head: &mut Option<Option<AuditHead>>,
         batch: Vec<Queued>,
-    ) {
+    ) -> Option<(InFlight, Chaining<'a>)> {
         let result = async {
             let current = match *head {
                 Some(h) => h,
                 None => store.audit_head()?,
             };
-            // Events recorded while the HSM could not MAC them go first, with their own time.
-            let pending = store.pending_audits()?;
+            // Events recorded while the HSM could not MAC them go first, with their own time,
+            // unless a group still committing chains them already.
+            let taken = self
+                .chaining
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let pending: Vec<(String, AuditEntry)> = store
+                .pending_audits()?
+                .into_iter()
+                .filter(|(k, _)| !taken.contains(k))
+                .collect();
             let chained: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
             let mut entries: Vec<AuditEntry> = pending.into_iter().map(|(_, e)| e).collect();
             entries.extend(batch.iter().map(|q| q.entry.clone()));
@@ -264,31 +317,68 @@ impl AuditLog {
                 mac: macs.last().copied().unwrap_or(prev),
             };
             let records = batch.iter().filter_map(|q| q.record.clone()).collect();
-            // `current` is the head these entries chain on: if the stored one differs (an
-            // append whose caller went away after queueing it), nothing is written.
-            store
-                .append_audit(entries, current, new_head, chained, records)
+            // `current` is the head these entries chain on: if the stored one differs when
+            // the store applies them (an append whose caller went away after queueing it, or
+            // a group before this one that failed), nothing is written.
+            let commit = store
+                .queue_audit(entries, current, new_head, chained.clone(), records)
                 .await?;
-            Ok::<_, AuditError>(new_head)
+            Ok::<_, AuditError>((commit, new_head, chained))
         }
         .await;
         match result {
-            Ok(h) => {
-                *head = Some(Some(h));
-                for q in batch {
-                    let _ = q.reply.send(Ok(()));
-                }
+            Ok((commit, new_head, chained)) => {
+                *head = Some(Some(new_head));
+                self.chaining
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(chained.iter().cloned());
+                Some((
+                    InFlight {
+                        commit,
+                        head: new_head,
+                        batch,
+                    },
+                    Chaining {
+                        set: &self.chaining,
+                        keys: chained,
+                    },
+                ))
             }
             Err(e) => {
                 tracing::error!(error = %e, entries = batch.len(), "cannot append to the audit log; the audited actions are refused");
-                // Re-read the head next time: the store knows what was committed.
-                *head = None;
                 let failure = match &e {
                     AuditError::Store(s) => s.clone(),
                     other => StoreError::Io(other.to_string()),
                 };
                 for q in batch {
                     let _ = q.reply.send(Err(failure.clone()));
+                }
+                None
+            }
+        }
+    }
+
+    /// Waits until `group` is durable and answers its callers.
+    async fn settle(&self, group: InFlight) {
+        match group.commit.await {
+            Ok(()) => {
+                for q in group.batch {
+                    let _ = q.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, entries = group.batch.len(), "cannot append to the audit log; the audited actions are refused");
+                // The groups queued after this one chain on it and fail too; the last of them
+                // finds its own head still current and clears it, so that the next group
+                // chains on the committed head read from the store.
+                let mut head = self.head.lock().await;
+                if *head == Some(Some(group.head)) {
+                    *head = None;
+                }
+                drop(head);
+                for q in group.batch {
+                    let _ = q.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -521,6 +611,56 @@ mod tests {
         assert_eq!(first.detail["key_id"], "k0");
     }
 
+    /// Groups pipelined behind a group whose commit fails (a duplicate key record) fail
+    /// with it, never fork the chain, and the log goes on: every append that answered Ok is
+    /// in the log, in one gapless chain that verifies, and nothing else is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_in_the_pipeline_never_forks_the_chain() {
+        let (_d, backend, store, log) = filled(1).await;
+        let dup = crate::keystore::KeyRecord {
+            key_id: kms_api::KeyId::from_random([9; 16]),
+            kek_id: kms_api::KekId::parse("kek").unwrap(),
+            kek_version: kms_api::KekVersion::new(1).unwrap(),
+            thread_id: kms_api::ThreadId::parse("t").unwrap(),
+            created_at: 1,
+            state: crate::keystore::KeyState::Destroyed { destroyed_at: 1 },
+        };
+        store.put_new(dup.clone()).await.unwrap();
+        let (backend, store, log) = (Arc::new(backend), Arc::new(store), Arc::new(log));
+        let tasks: Vec<_> = (0..33)
+            .map(|i| {
+                let (b, s, l, dup) = (backend.clone(), store.clone(), log.clone(), dup.clone());
+                tokio::spawn(async move {
+                    let mut ok = 0u64;
+                    for j in 0..15 {
+                        // One task keeps re-creating an existing key: its groups fail.
+                        let record = (i == 0 && j % 3 == 0).then(|| dup.clone());
+                        let ev = AuditEvent::new("dek.create").with("n", format!("{i}-{j}"));
+                        if l.append_with(&*b, &*s, ev, record).await.is_ok() {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let mut ok = 1; // the one `filled` wrote
+        for t in tasks {
+            ok += t.await.unwrap();
+        }
+        assert!(
+            ok < 1 + 33 * 15,
+            "no append failed: the duplicate was accepted"
+        );
+        log.append(&*backend, &*store, AuditEvent::new("after"))
+            .await
+            .unwrap();
+        ok += 1;
+        let v = verify(&*backend, &*store).await.unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!((v.verified, v.head_seq), (ok, ok), "{v:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_append_chained_on_a_stale_head_writes_nothing() {
         let (_d, backend, store, _log) = filled(3).await;
@@ -537,9 +677,13 @@ mod tests {
             seq: 1,
             mac: [0; 32],
         };
-        let r = store
-            .append_audit(vec![e.clone()], None, stale, vec![], vec![])
-            .await;
+        let r = match store
+            .queue_audit(vec![e.clone()], None, stale, vec![], vec![])
+            .await
+        {
+            Ok(commit) => commit.await,
+            Err(e) => Err(e),
+        };
         assert!(matches!(r, Err(StoreError::AuditHeadMoved)), "{r:?}");
         let v = verify(&backend, &store).await.unwrap();
         assert!(v.ok && v.head_seq == 3, "{v:?}");

@@ -272,6 +272,18 @@ impl LmdbStore {
     }
 
     async fn submit(&self, op: Op) -> Result<OpOutput, StoreError> {
+        self.enqueue(op)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues `op` for the writer (behind everything queued before it, which the writer
+    /// applies first) and returns the receiver of its outcome.
+    async fn enqueue(
+        &self,
+        op: Op,
+    ) -> Result<oneshot::Receiver<Result<OpOutput, StoreError>>, StoreError> {
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
         let (reply, rx) = oneshot::channel();
         let pending = Box::new(Pending {
@@ -284,7 +296,7 @@ impl LmdbStore {
             reply,
         });
         tx.send(pending).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(rx)
     }
 }
 
@@ -381,14 +393,14 @@ impl KeyStore for LmdbStore {
             })
     }
 
-    async fn append_audit(
+    async fn queue_audit(
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
         prev: Option<AuditHead>,
         head: AuditHead,
         chained: Vec<String>,
         records: Vec<KeyRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<super::Commit, StoreError> {
         let entries = entries
             .iter()
             .map(|e| {
@@ -399,15 +411,18 @@ impl KeyStore for LmdbStore {
             .collect::<Result<Vec<_>, _>>()?;
         let head = serde_json::to_vec(&head)
             .map_err(|e| StoreError::Io(format!("cannot encode the audit head: {e}")))?;
-        self.submit(Op::AppendAudit {
-            entries,
-            prev,
-            head,
-            chained,
-            records,
-        })
-        .await
-        .map(|_| ())
+        let rx = self
+            .enqueue(Op::AppendAudit {
+                entries,
+                prev,
+                head,
+                chained,
+                records,
+            })
+            .await?;
+        Ok(Box::pin(async move {
+            rx.await.map_err(|_| StoreError::Closed)?.map(|_| ())
+        }))
     }
 
     async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {

@@ -84,6 +84,10 @@ pub struct KekVersionRecord {
 /// as it is, persisted after every step, so a restarted KMS resumes it where it stopped.
 pub type JobRecord = kms_api::admin::Job;
 
+/// The durability of a queued write ([`KeyStore::queue_audit`]): resolves once it is
+/// committed, or with why nothing of it was written.
+pub type Commit = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
 /// The last audit entry: its sequence number and MAC. Written in the same transaction as the
 /// entries, so a log shorter than its head was cut after the fact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,25 +244,34 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `Io` or `Corrupt`.
     fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
 
-    /// Appends audit entries and moves the head, in one durable transaction, removing the
-    /// pending entries named in `chained` (now part of the chain) and storing the new key
-    /// `records` the entries record (so a created key and its audit entry share one commit).
-    /// The caller (the one audit sequencer) numbers and chains the entries.
+    /// Queues an append of audit entries that moves the head, as one durable transaction
+    /// that also removes the pending entries named in `chained` (now part of the chain) and
+    /// stores the new key `records` the entries record (so a created key and its audit entry
+    /// share one commit). The caller (the one audit sequencer) numbers and chains the
+    /// entries.
+    ///
+    /// Two steps, so that the sequencer can chain the next group while this one commits:
+    /// the returned future resolves once the append is queued, behind every append queued
+    /// before it (the store applies them in that order), and the [`Commit`] it yields
+    /// resolves once the append is durable, or failed.
+    ///
+    /// `prev` is the head the entries were chained on (`None`: the log was empty): when the
+    /// stored head is another one when the append is applied (an append the caller did not
+    /// see, or a group queued before this one that then failed), nothing is written and the
+    /// commit answers `Conflict`, so the chain never forks and never has a gap.
     ///
     /// # Errors
-    /// `AlreadyExists` when one of `records` exists; `Full`, `Io`, `Closed`; in every case
-    /// nothing was written.
-    /// `prev` is the head the entries were chained on (`None`: the log was empty): when the
-    /// stored head is another one (an append the caller did not see), nothing is written and
-    /// the answer is `Conflict`, so the chain never forks.
-    fn append_audit(
+    /// Queueing: `Io` (an entry cannot be encoded) or `Closed`; nothing is queued. The
+    /// commit: `Conflict` as above, `AlreadyExists` when one of `records` exists, `Full`,
+    /// `NoSpace`, `Io`, `Closed`; in every case nothing was written.
+    fn queue_audit(
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,
         prev: Option<AuditHead>,
         head: AuditHead,
         chained: Vec<String>,
         records: Vec<KeyRecord>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Commit, StoreError>> + Send;
 
     /// Records an event that must be audited but cannot be MACed now (the HSM refused the
     /// PIN): it is chained, with its own time, by the next append once the HSM is usable.
