@@ -548,6 +548,13 @@ fn apply(
             if stored != *prev {
                 return Ok(Err(StoreError::AuditHeadMoved));
             }
+            // A pending entry this group chains that is gone was chained by another group:
+            // chaining it again would log the event twice, so nothing is written.
+            for k in chained {
+                if lifecycle.get(wtxn, k)?.is_none() {
+                    return Ok(Err(StoreError::AuditHeadMoved));
+                }
+            }
             // Validate every record first: all of this or none of it.
             let mut encoded = Vec::with_capacity(records.len());
             for rec in records {
