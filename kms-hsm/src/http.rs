@@ -490,10 +490,12 @@ where
     // The key API's rate per peer (admin peers, probes and metrics are not limited).
     let over_rate =
         if api.limits.peer_rate.is_on() && !matches!(label, "/healthz" | "/readyz" | "/metrics") {
-            req.extensions()
-                .get::<Peer>()
-                .filter(|p| !p.0.starts_with("admin:"))
-                .and_then(|p| api.rate.check(&p.0).err())
+            match req.extensions().get::<Peer>() {
+                Some(p) if p.0.starts_with("admin:") => None,
+                Some(p) => api.rate.check(&p.0).err(),
+                // A request the transport did not tag is limited too, in one shared bucket.
+                None => api.rate.check(&std::sync::Arc::from("unknown")).err(),
+            }
         } else {
             None
         };
@@ -844,6 +846,10 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with_rate(service_kit::rate::RateLimit::OFF)
+    }
+
+    fn fixture_with_rate(peer_rate: service_kit::rate::RateLimit) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(MockBackend::new());
         let gate = service_kit::conn::ConnectionGate::new(service_kit::conn::ConnectionLimits {
@@ -860,7 +866,7 @@ mod tests {
             HttpLimits {
                 max_body_bytes: 64 * 1024,
                 body_read_timeout: Duration::from_secs(5),
-                peer_rate: service_kit::rate::RateLimit::OFF,
+                peer_rate,
             },
             crate::lifecycle::LifecycleOptions::default(),
         );
@@ -889,6 +895,34 @@ mod tests {
 
     fn b64(b: &[u8]) -> String {
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b)
+    }
+
+    /// A request the transport did not tag with its peer is limited too (one shared
+    /// bucket), never let through unlimited; probes are not limited.
+    #[tokio::test]
+    async fn untagged_requests_are_rate_limited_and_probes_are_not() {
+        let f = fixture_with_rate(service_kit::rate::RateLimit {
+            per_sec: 1,
+            burst: 2,
+        });
+        let body = json!({"thread_id": "t"});
+        assert_eq!(
+            post(&f, "/create_dek_for_thread", body.clone()).await.0,
+            200
+        );
+        assert_eq!(
+            post(&f, "/create_dek_for_thread", body.clone()).await.0,
+            200
+        );
+        let (s, v) = post(&f, "/create_dek_for_thread", body).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (429, Some("rate_limited")),
+            "{v}"
+        );
+        for _ in 0..5 {
+            assert_eq!(call(&f, Method::GET, "/healthz", b"").await.0, 200);
+        }
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Kms, KmsListen, Role, Server, SoftHsm};
 use serde_json::json;
 use testkit::Certs;
 
@@ -263,12 +263,8 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
         );
     }
     drop(silent);
-    rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while fresh().ready().await.is_err() {
-            assert!(Instant::now() < deadline, "the KMS did not serve again");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    eventually(Duration::from_secs(10), "the KMS serves again", || {
+        rt.block_on(fresh().ready()).is_ok()
     });
 
     // CAP clients finish the handshake, send a request with a large answer and never read.
@@ -306,16 +302,11 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
         "every slot should be held by a client that does not read"
     );
     let start = Instant::now();
-    rt.block_on(async {
-        let deadline = Instant::now() + READ_TIMEOUT - Duration::from_secs(1);
-        while fresh().ready().await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the KMS did not cut the stalled clients"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    eventually(
+        READ_TIMEOUT - Duration::from_secs(1),
+        "the KMS cuts the stalled clients",
+        || rt.block_on(fresh().ready()).is_ok(),
+    );
     assert!(
         start.elapsed() >= WRITE_TIMEOUT / 2,
         "{:?}",
@@ -337,13 +328,7 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
 }
 
 fn server_with_limits(root: &Path) -> (SoftHsm, Kms, Server) {
-    let hsm = SoftHsm::new(root);
-    let kms = Kms::start(root, &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(root, "progressdb", &provider, true);
+    let (hsm, kms, mut server) = progressdb_e2e::system(root);
     let text = std::fs::read_to_string(&server.config).unwrap();
     let text = text.replacen(
         "[http]\n",

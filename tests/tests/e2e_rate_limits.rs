@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use progressdb_e2e::{uds_raw, Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{uds_raw, Kms, KmsListen, Role, SoftHsm};
 use serde_json::json;
 
 #[test]
@@ -80,13 +80,7 @@ fn raw_head(sock: &std::path::Path, body: &serde_json::Value) -> String {
 #[test]
 fn the_server_limits_each_api_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
     let mut text = std::fs::read_to_string(&server.config).unwrap();
     text.push_str("\n[limits]\nkey_rate_per_sec = 4\nkey_rate_burst = 4\n");
     std::fs::write(&server.config, text).unwrap();
