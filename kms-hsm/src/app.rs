@@ -251,12 +251,36 @@ pub async fn serve(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(
             );
         }
     }
+    lock_key_memory(cfg);
     let app = App::build(cfg).await?;
     let listener = Listener::bind(&cfg.listen)?;
     let admin = Listener::bind_admin(&cfg.admin)?;
     app.run(listener, Some(admin), shutdown).await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Sizes and locks the key arena ([`service_kit::locked`]) before any DEK exists: one slot
+/// per cache entry plus headroom for keys held by requests in flight. A refusal by the OS is
+/// a warning, not a reason to stop: the keys then live in unlocked (still zeroized) memory.
+fn lock_key_memory(cfg: &Config) {
+    let m = service_kit::locked::init(
+        cfg.cache
+            .max_entries
+            .saturating_add(service_kit::locked::HEADROOM_SLOTS),
+    );
+    match &m.locking {
+        service_kit::locked::Locking::Locked => tracing::info!(
+            slots = m.slots,
+            bytes = m.bytes,
+            "key memory locked into RAM"
+        ),
+        service_kit::locked::Locking::Refused(why) => tracing::warn!(
+            slots = m.slots,
+            alert = "key_memory_unlocked",
+            "key memory is not locked, DEKs may reach swap: {why}"
+        ),
+    }
 }
 
 /// `progressdb-kms init-kek`: creates the KEK in the token if it is missing.

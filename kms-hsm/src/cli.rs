@@ -116,6 +116,22 @@ fn print_status(s: &StatusResponse) {
             c.entries, c.max_entries, c.ttl_secs
         );
     }
+    let m = &s.key_memory;
+    println!(
+        "key memory: {}, {} of {} slots in use{}",
+        if m.locked {
+            "locked (mlock)"
+        } else {
+            "NOT locked (DEKs may reach swap)"
+        },
+        m.in_use,
+        m.slots,
+        if m.unlocked_keys > 0 {
+            format!(", {} DEKs held unlocked (arena full)", m.unlocked_keys)
+        } else {
+            String::new()
+        }
+    );
     let h = &s.hsm;
     println!(
         "HSM: {}, {} workers, {} sessions open; {} calls, {} errors, {} recoveries, {} resets, {} refused (queues full)",

@@ -455,6 +455,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 ttl_secs: self.svc.cache().ttl().as_secs(),
             },
             hsm,
+            key_memory: key_memory(),
         })
     }
 
@@ -930,6 +931,17 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
 }
 
 /// Counts a DEK that failed, keeping the first [`MAX_FAILED_KEYS`] ids.
+/// The key arena of this process, for `status`.
+fn key_memory() -> kms_api::admin::KeyMemory {
+    let m = service_kit::locked::status();
+    kms_api::admin::KeyMemory {
+        locked: m.locking == service_kit::locked::Locking::Locked,
+        slots: m.slots as u64,
+        in_use: m.in_use as u64,
+        unlocked_keys: m.unlocked_keys,
+    }
+}
+
 fn note_failure(p: &mut JobProgress, key: KeyId) {
     p.failed += 1;
     if p.failed_keys.len() < MAX_FAILED_KEYS {

@@ -131,6 +131,7 @@ impl<B> std::fmt::Debug for HsmCollector<B> {
 impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.backend.hsm_counters();
+        let mem = service_kit::locked::status();
         for (name, help, v) in [
             ("hsm_calls", "PKCS#11 operations sent to the HSM", c.calls),
             ("hsm_errors", "PKCS#11 operations that failed", c.errors),
@@ -154,6 +155,11 @@ impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
                 "HSM jobs refused because every worker queue was full",
                 c.overloaded,
             ),
+            (
+                "key_memory_unlocked_keys",
+                "DEKs held in unlocked memory because every slot of the locked arena was taken",
+                mem.unlocked_keys,
+            ),
         ] {
             let m = ConstCounter::new(v);
             m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)?;
@@ -165,6 +171,21 @@ impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
                 i64::from(c.pin_rejected),
             ),
             ("hsm_sessions", "PKCS#11 sessions open now", c.sessions_open),
+            (
+                "key_memory_locked",
+                "1 when the arena DEKs are held in is locked into RAM (mlock), 0 when the OS refused",
+                i64::from(mem.locking == service_kit::locked::Locking::Locked),
+            ),
+            (
+                "key_memory_slots",
+                "32-byte slots of the locked key arena",
+                gauge_i64(mem.slots),
+            ),
+            (
+                "key_memory_in_use",
+                "Slots of the locked key arena holding a DEK now",
+                gauge_i64(mem.in_use),
+            ),
         ] {
             let g = ConstGauge::new(v);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
@@ -178,6 +199,10 @@ impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
         )?)?;
         Ok(())
     }
+}
+
+fn gauge_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {

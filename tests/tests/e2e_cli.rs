@@ -438,6 +438,11 @@ fn kms_status_text_and_json() {
     assert_eq!(j["hsm"]["workers"], 4, "{j}");
     assert!(j["hsm"]["sessions_open"].as_u64().unwrap() >= 1, "{j}");
     assert!(j["hsm"]["calls"].as_u64().unwrap() >= 3, "{j}");
+    // The DEK cache (1000) plus headroom, locked; the cached DEK holds a slot.
+    assert_eq!(j["key_memory"]["locked"], true, "{j}");
+    assert_eq!(j["key_memory"]["slots"], 1000 + 8192, "{j}");
+    assert!(j["key_memory"]["in_use"].as_u64().unwrap() >= 1, "{j}");
+    assert_eq!(j["key_memory"]["unlocked_keys"], 0, "{j}");
 
     let out = run(
         "progressdb-kms",
@@ -451,6 +456,10 @@ fn kms_status_text_and_json() {
     assert!(t.contains("DEKs: 3 active, 0 destroyed"), "{t}");
     assert!(
         t.contains("cache: ") && t.contains("of 1000 DEKs held, ttl 300 s"),
+        "{t}"
+    );
+    assert!(
+        t.contains("key memory: locked (mlock), ") && t.contains(" of 9192 slots in use"),
         "{t}"
     );
     assert!(t.contains("HSM: ready, 4 workers"), "{t}");
@@ -484,4 +493,39 @@ fn both_services_run_without_core_dumps() {
         let fields: Vec<&str> = core.split_whitespace().collect();
         assert_eq!(&fields[4..6], ["0", "0"], "{name}: {core}");
     }
+}
+
+/// The KMS holds its DEKs in memory locked into RAM: the kernel counts the arena (one 32-byte
+/// slot per cache entry plus 8192) as locked in the process (`VmLck`), and `/metrics` agrees.
+#[test]
+fn the_kms_locks_its_key_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", kms.proc.pid())).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    let arena_kb = (1000 + 8192) * 32 / 1024;
+    assert!(
+        locked_kb >= arena_kb,
+        "VmLck {locked_kb} kB < {arena_kb} kB"
+    );
+    let m = kms.metrics();
+    assert_eq!(
+        progressdb_e2e::metric(&m, "progressdb_kms_key_memory_locked"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        progressdb_e2e::metric(&m, "progressdb_kms_key_memory_slots"),
+        Some(9192.0)
+    );
+    assert!(kms.proc.log_text().contains("key memory locked into RAM"));
 }

@@ -200,6 +200,23 @@ pub struct StatusResponse {
     pub cache: CacheStatus,
     /// The HSM backend: state, workers and counters since start.
     pub hsm: HsmStatus,
+    /// The locked memory DEKs are held in.
+    #[serde(default)]
+    pub key_memory: KeyMemory,
+}
+
+/// The arena of locked memory every unwrapped DEK is held in, as `status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyMemory {
+    /// Whether the OS locked the arena into RAM (`mlock`): when `false`, DEKs may be written
+    /// to swap; the KMS's start-up log says why.
+    pub locked: bool,
+    /// 32-byte slots in the arena (`cache.max_entries` plus headroom for requests in flight).
+    pub slots: u64,
+    /// Slots holding a DEK now.
+    pub in_use: u64,
+    /// DEKs held in ordinary memory since start because every slot was taken.
+    pub unlocked_keys: u64,
 }
 
 /// The unwrapped-DEK cache as `status` reports it.

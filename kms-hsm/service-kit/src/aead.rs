@@ -20,23 +20,60 @@ pub const TAG_BYTES: usize = 16;
 /// Shortest valid ciphertext (empty plaintext).
 pub const MIN_CIPHERTEXT_BYTES: usize = NONCE_BYTES + TAG_BYTES;
 
-/// A raw 256-bit key. Boxed, so moving it never leaves a copy behind; zeroized on drop;
-/// neither `Clone` nor `PartialEq`; `Debug` prints nothing of it; no `Display`.
-pub struct DataKey(Box<Zeroizing<[u8; KEY_LEN]>>);
+/// A raw 256-bit key, held in a slot of the process's locked key arena ([`crate::locked`]),
+/// or in zeroizing heap memory when every slot is taken. Moving it moves a reference, never
+/// the bytes; zeroized on drop; neither `Clone` nor `PartialEq`; `Debug` prints nothing of it;
+/// no `Display`.
+pub struct DataKey(Option<Storage>);
+
+enum Storage {
+    Locked(crate::locked::Slot),
+    Heap(Box<Zeroizing<[u8; KEY_LEN]>>),
+}
+
+/// What [`DataKey::expose`] would see of a key whose storage was given back, which only
+/// happens inside `drop`, where nothing can call it: never read, so no panic path is needed.
+static RELEASED: [u8; KEY_LEN] = [0; KEY_LEN];
+
+impl Storage {
+    /// Empty storage to fill: a locked slot when one is free.
+    fn empty() -> Self {
+        match crate::locked::take() {
+            Some(slot) => Self::Locked(slot),
+            None => Self::Heap(Box::new(Zeroizing::new([0u8; KEY_LEN]))),
+        }
+    }
+
+    fn bytes(&self) -> &[u8; KEY_LEN] {
+        match self {
+            Self::Locked(k) => k,
+            Self::Heap(k) => k,
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8; KEY_LEN] {
+        match self {
+            Self::Locked(k) => k,
+            Self::Heap(k) => k,
+        }
+    }
+}
 
 impl DataKey {
     pub fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
-        Self(Box::new(bytes))
+        let mut k = Storage::empty();
+        k.bytes_mut().copy_from_slice(&bytes[..]);
+        Self(Some(k))
     }
 
     /// A key copied from `bytes`, or `None` unless it is exactly [`KEY_LEN`] long.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let mut k = Box::new(Zeroizing::new([0u8; KEY_LEN]));
         if bytes.len() != KEY_LEN {
             return None;
         }
-        k.copy_from_slice(bytes);
-        Some(Self(k))
+        let mut k = Storage::empty();
+        k.bytes_mut().copy_from_slice(bytes);
+        Some(Self(Some(k)))
     }
 
     /// A fresh key from the system random generator.
@@ -44,20 +81,32 @@ impl DataKey {
     /// # Errors
     /// [`SealError`] when the generator fails.
     pub fn random(rng: &SystemRandom) -> Result<Self, SealError> {
-        let mut k = Box::new(Zeroizing::new([0u8; KEY_LEN]));
-        rng.fill(&mut k[..]).map_err(|_| SealError)?;
-        Ok(Self(k))
+        let mut k = Storage::empty();
+        let filled = rng.fill(&mut k.bytes_mut()[..]);
+        // Built before the check, so a failure still gives the slot back through `drop`.
+        let key = Self(Some(k));
+        filled.map_err(|_| SealError)?;
+        Ok(key)
     }
 
     /// The key bytes, for the cipher and for wrapping only.
     pub fn expose(&self) -> &[u8; KEY_LEN] {
-        &self.0
+        self.0.as_ref().map_or(&RELEASED, Storage::bytes)
     }
 
     /// ring refuses only keys of the wrong length, and a `DataKey` is 32 bytes by type, so
     /// the error branch is never taken; it is still an error, not a panic.
     fn cipher(&self) -> Result<LessSafeKey, ring::error::Unspecified> {
-        UnboundKey::new(&AES_256_GCM, &self.0[..]).map(LessSafeKey::new)
+        UnboundKey::new(&AES_256_GCM, &self.expose()[..]).map(LessSafeKey::new)
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        if let Some(Storage::Locked(slot)) = self.0.take() {
+            crate::locked::give_back(slot);
+        }
+        // A heap key zeroizes itself when its box drops.
     }
 }
 

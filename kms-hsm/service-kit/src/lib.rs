@@ -1,6 +1,6 @@
 //! What the two progressdb services do alike, written once.
 //!
-//! * [`aead`]: AES-256-GCM under a boxed, zeroizing [`aead::DataKey`]: the KMS's message
+//! * [`aead`]: AES-256-GCM under a zeroizing [`aead::DataKey`] (held in [`locked`] memory): the KMS's message
 //!   encryption and the dev-only embedded provider of the server.
 //! * [`body`]: request bodies read into zeroizing memory (`ZeroizingBuf`) within a deadline.
 //! * [`check`]: `check-config`: findings about a config and the files it names, one line each,
@@ -10,6 +10,8 @@
 //!   names the file or key at fault.
 //! * [`telemetry`]: logs to stderr, text or JSON, filtered by `RUST_LOG` or `log.level`.
 //! * [`secret_file`]: secrets read from files that must not be group/world accessible.
+//! * [`locked`]: the arena of `mlock`ed 32-byte slots every raw key lives in, zeroized and
+//!   reused on drop.
 //! * [`process`]: no core dumps and a non-dumpable process, set before any secret is read.
 //! * [`group_commit`]: the single LMDB writer of both stores: one thread, one transaction and
 //!   one fsync per group of concurrent writes, map growth, answers only after the commit.
@@ -37,6 +39,7 @@ pub mod conn;
 pub mod group_commit;
 pub mod guarded_io;
 pub mod lmdb;
+pub mod locked;
 pub mod metrics;
 pub mod process;
 pub mod rate;
