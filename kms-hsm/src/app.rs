@@ -160,7 +160,7 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
             }
         });
         // Events recorded while the HSM could not MAC them are chained now.
-        match svc.store().pending_audits() {
+        match svc.store().pending_audits().await {
             Ok(p) if !p.is_empty() => {
                 let ev =
                     crate::audit::AuditEvent::new("audit.pending_chained").with("entries", p.len());
@@ -190,7 +190,7 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
                 }
             }
         });
-        match self.api.lifecycle().resume() {
+        match self.api.lifecycle().resume().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "resumed unfinished lifecycle jobs"),
             Err(e) => tracing::error!(error = %e, "cannot read lifecycle jobs; none resumed"),

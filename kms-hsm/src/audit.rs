@@ -279,7 +279,7 @@ impl AuditLog {
         let result = async {
             let current = match state.head {
                 Some(h) => h,
-                None => store.audit_head()?,
+                None => store.audit_head().await?,
             };
             // Events recorded while the HSM could not MAC them go first, with their own time,
             // unless a group still committing chains them already.
@@ -290,7 +290,8 @@ impl AuditLog {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
             let pending: Vec<(String, AuditEntry)> = store
-                .pending_audits()?
+                .pending_audits()
+                .await?
                 .into_iter()
                 .filter(|(k, _)| !taken.contains(k))
                 .collect();
@@ -420,7 +421,7 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
     backend: &B,
     store: &S,
 ) -> Result<AuditVerifyResponse, AuditError> {
-    let head = store.audit_head()?;
+    let head = store.audit_head().await?;
     let head_seq = head.map_or(0, |h| h.seq);
     let problem = |kind: &str, seq: u64, message: String| AuditProblem {
         kind: kind.to_owned(),
@@ -439,7 +440,7 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
     let mut after = 0u64;
     // Up to the head read first: entries appended while this runs are not judged against it.
     while after < head_seq {
-        let mut page = store.audit_range(after, VERIFY_CHUNK)?;
+        let mut page = store.audit_range(after, VERIFY_CHUNK).await?;
         page.retain(|(k, _)| *k <= head_seq);
         let Some(&(last, _)) = page.last() else { break };
         let mut entries = Vec::with_capacity(page.len());
@@ -529,7 +530,7 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
             format!("entries after the recorded head {} were added", h.seq),
         )),
         // Entries past the head that a live append has not covered by a newer head.
-        Some(h) if beyond_current_head(store, h.seq)? => Some(problem(
+        Some(h) if beyond_current_head(store, h.seq).await? => Some(problem(
             "beyond_head",
             h.seq + 1,
             format!("entries after the recorded head {} were added", h.seq),
@@ -546,9 +547,13 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
 
 /// Whether an entry exists past the head as it is *now* (re-read: appends go on while a
 /// verification runs).
-fn beyond_current_head<S: KeyStore>(store: &S, verified_to: u64) -> Result<bool, AuditError> {
-    let now = store.audit_head()?.map_or(0, |h| h.seq).max(verified_to);
-    Ok(!store.audit_range(now, 1)?.is_empty())
+async fn beyond_current_head<S: KeyStore>(store: &S, verified_to: u64) -> Result<bool, AuditError> {
+    let now = store
+        .audit_head()
+        .await?
+        .map_or(0, |h| h.seq)
+        .max(verified_to);
+    Ok(!store.audit_range(now, 1).await?.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -609,7 +614,7 @@ mod tests {
         let v = verify(&*backend, &*store).await.unwrap();
         assert!(v.ok, "{v:?}");
         assert_eq!((v.verified, v.head_seq), (23, 23));
-        let page = store.audit_range(0, 100).unwrap();
+        let page = store.audit_range(0, 100).await.unwrap();
         let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, (1..=23).collect::<Vec<_>>());
         let e: AuditEntry = serde_json::from_slice(&page[5].1).unwrap();

@@ -136,7 +136,11 @@ pub async fn backup<B: KeyBackend, S: KeyStore>(
         format: FORMAT.to_owned(),
         created_at: now_secs(),
         kek_id: svc.backend().current_kek().id,
-        kek_versions: svc.store().kek_versions().map_err(ServiceError::from)?,
+        kek_versions: svc
+            .store()
+            .kek_versions()
+            .await
+            .map_err(ServiceError::from)?,
         records,
     };
     let mac = hex::encode(mac_of(svc, &body).await?);
@@ -191,7 +195,7 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
     )
     .await?;
     let store = svc.store();
-    let known = store.kek_versions().map_err(ServiceError::from)?;
+    let known = store.kek_versions().await.map_err(ServiceError::from)?;
     let destroyed = unusable_versions(svc, &known, &file.body.kek_versions).await?;
     for v in &file.body.kek_versions {
         if !known.iter().any(|k| k.version == v.version) {
@@ -275,7 +279,7 @@ pub async fn import_copies<B: KeyBackend, S: KeyStore>(
     svc.audit(AuditEvent::new("import_copies").with("copies", copies.len()))
         .await?;
     let store = svc.store();
-    let known = store.kek_versions().map_err(ServiceError::from)?;
+    let known = store.kek_versions().await.map_err(ServiceError::from)?;
     let destroyed = unusable_versions(svc, &known, &[]).await?;
     let mut report = ImportReport {
         copies: copies.len() as u64,
@@ -436,7 +440,11 @@ mod tests {
                 &forged[..80]
             );
         }
-        assert_eq!(fresh.store().key_count().unwrap(), 0, "nothing restored");
+        assert_eq!(
+            fresh.store().key_count().await.unwrap(),
+            0,
+            "nothing restored"
+        );
         // Made under another HSM's audit key: refused too.
         let other = Arc::new(MockBackend::new());
         let (_c, elsewhere) = service(&other);

@@ -227,9 +227,9 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     ///
     /// # Errors
     /// `Store` when the job records cannot be read.
-    pub fn resume(self: &Arc<Self>) -> Result<usize, LifecycleError> {
+    pub async fn resume(self: &Arc<Self>) -> Result<usize, LifecycleError> {
         let mut n = 0;
-        for job in self.svc.store().jobs()? {
+        for job in self.svc.store().jobs().await? {
             if !job.state.is_final() {
                 tracing::info!(job = %job.id, kind = job.kind.label(), state = ?job.state, "resuming lifecycle job");
                 self.spawn(job);
@@ -246,7 +246,10 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     /// recorded (then nothing was started); `VersionsExhausted`.
     pub async fn rotate_kek(self: &Arc<Self>) -> Result<(Job, bool), LifecycleError> {
         let _admin = self.admin.lock().await;
-        if let Some(job) = self.running_job(|k| matches!(k, JobKind::RotateKek { .. }))? {
+        if let Some(job) = self
+            .running_job(|k| matches!(k, JobKind::RotateKek { .. }))
+            .await?
+        {
             self.ensure_driven(&job);
             return Ok((job, false));
         }
@@ -276,13 +279,13 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     /// `Store` when the job cannot be recorded.
     pub async fn verify(self: &Arc<Self>) -> Result<(Job, bool), LifecycleError> {
         let _admin = self.admin.lock().await;
-        if let Some(job) = self.running_job(|k| matches!(k, JobKind::Verify))? {
+        if let Some(job) = self.running_job(|k| matches!(k, JobKind::Verify)).await? {
             self.ensure_driven(&job);
             return Ok((job, false));
         }
         self.audit(AuditEvent::new("verify.start")).await?;
         let mut job = self.new_job(JobKind::Verify, JobState::Verifying).await?;
-        job.progress.total = self.svc.store().key_count()?;
+        job.progress.total = self.svc.store().key_count().await?;
         self.svc.store().put_job(job.clone()).await?;
         self.spawn(job.clone());
         Ok((job, true))
@@ -292,10 +295,11 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     ///
     /// # Errors
     /// `UnknownJob`; `Store`.
-    pub fn job(&self, id: &JobId) -> Result<Job, LifecycleError> {
+    pub async fn job(&self, id: &JobId) -> Result<Job, LifecycleError> {
         self.svc
             .store()
-            .jobs()?
+            .jobs()
+            .await?
             .into_iter()
             .find(|j| &j.id == id)
             .ok_or_else(|| LifecycleError::UnknownJob(id.clone()))
@@ -305,8 +309,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     ///
     /// # Errors
     /// `Store`.
-    pub fn jobs(&self) -> Result<Vec<Job>, LifecycleError> {
-        Ok(self.svc.store().jobs()?)
+    pub async fn jobs(&self) -> Result<Vec<Job>, LifecycleError> {
+        Ok(self.svc.store().jobs().await?)
     }
 
     /// Removes retired KEK `version` from the HSM. Refused while it is current, not retired
@@ -340,7 +344,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             });
         }
         if self
-            .running_job(|k| matches!(k, JobKind::RotateKek { .. }))?
+            .running_job(|k| matches!(k, JobKind::RotateKek { .. }))
+            .await?
             .is_some()
         {
             return Err(LifecycleError::KekNotRetired {
@@ -351,7 +356,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let record = self
             .svc
             .store()
-            .kek_versions()?
+            .kek_versions()
+            .await?
             .into_iter()
             .find(|r| r.version == version);
         let Some(mut record) = record else {
@@ -410,7 +416,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let records: BTreeMap<KekVersion, KekVersionRecord> = self
             .svc
             .store()
-            .kek_versions()?
+            .kek_versions()
+            .await?
             .into_iter()
             .map(|r| (r.version, r))
             .collect();
@@ -433,7 +440,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 current: v == current.version,
             })
             .collect();
-        let all = self.svc.store().jobs()?;
+        let all = self.svc.store().jobs().await?;
         let mut jobs: Vec<Job> = all
             .iter()
             .filter(|j| !j.state.is_final())
@@ -509,11 +516,15 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         self.svc.audit(ev).await.map_err(LifecycleError::Audit)
     }
 
-    fn running_job(&self, kind: impl Fn(&JobKind) -> bool) -> Result<Option<Job>, StoreError> {
+    async fn running_job(
+        &self,
+        kind: impl Fn(&JobKind) -> bool,
+    ) -> Result<Option<Job>, StoreError> {
         Ok(self
             .svc
             .store()
-            .jobs()?
+            .jobs()
+            .await?
             .into_iter()
             .find(|j| !j.state.is_final() && kind(&j.kind)))
     }
@@ -589,7 +600,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             .ensure_kek_version(target)
             .await
             .map_err(backend_step_error)?;
-        let known = self.svc.store().kek_versions()?;
+        let known = self.svc.store().kek_versions().await?;
         if !known.iter().any(|r| r.version == target) {
             self.svc
                 .store()
@@ -607,7 +618,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         job.cursor = None;
         job.progress.passes = 1;
         job.progress.scanned = 0;
-        job.progress.total = self.svc.store().key_count()?;
+        job.progress.total = self.svc.store().key_count().await?;
         Ok(())
     }
 
@@ -627,7 +638,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             job.progress.failed = 0;
             job.progress.failed_keys.clear();
             job.progress.per_version.clear();
-            job.progress.total = self.svc.store().key_count()?;
+            job.progress.total = self.svc.store().key_count().await?;
             return Ok(());
         };
         let current = self.svc.backend().current_kek();
@@ -840,7 +851,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                         job.cursor = None;
                         job.progress.passes += 1;
                         job.progress.scanned = 0;
-                        job.progress.total = self.svc.store().key_count()?;
+                        job.progress.total = self.svc.store().key_count().await?;
                         return Ok(());
                     }
                 } else {
@@ -890,7 +901,8 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let records: BTreeMap<KekVersion, KekVersionRecord> = self
             .svc
             .store()
-            .kek_versions()?
+            .kek_versions()
+            .await?
             .into_iter()
             .map(|r| (r.version, r))
             .collect();
@@ -1061,7 +1073,7 @@ mod tests {
 
     async fn wait_final(lc: &Lifecycle<MockBackend, LmdbStore>, id: &JobId) -> Job {
         for _ in 0..2000 {
-            let j = lc.job(id).unwrap();
+            let j = lc.job(id).await.unwrap();
             if j.state.is_final() {
                 return j;
             }
@@ -1166,7 +1178,7 @@ mod tests {
             // Let it get part of the way, then "kill" it: the engine and its tasks go away
             // wherever they are, like a SIGKILL (only what was committed remains).
             loop {
-                let j = lc.job(&job.id).unwrap();
+                let j = lc.job(&job.id).await.unwrap();
                 if j.progress.rewrapped >= 15 || j.state.is_final() {
                     break;
                 }
@@ -1184,10 +1196,10 @@ mod tests {
         assert_eq!(mid.values().sum::<u64>(), 60, "no record lost: {mid:?}");
         let lc = Lifecycle::new(Arc::clone(&f.svc), opts());
         assert_eq!(
-            lc.resume().unwrap(),
-            usize::from(lc.jobs().unwrap().iter().any(|j| !j.state.is_final()))
+            lc.resume().await.unwrap(),
+            usize::from(lc.jobs().await.unwrap().iter().any(|j| !j.state.is_final()))
         );
-        let job = lc.jobs().unwrap().pop().unwrap();
+        let job = lc.jobs().await.unwrap().pop().unwrap();
         let done = wait_final(&lc, &job.id).await;
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
         assert_eq!(versions_of(&f).await, BTreeMap::from([(2, 60)]));
@@ -1267,7 +1279,7 @@ mod tests {
         let done = wait_final(&lc, &job.id).await;
         assert_eq!(done.state, JobState::Failed, "{done:?}");
         assert!(done.progress.error.as_deref().unwrap().contains("1 DEK"));
-        let records = f.svc.store().kek_versions().unwrap();
+        let records = f.svc.store().kek_versions().await.unwrap();
         assert!(
             records.iter().all(|r| r.state == KekState::Active),
             "nothing retired: {records:?}"
@@ -1293,7 +1305,7 @@ mod tests {
         let (job, _) = lc.rotate_kek().await.unwrap();
         f.backend.set_down(true);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let paused = lc.job(&job.id).unwrap();
+        let paused = lc.job(&job.id).await.unwrap();
         assert!(!paused.state.is_final(), "{paused:?}");
         f.backend.set_down(false);
         let done = wait_final(&lc, &job.id).await;

@@ -527,7 +527,7 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
                 return Readiness::NotReady("HSM round trip timed out");
             }
         }
-        if let Err(e) = self.store.check() {
+        if let Err(e) = self.store.check().await {
             tracing::warn!(error = %e, "readiness: key store check failed");
             return Readiness::NotReady("key store unavailable");
         }

@@ -204,7 +204,11 @@ async fn destroy<B: KeyBackend, S: KeyStore>(
 }
 
 async fn jobs<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {
-    let r = api.lifecycle().jobs().map(|jobs| JobsResponse { jobs });
+    let r = api
+        .lifecycle()
+        .jobs()
+        .await
+        .map(|jobs| JobsResponse { jobs });
     reply("/admin/jobs", StatusCode::OK, r)
 }
 
@@ -220,7 +224,7 @@ async fn job<B: KeyBackend, S: KeyStore>(
             ROUTE,
         );
     };
-    reply(ROUTE, StatusCode::OK, api.lifecycle().job(&id))
+    reply(ROUTE, StatusCode::OK, api.lifecycle().job(&id).await)
 }
 
 /// `GET /admin/audit?after=&limit=`.
@@ -247,6 +251,7 @@ async fn audit_list<B: KeyBackend, S: KeyStore>(
         .service()
         .store()
         .audit_range(q.after.unwrap_or(0), limit)
+        .await
     {
         Ok(r) => r,
         Err(e) => {

@@ -117,7 +117,7 @@ impl LmdbStore {
     /// [`StoreError::Open`] naming the path.
     pub fn open(path: &Path, map_size_mb: u64, metrics: StoreMetrics) -> Result<Self, StoreError> {
         let open_err = |detail: String| StoreError::Open {
-            path: path.display().to_string(),
+            target: path.display().to_string(),
             detail,
         };
         std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
@@ -207,7 +207,7 @@ impl LmdbStore {
     /// [`StoreError::Open`] when the store is in use or cannot be copied.
     pub fn compact(path: &Path) -> Result<(u64, u64), StoreError> {
         service_kit::lmdb::compact(path, LOCK_FILE, 8).map_err(|detail| StoreError::Open {
-            path: path.display().to_string(),
+            target: path.display().to_string(),
             detail,
         })
     }
@@ -355,12 +355,12 @@ impl KeyStore for LmdbStore {
         }
     }
 
-    fn key_count(&self) -> Result<u64, StoreError> {
+    async fn key_count(&self) -> Result<u64, StoreError> {
         let rtxn = self.env.read_txn().map_err(io_err)?;
         self.keys.len(&rtxn).map_err(io_err)
     }
 
-    fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError> {
+    async fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError> {
         self.lifecycle_prefix("kek/")
     }
 
@@ -369,7 +369,7 @@ impl KeyStore for LmdbStore {
         self.put_lifecycle(key, &record).await
     }
 
-    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let mut jobs: Vec<JobRecord> = self.lifecycle_prefix("job/")?;
         jobs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(jobs)
@@ -380,7 +380,7 @@ impl KeyStore for LmdbStore {
         self.put_lifecycle(key, &job).await
     }
 
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         let rtxn = self.env.read_txn().map_err(io_err)?;
         let Some(v) = self.lifecycle.get(&rtxn, AUDIT_HEAD).map_err(io_err)? else {
             return Ok(None);
@@ -434,7 +434,9 @@ impl KeyStore for LmdbStore {
         self.put_lifecycle(key, &entry).await
     }
 
-    fn pending_audits(&self) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
+    async fn pending_audits(
+        &self,
+    ) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
         let rtxn = self.env.read_txn().map_err(io_err)?;
         let mut out = Vec::new();
         for item in self
@@ -452,7 +454,11 @@ impl KeyStore for LmdbStore {
         Ok(out)
     }
 
-    fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    async fn audit_range(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let rtxn = self.env.read_txn().map_err(io_err)?;
         let start = after.saturating_add(1).to_be_bytes();
         let range = (Bound::Included(&start[..]), Bound::<&[u8]>::Unbounded);
@@ -469,7 +475,7 @@ impl KeyStore for LmdbStore {
         Ok(out)
     }
 
-    fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<(), StoreError> {
         match &self.tx {
             Some(tx) if !tx.is_closed() => {}
             _ => return Err(StoreError::Closed),
@@ -647,7 +653,7 @@ impl Write for Pending {
             (Ok(()), Some(r)) => r,
             (Ok(()), None) => Err(StoreError::Io("write was not applied".into())),
             (Err(CommitError::MapFull), _) => Err(StoreError::Full {
-                map_size_mb: self.map_size_mb,
+                limit: format!("store.map_size_mb = {}", self.map_size_mb),
             }),
             (Err(CommitError::NoSpace(m)), _) => Err(StoreError::NoSpace(m)),
             (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Io(m)),
@@ -771,7 +777,7 @@ mod tests {
         assert_eq!(first.len(), 3);
         let rest = s.list(Some(&first[2].key_id), 100).await.unwrap();
         assert_eq!(first.len() + rest.len(), 7);
-        s.check().unwrap();
+        s.check().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -858,7 +864,10 @@ mod tests {
             while let Some(j) = set.join_next().await {
                 match j.unwrap() {
                     (Ok(()), r) => stored.push(r),
-                    (Err(StoreError::Full { map_size_mb: 1 }), _) => full = true,
+                    (Err(StoreError::Full { limit }), _) => {
+                        assert_eq!(limit, "store.map_size_mb = 1");
+                        full = true;
+                    },
                     (Err(e), _) => panic!("{e}"),
                 }
             }
@@ -867,7 +876,7 @@ mod tests {
             }
         }
         assert!(full, "a 1 MiB map must fill up");
-        assert!(s.check().is_ok());
+        assert!(s.check().await.is_ok());
         for r in stored.iter().step_by(97) {
             assert_eq!(s.get(&r.key_id).await.unwrap().as_ref(), Some(r));
         }

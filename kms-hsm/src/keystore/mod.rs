@@ -122,12 +122,14 @@ pub enum DestroyOutcome {
 /// Failures of a key store. Messages name keys and paths, never key material.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The store could not be opened at start-up.
-    #[error("key store {path}: {detail}")]
-    Open { path: String, detail: String },
-    /// The store is full: nothing was written (raise `store.map_size_mb`).
-    #[error("key store is full (store.map_size_mb = {map_size_mb}); nothing was written")]
-    Full { map_size_mb: u64 },
+    /// The store could not be opened at start-up (`target`: its path, or its database URL
+    /// without the password).
+    #[error("key store {target}: {detail}")]
+    Open { target: String, detail: String },
+    /// The store reached its configured size (`limit` names the setting to raise, e.g.
+    /// `store.map_size_mb = 64`): nothing was written.
+    #[error("key store is full ({limit}); nothing was written")]
+    Full { limit: String },
     /// The file system under the store is full (or a quota or file-size limit was hit):
     /// nothing was written; writes work again once space is freed.
     #[error("the key store's file system is full; nothing was written: {0}")]
@@ -148,7 +150,7 @@ pub enum StoreError {
     /// A stored record cannot be decoded.
     #[error("key record {key} is corrupt: {detail}")]
     Corrupt { key: String, detail: String },
-    /// Reading or writing failed (I/O, LMDB).
+    /// Reading or writing failed (I/O, the database unreachable or refusing).
     #[error("key store I/O: {0}")]
     Io(String),
     /// The writer has stopped (shutting down or crashed).
@@ -209,13 +211,15 @@ pub trait KeyStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Io`.
-    fn key_count(&self) -> Result<u64, StoreError>;
+    fn key_count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Every KEK version record, ascending.
     ///
     /// # Errors
     /// `Io` or `Corrupt`.
-    fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError>;
+    fn kek_versions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<KekVersionRecord>, StoreError>> + Send;
 
     /// Stores (creates or replaces) the record of one KEK version, durably.
     ///
@@ -230,7 +234,7 @@ pub trait KeyStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Io` or `Corrupt`.
-    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    fn jobs(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send;
 
     /// Stores (creates or replaces) a job record, durably.
     ///
@@ -242,7 +246,7 @@ pub trait KeyStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Io` or `Corrupt`.
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+    fn audit_head(&self) -> impl Future<Output = Result<Option<AuditHead>, StoreError>> + Send;
 
     /// Queues an append of audit entries that moves the head, as one durable transaction
     /// that also removes the pending entries named in `chained` (now part of the chain) and
@@ -288,20 +292,26 @@ pub trait KeyStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Io` or `Corrupt`.
-    fn pending_audits(&self) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError>;
+    fn pending_audits(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError>> + Send;
 
     /// Up to `limit` audit records stored under sequence numbers greater than `after`, in
     /// order, as stored (undecoded: verification must see what is on disk).
     ///
     /// # Errors
     /// `Io`.
-    fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    fn audit_range(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
 
     /// `Ok` when the store can serve reads and writes now.
     ///
     /// # Errors
     /// The reason it cannot.
-    fn check(&self) -> Result<(), StoreError>;
+    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
