@@ -8,9 +8,11 @@ use std::time::Duration;
 use crate::backend::pkcs11::{self, InitKekOutcome, Pkcs11Backend};
 use crate::backend::{BackendError, KeyBackend};
 use crate::cache::DekCache;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StoreBackend};
 use crate::http::{Api, HttpLimits};
 use crate::keystore::lmdb::LmdbStore;
+use crate::keystore::postgres::PostgresStore;
+use crate::keystore::AnyStore;
 use crate::keystore::{KeyStore, StoreError};
 use crate::metrics::{BackendStats, Metrics};
 use crate::service::KeyService;
@@ -49,7 +51,7 @@ impl<B, S> std::fmt::Debug for App<B, S> {
     }
 }
 
-impl App<Pkcs11Backend, LmdbStore> {
+impl App<Pkcs11Backend, AnyStore> {
     /// Opens the key store and the HSM (on a blocking thread) as configured.
     ///
     /// # Errors
@@ -85,26 +87,38 @@ impl App<Pkcs11Backend, LmdbStore> {
         };
         let kek = backend.current_kek();
         tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "HSM ready");
-        Self::with_backend(cfg, Arc::new(backend))
+        Self::with_backend(cfg, Arc::new(backend)).await
     }
 }
 
-impl<B: KeyBackend + BackendStats> App<B, LmdbStore> {
+/// Opens the key store `cfg.store` names.
+///
+/// # Errors
+/// [`crate::keystore::StoreError::Open`] naming the store and what failed.
+pub async fn open_store(
+    cfg: &Config,
+    metrics: crate::metrics::StoreMetrics,
+) -> Result<AnyStore, crate::keystore::StoreError> {
+    Ok(match &cfg.store.backend {
+        StoreBackend::Lmdb { map_size_mb } => {
+            AnyStore::Lmdb(LmdbStore::open(&cfg.store.path, *map_size_mb, metrics)?)
+        }
+        StoreBackend::Postgres(pg) => AnyStore::Postgres(PostgresStore::open(pg, metrics).await?),
+    })
+}
+
+impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
     /// Builds the KMS around an already opened backend.
     ///
     /// # Errors
     /// [`StartError::Store`] when the key store cannot be opened.
-    pub fn with_backend(cfg: &Config, backend: Arc<B>) -> Result<Self, StartError> {
+    pub async fn with_backend(cfg: &Config, backend: Arc<B>) -> Result<Self, StartError> {
         let gate = ConnectionGate::new(ConnectionLimits {
             max_connections: cfg.limits.max_connections,
             max_per_peer: cfg.limits.max_connections_per_peer,
         });
         let metrics = Arc::new(Metrics::new(backend.clone(), gate.clone()));
-        let store = LmdbStore::open(
-            &cfg.store.path,
-            cfg.store.map_size_mb,
-            metrics.store.clone(),
-        )?;
+        let store = open_store(cfg, metrics.store.clone()).await?;
         let cache = DekCache::new(cfg.cache.ttl, cfg.cache.max_entries, metrics.cache.clone());
         let service = Arc::new(KeyService::new(backend, store, cache));
         let api = Arc::new(Api::new(
@@ -213,11 +227,7 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
 /// Stores a pending `hsm.pin_rejected` audit entry (see [`crate::audit`]); failures are
 /// logged, the start-up error stands either way.
 async fn record_pin_rejected(cfg: &Config, token: &str) {
-    let store = match LmdbStore::open(
-        &cfg.store.path,
-        cfg.store.map_size_mb,
-        crate::metrics::StoreMetrics::unregistered(),
-    ) {
+    let store = match open_store(cfg, crate::metrics::StoreMetrics::unregistered()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot record the refused PIN in the audit log");

@@ -31,9 +31,53 @@ pub fn run(path: &Path, login: Login) -> Report {
         return r;
     };
     listen(&mut r, &cfg);
-    r.store_dir(&cfg.store.path, crate::keystore::lmdb::LOCK_FILE);
+    store(&mut r, &cfg, login);
     hsm(&mut r, &cfg, path, login);
     r
+}
+
+/// LMDB: the store directory. PostgreSQL: the password file, the CA file, and (unless
+/// `--no-login`) a connection that applies no migration but reads the schema version.
+fn store(r: &mut Report, cfg: &Config, login: Login) {
+    use crate::config::StoreBackend;
+    let pg = match &cfg.store.backend {
+        StoreBackend::Lmdb { .. } => {
+            r.store_dir(&cfg.store.path, crate::keystore::lmdb::LOCK_FILE);
+            return;
+        }
+        StoreBackend::Postgres(pg) => pg,
+    };
+    if let Some(f) = &pg.password_file {
+        if !r.secret_file("store.password_file", f) {
+            return;
+        }
+    }
+    if let Err(e) = pg.tls_client_config() {
+        r.problem(
+            "store.ca_file",
+            e,
+            "point it at the PEM certificate of the database's CA",
+        );
+        return;
+    }
+    if login == Login::Skip {
+        return;
+    }
+    let target = pg.display_target();
+    match crate::keystore::postgres::probe(pg) {
+        Ok(version) => r.ok(
+            format!("store.url {target}"),
+            format!(
+                "connected; schema version {version} (this KMS knows {})",
+                crate::keystore::postgres::SCHEMA_VERSION
+            ),
+        ),
+        Err(e) => r.problem(
+            format!("store.url {target}"),
+            e,
+            "check the database is up, reachable, and that the user and password are right",
+        ),
+    }
 }
 
 fn listen(r: &mut Report, cfg: &Config) {

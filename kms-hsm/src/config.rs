@@ -177,8 +177,14 @@ pub struct RawHsm {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
+    pub backend: Option<String>,
     pub path: Option<PathBuf>,
     pub map_size_mb: Option<u64>,
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub pool_size: Option<u64>,
+    pub timeout_secs: Option<u64>,
 }
 
 /// `[cache]`
@@ -280,8 +286,180 @@ pub struct HsmConfig {
 /// `[store]`
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// The KMS's local state directory: the LMDB files (`backend = "lmdb"`) and the admin
+    /// socket's default place.
     pub path: PathBuf,
-    pub map_size_mb: u64,
+    pub backend: StoreBackend,
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The embedded LMDB store in `store.path` (one KMS process per store).
+    Lmdb { map_size_mb: u64 },
+    /// A PostgreSQL database, shared by every replica.
+    Postgres(PostgresConfig),
+}
+
+/// Environment variable that may hold the database password instead of
+/// `store.password_file` (libpq's own name for it).
+pub const PG_PASSWORD_ENV: &str = "PGPASSWORD";
+
+/// `store.backend = "postgres"`: where the database is and how to reach it. Holds no
+/// password: [`PostgresConfig::pg_config`] reads it when connecting.
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// The libpq connection string (`postgresql://user@host/db?...` or `host=... dbname=...`),
+    /// checked to hold no password.
+    url: String,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub pool_size: usize,
+    /// Connecting, waiting for a pooled connection, and each statement (`statement_timeout`).
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("target", &self.display_target())
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresConfig {
+    /// Checks `url` parses and holds no password; `tcp` hosts need `ca_file` unless the URL
+    /// says `sslmode=disable`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `store.url` or `store.ca_file`.
+    pub fn new(
+        url: String,
+        password_file: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<Self, ConfigError> {
+        let parsed: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| invalid("store.url", format!("not a libpq connection string: {e}")))?;
+        if parsed.get_password().is_some() {
+            return Err(invalid(
+                "store.url",
+                "must not hold a password: use store.password_file (mode 0600) or PGPASSWORD",
+            ));
+        }
+        if parsed.get_hosts().is_empty() {
+            return Err(invalid("store.url", "names no host"));
+        }
+        let tcp = parsed
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+        if tcp
+            && ca_file.is_none()
+            && parsed.get_ssl_mode() != tokio_postgres::config::SslMode::Disable
+        {
+            return Err(invalid(
+                "store.ca_file",
+                "is required to verify the database's TLS certificate (or put sslmode=disable in store.url)",
+            ));
+        }
+        Ok(Self {
+            url,
+            password_file,
+            ca_file,
+            pool_size,
+            timeout,
+        })
+    }
+
+    /// The database as logs and errors name it: user, hosts and database, no password.
+    pub fn display_target(&self) -> String {
+        match self.url.parse::<tokio_postgres::Config>() {
+            Ok(c) => {
+                let hosts: Vec<String> = c
+                    .get_hosts()
+                    .iter()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(t) => t.clone(),
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .collect();
+                format!(
+                    "postgres://{}@{}/{}",
+                    c.get_user().unwrap_or(""),
+                    hosts.join(","),
+                    c.get_dbname().unwrap_or("")
+                )
+            }
+            Err(_) => "postgres".into(),
+        }
+    }
+
+    /// The connection settings, with the password read now (from `store.password_file`, or
+    /// `PGPASSWORD`) and the timeouts applied.
+    ///
+    /// # Errors
+    /// One line naming what is wrong (never the password).
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+        use secrecy::ExposeSecret as _;
+        let mut c: tokio_postgres::Config =
+            self.url.parse().map_err(|e| format!("store.url: {e}"))?;
+        match &self.password_file {
+            Some(f) => {
+                let pw = secret_file::read_secret_string(f)
+                    .map_err(|e| format!("store.password_file: {e}"))?;
+                c.password(pw.expose_secret().as_bytes());
+            }
+            None => {
+                if let Ok(pw) = std::env::var(PG_PASSWORD_ENV) {
+                    let pw = zeroize::Zeroizing::new(pw);
+                    c.password(pw.as_bytes());
+                }
+            }
+        }
+        c.connect_timeout(self.timeout);
+        c.options(format!("-c statement_timeout={}", self.timeout.as_millis()));
+        if c.get_application_name().is_none() {
+            c.application_name("progressdb-kms");
+        }
+        Ok(c)
+    }
+
+    /// The TLS client settings: roots from `store.ca_file`, none without it (then TLS is
+    /// only used where the URL allows none: Unix sockets or `sslmode=disable`).
+    ///
+    /// # Errors
+    /// One line naming the CA file and what is wrong with it.
+    pub fn tls_client_config(&self) -> Result<rustls::ClientConfig, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(f) = &self.ca_file {
+            let pem =
+                std::fs::read(f).map_err(|e| format!("store.ca_file {}: {e}", f.display()))?;
+            let mut n = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("store.ca_file {}: {e}", f.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("store.ca_file {}: {e}", f.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!(
+                    "store.ca_file {}: no certificate in it",
+                    f.display()
+                ));
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS settings: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
 }
 
 /// `[cache]`
@@ -316,6 +494,8 @@ pub mod defaults {
     pub const HSM_QUEUE_DEPTH: u32 = 64;
     pub const HSM_JOB_TIMEOUT_MS: u64 = 5000;
     pub const MAP_SIZE_MB: u64 = 1024;
+    pub const PG_POOL_SIZE: u64 = 16;
+    pub const PG_TIMEOUT_SECS: u64 = 5;
     pub const CACHE_TTL_SECS: u64 = 300;
     pub const CACHE_MAX_ENTRIES: u64 = 10_000;
     pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
@@ -590,16 +770,69 @@ impl RawConfig {
             },
         };
 
+        let backend = match self.store.backend.as_deref().unwrap_or("lmdb") {
+            "lmdb" => {
+                for (key, set) in [
+                    ("store.url", self.store.url.is_some()),
+                    ("store.password_file", self.store.password_file.is_some()),
+                    ("store.ca_file", self.store.ca_file.is_some()),
+                    ("store.pool_size", self.store.pool_size.is_some()),
+                    ("store.timeout_secs", self.store.timeout_secs.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(key, "is only for store.backend = \"postgres\""));
+                    }
+                }
+                let map_size_mb = self.store.map_size_mb.unwrap_or(defaults::MAP_SIZE_MB);
+                if !(1..=1 << 24).contains(&map_size_mb) {
+                    return Err(invalid(
+                        "store.map_size_mb",
+                        "must be between 1 and 16777216",
+                    ));
+                }
+                StoreBackend::Lmdb { map_size_mb }
+            }
+            "postgres" => {
+                if self.store.map_size_mb.is_some() {
+                    return Err(invalid(
+                        "store.map_size_mb",
+                        "is only for store.backend = \"lmdb\"",
+                    ));
+                }
+                let url = self.store.url.clone().ok_or(ConfigError::Missing {
+                    key: "store.url",
+                    hint: " with store.backend = \"postgres\" (a libpq connection string)",
+                })?;
+                let pool_size = to_usize(
+                    "store.pool_size",
+                    self.store.pool_size.unwrap_or(defaults::PG_POOL_SIZE),
+                )?;
+                if !(1..=1024).contains(&pool_size) {
+                    return Err(invalid("store.pool_size", "must be between 1 and 1024"));
+                }
+                let timeout_secs = self.store.timeout_secs.unwrap_or(defaults::PG_TIMEOUT_SECS);
+                if !(1..=3600).contains(&timeout_secs) {
+                    return Err(invalid("store.timeout_secs", "must be between 1 and 3600"));
+                }
+                StoreBackend::Postgres(PostgresConfig::new(
+                    url,
+                    self.store.password_file.clone().map(&abs),
+                    self.store.ca_file.clone().map(&abs),
+                    pool_size,
+                    Duration::from_secs(timeout_secs),
+                )?)
+            }
+            other => {
+                return Err(invalid(
+                    "store.backend",
+                    format!("{other:?} is not \"lmdb\" or \"postgres\""),
+                ))
+            }
+        };
         let store = StoreConfig {
             path: store_path,
-            map_size_mb: self.store.map_size_mb.unwrap_or(defaults::MAP_SIZE_MB),
+            backend,
         };
-        if !(1..=1 << 24).contains(&store.map_size_mb) {
-            return Err(invalid(
-                "store.map_size_mb",
-                "must be between 1 and 16777216",
-            ));
-        }
 
         let cache = CacheConfig {
             ttl: Duration::from_secs(self.cache.ttl_secs.unwrap_or(defaults::CACHE_TTL_SECS)),

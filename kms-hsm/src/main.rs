@@ -302,6 +302,15 @@ fn main() -> ExitCode {
             admin(cli::import_copies(&cfg, &input, output(json)))
         }
         Command::Compact { .. } => {
+            if !matches!(
+                cfg.store.backend,
+                progressdb_kms::config::StoreBackend::Lmdb { .. }
+            ) {
+                return fail(
+                    2,
+                    &"compact is for the LMDB store; PostgreSQL reclaims space with VACUUM (docs/operations.md)",
+                );
+            }
             match progressdb_kms::keystore::lmdb::LmdbStore::compact(&cfg.store.path) {
                 Ok((before, after)) => {
                     println!("key store compacted: {before} -> {after} bytes");

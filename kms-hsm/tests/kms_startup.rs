@@ -38,7 +38,14 @@ fn reference_config_file_loads_and_documents_every_key() {
     );
     assert_eq!(c.hsm.sessions, 4);
     assert_eq!(c.store.path, PathBuf::from("/var/lib/progressdb-kms"));
-    assert_eq!(c.store.map_size_mb, 1024);
+    assert!(
+        matches!(
+            c.store.backend,
+            progressdb_kms::config::StoreBackend::Lmdb { map_size_mb: 1024 }
+        ),
+        "{:?}",
+        c.store.backend
+    );
     assert_eq!(c.cache.ttl.as_secs(), 300);
     assert_eq!(c.cache.max_entries, 10_000);
     assert_eq!(c.limits.max_body_bytes, 4 << 20);

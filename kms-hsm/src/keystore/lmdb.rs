@@ -26,8 +26,8 @@ use service_kit::group_commit::{self, CommitError, GroupCommitWriter, Observer, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord, KeyRecord, KeyState,
-    KeyStore, StoreError,
+    decode_record, encode_record, now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord,
+    KeyRecord, KeyState, KeyStore, StoreError,
 };
 use crate::metrics::StoreMetrics;
 
@@ -217,7 +217,7 @@ impl LmdbStore {
         let Some(bytes) = self.keys.get(&rtxn, key_id.as_str()).map_err(io_err)? else {
             return Ok(None);
         };
-        decode(key_id.as_str(), bytes).map(Some)
+        decode_record(key_id.as_str(), bytes).map(Some)
     }
 
     fn list_sync(&self, after: Option<&KeyId>, limit: usize) -> Result<Vec<KeyRecord>, StoreError> {
@@ -233,7 +233,7 @@ impl LmdbStore {
                 break;
             }
             let (k, v) = item.map_err(io_err)?;
-            out.push(decode(k, v)?);
+            out.push(decode_record(k, v)?);
         }
         Ok(out)
     }
@@ -500,28 +500,6 @@ impl LmdbStore {
     }
 }
 
-fn decode(key: &str, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
-    let rec: KeyRecord = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: key.to_owned(),
-        detail: format!(
-            "undecodable record at line {} column {}",
-            e.line(),
-            e.column()
-        ),
-    })?;
-    if rec.key_id.as_str() != key {
-        return Err(StoreError::Corrupt {
-            key: key.to_owned(),
-            detail: "record holds another key id".into(),
-        });
-    }
-    Ok(rec)
-}
-
-fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(rec).map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))
-}
-
 /// Applies one op inside `wtxn`. `Err` (LMDB) aborts the whole group; logical outcomes
 /// (exists, not found, conflict, a corrupt record) are the op's own result in `Ok`.
 fn apply(
@@ -567,7 +545,7 @@ fn apply(
                 if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
                     return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
                 }
-                match encode(rec) {
+                match encode_record(rec) {
                     Ok(v) => encoded.push((rec.key_id.as_str(), v)),
                     Err(e) => return Ok(Err(e)),
                 }
@@ -592,7 +570,7 @@ fn apply(
             if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
                 return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
             }
-            let value = match encode(rec) {
+            let value = match encode_record(rec) {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -602,7 +580,7 @@ fn apply(
         Op::CompareAndSwap { expected, new } => {
             let current = match keys.get(wtxn, new.key_id.as_str())? {
                 None => return Ok(Err(StoreError::NotFound(new.key_id.clone()))),
-                Some(bytes) => match decode(new.key_id.as_str(), bytes) {
+                Some(bytes) => match decode_record(new.key_id.as_str(), bytes) {
                     Ok(r) => r,
                     Err(e) => return Ok(Err(e)),
                 },
@@ -610,7 +588,7 @@ fn apply(
             if current != **expected {
                 return Ok(Err(StoreError::Conflict(new.key_id.clone())));
             }
-            let value = match encode(new) {
+            let value = match encode_record(new) {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -620,7 +598,7 @@ fn apply(
         Op::Destroy { key_id, at } => {
             let current = match keys.get(wtxn, key_id.as_str())? {
                 None => return Ok(Ok(OpOutput::Destroy(DestroyOutcome::Unknown))),
-                Some(bytes) => match decode(key_id.as_str(), bytes) {
+                Some(bytes) => match decode_record(key_id.as_str(), bytes) {
                     Ok(r) => r,
                     Err(e) => return Ok(Err(e)),
                 },
@@ -632,7 +610,7 @@ fn apply(
                 state: KeyState::Destroyed { destroyed_at: *at },
                 ..current
             };
-            let value = match encode(&destroyed) {
+            let value = match encode_record(&destroyed) {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -867,7 +845,7 @@ mod tests {
                     (Err(StoreError::Full { limit }), _) => {
                         assert_eq!(limit, "store.map_size_mb = 1");
                         full = true;
-                    },
+                    }
                     (Err(e), _) => panic!("{e}"),
                 }
             }

@@ -2,8 +2,9 @@
 //! thread id, creation time and state), and of the key lifecycle: what happened to each KEK
 //! version and the lifecycle jobs with their progress.
 //!
-//! [`KeyStore`] is the boundary, so another store (PostgreSQL) can be added later; the only
-//! implementation today is [`lmdb::LmdbStore`]. A store promises:
+//! [`KeyStore`] is the boundary, with two implementations: [`lmdb::LmdbStore`] (embedded,
+//! one host, the default) and [`postgres::PostgresStore`] (shared by several KMS replicas);
+//! [`AnyStore`] is the one the KMS runs on, picked by `store.backend`. A store promises:
 //! * a write returns only once it is durable (committed and synced);
 //! * writes are linearizable per key (one writer);
 //! * it never holds raw key material: records carry the *wrapped* DEK only, and a destroyed
@@ -15,6 +16,7 @@ use kms_api::{KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use serde::{Deserialize, Serialize};
 
 pub mod lmdb;
+pub mod postgres;
 
 /// One DEK's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,6 +314,126 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// The reason it cannot.
     fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Decodes the stored JSON of the record under `key`, refusing one that holds another key id
+/// (a record planted or moved under the wrong key). Both backends store this encoding.
+///
+/// # Errors
+/// `Corrupt`.
+pub(crate) fn decode_record(key: &str, bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    let rec: KeyRecord = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        detail: format!(
+            "undecodable record at line {} column {}",
+            e.line(),
+            e.column()
+        ),
+    })?;
+    if rec.key_id.as_str() != key {
+        return Err(StoreError::Corrupt {
+            key: key.to_owned(),
+            detail: "record holds another key id".into(),
+        });
+    }
+    Ok(rec)
+}
+
+/// The stored JSON of `rec`.
+///
+/// # Errors
+/// `Io` (never seen: every field encodes).
+pub(crate) fn encode_record(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(rec).map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))
+}
+
+/// The store a KMS runs on, chosen by `store.backend`: one type, so the service, the
+/// lifecycle jobs and the HTTP layer are built once for both.
+#[derive(Debug)]
+pub enum AnyStore {
+    Lmdb(lmdb::LmdbStore),
+    Postgres(postgres::PostgresStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Lmdb($s) => $e,
+            AnyStore::Postgres($s) => $e,
+        }
+    };
+}
+
+impl KeyStore for AnyStore {
+    async fn get(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        dispatch!(self, s => s.get(key_id).await)
+    }
+    async fn put_new(&self, record: KeyRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_new(record).await)
+    }
+    async fn compare_and_swap(
+        &self,
+        expected: &KeyRecord,
+        new: KeyRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.compare_and_swap(expected, new).await)
+    }
+    async fn list(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        dispatch!(self, s => s.list(after, limit).await)
+    }
+    async fn mark_destroyed(&self, key_id: &KeyId) -> Result<DestroyOutcome, StoreError> {
+        dispatch!(self, s => s.mark_destroyed(key_id).await)
+    }
+    async fn key_count(&self) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.key_count().await)
+    }
+    async fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError> {
+        dispatch!(self, s => s.kek_versions().await)
+    }
+    async fn put_kek_version(&self, record: KekVersionRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_kek_version(record).await)
+    }
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        dispatch!(self, s => s.jobs().await)
+    }
+    async fn put_job(&self, job: JobRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_job(job).await)
+    }
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        dispatch!(self, s => s.audit_head().await)
+    }
+    async fn queue_audit(
+        &self,
+        entries: Vec<kms_api::admin::AuditEntry>,
+        prev: Option<AuditHead>,
+        head: AuditHead,
+        chained: Vec<String>,
+        records: Vec<KeyRecord>,
+    ) -> Result<Commit, StoreError> {
+        dispatch!(self, s => s.queue_audit(entries, prev, head, chained, records).await)
+    }
+    async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_pending_audit(entry).await)
+    }
+    async fn pending_audits(
+        &self,
+    ) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
+        dispatch!(self, s => s.pending_audits().await)
+    }
+    async fn audit_range(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        dispatch!(self, s => s.audit_range(after, limit).await)
+    }
+    async fn check(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.check().await)
+    }
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).

@@ -1,11 +1,13 @@
 //! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: real SoftHSM
 //! tokens in their own directories, TLS material for mutual TLS, and scans of logs and files
-//! for secrets in every encoding they could take.
+//! for secrets in every encoding they could take, and private PostgreSQL clusters ([`pg`]).
 //!
 //! Nothing here skips: a missing `softhsm2-util` fails the calling test with a message that
 //! says what to install.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod pg;
 
 use std::fs;
 use std::io::Write as _;

@@ -1,0 +1,769 @@
+//! The PostgreSQL key store (`store.backend = "postgres"`): the shared state of several KMS
+//! replicas, through `tokio-postgres` and a `deadpool-postgres` pool.
+//!
+//! * **Schema**: versioned migrations ([`MIGRATIONS`]), applied at start inside one
+//!   transaction under an advisory lock, so replicas starting together apply each once. A
+//!   database whose schema is newer than this binary knows is refused (fail closed).
+//! * **Records** are the same JSON documents as in the LMDB store, in `bytea` columns, and
+//!   are decoded with the same checks (a record under another key id is corrupt).
+//! * **Compare-and-swap by record version**: every key record carries a `revision` that each
+//!   change increments. A CAS reads the record and its revision, compares the record with the
+//!   caller's, and updates `WHERE revision = <read>`: a change in between (a destroy on
+//!   another replica) makes it touch no row, and the caller gets `Conflict`.
+//! * **Audit appends** run one at a time, in the order they were queued, on one writer task
+//!   ([`KeyStore::queue_audit`]'s contract). Each is one transaction that locks the head row
+//!   (`SELECT … FOR UPDATE`), so appends of several replicas are serialised by the database
+//!   and one that chained on a stale head writes nothing (`AuditHeadMoved`).
+//! * **Durability**: a write returns after its `COMMIT`. The store refuses to start on a
+//!   server with `fsync` or `synchronous_commit` off, where a commit is not durable.
+//! * **Errors**: connection and server failures are `Io` (503 to callers, retried by jobs);
+//!   `disk_full` is `NoSpace` (507); nothing is half-written, as every change is one
+//!   statement or one transaction.
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use kms_api::KeyId;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+
+use super::{
+    decode_record, encode_record, now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord,
+    KeyRecord, KeyState, KeyStore, StoreError,
+};
+use crate::config::PostgresConfig;
+use crate::metrics::StoreMetrics;
+
+/// Advisory-lock key that serialises migrations across replicas ("pdbkms" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7064_626b_6d73;
+
+/// The schema, one migration per version, applied in order and never edited once released.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "key records, KEK versions, jobs, audit log",
+    r#"
+CREATE TABLE kms_key_records (
+    key_id   text COLLATE "C" PRIMARY KEY,
+    revision bigint NOT NULL,
+    record   bytea NOT NULL
+);
+CREATE TABLE kms_kek_versions (
+    version integer PRIMARY KEY,
+    record  bytea NOT NULL
+);
+CREATE TABLE kms_jobs (
+    id     text PRIMARY KEY,
+    record bytea NOT NULL
+);
+CREATE TABLE kms_audit (
+    seq   bigint PRIMARY KEY,
+    entry bytea NOT NULL
+);
+-- One row, always present: NULL seq and mac while the log is empty, so an append always
+-- has a row to lock.
+CREATE TABLE kms_audit_head (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    seq       bigint,
+    mac       bytea
+);
+INSERT INTO kms_audit_head (singleton) VALUES (true);
+CREATE TABLE kms_audit_pending (
+    key   text COLLATE "C" PRIMARY KEY,
+    entry bytea NOT NULL
+);
+"#,
+)];
+
+/// The newest schema version this binary knows.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Connects once (on a runtime of its own: `check-config` is synchronous) and reads the
+/// schema version (0 before the first start), changing nothing.
+///
+/// # Errors
+/// One line saying what failed, never the password.
+pub fn probe(cfg: &PostgresConfig) -> Result<i32, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async {
+        let pg_config = cfg.pg_config()?;
+        let (client, conn) = match &cfg.ca_file {
+            Some(_) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(cfg.tls_client_config()?);
+                let (client, conn) = pg_config
+                    .connect(tls)
+                    .await
+                    .map_err(|e| db_err(&e).to_string())?;
+                (client, tokio::spawn(async move { conn.await.map(|_| ()) }))
+            }
+            None => {
+                let (client, conn) = pg_config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| db_err(&e).to_string())?;
+                (client, tokio::spawn(async move { conn.await.map(|_| ()) }))
+            }
+        };
+        let row = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass('kms_schema_migrations') IS NULL THEN 0 \
+                 ELSE (SELECT coalesce(max(version), 0) FROM kms_schema_migrations) END",
+                &[],
+            )
+            .await
+            .map_err(|e| db_err(&e).to_string());
+        drop(client);
+        let _ = conn.await;
+        Ok(row?.get::<_, i32>(0))
+    })
+}
+
+/// Most connections a store opens when `store.pool_size` is not set.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// Appends queued behind the audit writer before callers wait (back-pressure).
+const AUDIT_QUEUE: usize = 1024;
+
+struct AuditAppend {
+    entries: Vec<(u64, Vec<u8>)>,
+    prev: Option<AuditHead>,
+    head: AuditHead,
+    chained: Vec<String>,
+    records: Vec<(KeyId, Vec<u8>)>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The PostgreSQL store. Cheap to share: the pool and the audit writer are behind handles.
+pub struct PostgresStore {
+    pool: Pool,
+    target: String,
+    audit: mpsc::Sender<AuditAppend>,
+    metrics: StoreMetrics,
+    _writer: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A database error as a store error: `disk_full` is `NoSpace`, everything else `Io`. The
+/// text is the server's message (never a parameter value: statements carry records as
+/// parameters, and PostgreSQL does not echo them in errors of these statements).
+fn db_err(e: &tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(c) if *c == SqlState::DISK_FULL => StoreError::NoSpace(e.to_string()),
+        _ => StoreError::Io(match e.as_db_error() {
+            Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
+            None => format!("postgres: {e}"),
+        }),
+    }
+}
+
+fn pool_err(e: &deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(b) => db_err(b),
+        other => StoreError::Io(format!("postgres pool: {other}")),
+    }
+}
+
+fn corrupt(key: impl Into<String>, what: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: key.into(),
+        detail: what.to_owned(),
+    }
+}
+
+fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(n)
+        .map_err(|_| StoreError::Io(format!("{what} {n} is beyond PostgreSQL's bigint")))
+}
+
+impl PostgresStore {
+    /// Connects, checks the server keeps commits durable, applies pending migrations and
+    /// starts the audit writer.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] naming the database (never its password) and what failed.
+    pub async fn open(cfg: &PostgresConfig, metrics: StoreMetrics) -> Result<Self, StoreError> {
+        let target = cfg.display_target();
+        let open_err = |detail: String| StoreError::Open {
+            target: target.clone(),
+            detail,
+        };
+        let pg_config = cfg.pg_config().map_err(&open_err)?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // Without `store.ca_file` the configuration has only Unix sockets or
+        // `sslmode=disable` (checked when it was loaded): no TLS to offer.
+        let manager = match &cfg.ca_file {
+            Some(_) => Manager::from_config(
+                pg_config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(
+                    cfg.tls_client_config().map_err(&open_err)?,
+                ),
+                manager_config,
+            ),
+            None => Manager::from_config(pg_config, tokio_postgres::NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.timeout))
+            .create_timeout(Some(cfg.timeout))
+            .recycle_timeout(Some(cfg.timeout))
+            .build()
+            .map_err(|e| open_err(e.to_string()))?;
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| open_err(pool_err(&e).to_string()))?;
+        for setting in ["fsync", "synchronous_commit"] {
+            let row = client
+                .query_one(&format!("SHOW {setting}"), &[])
+                .await
+                .map_err(|e| open_err(db_err(&e).to_string()))?;
+            let value: String = row.get(0);
+            if value == "off" {
+                return Err(open_err(format!(
+                    "the server runs with {setting} = off: a commit would not be durable"
+                )));
+            }
+        }
+        migrate(&mut client)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        drop(client);
+        let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
+        let writer = tokio::spawn(audit_writer(pool.clone(), rx, metrics.clone()));
+        tracing::info!(store = %target, "key store open (postgres)");
+        Ok(Self {
+            pool,
+            target,
+            audit: tx,
+            metrics,
+            _writer: Arc::new(writer),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(|e| pool_err(&e))
+    }
+
+    /// The record of `key_id` and its revision.
+    async fn get_versioned(&self, key_id: &KeyId) -> Result<Option<(KeyRecord, i64)>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT record, revision FROM kms_key_records WHERE key_id = $1")
+            .await
+            .map_err(|e| db_err(&e))?;
+        let row = c
+            .query_opt(&st, &[&key_id.as_str()])
+            .await
+            .map_err(|e| db_err(&e))?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let bytes: Vec<u8> = r.get(0);
+                Ok(Some((decode_record(key_id.as_str(), &bytes)?, r.get(1))))
+            }
+        }
+    }
+
+    /// Replaces the record of `key_id` if its revision is still `revision`; `false` when it
+    /// is not (a concurrent change).
+    async fn update_if(
+        &self,
+        key_id: &KeyId,
+        revision: i64,
+        new: &KeyRecord,
+    ) -> Result<bool, StoreError> {
+        let value = encode_record(new)?;
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "UPDATE kms_key_records SET record = $3, revision = revision + 1 \
+                 WHERE key_id = $1 AND revision = $2",
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let n = c
+            .execute(&st, &[&key_id.as_str(), &revision, &value])
+            .await
+            .map_err(|e| db_err(&e))?;
+        self.metrics.commits.inc();
+        self.metrics.writes.inc();
+        Ok(n == 1)
+    }
+
+    async fn decode_all<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let c = self.client().await?;
+        let rows = c.query(sql, &[]).await.map_err(|e| db_err(&e))?;
+        rows.iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                let bytes: Vec<u8> = r.get(1);
+                serde_json::from_slice(&bytes).map_err(|_| corrupt(key, what))
+            })
+            .collect()
+    }
+
+    async fn upsert(
+        &self,
+        sql: &str,
+        key: &(dyn tokio_postgres::types::ToSql + Sync),
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let st = c.prepare_cached(sql).await.map_err(|e| db_err(&e))?;
+        c.execute(&st, &[key, &value]).await.map_err(|e| {
+            self.metrics.commit_errors.inc();
+            db_err(&e)
+        })?;
+        self.metrics.commits.inc();
+        self.metrics.writes.inc();
+        Ok(())
+    }
+}
+
+/// Applies every migration newer than the database's schema, in one transaction, under an
+/// advisory lock held until it commits.
+async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(|e| db_err(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| db_err(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS kms_schema_migrations (
+             version     integer PRIMARY KEY,
+             description text NOT NULL,
+             applied_at  timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(|e| db_err(&e))?;
+    let row = tx
+        .query_one("SELECT max(version) FROM kms_schema_migrations", &[])
+        .await
+        .map_err(|e| db_err(&e))?;
+    let current: i32 = row.get::<_, Option<i32>>(0).unwrap_or(0);
+    let newest = SCHEMA_VERSION;
+    if current > newest {
+        return Err(StoreError::Io(format!(
+            "the database's schema is version {current}, newer than this binary knows ({newest}): \
+             upgrade the KMS"
+        )));
+    }
+    for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await.map_err(|e| db_err(&e))?;
+        tx.execute(
+            "INSERT INTO kms_schema_migrations (version, description) VALUES ($1, $2)",
+            &[version, description],
+        )
+        .await
+        .map_err(|e| db_err(&e))?;
+        tracing::info!(version, description, "key store schema migrated");
+    }
+    tx.commit().await.map_err(|e| db_err(&e))
+}
+
+/// Applies queued audit appends one at a time, in order.
+async fn audit_writer(pool: Pool, mut rx: mpsc::Receiver<AuditAppend>, metrics: StoreMetrics) {
+    while let Some(job) = rx.recv().await {
+        // Applied even when its caller went away: a group queued behind it chains on it.
+        let result = append(&pool, &job).await;
+        match &result {
+            Ok(()) => {
+                metrics.commits.inc();
+                metrics.writes.inc();
+            }
+            Err(_) => {
+                metrics.commit_errors.inc();
+            }
+        }
+        let _ = job.reply.send(result);
+    }
+}
+
+/// One append: all of it in one transaction, or nothing.
+async fn append(pool: &Pool, job: &AuditAppend) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(|e| pool_err(&e))?;
+    let tx = client.transaction().await.map_err(|e| db_err(&e))?;
+    let row = tx
+        .query_one(
+            "SELECT seq, mac FROM kms_audit_head WHERE singleton FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(|e| db_err(&e))?;
+    let stored = match (
+        row.get::<_, Option<i64>>(0),
+        row.get::<_, Option<Vec<u8>>>(1),
+    ) {
+        (None, None) => None,
+        (Some(seq), Some(mac)) => Some(AuditHead {
+            seq: u64::try_from(seq).map_err(|_| corrupt("audit head", "negative seq"))?,
+            mac: <[u8; 32]>::try_from(mac.as_slice())
+                .map_err(|_| corrupt("audit head", "a MAC that is not 32 bytes"))?,
+        }),
+        _ => return Err(corrupt("audit head", "seq and mac disagree")),
+    };
+    if stored != job.prev {
+        return Err(StoreError::AuditHeadMoved);
+    }
+    if !job.chained.is_empty() {
+        let n = tx
+            .execute(
+                "DELETE FROM kms_audit_pending WHERE key = ANY($1)",
+                &[&job.chained],
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        // A pending entry this group chains that is gone was chained by another append:
+        // chaining it again would log the event twice (the transaction rolls back on drop).
+        if n != job.chained.len() as u64 {
+            return Err(StoreError::AuditHeadMoved);
+        }
+    }
+    for (key_id, value) in &job.records {
+        let n = tx
+            .execute(
+                "INSERT INTO kms_key_records (key_id, revision, record) VALUES ($1, 1, $2) \
+                 ON CONFLICT (key_id) DO NOTHING",
+                &[&key_id.as_str(), value],
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        if n == 0 {
+            return Err(StoreError::AlreadyExists(key_id.clone()));
+        }
+    }
+    let seqs = job
+        .entries
+        .iter()
+        .map(|(s, _)| to_i64(*s, "audit seq"))
+        .collect::<Result<Vec<i64>, _>>()?;
+    let values: Vec<&[u8]> = job.entries.iter().map(|(_, v)| v.as_slice()).collect();
+    tx.execute(
+        "INSERT INTO kms_audit (seq, entry) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+        &[&seqs, &values],
+    )
+    .await
+    .map_err(|e| match e.code() {
+        // Another replica appended these numbers in between: nothing is written.
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::AuditHeadMoved,
+        _ => db_err(&e),
+    })?;
+    tx.execute(
+        "UPDATE kms_audit_head SET seq = $1, mac = $2 WHERE singleton",
+        &[
+            &to_i64(job.head.seq, "audit seq")?,
+            &job.head.mac.as_slice(),
+        ],
+    )
+    .await
+    .map_err(|e| db_err(&e))?;
+    tx.commit().await.map_err(|e| db_err(&e))
+}
+
+impl KeyStore for PostgresStore {
+    async fn get(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.get_versioned(key_id).await?.map(|(r, _)| r))
+    }
+
+    async fn put_new(&self, record: KeyRecord) -> Result<(), StoreError> {
+        let value = encode_record(&record)?;
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "INSERT INTO kms_key_records (key_id, revision, record) VALUES ($1, 1, $2) \
+                 ON CONFLICT (key_id) DO NOTHING",
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let n = c
+            .execute(&st, &[&record.key_id.as_str(), &value])
+            .await
+            .map_err(|e| {
+                self.metrics.commit_errors.inc();
+                db_err(&e)
+            })?;
+        if n == 0 {
+            return Err(StoreError::AlreadyExists(record.key_id));
+        }
+        self.metrics.commits.inc();
+        self.metrics.writes.inc();
+        Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: &KeyRecord,
+        new: KeyRecord,
+    ) -> Result<(), StoreError> {
+        if expected.key_id != new.key_id {
+            return Err(StoreError::Conflict(new.key_id));
+        }
+        let Some((current, revision)) = self.get_versioned(&new.key_id).await? else {
+            return Err(StoreError::NotFound(new.key_id));
+        };
+        if current != *expected {
+            return Err(StoreError::Conflict(new.key_id));
+        }
+        if self.update_if(&new.key_id, revision, &new).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(new.key_id))
+        }
+    }
+
+    async fn list(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let c = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            Some(a) => {
+                let st = c
+                    .prepare_cached(
+                        "SELECT key_id, record FROM kms_key_records WHERE key_id > $1 \
+                         ORDER BY key_id LIMIT $2",
+                    )
+                    .await
+                    .map_err(|e| db_err(&e))?;
+                c.query(&st, &[&a.as_str(), &limit]).await
+            }
+            None => {
+                let st = c
+                    .prepare_cached(
+                        "SELECT key_id, record FROM kms_key_records \
+                         ORDER BY key_id LIMIT $1",
+                    )
+                    .await
+                    .map_err(|e| db_err(&e))?;
+                c.query(&st, &[&limit]).await
+            }
+        }
+        .map_err(|e| db_err(&e))?;
+        rows.iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                let bytes: Vec<u8> = r.get(1);
+                decode_record(&key, &bytes)
+            })
+            .collect()
+    }
+
+    async fn mark_destroyed(&self, key_id: &KeyId) -> Result<DestroyOutcome, StoreError> {
+        // A concurrent change (a rewrap on another replica) moves the revision: read again
+        // and retry, so the destroy always wins.
+        for _ in 0..16 {
+            let Some((current, revision)) = self.get_versioned(key_id).await? else {
+                return Ok(DestroyOutcome::Unknown);
+            };
+            if matches!(current.state, KeyState::Destroyed { .. }) {
+                return Ok(DestroyOutcome::AlreadyDestroyed);
+            }
+            let destroyed = KeyRecord {
+                state: KeyState::Destroyed {
+                    destroyed_at: now_secs(),
+                },
+                ..current
+            };
+            if self.update_if(key_id, revision, &destroyed).await? {
+                return Ok(DestroyOutcome::Destroyed);
+            }
+        }
+        Err(StoreError::Conflict(key_id.clone()))
+    }
+
+    async fn key_count(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT count(*) FROM kms_key_records", &[])
+            .await
+            .map_err(|e| db_err(&e))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    async fn kek_versions(&self) -> Result<Vec<KekVersionRecord>, StoreError> {
+        self.decode_all(
+            "SELECT version::text, record FROM kms_kek_versions ORDER BY version",
+            "undecodable KEK version record",
+        )
+        .await
+    }
+
+    async fn put_kek_version(&self, record: KekVersionRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| StoreError::Io(format!("cannot encode a KEK version record: {e}")))?;
+        let version = i32::try_from(record.version.get())
+            .map_err(|_| StoreError::Io("KEK version beyond PostgreSQL's integer".into()))?;
+        self.upsert(
+            "INSERT INTO kms_kek_versions (version, record) VALUES ($1, $2) \
+             ON CONFLICT (version) DO UPDATE SET record = EXCLUDED.record",
+            &version,
+            &value,
+        )
+        .await
+    }
+
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs: Vec<JobRecord> = self
+            .decode_all("SELECT id, record FROM kms_jobs", "undecodable job record")
+            .await?;
+        jobs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(jobs)
+    }
+
+    async fn put_job(&self, job: JobRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(&job)
+            .map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))?;
+        self.upsert(
+            "INSERT INTO kms_jobs (id, record) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+            &job.id.as_str(),
+            &value,
+        )
+        .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT seq, mac FROM kms_audit_head WHERE singleton", &[])
+            .await
+            .map_err(|e| db_err(&e))?;
+        match (
+            row.get::<_, Option<i64>>(0),
+            row.get::<_, Option<Vec<u8>>>(1),
+        ) {
+            (None, None) => Ok(None),
+            (Some(seq), Some(mac)) => Ok(Some(AuditHead {
+                seq: u64::try_from(seq).map_err(|_| corrupt("audit head", "negative seq"))?,
+                mac: <[u8; 32]>::try_from(mac.as_slice())
+                    .map_err(|_| corrupt("audit head", "a MAC that is not 32 bytes"))?,
+            })),
+            _ => Err(corrupt("audit head", "seq and mac disagree")),
+        }
+    }
+
+    async fn queue_audit(
+        &self,
+        entries: Vec<kms_api::admin::AuditEntry>,
+        prev: Option<AuditHead>,
+        head: AuditHead,
+        chained: Vec<String>,
+        records: Vec<KeyRecord>,
+    ) -> Result<super::Commit, StoreError> {
+        let entries = entries
+            .iter()
+            .map(|e| {
+                serde_json::to_vec(e)
+                    .map(|v| (e.seq, v))
+                    .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let records = records
+            .iter()
+            .map(|r| encode_record(r).map(|v| (r.key_id.clone(), v)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (reply, rx) = oneshot::channel();
+        self.audit
+            .send(AuditAppend {
+                entries,
+                prev,
+                head,
+                chained,
+                records,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(Box::pin(async move {
+            rx.await.map_err(|_| StoreError::Closed)?
+        }))
+    }
+
+    async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {
+        let key = format!(
+            "audit-pending/{:020}-{:016x}",
+            entry.at,
+            rand::random::<u64>()
+        );
+        let value = serde_json::to_vec(&entry)
+            .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))?;
+        self.upsert(
+            "INSERT INTO kms_audit_pending (key, entry) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET entry = EXCLUDED.entry",
+            &key,
+            &value,
+        )
+        .await
+    }
+
+    async fn pending_audits(
+        &self,
+    ) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT key, entry FROM kms_audit_pending ORDER BY key", &[])
+            .await
+            .map_err(|e| db_err(&e))?;
+        rows.iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                let bytes: Vec<u8> = r.get(1);
+                let e = serde_json::from_slice(&bytes)
+                    .map_err(|_| corrupt(key.clone(), "undecodable pending audit entry"))?;
+                Ok((key, e))
+            })
+            .collect()
+    }
+
+    async fn audit_range(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached("SELECT seq, entry FROM kms_audit WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .await
+            .map_err(|e| db_err(&e))?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = c
+            .query(&st, &[&after, &limit])
+            .await
+            .map_err(|e| db_err(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                // A negative seq was planted: report it as what it claims, in order.
+                let seq = u64::try_from(r.get::<_, i64>(0)).unwrap_or(u64::MAX);
+                (seq, r.get::<_, Vec<u8>>(1))
+            })
+            .collect())
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.audit.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        let c = self.client().await?;
+        c.query_one("SELECT 1", &[]).await.map_err(|e| db_err(&e))?;
+        Ok(())
+    }
+}
