@@ -1156,4 +1156,60 @@ mod tests {
             .to_string();
         assert!(e.contains("/nonexistent/kms.toml"), "{e}");
     }
+
+    #[test]
+    fn postgres_store_settings_are_checked() {
+        let pg = |extra: &str| load(&format!("{BASE}\n{extra}"), &[]);
+        // BASE's [store] gets the keys appended.
+        let c = pg("backend = \"postgres\"\nurl = \"host=/run/postgresql dbname=kms user=kms\"")
+            .unwrap();
+        let StoreBackend::Postgres(p) = &c.store.backend else {
+            panic!("{:?}", c.store.backend)
+        };
+        assert_eq!(p.pool_size, 16);
+        assert_eq!(p.timeout, Duration::from_secs(5));
+        assert_eq!(p.display_target(), "postgres://kms@/run/postgresql/kms");
+        assert!(p.pg_config().is_ok());
+        let err = |extra: &str| pg(extra).unwrap_err().to_string();
+        let e = err("backend = \"postgres\"");
+        assert!(e.contains("store.url is required"), "{e}");
+        let e = err(
+            "backend = \"postgres\"\nurl = \"postgresql://kms:hunter2@db/kms?sslmode=disable\"",
+        );
+        assert!(
+            e.contains("store.url") && e.contains("must not hold a password"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("backend = \"postgres\"\nurl = \"postgresql://kms@db.example/kms\"");
+        assert!(
+            e.contains("store.ca_file") && e.contains("sslmode=disable"),
+            "{e}"
+        );
+        let e = err("backend = \"postgres\"\nurl = \"host=/tmp dbname=kms\"\nmap_size_mb = 8");
+        assert!(e.contains("store.map_size_mb") && e.contains("lmdb"), "{e}");
+        let e = err("url = \"host=/tmp dbname=kms\"");
+        assert!(e.contains("store.url") && e.contains("postgres"), "{e}");
+        let e = err("backend = \"sqlite\"");
+        assert!(e.contains("store.backend"), "{e}");
+        let e = err("backend = \"postgres\"\nurl = \"host=/tmp\"\npool_size = 0");
+        assert!(e.contains("store.pool_size"), "{e}");
+        // The environment can choose the backend too.
+        let c = load(
+            BASE,
+            &[
+                ("PROGRESSDB_KMS__STORE__BACKEND", "postgres"),
+                (
+                    "PROGRESSDB_KMS__STORE__URL",
+                    "postgresql://kms@db/kms?sslmode=disable",
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(matches!(c.store.backend, StoreBackend::Postgres(_)));
+        assert!(
+            !format!("{c:?}").contains("sslmode"),
+            "no URL detail in Debug"
+        );
+    }
 }

@@ -266,7 +266,12 @@ impl PgCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         // The watchdog ends with its server.
-        if let Some(mut w) = self.watchdog.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(mut w) = self
+            .watchdog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = w.wait();
         }
     }
