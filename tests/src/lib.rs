@@ -11,6 +11,8 @@
     missing_debug_implementations
 )]
 
+pub mod load;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -194,12 +196,33 @@ pub struct Kms {
     pub root: PathBuf,
 }
 
+/// Where a test KMS keeps its key records.
+#[derive(Clone, Debug, Default)]
+pub enum KmsStore {
+    /// LMDB in the KMS's own directory.
+    #[default]
+    Lmdb,
+    /// A PostgreSQL database (a libpq connection string, e.g. from `testkit::pg`).
+    Postgres(String),
+}
+
 /// Writes the KMS config for `root` and runs `init-kek` (twice: it must be idempotent).
 pub fn kms_config(
     root: &Path,
     hsm: &SoftHsm,
     listen: KmsListen,
     certs: Option<&Certs>,
+) -> (PathBuf, String) {
+    kms_config_on(root, hsm, listen, certs, &KmsStore::Lmdb)
+}
+
+/// [`kms_config`] with the key records in `store`.
+pub fn kms_config_on(
+    root: &Path,
+    hsm: &SoftHsm,
+    listen: KmsListen,
+    certs: Option<&Certs>,
+    store: &KmsStore,
 ) -> (PathBuf, String) {
     let dir = root.join("kms");
     fs::create_dir_all(dir.join("store")).unwrap();
@@ -229,11 +252,15 @@ pub fn kms_config(
     fs::write(
         &config,
         format!(
-            "{listen_toml}\n[hsm]\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
+            "{listen_toml}\n[hsm]\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n{}\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
             hsm.token_label,
             hsm.pin_file.display(),
             hsm.kek_label,
-            dir.join("store").display()
+            dir.join("store").display(),
+            match store {
+                KmsStore::Lmdb => String::new(),
+                KmsStore::Postgres(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\n"),
+            }
         ),
     )
     .unwrap();
@@ -260,6 +287,12 @@ impl Kms {
         Self::start_with(root, hsm, listen, certs, "")
     }
 
+    /// A KMS on a Unix socket under `root` whose key records are in `store`.
+    pub fn start_on(root: &Path, hsm: &SoftHsm, store: &KmsStore, extra: &str) -> Self {
+        let (config, endpoint) = kms_config_on(root, hsm, KmsListen::Unix, None, store);
+        Self::launch(root, hsm, KmsListen::Unix, config, endpoint, extra)
+    }
+
     /// Like [`Kms::start`], with `extra` TOML appended to the config (e.g. a `[limits]`
     /// section).
     pub fn start_with(
@@ -270,6 +303,17 @@ impl Kms {
         extra: &str,
     ) -> Self {
         let (config, endpoint) = kms_config(root, hsm, listen, certs);
+        Self::launch(root, hsm, listen, config, endpoint, extra)
+    }
+
+    fn launch(
+        root: &Path,
+        hsm: &SoftHsm,
+        listen: KmsListen,
+        config: PathBuf,
+        endpoint: String,
+        extra: &str,
+    ) -> Self {
         if !extra.is_empty() {
             let mut text = fs::read_to_string(&config).unwrap();
             text.push('\n');
