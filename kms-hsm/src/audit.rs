@@ -142,6 +142,10 @@ fn mac_input(e: &AuditEntry) -> Vec<u8> {
     out
 }
 
+/// Times an entry is appended again after its group failed for another entry's cause (a
+/// concurrent append by another replica, a conflicting record of another member).
+const MAX_REQUEUES: u32 = 16;
+
 struct Queued {
     entry: AuditEntry,
     /// A new key record written in the same transaction as the entry.
@@ -222,6 +226,39 @@ impl AuditLog {
         record: Option<crate::keystore::KeyRecord>,
     ) -> Result<(), AuditError> {
         let entry = pending_entry(ev);
+        let own_key = record.as_ref().map(|r| r.key_id.clone());
+        let mut attempt = 0u32;
+        loop {
+            let answer = self
+                .append_once(backend, store, entry.clone(), record.clone())
+                .await;
+            // A group fails whole: when the cause was not this entry's (another group or
+            // replica appended first, or another member's record exists), it goes again in
+            // a later group, chained on the head as it is now.
+            let someone_elses = match &answer {
+                Err(AuditError::Store(StoreError::AuditHeadMoved)) => true,
+                Err(AuditError::Store(StoreError::AlreadyExists(k))) => own_key.as_ref() != Some(k),
+                _ => false,
+            };
+            if !someone_elses || attempt >= MAX_REQUEUES {
+                return answer;
+            }
+            attempt += 1;
+            tracing::debug!(
+                attempt,
+                "audit group failed for another entry's cause; appending again"
+            );
+        }
+    }
+
+    /// One try of [`AuditLog::append_with`].
+    async fn append_once<B: KeyBackend, S: KeyStore>(
+        &self,
+        backend: &B,
+        store: &S,
+        entry: AuditEntry,
+        record: Option<crate::keystore::KeyRecord>,
+    ) -> Result<(), AuditError> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .lock()

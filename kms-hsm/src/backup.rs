@@ -386,7 +386,7 @@ mod tests {
         let mut out = Vec::new();
         for i in 0..n {
             let k = svc
-                .create_dek_for_thread(ThreadId::parse(&format!("t{i}")).unwrap())
+                .create_dek_for_thread(ThreadId::parse(&format!("t{i}")).unwrap(), None)
                 .await
                 .unwrap();
             let ct = svc.encrypt(&k.key_id, b"secret", b"").await.unwrap();

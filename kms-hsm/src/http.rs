@@ -667,7 +667,7 @@ async fn create_dek<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>, body
     let req: CreateDekRequest = parse::<CreateDekBody, _>(&body).map_err(&f)?;
     let k = api
         .service
-        .create_dek_for_thread(req.thread_id)
+        .create_dek_for_thread(req.thread_id, req.idempotency_key)
         .await
         .map_err(|e| f(e.into()))?;
     Ok(json_response(

@@ -1058,7 +1058,7 @@ mod tests {
         for i in 0..n {
             let k = f
                 .svc
-                .create_dek_for_thread(ThreadId::parse(&format!("t{i}")).unwrap())
+                .create_dek_for_thread(ThreadId::parse(&format!("t{i}")).unwrap(), None)
                 .await
                 .unwrap();
             let ct = f

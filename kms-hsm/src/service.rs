@@ -13,7 +13,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use kms_api::wire::SecretBytes;
-use kms_api::{ErrorCode, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+use kms_api::{ErrorCode, IdempotencyKey, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::backend::{BackendError, BackendState, KekRef, KeyBackend};
@@ -34,6 +34,9 @@ pub enum ServiceError {
     /// No such key, or the key was destroyed.
     #[error("unknown key {0}")]
     UnknownKey(KeyId),
+    /// A create's idempotency key names a key of another thread; nothing was created.
+    #[error("idempotency key already used for another thread (key {0})")]
+    IdempotencyConflict(KeyId),
     /// The ciphertext does not authenticate (any cause).
     #[error("decryption failed")]
     DecryptionFailed,
@@ -97,6 +100,7 @@ impl ServiceError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ServiceError::UnknownKey(_) => ErrorCode::UnknownKey,
+            ServiceError::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
             ServiceError::DecryptionFailed => ErrorCode::DecryptionFailed,
             ServiceError::CorruptKey(_) | ServiceError::Random | ServiceError::Internal(_) => {
                 ErrorCode::Internal
@@ -256,8 +260,38 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     pub async fn create_dek_for_thread(
         &self,
         thread_id: ThreadId,
+        idempotency_key: Option<IdempotencyKey>,
     ) -> Result<CreatedKey, ServiceError> {
-        let key_id = self.new_key_id()?;
+        let key_id = match &idempotency_key {
+            None => self.new_key_id()?,
+            Some(k) => {
+                let key_id = KeyId::derived(&thread_id, k);
+                // A repeat of a create that was committed (its answer lost): the same key.
+                if let Some(existing) = self.store.get(&key_id).await? {
+                    return replay(existing, &thread_id);
+                }
+                key_id
+            }
+        };
+        match self.create_new(key_id.clone(), thread_id.clone()).await {
+            // A repeat that raced its first attempt (on another replica) and lost.
+            Err(ServiceError::Store(StoreError::AlreadyExists(_))) if idempotency_key.is_some() => {
+                match self.store.get(&key_id).await? {
+                    Some(existing) => replay(existing, &thread_id),
+                    None => Err(ServiceError::Internal(
+                        "a key reported as existing is not in the store",
+                    )),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn create_new(
+        &self,
+        key_id: KeyId,
+        thread_id: ThreadId,
+    ) -> Result<CreatedKey, ServiceError> {
         let (dek, wrapped, kek) = self.backend.generate_dek(&key_id).await?;
         let record = KeyRecord {
             key_id: key_id.clone(),
@@ -535,6 +569,27 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     }
 }
 
+/// The answer to a repeated create: the key its first attempt made, if it is this thread's and
+/// still active.
+fn replay(existing: KeyRecord, thread_id: &ThreadId) -> Result<CreatedKey, ServiceError> {
+    if existing.thread_id != *thread_id {
+        return Err(ServiceError::IdempotencyConflict(existing.key_id));
+    }
+    let Some(wrapped) = existing.wrapped().cloned() else {
+        // Made, then destroyed (its thread deleted) before the repeat arrived.
+        return Err(ServiceError::UnknownKey(existing.key_id));
+    };
+    tracing::debug!(key_id = %existing.key_id, "repeated create answered with the key it made");
+    Ok(CreatedKey {
+        key_id: existing.key_id,
+        wrapped,
+        kek: KekRef {
+            id: existing.kek_id,
+            version: existing.kek_version,
+        },
+    })
+}
+
 /// Takes a flight out of the map when dropped, if it is still the one there (a later miss
 /// may have started a new one).
 struct LeaveFlight<'a> {
@@ -605,7 +660,7 @@ mod tests {
     async fn create_encrypt_decrypt() {
         for entries in [0, 100] {
             let (_d, s) = service(entries);
-            let k = s.create_dek_for_thread(tid("t1")).await.unwrap();
+            let k = s.create_dek_for_thread(tid("t1"), None).await.unwrap();
             let e = s.encrypt(&k.key_id, b"hello", b"aad").await.unwrap();
             assert_eq!(e.kek_version, KekVersion::FIRST);
             let p = s.decrypt(&k.key_id, &e.ciphertext, b"aad").await.unwrap();
@@ -625,11 +680,85 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeated_create_answers_the_key_it_made() {
+        let (_d, s) = service(100);
+        let s = Arc::new(s);
+        let idem = || Some(IdempotencyKey::parse("retry-1").unwrap());
+        let first = s.create_dek_for_thread(tid("t1"), idem()).await.unwrap();
+        let again = s.create_dek_for_thread(tid("t1"), idem()).await.unwrap();
+        assert_eq!(again.key_id, first.key_id);
+        assert_eq!(again.wrapped, first.wrapped);
+        assert_eq!(again.kek, first.kek);
+        assert_eq!(first.key_id, KeyId::derived(&tid("t1"), &idem().unwrap()));
+        assert_eq!(s.store().key_count().await.unwrap(), 1, "one key, not two");
+        // Repeats racing each other: all get the one key.
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.create_dek_for_thread(tid("t2"), Some(IdempotencyKey::parse("race").unwrap()))
+                        .await
+                        .unwrap()
+                        .key_id
+                })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for r in racers {
+            ids.push(r.await.unwrap());
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        assert_eq!(s.store().key_count().await.unwrap(), 2);
+        // The same key for another thread names another key id (no conflict), and without a
+        // key every call makes a new one.
+        let other = s.create_dek_for_thread(tid("t3"), idem()).await.unwrap();
+        assert_ne!(other.key_id, first.key_id);
+        let a = s.create_dek_for_thread(tid("t1"), None).await.unwrap();
+        let b = s.create_dek_for_thread(tid("t1"), None).await.unwrap();
+        assert_ne!(a.key_id, b.key_id);
+        // A repeat after the key was destroyed (its thread deleted) makes nothing new.
+        s.destroy_key(&first.key_id).await.unwrap();
+        assert_eq!(
+            s.create_dek_for_thread(tid("t1"), idem())
+                .await
+                .unwrap_err()
+                .code(),
+            ErrorCode::UnknownKey
+        );
+        assert_eq!(s.store().key_count().await.unwrap(), 5);
+    }
+
+    #[test]
+    fn a_record_of_another_thread_is_an_idempotency_conflict() {
+        let mut r = KeyRecord {
+            key_id: KeyId::from_random([1; 16]),
+            kek_id: KekId::parse("kek").unwrap(),
+            kek_version: KekVersion::FIRST,
+            thread_id: tid("owner"),
+            created_at: 0,
+            state: KeyState::Active {
+                wrapped: WrappedDek::new(vec![1; 8]),
+            },
+        };
+        assert!(replay(r.clone(), &tid("owner")).is_ok());
+        assert!(matches!(
+            replay(r.clone(), &tid("intruder")),
+            Err(ServiceError::IdempotencyConflict(_))
+        ));
+        r.state = KeyState::Destroyed { destroyed_at: 1 };
+        assert!(matches!(
+            replay(r, &tid("owner")),
+            Err(ServiceError::UnknownKey(_))
+        ));
+    }
+
     #[tokio::test]
     async fn other_keys_ciphertext_fails() {
         let (_d, s) = service(100);
-        let a = s.create_dek_for_thread(tid("a")).await.unwrap();
-        let b = s.create_dek_for_thread(tid("b")).await.unwrap();
+        let a = s.create_dek_for_thread(tid("a"), None).await.unwrap();
+        let b = s.create_dek_for_thread(tid("b"), None).await.unwrap();
         let e = s.encrypt(&a.key_id, b"x", b"").await.unwrap();
         let err = s.decrypt(&b.key_id, &e.ciphertext, b"").await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::DecryptionFailed);
@@ -647,7 +776,7 @@ mod tests {
             s.destroy_key(&unknown).await.unwrap_err().code(),
             ErrorCode::UnknownKey
         );
-        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let k = s.create_dek_for_thread(tid("t"), None).await.unwrap();
         let e = s.encrypt(&k.key_id, b"x", b"").await.unwrap();
         s.destroy_key(&k.key_id).await.unwrap();
         s.destroy_key(&k.key_id).await.unwrap();
@@ -663,8 +792,8 @@ mod tests {
     #[tokio::test]
     async fn batch_shares_unwraps() {
         let (_d, s) = service(0);
-        let a = s.create_dek_for_thread(tid("a")).await.unwrap();
-        let b = s.create_dek_for_thread(tid("b")).await.unwrap();
+        let a = s.create_dek_for_thread(tid("a"), None).await.unwrap();
+        let b = s.create_dek_for_thread(tid("b"), None).await.unwrap();
         let unknown = KeyId::from_random([7; 16]);
         let before = s.backend().unwraps();
         let items = [
@@ -726,7 +855,7 @@ mod tests {
     async fn concurrent_misses_for_one_cold_key_share_one_unwrap() {
         let (_d, s) = service(100);
         let s = Arc::new(s);
-        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let k = s.create_dek_for_thread(tid("t"), None).await.unwrap();
         let ct = s.encrypt(&k.key_id, b"cold", b"").await.unwrap().ciphertext;
         s.cache().evict(&k.key_id);
         s.backend().set_unwrap_delay_ms(100);
@@ -758,7 +887,7 @@ mod tests {
     async fn a_cancelled_unwrap_leaves_no_flight_behind() {
         let (_d, s) = service(100);
         let s = Arc::new(s);
-        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let k = s.create_dek_for_thread(tid("t"), None).await.unwrap();
         let ct = s.encrypt(&k.key_id, b"x", b"").await.unwrap().ciphertext;
         s.cache().evict(&k.key_id);
         s.backend().set_unwrap_delay_ms(500);
@@ -794,8 +923,8 @@ mod tests {
     #[tokio::test]
     async fn a_cold_key_in_an_outage_fails_alone_in_its_batch() {
         let (_d, s) = service(100);
-        let warm = s.create_dek_for_thread(tid("warm")).await.unwrap();
-        let cold = s.create_dek_for_thread(tid("cold")).await.unwrap();
+        let warm = s.create_dek_for_thread(tid("warm"), None).await.unwrap();
+        let cold = s.create_dek_for_thread(tid("cold"), None).await.unwrap();
         s.cache().evict(&cold.key_id);
         s.backend().set_down(true);
         let items = [
@@ -819,14 +948,17 @@ mod tests {
     async fn hsm_down_is_unavailable_and_not_ready() {
         let (_d, s) = service(0);
         assert_eq!(s.readiness().await, Readiness::Ready);
-        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let k = s.create_dek_for_thread(tid("t"), None).await.unwrap();
         s.backend().set_down(true);
         assert_eq!(
             s.encrypt(&k.key_id, b"x", b"").await.unwrap_err().code(),
             ErrorCode::Unavailable
         );
         assert_eq!(
-            s.create_dek_for_thread(tid("t")).await.unwrap_err().code(),
+            s.create_dek_for_thread(tid("t"), None)
+                .await
+                .unwrap_err()
+                .code(),
             ErrorCode::Unavailable
         );
         assert!(matches!(s.readiness().await, Readiness::NotReady(_)));
@@ -837,7 +969,7 @@ mod tests {
     #[tokio::test]
     async fn destroy_wins_over_a_racing_cache_fill() {
         let (_d, s) = service(100);
-        let k = s.create_dek_for_thread(tid("t")).await.unwrap();
+        let k = s.create_dek_for_thread(tid("t"), None).await.unwrap();
         s.cache().evict(&k.key_id);
         // A reader that took its epoch before the destroy must not re-populate the cache.
         let epoch = s.cache().epoch();

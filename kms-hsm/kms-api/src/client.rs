@@ -1,14 +1,24 @@
-//! HTTP client of the KMS, over a Unix socket or HTTPS with a client certificate.
+//! HTTP client of the KMS, over a Unix socket or HTTPS with a client certificate, to one KMS
+//! or to several replicas serving the same keys.
 //!
-//! * Connections are reused: a small pool of HTTP/1.1 connections, each driven by its own task.
+//! * Replicas ([`KmsClientConfig::endpoints`]): calls are spread round-robin over the
+//!   endpoints whose circuit is closed; an attempt that fails on one (transport error, 503) is
+//!   sent at once to the next replica not tried yet in that call, so losing one replica fails
+//!   no call while another is up. Only once every replica was tried does the call back off
+//!   and retry. A background health check ([`KmsClient::spawn_health_checks`]) probes every
+//!   replica's `/readyz`, so a failing one is ejected (its circuit opens) before user calls
+//!   find it, and a recovered one is taken back.
+//! * Connections are reused: a small pool of HTTP/1.1 connections per replica, each driven by
+//!   its own task.
 //! * Every call has a connect timeout and a request timeout.
 //! * Transport failures and `503` answers are retried a bounded number of times with
 //!   exponential backoff, all within one deadline per call ([`KmsClientConfig::deadline`]):
 //!   each attempt gets what is left of it, and no retry starts that could not finish in it.
-//!   Every KMS call is safe to retry: encrypt/decrypt/get_wrapped have no side effect, and a
-//!   retried `create_dek_for_thread` can at worst leave an unused key record in the KMS, never
-//!   a thread without a key.
-//! * A circuit breaker ([`BreakerConfig`]): after that many consecutive failed attempts
+//!   Every KMS call is safe to retry, on the same replica or another: encrypt/decrypt/
+//!   get_wrapped have no side effect, destroy is idempotent, and `create_dek_for_thread`
+//!   carries one idempotency key for all its attempts, so an attempt whose answer was lost
+//!   (a replica killed after its commit) and its retry elsewhere give the same key.
+//! * A circuit breaker per replica ([`BreakerConfig`]): after that many consecutive failed attempts
 //!   (transport errors and `503 unavailable`; not `overloaded`, which is a live KMS shedding
 //!   load) the client fails every call at once for the cooldown, then lets one call through
 //!   as a probe: its success closes the circuit, its failure opens it again. [`KmsClient::ready`]
@@ -30,7 +40,7 @@ use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::ids::{KekVersion, KeyId, ThreadId};
+use crate::ids::{IdempotencyKey, KekVersion, KeyId, ThreadId};
 use crate::wire::{
     to_json_zeroizing, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
     DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
@@ -96,7 +106,8 @@ impl FromStr for Endpoint {
 /// Client settings.
 #[derive(Clone)]
 pub struct KmsClientConfig {
-    pub endpoint: Endpoint,
+    /// The KMS, or its replicas (at least one; all serve the same keys).
+    pub endpoints: Vec<Endpoint>,
     /// Required for `https://` endpoints: trust anchors and the client certificate.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
@@ -110,8 +121,10 @@ pub struct KmsClientConfig {
     /// with `SO_PEERCRED` on every new connection). A socket squatted by another user's process
     /// is then refused instead of being sent plaintext.
     pub expected_peer_uid: Option<u32>,
-    /// Idle connections kept for reuse.
+    /// Idle connections kept for reuse, per replica.
     pub max_idle: usize,
+    /// How often [`KmsClient::spawn_health_checks`] probes each replica's `/readyz`.
+    pub health_interval: Duration,
 }
 
 /// When the client stops calling a KMS that keeps failing.
@@ -135,7 +148,7 @@ impl Default for BreakerConfig {
 impl fmt::Debug for KmsClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KmsClientConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .field("tls", &self.tls.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -144,16 +157,22 @@ impl fmt::Debug for KmsClientConfig {
             .field("breaker", &self.breaker)
             .field("expected_peer_uid", &self.expected_peer_uid)
             .field("max_idle", &self.max_idle)
+            .field("health_interval", &self.health_interval)
             .finish()
     }
 }
 
 impl KmsClientConfig {
     /// Defaults: 2 s connect, 10 s request, 2 retries, 5 s deadline, a breaker opening after
-    /// 5 failures for 2 s, 32 idle connections.
+    /// 5 failures for 2 s, 32 idle connections, a health check every second.
     pub fn new(endpoint: Endpoint, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self::replicas(vec![endpoint], tls)
+    }
+
+    /// [`KmsClientConfig::new`] for several replicas of one KMS.
+    pub fn replicas(endpoints: Vec<Endpoint>, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         Self {
-            endpoint,
+            endpoints,
             tls,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
@@ -162,6 +181,7 @@ impl KmsClientConfig {
             breaker: BreakerConfig::default(),
             expected_peer_uid: None,
             max_idle: 32,
+            health_interval: Duration::from_secs(1),
         }
     }
 }
@@ -348,11 +368,19 @@ type Sender = SendRequest<Full<Bytes>>;
 /// Largest answer the client reads (a batch of 1024 items of 1 MiB, in base64, and framing).
 const MAX_ANSWER_BYTES: usize = 1536 << 20;
 
-struct Inner {
-    cfg: KmsClientConfig,
+/// One replica: where it is, its idle connections and its circuit.
+struct Replica {
+    endpoint: Endpoint,
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Mutex<Vec<Sender>>,
     breaker: Breaker,
+}
+
+struct Inner {
+    cfg: KmsClientConfig,
+    replicas: Vec<Replica>,
+    /// Round-robin position of the next call's first attempt.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 /// A cheap-to-clone handle to the KMS.
@@ -364,38 +392,102 @@ pub struct KmsClient {
 impl fmt::Debug for KmsClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KmsClient")
-            .field("endpoint", &self.inner.cfg.endpoint)
+            .field("endpoints", &self.inner.cfg.endpoints)
             .finish()
     }
 }
 
 impl KmsClient {
     /// # Errors
-    /// [`ClientError::Config`] for an `https://` endpoint without TLS settings.
+    /// [`ClientError::Config`] without endpoints, or for an `https://` endpoint without TLS
+    /// settings.
     pub fn new(cfg: KmsClientConfig) -> Result<Self, ClientError> {
-        let tls = match (&cfg.endpoint, &cfg.tls) {
-            (Endpoint::Https { .. }, None) => {
-                return Err(ClientError::Config(
-                    "an https:// KMS endpoint needs kms.ca, kms.client_cert and kms.client_key"
-                        .into(),
-                ))
-            }
-            (Endpoint::Https { .. }, Some(t)) => Some(tokio_rustls::TlsConnector::from(t.clone())),
-            (Endpoint::Unix(_), _) => None,
-        };
-        let breaker = Breaker::new(cfg.breaker);
+        if cfg.endpoints.is_empty() {
+            return Err(ClientError::Config("no KMS endpoint".into()));
+        }
+        let mut replicas = Vec::with_capacity(cfg.endpoints.len());
+        for endpoint in &cfg.endpoints {
+            let tls =
+                match (endpoint, &cfg.tls) {
+                    (Endpoint::Https { .. }, None) => return Err(ClientError::Config(
+                        "an https:// KMS endpoint needs kms.ca, kms.client_cert and kms.client_key"
+                            .into(),
+                    )),
+                    (Endpoint::Https { .. }, Some(t)) => {
+                        Some(tokio_rustls::TlsConnector::from(t.clone()))
+                    }
+                    (Endpoint::Unix(_), _) => None,
+                };
+            replicas.push(Replica {
+                endpoint: endpoint.clone(),
+                tls,
+                idle: Mutex::new(Vec::new()),
+                breaker: Breaker::new(cfg.breaker),
+            });
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
-                tls,
-                idle: Mutex::new(Vec::new()),
-                breaker,
+                replicas,
+                next: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.inner.cfg.endpoint
+    /// The first replica: where calls that are sent once go (admin calls, whose client has
+    /// one endpoint, the admin socket). `new` refuses an empty list, so there is one.
+    fn first(&self) -> &Replica {
+        &self.inner.replicas[0]
+    }
+
+    /// The replicas, in configuration order.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.inner.cfg.endpoints
+    }
+
+    /// Starts the background health check: every [`KmsClientConfig::health_interval`], each
+    /// replica's `/readyz` is probed (past its circuit); a failure counts against it like a
+    /// failed call, a success closes its circuit. Only useful with several replicas, where it
+    /// ejects a dead one before calls find it. Stops when every clone of the client is gone.
+    /// Must run inside a tokio runtime.
+    pub fn spawn_health_checks(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let every = self
+            .inner
+            .cfg
+            .health_interval
+            .max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let client = KmsClient { inner };
+                let probes = (0..client.inner.replicas.len()).map(|i| client.probe(i));
+                futures_util::future::join_all(probes).await;
+            }
+        })
+    }
+
+    /// `/readyz` of replica `i`, past its circuit; the outcome is recorded in it.
+    async fn probe(&self, i: usize) -> Result<(), ClientError> {
+        let cfg = &self.inner.cfg;
+        let timeout = cfg.request_timeout.min(cfg.deadline);
+        let replica = &self.inner.replicas[i];
+        let r = match self
+            .raw_once(replica, Method::GET, "/readyz", Bytes::new(), timeout)
+            .await
+        {
+            Ok((StatusCode::OK, _)) => Ok(()),
+            Ok((status, _)) => Err(ClientError::Unavailable(format!(
+                "{} /readyz answered {status}",
+                replica.endpoint
+            ))),
+            Err(e) => Err(e),
+        };
+        replica.breaker.record(Admission::Normal, r.is_err());
+        r
     }
 
     /// Retries after a first failed attempt (transport errors, 503), as configured.
@@ -411,8 +503,17 @@ impl KmsClient {
         &self,
         thread_id: &ThreadId,
     ) -> Result<CreateDekResponse, ClientError> {
+        // One key for every attempt of this call, on whichever replica: an attempt whose
+        // answer was lost is answered again, not made twice.
+        let mut nonce = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| ClientError::Config("the system random generator failed".into()))?;
         let req = CreateDekRequest {
             thread_id: thread_id.clone(),
+            idempotency_key: Some(
+                IdempotencyKey::parse(&hex::encode(nonce))
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?,
+            ),
         };
         self.call_json(Method::POST, "/create_dek_for_thread", Some(&req))
             .await
@@ -544,6 +645,7 @@ impl KmsClient {
     /// [`ClientError`].
     pub async fn rotate_kek(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
         self.call_once(
+            self.first(),
             Method::POST,
             "/admin/kek/rotate",
             Bytes::new(),
@@ -558,6 +660,7 @@ impl KmsClient {
     /// [`ClientError`].
     pub async fn start_verify(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
         self.call_once(
+            self.first(),
             Method::POST,
             "/admin/verify",
             Bytes::new(),
@@ -596,6 +699,7 @@ impl KmsClient {
         let body = serde_json::to_vec(&crate::admin::DestroyKekRequest { version })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.call_once(
+            self.first(),
             Method::POST,
             "/admin/kek/destroy",
             Bytes::from(body),
@@ -610,6 +714,7 @@ impl KmsClient {
     /// [`ClientError`].
     pub async fn audit_verify(&self) -> Result<crate::admin::AuditVerifyResponse, ClientError> {
         self.call_once(
+            self.first(),
             Method::POST,
             "/admin/audit/verify",
             Bytes::new(),
@@ -631,28 +736,29 @@ impl KmsClient {
         self.call_json::<(), _>(Method::GET, &path, None).await
     }
 
-    /// `Ok(())` when the KMS answers `/readyz` with 200.
+    /// `Ok(())` when the KMS (with replicas: at least one of them) answers `/readyz` with
+    /// 200. Every replica is probed, past its circuit, so a readiness probe finds a KMS back
+    /// and closes its circuit.
     ///
     /// # Errors
-    /// [`ClientError::Unavailable`] otherwise.
+    /// [`ClientError::Unavailable`] otherwise (the first replica's reason).
     pub async fn ready(&self) -> Result<(), ClientError> {
-        // Past the breaker: the probe that finds a KMS back. A success closes the circuit.
-        let timeout = self.inner.cfg.request_timeout.min(self.inner.cfg.deadline);
-        let r = match self
-            .raw_once(Method::GET, "/readyz", Bytes::new(), timeout)
-            .await
-        {
-            Ok((StatusCode::OK, _)) => Ok(()),
-            Ok((status, _)) => Err(ClientError::Unavailable(format!(
-                "readyz answered {status}"
-            ))),
-            Err(e) => Err(e),
-        };
-        self.inner.breaker.record(Admission::Normal, r.is_err());
-        r
+        let probes = (0..self.inner.replicas.len()).map(|i| self.probe(i));
+        let results = futures_util::future::join_all(probes).await;
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| ClientError::Unavailable("no KMS endpoint".into())))
     }
 
-    /// Sends raw bytes once (no retry) and returns the status and body. For tests and tools.
+    /// Sends raw bytes once (no retry) to the first replica and returns the status and body.
+    /// For tests and tools.
     ///
     /// # Errors
     /// [`ClientError::Unavailable`] for transport failures.
@@ -664,9 +770,21 @@ impl KmsClient {
     ) -> Result<(u16, Bytes), ClientError> {
         let timeout = self.inner.cfg.request_timeout;
         let (s, b) = self
-            .raw_once(method, path, Bytes::from(body), timeout)
+            .raw_once(self.first(), method, path, Bytes::from(body), timeout)
             .await?;
         Ok((s.as_u16(), b))
+    }
+
+    /// The replica for the next attempt of a call: from the call's round-robin start, the
+    /// first one not `tried` yet whose circuit admits a call. `None` when there is none.
+    fn pick(&self, start: usize, tried: &[bool]) -> Option<(usize, Admission)> {
+        let n = self.inner.replicas.len();
+        (0..n).map(|k| (start + k) % n).find_map(|i| {
+            if tried[i] {
+                return None;
+            }
+            self.inner.replicas[i].breaker.admit().ok().map(|a| (i, a))
+        })
     }
 
     async fn call_json<Req: Serialize, Resp: DeserializeOwned>(
@@ -683,17 +801,56 @@ impl KmsClient {
             None => Bytes::new(),
         };
         let cfg = &self.inner.cfg;
+        let n = self.inner.replicas.len();
         let deadline = Instant::now() + cfg.deadline;
-        let mut attempt = 0u32;
+        let start = self
+            .inner
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % n;
+        let mut tried = vec![false; n];
+        let mut retry = 0u32;
+        let mut last: Option<ClientError> = None;
         loop {
+            let Some((i, admission)) = self.pick(start, &tried) else {
+                // Every replica was tried in this round (or its circuit is open).
+                let e = last.take().unwrap_or_else(|| {
+                    ClientError::Unavailable(
+                        "circuit open: the KMS failed repeatedly; calls fail fast until a probe succeeds"
+                            .into(),
+                    )
+                });
+                if !tried.iter().any(|t| *t) || !e.retryable() || retry >= cfg.max_retries {
+                    return Err(e);
+                }
+                let backoff = Duration::from_millis(50u64 << retry.min(6));
+                // A retry that could not finish within the deadline is not started.
+                if Instant::now() + backoff >= deadline {
+                    return Err(e);
+                }
+                tracing::debug!(path, retry, error = %e, "retrying KMS call");
+                tokio::time::sleep(backoff).await;
+                retry += 1;
+                tried.iter_mut().for_each(|t| *t = false);
+                last = Some(e);
+                continue;
+            };
+            tried[i] = true;
+            let replica = &self.inner.replicas[i];
             let admitted = Attempt {
-                breaker: &self.inner.breaker,
-                admission: self.inner.breaker.admit()?,
+                breaker: &replica.breaker,
+                admission,
                 done: false,
             };
             let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(last.unwrap_or_else(|| {
+                    ClientError::Unavailable(format!("{path}: deadline passed"))
+                }));
+            }
             let res = self
                 .call_once(
+                    replica,
                     method.clone(),
                     path,
                     body.clone(),
@@ -702,15 +859,11 @@ impl KmsClient {
                 .await;
             admitted.finish(matches!(&res, Err(e) if e.counts_as_failure()));
             match res {
-                Err(e) if e.retryable() && attempt < cfg.max_retries => {
-                    let backoff = Duration::from_millis(50u64 << attempt.min(6));
-                    // A retry that could not finish within the deadline is not started.
-                    if Instant::now() + backoff >= deadline {
-                        return Err(e);
+                Err(e) if e.retryable() => {
+                    if n > 1 {
+                        tracing::debug!(path, endpoint = %replica.endpoint, error = %e, "KMS replica failed; trying another");
                     }
-                    tracing::debug!(path, attempt, error = %e, "retrying KMS call");
-                    tokio::time::sleep(backoff).await;
-                    attempt += 1;
+                    last = Some(e);
                 }
                 other => return other,
             }
@@ -719,12 +872,13 @@ impl KmsClient {
 
     async fn call_once<Resp: DeserializeOwned>(
         &self,
+        replica: &Replica,
         method: Method,
         path: &str,
         body: Bytes,
         timeout: Duration,
     ) -> Result<Resp, ClientError> {
-        let (status, bytes) = self.raw_once(method, path, body, timeout).await?;
+        let (status, bytes) = self.raw_once(replica, method, path, body, timeout).await?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| ClientError::Protocol(format!("bad answer to {path}: {e}")));
@@ -753,12 +907,13 @@ impl KmsClient {
 
     async fn raw_once(
         &self,
+        replica: &Replica,
         method: Method,
         path: &str,
         body: Bytes,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
+        match tokio::time::timeout(timeout, self.exchange(replica, method, path, body)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Unavailable(format!(
                 "{path} timed out after {timeout:?}"
@@ -768,15 +923,16 @@ impl KmsClient {
 
     async fn exchange(
         &self,
+        replica: &Replica,
         method: Method,
         path: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let mut sender = match self.take_idle() {
+        let mut sender = match take_idle(replica) {
             Some(s) => s,
-            None => self.connect().await?,
+            None => self.connect(replica).await?,
         };
-        let host = match &self.inner.cfg.endpoint {
+        let host = match &replica.endpoint {
             Endpoint::Unix(_) => "kms".to_owned(),
             Endpoint::Https { host, port } => format!("{host}:{port}"),
         };
@@ -819,35 +975,15 @@ impl KmsClient {
         }
         let bytes = buf.into_bytes();
         if !closing {
-            self.put_idle(sender);
+            put_idle(replica, sender, self.inner.cfg.max_idle);
         }
         Ok((status, bytes))
     }
 
-    fn take_idle(&self) -> Option<Sender> {
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    fn put_idle(&self, s: Sender) {
-        if s.is_closed() {
-            return;
-        }
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.inner.cfg.max_idle {
-            idle.push(s);
-        }
-    }
-
-    async fn connect(&self) -> Result<Sender, ClientError> {
+    async fn connect(&self, replica: &Replica) -> Result<Sender, ClientError> {
         let timeout = self.inner.cfg.connect_timeout;
         let fut = async {
-            match &self.inner.cfg.endpoint {
+            match &replica.endpoint {
                 Endpoint::Unix(path) => {
                     let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
                         ClientError::Unavailable(format!("connect {}: {e}", path.display()))
@@ -878,8 +1014,7 @@ impl KmsClient {
                             ClientError::Unavailable(format!("connect {host}:{port}: {e}"))
                         })?;
                     let _ = tcp.set_nodelay(true);
-                    let tls = self
-                        .inner
+                    let tls = replica
                         .tls
                         .as_ref()
                         .ok_or_else(|| ClientError::Config("missing TLS settings".into()))?;
@@ -895,6 +1030,26 @@ impl KmsClient {
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| ClientError::Unavailable(format!("connect timed out after {timeout:?}")))?
+    }
+}
+
+fn take_idle(replica: &Replica) -> Option<Sender> {
+    let mut idle = replica.idle.lock().unwrap_or_else(|p| p.into_inner());
+    while let Some(s) = idle.pop() {
+        if !s.is_closed() {
+            return Some(s);
+        }
+    }
+    None
+}
+
+fn put_idle(replica: &Replica, s: Sender, max_idle: usize) {
+    if s.is_closed() {
+        return;
+    }
+    let mut idle = replica.idle.lock().unwrap_or_else(|p| p.into_inner());
+    if idle.len() < max_idle {
+        idle.push(s);
     }
 }
 

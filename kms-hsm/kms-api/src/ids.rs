@@ -107,6 +107,16 @@ string_id!(
     64
 );
 
+string_id!(
+    /// One logical `create_dek_for_thread`, the same for all its attempts (on any replica):
+    /// 1..=64 characters of `[A-Za-z0-9_-]`. The KMS derives the key id from it and the thread
+    /// id ([`KeyId::derived`]), so a retry finds the key its lost first attempt made instead
+    /// of making a second one.
+    IdempotencyKey,
+    "idempotency key",
+    64
+);
+
 /// The id of one data-encryption key: `dek_` followed by 128 random bits in lowercase hex.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(String);
@@ -122,6 +132,26 @@ impl KeyId {
             s.push_str(&format!("{b:02x}"));
         }
         Self(s)
+    }
+
+    /// The key id of the create identified by `key` for `thread`: the first 128 bits of
+    /// SHA-256 over a domain tag, the thread id and the key, each length-prefixed (so no two
+    /// different pairs give the same input). Deterministic, so every replica that sees the
+    /// same request names the same key.
+    pub fn derived(thread: &ThreadId, key: &IdempotencyKey) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [
+            b"progressdb-kms/idempotent-key-id/v1".as_slice(),
+            thread.as_str().as_bytes(),
+            key.as_str().as_bytes(),
+        ] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        let digest = ctx.finish();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest.as_ref()[..16]);
+        Self::from_random(id)
     }
 
     /// Parses `dek_<32 lowercase hex>`.

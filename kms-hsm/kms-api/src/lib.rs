@@ -25,5 +25,5 @@ pub mod tls;
 pub mod wire;
 
 pub use client::{ClientError, Endpoint, KmsClient, KmsClientConfig};
-pub use ids::{IdError, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+pub use ids::{IdError, IdempotencyKey, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 pub use wire::{ErrorBody, ErrorCode, ErrorDetail};

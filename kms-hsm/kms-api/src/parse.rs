@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::ids::{KeyId, ThreadId};
+use crate::ids::{IdempotencyKey, KeyId, ThreadId};
 use crate::wire::{
     base64_len, Bytes64, CreateDekRequest, DecryptRequest, DestroyKeyRequest, EncryptRequest,
     ErrorCode, SecretBytes, MAX_AAD_BYTES, MAX_BATCH_ITEMS, MAX_ITEM_BYTES,
@@ -73,6 +73,8 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
 #[serde(deny_unknown_fields)]
 pub struct CreateDekBody {
     thread_id: String,
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 /// `POST /encrypt` (and a batch item), as written. The plaintext text is secret.
@@ -149,7 +151,16 @@ impl TryFrom<CreateDekBody> for CreateDekRequest {
     fn try_from(b: CreateDekBody) -> Result<Self, ParseError> {
         let thread_id = ThreadId::parse(&b.thread_id)
             .map_err(|e| ParseError::InvalidArgument(format!("thread_id: {e}")))?;
-        Ok(CreateDekRequest { thread_id })
+        let idempotency_key = b
+            .idempotency_key
+            .as_deref()
+            .map(IdempotencyKey::parse)
+            .transpose()
+            .map_err(|e| ParseError::InvalidArgument(format!("idempotency_key: {e}")))?;
+        Ok(CreateDekRequest {
+            thread_id,
+            idempotency_key,
+        })
     }
 }
 

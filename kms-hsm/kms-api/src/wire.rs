@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
-use crate::ids::{KekId, KekVersion, KeyId, ThreadId, WrappedDek};
+use crate::ids::{IdempotencyKey, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 
 /// Largest plaintext or ciphertext in one item, in bytes (before base64).
 pub const MAX_ITEM_BYTES: usize = 1 << 20;
@@ -127,6 +127,10 @@ impl<'de> Deserialize<'de> for Bytes64 {
 #[serde(deny_unknown_fields)]
 pub struct CreateDekRequest {
     pub thread_id: ThreadId,
+    /// The same for every attempt of one create (see [`IdempotencyKey`]): a repeat answers
+    /// the key the first attempt made. Without it every call makes a new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<IdempotencyKey>,
 }
 
 /// Answer of `POST /create_dek_for_thread`.
@@ -276,6 +280,9 @@ pub enum ErrorCode {
     KekNotRetired,
     /// Admin: key records still depend on the KEK version; it is not destroyed.
     KekInUse,
+    /// `create_dek_for_thread`: the idempotency key was used before for another thread (its
+    /// derived key id names a key of another thread); nothing was created.
+    IdempotencyConflict,
     /// Admin: the backup file is not a backup of this format, or its HMAC does not verify
     /// (tampered, truncated, or made under another audit key); nothing was restored.
     BackupInvalid,
@@ -295,7 +302,7 @@ impl ErrorCode {
             }
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::UnknownKey | ErrorCode::UnknownJob => 404,
-            ErrorCode::KekNotRetired | ErrorCode::KekInUse => 409,
+            ErrorCode::KekNotRetired | ErrorCode::KekInUse | ErrorCode::IdempotencyConflict => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
@@ -325,6 +332,7 @@ impl ErrorCode {
             ErrorCode::UnknownJob => "unknown_job",
             ErrorCode::KekNotRetired => "kek_not_retired",
             ErrorCode::KekInUse => "kek_in_use",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::BackupInvalid => "backup_invalid",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",

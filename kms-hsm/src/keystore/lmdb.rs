@@ -539,10 +539,14 @@ fn apply(
                     return Ok(Err(StoreError::AuditHeadMoved));
                 }
             }
-            // Validate every record first: all of this or none of it.
+            // Validate every record first: all of this or none of it. Two records of the
+            // group under one key id (repeats of one idempotent create) are a conflict too.
             let mut encoded = Vec::with_capacity(records.len());
+            let mut seen = std::collections::HashSet::with_capacity(records.len());
             for rec in records {
-                if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
+                if !seen.insert(rec.key_id.as_str())
+                    || keys.get(wtxn, rec.key_id.as_str())?.is_some()
+                {
                     return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));
                 }
                 match encode_record(rec) {

@@ -264,12 +264,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `prev` is the head the entries were chained on (`None`: the log was empty): when the
     /// stored head is another one when the append is applied (an append the caller did not
     /// see, or a group queued before this one that then failed), nothing is written and the
-    /// commit answers `Conflict`, so the chain never forks and never has a gap.
+    /// commit answers `AuditHeadMoved`, so the chain never forks and never has a gap.
     ///
     /// # Errors
     /// Queueing: `Io` (an entry cannot be encoded) or `Closed`; nothing is queued. The
-    /// commit: `Conflict` as above, `AlreadyExists` when one of `records` exists, `Full`,
-    /// `NoSpace`, `Io`, `Closed`; in every case nothing was written.
+    /// commit: `AuditHeadMoved` as above, `AlreadyExists` when one of `records` exists or two
+    /// of them share a key id, `Full`, `NoSpace`, `Io`, `Closed`; in every case nothing was
+    /// written.
     fn queue_audit(
         &self,
         entries: Vec<kms_api::admin::AuditEntry>,

@@ -56,7 +56,7 @@ pub struct ExternalProvider {
 impl fmt::Debug for ExternalProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExternalProvider")
-            .field("endpoint", self.client.endpoint())
+            .field("endpoints", &self.client.endpoints())
             .finish_non_exhaustive()
     }
 }
@@ -90,8 +90,10 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         | ErrorCode::PayloadTooLarge => {
             ProviderError::Rejected(format!("{}: {message}", code.as_str()))
         }
-        // Admin-only codes: the server never calls the admin API, so meeting one is a bug.
-        ErrorCode::Internal
+        // Admin-only codes: the server never calls the admin API, so meeting one is a bug;
+        // and its idempotency keys are random per call, so a conflict is one too.
+        ErrorCode::IdempotencyConflict
+        | ErrorCode::Internal
         | ErrorCode::Unknown
         | ErrorCode::UnknownJob
         | ErrorCode::KekNotRetired
