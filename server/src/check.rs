@@ -74,54 +74,69 @@ fn kms(r: &mut Report, cfg: &Config) {
         master_key(r, p);
     }
     // `Config::load` made sure an endpoint is set when encryption needs one.
-    let endpoint = match k.parsed_endpoint() {
-        Ok(Some(e)) => e,
-        Ok(None) => return,
+    let endpoints = match k.parsed_endpoints() {
+        Ok(e) => e,
         Err(e) => {
             r.problem(
-                "kms.endpoint",
+                if k.endpoints.is_some() {
+                    "kms.endpoints"
+                } else {
+                    "kms.endpoint"
+                },
                 e.to_string(),
                 "unix:///path/kms.sock or https://host:port",
             );
             return;
         }
     };
-    match endpoint {
-        Endpoint::Unix(path) => {
-            let subject = format!("kms.endpoint unix://{}", path.display());
-            match std::os::unix::net::UnixStream::connect(&path) {
-                Ok(_) => r.ok(subject, "a KMS accepts connections there now"),
-                Err(e) => r.warn(
-                    subject,
-                    format!("no KMS answers now ({e}); the server starts anyway and answers 503 until one does"),
-                    "start progressdb-kms, or check the path and that this user may open the socket (listen.allowed_uids)",
-                ),
-            }
-        }
-        Endpoint::Https { host, port } => {
-            if let (Some(ca), Some(cert), Some(key)) = (&k.ca, &k.client_cert, &k.client_key) {
-                if r.secret_file("kms.client_key", key) {
-                    match kms_api::tls::client_config(ca, cert, key) {
-                        Ok(_) => r.ok(
-                            "kms.ca, kms.client_cert, kms.client_key",
-                            "the CA, client certificate and key make a TLS client configuration",
-                        ),
-                        Err(e) => r.problem(
-                            "kms.ca, kms.client_cert, kms.client_key",
-                            e.to_string(),
-                            "PEM files: the KMS's CA, this server's certificate and its key",
-                        ),
-                    }
+    let key = if k.endpoints.is_some() {
+        "kms.endpoints"
+    } else {
+        "kms.endpoint"
+    };
+    if endpoints
+        .iter()
+        .any(|e| matches!(e, Endpoint::Https { .. }))
+    {
+        if let (Some(ca), Some(cert), Some(key)) = (&k.ca, &k.client_cert, &k.client_key) {
+            if r.secret_file("kms.client_key", key) {
+                match kms_api::tls::client_config(ca, cert, key) {
+                    Ok(_) => r.ok(
+                        "kms.ca, kms.client_cert, kms.client_key",
+                        "the CA, client certificate and key make a TLS client configuration",
+                    ),
+                    Err(e) => r.problem(
+                        "kms.ca, kms.client_cert, kms.client_key",
+                        e.to_string(),
+                        "PEM files: the KMS's CA, this server's certificate and its key",
+                    ),
                 }
             }
-            let subject = format!("kms.endpoint https://{host}:{port}");
-            match std::net::TcpStream::connect((host.as_str(), port)) {
-                Ok(_) => r.ok(subject, "a KMS accepts TCP connections there now"),
-                Err(e) => r.warn(
-                    subject,
-                    format!("no KMS answers now ({e}); the server starts anyway and answers 503 until one does"),
-                    "start progressdb-kms, or check the host, port and firewall",
-                ),
+        }
+    }
+    for endpoint in endpoints {
+        match endpoint {
+            Endpoint::Unix(path) => {
+                let subject = format!("{key} unix://{}", path.display());
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(_) => r.ok(subject, "a KMS accepts connections there now"),
+                    Err(e) => r.warn(
+                        subject,
+                        format!("no KMS answers now ({e}); the server starts anyway and answers 503 until one does"),
+                        "start progressdb-kms, or check the path and that this user may open the socket (listen.allowed_uids)",
+                    ),
+                }
+            }
+            Endpoint::Https { host, port } => {
+                let subject = format!("{key} https://{host}:{port}");
+                match std::net::TcpStream::connect((host.as_str(), port)) {
+                    Ok(_) => r.ok(subject, "a KMS accepts TCP connections there now"),
+                    Err(e) => r.warn(
+                        subject,
+                        format!("no KMS answers now ({e}); the server starts anyway and answers 503 until one does"),
+                        "start progressdb-kms, or check the host, port and firewall",
+                    ),
+                }
             }
         }
     }

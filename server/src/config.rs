@@ -178,6 +178,11 @@ pub struct KmsConfig {
     pub mode: KmsMode,
     /// `unix:///path/kms.sock` or `https://host:port`.
     pub endpoint: Option<String>,
+    /// Several replicas of one KMS (instead of `endpoint`): calls are spread over them and a
+    /// failed one is retried on another.
+    pub endpoints: Option<Vec<String>>,
+    /// How often each replica's `/readyz` is probed in the background (with `endpoints`).
+    pub health_interval_ms: u64,
     /// PEM client certificate for `https://` endpoints.
     pub client_cert: Option<PathBuf>,
     /// PEM private key (mode 0600) for `https://` endpoints.
@@ -217,6 +222,8 @@ impl Default for KmsConfig {
         Self {
             mode: KmsMode::External,
             endpoint: None,
+            endpoints: None,
+            health_interval_ms: 1000,
             client_cert: None,
             client_key: None,
             ca: None,
@@ -237,18 +244,50 @@ impl Default for KmsConfig {
 }
 
 impl KmsConfig {
-    /// The parsed endpoint, if configured.
+    /// The KMS's endpoints: `kms.endpoint`, or every one of `kms.endpoints` (empty when
+    /// neither is set).
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] naming `kms.endpoint`.
-    pub fn parsed_endpoint(&self) -> Result<Option<Endpoint>, ConfigError> {
-        self.endpoint
-            .as_deref()
-            .map(|e| {
-                e.parse::<Endpoint>()
-                    .map_err(|err| ConfigError::invalid("kms.endpoint", err.to_string()))
-            })
-            .transpose()
+    /// [`ConfigError::Invalid`] naming the key: both keys set, an empty or repeated list, or
+    /// an endpoint that does not parse.
+    pub fn parsed_endpoints(&self) -> Result<Vec<Endpoint>, ConfigError> {
+        let parse = |key: &'static str, e: &str| {
+            e.parse::<Endpoint>()
+                .map_err(|err| ConfigError::invalid(key, err.to_string()))
+        };
+        match (&self.endpoint, &self.endpoints) {
+            (Some(_), Some(_)) => Err(ConfigError::invalid(
+                "kms.endpoints",
+                "set kms.endpoint (one KMS) or kms.endpoints (replicas), not both",
+            )),
+            (Some(e), None) => Ok(vec![parse("kms.endpoint", e)?]),
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "kms.endpoints",
+                        "must list at least one endpoint",
+                    ));
+                }
+                let parsed = list
+                    .iter()
+                    .map(|e| parse("kms.endpoints", e))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (i, e) in parsed.iter().enumerate() {
+                    if parsed[..i].contains(e) {
+                        return Err(ConfigError::invalid(
+                            "kms.endpoints",
+                            format!("{e} is listed twice"),
+                        ));
+                    }
+                }
+                Ok(parsed)
+            }
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -464,6 +503,7 @@ impl Config {
             ("kms.ready_timeout_ms", k.ready_timeout_ms),
             ("kms.deadline_ms", k.deadline_ms),
             ("kms.breaker_cooldown_ms", k.breaker_cooldown_ms),
+            ("kms.health_interval_ms", k.health_interval_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(
@@ -478,22 +518,26 @@ impl Config {
                 "must be a tracing filter such as \"info\" or \"progressdb=debug\"",
             ));
         }
-        let endpoint = k.parsed_endpoint()?;
+        let endpoints = k.parsed_endpoints()?;
         match k.mode {
             KmsMode::External => {
-                if self.encryption.enabled && endpoint.is_none() {
+                if self.encryption.enabled && endpoints.is_empty() {
                     return Err(ConfigError::invalid(
                         "kms.endpoint",
-                        "required when encryption.enabled = true and kms.mode = \"external\"",
+                        "required when encryption.enabled = true and kms.mode = \"external\" (or kms.endpoints, for replicas)",
                     ));
                 }
-                if k.peer_uid.is_some() && !matches!(endpoint, Some(Endpoint::Unix(_))) {
+                let unix = endpoints.iter().any(|e| matches!(e, Endpoint::Unix(_)));
+                if k.peer_uid.is_some() && !unix {
                     return Err(ConfigError::invalid(
                         "kms.peer_uid",
-                        "applies only to a unix:// kms.endpoint (mutual TLS identifies the KMS by its certificate)",
+                        "applies only to unix:// KMS endpoints (mutual TLS identifies the KMS by its certificate)",
                     ));
                 }
-                if let Some(Endpoint::Https { .. }) = endpoint {
+                if endpoints
+                    .iter()
+                    .any(|e| matches!(e, Endpoint::Https { .. }))
+                {
                     for (key, v) in [
                         ("kms.client_cert", &k.client_cert),
                         ("kms.client_key", &k.client_key),
@@ -502,7 +546,7 @@ impl Config {
                         if v.is_none() {
                             return Err(ConfigError::invalid(
                                 key,
-                                "required for an https:// kms.endpoint",
+                                "required for an https:// KMS endpoint",
                             ));
                         }
                     }
@@ -554,8 +598,8 @@ mod tests {
         assert_eq!(cfg.kms.mode, KmsMode::External);
         assert!(cfg.encryption.enabled);
         assert_eq!(
-            cfg.kms.parsed_endpoint().unwrap(),
-            Some(Endpoint::Unix("/run/progressdb-kms/kms.sock".into()))
+            cfg.kms.parsed_endpoints().unwrap(),
+            vec![Endpoint::Unix("/run/progressdb-kms/kms.sock".into())]
         );
     }
 
@@ -661,6 +705,32 @@ mod tests {
         );
         let cfg = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
         assert!(!cfg.encryption.enabled);
-        assert_eq!(cfg.kms.parsed_endpoint().unwrap(), None);
+        assert!(cfg.kms.parsed_endpoints().unwrap().is_empty());
+    }
+
+    #[test]
+    fn replicas_are_listed_once_and_not_with_a_single_endpoint() {
+        let k = |endpoint: Option<&str>, endpoints: Option<Vec<&str>>| KmsConfig {
+            endpoint: endpoint.map(str::to_owned),
+            endpoints: endpoints.map(|v| v.into_iter().map(str::to_owned).collect()),
+            ..KmsConfig::default()
+        };
+        let two = k(None, Some(vec!["unix:///run/a.sock", "unix:///run/b.sock"]));
+        assert_eq!(two.parsed_endpoints().unwrap().len(), 2);
+        for (bad, why) in [
+            (
+                k(Some("unix:///run/a.sock"), Some(vec!["unix:///run/b.sock"])),
+                "not both",
+            ),
+            (k(None, Some(vec![])), "at least one"),
+            (
+                k(None, Some(vec!["unix:///run/a.sock", "unix:///run/a.sock"])),
+                "twice",
+            ),
+            (k(None, Some(vec!["http://x:1"])), "invalid KMS endpoint"),
+        ] {
+            let e = bad.parsed_endpoints().unwrap_err().to_string();
+            assert!(e.contains("kms.endpoints") && e.contains(why), "{e}");
+        }
     }
 }

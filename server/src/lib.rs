@@ -72,7 +72,7 @@ pub struct Server {
 fn wants_provider(cfg: &Config) -> bool {
     cfg.encryption.enabled
         || match cfg.kms.mode {
-            KmsMode::External => cfg.kms.endpoint.is_some(),
+            KmsMode::External => cfg.kms.endpoint.is_some() || cfg.kms.endpoints.is_some(),
             KmsMode::Embedded => true,
         }
 }

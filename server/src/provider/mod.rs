@@ -179,17 +179,21 @@ pub fn build(
 ) -> Result<Arc<dyn KeyProvider>, ProviderBuildError> {
     match cfg.mode {
         KmsMode::External => {
-            let endpoint = cfg
-                .parsed_endpoint()
-                .map_err(|e| ProviderBuildError::Endpoint(e.to_string()))?
-                .ok_or_else(|| ProviderBuildError::Endpoint("not configured".into()))?;
+            let endpoints = cfg
+                .parsed_endpoints()
+                .map_err(|e| ProviderBuildError::Endpoint(e.to_string()))?;
+            if endpoints.is_empty() {
+                return Err(ProviderBuildError::Endpoint("not configured".into()));
+            }
+            let replicas = endpoints.len();
             let tls = match (&cfg.ca, &cfg.client_cert, &cfg.client_key) {
                 (Some(ca), Some(cert), Some(key)) => {
                     Some(Arc::new(kms_api::tls::client_config(ca, cert, key)?))
                 }
                 _ => None,
             };
-            let mut client_cfg = kms_api::KmsClientConfig::new(endpoint, tls);
+            let mut client_cfg = kms_api::KmsClientConfig::replicas(endpoints, tls);
+            client_cfg.health_interval = cfg.health_interval();
             client_cfg.connect_timeout = cfg.connect_timeout();
             client_cfg.request_timeout = cfg.request_timeout();
             client_cfg.max_retries = cfg.max_retries;
@@ -201,6 +205,10 @@ pub fn build(
             };
             let client = kms_api::KmsClient::new(client_cfg)
                 .map_err(|e| ProviderBuildError::Endpoint(e.to_string()))?;
+            if replicas > 1 {
+                // Ejects a failing replica before user calls find it; ends with the client.
+                drop(client.spawn_health_checks());
+            }
             #[cfg(feature = "dev-embedded")]
             let fallback = match &cfg.master_key_file {
                 Some(p) => Some(Arc::new(embedded::MasterKey::load(p)?)),

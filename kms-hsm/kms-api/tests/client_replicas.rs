@@ -1,0 +1,297 @@
+//! The client over several KMS replicas, against stub replicas on real Unix sockets whose
+//! behaviour each test scripts: load is spread, a dead or failing replica costs no call, a
+//! create whose answer was lost is retried elsewhere with the same idempotency key, and the
+//! health check ejects a failing replica and takes it back. The real KMS replicas are tested
+//! end to end elsewhere; here only the client's logic is.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kms_api::client::{BreakerConfig, ClientError, Endpoint, KmsClient, KmsClientConfig};
+use kms_api::{KeyId, ThreadId};
+
+const OK: u8 = 0;
+const UNAVAILABLE: u8 = 1;
+/// Reads the request, then closes the connection without answering (a replica killed after
+/// it acted).
+const DROP: u8 = 2;
+
+struct Replica {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    mode: Arc<AtomicU8>,
+    /// Requests other than `/readyz`.
+    calls: Arc<AtomicU32>,
+    readyz: Arc<AtomicU32>,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Replica {
+    async fn start(mode: u8) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kms.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let r = Replica {
+            _dir: dir,
+            socket,
+            mode: Arc::new(AtomicU8::new(mode)),
+            calls: Arc::default(),
+            readyz: Arc::default(),
+            bodies: Arc::default(),
+        };
+        let (mode, calls, readyz, bodies) = (
+            r.mode.clone(),
+            r.calls.clone(),
+            r.readyz.clone(),
+            r.bodies.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (mode, calls, readyz, bodies) =
+                    (mode.clone(), calls.clone(), readyz.clone(), bodies.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (mode, calls, readyz, bodies) =
+                            (mode.clone(), calls.clone(), readyz.clone(), bodies.clone());
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let m = mode.load(Ordering::SeqCst);
+                            if path == "/readyz" {
+                                readyz.fetch_add(1, Ordering::SeqCst);
+                            } else {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    bodies.lock().unwrap().push(v);
+                                }
+                            }
+                            if m == DROP && path != "/readyz" {
+                                // Never answered: the connection task is dropped below.
+                                return Err::<hyper::Response<Full<Bytes>>, _>(
+                                    std::io::Error::other("dropped"),
+                                );
+                            }
+                            let (status, text): (u16, String) = match (m, path.as_str()) {
+                                (UNAVAILABLE | DROP, _) => (
+                                    503,
+                                    r#"{"error":{"code":"unavailable","message":"down"}}"#.into(),
+                                ),
+                                (_, "/readyz") => (200, r#"{"status":"ready"}"#.into()),
+                                (_, "/create_dek_for_thread") => {
+                                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                                    // The key id a real KMS derives from the request.
+                                    let thread = ThreadId::parse(v["thread_id"].as_str().unwrap()).unwrap();
+                                    let idem = kms_api::IdempotencyKey::parse(
+                                        v["idempotency_key"].as_str().unwrap(),
+                                    )
+                                    .unwrap();
+                                    let key = KeyId::derived(&thread, &idem);
+                                    (
+                                        200,
+                                        format!(
+                                            r#"{{"key_id":"{key}","wrapped":"AQID","kek_id":"kek","kek_version":1}}"#
+                                        ),
+                                    )
+                                }
+                                _ => (
+                                    200,
+                                    r#"{"ciphertext":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","key_version":1}"#
+                                        .into(),
+                                ),
+                            };
+                            Ok::<_, std::io::Error>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(text)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        r
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.socket.clone())
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn calls(&self) -> u32 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn client(endpoints: Vec<Endpoint>, f: impl FnOnce(&mut KmsClientConfig)) -> KmsClient {
+    let mut cfg = KmsClientConfig::replicas(endpoints, None);
+    f(&mut cfg);
+    KmsClient::new(cfg).unwrap()
+}
+
+async fn encrypt(c: &KmsClient) -> Result<(), ClientError> {
+    let key = KeyId::parse("dek_00000000000000000000000000000000").unwrap();
+    c.encrypt(&key, b"hi", None).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn calls_are_spread_over_healthy_replicas() {
+    let (a, b) = (Replica::start(OK).await, Replica::start(OK).await);
+    let c = client(vec![a.endpoint(), b.endpoint()], |_| {});
+    for _ in 0..100 {
+        encrypt(&c).await.unwrap();
+    }
+    assert_eq!(a.calls() + b.calls(), 100);
+    assert!(
+        a.calls() >= 40 && b.calls() >= 40,
+        "{} / {}",
+        a.calls(),
+        b.calls()
+    );
+}
+
+#[tokio::test]
+async fn a_dead_or_failing_replica_fails_no_call_and_is_ejected() {
+    let live = Replica::start(OK).await;
+    let failing = Replica::start(UNAVAILABLE).await;
+    let dead_dir = tempfile::tempdir().unwrap();
+    let dead = Endpoint::Unix(dead_dir.path().join("gone.sock"));
+    let c = client(vec![dead, failing.endpoint(), live.endpoint()], |c| {
+        c.max_retries = 0;
+        c.breaker = BreakerConfig {
+            failures: 2,
+            cooldown: Duration::from_secs(60),
+        };
+    });
+    for i in 0..60 {
+        encrypt(&c)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} failed: {e}"));
+    }
+    assert_eq!(live.calls(), 60, "every call ended on the live replica");
+    // The failing one was tried until its circuit opened (2 failures), then left alone.
+    assert_eq!(failing.calls(), 2, "{}", failing.calls());
+    // When every replica is down the call fails, with the reason.
+    live.set(UNAVAILABLE);
+    let c = client(vec![failing.endpoint(), live.endpoint()], |c| {
+        c.max_retries = 1;
+        c.breaker = BreakerConfig {
+            failures: 0,
+            cooldown: Duration::ZERO,
+        };
+    });
+    assert!(matches!(
+        encrypt(&c).await,
+        Err(ClientError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_retried_elsewhere_with_the_same_idempotency_key() {
+    let (a, b) = (Replica::start(DROP).await, Replica::start(OK).await);
+    let c = client(vec![a.endpoint(), b.endpoint()], |c| {
+        c.breaker = BreakerConfig {
+            failures: 0,
+            cooldown: Duration::ZERO,
+        };
+    });
+    let thread = ThreadId::parse("t1").unwrap();
+    for _ in 0..10 {
+        let created = c.create_dek_for_thread(&thread).await.unwrap();
+        let seen_b = b.bodies.lock().unwrap().last().cloned().unwrap();
+        let key = seen_b["idempotency_key"].as_str().unwrap().to_owned();
+        assert_eq!(
+            created.key_id,
+            KeyId::derived(&thread, &kms_api::IdempotencyKey::parse(&key).unwrap())
+        );
+    }
+    // Every call that reached the dropping replica first carried the key its retry did.
+    let dropped = a.bodies.lock().unwrap().clone();
+    let answered = b.bodies.lock().unwrap().clone();
+    assert!(
+        !dropped.is_empty(),
+        "round-robin sent some calls to the dropping replica"
+    );
+    for d in &dropped {
+        assert!(
+            answered
+                .iter()
+                .any(|x| x["idempotency_key"] == d["idempotency_key"]),
+            "a retried create changed its idempotency key: {d}"
+        );
+    }
+    // Different calls, different keys.
+    let mut keys: Vec<&str> = answered
+        .iter()
+        .map(|v| v["idempotency_key"].as_str().unwrap())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), 10);
+}
+
+#[tokio::test]
+async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
+    let (a, b) = (Replica::start(OK).await, Replica::start(OK).await);
+    let c = client(vec![a.endpoint(), b.endpoint()], |c| {
+        c.health_interval = Duration::from_millis(50);
+        c.breaker = BreakerConfig {
+            failures: 2,
+            cooldown: Duration::from_secs(60),
+        };
+    });
+    let checks = c.spawn_health_checks();
+    a.set(UNAVAILABLE);
+    // Two failed probes open a's circuit before any user call.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(a.readyz.load(Ordering::SeqCst) >= 2);
+    let before = a.calls();
+    for _ in 0..20 {
+        encrypt(&c).await.unwrap();
+    }
+    assert_eq!(
+        a.calls(),
+        before,
+        "no user call went to the ejected replica"
+    );
+    // Back: a successful probe closes its circuit (long before the 60 s cooldown).
+    a.set(OK);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..20 {
+        encrypt(&c).await.unwrap();
+    }
+    assert!(a.calls() > before, "the replica was taken back");
+    // Readiness: any replica ready is ready.
+    b.set(UNAVAILABLE);
+    c.ready().await.unwrap();
+    a.set(UNAVAILABLE);
+    assert!(c.ready().await.is_err());
+    drop(c);
+    // The check ends with the last client handle.
+    tokio::time::timeout(Duration::from_secs(2), checks)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn an_empty_replica_list_is_refused() {
+    let e = KmsClient::new(KmsClientConfig::replicas(vec![], None)).unwrap_err();
+    assert!(matches!(e, ClientError::Config(_)));
+}
