@@ -394,6 +394,8 @@ pub enum Provider {
         endpoint: String,
         tls: Option<(PathBuf, PathBuf, PathBuf)>,
     },
+    /// `kms.mode = "external"` over several replicas (`kms.endpoints`), Unix sockets.
+    Replicas { endpoints: Vec<String> },
     /// `kms.mode = "embedded"` with a master key file (dev builds only).
     Embedded { master_key_file: PathBuf },
 }
@@ -469,6 +471,14 @@ pub fn server_config(
             }
             s
         }
+        Provider::Replicas { endpoints } => format!(
+            "mode = \"external\"\nendpoints = [{}]\nhealth_interval_ms = 200\n",
+            endpoints
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Provider::Embedded { master_key_file } => format!(
             "mode = \"embedded\"\nmaster_key_file = \"{}\"\n",
             master_key_file.display()
