@@ -41,6 +41,8 @@ pub struct App<B, S> {
     serve: ServeOptions,
     gate: Arc<ConnectionGate>,
     cache_ttl: Duration,
+    /// With a shared store: how often the change feed is polled ([`crate::coherence`]).
+    coherence: Option<Duration>,
 }
 
 impl<B, S> std::fmt::Debug for App<B, S> {
@@ -120,6 +122,15 @@ impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
         let metrics = Arc::new(Metrics::new(backend.clone(), gate.clone()));
         let store = open_store(cfg, metrics.store.clone()).await?;
         let cache = DekCache::new(cfg.cache.ttl, cfg.cache.max_entries, metrics.cache.clone());
+        let coherence = match &cfg.store.backend {
+            StoreBackend::Lmdb { .. } => None,
+            StoreBackend::Postgres(pg) => {
+                // Other replicas write the same store: nothing is cached until the change
+                // feed has been read once.
+                cache.valid_until(std::time::Instant::now());
+                Some(pg.coherence)
+            }
+        };
         let service = Arc::new(KeyService::new(backend, store, cache));
         let api = Arc::new(Api::new(
             service,
@@ -140,6 +151,7 @@ impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
             },
             cache_ttl: cfg.cache.ttl,
             gate,
+            coherence,
         })
     }
 }
@@ -165,6 +177,9 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
             .cache_ttl
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
         let svc = self.api.service().clone();
+        let coherence = self
+            .coherence
+            .map(|every| tokio::spawn(crate::coherence::run(svc.clone(), every)));
         let purger = svc.clone();
         let purge = tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -220,6 +235,9 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
         .await;
         purge.abort();
         pin_watch.abort();
+        if let Some(c) = coherence {
+            c.abort();
+        }
         result.map_err(StartError::from)
     }
 }

@@ -9,6 +9,11 @@
 //!   just before the destruction and inserts its DEK just after. Callers take an
 //!   [`Epoch`] before reading the key store and insert with it; [`DekCache::evict`] advances
 //!   the epoch, so such a late insert is dropped.
+//! * With several replicas, a key destroyed by another replica must stop being served from
+//!   this cache within a bound. The replica's coherence task ([`crate::coherence`]) evicts
+//!   what the store's change feed names and, after each successful poll, extends the cache's
+//!   *validity* ([`DekCache::valid_until`]). Past it (the feed could not be read in time)
+//!   the cache answers nothing and takes nothing: every call reads the store and the HSM.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +52,9 @@ struct Entry {
 
 struct Inner {
     map: HashMap<KeyId, Entry>,
+    /// `None`: always valid (one process owns the store). Otherwise the instant after which
+    /// the cache is not trusted (see the module docs).
+    valid_until: Option<Instant>,
     /// Insertion order; `(key, seq)` pairs whose seq no longer matches the map are stale.
     order: VecDeque<(KeyId, u64)>,
     next_seq: u64,
@@ -80,6 +88,7 @@ impl DekCache {
             max_entries,
             inner: Mutex::new(Inner {
                 map: HashMap::new(),
+                valid_until: None,
                 order: VecDeque::new(),
                 next_seq: 0,
                 epoch: 0,
@@ -120,6 +129,11 @@ impl DekCache {
             return None;
         }
         let mut inner = self.lock();
+        if inner.valid_until.is_some_and(|t| Instant::now() >= t) {
+            drop(inner);
+            self.metrics.misses.inc();
+            return None;
+        }
         let found = match inner.map.get(key_id) {
             Some(e) if e.inserted.elapsed() < self.ttl => Some(e.value.clone()),
             Some(_) => {
@@ -144,7 +158,7 @@ impl DekCache {
             return;
         }
         let mut inner = self.lock();
-        if inner.epoch != epoch.0 {
+        if inner.epoch != epoch.0 || inner.valid_until.is_some_and(|t| Instant::now() >= t) {
             return;
         }
         let now = Instant::now();
@@ -182,6 +196,31 @@ impl DekCache {
         inner.epoch += 1;
         inner.map.remove(key_id);
         self.metrics.entries.set(gauge_value(inner.map.len()));
+    }
+
+    /// Trusts the cache until `until` (a replica's coherence task, after a poll of the
+    /// change feed). Once `until` has passed nothing is served or cached, and the entries
+    /// held then are dropped when it is extended again.
+    pub fn valid_until(&self, until: Instant) {
+        let mut inner = self.lock();
+        if inner.valid_until.is_some_and(|t| Instant::now() >= t) {
+            // It lapsed: what it holds may be stale; start empty.
+            inner.epoch += 1;
+            inner.map.clear();
+            inner.order.clear();
+        }
+        inner.valid_until = Some(until);
+        self.metrics.entries.set(gauge_value(inner.map.len()));
+    }
+
+    /// Drops every entry and advances the epoch (a KEK version changed elsewhere, or the
+    /// change feed cannot be trusted).
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        inner.map.clear();
+        inner.order.clear();
+        self.metrics.entries.set(0);
     }
 
     /// Removes expired entries (called periodically so idle keys do not linger in memory).
@@ -275,6 +314,25 @@ mod tests {
             assert!(c.get(&kid(1)).is_none());
             assert!(c.is_empty());
         }
+    }
+
+    #[test]
+    fn a_lapsed_validity_serves_and_takes_nothing_until_renewed() {
+        let c = DekCache::new(Duration::from_secs(60), 10, CacheMetrics::default());
+        c.valid_until(Instant::now() + Duration::from_millis(30));
+        c.insert(c.epoch(), kid(1), val(1));
+        assert!(c.get(&kid(1)).is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(c.get(&kid(1)).is_none(), "lapsed: not served");
+        c.insert(c.epoch(), kid(2), val(2));
+        // Renewed: the entries held before the lapse are gone, new ones are kept.
+        c.valid_until(Instant::now() + Duration::from_secs(60));
+        assert!(c.get(&kid(1)).is_none());
+        assert!(c.get(&kid(2)).is_none(), "not taken while lapsed");
+        c.insert(c.epoch(), kid(3), val(3));
+        assert!(c.get(&kid(3)).is_some());
+        c.clear();
+        assert!(c.is_empty());
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub struct RawStore {
     pub ca_file: Option<PathBuf>,
     pub pool_size: Option<u64>,
     pub timeout_secs: Option<u64>,
+    pub coherence_ms: Option<u64>,
 }
 
 /// `[cache]`
@@ -317,6 +318,9 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// Connecting, waiting for a pooled connection, and each statement (`statement_timeout`).
     pub timeout: Duration,
+    /// How often the change feed is polled; a change made by another replica stops being
+    /// served from this one's cache within twice this ([`crate::coherence`]).
+    pub coherence: Duration,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -340,6 +344,7 @@ impl PostgresConfig {
         ca_file: Option<PathBuf>,
         pool_size: usize,
         timeout: Duration,
+        coherence: Duration,
     ) -> Result<Self, ConfigError> {
         let parsed: tokio_postgres::Config = url
             .parse()
@@ -372,6 +377,7 @@ impl PostgresConfig {
             ca_file,
             pool_size,
             timeout,
+            coherence,
         })
     }
 
@@ -496,6 +502,7 @@ pub mod defaults {
     pub const MAP_SIZE_MB: u64 = 1024;
     pub const PG_POOL_SIZE: u64 = 16;
     pub const PG_TIMEOUT_SECS: u64 = 5;
+    pub const PG_COHERENCE_MS: u64 = 500;
     pub const CACHE_TTL_SECS: u64 = 300;
     pub const CACHE_MAX_ENTRIES: u64 = 10_000;
     pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
@@ -778,6 +785,7 @@ impl RawConfig {
                     ("store.ca_file", self.store.ca_file.is_some()),
                     ("store.pool_size", self.store.pool_size.is_some()),
                     ("store.timeout_secs", self.store.timeout_secs.is_some()),
+                    ("store.coherence_ms", self.store.coherence_ms.is_some()),
                 ] {
                     if set {
                         return Err(invalid(key, "is only for store.backend = \"postgres\""));
@@ -814,12 +822,20 @@ impl RawConfig {
                 if !(1..=3600).contains(&timeout_secs) {
                     return Err(invalid("store.timeout_secs", "must be between 1 and 3600"));
                 }
+                let coherence_ms = self.store.coherence_ms.unwrap_or(defaults::PG_COHERENCE_MS);
+                if !(50..=60_000).contains(&coherence_ms) {
+                    return Err(invalid(
+                        "store.coherence_ms",
+                        "must be between 50 and 60000",
+                    ));
+                }
                 StoreBackend::Postgres(PostgresConfig::new(
                     url,
                     self.store.password_file.clone().map(&abs),
                     self.store.ca_file.clone().map(&abs),
                     pool_size,
                     Duration::from_secs(timeout_secs),
+                    Duration::from_millis(coherence_ms),
                 )?)
             }
             other => {

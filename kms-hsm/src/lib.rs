@@ -1,14 +1,16 @@
 //! progressdb-kms: the key-management service of progressdb.
 //!
 //! The KEK lives in an HSM (PKCS#11); the KMS hands out per-thread DEKs, wrapped by the HSM
-//! and recorded in its own LMDB store, and encrypts/decrypts message bodies under them over a
+//! and recorded in its key store (LMDB, or PostgreSQL shared by replicas), and encrypts/decrypts message bodies under them over a
 //! small JSON API on a Unix socket or mutual-TLS TCP.
 //!
 //! Layers, each with its own error type:
 //! * [`config`]: TOML file + `PROGRESSDB_KMS__SECTION__KEY` environment overrides.
 //! * [`backend`]: the [`backend::KeyBackend`] boundary and its PKCS#11 implementation.
-//! * [`keystore`]: durable key records ([`keystore::KeyStore`]; LMDB with group commit).
+//! * [`keystore`]: durable key records ([`keystore::KeyStore`]; LMDB with group commit, or
+//!   PostgreSQL).
 //! * [`cache`]: bounded, zeroizing cache of unwrapped DEKs.
+//! * [`coherence`]: with replicas, the cache follows the shared store's change feed.
 //! * [`service`]: the KMS operations; [`service::ServiceError::code`] maps failures to the
 //!   stable wire codes.
 //! * [`audit`]: the tamper-evident audit log (entries chained by an HMAC made in the HSM,
@@ -32,6 +34,7 @@ pub mod backup;
 pub mod cache;
 pub mod check;
 pub mod cli;
+pub mod coherence;
 pub mod config;
 pub mod http;
 pub mod keystore;

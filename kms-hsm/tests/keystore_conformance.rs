@@ -43,7 +43,15 @@ fn rand_bytes() -> [u8; 8] {
 }
 
 fn pg_config(url: &str) -> PostgresConfig {
-    PostgresConfig::new(url.to_owned(), None, None, 8, Duration::from_secs(5)).unwrap()
+    PostgresConfig::new(
+        url.to_owned(),
+        None,
+        None,
+        8,
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    )
+    .unwrap()
 }
 
 async fn pg_store_at(url: &str) -> AnyStore {
@@ -408,9 +416,12 @@ async fn migrations_are_versioned_applied_once_and_a_newer_schema_is_refused() {
     assert_eq!(
         pg.psql(
             &dbname,
-            "SELECT string_agg(version::text, ',') FROM kms_schema_migrations"
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM kms_schema_migrations"
         ),
-        progressdb_kms::keystore::postgres::SCHEMA_VERSION.to_string()
+        (1..=progressdb_kms::keystore::postgres::SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     assert_eq!(
         progressdb_kms::keystore::postgres::MIGRATIONS
@@ -566,4 +577,54 @@ async fn a_database_restart_gives_io_errors_then_the_store_recovers_by_itself() 
     assert!(s.get(&record(2, "during").key_id).await.unwrap().is_none());
     // The audit writer recovers too.
     append(&s, None, 2, vec![], vec![]).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_change_feed_lists_destroys_and_kek_changes_in_order() {
+    let url = PgCluster::shared().new_database();
+    let a = pg_store_at(&url).await;
+    let b = pg_store_at(&url).await;
+    let start = b.changes_after(None, 10).await.unwrap();
+    assert!(start.changes.is_empty());
+    let r = record(1, "t");
+    a.put_new(r.clone()).await.unwrap();
+    a.mark_destroyed(&r.key_id).await.unwrap();
+    // Idempotent: a second destroy records nothing.
+    a.mark_destroyed(&r.key_id).await.unwrap();
+    a.put_kek_version(KekVersionRecord {
+        version: KekVersion::new(2).unwrap(),
+        state: KekState::Retired,
+        created_at: 1,
+        retired_at: Some(2),
+        destroyed_at: None,
+    })
+    .await
+    .unwrap();
+    let page = b.changes_after(Some(start.cursor), 10).await.unwrap();
+    assert_eq!(
+        page.changes,
+        vec![
+            progressdb_kms::keystore::Change::KeyDestroyed(r.key_id.clone()),
+            progressdb_kms::keystore::Change::KekVersion(KekVersion::new(2).unwrap()),
+        ]
+    );
+    let one = b.changes_after(Some(start.cursor), 1).await.unwrap();
+    assert_eq!(one.changes.len(), 1, "pages of `limit`");
+    let rest = b.changes_after(Some(one.cursor), 10).await.unwrap();
+    assert_eq!(rest.changes.len(), 1);
+    assert!(b
+        .changes_after(Some(page.cursor), 10)
+        .await
+        .unwrap()
+        .changes
+        .is_empty());
+    // LMDB has no other writer: its feed is always empty.
+    let dir = tempfile::tempdir().unwrap();
+    let l = AnyStore::Lmdb(LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap());
+    assert!(l
+        .changes_after(Some(0), 10)
+        .await
+        .unwrap()
+        .changes
+        .is_empty());
 }

@@ -139,3 +139,50 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         sys.kms[victim].restart(hsm);
     }
 }
+
+/// A DEK cached by one replica stops being served by it within the coherence bound (2 ×
+/// `store.coherence_ms`, 1 s by default) once another replica destroys it, although the
+/// cache TTL is 300 s.
+#[test]
+fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
+    let sys = replicated(2);
+    let (a, b) = (&sys.kms[0], &sys.kms[1]);
+    let (s, k) = a.call(
+        "POST",
+        "/create_dek_for_thread",
+        Some(json!({ "thread_id": "coherent" })),
+    );
+    assert_eq!(s, 200, "{k}");
+    let key = k["key_id"].as_str().unwrap().to_owned();
+    let encrypt = |kms: &Kms| {
+        kms.call(
+            "POST",
+            "/encrypt",
+            Some(json!({ "key_id": key, "plaintext": "aGVsbG8=" })),
+        )
+        .0
+    };
+    // Wait until b's cache is in use (its first change-feed poll), then warm it.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(encrypt(b), 200);
+    let m = b.metrics();
+    let hits_before = progressdb_e2e::metric(&m, "progressdb_kms_cache_hits_total").unwrap();
+    assert_eq!(encrypt(b), 200);
+    let m = b.metrics();
+    assert!(
+        progressdb_e2e::metric(&m, "progressdb_kms_cache_hits_total").unwrap() > hits_before,
+        "b serves the key from its cache"
+    );
+    let (s, v) = a.call("POST", "/destroy_key", Some(json!({ "key_id": key })));
+    assert_eq!(s, 200, "{v}");
+    let t0 = std::time::Instant::now();
+    while encrypt(b) != 404 {
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "b still serves the destroyed key after {:?}",
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("destroyed on a, refused by b after {:?}", t0.elapsed());
+}

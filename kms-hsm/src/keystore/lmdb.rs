@@ -475,6 +475,18 @@ impl KeyStore for LmdbStore {
         Ok(out)
     }
 
+    async fn changes_after(
+        &self,
+        _cursor: Option<u64>,
+        _limit: usize,
+    ) -> Result<super::ChangePage, StoreError> {
+        // One process per store (its lock file): nothing changes behind this one's back.
+        Ok(super::ChangePage {
+            cursor: 0,
+            changes: Vec::new(),
+        })
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         match &self.tx {
             Some(tx) if !tx.is_closed() => {}

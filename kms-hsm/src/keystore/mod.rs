@@ -113,6 +113,24 @@ mod hex_mac {
     }
 }
 
+/// A change another process made to the store, as its change feed reports it
+/// ([`KeyStore::changes_after`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The key was destroyed: no cache may serve it any more.
+    KeyDestroyed(KeyId),
+    /// A KEK version's record changed (retired or destroyed).
+    KekVersion(KekVersion),
+}
+
+/// A page of the change feed: the changes after the cursor given, and the cursor to give
+/// next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangePage {
+    pub cursor: u64,
+    pub changes: Vec<Change>,
+}
+
 /// Outcome of [`KeyStore::mark_destroyed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestroyOutcome {
@@ -310,6 +328,18 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
 
+    /// The change feed: up to `limit` changes recorded after `cursor` (`None`: none, just
+    /// the current cursor), oldest first. A store one process owns (LMDB) has no other
+    /// writer and answers an empty page at cursor 0.
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn changes_after(
+        &self,
+        cursor: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = Result<ChangePage, StoreError>> + Send;
+
     /// `Ok` when the store can serve reads and writes now.
     ///
     /// # Errors
@@ -431,6 +461,13 @@ impl KeyStore for AnyStore {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         dispatch!(self, s => s.audit_range(after, limit).await)
+    }
+    async fn changes_after(
+        &self,
+        cursor: Option<u64>,
+        limit: usize,
+    ) -> Result<ChangePage, StoreError> {
+        dispatch!(self, s => s.changes_after(cursor, limit).await)
     }
     async fn check(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.check().await)

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 
 use super::{
-    decode_record, encode_record, now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord,
-    KeyRecord, KeyState, KeyStore, StoreError,
+    decode_record, encode_record, now_secs, AuditHead, Change, ChangePage, DestroyOutcome,
+    JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::metrics::StoreMetrics;
@@ -38,10 +38,11 @@ use crate::metrics::StoreMetrics;
 const MIGRATION_LOCK: i64 = 0x7064_626b_6d73;
 
 /// The schema, one migration per version, applied in order and never edited once released.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "key records, KEK versions, jobs, audit log",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "key records, KEK versions, jobs, audit log",
+        r#"
 CREATE TABLE kms_key_records (
     key_id   text COLLATE "C" PRIMARY KEY,
     revision bigint NOT NULL,
@@ -72,10 +73,23 @@ CREATE TABLE kms_audit_pending (
     entry bytea NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "change feed for cache coherence across replicas",
+        r#"
+CREATE TABLE kms_changes (
+    seq        bigserial PRIMARY KEY,
+    kind       text NOT NULL CHECK (kind IN ('key_destroyed', 'kek_version')),
+    subject    text NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    ),
+];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Connects once (on a runtime of its own: `check-config` is synchronous) and reads the
 /// schema version (0 before the first start), changing nothing.
@@ -296,6 +310,36 @@ impl PostgresStore {
             .execute(&st, &[&key_id.as_str(), &revision, &value])
             .await
             .map_err(|e| db_err(&e))?;
+        self.metrics.commits.inc();
+        self.metrics.writes.inc();
+        Ok(n == 1)
+    }
+
+    /// Like [`PostgresStore::update_if`] for a destroy, recording it in the change feed in
+    /// the same statement (so other replicas evict the key exactly when it is destroyed).
+    async fn destroy_if(
+        &self,
+        key_id: &KeyId,
+        revision: i64,
+        destroyed: &KeyRecord,
+    ) -> Result<bool, StoreError> {
+        let value = encode_record(destroyed)?;
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "WITH u AS (UPDATE kms_key_records SET record = $3, revision = revision + 1 \
+                 WHERE key_id = $1 AND revision = $2 RETURNING key_id) \
+                 INSERT INTO kms_changes (kind, subject) SELECT 'key_destroyed', key_id FROM u",
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let n = c
+            .execute(&st, &[&key_id.as_str(), &revision, &value])
+            .await
+            .map_err(|e| {
+                self.metrics.commit_errors.inc();
+                db_err(&e)
+            })?;
         self.metrics.commits.inc();
         self.metrics.writes.inc();
         Ok(n == 1)
@@ -581,7 +625,7 @@ impl KeyStore for PostgresStore {
                 },
                 ..current
             };
-            if self.update_if(key_id, revision, &destroyed).await? {
+            if self.destroy_if(key_id, revision, &destroyed).await? {
                 return Ok(DestroyOutcome::Destroyed);
             }
         }
@@ -611,8 +655,9 @@ impl KeyStore for PostgresStore {
         let version = i32::try_from(record.version.get())
             .map_err(|_| StoreError::Io("KEK version beyond PostgreSQL's integer".into()))?;
         self.upsert(
-            "INSERT INTO kms_kek_versions (version, record) VALUES ($1, $2) \
-             ON CONFLICT (version) DO UPDATE SET record = EXCLUDED.record",
+            "WITH v AS (INSERT INTO kms_kek_versions (version, record) VALUES ($1, $2) \
+             ON CONFLICT (version) DO UPDATE SET record = EXCLUDED.record RETURNING version) \
+             INSERT INTO kms_changes (kind, subject) SELECT 'kek_version', version::text FROM v",
             &version,
             &value,
         )
@@ -756,6 +801,69 @@ impl KeyStore for PostgresStore {
                 (seq, r.get::<_, Vec<u8>>(1))
             })
             .collect())
+    }
+
+    async fn changes_after(
+        &self,
+        cursor: Option<u64>,
+        limit: usize,
+    ) -> Result<ChangePage, StoreError> {
+        let c = self.client().await?;
+        let Some(after) = cursor else {
+            let row = c
+                .query_one("SELECT coalesce(max(seq), 0) FROM kms_changes", &[])
+                .await
+                .map_err(|e| db_err(&e))?;
+            return Ok(ChangePage {
+                cursor: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                changes: Vec::new(),
+            });
+        };
+        let st = c
+            .prepare_cached(
+                "SELECT seq, kind, subject FROM kms_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &to_i64(after, "change cursor")?,
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let mut page = ChangePage {
+            cursor: after,
+            changes: Vec::with_capacity(rows.len()),
+        };
+        for r in &rows {
+            let seq = u64::try_from(r.get::<_, i64>(0))
+                .map_err(|_| corrupt("change feed", "a negative seq"))?;
+            let kind: String = r.get(1);
+            let subject: String = r.get(2);
+            // Fail closed: a change that cannot be read stops the feed (the caller then
+            // stops trusting its cache) instead of being skipped.
+            let change = match kind.as_str() {
+                "key_destroyed" => Change::KeyDestroyed(
+                    KeyId::parse(&subject)
+                        .map_err(|_| corrupt(format!("change {seq}"), "not a key id"))?,
+                ),
+                "kek_version" => Change::KekVersion(
+                    subject
+                        .parse::<u32>()
+                        .ok()
+                        .and_then(|v| kms_api::KekVersion::new(v).ok())
+                        .ok_or_else(|| corrupt(format!("change {seq}"), "not a KEK version"))?,
+                ),
+                _ => return Err(corrupt(format!("change {seq}"), "unknown kind")),
+            };
+            page.changes.push(change);
+            page.cursor = seq;
+        }
+        Ok(page)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
