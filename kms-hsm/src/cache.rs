@@ -130,6 +130,14 @@ impl DekCache {
         }
         let mut inner = self.lock();
         if inner.valid_until.is_some_and(|t| Instant::now() >= t) {
+            // Lapsed: what it holds may be stale, and DEKs that cannot be served do not stay
+            // in memory.
+            if !inner.map.is_empty() {
+                inner.epoch += 1;
+                inner.map.clear();
+                inner.order.clear();
+                self.metrics.entries.set(0);
+            }
             drop(inner);
             self.metrics.misses.inc();
             return None;

@@ -264,17 +264,12 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     ) -> Result<CreatedKey, ServiceError> {
         let key_id = match &idempotency_key {
             None => self.new_key_id()?,
-            Some(k) => {
-                let key_id = KeyId::derived(&thread_id, k);
-                // A repeat of a create that was committed (its answer lost): the same key.
-                if let Some(existing) = self.store.get(&key_id).await? {
-                    return replay(existing, &thread_id);
-                }
-                key_id
-            }
+            Some(k) => KeyId::derived(&thread_id, k),
         };
         match self.create_new(key_id.clone(), thread_id.clone()).await {
-            // A repeat that raced its first attempt (on another replica) and lost.
+            // A repeat of a create that was committed (its answer lost, or it raced this one
+            // on another replica): the key it made. Repeats are rare, so they are found by
+            // the store refusing the second record, not by a read before every create.
             Err(ServiceError::Store(StoreError::AlreadyExists(_))) if idempotency_key.is_some() => {
                 match self.store.get(&key_id).await? {
                     Some(existing) => replay(existing, &thread_id),

@@ -401,14 +401,7 @@ impl KeyStore for LmdbStore {
         chained: Vec<String>,
         records: Vec<KeyRecord>,
     ) -> Result<super::Commit, StoreError> {
-        let entries = entries
-            .iter()
-            .map(|e| {
-                serde_json::to_vec(e)
-                    .map(|v| (e.seq, v))
-                    .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let entries = super::encode_audit_entries(&entries)?;
         let head = serde_json::to_vec(&head)
             .map_err(|e| StoreError::Io(format!("cannot encode the audit head: {e}")))?;
         let rx = self
@@ -426,11 +419,7 @@ impl KeyStore for LmdbStore {
     }
 
     async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {
-        let key = format!(
-            "audit-pending/{:020}-{:016x}",
-            entry.at,
-            rand::random::<u64>()
-        );
+        let key = super::pending_audit_key(&entry);
         self.put_lifecycle(key, &entry).await
     }
 

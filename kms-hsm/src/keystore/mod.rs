@@ -378,6 +378,33 @@ pub(crate) fn encode_record(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(rec).map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))
 }
 
+/// The stored JSON of each audit entry, with its sequence number (both backends).
+///
+/// # Errors
+/// `Io` (never seen: every field encodes).
+pub(crate) fn encode_audit_entries(
+    entries: &[kms_api::admin::AuditEntry],
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    entries
+        .iter()
+        .map(|e| {
+            serde_json::to_vec(e)
+                .map(|v| (e.seq, v))
+                .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))
+        })
+        .collect()
+}
+
+/// The key a pending audit entry is stored under: its time first, so pending entries list
+/// oldest first, then a random suffix (both backends).
+pub(crate) fn pending_audit_key(entry: &kms_api::admin::AuditEntry) -> String {
+    format!(
+        "audit-pending/{:020}-{:016x}",
+        entry.at,
+        rand::random::<u64>()
+    )
+}
+
 /// The store a KMS runs on, chosen by `store.backend`: one type, so the service, the
 /// lifecycle jobs and the HTTP layer are built once for both.
 #[derive(Debug)]

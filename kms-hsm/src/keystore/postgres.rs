@@ -438,6 +438,22 @@ async fn audit_writer(pool: Pool, mut rx: mpsc::Receiver<AuditAppend>, metrics: 
     }
 }
 
+/// The head in a `(seq, mac)` row of `kms_audit_head`: both NULL while the log is empty.
+fn head_from_row(row: &tokio_postgres::Row) -> Result<Option<AuditHead>, StoreError> {
+    match (
+        row.get::<_, Option<i64>>(0),
+        row.get::<_, Option<Vec<u8>>>(1),
+    ) {
+        (None, None) => Ok(None),
+        (Some(seq), Some(mac)) => Ok(Some(AuditHead {
+            seq: u64::try_from(seq).map_err(|_| corrupt("audit head", "negative seq"))?,
+            mac: <[u8; 32]>::try_from(mac.as_slice())
+                .map_err(|_| corrupt("audit head", "a MAC that is not 32 bytes"))?,
+        })),
+        _ => Err(corrupt("audit head", "seq and mac disagree")),
+    }
+}
+
 /// One append: all of it in one transaction, or nothing.
 async fn append(pool: &Pool, job: &AuditAppend) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(|e| pool_err(&e))?;
@@ -449,18 +465,7 @@ async fn append(pool: &Pool, job: &AuditAppend) -> Result<(), StoreError> {
         )
         .await
         .map_err(|e| db_err(&e))?;
-    let stored = match (
-        row.get::<_, Option<i64>>(0),
-        row.get::<_, Option<Vec<u8>>>(1),
-    ) {
-        (None, None) => None,
-        (Some(seq), Some(mac)) => Some(AuditHead {
-            seq: u64::try_from(seq).map_err(|_| corrupt("audit head", "negative seq"))?,
-            mac: <[u8; 32]>::try_from(mac.as_slice())
-                .map_err(|_| corrupt("audit head", "a MAC that is not 32 bytes"))?,
-        }),
-        _ => return Err(corrupt("audit head", "seq and mac disagree")),
-    };
+    let stored = head_from_row(&row)?;
     if stored != job.prev {
         return Err(StoreError::AuditHeadMoved);
     }
@@ -690,18 +695,7 @@ impl KeyStore for PostgresStore {
             .query_one("SELECT seq, mac FROM kms_audit_head WHERE singleton", &[])
             .await
             .map_err(|e| db_err(&e))?;
-        match (
-            row.get::<_, Option<i64>>(0),
-            row.get::<_, Option<Vec<u8>>>(1),
-        ) {
-            (None, None) => Ok(None),
-            (Some(seq), Some(mac)) => Ok(Some(AuditHead {
-                seq: u64::try_from(seq).map_err(|_| corrupt("audit head", "negative seq"))?,
-                mac: <[u8; 32]>::try_from(mac.as_slice())
-                    .map_err(|_| corrupt("audit head", "a MAC that is not 32 bytes"))?,
-            })),
-            _ => Err(corrupt("audit head", "seq and mac disagree")),
-        }
+        head_from_row(&row)
     }
 
     async fn queue_audit(
@@ -712,14 +706,7 @@ impl KeyStore for PostgresStore {
         chained: Vec<String>,
         records: Vec<KeyRecord>,
     ) -> Result<super::Commit, StoreError> {
-        let entries = entries
-            .iter()
-            .map(|e| {
-                serde_json::to_vec(e)
-                    .map(|v| (e.seq, v))
-                    .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let entries = super::encode_audit_entries(&entries)?;
         let records = records
             .iter()
             .map(|r| encode_record(r).map(|v| (r.key_id.clone(), v)))
@@ -742,11 +729,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {
-        let key = format!(
-            "audit-pending/{:020}-{:016x}",
-            entry.at,
-            rand::random::<u64>()
-        );
+        let key = super::pending_audit_key(&entry);
         let value = serde_json::to_vec(&entry)
             .map_err(|e| StoreError::Io(format!("cannot encode an audit entry: {e}")))?;
         self.upsert(
