@@ -221,9 +221,11 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
         });
         match self.api.lifecycle().resume().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(jobs = n, "resumed unfinished lifecycle jobs"),
-            Err(e) => tracing::error!(error = %e, "cannot read lifecycle jobs; none resumed"),
+            Ok(n) => tracing::info!(jobs = n, "unfinished lifecycle jobs offered to drive"),
+            Err(e) => tracing::error!(error = %e, "cannot read lifecycle jobs; will try again"),
         }
+        // A job a dead replica drove is taken over once its lease lapses.
+        let watch = tokio::spawn(self.api.lifecycle().clone().watch());
         let result = transport::serve(
             listener,
             admin,
@@ -235,6 +237,7 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
         .await;
         purge.abort();
         pin_watch.abort();
+        watch.abort();
         if let Some(c) = coherence {
             c.abort();
         }
@@ -315,7 +318,80 @@ fn lock_key_memory(cfg: &Config) {
 ///
 /// # Errors
 /// [`StartError`].
+///
+/// Two `init-kek` started at once (on two replicas, or twice on one host) do not both create
+/// a KEK: on a shared store they take its `admin` lease first (the one a rotation holds while
+/// it makes a KEK version), on LMDB an exclusive lock on `init-kek.lock` in the store
+/// directory. The second then finds the first one's KEK and changes nothing.
 pub fn init_kek(cfg: &Config) -> Result<InitKekOutcome, StartError> {
     let settings = cfg.hsm_settings()?;
-    Ok(pkcs11::init_kek(&settings)?)
+    match &cfg.store.backend {
+        StoreBackend::Lmdb { .. } => {
+            let _lock = lock_init(&cfg.store.path)?;
+            Ok(pkcs11::init_kek(&settings)?)
+        }
+        StoreBackend::Postgres(pg) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StartError::Task(e.to_string()))?;
+            let lease = cfg.lifecycle.lease;
+            rt.block_on(async move {
+                let store =
+                    PostgresStore::open(pg, crate::metrics::StoreMetrics::unregistered()).await?;
+                let holder = crate::lifecycle::replica_name();
+                let deadline = tokio::time::Instant::now() + 2 * lease + Duration::from_secs(5);
+                loop {
+                    match store.acquire_lease("admin", &holder, lease).await? {
+                        crate::keystore::LeaseOutcome::HeldBy(_)
+                            if tokio::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        crate::keystore::LeaseOutcome::HeldBy(other) => {
+                            return Err(StartError::Store(StoreError::Io(format!(
+                                "another KMS replica ({other}) holds the admin role; try again"
+                            ))))
+                        }
+                        _ => break,
+                    }
+                }
+                // Creating a KEK takes well under a lease.
+                let made = tokio::task::spawn_blocking(move || pkcs11::init_kek(&settings))
+                    .await
+                    .map_err(|e| StartError::Task(e.to_string()));
+                if let Err(e) = store.release_lease("admin", &holder).await {
+                    tracing::warn!(error = %e, "cannot release the admin lease; it lapses");
+                }
+                Ok(made??)
+            })
+        }
+    }
+}
+
+/// The exclusive lock `init-kek` holds on an LMDB deployment (blocking until a concurrent
+/// `init-kek` is done).
+fn lock_init(store_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let io = |e: std::io::Error| {
+        StartError::Store(StoreError::Open {
+            target: store_dir.display().to_string(),
+            detail: format!("init-kek lock: {e}"),
+        })
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(store_dir)
+        .map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(store_dir.join("init-kek.lock"))
+        .map_err(io)?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io(e.into()))?;
+    Ok(file)
 }

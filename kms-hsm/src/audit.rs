@@ -285,11 +285,7 @@ impl AuditLog {
                 let batch =
                     std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
                 if !batch.is_empty() {
-                    if let Some(group) = self.queue_group(backend, store, &mut head, batch).await {
-                        // Settled by its own task, so a caller that goes away (a dropped
-                        // request) never abandons a queued group or its followers.
-                        tokio::spawn(settle(std::sync::Arc::clone(&self.shared), group));
-                    }
+                    self.lead(backend, store, &mut head, batch).await;
                 }
                 drop(head);
                 // Our entry was in this batch or an earlier one: its answer is there.
@@ -300,6 +296,50 @@ impl AuditLog {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditError::Store(e)),
             Err(_) => Err(AuditError::Dropped),
+        }
+    }
+
+    /// Appends `batch` as one group, `head` held by the caller. On a store several
+    /// processes append to, the group is chained on the head read under the store's audit
+    /// lock, and the lock is held until the group is committed: replicas take turns. On a
+    /// store this process owns, groups are pipelined on the head in memory.
+    async fn lead<B: KeyBackend, S: KeyStore>(
+        &self,
+        backend: &B,
+        store: &S,
+        head: &mut HeadState,
+        batch: Vec<Queued>,
+    ) {
+        let lock = match store.lock_audit().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, entries = batch.len(), "cannot take a turn at the audit log; the audited actions are refused");
+                for q in batch {
+                    let _ = q.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        if lock.is_shared() {
+            // Another replica may have appended since this process last did.
+            head.head = None;
+        }
+        let Some(group) = self.queue_group(backend, store, head, batch).await else {
+            lock.release().await;
+            return;
+        };
+        // Settled by its own task, so a caller that goes away (a dropped request) never
+        // abandons a queued group, its followers, or the store's lock.
+        let shared = std::sync::Arc::clone(&self.shared);
+        if lock.is_shared() {
+            let turn = tokio::spawn(async move {
+                settle(shared, group).await;
+                lock.release().await;
+            });
+            // The next group of this process waits for this commit anyway (the lock).
+            let _ = turn.await;
+        } else {
+            tokio::spawn(settle(shared, group));
         }
     }
 

@@ -13,6 +13,11 @@
 //!   so a feed that cannot be read (database down, poll stuck) makes every call read the
 //!   store and the HSM instead of trusting what may be stale.
 //!
+//! * a KEK version newer than the current one (a rotation another replica started) is
+//!   adopted: checked in the HSM and made current for new wraps here too, so no replica
+//!   keeps wrapping new DEKs under the version being rotated away from (the rotation waits
+//!   2*P for this before it rewraps).
+//!
 //! Bound: a change committed at *T* is acted on by the first poll that starts after *T*
 //! (by *T* + *P*, done by *T* + 2*P*), or the cache has lapsed by then: **2 × P**.
 //! Until the first poll succeeds at start-up, nothing is cached.
@@ -20,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::KeyBackend;
+use crate::backend::{KekMissing, KeyBackend};
 use crate::keystore::{Change, KeyStore};
 use crate::service::KeyService;
 
@@ -32,6 +37,8 @@ pub async fn run<B: KeyBackend, S: KeyStore>(svc: Arc<KeyService<B, S>>, every: 
     let cache = svc.cache();
     let mut cursor: Option<u64> = None;
     let mut failing = false;
+    // A newer KEK version seen in the feed and not adopted yet.
+    let mut adopt = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -51,6 +58,9 @@ pub async fn run<B: KeyBackend, S: KeyStore>(svc: Arc<KeyService<B, S>>, every: 
                         Change::KekVersion(v) => {
                             tracing::info!(kek_version = %v, "a KEK version changed elsewhere: DEK cache cleared");
                             cache.clear();
+                            if v > svc.backend().current_kek().version {
+                                adopt = adopt.max(Some(v));
+                            }
                         }
                     }
                 }
@@ -61,6 +71,19 @@ pub async fn run<B: KeyBackend, S: KeyStore>(svc: Arc<KeyService<B, S>>, every: 
             }
         })
         .await;
+        if let Some(v) = adopt {
+            // A rotation on another replica made a newer KEK current: wrap under it here too.
+            // Retried every poll until the HSM answers.
+            match svc.backend().ensure_kek_version(v, KekMissing::Adopt).await {
+                Ok(_) => {
+                    tracing::info!(kek_version = %v, "adopted the KEK version another replica made current");
+                    adopt = None;
+                }
+                Err(e) => {
+                    tracing::warn!(kek_version = %v, error = %e, "cannot adopt the new KEK version yet")
+                }
+            }
+        }
         match polled {
             Ok(Ok(evicted)) => {
                 cache.valid_until(started + 2 * every);

@@ -157,6 +157,7 @@ impl StringList {
 pub struct RawLifecycle {
     pub rewrap_concurrency: Option<u32>,
     pub rewrap_batch: Option<u32>,
+    pub lease_secs: Option<u64>,
 }
 
 /// `[hsm]`
@@ -514,6 +515,7 @@ pub mod defaults {
     pub const LOG_LEVEL: &str = "info";
     pub const REWRAP_CONCURRENCY: u32 = 2;
     pub const REWRAP_BATCH: u32 = 128;
+    pub const LEASE_SECS: u64 = 10;
 }
 
 impl Config {
@@ -980,9 +982,23 @@ impl RawConfig {
                 "must be between 1 and 10000",
             ));
         }
+        let lease_secs = self.lifecycle.lease_secs.unwrap_or(defaults::LEASE_SECS);
+        if !(1..=600).contains(&lease_secs) {
+            return Err(invalid(
+                "lifecycle.lease_secs",
+                "must be between 1 and 600 (seconds)",
+            ));
+        }
         let lifecycle = crate::lifecycle::LifecycleOptions {
             concurrency: rewrap_concurrency as usize,
             batch: rewrap_batch as usize,
+            lease: Duration::from_secs(lease_secs),
+            // Other replicas learn of a new KEK version through the change feed within
+            // 2 × its poll period.
+            settle: match &store.backend {
+                StoreBackend::Lmdb { .. } => Duration::ZERO,
+                StoreBackend::Postgres(pg) => 2 * pg.coherence,
+            },
         };
 
         Ok(Config {

@@ -48,9 +48,9 @@ use kms_api::admin::{
 use kms_api::{KekVersion, KeyId};
 
 use crate::audit::{AuditEvent, Outcome};
-use crate::backend::{parse_wrapped_header, BackendError, KekRef, KeyBackend};
+use crate::backend::{parse_wrapped_header, BackendError, KekMissing, KekRef, KeyBackend};
 use crate::keystore::{
-    now_secs, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore, StoreError,
+    now_secs, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore, LeaseOutcome, StoreError,
 };
 use crate::service::KeyService;
 use crate::service::ServiceError;
@@ -72,6 +72,13 @@ pub struct LifecycleOptions {
     pub concurrency: usize,
     /// Key records per batch: the cursor is persisted after each.
     pub batch: usize,
+    /// How long a replica's lease on a job (or on the admin role) lasts unless renewed:
+    /// a job whose replica died is taken over within about this long.
+    pub lease: Duration,
+    /// How long a rotation waits, once its new KEK version is current here, before it
+    /// rewraps: the time every other replica takes to learn of the version
+    /// (2 × `store.coherence_ms` on a shared store, 0 on LMDB).
+    pub settle: Duration,
 }
 
 impl Default for LifecycleOptions {
@@ -79,6 +86,53 @@ impl Default for LifecycleOptions {
         Self {
             concurrency: 2,
             batch: 128,
+            lease: Duration::from_secs(10),
+            settle: Duration::ZERO,
+        }
+    }
+}
+
+/// The lease that serialises job starts, KEK creation and destruction, restores and imports
+/// across every replica of a store.
+const ADMIN_LEASE: &str = "admin";
+
+/// The lease whose holder drives job `id`.
+fn job_lease(id: &JobId) -> String {
+    format!("job/{id}")
+}
+
+/// This process's name as a lease holder: host, pid and a random part (a restarted process
+/// never takes itself for its predecessor).
+pub fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "kms".to_owned());
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// The admin role, held for as long as the guard lives: the local lock plus, for other
+/// replicas, the store's `admin` lease, renewed in the background. Dropping it releases both.
+pub struct AdminGuard<'a> {
+    _local: tokio::sync::MutexGuard<'a, ()>,
+    renew: tokio::task::JoinHandle<()>,
+    release: Option<Box<dyn FnOnce() + Send + 'a>>,
+}
+
+impl std::fmt::Debug for AdminGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for AdminGuard<'_> {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if let Some(release) = self.release.take() {
+            release();
         }
     }
 }
@@ -97,6 +151,10 @@ pub enum LifecycleError {
     /// Active key records still depend on the version.
     #[error("KEK version {version} still wraps {count} active DEK(s); rotate first")]
     KekInUse { version: KekVersion, count: u64 },
+    /// Another replica has held the admin role (a job start, a KEK destruction, a restore)
+    /// for longer than this call waits.
+    #[error("another KMS replica ({holder}) holds the admin role; try again")]
+    Busy { holder: String },
     /// The KEK version space is exhausted (u32).
     #[error("no KEK version is left after {0}")]
     VersionsExhausted(KekVersion),
@@ -124,7 +182,8 @@ impl From<StoreError> for StepError {
             | StoreError::NoSpace(_)
             | StoreError::Io(_)
             | StoreError::Closed
-            | StoreError::AuditHeadMoved => StepError::Transient(e.to_string()),
+            | StoreError::AuditHeadMoved
+            | StoreError::LeaseLost(_) => StepError::Transient(e.to_string()),
             StoreError::Open { .. }
             | StoreError::AlreadyExists(_)
             | StoreError::NotFound(_)
@@ -174,8 +233,11 @@ enum Verified {
 pub struct Lifecycle<B, S> {
     svc: Arc<KeyService<B, S>>,
     opts: LifecycleOptions,
-    /// Serialises job starts and KEK destruction.
+    /// Serialises job starts and KEK destruction in this process (the `admin` lease does
+    /// across replicas).
     admin: tokio::sync::Mutex<()>,
+    /// This process's name in the store's leases.
+    holder: String,
     /// Jobs driven by this process.
     running: std::sync::Mutex<BTreeMap<JobId, tokio::task::JoinHandle<()>>>,
 }
@@ -210,20 +272,81 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             opts: LifecycleOptions {
                 concurrency: opts.concurrency.max(1),
                 batch: opts.batch.max(1),
+                lease: opts.lease.max(Duration::from_millis(100)),
+                settle: opts.settle,
             },
             admin: tokio::sync::Mutex::new(()),
+            holder: replica_name(),
             running: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// The lock that serialises job starts and KEK destruction; restore and import hold it
-    /// too, so no record can appear under a version while that version is being destroyed.
-    pub async fn admin_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.admin.lock().await
+    /// This process's name in the store's leases.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
-    /// Resumes every job that had not finished when the KMS last stopped. Call once at
-    /// start-up, inside the runtime.
+    /// The admin role, which serialises job starts and KEK creation and destruction across
+    /// every replica of the store; restore and import hold it too, so no record can appear
+    /// under a version while that version is being destroyed. Waits up to two leases for a
+    /// role another replica holds.
+    ///
+    /// # Errors
+    /// `Busy` when another replica kept it that long; `Store` when the lease cannot be read.
+    pub async fn admin_lock(&self) -> Result<AdminGuard<'_>, LifecycleError>
+    where
+        S: 'static,
+    {
+        let local = self.admin.lock().await;
+        let ttl = self.opts.lease;
+        let deadline = tokio::time::Instant::now() + 2 * ttl;
+        loop {
+            match self
+                .svc
+                .store()
+                .acquire_lease(ADMIN_LEASE, &self.holder, ttl)
+                .await?
+            {
+                LeaseOutcome::Acquired | LeaseOutcome::Renewed => break,
+                LeaseOutcome::HeldBy(holder) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(LifecycleError::Busy { holder });
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let svc = Arc::clone(&self.svc);
+        let holder = self.holder.clone();
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                if let Err(e) = svc.store().acquire_lease(ADMIN_LEASE, &holder, ttl).await {
+                    tracing::warn!(error = %e, "cannot renew the admin lease");
+                }
+            }
+        });
+        let svc = Arc::clone(&self.svc);
+        let holder = self.holder.clone();
+        Ok(AdminGuard {
+            _local: local,
+            renew,
+            release: Some(Box::new(move || {
+                // Best effort: a lease that is not released lapses at its expiry.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Err(e) = svc.store().release_lease(ADMIN_LEASE, &holder).await {
+                            tracing::warn!(error = %e, "cannot release the admin lease");
+                        }
+                    });
+                }
+            })),
+        })
+    }
+
+    /// Resumes every job that had not finished when the KMS last stopped (or that a replica
+    /// that died was driving: it is driven here once its lease lapses). Call at start-up,
+    /// inside the runtime, and then keep [`Lifecycle::watch`] running.
     ///
     /// # Errors
     /// `Store` when the job records cannot be read.
@@ -231,12 +354,29 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let mut n = 0;
         for job in self.svc.store().jobs().await? {
             if !job.state.is_final() {
-                tracing::info!(job = %job.id, kind = job.kind.label(), state = ?job.state, "resuming lifecycle job");
-                self.spawn(job);
+                if !self.is_driven(&job.id) {
+                    tracing::debug!(job = %job.id, kind = job.kind.label(), state = ?job.state, "offering to drive lifecycle job");
+                }
+                self.ensure_driven(&job);
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Every half lease, offers to drive each unfinished job this process does not drive:
+    /// the driver's lease says who does, so a job whose replica died is taken over here
+    /// within about a lease. Runs until aborted.
+    pub async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval((self.opts.lease / 2).max(Duration::from_millis(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.resume().await {
+                tracing::warn!(error = %e, "cannot read lifecycle jobs; will try again");
+            }
+        }
     }
 
     /// Starts a KEK rotation, or returns the one already running (`started == false`).
@@ -245,12 +385,18 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     /// `Backend` when the HSM cannot list its KEK versions; `Store` when the job cannot be
     /// recorded (then nothing was started); `VersionsExhausted`.
     pub async fn rotate_kek(self: &Arc<Self>) -> Result<(Job, bool), LifecycleError> {
-        let _admin = self.admin.lock().await;
-        if let Some(job) = self
-            .running_job(|k| matches!(k, JobKind::RotateKek { .. }))
-            .await?
-        {
-            self.ensure_driven(&job);
+        let asked = now_secs();
+        let _admin = self.admin_lock().await?;
+        // A rotation that runs, or that another replica started while this call waited for
+        // the admin role (two operators asking at once get one rotation), is the answer.
+        let existing = self.svc.store().jobs().await?.into_iter().find(|j| {
+            matches!(j.kind, JobKind::RotateKek { .. })
+                && (!j.state.is_final() || j.created_at >= asked)
+        });
+        if let Some(job) = existing {
+            if !job.state.is_final() {
+                self.ensure_driven(&job);
+            }
             return Ok((job, false));
         }
         let versions = self.svc.backend().kek_versions().await?;
@@ -278,7 +424,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     /// # Errors
     /// `Store` when the job cannot be recorded.
     pub async fn verify(self: &Arc<Self>) -> Result<(Job, bool), LifecycleError> {
-        let _admin = self.admin.lock().await;
+        let _admin = self.admin_lock().await?;
         if let Some(job) = self.running_job(|k| matches!(k, JobKind::Verify)).await? {
             self.ensure_driven(&job);
             return Ok((job, false));
@@ -320,7 +466,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     /// # Errors
     /// `KekNotRetired`, `KekInUse`, `Backend`, `Store`.
     pub async fn destroy_kek(&self, version: KekVersion) -> Result<(), LifecycleError> {
-        let _admin = self.admin.lock().await;
+        let _admin = self.admin_lock().await?;
         let result = self.destroy_kek_locked(version).await;
         if let Err(e @ (LifecycleError::KekNotRetired { .. } | LifecycleError::KekInUse { .. })) =
             &result
@@ -548,17 +694,29 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         Ok(job)
     }
 
-    /// Drives `job` on a task of its own unless this process already does.
-    fn ensure_driven(self: &Arc<Self>, job: &Job) {
-        let driven = self
-            .running
+    fn is_driven(&self, id: &JobId) -> bool {
+        self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&job.id)
-            .is_some_and(|t| !t.is_finished());
-        if !driven {
+            .get(id)
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// Drives `job` on a task of its own unless this process already does (the task gives up
+    /// at once when another replica holds the job's lease).
+    fn ensure_driven(self: &Arc<Self>, job: &Job) {
+        if !self.is_driven(&job.id) {
             self.spawn(job.clone());
         }
+    }
+
+    /// Takes or renews the lease of job `id`: `true` when this process may go on driving it
+    /// (a lease that lapsed in between is not continuity: the caller must re-read the job).
+    async fn hold_job(&self, id: &JobId) -> Result<LeaseOutcome, StoreError> {
+        self.svc
+            .store()
+            .acquire_lease(&job_lease(id), &self.holder, self.opts.lease)
+            .await
     }
 
     fn spawn(self: &Arc<Self>, job: Job) {
@@ -594,12 +752,18 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 .with("version", target),
         )
         .await?;
-        let kek = self
-            .svc
-            .backend()
-            .ensure_kek_version(target)
-            .await
-            .map_err(backend_step_error)?;
+        let kek = {
+            // No other replica (or `init-kek`) makes a KEK version at the same time.
+            let _admin = self
+                .admin_lock()
+                .await
+                .map_err(|e| StepError::Transient(e.to_string()))?;
+            self.svc
+                .backend()
+                .ensure_kek_version(target, KekMissing::Generate)
+                .await
+                .map_err(backend_step_error)?
+        };
         let known = self.svc.store().kek_versions().await?;
         if !known.iter().any(|r| r.version == target) {
             self.svc
@@ -612,6 +776,12 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                     destroyed_at: None,
                 })
                 .await?;
+        }
+        if !self.opts.settle.is_zero() {
+            // Other replicas adopt the version from the change feed; until they have, they
+            // may still wrap new DEKs under the old one.
+            tracing::info!(job = %job.id, settle_ms = self.opts.settle.as_millis() as u64, "waiting for every replica to adopt the new KEK version");
+            tokio::time::sleep(self.opts.settle).await;
         }
         tracing::info!(job = %job.id, kek_version = %kek.version, "new KEK version is current; rewrapping");
         job.state = JobState::Rewrapping;
@@ -971,25 +1141,103 @@ fn record_version(r: &KeyRecord) -> KekVersion {
     }
 }
 
-/// Runs `job` to its end, persisting it after every step. Transient failures pause it with
-/// backoff; a persisted state is only ever one the job really reached.
-async fn drive<B: KeyBackend, S: KeyStore>(engine: std::sync::Weak<Lifecycle<B, S>>, mut job: Job) {
+/// Why a driver stopped driving a job before its end.
+enum Lost {
+    /// The engine was dropped (shutdown): the next start resumes the job.
+    Shutdown,
+    /// Another replica holds the job's lease, or this one's lapsed: it is driven elsewhere
+    /// (or offered again by [`Lifecycle::watch`], which re-reads it first).
+    Lease,
+}
+
+/// Runs `job` to its end while this process holds the job's lease, persisting it after
+/// every step with a write fenced by that lease. Transient failures pause it with backoff;
+/// a persisted state is only ever one the job really reached. The lease is renewed every
+/// third of its length, during steps and pauses alike; the moment it cannot be, the driver
+/// stops (a step cut short is redone by the next driver: every step is idempotent).
+async fn drive<B: KeyBackend, S: KeyStore>(engine: std::sync::Weak<Lifecycle<B, S>>, job: Job) {
+    let id = job.id.clone();
+    match drive_leased(&engine, id.clone()).await {
+        Ok(()) => {
+            if let Some(me) = engine.upgrade() {
+                let _ = me
+                    .svc
+                    .store()
+                    .release_lease(&job_lease(&id), &me.holder)
+                    .await;
+            }
+        }
+        Err(Lost::Shutdown) => {}
+        Err(Lost::Lease) => tracing::info!(job = %id, "lifecycle job is driven by another replica"),
+    }
+}
+
+async fn drive_leased<B: KeyBackend, S: KeyStore>(
+    engine: &std::sync::Weak<Lifecycle<B, S>>,
+    id: JobId,
+) -> Result<(), Lost> {
+    let lease = job_lease(&id);
+    // Lease first, then the record: whatever a previous driver persisted is where this one
+    // starts.
+    let mut job = {
+        let me = engine.upgrade().ok_or(Lost::Shutdown)?;
+        match me.hold_job(&id).await {
+            Ok(LeaseOutcome::Acquired | LeaseOutcome::Renewed) => {}
+            Ok(LeaseOutcome::HeldBy(_)) => return Err(Lost::Lease),
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot take the job's lease; will try again");
+                return Err(Lost::Lease);
+            }
+        }
+        let found = match me.svc.store().jobs().await {
+            Ok(jobs) => jobs.into_iter().find(|j| j.id == id),
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot read the job; will try again");
+                return Err(Lost::Lease);
+            }
+        };
+        let Some(job) = found else { return Ok(()) };
+        if !job.state.is_final() {
+            tracing::info!(job = %id, kind = job.kind.label(), state = ?job.state, holder = %me.holder, "driving lifecycle job");
+        }
+        job
+    };
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let Some(me) = engine.upgrade() else { return };
         if job.state.is_final() {
-            return;
+            return Ok(());
         }
+        let me = engine.upgrade().ok_or(Lost::Shutdown)?;
+        let renew_every = (me.opts.lease / 3).max(Duration::from_millis(10));
         let mut next = job.clone();
-        match me.step(&mut next).await {
+        let result = {
+            let step = me.step(&mut next);
+            tokio::pin!(step);
+            let start = tokio::time::Instant::now() + renew_every;
+            let mut renew = tokio::time::interval_at(start, renew_every);
+            loop {
+                tokio::select! {
+                    r = &mut step => break r,
+                    _ = renew.tick() => keep_lease(&me, &id).await?,
+                }
+            }
+        };
+        let ttl = me.opts.lease;
+        match result {
             Ok(()) => {
                 next.updated_at = now_secs();
-                match me.svc.store().put_job(next.clone()).await {
+                match me
+                    .svc
+                    .store()
+                    .put_job_leased(next.clone(), &lease, &me.holder, ttl)
+                    .await
+                {
                     Ok(()) => {
                         job = next;
                         backoff = FIRST_BACKOFF;
                         continue;
                     }
+                    Err(StoreError::LeaseLost(_)) => return Err(Lost::Lease),
                     Err(e) => {
                         // The step's own writes are idempotent: redoing it is safe.
                         tracing::warn!(job = %job.id, error = %e, "cannot record job progress; retrying");
@@ -1006,14 +1254,49 @@ async fn drive<B: KeyBackend, S: KeyStore>(engine: std::sync::Weak<Lifecycle<B, 
                 failed.progress.error = Some(why);
                 failed.finished_at = Some(now_secs());
                 failed.updated_at = now_secs();
-                if me.svc.store().put_job(failed.clone()).await.is_ok() {
-                    return;
+                match me
+                    .svc
+                    .store()
+                    .put_job_leased(failed, &lease, &me.holder, ttl)
+                    .await
+                {
+                    Ok(()) => return Ok(()),
+                    Err(StoreError::LeaseLost(_)) => return Err(Lost::Lease),
+                    Err(_) => {}
                 }
             }
         }
         drop(me);
-        tokio::time::sleep(backoff).await;
+        // Pause, renewing the lease; the engine is not held meanwhile (shutdown ends it).
+        let resume_at = tokio::time::Instant::now() + backoff;
+        while tokio::time::Instant::now() < resume_at {
+            tokio::time::sleep_until(resume_at.min(tokio::time::Instant::now() + renew_every))
+                .await;
+            let me = engine.upgrade().ok_or(Lost::Shutdown)?;
+            keep_lease(&me, &id).await?;
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Renews the job's lease: `Lost::Lease` unless it was still this process's, unbroken.
+async fn keep_lease<B: KeyBackend, S: KeyStore>(
+    me: &Lifecycle<B, S>,
+    id: &JobId,
+) -> Result<(), Lost> {
+    match me.hold_job(id).await {
+        Ok(LeaseOutcome::Renewed) => Ok(()),
+        Ok(LeaseOutcome::Acquired) => {
+            // It lapsed in between: another replica may have moved the job on.
+            tracing::warn!(job = %id, "the job's lease lapsed; re-reading the job");
+            Err(Lost::Lease)
+        }
+        Ok(LeaseOutcome::HeldBy(_)) => Err(Lost::Lease),
+        // The store cannot be reached: keep going; the fenced write decides.
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "cannot renew the job's lease");
+            Ok(())
+        }
     }
 }
 
@@ -1049,6 +1332,7 @@ mod tests {
         LifecycleOptions {
             concurrency: 3,
             batch: 7,
+            ..LifecycleOptions::default()
         }
     }
 
@@ -1172,6 +1456,7 @@ mod tests {
                 LifecycleOptions {
                     concurrency: 2,
                     batch: 5,
+                    ..LifecycleOptions::default()
                 },
             );
             let (job, _) = lc.rotate_kek().await.unwrap();
@@ -1204,6 +1489,91 @@ mod tests {
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
         assert_eq!(versions_of(&f).await, BTreeMap::from([(2, 60)]));
         all_decrypt(&f, &keys).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_start_one_rotation_and_a_dead_drivers_job_is_taken_over() {
+        let f = fixture();
+        let keys = seed(&f, 40).await;
+        f.backend.set_unwrap_delay_ms(10);
+        let short = LifecycleOptions {
+            concurrency: 1,
+            batch: 1,
+            lease: Duration::from_millis(300),
+            settle: Duration::ZERO,
+        };
+        // Two engines on one store and one HSM: two replicas.
+        let a = Lifecycle::new(Arc::clone(&f.svc), short);
+        let b = Lifecycle::new(Arc::clone(&f.svc), short);
+        assert_ne!(a.holder(), b.holder());
+        let (ra, rb) = tokio::join!(a.rotate_kek(), b.rotate_kek());
+        let ((ja, started_a), (jb, started_b)) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ja.id, jb.id, "one rotation, seen by both");
+        assert!(started_a ^ started_b, "exactly one started it");
+        assert_eq!(
+            f.backend.kek_versions().await.unwrap().len(),
+            2,
+            "one new KEK"
+        );
+        let id = ja.id.clone();
+        // Exactly one drives it (the other's driver found the lease taken and stopped).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(a.is_driven(&id) ^ b.is_driven(&id));
+        let (driver, other) = if a.is_driven(&id) { (a, b) } else { (b, a) };
+        loop {
+            let j = other.job(&id).await.unwrap();
+            assert!(
+                !j.state.is_final(),
+                "the test needs the job still running: {j:?}"
+            );
+            if j.progress.rewrapped >= 6 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The driver dies without releasing anything; the other replica's watcher takes the
+        // job over once the lease lapses, and finishes it.
+        drop(driver);
+        let watcher = tokio::spawn(Arc::clone(&other).watch());
+        let done = wait_final(&other, &id).await;
+        watcher.abort();
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(versions_of(&f).await, BTreeMap::from([(2, 40)]));
+        all_decrypt(&f, &keys).await;
+        // A write fenced by the dead driver's lease is refused now.
+        let lease = job_lease(&id);
+        let store = f.svc.store();
+        assert!(matches!(
+            store
+                .put_job_leased(ja, &lease, "dead-replica", short.lease)
+                .await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        assert_eq!(other.job(&id).await.unwrap().state, JobState::Succeeded);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_admin_role_is_exclusive_across_replicas() {
+        let f = fixture();
+        let short = LifecycleOptions {
+            lease: Duration::from_millis(200),
+            ..opts()
+        };
+        let a = Lifecycle::new(Arc::clone(&f.svc), short);
+        let b = Lifecycle::new(Arc::clone(&f.svc), short);
+        let held = a.admin_lock().await.unwrap();
+        // b waits up to two leases, renewed by a all along, then gives up.
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            b.admin_lock().await,
+            Err(LifecycleError::Busy { holder }) if holder == a.holder()
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(400));
+        drop(held);
+        // Released: b gets it at once.
+        let t = std::time::Instant::now();
+        let _g = b.admin_lock().await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(400));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

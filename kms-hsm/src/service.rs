@@ -88,6 +88,7 @@ impl ServiceError {
             StoreError::Full { .. } | StoreError::NoSpace(_) => ErrorCode::StorageFull,
             StoreError::Io(_)
             | StoreError::Closed
+            | StoreError::LeaseLost(_)
             | StoreError::Open { .. }
             | StoreError::AuditHeadMoved => ErrorCode::Unavailable,
             StoreError::AlreadyExists(_)

@@ -11,8 +11,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::backend::{
-    parse_wrapped_header, wrap_aad, BackendError, BackendState, Dek, KekRef, KeyBackend,
-    WrapFormat, DEK_LEN,
+    parse_wrapped_header, wrap_aad, BackendError, BackendState, Dek, KekMissing, KekRef,
+    KeyBackend, WrapFormat, DEK_LEN,
 };
 use crate::metrics::{BackendStats, HsmCounters};
 
@@ -191,6 +191,11 @@ impl KeyBackend for MockBackend {
         wrapped: &WrappedDek,
     ) -> Result<(WrappedDek, KekRef), BackendError> {
         self.check_up()?;
+        // A rewrap unwraps first: it takes as long.
+        let delay = self.unwrap_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let dek = self.open(key_id, kek_id, wrapped)?;
         let kek = self.current_kek();
         let blob = self.seal(key_id, &kek, dek.expose())?;
@@ -203,13 +208,24 @@ impl KeyBackend for MockBackend {
         Ok(self.keks.lock().unwrap().keys().copied().collect())
     }
 
-    async fn ensure_kek_version(&self, version: KekVersion) -> Result<KekRef, BackendError> {
+    async fn ensure_kek_version(
+        &self,
+        version: KekVersion,
+        missing: KekMissing,
+    ) -> Result<KekRef, BackendError> {
         self.check_up()?;
-        self.keks
-            .lock()
-            .unwrap()
-            .entry(version)
-            .or_insert_with(|| Self::new_kek(&self.rng));
+        {
+            let mut keks = self.keks.lock().unwrap();
+            if let std::collections::btree_map::Entry::Vacant(slot) = keks.entry(version) {
+                if missing == KekMissing::Adopt {
+                    return Err(BackendError::KekNotFound {
+                        id: self.current_kek().id,
+                        version,
+                    });
+                }
+                slot.insert(Self::new_kek(&self.rng));
+            }
+        }
         let mut current = self.kek_ref.lock().unwrap();
         if version > current.version {
             current.version = version;

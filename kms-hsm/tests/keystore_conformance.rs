@@ -15,7 +15,7 @@ use progressdb_kms::keystore::lmdb::LmdbStore;
 use progressdb_kms::keystore::postgres::PostgresStore;
 use progressdb_kms::keystore::{
     AnyStore, AuditHead, DestroyOutcome, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore,
-    StoreError,
+    LeaseOutcome, StoreError,
 };
 use progressdb_kms::metrics::StoreMetrics;
 use testkit::pg::PgCluster;
@@ -281,6 +281,88 @@ mod cases {
         assert_eq!(s.jobs().await.unwrap(), vec![early, done]);
     }
 
+    pub async fn leases_exclude_expire_and_fence_job_writes(s: Arc<AnyStore>) {
+        let ttl = Duration::from_millis(400);
+        let job = Job {
+            id: JobId::from_random(rand_bytes()),
+            kind: JobKind::Verify,
+            state: JobState::Verifying,
+            cursor: None,
+            progress: JobProgress::default(),
+            created_at: 1,
+            updated_at: 1,
+            finished_at: None,
+        };
+        let name = format!("job/{}", job.id);
+        assert_eq!(
+            s.acquire_lease(&name, "a", ttl).await.unwrap(),
+            LeaseOutcome::Acquired
+        );
+        assert_eq!(
+            s.acquire_lease(&name, "a", ttl).await.unwrap(),
+            LeaseOutcome::Renewed
+        );
+        assert_eq!(
+            s.acquire_lease(&name, "b", ttl).await.unwrap(),
+            LeaseOutcome::HeldBy("a".into())
+        );
+        // Another lease is independent.
+        assert_eq!(
+            s.acquire_lease("admin", "b", ttl).await.unwrap(),
+            LeaseOutcome::Acquired
+        );
+        // Only the holder's fenced write lands, and it extends the lease.
+        s.put_job_leased(job.clone(), &name, "a", ttl)
+            .await
+            .unwrap();
+        let mut by_b = job.clone();
+        by_b.progress.scanned = 99;
+        assert!(matches!(
+            s.put_job_leased(by_b.clone(), &name, "b", ttl).await,
+            Err(StoreError::LeaseLost(n)) if n == name
+        ));
+        assert_eq!(s.jobs().await.unwrap(), vec![job.clone()]);
+        // Expired: b takes over, and a's stale write is refused from then on.
+        tokio::time::sleep(ttl + Duration::from_millis(150)).await;
+        assert_eq!(
+            s.acquire_lease(&name, "b", ttl).await.unwrap(),
+            LeaseOutcome::Acquired
+        );
+        let mut by_a = job.clone();
+        by_a.progress.scanned = 7;
+        assert!(matches!(
+            s.put_job_leased(by_a, &name, "a", ttl).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        s.put_job_leased(by_b.clone(), &name, "b", ttl)
+            .await
+            .unwrap();
+        assert_eq!(s.jobs().await.unwrap(), vec![by_b]);
+        // A lease that lapsed and is taken again by its old holder is not a renewal.
+        tokio::time::sleep(ttl + Duration::from_millis(150)).await;
+        assert_eq!(
+            s.acquire_lease(&name, "b", ttl).await.unwrap(),
+            LeaseOutcome::Acquired
+        );
+        // Release: only by the holder; then anyone takes it at once.
+        s.release_lease(&name, "a").await.unwrap();
+        assert_eq!(
+            s.acquire_lease(&name, "a", ttl).await.unwrap(),
+            LeaseOutcome::HeldBy("b".into())
+        );
+        s.release_lease(&name, "b").await.unwrap();
+        s.release_lease(&name, "b").await.unwrap();
+        assert_eq!(
+            s.acquire_lease(&name, "a", ttl).await.unwrap(),
+            LeaseOutcome::Acquired
+        );
+        // Writing without ever holding the lease is refused too.
+        assert!(matches!(
+            s.put_job_leased(job.clone(), "job/none", "a", ttl).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+    }
+
     pub async fn audit_appends_chain_on_the_stored_head_only(s: Arc<AnyStore>) {
         assert_eq!(s.audit_head().await.unwrap(), None);
         let r = record(7, "audited");
@@ -399,6 +481,7 @@ conformance!(
     concurrent_creates_are_all_durable,
     kek_versions_are_replaced_and_ordered,
     jobs_are_replaced_and_oldest_first,
+    leases_exclude_expire_and_fence_job_writes,
     audit_appends_chain_on_the_stored_head_only,
     queued_appends_apply_in_queue_order,
 );

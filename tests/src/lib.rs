@@ -224,6 +224,33 @@ pub fn kms_config_on(
     certs: Option<&Certs>,
     store: &KmsStore,
 ) -> (PathBuf, String) {
+    let (config, endpoint) = write_kms_config(root, hsm, listen, certs, store);
+    for _ in 0..2 {
+        let out = Command::new(bin("progressdb-kms"))
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .arg("init-kek")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init-kek failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (config, endpoint)
+}
+
+/// Writes the KMS config for `root` (records in `store`) without running `init-kek`.
+pub fn write_kms_config(
+    root: &Path,
+    hsm: &SoftHsm,
+    listen: KmsListen,
+    certs: Option<&Certs>,
+    store: &KmsStore,
+) -> (PathBuf, String) {
     let dir = root.join("kms");
     fs::create_dir_all(dir.join("store")).unwrap();
     let (listen_toml, endpoint) = match listen {
@@ -264,21 +291,6 @@ pub fn kms_config_on(
         ),
     )
     .unwrap();
-    for _ in 0..2 {
-        let out = Command::new(bin("progressdb-kms"))
-            .env("SOFTHSM2_CONF", &hsm.conf)
-            .arg("init-kek")
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init-kek failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
     (config, endpoint)
 }
 
@@ -306,7 +318,9 @@ impl Kms {
         Self::launch(root, hsm, listen, config, endpoint, extra)
     }
 
-    fn launch(
+    /// Starts a KMS on a config already written (e.g. by [`write_kms_config`]), with `extra`
+    /// TOML appended.
+    pub fn launch(
         root: &Path,
         hsm: &SoftHsm,
         listen: KmsListen,

@@ -1,16 +1,18 @@
 //! Several KMS replicas: two `progressdb-kms` processes on one SoftHSM token and one
 //! PostgreSQL database (a private cluster), behind one server with `kms.endpoints`. Killing a
 //! replica under a mixed load (thread creates, posts, reads) fails no request; both replicas
-//! serve every key.
+//! serve every key. A KEK rotation whose replica is killed is finished by the other; two
+//! rotations (or two `init-kek`) started at once on two replicas make one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use progressdb_e2e::load::{check, writers, Acked};
-use progressdb_e2e::{Kms, KmsStore, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{bin, Kms, KmsListen, KmsStore, Provider, Role, Server, SoftHsm};
 use serde_json::json;
 use testkit::pg::PgCluster;
 
@@ -23,6 +25,10 @@ struct Replicated {
 }
 
 fn replicated(n: usize) -> Replicated {
+    replicated_with(n, "")
+}
+
+fn replicated_with(n: usize, extra: &str) -> Replicated {
     let pg = PgCluster::start();
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
@@ -31,7 +37,7 @@ fn replicated(n: usize) -> Replicated {
         .map(|i| {
             let root = tmp.path().join(format!("replica-{i}"));
             std::fs::create_dir_all(&root).unwrap();
-            Kms::start_on(&root, &hsm, &store, "")
+            Kms::start_on(&root, &hsm, &store, extra)
         })
         .collect();
     let provider = Provider::Replicas {
@@ -185,4 +191,237 @@ fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
         std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!("destroyed on a, refused by b after {:?}", t0.elapsed());
+}
+
+fn cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
+    Command::new(bin("progressdb-kms"))
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .arg("--config")
+        .arg(&kms.config)
+        .output()
+        .unwrap()
+}
+
+fn cli_json(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> serde_json::Value {
+    let out = cli(hsm, kms, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A rotation is started on both replicas at once (one job), the replica driving it is
+/// SIGKILLed mid-rewrap under a mixed load, and the other takes the job over once its
+/// lease lapses and finishes it: every DEK under the new version, the old one retired, no
+/// request failed.
+#[test]
+fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
+    let mut sys = replicated_with(
+        2,
+        "[lifecycle]\nrewrap_concurrency = 1\nrewrap_batch = 2\nlease_secs = 2\n",
+    );
+    // Enough DEKs that the rewrap takes a while.
+    let seeders: Vec<_> = (0..4)
+        .map(|t| {
+            let sock = sys.kms[t % 2].socket();
+            let log = sys.kms[t % 2].root.join("kms.log");
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let (s, k) = progressdb_e2e::uds_request(
+                        &sock,
+                        "POST",
+                        "/create_dek_for_thread",
+                        Some(&json!({ "thread_id": format!("seed-{t}-{i}") })),
+                    )
+                    .unwrap();
+                    if s != 200 {
+                        let log = std::fs::read_to_string(&log).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                        panic!("{s} {k}\n{}", tail.join("\n"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in seeders {
+        h.join().unwrap();
+    }
+    let api = sys.server.as_role(Role::Backend, "alice");
+    let admin = sys.server.as_role(Role::Admin, "ops");
+    let acked: Acked = Arc::default();
+    let refused = Arc::new(AtomicU64::new(0));
+    let failed_reads = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let (stop_w, writers) = writers(&api, 2, &acked, &refused);
+    std::thread::sleep(Duration::from_millis(300));
+    let (stop_r, readers) = readers(&api, &acked, &failed_reads, &reads);
+
+    // Both replicas are asked at the same moment: one rotation.
+    let (ja, jb) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            cli_json(
+                &sys.hsm,
+                &sys.kms[0],
+                &["rotate-kek", "--no-wait", "--json"],
+            )
+        });
+        let b = s.spawn(|| {
+            cli_json(
+                &sys.hsm,
+                &sys.kms[1],
+                &["rotate-kek", "--no-wait", "--json"],
+            )
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(ja["id"], jb["id"], "two rotations: {ja} {jb}");
+    let id = ja["id"].as_str().unwrap().to_owned();
+    let job = |sys: &Replicated, k: usize| {
+        cli_json(&sys.hsm, &sys.kms[k], &["jobs", "--id", &id, "--json"])
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let driver = loop {
+        let driving: Vec<usize> = (0..2)
+            .filter(|k| {
+                sys.kms[*k]
+                    .proc
+                    .log_text()
+                    .contains("driving lifecycle job")
+            })
+            .collect();
+        let j = job(&sys, 0);
+        assert_ne!(
+            j["state"], "succeeded",
+            "the rotation ended before the kill: {j}"
+        );
+        if driving.len() == 1 && j["progress"]["rewrapped"].as_u64().unwrap_or(0) >= 100 {
+            break driving[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotation did not get going: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let other = 1 - driver;
+    sys.kms[driver].proc.sigkill();
+    let killed_at = job(&sys, other);
+    eprintln!(
+        "replica {driver} killed at {} rewrapped ({})",
+        killed_at["progress"]["rewrapped"], killed_at["state"]
+    );
+    let t0 = Instant::now();
+    let done = loop {
+        let j = job(&sys, other);
+        if j["state"] == "succeeded" || j["state"] == "failed" {
+            break j;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "never finished: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "replica {other} finished the rotation {:?} after the kill",
+        t0.elapsed()
+    );
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        sys.kms[other]
+            .proc
+            .log_text()
+            .contains("driving lifecycle job"),
+        "the other replica took the job over"
+    );
+    let hsm = &sys.hsm;
+    sys.kms[driver].restart(hsm);
+    std::thread::sleep(Duration::from_millis(500));
+    stop_w.store(true, Ordering::Relaxed);
+    stop_r.store(true, Ordering::Relaxed);
+    for h in writers.into_iter().chain(readers) {
+        h.join().unwrap();
+    }
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "a write failed");
+    assert_eq!(failed_reads.load(Ordering::Relaxed), 0, "a read failed");
+    check(&api, &admin, &acked, 0);
+    // Every active DEK is under version 2 and version 1 is retired, seen from both replicas.
+    for k in 0..2 {
+        let st = cli_json(&sys.hsm, &sys.kms[k], &["status", "--json"]);
+        assert_eq!(st["current_version"], 2, "{st}");
+        let versions = st["versions"].as_array().unwrap();
+        let v1 = versions.iter().find(|v| v["version"] == 1).unwrap();
+        let v2 = versions.iter().find(|v| v["version"] == 2).unwrap();
+        assert_eq!(v1["deks"], 0, "{st}");
+        assert_eq!(v1["state"], "retired", "{st}");
+        assert_eq!(v2["deks"], st["active_deks"], "{st}");
+        assert_eq!(versions.len(), 2, "one new KEK version: {st}");
+    }
+}
+
+/// `init-kek` started at the same moment for two replicas of one fresh token: one KEK and
+/// one audit key are made (a KMS starts on them: it refuses a duplicated one), and both
+/// commands succeed.
+#[test]
+fn init_kek_started_twice_at_once_makes_one_kek() {
+    let pg = PgCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let store = KmsStore::Postgres(pg.new_database());
+    let configs: Vec<_> = (0..2)
+        .map(|i| {
+            let root = tmp.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&root).unwrap();
+            let (config, endpoint) =
+                progressdb_e2e::write_kms_config(&root, &hsm, KmsListen::Unix, None, &store);
+            (root, config, endpoint)
+        })
+        .collect();
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = configs
+            .iter()
+            .map(|(_, config, _)| {
+                let hsm = &hsm;
+                s.spawn(move || {
+                    Command::new(bin("progressdb-kms"))
+                        .env("SOFTHSM2_CONF", &hsm.conf)
+                        .arg("init-kek")
+                        .arg("--config")
+                        .arg(config)
+                        .output()
+                        .unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let said: Vec<String> = outs
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        })
+        .collect();
+    assert_eq!(
+        said.iter().filter(|s| s.starts_with("created KEK")).count(),
+        1,
+        "{said:?}"
+    );
+    assert_eq!(
+        said.iter()
+            .filter(|s| s.contains("already present"))
+            .count(),
+        1,
+        "{said:?}"
+    );
+    let (root, config, endpoint) = configs.into_iter().next().unwrap();
+    let kms = Kms::launch(&root, &hsm, KmsListen::Unix, config, endpoint, "");
+    let st = cli_json(&hsm, &kms, &["status", "--json"]);
+    assert_eq!(st["current_version"], 1, "{st}");
+    assert_eq!(st["versions"].as_array().unwrap().len(), 1, "{st}");
 }

@@ -202,6 +202,15 @@ pub enum BackendError {
     Internal(String),
 }
 
+/// What [`KeyBackend::ensure_kek_version`] does when the version is not in the HSM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KekMissing {
+    /// Generate it (the rotation that introduces it).
+    Generate,
+    /// Refuse (`KekNotFound`): only a version another process made is adopted.
+    Adopt,
+}
+
 /// What the KMS needs from the holder of its KEKs.
 ///
 /// Implementations must be cheap to share (`Send + Sync`); methods never block the async
@@ -257,18 +266,22 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// `Unavailable` when the HSM cannot be asked now.
     fn kek_versions(&self) -> impl Future<Output = Result<Vec<KekVersion>, BackendError>> + Send;
 
-    /// Makes KEK `version` exist in the HSM, generating it inside the token with the same
-    /// hardened attributes as the first one when it is missing, checks it like every KEK, and
-    /// makes it current for new wraps when it is newer than the current one. Idempotent: a
-    /// version that already exists and passes the checks is adopted, not made twice.
+    /// Makes KEK `version` known and checked, and current for new wraps when it is newer
+    /// than the current one. A version that exists and passes the checks is adopted, never
+    /// made twice; a missing one is generated inside the token with the same hardened
+    /// attributes as the first one when `missing` is [`KekMissing::Generate`] (a rotation),
+    /// and refused with [`KekMissing::Adopt`] (a replica following a rotation another one
+    /// made).
     ///
     /// # Errors
     /// `KekRefused` when an object with that label and version exists but is not a hardened
-    /// KEK (it is not used); `Unavailable` for device errors; `Internal` when the token
-    /// refuses to generate the key. On error the current KEK is unchanged.
+    /// KEK (it is not used); `KekNotFound` when it is missing and `missing` is `Adopt`;
+    /// `Unavailable` for device errors; `Internal` when the token refuses to generate the
+    /// key. On error the current KEK is unchanged.
     fn ensure_kek_version(
         &self,
         version: KekVersion,
+        missing: KekMissing,
     ) -> impl Future<Output = Result<KekRef, BackendError>> + Send;
 
     /// Destroys every object of KEK `version` in the HSM; afterwards the backend answers

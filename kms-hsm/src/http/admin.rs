@@ -80,6 +80,8 @@ impl LifecycleError {
             LifecycleError::KekNotRetired { .. } => ErrorCode::KekNotRetired,
             LifecycleError::KekInUse { .. } => ErrorCode::KekInUse,
             LifecycleError::VersionsExhausted(_) => ErrorCode::Internal,
+            // Another replica's admin work: retry later.
+            LifecycleError::Busy { .. } => ErrorCode::Unavailable,
             LifecycleError::Backend(e) => crate::service::ServiceError::backend_code(e),
             LifecycleError::Store(e) => crate::service::ServiceError::store_code(e),
             LifecycleError::Audit(e) => e.code(),
@@ -372,7 +374,10 @@ async fn import_copies<B: KeyBackend, S: KeyStore>(
         copies = parsed.copies.len(),
         "admin: import of the server's key copies requested"
     );
-    let _exclusive = api.lifecycle().admin_lock().await;
+    let _exclusive = match api.lifecycle().admin_lock().await {
+        Ok(g) => g,
+        Err(e) => return error_response(&HttpError::Lifecycle(e), ROUTE),
+    };
     match crate::backup::import_copies(api.service(), parsed.copies).await {
         Ok(report) => json_response(StatusCode::OK, &report),
         Err(e) => error_response(&HttpError::Backup(e), ROUTE),

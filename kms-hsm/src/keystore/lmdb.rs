@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     decode_record, encode_record, now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord,
-    KeyRecord, KeyState, KeyStore, StoreError,
+    KeyRecord, KeyState, KeyStore, LeaseOutcome, StoreError,
 };
 use crate::metrics::StoreMetrics;
 
@@ -94,6 +94,9 @@ pub struct LmdbStore {
     writer: Option<JoinHandle<()>>,
     /// `kms.lock`, exclusively `flock`ed for the store's life: one process per store.
     _lock: std::fs::File,
+    /// Leases ([`KeyStore::acquire_lease`]): this process is the store's only user, so they
+    /// live in memory (holder, expiry) and end with it.
+    leases: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for LmdbStore {
@@ -196,6 +199,7 @@ impl LmdbStore {
             tx: Some(tx),
             writer: Some(writer),
             _lock: lock,
+            leases: std::sync::Mutex::default(),
         })
     }
 
@@ -378,6 +382,65 @@ impl KeyStore for LmdbStore {
     async fn put_job(&self, job: JobRecord) -> Result<(), StoreError> {
         let key = format!("job/{}", job.id);
         self.put_lifecycle(key, &job).await
+    }
+
+    async fn lock_audit(&self) -> Result<super::AuditLock, StoreError> {
+        Ok(super::AuditLock::Unshared)
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let now = std::time::Instant::now();
+        let mut leases = self
+            .leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let outcome = match leases.get(name) {
+            Some((h, until)) if *until > now && h != holder => {
+                return Ok(LeaseOutcome::HeldBy(h.clone()))
+            }
+            Some((_, until)) if *until > now => LeaseOutcome::Renewed,
+            _ => LeaseOutcome::Acquired,
+        };
+        leases.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+        Ok(outcome)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let mut leases = self
+            .leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if leases.get(name).is_some_and(|(h, _)| h == holder) {
+            leases.remove(name);
+        }
+        Ok(())
+    }
+
+    async fn put_job_leased(
+        &self,
+        job: JobRecord,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        // One process: the check and the write cannot interleave with another replica.
+        {
+            let now = std::time::Instant::now();
+            let mut leases = self
+                .leases
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match leases.get_mut(name) {
+                Some((h, until)) if h == holder && *until > now => *until = now + ttl,
+                _ => return Err(StoreError::LeaseLost(name.to_owned())),
+            }
+        }
+        self.put_job(job).await
     }
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {

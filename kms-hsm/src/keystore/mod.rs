@@ -131,6 +131,43 @@ pub struct ChangePage {
     pub changes: Vec<Change>,
 }
 
+/// A process's turn at appending to the audit log ([`KeyStore::lock_audit`]).
+#[derive(Debug)]
+pub enum AuditLock {
+    /// The store has one writer process (LMDB): there is nothing to take turns with.
+    Unshared,
+    /// A PostgreSQL advisory lock, held until released.
+    Postgres(Box<postgres::AuditLock>),
+}
+
+impl AuditLock {
+    /// Whether other processes append to the same log (the head must then be read from the
+    /// store under the lock, never taken from memory).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, AuditLock::Postgres(_))
+    }
+
+    /// Ends the turn.
+    pub async fn release(self) {
+        match self {
+            AuditLock::Unshared => {}
+            AuditLock::Postgres(l) => l.release().await,
+        }
+    }
+}
+
+/// Outcome of [`KeyStore::acquire_lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The caller held the lease and it had not expired: it is extended.
+    Renewed,
+    /// The caller holds the lease now, and did not just before (it was free, released, or
+    /// expired): whatever it guards may have changed since the caller last held it.
+    Acquired,
+    /// Another holder's lease has not expired.
+    HeldBy(String),
+}
+
 /// Outcome of [`KeyStore::mark_destroyed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestroyOutcome {
@@ -176,6 +213,10 @@ pub enum StoreError {
     /// The writer has stopped (shutting down or crashed).
     #[error("key store writer is not running")]
     Closed,
+    /// A write fenced by a lease ([`KeyStore::put_job_leased`]) found the lease expired or
+    /// held by another: nothing was written.
+    #[error("lease {0} is no longer held; nothing was written")]
+    LeaseLost(String),
 }
 
 /// Where key records live.
@@ -261,6 +302,56 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// `Full`, `Io`, `Closed`.
     fn put_job(&self, job: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Takes this process's turn at the audit log: until the lock is released, no other
+    /// process appends. The audit sequencer holds it from reading the head to the commit of
+    /// the group it chains on that head, so replicas appending at once take turns instead
+    /// of voiding each other's groups (which [`KeyStore::queue_audit`] still refuses, as the
+    /// last line). A store one process owns answers [`AuditLock::Unshared`] at once.
+    ///
+    /// # Errors
+    /// `Io` (the database cannot be reached, or the wait exceeded its statement timeout).
+    fn lock_audit(&self) -> impl Future<Output = Result<AuditLock, StoreError>> + Send;
+
+    /// Takes lease `name` for `holder` for `ttl`, measured on the store's clock (so the
+    /// replicas' clocks do not matter), or renews it when `holder` holds it already. An
+    /// expired lease is taken over. Leases coordinate replicas: `admin` serialises job starts
+    /// and KEK changes, `job/<id>` names the one replica that drives a job
+    /// ([`crate::lifecycle`]).
+    ///
+    /// # Errors
+    /// `Io`; nothing is held then.
+    fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<LeaseOutcome, StoreError>> + Send;
+
+    /// Gives up lease `name` when `holder` holds it. Idempotent.
+    ///
+    /// # Errors
+    /// `Io` (the lease then lapses at its expiry).
+    fn release_lease(
+        &self,
+        name: &str,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Stores `job` and extends lease `name` by `ttl`, in one transaction, only while
+    /// `holder` holds that lease: a replica that lost a job to another (it stalled past the
+    /// lease) can never write over the new driver's progress.
+    ///
+    /// # Errors
+    /// `LeaseLost` when the lease expired or another holds it (nothing written); `Full`,
+    /// `Io`, `Closed`.
+    fn put_job_leased(
+        &self,
+        job: JobRecord,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The audit log's head, if any entry was ever written.
     ///
@@ -460,6 +551,29 @@ impl KeyStore for AnyStore {
     }
     async fn put_job(&self, job: JobRecord) -> Result<(), StoreError> {
         dispatch!(self, s => s.put_job(job).await)
+    }
+    async fn lock_audit(&self) -> Result<AuditLock, StoreError> {
+        dispatch!(self, s => s.lock_audit().await)
+    }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        dispatch!(self, s => s.acquire_lease(name, holder, ttl).await)
+    }
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.release_lease(name, holder).await)
+    }
+    async fn put_job_leased(
+        &self,
+        job: JobRecord,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_job_leased(job, name, holder, ttl).await)
     }
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         dispatch!(self, s => s.audit_head().await)

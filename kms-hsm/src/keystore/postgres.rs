@@ -29,13 +29,51 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     decode_record, encode_record, now_secs, AuditHead, Change, ChangePage, DestroyOutcome,
-    JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, StoreError,
+    JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, LeaseOutcome, StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::metrics::StoreMetrics;
 
 /// Advisory-lock key that serialises migrations across replicas ("pdbkms" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7064_626b_6d73;
+/// Advisory-lock key that gives replicas' audit appends turns ("pdbaud").
+const AUDIT_LOCK: i64 = 0x7064_6261_7564;
+
+/// This process's turn at the audit log ([`KeyStore::lock_audit`]): a session-level advisory
+/// lock on a connection taken out of the pool's rotation until [`AuditLock::release`].
+pub struct AuditLock(Option<deadpool_postgres::Object>);
+
+impl std::fmt::Debug for AuditLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLock")
+            .field("held", &self.0.is_some())
+            .finish()
+    }
+}
+
+impl AuditLock {
+    /// Ends the turn. A connection that cannot unlock is closed (which unlocks).
+    pub async fn release(mut self) {
+        if let Some(c) = self.0.take() {
+            if c.execute("SELECT pg_advisory_unlock($1)", &[&AUDIT_LOCK])
+                .await
+                .is_err()
+            {
+                drop(deadpool_postgres::Object::take(c));
+            }
+        }
+    }
+}
+
+impl Drop for AuditLock {
+    /// Dropped without a release (its task cancelled): the connection is closed rather than
+    /// returned to the pool still holding the lock.
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
 
 /// The schema, one migration per version, applied in order and never edited once released.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -86,10 +124,21 @@ CREATE TABLE kms_changes (
 );
 "#,
     ),
+    (
+        3,
+        "leases that coordinate lifecycle work across replicas",
+        r#"
+CREATE TABLE kms_leases (
+    name       text COLLATE "C" PRIMARY KEY,
+    holder     text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#,
+    ),
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Connects once (on a runtime of its own: `check-config` is synchronous) and reads the
 /// schema version (0 before the first start), changing nothing.
@@ -687,6 +736,126 @@ impl KeyStore for PostgresStore {
             &value,
         )
         .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let ttl_ms = to_i64(ttl.as_millis().try_into().unwrap_or(u64::MAX), "lease ttl")?;
+        let mut c = self.client().await?;
+        // One transaction; the lease row is locked while the outcome is decided. The
+        // database's clock decides expiry, so replicas' clocks need not agree.
+        let tx = c.transaction().await.map_err(|e| db_err(&e))?;
+        let row = tx
+            .query_opt(
+                "SELECT holder, expires_at > clock_timestamp() FROM kms_leases \
+                 WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let outcome = match row {
+            Some(r) => {
+                let (current, live): (String, bool) = (r.get(0), r.get(1));
+                if live && current != holder {
+                    return Ok(LeaseOutcome::HeldBy(current));
+                }
+                tx.execute(
+                    "UPDATE kms_leases SET holder = $2, \
+                     expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
+                     WHERE name = $1",
+                    &[&name, &holder, &ttl_ms],
+                )
+                .await
+                .map_err(|e| db_err(&e))?;
+                if live {
+                    LeaseOutcome::Renewed
+                } else {
+                    LeaseOutcome::Acquired
+                }
+            }
+            None => {
+                let n = tx
+                    .execute(
+                        "INSERT INTO kms_leases (name, holder, expires_at) VALUES \
+                         ($1, $2, clock_timestamp() + $3::bigint * interval '1 millisecond') \
+                         ON CONFLICT (name) DO NOTHING",
+                        &[&name, &holder, &ttl_ms],
+                    )
+                    .await
+                    .map_err(|e| db_err(&e))?;
+                if n == 0 {
+                    // Another replica inserted it first: its lease is live.
+                    return Ok(LeaseOutcome::HeldBy(String::new()));
+                }
+                LeaseOutcome::Acquired
+            }
+        };
+        tx.commit().await.map_err(|e| db_err(&e))?;
+        Ok(outcome)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM kms_leases WHERE name = $1 AND holder = $2",
+            &[&name, &holder],
+        )
+        .await
+        .map_err(|e| db_err(&e))?;
+        Ok(())
+    }
+
+    async fn put_job_leased(
+        &self,
+        job: JobRecord,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(&job)
+            .map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))?;
+        let ttl_ms = to_i64(ttl.as_millis().try_into().unwrap_or(u64::MAX), "lease ttl")?;
+        let c = self.client().await?;
+        // One statement: the lease row is locked by the UPDATE, so a takeover waits for it
+        // and then sees the extended lease, or this write sees the takeover and does nothing.
+        let st = c
+            .prepare_cached(
+                "WITH l AS ( \
+                     UPDATE kms_leases \
+                     SET expires_at = clock_timestamp() + $5::bigint * interval '1 millisecond' \
+                     WHERE name = $3 AND holder = $4 AND expires_at > clock_timestamp() \
+                     RETURNING 1) \
+                 INSERT INTO kms_jobs (id, record) SELECT $1::text, $2::bytea FROM l \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        let n = c
+            .execute(&st, &[&job.id.as_str(), &value, &name, &holder, &ttl_ms])
+            .await
+            .map_err(|e| {
+                self.metrics.commit_errors.inc();
+                db_err(&e)
+            })?;
+        if n == 0 {
+            return Err(StoreError::LeaseLost(name.to_owned()));
+        }
+        self.metrics.commits.inc();
+        self.metrics.writes.inc();
+        Ok(())
+    }
+
+    async fn lock_audit(&self) -> Result<super::AuditLock, StoreError> {
+        let c = self.client().await?;
+        // Waits for another replica's turn to end (bounded by `statement_timeout`).
+        c.execute("SELECT pg_advisory_lock($1)", &[&AUDIT_LOCK])
+            .await
+            .map_err(|e| db_err(&e))?;
+        Ok(super::AuditLock::Postgres(Box::new(AuditLock(Some(c)))))
     }
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {

@@ -60,8 +60,8 @@ use self::context::Pkcs11Context;
 use self::token::OpError;
 use self::worker::{Job, JobKind, Worker, WorkerPool, WorkerSlot};
 use crate::backend::{
-    parse_wrapped_header, BackendError, BackendState, Dek, HsmSettings, KekRef, KeyBackend,
-    WrapFormat,
+    parse_wrapped_header, BackendError, BackendState, Dek, HsmSettings, KekMissing, KekRef,
+    KeyBackend, WrapFormat,
 };
 
 mod context;
@@ -490,11 +490,12 @@ impl KeyBackend for Pkcs11Backend {
     fn ensure_kek_version(
         &self,
         version: KekVersion,
+        missing: KekMissing,
     ) -> impl Future<Output = Result<KekRef, BackendError>> + Send {
         let settings = self.settings.clone();
         let pool = Arc::clone(&self.pool);
         async move {
-            let kek = tokio::task::spawn_blocking(move || ensure_kek(&settings, version))
+            let kek = tokio::task::spawn_blocking(move || ensure_kek(&settings, version, missing))
                 .await
                 .map_err(|e| BackendError::Internal(format!("KEK creation task failed: {e}")))??;
             pool.known_keks
@@ -633,8 +634,8 @@ fn hsm_error(what: &str, e: Error) -> BackendError {
 /// current version; `Unavailable` for device errors; `Internal` if the token refuses to
 /// generate the key.
 ///
-/// Creation is serialised inside this process only; do not run two `init-kek` processes
-/// against one token at the same moment.
+/// Creation is serialised inside this process only; across processes the caller serialises
+/// it ([`crate::app::init_kek`] does, through the key store).
 pub fn init_kek(settings: &HsmSettings) -> Result<InitKekOutcome, BackendError> {
     ensure_audit_key(settings)?;
     with_admin_session(settings, true, |rt, session| {
@@ -701,8 +702,13 @@ fn token_has_no_audit_key(session: &Session, label: &str) -> Result<bool, Backen
 }
 
 /// Makes KEK `version` exist: adopts an existing object that passes [`token::check_kek`],
-/// otherwise generates it in the token. Blocking.
-fn ensure_kek(settings: &HsmSettings, version: KekVersion) -> Result<KekRef, BackendError> {
+/// otherwise generates it in the token (or, with [`KekMissing::Adopt`], answers
+/// `KekNotFound`). Blocking.
+fn ensure_kek(
+    settings: &HsmSettings,
+    version: KekVersion,
+    missing: KekMissing,
+) -> Result<KekRef, BackendError> {
     let kek = KekRef {
         id: settings.kek_label.clone(),
         version,
@@ -714,7 +720,11 @@ fn ensure_kek(settings: &HsmSettings, version: KekVersion) -> Result<KekRef, Bac
                 tracing::info!(kek_id = %kek.id, kek_version = %kek.version, "KEK version already in the HSM; adopted");
                 return Ok(kek.clone());
             }
-            Err(OpError::Backend(BackendError::KekNotFound { .. })) => {}
+            Err(OpError::Backend(e @ BackendError::KekNotFound { .. })) => {
+                if missing == KekMissing::Adopt {
+                    return Err(e);
+                }
+            }
             Err(OpError::Backend(b)) => return Err(b),
             Err(OpError::Pkcs11 { func, rv }) => {
                 return Err(hsm_error("finding the KEK", Error::Pkcs11(rv, func)))
