@@ -109,6 +109,68 @@ pub async fn open_store(
     })
 }
 
+/// Opens one side of `store copy` (`spec`), with the connection settings of `cfg`'s
+/// `[store]` for a PostgreSQL side (password file, CA file, timeout) when it has them, else
+/// `PGPASSWORD` and no TLS. An LMDB source must exist.
+///
+/// # Errors
+/// [`StoreError::Open`] naming the store.
+pub async fn open_copy_side(
+    cfg: &Config,
+    spec: &crate::storecopy::StoreSpec,
+    side: CopySide,
+) -> Result<AnyStore, StoreError> {
+    use crate::storecopy::StoreSpec;
+    let metrics = crate::metrics::StoreMetrics::unregistered();
+    match spec {
+        StoreSpec::Lmdb(path) => {
+            if side == CopySide::Source && !path.join("data.mdb").exists() {
+                return Err(StoreError::Open {
+                    target: path.display().to_string(),
+                    detail: "no LMDB key store here".into(),
+                });
+            }
+            let map_size_mb = match &cfg.store.backend {
+                StoreBackend::Lmdb { map_size_mb } => *map_size_mb,
+                StoreBackend::Postgres(_) => crate::config::defaults::MAP_SIZE_MB,
+            };
+            Ok(AnyStore::Lmdb(LmdbStore::open(path, map_size_mb, metrics)?))
+        }
+        StoreSpec::Postgres(url) => {
+            let (password_file, ca_file, timeout) = match &cfg.store.backend {
+                StoreBackend::Postgres(pg) => {
+                    (pg.password_file.clone(), pg.ca_file.clone(), pg.timeout)
+                }
+                StoreBackend::Lmdb { .. } => (
+                    None,
+                    None,
+                    Duration::from_secs(crate::config::defaults::PG_TIMEOUT_SECS),
+                ),
+            };
+            let pg = crate::config::PostgresConfig::new(
+                url.clone(),
+                password_file,
+                ca_file,
+                4,
+                timeout,
+                Duration::from_millis(crate::config::defaults::PG_COHERENCE_MS),
+            )
+            .map_err(|e| StoreError::Open {
+                target: "postgres".into(),
+                detail: e.to_string(),
+            })?;
+            Ok(AnyStore::Postgres(PostgresStore::open(&pg, metrics).await?))
+        }
+    }
+}
+
+/// Which side of `store copy` a store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopySide {
+    Source,
+    Target,
+}
+
 impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
     /// Builds the KMS around an already opened backend.
     ///

@@ -26,6 +26,7 @@
 //!   connection admission and the shutdown signal come from the shared `service_kit` crate.
 //! * [`app`]: wiring, used by the thin `progressdb-kms` binary.
 //! * [`cli`]: the admin subcommands, clients of the running KMS's admin socket.
+//! * [`storecopy`]: `store copy`, the offline move of the whole state between backends.
 
 pub mod app;
 pub mod audit;
@@ -41,6 +42,7 @@ pub mod keystore;
 pub mod lifecycle;
 pub mod metrics;
 pub mod service;
+pub mod storecopy;
 pub mod transport;
 
 #[cfg(test)]

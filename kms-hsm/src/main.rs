@@ -167,6 +167,33 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Key-store maintenance.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// OFFLINE (stop every KMS on the source first): copy every key record, KEK-version
+    /// record, lifecycle job and the audit log from one key store into a new, empty one
+    /// (LMDB to PostgreSQL or back), then read both again and check they are equal.
+    Copy {
+        /// TOML configuration file (its [store] gives the PostgreSQL password file, CA file
+        /// and timeout for a postgres side).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The source: lmdb:PATH or postgres:URL.
+        #[arg(long, value_name = "STORE")]
+        from: String,
+        /// The target, which must be empty: lmdb:PATH or postgres:URL.
+        #[arg(long, value_name = "STORE")]
+        to: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +274,9 @@ fn main() -> ExitCode {
         | Command::Backup { config, .. }
         | Command::Restore { config, .. }
         | Command::Compact { config }
+        | Command::Store {
+            command: StoreCommand::Copy { config, .. },
+        }
         | Command::ImportCopies { config, .. } => config,
     };
     let cfg = match Config::load(path) {
@@ -319,6 +349,9 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, &e),
             }
         }
+        Command::Store {
+            command: StoreCommand::Copy { from, to, json, .. },
+        } => store_copy(&cfg, &from, &to, json),
         Command::Restore {
             input,
             resurrect,
@@ -335,6 +368,64 @@ fn main() -> ExitCode {
             };
             admin(cli::restore(&cfg, &input, &keys, output(json)))
         }
+    }
+}
+
+/// `store copy`: exit 2 for what the operator must fix (a bad store name, a target that is
+/// not empty), 1 for a copy that failed or does not verify.
+fn store_copy(cfg: &Config, from: &str, to: &str, json: bool) -> ExitCode {
+    use progressdb_kms::app::CopySide;
+    use progressdb_kms::storecopy::{self, CopyError, StoreSpec};
+    let (from, to) = match (from.parse::<StoreSpec>(), to.parse::<StoreSpec>()) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) => return fail(2, &format!("--from: {e}")),
+        (_, Err(e)) => return fail(2, &format!("--to: {e}")),
+    };
+    if from == to {
+        return fail(2, &"--from and --to name the same store");
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
+    };
+    let result = rt.block_on(async {
+        let source = app::open_copy_side(cfg, &from, CopySide::Source)
+            .await
+            .map_err(|e| (1, e.to_string()))?;
+        let target = app::open_copy_side(cfg, &to, CopySide::Target)
+            .await
+            .map_err(|e| (1, e.to_string()))?;
+        storecopy::copy(&source, &target).await.map_err(|e| {
+            let code = match e {
+                CopyError::TargetNotEmpty(_) => 2,
+                CopyError::Source(_) | CopyError::Mismatch(_) | CopyError::Store(_) => 1,
+            };
+            (code, e.to_string())
+        })
+    });
+    match result {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "copied and verified: {} key records ({} active, {} destroyed), {} KEK versions, {} jobs, {} audit entries (head {}), {} pending audit entries",
+                    r.key_records,
+                    r.active,
+                    r.destroyed,
+                    r.kek_versions,
+                    r.jobs,
+                    r.audit_entries,
+                    r.audit_head_seq.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                    r.pending_audits
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err((code, e)) => fail(code, &e),
     }
 }
 

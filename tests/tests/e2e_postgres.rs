@@ -129,3 +129,98 @@ fn the_database_restarted_under_load_gives_503_then_recovers_and_loses_nothing()
         "the outage is logged"
     );
 }
+
+/// A deployment grows from one KMS on LMDB to PostgreSQL: the KMS is stopped, `store copy`
+/// moves its whole state, the KMS starts on the database and serves every thread, its audit
+/// chain verifies in the HSM (so the log was copied entry for entry), and a KEK rotation
+/// works there. Copying back into a new LMDB store verifies too; a second copy into the now
+/// filled database is refused and changes nothing.
+#[test]
+fn store_copy_moves_a_running_deployment_from_lmdb_to_postgres_and_back() {
+    let pg = PgCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
+    let flow = progressdb_e2e::functional_flow(&server, true);
+    let api = server.as_role(Role::Backend, "alice");
+    for i in 0..20 {
+        api.create_thread(&format!("moved {i}"));
+    }
+    let before: serde_json::Value =
+        serde_json::from_str(&admin_cli(&hsm, &kms, &["status", "--json"])).unwrap();
+
+    let store_dir = tmp.path().join("kms/store");
+    let url = pg.new_database();
+    let copy = |from: &str, to: &str| {
+        Command::new(bin("progressdb-kms"))
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .args(["store", "copy", "--json", "--from", from, "--to", to])
+            .arg("--config")
+            .arg(&kms.config)
+            .output()
+            .unwrap()
+    };
+    let from_lmdb = format!("lmdb:{}", store_dir.display());
+    let to_pg = format!("postgres:{url}");
+    // Refused while the KMS runs: the LMDB store is locked by it.
+    let out = copy(&from_lmdb, &to_pg);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another process"));
+
+    kms.proc.sigterm();
+    let out = copy(&from_lmdb, &to_pg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["active"], before["active_deks"], "{report}");
+    assert!(report["audit_entries"].as_u64().unwrap() >= 20, "{report}");
+
+    // Again into the filled database: refused (exit 2), nothing changed.
+    let out = copy(&from_lmdb, &to_pg);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+
+    // Back into a new LMDB store: verified too.
+    let back = tmp.path().join("store-back");
+    let out = copy(&to_pg, &format!("lmdb:{}", back.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back_report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(back_report, report);
+
+    // The KMS on the database.
+    let text = std::fs::read_to_string(&kms.config).unwrap();
+    let path_line = format!("path = \"{}\"\n", store_dir.display());
+    assert!(text.contains(&path_line));
+    std::fs::write(
+        &kms.config,
+        text.replace(
+            &path_line,
+            &format!("{path_line}backend = \"postgres\"\nurl = \"{url}\"\n"),
+        ),
+    )
+    .unwrap();
+    kms.restart(&hsm);
+    assert!(kms.proc.log_text().contains("key store open (postgres)"));
+    let msgs = api.all_messages(&flow.thread_id);
+    assert!(!msgs.is_empty());
+    api.post_message(&flow.thread_id, json!("after the move"));
+    let after: serde_json::Value =
+        serde_json::from_str(&admin_cli(&hsm, &kms, &["status", "--json"])).unwrap();
+    assert_eq!(after["active_deks"], before["active_deks"], "{after}");
+    let v: serde_json::Value =
+        serde_json::from_str(&admin_cli(&hsm, &kms, &["audit", "verify", "--json"])).unwrap();
+    assert_eq!(
+        v["ok"], true,
+        "the copied audit chain verifies in the HSM: {v}"
+    );
+    let job: serde_json::Value =
+        serde_json::from_str(&admin_cli(&hsm, &kms, &["rotate-kek", "--json"])).unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
