@@ -50,7 +50,7 @@ fn record(i: u32) -> KeyRecord {
         kek_version: KekVersion::new(1 + i % 2).unwrap(),
         thread_id: ThreadId::parse(&format!("t{i}")).unwrap(),
         created_at: 1_700_000_000 + u64::from(i),
-        state: if i % 7 == 0 {
+        state: if i.is_multiple_of(7) {
             KeyState::Destroyed {
                 destroyed_at: 1_800_000_000,
             }
