@@ -427,6 +427,18 @@ impl PostgresConfig {
                 }
             }
         }
+        // With a CA to verify the server by, TLS is required over TCP: libpq's default
+        // (`prefer`) would fall back to plain text when the server offers no TLS.
+        let tcp = c
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+        if tcp
+            && self.ca_file.is_some()
+            && c.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer
+        {
+            c.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         c.connect_timeout(self.timeout);
         c.options(format!("-c statement_timeout={}", self.timeout.as_millis()));
         if c.get_application_name().is_none() {

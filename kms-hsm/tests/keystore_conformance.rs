@@ -711,3 +711,101 @@ async fn the_change_feed_lists_destroys_and_kek_changes_in_order() {
         .changes
         .is_empty());
 }
+
+/// Over TCP the store speaks TLS only, verifies the server by `store.ca_file`, and
+/// authenticates with the password from a 0600 file: the pooled sessions are TLS sessions
+/// (pg_stat_ssl), a server certificate from another CA, a wrong password and a server that
+/// offers no TLS are refused at open, and no error shows the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = testkit::Certs::generate(&tmp.path().join("certs"));
+    let password = "pw-9f3c1e7a-not-in-logs";
+    let pg = PgCluster::start_tls(&certs, password);
+    let url = pg.new_database();
+    let db = url.rsplit("dbname=").next().unwrap().to_owned();
+    let tcp = pg.tcp_url(&db);
+    let pw_file = tmp.path().join("pg.pw");
+    testkit::write_secret(&pw_file, password.as_bytes());
+    let cfg = |ca: &std::path::Path, pw: &std::path::Path, url: &str| {
+        PostgresConfig::new(
+            url.to_owned(),
+            Some(pw.to_owned()),
+            Some(ca.to_owned()),
+            2,
+            Duration::from_secs(5),
+            Duration::from_millis(500),
+        )
+        .unwrap()
+    };
+    let store = AnyStore::Postgres(
+        PostgresStore::open(
+            &cfg(&certs.ca, &pw_file, &tcp),
+            StoreMetrics::unregistered(),
+        )
+        .await
+        .unwrap(),
+    );
+    let r = record(42, "over-tls");
+    store.put_new(r.clone()).await.unwrap();
+    assert_eq!(store.get(&r.key_id).await.unwrap(), Some(r));
+    let tls_sessions: u32 = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = '{db}' AND s.ssl"
+            ),
+        )
+        .parse()
+        .unwrap();
+    let plain_sessions: u32 = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = '{db}' AND NOT s.ssl"
+            ),
+        )
+        .parse()
+        .unwrap();
+    assert!(tls_sessions >= 1, "no TLS session");
+    assert_eq!(plain_sessions, 0, "a plain-text session");
+
+    let refused = |e: StoreError| {
+        let text = e.to_string();
+        assert!(matches!(e, StoreError::Open { .. }), "{text}");
+        assert!(!text.contains(password), "the password leaked: {text}");
+        text
+    };
+    // A server certificate the configured CA did not sign.
+    let e = PostgresStore::open(
+        &cfg(&certs.other_ca, &pw_file, &tcp),
+        StoreMetrics::unregistered(),
+    )
+    .await
+    .unwrap_err();
+    let text = refused(e);
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    // A wrong password.
+    let bad_pw = tmp.path().join("bad.pw");
+    testkit::write_secret(&bad_pw, b"not-the-password");
+    let text = refused(
+        PostgresStore::open(&cfg(&certs.ca, &bad_pw, &tcp), StoreMetrics::unregistered())
+            .await
+            .unwrap_err(),
+    );
+    assert!(text.contains("password"), "{text}");
+    // A server on TCP that offers no TLS: with a CA configured the store never falls back to
+    // plain text.
+    let plain = PgCluster::start_with(true, &[]);
+    let plain_url = plain.tcp_url("postgres");
+    refused(
+        PostgresStore::open(
+            &cfg(&certs.ca, &pw_file, &plain_url),
+            StoreMetrics::unregistered(),
+        )
+        .await
+        .unwrap_err(),
+    );
+}

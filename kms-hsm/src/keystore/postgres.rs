@@ -222,7 +222,16 @@ fn db_err(e: &tokio_postgres::Error) -> StoreError {
         Some(c) if *c == SqlState::DISK_FULL => StoreError::NoSpace(e.to_string()),
         _ => StoreError::Io(match e.as_db_error() {
             Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
-            None => format!("postgres: {e}"),
+            None => {
+                // The causes say what failed (e.g. which certificate check).
+                let mut text = format!("postgres: {e}");
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                text
+            }
         }),
     }
 }

@@ -100,6 +100,68 @@ impl PgCluster {
     /// A new cluster, also on `127.0.0.1:<port>` when `tcp`, with extra `-c name=value`
     /// server settings.
     pub fn start_with(tcp: bool, settings: &[&str]) -> Self {
+        let c = Self::create(tcp, settings);
+        c.start_server();
+        c
+    }
+
+    /// A new cluster that also listens on `127.0.0.1:<port>` (and `localhost`) with TLS only:
+    /// the server certificate and key of `certs`, TCP clients authenticated by password
+    /// (SCRAM) as the superuser with `password`, plain-text TCP refused. The Unix socket
+    /// stays password-less for the test's own `psql`.
+    pub fn start_tls(certs: &crate::Certs, password: &str) -> Self {
+        let c = Self::create(
+            true,
+            &[
+                "ssl=on",
+                "ssl_cert_file=server.pem",
+                "ssl_key_file=server.key",
+                "password_encryption=scram-sha-256",
+            ],
+        );
+        let data = c.data_dir();
+        std::fs::copy(&certs.server_cert, data.join("server.pem")).unwrap();
+        std::fs::copy(&certs.server_key, data.join("server.key")).unwrap();
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all ::1/128 scram-sha-256\n\
+             host all all 0.0.0.0/0 reject\n\
+             host all all ::/0 reject\n",
+        )
+        .unwrap();
+        chown_to_owner(&data);
+        c.start_server();
+        c.psql(
+            "postgres",
+            &format!(
+                "ALTER ROLE {SUPERUSER} PASSWORD '{}'",
+                password.replace('\'', "''")
+            ),
+        );
+        c
+    }
+
+    /// A libpq connection string for `dbname` over TCP to `localhost` (no password in it).
+    pub fn tcp_url(&self, dbname: &str) -> String {
+        format!(
+            "host=localhost port={} user={SUPERUSER} dbname={dbname}",
+            self.port
+        )
+    }
+
+    /// The superuser, for connection strings built by hand.
+    pub fn superuser(&self) -> &'static str {
+        SUPERUSER
+    }
+
+    fn create(tcp: bool, settings: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("pg-")
             .tempdir()
@@ -125,15 +187,13 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let c = Self {
+        Self {
             dir,
             port: crate::free_port(),
             tcp,
             settings: settings.iter().map(|s| (*s).to_owned()).collect(),
             watchdog: std::sync::Mutex::new(None),
-        };
-        c.start_server();
-        c
+        }
     }
 
     /// The one cluster of this test process, started on first use.
