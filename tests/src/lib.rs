@@ -52,6 +52,7 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A SoftHSM token made for one test, in its own directory and config.
+#[derive(Clone, Debug)]
 pub struct SoftHsm {
     pub conf: PathBuf,
     pub pin_file: PathBuf,

@@ -220,6 +220,7 @@ fn run(args: Args) -> Result<bool> {
             "server_page",
             "thread_dek_rotation",
             "memory",
+            "replicas_server_post",
         ]
         .iter()
         .any(|id| want(id));
@@ -249,6 +250,50 @@ fn run(args: Args) -> Result<bool> {
                     enc = Some(e);
                 }
                 Err(e) => record("starting the servers", Err(e), &mut failures),
+            }
+        }
+        if want("replicas_create") || want("replicas_server_post") {
+            let r = async {
+                let pg = tokio::task::block_in_place(testkit::pg::PgCluster::start);
+                let (reps, spread) =
+                    procs::start_replicas(&bins, &root.join("replicas"), &pg).await?;
+                let create = scenarios::replicas_create_dek(&env, &kms, &reps, &spread).await;
+                let post = match &enc {
+                    Some(single) if want("replicas_server_post") => {
+                        Some(tokio::task::block_in_place(|| -> Result<Outcome> {
+                            let provider = progressdb_e2e::Provider::Replicas {
+                                endpoints: reps.iter().map(|k| k.endpoint.clone()).collect(),
+                            };
+                            let on = scenarios::prepare(ServerRun::start_on(
+                                &bins,
+                                &root.join("server-replicas"),
+                                &provider,
+                                true,
+                            )?)?;
+                            let o = scenarios::replicas_server_post(&env, &on, single, &reps, &kms);
+                            on.run.stop()?;
+                            o
+                        }))
+                    }
+                    _ => None,
+                };
+                for k in reps {
+                    k.stop()?;
+                }
+                tokio::task::block_in_place(move || drop(pg));
+                Ok::<_, anyhow::Error>((create, post))
+            }
+            .await;
+            match r {
+                Ok((create, post)) => {
+                    if want("replicas_create") {
+                        record("replicas_create_dek", create, &mut failures);
+                    }
+                    if let Some(post) = post {
+                        record("replicas_server_post", post, &mut failures);
+                    }
+                }
+                Err(e) => record("replicas", Err(e), &mut failures),
             }
         }
         let scale = p.scale();

@@ -125,6 +125,41 @@ pub fn prepare_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
     })
 }
 
+/// Two KMS replicas under `root` on one new SoftHSM token and one database of `pg`, started
+/// and ready, and a client spread over both.
+pub async fn start_replicas(
+    bins: &Path,
+    root: &Path,
+    pg: &testkit::pg::PgCluster,
+) -> Result<(Vec<KmsRun>, KmsClient)> {
+    need_bins(bins, &["progressdb-kms"])?;
+    std::fs::create_dir_all(root)?;
+    let hsm = harness("creating the SoftHSM token", || SoftHsm::new(root))?;
+    let store = progressdb_e2e::KmsStore::Postgres(pg.new_database());
+    let mut runs = Vec::new();
+    for i in 0..2 {
+        let r = root.join(format!("replica-{i}"));
+        std::fs::create_dir_all(&r)?;
+        let (config, endpoint) = harness("KMS config and init-kek", || {
+            progressdb_e2e::kms_config_on(&r, &hsm, KmsListen::Unix, None, &store)
+        })?;
+        let p = KmsPrepared {
+            hsm: hsm.clone(),
+            config,
+            endpoint,
+            root: r,
+        };
+        runs.push(spawn_kms(bins, p, &[]).await?);
+    }
+    let endpoints = runs
+        .iter()
+        .map(|k| Endpoint::from_str(&k.endpoint))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cfg = KmsClientConfig::replicas(endpoints, None);
+    cfg.max_idle = 64;
+    Ok((runs, KmsClient::new(cfg)?))
+}
+
 /// [`prepare_kms`] then [`spawn_kms`].
 pub async fn start_kms(bins: &Path, root: &Path, env: &[(&str, &str)]) -> Result<KmsRun> {
     spawn_kms(bins, prepare_kms(bins, root)?, env).await
@@ -203,13 +238,24 @@ pub struct ServerRun {
 
 impl ServerRun {
     pub fn start(bins: &Path, root: &Path, kms_endpoint: &str, encryption: bool) -> Result<Self> {
-        need_bins(bins, &["progressdb"])?;
-        std::fs::create_dir_all(root)?;
-        let port = progressdb_e2e::free_port();
         let provider = Provider::External {
             endpoint: kms_endpoint.to_owned(),
             tls: None,
         };
+        Self::start_on(bins, root, &provider, encryption)
+    }
+
+    /// A server on `provider` (e.g. several KMS replicas).
+    pub fn start_on(
+        bins: &Path,
+        root: &Path,
+        provider: &Provider,
+        encryption: bool,
+    ) -> Result<Self> {
+        let provider = provider.clone();
+        need_bins(bins, &["progressdb"])?;
+        std::fs::create_dir_all(root)?;
+        let port = progressdb_e2e::free_port();
         let (config, keys, store) = harness("server config", || {
             server_config(root, &provider, encryption, port)
         })?;
