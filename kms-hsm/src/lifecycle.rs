@@ -238,6 +238,8 @@ pub struct Lifecycle<B, S> {
     admin: tokio::sync::Mutex<()>,
     /// This process's name in the store's leases.
     holder: String,
+    /// Acquisitions of the admin role so far (each holds the lease under its own name).
+    admin_turns: std::sync::atomic::AtomicU64,
     /// Jobs driven by this process.
     running: std::sync::Mutex<BTreeMap<JobId, tokio::task::JoinHandle<()>>>,
 }
@@ -277,6 +279,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             },
             admin: tokio::sync::Mutex::new(()),
             holder: replica_name(),
+            admin_turns: std::sync::atomic::AtomicU64::new(0),
             running: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
@@ -299,12 +302,20 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
     {
         let local = self.admin.lock().await;
         let ttl = self.opts.lease;
+        // A holder name of this acquisition alone: the release of the previous one (spawned
+        // when its guard dropped) can then never remove this one's lease.
+        let holder = format!(
+            "{}#{}",
+            self.holder,
+            self.admin_turns
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let deadline = tokio::time::Instant::now() + 2 * ttl;
         loop {
             match self
                 .svc
                 .store()
-                .acquire_lease(ADMIN_LEASE, &self.holder, ttl)
+                .acquire_lease(ADMIN_LEASE, &holder, ttl)
                 .await?
             {
                 LeaseOutcome::Acquired | LeaseOutcome::Renewed => break,
@@ -317,8 +328,9 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             }
         }
         let svc = Arc::clone(&self.svc);
-        let holder = self.holder.clone();
+        let renewing = holder.clone();
         let renew = tokio::spawn(async move {
+            let holder = renewing;
             loop {
                 tokio::time::sleep(ttl / 3).await;
                 if let Err(e) = svc.store().acquire_lease(ADMIN_LEASE, &holder, ttl).await {
@@ -327,7 +339,6 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             }
         });
         let svc = Arc::clone(&self.svc);
-        let holder = self.holder.clone();
         Ok(AdminGuard {
             _local: local,
             renew,
@@ -1566,7 +1577,7 @@ mod tests {
         let t = std::time::Instant::now();
         assert!(matches!(
             b.admin_lock().await,
-            Err(LifecycleError::Busy { holder }) if holder == a.holder()
+            Err(LifecycleError::Busy { holder }) if holder.starts_with(a.holder())
         ));
         assert!(t.elapsed() >= Duration::from_millis(400));
         drop(held);
