@@ -354,9 +354,13 @@ impl AuditLog {
         batch: Vec<Queued>,
     ) -> Option<InFlight> {
         let result = async {
-            let current = match state.head {
-                Some(h) => h,
-                None => store.audit_head().await?,
+            // The head (when it must be read) and the pending entries, read at once.
+            let (current, pending) = match state.head {
+                Some(h) => (h, store.pending_audits().await?),
+                None => {
+                    let (h, p) = tokio::join!(store.audit_head(), store.pending_audits());
+                    (h?, p?)
+                }
             };
             // Events recorded while the HSM could not MAC them go first, with their own time,
             // unless a group still committing chains them already.
@@ -366,9 +370,7 @@ impl AuditLog {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            let pending: Vec<(String, AuditEntry)> = store
-                .pending_audits()
-                .await?
+            let pending: Vec<(String, AuditEntry)> = pending
                 .into_iter()
                 .filter(|(k, _)| !taken.contains(k))
                 .collect();

@@ -392,6 +392,12 @@ mod cases {
             s.get(&fresh.key_id).await.unwrap().is_none(),
             "nothing of it written"
         );
+        // One key id twice in a group: refused the same way.
+        assert!(matches!(
+            append(&s, Some(head(3)), 5, vec![], vec![fresh.clone(), fresh.clone()]).await,
+            Err(StoreError::AlreadyExists(k)) if k == fresh.key_id
+        ));
+        assert!(s.get(&fresh.key_id).await.unwrap().is_none());
         assert_eq!(s.audit_head().await.unwrap(), Some(head(3)));
         assert_eq!(s.audit_range(0, 100).await.unwrap().len(), 3);
         // Pending entries: chained once, removed by that append, never chained twice.

@@ -541,44 +541,66 @@ async fn append(pool: &Pool, job: &AuditAppend) -> Result<(), StoreError> {
             return Err(StoreError::AuditHeadMoved);
         }
     }
-    for (key_id, value) in &job.records {
-        let n = tx
-            .execute(
-                "INSERT INTO kms_key_records (key_id, revision, record) VALUES ($1, 1, $2) \
-                 ON CONFLICT (key_id) DO NOTHING",
-                &[&key_id.as_str(), value],
-            )
-            .await
-            .map_err(|e| db_err(&e))?;
-        if n == 0 {
-            return Err(StoreError::AlreadyExists(key_id.clone()));
-        }
-    }
+    // The key records, the entries and the new head in one statement (one round trip):
+    // the records that went in are returned, so a key id that was taken (or repeated in the
+    // group) is named, and the transaction rolls back on drop.
     let seqs = job
         .entries
         .iter()
         .map(|(s, _)| to_i64(*s, "audit seq"))
         .collect::<Result<Vec<i64>, _>>()?;
     let values: Vec<&[u8]> = job.entries.iter().map(|(_, v)| v.as_slice()).collect();
-    tx.execute(
-        "INSERT INTO kms_audit (seq, entry) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-        &[&seqs, &values],
-    )
-    .await
-    .map_err(|e| match e.code() {
-        // Another replica appended these numbers in between: nothing is written.
-        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::AuditHeadMoved,
-        _ => db_err(&e),
-    })?;
-    tx.execute(
-        "UPDATE kms_audit_head SET seq = $1, mac = $2 WHERE singleton",
-        &[
-            &to_i64(job.head.seq, "audit seq")?,
-            &job.head.mac.as_slice(),
-        ],
-    )
-    .await
-    .map_err(|e| db_err(&e))?;
+    let key_ids: Vec<&str> = job.records.iter().map(|(k, _)| k.as_str()).collect();
+    let records: Vec<&[u8]> = job.records.iter().map(|(_, v)| v.as_slice()).collect();
+    let st = tx
+        .prepare_cached(
+            "WITH r AS ( \
+                 INSERT INTO kms_key_records (key_id, revision, record) \
+                 SELECT k, 1, v FROM unnest($1::text[], $2::bytea[]) AS t(k, v) \
+                 ON CONFLICT (key_id) DO NOTHING \
+                 RETURNING key_id), \
+             a AS ( \
+                 INSERT INTO kms_audit (seq, entry) \
+                 SELECT * FROM unnest($3::bigint[], $4::bytea[]) RETURNING seq), \
+             h AS ( \
+                 UPDATE kms_audit_head SET seq = $5, mac = $6 WHERE singleton RETURNING 1) \
+             SELECT key_id, (SELECT count(*) FROM a), (SELECT count(*) FROM h) FROM r \
+             UNION ALL SELECT NULL, (SELECT count(*) FROM a), (SELECT count(*) FROM h)",
+        )
+        .await
+        .map_err(|e| db_err(&e))?;
+    let head_seq = to_i64(job.head.seq, "audit seq")?;
+    let head_mac = job.head.mac.as_slice();
+    let rows = tx
+        .query(
+            &st,
+            &[&key_ids, &records, &seqs, &values, &head_seq, &head_mac],
+        )
+        .await
+        .map_err(|e| match e.code() {
+            // Another replica appended these numbers in between: nothing is written.
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::AuditHeadMoved,
+            _ => db_err(&e),
+        })?;
+    let mut inserted: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut counts = (0i64, 0i64);
+    for row in &rows {
+        counts = (row.get(1), row.get(2));
+        if let Some(k) = row.get::<_, Option<String>>(0) {
+            *inserted.entry(k).or_insert(0) += 1;
+        }
+    }
+    for (key_id, _) in &job.records {
+        match inserted.get_mut(key_id.as_str()) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => return Err(StoreError::AlreadyExists(key_id.clone())),
+        }
+    }
+    if counts != (job.entries.len() as i64, 1) {
+        return Err(StoreError::Io(
+            "the audit append did not write every entry and the head".into(),
+        ));
+    }
     tx.commit().await.map_err(|e| db_err(&e))
 }
 
