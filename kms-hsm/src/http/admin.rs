@@ -347,6 +347,11 @@ async fn restore<B: KeyBackend, S: KeyStore>(
         resurrect = resurrect.len(),
         "admin: restore requested"
     );
+    // No KEK version is destroyed (on any replica) while records under it come back.
+    let _exclusive = match api.lifecycle().admin_lock().await {
+        Ok(g) => g,
+        Err(e) => return error_response(&HttpError::Lifecycle(e), ROUTE),
+    };
     match crate::backup::restore(api.service(), &body, &resurrect).await {
         Ok(report) => json_response(StatusCode::OK, &report),
         Err(e) => error_response(&HttpError::Backup(e), ROUTE),
