@@ -4,9 +4,11 @@
 #   2. cargo fmt --check and clippy (-D warnings, all targets, all features),
 #   3. builds the binaries the end-to-end tests start (both server flavours) into target/e2e/,
 #   4. runs every test: default features (incl. the KMS against SoftHSM and the end-to-end
-#      tests), then the server's tests again with the dev-only embedded provider.
-# Every integration test makes its own SoftHSM token in a temp dir (SOFTHSM2_CONF per test), so
-# nothing here touches a system token directory.
+#      tests), then the server's tests again with the dev-only embedded provider,
+#   5. builds Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh), and runs
+#      the KMS's token conformance suites again on it (PROGRESSDB_TEST_TOKEN=kryoptic).
+# Every integration test makes its own token in a temp dir (SOFTHSM2_CONF / KRYOPTIC_CONF per
+# test), so nothing here touches a system token directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +45,19 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
 
 log "cargo test -p progressdb --features dev-embedded"
 cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
+
+log "building Kryoptic (the second PKCS#11 implementation)"
+bash scripts/build-kryoptic.sh
+
+# The suites that exercise the token: the PKCS#11 backend, start-up, the key API over both
+# transports, and the end-to-end flows, lifecycle, CLI, secrets, tampering, DEK rotation and
+# the OpenAPI contract. (Fault injection by removing SoftHSM's token directory, e2e_hsm and
+# hsm_recovery, is SoftHSM's; the PostgreSQL and replica suites do not depend on the token.)
+log "cargo test: the token conformance suites on Kryoptic"
+PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast \
+  -p progressdb-kms --test hsm_backend --test kms_startup --test kms_api --test kms_transport \
+  -p progressdb-e2e --test e2e_flow --test e2e_lifecycle --test e2e_cli --test e2e_secrets \
+  --test e2e_tamper --test e2e_dek_rotation --test e2e_openapi 2>&1 | tee -a "$RESULTS"
 
 # One closing line for the whole run (cargo's last line is a doc-test summary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

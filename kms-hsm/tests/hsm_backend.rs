@@ -166,13 +166,19 @@ fn kek_is_sensitive_non_extractable_and_cannot_be_wrapped() {
             ],
         )
         .unwrap();
+    // Tokens differ in which key-wrap mechanisms they have (SoftHSM: AES_KEY_WRAP and
+    // AES_KEY_WRAP_PAD; Kryoptic: AES_KEY_WRAP and KWP): one it lacks proves nothing, one it
+    // has must refuse the KEK as unextractable, and none may wrap it.
+    let mut refused = 0;
     for mech in [Mechanism::AesKeyWrapPad, Mechanism::AesKeyWrap] {
         let err = session.wrap_key(&mech, wrapping, kek).unwrap_err();
-        assert!(
-            matches!(err, Error::Pkcs11(RvError::KeyUnextractable, _)),
-            "wrapping the KEK must be refused as unextractable, got {err:?}"
-        );
+        match err {
+            Error::Pkcs11(RvError::KeyUnextractable, _) => refused += 1,
+            Error::Pkcs11(RvError::MechanismInvalid, _) => {}
+            other => panic!("wrapping the KEK must be refused as unextractable, got {other:?}"),
+        }
     }
+    assert!(refused >= 1, "no key-wrap mechanism refused the KEK");
     // Attributes cannot be weakened.
     assert!(session
         .update_attributes(kek, &[Attribute::Extractable(true)])

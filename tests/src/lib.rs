@@ -54,7 +54,12 @@ pub fn bin(name: &str) -> PathBuf {
 /// A SoftHSM token made for one test, in its own directory and config.
 #[derive(Clone, Debug)]
 pub struct SoftHsm {
+    /// The PKCS#11 module (SoftHSM, or the token `PROGRESSDB_TEST_TOKEN` names).
+    pub module: PathBuf,
+    /// The module's config, named by `conf_var` in the environment of every process that
+    /// loads it.
     pub conf: PathBuf,
+    pub conf_var: &'static str,
     pub pin_file: PathBuf,
     pub pin: String,
     pub token_label: String,
@@ -64,9 +69,11 @@ pub struct SoftHsm {
 impl SoftHsm {
     /// Creates `root/softhsm/` with a config, a token directory and an initialised token.
     pub fn new(root: &Path) -> Self {
-        let t = testkit::softhsm::Token::create(&root.join("softhsm"), "progressdb-e2e");
+        let t = testkit::token::Token::create(&root.join("softhsm"), "progressdb-e2e");
         Self {
+            module: t.module,
             conf: t.conf,
+            conf_var: t.conf_var,
             pin_file: t.pin_file,
             pin: t.pin,
             token_label: t.label,
@@ -228,7 +235,7 @@ pub fn kms_config_on(
     let (config, endpoint) = write_kms_config(root, hsm, listen, certs, store);
     for _ in 0..2 {
         let out = Command::new(bin("progressdb-kms"))
-            .env("SOFTHSM2_CONF", &hsm.conf)
+            .env(hsm.conf_var, &hsm.conf)
             .arg("init-kek")
             .arg("--config")
             .arg(&config)
@@ -280,7 +287,8 @@ pub fn write_kms_config(
     fs::write(
         &config,
         format!(
-            "{listen_toml}\n[hsm]\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n{}\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
+            "{listen_toml}\n[hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n{}\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
+            hsm.module.display(),
             hsm.token_label,
             hsm.pin_file.display(),
             hsm.kek_label,
@@ -356,7 +364,7 @@ impl Kms {
     pub fn restart(&mut self, hsm: &SoftHsm) {
         self.proc.stop_if_running();
         let mut cmd = Command::new(bin("progressdb-kms"));
-        cmd.env("SOFTHSM2_CONF", &hsm.conf)
+        cmd.env(hsm.conf_var, &hsm.conf)
             .env("RUST_LOG", log_level())
             .arg("serve")
             .arg("--config")

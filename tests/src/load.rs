@@ -38,6 +38,7 @@ pub fn writers(
             let mut i = 0u64;
             // Posts left before the next new thread.
             let mut posts_left = 0u32;
+            let mut said = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let Some(tid) = thread.clone().filter(|_| posts_left > 0) else {
@@ -54,7 +55,13 @@ pub fn writers(
                             thread = Some(id);
                             posts_left = 9;
                         }
-                        Ok((503, _)) | Err(_) => {
+                        Ok((503, b)) => {
+                            note(&mut said, w, "create thread", &format!("503 {b}"));
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            note(&mut said, w, "create thread", &e.to_string());
                             refused.fetch_add(1, Ordering::Relaxed);
                             std::thread::sleep(Duration::from_millis(20));
                         }
@@ -79,7 +86,13 @@ pub fn writers(
                             .or_default()
                             .insert(v["id"].as_str().unwrap().to_owned(), text);
                     }
-                    Ok((503, _)) | Err(_) => {
+                    Ok((503, b)) => {
+                        note(&mut said, w, "post", &format!("503 {b}"));
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        note(&mut said, w, "post", &e.to_string());
                         refused.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(Duration::from_millis(20));
                     }
@@ -115,5 +128,13 @@ pub fn check(api: &Api, admin: &Api, acked: &Acked, round: usize) {
                 "round {round}: acknowledged message {id} of {tid} lost or changed"
             );
         }
+    }
+}
+
+/// Prints the first few refusals of writer `w` (what a failing test needs to show).
+fn note(said: &mut u32, w: usize, what: &str, why: &str) {
+    if *said < 3 {
+        *said += 1;
+        eprintln!("writer {w}: {what} refused: {why}");
     }
 }

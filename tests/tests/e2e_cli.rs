@@ -17,7 +17,7 @@ fn run(binary: &str, hsm: Option<&SoftHsm>, args: &[&str], env: &[(&str, &str)])
     let mut cmd = Command::new(bin(binary));
     cmd.args(args).env_remove("RUST_LOG");
     if let Some(h) = hsm {
-        cmd.env("SOFTHSM2_CONF", &h.conf);
+        cmd.env(h.conf_var, &h.conf);
     }
     for (k, v) in env {
         cmd.env(k, v);

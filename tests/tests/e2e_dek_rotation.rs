@@ -384,7 +384,7 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     let kms_config = kms.config.clone();
     let kms_cli = |args: &[&str]| {
         std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))
-            .env("SOFTHSM2_CONF", &hsm.conf)
+            .env(hsm.conf_var, &hsm.conf)
             .args(args)
             .arg("--config")
             .arg(&kms_config)

@@ -172,7 +172,7 @@ fn a_full_kms_store_answers_507_keeps_serving_keys_and_recovers() {
     let m = kms.metrics();
     assert!(m.contains("progressdb_kms"), "metrics answer");
     let status = Command::new(progressdb_e2e::bin("progressdb-kms"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .args(["status", "--json", "--config"])
         .arg(&kms.config)
         .output()
@@ -180,7 +180,7 @@ fn a_full_kms_store_answers_507_keeps_serving_keys_and_recovers() {
     let j: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(j["active_deks"], made, "{j}");
     let out = Command::new(progressdb_e2e::bin("progressdb-kms"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .args(["audit", "verify", "--config"])
         .arg(&kms.config)
         .output()

@@ -192,7 +192,7 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
     // The KMS under strace: each acknowledged create_dek_for_thread.
     let kms_trace = tmp.path().join("kms.strace");
     let mut cmd = strace(&kms_trace);
-    cmd.env("SOFTHSM2_CONF", &hsm.conf)
+    cmd.env(hsm.conf_var, &hsm.conf)
         .arg(bin("progressdb-kms"))
         .args(["serve", "--config"])
         .arg(&kms_conf);

@@ -101,10 +101,10 @@ fn a_token_that_goes_away_and_comes_back_is_recovered_without_a_restart() {
 
 fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
     let out = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .args([
             "--module",
-            progressdb_e2e::SOFTHSM_MODULE,
+            &hsm.module.display().to_string(),
             "--token-label",
             &hsm.token_label,
         ])
@@ -122,7 +122,7 @@ fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
 /// Runs `progressdb-kms serve` and waits for it to exit (it must, within 30 s).
 fn serve_expecting_exit(kms: &Kms, hsm: &SoftHsm) -> (std::process::ExitStatus, String) {
     let mut child = std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .args(["serve", "--config"])
         .arg(&kms.config)
         .stdout(std::process::Stdio::null())

@@ -17,7 +17,7 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 
 fn admin(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
     Command::new(bin("progressdb-kms"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .env("RUST_LOG", "warn")
         .args(args)
         .arg("--config")

@@ -18,7 +18,7 @@ use testkit::pg::PgCluster;
 
 fn admin_cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> String {
     let out = Command::new(bin("progressdb-kms"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .args(args)
         .arg("--config")
         .arg(&kms.config)
@@ -96,9 +96,18 @@ fn the_database_restarted_under_load_gives_503_then_recovers_and_loses_nothing()
     std::thread::sleep(Duration::from_millis(500));
     let before: usize = acked.lock().unwrap().len();
     assert!(before > 0, "no thread was created before the restart");
+    let refused_before = refused.load(Ordering::Relaxed);
     pg.stop();
-    std::thread::sleep(Duration::from_millis(800));
-    let during = refused.load(Ordering::Relaxed);
+    // Down until the writers have met it (a create needs the database; posts to threads
+    // whose DEK is cached may not), at least 0.8 s, at most 10 s.
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_millis(800)
+        || (refused.load(Ordering::Relaxed) == refused_before
+            && down.elapsed() < Duration::from_secs(10))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during = refused.load(Ordering::Relaxed) - refused_before;
     pg.start_server();
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
@@ -152,7 +161,7 @@ fn store_copy_moves_a_running_deployment_from_lmdb_to_postgres_and_back() {
     let url = pg.new_database();
     let copy = |from: &str, to: &str| {
         Command::new(bin("progressdb-kms"))
-            .env("SOFTHSM2_CONF", &hsm.conf)
+            .env(hsm.conf_var, &hsm.conf)
             .args(["store", "copy", "--json", "--from", from, "--to", to])
             .arg("--config")
             .arg(&kms.config)

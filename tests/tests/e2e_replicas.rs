@@ -195,7 +195,7 @@ fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
 
 fn cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
     Command::new(bin("progressdb-kms"))
-        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(hsm.conf_var, &hsm.conf)
         .env("RUST_LOG", "warn")
         .args(args)
         .arg("--config")
@@ -389,7 +389,7 @@ fn init_kek_started_twice_at_once_makes_one_kek() {
                 let hsm = &hsm;
                 s.spawn(move || {
                     Command::new(bin("progressdb-kms"))
-                        .env("SOFTHSM2_CONF", &hsm.conf)
+                        .env(hsm.conf_var, &hsm.conf)
                         .arg("init-kek")
                         .arg("--config")
                         .arg(config)

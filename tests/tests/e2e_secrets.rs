@@ -65,7 +65,7 @@ fn no_secret_reaches_a_log_an_error_a_metrics_page_or_the_cli_at_trace_level() {
         &["check-config"],
     ] {
         let o = Command::new(bin("progressdb-kms"))
-            .env("SOFTHSM2_CONF", &hsm.conf)
+            .env(hsm.conf_var, &hsm.conf)
             .env("RUST_LOG", "trace")
             .args(args)
             .arg("--config")

@@ -327,6 +327,15 @@ impl Breaker {
         }
     }
 
+    /// Whether [`Breaker::admit`] would let a call through now (without taking the probe).
+    fn would_admit(&self) -> bool {
+        match *self.lock() {
+            Circuit::Closed { .. } => true,
+            Circuit::Open { until } => Instant::now() >= until,
+            Circuit::Probing => false,
+        }
+    }
+
     /// A probe that ended without an outcome (its call was cancelled): the next call probes.
     fn abandon(&self, admission: Admission) {
         if admission == Admission::Probe {
@@ -810,9 +819,28 @@ impl KmsClient {
             % n;
         let mut tried = vec![false; n];
         let mut retry = 0u32;
+        let mut waited_for_health = false;
         let mut last: Option<ClientError> = None;
         loop {
             let Some((i, admission)) = self.pick(start, &tried) else {
+                // Several replicas, every one failed or ejected: one that is back (restarted
+                // after a kill while another then died) is taken back by the next health
+                // check, which closes its circuit. Wait for that once, within the deadline,
+                // rather than fail a call the replica set can still serve.
+                if n > 1 && !waited_for_health && !cfg.health_interval.is_zero() {
+                    waited_for_health = true;
+                    let until = (Instant::now() + cfg.health_interval + Duration::from_millis(100))
+                        .min(deadline);
+                    while Instant::now() < until
+                        && !self.inner.replicas.iter().any(|r| r.breaker.would_admit())
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if self.inner.replicas.iter().any(|r| r.breaker.would_admit()) {
+                        tried.iter_mut().for_each(|t| *t = false);
+                        continue;
+                    }
+                }
                 // Every replica was tried in this round (or its circuit is open).
                 let e = last.take().unwrap_or_else(|| {
                     ClientError::Unavailable(

@@ -290,6 +290,41 @@ async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
         .unwrap();
 }
 
+/// A replica comes back while the other dies (a restart after a kill, then a second kill):
+/// the first's circuit is still open, the second fails, and the call waits for the health
+/// check that takes the first back instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waits_for_the_health_check_that_takes_a_returned_replica_back() {
+    let (a, b) = (Replica::start(OK).await, Replica::start(OK).await);
+    let c = client(vec![a.endpoint(), b.endpoint()], |c| {
+        c.health_interval = Duration::from_millis(400);
+        c.breaker = BreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_secs(60),
+        };
+    });
+    let checks = c.spawn_health_checks();
+    a.set(UNAVAILABLE);
+    for _ in 0..4 {
+        encrypt(&c).await.unwrap();
+    }
+    // Just after a probe of a (so the next one is a whole interval away), a is back and b dies.
+    let seen = a.readyz.load(Ordering::SeqCst);
+    while a.readyz.load(Ordering::SeqCst) == seen {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.set(OK);
+    b.set(UNAVAILABLE);
+    let t = std::time::Instant::now();
+    encrypt(&c).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        t.elapsed()
+    );
+    checks.abort();
+}
+
 #[test]
 fn an_empty_replica_list_is_refused() {
     let e = KmsClient::new(KmsClientConfig::replicas(vec![], None)).unwrap_err();

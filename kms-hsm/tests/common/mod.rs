@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use kms_api::{Endpoint, KmsClient, KmsClientConfig};
 
-pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const KEK_LABEL: &str = "test-kek";
 pub const BIN: &str = env!("CARGO_BIN_EXE_progressdb-kms");
 
@@ -85,7 +84,9 @@ impl Default for Options {
 #[derive(Debug)]
 pub struct Kms {
     pub dir: tempfile::TempDir,
-    pub softhsm_conf: PathBuf,
+    /// The token's module config (`SOFTHSM2_CONF` / `KRYOPTIC_CONF`, as `conf_var` says).
+    pub token_conf: PathBuf,
+    pub conf_var: &'static str,
     pub config: PathBuf,
     pub pin: String,
     pub pin_file: PathBuf,
@@ -101,16 +102,14 @@ pub struct Kms {
 impl Kms {
     /// Makes the token, PIN file, certs and config; runs `init-kek`. Does not start serving.
     pub fn provision(opts: Options) -> Kms {
-        assert!(
-            Path::new(MODULE).exists(),
-            "SoftHSM module {MODULE} not found: install softhsm2 (scripts/test.sh does)"
-        );
         // The system temp dir keeps the socket path short (Unix socket paths max ~107 bytes).
         let dir = tempfile::Builder::new().prefix("kms-").tempdir().unwrap();
         let d = dir.path().to_owned();
         let label = format!("t{}", random_hex(4));
-        let token = testkit::softhsm::Token::create(&d, &label);
-        let (softhsm_conf, pin, pin_file) = (token.conf, token.pin, token.pin_file);
+        let token = testkit::token::Token::create(&d, &label);
+        let module = token.module.clone();
+        let conf_var = token.conf_var;
+        let (token_conf, pin, pin_file) = (token.conf, token.pin, token.pin_file);
         let certs = opts.tls.then(|| Certs::generate(&d));
         let port = if opts.tls { free_port() } else { 0 };
         let socket = d.join("kms.sock");
@@ -128,7 +127,7 @@ impl Kms {
             }
         }
         toml.push_str(&format!(
-            "[hsm]\nmodule = {MODULE:?}\ntoken_label = {label:?}\npin_file = {pin_file:?}\nkek_label = {KEK_LABEL:?}\nsessions = {}\n",
+            "[hsm]\nmodule = {module:?}\ntoken_label = {label:?}\npin_file = {pin_file:?}\nkek_label = {KEK_LABEL:?}\nsessions = {}\n",
             opts.sessions.unwrap_or(2)
         ));
         toml.push_str(&format!("[store]\npath = {store:?}\nmap_size_mb = 16\n"));
@@ -145,7 +144,8 @@ impl Kms {
         let kms = Kms {
             log: d.join("kms.log"),
             dir,
-            softhsm_conf,
+            token_conf,
+            conf_var,
             config,
             pin,
             pin_file,
@@ -185,7 +185,7 @@ impl Kms {
         c.args(args)
             .arg("--config")
             .arg(&self.config)
-            .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .env(self.conf_var, &self.token_conf)
             .env(
                 "RUST_LOG",
                 self.opts.rust_log.clone().unwrap_or_else(|| "info".into()),

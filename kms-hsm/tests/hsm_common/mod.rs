@@ -1,9 +1,11 @@
-//! Shared set-up of the in-process HSM tests: one SoftHSM token directory per test process.
+//! Shared set-up of the in-process HSM tests: one token directory per test process, on the
+//! PKCS#11 implementation of this run (`testkit::token`: SoftHSM, or Kryoptic with
+//! `PROGRESSDB_TEST_TOKEN=kryoptic`).
 //!
 //! Every integration-test file is its own process and PKCS#11 can be initialised only once per
-//! process, so each file builds its tokens once (before the first `C_Initialize`), points
-//! `SOFTHSM2_CONF` at its own config and shares the context among its tests. Missing SoftHSM
-//! is a test failure, never a skip.
+//! process, so each file builds its tokens once (before the first `C_Initialize`), points the
+//! module's config variable (`SOFTHSM2_CONF`, `KRYOPTIC_CONF`) at its own config and shares
+//! the context among its tests. A missing module is a test failure, never a skip.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -13,11 +15,9 @@ use kms_api::KekId;
 use progressdb_kms::backend::HsmSettings;
 use secrecy::SecretString;
 
-/// The SoftHSM module; `PROGRESSDB_TEST_PKCS11_MODULE` overrides it.
+/// The PKCS#11 module of this run (`PROGRESSDB_TEST_PKCS11_MODULE` overrides it).
 pub fn module() -> PathBuf {
-    std::env::var_os("PROGRESSDB_TEST_PKCS11_MODULE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"))
+    testkit::token::kind().module()
 }
 
 pub const KEK_LABEL: &str = "progressdb-kek";
@@ -67,22 +67,20 @@ impl TestHsm {
         self.pins.iter().map(|(_, p)| p.clone()).collect()
     }
 
-    /// Writes the SoftHSM config with `tokendir` as its token directory.
+    /// Writes the module's config with `tokendir` as its token directory.
     pub fn write_conf(&self, tokendir: &Path) {
-        testkit::softhsm::write_conf(&self.conf, tokendir);
+        testkit::token::kind().write_conf(&self.conf, tokendir);
     }
 }
 
-/// Builds this process's tokens once and sets `SOFTHSM2_CONF`. Call before any PKCS#11 use.
+/// Builds this process's tokens once and sets the module's config variable. Call before any
+/// PKCS#11 use.
 pub fn hsm() -> &'static TestHsm {
     static HSM: OnceLock<TestHsm> = OnceLock::new();
     HSM.get_or_init(|| {
-        let module = module();
-        assert!(
-            module.exists(),
-            "SoftHSM module {} not found: install softhsm2 (scripts/test.sh does)",
-            module.display()
-        );
+        let kind = testkit::token::kind();
+        // Fails the test, saying what to install, when the module is missing.
+        let _ = kind.module();
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&base).unwrap();
         let dir = tempfile::Builder::new()
@@ -92,17 +90,14 @@ pub fn hsm() -> &'static TestHsm {
             .keep();
         let tokendir = dir.join("tokens");
         std::fs::create_dir_all(&tokendir).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        testkit::softhsm::write_conf(&conf, &tokendir);
+        let conf = dir.join("token.conf");
+        kind.write_conf(&conf, &tokendir);
         // Before the first C_Initialize of this process, which reads it.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var(kind.conf_var(), &conf);
 
         let mut pins = Vec::new();
         for label in TOKENS {
-            pins.push((
-                (*label).to_owned(),
-                testkit::softhsm::init_token(&conf, label),
-            ));
+            pins.push(((*label).to_owned(), kind.init_token(&conf, label)));
         }
         TestHsm {
             dir,

@@ -1,5 +1,5 @@
-//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: real SoftHSM
-//! tokens in their own directories, TLS material for mutual TLS, and scans of logs and files
+//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: real PKCS#11
+//! tokens (SoftHSM or Kryoptic, [`token`]) in their own directories, TLS material for mutual TLS, and scans of logs and files
 //! for secrets in every encoding they could take, and private PostgreSQL clusters ([`pg`]).
 //!
 //! Nothing here skips: a missing `softhsm2-util` fails the calling test with a message that
@@ -51,68 +51,207 @@ pub fn write_secret(path: &Path, content: &[u8]) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// SoftHSM tokens made for tests, each set in a directory of its own.
-pub mod softhsm {
+/// The PKCS#11 implementation every HSM test runs on, chosen by `PROGRESSDB_TEST_TOKEN`:
+/// `softhsm` (SoftHSMv2, the default) or `kryoptic` (the Rust soft token, built by
+/// `scripts/build-kryoptic.sh` into `target/kryoptic/`). The suites are written against this
+/// module only, so a third implementation (a real HSM's module) is one variant away.
+pub mod token {
     use super::*;
     use std::process::Command;
 
-    /// Writes a SoftHSM config whose token directory is `tokendir`.
-    pub fn write_conf(conf: &Path, tokendir: &Path) {
-        fs::write(
-            conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokendir.display()
-            ),
-        )
-        .unwrap();
+    /// Which PKCS#11 module.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        SoftHsm,
+        Kryoptic,
     }
 
-    /// Initialises a token labelled `label` in the first free slot of `conf`; returns its
-    /// random user PIN.
-    pub fn init_token(conf: &Path, label: &str) -> String {
-        let pin = random_hex(8);
-        let so_pin = random_hex(8);
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", conf)
-            .args(["--init-token", "--free", "--label", label])
-            .args(["--pin", &pin, "--so-pin", &so_pin])
-            .output()
-            .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token {label} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        pin
+    /// The token of this test run (`PROGRESSDB_TEST_TOKEN`); an unknown name fails the test.
+    pub fn kind() -> Kind {
+        match std::env::var("PROGRESSDB_TEST_TOKEN").as_deref() {
+            Err(_) | Ok("") | Ok("softhsm") => Kind::SoftHsm,
+            Ok("kryoptic") => Kind::Kryoptic,
+            Ok(other) => panic!("PROGRESSDB_TEST_TOKEN={other:?}: use softhsm or kryoptic"),
+        }
+    }
+
+    impl Kind {
+        pub fn name(self) -> &'static str {
+            match self {
+                Kind::SoftHsm => "softhsm",
+                Kind::Kryoptic => "kryoptic",
+            }
+        }
+
+        /// The module's path (`PROGRESSDB_TEST_PKCS11_MODULE` overrides it); a missing module
+        /// fails the test, saying how to get it.
+        pub fn module(self) -> PathBuf {
+            let path = std::env::var_os("PROGRESSDB_TEST_PKCS11_MODULE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| match self {
+                    Kind::SoftHsm => PathBuf::from(SOFTHSM_MODULE),
+                    Kind::Kryoptic => Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../../target/kryoptic/libkryoptic_pkcs11.so"),
+                });
+            assert!(
+                path.exists(),
+                "PKCS#11 module {} not found: {}",
+                path.display(),
+                match self {
+                    Kind::SoftHsm => "install softhsm2 (scripts/test.sh does)",
+                    Kind::Kryoptic => "run scripts/build-kryoptic.sh (scripts/test.sh does)",
+                }
+            );
+            path
+        }
+
+        /// The environment variable that points the module at its config file.
+        pub fn conf_var(self) -> &'static str {
+            match self {
+                Kind::SoftHsm => "SOFTHSM2_CONF",
+                Kind::Kryoptic => "KRYOPTIC_CONF",
+            }
+        }
+
+        /// Writes the module's config at `conf`, with its tokens in `tokendir`. For Kryoptic
+        /// (one slot per token, each its own SQLite file) the slots are those whose files are
+        /// in `tokendir`, so pointing a config at an empty directory removes every token, as
+        /// for SoftHSM.
+        pub fn write_conf(self, conf: &Path, tokendir: &Path) {
+            match self {
+                Kind::SoftHsm => fs::write(
+                    conf,
+                    format!(
+                        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                        tokendir.display()
+                    ),
+                )
+                .unwrap(),
+                Kind::Kryoptic => {
+                    let mut slots: Vec<u32> = fs::read_dir(tokendir)
+                        .map(|d| {
+                            d.flatten()
+                                .filter_map(|e| {
+                                    let name = e.file_name().into_string().ok()?;
+                                    name.strip_prefix("slot-")?.strip_suffix(".sql")?.parse().ok()
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    slots.sort_unstable();
+                    let mut text = format!("# tokendir = {}\n", tokendir.display());
+                    for n in slots {
+                        text.push_str(&format!(
+                            "\n[[slots]]\nslot = {n}\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+                            tokendir.join(format!("slot-{n}.sql")).display()
+                        ));
+                    }
+                    fs::write(conf, text).unwrap();
+                }
+            }
+        }
+
+        /// Initialises a token labelled `label` in a new slot of `conf`; returns its random
+        /// user PIN.
+        pub fn init_token(self, conf: &Path, label: &str) -> String {
+            let pin = random_hex(8);
+            let so_pin = random_hex(8);
+            match self {
+                Kind::SoftHsm => {
+                    let out = Command::new("softhsm2-util")
+                        .env("SOFTHSM2_CONF", conf)
+                        .args(["--init-token", "--free", "--label", label])
+                        .args(["--pin", &pin, "--so-pin", &so_pin])
+                        .output()
+                        .expect("softhsm2-util not found: install softhsm2 (scripts/test.sh does)");
+                    assert!(
+                        out.status.success(),
+                        "softhsm2-util --init-token {label} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                Kind::Kryoptic => {
+                    let text = fs::read_to_string(conf).unwrap();
+                    let tokendir = PathBuf::from(
+                        text.lines()
+                            .find_map(|l| l.strip_prefix("# tokendir = "))
+                            .expect("a Kryoptic config written by write_conf"),
+                    );
+                    let slot = (1..)
+                        .find(|n| !tokendir.join(format!("slot-{n}.sql")).exists())
+                        .unwrap();
+                    // The slot's file must exist for write_conf to list it.
+                    fs::write(tokendir.join(format!("slot-{slot}.sql")), b"").unwrap();
+                    self.write_conf(conf, &tokendir);
+                    let module = self.module();
+                    let tool = |args: &[&str]| {
+                        let out = Command::new("pkcs11-tool")
+                            .env("KRYOPTIC_CONF", conf)
+                            .arg("--module")
+                            .arg(&module)
+                            .args(["--slot", &slot.to_string()])
+                            .args(args)
+                            .output()
+                            .expect("pkcs11-tool not found: install opensc (scripts/test.sh does)");
+                        assert!(
+                            out.status.success(),
+                            "pkcs11-tool {args:?} for {label} failed: {}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    };
+                    tool(&["--init-token", "--label", label, "--so-pin", &so_pin]);
+                    tool(&[
+                        "--login",
+                        "--login-type",
+                        "so",
+                        "--so-pin",
+                        &so_pin,
+                        "--init-pin",
+                        "--pin",
+                        &pin,
+                    ]);
+                }
+            }
+            pin
+        }
     }
 
     /// One initialised token with its config and a 0600 user-PIN file.
     #[derive(Debug, Clone)]
     pub struct Token {
+        pub kind: Kind,
+        pub module: PathBuf,
+        /// The config file, named by [`Kind::conf_var`] in the environment of every process
+        /// that loads the module.
         pub conf: PathBuf,
+        pub conf_var: &'static str,
         pub label: String,
         pub pin: String,
         pub pin_file: PathBuf,
     }
 
     impl Token {
-        /// Creates `dir/softhsm2.conf`, `dir/tokens/`, a token labelled `label` and
-        /// `dir/user-pin`.
+        /// Creates a config in `dir`, a token directory `dir/tokens/`, a token labelled
+        /// `label` and `dir/user-pin`, on this run's [`kind`].
         pub fn create(dir: &Path, label: &str) -> Self {
-            assert!(
-                Path::new(SOFTHSM_MODULE).exists(),
-                "SoftHSM module {SOFTHSM_MODULE} not found: install softhsm2 (scripts/test.sh does)"
-            );
+            let kind = kind();
+            let module = kind.module();
             let tokens = dir.join("tokens");
             fs::create_dir_all(&tokens).unwrap();
-            let conf = dir.join("softhsm2.conf");
-            write_conf(&conf, &tokens);
-            let pin = init_token(&conf, label);
+            let conf = dir.join(match kind {
+                Kind::SoftHsm => "softhsm2.conf",
+                Kind::Kryoptic => "kryoptic.conf",
+            });
+            kind.write_conf(&conf, &tokens);
+            let pin = kind.init_token(&conf, label);
             let pin_file = dir.join("user-pin");
             write_secret(&pin_file, format!("{pin}\n").as_bytes());
             Self {
+                kind,
+                module,
                 conf,
+                conf_var: kind.conf_var(),
                 label: label.to_owned(),
                 pin,
                 pin_file,

@@ -132,7 +132,7 @@ fn run(args: Args) -> Result<bool> {
     // The raw loops' token, made before any thread exists: SoftHSM reads SOFTHSM2_CONF once
     // per process.
     let raw_token = prepare_kms(&bins, &root.join("raw"))?;
-    std::env::set_var("SOFTHSM2_CONF", &raw_token.hsm.conf);
+    std::env::set_var(raw_token.hsm.conf_var, &raw_token.hsm.conf);
     let raw = scenarios_raw(&raw_token)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -382,7 +382,7 @@ fn run(args: Args) -> Result<bool> {
 
 fn scenarios_raw(token: &procs::KmsPrepared) -> Result<hsm_raw::RawHsm> {
     let raw = hsm_raw::RawHsm::open(
-        progressdb_e2e::SOFTHSM_MODULE,
+        &token.hsm.module.display().to_string(),
         &token.hsm.token_label,
         &token.hsm.pin,
         &token.hsm.kek_label,

@@ -175,7 +175,7 @@ pub async fn spawn_kms(bins: &Path, p: KmsPrepared, env: &[(&str, &str)]) -> Res
         root,
     } = p;
     let mut cmd = Command::new(bins.join("progressdb-kms"));
-    cmd.env("SOFTHSM2_CONF", &hsm.conf)
+    cmd.env(hsm.conf_var, &hsm.conf)
         .env("RUST_LOG", child_log())
         .envs(env.iter().copied())
         .arg("serve")

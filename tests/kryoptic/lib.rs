@@ -1,0 +1,2 @@
+//! Empty: this package exists only to build the `kryoptic` dependency's PKCS#11 module
+//! (see Cargo.toml).
