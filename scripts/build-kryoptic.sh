@@ -49,7 +49,21 @@ if [ ! -f "$build/kryoptic-$version/.patched" ]; then
   touch "$build/kryoptic-$version/.patched"
 fi
 cargo build --release --locked --manifest-path "$build/Cargo.toml" --target-dir "$build/target"
-so=$(ls -t "$build"/target/release/deps/libkryoptic_pkcs11*.so | head -n 1)
+so=$(ls -t "$build"/target/release/deps/libkryoptic_pkcs11.so | head -n 1)
 cp "$so" "$out/libkryoptic_pkcs11.so.tmp"
 mv "$out/libkryoptic_pkcs11.so.tmp" "$out/libkryoptic_pkcs11.so"
 echo "==> Kryoptic module: $out/libkryoptic_pkcs11.so"
+
+# The release as published, without the fix: kms-hsm/tests/token_defects.rs proves the KMS
+# refuses a token that hands out sensitive values.
+unpatched="$build/unpatched"
+mkdir -p "$unpatched"
+sed -e '/^\[patch.crates-io\]/,/^kryoptic = /d' -e 's/^name = "kryoptic-build"/name = "kryoptic-build-unpatched"/' \
+  tests/kryoptic/Cargo.toml > "$unpatched/Cargo.toml"
+cp tests/kryoptic/lib.rs "$unpatched/"
+cp tests/kryoptic/Cargo.unpatched.lock "$unpatched/Cargo.lock"
+cargo build --release --locked --manifest-path "$unpatched/Cargo.toml" --target-dir "$build/target"
+so=$(ls -t "$build"/target/release/deps/libkryoptic_pkcs11-*.so | head -n 1)
+cp "$so" "$out/libkryoptic_pkcs11-unpatched.so.tmp"
+mv "$out/libkryoptic_pkcs11-unpatched.so.tmp" "$out/libkryoptic_pkcs11-unpatched.so"
+echo "==> Kryoptic module as released (for the defect test): $out/libkryoptic_pkcs11-unpatched.so"

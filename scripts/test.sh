@@ -37,6 +37,11 @@ cargo build --locked -p progressdb --bins --features dev-embedded
 cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb-dev"
 export E2E_BIN_DIR="$TARGET_DIR/e2e"
 
+# The second PKCS#11 implementation (and its release as published, which the token-defect
+# test needs in the default run below).
+log "building Kryoptic (the second PKCS#11 implementation)"
+bash scripts/build-kryoptic.sh
+
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 
@@ -45,9 +50,6 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
 
 log "cargo test -p progressdb --features dev-embedded"
 cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
-
-log "building Kryoptic (the second PKCS#11 implementation)"
-bash scripts/build-kryoptic.sh
 
 # The suites that exercise the token: the PKCS#11 backend, start-up, the key API over both
 # transports, and the end-to-end flows, lifecycle, CLI, secrets, tampering, DEK rotation and

@@ -137,6 +137,26 @@ fn print_status(s: &StatusResponse) {
         "HSM: {}, {} workers, {} sessions open; {} calls, {} errors, {} recoveries, {} resets, {} refused (queues full)",
         h.state, h.workers, h.sessions_open, h.calls, h.errors, h.recoveries, h.resets, h.overloaded
     );
+    if let Some(t) = &h.token {
+        println!(
+            "token: {} ({}); DEKs wrapped with {}; key wrap: {}; sessions: {}; sensitive values {}",
+            t.token,
+            t.library,
+            t.dek_wrap,
+            if t.key_wrap.is_empty() {
+                "none".to_owned()
+            } else {
+                t.key_wrap.join(", ")
+            },
+            t.max_sessions
+                .map_or_else(|| "no stated cap".to_owned(), |n| format!("at most {n}")),
+            if t.sensitive_values_enforced {
+                "stay in the token (probed)"
+            } else {
+                "NOT enforced"
+            }
+        );
+    }
     if s.jobs.is_empty() {
         println!("jobs: none");
     }

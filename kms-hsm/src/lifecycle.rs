@@ -1521,11 +1521,6 @@ mod tests {
         let ((ja, started_a), (jb, started_b)) = (ra.unwrap(), rb.unwrap());
         assert_eq!(ja.id, jb.id, "one rotation, seen by both");
         assert!(started_a ^ started_b, "exactly one started it");
-        assert_eq!(
-            f.backend.kek_versions().await.unwrap().len(),
-            2,
-            "one new KEK"
-        );
         let id = ja.id.clone();
         // Exactly one drives it (the other's driver found the lease taken and stopped).
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1549,6 +1544,11 @@ mod tests {
         let done = wait_final(&other, &id).await;
         watcher.abort();
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(
+            f.backend.kek_versions().await.unwrap().len(),
+            2,
+            "one new KEK"
+        );
         assert_eq!(versions_of(&f).await, BTreeMap::from([(2, 40)]));
         all_decrypt(&f, &keys).await;
         // A write fenced by the dead driver's lease is refused now.

@@ -58,9 +58,26 @@ pub struct HsmCounters {
 /// about keys.
 pub trait BackendStats {
     fn hsm_counters(&self) -> HsmCounters;
+
+    /// The token's capability profile (read once at open), for `status`.
+    fn token_capabilities(&self) -> Option<kms_api::admin::TokenCapabilities> {
+        None
+    }
 }
 
 impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
+    fn token_capabilities(&self) -> Option<kms_api::admin::TokenCapabilities> {
+        let p = self.profile();
+        Some(kms_api::admin::TokenCapabilities {
+            library: p.library.clone(),
+            token: p.token.clone(),
+            dek_wrap: p.dek_wrap.to_owned(),
+            key_wrap: p.key_wrap.iter().map(|m| (*m).to_owned()).collect(),
+            max_sessions: p.max_sessions,
+            sensitive_values_enforced: p.sensitive_values_enforced,
+        })
+    }
+
     fn hsm_counters(&self) -> HsmCounters {
         let s = self.stats();
         HsmCounters {
@@ -107,6 +124,7 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     pub store: StoreMetrics,
     hsm: HsmView,
+    token: Option<kms_api::admin::TokenCapabilities>,
 }
 
 /// Reads the backend's HSM counters and state (for `status`), whatever the backend type.
@@ -242,6 +260,7 @@ impl Metrics {
             "Key-store write operations per commit",
             store.batch_size.clone(),
         );
+        let token = backend.token_capabilities();
         let view = backend.clone();
         let hsm = HsmView(Box::new(move || (view.hsm_counters(), view.state())));
         registry.register_collector(Box::new(HsmCollector { backend }));
@@ -252,7 +271,13 @@ impl Metrics {
             cache,
             store,
             hsm,
+            token,
         }
+    }
+
+    /// The token's capability profile, when the backend is a PKCS#11 token.
+    pub fn token_capabilities(&self) -> Option<&kms_api::admin::TokenCapabilities> {
+        self.token.as_ref()
     }
 
     /// The backend's HSM counters and state now.

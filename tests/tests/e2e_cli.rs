@@ -438,6 +438,28 @@ fn kms_status_text_and_json() {
     assert_eq!(j["hsm"]["workers"], 4, "{j}");
     assert!(j["hsm"]["sessions_open"].as_u64().unwrap() >= 1, "{j}");
     assert!(j["hsm"]["calls"].as_u64().unwrap() >= 3, "{j}");
+    // The token's capability profile, read and probed at start.
+    let t = &j["hsm"]["token"];
+    assert_eq!(t["sensitive_values_enforced"], true, "{j}");
+    assert!(
+        t["dek_wrap"].as_str().unwrap().starts_with("CKM_AES_GCM"),
+        "{j}"
+    );
+    let wraps: Vec<&str> = t["key_wrap"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    let expected_library = match testkit::token::kind() {
+        testkit::token::Kind::SoftHsm => "SoftHSM",
+        testkit::token::Kind::Kryoptic => "Kryoptic",
+    };
+    assert!(
+        t["library"].as_str().unwrap().contains(expected_library),
+        "{j}"
+    );
+    assert!(wraps.contains(&"CKM_AES_KEY_WRAP"), "{j}");
     // The DEK cache (1000) plus headroom, locked; the cached DEK holds a slot.
     assert_eq!(j["key_memory"]["locked"], true, "{j}");
     assert_eq!(j["key_memory"]["slots"], 1000 + 8192, "{j}");
@@ -463,6 +485,10 @@ fn kms_status_text_and_json() {
         "{t}"
     );
     assert!(t.contains("HSM: ready, 4 workers"), "{t}");
+    assert!(
+        t.contains("sensitive values stay in the token (probed)"),
+        "{t}"
+    );
 
     // No KMS: exit 3 with one line.
     drop(kms);

@@ -250,6 +250,28 @@ pub struct HsmStatus {
     pub resets: u64,
     /// Jobs refused because every worker queue was full.
     pub overloaded: u64,
+    /// What the token offers, as read and probed at start (absent for a backend that is
+    /// not a PKCS#11 token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenCapabilities>,
+}
+
+/// The token's capability profile (`progressdb-kms status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCapabilities {
+    /// The PKCS#11 library: manufacturer, description, version.
+    pub library: String,
+    /// The token: manufacturer and model.
+    pub token: String,
+    /// How DEKs are wrapped under the KEK.
+    pub dek_wrap: String,
+    /// Key-wrap mechanisms the token has, most preferred first.
+    pub key_wrap: Vec<String>,
+    /// The token's cap on sessions, when it states one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<u64>,
+    /// A sensitive key's value stays in the token (probed at start).
+    pub sensitive_values_enforced: bool,
 }
 
 /// `POST /admin/kek/destroy`.

@@ -161,6 +161,7 @@ async fn status<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Res
         recoveries: c.recoveries,
         resets: c.resets,
         overloaded: c.overloaded,
+        token: api.metrics().token_capabilities().cloned(),
     };
     reply(
         "/admin/status",

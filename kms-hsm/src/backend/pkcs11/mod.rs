@@ -65,6 +65,7 @@ use crate::backend::{
 };
 
 mod context;
+pub mod profile;
 mod token;
 mod worker;
 
@@ -146,6 +147,8 @@ pub struct Pkcs11Backend {
     next: AtomicUsize,
     job_timeout: std::time::Duration,
     overloaded: AtomicU64,
+    /// What the token offers, read and probed at open.
+    profile: profile::TokenProfile,
 }
 
 impl fmt::Debug for Pkcs11Backend {
@@ -193,7 +196,7 @@ impl Pkcs11Backend {
 
         // Log in once and find the current KEK; the bootstrap session holds the login until
         // the workers have opened theirs.
-        let (bootstrap, current) = {
+        let (bootstrap, current, profile) = {
             let _g = ctx.read_gate();
             let slot = token::find_slot(&ctx.pkcs11, &settings.token_label)?;
             let session = ctx
@@ -206,7 +209,23 @@ impl Pkcs11Backend {
                 .map_err(|e| token::op_to_setup_error("finding the KEK", e))?;
             token::find_audit_key(&session, &settings.audit_key_label)
                 .map_err(|e| token::op_to_setup_error("finding the audit key", e))?;
-            (session, current)
+            let profile = profile::read(&ctx.pkcs11, slot, &session)?;
+            if let Some(max) = profile.max_sessions {
+                if settings.sessions as u64 > max {
+                    return Err(BackendError::Config(format!(
+                        "hsm.sessions is {} but the token allows {max} sessions",
+                        settings.sessions
+                    )));
+                }
+            }
+            tracing::info!(
+                library = %profile.library,
+                token = %profile.token,
+                key_wrap = ?profile.key_wrap,
+                max_sessions = ?profile.max_sessions,
+                "token capabilities read; sensitive values stay in the token"
+            );
+            (session, current, profile)
         };
 
         let pool = Arc::new(WorkerPool {
@@ -305,7 +324,13 @@ impl Pkcs11Backend {
             threads,
             next: AtomicUsize::new(0),
             overloaded: AtomicU64::new(0),
+            profile,
         })
+    }
+
+    /// The token's capability profile, read at open ([`profile`]).
+    pub fn profile(&self) -> &profile::TokenProfile {
+        &self.profile
     }
 
     /// Snapshot of the counters.
