@@ -815,3 +815,41 @@ async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
         .unwrap_err(),
     );
 }
+
+/// A replica whose request goes away while it waits for its audit turn must not keep the
+/// turn: the wait is abandoned, the turn comes free for everyone else once its holder ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_wait_for_the_audit_turn_never_keeps_it() {
+    let url = PgCluster::shared().new_database();
+    let (a, b, c) = (
+        pg_store_at(&url).await,
+        Arc::new(pg_store_at(&url).await),
+        pg_store_at(&url).await,
+    );
+    let held = a.lock_audit().await.unwrap();
+    assert!(held.is_shared());
+    // b waits for the turn, and its caller goes away (a dropped request).
+    let waiting = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move { b.lock_audit().await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    waiting.abort();
+    let _ = waiting.await;
+    held.release().await;
+    // The turn is free: c gets it at once, and b too after it.
+    let t = std::time::Instant::now();
+    let turn = tokio::time::timeout(Duration::from_secs(3), c.lock_audit())
+        .await
+        .expect("the audit turn was kept by an abandoned wait")
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    turn.release().await;
+    let turn = tokio::time::timeout(Duration::from_secs(3), b.lock_audit())
+        .await
+        .unwrap()
+        .unwrap();
+    turn.release().await;
+    // b's pool is sound: it appends.
+    append(&b, None, 1, vec![], vec![]).await.unwrap();
+}

@@ -108,8 +108,18 @@ fn the_database_restarted_under_load_gives_503_then_recovers_and_loses_nothing()
         std::thread::sleep(Duration::from_millis(20));
     }
     let during = refused.load(Ordering::Relaxed) - refused_before;
+    let at_restart = acked.lock().unwrap().len();
     pg.start_server();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The writers go on until a thread is created again (at most 15 s), then 0.5 s more.
+    let back = Instant::now();
+    while acked.lock().unwrap().len() == at_restart && back.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "a thread was created again {:?} after the database restarted",
+        back.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().unwrap();

@@ -52,15 +52,20 @@ impl std::fmt::Debug for AuditLock {
 }
 
 impl AuditLock {
-    /// Ends the turn. A connection that cannot unlock is closed (which unlocks).
+    /// Ends the turn. A connection that cannot unlock is closed (which unlocks). The unlock
+    /// runs on a task of its own: a caller that goes away mid-way cannot return the
+    /// connection to the pool still holding the lock.
     pub async fn release(mut self) {
         if let Some(c) = self.0.take() {
-            if c.execute("SELECT pg_advisory_unlock($1)", &[&AUDIT_LOCK])
-                .await
-                .is_err()
-            {
-                drop(deadpool_postgres::Object::take(c));
-            }
+            let _ = tokio::spawn(async move {
+                if c.execute("SELECT pg_advisory_unlock($1)", &[&AUDIT_LOCK])
+                    .await
+                    .is_err()
+                {
+                    drop(deadpool_postgres::Object::take(c));
+                }
+            })
+            .await;
         }
     }
 }
@@ -881,12 +886,21 @@ impl KeyStore for PostgresStore {
     }
 
     async fn lock_audit(&self) -> Result<super::AuditLock, StoreError> {
-        let c = self.client().await?;
-        // Waits for another replica's turn to end (bounded by `statement_timeout`).
-        c.execute("SELECT pg_advisory_lock($1)", &[&AUDIT_LOCK])
-            .await
-            .map_err(|e| db_err(&e))?;
-        Ok(super::AuditLock::Postgres(Box::new(AuditLock(Some(c)))))
+        let pool = self.pool.clone();
+        // On a task of its own: when the caller goes away while the lock is being granted,
+        // the task still ends with an `AuditLock`, whose drop closes the connection (and so
+        // unlocks) instead of returning it to the pool locked.
+        let taken = tokio::spawn(async move {
+            let c = pool.get().await.map_err(|e| pool_err(&e))?;
+            // Waits for another replica's turn to end (bounded by `statement_timeout`).
+            c.execute("SELECT pg_advisory_lock($1)", &[&AUDIT_LOCK])
+                .await
+                .map_err(|e| db_err(&e))?;
+            Ok::<_, StoreError>(AuditLock(Some(c)))
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("audit lock task: {e}")))??;
+        Ok(super::AuditLock::Postgres(Box::new(taken)))
     }
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
