@@ -374,10 +374,15 @@ impl Kms {
         loop {
             self.proc.assert_running();
             let up = match self.listen {
-                KmsListen::Unix => std::os::unix::net::UnixStream::connect(
-                    self.endpoint.trim_start_matches("unix://"),
-                )
-                .is_ok(),
+                // Both sockets: the admin one is bound just after the client one, and a
+                // killed KMS leaves both files behind (connecting to them is refused).
+                KmsListen::Unix => {
+                    let client = PathBuf::from(self.endpoint.trim_start_matches("unix://"));
+                    let stem = client.file_stem().unwrap_or_default().to_string_lossy();
+                    let admin = client.with_file_name(format!("{stem}.admin.sock"));
+                    std::os::unix::net::UnixStream::connect(&client).is_ok()
+                        && std::os::unix::net::UnixStream::connect(&admin).is_ok()
+                }
                 KmsListen::Mtls => {
                     let port = self.endpoint.rsplit(':').next().unwrap();
                     std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
