@@ -333,8 +333,15 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             let holder = renewing;
             loop {
                 tokio::time::sleep(ttl / 3).await;
-                if let Err(e) = svc.store().acquire_lease(ADMIN_LEASE, &holder, ttl).await {
-                    tracing::warn!(error = %e, "cannot renew the admin lease");
+                match svc.store().acquire_lease(ADMIN_LEASE, &holder, ttl).await {
+                    Ok(LeaseOutcome::Renewed | LeaseOutcome::Acquired) => {}
+                    // This process stalled past the lease and another replica took the
+                    // role: what it does under it is fenced by compare-and-swap and the
+                    // job leases, but say so.
+                    Ok(LeaseOutcome::HeldBy(other)) => {
+                        tracing::error!(holder = %other, "the admin lease was taken over by another replica while held here");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the admin lease"),
                 }
             }
         });
@@ -423,7 +430,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         )
         .await?;
         let job = self
-            .new_job(JobKind::RotateKek { target }, JobState::CreatingKek)
+            .new_job(JobKind::RotateKek { target }, JobState::CreatingKek, 0)
             .await?;
         tracing::info!(job = %job.id, from = %current, target = %target, "KEK rotation started");
         self.spawn(job.clone());
@@ -441,9 +448,10 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             return Ok((job, false));
         }
         self.audit(AuditEvent::new("verify.start")).await?;
-        let mut job = self.new_job(JobKind::Verify, JobState::Verifying).await?;
-        job.progress.total = self.svc.store().key_count().await?;
-        self.svc.store().put_job(job.clone()).await?;
+        let total = self.svc.store().key_count().await?;
+        let job = self
+            .new_job(JobKind::Verify, JobState::Verifying, total)
+            .await?;
         self.spawn(job.clone());
         Ok((job, true))
     }
@@ -686,7 +694,14 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             .find(|j| !j.state.is_final() && kind(&j.kind)))
     }
 
-    async fn new_job(&self, kind: JobKind, state: JobState) -> Result<Job, LifecycleError> {
+    /// Records a new job, whole in one write: once it is in the store another replica may
+    /// take it over, so nothing is written to it afterwards outside its lease.
+    async fn new_job(
+        &self,
+        kind: JobKind,
+        state: JobState,
+        total: u64,
+    ) -> Result<Job, LifecycleError> {
         let now = now_secs();
         let job = Job {
             id: JobId::from_random(rand::random()),
@@ -695,6 +710,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             cursor: None,
             progress: JobProgress {
                 passes: u32::from(state == JobState::Verifying),
+                total,
                 ..JobProgress::default()
             },
             created_at: now,
@@ -721,8 +737,9 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         }
     }
 
-    /// Takes or renews the lease of job `id`: `true` when this process may go on driving it
-    /// (a lease that lapsed in between is not continuity: the caller must re-read the job).
+    /// Takes or renews the lease of job `id`. `Renewed` means this process may go on
+    /// driving it; `Acquired` after a lapse is not continuity (the caller must re-read the
+    /// job); `HeldBy` means another replica drives it.
     async fn hold_job(&self, id: &JobId) -> Result<LeaseOutcome, StoreError> {
         self.svc
             .store()
@@ -1200,14 +1217,14 @@ async fn drive_leased<B: KeyBackend, S: KeyStore>(
                 return Err(Lost::Lease);
             }
         }
-        let found = match me.svc.store().jobs().await {
-            Ok(jobs) => jobs.into_iter().find(|j| j.id == id),
+        let job = match me.job(&id).await {
+            Ok(job) => job,
+            Err(LifecycleError::UnknownJob(_)) => return Ok(()),
             Err(e) => {
                 tracing::warn!(job = %id, error = %e, "cannot read the job; will try again");
                 return Err(Lost::Lease);
             }
         };
-        let Some(job) = found else { return Ok(()) };
         if !job.state.is_final() {
             tracing::info!(job = %id, kind = job.kind.label(), state = ?job.state, holder = %me.holder, "driving lifecycle job");
         }

@@ -945,6 +945,35 @@ impl Kms {
         uds_request(&self.socket(), method, path, body.as_ref()).unwrap()
     }
 
+    /// `progressdb-kms ARGS --config <this KMS's config>`, with the token's environment.
+    pub fn cli(&self, hsm: &SoftHsm, args: &[&str]) -> std::process::Output {
+        Command::new(bin("progressdb-kms"))
+            .env(hsm.conf_var, &hsm.conf)
+            .env("RUST_LOG", "warn")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// [`Kms::cli`] that must succeed and print JSON.
+    pub fn cli_json(&self, hsm: &SoftHsm, args: &[&str]) -> Value {
+        let out = self.cli(hsm, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
     /// The KMS's `/metrics` text.
     pub fn metrics(&self) -> String {
         uds_raw(&self.socket(), "GET", "/metrics", None).unwrap().1

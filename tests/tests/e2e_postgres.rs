@@ -17,13 +17,7 @@ use serde_json::json;
 use testkit::pg::PgCluster;
 
 fn admin_cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> String {
-    let out = Command::new(bin("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .args(args)
-        .arg("--config")
-        .arg(&kms.config)
-        .output()
-        .unwrap();
+    let out = kms.cli(hsm, args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

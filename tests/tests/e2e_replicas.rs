@@ -96,18 +96,82 @@ fn readers(
     (stop, handles)
 }
 
+/// Writers and readers through the server, counting what failed.
+struct MixedLoad {
+    api: progressdb_e2e::Api,
+    admin: progressdb_e2e::Api,
+    acked: Acked,
+    refused: Arc<AtomicU64>,
+    failed_reads: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
+    stops: Vec<Arc<AtomicBool>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl MixedLoad {
+    /// `writers` writers, then (after 0.3 s, so there is something to read) 2 readers.
+    fn start(server: &Server, writers_n: usize) -> Self {
+        let api = server.as_role(Role::Backend, "alice");
+        let admin = server.as_role(Role::Admin, "ops");
+        let acked: Acked = Arc::default();
+        let refused = Arc::new(AtomicU64::new(0));
+        let failed_reads = Arc::new(AtomicU64::new(0));
+        let reads = Arc::new(AtomicU64::new(0));
+        let (stop_w, mut handles) = writers(&api, writers_n, &acked, &refused);
+        std::thread::sleep(Duration::from_millis(300));
+        let (stop_r, r) = readers(&api, &acked, &failed_reads, &reads);
+        handles.extend(r);
+        Self {
+            api,
+            admin,
+            acked,
+            refused,
+            failed_reads,
+            reads,
+            stops: vec![stop_w, stop_r],
+            handles,
+        }
+    }
+
+    /// Stops and joins every worker and prints what ran (`what`: the scenario); then no
+    /// write or read may have failed, and everything acknowledged must be there.
+    fn stop_and_check(&mut self, what: &str) {
+        for s in &self.stops {
+            s.store(true, Ordering::Relaxed);
+        }
+        for h in self.handles.drain(..) {
+            h.join().unwrap();
+        }
+        eprintln!(
+            "{what}: {} threads, {} messages, {} reads; {} writes and {} reads failed",
+            self.threads(),
+            self.messages(),
+            self.reads.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+            self.failed_reads.load(Ordering::Relaxed)
+        );
+        assert_eq!(self.refused.load(Ordering::Relaxed), 0, "a write failed");
+        assert_eq!(
+            self.failed_reads.load(Ordering::Relaxed),
+            0,
+            "a read failed"
+        );
+        check(&self.api, &self.admin, &self.acked, 0);
+    }
+
+    fn threads(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn messages(&self) -> usize {
+        self.acked.lock().unwrap().values().map(|m| m.len()).sum()
+    }
+}
+
 #[test]
 fn killing_one_replica_under_mixed_load_fails_no_request() {
     let mut sys = replicated(2);
-    let api = sys.server.as_role(Role::Backend, "alice");
-    let admin = sys.server.as_role(Role::Admin, "ops");
-    let acked: Acked = Arc::default();
-    let refused = Arc::new(AtomicU64::new(0));
-    let failed_reads = Arc::new(AtomicU64::new(0));
-    let reads = Arc::new(AtomicU64::new(0));
-    let (stop_w, writers) = writers(&api, 4, &acked, &refused);
-    std::thread::sleep(Duration::from_millis(300));
-    let (stop_r, readers) = readers(&api, &acked, &failed_reads, &reads);
+    let mut load = MixedLoad::start(&sys.server, 4);
     // Kill each replica in turn, bringing the other back first.
     for victim in [0usize, 1] {
         std::thread::sleep(Duration::from_millis(800));
@@ -117,29 +181,14 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         sys.kms[victim].restart(hsm);
     }
     std::thread::sleep(Duration::from_millis(800));
-    stop_w.store(true, Ordering::Relaxed);
-    stop_r.store(true, Ordering::Relaxed);
-    for h in writers.into_iter().chain(readers) {
-        h.join().unwrap();
-    }
-    let threads = acked.lock().unwrap().len();
-    let messages: usize = acked.lock().unwrap().values().map(|m| m.len()).sum();
-    eprintln!(
-        "2 replicas, each killed once: {threads} threads, {messages} messages, {} reads; {} writes and {} reads failed",
-        reads.load(Ordering::Relaxed),
-        refused.load(Ordering::Relaxed),
-        failed_reads.load(Ordering::Relaxed)
-    );
-    assert_eq!(refused.load(Ordering::Relaxed), 0, "a write failed");
-    assert_eq!(failed_reads.load(Ordering::Relaxed), 0, "a read failed");
-    assert!(threads > 10 && messages > 50, "the load ran");
-    assert!(reads.load(Ordering::Relaxed) > 20, "the reads ran");
-    check(&api, &admin, &acked, 0);
+    load.stop_and_check("2 replicas, each killed once");
+    assert!(load.threads() > 10 && load.messages() > 50, "the load ran");
+    assert!(load.reads.load(Ordering::Relaxed) > 20, "the reads ran");
     // Every key is served by each replica alone.
     for victim in [0usize, 1] {
         sys.kms[victim].proc.sigkill();
-        for tid in acked.lock().unwrap().keys().take(20) {
-            api.post_message(tid, json!("one replica"));
+        for tid in load.acked.lock().unwrap().keys().take(20) {
+            load.api.post_message(tid, json!("one replica"));
         }
         let hsm = &sys.hsm;
         sys.kms[victim].restart(hsm);
@@ -193,28 +242,6 @@ fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
     eprintln!("destroyed on a, refused by b after {:?}", t0.elapsed());
 }
 
-fn cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
-    Command::new(bin("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .arg("--config")
-        .arg(&kms.config)
-        .output()
-        .unwrap()
-}
-
-fn cli_json(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> serde_json::Value {
-    let out = cli(hsm, kms, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// A rotation is started on both replicas at once (one job), the replica driving it is
 /// SIGKILLed mid-rewrap under a mixed load, and the other takes the job over once its
 /// lease lapses and finishes it: every DEK under the new version, the old one retired, no
@@ -251,38 +278,18 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
     for h in seeders {
         h.join().unwrap();
     }
-    let api = sys.server.as_role(Role::Backend, "alice");
-    let admin = sys.server.as_role(Role::Admin, "ops");
-    let acked: Acked = Arc::default();
-    let refused = Arc::new(AtomicU64::new(0));
-    let failed_reads = Arc::new(AtomicU64::new(0));
-    let reads = Arc::new(AtomicU64::new(0));
-    let (stop_w, writers) = writers(&api, 2, &acked, &refused);
-    std::thread::sleep(Duration::from_millis(300));
-    let (stop_r, readers) = readers(&api, &acked, &failed_reads, &reads);
+    let mut load = MixedLoad::start(&sys.server, 2);
 
     // Both replicas are asked at the same moment: one rotation.
     let (ja, jb) = std::thread::scope(|s| {
-        let a = s.spawn(|| {
-            cli_json(
-                &sys.hsm,
-                &sys.kms[0],
-                &["rotate-kek", "--no-wait", "--json"],
-            )
-        });
-        let b = s.spawn(|| {
-            cli_json(
-                &sys.hsm,
-                &sys.kms[1],
-                &["rotate-kek", "--no-wait", "--json"],
-            )
-        });
+        let a = s.spawn(|| sys.kms[0].cli_json(&sys.hsm, &["rotate-kek", "--no-wait", "--json"]));
+        let b = s.spawn(|| sys.kms[1].cli_json(&sys.hsm, &["rotate-kek", "--no-wait", "--json"]));
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_eq!(ja["id"], jb["id"], "two rotations: {ja} {jb}");
     let id = ja["id"].as_str().unwrap().to_owned();
     let job = |sys: &Replicated, k: usize| {
-        cli_json(&sys.hsm, &sys.kms[k], &["jobs", "--id", &id, "--json"])
+        sys.kms[k].cli_json(&sys.hsm, &["jobs", "--id", &id, "--json"])
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let driver = loop {
@@ -342,17 +349,10 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
     let hsm = &sys.hsm;
     sys.kms[driver].restart(hsm);
     std::thread::sleep(Duration::from_millis(500));
-    stop_w.store(true, Ordering::Relaxed);
-    stop_r.store(true, Ordering::Relaxed);
-    for h in writers.into_iter().chain(readers) {
-        h.join().unwrap();
-    }
-    assert_eq!(refused.load(Ordering::Relaxed), 0, "a write failed");
-    assert_eq!(failed_reads.load(Ordering::Relaxed), 0, "a read failed");
-    check(&api, &admin, &acked, 0);
+    load.stop_and_check("a rotation's replica killed");
     // Every active DEK is under version 2 and version 1 is retired, seen from both replicas.
     for k in 0..2 {
-        let st = cli_json(&sys.hsm, &sys.kms[k], &["status", "--json"]);
+        let st = sys.kms[k].cli_json(&sys.hsm, &["status", "--json"]);
         assert_eq!(st["current_version"], 2, "{st}");
         let versions = st["versions"].as_array().unwrap();
         let v1 = versions.iter().find(|v| v["version"] == 1).unwrap();
@@ -421,7 +421,7 @@ fn init_kek_started_twice_at_once_makes_one_kek() {
     );
     let (root, config, endpoint) = configs.into_iter().next().unwrap();
     let kms = Kms::launch(&root, &hsm, KmsListen::Unix, config, endpoint, "");
-    let st = cli_json(&hsm, &kms, &["status", "--json"]);
+    let st = kms.cli_json(&hsm, &["status", "--json"]);
     assert_eq!(st["current_version"], 1, "{st}");
     assert_eq!(st["versions"].as_array().unwrap().len(), 1, "{st}");
 }

@@ -255,6 +255,19 @@ fn corrupt(key: impl Into<String>, what: &str) -> StoreError {
     }
 }
 
+/// A lease's length in milliseconds, for the database's interval arithmetic.
+fn lease_ms(ttl: std::time::Duration) -> Result<i64, StoreError> {
+    to_i64(
+        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        "lease ttl",
+    )
+}
+
+/// The stored JSON of a job record.
+fn encode_job(job: &JobRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(job).map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))
+}
+
 fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(n)
         .map_err(|_| StoreError::Io(format!("{what} {n} is beyond PostgreSQL's bigint")))
@@ -763,8 +776,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn put_job(&self, job: JobRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(&job)
-            .map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))?;
+        let value = encode_job(&job)?;
         self.upsert(
             "INSERT INTO kms_jobs (id, record) VALUES ($1, $2) \
              ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
@@ -780,7 +792,7 @@ impl KeyStore for PostgresStore {
         holder: &str,
         ttl: std::time::Duration,
     ) -> Result<LeaseOutcome, StoreError> {
-        let ttl_ms = to_i64(ttl.as_millis().try_into().unwrap_or(u64::MAX), "lease ttl")?;
+        let ttl_ms = lease_ms(ttl)?;
         let mut c = self.client().await?;
         // One transaction; the lease row is locked while the outcome is decided. The
         // database's clock decides expiry, so replicas' clocks need not agree.
@@ -852,9 +864,8 @@ impl KeyStore for PostgresStore {
         holder: &str,
         ttl: std::time::Duration,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(&job)
-            .map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))?;
-        let ttl_ms = to_i64(ttl.as_millis().try_into().unwrap_or(u64::MAX), "lease ttl")?;
+        let value = encode_job(&job)?;
+        let ttl_ms = lease_ms(ttl)?;
         let c = self.client().await?;
         // One statement: the lease row is locked by the UPDATE, so a takeover waits for it
         // and then sees the extended lease, or this write sees the takeover and does nothing.
