@@ -23,13 +23,23 @@ use kms_api::{KekVersion, KeyId};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::backend::Dek;
+use crate::backend::{Dek, ResidentKey};
 
 /// A cached DEK and the KEK version it is wrapped under.
 #[derive(Debug)]
 pub struct CachedDek {
-    pub dek: Dek,
+    pub material: DekMaterial,
     pub kek_version: KekVersion,
+}
+
+/// What the cache holds of a DEK, by residency ([`crate::backend::DekResidency`]).
+#[derive(Debug)]
+pub enum DekMaterial {
+    /// `memory`: the unwrapped DEK.
+    Memory(Dek),
+    /// `hsm`: no DEK bytes, only what the HSM needs to find (or re-create) its session
+    /// object; the entry means "this key's record was read and is active".
+    Resident(ResidentKey),
 }
 
 /// Counters exported by `/metrics`.
@@ -267,7 +277,7 @@ mod tests {
 
     fn val(n: u8) -> Arc<CachedDek> {
         Arc::new(CachedDek {
-            dek: Dek::from_bytes(Zeroizing::new([n; 32])),
+            material: DekMaterial::Memory(Dek::from_bytes(Zeroizing::new([n; 32]))),
             kek_version: KekVersion::FIRST,
         })
     }
@@ -279,7 +289,11 @@ mod tests {
         assert!(c.get(&kid(1)).is_none());
         c.insert(c.epoch(), kid(1), val(1));
         c.insert(c.epoch(), kid(2), val(2));
-        assert_eq!(c.get(&kid(1)).unwrap().dek.expose()[0], 1);
+        let hit = c.get(&kid(1)).unwrap();
+        let DekMaterial::Memory(dek) = &hit.material else {
+            panic!("a memory entry");
+        };
+        assert_eq!(dek.expose()[0], 1);
         c.insert(c.epoch(), kid(3), val(3));
         assert_eq!(c.len(), 2);
         assert!(c.get(&kid(1)).is_none(), "oldest evicted");

@@ -139,9 +139,14 @@ fn print_status(s: &StatusResponse) {
     );
     if let Some(t) = &h.token {
         println!(
-            "token: {} ({}); DEKs wrapped with {}; key wrap: {}; sessions: {}; sensitive values {}",
+            "token: {} ({}); DEKs in {}; DEKs wrapped with {}; key wrap: {}; sessions: {}; sensitive values {}",
             t.token,
             t.library,
+            if t.dek_residency == "hsm" {
+                "the HSM (session objects)"
+            } else {
+                "memory (the KMS's cache)"
+            },
             t.dek_wrap,
             if t.key_wrap.is_empty() {
                 "none".to_owned()

@@ -172,6 +172,8 @@ pub struct RawHsm {
     pub sessions: Option<u32>,
     pub queue_depth: Option<u32>,
     pub job_timeout_ms: Option<u64>,
+    pub dek_residency: Option<String>,
+    pub resident_keys_per_session: Option<u32>,
 }
 
 /// `[store]`
@@ -283,6 +285,10 @@ pub struct HsmConfig {
     pub audit_key_label: String,
     pub sessions: usize,
     pub limits: HsmLimits,
+    /// `hsm.dek_residency`: where unwrapped DEKs live.
+    pub residency: crate::backend::DekResidency,
+    /// `hsm.resident_keys_per_session`: DEK session objects kept per worker session.
+    pub resident_keys_per_session: usize,
 }
 
 /// `[store]`
@@ -510,6 +516,9 @@ pub use service_kit::telemetry::{LogConfig, LogFormat};
 /// Defaults of optional keys (documented in the example file).
 pub mod defaults {
     pub const HSM_SESSIONS: u32 = 4;
+    /// DEK session objects per worker session in `hsm` residency (SoftHSM keeps each in a
+    /// few hundred bytes; a real HSM's object memory may call for less).
+    pub const HSM_RESIDENT_KEYS_PER_SESSION: u32 = 4096;
     pub const HSM_QUEUE_DEPTH: u32 = 64;
     pub const HSM_JOB_TIMEOUT_MS: u64 = 5000;
     pub const MAP_SIZE_MB: u64 = 1024;
@@ -583,6 +592,8 @@ impl Config {
             kek_label: self.hsm.kek_label.clone(),
             audit_key_label: self.hsm.audit_key_label.clone(),
             sessions: self.hsm.sessions,
+            residency: self.hsm.residency,
+            resident_keys_per_session: self.hsm.resident_keys_per_session,
             limits: self.hsm.limits,
         })
     }
@@ -778,7 +789,29 @@ impl RawConfig {
                 "must be between 10 and 600000",
             ));
         }
+        let residency = match self.hsm.dek_residency.as_deref().unwrap_or("memory") {
+            "memory" => crate::backend::DekResidency::Memory,
+            "hsm" => crate::backend::DekResidency::Hsm,
+            _ => {
+                return Err(invalid(
+                    "hsm.dek_residency",
+                    "must be \"memory\" or \"hsm\"",
+                ))
+            }
+        };
+        let resident_keys_per_session = self
+            .hsm
+            .resident_keys_per_session
+            .unwrap_or(defaults::HSM_RESIDENT_KEYS_PER_SESSION);
+        if !(1..=1_000_000).contains(&resident_keys_per_session) {
+            return Err(invalid(
+                "hsm.resident_keys_per_session",
+                "must be between 1 and 1000000",
+            ));
+        }
         let hsm = HsmConfig {
+            residency,
+            resident_keys_per_session: resident_keys_per_session as usize,
             module,
             token_label,
             pin_file: self.hsm.pin_file.map(abs),

@@ -13,6 +13,8 @@
 //! | `progressdb_kms_hsm_pin_rejected` (1: the KMS will not log in again until restarted) | gauge | |
 //! | `progressdb_kms_hsm_sessions` (sessions open now) | gauge | |
 //! | `progressdb_kms_hsm_overloaded_total` (jobs refused: every HSM queue full) | counter | |
+//! | `progressdb_kms_hsm_resident_loads_total` (DEK session objects made in the HSM) | counter | |
+//! | `progressdb_kms_hsm_dek_imports_total` (`AesGcmV1` DEKs imported into the HSM) | counter | |
 //! | `progressdb_kms_connections_open` | gauge | |
 //! | `progressdb_kms_connections_refused_total` (answered 503 overloaded) | counter | `reason` (`global`, `peer`) |
 //! | `progressdb_kms_cache_hits_total`, `_misses_total` | counter | |
@@ -52,6 +54,8 @@ pub struct HsmCounters {
     pub sessions_open: i64,
     pub overloaded: u64,
     pub workers: usize,
+    pub resident_loads: u64,
+    pub imports: u64,
 }
 
 /// A backend that counts its HSM calls. Kept apart from [`KeyBackend`] so that trait stays
@@ -75,6 +79,9 @@ impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
             key_wrap: p.key_wrap.iter().map(|m| (*m).to_owned()).collect(),
             max_sessions: p.max_sessions,
             sensitive_values_enforced: p.sensitive_values_enforced,
+            dek_residency: crate::backend::KeyBackend::residency(self)
+                .as_str()
+                .to_owned(),
         })
     }
 
@@ -90,6 +97,8 @@ impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
             sessions_open: s.sessions_open,
             overloaded: s.overloaded,
             workers: s.workers,
+            resident_loads: s.resident_loads,
+            imports: s.imports,
         }
     }
 }
@@ -172,6 +181,16 @@ impl<B: KeyBackend + BackendStats> Collector for HsmCollector<B> {
                 "hsm_overloaded",
                 "HSM jobs refused because every worker queue was full",
                 c.overloaded,
+            ),
+            (
+                "hsm_resident_loads",
+                "DEK session objects made inside the HSM (hsm.dek_residency = hsm)",
+                c.resident_loads,
+            ),
+            (
+                "hsm_dek_imports",
+                "DEKs of AesGcmV1 blobs that passed through the KMS to become HSM session objects",
+                c.imports,
             ),
             (
                 "key_memory_unlocked_keys",

@@ -16,8 +16,10 @@ use kms_api::wire::SecretBytes;
 use kms_api::{ErrorCode, IdempotencyKey, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::backend::{BackendError, BackendState, KekRef, KeyBackend};
-use crate::cache::{CachedDek, DekCache};
+use crate::backend::{
+    BackendError, BackendState, DekResidency, KekRef, KeyBackend, ResidentItem, ResidentKey,
+};
+use crate::cache::{CachedDek, DekCache, DekMaterial};
 use crate::keystore::{now_secs, DestroyOutcome, KeyRecord, KeyState, KeyStore, StoreError};
 use service_kit::aead;
 
@@ -288,7 +290,21 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         key_id: KeyId,
         thread_id: ThreadId,
     ) -> Result<CreatedKey, ServiceError> {
-        let (dek, wrapped, kek) = self.backend.generate_dek(&key_id).await?;
+        let (material, wrapped, kek) = match self.backend.residency() {
+            DekResidency::Memory => {
+                let (dek, wrapped, kek) = self.backend.generate_dek(&key_id).await?;
+                (DekMaterial::Memory(dek), wrapped, kek)
+            }
+            DekResidency::Hsm => {
+                let (wrapped, kek) = self.backend.generate_resident(&key_id).await?;
+                let resident = ResidentKey {
+                    key_id: key_id.clone(),
+                    kek_id: kek.id.clone(),
+                    wrapped: wrapped.clone(),
+                };
+                (DekMaterial::Resident(resident), wrapped, kek)
+            }
+        };
         let record = KeyRecord {
             key_id: key_id.clone(),
             kek_id: kek.id.clone(),
@@ -316,7 +332,7 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             epoch,
             key_id.clone(),
             Arc::new(CachedDek {
-                dek,
+                material,
                 kek_version: kek.version,
             }),
         );
@@ -366,16 +382,26 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         let wrapped = record
             .wrapped()
             .ok_or_else(|| ServiceError::UnknownKey(key_id.clone()))?;
-        let dek = self
-            .backend
-            .unwrap_dek(key_id, &record.kek_id, wrapped)
-            .await
-            .map_err(|e| match e {
-                BackendError::InvalidWrapped => ServiceError::CorruptKey(key_id.clone()),
-                other => ServiceError::Backend(other),
-            })?;
+        let material = match self.backend.residency() {
+            DekResidency::Memory => DekMaterial::Memory(
+                self.backend
+                    .unwrap_dek(key_id, &record.kek_id, wrapped)
+                    .await
+                    .map_err(|e| corrupt_or(key_id, e))?,
+            ),
+            // Unwrapped by the HSM into a session object at its first use; a blob that is not
+            // even well-formed is refused now.
+            DekResidency::Hsm => {
+                crate::backend::parse_wrapped_header(wrapped).map_err(|e| corrupt_or(key_id, e))?;
+                DekMaterial::Resident(ResidentKey {
+                    key_id: key_id.clone(),
+                    kek_id: record.kek_id.clone(),
+                    wrapped: wrapped.clone(),
+                })
+            }
+        };
         let cached = Arc::new(CachedDek {
-            dek,
+            material,
             kek_version: record.kek_version,
         });
         self.cache.insert(epoch, key_id.clone(), cached.clone());
@@ -398,18 +424,102 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         out
     }
 
-    fn seal(
+    /// Encrypts each of `items` under one DEK: here (memory residency) or in the HSM.
+    async fn seal_all(
         &self,
         dek: &CachedDek,
-        plaintext: &[u8],
-        aad: &[u8],
-    ) -> Result<Encrypted, ServiceError> {
-        let ciphertext =
-            aead::seal(&self.rng, &dek.dek, plaintext, aad).map_err(|_| ServiceError::Random)?;
-        Ok(Encrypted {
+        items: &[(&[u8], &[u8])],
+    ) -> Result<Vec<Result<Encrypted, Arc<ServiceError>>>, ServiceError> {
+        let encrypted = |ciphertext| Encrypted {
             ciphertext,
             kek_version: dek.kek_version,
-        })
+        };
+        match &dek.material {
+            DekMaterial::Memory(key) => Ok(items
+                .iter()
+                .map(|(plaintext, aad)| {
+                    aead::seal(&self.rng, key, plaintext, aad)
+                        .map(encrypted)
+                        .map_err(|_| Arc::new(ServiceError::Random))
+                })
+                .collect()),
+            DekMaterial::Resident(key) => {
+                let input = items
+                    .iter()
+                    .map(|(plaintext, aad)| ResidentItem {
+                        data: zeroize::Zeroizing::new(plaintext.to_vec()),
+                        aad: aad.to_vec(),
+                    })
+                    .collect();
+                let out = self
+                    .backend
+                    .seal_resident(key, input)
+                    .await
+                    .map_err(|e| self.resident_failed(key, e))?;
+                Ok(out
+                    .into_iter()
+                    .map(|r| {
+                        r.map(encrypted)
+                            .map_err(|e| Arc::new(ServiceError::Backend(e)))
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Decrypts each of `items` under one DEK: here (memory residency) or in the HSM. Every
+    /// item that does not authenticate is the opaque `DecryptionFailed`.
+    async fn open_all(
+        &self,
+        dek: &CachedDek,
+        items: &[(&[u8], &[u8])],
+    ) -> Result<Vec<Result<Plaintext, Arc<ServiceError>>>, ServiceError> {
+        match &dek.material {
+            DekMaterial::Memory(key) => Ok(items
+                .iter()
+                .map(|(ciphertext, aad)| {
+                    aead::open(key, ciphertext, aad)
+                        .map(plaintext)
+                        .map_err(|_| Arc::new(ServiceError::DecryptionFailed))
+                })
+                .collect()),
+            DekMaterial::Resident(key) => {
+                let input = items
+                    .iter()
+                    .map(|(ciphertext, aad)| ResidentItem {
+                        data: zeroize::Zeroizing::new(ciphertext.to_vec()),
+                        aad: aad.to_vec(),
+                    })
+                    .collect();
+                let out = self
+                    .backend
+                    .open_resident(key, input)
+                    .await
+                    .map_err(|e| self.resident_failed(key, e))?;
+                Ok(out
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(p) => Ok(plaintext(p)),
+                        Err(BackendError::InvalidWrapped) => {
+                            Err(Arc::new(ServiceError::DecryptionFailed))
+                        }
+                        Err(e) => Err(Arc::new(ServiceError::Backend(e))),
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// A whole resident call failed: a blob that does not unwrap is a corrupt key, and its
+    /// cache entry goes (the next call reads the record again).
+    fn resident_failed(&self, key: &ResidentKey, e: BackendError) -> ServiceError {
+        match e {
+            BackendError::InvalidWrapped => {
+                self.cache.evict(&key.key_id);
+                ServiceError::CorruptKey(key.key_id.clone())
+            }
+            other => ServiceError::Backend(other),
+        }
     }
 
     /// Encrypts `plaintext` with `aad` under the DEK of `key_id`.
@@ -423,7 +533,7 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         aad: &[u8],
     ) -> Result<Encrypted, ServiceError> {
         let dek = self.dek(key_id).await?;
-        self.seal(&dek, plaintext, aad)
+        one(self.seal_all(&dek, &[(plaintext, aad)]).await?)
     }
 
     /// Decrypts `nonce | ciphertext | tag` with `aad` under the DEK of `key_id`.
@@ -438,9 +548,7 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         aad: &[u8],
     ) -> Result<Plaintext, ServiceError> {
         let dek = self.dek(key_id).await?;
-        aead::open(&dek.dek, ciphertext, aad)
-            .map(plaintext)
-            .map_err(|_| ServiceError::DecryptionFailed)
+        one(self.open_all(&dek, &[(ciphertext, aad)]).await?)
     }
 
     /// Encrypts every item; items under the same key share one DEK lookup. One result per item,
@@ -450,13 +558,14 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         items: &[EncryptItem<'_>],
     ) -> Vec<Result<Encrypted, Arc<ServiceError>>> {
         let deks = self.deks(items.iter().map(|i| i.key_id)).await;
-        items
+        let inputs: Vec<(&KeyId, &[u8], &[u8])> = items
             .iter()
-            .map(|i| {
-                let dek = shared(&deks, i.key_id)?;
-                self.seal(&dek, i.plaintext, i.aad).map_err(Arc::new)
-            })
-            .collect()
+            .map(|i| (i.key_id, i.plaintext, i.aad))
+            .collect();
+        per_key(&deks, &inputs, |dek, group| async move {
+            self.seal_all(&dek, &group).await
+        })
+        .await
     }
 
     /// Decrypts every item; items under the same key share one DEK lookup. One result per item,
@@ -466,15 +575,14 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         items: &[DecryptItem<'_>],
     ) -> Vec<Result<Plaintext, Arc<ServiceError>>> {
         let deks = self.deks(items.iter().map(|i| i.key_id)).await;
-        items
+        let inputs: Vec<(&KeyId, &[u8], &[u8])> = items
             .iter()
-            .map(|i| {
-                let dek = shared(&deks, i.key_id)?;
-                aead::open(&dek.dek, i.ciphertext, i.aad)
-                    .map(plaintext)
-                    .map_err(|_| Arc::new(ServiceError::DecryptionFailed))
-            })
-            .collect()
+            .map(|i| (i.key_id, i.ciphertext, i.aad))
+            .collect();
+        per_key(&deks, &inputs, |dek, group| async move {
+            self.open_all(&dek, &group).await
+        })
+        .await
     }
 
     /// The wrapped DEK of an active key and its KEK.
@@ -505,11 +613,13 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
     pub async fn destroy_key(&self, key_id: &KeyId) -> Result<(), ServiceError> {
         // Evicted first: even when the audit fails, no cached copy outlives the request.
         self.cache.evict(key_id);
+        self.backend.forget_resident(key_id);
         self.audit(crate::audit::AuditEvent::new("dek.destroy").with("key_id", key_id))
             .await?;
         let outcome = self.store.mark_destroyed(key_id).await;
         // Evict even when the store failed: a cached DEK must not outlive a destroy request.
         self.cache.evict(key_id);
+        self.backend.forget_resident(key_id);
         // Nor may an unwrap that started before it: a request arriving from now on starts a
         // new flight, which reads the destroyed record.
         self.flights
@@ -603,6 +713,100 @@ impl Drop for LeaveFlight<'_> {
             f.remove(self.key_id);
         }
     }
+}
+
+/// A backend error about a key's blob (`InvalidWrapped`) is that key's corruption.
+fn corrupt_or(key_id: &KeyId, e: BackendError) -> ServiceError {
+    match e {
+        BackendError::InvalidWrapped => ServiceError::CorruptKey(key_id.clone()),
+        other => ServiceError::Backend(other),
+    }
+}
+
+/// The only result of a one-item call.
+fn one<T>(mut out: Vec<Result<T, Arc<ServiceError>>>) -> Result<T, ServiceError> {
+    match out.pop() {
+        Some(r) => r.map_err(|e| Arc::try_unwrap(e).unwrap_or_else(ServiceError::Shared)),
+        None => Err(ServiceError::Internal("a one-item call answered nothing")),
+    }
+}
+
+/// Runs `op` once per distinct key of `inputs` (each key's items together, concurrently
+/// across keys), and puts every result back in its item's place. An item whose key did not
+/// resolve answers that key's error.
+async fn per_key<'a, T, F, Fut>(
+    deks: &HashMap<KeyId, DekOutcome>,
+    inputs: &[(&'a KeyId, &'a [u8], &'a [u8])],
+    op: F,
+) -> Vec<Result<T, Arc<ServiceError>>>
+where
+    F: Fn(Arc<CachedDek>, Vec<(&'a [u8], &'a [u8])>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Result<T, Arc<ServiceError>>>, ServiceError>>,
+{
+    let mut groups: Vec<(&KeyId, Vec<usize>)> = Vec::new();
+    let mut at: HashMap<&KeyId, usize> = HashMap::new();
+    for (i, (id, _, _)) in inputs.iter().enumerate() {
+        let g = *at.entry(id).or_insert_with(|| {
+            groups.push((id, Vec::new()));
+            groups.len() - 1
+        });
+        if let Some((_, idx)) = groups.get_mut(g) {
+            idx.push(i);
+        }
+    }
+    let mut out: Vec<Option<Result<T, Arc<ServiceError>>>> =
+        (0..inputs.len()).map(|_| None).collect();
+    let mut calls = Vec::new();
+    for (id, idx) in &groups {
+        match shared(deks, id) {
+            Ok(dek) => {
+                let group = idx
+                    .iter()
+                    .filter_map(|&i| inputs.get(i).map(|(_, a, b)| (*a, *b)))
+                    .collect();
+                calls.push((idx, op(dek, group)));
+            }
+            Err(e) => {
+                for &i in idx {
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let (idxs, futs): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
+    for (idx, r) in idxs
+        .into_iter()
+        .zip(futures_util::future::join_all(futs).await)
+    {
+        match r {
+            Ok(results) => {
+                for (&i, r) in idx.iter().zip(results) {
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some(r);
+                    }
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for &i in idx {
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Arc::new(ServiceError::Internal(
+                    "a batch item got no result",
+                )))
+            })
+        })
+        .collect()
 }
 
 /// Moves an opened buffer (no copy) into the redacting, zeroizing wire type.
@@ -974,7 +1178,9 @@ mod tests {
             epoch,
             k.key_id.clone(),
             Arc::new(CachedDek {
-                dek: crate::backend::Dek::from_bytes(Zeroizing::new([0; 32])),
+                material: crate::cache::DekMaterial::Memory(crate::backend::Dek::from_bytes(
+                    Zeroizing::new([0; 32]),
+                )),
                 kek_version: KekVersion::FIRST,
             }),
         );

@@ -173,6 +173,8 @@ fn setup_script_is_idempotent_and_its_token_serves_the_backend() {
         kek_label: KekId::parse("script-kek").unwrap(),
         audit_key_label: "script-kek-audit".into(),
         sessions: 2,
+        residency: Default::default(),
+        resident_keys_per_session: 64,
         limits: Default::default(),
     };
     assert!(matches!(

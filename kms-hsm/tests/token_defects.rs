@@ -46,6 +46,8 @@ fn a_token_that_hands_out_sensitive_values_is_refused_at_start() {
         kek_label: KekId::parse("progressdb-kek").unwrap(),
         audit_key_label: "progressdb-kek-audit".into(),
         sessions: 1,
+        residency: Default::default(),
+        resident_keys_per_session: 64,
         limits: Default::default(),
     };
     init_kek(&settings).unwrap();

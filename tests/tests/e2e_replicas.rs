@@ -24,6 +24,15 @@ struct Replicated {
     _tmp: tempfile::TempDir,
 }
 
+impl Replicated {
+    /// The server's process, then each replica's (for their logs).
+    fn procs(&self) -> Vec<&progressdb_e2e::Proc> {
+        std::iter::once(&self.server.proc)
+            .chain(self.kms.iter().map(|k| &k.proc))
+            .collect()
+    }
+}
+
 fn replicated(n: usize) -> Replicated {
     replicated_with(n, "")
 }
@@ -135,7 +144,7 @@ impl MixedLoad {
 
     /// Stops and joins every worker and prints what ran (`what`: the scenario); then no
     /// write or read may have failed, and everything acknowledged must be there.
-    fn stop_and_check(&mut self, what: &str) {
+    fn stop_and_check(&mut self, what: &str, logs: &[&progressdb_e2e::Proc]) {
         for s in &self.stops {
             s.store(true, Ordering::Relaxed);
         }
@@ -150,6 +159,23 @@ impl MixedLoad {
             self.refused.load(Ordering::Relaxed),
             self.failed_reads.load(Ordering::Relaxed)
         );
+        if self.refused.load(Ordering::Relaxed) + self.failed_reads.load(Ordering::Relaxed) > 0 {
+            for (i, p) in logs.iter().enumerate() {
+                let text = p.log_text();
+                let bad: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect();
+                let kept = std::env::temp_dir()
+                    .join(format!("e2e-replicas-{}-{i}.log", std::process::id()));
+                let _ = std::fs::copy(&p.log, &kept);
+                eprintln!(
+                    "--- process {i} (whole log kept in {}): warnings and errors ---\n{}",
+                    kept.display(),
+                    bad.join("\n")
+                );
+            }
+        }
         assert_eq!(self.refused.load(Ordering::Relaxed), 0, "a write failed");
         assert_eq!(
             self.failed_reads.load(Ordering::Relaxed),
@@ -181,7 +207,7 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         sys.kms[victim].restart(hsm);
     }
     std::thread::sleep(Duration::from_millis(800));
-    load.stop_and_check("2 replicas, each killed once");
+    load.stop_and_check("2 replicas, each killed once", &sys.procs());
     assert!(load.threads() > 10 && load.messages() > 50, "the load ran");
     assert!(load.reads.load(Ordering::Relaxed) > 20, "the reads ran");
     // Every key is served by each replica alone.
@@ -349,7 +375,7 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
     let hsm = &sys.hsm;
     sys.kms[driver].restart(hsm);
     std::thread::sleep(Duration::from_millis(500));
-    load.stop_and_check("a rotation's replica killed");
+    load.stop_and_check("a rotation's replica killed", &sys.procs());
     // Every active DEK is under version 2 and version 1 is retired, seen from both replicas.
     for k in 0..2 {
         let st = sys.kms[k].cli_json(&sys.hsm, &["status", "--json"]);

@@ -272,6 +272,14 @@ pub struct TokenCapabilities {
     pub max_sessions: Option<u64>,
     /// A sensitive key's value stays in the token (probed at start).
     pub sensitive_values_enforced: bool,
+    /// Where unwrapped DEKs live: `memory` (the KMS's cache) or `hsm` (session objects
+    /// inside the token; `hsm.dek_residency`).
+    #[serde(default = "memory")]
+    pub dek_residency: String,
+}
+
+fn memory() -> String {
+    "memory".into()
 }
 
 /// `POST /admin/kek/destroy`.

@@ -7,12 +7,28 @@
 //! # Wrapped-DEK format
 //! A wrapped DEK is self-describing; its first byte is a [`WrapFormat`] tag, so a blob written
 //! today stays readable when another mechanism is added for an HSM that lacks this one. The
-//! choice of mechanism lives in exactly one place: [`WrapFormat::CURRENT`].
+//! choice of format for new wraps lives in exactly one place: [`WrapFormat::for_kek`].
 //!
-//! `AesGcmV1` (tag `0x01`), 65 bytes:
+//! `AesGcmV1` (tag `0x01`), 65 bytes, under an *encrypt-class* KEK ([`KekClass::Encrypt`]):
 //! `tag(1) | kek_version (u32 BE, 4) | iv (12) | encrypted DEK (32) | GCM tag (16)`.
 //! The DEK is encrypted by the HSM with `CKM_AES_GCM` under the KEK `(kek_id, kek_version)`,
 //! with AAD = [`wrap_aad`] (binds the blob to its key id, KEK id and KEK version).
+//!
+//! `AesKwV2` (tag `0x02`), 73 bytes, under a *wrap-class* KEK ([`KekClass::Wrap`]):
+//! `tag(1) | kek_version (u32 BE, 4) | C_WrapKey output (CKM_AES_KEY_WRAP, RFC 3394, 40) |
+//! check iv (12) | check tag (16)`. The DEK is a key object wrapped by the HSM, so it can be
+//! unwrapped into a non-extractable object without its bytes leaving the HSM
+//! ([`DekResidency::Hsm`]). RFC 3394 authenticates the DEK under the KEK but takes no AAD:
+//! the *check* (AES-GCM under the DEK itself of an empty message, AAD = [`wrap_aad`]) binds
+//! the blob to its key id and KEK; a blob whose check fails is refused like a bad GCM tag.
+//!
+//! # DEK residency
+//! [`DekResidency::Memory`] (the default): the service holds unwrapped DEKs in its bounded
+//! cache and encrypts messages itself. [`DekResidency::Hsm`]: DEKs exist in plaintext only
+//! inside the HSM, as sensitive, non-extractable session objects; messages are encrypted
+//! and decrypted by the HSM ([`KeyBackend::seal_resident`], [`KeyBackend::open_resident`]),
+//! and no method of the backend returns DEK bytes. Both modes write the same message
+//! ciphertext (`nonce | ciphertext | tag`, AES-256-GCM).
 
 use std::fmt;
 use std::future::Future;
@@ -43,17 +59,114 @@ pub enum WrapFormat {
     /// DEK encrypted by the HSM with `CKM_AES_GCM` (96-bit IV from the HSM RNG, 128-bit tag)
     /// via `C_Encrypt`, AAD = [`wrap_aad`].
     AesGcmV1 = 0x01,
+    /// DEK key object wrapped by the HSM with `CKM_AES_KEY_WRAP` (RFC 3394) via
+    /// `C_WrapKey`, followed by its check (see the module documentation).
+    AesKwV2 = 0x02,
 }
 
 impl WrapFormat {
-    /// The mechanism used for every new wrap. Change it here and only here.
-    pub const CURRENT: WrapFormat = WrapFormat::AesGcmV1;
+    /// The format of every new wrap under a KEK of class `class`. The choice lives here and
+    /// only here.
+    pub const fn for_kek(class: KekClass) -> WrapFormat {
+        match class {
+            KekClass::Encrypt => WrapFormat::AesGcmV1,
+            KekClass::Wrap => WrapFormat::AesKwV2,
+        }
+    }
+
+    /// The KEK class a blob of this format was made under.
+    pub const fn kek_class(self) -> KekClass {
+        match self {
+            WrapFormat::AesGcmV1 => KekClass::Encrypt,
+            WrapFormat::AesKwV2 => KekClass::Wrap,
+        }
+    }
 
     pub fn from_tag(tag: u8) -> Option<Self> {
         match tag {
             0x01 => Some(WrapFormat::AesGcmV1),
+            0x02 => Some(WrapFormat::AesKwV2),
             _ => None,
         }
+    }
+
+    /// Length of a wrapped DEK of this format.
+    pub const fn blob_len(self) -> usize {
+        match self {
+            WrapFormat::AesGcmV1 => AES_GCM_V1_LEN,
+            WrapFormat::AesKwV2 => AES_KW_V2_LEN,
+        }
+    }
+}
+
+/// What a KEK version may do, fixed when it is generated and read back from its attributes
+/// (`CKA_ENCRYPT`/`CKA_DECRYPT` or `CKA_WRAP`/`CKA_UNWRAP`, never both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KekClass {
+    /// Encrypts and decrypts DEK bytes (`AesGcmV1`): the DEK passes through the KMS.
+    Encrypt,
+    /// Wraps and unwraps DEK key objects (`AesKwV2`): the DEK can stay in the HSM.
+    Wrap,
+}
+
+impl KekClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KekClass::Encrypt => "encrypt",
+            KekClass::Wrap => "wrap",
+        }
+    }
+}
+
+/// Where unwrapped DEKs live (`hsm.dek_residency`); see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DekResidency {
+    /// In the KMS's bounded cache of unwrapped DEKs (locked, zeroized memory).
+    #[default]
+    Memory,
+    /// Only inside the HSM, as sensitive, non-extractable session objects.
+    Hsm,
+}
+
+impl DekResidency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DekResidency::Memory => "memory",
+            DekResidency::Hsm => "hsm",
+        }
+    }
+
+    /// The class of the KEK versions this mode generates (`init-kek`, rotations): memory
+    /// mode keeps making encrypt-class KEKs; hsm mode needs wrap-class ones.
+    pub const fn new_kek_class(self) -> KekClass {
+        match self {
+            DekResidency::Memory => KekClass::Encrypt,
+            DekResidency::Hsm => KekClass::Wrap,
+        }
+    }
+}
+
+/// A DEK that stays in the HSM, named by what is needed to find or re-create its session
+/// object: nothing in it is secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResidentKey {
+    pub key_id: KeyId,
+    pub kek_id: KekId,
+    pub wrapped: WrappedDek,
+}
+
+/// One message for [`KeyBackend::seal_resident`] / [`KeyBackend::open_resident`]: the input
+/// (plaintext, or `nonce | ciphertext | tag`) and its AAD.
+pub struct ResidentItem {
+    pub data: zeroize::Zeroizing<Vec<u8>>,
+    pub aad: Vec<u8>,
+}
+
+impl fmt::Debug for ResidentItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResidentItem")
+            .field("data_len", &self.data.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,23 +201,23 @@ pub fn parse_wrapped_header(w: &WrappedDek) -> Result<WrappedHeader, BackendErro
         .first()
         .and_then(|t| WrapFormat::from_tag(*t))
         .ok_or(BackendError::InvalidWrapped)?;
-    match format {
-        WrapFormat::AesGcmV1 => {
-            if b.len() != AES_GCM_V1_LEN {
-                return Err(BackendError::InvalidWrapped);
-            }
-            let v = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
-            let kek_version = KekVersion::new(v).map_err(|_| BackendError::InvalidWrapped)?;
-            Ok(WrappedHeader {
-                format,
-                kek_version,
-            })
-        }
+    if b.len() != format.blob_len() {
+        return Err(BackendError::InvalidWrapped);
     }
+    let v = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+    let kek_version = KekVersion::new(v).map_err(|_| BackendError::InvalidWrapped)?;
+    Ok(WrappedHeader {
+        format,
+        kek_version,
+    })
 }
 
 /// Length of an `AesGcmV1` wrapped DEK.
 pub const AES_GCM_V1_LEN: usize = 1 + 4 + 12 + DEK_LEN + 16;
+/// Length of RFC 3394 output for a DEK (one 8-byte integrity block more).
+pub const AES_KW_LEN: usize = DEK_LEN + 8;
+/// Length of an `AesKwV2` wrapped DEK.
+pub const AES_KW_V2_LEN: usize = 1 + 4 + AES_KW_LEN + 12 + 16;
 
 /// Settings of the PKCS#11 backend (section `[hsm]` of the KMS config).
 #[derive(Clone)]
@@ -121,6 +234,11 @@ pub struct HsmSettings {
     pub audit_key_label: String,
     /// Sessions (= worker threads) opened against the token.
     pub sessions: usize,
+    /// Where unwrapped DEKs live (`hsm.dek_residency`).
+    pub residency: DekResidency,
+    /// In [`DekResidency::Hsm`]: DEK session objects each worker session keeps (least
+    /// recently used destroyed first; `hsm.resident_keys_per_session`).
+    pub resident_keys_per_session: usize,
     /// Queue and deadline of HSM jobs.
     pub limits: HsmLimits,
 }
@@ -153,6 +271,8 @@ impl fmt::Debug for HsmSettings {
             .field("kek_label", &self.kek_label)
             .field("audit_key_label", &self.audit_key_label)
             .field("sessions", &self.sessions)
+            .field("residency", &self.residency)
+            .field("resident_keys_per_session", &self.resident_keys_per_session)
             .field("limits", &self.limits)
             .finish()
     }
@@ -220,7 +340,7 @@ pub trait KeyBackend: Send + Sync + 'static {
     fn current_kek(&self) -> KekRef;
 
     /// Generates a 256-bit DEK with the HSM's random generator and wraps it under the current
-    /// KEK with [`WrapFormat::CURRENT`], bound to `key_id`. Returns the raw DEK too, so the
+    /// KEK in [`WrapFormat::for_kek`] of its class, bound to `key_id`. Returns the raw DEK too, so the
     /// caller can seed its cache without an unwrap round trip.
     ///
     /// # Errors
@@ -307,6 +427,66 @@ pub trait KeyBackend: Send + Sync + 'static {
         messages: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Vec<[u8; 32]>, BackendError>> + Send;
 
+    /// Where this backend keeps unwrapped DEKs. With [`DekResidency::Hsm`] the service never
+    /// asks for DEK bytes: it calls the `*_resident` methods, and [`KeyBackend::generate_dek`]
+    /// and [`KeyBackend::unwrap_dek`] refuse with `Config`.
+    fn residency(&self) -> DekResidency {
+        DekResidency::Memory
+    }
+
+    /// [`DekResidency::Hsm`]: generates a DEK as a key object inside the HSM, wraps it under
+    /// the current (wrap-class) KEK, and keeps a non-extractable session object of it for
+    /// later use. No DEK bytes are returned, or exist outside the HSM.
+    ///
+    /// # Errors
+    /// `Config` when the backend is not in hsm residency or the current KEK is not
+    /// wrap-class; `Unavailable`/`Overloaded` as [`KeyBackend::generate_dek`] (nothing was
+    /// created but, at worst, a session object that is destroyed).
+    fn generate_resident(
+        &self,
+        _key_id: &KeyId,
+    ) -> impl Future<Output = Result<(WrappedDek, KekRef), BackendError>> + Send {
+        std::future::ready(Err(not_resident()))
+    }
+
+    /// [`DekResidency::Hsm`]: encrypts each item with AES-256-GCM inside the HSM under the
+    /// DEK of `key` (unwrapped into a session object on first use), returning `nonce |
+    /// ciphertext | tag` per item, in order. Large batches are spread over the sessions.
+    ///
+    /// # Errors
+    /// The whole call: `InvalidWrapped` when `key`'s blob does not unwrap or its check fails;
+    /// `KekNotFound`, `Unavailable`, `Overloaded` as [`KeyBackend::unwrap_dek`]; `Config`
+    /// when not in hsm residency. Per item: `Internal` when the HSM refused that message.
+    fn seal_resident(
+        &self,
+        _key: &ResidentKey,
+        _items: Vec<ResidentItem>,
+    ) -> impl Future<Output = Result<Vec<Result<Vec<u8>, BackendError>>, BackendError>> + Send {
+        std::future::ready(Err(not_resident()))
+    }
+
+    /// [`DekResidency::Hsm`]: decrypts each item (`nonce | ciphertext | tag`) inside the HSM
+    /// under the DEK of `key`; one result per item, in order.
+    ///
+    /// # Errors
+    /// The whole call as [`KeyBackend::seal_resident`]. Per item: `InvalidWrapped` for a
+    /// message that does not authenticate (the caller answers its opaque decrypt failure).
+    #[allow(clippy::type_complexity)]
+    fn open_resident(
+        &self,
+        _key: &ResidentKey,
+        _items: Vec<ResidentItem>,
+    ) -> impl Future<
+        Output = Result<Vec<Result<zeroize::Zeroizing<Vec<u8>>, BackendError>>, BackendError>,
+    > + Send {
+        std::future::ready(Err(not_resident()))
+    }
+
+    /// [`DekResidency::Hsm`]: destroys every session object of `key_id`'s DEK (a destroyed
+    /// key, or one the service's cache let go). Best effort: a session whose queue is full
+    /// destroys it when its bounded object cache evicts it.
+    fn forget_resident(&self, _key_id: &KeyId) {}
+
     /// One real round trip to the HSM (e.g. a random-number request on a pooled session).
     ///
     /// # Errors
@@ -321,6 +501,11 @@ pub trait KeyBackend: Send + Sync + 'static {
     fn is_ready(&self) -> bool {
         self.state() == BackendState::Ready
     }
+}
+
+/// What the resident methods answer on a backend that keeps DEKs in memory.
+fn not_resident() -> BackendError {
+    BackendError::Config("this backend does not keep DEKs resident in the HSM".into())
 }
 
 /// Whether a backend can serve, and if not, why.

@@ -273,6 +273,30 @@ fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
         .map_err(|_| StoreError::Io(format!("{what} {n} is beyond PostgreSQL's bigint")))
 }
 
+/// How often the server checks, while it runs a statement of this process, that the
+/// process is still there (`client_connection_check_interval`, PostgreSQL 14 and later).
+const CLIENT_CHECK_MS: u32 = 250;
+
+/// Makes the server give up a statement of a KMS that died mid-statement (SIGKILL, host
+/// loss) within [`CLIENT_CHECK_MS`]. Without it, a statement waiting for a lock runs on until
+/// it gets the lock and only then finds its client gone; meanwhile the uncommitted rows it
+/// wrote (an idempotent create, an audit head) block the replica that took over for seconds.
+/// On a server older than 14 the setting does not exist: the connection is used without it.
+async fn check_client_connection(
+    client: &mut deadpool_postgres::ClientWrapper,
+) -> Result<(), deadpool_postgres::HookError> {
+    match client
+        .batch_execute(&format!(
+            "SET client_connection_check_interval = {CLIENT_CHECK_MS}"
+        ))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
+        Err(e) => Err(deadpool_postgres::HookError::Backend(e)),
+    }
+}
+
 impl PostgresStore {
     /// Connects, checks the server keeps commits durable, applies pending migrations and
     /// starts the audit writer.
@@ -307,6 +331,9 @@ impl PostgresStore {
             .wait_timeout(Some(cfg.timeout))
             .create_timeout(Some(cfg.timeout))
             .recycle_timeout(Some(cfg.timeout))
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move { check_client_connection(client).await })
+            }))
             .build()
             .map_err(|e| open_err(e.to_string()))?;
         let mut client = pool

@@ -58,6 +58,8 @@ impl TestHsm {
             kek_label: KekId::parse(KEK_LABEL).unwrap(),
             audit_key_label: format!("{KEK_LABEL}-audit"),
             sessions,
+            residency: Default::default(),
+            resident_keys_per_session: 64,
             limits: Default::default(),
         }
     }

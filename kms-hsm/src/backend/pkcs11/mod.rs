@@ -60,8 +60,8 @@ use self::context::Pkcs11Context;
 use self::token::OpError;
 use self::worker::{Job, JobKind, Worker, WorkerPool, WorkerSlot};
 use crate::backend::{
-    parse_wrapped_header, BackendError, BackendState, Dek, HsmSettings, KekMissing, KekRef,
-    KeyBackend, WrapFormat,
+    parse_wrapped_header, BackendError, BackendState, Dek, DekResidency, HsmSettings, KekMissing,
+    KekRef, KeyBackend, ResidentItem, ResidentKey, WrapFormat,
 };
 
 mod context;
@@ -91,6 +91,11 @@ pub struct HsmStats {
     pub overloaded: u64,
     /// Worker threads, one PKCS#11 session each (`hsm.sessions`).
     pub workers: usize,
+    /// Hsm residency: DEK session objects made (unwrapped or generated inside the HSM).
+    pub resident_loads: u64,
+    /// Hsm residency: `AesGcmV1` DEKs that passed through the process to become session
+    /// objects (0 once every DEK is under a wrap-class KEK).
+    pub imports: u64,
 }
 
 /// Result of [`init_kek`].
@@ -218,6 +223,15 @@ impl Pkcs11Backend {
                     )));
                 }
             }
+            if settings.residency == DekResidency::Hsm
+                && !profile.key_wrap.contains(&"CKM_AES_KEY_WRAP")
+            {
+                return Err(BackendError::Config(
+                    "hsm.dek_residency = \"hsm\" needs CKM_AES_KEY_WRAP (C_WrapKey/C_UnwrapKey), \
+                     which the token does not list"
+                        .into(),
+                ));
+            }
             tracing::info!(
                 library = %profile.library,
                 token = %profile.token,
@@ -243,6 +257,11 @@ impl Pkcs11Backend {
             slots: (0..settings.sessions)
                 .map(|_| WorkerSlot::default())
                 .collect(),
+            residency: settings.residency,
+            resident_cap: settings.resident_keys_per_session,
+            rng: ring::rand::SystemRandom::new(),
+            resident_loads: AtomicU64::new(0),
+            imports: AtomicU64::new(0),
         });
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
@@ -337,6 +356,8 @@ impl Pkcs11Backend {
     pub fn stats(&self) -> HsmStats {
         HsmStats {
             calls: self.pool.calls.load(Ordering::Relaxed),
+            resident_loads: self.pool.resident_loads.load(Ordering::Relaxed),
+            imports: self.pool.imports.load(Ordering::Relaxed),
             errors: self.pool.errors.load(Ordering::Relaxed),
             recoveries: self.pool.recoveries.load(Ordering::Relaxed),
             resets: self.pool.ctx.resets.load(Ordering::Relaxed),
@@ -413,12 +434,74 @@ impl Pkcs11Backend {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> JobKind,
     ) -> Result<T, BackendError> {
+        let (rx, deadline) = self.send(make)?;
+        self.answer(rx, deadline).await
+    }
+
+    /// Dispatches one job; its answer comes through [`Pkcs11Backend::answer`].
+    #[allow(clippy::type_complexity)]
+    fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> JobKind,
+    ) -> Result<(oneshot::Receiver<Result<T, BackendError>>, Instant), BackendError> {
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + self.job_timeout;
         self.dispatch(Job {
             kind: make(tx),
             deadline,
         })?;
+        Ok((rx, deadline))
+    }
+
+    /// Splits a resident batch over the workers (chunks of at least [`MIN_CHUNK`] items, at
+    /// most one per session), sends every chunk before awaiting any, and joins the answers
+    /// in order. One chunk failing fails the call.
+    async fn resident_batch<T: Send + 'static>(
+        &self,
+        key: &ResidentKey,
+        items: Vec<ResidentItem>,
+        make: impl Fn(
+            ResidentKey,
+            KekRef,
+            WrapFormat,
+            Vec<ResidentItem>,
+            oneshot::Sender<Result<Vec<T>, BackendError>>,
+        ) -> JobKind,
+    ) -> Result<Vec<T>, BackendError> {
+        if self.pool.residency != DekResidency::Hsm {
+            return Err(BackendError::Config(
+                "resident DEK operations need hsm.dek_residency = \"hsm\"".into(),
+            ));
+        }
+        let (kek, format) = blob_kek(&key.kek_id, &key.wrapped)?;
+        let n = items.len();
+        let chunks = n.div_ceil(MIN_CHUNK).clamp(1, self.workers.len());
+        let per = n.div_ceil(chunks).max(1);
+        let mut items = items.into_iter();
+        let mut pending = Vec::with_capacity(chunks);
+        loop {
+            let chunk: Vec<ResidentItem> = items.by_ref().take(per).collect();
+            if chunk.is_empty() && !pending.is_empty() {
+                break;
+            }
+            let (k, kk) = (key.clone(), kek.clone());
+            pending.push(self.send(|reply| make(k, kk, format, chunk, reply))?);
+            if pending.len() * per >= n {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        for (rx, deadline) in pending {
+            out.extend(self.answer(rx, deadline).await?);
+        }
+        Ok(out)
+    }
+
+    async fn answer<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, BackendError>>,
+        deadline: Instant,
+    ) -> Result<T, BackendError> {
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(BackendError::Unavailable(
@@ -430,6 +513,17 @@ impl Pkcs11Backend {
             ))),
         }
     }
+}
+
+/// Fewest items a resident batch chunk carries (below it, one session does the batch: the
+/// dispatch costs more than the parallelism gains).
+const MIN_CHUNK: usize = 16;
+
+/// What the memory-path methods answer in hsm residency.
+fn bytes_refused() -> BackendError {
+    BackendError::Config(
+        "hsm.dek_residency = \"hsm\": the backend never hands out DEK bytes".into(),
+    )
 }
 
 impl Drop for Pkcs11Backend {
@@ -455,7 +549,13 @@ impl KeyBackend for Pkcs11Backend {
         key_id: &KeyId,
     ) -> impl Future<Output = Result<(Dek, WrappedDek, KekRef), BackendError>> + Send {
         let key_id = key_id.clone();
-        self.call(move |reply| JobKind::Generate { key_id, reply })
+        async move {
+            if self.pool.residency == DekResidency::Hsm {
+                return Err(bytes_refused());
+            }
+            self.call(move |reply| JobKind::Generate { key_id, reply })
+                .await
+        }
     }
 
     fn unwrap_dek(
@@ -469,6 +569,9 @@ impl KeyBackend for Pkcs11Backend {
         let key_id = key_id.clone();
         let wrapped = wrapped.clone();
         async move {
+            if self.pool.residency == DekResidency::Hsm {
+                return Err(bytes_refused());
+            }
             let (kek, format) = parsed?;
             self.call(move |reply| JobKind::Unwrap {
                 key_id,
@@ -583,6 +686,87 @@ impl KeyBackend for Pkcs11Backend {
         })
     }
 
+    fn residency(&self) -> DekResidency {
+        self.pool.residency
+    }
+
+    fn generate_resident(
+        &self,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<(WrappedDek, KekRef), BackendError>> + Send {
+        let key_id = key_id.clone();
+        async move {
+            if self.pool.residency != DekResidency::Hsm {
+                return Err(BackendError::Config(
+                    "resident DEK operations need hsm.dek_residency = \"hsm\"".into(),
+                ));
+            }
+            self.call(move |reply| JobKind::GenerateResident { key_id, reply })
+                .await
+        }
+    }
+
+    fn seal_resident(
+        &self,
+        key: &ResidentKey,
+        items: Vec<ResidentItem>,
+    ) -> impl Future<Output = Result<Vec<Result<Vec<u8>, BackendError>>, BackendError>> + Send {
+        let key = key.clone();
+        async move {
+            self.resident_batch(&key, items, |key, kek, format, items, reply| {
+                JobKind::SealResident {
+                    key,
+                    kek,
+                    format,
+                    items,
+                    reply,
+                }
+            })
+            .await
+        }
+    }
+
+    fn open_resident(
+        &self,
+        key: &ResidentKey,
+        items: Vec<ResidentItem>,
+    ) -> impl Future<
+        Output = Result<Vec<Result<zeroize::Zeroizing<Vec<u8>>, BackendError>>, BackendError>,
+    > + Send {
+        let key = key.clone();
+        async move {
+            self.resident_batch(&key, items, |key, kek, format, items, reply| {
+                JobKind::OpenResident {
+                    key,
+                    kek,
+                    format,
+                    items,
+                    reply,
+                }
+            })
+            .await
+        }
+    }
+
+    fn forget_resident(&self, key_id: &KeyId) {
+        if self.pool.residency != DekResidency::Hsm {
+            return;
+        }
+        for (tx, slot) in self.workers.iter().zip(&self.pool.slots) {
+            slot.inflight.fetch_add(1, Ordering::AcqRel);
+            let job = Job {
+                kind: JobKind::Forget {
+                    key_id: key_id.clone(),
+                },
+                deadline: Instant::now() + self.job_timeout,
+            };
+            if tx.try_send(job).is_err() {
+                // A full queue: the object goes when the worker's bounded map evicts it.
+                slot.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         self.call(|reply| JobKind::Health { reply })
     }
@@ -681,11 +865,14 @@ pub fn init_kek(settings: &HsmSettings) -> Result<InitKekOutcome, BackendError> 
             id: settings.kek_label.clone(),
             version: KekVersion::FIRST,
         };
-        token::generate_kek(session, &kek).map_err(|e| hsm_error("generating the KEK", e))?;
+        let class = settings.residency.new_kek_class();
+        token::generate_kek(session, &kek, class)
+            .map_err(|e| hsm_error("generating the KEK", e))?;
         tracing::info!(
             token = %settings.token_label,
             kek_id = %kek.id,
             kek_version = %kek.version,
+            kek_class = class.as_str(),
             "KEK created in the HSM"
         );
         Ok(InitKekOutcome::Created(kek))
@@ -755,7 +942,9 @@ fn ensure_kek(
                 return Err(hsm_error("finding the KEK", Error::Pkcs11(rv, func)))
             }
         }
-        token::generate_kek(session, &kek).map_err(|e| hsm_error("generating the KEK", e))?;
+        let class = settings.residency.new_kek_class();
+        token::generate_kek(session, &kek, class)
+            .map_err(|e| hsm_error("generating the KEK", e))?;
         // Read it back through the same checks as every KEK before anyone uses it.
         token::find_kek(session, &kek)
             .map_err(|e| token::op_to_setup_error("checking the new KEK", e))?;
@@ -763,6 +952,7 @@ fn ensure_kek(
             token = %settings.token_label,
             kek_id = %kek.id,
             kek_version = %kek.version,
+            kek_class = class.as_str(),
             "KEK version created in the HSM"
         );
         Ok(kek.clone())
@@ -862,7 +1052,7 @@ pub fn kek_attributes(
         version,
     };
     with_admin_session(settings, false, |_, session| {
-        let handle = token::find_kek(session, &kek).map_err(|e| match e {
+        let (handle, _) = token::find_kek(session, &kek).map_err(|e| match e {
             OpError::Backend(b) => b,
             OpError::Pkcs11 { func, rv } => hsm_error("finding the KEK", Error::Pkcs11(rv, func)),
         })?;

@@ -206,7 +206,7 @@ pub(super) fn read(
             token.manufacturer_id().trim_end(),
             token.model().trim_end()
         ),
-        dek_wrap: "CKM_AES_GCM (encrypt under the KEK, 12-byte IV from the token's RNG, AAD bound to the key id)",
+        dek_wrap: "CKM_AES_GCM under an encrypt-class KEK (AesGcmV1: IV from the token RNG, AAD bound to the key id); CKM_AES_KEY_WRAP plus an AES-GCM check under a wrap-class KEK (AesKwV2)",
         key_wrap,
         max_sessions: match token.max_session_count() {
             cryptoki::slot::Limit::Max(n) if n > 0 => Some(n),

@@ -11,7 +11,7 @@ use cryptoki::types::Ulong;
 use kms_api::{KekId, KekVersion};
 use secrecy::SecretString;
 
-use crate::backend::{BackendError, KekRef, DEK_LEN};
+use crate::backend::{BackendError, KekClass, KekRef, DEK_LEN};
 
 /// A failed PKCS#11 call, kept structured so the caller can decide on recovery.
 #[derive(Debug)]
@@ -186,17 +186,21 @@ pub(super) fn find_kek_objects(
     session.find_objects(&kek_search_template(&kek.id, Some(kek.version)))
 }
 
-/// The handle of KEK `kek`, which must exist exactly once and pass [`check_kek`].
+/// The handle of KEK `kek` and its class, which must exist exactly once and pass
+/// [`check_kek`].
 ///
 /// # Errors
 /// `KekNotFound` when absent; `KekRefused` when it is not a hardened KEK; `Internal` when
 /// several objects carry the same label and version.
-pub(super) fn find_kek(session: &Session, kek: &KekRef) -> Result<ObjectHandle, OpError> {
+pub(super) fn find_kek(
+    session: &Session,
+    kek: &KekRef,
+) -> Result<(ObjectHandle, KekClass), OpError> {
     let found = find_kek_objects(session, kek)?;
     match found.as_slice() {
         [h] => {
-            check_kek(session, *h, kek)?;
-            Ok(*h)
+            let class = check_kek(session, *h, kek)?;
+            Ok((*h, class))
         }
         [] => Err(OpError::Backend(BackendError::KekNotFound {
             id: kek.id.clone(),
@@ -281,14 +285,28 @@ const KEK_REQUIREMENTS: &[(AttributeType, bool)] = &[
     (AttributeType::AlwaysSensitive, true),
     (AttributeType::NeverExtractable, true),
     (AttributeType::Local, true),
-    (AttributeType::Encrypt, true),
-    (AttributeType::Decrypt, true),
-    (AttributeType::Wrap, false),
-    (AttributeType::Unwrap, false),
     (AttributeType::Sign, false),
     (AttributeType::Verify, false),
     (AttributeType::Derive, false),
 ];
+
+/// What each class adds to [`KEK_REQUIREMENTS`]: one pair of uses, never both.
+const fn class_requirements(class: KekClass) -> &'static [(AttributeType, bool)] {
+    match class {
+        KekClass::Encrypt => &[
+            (AttributeType::Encrypt, true),
+            (AttributeType::Decrypt, true),
+            (AttributeType::Wrap, false),
+            (AttributeType::Unwrap, false),
+        ],
+        KekClass::Wrap => &[
+            (AttributeType::Encrypt, false),
+            (AttributeType::Decrypt, false),
+            (AttributeType::Wrap, true),
+            (AttributeType::Unwrap, true),
+        ],
+    }
+}
 
 fn bool_attr(a: &Attribute) -> Option<(AttributeType, bool)> {
     use AttributeType as T;
@@ -312,10 +330,11 @@ fn bool_attr(a: &Attribute) -> Option<(AttributeType, bool)> {
     })
 }
 
-/// Checks that the object `handle` is a KEK this KMS may use: an AES-256 secret key made
-/// inside the token, sensitive and never extractable, for encryption and decryption only
-/// ([`KEK_REQUIREMENTS`]). `CKA_MODIFIABLE = true` is only warned about (some tokens refuse
-/// to create keys with it false).
+/// Checks that the object `handle` is a KEK this KMS may use and returns its class: an
+/// AES-256 secret key made inside the token, sensitive and never extractable
+/// ([`KEK_REQUIREMENTS`]), for encryption and decryption only or for wrapping and unwrapping
+/// only ([`class_requirements`]; `CKA_WRAP` says which is claimed). `CKA_MODIFIABLE = true` is
+/// only warned about (some tokens refuse to create keys with it false).
 ///
 /// # Errors
 /// `KekRefused` naming the label, the version and the first attribute at fault; an attribute
@@ -324,7 +343,7 @@ pub(super) fn check_kek(
     session: &Session,
     handle: ObjectHandle,
     kek: &KekRef,
-) -> Result<(), OpError> {
+) -> Result<KekClass, OpError> {
     let refused = |reason: String| {
         OpError::Backend(BackendError::KekRefused {
             id: kek.id.clone(),
@@ -334,6 +353,10 @@ pub(super) fn check_kek(
     };
     let mut wanted: Vec<AttributeType> = KEK_REQUIREMENTS.iter().map(|(t, _)| *t).collect();
     wanted.extend([
+        AttributeType::Encrypt,
+        AttributeType::Decrypt,
+        AttributeType::Wrap,
+        AttributeType::Unwrap,
         AttributeType::Class,
         AttributeType::KeyType,
         AttributeType::ValueLen,
@@ -360,6 +383,12 @@ pub(super) fn check_kek(
     }
     let flags: Vec<(AttributeType, bool)> = attrs.iter().filter_map(bool_attr).collect();
     unmet_requirement(&flags, KEK_REQUIREMENTS).map_or(Ok(()), |why| Err(refused(why)))?;
+    let class = if flags.contains(&(AttributeType::Wrap, true)) {
+        KekClass::Wrap
+    } else {
+        KekClass::Encrypt
+    };
+    unmet_requirement(&flags, class_requirements(class)).map_or(Ok(()), |why| Err(refused(why)))?;
     if flags.contains(&(AttributeType::Modifiable, true)) {
         tracing::warn!(
             kek_id = %kek.id,
@@ -367,7 +396,7 @@ pub(super) fn check_kek(
             "the KEK is CKA_MODIFIABLE (the token did not accept CKA_MODIFIABLE=false)"
         );
     }
-    Ok(())
+    Ok(class)
 }
 
 /// The first of `requirements` that `flags` (what the token reported) does not meet, as a
@@ -409,7 +438,8 @@ fn attr_name(t: AttributeType) -> &'static str {
 }
 
 /// Attributes of a new KEK that every PKCS#11 token must honour.
-fn kek_template(kek: &KekRef) -> Vec<Attribute> {
+fn kek_template(kek: &KekRef, class: KekClass) -> Vec<Attribute> {
+    let encrypt = class == KekClass::Encrypt;
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -418,10 +448,10 @@ fn kek_template(kek: &KekRef) -> Vec<Attribute> {
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
+        Attribute::Encrypt(encrypt),
+        Attribute::Decrypt(encrypt),
+        Attribute::Wrap(!encrypt),
+        Attribute::Unwrap(!encrypt),
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Derive(false),
@@ -435,10 +465,15 @@ fn kek_hardening() -> Vec<Attribute> {
     vec![Attribute::Modifiable(false), Attribute::Copyable(false)]
 }
 
-/// Generates KEK `kek` inside the token (`CKM_AES_KEY_GEN`, AES-256, sensitive,
-/// non-extractable, encrypt/decrypt only). Needs a read-write, logged-in session.
-pub(super) fn generate_kek(session: &Session, kek: &KekRef) -> Result<ObjectHandle, Error> {
-    let mut template = kek_template(kek);
+/// Generates KEK `kek` of class `class` inside the token (`CKM_AES_KEY_GEN`, AES-256,
+/// sensitive, non-extractable, encrypt/decrypt only or wrap/unwrap only). Needs a
+/// read-write, logged-in session.
+pub(super) fn generate_kek(
+    session: &Session,
+    kek: &KekRef,
+    class: KekClass,
+) -> Result<ObjectHandle, Error> {
+    let mut template = kek_template(kek, class);
     template.extend(kek_hardening());
     match session.generate_key(&Mechanism::AesKeyGen, &template) {
         Ok(h) => Ok(h),
@@ -453,7 +488,7 @@ pub(super) fn generate_kek(session: &Session, kek: &KekRef) -> Result<ObjectHand
                 error = ?rv,
                 "token refused CKA_MODIFIABLE/CKA_COPYABLE=false on the KEK; creating it without"
             );
-            session.generate_key(&Mechanism::AesKeyGen, &kek_template(kek))
+            session.generate_key(&Mechanism::AesKeyGen, &kek_template(kek, class))
         }
         Err(e) => Err(e),
     }

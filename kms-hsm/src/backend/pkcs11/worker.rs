@@ -39,7 +39,12 @@ use zeroize::Zeroizing;
 
 use super::context::{Pkcs11Context, Reset};
 use super::token::{self, classify, describe, Disposition, OpError};
-use crate::backend::{wrap_aad, BackendError, Dek, KekRef, WrapFormat, AES_GCM_V1_LEN, DEK_LEN};
+use crate::backend::{
+    wrap_aad, BackendError, Dek, DekResidency, KekClass, KekRef, ResidentItem, ResidentKey,
+    WrapFormat, AES_GCM_V1_LEN, AES_KW_LEN, AES_KW_V2_LEN, DEK_LEN,
+};
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use service_kit::aead;
 
 /// GCM IV length (96 bits) and tag length (128 bits) of `AesGcmV1`.
 const IV_LEN: usize = 12;
@@ -68,6 +73,18 @@ pub(super) struct WorkerPool {
     /// session cached before the destroy.
     pub(super) destroyed_keks: RwLock<std::collections::HashSet<kms_api::KekVersion>>,
     pub(super) slots: Vec<WorkerSlot>,
+    /// Where DEKs live (`hsm.dek_residency`).
+    pub(super) residency: DekResidency,
+    /// DEK session objects each worker keeps in hsm residency.
+    pub(super) resident_cap: usize,
+    /// IVs of messages encrypted in the HSM (not secret; unique per message with
+    /// overwhelming probability, as in memory mode).
+    pub(super) rng: ring::rand::SystemRandom,
+    /// DEK session objects made (unwrapped or generated) in hsm residency.
+    pub(super) resident_loads: AtomicU64,
+    /// DEKs of `AesGcmV1` blobs that had to pass through this process to become session
+    /// objects (hsm residency before the rotation to a wrap-class KEK finished).
+    pub(super) imports: AtomicU64,
 }
 
 impl WorkerPool {
@@ -155,6 +172,31 @@ pub(super) enum JobKind {
     Health {
         reply: Reply<()>,
     },
+    /// Hsm residency: a DEK generated as a key object and wrapped by the HSM.
+    GenerateResident {
+        key_id: KeyId,
+        reply: Reply<(WrappedDek, KekRef)>,
+    },
+    /// Hsm residency: encrypt each item under `key`'s session object.
+    SealResident {
+        key: ResidentKey,
+        kek: KekRef,
+        format: WrapFormat,
+        items: Vec<ResidentItem>,
+        reply: Reply<Vec<Result<Vec<u8>, BackendError>>>,
+    },
+    /// Hsm residency: decrypt each item under `key`'s session object.
+    OpenResident {
+        key: ResidentKey,
+        kek: KekRef,
+        format: WrapFormat,
+        items: Vec<ResidentItem>,
+        reply: Reply<Vec<Result<Zeroizing<Vec<u8>>, BackendError>>>,
+    },
+    /// Destroy this worker's session object of a DEK, if it has one.
+    Forget {
+        key_id: KeyId,
+    },
 }
 
 /// A job and the time after which nobody waits for it any more.
@@ -168,15 +210,78 @@ struct Live {
     session: Session,
     slot: Slot,
     generation: u64,
-    keks: HashMap<KekRef, ObjectHandle>,
+    keks: HashMap<KekRef, (ObjectHandle, KekClass)>,
     /// The audit key's handle, found (and checked) once per session.
     audit: Option<ObjectHandle>,
     known: Option<Arc<WorkerPool>>,
+    /// Hsm residency: this session's DEK objects. They die with the session, so a new
+    /// session starts with an empty map.
+    resident: ResidentObjects,
+}
+
+/// A bounded map of DEK session objects, least recently used destroyed first.
+struct ResidentObjects {
+    cap: usize,
+    tick: u64,
+    by_key: HashMap<KeyId, (ObjectHandle, u64)>,
+    by_use: std::collections::BTreeMap<u64, KeyId>,
+}
+
+impl ResidentObjects {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            tick: 0,
+            by_key: HashMap::new(),
+            by_use: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, key_id: &KeyId) -> Option<ObjectHandle> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (h, used) = self.by_key.get_mut(key_id)?;
+        self.by_use.remove(used);
+        *used = tick;
+        self.by_use.insert(tick, key_id.clone());
+        Some(*h)
+    }
+
+    /// Adds `h`; returns the handles that must be destroyed (one evicted to stay within the
+    /// bound, or an older object of the same key).
+    fn insert(&mut self, key_id: KeyId, h: ObjectHandle) -> Vec<ObjectHandle> {
+        let mut out = self.remove(&key_id).into_iter().collect::<Vec<_>>();
+        while self.by_key.len() >= self.cap {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some((old, _)) = self.by_key.remove(&oldest) {
+                out.push(old);
+            }
+        }
+        self.tick += 1;
+        self.by_use.insert(self.tick, key_id.clone());
+        self.by_key.insert(key_id, (h, self.tick));
+        out
+    }
+
+    fn remove(&mut self, key_id: &KeyId) -> Option<ObjectHandle> {
+        let (h, used) = self.by_key.remove(key_id)?;
+        self.by_use.remove(&used);
+        Some(h)
+    }
+
+    /// Forgets every handle without destroying anything (the session, and its objects, are
+    /// gone, or the login that made them is).
+    fn clear(&mut self) {
+        self.by_key.clear();
+        self.by_use.clear();
+    }
 }
 
 impl Live {
-    /// The handle of `kek`, found (and its attributes checked) once per session.
-    fn kek_handle(&mut self, kek: &KekRef) -> Result<ObjectHandle, OpError> {
+    /// The handle and class of `kek`, found (and its attributes checked) once per session.
+    fn kek(&mut self, kek: &KekRef) -> Result<(ObjectHandle, KekClass), OpError> {
         if self
             .known
             .as_ref()
@@ -200,6 +305,24 @@ impl Live {
                 .insert(kek.clone());
         }
         Ok(h)
+    }
+
+    /// The handle of `kek`, which must be of class `class` (a blob whose format names the
+    /// other class was forged or damaged: `InvalidWrapped`).
+    fn kek_of(&mut self, kek: &KekRef, class: KekClass) -> Result<ObjectHandle, OpError> {
+        match self.kek(kek)? {
+            (h, c) if c == class => Ok(h),
+            _ => Err(OpError::Backend(BackendError::InvalidWrapped)),
+        }
+    }
+
+    /// Keeps `h` as `key_id`'s DEK object, destroying what that pushes out.
+    fn keep_resident(&mut self, key_id: &KeyId, h: ObjectHandle) {
+        for old in self.resident.insert(key_id.clone(), h) {
+            if let Err(e) = self.session.destroy_object(old) {
+                tracing::debug!(error = %e, "destroying an evicted DEK session object");
+            }
+        }
     }
 }
 
@@ -369,9 +492,9 @@ impl Worker {
                     return;
                 }
                 let current = self.pool.current_kek();
+                let pool = Arc::clone(&self.pool);
                 let res = self.run_op(|live| {
-                    let dek = unwrap(live, &key_id, &kek, format, &wrapped)?;
-                    let blob = seal(live, &key_id, &current, &dek)?;
+                    let blob = rewrap(live, &pool, &key_id, &kek, format, &wrapped, &current)?;
                     Ok((blob, current.clone()))
                 });
                 let _ = reply.send(res);
@@ -388,6 +511,70 @@ impl Worker {
                 let label = self.pool.audit_label.clone();
                 let res = self.run_op(|live| audit_chain(live, &label, prev, &messages));
                 let _ = reply.send(res);
+            }
+            JobKind::GenerateResident { key_id, reply } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let kek = self.pool.current_kek();
+                let pool = Arc::clone(&self.pool);
+                let res = self.run_op(|live| generate_resident(live, &pool, &key_id, &kek));
+                let _ = reply.send(res);
+            }
+            JobKind::SealResident {
+                key,
+                kek,
+                format,
+                items,
+                reply,
+            } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let pool = Arc::clone(&self.pool);
+                let res = self.run_op(|live| {
+                    let h = resident_handle(live, &pool, &key, &kek, format)?;
+                    items
+                        .iter()
+                        .map(|item| seal_message(live, &pool, h, item))
+                        .collect::<Result<Vec<_>, OpError>>()
+                });
+                let _ = reply.send(res);
+            }
+            JobKind::OpenResident {
+                key,
+                kek,
+                format,
+                items,
+                reply,
+            } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let pool = Arc::clone(&self.pool);
+                let res = self.run_op(|live| {
+                    let h = resident_handle(live, &pool, &key, &kek, format)?;
+                    items
+                        .iter()
+                        .map(|item| open_message(live, h, item))
+                        .collect::<Result<Vec<_>, OpError>>()
+                });
+                let _ = reply.send(res);
+            }
+            JobKind::Forget { key_id } => {
+                if let Some(live) = self.live.as_mut() {
+                    let _g = self.pool.ctx.read_gate();
+                    if live.generation == self.pool.ctx.generation() {
+                        if let Some(h) = live.resident.remove(&key_id) {
+                            if let Err(e) = live.session.destroy_object(h) {
+                                tracing::debug!(error = %e, "destroying a forgotten DEK session object");
+                            }
+                        }
+                    }
+                }
             }
             JobKind::Health { reply } => {
                 if expired {
@@ -550,6 +737,7 @@ impl Worker {
                 return;
             }
             live.keks.clear();
+            live.resident.clear();
             ctx.login(&live.session, &self.pool.token_label, &self.pool.pin)
         };
         match res {
@@ -721,11 +909,12 @@ impl Worker {
             keks: HashMap::new(),
             audit: None,
             known: Some(Arc::clone(&self.pool)),
+            resident: ResidentObjects::new(self.pool.resident_cap),
         };
         let kek = self.pool.current_kek();
         let checked = ctx
             .login(&live.session, &self.pool.token_label, &self.pool.pin)
-            .and_then(|()| live.kek_handle(&kek).map(|_| ()));
+            .and_then(|()| live.kek(&kek).map(|_| ()));
         if let Err(e) = checked {
             // The session is ours and of the current generation (we hold the gate).
             self.close(live);
@@ -753,9 +942,16 @@ fn generate(
     Ok((dek, blob, kek.clone()))
 }
 
-/// `dek` encrypted under `kek` by the HSM (`AesGcmV1`, IV from the HSM RNG).
+/// `dek` wrapped under `kek` in the format of its class: encrypted by the HSM (`AesGcmV1`,
+/// IV from the HSM RNG), or made a session key object for the HSM to wrap (`AesKwV2`).
 fn seal(live: &mut Live, key_id: &KeyId, kek: &KekRef, dek: &Dek) -> Result<WrappedDek, OpError> {
-    let handle = live.kek_handle(kek)?;
+    let (handle, class) = live.kek(kek)?;
+    if class == KekClass::Wrap {
+        let obj = create_dek_object(live, dek, Extract::ByWrapOnly)?;
+        let out = wrap_object(live, key_id, kek, handle, obj, Check::Local(dek));
+        destroy_quietly(live, obj);
+        return out;
+    }
     let mut iv = [0u8; IV_LEN];
     live.session.generate_random_slice(&mut iv)?;
     let aad = wrap_aad(key_id, kek);
@@ -789,13 +985,48 @@ fn unwrap(
     wrapped: &WrappedDek,
 ) -> Result<Dek, OpError> {
     match format {
+        WrapFormat::AesKwV2 => {
+            // Unwrapped into a readable session object, read, destroyed; then the check.
+            let handle = live.kek_of(kek, KekClass::Wrap)?;
+            let obj = unwrap_object(live, handle, wrapped, Extract::Readable)?;
+            let value = live
+                .session
+                .get_attributes(obj, &[AttributeType::Value])
+                .map_err(OpError::from);
+            destroy_quietly(live, obj);
+            let mut value = value?;
+            let mut dek = Zeroizing::new([0u8; DEK_LEN]);
+            let mut found = false;
+            for a in &mut value {
+                if let Attribute::Value(v) = a {
+                    if v.len() == DEK_LEN {
+                        dek.copy_from_slice(v);
+                        found = true;
+                    }
+                    zeroize::Zeroize::zeroize(v);
+                }
+            }
+            if !found {
+                return Err(OpError::Backend(BackendError::Internal(
+                    "the token did not return the unwrapped DEK's value".into(),
+                )));
+            }
+            let dek = Dek::from_bytes(dek);
+            let check = wrapped
+                .as_bytes()
+                .get(5 + AES_KW_LEN..)
+                .ok_or(OpError::Backend(BackendError::InvalidWrapped))?;
+            aead::open(&dek, check, &wrap_aad(key_id, kek))
+                .map_err(|_| OpError::Backend(BackendError::InvalidWrapped))?;
+            Ok(dek)
+        }
         WrapFormat::AesGcmV1 => {
             let b = wrapped.as_bytes();
             // Length was checked by `parse_wrapped_header`; `get` keeps this panic-free anyway.
             let (Some(iv_bytes), Some(ct)) = (b.get(5..5 + IV_LEN), b.get(5 + IV_LEN..)) else {
                 return Err(OpError::Backend(BackendError::InvalidWrapped));
             };
-            let handle = live.kek_handle(kek)?;
+            let handle = live.kek_of(kek, KekClass::Encrypt)?;
             let aad = wrap_aad(key_id, kek);
             let mut iv = [0u8; IV_LEN];
             iv.copy_from_slice(iv_bytes);
@@ -813,6 +1044,335 @@ fn unwrap(
             dek.copy_from_slice(&plain);
             Ok(Dek::from_bytes(dek))
         }
+    }
+}
+
+/// Who may get a DEK session object's value out of the HSM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Extract {
+    /// Nobody: sensitive, non-extractable (hsm residency's working copy).
+    Never,
+    /// Only wrapped under a KEK: sensitive, extractable (made to be wrapped, then destroyed).
+    ByWrapOnly,
+    /// Read in the clear (memory residency unwrapping an `AesKwV2` blob), then destroyed.
+    Readable,
+}
+
+/// Attributes of a DEK session object (no value, no length: the mechanism or the caller
+/// gives those).
+fn dek_object_template(extract: Extract) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(extract != Extract::Readable),
+        Attribute::Extractable(extract != Extract::Never),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+    ]
+}
+
+fn destroy_quietly(live: &Live, h: ObjectHandle) {
+    if let Err(e) = live.session.destroy_object(h) {
+        tracing::debug!(error = %e, "destroying a DEK session object");
+    }
+}
+
+/// A session object holding `dek` (its bytes pass through this process: the memory path,
+/// and the one-time import of `AesGcmV1` DEKs). The attribute buffer is zeroized.
+fn create_dek_object(live: &Live, dek: &Dek, extract: Extract) -> Result<ObjectHandle, OpError> {
+    let mut template = dek_object_template(extract);
+    template.push(Attribute::Value(dek.expose().to_vec()));
+    let out = live.session.create_object(&template);
+    for a in &mut template {
+        if let Attribute::Value(v) = a {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+    Ok(out?)
+}
+
+/// `C_UnwrapKey` of an `AesKwV2` blob's key part under the wrap-class KEK `kek_h`.
+fn unwrap_object(
+    live: &Live,
+    kek_h: ObjectHandle,
+    wrapped: &WrappedDek,
+    extract: Extract,
+) -> Result<ObjectHandle, OpError> {
+    let kw = wrapped
+        .as_bytes()
+        .get(5..5 + AES_KW_LEN)
+        .ok_or(OpError::Backend(BackendError::InvalidWrapped))?;
+    match live.session.unwrap_key(
+        &Mechanism::AesKeyWrap,
+        kek_h,
+        kw,
+        &dek_object_template(extract),
+    ) {
+        Ok(h) => Ok(h),
+        // RFC 3394's integrity check failed: a damaged or foreign blob.
+        Err(cryptoki::error::Error::Pkcs11(
+            RvError::WrappedKeyInvalid
+            | RvError::WrappedKeyLenRange
+            | RvError::EncryptedDataInvalid
+            | RvError::GeneralError,
+            cryptoki::context::Function::UnwrapKey,
+        )) => Err(OpError::Backend(BackendError::InvalidWrapped)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How the check of an `AesKwV2` blob is made: with the DEK's bytes here, or by the HSM
+/// with its session object.
+enum Check<'a> {
+    Local(&'a Dek),
+    InHsm,
+}
+
+/// The `AesKwV2` blob of the DEK object `obj` (extractable) under the wrap-class KEK.
+fn wrap_object(
+    live: &Live,
+    key_id: &KeyId,
+    kek: &KekRef,
+    kek_h: ObjectHandle,
+    obj: ObjectHandle,
+    check: Check<'_>,
+) -> Result<WrappedDek, OpError> {
+    let kw = live.session.wrap_key(&Mechanism::AesKeyWrap, kek_h, obj)?;
+    if kw.len() != AES_KW_LEN {
+        return Err(OpError::Backend(BackendError::Internal(format!(
+            "CKM_AES_KEY_WRAP returned {} bytes, expected {AES_KW_LEN}",
+            kw.len()
+        ))));
+    }
+    let aad = wrap_aad(key_id, kek);
+    let check = match check {
+        Check::Local(dek) => {
+            let rng = ring::rand::SystemRandom::new();
+            aead::seal(&rng, dek, b"", &aad).map_err(|_| {
+                OpError::Backend(BackendError::Internal("random generator failed".into()))
+            })?
+        }
+        Check::InHsm => {
+            let mut iv = [0u8; IV_LEN];
+            live.session.generate_random_slice(&mut iv)?;
+            let tag = {
+                let params = GcmParams::new(&mut iv, &aad, gcm_tag_bits())?;
+                live.session.encrypt(&Mechanism::AesGcm(params), obj, &[])?
+            };
+            let mut c = iv.to_vec();
+            c.extend_from_slice(&tag);
+            c
+        }
+    };
+    if check.len() != IV_LEN + TAG_LEN {
+        return Err(OpError::Backend(BackendError::Internal(
+            "the wrap check has the wrong length".into(),
+        )));
+    }
+    let mut blob = Vec::with_capacity(AES_KW_V2_LEN);
+    blob.push(WrapFormat::AesKwV2 as u8);
+    blob.extend_from_slice(&kek.version.get().to_be_bytes());
+    blob.extend_from_slice(&kw);
+    blob.extend_from_slice(&check);
+    debug_assert_eq!(blob.len(), AES_KW_V2_LEN);
+    Ok(WrappedDek::new(blob))
+}
+
+/// Verifies an `AesKwV2` blob's check with the DEK object `obj`, inside the HSM.
+fn check_in_hsm(
+    live: &Live,
+    key_id: &KeyId,
+    kek: &KekRef,
+    wrapped: &WrappedDek,
+    obj: ObjectHandle,
+) -> Result<(), OpError> {
+    let b = wrapped.as_bytes();
+    let (Some(iv_bytes), Some(tag)) = (
+        b.get(5 + AES_KW_LEN..5 + AES_KW_LEN + IV_LEN),
+        b.get(5 + AES_KW_LEN + IV_LEN..),
+    ) else {
+        return Err(OpError::Backend(BackendError::InvalidWrapped));
+    };
+    let aad = wrap_aad(key_id, kek);
+    let mut iv = [0u8; IV_LEN];
+    iv.copy_from_slice(iv_bytes);
+    let params = GcmParams::new(&mut iv, &aad, gcm_tag_bits())?;
+    match live.session.decrypt(&Mechanism::AesGcm(params), obj, tag) {
+        Ok(p) if p.is_empty() => Ok(()),
+        Ok(_) => Err(OpError::Backend(BackendError::InvalidWrapped)),
+        Err(cryptoki::error::Error::Pkcs11(rv, func))
+            if classify(func, rv) == Disposition::AuthFailed =>
+        {
+            Err(OpError::Backend(BackendError::InvalidWrapped))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Hsm residency: the session object of `key`'s DEK, from this session's map or made now:
+/// unwrapped by the HSM (`AesKwV2`, then checked by the HSM), or, for an `AesGcmV1` blob,
+/// decrypted and imported once (its bytes pass through this worker, zeroized at once).
+fn resident_handle(
+    live: &mut Live,
+    pool: &WorkerPool,
+    key: &ResidentKey,
+    kek: &KekRef,
+    format: WrapFormat,
+) -> Result<ObjectHandle, OpError> {
+    if let Some(h) = live.resident.get(&key.key_id) {
+        return Ok(h);
+    }
+    let h = match format {
+        WrapFormat::AesKwV2 => {
+            let kek_h = live.kek_of(kek, KekClass::Wrap)?;
+            let h = unwrap_object(live, kek_h, &key.wrapped, Extract::Never)?;
+            if let Err(e) = check_in_hsm(live, &key.key_id, kek, &key.wrapped, h) {
+                destroy_quietly(live, h);
+                return Err(e);
+            }
+            h
+        }
+        WrapFormat::AesGcmV1 => {
+            let dek = unwrap(live, &key.key_id, kek, format, &key.wrapped)?;
+            let h = create_dek_object(live, &dek, Extract::Never)?;
+            pool.imports.fetch_add(1, Ordering::Relaxed);
+            h
+        }
+    };
+    pool.resident_loads.fetch_add(1, Ordering::Relaxed);
+    live.keep_resident(&key.key_id, h);
+    Ok(h)
+}
+
+/// Hsm residency: a new DEK. Under a wrap-class KEK it is generated as a key object by the
+/// HSM, wrapped and checked by the HSM, then made non-extractable and kept; its bytes never
+/// exist outside the HSM. Under an encrypt-class KEK (a deployment switching to hsm
+/// residency before its first rotation) it is made as in memory mode and imported.
+fn generate_resident(
+    live: &mut Live,
+    pool: &WorkerPool,
+    key_id: &KeyId,
+    kek: &KekRef,
+) -> Result<(WrappedDek, KekRef), OpError> {
+    let (kek_h, class) = live.kek(kek)?;
+    if class == KekClass::Encrypt {
+        let (dek, blob, kek) = generate(live, key_id, kek)?;
+        let h = create_dek_object(live, &dek, Extract::Never)?;
+        pool.imports.fetch_add(1, Ordering::Relaxed);
+        live.keep_resident(key_id, h);
+        return Ok((blob, kek));
+    }
+    let mut template = dek_object_template(Extract::ByWrapOnly);
+    template.push(Attribute::ValueLen(Ulong::new(DEK_LEN as _)));
+    let obj = live
+        .session
+        .generate_key(&Mechanism::AesKeyGen, &template)?;
+    let blob = match wrap_object(live, key_id, kek, kek_h, obj, Check::InHsm) {
+        Ok(b) => b,
+        Err(e) => {
+            destroy_quietly(live, obj);
+            return Err(e);
+        }
+    };
+    // The working copy must not be extractable. A token that refuses the change gets a fresh
+    // non-extractable object from the blob instead.
+    let h = match live
+        .session
+        .update_attributes(obj, &[Attribute::Extractable(false)])
+    {
+        Ok(()) => obj,
+        Err(e) => {
+            tracing::debug!(error = %e, "the token keeps CKA_EXTRACTABLE; unwrapping a working copy");
+            destroy_quietly(live, obj);
+            let h = unwrap_object(live, kek_h, &blob, Extract::Never)?;
+            check_in_hsm(live, key_id, kek, &blob, h).inspect_err(|_| destroy_quietly(live, h))?;
+            h
+        }
+    };
+    pool.resident_loads.fetch_add(1, Ordering::Relaxed);
+    live.keep_resident(key_id, h);
+    Ok((blob, kek.clone()))
+}
+
+/// Rotation: the DEK of `wrapped` (under `kek`) wrapped again under `current`. Between two
+/// wrap-class KEKs in hsm residency the DEK stays in the HSM (unwrapped into an extractable
+/// session object, wrapped, destroyed); otherwise it passes through this worker.
+fn rewrap(
+    live: &mut Live,
+    pool: &WorkerPool,
+    key_id: &KeyId,
+    kek: &KekRef,
+    format: WrapFormat,
+    wrapped: &WrappedDek,
+    current: &KekRef,
+) -> Result<WrappedDek, OpError> {
+    let (cur_h, cur_class) = live.kek(current)?;
+    if pool.residency == DekResidency::Hsm
+        && format == WrapFormat::AesKwV2
+        && cur_class == KekClass::Wrap
+    {
+        let old_h = live.kek_of(kek, KekClass::Wrap)?;
+        let obj = unwrap_object(live, old_h, wrapped, Extract::ByWrapOnly)?;
+        let out = check_in_hsm(live, key_id, kek, wrapped, obj)
+            .and_then(|()| wrap_object(live, key_id, current, cur_h, obj, Check::InHsm));
+        destroy_quietly(live, obj);
+        return out;
+    }
+    let dek = unwrap(live, key_id, kek, format, wrapped)?;
+    seal(live, key_id, current, &dek)
+}
+
+/// Hsm residency: `nonce | ciphertext | tag` of one message, encrypted by the HSM under the
+/// DEK object `h` (IV from the OS RNG, as in memory mode).
+fn seal_message(
+    live: &Live,
+    pool: &WorkerPool,
+    h: ObjectHandle,
+    item: &ResidentItem,
+) -> Result<Result<Vec<u8>, BackendError>, OpError> {
+    let mut iv = [0u8; IV_LEN];
+    ring::rand::SecureRandom::fill(&pool.rng, &mut iv)
+        .map_err(|_| OpError::Backend(BackendError::Internal("random generator failed".into())))?;
+    let ct = {
+        let params = GcmParams::new(&mut iv, &item.aad, gcm_tag_bits())?;
+        live.session
+            .encrypt(&Mechanism::AesGcm(params), h, &item.data)?
+    };
+    let mut out = Vec::with_capacity(IV_LEN + ct.len());
+    out.extend_from_slice(&iv);
+    out.extend_from_slice(&ct);
+    Ok(Ok(out))
+}
+
+/// Hsm residency: one message decrypted by the HSM; a message that does not authenticate
+/// is that item's `InvalidWrapped` (the caller's opaque decrypt failure).
+fn open_message(
+    live: &Live,
+    h: ObjectHandle,
+    item: &ResidentItem,
+) -> Result<Result<Zeroizing<Vec<u8>>, BackendError>, OpError> {
+    if item.data.len() < IV_LEN + TAG_LEN {
+        return Ok(Err(BackendError::InvalidWrapped));
+    }
+    let (iv_bytes, ct) = item.data.split_at(IV_LEN);
+    let mut iv = [0u8; IV_LEN];
+    iv.copy_from_slice(iv_bytes);
+    let params = GcmParams::new(&mut iv, &item.aad, gcm_tag_bits())?;
+    match live.session.decrypt(&Mechanism::AesGcm(params), h, ct) {
+        Ok(p) => Ok(Ok(Zeroizing::new(p))),
+        Err(cryptoki::error::Error::Pkcs11(rv, func))
+            if classify(func, rv) == Disposition::AuthFailed =>
+        {
+            Ok(Err(BackendError::InvalidWrapped))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -861,7 +1421,7 @@ fn health(live: &mut Live, kek: &KekRef) -> Result<(), OpError> {
     }
     let mut probe = [0u8; 16];
     live.session.generate_random_slice(&mut probe)?;
-    let handle = live.kek_handle(kek)?;
+    let (handle, _) = live.kek(kek)?;
     live.session
         .get_attributes(handle, &[AttributeType::Class])?;
     Ok(())
