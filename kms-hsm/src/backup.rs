@@ -315,10 +315,10 @@ pub async fn import_copies<B: KeyBackend, S: KeyStore>(
         }
         match svc
             .backend()
-            .unwrap_dek(&c.key_id, &c.kek_id, &c.wrapped_dek)
+            .check_wrapped(&c.key_id, &c.kek_id, &c.wrapped_dek)
             .await
         {
-            Ok(_dek) => {}
+            Ok(()) => {}
             Err(
                 crate::backend::BackendError::InvalidWrapped
                 | crate::backend::BackendError::KekNotFound { .. },

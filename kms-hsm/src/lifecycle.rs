@@ -996,10 +996,10 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         match self
             .svc
             .backend()
-            .unwrap_dek(&rec.key_id, &rec.kek_id, wrapped)
+            .check_wrapped(&rec.key_id, &rec.kek_id, wrapped)
             .await
         {
-            Ok(_dek) => Ok(Verified::Ok(header.kek_version)),
+            Ok(()) => Ok(Verified::Ok(header.kek_version)),
             Err(e @ (BackendError::InvalidWrapped | BackendError::KekNotFound { .. })) => {
                 tracing::error!(key_id = %rec.key_id, error = %e, "DEK does not unwrap");
                 Ok(Verified::Failed(rec.key_id))

@@ -38,7 +38,15 @@ fn replicated(n: usize) -> Replicated {
 }
 
 fn replicated_with(n: usize, extra: &str) -> Replicated {
-    let pg = PgCluster::start();
+    // Lock waits are logged (with the waiting and holding processes) for a failure's report.
+    let pg = PgCluster::start_with(
+        false,
+        &[
+            "log_lock_waits=on",
+            "deadlock_timeout=200ms",
+            "log_line_prefix=%m [%p] ",
+        ],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let store = KmsStore::Postgres(pg.new_database());
@@ -144,7 +152,7 @@ impl MixedLoad {
 
     /// Stops and joins every worker and prints what ran (`what`: the scenario); then no
     /// write or read may have failed, and everything acknowledged must be there.
-    fn stop_and_check(&mut self, what: &str, logs: &[&progressdb_e2e::Proc]) {
+    fn stop_and_check(&mut self, what: &str, logs: &[&progressdb_e2e::Proc], pg: &PgCluster) {
         for s in &self.stops {
             s.store(true, Ordering::Relaxed);
         }
@@ -160,6 +168,19 @@ impl MixedLoad {
             self.failed_reads.load(Ordering::Relaxed)
         );
         if self.refused.load(Ordering::Relaxed) + self.failed_reads.load(Ordering::Relaxed) > 0 {
+            let pg_log = pg.log_text();
+            let kept =
+                std::env::temp_dir().join(format!("e2e-replicas-{}-pg.log", std::process::id()));
+            let _ = std::fs::write(&kept, &pg_log);
+            eprintln!(
+                "--- PostgreSQL (log kept in {}) ---\n{}",
+                kept.display(),
+                pg_log
+                    .lines()
+                    .filter(|l| !l.contains("LOG:  checkpoint"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             for (i, p) in logs.iter().enumerate() {
                 let text = p.log_text();
                 let bad: Vec<&str> = text
@@ -207,7 +228,7 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         sys.kms[victim].restart(hsm);
     }
     std::thread::sleep(Duration::from_millis(800));
-    load.stop_and_check("2 replicas, each killed once", &sys.procs());
+    load.stop_and_check("2 replicas, each killed once", &sys.procs(), &sys._pg);
     assert!(load.threads() > 10 && load.messages() > 50, "the load ran");
     assert!(load.reads.load(Ordering::Relaxed) > 20, "the reads ran");
     // Every key is served by each replica alone.
@@ -375,7 +396,7 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
     let hsm = &sys.hsm;
     sys.kms[driver].restart(hsm);
     std::thread::sleep(Duration::from_millis(500));
-    load.stop_and_check("a rotation's replica killed", &sys.procs());
+    load.stop_and_check("a rotation's replica killed", &sys.procs(), &sys._pg);
     // Every active DEK is under version 2 and version 1 is retired, seen from both replicas.
     for k in 0..2 {
         let st = sys.kms[k].cli_json(&sys.hsm, &["status", "--json"]);
@@ -395,7 +416,15 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
 /// commands succeed.
 #[test]
 fn init_kek_started_twice_at_once_makes_one_kek() {
-    let pg = PgCluster::start();
+    // Lock waits are logged (with the waiting and holding processes) for a failure's report.
+    let pg = PgCluster::start_with(
+        false,
+        &[
+            "log_lock_waits=on",
+            "deadlock_timeout=200ms",
+            "log_line_prefix=%m [%p] ",
+        ],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let store = KmsStore::Postgres(pg.new_database());

@@ -200,10 +200,7 @@ fn found_in_memory(pid: i32, deks: &[Vec<u8>]) -> usize {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let mut mem = fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut found = vec![false; deks.len()];
-    let finders: Vec<_> = deks
-        .iter()
-        .map(memchr::memmem::Finder::new)
-        .collect();
+    let finders: Vec<_> = deks.iter().map(memchr::memmem::Finder::new).collect();
     let mut scanned = 0usize;
     for line in maps.lines() {
         let mut parts = line.split_whitespace();
@@ -295,4 +292,145 @@ fn hsm_residency_keeps_every_dek_out_of_the_kms_memory_and_memory_mode_does_not(
         progressdb_e2e::metric(&m, "progressdb_kms_hsm_resident_loads_total").unwrap_or(0.0) >= 6.0,
         "{m}"
     );
+}
+
+/// Sets `hsm.dek_residency` in `kms`'s config and restarts it.
+fn switch(kms: &mut Kms, hsm: &SoftHsm, mode: &str) {
+    let text = fs::read_to_string(&kms.config).unwrap();
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("dek_residency") {
+                format!("dek_residency = \"{mode}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    fs::write(&kms.config, text.join("\n") + "\n").unwrap();
+    kms.restart(hsm);
+}
+
+fn encrypt(kms: &Kms, key: &str, text: &str) -> String {
+    let (s, e) = kms.call(
+        "POST",
+        "/encrypt",
+        Some(json!({ "key_id": key, "plaintext": B64.encode(text), "aad": B64.encode(key) })),
+    );
+    assert_eq!(s, 200, "{e}");
+    e["ciphertext"].as_str().unwrap().to_owned()
+}
+
+fn assert_decrypts(kms: &Kms, sealed: &[(String, String, String)]) {
+    for (key, text, ct) in sealed {
+        let (s, d) = kms.call(
+            "POST",
+            "/decrypt",
+            Some(json!({ "key_id": key, "ciphertext": ct, "aad": B64.encode(key) })),
+        );
+        assert_eq!(s, 200, "{d}");
+        assert_eq!(d["plaintext"], B64.encode(text));
+    }
+}
+
+fn wrap_format(kms: &Kms, key: &str) -> u8 {
+    let (s, w) = kms.call("GET", &format!("/get_wrapped?key_id={key}"), None);
+    assert_eq!(s, 200, "{w}");
+    B64.decode(w["wrapped"].as_str().unwrap()).unwrap()[0]
+}
+
+fn counter(kms: &Kms, name: &str) -> f64 {
+    progressdb_e2e::metric(&kms.metrics(), name).unwrap_or(0.0)
+}
+
+/// memory → hsm → (rotation) → memory, without re-encrypting a message: every message
+/// written in one mode is read in the others; the rotation in hsm mode moves every DEK to a
+/// wrap-class KEK, after which no DEK passes through the process again.
+#[test]
+fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let (mut kms, hsm) = kms_in(&tmp.path().join("kms"), &hsm, "switch-kek", "memory");
+    let mut sealed = Vec::new();
+    let mut keys = Vec::new();
+    let mut create = |kms: &Kms, tag: &str, sealed: &mut Vec<(String, String, String)>| {
+        let (s, k) = kms.call(
+            "POST",
+            "/create_dek_for_thread",
+            Some(json!({ "thread_id": tag })),
+        );
+        assert_eq!(s, 200, "{k}");
+        let key = k["key_id"].as_str().unwrap().to_owned();
+        let text = format!("written under {tag}");
+        sealed.push((key.clone(), text.clone(), encrypt(kms, &key, &text)));
+        keys.push(key);
+    };
+    for i in 0..4 {
+        create(&kms, &format!("memory-{i}"), &mut sealed);
+    }
+
+    // To hsm mode: the encrypt-class KEK's DEKs are imported once each.
+    switch(&mut kms, &hsm, "hsm");
+    assert_decrypts(&kms, &sealed);
+    assert!(counter(&kms, "progressdb_kms_hsm_dek_imports_total") >= 4.0);
+    create(&kms, "hsm-before-rotation", &mut sealed);
+    let st = kms.cli_json(&hsm, &["status", "--json"]);
+    assert_eq!(st["hsm"]["token"]["dek_residency"], "hsm", "{st}");
+
+    // The rotation makes a wrap-class KEK version and moves every DEK to it.
+    let job = kms.cli_json(&hsm, &["rotate-kek", "--json"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let st = kms.cli_json(&hsm, &["status", "--json"]);
+    assert_eq!(st["current_version"], 2, "{st}");
+    let v1 = st["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(v1["deks"], 0, "{st}");
+    drop(create);
+    for key in &keys {
+        assert_eq!(
+            wrap_format(&kms, key),
+            0x02,
+            "{key} was not moved to AesKwV2"
+        );
+    }
+    kms.restart(&hsm);
+    assert_decrypts(&kms, &sealed);
+    let key = {
+        let (s, k) = kms.call(
+            "POST",
+            "/create_dek_for_thread",
+            Some(json!({ "thread_id": "hsm-after-rotation" })),
+        );
+        assert_eq!(s, 200, "{k}");
+        k["key_id"].as_str().unwrap().to_owned()
+    };
+    sealed.push((key.clone(), "after".into(), encrypt(&kms, &key, "after")));
+    assert_eq!(wrap_format(&kms, &key), 0x02);
+    assert_eq!(
+        counter(&kms, "progressdb_kms_hsm_dek_imports_total"),
+        0.0,
+        "after the rotation no DEK passes through the KMS"
+    );
+    assert!(counter(&kms, "progressdb_kms_hsm_resident_loads_total") >= 6.0);
+
+    // Back to memory mode: AesKwV2 DEKs are unwrapped into memory; new ones are AesKwV2
+    // too (the current KEK is wrap-class).
+    switch(&mut kms, &hsm, "memory");
+    assert_decrypts(&kms, &sealed);
+    let (s, k) = kms.call(
+        "POST",
+        "/create_dek_for_thread",
+        Some(json!({ "thread_id": "memory-again" })),
+    );
+    assert_eq!(s, 200, "{k}");
+    let key = k["key_id"].as_str().unwrap().to_owned();
+    assert_eq!(wrap_format(&kms, &key), 0x02);
+    sealed.push((key.clone(), "again".into(), encrypt(&kms, &key, "again")));
+    switch(&mut kms, &hsm, "hsm");
+    assert_decrypts(&kms, &sealed);
 }

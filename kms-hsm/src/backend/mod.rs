@@ -365,6 +365,22 @@ pub trait KeyBackend: Send + Sync + 'static {
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<Dek, BackendError>> + Send;
 
+    /// Checks that `wrapped` (made for `key_id`) unwraps and authenticates, without handing
+    /// out the DEK: verification passes and restores use it. In hsm residency an `AesKwV2`
+    /// DEK is unwrapped into a session object, checked by the HSM and destroyed.
+    ///
+    /// # Errors
+    /// As [`KeyBackend::unwrap_dek`].
+    fn check_wrapped(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let unwrapped = self.unwrap_dek(key_id, kek_id, wrapped);
+        async move { unwrapped.await.map(drop) }
+    }
+
     /// Unwraps `wrapped` (made for `key_id` under an older KEK version) and wraps the same
     /// DEK again under the current KEK, inside one HSM job: the DEK bytes never leave the
     /// backend and are zeroized at once. KEK rotation moves every record this way.

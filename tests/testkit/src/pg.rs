@@ -371,6 +371,13 @@ impl PgCluster {
     }
 }
 
+impl PgCluster {
+    /// What the server logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop();

@@ -584,6 +584,28 @@ impl KeyBackend for Pkcs11Backend {
         }
     }
 
+    fn check_wrapped(
+        &self,
+        key_id: &KeyId,
+        kek_id: &KekId,
+        wrapped: &WrappedDek,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let parsed = blob_kek(kek_id, wrapped);
+        let key_id = key_id.clone();
+        let wrapped = wrapped.clone();
+        async move {
+            let (kek, format) = parsed?;
+            self.call(move |reply| JobKind::Check {
+                key_id,
+                kek,
+                format,
+                wrapped,
+                reply,
+            })
+            .await
+        }
+    }
+
     fn rewrap_dek(
         &self,
         key_id: &KeyId,

@@ -193,6 +193,14 @@ pub(super) enum JobKind {
         items: Vec<ResidentItem>,
         reply: Reply<Vec<Result<Zeroizing<Vec<u8>>, BackendError>>>,
     },
+    /// Check that a wrapped DEK unwraps and authenticates (no DEK handed out).
+    Check {
+        key_id: KeyId,
+        kek: KekRef,
+        format: WrapFormat,
+        wrapped: WrappedDek,
+        reply: Reply<()>,
+    },
     /// Destroy this worker's session object of a DEK, if it has one.
     Forget {
         key_id: KeyId,
@@ -562,6 +570,20 @@ impl Worker {
                         .map(|item| open_message(live, h, item))
                         .collect::<Result<Vec<_>, OpError>>()
                 });
+                let _ = reply.send(res);
+            }
+            JobKind::Check {
+                key_id,
+                kek,
+                format,
+                wrapped,
+                reply,
+            } => {
+                if expired {
+                    let _ = reply.send(Err(late()));
+                    return;
+                }
+                let res = self.run_op(|live| check_wrapped(live, &key_id, &kek, format, &wrapped));
                 let _ = reply.send(res);
             }
             JobKind::Forget { key_id } => {
@@ -1299,6 +1321,28 @@ fn generate_resident(
     pool.resident_loads.fetch_add(1, Ordering::Relaxed);
     live.keep_resident(key_id, h);
     Ok((blob, kek.clone()))
+}
+
+/// Whether `wrapped` unwraps and authenticates. An `AesKwV2` DEK is unwrapped into a
+/// non-extractable session object, checked by the HSM and destroyed: its bytes never leave
+/// the HSM; an `AesGcmV1` DEK is decrypted and zeroized at once.
+fn check_wrapped(
+    live: &mut Live,
+    key_id: &KeyId,
+    kek: &KekRef,
+    format: WrapFormat,
+    wrapped: &WrappedDek,
+) -> Result<(), OpError> {
+    match format {
+        WrapFormat::AesKwV2 => {
+            let kek_h = live.kek_of(kek, KekClass::Wrap)?;
+            let h = unwrap_object(live, kek_h, wrapped, Extract::Never)?;
+            let out = check_in_hsm(live, key_id, kek, wrapped, h);
+            destroy_quietly(live, h);
+            out
+        }
+        WrapFormat::AesGcmV1 => unwrap(live, key_id, kek, format, wrapped).map(drop),
+    }
 }
 
 /// Rotation: the DEK of `wrapped` (under `kek`) wrapped again under `current`. Between two
