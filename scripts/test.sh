@@ -6,7 +6,9 @@
 #   4. runs every test: default features (incl. the KMS against SoftHSM and the end-to-end
 #      tests), then the server's tests again with the dev-only embedded provider,
 #   5. builds Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh), and runs
-#      the KMS's token conformance suites again on it (PROGRESSDB_TEST_TOKEN=kryoptic).
+#      the KMS's token conformance suites again on it (PROGRESSDB_TEST_TOKEN=kryoptic),
+#   6. runs the conformance suites once more on each token with the KMS in
+#      hsm.dek_residency = "hsm" (PROGRESSDB_TEST_RESIDENCY=hsm).
 # Every integration test makes its own token in a temp dir (SOFTHSM2_CONF / KRYOPTIC_CONF per
 # test), so nothing here touches a system token directory.
 set -euo pipefail
@@ -57,9 +59,22 @@ cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | 
 # hsm_recovery, is SoftHSM's; the PostgreSQL and replica suites do not depend on the token.)
 log "cargo test: the token conformance suites on Kryoptic"
 PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast \
-  -p progressdb-kms --test hsm_backend --test kms_startup --test kms_api --test kms_transport \
+  -p progressdb-kms --test hsm_backend --test hsm_resident --test kms_startup --test kms_api \
+  --test kms_transport \
   -p progressdb-e2e --test e2e_flow --test e2e_lifecycle --test e2e_cli --test e2e_secrets \
   --test e2e_tamper --test e2e_dek_rotation --test e2e_openapi 2>&1 | tee -a "$RESULTS"
+PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-e2e \
+  --test e2e_residency a_deployment_switches 2>&1 | tee -a "$RESULTS"
+
+# The same suites with the KMS in hsm.dek_residency = "hsm" (DEKs only as HSM session objects;
+# hsm_backend is the memory path's own suite, hsm_resident the hsm path's), on both tokens.
+for token in softhsm kryoptic; do
+  log "cargo test: the token conformance suites in hsm residency on $token"
+  PROGRESSDB_TEST_TOKEN=$token PROGRESSDB_TEST_RESIDENCY=hsm cargo test --locked --no-fail-fast \
+    -p progressdb-kms --test kms_startup --test kms_api --test kms_transport \
+    -p progressdb-e2e --test e2e_flow --test e2e_lifecycle --test e2e_cli --test e2e_secrets \
+    --test e2e_tamper --test e2e_dek_rotation --test e2e_openapi 2>&1 | tee -a "$RESULTS"
+done
 
 # One closing line for the whole run (cargo's last line is a doc-test summary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -30,8 +30,15 @@ async fn round_trip_over_unix_socket() {
     let k = c.create_dek_for_thread(&tid("thread-1")).await.unwrap();
     assert_eq!(k.kek_id.as_str(), common::KEK_LABEL);
     assert_eq!(k.kek_version.get(), 1);
-    assert_eq!(k.wrapped.as_bytes().len(), 65, "AesGcmV1 wrapped DEK");
-    assert_eq!(k.wrapped.as_bytes()[0], 0x01);
+    // memory residency: an encrypt-class KEK, AesGcmV1; hsm residency: a wrap-class KEK,
+    // AesKwV2.
+    let (len, tag) = if common::residency_is_hsm() {
+        (73, 0x02)
+    } else {
+        (65, 0x01)
+    };
+    assert_eq!(k.wrapped.as_bytes().len(), len, "wrapped DEK length");
+    assert_eq!(k.wrapped.as_bytes()[0], tag, "wrapped DEK format");
 
     let marker = format!("PLAINTEXT-MARKER-{}", random_hex(12));
     for aad in [None, Some(&b"thread:thread-1:msg:1"[..])] {

@@ -251,6 +251,16 @@ pub fn kms_config_on(
     (config, endpoint)
 }
 
+/// The residency the suites run the KMS in: `PROGRESSDB_TEST_RESIDENCY` (`memory`, the
+/// default, or `hsm`), so the same suites run in both (scripts/test.sh).
+pub fn residency() -> String {
+    std::env::var("PROGRESSDB_TEST_RESIDENCY").unwrap_or_else(|_| "memory".into())
+}
+
+fn residency_line() -> String {
+    format!("dek_residency = \"{}\"\n", residency())
+}
+
 /// Writes the KMS config for `root` (records in `store`) without running `init-kek`.
 pub fn write_kms_config(
     root: &Path,
@@ -287,7 +297,8 @@ pub fn write_kms_config(
     fs::write(
         &config,
         format!(
-            "{listen_toml}\n[hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n{}\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
+            "{listen_toml}\n[hsm]\n{}module = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\nkek_label = \"{}\"\n\n[store]\npath = \"{}\"\n{}\n[cache]\nttl_secs = 300\nmax_entries = 1000\n",
+            residency_line(),
             hsm.module.display(),
             hsm.token_label,
             hsm.pin_file.display(),

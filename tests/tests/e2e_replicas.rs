@@ -38,12 +38,13 @@ fn replicated(n: usize) -> Replicated {
 }
 
 fn replicated_with(n: usize, extra: &str) -> Replicated {
-    // Lock waits are logged (with the waiting and holding processes) for a failure's report.
+    // Lock waits and slow statements are logged (with the processes) for a failure's report.
     let pg = PgCluster::start_with(
         false,
         &[
             "log_lock_waits=on",
             "deadlock_timeout=200ms",
+            "log_min_duration_statement=300",
             "log_line_prefix=%m [%p] ",
         ],
     );
@@ -416,15 +417,7 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
 /// commands succeed.
 #[test]
 fn init_kek_started_twice_at_once_makes_one_kek() {
-    // Lock waits are logged (with the waiting and holding processes) for a failure's report.
-    let pg = PgCluster::start_with(
-        false,
-        &[
-            "log_lock_waits=on",
-            "deadlock_timeout=200ms",
-            "log_line_prefix=%m [%p] ",
-        ],
-    );
+    let pg = PgCluster::start();
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let store = KmsStore::Postgres(pg.new_database());

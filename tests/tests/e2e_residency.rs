@@ -296,7 +296,12 @@ fn hsm_residency_keeps_every_dek_out_of_the_kms_memory_and_memory_mode_does_not(
 
 /// Sets `hsm.dek_residency` in `kms`'s config and restarts it.
 fn switch(kms: &mut Kms, hsm: &SoftHsm, mode: &str) {
-    let text = fs::read_to_string(&kms.config).unwrap();
+    set_residency(&kms.config, mode);
+    kms.restart(hsm);
+}
+
+fn set_residency(config: &Path, mode: &str) {
+    let text = fs::read_to_string(config).unwrap();
     let text: Vec<String> = text
         .lines()
         .map(|l| {
@@ -307,8 +312,8 @@ fn switch(kms: &mut Kms, hsm: &SoftHsm, mode: &str) {
             }
         })
         .collect();
-    fs::write(&kms.config, text.join("\n") + "\n").unwrap();
-    kms.restart(hsm);
+    assert!(text.iter().any(|l| l.starts_with("dek_residency")));
+    fs::write(config, text.join("\n") + "\n").unwrap();
 }
 
 fn encrypt(kms: &Kms, key: &str, text: &str) -> String {
@@ -390,7 +395,6 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
         .unwrap()
         .clone();
     assert_eq!(v1["deks"], 0, "{st}");
-    drop(create);
     for key in &keys {
         assert_eq!(
             wrap_format(&kms, key),

@@ -127,8 +127,10 @@ impl Kms {
             }
         }
         toml.push_str(&format!(
-            "[hsm]\nmodule = {module:?}\ntoken_label = {label:?}\npin_file = {pin_file:?}\nkek_label = {KEK_LABEL:?}\nsessions = {}\n",
-            opts.sessions.unwrap_or(2)
+            "[hsm]\nmodule = {module:?}\ntoken_label = {label:?}\npin_file = {pin_file:?}\nkek_label = {KEK_LABEL:?}\nsessions = {}\ndek_residency = {:?}\n",
+            opts.sessions.unwrap_or(2),
+            // The residency the suites run in (scripts/test.sh runs them in both).
+            std::env::var("PROGRESSDB_TEST_RESIDENCY").unwrap_or_else(|_| "memory".into()),
         ));
         toml.push_str(&format!("[store]\npath = {store:?}\nmap_size_mb = 16\n"));
         toml.push_str(&format!(
@@ -410,4 +412,10 @@ impl Drop for Kms {
             let _ = c.wait();
         }
     }
+}
+
+/// Whether the suites run in hsm residency (`PROGRESSDB_TEST_RESIDENCY=hsm`).
+#[allow(dead_code)]
+pub fn residency_is_hsm() -> bool {
+    std::env::var("PROGRESSDB_TEST_RESIDENCY").as_deref() == Ok("hsm")
 }

@@ -58,7 +58,7 @@ impl TestHsm {
             kek_label: KekId::parse(KEK_LABEL).unwrap(),
             audit_key_label: format!("{KEK_LABEL}-audit"),
             sessions,
-            residency: Default::default(),
+            residency: residency(),
             resident_keys_per_session: 64,
             limits: Default::default(),
         }
@@ -108,4 +108,14 @@ pub fn hsm() -> &'static TestHsm {
             pins,
         }
     })
+}
+
+/// The residency the suites run the backend in: `PROGRESSDB_TEST_RESIDENCY` (`memory`, the
+/// default, or `hsm`).
+pub fn residency() -> progressdb_kms::backend::DekResidency {
+    match std::env::var("PROGRESSDB_TEST_RESIDENCY").as_deref() {
+        Ok("hsm") => progressdb_kms::backend::DekResidency::Hsm,
+        Ok("memory") | Err(_) => progressdb_kms::backend::DekResidency::Memory,
+        Ok(other) => panic!("PROGRESSDB_TEST_RESIDENCY={other}: memory or hsm"),
+    }
 }

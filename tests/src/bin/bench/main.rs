@@ -192,6 +192,25 @@ fn run(args: Args) -> Result<bool> {
                 Err(e) => record("kms_encrypt_1k", Err(e), &mut failures),
             }
         }
+        if want("kms_hsm_encrypt") {
+            let r = async {
+                let p = procs::prepare_resident_kms(&bins, &root.join("kms-resident"))?;
+                procs::spawn_kms(&bins, p, &[]).await
+            }
+            .await;
+            match r {
+                Ok(resident) => {
+                    let a = scenarios::kms_hsm_encrypt(&env, &kms, &resident, 32).await;
+                    record("kms_hsm_encrypt_1k_c32", a, &mut failures);
+                    let b = scenarios::kms_hsm_encrypt_batch(&env, &kms, &resident).await;
+                    record("kms_hsm_encrypt_batch", b, &mut failures);
+                    if let Err(e) = resident.stop() {
+                        record("stopping the resident KMS", Err(e), &mut failures);
+                    }
+                }
+                Err(e) => record("kms_hsm_encrypt", Err(e), &mut failures),
+            }
+        }
         if want("kms_decrypt_uncached") {
             let r = async {
                 let nc = start_kms(

@@ -125,6 +125,41 @@ pub fn prepare_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
     })
 }
 
+/// [`prepare_kms`] for a KMS in `hsm.dek_residency = "hsm"`: the config says so before
+/// `init-kek`, which then makes a wrap-class KEK.
+pub fn prepare_resident_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
+    need_bins(bins, &["progressdb-kms"])?;
+    std::fs::create_dir_all(root)?;
+    let hsm = harness("creating the SoftHSM token", || SoftHsm::new(root))?;
+    let (config, endpoint) = progressdb_e2e::write_kms_config(
+        root,
+        &hsm,
+        KmsListen::Unix,
+        None,
+        &progressdb_e2e::KmsStore::Lmdb,
+    );
+    let text = std::fs::read_to_string(&config)?.replacen(
+        "[hsm]\n",
+        "[hsm]\ndek_residency = \"hsm\"\n",
+        1,
+    );
+    std::fs::write(&config, text)?;
+    let out = Command::new(bins.join("progressdb-kms"))
+        .env(hsm.conf_var, &hsm.conf)
+        .args(["init-kek", "--config"])
+        .arg(&config)
+        .output()?;
+    if !out.status.success() {
+        bail!("init-kek: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(KmsPrepared {
+        hsm,
+        config,
+        endpoint,
+        root: root.to_owned(),
+    })
+}
+
 /// Two KMS replicas under `root` on one new SoftHSM token and one database of `pg`, started
 /// and ready, and a client spread over both.
 pub async fn start_replicas(
