@@ -444,18 +444,16 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
                 })
                 .collect()),
             DekMaterial::Resident(key) => {
-                let input = items
-                    .iter()
-                    .map(|(plaintext, aad)| ResidentItem {
-                        data: zeroize::Zeroizing::new(plaintext.to_vec()),
-                        aad: aad.to_vec(),
-                    })
-                    .collect();
-                let out = self
-                    .backend
-                    .seal_resident(key, input)
-                    .await
-                    .map_err(|e| self.resident_failed(key, e))?;
+                let mut r = self.backend.seal_resident(key, resident_items(items)).await;
+                if let Err(BackendError::KekNotFound { .. }) = r {
+                    if let Some(fresh) = self.fresh_resident(key).await? {
+                        r = self
+                            .backend
+                            .seal_resident(&fresh, resident_items(items))
+                            .await;
+                    }
+                }
+                let out = r.map_err(|e| self.resident_failed(key, e))?;
                 Ok(out
                     .into_iter()
                     .map(|r| {
@@ -484,18 +482,16 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
                 })
                 .collect()),
             DekMaterial::Resident(key) => {
-                let input = items
-                    .iter()
-                    .map(|(ciphertext, aad)| ResidentItem {
-                        data: zeroize::Zeroizing::new(ciphertext.to_vec()),
-                        aad: aad.to_vec(),
-                    })
-                    .collect();
-                let out = self
-                    .backend
-                    .open_resident(key, input)
-                    .await
-                    .map_err(|e| self.resident_failed(key, e))?;
+                let mut r = self.backend.open_resident(key, resident_items(items)).await;
+                if let Err(BackendError::KekNotFound { .. }) = r {
+                    if let Some(fresh) = self.fresh_resident(key).await? {
+                        r = self
+                            .backend
+                            .open_resident(&fresh, resident_items(items))
+                            .await;
+                    }
+                }
+                let out = r.map_err(|e| self.resident_failed(key, e))?;
                 Ok(out
                     .into_iter()
                     .map(|r| match r {
@@ -508,6 +504,18 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
                     .collect())
             }
         }
+    }
+
+    /// The key's record read again, when the cached blob's KEK version is gone (a rotation
+    /// moved the record, then the old version was destroyed): `Some` when the store now holds
+    /// another blob for it.
+    async fn fresh_resident(&self, key: &ResidentKey) -> Result<Option<ResidentKey>, ServiceError> {
+        self.cache.evict(&key.key_id);
+        let entry = self.dek(&key.key_id).await?;
+        Ok(match &entry.material {
+            DekMaterial::Resident(k) if k.wrapped != key.wrapped => Some(k.clone()),
+            _ => None,
+        })
     }
 
     /// A whole resident call failed: a blob that does not unwrap is a corrupt key, and its
@@ -713,6 +721,17 @@ impl Drop for LeaveFlight<'_> {
             f.remove(self.key_id);
         }
     }
+}
+
+/// The items of a resident call (inputs copied into zeroizing buffers).
+fn resident_items(items: &[(&[u8], &[u8])]) -> Vec<ResidentItem> {
+    items
+        .iter()
+        .map(|(data, aad)| ResidentItem {
+            data: zeroize::Zeroizing::new(data.to_vec()),
+            aad: aad.to_vec(),
+        })
+        .collect()
 }
 
 /// A backend error about a key's blob (`InvalidWrapped`) is that key's corruption.

@@ -402,6 +402,15 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
             "{key} was not moved to AesKwV2"
         );
     }
+    // The old version destroyed while the KMS still caches blobs under it: it reads the
+    // moved records again.
+    let out = kms.cli(&hsm, &["kek", "destroy", "--version", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_decrypts(&kms, &sealed);
     kms.restart(&hsm);
     assert_decrypts(&kms, &sealed);
     let key = {

@@ -17,7 +17,8 @@
 //!
 //! and a random-number generator (`CKF_RNG`: DEKs and IVs come from the token). The key-wrap
 //! mechanisms the token has are recorded in preference order (`CKM_AES_KEY_WRAP_PAD`, then
-//! `CKM_AES_KEY_WRAP`) for the modes that wrap keys with `C_WrapKey`; none is needed today.
+//! `CKM_AES_KEY_WRAP`); `hsm.dek_residency = "hsm"` needs `CKM_AES_KEY_WRAP` (the `AesKwV2`
+//! format), checked by the backend at open.
 //! (Kryoptic has `CKM_AES_KEY_WRAP` and PKCS#11 3.0's `CKM_AES_KEY_WRAP_KWP` instead of
 //! `_PAD`; SoftHSM has both of the first two.)
 //!
@@ -26,7 +27,11 @@
 //! for the way a PKCS#11 caller may ask (length first, then the value). A token that hands the
 //! bytes out (Kryoptic 1.2.0 does: it answers `CKR_ATTRIBUTE_SENSITIVE` but fills the buffer)
 //! would give the KEK to anyone holding the PIN, so it is refused; the probe key is zeroized
-//! and destroyed either way.
+//! and destroyed either way. And **AES-GCM takes the caller's IV**: the KMS makes every GCM
+//! IV itself (from the token's RNG for wraps, the OS RNG for messages in hsm residency) and
+//! passes it in `CK_GCM_PARAMS`. A token in a FIPS mode that insists on generating the IV (and
+//! returns it in the parameters) fails the probe's encrypt-then-decrypt round trip and is
+//! refused by name: that convention is not supported yet.
 
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
@@ -229,9 +234,11 @@ fn probe_sensitive(session: &Session) -> Result<bool, BackendError> {
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
             ],
         )
         .map_err(|e| BackendError::Config(format!("cannot make a probe key in the token: {e}")))?;
+    let gcm = probe_caller_iv(session, key);
     let read = session.get_attributes(key, &[AttributeType::Value]);
     let leaked = match read {
         Ok(mut attrs) => {
@@ -250,5 +257,37 @@ fn probe_sensitive(session: &Session) -> Result<bool, BackendError> {
     if let Err(e) = session.destroy_object(key) {
         tracing::warn!(error = %e, "cannot destroy the probe key (a session object: it goes with the session)");
     }
+    gcm?;
     Ok(!leaked)
+}
+
+/// AES-GCM with an IV the caller chose round-trips (encrypt, then decrypt, same IV and AAD).
+fn probe_caller_iv(
+    session: &Session,
+    key: cryptoki::object::ObjectHandle,
+) -> Result<(), BackendError> {
+    use cryptoki::mechanism::aead::GcmParams;
+    let refused = |what: &str, e: &dyn std::fmt::Display| {
+        BackendError::Config(format!(
+            "the token does not take a caller-supplied AES-GCM IV ({what}: {e}); the KMS \
+             makes its own IVs and does not support tokens that generate them (FIPS mode)"
+        ))
+    };
+    let aad = b"progressdb-kms:probe";
+    let mut iv = [7u8; 12];
+    let ct = {
+        let params = GcmParams::new(&mut iv, aad, Ulong::new(128))
+            .map_err(|e| refused("parameters", &e))?;
+        session
+            .encrypt(&Mechanism::AesGcm(params), key, b"probe")
+            .map_err(|e| refused("encrypt", &e))?
+    };
+    let mut iv = [7u8; 12];
+    let params =
+        GcmParams::new(&mut iv, aad, Ulong::new(128)).map_err(|e| refused("parameters", &e))?;
+    match session.decrypt(&Mechanism::AesGcm(params), key, &ct) {
+        Ok(p) if p == b"probe" => Ok(()),
+        Ok(_) => Err(refused("decrypt", &"another plaintext came back")),
+        Err(e) => Err(refused("decrypt", &e)),
+    }
 }

@@ -138,11 +138,19 @@ pub fn prepare_resident_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
         None,
         &progressdb_e2e::KmsStore::Lmdb,
     );
-    let text = std::fs::read_to_string(&config)?.replacen(
-        "[hsm]\n",
-        "[hsm]\ndek_residency = \"hsm\"\n",
-        1,
-    );
+    let text: String = std::fs::read_to_string(&config)?
+        .lines()
+        .map(|l| {
+            if l.starts_with("dek_residency") {
+                "dek_residency = \"hsm\"\n".to_owned()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    if !text.contains("dek_residency = \"hsm\"") {
+        bail!("the KMS config has no dek_residency line to set");
+    }
     std::fs::write(&config, text)?;
     let out = Command::new(bins.join("progressdb-kms"))
         .env(hsm.conf_var, &hsm.conf)
