@@ -33,12 +33,7 @@ fn kms_in(root: &Path, hsm: &SoftHsm, kek: &str, mode: &str) -> (Kms, SoftHsm) {
     hsm.kek_label = kek.into();
     fs::create_dir_all(root).unwrap();
     let (config, endpoint) = write_kms_config(root, &hsm, KmsListen::Unix, None, &KmsStore::Lmdb);
-    let text = fs::read_to_string(&config).unwrap().replacen(
-        "[hsm]\n",
-        &format!("[hsm]\ndek_residency = \"{mode}\"\n"),
-        1,
-    );
-    fs::write(&config, text).unwrap();
+    set_residency(&config, mode);
     let out = Command::new(bin("progressdb-kms"))
         .env(hsm.conf_var, &hsm.conf)
         .args(["init-kek", "--config"])
