@@ -333,13 +333,17 @@ impl AuditLog {
         let shared = std::sync::Arc::clone(&self.shared);
         if lock.is_shared() {
             let turn = tokio::spawn(async move {
-                settle(shared, group).await;
+                // The caller holds the head (a turn's groups are one at a time), and a shared
+                // head is read again at the next turn: settling must not wait for it.
+                settle(shared, group, AfterFailure::KeepHead).await;
                 lock.release().await;
             });
             // The next group of this process waits for this commit anyway (the lock).
             let _ = turn.await;
+            // Chained on by nobody: the next turn reads the stored head.
+            head.head = None;
         } else {
-            tokio::spawn(settle(shared, group));
+            tokio::spawn(settle(shared, group, AfterFailure::ResetHead));
         }
     }
 
@@ -438,9 +442,22 @@ impl AuditLog {
 
 /// Waits until `group` is durable, answers its callers and releases the pending entries it
 /// chained.
-async fn settle(shared: std::sync::Arc<Shared>, group: InFlight) {
+/// What a failed commit does to the head in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AfterFailure {
+    /// Pipelined groups (a store this process owns): the next group must chain on the
+    /// committed head, so the head is reset (taking its lock).
+    ResetHead,
+    /// A shared store's turn: the caller holds the head lock while this settles, and the
+    /// next turn reads the head from the store anyway. Taking the lock here would wait for
+    /// the caller, which waits for this: a turn whose commit failed (a key another replica
+    /// committed first) would hang until its request went away.
+    KeepHead,
+}
+
+async fn settle(shared: std::sync::Arc<Shared>, group: InFlight, after: AfterFailure) {
     let result = group.commit.await;
-    if result.is_err() {
+    if result.is_err() && after == AfterFailure::ResetHead {
         // Every group queued before this one is applied by now (the store applies them in
         // order) and every one queued after it in this epoch chains on it and fails too: the
         // first failure of the epoch makes the next group chain on the committed head again.
@@ -664,6 +681,63 @@ mod tests {
             .unwrap();
         }
         (dir, backend, store, log)
+    }
+
+    /// On a shared store (PostgreSQL) a turn whose commit fails, here because another
+    /// replica committed the same key first (a create retried after a replica died), answers
+    /// its caller at once: settling it used to wait for the head lock its own caller held,
+    /// and the create hung until its request went away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_turn_on_a_shared_store_answers_at_once() {
+        let url = testkit::pg::PgCluster::shared().new_database();
+        let cfg = crate::config::PostgresConfig::new(
+            url,
+            None,
+            None,
+            4,
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_millis(500),
+        )
+        .unwrap();
+        let store =
+            crate::keystore::postgres::PostgresStore::open(&cfg, StoreMetrics::unregistered())
+                .await
+                .unwrap();
+        let backend = MockBackend::new();
+        let log = AuditLog::default();
+        let record = crate::keystore::KeyRecord {
+            key_id: kms_api::KeyId::from_random([7; 16]),
+            kek_id: kms_api::KekId::parse("kek").unwrap(),
+            kek_version: kms_api::KekVersion::FIRST,
+            thread_id: kms_api::ThreadId::parse("t").unwrap(),
+            created_at: 1_700_000_000,
+            state: crate::keystore::KeyState::Active {
+                wrapped: kms_api::WrappedDek::new(vec![7; 65]),
+            },
+        };
+        // "The other replica" committed it.
+        store.put_new(record.clone()).await.unwrap();
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            log.append_with(
+                &backend,
+                &store,
+                AuditEvent::new("dek.create").with("key_id", &record.key_id),
+                Some(record.clone()),
+            ),
+        )
+        .await
+        .expect("a failed audit turn hung");
+        assert!(
+            matches!(r, Err(AuditError::Store(StoreError::AlreadyExists(_)))),
+            "{r:?}"
+        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        // And the log goes on.
+        log.append(&backend, &store, AuditEvent::new("dek.destroy"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,11 +17,56 @@ use serde_json::json;
 use testkit::pg::PgCluster;
 
 struct Replicated {
+    /// Stops the activity watcher (see [`watch_activity`]) when dropped.
+    _watch: Watch,
     _pg: PgCluster,
     hsm: SoftHsm,
     kms: Vec<Kms>,
     server: Server,
     _tmp: tempfile::TempDir,
+}
+
+/// Long-running or long-idle-in-transaction PostgreSQL sessions, sampled every 200 ms
+/// (`pg_stat_activity`, with what they wait for), for a failure's report.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn watch_activity(url: String) -> Watch {
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (st, se) = (stop.clone(), seen.clone());
+    std::thread::spawn(move || {
+        let sql = "SELECT clock_timestamp()::time, pid, state, wait_event_type, wait_event, \
+                   round(extract(epoch from clock_timestamp() - state_change)::numeric, 2), \
+                   backend_xid, left(query, 60) FROM pg_stat_activity \
+                   WHERE datname IS NOT NULL AND pid <> pg_backend_pid() \
+                   AND state <> 'idle' AND clock_timestamp() - state_change > interval '300 ms'";
+        while !st.load(Ordering::Relaxed) {
+            if let Ok(out) = Command::new(testkit::pg::bin_dir().join("psql"))
+                .args(["-X", "-q", "-t", "-A", "-d", &url, "-c", sql])
+                .output()
+            {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                if !text.is_empty() {
+                    se.lock().unwrap().push(text);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    Watch { stop, seen }
 }
 
 impl Replicated {
@@ -51,6 +96,7 @@ fn replicated_with(n: usize, extra: &str) -> Replicated {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
     let store = KmsStore::Postgres(pg.new_database());
+    let watch = watch_activity(pg.url("postgres"));
     let kms: Vec<Kms> = (0..n)
         .map(|i| {
             let root = tmp.path().join(format!("replica-{i}"));
@@ -63,6 +109,7 @@ fn replicated_with(n: usize, extra: &str) -> Replicated {
     };
     let server = Server::start(tmp.path(), "progressdb", &provider, true);
     Replicated {
+        _watch: watch,
         _pg: pg,
         hsm,
         kms,
@@ -153,7 +200,13 @@ impl MixedLoad {
 
     /// Stops and joins every worker and prints what ran (`what`: the scenario); then no
     /// write or read may have failed, and everything acknowledged must be there.
-    fn stop_and_check(&mut self, what: &str, logs: &[&progressdb_e2e::Proc], pg: &PgCluster) {
+    fn stop_and_check(
+        &mut self,
+        what: &str,
+        logs: &[&progressdb_e2e::Proc],
+        pg: &PgCluster,
+        watch: &Watch,
+    ) {
         for s in &self.stops {
             s.store(true, Ordering::Relaxed);
         }
@@ -169,6 +222,10 @@ impl MixedLoad {
             self.failed_reads.load(Ordering::Relaxed)
         );
         if self.refused.load(Ordering::Relaxed) + self.failed_reads.load(Ordering::Relaxed) > 0 {
+            eprintln!(
+                "--- PostgreSQL sessions busy or in a transaction for over 300 ms ---\n{}",
+                watch.seen.lock().unwrap().join("\n")
+            );
             let pg_log = pg.log_text();
             let kept =
                 std::env::temp_dir().join(format!("e2e-replicas-{}-pg.log", std::process::id()));
@@ -229,7 +286,12 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         sys.kms[victim].restart(hsm);
     }
     std::thread::sleep(Duration::from_millis(800));
-    load.stop_and_check("2 replicas, each killed once", &sys.procs(), &sys._pg);
+    load.stop_and_check(
+        "2 replicas, each killed once",
+        &sys.procs(),
+        &sys._pg,
+        &sys._watch,
+    );
     assert!(load.threads() > 10 && load.messages() > 50, "the load ran");
     assert!(load.reads.load(Ordering::Relaxed) > 20, "the reads ran");
     // Every key is served by each replica alone.
@@ -397,7 +459,12 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
     let hsm = &sys.hsm;
     sys.kms[driver].restart(hsm);
     std::thread::sleep(Duration::from_millis(500));
-    load.stop_and_check("a rotation's replica killed", &sys.procs(), &sys._pg);
+    load.stop_and_check(
+        "a rotation's replica killed",
+        &sys.procs(),
+        &sys._pg,
+        &sys._watch,
+    );
     // Every active DEK is under version 2 and version 1 is retired, seen from both replicas.
     for k in 0..2 {
         let st = sys.kms[k].cli_json(&sys.hsm, &["status", "--json"]);

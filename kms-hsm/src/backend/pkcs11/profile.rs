@@ -276,8 +276,8 @@ fn probe_caller_iv(
     let aad = b"progressdb-kms:probe";
     let mut iv = [7u8; 12];
     let ct = {
-        let params = GcmParams::new(&mut iv, aad, Ulong::new(128))
-            .map_err(|e| refused("parameters", &e))?;
+        let params =
+            GcmParams::new(&mut iv, aad, Ulong::new(128)).map_err(|e| refused("parameters", &e))?;
         session
             .encrypt(&Mechanism::AesGcm(params), key, b"probe")
             .map_err(|e| refused("encrypt", &e))?
