@@ -55,16 +55,21 @@ cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | 
 
 # The suites that exercise the token: the PKCS#11 backend, start-up, the key API over both
 # transports, and the end-to-end flows, lifecycle, CLI, secrets, tampering, DEK rotation and
-# the OpenAPI contract. (Fault injection by removing SoftHSM's token directory, e2e_hsm and
-# hsm_recovery, is SoftHSM's; the PostgreSQL and replica suites do not depend on the token.)
+# the OpenAPI contract; session loss (hsm_recovery) and the planted KEK. (Fault injection by
+# moving SoftHSM's token directory away, the rest of e2e_hsm, is SoftHSM's: Kryoptic keeps its
+# database open; the memory scan of e2e_residency is SoftHSM's: Kryoptic keeps object values
+# in the clear in the KMS's own memory, docs/kms.md. The PostgreSQL and replica suites do not
+# depend on the token.)
 log "cargo test: the token conformance suites on Kryoptic"
 PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast \
-  -p progressdb-kms --test hsm_backend --test hsm_resident --test kms_startup --test kms_api \
-  --test kms_transport \
+  -p progressdb-kms --test hsm_backend --test hsm_resident --test hsm_recovery --test kms_startup \
+  --test kms_api --test kms_transport \
   -p progressdb-e2e --test e2e_flow --test e2e_lifecycle --test e2e_cli --test e2e_secrets \
   --test e2e_tamper --test e2e_dek_rotation --test e2e_openapi 2>&1 | tee -a "$RESULTS"
 PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-e2e \
   --test e2e_residency a_deployment_switches 2>&1 | tee -a "$RESULTS"
+PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-e2e \
+  --test e2e_hsm a_planted_kek 2>&1 | tee -a "$RESULTS"
 
 # The same suites with the KMS in hsm.dek_residency = "hsm" (DEKs only as HSM session objects;
 # hsm_backend is the memory path's own suite, hsm_resident the hsm path's), on both tokens.
