@@ -282,10 +282,15 @@ impl AuditLog {
             biased;
             r = &mut rx => r,
             mut head = self.shared.head.lock() => {
-                let batch =
+                let mut batch =
                     std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-                if !batch.is_empty() {
-                    self.lead(backend, store, &mut head, batch).await;
+                // A group holds each key record once: two creates racing with one idempotency
+                // key would otherwise fail their group together and find no record to answer
+                // with. The repeats go in the next group, which then finds the first one's.
+                while !batch.is_empty() {
+                    let (group, repeats) = one_record_per_key(batch);
+                    self.lead(backend, store, &mut head, group).await;
+                    batch = repeats;
                 }
                 drop(head);
                 // Our entry was in this batch or an earlier one: its answer is there.
@@ -442,6 +447,15 @@ impl AuditLog {
 
 /// Waits until `group` is durable, answers its callers and releases the pending entries it
 /// chained.
+/// Splits `batch` into a group where no key record appears twice, and the repeats.
+fn one_record_per_key(batch: Vec<Queued>) -> (Vec<Queued>, Vec<Queued>) {
+    let mut seen = std::collections::HashSet::new();
+    batch.into_iter().partition(|q| match &q.record {
+        Some(r) => seen.insert(r.key_id.clone()),
+        None => true,
+    })
+}
+
 /// What a failed commit does to the head in memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum AfterFailure {
