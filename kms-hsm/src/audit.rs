@@ -345,8 +345,6 @@ impl AuditLog {
             });
             // The next group of this process waits for this commit anyway (the lock).
             let _ = turn.await;
-            // Chained on by nobody: the next turn reads the stored head.
-            head.head = None;
         } else {
             tokio::spawn(settle(shared, group, AfterFailure::ResetHead));
         }

@@ -53,6 +53,8 @@ pub async fn run<B: KeyBackend, S: KeyStore>(svc: Arc<KeyService<B, S>>, every: 
                     match change {
                         Change::KeyDestroyed(k) => {
                             cache.evict(&k);
+                            // In hsm residency its session objects go too.
+                            svc.backend().forget_resident(&k);
                             evicted += 1;
                         }
                         Change::KekVersion(v) => {

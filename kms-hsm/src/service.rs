@@ -16,6 +16,8 @@ use kms_api::wire::SecretBytes;
 use kms_api::{ErrorCode, IdempotencyKey, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 use ring::rand::{SecureRandom, SystemRandom};
 
+use futures_util::StreamExt as _;
+
 use crate::backend::{
     BackendError, BackendState, DekResidency, KekRef, KeyBackend, ResidentItem, ResidentKey,
 };
@@ -750,8 +752,11 @@ fn one<T>(mut out: Vec<Result<T, Arc<ServiceError>>>) -> Result<T, ServiceError>
     }
 }
 
-/// Runs `op` once per distinct key of `inputs` (each key's items together, concurrently
-/// across keys), and puts every result back in its item's place. An item whose key did not
+/// Distinct keys of one batch worked on at once ([`per_key`]).
+const KEYS_AT_ONCE: usize = 16;
+
+/// Runs `op` once per distinct key of `inputs` (each key's items together, up to
+/// [`KEYS_AT_ONCE`] keys concurrently), and puts every result back in its item's place. An item whose key did not
 /// resolve answers that key's error.
 async fn per_key<'a, T, F, Fut>(
     deks: &HashMap<KeyId, DekOutcome>,
@@ -783,7 +788,7 @@ where
                     .iter()
                     .filter_map(|&i| inputs.get(i).map(|(_, a, b)| (*a, *b)))
                     .collect();
-                calls.push((idx, op(dek, group)));
+                calls.push((idx.clone(), op(dek, group)));
             }
             Err(e) => {
                 for &i in idx {
@@ -794,11 +799,14 @@ where
             }
         }
     }
-    let (idxs, futs): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
-    for (idx, r) in idxs
-        .into_iter()
-        .zip(futures_util::future::join_all(futs).await)
-    {
+    // At most a few keys' calls at once: in hsm residency each is an HSM job, and a batch
+    // of many keys must not fill every worker's queue (which would answer `overloaded`).
+    let done: Vec<_> = futures_util::stream::iter(calls)
+        .map(|(idx, fut)| async move { (idx, fut.await) })
+        .buffer_unordered(KEYS_AT_ONCE)
+        .collect()
+        .await;
+    for (idx, r) in done {
         match r {
             Ok(results) => {
                 for (&i, r) in idx.iter().zip(results) {
@@ -809,7 +817,7 @@ where
             }
             Err(e) => {
                 let e = Arc::new(e);
-                for &i in idx {
+                for i in idx {
                     if let Some(slot) = out.get_mut(i) {
                         *slot = Some(Err(e.clone()));
                     }

@@ -26,7 +26,7 @@ struct Replicated {
     _tmp: tempfile::TempDir,
 }
 
-/// Long-running or long-idle-in-transaction PostgreSQL sessions, sampled every 200 ms
+/// Long-running or long-idle-in-transaction PostgreSQL sessions, sampled every second
 /// (`pg_stat_activity`, with what they wait for), for a failure's report.
 struct Watch {
     stop: Arc<AtomicBool>,
@@ -48,7 +48,7 @@ fn watch_activity(url: String) -> Watch {
                    round(extract(epoch from clock_timestamp() - state_change)::numeric, 2), \
                    backend_xid, left(query, 60) FROM pg_stat_activity \
                    WHERE datname IS NOT NULL AND pid <> pg_backend_pid() \
-                   AND state <> 'idle' AND clock_timestamp() - state_change > interval '300 ms'";
+                   AND state <> 'idle' AND clock_timestamp() - state_change > interval '1 s'";
         while !st.load(Ordering::Relaxed) {
             if let Ok(out) = Command::new(testkit::pg::bin_dir().join("psql"))
                 .args(["-X", "-q", "-t", "-A", "-d", &url, "-c", sql])
@@ -63,7 +63,7 @@ fn watch_activity(url: String) -> Watch {
                     se.lock().unwrap().push(text);
                 }
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_secs(1));
         }
     });
     Watch { stop, seen }
@@ -223,7 +223,7 @@ impl MixedLoad {
         );
         if self.refused.load(Ordering::Relaxed) + self.failed_reads.load(Ordering::Relaxed) > 0 {
             eprintln!(
-                "--- PostgreSQL sessions busy or in a transaction for over 300 ms ---\n{}",
+                "--- PostgreSQL sessions busy or in a transaction for over 1 s ---\n{}",
                 watch.seen.lock().unwrap().join("\n")
             );
             let pg_log = pg.log_text();

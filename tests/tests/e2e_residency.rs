@@ -268,6 +268,38 @@ fn hsm_residency_keeps_every_dek_out_of_the_kms_memory_and_memory_mode_does_not(
         assert_eq!(pt, b"interop");
     }
 
+    // One batch over more keys than every HSM worker queue holds (4 sessions × 64): each key
+    // is an HSM job, and none of them may be refused as overloaded.
+    let many: Vec<String> = (0..300)
+        .map(|i| {
+            let (s, k) = resident.call(
+                "POST",
+                "/create_dek_for_thread",
+                Some(json!({ "thread_id": format!("many-{i}") })),
+            );
+            assert_eq!(s, 200, "{k}");
+            k["key_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let items: Vec<_> = many
+        .iter()
+        .map(|k| json!({ "key_id": k, "plaintext": B64.encode(k) }))
+        .collect();
+    let (s, b) = resident.call("POST", "/encrypt_batch", Some(json!({ "items": items })));
+    assert_eq!(s, 200, "{b}");
+    let results = b["results"].as_array().unwrap();
+    assert_eq!(results.len(), 300);
+    let refused: Vec<_> = results
+        .iter()
+        .filter(|r| !r["ok"]["ciphertext"].is_string())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} of 300 items refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+
     let in_memory_mode = found_in_memory(memory.proc.pid(), &mdeks);
     let in_hsm_mode = found_in_memory(resident.proc.pid(), &rdeks);
     eprintln!(

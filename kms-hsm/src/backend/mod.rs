@@ -520,7 +520,7 @@ pub trait KeyBackend: Send + Sync + 'static {
 }
 
 /// What the resident methods answer on a backend that keeps DEKs in memory.
-fn not_resident() -> BackendError {
+pub(crate) fn not_resident() -> BackendError {
     BackendError::Config("this backend does not keep DEKs resident in the HSM".into())
 }
 

@@ -469,9 +469,7 @@ impl Pkcs11Backend {
         ) -> JobKind,
     ) -> Result<Vec<T>, BackendError> {
         if self.pool.residency != DekResidency::Hsm {
-            return Err(BackendError::Config(
-                "resident DEK operations need hsm.dek_residency = \"hsm\"".into(),
-            ));
+            return Err(crate::backend::not_resident());
         }
         let (kek, format) = blob_kek(&key.kek_id, &key.wrapped)?;
         let n = items.len();
@@ -719,9 +717,7 @@ impl KeyBackend for Pkcs11Backend {
         let key_id = key_id.clone();
         async move {
             if self.pool.residency != DekResidency::Hsm {
-                return Err(BackendError::Config(
-                    "resident DEK operations need hsm.dek_residency = \"hsm\"".into(),
-                ));
+                return Err(crate::backend::not_resident());
             }
             self.call(move |reply| JobKind::GenerateResident { key_id, reply })
                 .await

@@ -279,11 +279,10 @@ impl ResidentObjects {
         Some(h)
     }
 
-    /// Forgets every handle without destroying anything (the session, and its objects, are
-    /// gone, or the login that made them is).
-    fn clear(&mut self) {
-        self.by_key.clear();
+    /// Takes every handle out of the map, for the caller to destroy.
+    fn drain(&mut self) -> Vec<ObjectHandle> {
         self.by_use.clear();
+        self.by_key.drain().map(|(_, (h, _))| h).collect()
     }
 }
 
@@ -759,7 +758,11 @@ impl Worker {
                 return;
             }
             live.keks.clear();
-            live.resident.clear();
+            // The session lives on: its DEK objects are destroyed (best effort; a login that
+            // was lost may have taken them already), not just forgotten, so the bound holds.
+            for h in live.resident.drain() {
+                destroy_quietly(live, h);
+            }
             ctx.login(&live.session, &self.pool.token_label, &self.pool.pin)
         };
         match res {

@@ -518,20 +518,24 @@ pub async fn kms_create_dek(env: &Env, kms: &KmsRun, scratch: &Path) -> Result<O
 }
 
 /// `/encrypt_batch` of 100 × 1 KiB vs AES-256-GCM of the same items in-process on one core.
+/// [`BATCH_ITEMS`] encrypt requests of 1 KiB under one new key, and their AAD.
+async fn batch_items(kms: &KmsRun) -> Result<(Arc<Vec<EncryptRequest>>, Vec<u8>)> {
+    let key_id = new_key(&kms.client, "batch").await?;
+    let aad = aad_for("batch");
+    let items = (0..BATCH_ITEMS)
+        .map(|_| EncryptRequest {
+            key_id: key_id.clone(),
+            plaintext: SecretBytes::new(random_bytes(MESSAGE_BYTES)),
+            aad: Some(Bytes64(aad.clone())),
+        })
+        .collect();
+    Ok((Arc::new(items), aad))
+}
+
 pub async fn kms_encrypt_batch(env: &Env, kms: &KmsRun) -> Result<Outcome> {
     use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     use ring::rand::{SecureRandom as _, SystemRandom};
-    let key_id = new_key(&kms.client, "batch").await?;
-    let aad = aad_for("batch");
-    let items: Arc<Vec<EncryptRequest>> = Arc::new(
-        (0..BATCH_ITEMS)
-            .map(|_| EncryptRequest {
-                key_id: key_id.clone(),
-                plaintext: SecretBytes::new(random_bytes(MESSAGE_BYTES)),
-                aad: Some(Bytes64(aad.clone())),
-            })
-            .collect(),
-    );
+    let (items, aad) = batch_items(kms).await?;
     let lim = env.p.limits(20_000).per_round(env.p.rounds());
     let (mut sys, mut ring_rows) = (Vec::new(), Vec::new());
     let dek = zeroize::Zeroizing::new(random_bytes(32));
@@ -1292,17 +1296,7 @@ pub async fn kms_hsm_encrypt_batch(
     resident: &KmsRun,
 ) -> Result<Outcome> {
     async fn row(env: &Env, kms: &KmsRun) -> Result<Row> {
-        let key_id = new_key(&kms.client, "batch").await?;
-        let aad = aad_for("batch");
-        let items: Arc<Vec<EncryptRequest>> = Arc::new(
-            (0..BATCH_ITEMS)
-                .map(|_| EncryptRequest {
-                    key_id: key_id.clone(),
-                    plaintext: SecretBytes::new(random_bytes(MESSAGE_BYTES)),
-                    aad: Some(Bytes64(aad.clone())),
-                })
-                .collect(),
-        );
+        let (items, _) = batch_items(kms).await?;
         let lim = env.p.limits(10_000).per_round(env.p.rounds());
         let c = kms.client.clone();
         watched(
