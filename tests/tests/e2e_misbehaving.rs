@@ -22,7 +22,7 @@ use testkit::Certs;
 /// The timeouts every service here runs with. The read (idle) timeout is the longer, so a
 /// connection cut before it was cut by the write timeout.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-const READ_TIMEOUT: Duration = Duration::from_secs(6);
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CAP: usize = 4;
 
 fn kms_limits() -> String {
