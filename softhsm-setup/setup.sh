@@ -126,6 +126,9 @@ write_if_changed "$kms_conf" "# Written by softhsm-setup/setup.sh for local deve
 # Reference of every key: kms-hsm/progressdb-kms.example.toml.
 [listen]
 unix = \"$dir/kms.sock\"
+# Local development: one user runs the KMS, the server and the admin commands (an alert;
+# production configs give the server a uid of its own, docs/deploy.md).
+single_user = true
 
 [hsm]
 module = \"$module\"

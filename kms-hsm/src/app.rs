@@ -251,10 +251,9 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
             }
         });
         // Events recorded while the HSM could not MAC them are chained now.
-        match svc.store().pending_audits().await {
+        match svc.store().pending_audits(1).await {
             Ok(p) if !p.is_empty() => {
-                let ev =
-                    crate::audit::AuditEvent::new("audit.pending_chained").with("entries", p.len());
+                let ev = crate::audit::AuditEvent::new("audit.pending_chained");
                 if let Err(e) = svc.audit(ev).await {
                     tracing::error!(error = %e, "cannot chain the pending audit entries yet");
                 }
@@ -345,8 +344,15 @@ pub async fn serve(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     lock_key_memory(cfg);
+    if cfg.admin.users == crate::config::Users::SingleUser {
+        service_kit::alerts::raise(
+            service_kit::alerts::Alert::SingleUser,
+            "listen.single_user = true: the server's uid can also use the admin API (backup, \
+             restore, kek destroy); for single-user development only",
+        );
+    }
     let app = App::build(cfg).await?;
-    let listener = Listener::bind(&cfg.listen)?;
+    let listener = Listener::bind(&cfg.listen)?.refusing_admins(&cfg.admin);
     let admin = Listener::bind_admin(&cfg.admin)?;
     app.run(listener, Some(admin), shutdown).await?;
     tracing::info!("stopped cleanly");
@@ -368,10 +374,12 @@ fn lock_key_memory(cfg: &Config) {
             bytes = m.bytes,
             "key memory locked into RAM"
         ),
-        service_kit::locked::Locking::Refused(why) => tracing::warn!(
-            slots = m.slots,
-            alert = "key_memory_unlocked",
-            "key memory is not locked, DEKs may reach swap: {why}"
+        service_kit::locked::Locking::Refused(why) => service_kit::alerts::raise(
+            service_kit::alerts::Alert::KeyMemoryUnlocked,
+            &format!(
+                "key memory ({} slots) is not locked, DEKs may reach swap: {why}",
+                m.slots
+            ),
         ),
     }
 }

@@ -363,9 +363,12 @@ impl AuditLog {
         let result = async {
             // The head (when it must be read) and the pending entries, read at once.
             let (current, pending) = match state.head {
-                Some(h) => (h, store.pending_audits().await?),
+                Some(h) => (h, store.pending_audits(MAX_PENDING_PER_GROUP).await?),
                 None => {
-                    let (h, p) = tokio::join!(store.audit_head(), store.pending_audits());
+                    let (h, p) = tokio::join!(
+                        store.audit_head(),
+                        store.pending_audits(MAX_PENDING_PER_GROUP)
+                    );
                     (h?, p?)
                 }
             };
@@ -377,12 +380,33 @@ impl AuditLog {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            let pending: Vec<(String, AuditEntry)> = pending
+            let pending: Vec<_> = pending
                 .into_iter()
                 .filter(|(k, _)| !taken.contains(k))
                 .collect();
+            // Every pending key read here is removed by this group; only refused PINs in
+            // their fixed form are chained, the rest is counted in one entry.
             let chained: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
-            let mut entries: Vec<AuditEntry> = pending.into_iter().map(|(_, e)| e).collect();
+            let now = now_secs();
+            let mut entries: Vec<AuditEntry> = Vec::new();
+            let mut refused = 0usize;
+            for (_, e) in &pending {
+                match e.as_ref().and_then(|e| admit_pending(e, now)) {
+                    Some(e) => entries.push(e),
+                    None => refused += 1,
+                }
+            }
+            if refused > 0 {
+                tracing::warn!(
+                    refused,
+                    "pending audit entries not in the form the KMS writes were removed unchained"
+                );
+                entries.push(pending_entry(
+                    AuditEvent::new("audit.pending_refused")
+                        .outcome(Outcome::Refused)
+                        .with("entries", refused),
+                ));
+            }
             entries.extend(batch.iter().map(|q| q.entry.clone()));
             let (mut seq, prev) = current.map_or((0, [0u8; 32]), |h| (h.seq, h.mac));
             for e in &mut entries {
@@ -501,6 +525,49 @@ async fn settle(shared: std::sync::Arc<Shared>, group: InFlight, after: AfterFai
             }
         }
     }
+}
+
+/// Pending entries one append group reads and removes at most: a store writer who fills
+/// the pending area slows no append by more than this many.
+const MAX_PENDING_PER_GROUP: usize = 16;
+
+/// The one action the KMS stores as pending: a PIN the token refused.
+const PIN_REJECTED: &str = "hsm.pin_rejected";
+
+/// A pending entry as it may be chained. The pending area is not authenticated (the HSM could
+/// not MAC the event when it happened), so only the one legitimate kind is taken, in the fixed
+/// form the KMS writes it ([`pending_entry`] of `hsm.pin_rejected`, by `kms`, `failed`, with
+/// `when` and at most a token label), rebuilt field by field and marked `unverified`; its time
+/// may not be in the future. Anything else (a fabricated `kek.destroy`, say) is `None`.
+fn admit_pending(e: &AuditEntry, now: u64) -> Option<AuditEntry> {
+    let fixed = e.action == PIN_REJECTED
+        && e.actor == "kms"
+        && e.outcome == Outcome::Failed.as_str()
+        && e.at <= now
+        && e.detail.keys().all(|k| k == "when" || k == "token");
+    if !fixed {
+        return None;
+    }
+    let when = match e.detail.get("when").map(String::as_str) {
+        Some(w @ ("start-up" | "running")) => w,
+        _ => return None,
+    };
+    let mut ev = AuditEvent::new(PIN_REJECTED)
+        .outcome(Outcome::Failed)
+        .with("when", when)
+        .with("pending", "unverified");
+    if let Some(token) = e.detail.get("token") {
+        // A token label: 1 to 32 printable characters (PKCS#11's field).
+        let ok = (1..=32).contains(&token.len()) && token.chars().all(|c| !c.is_control());
+        if !ok {
+            return None;
+        }
+        ev = ev.with("token", token.as_str());
+    }
+    let mut admitted = pending_entry(ev);
+    admitted.actor = "kms".into();
+    admitted.at = e.at;
+    Some(admitted)
 }
 
 /// `ev` as an entry not numbered or MACed yet: what an append queues, and what is stored as
@@ -750,6 +817,70 @@ mod tests {
         log.append(&backend, &store, AuditEvent::new("dek.destroy"))
             .await
             .unwrap();
+    }
+
+    /// A store writer plants pending entries: a fabricated `kek.destroy` by an operator, a
+    /// refused PIN with extra fields, one from the future, garbage, and a flood. Only the
+    /// refused PIN in its fixed form is chained (marked unverified); the rest is removed and
+    /// counted; no group takes more than its share of the flood.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn planted_pending_entries_are_refused_and_bounded() {
+        let (_d, backend, store, log) = filled(1).await;
+        let mut pin = pending_entry(
+            AuditEvent::new(PIN_REJECTED)
+                .outcome(Outcome::Failed)
+                .with("token", "progressdb")
+                .with("when", "start-up"),
+        );
+        pin.at -= 5;
+        let mut forged = pin.clone();
+        forged.action = "kek.destroy".into();
+        forged.actor = "admin:uid:0".into();
+        forged.outcome = "ok".into();
+        let mut extra = pin.clone();
+        extra.detail.insert("note".into(), "x".into());
+        let mut future = pin.clone();
+        future.at = now_secs() + 3600;
+        let mut other_actor = pin.clone();
+        other_actor.actor = "admin:uid:0".into();
+        // Keys order by time: the legitimate entry is read first.
+        store.put_pending_audit(pin.clone()).await.unwrap();
+        for e in [forged, extra, future, other_actor] {
+            store.put_pending_audit(e).await.unwrap();
+        }
+        log.append(&backend, &store, AuditEvent::new("dek.create"))
+            .await
+            .unwrap();
+        let page = store.audit_range(1, 100).await.unwrap();
+        let entries: Vec<AuditEntry> = page
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap())
+            .collect();
+        let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["hsm.pin_rejected", "audit.pending_refused", "dek.create"],
+            "{entries:?}"
+        );
+        assert_eq!(entries[0].detail["pending"], "unverified");
+        assert_eq!(entries[0].detail["token"], "progressdb");
+        assert_eq!(entries[0].at, pin.at);
+        assert_eq!(entries[1].detail["entries"], "4");
+        assert!(store.pending_audits(100).await.unwrap().is_empty());
+        // A flood: each append removes at most its share, and appends go on.
+        for i in 0..40u64 {
+            let mut e = pin.clone();
+            e.action = "kek.destroy".into();
+            e.at -= i;
+            store.put_pending_audit(e).await.unwrap();
+        }
+        log.append(&backend, &store, AuditEvent::new("dek.create"))
+            .await
+            .unwrap();
+        let left = store.pending_audits(100).await.unwrap().len();
+        assert_eq!(left, 40 - MAX_PENDING_PER_GROUP);
+        let v = verify(&backend, &store).await.unwrap();
+        assert!(v.ok, "{v:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

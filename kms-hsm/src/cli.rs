@@ -116,6 +116,9 @@ fn print_status(s: &StatusResponse) {
             c.entries, c.max_entries, c.ttl_secs
         );
     }
+    if !s.alerts.is_empty() {
+        println!("ALERTS: {}", s.alerts.join(", "));
+    }
     let m = &s.key_memory;
     println!(
         "key memory: {}, {} of {} slots in use{}",

@@ -29,6 +29,39 @@ pub const ENV_PREFIX: &str = "PROGRESSDB_KMS";
 /// Environment variable that may hold the HSM user PIN instead of `hsm.pin_file`.
 pub const PIN_ENV: &str = "PROGRESSDB_KMS_HSM_PIN";
 
+/// The PIN taken out of the environment by [`take_pin_from_env`].
+static ENV_PIN: std::sync::Mutex<Option<SecretString>> = std::sync::Mutex::new(None);
+
+/// Moves the PIN from [`PIN_ENV`] into zeroizing memory and removes the variable, so no
+/// later reader of the environment (a PKCS#11 module, a child process) sees it. Call once,
+/// first thing in `main`, before any other thread exists (changing the environment while
+/// another thread reads it is not sound). The kernel's copy of the initial environment
+/// (`/proc/<pid>/environ`) is readable only by root, since the process is not dumpable
+/// ([`service_kit::process`]); `hsm.pin_file` avoids it altogether.
+pub fn take_pin_from_env() {
+    if let Some(v) = std::env::var_os(PIN_ENV) {
+        std::env::remove_var(PIN_ENV);
+        let pin = zeroize::Zeroizing::new(v.into_string().unwrap_or_default());
+        if !pin.is_empty() {
+            *ENV_PIN.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(SecretString::from(pin.as_str()));
+        }
+    }
+}
+
+/// The PIN from the environment: the one [`take_pin_from_env`] took, else the variable.
+fn pin_from_env() -> Option<SecretString> {
+    use secrecy::ExposeSecret as _;
+    let taken = ENV_PIN.lock().unwrap_or_else(|p| p.into_inner());
+    match taken.as_ref() {
+        Some(p) => Some(SecretString::from(p.expose_secret())),
+        None => std::env::var(PIN_ENV)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(SecretString::from),
+    }
+}
+
 /// Why the configuration was refused. Each message names the key or file at fault and never
 /// contains a secret value.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +119,7 @@ pub struct RawListen {
     pub allowed_uids: Option<UidList>,
     pub admin_unix: Option<PathBuf>,
     pub admin_uids: Option<UidList>,
+    pub single_user: Option<bool>,
 }
 
 /// `listen.socket_access`: who may open the client socket file.
@@ -246,6 +280,19 @@ pub struct AdminConfig {
     pub unix: PathBuf,
     /// Peer uids allowed on the admin socket. Default: the KMS's own uid only.
     pub uids: Vec<u32>,
+    /// Whether a uid may be both a client (the server) and an admin.
+    pub users: Users,
+}
+
+/// `listen.single_user`: whether the server's identity and the operators' are kept apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Users {
+    /// The default: no uid that can reach the client socket is an admin; the KMS refuses to
+    /// start otherwise, and refuses a client peer whose uid is an admin.
+    Separate,
+    /// `listen.single_user = true`: one uid runs everything (single-user development). The
+    /// server's identity can then use the admin API; raised as the `single_user` alert.
+    SingleUser,
 }
 
 /// Where the KMS listens: exactly one transport.
@@ -569,7 +616,7 @@ impl Config {
     /// [`ConfigError::PinFile`] naming the file; [`ConfigError::Missing`] or
     /// [`ConfigError::Conflict`] when the PIN source is absent or ambiguous.
     pub fn hsm_settings(&self) -> Result<HsmSettings, ConfigError> {
-        let env_pin = std::env::var(PIN_ENV).ok().filter(|p| !p.is_empty());
+        let env_pin = pin_from_env();
         let pin: SecretString = match (&self.hsm.pin_file, env_pin) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Conflict(
@@ -577,7 +624,7 @@ impl Config {
                 ))
             }
             (Some(file), None) => secret_file::read_secret_string(file)?,
-            (None, Some(p)) => SecretString::from(p),
+            (None, Some(p)) => p,
             (None, None) => {
                 return Err(ConfigError::Missing {
                     key: "hsm.pin_file",
@@ -699,47 +746,44 @@ impl RawConfig {
                 ));
             }
         }
-        let admin_uids = match self.listen.admin_uids {
-            Some(u) => {
-                let uids = u.into_vec("listen.admin_uids")?;
-                if let ListenConfig::Unix {
-                    allowed_uids: Some(clients),
-                    ..
-                } = &listen
-                {
-                    if let Some(uid) = uids.iter().find(|u| clients.contains(u)) {
-                        return Err(invalid(
-                            "listen.admin_uids",
-                            format!(
-                                "uid {uid} is also in listen.allowed_uids: the server's identity must not be an admin"
-                            ),
-                        ));
-                    }
-                }
-                uids
-            }
-            None => {
-                let me = rustix::process::getuid().as_raw();
-                if let ListenConfig::Unix {
-                    allowed_uids: Some(clients),
-                    ..
-                } = &listen
-                {
-                    if clients.contains(&me) {
-                        return Err(invalid(
-                            "listen.admin_uids",
-                            format!(
-                                "defaults to the KMS's own uid {me}, which listen.allowed_uids lists as a client: set listen.admin_uids to the operators' uids"
-                            ),
-                        ));
-                    }
-                }
-                vec![me]
-            }
+        let users = match self.listen.single_user {
+            Some(true) => Users::SingleUser,
+            Some(false) | None => Users::Separate,
         };
+        let me = rustix::process::geteuid().as_raw();
+        let (admin_uids, admin_key) = match self.listen.admin_uids {
+            Some(u) => (u.into_vec("listen.admin_uids")?, "listen.admin_uids"),
+            None => (vec![me], "listen.admin_uids (unset: the KMS's own uid)"),
+        };
+        if users == Users::Separate {
+            // Who can reach the client socket: the allow-list, or, without one, the socket
+            // file's owner (the KMS's uid) and root, who passes any file mode.
+            let (clients, clients_key) = match &listen {
+                ListenConfig::Unix {
+                    allowed_uids: Some(v),
+                    ..
+                } => (v.clone(), "listen.allowed_uids"),
+                ListenConfig::Unix {
+                    allowed_uids: None, ..
+                } => (
+                    vec![me, 0],
+                    "listen.allowed_uids (unset: the KMS's own uid and root)",
+                ),
+                ListenConfig::Tcp { .. } => (Vec::new(), "listen.allowed_uids"),
+            };
+            if let Some(uid) = admin_uids.iter().find(|u| clients.contains(u)) {
+                return Err(ConfigError::Invalid {
+                    key: "listen.admin_uids",
+                    reason: format!(
+                        "uid {uid} is in {admin_key} and can reach the client socket ({clients_key}): the server's identity must not be an admin; run the server as its own user and list only it in listen.allowed_uids (docs/deploy.md), or set listen.single_user = true for single-user development"
+                    ),
+                });
+            }
+        }
         let admin = AdminConfig {
             unix: admin_unix,
             uids: admin_uids,
+            users,
         };
 
         let module = self.hsm.module.ok_or(ConfigError::Missing {
@@ -1123,6 +1167,7 @@ mod tests {
     const BASE: &str = r#"
         [listen]
         unix = "kms.sock"
+        single_user = true
         [hsm]
         module = "/usr/lib/softhsm/libsofthsm2.so"
         token_label = "progressdb"
@@ -1182,6 +1227,60 @@ mod tests {
         assert!(
             matches!(one.listen, ListenConfig::Unix { allowed_uids: Some(ref v), .. } if v == &[42])
         );
+    }
+
+    #[test]
+    fn the_servers_identity_is_never_an_admin_by_default() {
+        let me = rustix::process::geteuid().as_raw();
+        let two_users =
+            |listen: &str| BASE.replace("unix = \"kms.sock\"\n        single_user = true", listen);
+        // The default: no allow-list (the KMS's uid and root reach the socket), the KMS's
+        // uid the admin.
+        let e = load(&two_users("unix = \"kms.sock\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listen.admin_uids")
+                && e.contains("listen.allowed_uids")
+                && e.contains(&format!("uid {me}"))
+                && e.contains("single_user"),
+            "{e}"
+        );
+        // Root is in the unset allow-list: an admin list naming root is refused too.
+        let e = load(
+            &two_users("unix = \"kms.sock\"\nadmin_uids = [0, 4242]"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("uid 0") || e.contains(&format!("uid {me}")),
+            "{e}"
+        );
+        // An allow-list that names an admin.
+        let e = load(
+            &two_users("unix = \"kms.sock\"\nallowed_uids = [1001, 4242]\nadmin_uids = [4242]"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("uid 4242"), "{e}");
+        // The two-user layout loads, and its client socket refuses the admins.
+        let c = load(
+            &two_users("unix = \"kms.sock\"\nallowed_uids = [4294967294]"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.admin.users, Users::Separate);
+        assert_eq!(c.admin.uids, vec![me]);
+        // Single-user development says so.
+        let c = load(BASE, &[]).unwrap();
+        assert_eq!(c.admin.users, Users::SingleUser);
+        // mutual TLS clients are certificates, not uids.
+        let tcp = two_users(
+            "tcp = \"127.0.0.1:7443\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"a\"",
+        );
+        assert!(load(&tcp, &[]).is_ok());
     }
 
     #[test]

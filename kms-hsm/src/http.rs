@@ -606,6 +606,7 @@ async fn readyz<B: KeyBackend, S: KeyStore>(State(api): ApiState<B, S>) -> Respo
             &ReadyResponse {
                 ready: true,
                 reason: None,
+                alerts: service_kit::alerts::current(),
             },
         ),
         Readiness::NotReady(reason) => json_response(

@@ -628,6 +628,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             },
             hsm,
             key_memory: key_memory(),
+            alerts: service_kit::alerts::current(),
         })
     }
 

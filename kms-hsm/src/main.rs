@@ -243,8 +243,15 @@ fn fail(code: u8, e: &dyn std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     if let Err(e) = service_kit::process::deny_core_dumps() {
+        // Before logging starts: said here, and reported by /readyz (and status) while it runs.
         eprintln!("progressdb-kms: warning: cannot disable core dumps: {e}");
+        service_kit::alerts::raise(
+            service_kit::alerts::Alert::CoreDumpsNotDenied,
+            "cannot disable core dumps",
+        );
     }
+    // Before any thread exists: the PIN leaves the environment for zeroizing memory.
+    progressdb_kms::config::take_pin_from_env();
     let cli = Cli::parse();
     if let Command::CheckConfig { config, no_login } = &cli.command {
         // Its own report, also for a config that does not load.

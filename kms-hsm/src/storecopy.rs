@@ -172,7 +172,11 @@ pub async fn copy(from: &AnyStore, to: &AnyStore) -> Result<CopyReport, CopyErro
     }
     report.audit_head_seq = source_head.map(|h| h.seq);
 
-    for (_, entry) in from.pending_audits().await? {
+    for (key, entry) in from.pending_audits(usize::MAX).await? {
+        let entry = entry.ok_or_else(|| StoreError::Corrupt {
+            key,
+            detail: "undecodable pending audit entry".into(),
+        })?;
         to.put_pending_audit(entry).await?;
         report.pending_audits += 1;
     }
@@ -197,7 +201,7 @@ async fn ensure_empty(store: &AnyStore) -> Result<(), CopyError> {
         (store.audit_head().await?.is_some(), "an audit log"),
         (!store.audit_range(0, 1).await?.is_empty(), "audit entries"),
         (
-            !store.pending_audits().await?.is_empty(),
+            !store.pending_audits(1).await?.is_empty(),
             "pending audit entries",
         ),
     ];
@@ -251,10 +255,11 @@ pub async fn verify(a: &AnyStore, b: &AnyStore) -> Result<(), CopyError> {
     if a.audit_head().await? != b.audit_head().await? {
         return mismatch("the audit head".into());
     }
-    let pending = |p: Vec<(String, AuditEntry)>| -> Vec<AuditEntry> {
+    let pending = |p: Vec<crate::keystore::PendingAudit>| -> Vec<Option<AuditEntry>> {
         p.into_iter().map(|(_, e)| e).collect()
     };
-    if pending(a.pending_audits().await?) != pending(b.pending_audits().await?) {
+    if pending(a.pending_audits(usize::MAX).await?) != pending(b.pending_audits(usize::MAX).await?)
+    {
         return mismatch("the pending audit entries".into());
     }
     Ok(())

@@ -82,6 +82,9 @@ pub struct UnixSocket {
     /// (device, inode) of the socket file we created.
     ident: (u64, u64),
     allowed_uids: Option<HashSet<u32>>,
+    /// Uids refused on the client socket whatever the allow-list says: the admins, unless
+    /// `listen.single_user` ([`Listener::refusing_admins`]).
+    admin_uids: HashSet<u32>,
 }
 
 impl std::fmt::Debug for UnixSocket {
@@ -165,6 +168,7 @@ impl Listener {
                     path: path.clone(),
                     ident,
                     allowed_uids: allowed_uids.as_ref().map(|v| v.iter().copied().collect()),
+                    admin_uids: HashSet::new(),
                 }))
             }
             ListenConfig::Tcp { addr, tls } => {
@@ -209,6 +213,17 @@ impl Listener {
             },
             other => other,
         })
+    }
+
+    /// The client listener, refusing every peer whose uid is an admin's (`listen.admin_uids`)
+    /// unless `listen.single_user`: the server's identity never reaches the admin API, even
+    /// through a uid the allow-list admits by mistake.
+    #[must_use]
+    pub fn refusing_admins(mut self, admin: &crate::config::AdminConfig) -> Self {
+        if let (Listener::Unix(u), crate::config::Users::Separate) = (&mut self, admin.users) {
+            u.admin_uids = admin.uids.iter().copied().collect();
+        }
+        self
     }
 
     /// Where it listens, for the log.
@@ -406,7 +421,13 @@ async fn accept_loop<B, S>(
                             None => true,
                             Some(set) => set.contains(&uid),
                         };
+                        let admin_as_client =
+                            kind == EndpointKind::Client && u.admin_uids.contains(&uid);
                         let role = match (allowed, kind) {
+                            _ if admin_as_client => {
+                                tracing::warn!(uid, "refusing a client peer whose uid is an admin (listen.admin_uids); listen.single_user = true allows it for single-user development");
+                                Role::Refused
+                            }
                             (false, EndpointKind::Client) => {
                                 tracing::warn!(uid, "refusing a peer not in listen.allowed_uids");
                                 Role::Refused

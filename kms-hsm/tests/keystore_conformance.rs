@@ -404,14 +404,14 @@ mod cases {
         s.put_pending_audit(entry(0, "hsm.pin_rejected"))
             .await
             .unwrap();
-        let pending = s.pending_audits().await.unwrap();
+        let pending = s.pending_audits(10).await.unwrap();
         assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].1.action, "hsm.pin_rejected");
+        assert_eq!(pending[0].1.as_ref().unwrap().action, "hsm.pin_rejected");
         let key = pending[0].0.clone();
         append(&s, Some(head(3)), 5, vec![key.clone()], vec![])
             .await
             .unwrap();
-        assert!(s.pending_audits().await.unwrap().is_empty());
+        assert!(s.pending_audits(10).await.unwrap().is_empty());
         assert!(matches!(
             append(&s, Some(head(5)), 6, vec![key], vec![]).await,
             Err(StoreError::AuditHeadMoved)

@@ -56,6 +56,20 @@ async fn round_trip_over_unix_socket() {
         .unwrap()
         .is_empty());
 
+    // The KMS's own binding AADs are refused: no client can have the KMS compute the check
+    // that binds this DEK to another key id (AesKwV2: AES-GCM under the DEK of an empty
+    // message with the wrap AAD), which would let a copy of its blob be planted under that id.
+    let forged = [&b"progressdb-kms:dek:v1\0"[..], b"another-key-id"].concat();
+    for aad in [&forged[..], b"progressdb-kms:"] {
+        let err = c.encrypt(&k.key_id, b"", Some(aad)).await.unwrap_err();
+        assert_eq!(code(err), ErrorCode::InvalidArgument);
+        let err = c
+            .decrypt(&k.key_id, &e.ciphertext.0, Some(aad))
+            .await
+            .unwrap_err();
+        assert_eq!(code(err), ErrorCode::InvalidArgument);
+    }
+
     let w = c.get_wrapped(&k.key_id).await.unwrap();
     assert_eq!(w.wrapped, k.wrapped);
     assert_eq!(w.kek_id, k.kek_id);

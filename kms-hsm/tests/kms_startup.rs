@@ -22,10 +22,11 @@ fn reference_config_file_loads_and_documents_every_key() {
         c.listen,
         ListenConfig::Unix {
             path: "/run/progressdb/kms.sock".into(),
-            access: progressdb_kms::config::SocketAccess::Owner,
-            allowed_uids: None
+            access: progressdb_kms::config::SocketAccess::Group,
+            allowed_uids: Some(vec![4294967294])
         }
     );
+    assert_eq!(c.admin.users, progressdb_kms::config::Users::Separate);
     assert_eq!(
         c.hsm.module,
         PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
@@ -90,6 +91,7 @@ fn reference_config_file_loads_and_documents_every_key() {
         "job_timeout_ms =",
         "admin_unix =",
         "admin_uids =",
+        "single_user =",
         "admin_subjects =",
         "rewrap_concurrency =",
         "rewrap_batch =",
@@ -150,6 +152,50 @@ fn group_or_world_readable_pin_file_stops_start_up() {
     let out = kms.command(&["init-kek"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(kms.pin_file.to_str().unwrap()));
+}
+
+/// The default layout (no allow-list: the KMS's uid and root reach the client socket; the
+/// KMS's uid is the admin) would let the server's identity use the admin API: refused,
+/// naming both keys. `listen.single_user = true` starts, and says so in `/readyz` and
+/// `status`.
+#[tokio::test]
+async fn the_servers_identity_is_never_an_admin_by_default() {
+    let mut kms = Kms::provision(Options::default());
+    kms.edit_config(|t| t.replace("single_user = true\n", ""));
+    let (status, out) = kms.run_serve_expecting_exit();
+    assert_eq!(status.code(), Some(2), "{out}");
+    let line = one_line(&out);
+    assert!(
+        line.contains("listen.admin_uids")
+            && line.contains("listen.allowed_uids")
+            && line.contains("single_user"),
+        "{line}"
+    );
+    assert!(!kms.socket.exists(), "nothing was served");
+
+    kms.edit_config(|t| t.replace("[listen]\n", "[listen]\nsingle_user = true\n"));
+    kms.spawn();
+    kms.wait_ready().await;
+    let (s, body) = kms
+        .client()
+        .raw(http::Method::GET, "/readyz", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        v["alerts"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("single_user")),
+        "{v}"
+    );
+    let out = kms.command(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ALERTS: ") && text.contains("single_user"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -208,6 +208,9 @@ pub struct ReadyView {
     pub ready: bool,
     pub store: &'static str,
     pub kms: &'static str,
+    /// Process alerts (`core_dumps_not_denied`), absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
 }
 
 #[cfg(test)]

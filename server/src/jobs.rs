@@ -349,7 +349,18 @@ async fn step(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step
         JobState::DestroyingOld => {
             if let (Some(old), Some(p)) = (&rot.retiring, &svc.provider) {
                 match p.destroy_key(old).await {
-                    Ok(()) | Err(ProviderError::UnknownKey) => {}
+                    // A key destroyed by an earlier run is answered as destroyed again.
+                    Ok(()) => {}
+                    // A key the KMS never made: the rotation record was forged or edited,
+                    // and the thread's real old DEK is not shown to be destroyed.
+                    Err(ProviderError::UnknownKey) => {
+                        svc.metrics.kms.shred_failures.inc();
+                        return Err(Step::Fail(
+                            "the KMS does not know the retiring DEK: it cannot be shown to be \
+                             destroyed"
+                                .into(),
+                        ));
+                    }
                     Err(e) => return Err(provider_step(e)),
                 }
             }

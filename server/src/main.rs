@@ -49,7 +49,12 @@ enum Command {
 
 fn main() -> ExitCode {
     if let Err(e) = service_kit::process::deny_core_dumps() {
+        // Before logging starts: said here, and reported by /readyz (and status) while it runs.
         eprintln!("progressdb: warning: cannot disable core dumps: {e}");
+        service_kit::alerts::raise(
+            service_kit::alerts::Alert::CoreDumpsNotDenied,
+            "cannot disable core dumps",
+        );
     }
     let cli = Cli::parse();
     match cli.command {

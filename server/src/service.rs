@@ -323,39 +323,18 @@ impl MessageService {
         id: &ThreadId,
     ) -> Result<ThreadRecord, ApiError> {
         let rec = self.thread_for(p, id).await?;
-        // A rotation's retiring key goes too (a job that already destroyed it left the KMS
-        // a tombstone: "unknown" is fine for it).
-        if let Some(old) = rec.rotation.as_ref().and_then(|r| r.retiring.as_ref()) {
-            match self.provider()?.destroy_key(old).await {
-                Ok(()) | Err(ProviderError::UnknownKey) => {}
-                Err(ProviderError::Unavailable(m)) => {
-                    tracing::warn!(thread = %id, error = %m, "cannot destroy the thread's retiring DEK");
-                    return Err(ApiError::KmsUnavailable);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if let Some(k) = &rec.kms {
-            self.provider()?.destroy_key(k).await.map_err(|e| match e {
-                ProviderError::Unavailable(_) => {
-                    tracing::warn!(thread = %id, error = %e, "cannot destroy the thread's DEK");
-                    ApiError::KmsUnavailable
-                }
-                ProviderError::UnknownKey => {
-                    tracing::error!(
-                        thread = %id,
-                        key_id = %k.key_id,
-                        "the KMS does not know this thread's DEK: it cannot be shown to be \
-                         shredded, so the thread is kept (is kms.endpoint the right KMS?)"
-                    );
-                    self.metrics.kms.shred_failures.inc();
-                    ApiError::ShredFailed
-                }
-                other => {
-                    tracing::error!(thread = %id, error = %other, "cannot destroy the thread's DEK");
-                    ApiError::from(other)
-                }
-            })?;
+        // A rotation's retiring key goes too. A destroyed key is a tombstone the KMS answers
+        // as destroyed again; "unknown" means the record names a key the KMS never made (a
+        // forged or edited `rotation.retiring`, or a wrong KMS), while the real DEK may live
+        // on: the same shred failure as for the thread's key.
+        let keys = rec
+            .rotation
+            .as_ref()
+            .and_then(|r| r.retiring.as_ref())
+            .into_iter()
+            .chain(rec.kms.as_ref());
+        for k in keys {
+            self.shred(id, k).await?;
         }
         let r = self.store.write(DeleteThread { id: id.clone() }).await;
         self.cache.invalidate(id);
@@ -382,6 +361,32 @@ impl MessageService {
             }
         }
         Ok(deleted)
+    }
+
+    /// Destroys one of thread `id`'s DEKs at the KMS, or says why it cannot be shown to be
+    /// destroyed.
+    async fn shred(&self, id: &ThreadId, k: &ThreadKey) -> Result<(), ApiError> {
+        self.provider()?.destroy_key(k).await.map_err(|e| match e {
+            ProviderError::Unavailable(_) => {
+                tracing::warn!(thread = %id, error = %e, "cannot destroy the thread's DEK");
+                ApiError::KmsUnavailable
+            }
+            ProviderError::UnknownKey => {
+                tracing::error!(
+                    thread = %id,
+                    key_id = %k.key_id,
+                    "the KMS does not know this thread's DEK: it cannot be shown to be \
+                     shredded, so the thread is kept (is kms.endpoint the right KMS? was the \
+                     thread record edited?)"
+                );
+                self.metrics.kms.shred_failures.inc();
+                ApiError::ShredFailed
+            }
+            other => {
+                tracing::error!(thread = %id, error = %other, "cannot destroy the thread's DEK");
+                ApiError::from(other)
+            }
+        })
     }
 
     /// The thread's key, provisioning one for a thread created while encryption was off.
@@ -434,6 +439,14 @@ impl MessageService {
     ) -> Result<(Content, Option<kms_api::KeyId>), ApiError> {
         let key = match thread.sealed_by(id) {
             SealedBy::Key(k) => Arc::new(k.clone()),
+            // The rule says "plain" for this id in a thread that has a DEK: a plain thread
+            // being encrypted whose job has not reached this message yet, or a forged
+            // `rotation`. Plain content never enters a thread that has a DEK: 503, and the
+            // edit goes through once the job has passed the message.
+            SealedBy::Plain if thread.kms.is_some() => {
+                tracing::warn!(thread = %thread.id, message = %id, "refusing to write plain content into a thread that has a DEK (its encryption job has not reached this message)");
+                return Err(ApiError::Unavailable);
+            }
             SealedBy::Plain if thread.rotation.is_some() => {
                 return Ok((Content::Plain(body.clone()), None))
             }

@@ -81,6 +81,46 @@ async fn a_plain_record_planted_in_an_encrypted_thread_is_refused() {
     s.stop().await;
 }
 
+/// A disk writer forges the thread's `rotation` with no retiring key: the rule then names
+/// "plain" for the old messages, and an edit of one used to be stored in plaintext in a
+/// thread that has a DEK. (A forged retiring key at delete: `e2e_tamper.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_rotation_never_stores_an_edit_in_plaintext() {
+    let env = TestEnv::new();
+    let config = env.config(&Kms::Embedded, "");
+    let s = InProc::start(&config).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let t = c.create_thread(&u, "t").await;
+    let m1 = c.post_message(&u, &t, json!("genuine one")).await;
+    let meta_key = format!("thread:{t}:meta").into_bytes();
+    let mut meta = raw_json(&s, meta_key.clone()).await;
+    assert!(meta["kms"].is_object(), "{meta}");
+    meta["rotation"] = json!({
+        "job": kms_api::admin::JobId::from_random([7; 8]).as_str(),
+        "start": "09999999999999999999-000000",
+    });
+    put_json(&s, meta_key.clone(), &meta).await;
+    // The cache holds the genuine record: start again to read the forged one.
+    s.stop().await;
+    let s = InProc::start(&config).await;
+    let c = Client::new(s.addr);
+
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("/v1/threads/{t}/messages/{m1}"),
+            Some(json!({ "body": "EDITED-SECRET" })),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{:?}", r.json());
+    let stored = raw_json(&s, msg_key(&t, &m1)).await;
+    assert!(stored["content"]["enc"].is_string(), "{stored}");
+    assert!(!stored.to_string().contains("EDITED-SECRET"));
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_messages_from_before_the_dek_stay_readable_and_later_plain_ones_do_not() {
     let env = TestEnv::new();

@@ -275,7 +275,10 @@ pub fn write_kms_config(
         KmsListen::Unix => {
             let sock = dir.join("kms.sock");
             (
-                format!("[listen]\nunix = \"{}\"\n", sock.display()),
+                format!(
+                    "[listen]\nunix = \"{}\"\nsingle_user = true\n",
+                    sock.display()
+                ),
                 format!("unix://{}", sock.display()),
             )
         }

@@ -81,3 +81,52 @@ fn moved_ciphertext_is_refused_with_the_real_kms() {
     assert!(page[1].get("body").is_none());
     drop(kms);
 }
+
+/// A disk writer names a retiring key the KMS never made in the thread's `rotation`: a delete
+/// used to take the KMS's "unknown key" as destroyed and drop the thread, leaving the real
+/// retiring DEK (had the writer removed it) alive. Now it is a shred failure and the thread
+/// stays.
+#[test]
+fn a_forged_retiring_key_is_a_shred_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let provider = Provider::External {
+        endpoint: kms.endpoint.clone(),
+        tls: None,
+    };
+    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let alice = server.as_role(Role::Frontend, "alice");
+    let t = alice.create_thread("a")["id"].as_str().unwrap().to_owned();
+    alice.post_message(&t, json!("secret"));
+    assert!(server.proc.sigterm().success());
+    let meta_key = format!("thread:{t}:meta").into_bytes();
+    with_store(&server, |store, rt| {
+        let raw = rt
+            .block_on(store.raw_get(meta_key.clone()))
+            .unwrap()
+            .unwrap();
+        let mut meta: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        let mut forged = meta["kms"].clone();
+        forged["key_id"] = json!(kms_api::KeyId::from_random([9; 16]).as_str());
+        meta["rotation"] = json!({
+            "job": kms_api::admin::JobId::from_random([7; 8]).as_str(),
+            "start": "00000000000000000000-000000",
+            "retiring": forged,
+        });
+        rt.block_on(store.write(RawPut {
+            key: meta_key.clone(),
+            value: serde_json::to_vec(&meta).unwrap(),
+        }))
+        .unwrap();
+    });
+    server.restart();
+    let (s, v) = alice.call("DELETE", &format!("/v1/threads/{t}"), None);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (500, Some("shred_failed")),
+        "{v}"
+    );
+    let (s, _) = alice.call("GET", &format!("/v1/threads/{t}"), None);
+    assert_eq!(s, 200, "the thread is kept");
+}

@@ -203,6 +203,9 @@ pub struct StatusResponse {
     /// The locked memory DEKs are held in.
     #[serde(default)]
     pub key_memory: KeyMemory,
+    /// Process alerts (e.g. `single_user`, `core_dumps_not_denied`, `key_memory_unlocked`).
+    #[serde(default)]
+    pub alerts: Vec<String>,
 }
 
 /// The arena of locked memory every unwrapped DEK is held in, as `status` reports it.

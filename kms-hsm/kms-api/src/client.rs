@@ -128,12 +128,52 @@ pub struct KmsClientConfig {
 }
 
 /// When the client stops calling a KMS that keeps failing.
+///
+/// An attempt that timed out (a hung KMS: stopped, swapping, wedged in its HSM) opens the
+/// circuit at once, so a hung KMS costs one call its deadline and the next calls fail at
+/// once. Other failures (refused connections, `503 unavailable`) open it after `failures` in
+/// a row. While [`KmsClient::spawn_health_checks`] runs, only its `/readyz` probes close an
+/// open circuit, so no caller's request is ever the probe that waits out a hung KMS;
+/// without it, the first call after `cooldown` is let through as the probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BreakerConfig {
     /// Consecutive failed attempts that open the circuit; 0 never opens it.
     pub failures: u32,
     /// How long an open circuit fails calls at once before a probe is let through.
     pub cooldown: Duration,
+}
+
+/// How an attempt ended, as the circuit breaker counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Answered (whatever the answer: the KMS is up).
+    Answered,
+    /// Unreachable or `503 unavailable`.
+    Failed,
+    /// No answer within the attempt's timeout of at least [`HUNG_AFTER`].
+    Hung,
+}
+
+/// An attempt that waited at least this long and timed out is a hung KMS (shorter waits are
+/// a caller's deadline nearly spent, which says nothing about the KMS).
+const HUNG_AFTER: Duration = Duration::from_millis(200);
+
+impl Outcome {
+    /// How the breaker counts an attempt that ended with `error` (none: answered) after
+    /// `waited`, its timeout being `timeout`. An attempt that used up a timeout of at least
+    /// [`HUNG_AFTER`] timed out: nothing else ends an attempt that late.
+    fn of(error: Option<&ClientError>, waited: Duration, timeout: Duration) -> Self {
+        match error {
+            Some(e) if e.counts_as_failure() => {
+                if timeout >= HUNG_AFTER && waited >= timeout {
+                    Outcome::Hung
+                } else {
+                    Outcome::Failed
+                }
+            }
+            _ => Outcome::Answered,
+        }
+    }
 }
 
 impl Default for BreakerConfig {
@@ -258,6 +298,8 @@ enum Admission {
 struct Breaker {
     cfg: BreakerConfig,
     state: Mutex<Circuit>,
+    /// Set once background health checks run: then they alone close an open circuit.
+    probed_in_background: std::sync::atomic::AtomicBool,
 }
 
 impl Breaker {
@@ -265,7 +307,13 @@ impl Breaker {
         Self {
             cfg,
             state: Mutex::new(Circuit::Closed { failures: 0 }),
+            probed_in_background: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn background(&self) -> bool {
+        self.probed_in_background
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Circuit> {
@@ -278,7 +326,7 @@ impl Breaker {
         let mut s = self.lock();
         match *s {
             Circuit::Closed { .. } => Ok(Admission::Normal),
-            Circuit::Open { until } if Instant::now() >= until => {
+            Circuit::Open { until } if Instant::now() >= until && !self.background() => {
                 *s = Circuit::Probing;
                 Ok(Admission::Probe)
             }
@@ -289,33 +337,34 @@ impl Breaker {
         }
     }
 
-    /// Records the outcome of an attempt: a success closes the circuit, a failure that counts
-    /// moves it towards open (or back to open after a probe).
-    fn record(&self, admission: Admission, failed: bool) {
+    /// Records the outcome of an attempt: an answer closes the circuit, a hang opens it, a
+    /// failure moves it towards open (or back to open after a probe).
+    fn record(&self, admission: Admission, outcome: Outcome) {
         if self.cfg.failures == 0 {
             return;
         }
         let mut s = self.lock();
         let before = *s;
-        *s = match (failed, admission, before) {
-            (false, _, _) => Circuit::Closed { failures: 0 },
-            (true, Admission::Probe, _) | (true, _, Circuit::Probing) => Circuit::Open {
-                until: Instant::now() + self.cfg.cooldown,
-            },
-            (true, Admission::Normal, Circuit::Closed { failures }) => {
+        let open = Circuit::Open {
+            until: Instant::now() + self.cfg.cooldown,
+        };
+        *s = match (outcome, admission, before) {
+            (Outcome::Answered, _, _) => Circuit::Closed { failures: 0 },
+            (_, Admission::Probe, _) | (_, _, Circuit::Probing) => open,
+            (Outcome::Hung, Admission::Normal, Circuit::Closed { .. }) => open,
+            (Outcome::Failed, Admission::Normal, Circuit::Closed { failures }) => {
                 let failures = failures.saturating_add(1);
                 if failures >= self.cfg.failures {
-                    Circuit::Open {
-                        until: Instant::now() + self.cfg.cooldown,
-                    }
+                    open
                 } else {
                     Circuit::Closed { failures }
                 }
             }
-            (true, Admission::Normal, open @ Circuit::Open { .. }) => open,
+            (Outcome::Failed | Outcome::Hung, Admission::Normal, was @ Circuit::Open { .. }) => was,
         };
         match (before, *s) {
             (Circuit::Closed { .. }, Circuit::Open { .. }) => tracing::warn!(
+                ?outcome,
                 failures = self.cfg.failures,
                 cooldown_ms = self.cfg.cooldown.as_millis() as u64,
                 "KMS circuit opened: calls fail fast until a probe succeeds"
@@ -331,7 +380,7 @@ impl Breaker {
     fn would_admit(&self) -> bool {
         match *self.lock() {
             Circuit::Closed { .. } => true,
-            Circuit::Open { until } => Instant::now() >= until,
+            Circuit::Open { until } => Instant::now() >= until && !self.background(),
             Circuit::Probing => false,
         }
     }
@@ -358,9 +407,9 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    fn finish(mut self, failed: bool) {
+    fn finish(mut self, outcome: Outcome) {
         self.done = true;
-        self.breaker.record(self.admission, failed);
+        self.breaker.record(self.admission, outcome);
     }
 }
 
@@ -368,6 +417,21 @@ impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.breaker.abandon(self.admission);
+        }
+    }
+}
+
+/// Held by the health-check task: when it ends, calls probe an open circuit again.
+struct BackgroundProbes(std::sync::Weak<Inner>);
+
+impl Drop for BackgroundProbes {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            for r in &inner.replicas {
+                r.breaker
+                    .probed_in_background
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }
@@ -456,17 +520,26 @@ impl KmsClient {
 
     /// Starts the background health check: every [`KmsClientConfig::health_interval`], each
     /// replica's `/readyz` is probed (past its circuit); a failure counts against it like a
-    /// failed call, a success closes its circuit. Only useful with several replicas, where it
-    /// ejects a dead one before calls find it. Stops when every clone of the client is gone.
-    /// Must run inside a tokio runtime.
+    /// failed call, a success closes its circuit. From then on only these probes close an open
+    /// circuit: calls never wait as the half-open probe ([`BreakerConfig`]). With several
+    /// replicas it also ejects a dead one before calls find it. Stops when every clone of the
+    /// client is gone. Must run inside a tokio runtime.
     pub fn spawn_health_checks(&self) -> tokio::task::JoinHandle<()> {
+        for r in &self.inner.replicas {
+            r.breaker
+                .probed_in_background
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let weak = Arc::downgrade(&self.inner);
         let every = self
             .inner
             .cfg
             .health_interval
             .max(Duration::from_millis(50));
+        // Aborted or ended, the task hands closing circuits back to half-open calls.
+        let guard = BackgroundProbes(weak.clone());
         tokio::spawn(async move {
+            let _guard = guard;
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -484,6 +557,7 @@ impl KmsClient {
         let cfg = &self.inner.cfg;
         let timeout = cfg.request_timeout.min(cfg.deadline);
         let replica = &self.inner.replicas[i];
+        let began = Instant::now();
         let r = match self
             .raw_once(replica, Method::GET, "/readyz", Bytes::new(), timeout)
             .await
@@ -495,7 +569,10 @@ impl KmsClient {
             ))),
             Err(e) => Err(e),
         };
-        replica.breaker.record(Admission::Normal, r.is_err());
+        replica.breaker.record(
+            Admission::Normal,
+            Outcome::of(r.as_ref().err(), began.elapsed(), timeout),
+        );
         r
     }
 
@@ -876,16 +953,12 @@ impl KmsClient {
                     ClientError::Unavailable(format!("{path}: deadline passed"))
                 }));
             }
+            let timeout = cfg.request_timeout.min(left);
+            let began = Instant::now();
             let res = self
-                .call_once(
-                    replica,
-                    method.clone(),
-                    path,
-                    body.clone(),
-                    cfg.request_timeout.min(left),
-                )
+                .call_once(replica, method.clone(), path, body.clone(), timeout)
                 .await;
-            admitted.finish(matches!(&res, Err(e) if e.counts_as_failure()));
+            admitted.finish(Outcome::of(res.as_ref().err(), began.elapsed(), timeout));
             match res {
                 Err(e) if e.retryable() => {
                     if n > 1 {

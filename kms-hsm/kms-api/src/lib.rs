@@ -24,6 +24,11 @@ pub mod parse;
 pub mod tls;
 pub mod wire;
 
+/// The start of every AAD the KMS uses for its own bindings (wrapped-DEK checks, probes).
+/// Refused at the start of a client's AAD on every encrypt and decrypt call, so no client can
+/// make the KMS compute one of them for it.
+pub const RESERVED_AAD_PREFIX: &[u8] = b"progressdb-kms:";
+
 pub use client::{ClientError, Endpoint, KmsClient, KmsClientConfig};
 pub use ids::{IdError, IdempotencyKey, KekId, KekVersion, KeyId, ThreadId, WrappedDek};
 pub use wire::{ErrorBody, ErrorCode, ErrorDetail};

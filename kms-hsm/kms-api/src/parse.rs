@@ -141,9 +141,21 @@ fn decode_b64(field: &'static str, s: &str, limit: usize) -> Result<Vec<u8>, Par
     Ok(v)
 }
 
+/// A client's AAD: at most [`MAX_AAD_BYTES`], and never one that begins with
+/// [`crate::RESERVED_AAD_PREFIX`]. The KMS binds its own records with AADs under that prefix
+/// (e.g. a wrapped DEK's check: AES-GCM under the DEK of an empty message); a client that
+/// could encrypt under a DEK with such an AAD could forge the binding of that DEK to another
+/// key id.
 fn aad(s: Option<&str>) -> Result<Option<Bytes64>, ParseError> {
-    s.map(|s| decode_b64("aad", s, MAX_AAD_BYTES).map(Bytes64))
-        .transpose()
+    let Some(s) = s else { return Ok(None) };
+    let v = decode_b64("aad", s, MAX_AAD_BYTES)?;
+    if v.starts_with(crate::RESERVED_AAD_PREFIX) {
+        return Err(ParseError::InvalidArgument(format!(
+            "aad: begins with {:?}, reserved for the KMS's own bindings",
+            String::from_utf8_lossy(crate::RESERVED_AAD_PREFIX)
+        )));
+    }
+    Ok(Some(Bytes64(v)))
 }
 
 impl TryFrom<CreateDekBody> for CreateDekRequest {
@@ -226,6 +238,39 @@ mod tests {
 
     fn enc(json: &str) -> Result<EncryptRequest, ParseError> {
         EncryptRequest::try_from(parse_json::<EncryptBody>(json.as_bytes())?)
+    }
+
+    #[test]
+    fn a_client_aad_under_the_reserved_prefix_is_refused() {
+        let k = "dek_00000000000000000000000000000000";
+        for aad in [&b"progressdb-kms:dek:v1\0x"[..], b"progressdb-kms:"] {
+            let body = format!(
+                r#"{{"key_id":"{k}","plaintext":"","aad":"{}"}}"#,
+                crate::b64::encode(aad)
+            );
+            let e = EncryptRequest::try_from(parse_json::<EncryptBody>(body.as_bytes()).unwrap())
+                .unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+            let body = format!(
+                r#"{{"key_id":"{k}","ciphertext":"{}","aad":"{}"}}"#,
+                crate::b64::encode(&[0u8; 28]),
+                crate::b64::encode(aad)
+            );
+            let e = DecryptRequest::try_from(parse_json::<DecryptBody>(body.as_bytes()).unwrap())
+                .unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+        }
+        // A prefix of the prefix, or the prefix later in the AAD, is a client's own.
+        for aad in [&b"progressdb-kms"[..], b"x progressdb-kms:dek:v1"] {
+            let body = format!(
+                r#"{{"key_id":"{k}","plaintext":"","aad":"{}"}}"#,
+                crate::b64::encode(aad)
+            );
+            assert!(
+                EncryptRequest::try_from(parse_json::<EncryptBody>(body.as_bytes()).unwrap())
+                    .is_ok()
+            );
+        }
     }
 
     #[test]

@@ -371,6 +371,10 @@ pub struct ReadyResponse {
     pub ready: bool,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Process alerts (`service_kit::alerts`: `single_user`, `core_dumps_not_denied`,
+    /// `key_memory_unlocked`): ready, with a weakened guarantee an operator must see.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
 }
 
 #[cfg(test)]

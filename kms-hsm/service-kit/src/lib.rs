@@ -1,5 +1,6 @@
 //! What the two progressdb services do alike, written once.
 //!
+//! * [`alerts`]: process-wide alerts an operator must see (start-up log, `/readyz`, `status`).
 //! * [`aead`]: AES-256-GCM under a zeroizing [`aead::DataKey`] (held in [`locked`] memory): the KMS's message
 //!   encryption and the dev-only embedded provider of the server.
 //! * [`body`]: request bodies read into zeroizing memory (`ZeroizingBuf`) within a deadline.
@@ -32,6 +33,7 @@
 //! `progressdb-kms` (`kms-hsm/`) and `progressdb` (`server/`) both use every module.
 
 pub mod aead;
+pub mod alerts;
 pub mod body;
 pub mod check;
 pub mod config;

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Read as _;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
@@ -40,6 +40,11 @@ pub fn check_permissions(path: &Path) -> Result<(), SecretFileError> {
         path: path.to_owned(),
         source,
     })?;
+    check_metadata(path, &meta)
+}
+
+/// The checks of [`check_permissions`] on metadata already read.
+fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), SecretFileError> {
     if !meta.is_file() {
         return Err(SecretFileError::NotAFile {
             path: path.to_owned(),
@@ -60,11 +65,18 @@ pub fn check_permissions(path: &Path) -> Result<(), SecretFileError> {
 /// # Errors
 /// See [`check_permissions`]; also when the file cannot be read.
 pub fn read_secret_bytes(path: &Path) -> Result<Zeroizing<Vec<u8>>, SecretFileError> {
-    check_permissions(path)?;
-    let mut f = fs::File::open(path).map_err(|source| SecretFileError::Io {
+    let io = |source| SecretFileError::Io {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    // Opened first, then checked through the descriptor (fstat): the file checked is the
+    // file read, even if the path is swapped in between. Opening a FIFO must not block.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_nonblock())
+        .open(path)
+        .map_err(io)?;
+    check_metadata(path, &f.metadata().map_err(io)?)?;
     let mut buf = Zeroizing::new(Vec::new());
     f.read_to_end(&mut buf)
         .map_err(|source| SecretFileError::Io {
@@ -72,6 +84,12 @@ pub fn read_secret_bytes(path: &Path) -> Result<Zeroizing<Vec<u8>>, SecretFileEr
             source,
         })?;
     Ok(buf)
+}
+
+/// `O_NONBLOCK`: an open of a FIFO planted at the path returns at once (and is then refused
+/// as not a regular file); reads of a regular file ignore it.
+fn libc_nonblock() -> i32 {
+    rustix::fs::OFlags::NONBLOCK.bits() as i32
 }
 
 /// Reads a one-line text secret (a PIN, a token), trimming surrounding whitespace.
@@ -110,5 +128,23 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret_string(&p).unwrap().expose_secret(), "123456");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What is checked is the descriptor that is read: a FIFO at the path (which a stat of
+    /// the path followed by an open could be raced into) is refused without blocking.
+    #[test]
+    fn the_opened_file_is_what_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = read_secret_bytes(&p).unwrap_err();
+        assert!(matches!(e, SecretFileError::NotAFile { .. }), "{e}");
     }
 }

@@ -174,7 +174,9 @@ impl fmt::Debug for ResidentItem {
 /// `"progressdb-kms:dek:v1" 0x00 key_id 0x00 kek_id 0x00 kek_version(u32 BE)`.
 pub fn wrap_aad(key_id: &KeyId, kek: &KekRef) -> Vec<u8> {
     let mut aad = Vec::with_capacity(64);
-    aad.extend_from_slice(b"progressdb-kms:dek:v1");
+    // Under the prefix no client AAD may have (`kms_api::RESERVED_AAD_PREFIX`).
+    aad.extend_from_slice(kms_api::RESERVED_AAD_PREFIX);
+    aad.extend_from_slice(b"dek:v1");
     aad.push(0);
     aad.extend_from_slice(key_id.as_str().as_bytes());
     aad.push(0);

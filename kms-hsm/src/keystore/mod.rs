@@ -399,14 +399,16 @@ pub trait KeyStore: Send + Sync + 'static {
         entry: kms_api::admin::AuditEntry,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The pending entries (see [`KeyStore::put_pending_audit`]) with their keys, oldest
-    /// first.
+    /// Up to `limit` pending entries (see [`KeyStore::put_pending_audit`]) with their keys,
+    /// oldest first; one that does not decode is returned as `None` (the audit log refuses
+    /// it: the pending area is not authenticated, so what it holds is never trusted).
     ///
     /// # Errors
     /// `Io` or `Corrupt`.
     fn pending_audits(
         &self,
-    ) -> impl Future<Output = Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError>> + Send;
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<PendingAudit>, StoreError>> + Send;
 
     /// Up to `limit` audit records stored under sequence numbers greater than `after`, in
     /// order, as stored (undecoded: verification must see what is on disk).
@@ -488,6 +490,9 @@ pub(crate) fn encode_audit_entries(
 
 /// The key a pending audit entry is stored under: its time first, so pending entries list
 /// oldest first, then a random suffix (both backends).
+/// A pending audit entry's key and, when it decodes, the entry.
+pub type PendingAudit = (String, Option<kms_api::admin::AuditEntry>);
+
 pub(crate) fn pending_audit_key(entry: &kms_api::admin::AuditEntry) -> String {
     format!(
         "audit-pending/{:020}-{:016x}",
@@ -591,10 +596,8 @@ impl KeyStore for AnyStore {
     async fn put_pending_audit(&self, entry: kms_api::admin::AuditEntry) -> Result<(), StoreError> {
         dispatch!(self, s => s.put_pending_audit(entry).await)
     }
-    async fn pending_audits(
-        &self,
-    ) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
-        dispatch!(self, s => s.pending_audits().await)
+    async fn pending_audits(&self, limit: usize) -> Result<Vec<PendingAudit>, StoreError> {
+        dispatch!(self, s => s.pending_audits(limit).await)
     }
     async fn audit_range(
         &self,

@@ -993,23 +993,24 @@ impl KeyStore for PostgresStore {
         .await
     }
 
-    async fn pending_audits(
-        &self,
-    ) -> Result<Vec<(String, kms_api::admin::AuditEntry)>, StoreError> {
+    async fn pending_audits(&self, limit: usize) -> Result<Vec<super::PendingAudit>, StoreError> {
         let c = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = c
-            .query("SELECT key, entry FROM kms_audit_pending ORDER BY key", &[])
+            .query(
+                "SELECT key, entry FROM kms_audit_pending ORDER BY key LIMIT $1",
+                &[&limit],
+            )
             .await
             .map_err(|e| db_err(&e))?;
-        rows.iter()
+        Ok(rows
+            .iter()
             .map(|r| {
                 let key: String = r.get(0);
                 let bytes: Vec<u8> = r.get(1);
-                let e = serde_json::from_slice(&bytes)
-                    .map_err(|_| corrupt(key.clone(), "undecodable pending audit entry"))?;
-                Ok((key, e))
+                (key, serde_json::from_slice(&bytes).ok())
             })
-            .collect()
+            .collect())
     }
 
     async fn audit_range(

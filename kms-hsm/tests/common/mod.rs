@@ -122,8 +122,10 @@ impl Kms {
             ));
         } else {
             toml.push_str(&format!("[listen]\nunix = {socket:?}\n"));
-            if let Some(u) = &opts.allowed_uids {
-                toml.push_str(&format!("allowed_uids = {u:?}\n"));
+            match &opts.allowed_uids {
+                Some(u) => toml.push_str(&format!("allowed_uids = {u:?}\n")),
+                // The tests run the KMS, its clients and its admin commands as one user.
+                None => toml.push_str("single_user = true\n"),
             }
         }
         toml.push_str(&format!(

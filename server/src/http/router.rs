@@ -135,6 +135,13 @@ pub fn error_response(e: &ApiError) -> Response {
             r.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(*secs));
         }
+        // The KMS is down or hung (its circuit open): the server probes it every second.
+        ApiError::KmsUnavailable => {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from_static("1"),
+            );
+        }
         ApiError::MalformedRequest(_)
         | ApiError::InvalidArgument(_)
         | ApiError::Forbidden
@@ -145,7 +152,6 @@ pub fn error_response(e: &ApiError) -> Response {
         | ApiError::MessageUnreadable
         | ApiError::Internal
         | ApiError::NotImplemented
-        | ApiError::KmsUnavailable
         | ApiError::Unavailable
         | ApiError::StorageFull
         | ApiError::ShredFailed
@@ -442,6 +448,7 @@ async fn readyz(State(st): State<RouterState>) -> Answer {
             ready,
             store: store.as_str(),
             kms: kms.as_str(),
+            alerts: service_kit::alerts::current(),
         },
     ))
 }

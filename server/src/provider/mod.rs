@@ -185,7 +185,6 @@ pub fn build(
             if endpoints.is_empty() {
                 return Err(ProviderBuildError::Endpoint("not configured".into()));
             }
-            let replicas = endpoints.len();
             let tls = match (&cfg.ca, &cfg.client_cert, &cfg.client_key) {
                 (Some(ca), Some(cert), Some(key)) => {
                     Some(Arc::new(kms_api::tls::client_config(ca, cert, key)?))
@@ -205,8 +204,10 @@ pub fn build(
             };
             let client = kms_api::KmsClient::new(client_cfg)
                 .map_err(|e| ProviderBuildError::Endpoint(e.to_string()))?;
-            if replicas > 1 {
-                // Ejects a failing replica before user calls find it; ends with the client.
+            if !cfg.health_interval().is_zero() {
+                // Closes an open circuit once the KMS answers again (so no user request waits
+                // out a hung KMS as the half-open probe) and, with several replicas, ejects a
+                // failing one before user calls find it; ends with the client.
                 drop(client.spawn_health_checks());
             }
             #[cfg(feature = "dev-embedded")]

@@ -336,6 +336,10 @@ fn check_seal(
     if expected.key_id() != sealed_with {
         return Err(StoreError::StaleKey);
     }
+    // Plain content never enters a thread that has a DEK, whatever its rotation says.
+    if sealed_with.is_none() && thread.kms.is_some() {
+        return Err(StoreError::StaleKey);
+    }
     match (&thread.kms, sealed_with) {
         (Some(k), Some(used)) if &k.key_id == used => {
             let mut t = thread.clone();
