@@ -16,15 +16,29 @@ use crate::store::ThreadRecord;
 
 #[derive(Debug, Default)]
 struct Inner {
-    map: HashMap<ThreadId, Arc<ThreadRecord>>,
+    /// Each record with the bytes it is charged.
+    map: HashMap<ThreadId, (Arc<ThreadRecord>, usize)>,
     generation: u64,
+    /// Sum of the charges in `map`.
+    bytes: usize,
 }
 
-/// See the module documentation.
+/// See the module documentation. Bounded by entries and by (estimated) bytes.
 #[derive(Debug)]
 pub struct ThreadCache {
     inner: Mutex<Inner>,
     capacity: usize,
+    max_bytes: usize,
+}
+
+/// What a record is charged: its strings, its metadata as parsed JSON (16 times its text,
+/// roughly what a `serde_json::Value` of small items takes) and a fixed overhead.
+fn charge(rec: &ThreadRecord) -> usize {
+    let meta = rec
+        .metadata
+        .as_ref()
+        .map_or(0, |m| serde_json::to_vec(m).map_or(0, |v| v.len()));
+    512 + rec.title.len() + meta.saturating_mul(16)
 }
 
 /// The generation observed before a read from the store.
@@ -32,11 +46,12 @@ pub struct ThreadCache {
 pub struct Generation(u64);
 
 impl ThreadCache {
-    /// A cache of at most `capacity` records (0 disables caching).
-    pub fn new(capacity: usize) -> Self {
+    /// A cache of at most `capacity` records and `max_bytes` of them (0 disables caching).
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             capacity,
+            max_bytes,
         }
     }
 
@@ -45,7 +60,12 @@ impl ThreadCache {
     }
 
     pub fn get(&self, id: &ThreadId) -> Option<Arc<ThreadRecord>> {
-        self.lock().map.get(id).cloned()
+        self.lock().map.get(id).map(|(r, _)| r.clone())
+    }
+
+    /// Bytes the cached records are charged now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// Call before reading a record from the store; pass the result to [`Self::insert_read`].
@@ -57,7 +77,7 @@ impl ThreadCache {
     pub fn insert_read(&self, seen: Generation, rec: Arc<ThreadRecord>) {
         let mut g = self.lock();
         if g.generation == seen.0 {
-            Self::insert(&mut g, self.capacity, rec);
+            self.insert(&mut g, rec);
         }
     }
 
@@ -65,27 +85,37 @@ impl ThreadCache {
     pub fn put_fresh(&self, rec: Arc<ThreadRecord>) {
         let mut g = self.lock();
         g.generation = g.generation.wrapping_add(1);
-        Self::insert(&mut g, self.capacity, rec);
+        self.insert(&mut g, rec);
     }
 
     /// Forgets `id` (after it changed or was deleted).
     pub fn invalidate(&self, id: &ThreadId) {
         let mut g = self.lock();
         g.generation = g.generation.wrapping_add(1);
-        g.map.remove(id);
+        if let Some((_, c)) = g.map.remove(id) {
+            g.bytes -= c;
+        }
     }
 
-    fn insert(g: &mut Inner, capacity: usize, rec: Arc<ThreadRecord>) {
-        if capacity == 0 {
+    fn insert(&self, g: &mut Inner, rec: Arc<ThreadRecord>) {
+        let c = charge(&rec);
+        if self.capacity == 0 || c > self.max_bytes {
             return;
         }
-        if g.map.len() >= capacity && !g.map.contains_key(&rec.id) {
-            // Evict an arbitrary entry: cheap, and good enough for a metadata cache.
-            if let Some(k) = g.map.keys().next().cloned() {
-                g.map.remove(&k);
+        if let Some((_, old)) = g.map.remove(&rec.id) {
+            g.bytes -= old;
+        }
+        // Evict arbitrary entries until it fits: cheap, and good enough for a metadata cache.
+        while g.map.len() >= self.capacity || g.bytes + c > self.max_bytes {
+            let Some(k) = g.map.keys().next().cloned() else {
+                break;
+            };
+            if let Some((_, old)) = g.map.remove(&k) {
+                g.bytes -= old;
             }
         }
-        g.map.insert(rec.id.clone(), rec);
+        g.bytes += c;
+        g.map.insert(rec.id.clone(), (rec, c));
     }
 }
 
@@ -113,7 +143,7 @@ mod tests {
 
     #[test]
     fn stale_read_is_not_cached() {
-        let c = ThreadCache::new(10);
+        let c = ThreadCache::new(10, 1 << 20);
         let seen = c.generation();
         // A write commits and invalidates while the read is in flight...
         c.invalidate(&ThreadId::parse("a").unwrap());
@@ -127,13 +157,37 @@ mod tests {
 
     #[test]
     fn bounded() {
-        let c = ThreadCache::new(2);
+        let c = ThreadCache::new(2, 1 << 20);
         for i in 0..5 {
             c.put_fresh(rec(&format!("t{i}"), "x"));
         }
         assert_eq!(c.lock().map.len(), 2);
-        let off = ThreadCache::new(0);
+        let off = ThreadCache::new(0, 1 << 20);
         off.put_fresh(rec("a", "x"));
         assert!(off.get(&ThreadId::parse("a").unwrap()).is_none());
+    }
+
+    #[test]
+    fn bounded_by_bytes_too() {
+        let big = |id: &str| {
+            let mut r = (*rec(id, "x")).clone();
+            r.metadata = Some(serde_json::json!({ "k": "v".repeat(4000) }));
+            Arc::new(r)
+        };
+        // Each is charged about 64 KiB (4 KiB of text as parsed JSON): 4 fit in 300 KiB.
+        let c = ThreadCache::new(10_000, 300 << 10);
+        for i in 0..50 {
+            c.put_fresh(big(&format!("t{i}")));
+            assert!(c.bytes() <= 300 << 10);
+        }
+        assert_eq!(c.lock().map.len(), 4);
+        // Invalidation gives the bytes back; a record larger than the whole cache is not held.
+        for i in 0..50 {
+            c.invalidate(&ThreadId::parse(&format!("t{i}")).unwrap());
+        }
+        assert_eq!(c.bytes(), 0);
+        let tiny = ThreadCache::new(10, 1024);
+        tiny.put_fresh(big("a"));
+        assert!(tiny.get(&ThreadId::parse("a").unwrap()).is_none());
     }
 }

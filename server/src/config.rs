@@ -317,10 +317,19 @@ pub struct LimitsConfig {
     pub default_page_size: usize,
     /// Largest accepted `limit`.
     pub max_page_size: usize,
+    /// Stored bytes of messages one page holds at most (a page stops early, with a cursor).
+    pub max_page_bytes: usize,
     /// Longest thread title in bytes.
     pub max_title_bytes: usize,
+    /// Largest thread metadata, as JSON text.
+    pub max_metadata_bytes: usize,
+    /// Deepest nesting of thread metadata.
+    pub max_metadata_depth: usize,
     /// Thread metadata records kept in memory.
     pub thread_cache_entries: usize,
+    /// Bytes of thread records kept in memory (estimated, parsed metadata counted at 16x its
+    /// text).
+    pub thread_cache_bytes: usize,
     /// Requests a second per API key (0: no limit).
     pub key_rate_per_sec: u32,
     /// Burst per API key (0: `key_rate_per_sec`).
@@ -333,8 +342,12 @@ impl Default for LimitsConfig {
             max_body_bytes: 256 * 1024,
             default_page_size: 50,
             max_page_size: 500,
+            max_page_bytes: 4 << 20,
             max_title_bytes: 512,
+            max_metadata_bytes: 4096,
+            max_metadata_depth: 16,
             thread_cache_entries: 10_000,
+            thread_cache_bytes: 64 << 20,
             key_rate_per_sec: 0,
             key_rate_burst: 0,
         }
@@ -472,11 +485,15 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if l.max_title_bytes == 0 {
-            return Err(ConfigError::invalid(
-                "limits.max_title_bytes",
-                "must be at least 1",
-            ));
+        for (key, v) in [
+            ("limits.max_title_bytes", l.max_title_bytes),
+            ("limits.max_page_bytes", l.max_page_bytes),
+            ("limits.max_metadata_bytes", l.max_metadata_bytes),
+            ("limits.max_metadata_depth", l.max_metadata_depth),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
         }
         let k = &self.kms;
         if k.max_batch_items == 0 || k.max_batch_items > kms_api::wire::MAX_BATCH_ITEMS {

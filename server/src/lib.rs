@@ -126,7 +126,10 @@ impl Server {
             provider,
             encryption,
             keys,
-            cache: cache::ThreadCache::new(cfg.limits.thread_cache_entries),
+            cache: cache::ThreadCache::new(
+                cfg.limits.thread_cache_entries,
+                cfg.limits.thread_cache_bytes,
+            ),
             key_rate: service_kit::rate::RateLimiter::new(service_kit::rate::RateLimit {
                 per_sec: cfg.limits.key_rate_per_sec,
                 burst: cfg.limits.key_rate_burst,
@@ -136,7 +139,10 @@ impl Server {
             limits: Limits {
                 default_page_size: cfg.limits.default_page_size.min(cfg.limits.max_page_size),
                 max_page_size: cfg.limits.max_page_size,
+                max_page_bytes: cfg.limits.max_page_bytes,
                 max_title_bytes: cfg.limits.max_title_bytes,
+                max_metadata_bytes: cfg.limits.max_metadata_bytes,
+                max_metadata_depth: cfg.limits.max_metadata_depth,
             },
             kms_ready_timeout: cfg.kms.ready_timeout(),
             gate,

@@ -52,7 +52,12 @@ pub enum Encryption {
 pub struct Limits {
     pub default_page_size: usize,
     pub max_page_size: usize,
+    /// Stored bytes one page of messages holds at most (at least one message).
+    pub max_page_bytes: usize,
     pub max_title_bytes: usize,
+    /// Thread metadata: its JSON text and its nesting depth.
+    pub max_metadata_bytes: usize,
+    pub max_metadata_depth: usize,
 }
 
 /// Health of each dependency, for `/readyz`.
@@ -188,6 +193,26 @@ impl MessageService {
         Ok(())
     }
 
+    /// Thread metadata within `limits.max_metadata_bytes` of JSON text and
+    /// `limits.max_metadata_depth` levels of nesting: held in memory (thread cache, listings)
+    /// as parsed JSON, many times its text size, so it is bounded like a title.
+    fn check_metadata(&self, m: &Value) -> Result<(), ApiError> {
+        let len = serde_json::to_vec(m).map_or(usize::MAX, |v| v.len());
+        if len > self.limits.max_metadata_bytes {
+            return Err(ApiError::invalid(format!(
+                "metadata must be at most {} bytes of JSON",
+                self.limits.max_metadata_bytes
+            )));
+        }
+        if json_depth(m) > self.limits.max_metadata_depth {
+            return Err(ApiError::invalid(format!(
+                "metadata must nest at most {} levels deep",
+                self.limits.max_metadata_depth
+            )));
+        }
+        Ok(())
+    }
+
     /// The page size for a requested `limit` (clamped to the maximum).
     ///
     /// # Errors
@@ -222,6 +247,9 @@ impl MessageService {
     ) -> Result<Arc<ThreadRecord>, ApiError> {
         let author = require_user(p, "create a thread")?;
         self.check_title(&title)?;
+        if let Some(m) = &metadata {
+            self.check_metadata(m)?;
+        }
         let now = Timestamp::now();
         let id = new_thread_id(now);
         let kms = match self.encryption {
@@ -297,6 +325,9 @@ impl MessageService {
         }
         if let Some(t) = &title {
             self.check_title(t)?;
+        }
+        if let Some(Some(m)) = &metadata {
+            self.check_metadata(m)?;
         }
         let op = PatchThread {
             id: id.clone(),
@@ -561,7 +592,7 @@ impl MessageService {
         // messages it migrates.
         let (thread, page) = self
             .store
-            .messages_with_thread(tid, order, after, limit)
+            .messages_with_thread(tid, order, after, limit, self.limits.max_page_bytes)
             .await?;
         let thread = thread.ok_or(ApiError::NotFound)?;
         let next = if page.more {
@@ -961,6 +992,16 @@ impl MessageService {
             },
         };
         (store, kms)
+    }
+}
+
+/// Levels of nesting of `v` (a scalar is 0, `[]` and `{}` are 1).
+fn json_depth(v: &Value) -> usize {
+    // serde_json parses at most 128 levels, so this recursion is bounded.
+    match v {
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 

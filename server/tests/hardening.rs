@@ -507,3 +507,80 @@ async fn signing_secrets_rotate_and_expiring_signatures_expire() {
     }
     s.stop().await;
 }
+
+/// One user cannot make the server hold unbounded memory: thread metadata is capped by bytes
+/// and depth (it is held parsed, many times its text), and a page of large messages stops at
+/// `limits.max_page_bytes` with a cursor instead of holding `max_page_size` of them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_and_pages_are_bounded_by_bytes() {
+    let env = TestEnv::new();
+    let config = env.config(
+        &Kms::Embedded,
+        "[limits]\nmax_page_bytes = 200000\nmax_metadata_bytes = 1024\nmax_metadata_depth = 4\n",
+    );
+    let s = InProc::start(&config).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let create = |meta: Value| {
+        let c = &c;
+        let u = &u;
+        async move {
+            c.call(
+                u,
+                "POST",
+                "/v1/threads",
+                Some(json!({ "title": "t", "metadata": meta })),
+            )
+            .await
+        }
+    };
+    // 256 KiB of [0,0,...] used to be accepted (and held as ~4 MiB of parsed JSON).
+    let zeros: Vec<u8> = vec![0; 600];
+    let r = create(json!(zeros)).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    let r = create(json!([[[[["deep"]]]]])).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    let r = create(json!({"a": [[["ok"]]], "n": 1})).await;
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let t = r.json()["id"].as_str().unwrap().to_owned();
+    // A patch is held to the same caps.
+    let r = c
+        .call(
+            &u,
+            "PATCH",
+            &format!("/v1/threads/{t}"),
+            Some(json!({ "metadata": vec![1u8; 600] })),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+
+    // Ten messages of ~60 KB: a page of 500 stops near 200 KB, and the cursor goes on.
+    for i in 0..10 {
+        c.post_message(&u, &t, json!(format!("{i}{}", "x".repeat(60_000))))
+            .await;
+    }
+    let mut seen = 0;
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let r = c
+            .get(
+                &u,
+                &format!("/v1/threads/{t}/messages?limit=500&cursor={cursor}"),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        let n = v["messages"].as_array().unwrap().len();
+        assert!((1..=3).contains(&n), "a page held {n} messages of 60 KB");
+        seen += n;
+        pages += 1;
+        match v["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 10);
+    assert!(pages >= 4, "{pages}");
+    s.stop().await;
+}

@@ -387,7 +387,7 @@ impl Store {
         limit: usize,
     ) -> Result<Page<StoredMessage>, StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| list_messages(db, txn, &thread, order, after, limit))
+        self.read(move |db, txn| list_messages(db, txn, &thread, order, after, limit, usize::MAX))
             .await
     }
 
@@ -513,6 +513,7 @@ impl Store {
         order: Order,
         after: Option<MessageId>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<(Option<ThreadRecord>, Page<StoredMessage>), StoreError> {
         let thread = thread.clone();
         self.read(move |db, txn| {
@@ -521,7 +522,10 @@ impl Store {
                 None => None,
                 Some(v) => Some(parse_thread(&key, v)?),
             };
-            Ok((rec, list_messages(db, txn, &thread, order, after, limit)?))
+            Ok((
+                rec,
+                list_messages(db, txn, &thread, order, after, limit, max_bytes)?,
+            ))
         })
         .await
     }
@@ -669,6 +673,8 @@ fn list_author_threads(
     Ok(Page { items, more: false })
 }
 
+/// Up to `limit` messages, and no more stored bytes than `max_bytes` (at least one message:
+/// a page always moves on); `more` when the page stopped before the end.
 fn list_messages(
     db: &Db,
     txn: &RoTxn<'_, WithoutTls>,
@@ -676,18 +682,22 @@ fn list_messages(
     order: Order,
     after: Option<MessageId>,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Page<StoredMessage>, StoreError> {
     let prefix = keys::msg_prefix(thread);
     let end = keys::msg_end(thread);
     let cursor = after.map(|a| keys::msg(thread, a));
     let mut items = Vec::with_capacity(limit.min(1024));
+    let mut bytes = 0usize;
     let mut push = |k: &[u8], v: &[u8]| -> bool {
         let Some(id) = keys::parse_msg(&prefix, k) else {
             return true;
         };
-        if items.len() == limit {
+        if items.len() == limit || (!items.is_empty() && bytes.saturating_add(v.len()) > max_bytes)
+        {
             return false;
         }
+        bytes = bytes.saturating_add(v.len());
         items.push(StoredMessage {
             id,
             record: serde_json::from_slice(v).map_err(|e| e.to_string()),
