@@ -10,26 +10,37 @@ use serde_json::json;
 
 /// Posts `n` messages of `size` bytes to `tid`, then reads them back as one page and checks
 /// every body came back, in order.
-fn post_then_read_one_page(api: &progressdb_e2e::Api, tid: &str, n: usize, size: usize) {
+fn post_then_read_in_pages(api: &progressdb_e2e::Api, tid: &str, n: usize, size: usize) {
     let mut sent = Vec::new();
     for i in 0..n {
         let body = text(size, i);
         api.post_message(tid, json!(body));
         sent.push(body);
     }
-    let (s, v) = api.call(
-        "GET",
-        &format!("/v1/threads/{tid}/messages?limit={n}"),
-        None,
-    );
-    assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
-    let got: Vec<&str> = v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().expect("every item readable"))
-        .collect();
-    assert_eq!(got, sent.iter().map(String::as_str).collect::<Vec<_>>());
+    // Asked for all of them at once, the server answers pages of at most
+    // `limits.max_page_bytes` (4 MiB) of stored messages, each with the cursor to the next.
+    let mut got: Vec<String> = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (s, v) = api.call(
+            "GET",
+            &format!("/v1/threads/{tid}/messages?limit={n}&cursor={cursor}"),
+            None,
+        );
+        assert_eq!(s, 200, "{}", &v.to_string()[..v.to_string().len().min(300)]);
+        let items = v["messages"].as_array().unwrap();
+        let page_bytes: usize = items
+            .iter()
+            .map(|m| m["body"].as_str().expect("every item readable").len())
+            .sum();
+        assert!(page_bytes <= 4 << 20, "a page of {page_bytes} bytes");
+        got.extend(items.iter().map(|m| m["body"].as_str().unwrap().to_owned()));
+        match v["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(got, sent);
 }
 
 /// A JSON string body of about `n` bytes (random, so it does not compress into anything).
@@ -58,7 +69,7 @@ fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
 
     // 50 messages of 64 KiB: one page of them is about 4.3 MiB of base64 ciphertext, over the
     // KMS's default 4 MiB body limit if sent as one batch.
-    post_then_read_one_page(&alice, &tid, 50, 64 * 1024);
+    post_then_read_in_pages(&alice, &tid, 50, 64 * 1024);
 
     // 24 concurrent posts of about 240 KB each (under the server's 256 KiB body limit): they
     // are coalesced into batches, which must be split to fit.
@@ -118,7 +129,7 @@ fn a_kms_with_a_smaller_body_limit_than_the_servers_batches_still_serves_large_p
         .as_str()
         .unwrap()
         .to_owned();
-    post_then_read_one_page(&alice, &tid, 20, 64 * 1024);
+    post_then_read_in_pages(&alice, &tid, 20, 64 * 1024);
     assert!(
         server.proc.log_text().contains("splitting it"),
         "the 413 was answered by splitting the batch"
