@@ -525,10 +525,15 @@ impl KmsClient {
     /// replicas it also ejects a dead one before calls find it. Stops when every clone of the
     /// client is gone. Must run inside a tokio runtime.
     pub fn spawn_health_checks(&self) -> tokio::task::JoinHandle<()> {
-        for r in &self.inner.replicas {
-            r.breaker
-                .probed_in_background
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+        // With one endpoint, no call is let through as the half-open probe: it would wait
+        // out a hung KMS. With several, a call that finds a circuit open fails over to another
+        // replica, and one whose cooldown is over is tried again as before.
+        if self.inner.replicas.len() == 1 {
+            for r in &self.inner.replicas {
+                r.breaker
+                    .probed_in_background
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let weak = Arc::downgrade(&self.inner);
         let every = self
