@@ -89,13 +89,7 @@ fn moved_ciphertext_is_refused_with_the_real_kms() {
 #[test]
 fn a_forged_retiring_key_is_a_shred_failure() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let t = alice.create_thread("a")["id"].as_str().unwrap().to_owned();
     alice.post_message(&t, json!("secret"));
