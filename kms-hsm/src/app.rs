@@ -33,6 +33,8 @@ pub enum StartError {
     Transport(#[from] TransportError),
     #[error("start-up task failed: {0}")]
     Task(String),
+    #[error("kek: {0}")]
+    KekPin(#[from] crate::kek_pin::PinError),
 }
 
 /// A built KMS, ready to serve.
@@ -183,6 +185,7 @@ impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
         });
         let metrics = Arc::new(Metrics::new(backend.clone(), gate.clone()));
         let store = open_store(cfg, metrics.store.clone()).await?;
+        crate::kek_pin::check(&store, &backend.current_kek()).await?;
         let cache = DekCache::new(cfg.cache.ttl, cfg.cache.max_entries, metrics.cache.clone());
         let coherence = match &cfg.store.backend {
             StoreBackend::Lmdb { .. } => None,

@@ -19,7 +19,10 @@
 //!   2*P for this before it rewraps).
 //!
 //! Bound: a change committed at *T* is acted on by the first poll that starts after *T*
-//! (by *T* + *P*, done by *T* + 2*P*), or the cache has lapsed by then: **2 × P**.
+//! (by *T* + *P*, done by *T* + 2*P*), or the cache has lapsed by then: **2 × P**. This holds
+//! whatever order concurrent changes commit in: the feed delivers every change committed
+//! after its cursor, and its cursor never passes a transaction still running
+//! ([`crate::keystore::postgres`]'s `changes_after`).
 //! Until the first poll succeeds at start-up, nothing is cached.
 
 use std::sync::Arc;
@@ -48,7 +51,7 @@ pub async fn run<B: KeyBackend, S: KeyStore>(svc: Arc<KeyService<B, S>>, every: 
             let mut evicted = 0usize;
             loop {
                 let page = svc.store().changes_after(cursor, PAGE).await?;
-                let full = page.changes.len() >= PAGE;
+                let more = page.more;
                 for change in page.changes {
                     match change {
                         Change::KeyDestroyed(k) => {
@@ -67,7 +70,7 @@ pub async fn run<B: KeyBackend, S: KeyStore>(svc: Arc<KeyService<B, S>>, every: 
                     }
                 }
                 cursor = Some(page.cursor);
-                if !full {
+                if !more {
                     return Ok::<_, crate::keystore::StoreError>(evicted);
                 }
             }

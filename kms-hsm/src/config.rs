@@ -386,9 +386,27 @@ impl std::fmt::Debug for PostgresConfig {
     }
 }
 
+/// Every TCP host (and `hostaddr`) of `c` is a loopback address (`localhost`, 127.0.0.0/8,
+/// `::1`); Unix-socket hosts are local by nature.
+fn only_loopback(c: &tokio_postgres::Config) -> bool {
+    let host_ok = |h: &tokio_postgres::config::Host| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => true,
+    };
+    c.get_hosts().iter().all(host_ok) && c.get_hostaddrs().iter().all(|a| a.is_loopback())
+}
+
 impl PostgresConfig {
-    /// Checks `url` parses and holds no password; `tcp` hosts need `ca_file` unless the URL
-    /// says `sslmode=disable`.
+    /// Checks `url` parses and holds no password; `tcp` hosts need `ca_file`, unless every
+    /// one is a loopback address and the URL says `sslmode=disable` (plain text is never
+    /// accepted across a network).
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming `store.url` or `store.ca_file`.
@@ -416,14 +434,19 @@ impl PostgresConfig {
             .get_hosts()
             .iter()
             .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
-        if tcp
-            && ca_file.is_none()
-            && parsed.get_ssl_mode() != tokio_postgres::config::SslMode::Disable
-        {
-            return Err(invalid(
-                "store.ca_file",
-                "is required to verify the database's TLS certificate (or put sslmode=disable in store.url)",
-            ));
+        if tcp && ca_file.is_none() {
+            if parsed.get_ssl_mode() != tokio_postgres::config::SslMode::Disable {
+                return Err(invalid(
+                    "store.ca_file",
+                    "is required to verify the database's TLS certificate (or, for a database on this host only, put sslmode=disable in store.url)",
+                ));
+            }
+            if !only_loopback(&parsed) {
+                return Err(invalid(
+                    "store.url",
+                    "says sslmode=disable for a database that is not on this host: key records and audit entries would cross the network in plain text; set store.ca_file for TLS",
+                ));
+            }
         }
         Ok(Self {
             url,
@@ -1362,6 +1385,29 @@ mod tests {
             e.contains("store.ca_file") && e.contains("sslmode=disable"),
             "{e}"
         );
+        // Plain text across the network is refused even when asked for.
+        for url in [
+            "postgresql://kms@db.example/kms?sslmode=disable",
+            "postgresql://kms@10.0.0.5/kms?sslmode=disable",
+            "host=localhost,db.example dbname=kms sslmode=disable",
+            "host=localhost hostaddr=10.0.0.5 dbname=kms sslmode=disable",
+        ] {
+            let e = err(&format!("backend = \"postgres\"\nurl = \"{url}\""));
+            assert!(
+                e.contains("store.url") && e.contains("not on this host"),
+                "{url}: {e}"
+            );
+        }
+        for url in [
+            "postgresql://kms@localhost/kms?sslmode=disable",
+            "postgresql://kms@127.0.0.1:5433/kms?sslmode=disable",
+            "postgresql://kms@[::1]/kms?sslmode=disable",
+        ] {
+            assert!(
+                pg(&format!("backend = \"postgres\"\nurl = \"{url}\"")).is_ok(),
+                "{url}"
+            );
+        }
         let e = err("backend = \"postgres\"\nurl = \"host=/tmp dbname=kms\"\nmap_size_mb = 8");
         assert!(e.contains("store.map_size_mb") && e.contains("lmdb"), "{e}");
         let e = err("url = \"host=/tmp dbname=kms\"");
@@ -1377,7 +1423,7 @@ mod tests {
                 ("PROGRESSDB_KMS__STORE__BACKEND", "postgres"),
                 (
                     "PROGRESSDB_KMS__STORE__URL",
-                    "postgresql://kms@db/kms?sslmode=disable",
+                    "postgresql://kms@localhost/kms?sslmode=disable",
                 ),
             ],
         )

@@ -17,6 +17,8 @@
 //!   appended durably before the action they record).
 //! * [`backup`]: backup and restore of the key store (HSM-HMAC-protected file, tombstones
 //!   honoured).
+//! * [`kek_pin`]: the current KEK version pinned in the key store, not taken on the token's
+//!   word.
 //! * [`lifecycle`]: KEK rotation with bulk rewrap, verification, KEK destruction, status:
 //!   resumable jobs persisted in the key store.
 //! * [`http`]: the HTTP API (routing, parsing, error bodies): the client API and, on the
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod coherence;
 pub mod config;
 pub mod http;
+pub mod kek_pin;
 pub mod keystore;
 pub mod lifecycle;
 pub mod metrics;

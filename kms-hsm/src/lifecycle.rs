@@ -781,18 +781,9 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 .with("version", target),
         )
         .await?;
-        let kek = {
-            // No other replica (or `init-kek`) makes a KEK version at the same time.
-            let _admin = self
-                .admin_lock()
-                .await
-                .map_err(|e| StepError::Transient(e.to_string()))?;
-            self.svc
-                .backend()
-                .ensure_kek_version(target, KekMissing::Generate)
-                .await
-                .map_err(backend_step_error)?
-        };
+        // The store learns of the version before the HSM makes it: a version in the token
+        // that the store does not know was not made by this deployment, and a KMS refuses
+        // to start on it ([`crate::kek_pin`]).
         let known = self.svc.store().kek_versions().await?;
         if !known.iter().any(|r| r.version == target) {
             self.svc
@@ -806,6 +797,18 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 })
                 .await?;
         }
+        let kek = {
+            // No other replica (or `init-kek`) makes a KEK version at the same time.
+            let _admin = self
+                .admin_lock()
+                .await
+                .map_err(|e| StepError::Transient(e.to_string()))?;
+            self.svc
+                .backend()
+                .ensure_kek_version(target, KekMissing::Generate)
+                .await
+                .map_err(backend_step_error)?
+        };
         if !self.opts.settle.is_zero() {
             // Other replicas adopt the version from the change feed; until they have, they
             // may still wrap new DEKs under the old one.

@@ -480,11 +480,13 @@ fn exit_code(e: &app::StartError) -> u8 {
             | B::KekRefused { .. }
             | B::KekNotFound { .. }
             | B::AuditKey { .. },
-        ) => 2,
+        )
+        | app::StartError::KekPin(progressdb_kms::kek_pin::PinError::Unknown { .. }) => 2,
         app::StartError::Backend(
             B::Unavailable(_) | B::InvalidWrapped | B::Overloaded | B::Internal(_),
         )
         | app::StartError::Store(_)
+        | app::StartError::KekPin(progressdb_kms::kek_pin::PinError::Store(_))
         | app::StartError::Transport(_)
         | app::StartError::Task(_) => 1,
     }

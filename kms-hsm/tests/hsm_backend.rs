@@ -285,12 +285,18 @@ async fn tampering_and_misuse_fail_cleanly() {
         }
         other => panic!("expected KekNotFound, got {other:?}"),
     }
-    // A KEK label that does not exist.
+    // A record naming a KEK label other than hsm.kek_label (which would choose the token
+    // object that unwraps it) is refused before any lookup, for every use of a blob.
+    let other = KekId::parse("no-such-kek").unwrap();
+    let err = backend.unwrap_dek(&k, &other, &wrapped).await.unwrap_err();
+    assert!(matches!(err, BackendError::InvalidWrapped), "{err:?}");
+    let err = backend.rewrap_dek(&k, &other, &wrapped).await.unwrap_err();
+    assert!(matches!(err, BackendError::InvalidWrapped), "{err:?}");
     let err = backend
-        .unwrap_dek(&k, &KekId::parse("no-such-kek").unwrap(), &wrapped)
+        .check_wrapped(&k, &other, &wrapped)
         .await
         .unwrap_err();
-    assert!(matches!(err, BackendError::KekNotFound { .. }), "{err:?}");
+    assert!(matches!(err, BackendError::InvalidWrapped), "{err:?}");
 
     // Failed decryptions left no operation active: the original still unwraps on every worker.
     for _ in 0..4 {
@@ -300,8 +306,9 @@ async fn tampering_and_misuse_fail_cleanly() {
     backend.health_check().await.unwrap();
     let st = backend.stats();
     assert_eq!(st.recoveries, 0);
-    // Authentication failures are the caller's data, not HSM errors; KekNotFound counts.
-    assert_eq!(st.errors, 2, "{st:?}");
+    // Authentication failures and foreign KEK ids are the caller's data, not HSM errors; the
+    // missing KEK version counts.
+    assert_eq!(st.errors, 1, "{st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -447,11 +447,16 @@ async fn concurrent_creates_share_commits() {
     })
     .await;
     let c = kms.client();
+    // Start-up wrote one thing: the current KEK version, pinned in the new store.
     let before = kms
         .metric("progressdb_kms_keystore_commits_total")
         .await
         .unwrap_or(0.0);
-    assert_eq!(before, 0.0);
+    assert_eq!(before, 1.0);
+    let writes_before = kms
+        .metric("progressdb_kms_keystore_writes_total")
+        .await
+        .unwrap_or(0.0);
     const N: usize = 64;
     let mut tasks = Vec::new();
     for i in 0..N {
@@ -468,11 +473,13 @@ async fn concurrent_creates_share_commits() {
     let commits = kms
         .metric("progressdb_kms_keystore_commits_total")
         .await
-        .unwrap();
+        .unwrap()
+        - before;
     let writes = kms
         .metric("progressdb_kms_keystore_writes_total")
         .await
-        .unwrap();
+        .unwrap()
+        - writes_before;
     // A create's record and its audit entry are one write; concurrent creates share
     // audit batches and commits.
     assert!(writes >= 1.0 && writes <= N as f64, "{writes}");

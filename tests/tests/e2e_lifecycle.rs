@@ -714,3 +714,80 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
     }
     assert_eq!(status(&hsm, &kms)["destroyed_deks"], 1);
 }
+
+/// The current KEK version is pinned in the key store. A higher version that appears in the
+/// token without a rotation of this deployment (here made properly, by a KMS on another key
+/// store of the same token) would otherwise become current and wrap every new DEK: the KMS
+/// refuses to start on it, naming both versions, and starts again once it is gone.
+#[test]
+fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(dir.path());
+    let mut kms = Kms::start(dir.path(), &hsm, KmsListen::Unix, None);
+    let seeded = seed(&kms, 3, 1);
+    kms.proc.sigterm();
+
+    // Another deployment on the same token: its own store, a rotation to version 2.
+    let store = dir.path().join("kms/store");
+    let ours = dir.path().join("kms/store.ours");
+    std::fs::rename(&store, &ours).unwrap();
+    std::fs::create_dir(&store).unwrap();
+    kms.restart(&hsm);
+    let job = admin_json(&hsm, &kms, &["rotate-kek", "--json"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    kms.proc.sigterm();
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::rename(&ours, &store).unwrap();
+
+    let mut child = Command::new(bin("progressdb-kms"))
+        .env(hsm.conf_var, &hsm.conf)
+        .args(["serve", "--config"])
+        .arg(&kms.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the KMS started on a KEK version its store did not make");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("newest KEK version (2)") && text.contains("(newest 1)"),
+        "{text}"
+    );
+
+    // Once the operator has removed the planted version (the other deployment's `kek
+    // destroy` path is not ours to drive: remove it with the token's own tool), ours serves
+    // again and every DEK still decrypts.
+    let out = Command::new("pkcs11-tool")
+        .env(hsm.conf_var, &hsm.conf)
+        .arg("--module")
+        .arg(&hsm.module)
+        .args([
+            "--token-label",
+            &hsm.token_label,
+            "--login",
+            "--pin",
+            &hsm.pin,
+        ])
+        .args(["--delete-object", "--type", "secrkey", "--id", "00000002"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kms.restart(&hsm);
+    for (key, ct) in &seeded {
+        decrypts(&kms.socket(), key, ct).unwrap();
+    }
+    assert_eq!(status(&hsm, &kms)["current_version"], 1);
+}

@@ -531,6 +531,7 @@ impl KeyStore for LmdbStore {
         Ok(super::ChangePage {
             cursor: 0,
             changes: Vec::new(),
+            more: false,
         })
     }
 

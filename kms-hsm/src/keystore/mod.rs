@@ -129,6 +129,8 @@ pub enum Change {
 pub struct ChangePage {
     pub cursor: u64,
     pub changes: Vec<Change>,
+    /// More changes can be read now, from the new cursor.
+    pub more: bool,
 }
 
 /// A process's turn at appending to the audit log ([`KeyStore::lock_audit`]).
@@ -421,8 +423,10 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
 
-    /// The change feed: up to `limit` changes recorded after `cursor` (`None`: none, just
-    /// the current cursor), oldest first. A store one process owns (LMDB) has no other
+    /// The change feed: up to about `limit` changes recorded after `cursor` (`None`: none,
+    /// just the current cursor), oldest first, including every change committed after the
+    /// cursor was given, whatever order the changes' transactions committed in. A change may
+    /// be delivered more than once (acting on one is idempotent). A store one process owns (LMDB) has no other
     /// writer and answers an empty page at cursor 0.
     ///
     /// # Errors

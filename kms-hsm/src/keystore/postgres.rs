@@ -140,10 +140,18 @@ CREATE TABLE kms_leases (
 );
 "#,
     ),
+    (
+        4,
+        "the change feed ordered by transaction, so a change that commits late is still read",
+        r#"
+ALTER TABLE kms_changes ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX kms_changes_by_xid ON kms_changes (xid, seq);
+"#,
+    ),
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Connects once (on a runtime of its own: `check-config` is synchronous) and reads the
 /// schema version (0 before the first start), changing nothing.
@@ -266,6 +274,35 @@ fn lease_ms(ttl: std::time::Duration) -> Result<i64, StoreError> {
 /// The stored JSON of a job record.
 fn encode_job(job: &JobRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(job).map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))
+}
+
+/// A transaction id as PostgreSQL prints an `xid8` (a 64-bit number, epoch included).
+fn parse_xid(text: &str, what: &str) -> Result<u64, StoreError> {
+    text.parse::<u64>()
+        .map_err(|_| corrupt("change feed", &format!("{what} is not a transaction id")))
+}
+
+/// One change-feed row as `(xid, change)`. Fail closed: a change that cannot be read stops
+/// the feed (the caller then stops trusting its cache) instead of being skipped.
+fn read_change(r: &tokio_postgres::Row) -> Result<(u64, Change), StoreError> {
+    let seq: i64 = r.get(0);
+    let xid = parse_xid(&r.get::<_, String>(1), "a change's xid")?;
+    let kind: String = r.get(2);
+    let subject: String = r.get(3);
+    let change = match kind.as_str() {
+        "key_destroyed" => Change::KeyDestroyed(
+            KeyId::parse(&subject).map_err(|_| corrupt(format!("change {seq}"), "not a key id"))?,
+        ),
+        "kek_version" => Change::KekVersion(
+            subject
+                .parse::<u32>()
+                .ok()
+                .and_then(|v| kms_api::KekVersion::new(v).ok())
+                .ok_or_else(|| corrupt(format!("change {seq}"), "not a KEK version"))?,
+        ),
+        _ => return Err(corrupt(format!("change {seq}"), "unknown kind")),
+    };
+    Ok((xid, change))
 }
 
 fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
@@ -1044,62 +1081,87 @@ impl KeyStore for PostgresStore {
         cursor: Option<u64>,
         limit: usize,
     ) -> Result<ChangePage, StoreError> {
+        // Commit-order safe. A `bigserial` is taken when a row is inserted, not when its
+        // transaction commits, so a cursor on `seq` would step over a row whose transaction
+        // commits after a later one's. The cursor is instead a transaction-id horizon: every
+        // change made by a transaction older than it has been delivered. It advances only to
+        // the oldest transaction still running (`pg_snapshot_xmin`), below which every
+        // transaction has ended and what it committed is visible to this statement. Changes of
+        // newer transactions that have already committed are delivered at once as well, and
+        // again by the next polls until the horizon passes them (acting on a change twice is
+        // harmless: an eviction or a cache clear), so a long transaction elsewhere delays
+        // nothing.
         let c = self.client().await?;
+        let horizon_row = c
+            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+            .await
+            .map_err(|e| db_err(&e))?;
+        let horizon = parse_xid(&horizon_row.get::<_, String>(0), "the snapshot horizon")?;
         let Some(after) = cursor else {
-            let row = c
-                .query_one("SELECT coalesce(max(seq), 0) FROM kms_changes", &[])
-                .await
-                .map_err(|e| db_err(&e))?;
             return Ok(ChangePage {
-                cursor: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                cursor: horizon,
                 changes: Vec::new(),
+                more: false,
             });
         };
         let st = c
             .prepare_cached(
-                "SELECT seq, kind, subject FROM kms_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+                "SELECT seq, xid::text, kind, subject FROM kms_changes \
+                 WHERE xid >= $1::text::xid8 ORDER BY xid, seq LIMIT $2",
             )
             .await
             .map_err(|e| db_err(&e))?;
+        let limit = limit.max(1);
         let rows = c
             .query(
                 &st,
                 &[
-                    &to_i64(after, "change cursor")?,
+                    &after.to_string(),
                     &i64::try_from(limit).unwrap_or(i64::MAX),
                 ],
             )
             .await
             .map_err(|e| db_err(&e))?;
-        let mut page = ChangePage {
-            cursor: after,
-            changes: Vec::with_capacity(rows.len()),
+        let mut changes = rows
+            .iter()
+            .map(read_change)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (next, more) = if changes.len() < limit {
+            // Everything from the cursor on was read.
+            (after.max(horizon), false)
+        } else {
+            // A full page: deliver whole transactions only, so the cursor can pass them.
+            let last = changes.last().map_or(after, |c| c.0);
+            if changes.iter().any(|c| c.0 < last) {
+                changes.retain(|c| c.0 < last);
+                let next = after.max(last.min(horizon));
+                (next, next > after)
+            } else {
+                // One transaction filled the page: read all of it.
+                let st = c
+                    .prepare_cached(
+                        "SELECT seq, xid::text, kind, subject FROM kms_changes \
+                         WHERE xid = $1::text::xid8 ORDER BY seq",
+                    )
+                    .await
+                    .map_err(|e| db_err(&e))?;
+                let rows = c
+                    .query(&st, &[&last.to_string()])
+                    .await
+                    .map_err(|e| db_err(&e))?;
+                changes = rows
+                    .iter()
+                    .map(read_change)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let next = after.max(last.saturating_add(1).min(horizon));
+                (next, next > after)
+            }
         };
-        for r in &rows {
-            let seq = u64::try_from(r.get::<_, i64>(0))
-                .map_err(|_| corrupt("change feed", "a negative seq"))?;
-            let kind: String = r.get(1);
-            let subject: String = r.get(2);
-            // Fail closed: a change that cannot be read stops the feed (the caller then
-            // stops trusting its cache) instead of being skipped.
-            let change = match kind.as_str() {
-                "key_destroyed" => Change::KeyDestroyed(
-                    KeyId::parse(&subject)
-                        .map_err(|_| corrupt(format!("change {seq}"), "not a key id"))?,
-                ),
-                "kek_version" => Change::KekVersion(
-                    subject
-                        .parse::<u32>()
-                        .ok()
-                        .and_then(|v| kms_api::KekVersion::new(v).ok())
-                        .ok_or_else(|| corrupt(format!("change {seq}"), "not a KEK version"))?,
-                ),
-                _ => return Err(corrupt(format!("change {seq}"), "unknown kind")),
-            };
-            page.changes.push(change);
-            page.cursor = seq;
-        }
-        Ok(page)
+        Ok(ChangePage {
+            cursor: next,
+            changes: changes.into_iter().map(|c| c.1).collect(),
+            more,
+        })
     }
 
     async fn check(&self) -> Result<(), StoreError> {

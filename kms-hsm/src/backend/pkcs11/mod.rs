@@ -471,7 +471,7 @@ impl Pkcs11Backend {
         if self.pool.residency != DekResidency::Hsm {
             return Err(crate::backend::not_resident());
         }
-        let (kek, format) = blob_kek(&key.kek_id, &key.wrapped)?;
+        let (kek, format) = blob_kek(&self.settings.kek_label, &key.kek_id, &key.wrapped)?;
         let n = items.len();
         let chunks = n.div_ceil(MIN_CHUNK).clamp(1, self.workers.len());
         let per = n.div_ceil(chunks).max(1);
@@ -563,7 +563,7 @@ impl KeyBackend for Pkcs11Backend {
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<Dek, BackendError>> + Send {
         // A malformed blob is refused here, without a trip to a worker.
-        let parsed = blob_kek(kek_id, wrapped);
+        let parsed = blob_kek(&self.settings.kek_label, kek_id, wrapped);
         let key_id = key_id.clone();
         let wrapped = wrapped.clone();
         async move {
@@ -588,7 +588,7 @@ impl KeyBackend for Pkcs11Backend {
         kek_id: &KekId,
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let parsed = blob_kek(kek_id, wrapped);
+        let parsed = blob_kek(&self.settings.kek_label, kek_id, wrapped);
         let key_id = key_id.clone();
         let wrapped = wrapped.clone();
         async move {
@@ -610,7 +610,7 @@ impl KeyBackend for Pkcs11Backend {
         kek_id: &KekId,
         wrapped: &WrappedDek,
     ) -> impl Future<Output = Result<(WrappedDek, KekRef), BackendError>> + Send {
-        let parsed = blob_kek(kek_id, wrapped);
+        let parsed = blob_kek(&self.settings.kek_label, kek_id, wrapped);
         let key_id = key_id.clone();
         let wrapped = wrapped.clone();
         async move {
@@ -809,9 +809,20 @@ impl KeyBackend for Pkcs11Backend {
 
 /// The KEK (`kek_id` and the version in the blob's header) and the format of `wrapped`.
 ///
+/// The record's `kek_id` is pinned to `hsm.kek_label` (`label`): a record naming another
+/// label would choose which token object unwraps it, so it is refused, not looked up.
+///
 /// # Errors
-/// `InvalidWrapped` for a malformed blob.
-fn blob_kek(kek_id: &KekId, wrapped: &WrappedDek) -> Result<(KekRef, WrapFormat), BackendError> {
+/// `InvalidWrapped` for a malformed blob or a `kek_id` that is not `label`.
+fn blob_kek(
+    label: &KekId,
+    kek_id: &KekId,
+    wrapped: &WrappedDek,
+) -> Result<(KekRef, WrapFormat), BackendError> {
+    if kek_id != label {
+        tracing::warn!(kek_id = %kek_id, kek_label = %label, "a key record names a KEK other than hsm.kek_label: refused");
+        return Err(BackendError::InvalidWrapped);
+    }
     let header = parse_wrapped_header(wrapped)?;
     Ok((
         KekRef {
