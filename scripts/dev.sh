@@ -130,6 +130,7 @@ path = "$STORE"
 
 [auth]
 keys_file = "$KEYS"
+require_expiring_signatures = true
 
 [encryption]
 enabled = true

@@ -93,6 +93,15 @@ impl fmt::Debug for SignView {
     }
 }
 
+/// Answer of `POST /v1/users/{user_id}/revoke-signatures`.
+#[derive(Debug, Serialize)]
+pub struct RevokeView {
+    pub user_id: UserId,
+    /// How many times this user's signatures have been revoked; signatures made from now
+    /// on bind it.
+    pub signature_generation: u64,
+}
+
 /// A thread as clients see it; `kms` only for admin callers.
 #[derive(Debug, Serialize)]
 pub struct ThreadView {

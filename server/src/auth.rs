@@ -9,10 +9,15 @@
 //!   time against every configured signing secret (so a secret can be rotated without
 //!   downtime: list the new one first, keep the old one until its signatures are gone). Two
 //!   forms are accepted:
-//!   * plain: the hex HMAC-SHA256 of the user id (never expires);
+//!   * plain: the hex HMAC-SHA256 of the user id (never expires); refused when
+//!     `auth.require_expiring_signatures` is on, and for a user whose signatures were revoked;
 //!   * expiring: `v2.<expires_unix_secs>.<hex HMAC-SHA256 of
-//!     "progressdb-user-sig:v2" 0x00 <user id> 0x00 <expires_unix_secs>>`, refused after the
-//!     expiry time.
+//!     "progressdb-user-sig:v2" 0x00 <user id> 0x00 <expires_unix_secs>
+//!     [0x00 <generation>]>`, refused after the expiry time and when the expiry is further
+//!     away than `auth.max_signature_ttl_secs` (a signature made under a longer cap, or by a
+//!     leaked secret for years ahead, is not honoured). `<generation>` (decimal) is the user's
+//!     revocation count, present once it is not 0: revoking a user's signatures
+//!     ([`SignatureGenerations`]) makes every signature made before invalid at once.
 //!
 //!   The first secret signs (`POST /v1/sign`). Backend and admin requests may act for a user
 //!   with `X-User-ID` alone.
@@ -163,14 +168,85 @@ struct KeyEntry {
 pub struct ApiKeys {
     entries: Vec<KeyEntry>,
     signing_secrets: Vec<Zeroizing<Vec<u8>>>,
+    policy: SignaturePolicy,
+}
+
+/// Which forms of `X-User-Signature` are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureForms {
+    /// Plain (never expiring) and expiring signatures.
+    PlainAndExpiring,
+    /// Expiring signatures only (`auth.require_expiring_signatures = true`).
+    ExpiringOnly,
+}
+
+/// How user signatures are made and accepted (`[auth]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignaturePolicy {
+    pub forms: SignatureForms,
+    /// The longest lifetime an expiring signature may have: `POST /v1/sign` grants no more,
+    /// and one that expires further away than this from now is refused.
+    pub max_ttl_secs: u64,
+}
+
+impl Default for SignaturePolicy {
+    fn default() -> Self {
+        Self {
+            forms: SignatureForms::PlainAndExpiring,
+            max_ttl_secs: DEFAULT_SIGNATURE_TTL_SECS,
+        }
+    }
+}
+
+/// A user's signature generation: how many times its signatures were revoked. Every
+/// signature binds it (from 1 on), so a revocation invalidates all earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct SignatureGeneration(pub u64);
+
+/// The users whose signatures were revoked, with their generation; everyone else is at
+/// generation 0. Loaded from the store at start and kept in step with it by revocations
+/// (the store is written first).
+#[derive(Debug, Default)]
+pub struct SignatureGenerations {
+    revoked: std::sync::RwLock<std::collections::HashMap<UserId, u64>>,
+}
+
+impl SignatureGenerations {
+    pub fn new(from_store: impl IntoIterator<Item = (UserId, u64)>) -> Self {
+        Self {
+            revoked: std::sync::RwLock::new(from_store.into_iter().collect()),
+        }
+    }
+
+    /// `user`'s generation now.
+    pub fn of(&self, user: &UserId) -> SignatureGeneration {
+        let map = self
+            .revoked
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        SignatureGeneration(map.get(user).copied().unwrap_or(0))
+    }
+
+    /// Records `user`'s new generation (after the store has it).
+    pub fn set(&self, user: &UserId, generation: SignatureGeneration) {
+        self.revoked
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(user.clone(), generation.0);
+    }
 }
 
 /// Domain tag of the expiring signature form.
 const SIG_V2_TAG: &[u8] = b"progressdb-user-sig:v2";
 /// Prefix of an expiring signature in `X-User-Signature`.
 const SIG_V2_PREFIX: &str = "v2.";
-/// Longest lifetime `POST /v1/sign` grants an expiring signature (one year).
-pub const MAX_SIGNATURE_TTL_SECS: u64 = 366 * 24 * 3600;
+/// The default of `auth.max_signature_ttl_secs` (12 hours).
+pub const DEFAULT_SIGNATURE_TTL_SECS: u64 = 12 * 3600;
+/// The largest `auth.max_signature_ttl_secs` accepted (7 days): signatures are bearer
+/// credentials, and their lifetime is what a leak costs.
+pub const MAX_SIGNATURE_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Clock difference tolerated between the signer and this server, added to the TTL cap.
+const CLOCK_SKEW_SECS: u64 = 60;
 
 /// Seconds since the Unix epoch (0 before 1970).
 pub fn unix_now() -> u64 {
@@ -305,7 +381,19 @@ impl ApiKeys {
                 .iter()
                 .map(|s| Zeroizing::new(s.to_vec()))
                 .collect(),
+            policy: SignaturePolicy::default(),
         })
+    }
+
+    /// These keys with `policy` for user signatures.
+    #[must_use]
+    pub fn with_policy(mut self, policy: SignaturePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn policy(&self) -> SignaturePolicy {
+        self.policy
     }
 
     /// The role of `key`, comparing against every configured key in constant time.
@@ -343,39 +431,100 @@ impl ApiKeys {
         m.finalize().into_bytes().into()
     }
 
-    fn v2_tag(secret: &[u8], user: &UserId, expires: u64) -> [u8; 32] {
+    fn v2_tag(
+        secret: &[u8],
+        user: &UserId,
+        expires: u64,
+        generation: SignatureGeneration,
+    ) -> [u8; 32] {
         let mut m = Self::mac(secret);
         m.update(SIG_V2_TAG);
         m.update(&[0]);
         m.update(user.as_str().as_bytes());
         m.update(&[0]);
         m.update(expires.to_string().as_bytes());
+        // Generation 0 adds nothing, so signatures made before revocations existed stay valid.
+        if generation.0 > 0 {
+            m.update(&[0]);
+            m.update(generation.0.to_string().as_bytes());
+        }
         m.finalize().into_bytes().into()
     }
 
     /// The plain (non-expiring) signature of `user`: lowercase hex HMAC-SHA256 of its id under
-    /// the signing secret.
+    /// the signing secret. Whether it is accepted is the policy's and the user's generation's
+    /// matter ([`ApiKeys::verify_at`]).
     pub fn sign(&self, user: &UserId) -> String {
         hex::encode(Self::plain_tag(self.signing_secret(), user))
     }
 
-    /// An expiring signature of `user`, valid until `expires` (unix seconds).
-    pub fn sign_until(&self, user: &UserId, expires: u64) -> String {
+    /// An expiring signature of `user` at `generation`, valid until `expires` (unix seconds).
+    pub fn sign_until(
+        &self,
+        user: &UserId,
+        expires: u64,
+        generation: SignatureGeneration,
+    ) -> String {
         format!(
             "{SIG_V2_PREFIX}{expires}.{}",
-            hex::encode(Self::v2_tag(self.signing_secret(), user, expires))
+            hex::encode(Self::v2_tag(
+                self.signing_secret(),
+                user,
+                expires,
+                generation
+            ))
         )
     }
 
-    /// Whether `sig` is a valid signature of `user` (either form) under any configured secret,
-    /// at the current time.
-    pub fn verify(&self, user: &UserId, sig: &str) -> bool {
-        self.verify_at(user, sig, unix_now())
+    /// The signature `POST /v1/sign` hands out for `user` at `generation`: expiring after
+    /// `ttl` seconds, or after the policy's cap when no `ttl` is asked for and only expiring
+    /// signatures are accepted (or the user's signatures were revoked); plain otherwise.
+    /// Returns the signature and its expiry.
+    ///
+    /// # Errors
+    /// A message naming the allowed range when `ttl` is 0 or over the cap.
+    pub fn sign_for(
+        &self,
+        user: &UserId,
+        ttl: Option<u64>,
+        generation: SignatureGeneration,
+        now: u64,
+    ) -> Result<(String, Option<u64>), String> {
+        let cap = self.policy.max_ttl_secs;
+        let ttl = match ttl {
+            Some(t) if (1..=cap).contains(&t) => t,
+            Some(_) => {
+                return Err(format!(
+                    "expires_in_secs must be 1 to {cap} (auth.max_signature_ttl_secs)"
+                ))
+            }
+            None if self.policy.forms == SignatureForms::PlainAndExpiring && generation.0 == 0 => {
+                return Ok((self.sign(user), None));
+            }
+            None => cap,
+        };
+        let expires = now.saturating_add(ttl);
+        Ok((self.sign_until(user, expires, generation), Some(expires)))
+    }
+
+    /// Whether `sig` is a valid signature of `user` at `generation` under any configured
+    /// secret, at the current time, under the policy.
+    pub fn verify(&self, user: &UserId, sig: &str, generation: SignatureGeneration) -> bool {
+        self.verify_at(user, sig, unix_now(), generation)
     }
 
     /// [`ApiKeys::verify`] with the clock reading `now` (unix seconds). Every secret is tried
-    /// (no early exit) and each comparison is constant-time.
-    pub fn verify_at(&self, user: &UserId, sig: &str, now: u64) -> bool {
+    /// (no early exit) and each comparison is constant-time. A plain signature is accepted
+    /// only when the policy allows it and the user is at generation 0; an expiring one only
+    /// until its expiry, and only when that is at most the TTL cap (plus a minute of clock
+    /// skew) away.
+    pub fn verify_at(
+        &self,
+        user: &UserId,
+        sig: &str,
+        now: u64,
+        generation: SignatureGeneration,
+    ) -> bool {
         let sig = sig.trim();
         let (expires, hex_tag) = match sig.strip_prefix(SIG_V2_PREFIX) {
             Some(rest) => match rest.split_once('.') {
@@ -400,23 +549,33 @@ impl ApiKeys {
         for secret in &self.signing_secrets {
             let expected = match expires {
                 None => Self::plain_tag(secret, user),
-                Some(e) => Self::v2_tag(secret, user, e),
+                Some(e) => Self::v2_tag(secret, user, e, generation),
             };
             ok |= expected[..].ct_eq(&presented[..]);
         }
-        let fresh = match expires {
-            None => true,
-            Some(e) => now <= e,
+        let allowed = match expires {
+            None => self.policy.forms == SignatureForms::PlainAndExpiring && generation.0 == 0,
+            Some(e) => {
+                now <= e
+                    && e <= now
+                        .saturating_add(self.policy.max_ttl_secs)
+                        .saturating_add(CLOCK_SKEW_SECS)
+            }
         };
-        bool::from(ok) && fresh
+        bool::from(ok) && allowed
     }
 
-    /// Authenticates a request from its headers.
+    /// Authenticates a request from its headers; `generations` says each user's signature
+    /// generation.
     ///
     /// # Errors
     /// [`AuthError`]: no/unknown key, a frontend request without a valid user signature, or a
     /// malformed `X-User-ID`.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        generations: &SignatureGenerations,
+    ) -> Result<Principal, AuthError> {
         let key = bearer(headers).ok_or(AuthError::MissingKey)?;
         let (role, id) = self.lookup(key.as_bytes()).ok_or(AuthError::UnknownKey)?;
         let user = match headers.get(HEADER_USER_ID) {
@@ -432,7 +591,7 @@ impl ApiKeys {
                 .get(HEADER_USER_SIGNATURE)
                 .and_then(|v| v.to_str().ok())
                 .ok_or(AuthError::MissingUser)?;
-            if !self.verify(user, sig) {
+            if !self.verify(user, sig, generations.of(user)) {
                 return Err(AuthError::BadSignature);
             }
         }
@@ -494,11 +653,15 @@ mod tests {
         m.update(b"The_quick_brown_fox");
         let expect = hex::encode(m.finalize().into_bytes());
         assert_eq!(k.sign(&u), expect);
-        assert!(k.verify(&u, &expect));
-        assert!(k.verify(&u, &expect.to_uppercase()));
-        assert!(!k.verify(&u, &expect[..62]));
-        assert!(!k.verify(&UserId::parse("other").unwrap(), &expect));
-        assert!(!k.verify(&u, "zz"));
+        assert!(k.verify(&u, &expect, SignatureGeneration(0)));
+        assert!(k.verify(&u, &expect.to_uppercase(), SignatureGeneration(0)));
+        assert!(!k.verify(&u, &expect[..62], SignatureGeneration(0)));
+        assert!(!k.verify(
+            &UserId::parse("other").unwrap(),
+            &expect,
+            SignatureGeneration(0)
+        ));
+        assert!(!k.verify(&u, "zz", SignatureGeneration(0)));
     }
 
     #[test]
@@ -508,9 +671,9 @@ mod tests {
         let only_new = ApiKeys::from_parts(&["a"], &[], &[], b"new").unwrap();
         let u = UserId::parse("alice").unwrap();
         assert_eq!(k.sign(&u), only_new.sign(&u));
-        assert!(k.verify(&u, &only_old.sign(&u)));
-        assert!(k.verify(&u, &only_new.sign(&u)));
-        assert!(!only_old.verify(&u, &k.sign(&u)));
+        assert!(k.verify(&u, &only_old.sign(&u), SignatureGeneration(0)));
+        assert!(k.verify(&u, &only_new.sign(&u), SignatureGeneration(0)));
+        assert!(!only_old.verify(&u, &k.sign(&u), SignatureGeneration(0)));
         assert!(ApiKeys::with_secrets(&["a"], &[], &[], &[]).is_err());
         assert!(ApiKeys::with_secrets(&["a"], &[], &[], &[b"x", b"x"]).is_err());
         assert!(ApiKeys::with_secrets(&["a"], &[], &[], &[b"x", b""]).is_err());
@@ -521,16 +684,29 @@ mod tests {
         let k = ApiKeys::with_secrets(&["a"], &[], &[], &[b"new", b"old"]).unwrap();
         let old = ApiKeys::from_parts(&["a"], &[], &[], b"old").unwrap();
         let u = UserId::parse("alice").unwrap();
-        let sig = k.sign_until(&u, 1000);
+        let sig = k.sign_until(&u, 1000, SignatureGeneration(0));
         assert!(sig.starts_with("v2.1000."));
-        assert!(k.verify_at(&u, &sig, 999));
-        assert!(k.verify_at(&u, &sig, 1000));
-        assert!(!k.verify_at(&u, &sig, 1001), "expired");
+        assert!(k.verify_at(&u, &sig, 999, SignatureGeneration(0)));
+        assert!(k.verify_at(&u, &sig, 1000, SignatureGeneration(0)));
         assert!(
-            k.verify_at(&u, &old.sign_until(&u, 1000), 10),
+            !k.verify_at(&u, &sig, 1001, SignatureGeneration(0)),
+            "expired"
+        );
+        assert!(
+            k.verify_at(
+                &u,
+                &old.sign_until(&u, 1000, SignatureGeneration(0)),
+                10,
+                SignatureGeneration(0)
+            ),
             "older secret"
         );
-        assert!(!k.verify_at(&UserId::parse("bob").unwrap(), &sig, 10));
+        assert!(!k.verify_at(
+            &UserId::parse("bob").unwrap(),
+            &sig,
+            10,
+            SignatureGeneration(0)
+        ));
         let tag = sig.rsplit('.').next().unwrap();
         for forged in [
             format!("v2.2000.{tag}"),
@@ -541,10 +717,18 @@ mod tests {
             tag.to_owned(),
             "v2.1000.zz".to_owned(),
         ] {
-            assert!(!k.verify_at(&u, &forged, 10), "{forged}");
+            assert!(
+                !k.verify_at(&u, &forged, 10, SignatureGeneration(0)),
+                "{forged}"
+            );
         }
         // A plain signature is not an expiring one and vice versa.
-        assert!(!k.verify_at(&u, &format!("v2.1000.{}", k.sign(&u)), 10));
+        assert!(!k.verify_at(
+            &u,
+            &format!("v2.1000.{}", k.sign(&u)),
+            10,
+            SignatureGeneration(0)
+        ));
     }
 
     #[test]
@@ -559,7 +743,7 @@ mod tests {
         let k = ApiKeys::load(&p).unwrap();
         let s1 = ApiKeys::from_parts(&["a"], &[], &[], b"s1").unwrap();
         let u = UserId::parse("u").unwrap();
-        assert!(k.verify(&u, &s1.sign(&u)));
+        assert!(k.verify(&u, &s1.sign(&u), SignatureGeneration(0)));
         write("admin = [\"a\"]\nsigning_secret = \"s\"\nsigning_secrets = [\"t\"]\n");
         let e = ApiKeys::load(&p).unwrap_err().to_string();
         assert!(e.contains("not both"), "{e}");
@@ -568,65 +752,112 @@ mod tests {
     #[test]
     fn authenticate_rules() {
         let k = keys();
+        let none = SignatureGenerations::default();
+        let auth = |pairs: &[(&'static str, &str)]| k.authenticate(&headers(pairs), &none);
         let alice = UserId::parse("alice").unwrap();
         let sig = k.sign(&alice);
-        assert_eq!(k.authenticate(&headers(&[])), Err(AuthError::MissingKey));
+        assert_eq!(auth(&[]), Err(AuthError::MissingKey));
         assert_eq!(
-            k.authenticate(&headers(&[("authorization", "Basic adm-1")])),
+            auth(&[("authorization", "Basic adm-1")]),
             Err(AuthError::MissingKey)
         );
         assert_eq!(
-            k.authenticate(&headers(&[("authorization", "Bearer nope")])),
+            auth(&[("authorization", "Bearer nope")]),
             Err(AuthError::UnknownKey)
         );
-        let p = k
-            .authenticate(&headers(&[("authorization", "bearer be-1")]))
-            .unwrap();
+        let p = auth(&[("authorization", "bearer be-1")]).unwrap();
         assert_eq!((p.role, p.user), (Role::Backend, None));
-        let p = k
-            .authenticate(&headers(&[
-                ("authorization", "Bearer be-1"),
-                ("x-user-id", "alice"),
-            ]))
-            .unwrap();
+        let p = auth(&[("authorization", "Bearer be-1"), ("x-user-id", "alice")]).unwrap();
         assert_eq!(p.user, Some(alice.clone()));
         assert_eq!(
-            k.authenticate(&headers(&[
-                ("authorization", "Bearer be-1"),
-                ("x-user-id", "a:b"),
-            ])),
+            auth(&[("authorization", "Bearer be-1"), ("x-user-id", "a:b"),]),
             Err(AuthError::BadUserId)
         );
         // Frontend: user and signature required and checked.
         assert_eq!(
-            k.authenticate(&headers(&[("authorization", "Bearer fe-1")])),
+            auth(&[("authorization", "Bearer fe-1")]),
             Err(AuthError::MissingUser)
         );
         assert_eq!(
-            k.authenticate(&headers(&[
-                ("authorization", "Bearer fe-1"),
-                ("x-user-id", "alice"),
-            ])),
+            auth(&[("authorization", "Bearer fe-1"), ("x-user-id", "alice"),]),
             Err(AuthError::MissingUser)
         );
         assert_eq!(
-            k.authenticate(&headers(&[
+            auth(&[
                 ("authorization", "Bearer fe-1"),
                 ("x-user-id", "mallory"),
                 ("x-user-signature", &sig),
-            ])),
+            ]),
             Err(AuthError::BadSignature)
         );
-        let p = k
-            .authenticate(&headers(&[
-                ("authorization", "Bearer fe-1"),
-                ("x-user-id", "alice"),
-                ("x-user-signature", &sig),
-            ]))
-            .unwrap();
+        let p = auth(&[
+            ("authorization", "Bearer fe-1"),
+            ("x-user-id", "alice"),
+            ("x-user-signature", &sig),
+        ])
+        .unwrap();
         assert_eq!((p.role, p.user.as_ref()), (Role::Frontend, Some(&alice)));
         assert!(p.may_access(&alice));
         assert!(!p.may_access(&UserId::parse("bob").unwrap()));
+    }
+
+    #[test]
+    fn the_policy_caps_lifetimes_and_can_refuse_plain_signatures() {
+        let u = UserId::parse("alice").unwrap();
+        let g0 = SignatureGeneration(0);
+        let now = 1_000_000;
+        let k = keys().with_policy(SignaturePolicy {
+            forms: SignatureForms::ExpiringOnly,
+            max_ttl_secs: 3600,
+        });
+        assert!(!k.verify_at(&u, &k.sign(&u), now, g0), "plain refused");
+        let ok = k.sign_until(&u, now + 3600, g0);
+        assert!(k.verify_at(&u, &ok, now, g0));
+        // Within a minute of skew over the cap, still; beyond, refused (a signature made for
+        // years ahead, under an older cap or with a leaked secret).
+        assert!(k.verify_at(&u, &k.sign_until(&u, now + 3660, g0), now, g0));
+        assert!(!k.verify_at(&u, &k.sign_until(&u, now + 3661, g0), now, g0));
+        assert!(!k.verify_at(&u, &k.sign_until(&u, now + 86_400 * 365, g0), now, g0));
+        // What /v1/sign hands out follows the policy.
+        let (sig, exp) = k.sign_for(&u, None, g0, now).unwrap();
+        assert_eq!(exp, Some(now + 3600));
+        assert!(k.verify_at(&u, &sig, now, g0));
+        assert!(k
+            .sign_for(&u, Some(3601), g0, now)
+            .unwrap_err()
+            .contains("1 to 3600"));
+        assert!(k.sign_for(&u, Some(0), g0, now).is_err());
+        // The default policy keeps the plain form for compatibility.
+        let plain = keys();
+        let (sig, exp) = plain.sign_for(&u, None, g0, now).unwrap();
+        assert_eq!((sig.as_str(), exp), (plain.sign(&u).as_str(), None));
+        assert!(plain.verify_at(&u, &sig, now, g0));
+    }
+
+    #[test]
+    fn a_revocation_invalidates_every_earlier_signature_of_that_user_only() {
+        let k = keys();
+        let (alice, bob) = (
+            UserId::parse("alice").unwrap(),
+            UserId::parse("bob").unwrap(),
+        );
+        let now = 1_000_000;
+        let gens = SignatureGenerations::default();
+        let before = k.sign_until(&alice, now + 600, gens.of(&alice));
+        let plain = k.sign(&alice);
+        let bobs = k.sign_until(&bob, now + 600, gens.of(&bob));
+        gens.set(&alice, SignatureGeneration(1));
+        assert!(!k.verify_at(&alice, &before, now, gens.of(&alice)));
+        assert!(
+            !k.verify_at(&alice, &plain, now, gens.of(&alice)),
+            "a revoked user has no plain signature"
+        );
+        assert!(k.verify_at(&bob, &bobs, now, gens.of(&bob)));
+        // New signatures bind the new generation; /v1/sign gives a revoked user an expiring one.
+        let (after, exp) = k.sign_for(&alice, None, gens.of(&alice), now).unwrap();
+        assert!(exp.is_some());
+        assert!(k.verify_at(&alice, &after, now, gens.of(&alice)));
+        assert!(!k.verify_at(&alice, &after, now, SignatureGeneration(0)));
     }
 
     #[test]

@@ -134,6 +134,34 @@ pub struct AuthConfig {
     /// TOML file (mode 0600): `admin = [..]`, `backend = [..]`, `frontend = [..]`,
     /// `signing_secret = ".."`.
     pub keys_file: PathBuf,
+    /// Accept only expiring user signatures (plain ones never expire and are bearer
+    /// credentials forever). Off when absent, for configurations written before it; on in
+    /// the reference configuration and `dev.sh`.
+    #[serde(default)]
+    pub require_expiring_signatures: bool,
+    /// The longest lifetime of an expiring signature, in seconds (60 to 604800; default
+    /// 43200, 12 hours): `POST /v1/sign` grants no more, and a signature expiring further
+    /// away is refused.
+    #[serde(default = "default_max_signature_ttl_secs")]
+    pub max_signature_ttl_secs: u64,
+}
+
+fn default_max_signature_ttl_secs() -> u64 {
+    crate::auth::DEFAULT_SIGNATURE_TTL_SECS
+}
+
+impl AuthConfig {
+    /// The signature policy this section sets.
+    pub fn signature_policy(&self) -> crate::auth::SignaturePolicy {
+        crate::auth::SignaturePolicy {
+            forms: if self.require_expiring_signatures {
+                crate::auth::SignatureForms::ExpiringOnly
+            } else {
+                crate::auth::SignatureForms::PlainAndExpiring
+            },
+            max_ttl_secs: self.max_signature_ttl_secs,
+        }
+    }
 }
 
 /// `[encryption]`
@@ -330,10 +358,13 @@ pub struct LimitsConfig {
     /// Bytes of thread records kept in memory (estimated, parsed metadata counted at 16x its
     /// text).
     pub thread_cache_bytes: usize,
-    /// Requests a second per API key (0: no limit).
+    /// Requests a second per API key, counted per user for callers that act for one (every
+    /// browser shares the frontend key); 0: no limit.
     pub key_rate_per_sec: u32,
-    /// Burst per API key (0: `key_rate_per_sec`).
+    /// Burst per API key and user (0: `key_rate_per_sec`).
     pub key_rate_burst: u32,
+    /// Threads one user may have (0: no limit).
+    pub max_threads_per_user: usize,
 }
 
 impl Default for LimitsConfig {
@@ -350,6 +381,7 @@ impl Default for LimitsConfig {
             thread_cache_bytes: 64 << 20,
             key_rate_per_sec: 0,
             key_rate_burst: 0,
+            max_threads_per_user: 10_000,
         }
     }
 }
@@ -414,6 +446,15 @@ impl Config {
         }
         if self.auth.keys_file.as_os_str().is_empty() {
             return Err(ConfigError::invalid("auth.keys_file", "must not be empty"));
+        }
+        if !(60..=crate::auth::MAX_SIGNATURE_TTL_SECS).contains(&self.auth.max_signature_ttl_secs) {
+            return Err(ConfigError::invalid(
+                "auth.max_signature_ttl_secs",
+                format!(
+                    "must be 60 to {} (7 days)",
+                    crate::auth::MAX_SIGNATURE_TTL_SECS
+                ),
+            ));
         }
         if self.store.map_size_mb == 0 {
             return Err(ConfigError::invalid(

@@ -51,7 +51,10 @@ pub enum ErrorCode {
     ShredFailed,
     /// `POST /admin/threads/{id}/encrypt` on a thread that is encrypted already.
     AlreadyEncrypted,
+    /// Over the request rate of the API key (per user, for callers acting for one).
     RateLimited,
+    /// Creating a thread: its user has `limits.max_threads_per_user` threads already.
+    ThreadLimit,
 }
 
 impl ErrorCode {
@@ -73,6 +76,7 @@ impl ErrorCode {
             ErrorCode::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::AlreadyEncrypted => StatusCode::CONFLICT,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::ThreadLimit => StatusCode::FORBIDDEN,
         }
     }
 
@@ -96,11 +100,12 @@ impl ErrorCode {
             ErrorCode::ShredFailed => "shred_failed",
             ErrorCode::AlreadyEncrypted => "already_encrypted",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ThreadLimit => "thread_limit",
         }
     }
 
     /// Every code, for tests and docs.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::MalformedRequest,
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthorized,
@@ -118,6 +123,7 @@ impl ErrorCode {
         ErrorCode::ShredFailed,
         ErrorCode::AlreadyEncrypted,
         ErrorCode::RateLimited,
+        ErrorCode::ThreadLimit,
     ];
 }
 
@@ -160,6 +166,10 @@ pub enum ApiError {
     /// Over the API key's request rate; retry after this many seconds.
     #[error("too many requests for this API key; retry in {0} s")]
     RateLimited(u64),
+    #[error(
+        "this user has as many threads as allowed (limits.max_threads_per_user); delete one first"
+    )]
+    ThreadLimit,
 }
 
 impl ApiError {
@@ -182,6 +192,7 @@ impl ApiError {
             ApiError::ShredFailed => ErrorCode::ShredFailed,
             ApiError::AlreadyEncrypted => ErrorCode::AlreadyEncrypted,
             ApiError::RateLimited(_) => ErrorCode::RateLimited,
+            ApiError::ThreadLimit => ErrorCode::ThreadLimit,
         }
     }
 
@@ -224,6 +235,7 @@ impl From<StoreError> for ApiError {
             StoreError::Full => ApiError::StorageFull,
             StoreError::Closed => ApiError::Unavailable,
             StoreError::NotAuthor => ApiError::Forbidden,
+            StoreError::ThreadLimit => ApiError::ThreadLimit,
             // The caller retried and the rotation kept moving: retryable.
             StoreError::StaleKey => ApiError::Unavailable,
             StoreError::Conflict(what) => {

@@ -112,6 +112,7 @@ impl From<StoreError> for Step {
             | StoreError::Conflict(_)
             | StoreError::NotAuthor
             | StoreError::StaleKey
+            | StoreError::ThreadLimit
             | StoreError::Corrupt(_) => Step::Fail(e.to_string()),
         }
     }

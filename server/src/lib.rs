@@ -85,7 +85,7 @@ impl Server {
     /// [`BuildError`].
     pub async fn build(cfg: &Config) -> Result<Self, BuildError> {
         cfg.validate()?;
-        let keys = ApiKeys::load(&cfg.auth.keys_file)?;
+        let keys = ApiKeys::load(&cfg.auth.keys_file)?.with_policy(cfg.auth.signature_policy());
         let per_peer = match cfg.http.max_connections_per_peer {
             0 => cfg.http.max_connections,
             n => n.min(cfg.http.max_connections),
@@ -113,6 +113,13 @@ impl Server {
                 path: cfg.store.path.clone(),
                 message: e.to_string(),
             })??;
+        // Revoked users, read before the first request is served.
+        let signature_generations = crate::auth::SignatureGenerations::new(
+            store.signature_generations().await.map_err(|e| OpenError {
+                path: cfg.store.path.clone(),
+                message: e.to_string(),
+            })?,
+        );
         let encryption = if cfg.encryption.enabled {
             Encryption::Enabled
         } else {
@@ -143,7 +150,12 @@ impl Server {
                 max_title_bytes: cfg.limits.max_title_bytes,
                 max_metadata_bytes: cfg.limits.max_metadata_bytes,
                 max_metadata_depth: cfg.limits.max_metadata_depth,
+                threads_per_user: match cfg.limits.max_threads_per_user {
+                    0 => store::ThreadsPerAuthor::Unlimited,
+                    n => store::ThreadsPerAuthor::AtMost(n),
+                },
             },
+            signature_generations,
             kms_ready_timeout: cfg.kms.ready_timeout(),
             gate,
             rotation_policy: jobs::RotationPolicy {

@@ -58,6 +58,8 @@ pub struct Limits {
     /// Thread metadata: its JSON text and its nesting depth.
     pub max_metadata_bytes: usize,
     pub max_metadata_depth: usize,
+    /// Threads one user may have (`limits.max_threads_per_user`).
+    pub threads_per_user: crate::store::ThreadsPerAuthor,
 }
 
 /// Health of each dependency, for `/readyz`.
@@ -97,8 +99,10 @@ pub struct MessageService {
     pub rotation_policy: crate::jobs::RotationPolicy,
     /// Jobs this process drives now.
     pub running: crate::jobs::Running,
-    /// Requests a second per API key (`limits.key_rate_per_sec`).
-    pub key_rate: service_kit::rate::RateLimiter<crate::auth::ApiKeyId>,
+    /// Requests a second per API key and user (`limits.key_rate_per_sec`).
+    pub key_rate: service_kit::rate::RateLimiter<(crate::auth::ApiKeyId, Option<UserId>)>,
+    /// Users whose signatures were revoked.
+    pub signature_generations: crate::auth::SignatureGenerations,
 }
 
 fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {
@@ -250,6 +254,12 @@ impl MessageService {
         if let Some(m) = &metadata {
             self.check_metadata(m)?;
         }
+        // Refused before the KMS makes a key for it (the write checks again, atomically).
+        if let crate::store::ThreadsPerAuthor::AtMost(max) = self.limits.threads_per_user {
+            if self.store.author_has_at_least(&author, max).await? {
+                return Err(ApiError::ThreadLimit);
+            }
+        }
         let now = Timestamp::now();
         let id = new_thread_id(now);
         let kms = match self.encryption {
@@ -275,7 +285,11 @@ impl MessageService {
             sealed: 0,
             key_since: None,
         };
-        if let Err(e) = self.store.write(CreateThread::new(rec.clone())).await {
+        if let Err(e) = self
+            .store
+            .write(CreateThread::new(rec.clone(), self.limits.threads_per_user))
+            .await
+        {
             if let Some(k) = rec.kms {
                 self.discard_key(k);
             }
@@ -813,8 +827,26 @@ impl MessageService {
             .collect())
     }
 
+    /// Authenticates a request (API key, and the user signature of a frontend caller at the
+    /// user's signature generation), then counts it against the rate of its API key and user.
+    ///
+    /// # Errors
+    /// 401 for a missing or wrong credential, 400 for a malformed `X-User-ID`, 429 over the
+    /// rate.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, ApiError> {
+        let p = self
+            .keys
+            .authenticate(headers, &self.signature_generations)?;
+        self.key_rate
+            .check(&(p.key, p.user.clone()))
+            .map_err(|wait| ApiError::RateLimited(wait.as_secs().max(1)))?;
+        Ok(p)
+    }
+
     /// `POST /v1/sign`: backend (and admin) keys only. With `expires_in_secs`, the expiring
-    /// signature form valid that long (at most a year); without, the plain form.
+    /// signature form valid that long (at most `auth.max_signature_ttl_secs`); without, the
+    /// plain form, or an expiring one of the longest lifetime when plain signatures are not
+    /// accepted (`auth.require_expiring_signatures`) or the user's were revoked.
     ///
     /// # Errors
     /// 403 for frontend keys, 400 for a bad user id or lifetime.
@@ -829,21 +861,42 @@ impl MessageService {
             Role::Frontend => return Err(ApiError::Forbidden),
         }
         let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-        match expires_in_secs {
-            None => {
-                let sig = self.keys.sign(&user);
-                Ok((user, sig, None))
-            }
-            Some(ttl) if (1..=crate::auth::MAX_SIGNATURE_TTL_SECS).contains(&ttl) => {
-                let expires = crate::auth::unix_now().saturating_add(ttl);
-                let sig = self.keys.sign_until(&user, expires);
-                Ok((user, sig, Some(expires)))
-            }
-            Some(_) => Err(ApiError::invalid(format!(
-                "expires_in_secs must be 1 to {}",
-                crate::auth::MAX_SIGNATURE_TTL_SECS
-            ))),
+        let (sig, expires) = self
+            .keys
+            .sign_for(
+                &user,
+                expires_in_secs,
+                self.signature_generations.of(&user),
+                crate::auth::unix_now(),
+            )
+            .map_err(ApiError::InvalidArgument)?;
+        Ok((user, sig, expires))
+    }
+
+    /// `POST /v1/users/{user_id}/revoke-signatures`: backend (and admin) keys only. Every
+    /// signature of the user made so far stops being accepted (durably, before the answer);
+    /// returns the user's new signature generation.
+    ///
+    /// # Errors
+    /// 403 for frontend keys, 400 for a bad user id, 5xx when the store cannot write.
+    pub async fn revoke_signatures(
+        &self,
+        p: &Principal,
+        user_id: &str,
+    ) -> Result<(UserId, u64), ApiError> {
+        match p.role {
+            Role::Backend | Role::Admin => {}
+            Role::Frontend => return Err(ApiError::Forbidden),
         }
+        let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let generation = self
+            .store
+            .write(crate::store::RevokeSignatures { user: user.clone() })
+            .await?;
+        self.signature_generations
+            .set(&user, crate::auth::SignatureGeneration(generation));
+        tracing::info!(user = %user, generation, "user signatures revoked");
+        Ok((user, generation))
     }
 
     /// `GET /admin/threads/{id}/kms`.

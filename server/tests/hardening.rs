@@ -471,7 +471,11 @@ async fn signing_secrets_rotate_and_expiring_signatures_expire() {
         progressdb::auth::ApiKeys::with_secrets(&["a"], &[], &[], &[b"brand-new-signing-secret"])
             .unwrap();
     let alice = progressdb::ids::UserId::parse("alice").unwrap();
-    let expired = keys.sign_until(&alice, progressdb::auth::unix_now() - 3600);
+    let expired = keys.sign_until(
+        &alice,
+        progressdb::auth::unix_now() - 3600,
+        progressdb::auth::SignatureGeneration(0),
+    );
     assert_eq!(c.get(&with(expired), "/v1/threads").await.status, 401);
     let r = c
         .post(
@@ -582,5 +586,178 @@ async fn metadata_and_pages_are_bounded_by_bytes() {
     }
     assert_eq!(seen, 10);
     assert!(pages >= 4, "{pages}");
+    s.stop().await;
+}
+
+/// With `auth.require_expiring_signatures`, a plain signature (a bearer credential forever)
+/// is refused and `/v1/sign` hands out expiring ones only, capped at
+/// `auth.max_signature_ttl_secs`, and a signature made for a year ahead is refused. Revoking
+/// one user's signatures makes every earlier one of that user fail at once, durably (after a
+/// restart too); other users keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_expire_within_the_cap_and_one_user_can_be_revoked() {
+    let env = TestEnv::new();
+    let config = env.config(&Kms::Embedded, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[auth]\n",
+        "[auth]\nrequire_expiring_signatures = true\nmax_signature_ttl_secs = 3600\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let s = InProc::start(&config).await;
+    let c = Client::new(s.addr);
+    let as_user = |user: &str, sig: &str| Caller {
+        key: common::FRONTEND.into(),
+        user: Some(user.into()),
+        sig: Some(sig.into()),
+    };
+    let sign = |user: &'static str, ttl: Option<u64>| {
+        let c = &c;
+        async move {
+            let body = match ttl {
+                Some(t) => json!({"user_id": user, "expires_in_secs": t}),
+                None => json!({"user_id": user}),
+            };
+            c.post(&Caller::backend(), "/v1/sign", body).await
+        }
+    };
+
+    // The plain form is refused.
+    assert_eq!(
+        c.get(&Caller::frontend("alice"), "/v1/threads")
+            .await
+            .status,
+        401
+    );
+    // Asked without a lifetime, /v1/sign gives the longest allowed.
+    let r = sign("alice", None).await;
+    assert_eq!(r.status, 200);
+    let alice_sig = r.json()["signature"].as_str().unwrap().to_owned();
+    let expires: u64 = alice_sig.split('.').nth(1).unwrap().parse().unwrap();
+    let now = progressdb::auth::unix_now();
+    assert!(expires > now + 3500 && expires <= now + 3600, "{alice_sig}");
+    assert_eq!(
+        c.get(&as_user("alice", &alice_sig), "/v1/threads")
+            .await
+            .status,
+        200
+    );
+    let r = sign("alice", Some(3601)).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("1 to 3600"));
+    // A signature for a year ahead, made with the real secret (a leak, or an older cap).
+    let keys = progressdb::auth::ApiKeys::with_secrets(
+        &["a"],
+        &[],
+        &[],
+        &[common::SIGNING_SECRET.as_bytes()],
+    )
+    .unwrap();
+    let alice = progressdb::ids::UserId::parse("alice").unwrap();
+    let long = keys.sign_until(
+        &alice,
+        now + 366 * 86_400,
+        progressdb::auth::SignatureGeneration(0),
+    );
+    assert_eq!(
+        c.get(&as_user("alice", &long), "/v1/threads").await.status,
+        401
+    );
+
+    // Revocation: not by a frontend key; by the backend, for alice only.
+    let bob_sig = sign("bob", Some(600)).await.json()["signature"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoke = "/v1/users/alice/revoke-signatures";
+    let r = c
+        .post(&as_user("alice", &alice_sig), revoke, json!({}))
+        .await;
+    assert_eq!(r.status, 403);
+    let r = c.post(&Caller::backend(), revoke, json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["signature_generation"], 1);
+    assert_eq!(
+        c.get(&as_user("alice", &alice_sig), "/v1/threads")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        c.get(&as_user("bob", &bob_sig), "/v1/threads").await.status,
+        200
+    );
+    let fresh = sign("alice", Some(600)).await.json()["signature"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        c.get(&as_user("alice", &fresh), "/v1/threads").await.status,
+        200
+    );
+    let r = c
+        .post(
+            &Caller::backend(),
+            "/v1/users/a:b/revoke-signatures",
+            json!({}),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    s.stop().await;
+
+    // Durable: after a restart the revoked signature stays refused.
+    let s = InProc::start(&config).await;
+    let c = Client::new(s.addr);
+    assert_eq!(
+        c.get(&as_user("alice", &alice_sig), "/v1/threads")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        c.get(&as_user("alice", &fresh), "/v1/threads").await.status,
+        200
+    );
+    s.stop().await;
+}
+
+/// Rate limits count per API key *and user*: every browser shares the frontend key, so one
+/// user at its limit (429 with `Retry-After`) leaves the others served. And one user has at
+/// most `limits.max_threads_per_user` threads (403 `thread_limit`, no key made at the KMS
+/// for the refused create).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_use_up_the_frontend_keys_rate_or_thread_room() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(
+        &Kms::Embedded,
+        "[limits]\nkey_rate_per_sec = 1\nkey_rate_burst = 6\nmax_threads_per_user = 2\n",
+    ))
+    .await;
+    let c = Client::new(s.addr);
+    let alice = Caller::frontend("alice");
+    c.create_thread(&alice, "one").await;
+    c.create_thread(&alice, "two").await;
+    let r = c
+        .post(&alice, "/v1/threads", json!({"title": "three"}))
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (403, "thread_limit"));
+    let mut limited = None;
+    for _ in 0..20 {
+        let r = c.get(&alice, "/v1/threads").await;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200);
+    }
+    let r = limited.expect("alice reached her rate limit");
+    assert_eq!(r.code(), "rate_limited");
+    assert!(r.headers.contains_key("retry-after"));
+    // Bob shares the frontend key and is served, and may create threads.
+    let bob = Caller::frontend("bob");
+    assert_eq!(c.get(&bob, "/v1/threads").await.status, 200);
+    c.create_thread(&bob, "bob's").await;
     s.stop().await;
 }

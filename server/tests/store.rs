@@ -7,7 +7,7 @@ use progressdb::ids::{MessageId, Timestamp, UserId};
 use progressdb::metrics::StoreMetrics;
 use progressdb::store::{
     Content, CreateThread, DeleteThread, MessageRecord, Order, PutMessage, RecordFormat, Store,
-    StoreError, StoreOptions, ThreadFilter, ThreadRecord,
+    StoreError, StoreOptions, ThreadFilter, ThreadRecord, ThreadsPerAuthor,
 };
 
 fn thread(id: &str, author: &str) -> ThreadRecord {
@@ -58,7 +58,12 @@ async fn concurrent_writes_are_group_committed_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (s, metrics) = open(dir.path(), 8, 64).await;
     let t = ThreadId::parse("t1").unwrap();
-    s.write(CreateThread::new(thread("t1", "u"))).await.unwrap();
+    s.write(CreateThread::new(
+        thread("t1", "u"),
+        ThreadsPerAuthor::Unlimited,
+    ))
+    .await
+    .unwrap();
     let n = 400u64;
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -113,7 +118,12 @@ async fn the_map_grows_then_refuses_without_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let (s, metrics) = open(dir.path(), 1, 4).await;
     let t = ThreadId::parse("t").unwrap();
-    s.write(CreateThread::new(thread("t", "u"))).await.unwrap();
+    s.write(CreateThread::new(
+        thread("t", "u"),
+        ThreadsPerAuthor::Unlimited,
+    ))
+    .await
+    .unwrap();
     let mut stored = 0u64;
     let full = loop {
         let (id, rec) = message(stored, 100_000);
@@ -152,10 +162,10 @@ async fn a_thread_prefix_never_matches_another_thread() {
     let names = ["ab", "abc", "ab-", "a", "ab_"];
     for (i, name) in names.iter().enumerate() {
         let t = ThreadId::parse(name).unwrap();
-        s.write(CreateThread::new(thread(
-            name,
-            if i % 2 == 0 { "x" } else { "y" },
-        )))
+        s.write(CreateThread::new(
+            thread(name, if i % 2 == 0 { "x" } else { "y" }),
+            ThreadsPerAuthor::Unlimited,
+        ))
         .await
         .unwrap();
         for j in 0..=i as u64 {
@@ -239,7 +249,9 @@ async fn a_rotation_start_never_claims_a_message_sealed_before_it() {
     let t = ThreadId::parse("t1").unwrap();
     let mut rec = thread("t1", "u");
     rec.kms = Some(key(1));
-    s.write(CreateThread::new(rec)).await.unwrap();
+    s.write(CreateThread::new(rec, ThreadsPerAuthor::Unlimited))
+        .await
+        .unwrap();
     let chosen_start = MessageId::new(Timestamp::from_nanos(2_000), 0).unwrap();
     // A post that took its id after the job chose its start, and committed first.
     let late = MessageId::new(Timestamp::from_nanos(3_000), 0).unwrap();
@@ -286,5 +298,48 @@ async fn a_rotation_start_never_claims_a_message_sealed_before_it() {
             .await,
         Err(StoreError::StaleKey)
     );
+    close(s).await;
+}
+
+/// `limits.max_threads_per_user` is checked inside the create's write transaction: eight
+/// concurrent creates by one author against a bound of three store exactly three; another
+/// author is not affected, and a delete makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_per_author_are_bounded_inside_the_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), 4, 8).await;
+    let limit = ThreadsPerAuthor::AtMost(3);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.write(CreateThread::new(thread(&format!("a{i}"), "alice"), limit))
+                    .await
+            })
+        })
+        .collect();
+    let mut stored = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(()) => stored.push(i),
+            Err(StoreError::ThreadLimit) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(stored.len(), 3, "{stored:?}");
+    let alice = UserId::parse("alice").unwrap();
+    assert!(s.author_has_at_least(&alice, 3).await.unwrap());
+    assert!(!s.author_has_at_least(&alice, 4).await.unwrap());
+    s.write(CreateThread::new(thread("b0", "bob"), limit))
+        .await
+        .unwrap();
+    s.write(DeleteThread {
+        id: ThreadId::parse(&format!("a{}", stored[0])).unwrap(),
+    })
+    .await
+    .unwrap();
+    s.write(CreateThread::new(thread("a9", "alice"), limit))
+        .await
+        .unwrap();
     close(s).await;
 }

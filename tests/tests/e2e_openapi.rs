@@ -732,6 +732,7 @@ fn server_reference_matches_the_live_routes() {
         ("id", "t-nosuchthread"),
         ("msg_id", "00000000000000000001-000000"),
         ("job_id", "job-0000000000000000"),
+        ("user_id", "probe-user"),
     ];
     for path in &documented {
         let want: BTreeSet<String> = spec
@@ -758,6 +759,15 @@ fn server_reference_matches_the_live_routes() {
         Some(json!({"user_id": "alice"})),
     );
     assert_eq!(a.status, 200);
+    let a = call(
+        "POST",
+        "/v1/users/carol/revoke-signatures",
+        "/v1/users/{user_id}/revoke-signatures",
+        &backend_h,
+        None,
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.json()["signature_generation"], 1);
     let a = call(
         "POST",
         "/v1/threads",

@@ -79,6 +79,10 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<RouterState>)> {
             get(get_message).put(put_message).delete(delete_message),
         ),
         ("/v1/sign", post(sign)),
+        (
+            "/v1/users/{user_id}/revoke-signatures",
+            post(revoke_signatures),
+        ),
         ("/admin/threads/{id}/kms", get(thread_kms)),
         ("/admin/threads/{id}/rotate-dek", post(rotate_dek)),
         ("/admin/threads/{id}/encrypt", post(encrypt_thread)),
@@ -155,7 +159,8 @@ pub fn error_response(e: &ApiError) -> Response {
         | ApiError::Unavailable
         | ApiError::StorageFull
         | ApiError::ShredFailed
-        | ApiError::AlreadyEncrypted => {}
+        | ApiError::AlreadyEncrypted
+        | ApiError::ThreadLimit => {}
     }
     r
 }
@@ -235,6 +240,7 @@ fn route_label(path: &str) -> &'static str {
         ["v1", "threads", _, "messages"] => "/v1/threads/{id}/messages",
         ["v1", "threads", _, "messages", _] => "/v1/threads/{id}/messages/{msg_id}",
         ["v1", "sign"] => "/v1/sign",
+        ["v1", "users", _, "revoke-signatures"] => "/v1/users/{user_id}/revoke-signatures",
         ["admin", "threads", _, "kms"] => "/admin/threads/{id}/kms",
         ["admin", "threads", _, "rotate-dek"] => "/admin/threads/{id}/rotate-dek",
         ["admin", "threads", _, "encrypt"] => "/admin/threads/{id}/encrypt",
@@ -265,12 +271,7 @@ impl FromRequestParts<RouterState> for Caller {
 
     /// Authenticates, then counts the request against its API key's rate.
     async fn from_request_parts(parts: &mut Parts, st: &RouterState) -> Result<Self, ApiError> {
-        let p = st.app.keys.authenticate(&parts.headers)?;
-        st.app
-            .key_rate
-            .check(&p.key)
-            .map_err(|wait| ApiError::RateLimited(wait.as_secs().max(1)))?;
-        Ok(Caller(p))
+        Ok(Caller(st.app.authenticate(&parts.headers)?))
     }
 }
 
@@ -457,7 +458,11 @@ async fn metrics(State(st): State<RouterState>, headers: axum::http::HeaderMap) 
     match st.opts.metrics_access {
         MetricsAccess::Public => {}
         MetricsAccess::Admin => {
-            let p = st.app.keys.authenticate(&headers)?;
+            // Not rate-limited: scrapes must not be refused under load.
+            let p = st
+                .app
+                .keys
+                .authenticate(&headers, &st.app.signature_generations)?;
             if p.role != Role::Admin {
                 return Err(ApiError::Forbidden);
             }
@@ -595,6 +600,18 @@ async fn sign(
         signature,
         expires_at: expires
             .map(|e| Timestamp::from_nanos(e.saturating_mul(1_000_000_000)).to_rfc3339()),
+    })
+}
+
+async fn revoke_signatures(
+    State(st): State<RouterState>,
+    Caller(p): Caller,
+    Path(user_id): Path<String>,
+) -> Answer {
+    let (user_id, generation) = st.app.revoke_signatures(&p, &user_id).await?;
+    ok(&crate::api::RevokeView {
+        user_id,
+        signature_generation: generation,
     })
 }
 

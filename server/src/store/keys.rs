@@ -7,6 +7,7 @@
 //! | `thread:<thread_id>:msg:<ts>-<seq>` | message record (JSON, content ciphertext) |
 //! | `idx:author:<user_id>:<thread_id>` | empty: the threads of a user |
 //! | `job:<job_id>` | a server job (DEK rotation, thread encryption), JSON |
+//! | `user:<user_id>:sig_gen` | the user's signature generation (decimal): how many times its signatures were revoked |
 //!
 //! `<ts>-<seq>` is a [`MessageId`]: fixed width, so byte order is time order. Within one
 //! thread, `:meta` sorts before every `:msg:` key (`e` < `s`).
@@ -18,6 +19,25 @@ use crate::ids::{MessageId, UserId};
 const THREAD: &str = "thread:";
 const AUTHOR_IDX: &str = "idx:author:";
 const JOB: &str = "job:";
+const USER: &str = "user:";
+const SIG_GEN: &str = ":sig_gen";
+
+/// `user:<id>:sig_gen`
+pub fn signature_generation(user: &UserId) -> Vec<u8> {
+    format!("{USER}{user}{SIG_GEN}").into_bytes()
+}
+
+/// `user:` and `user;`: the bounds of all user keys.
+pub fn all_users() -> (Vec<u8>, Vec<u8>) {
+    (USER.as_bytes().to_vec(), b"user;".to_vec())
+}
+
+/// The user of a `user:<id>:sig_gen` key, or `None` for any other key.
+pub fn parse_signature_generation(key: &[u8]) -> Option<UserId> {
+    let s = std::str::from_utf8(key).ok()?;
+    let id = s.strip_prefix(USER)?.strip_suffix(SIG_GEN)?;
+    UserId::parse(id).ok()
+}
 
 /// `job:<id>`
 pub fn job(id: &kms_api::admin::JobId) -> Vec<u8> {
@@ -135,6 +155,12 @@ mod tests {
         let u = UserId::parse("bob@x").unwrap();
         let (lo, _) = author_index_bounds(&u);
         assert_eq!(parse_author_index(&lo, &author_index(&u, &id)), Some(id));
+        assert_eq!(signature_generation(&u), b"user:bob@x:sig_gen");
+        assert_eq!(
+            parse_signature_generation(&signature_generation(&u)),
+            Some(u)
+        );
+        assert_eq!(parse_signature_generation(b"user:bob@x:other"), None);
     }
 
     #[test]

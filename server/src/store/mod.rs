@@ -37,8 +37,8 @@ pub use records::{
 };
 pub use writer::{
     AuthorRule, CreateThread, DeleteMessage, DeleteThread, FinishRotation, MigrateBatch, Migrated,
-    PatchThread, PutJob, PutMessage, RawPut, RefreshKeyCopy, ReviveJob, RotationStart,
-    SetThreadKeyIfAbsent, StartRotation, UpdateMessage, WriteOp,
+    PatchThread, PutJob, PutMessage, RawPut, RefreshKeyCopy, ReviveJob, RevokeSignatures,
+    RotationStart, SetThreadKeyIfAbsent, StartRotation, ThreadsPerAuthor, UpdateMessage, WriteOp,
 };
 
 /// The one LMDB database: raw byte keys and values.
@@ -62,6 +62,9 @@ pub enum StoreError {
     /// rotation moved on meanwhile); nothing was written: seal again.
     #[error("sealed under a key the thread's rotation no longer names for this message")]
     StaleKey,
+    /// The author has `limits.max_threads_per_user` threads already; nothing was written.
+    #[error("the user has as many threads as allowed")]
+    ThreadLimit,
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("LMDB: {0}")]
@@ -554,6 +557,48 @@ impl Store {
                     record: serde_json::from_slice(v).map_err(|e| e.to_string()),
                 });
             Ok((rec, msg))
+        })
+        .await
+    }
+
+    /// Whether `user` has at least `max` threads (a cheap check before a create asks the
+    /// KMS for a key; the create checks again in its write transaction).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn author_has_at_least(&self, user: &UserId, max: usize) -> Result<bool, StoreError> {
+        let user = user.clone();
+        self.read(move |db, txn| Ok(writer::author_has_at_least(db, txn, &user, max)?))
+            .await
+    }
+
+    /// Every user whose signatures were revoked, with its generation (read once at start).
+    ///
+    /// # Errors
+    /// [`StoreError`]; a value that is not a decimal number is [`StoreError::Corrupt`]
+    /// (a generation that cannot be read would let revoked signatures back in).
+    pub async fn signature_generations(&self) -> Result<Vec<(UserId, u64)>, StoreError> {
+        self.read(|db, txn| {
+            let (lo, hi) = keys::all_users();
+            let mut out = Vec::new();
+            for r in db.range(
+                txn,
+                &(
+                    Bound::Included(lo.as_slice()),
+                    Bound::Excluded(hi.as_slice()),
+                ),
+            )? {
+                let (k, v) = r?;
+                let Some(user) = keys::parse_signature_generation(k) else {
+                    continue;
+                };
+                let generation = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .ok_or_else(|| StoreError::Corrupt(format!("{user}'s signature generation")))?;
+                out.push((user, generation));
+            }
+            Ok(out)
         })
         .await
     }

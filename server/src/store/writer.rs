@@ -122,16 +122,50 @@ fn read_thread(
     }))
 }
 
-/// Stores a new thread and its author index entry. Fails with `Conflict` if the id exists.
+/// Stores a new thread and its author index entry. Fails with `Conflict` if the id exists,
+/// and with `ThreadLimit` when its author has `max_per_author` threads already (counted in
+/// the same transaction, so concurrent creates cannot pass the bound together).
 #[derive(Debug)]
 pub struct CreateThread {
     record: ThreadRecord,
+    max_per_author: ThreadsPerAuthor,
+}
+
+/// How many threads one author may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadsPerAuthor {
+    Unlimited,
+    AtMost(usize),
 }
 
 impl CreateThread {
-    pub fn new(record: ThreadRecord) -> Self {
-        Self { record }
+    pub fn new(record: ThreadRecord, max_per_author: ThreadsPerAuthor) -> Self {
+        Self {
+            record,
+            max_per_author,
+        }
     }
+}
+
+/// Whether `user` has at least `max` threads (counting at most `max` index keys).
+pub fn author_has_at_least(
+    db: &Db,
+    txn: &heed::RoTxn<'_, heed::WithoutTls>,
+    user: &UserId,
+    max: usize,
+) -> heed::Result<bool> {
+    let (lo, hi) = keys::author_index_bounds(user);
+    let n = db
+        .range(
+            txn,
+            &(
+                Bound::Included(lo.as_slice()),
+                Bound::Excluded(hi.as_slice()),
+            ),
+        )?
+        .take(max)
+        .count();
+    Ok(n >= max)
 }
 
 impl WriteOp for CreateThread {
@@ -140,6 +174,11 @@ impl WriteOp for CreateThread {
         let key = keys::meta(&self.record.id);
         if db.get(txn, &key)?.is_some() {
             return Ok(Err(StoreError::Conflict("thread id exists")));
+        }
+        if let ThreadsPerAuthor::AtMost(max) = self.max_per_author {
+            if author_has_at_least(db, txn, &self.record.author, max)? {
+                return Ok(Err(StoreError::ThreadLimit));
+            }
         }
         let value = match to_json(&self.record) {
             Ok(v) => v,
@@ -152,6 +191,38 @@ impl WriteOp for CreateThread {
             &[],
         )?;
         Ok(Ok(()))
+    }
+}
+
+/// Revokes every signature of `user` made so far: its signature generation goes up by one;
+/// returns the new generation.
+#[derive(Debug)]
+pub struct RevokeSignatures {
+    pub user: UserId,
+}
+
+impl WriteOp for RevokeSignatures {
+    type Out = u64;
+    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<u64, StoreError>> {
+        let key = keys::signature_generation(&self.user);
+        let current = match db.get(txn, &key)? {
+            None => 0,
+            Some(v) => match std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                Some(g) => g,
+                None => {
+                    return Ok(Err(StoreError::Corrupt(format!(
+                        "{}'s signature generation",
+                        self.user
+                    ))))
+                }
+            },
+        };
+        let next = current.saturating_add(1);
+        db.put(txn, &key, next.to_string().as_bytes())?;
+        Ok(Ok(next))
     }
 }
 
