@@ -176,6 +176,9 @@ pub struct EncryptionConfig {
     pub rotate_after_messages: u64,
     /// Rotate a thread's DEK once it is older than this many days (0 = never, the default).
     pub rotate_after_days: u64,
+    /// Automatic rotations start only while fewer than this many server jobs run in this
+    /// process (default 4; 1 to 1024); the next post to a thread past the policy retries.
+    pub max_concurrent_rotations: usize,
 }
 
 impl Default for EncryptionConfig {
@@ -184,6 +187,7 @@ impl Default for EncryptionConfig {
             enabled: true,
             rotate_after_messages: 1 << 30,
             rotate_after_days: 0,
+            max_concurrent_rotations: 4,
         }
     }
 }
@@ -446,6 +450,12 @@ impl Config {
         }
         if self.auth.keys_file.as_os_str().is_empty() {
             return Err(ConfigError::invalid("auth.keys_file", "must not be empty"));
+        }
+        if !(1..=1024).contains(&self.encryption.max_concurrent_rotations) {
+            return Err(ConfigError::invalid(
+                "encryption.max_concurrent_rotations",
+                "must be 1 to 1024",
+            ));
         }
         if !(60..=crate::auth::MAX_SIGNATURE_TTL_SECS).contains(&self.auth.max_signature_ttl_secs) {
             return Err(ConfigError::invalid(

@@ -159,6 +159,7 @@ impl Server {
             kms_ready_timeout: cfg.kms.ready_timeout(),
             gate,
             rotation_policy: jobs::RotationPolicy {
+                max_running: cfg.encryption.max_concurrent_rotations,
                 after_messages: cfg.encryption.rotate_after_messages,
                 after_age: match cfg.encryption.rotate_after_days {
                     0 => None,

@@ -6,8 +6,8 @@ use kms_api::ThreadId;
 use progressdb::ids::{MessageId, Timestamp, UserId};
 use progressdb::metrics::StoreMetrics;
 use progressdb::store::{
-    Content, CreateThread, DeleteThread, MessageRecord, Order, PutMessage, RecordFormat, Store,
-    StoreError, StoreOptions, ThreadFilter, ThreadRecord, ThreadsPerAuthor,
+    Content, CreateThread, DeleteThread, MessageRecord, Order, PutMessage, RawPut, RecordFormat,
+    Store, StoreError, StoreOptions, ThreadFilter, ThreadRecord, ThreadsPerAuthor,
 };
 
 fn thread(id: &str, author: &str) -> ThreadRecord {
@@ -341,5 +341,34 @@ async fn threads_per_author_are_bounded_inside_the_write() {
     s.write(CreateThread::new(thread("a9", "alice"), limit))
         .await
         .unwrap();
+    close(s).await;
+}
+
+/// A planted record that does not parse gives an error saying what failed and where, never
+/// the text it holds (serde's own message quotes it: `invalid type: string "..."`), since
+/// that text can be a title, which logs must not carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_is_reported_without_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), 4, 8).await;
+    let t = ThreadId::parse("t1").unwrap();
+    let marker = "TITLE-TEXT-THAT-MUST-NOT-BE-LOGGED";
+    let planted = format!(r#"{{"id":"t1","title":"x","author":"u","created_at":"{marker}"}}"#);
+    assert!(
+        serde_json::from_str::<ThreadRecord>(&planted)
+            .unwrap_err()
+            .to_string()
+            .contains(marker),
+        "serde's message quotes the input: the hazard this guards against"
+    );
+    s.write(RawPut {
+        key: progressdb::store::keys::meta(&t),
+        value: planted.into_bytes(),
+    })
+    .await
+    .unwrap();
+    let err = s.get_thread(&t).await.unwrap_err().to_string();
+    assert!(err.contains("corrupt record"), "{err}");
+    assert!(!err.contains(marker), "{err}");
     close(s).await;
 }

@@ -372,7 +372,7 @@ impl Store {
         self.read(move |db, txn| {
             Ok(db.get(txn, &key)?.map(|v| StoredMessage {
                 id,
-                record: serde_json::from_slice(v).map_err(|e| e.to_string()),
+                record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
             }))
         })
         .await
@@ -554,7 +554,7 @@ impl Store {
                 .get(txn, &keys::msg(&thread, id))?
                 .map(|v| StoredMessage {
                     id,
-                    record: serde_json::from_slice(v).map_err(|e| e.to_string()),
+                    record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
                 });
             Ok((rec, msg))
         })
@@ -625,8 +625,24 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
 }
 
 fn parse_thread(key: &[u8], v: &[u8]) -> Result<ThreadRecord, StoreError> {
-    serde_json::from_slice(v)
-        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key))))
+    serde_json::from_slice(v).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "{}: {}",
+            String::from_utf8_lossy(key),
+            serde_error_text(&e)
+        ))
+    })
+}
+
+/// serde_json's error without the input it may quote (its `Display` says e.g. `invalid
+/// type: string "<a title>"`): what failed and where, for logs and errors.
+pub(crate) fn serde_error_text(e: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
 }
 
 fn list_all_threads(
@@ -745,7 +761,7 @@ fn list_messages(
         bytes = bytes.saturating_add(v.len());
         items.push(StoredMessage {
             id,
-            record: serde_json::from_slice(v).map_err(|e| e.to_string()),
+            record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
         });
         true
     };

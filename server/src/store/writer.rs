@@ -117,8 +117,9 @@ fn read_thread(
     key: &[u8],
 ) -> heed::Result<Option<Result<ThreadRecord, StoreError>>> {
     Ok(db.get(txn, key)?.map(|v| {
-        serde_json::from_slice::<ThreadRecord>(v)
-            .map_err(|e| StoreError::Corrupt(format!("thread record: {}", e.classify_text())))
+        serde_json::from_slice::<ThreadRecord>(v).map_err(|e| {
+            StoreError::Corrupt(format!("thread record: {}", super::serde_error_text(&e)))
+        })
     }))
 }
 
@@ -505,25 +506,10 @@ fn read_message(
     key: &[u8],
 ) -> heed::Result<Option<Result<MessageRecord, StoreError>>> {
     Ok(db.get(txn, key)?.map(|v| {
-        serde_json::from_slice::<MessageRecord>(v)
-            .map_err(|e| StoreError::Corrupt(format!("message record: {}", e.classify_text())))
+        serde_json::from_slice::<MessageRecord>(v).map_err(|e| {
+            StoreError::Corrupt(format!("message record: {}", super::serde_error_text(&e)))
+        })
     }))
-}
-
-/// serde_json error text without the input it may quote.
-trait ClassifyText {
-    fn classify_text(&self) -> String;
-}
-
-impl ClassifyText for serde_json::Error {
-    fn classify_text(&self) -> String {
-        format!(
-            "{:?} error at line {} column {}",
-            self.classify(),
-            self.line(),
-            self.column()
-        )
-    }
 }
 
 impl WriteOp for UpdateMessage {
@@ -630,8 +616,9 @@ fn read_job(
     id: &kms_api::admin::JobId,
 ) -> heed::Result<Option<Result<records::JobRecord, StoreError>>> {
     Ok(db.get(txn, &keys::job(id))?.map(|v| {
-        serde_json::from_slice::<records::JobRecord>(v)
-            .map_err(|e| StoreError::Corrupt(format!("job record: {}", e.classify_text())))
+        serde_json::from_slice::<records::JobRecord>(v).map_err(|e| {
+            StoreError::Corrupt(format!("job record: {}", super::serde_error_text(&e)))
+        })
     }))
 }
 
