@@ -588,6 +588,52 @@ pub fn pending_entry(ev: AuditEvent) -> AuditEntry {
     }
 }
 
+/// Checks that `entries` continue the chain from `anchor` (the entry before the first, with
+/// its MAC): numbered `anchor.seq + 1` on without gaps, each MAC the HSM's over its
+/// predecessor's. Used for audit exports given to a restore, anchored at the head the backup
+/// recorded under its own HMAC.
+///
+/// # Errors
+/// `Ok(Err(reason))` when the entries do not verify; [`AuditError`] when the HSM cannot be
+/// used (nothing was judged).
+pub async fn verify_continuation<B: KeyBackend>(
+    backend: &B,
+    anchor: &kms_api::admin::AuditMark,
+    entries: &[AuditEntry],
+) -> Result<Result<(), String>, AuditError> {
+    let Some(mut prev) = hex::decode(&anchor.mac)
+        .ok()
+        .and_then(|m| <[u8; 32]>::try_from(m.as_slice()).ok())
+    else {
+        return Ok(Err("the anchor's MAC is not 32 bytes of hex".into()));
+    };
+    for (i, e) in entries.iter().enumerate() {
+        let want = anchor.seq + 1 + i as u64;
+        if e.seq != want {
+            return Ok(Err(format!(
+                "entry {want} is missing (the export has {} there)",
+                e.seq
+            )));
+        }
+    }
+    for chunk in entries.chunks(VERIFY_CHUNK) {
+        let macs = backend
+            .audit_chain(prev, chunk.iter().map(mac_input).collect())
+            .await?;
+        for (e, m) in chunk.iter().zip(&macs) {
+            let stored = hex::decode(&e.mac).unwrap_or_default();
+            if !constant_time_eq(&stored, m) {
+                return Ok(Err(format!(
+                    "entry {} does not verify: it, or one before it, was edited, inserted or reordered, or the export is of another log",
+                    e.seq
+                )));
+            }
+            prev = *m;
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// Checks the whole log against its chain and its head.
 ///
 /// # Errors

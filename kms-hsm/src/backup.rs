@@ -4,9 +4,13 @@
 //!
 //! # File
 //! ```json
-//! {"format":"progressdb-kms-backup/1","created_at":…,"kek_id":"…","kek_versions":[…],
-//!  "records":[…],"mac":"<hex>"}
+//! {"format":"progressdb-kms-backup/2","created_at":…,"kek_id":"…",
+//!  "audit_head":{"seq":…,"mac":"<hex>"},"kek_versions":[…],"records":[…],"mac":"<hex>"}
 //! ```
+//! `audit_head` is the audit log's head when the records were listed (read while no destroy
+//! of this process was between its audit entry and its store write): its `seq` is the
+//! backup's serial, and every key destroyed after the backup has a `dek.destroy` entry after
+//! it. Files of format `/1` (no `audit_head`) are still read.
 //! `mac = HMAC-SHA256(audit key, 32 zero bytes || "progressdb-kms:backup:v1" 0x00 || JSON of
 //! the file without "mac")`, made inside the HSM under the audit key (domain-separated from
 //! the audit chain). A file that does not verify is refused as a whole: nothing is restored.
@@ -19,10 +23,18 @@
 //! destroyed in the store stays destroyed (a tombstone is honoured) unless the operator
 //! names it to be resurrected; a key under a KEK version destroyed in the HSM is reported
 //! and skipped.
+//!
+//! Shredding survives a restore into a store that lost its tombstones (disaster recovery):
+//! the keys destroyed after the backup are read from the audit log after the backup's
+//! `audit_head`, from the store's own log when it continues the backup's (same entry, same
+//! MAC at that seq), or else from an audit export given with the restore, verified in the HSM
+//! as a continuation of the chain from that head. Each such key is imported as a tombstone
+//! unless named to be resurrected. With neither, the restore is refused ([`DestroyCheck`]),
+//! unless the operator accepts that keys destroyed since the backup come back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use kms_api::admin::RestoreReport;
+use kms_api::admin::{AuditEntry, AuditMark, RestoreReport};
 use kms_api::{KekId, KeyId};
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +44,9 @@ use crate::keystore::{now_secs, KekState, KekVersionRecord, KeyRecord, KeyState,
 use crate::service::{KeyService, ServiceError};
 
 /// The `format` of this build's backups.
-pub const FORMAT: &str = "progressdb-kms-backup/1";
+pub const FORMAT: &str = "progressdb-kms-backup/2";
+/// The format before backups carried their audit head; still read.
+const FORMAT_V1: &str = "progressdb-kms-backup/1";
 const DOMAIN: &[u8] = b"progressdb-kms:backup:v1\0";
 
 /// Failures of backup and restore.
@@ -41,6 +55,10 @@ pub enum BackupError {
     /// Not a backup of this format, or its HMAC does not verify.
     #[error("the backup file is invalid: {0}")]
     Invalid(String),
+    /// The keys destroyed after the backup cannot be known (or the audit export given does
+    /// not verify): nothing was restored.
+    #[error("{0}")]
+    DestroysUnknown(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
 }
@@ -51,6 +69,8 @@ struct Body {
     format: String,
     created_at: u64,
     kek_id: KekId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audit_head: Option<AuditMark>,
     kek_versions: Vec<KekVersionRecord>,
     records: Vec<KeyRecord>,
 }
@@ -118,6 +138,19 @@ async fn unusable_versions<B: KeyBackend, S: KeyStore>(
 pub async fn backup<B: KeyBackend, S: KeyStore>(
     svc: &KeyService<B, S>,
 ) -> Result<Vec<u8>, BackupError> {
+    // Before listing: a key destroyed at or before this head is destroyed in the listing;
+    // one destroyed after has its entry after it.
+    // An empty log is the chain's start: seq 0, whose "MAC" is 32 zero bytes.
+    let audit_head = Some(svc.quiesced_audit_head().await?.map_or(
+        AuditMark {
+            seq: 0,
+            mac: hex::encode([0u8; 32]),
+        },
+        |h| AuditMark {
+            seq: h.seq,
+            mac: hex::encode(h.mac),
+        },
+    ));
     let mut records = Vec::new();
     let mut after: Option<KeyId> = None;
     loop {
@@ -136,6 +169,7 @@ pub async fn backup<B: KeyBackend, S: KeyStore>(
         format: FORMAT.to_owned(),
         created_at: now_secs(),
         kek_id: svc.backend().current_kek().id,
+        audit_head,
         kek_versions: svc
             .store()
             .kek_versions()
@@ -148,17 +182,31 @@ pub async fn backup<B: KeyBackend, S: KeyStore>(
         .map_err(|_| BackupError::Service(ServiceError::Internal("cannot encode the backup")))
 }
 
+/// Where a restore learns which keys were destroyed after the backup.
+#[derive(Debug)]
+pub enum DestroyCheck {
+    /// The store's own audit log, which must continue the backup's; refused otherwise.
+    Store,
+    /// The store's log when it continues the backup's, else these exported entries (those
+    /// after the backup's head; verified in the HSM as the chain's continuation).
+    StoreOrExport(Vec<AuditEntry>),
+    /// The operator accepts that keys destroyed since the backup come back.
+    Unchecked,
+}
+
 /// Restores `file` into the store (see the module docs). `resurrect` names destroyed keys
 /// whose backup copy may replace the tombstone.
 ///
 /// # Errors
-/// `Invalid` for a file of another format or that does not verify (nothing restored);
+/// `Invalid` for a file of another format or that does not verify, `DestroysUnknown` when
+/// the destroys after the backup cannot be established (nothing restored in both cases);
 /// `Service` when the store, the HSM or the audit log fails (what was restored before the
 /// failure stays, and a second run completes it: restore is idempotent).
 pub async fn restore<B: KeyBackend, S: KeyStore>(
     svc: &KeyService<B, S>,
     file: &[u8],
     resurrect: &BTreeSet<KeyId>,
+    check: DestroyCheck,
 ) -> Result<RestoreReport, BackupError> {
     let file: File = serde_json::from_slice(file).map_err(|e| {
         BackupError::Invalid(format!(
@@ -167,9 +215,9 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
             e.column()
         ))
     })?;
-    if file.body.format != FORMAT {
+    if file.body.format != FORMAT && file.body.format != FORMAT_V1 {
         return Err(BackupError::Invalid(format!(
-            "format {:?}, this build reads {FORMAT:?}",
+            "format {:?}, this build reads {FORMAT:?} and {FORMAT_V1:?}",
             file.body.format
         )));
     }
@@ -187,11 +235,15 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
                 .into(),
         ));
     }
+    let (destroyed_after, checked_by, checked_through) =
+        destroyed_after_backup(svc, file.body.audit_head.as_ref(), check).await?;
     svc.audit(
         AuditEvent::new("restore")
             .with("records", file.body.records.len())
             .with("created_at", file.body.created_at)
-            .with("resurrect", resurrect.len()),
+            .with("resurrect", resurrect.len())
+            .with("destroys_checked_by", checked_by)
+            .with("destroys_checked_through", checked_through),
     )
     .await?;
     let store = svc.store();
@@ -207,21 +259,43 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
     }
     let mut report = RestoreReport {
         records: file.body.records.len() as u64,
+        destroys_checked_by: checked_by.to_owned(),
+        destroys_checked_through: checked_through,
         ..RestoreReport::default()
     };
-    for r in file.body.records {
+    for mut r in file.body.records {
+        let current = store.get(&r.key_id).await.map_err(ServiceError::from)?;
+        // Destroyed after the backup and absent here (its tombstone lost with the store): it
+        // comes back only when named; else it is imported as a tombstone, so the shred is
+        // recorded in this store too. (A tombstone the store has is honoured below.)
+        let mut resurrecting = false;
+        if let (None, Some(at), KeyState::Active { .. }) =
+            (&current, destroyed_after.get(&r.key_id), &r.state)
+        {
+            if resurrect.contains(&r.key_id) {
+                resurrecting = true;
+            } else {
+                report.destroyed_after_backup.push(r.key_id.clone());
+                r.state = KeyState::Destroyed { destroyed_at: *at };
+            }
+        }
         let under_destroyed = match &r.state {
             KeyState::Active { wrapped } => parse_wrapped_header(wrapped).map_or(true, |h| {
                 destroyed.contains(&h.kek_version.get()) || destroyed.contains(&r.kek_version.get())
             }),
             KeyState::Destroyed { .. } => false,
         };
-        let current = store.get(&r.key_id).await.map_err(ServiceError::from)?;
         match current {
             None if under_destroyed => report.kek_unavailable.push(r.key_id),
             None => {
                 let tombstone = matches!(r.state, KeyState::Destroyed { .. });
+                let key_id = r.key_id.clone();
+                if resurrecting {
+                    svc.audit(AuditEvent::new("dek.resurrect").with("key_id", &key_id))
+                        .await?;
+                }
                 match store.put_new(r).await {
+                    Ok(()) if resurrecting => report.resurrected.push(key_id),
                     Ok(()) if tombstone => report.tombstones_imported += 1,
                     Ok(()) => report.imported += 1,
                     Err(crate::keystore::StoreError::AlreadyExists(k)) => report.conflicts.push(k),
@@ -262,6 +336,103 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
         "restore finished"
     );
     Ok(report)
+}
+
+/// The keys destroyed after the backup's `head` (with when), how that was established, and
+/// the last entry checked.
+///
+/// # Errors
+/// `DestroysUnknown` when it cannot be established and the caller did not accept that;
+/// `Service` when the store or the HSM fails.
+async fn destroyed_after_backup<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    head: Option<&AuditMark>,
+    check: DestroyCheck,
+) -> Result<(BTreeMap<KeyId, u64>, &'static str, u64), BackupError> {
+    if matches!(check, DestroyCheck::Unchecked) {
+        tracing::warn!(
+            "restore without a destroy check: keys destroyed since the backup come back"
+        );
+        return Ok((BTreeMap::new(), "unchecked", 0));
+    }
+    let Some(head) = head else {
+        return Err(BackupError::DestroysUnknown(
+            "this backup (format /1) does not record its audit head, so the keys destroyed \
+             after it cannot be known; restore it with --accept-unchecked-destroys"
+                .into(),
+        ));
+    };
+    // The store's own log, when it is the backup's and reaches its head.
+    let store = svc.store();
+    let at_head = if head.seq == 0 {
+        Vec::new()
+    } else {
+        store
+            .audit_range(head.seq - 1, 1)
+            .await
+            .map_err(ServiceError::from)?
+    };
+    let continues = head.seq == 0
+        || at_head.first().is_some_and(|(seq, bytes)| {
+            *seq == head.seq
+                && serde_json::from_slice::<AuditEntry>(bytes).is_ok_and(|e| e.mac == head.mac)
+        });
+    let mut destroyed = BTreeMap::new();
+    let note = |e: &AuditEntry, destroyed: &mut BTreeMap<KeyId, u64>| {
+        if e.action == "dek.destroy" && e.outcome == "ok" {
+            if let Some(k) = e.detail.get("key_id").and_then(|k| KeyId::parse(k).ok()) {
+                destroyed.insert(k, e.at);
+            }
+        }
+    };
+    if continues {
+        let mut after = head.seq;
+        loop {
+            let page = store
+                .audit_range(after, 1000)
+                .await
+                .map_err(ServiceError::from)?;
+            let Some(&(last, _)) = page.last() else { break };
+            for (_, bytes) in &page {
+                // An entry that cannot be read may be a destroy: refuse rather than guess.
+                let e: AuditEntry = serde_json::from_slice(bytes).map_err(|_| {
+                    BackupError::DestroysUnknown(format!(
+                        "the store's audit entry after {after} cannot be read; run `audit verify`"
+                    ))
+                })?;
+                note(&e, &mut destroyed);
+            }
+            after = last;
+        }
+        return Ok((destroyed, "store", after));
+    }
+    let DestroyCheck::StoreOrExport(entries) = check else {
+        return Err(BackupError::DestroysUnknown(format!(
+            "this store's audit log does not continue the backup's (its entry {} is missing or \
+             differs), so the keys destroyed after the backup cannot be known from it: give the \
+             audit log exported since (--audit FILE, from `audit list`), or accept that they \
+             come back (--accept-unchecked-destroys)",
+            head.seq
+        )));
+    };
+    let entries: Vec<AuditEntry> = entries.into_iter().filter(|e| e.seq > head.seq).collect();
+    match crate::audit::verify_continuation(&**svc.backend(), head, &entries)
+        .await
+        .map_err(|e| BackupError::Service(e.into()))?
+    {
+        Ok(()) => {}
+        Err(why) => {
+            return Err(BackupError::DestroysUnknown(format!(
+                "the audit export does not continue the backup's log from entry {}: {why}",
+                head.seq
+            )))
+        }
+    }
+    for e in &entries {
+        note(e, &mut destroyed);
+    }
+    let through = entries.last().map_or(head.seq, |e| e.seq);
+    Ok((destroyed, "export", through))
 }
 
 /// Rebuilds lost key records from the server's copies of its threads' keys. A copy is
@@ -403,18 +574,60 @@ mod tests {
         svc.destroy_key(&keys[0].0).await.unwrap();
         let file = backup(&svc).await.unwrap();
         assert!(!String::from_utf8_lossy(&file).contains("secret"));
+        // Destroyed after the backup.
+        svc.destroy_key(&keys[1].0).await.unwrap();
+        let export: Vec<AuditEntry> = svc
+            .store()
+            .audit_range(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap())
+            .collect();
 
-        // A wiped store, the same HSM.
+        // A wiped store, the same HSM: its log is not the backup's, so the destroys since
+        // cannot be known without the export.
         let (_b, fresh) = service(&backend);
-        let r = restore(&fresh, &file, &BTreeSet::new()).await.unwrap();
-        assert_eq!((r.records, r.imported, r.tombstones_imported), (12, 11, 1));
-        for (k, ct) in &keys[1..] {
+        assert!(matches!(
+            restore(&fresh, &file, &BTreeSet::new(), DestroyCheck::Store).await,
+            Err(BackupError::DestroysUnknown(_))
+        ));
+        assert_eq!(fresh.store().key_count().await.unwrap(), 0);
+        let r = restore(
+            &fresh,
+            &file,
+            &BTreeSet::new(),
+            DestroyCheck::StoreOrExport(export.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.records, r.imported, r.tombstones_imported), (12, 10, 2));
+        assert_eq!(r.destroyed_after_backup, vec![keys[1].0.clone()]);
+        for (k, ct) in &keys[2..] {
             assert_eq!(fresh.decrypt(k, ct, b"").await.unwrap().expose(), b"secret");
         }
         assert!(fresh.decrypt(&keys[0].0, &keys[0].1, b"").await.is_err());
+        assert!(fresh.decrypt(&keys[1].0, &keys[1].1, b"").await.is_err());
         // Idempotent.
-        let again = restore(&fresh, &file, &BTreeSet::new()).await.unwrap();
-        assert_eq!((again.imported, again.unchanged), (0, 12));
+        let again = restore(
+            &fresh,
+            &file,
+            &BTreeSet::new(),
+            DestroyCheck::StoreOrExport(export),
+        )
+        .await
+        .unwrap();
+        // The tombstone made for the key destroyed after the backup now holds by itself.
+        assert_eq!(
+            (again.imported, again.unchanged, again.tombstoned.clone()),
+            (0, 11, vec![keys[1].0.clone()])
+        );
+        // Into the store it came from, its own log says what was destroyed since.
+        let back = restore(&svc, &file, &BTreeSet::new(), DestroyCheck::Store)
+            .await
+            .unwrap();
+        assert_eq!(back.destroys_checked_by, "store");
+        assert_eq!(back.tombstoned, vec![keys[1].0.clone()]);
     }
 
     #[tokio::test]
@@ -427,13 +640,19 @@ mod tests {
         let (_b, fresh) = service(&backend);
         for forged in [
             text.replacen("\"t1\"", "\"t9\"", 1),
-            text.replacen("progressdb-kms-backup/1", "progressdb-kms-backup/9", 1),
+            text.replacen("progressdb-kms-backup/2", "progressdb-kms-backup/9", 1),
             text[..text.len() - 10].to_owned(),
             text.replacen("\"mac\":\"", "\"mac\":\"00", 1),
         ] {
             assert!(
                 matches!(
-                    restore(&fresh, forged.as_bytes(), &BTreeSet::new()).await,
+                    restore(
+                        &fresh,
+                        forged.as_bytes(),
+                        &BTreeSet::new(),
+                        DestroyCheck::Unchecked
+                    )
+                    .await,
                     Err(BackupError::Invalid(_))
                 ),
                 "{}",
@@ -449,7 +668,13 @@ mod tests {
         let other = Arc::new(MockBackend::new());
         let (_c, elsewhere) = service(&other);
         assert!(matches!(
-            restore(&elsewhere, text.as_bytes(), &BTreeSet::new()).await,
+            restore(
+                &elsewhere,
+                text.as_bytes(),
+                &BTreeSet::new(),
+                DestroyCheck::Unchecked
+            )
+            .await,
             Err(BackupError::Invalid(_))
         ));
     }
@@ -462,11 +687,15 @@ mod tests {
         let file = backup(&svc).await.unwrap();
         svc.destroy_key(&keys[1].0).await.unwrap();
         svc.destroy_key(&keys[2].0).await.unwrap();
-        let r = restore(&svc, &file, &BTreeSet::new()).await.unwrap();
+        let r = restore(&svc, &file, &BTreeSet::new(), DestroyCheck::Store)
+            .await
+            .unwrap();
         assert_eq!(r.tombstoned.len(), 2);
         assert!(svc.decrypt(&keys[1].0, &keys[1].1, b"").await.is_err());
         let named: BTreeSet<KeyId> = [keys[1].0.clone()].into();
-        let r = restore(&svc, &file, &named).await.unwrap();
+        let r = restore(&svc, &file, &named, DestroyCheck::Store)
+            .await
+            .unwrap();
         assert_eq!(r.resurrected, vec![keys[1].0.clone()]);
         assert_eq!(r.tombstoned, vec![keys[2].0.clone()]);
         assert_eq!(

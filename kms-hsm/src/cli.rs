@@ -444,20 +444,91 @@ pub async fn backup(cfg: &Config, out_path: &std::path::Path) -> Result<(), CliE
     Ok(())
 }
 
-/// `progressdb-kms restore --in FILE [--resurrect KEY_ID]...`.
+/// How `restore` learns the keys destroyed after the backup.
+#[derive(Debug)]
+pub enum RestoreCheck {
+    /// From the store's own audit log (the KMS refuses when it does not continue the
+    /// backup's).
+    Store,
+    /// From this audit export (JSON lines of `audit list`) when the store's log does not.
+    Export(std::path::PathBuf),
+    /// Not at all (`--accept-unchecked-destroys`).
+    Unchecked,
+}
+
+/// The entries of an audit export (JSON lines, as `audit list` prints them) after `after`.
+fn read_audit_export(
+    path: &std::path::Path,
+    after: u64,
+) -> Result<Vec<kms_api::admin::AuditEntry>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Refused(format!("cannot read {}: {e}", path.display())))?;
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e: kms_api::admin::AuditEntry = serde_json::from_str(line).map_err(|e| {
+            CliError::Refused(format!(
+                "{} line {}: not an audit entry (line {} column {})",
+                path.display(),
+                i + 1,
+                e.line(),
+                e.column()
+            ))
+        })?;
+        if e.seq > after {
+            entries.push(e);
+        }
+    }
+    Ok(entries)
+}
+
+/// `progressdb-kms restore --in FILE [--resurrect KEY_ID]... [--audit FILE |
+/// --accept-unchecked-destroys]`.
 pub async fn restore(
     cfg: &Config,
     in_path: &std::path::Path,
     resurrect: &[kms_api::KeyId],
+    check: RestoreCheck,
     out: Output,
 ) -> Result<(), CliError> {
-    let body = std::fs::read(in_path)
+    let file = std::fs::read(in_path)
         .map_err(|e| CliError::Refused(format!("cannot read {}: {e}", in_path.display())))?;
+    let body = match &check {
+        RestoreCheck::Export(audit) => {
+            // Only the entries after the backup's head are sent (the KMS verifies them as the
+            // chain's continuation from that head, which the backup's HMAC covers).
+            #[derive(serde::Deserialize)]
+            struct Head {
+                audit_head: Option<kms_api::admin::AuditMark>,
+            }
+            let raw: &serde_json::value::RawValue = serde_json::from_slice(&file).map_err(|e| {
+                CliError::Refused(format!(
+                    "{}: not a backup file (line {} column {})",
+                    in_path.display(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
+            let after = serde_json::from_str::<Head>(raw.get())
+                .ok()
+                .and_then(|h| h.audit_head)
+                .map_or(0, |h| h.seq);
+            let entries = read_audit_export(audit, after)?;
+            serde_json::to_vec(&serde_json::json!({"backup": raw, "audit": entries}))
+                .map_err(|e| CliError::Refused(format!("cannot encode the request: {e}")))?
+        }
+        RestoreCheck::Store | RestoreCheck::Unchecked => file,
+    };
     let c = admin_client(cfg)?;
-    let query: Vec<String> = resurrect
+    let mut query: Vec<String> = resurrect
         .iter()
         .map(|k| format!("resurrect={}", k.as_str()))
         .collect();
+    if matches!(check, RestoreCheck::Unchecked) {
+        query.push("destroys=unchecked".into());
+    }
     let path = if query.is_empty() {
         "/admin/restore".to_owned()
     } else {
@@ -483,10 +554,18 @@ pub async fn restore(
                 report.unchanged,
                 report.tombstones_imported
             );
+            println!(
+                "destroys after the backup checked by: {} (through audit entry {})",
+                report.destroys_checked_by, report.destroys_checked_through
+            );
             for (what, keys) in [
                 (
                     "kept destroyed (name them with --resurrect to bring them back)",
                     &report.tombstoned,
+                ),
+                (
+                    "destroyed after the backup, imported as destroyed (name them with --resurrect to bring them back)",
+                    &report.destroyed_after_backup,
                 ),
                 ("resurrected", &report.resurrected),
                 ("conflicts (the store's record was kept)", &report.conflicts),

@@ -126,7 +126,9 @@ enum Command {
     },
     /// Import a backup into the store, never overwriting: missing records are added,
     /// differing ones reported, destroyed keys stay destroyed unless named with
-    /// --resurrect. A file that does not verify is refused whole (needs the running KMS).
+    /// --resurrect, including keys destroyed after the backup was made (found in the store's
+    /// audit log, or in --audit when the store lost it). A file that does not verify is
+    /// refused whole (needs the running KMS).
     Restore {
         /// TOML configuration file (the admin socket is found from it).
         #[arg(long, value_name = "FILE")]
@@ -137,6 +139,18 @@ enum Command {
         /// A destroyed key to bring back from the backup (repeatable).
         #[arg(long, value_name = "KEY_ID")]
         resurrect: Vec<String>,
+        /// The audit log exported since the backup (JSON lines, as `audit list` prints
+        /// them), for a store whose own log does not continue the backup's.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "accept_unchecked_destroys"
+        )]
+        audit: Option<PathBuf>,
+        /// Restore without knowing which keys were destroyed after the backup: they come
+        /// back. Only when no audit log since the backup survives.
+        #[arg(long)]
+        accept_unchecked_destroys: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -362,6 +376,8 @@ fn main() -> ExitCode {
         Command::Restore {
             input,
             resurrect,
+            audit,
+            accept_unchecked_destroys,
             json,
             ..
         } => {
@@ -373,7 +389,12 @@ fn main() -> ExitCode {
                 Ok(k) => k,
                 Err(e) => return fail(2, &format!("--resurrect: {e}")),
             };
-            admin(cli::restore(&cfg, &input, &keys, output(json)))
+            let check = match (audit, accept_unchecked_destroys) {
+                (Some(f), _) => cli::RestoreCheck::Export(f),
+                (None, true) => cli::RestoreCheck::Unchecked,
+                (None, false) => cli::RestoreCheck::Store,
+            };
+            admin(cli::restore(&cfg, &input, &keys, check, output(json)))
         }
     }
 }

@@ -201,6 +201,10 @@ pub struct KeyService<B, S> {
     /// The last HSM readiness round trip and when it ended.
     ready: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
     audit: crate::audit::AuditLog,
+    /// Held shared by a destroy from its audit entry until its record is marked, and
+    /// exclusively by [`KeyService::quiesced_audit_head`]: at the head that returns, every
+    /// destroy of this process recorded at or before it is done in the store.
+    shred_gate: tokio::sync::RwLock<()>,
 }
 
 impl<B, S> std::fmt::Debug for KeyService<B, S> {
@@ -224,7 +228,22 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
             flights: std::sync::Mutex::new(HashMap::new()),
             ready: tokio::sync::Mutex::new(None),
             audit: crate::audit::AuditLog::default(),
+            shred_gate: tokio::sync::RwLock::new(()),
         }
+    }
+
+    /// The audit log's head at a moment when no destroy of this process is between its
+    /// audit entry and its store write: a listing of the store made after it shows every
+    /// key destroyed at or before it as destroyed (a backup's mark; destroys after it are
+    /// found in the log from there).
+    ///
+    /// # Errors
+    /// `Store` when the head cannot be read.
+    pub async fn quiesced_audit_head(
+        &self,
+    ) -> Result<Option<crate::keystore::AuditHead>, ServiceError> {
+        let _quiet = self.shred_gate.write().await;
+        Ok(self.store.audit_head().await?)
     }
 
     /// Appends `ev` to the audit log, durably; see [`crate::audit`].
@@ -624,9 +643,11 @@ impl<B: KeyBackend, S: KeyStore> KeyService<B, S> {
         // Evicted first: even when the audit fails, no cached copy outlives the request.
         self.cache.evict(key_id);
         self.backend.forget_resident(key_id);
+        let gate = self.shred_gate.read().await;
         self.audit(crate::audit::AuditEvent::new("dek.destroy").with("key_id", key_id))
             .await?;
         let outcome = self.store.mark_destroyed(key_id).await;
+        drop(gate);
         // Evict even when the store failed: a cached DEK must not outlive a destroy request.
         self.cache.evict(key_id);
         self.backend.forget_resident(key_id);

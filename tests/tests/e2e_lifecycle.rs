@@ -628,7 +628,46 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     );
     assert!(!text.contains(&hsm.pin), "no PIN in a backup");
 
-    // Lose the whole key store.
+    // Destroyed after the backup: one to stay destroyed, one the operator brings back.
+    let (later, _) = sample[2].clone();
+    let (named, _) = sample[3].clone();
+    for k in [&later, &named] {
+        let (s, b) = kms.call("POST", "/destroy_key", Some(json!({"key_id": k})));
+        assert_eq!(s, 200, "{b}");
+    }
+    // The audit log, exported off the host as the runbook has it done after each backup and
+    // regularly: twice here, the second run appending only what is new.
+    let export = tmp.path().join("audit.jsonl");
+    let export_audit = || {
+        let out = Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/export-audit.sh"))
+            .arg(&export)
+            .env(hsm.conf_var, &hsm.conf)
+            .env("KMS_CONFIG", &kms.config)
+            .env("KMS_BIN", bin("progressdb-kms"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    export_audit();
+    let (s, b) = kms.call("POST", "/destroy_key", Some(json!({"key_id": sample[5].0})));
+    assert_eq!(s, 200, "{b}");
+    export_audit();
+    let lines: Vec<Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e["seq"] == i as u64 + 1));
+
+    // Lose the whole key store (its tombstones and audit log with it).
     kms.proc.sigterm();
     let store = kms.root.join("kms").join("store");
     std::fs::remove_dir_all(&store).unwrap();
@@ -648,25 +687,100 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("backup_invalid"));
     assert_eq!(status(&hsm, &kms)["active_deks"], 0);
 
+    // Without the audit log since the backup, which keys were destroyed after it cannot be
+    // known: refused, nothing restored.
+    let backup_arg = file.to_str().unwrap();
+    let out = admin(&hsm, &kms, &["restore", "--in", backup_arg]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("destroys_unknown") && err.contains("--audit"),
+        "{err}"
+    );
+    assert_eq!(status(&hsm, &kms)["active_deks"], 0);
+    // An export with the later destroy removed does not verify as the chain's continuation.
+    let doctored: String = String::from_utf8_lossy(&std::fs::read(&export).unwrap())
+        .lines()
+        .filter(|l| !l.contains(&later))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let doctored_file = tmp.path().join("doctored.jsonl");
+    std::fs::write(&doctored_file, doctored).unwrap();
+    let out = admin(
+        &hsm,
+        &kms,
+        &[
+            "restore",
+            "--in",
+            backup_arg,
+            "--audit",
+            doctored_file.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("destroys_unknown"), "{err}");
+    assert_eq!(status(&hsm, &kms)["active_deks"], 0);
+
     let report = admin_json(
         &hsm,
         &kms,
-        &["restore", "--in", file.to_str().unwrap(), "--json"],
+        &[
+            "restore",
+            "--in",
+            backup_arg,
+            "--audit",
+            export.to_str().unwrap(),
+            "--resurrect",
+            &named,
+            "--json",
+        ],
     );
-    assert_eq!(report["imported"], 399, "{report}");
-    assert_eq!(report["tombstones_imported"], 1);
-    for (k, ct) in &sample[1..] {
+    assert_eq!(report["imported"], 396, "{report}");
+    assert_eq!(report["tombstones_imported"], 3, "{report}");
+    let mut after_backup = vec![later.clone(), sample[5].0.clone()];
+    after_backup.sort();
+    assert_eq!(
+        report["destroyed_after_backup"],
+        json!(after_backup),
+        "{report}"
+    );
+    assert_eq!(report["resurrected"], json!([named]), "{report}");
+    assert_eq!(report["destroys_checked_by"], "export", "{report}");
+    for (k, ct) in sample[1..]
+        .iter()
+        .filter(|(k, _)| *k != later && *k != sample[5].0)
+    {
         decrypts(&kms.socket(), k, ct).unwrap();
     }
-    assert!(
-        decrypts(&kms.socket(), &sample[0].0, &sample[0].1).is_err(),
-        "a destroyed key stays destroyed"
-    );
+    for (k, ct) in [&sample[0], &sample[2], &sample[5]] {
+        assert!(
+            decrypts(&kms.socket(), k, ct).is_err(),
+            "a key destroyed before or after the backup stays destroyed"
+        );
+    }
     let v = admin_json(&hsm, &kms, &["verify", "--json"]);
-    assert_eq!(v["progress"]["verified"], 399, "{v}");
+    assert_eq!(v["progress"]["verified"], 397, "{v}");
     // The restored store's audit log starts afresh and verifies.
     let a = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
     assert_eq!(a["ok"], true, "{a}");
+    // This store's log is a new one, not the backup's: restoring the backup again still
+    // needs the export (or the operator's explicit acceptance).
+    let out = admin(&hsm, &kms, &["restore", "--in", backup_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let again = admin_json(
+        &hsm,
+        &kms,
+        &[
+            "restore",
+            "--in",
+            backup_arg,
+            "--accept-unchecked-destroys",
+            "--json",
+        ],
+    );
+    assert_eq!(again["destroys_checked_by"], "unchecked", "{again}");
+    assert_eq!(again["imported"], 0, "the tombstones here hold: {again}");
 }
 
 #[test]

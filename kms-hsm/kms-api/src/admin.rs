@@ -412,6 +412,28 @@ pub struct RestoreReport {
     pub conflicts: Vec<KeyId>,
     /// Keys under a KEK version destroyed in the HSM: not importable (they cannot unwrap).
     pub kek_unavailable: Vec<KeyId>,
+    /// Keys active in the backup but destroyed after it was made (per the audit log): kept
+    /// destroyed, and imported as tombstones, unless named with `--resurrect`.
+    #[serde(default)]
+    pub destroyed_after_backup: Vec<KeyId>,
+    /// How destroys made after the backup were found: `store` (the store's own audit log
+    /// continues the backup's), `export` (an audit export given with the restore), or
+    /// `unchecked` (neither; the operator accepted that keys destroyed since the backup come
+    /// back).
+    #[serde(default)]
+    pub destroys_checked_by: String,
+    /// The last audit entry checked for destroys (0 when unchecked).
+    #[serde(default)]
+    pub destroys_checked_through: u64,
+}
+
+/// A point in the audit log: the entry `seq` and its chain MAC (hex). A backup carries the
+/// head it was made at, under its HMAC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditMark {
+    pub seq: u64,
+    pub mac: String,
 }
 
 #[cfg(test)]

@@ -286,6 +286,10 @@ pub enum ErrorCode {
     /// Admin: the backup file is not a backup of this format, or its HMAC does not verify
     /// (tampered, truncated, or made under another audit key); nothing was restored.
     BackupInvalid,
+    /// Admin: a restore cannot establish which keys were destroyed after the backup (the
+    /// store's audit log does not continue the backup's and no verifying audit export was
+    /// given); nothing was restored.
+    DestroysUnknown,
     /// Anything else inside the KMS; detail is in the KMS log only.
     Internal,
     /// A code this build does not know (sent by a newer KMS). Treated like `internal`.
@@ -302,7 +306,10 @@ impl ErrorCode {
             }
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::UnknownKey | ErrorCode::UnknownJob => 404,
-            ErrorCode::KekNotRetired | ErrorCode::KekInUse | ErrorCode::IdempotencyConflict => 409,
+            ErrorCode::KekNotRetired
+            | ErrorCode::KekInUse
+            | ErrorCode::IdempotencyConflict
+            | ErrorCode::DestroysUnknown => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
@@ -334,6 +341,7 @@ impl ErrorCode {
             ErrorCode::KekInUse => "kek_in_use",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::BackupInvalid => "backup_invalid",
+            ErrorCode::DestroysUnknown => "destroys_unknown",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

@@ -67,6 +67,7 @@ impl crate::backup::BackupError {
     pub fn code(&self) -> ErrorCode {
         match self {
             crate::backup::BackupError::Invalid(_) => ErrorCode::BackupInvalid,
+            crate::backup::BackupError::DestroysUnknown(_) => ErrorCode::DestroysUnknown,
             crate::backup::BackupError::Service(e) => e.code(),
         }
     }
@@ -90,6 +91,16 @@ impl LifecycleError {
 }
 
 type AdminState<B, S> = State<Arc<Api<B, S>>>;
+
+/// `POST /admin/restore` with an audit export: the backup file as it is, and the audit
+/// entries exported since it was made.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBundle<'a> {
+    #[serde(borrow)]
+    backup: &'a serde_json::value::RawValue,
+    audit: Vec<kms_api::admin::AuditEntry>,
+}
 
 /// `r` as a JSON answer with `status`, or its error's.
 fn reply<T: serde::Serialize>(
@@ -321,14 +332,20 @@ async fn restore<B: KeyBackend, S: KeyStore>(
 ) -> Response {
     const ROUTE: &str = "/admin/restore";
     let mut resurrect = std::collections::BTreeSet::new();
+    let mut unchecked = false;
     for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
-        match (k.as_ref(), kms_api::KeyId::parse(&v)) {
-            ("resurrect", Ok(id)) => {
-                resurrect.insert(id);
+        match (k.as_ref(), v.as_ref()) {
+            ("resurrect", id) if kms_api::KeyId::parse(id).is_ok() => {
+                if let Ok(id) = kms_api::KeyId::parse(id) {
+                    resurrect.insert(id);
+                }
             }
+            ("destroys", "unchecked") => unchecked = true,
             _ => {
                 return error_response(
-                    &HttpError::InvalidArgument("query: only resurrect=<key id>, repeated".into()),
+                    &HttpError::InvalidArgument(
+                        "query: only resurrect=<key id> (repeated) and destroys=unchecked".into(),
+                    ),
                     ROUTE,
                 )
             }
@@ -353,7 +370,25 @@ async fn restore<B: KeyBackend, S: KeyStore>(
         Ok(g) => g,
         Err(e) => return error_response(&HttpError::Lifecycle(e), ROUTE),
     };
-    match crate::backup::restore(api.service(), &body, &resurrect).await {
+    // The body is a backup file, or `{"backup": <file>, "audit": [<entries>]}` with the audit
+    // log exported since the backup.
+    let (file, check) = match serde_json::from_slice::<RestoreBundle<'_>>(&body) {
+        Ok(bundle) if !unchecked => (
+            bundle.backup.get().as_bytes(),
+            crate::backup::DestroyCheck::StoreOrExport(bundle.audit),
+        ),
+        Ok(_) => {
+            return error_response(
+                &HttpError::InvalidArgument(
+                    "destroys=unchecked with an audit export: give one or the other".into(),
+                ),
+                ROUTE,
+            )
+        }
+        Err(_) if unchecked => (body.as_ref(), crate::backup::DestroyCheck::Unchecked),
+        Err(_) => (body.as_ref(), crate::backup::DestroyCheck::Store),
+    };
+    match crate::backup::restore(api.service(), file, &resurrect, check).await {
         Ok(report) => json_response(StatusCode::OK, &report),
         Err(e) => error_response(&HttpError::Backup(e), ROUTE),
     }

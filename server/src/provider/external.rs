@@ -98,7 +98,8 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         | ErrorCode::UnknownJob
         | ErrorCode::KekNotRetired
         | ErrorCode::KekInUse
-        | ErrorCode::BackupInvalid => {
+        | ErrorCode::BackupInvalid
+        | ErrorCode::DestroysUnknown => {
             ProviderError::Internal(format!("{}: {message}", code.as_str()))
         }
     }
