@@ -204,6 +204,7 @@ impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
                 max_body_bytes: cfg.limits.max_body_bytes,
                 body_read_timeout: cfg.limits.read_timeout,
                 peer_rate: cfg.limits.peer_rate,
+                peer_create_rate: cfg.limits.peer_create_rate,
             },
             cfg.lifecycle,
         ));

@@ -245,6 +245,8 @@ pub struct RawLimits {
     pub max_connections_per_peer: Option<u64>,
     pub peer_rate_per_sec: Option<u64>,
     pub peer_rate_burst: Option<u64>,
+    pub peer_create_rate_per_sec: Option<u64>,
+    pub peer_create_burst: Option<u64>,
 }
 
 /// `[log]`
@@ -577,6 +579,9 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Requests a second from one peer on the key API (off when `per_sec` is 0).
     pub peer_rate: service_kit::rate::RateLimit,
+    /// `create_dek_for_thread` calls a second from one peer: every create adds a key record
+    /// and an audit entry for good (off when `per_sec` is 0).
+    pub peer_create_rate: service_kit::rate::RateLimit,
     /// Connections from one peer (uid on the Unix socket, client certificate on TCP).
     pub max_connections_per_peer: usize,
 }
@@ -1045,8 +1050,19 @@ impl RawConfig {
             per_sec: rate("limits.peer_rate_per_sec", self.limits.peer_rate_per_sec)?,
             burst: rate("limits.peer_rate_burst", self.limits.peer_rate_burst)?,
         };
+        let peer_create_rate = service_kit::rate::RateLimit {
+            per_sec: rate(
+                "limits.peer_create_rate_per_sec",
+                Some(self.limits.peer_create_rate_per_sec.unwrap_or(1000)),
+            )?,
+            burst: rate(
+                "limits.peer_create_burst",
+                Some(self.limits.peer_create_burst.unwrap_or(20_000)),
+            )?,
+        };
         let limits = LimitsConfig {
             peer_rate,
+            peer_create_rate,
             max_body_bytes: to_usize("limits.max_body_bytes", max_body_bytes)?,
             read_timeout: Duration::from_secs(read_timeout_secs),
             write_timeout: Duration::from_secs(write_timeout_secs),

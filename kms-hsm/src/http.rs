@@ -74,6 +74,8 @@ pub struct HttpLimits {
     pub body_read_timeout: Duration,
     /// Requests a second per peer on the key API; off by default.
     pub peer_rate: service_kit::rate::RateLimit,
+    /// `create_dek_for_thread` calls a second per peer (1000, bursts of 20000, by default).
+    pub peer_create_rate: service_kit::rate::RateLimit,
 }
 
 /// Failures found at the HTTP edge, plus the service's own errors.
@@ -288,6 +290,8 @@ pub struct Api<B, S> {
     limits: HttpLimits,
     /// Per peer (its transport identity, e.g. `uid:1000`), on the key API only.
     rate: service_kit::rate::RateLimiter<std::sync::Arc<str>>,
+    /// Creates per peer: each leaves a key record and an audit entry for good.
+    create_rate: service_kit::rate::RateLimiter<std::sync::Arc<str>>,
 }
 
 impl<B, S> std::fmt::Debug for Api<B, S> {
@@ -312,6 +316,7 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
             metrics,
             limits,
             rate: service_kit::rate::RateLimiter::new(limits.peer_rate),
+            create_rate: service_kit::rate::RateLimiter::new(limits.peer_create_rate),
         }
     }
 
@@ -488,17 +493,27 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     // The key API's rate per peer (admin peers, probes and metrics are not limited).
+    let over = |limiter: &service_kit::rate::RateLimiter<std::sync::Arc<str>>| match req
+        .extensions()
+        .get::<Peer>()
+    {
+        Some(p) if p.0.starts_with("admin:") => None,
+        Some(p) => limiter.check(&p.0).err(),
+        // A request the transport did not tag is limited too, in one shared bucket.
+        None => limiter.check(&std::sync::Arc::from("unknown")).err(),
+    };
     let over_rate =
         if api.limits.peer_rate.is_on() && !matches!(label, "/healthz" | "/readyz" | "/metrics") {
-            match req.extensions().get::<Peer>() {
-                Some(p) if p.0.starts_with("admin:") => None,
-                Some(p) => api.rate.check(&p.0).err(),
-                // A request the transport did not tag is limited too, in one shared bucket.
-                None => api.rate.check(&std::sync::Arc::from("unknown")).err(),
-            }
+            over(&api.rate)
         } else {
             None
         };
+    // Creates have a budget of their own: a peer cannot fill the key store for everyone.
+    let over_rate = over_rate.or_else(|| {
+        (api.limits.peer_create_rate.is_on() && label == Route::CreateDek.label())
+            .then(|| over(&api.create_rate))
+            .flatten()
+    });
     let mut resp = match (over_rate, declared) {
         (Some(wait), _) => {
             tracing::debug!(route = label, "peer over its request rate");
@@ -851,6 +866,13 @@ mod tests {
     }
 
     fn fixture_with_rate(peer_rate: service_kit::rate::RateLimit) -> Fixture {
+        fixture_with_rates(peer_rate, service_kit::rate::RateLimit::OFF)
+    }
+
+    fn fixture_with_rates(
+        peer_rate: service_kit::rate::RateLimit,
+        peer_create_rate: service_kit::rate::RateLimit,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(MockBackend::new());
         let gate = service_kit::conn::ConnectionGate::new(service_kit::conn::ConnectionLimits {
@@ -868,6 +890,7 @@ mod tests {
                 max_body_bytes: 64 * 1024,
                 body_read_timeout: Duration::from_secs(5),
                 peer_rate,
+                peer_create_rate,
             },
             crate::lifecycle::LifecycleOptions::default(),
         );
@@ -924,6 +947,51 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(call(&f, Method::GET, "/healthz", b"").await.0, 200);
         }
+    }
+
+    /// Creates have a per-peer budget of their own, on by default: past it a create is 429
+    /// while every other call of the same peer is served (the key store cannot be filled by
+    /// one peer at the rate it can send).
+    #[tokio::test]
+    async fn creates_have_a_budget_of_their_own() {
+        let f = fixture_with_rates(
+            service_kit::rate::RateLimit::OFF,
+            service_kit::rate::RateLimit {
+                per_sec: 1,
+                burst: 3,
+            },
+        );
+        let mut made = Vec::new();
+        for i in 0..3 {
+            let (s, k) = post(
+                &f,
+                "/create_dek_for_thread",
+                json!({"thread_id": format!("t{i}")}),
+            )
+            .await;
+            assert_eq!(s, 200, "{k}");
+            made.push(k["key_id"].as_str().unwrap().to_owned());
+        }
+        let (s, v) = post(&f, "/create_dek_for_thread", json!({"thread_id": "t9"})).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (429, Some("rate_limited")),
+            "{v}"
+        );
+        for _ in 0..10 {
+            let (s, _) = post(
+                &f,
+                "/encrypt",
+                json!({"key_id": made[0], "plaintext": b64(b"x"), "aad": b64(b"a")}),
+            )
+            .await;
+            assert_eq!(s, 200);
+        }
+        assert_eq!(
+            post(&f, "/destroy_key", json!({"key_id": made[1]})).await.0,
+            200
+        );
+        assert_eq!(f.api.service().store().key_count().await.unwrap(), 3);
     }
 
     #[tokio::test]

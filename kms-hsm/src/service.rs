@@ -904,6 +904,41 @@ mod tests {
         ThreadId::parse(s).unwrap()
     }
 
+    /// A key store filled by creates keeps room for destroys: creates answer `Full` while
+    /// the map's last part is still free, and then every key can still be destroyed (each
+    /// with its audit entry), one at a time, and the audit log verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_store_still_destroys_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LmdbStore::open(dir.path(), 2, StoreMetrics::unregistered()).unwrap();
+        let cache = DekCache::new(Duration::from_secs(60), 10, CacheMetrics::default());
+        let backend = Arc::new(MockBackend::new());
+        let svc = KeyService::new(Arc::clone(&backend), store, cache);
+        let mut made = Vec::new();
+        let full = loop {
+            match svc
+                .create_dek_for_thread(tid(&format!("t{}", made.len())), None)
+                .await
+            {
+                Ok(k) => made.push(k.key_id),
+                Err(e) => break e,
+            }
+            assert!(made.len() < 100_000, "a 2 MiB map must fill");
+        };
+        assert!(
+            matches!(&full, ServiceError::Store(StoreError::Full { limit }) if limit.contains("kept for destroying every key")),
+            "{full:?}"
+        );
+        assert!(made.len() > 500, "{}", made.len());
+        eprintln!("a 2 MiB key store took {} creates", made.len());
+        for k in &made {
+            svc.destroy_key(k).await.unwrap();
+        }
+        let v = crate::audit::verify(&*backend, svc.store()).await.unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.verified as usize, 2 * made.len());
+    }
+
     #[tokio::test]
     async fn create_encrypt_decrypt() {
         for entries in [0, 100] {

@@ -135,3 +135,74 @@ fn a_kms_with_a_smaller_body_limit_than_the_servers_batches_still_serves_large_p
         "the 413 was answered by splitting the batch"
     );
 }
+
+/// Peak resident memory (VmHWM) of process `pid`, in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kb * 1024
+}
+
+/// Issue 18's memory attack from one signed user, through the real server and KMS: 200
+/// threads with the largest metadata accepted, in the shape that parses biggest (a flat
+/// array of zeros), then 8 parallel listings of `limit=500`, five rounds. Before the caps this
+/// took a release server to 8.9 GiB. Now metadata over `limits.max_metadata_bytes` is refused
+/// and the server's peak RSS stays under 384 MiB (printed; 167 MiB in a debug build here); another user is served meanwhile.
+#[test]
+fn one_users_metadata_flood_and_parallel_listings_keep_the_servers_memory_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hsm, _kms, server) = progressdb_e2e::system(tmp.path());
+    let mallory = server.as_role(Role::Frontend, "mallory");
+    let before = peak_rss(server.proc.pid());
+    // 4096 bytes of JSON: "[0,0,...,0]" with 2047 zeros.
+    let widest = format!("[{}0]", "0,".repeat(2046));
+    assert_eq!(widest.len(), 4095);
+    let meta: serde_json::Value = serde_json::from_str(&widest).unwrap();
+    let too_big: serde_json::Value =
+        serde_json::from_str(&format!("[{}0]", "0,".repeat(2100))).unwrap();
+    let (s, v) = mallory.call(
+        "POST",
+        "/v1/threads",
+        Some(json!({"title": "t", "metadata": too_big})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("invalid_argument"))
+    );
+    for _ in 0..200 {
+        let (s, v) = mallory.call(
+            "POST",
+            "/v1/threads",
+            Some(json!({"title": "t", "metadata": meta})),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    for _ in 0..5 {
+        let listings: Vec<_> = (0..8)
+            .map(|_| {
+                let api = server.as_role(Role::Frontend, "mallory");
+                std::thread::spawn(move || {
+                    let (s, v) = api.call("GET", "/v1/threads?limit=500", None);
+                    assert_eq!(s, 200);
+                    v["threads"].as_array().unwrap().len()
+                })
+            })
+            .collect();
+        let alice = server.as_role(Role::Frontend, "alice");
+        assert_eq!(alice.call("GET", "/v1/threads", None).0, 200);
+        for l in listings {
+            assert_eq!(l.join().unwrap(), 200);
+        }
+    }
+    let peak = peak_rss(server.proc.pid());
+    eprintln!(
+        "server peak RSS: {} MiB before the attack, {} MiB after",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(peak < 384 << 20, "peak RSS {} MiB", peak >> 20);
+}

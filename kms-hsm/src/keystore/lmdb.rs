@@ -78,6 +78,7 @@ struct Pending {
     lifecycle: Database<Str, Bytes>,
     audit: Database<Bytes, Bytes>,
     map_size_mb: u64,
+
     result: Option<Result<OpOutput, StoreError>>,
     reply: oneshot::Sender<Result<OpOutput, StoreError>>,
 }
@@ -289,6 +290,28 @@ impl LmdbStore {
         op: Op,
     ) -> Result<oneshot::Receiver<Result<OpOutput, StoreError>>, StoreError> {
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        // New keys stop short of the end of the map: its last part is kept for destroys and
+        // their audit entries, so a full store still shreds. (Checked here, on the caller's
+        // thread with no transaction open; a batch in flight can pass it together, which the
+        // reserve absorbs.)
+        if let Op::AppendAudit { records, .. } = &op {
+            if !records.is_empty() {
+                let room = Room {
+                    env: self.env.clone(),
+                    keys: self.keys,
+                };
+                let reserve = room.reserve()?;
+                if !room.for_new_keys(reserve) {
+                    return Err(StoreError::Full {
+                        limit: format!(
+                            "store.map_size_mb = {} ({} KiB of it are kept for destroying every key)",
+                            self.map_size_mb,
+                            reserve >> 10
+                        ),
+                    });
+                }
+            }
+        }
         let (reply, rx) = oneshot::channel();
         let pending = Box::new(Pending {
             op,
@@ -703,6 +726,46 @@ impl Write for Pending {
         // The caller may have gone away (request cancelled); its write is durable anyway,
         // which is the safe direction.
         let _ = self.reply.send(answer);
+    }
+}
+
+/// The map's room for writes that add key records (see [`Room::for_new_keys`]).
+struct Room {
+    env: Env,
+    keys: Database<Str, Bytes>,
+}
+
+/// Bytes of map one destroy may take: its audit entry (about 350 bytes of JSON) and the
+/// B-tree's slack around it. Kept free for every key record, so every key can be destroyed.
+const DESTROY_ROOM: usize = 1024;
+/// Kept free beyond that, for the pages a commit copies on write.
+const BASE_ROOM: usize = 256 << 10;
+
+impl Room {
+    /// What must stay free: [`DESTROY_ROOM`] per key record, plus [`BASE_ROOM`].
+    fn reserve(&self) -> Result<usize, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        let records = usize::try_from(self.keys.len(&rtxn).map_err(io_err)?).unwrap_or(usize::MAX);
+        Ok(records
+            .saturating_add(1)
+            .saturating_mul(DESTROY_ROOM)
+            .saturating_add(BASE_ROOM))
+    }
+
+    /// Whether a create leaves room to destroy every key afterwards. The file's high-water
+    /// mark is checked first (cheap); only near the end are the pages really in use counted
+    /// (freed pages are reused).
+    fn for_new_keys(&self, reserve: usize) -> bool {
+        let info = self.env.info();
+        let page = self.env.stat().page_size as usize;
+        let limit = info.map_size.saturating_sub(reserve);
+        if (info.last_page_number + 1).saturating_mul(page) <= limit {
+            return true;
+        }
+        // Unreadable: refuse the create rather than risk the destroys' room.
+        self.env
+            .non_free_pages_size()
+            .is_ok_and(|used| usize::try_from(used).unwrap_or(usize::MAX) <= limit)
     }
 }
 

@@ -220,6 +220,9 @@ pub async fn spawn_kms(bins: &Path, p: KmsPrepared, env: &[(&str, &str)]) -> Res
     let mut cmd = Command::new(bins.join("progressdb-kms"));
     cmd.env(hsm.conf_var, &hsm.conf)
         .env("RUST_LOG", child_log())
+        // The benchmarks measure how fast keys can be made: the per-peer create budget
+        // (limits.peer_create_rate_per_sec) would measure itself instead.
+        .env("PROGRESSDB_KMS__LIMITS__PEER_CREATE_RATE_PER_SEC", "0")
         .envs(env.iter().copied())
         .arg("serve")
         .arg("--config")
