@@ -138,6 +138,7 @@ mod tests {
             rotation: None,
             sealed: 0,
             key_since: None,
+            sealed_meta: None,
         })
     }
 

@@ -48,7 +48,7 @@ use crate::service::MessageService;
 use crate::store::aad::{message_aad, MessageBinding};
 use crate::store::{
     Content, FinishRotation, JobKind, JobProgress, JobRecord, JobState, MessageRecord,
-    MigrateBatch, Migrated, PutJob, RecordFormat, ReviveJob, RotationStart, SealedBy,
+    MigrateBatch, Migrated, PatchThread, PutJob, RecordFormat, ReviveJob, RotationStart, SealedBy,
     StartRotation, StoreError, ThreadRecord,
 };
 
@@ -385,6 +385,7 @@ async fn step(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step
         JobState::Migrating => migrate_batch(svc, &thread, job).await,
         JobState::Verifying => verify(svc, &thread, job).await,
         JobState::DestroyingOld => {
+            reseal_meta(svc, &thread).await?;
             if let (Some(old), Some(p)) = (&rot.retiring, &svc.provider) {
                 match p.destroy_key(old).await {
                     // A key destroyed by an earlier run is answered as destroyed again.
@@ -406,6 +407,50 @@ async fn step(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step
         }
         JobState::Succeeded | JobState::Failed => Ok(()),
     }
+}
+
+/// Before the retiring key goes: the thread's title and metadata sealed under its current
+/// key (they were sealed under the retiring one, or, for a thread that had none, stored
+/// plain). A concurrent patch that sealed them first (under the current key) wins.
+async fn reseal_meta(svc: &Arc<MessageService>, thread: &ThreadRecord) -> Result<(), Step> {
+    let Some(key) = &thread.kms else {
+        return Ok(());
+    };
+    if thread
+        .sealed_meta
+        .as_ref()
+        .is_some_and(|s| s.key_id == key.key_id)
+    {
+        return Ok(());
+    }
+    let Some(p) = &svc.provider else {
+        return Err(Step::Pause("no key provider is configured".into()));
+    };
+    let opened = crate::meta::open(Some(p.as_ref()), thread.clone())
+        .await
+        .map_err(|e| match e {
+            ProviderError::Unavailable(m) => Step::Pause(m),
+            other => Step::Fail(format!(
+                "the thread's sealed metadata does not open ({other}); the old key is kept"
+            )),
+        })?;
+    let sealed = crate::meta::seal(p.as_ref(), key, &opened)
+        .await
+        .map_err(provider_step)?;
+    let op = PatchThread {
+        id: thread.id.clone(),
+        title: None,
+        metadata: None,
+        sealed: Some((thread.sealed_meta.clone(), sealed)),
+        // Not an edit: `updated_at` stays.
+        now: thread.updated_at,
+    };
+    match svc.store.write(op).await {
+        Ok(_) | Err(StoreError::Conflict(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    svc.cache.invalidate(&thread.id);
+    Ok(())
 }
 
 async fn finish(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step> {

@@ -26,6 +26,7 @@ pub mod error;
 pub mod http;
 pub mod ids;
 pub mod jobs;
+pub mod meta;
 pub mod metrics;
 pub mod provider;
 pub mod service;

@@ -105,6 +105,24 @@ pub struct MessageService {
     pub signature_generations: crate::auth::SignatureGenerations,
 }
 
+/// The answer for thread `id`'s metadata that cannot be opened or sealed.
+fn meta_error(id: &ThreadId, e: ProviderError) -> ApiError {
+    match e {
+        ProviderError::Unavailable(m) => {
+            tracing::warn!(thread = %id, error = %m, "cannot open or seal a thread's metadata now");
+            ApiError::KmsUnavailable
+        }
+        ProviderError::DecryptionFailed | ProviderError::UnknownKey => {
+            tracing::error!(thread = %id, "a thread's sealed metadata does not open (moved, edited or under a key it does not have)");
+            ApiError::MessageUnreadable
+        }
+        ProviderError::Rejected(m) | ProviderError::Internal(m) => {
+            tracing::error!(thread = %id, error = %m, "a thread's metadata failed at the key provider");
+            ApiError::Internal
+        }
+    }
+}
+
 fn require_user(p: &Principal, what: &str) -> Result<UserId, ApiError> {
     p.user
         .clone()
@@ -172,7 +190,16 @@ impl MessageService {
             Some(r) => r,
             None => {
                 let seen = self.cache.generation();
-                let r = Arc::new(self.store.get_thread(id).await?.ok_or(ApiError::NotFound)?);
+                let stored = self.store.get_thread(id).await?.ok_or(ApiError::NotFound)?;
+                // Another user's thread is not opened (nor its existence told).
+                if !p.may_access(&stored.author) {
+                    return Err(ApiError::NotFound);
+                }
+                let r = Arc::new(
+                    crate::meta::open(self.provider.as_deref(), stored)
+                        .await
+                        .map_err(|e| meta_error(id, e))?,
+                );
                 self.cache.insert_read(seen, r.clone());
                 r
             }
@@ -181,6 +208,26 @@ impl MessageService {
             Ok(rec)
         } else {
             Err(ApiError::NotFound)
+        }
+    }
+
+    /// The thread `id` if `p` may see it, with its title and metadata opened when they can
+    /// be, as stored when they cannot (a delete must not depend on them).
+    async fn thread_for_delete(
+        &self,
+        p: &Principal,
+        id: &ThreadId,
+    ) -> Result<Arc<ThreadRecord>, ApiError> {
+        match self.thread_for(p, id).await {
+            Err(ApiError::MessageUnreadable) => {
+                let r = self.store.get_thread(id).await?.ok_or(ApiError::NotFound)?;
+                if p.may_access(&r.author) {
+                    Ok(Arc::new(r))
+                } else {
+                    Err(ApiError::NotFound)
+                }
+            }
+            other => other,
         }
     }
 
@@ -272,7 +319,7 @@ impl MessageService {
                 Some(key)
             }
         };
-        let rec = ThreadRecord {
+        let mut rec = ThreadRecord {
             id,
             title,
             author,
@@ -284,10 +331,27 @@ impl MessageService {
             rotation: None,
             sealed: 0,
             key_since: None,
+            sealed_meta: None,
+        };
+        // The title and metadata are stored sealed under the new DEK.
+        let stored = match &rec.kms {
+            None => rec.clone(),
+            Some(key) => {
+                let sealed = match crate::meta::seal(self.provider()?.as_ref(), key, &rec).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(thread = %rec.id, error = %e, "cannot seal the thread's metadata");
+                        self.discard_key(key.clone());
+                        return Err(ApiError::KmsUnavailable);
+                    }
+                };
+                rec.sealed_meta = Some(sealed.clone());
+                crate::meta::stored(rec.clone(), sealed)
+            }
         };
         if let Err(e) = self
             .store
-            .write(CreateThread::new(rec.clone(), self.limits.threads_per_user))
+            .write(CreateThread::new(stored, self.limits.threads_per_user))
             .await
         {
             if let Some(k) = rec.kms {
@@ -318,7 +382,32 @@ impl MessageService {
             Some(u) => ThreadFilter::Author(u.clone()),
             None => ThreadFilter::All,
         };
-        Ok(self.store.list_threads(filter, after, limit).await?)
+        let page = self.store.list_threads(filter, after, limit).await?;
+        let opened = crate::meta::open_all(self.provider.as_deref(), page.items)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot open the listed threads' metadata");
+                ApiError::KmsUnavailable
+            })?;
+        let mut items = Vec::with_capacity(opened.len());
+        for r in opened {
+            match r {
+                Ok(t) => items.push(t),
+                Err(ProviderError::Unavailable(m)) => {
+                    tracing::warn!(error = %m, "cannot open a listed thread's metadata");
+                    return Err(ApiError::KmsUnavailable);
+                }
+                // Fail closed: a thread whose sealed metadata does not open is left out, and
+                // said so in the log (like an unreadable record).
+                Err(e) => {
+                    tracing::error!(error = %e, "a listed thread's metadata does not open; it is left out");
+                }
+            }
+        }
+        Ok(Page {
+            items,
+            more: page.more,
+        })
     }
 
     /// A patch that changes nothing (no title, no metadata) answers the thread as it is and
@@ -343,17 +432,66 @@ impl MessageService {
         if let Some(Some(m)) = &metadata {
             self.check_metadata(m)?;
         }
-        let op = PatchThread {
-            id: id.clone(),
-            title,
-            metadata: metadata.map(|m| m.filter(|v| !v.is_null())),
-            now: Timestamp::now(),
+        let metadata = metadata.map(|m| m.filter(|v| !v.is_null()));
+        let Some(key) = current.kms.clone() else {
+            let op = PatchThread {
+                id: id.clone(),
+                title,
+                metadata,
+                sealed: None,
+                now: Timestamp::now(),
+            };
+            // Invalidate, never insert: two writers may finish in the other order than they
+            // committed, and only the store knows which record is the newer one.
+            let r = self.store.write(op).await;
+            self.cache.invalidate(id);
+            return Ok(Arc::new(r?));
         };
-        // Invalidate, never insert: two writers may finish in the other order than they
-        // committed, and only the store knows which record is the newer one.
-        let r = self.store.write(op).await;
-        self.cache.invalidate(id);
-        Ok(Arc::new(r?))
+        // Sealed: the new title and metadata are sealed here, and written only over the
+        // sealed part they were made from (a concurrent patch makes this one read again).
+        let mut base = current;
+        for _ in 0..8 {
+            let mut next = (*base).clone();
+            if let Some(t) = &title {
+                next.title.clone_from(t);
+            }
+            if let Some(m) = &metadata {
+                next.metadata.clone_from(m);
+            }
+            let sealed = crate::meta::seal(self.provider()?.as_ref(), &key, &next)
+                .await
+                .map_err(|e| meta_error(id, e))?;
+            let op = PatchThread {
+                id: id.clone(),
+                title: None,
+                metadata: None,
+                sealed: Some((base.sealed_meta.clone(), sealed.clone())),
+                now: Timestamp::now(),
+            };
+            let r = self.store.write(op).await;
+            self.cache.invalidate(id);
+            match r {
+                Ok(stored) => {
+                    next.updated_at = stored.updated_at;
+                    next.sealed_meta = Some(sealed);
+                    return Ok(Arc::new(next));
+                }
+                Err(StoreError::Conflict(_)) => {
+                    let fresh = self.store.get_thread(id).await?.ok_or(ApiError::NotFound)?;
+                    if fresh.kms.as_ref().map(|k| &k.key_id) != Some(&key.key_id) {
+                        // A rotation moved the thread to another key meanwhile.
+                        return Err(ApiError::Unavailable);
+                    }
+                    base = Arc::new(
+                        crate::meta::open(self.provider.as_deref(), fresh)
+                            .await
+                            .map_err(|e| meta_error(id, e))?,
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Unavailable)
     }
 
     /// Crypto-shreds the thread's DEK, then deletes the thread and its messages.
@@ -367,7 +505,7 @@ impl MessageService {
         p: &Principal,
         id: &ThreadId,
     ) -> Result<ThreadRecord, ApiError> {
-        let rec = self.thread_for(p, id).await?;
+        let rec = self.thread_for_delete(p, id).await?;
         // A rotation's retiring key goes too. A destroyed key is a tombstone the KMS answers
         // as destroyed again; "unknown" means the record names a key the KMS never made (a
         // forged or edited `rotation.retiring`, or a wrong KMS), while the real DEK may live
@@ -383,7 +521,12 @@ impl MessageService {
         }
         let r = self.store.write(DeleteThread { id: id.clone() }).await;
         self.cache.invalidate(id);
-        let deleted = r?;
+        let mut deleted = r?;
+        if deleted.sealed_meta.is_some() && deleted.sealed_meta == rec.sealed_meta {
+            // Answered with the title and metadata as they were opened before the shred.
+            deleted.title.clone_from(&rec.title);
+            deleted.metadata.clone_from(&rec.metadata);
+        }
         // A rotation that started after our read gave the thread a key we did not destroy:
         // shred whatever the deleted record named too.
         let shredded: Vec<&kms_api::KeyId> = rec

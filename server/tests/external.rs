@@ -54,7 +54,11 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
         enc_calls < n,
         "{n} concurrent posts took {enc_calls} KMS calls"
     );
-    assert_eq!(state.batch_sizes.lock().unwrap().iter().sum::<usize>(), n);
+    // The posts, and the thread's title and metadata sealed when it was created.
+    assert_eq!(
+        state.batch_sizes.lock().unwrap().iter().sum::<usize>(),
+        n + 1
+    );
 
     let before = state.calls("/decrypt_batch");
     let r = c
@@ -123,7 +127,11 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
         "{:?}",
         r.json()
     );
-    assert_eq!(c.get(&u, &format!("/v1/threads/{t2}")).await.status, 200);
+    // The thread is kept; its sealed title names the real key, which the forged record no
+    // longer has, so it is not shown either.
+    assert!(s.app.store.get_thread(&tid).await.unwrap().is_some());
+    let r = c.get(&u, &format!("/v1/threads/{t2}")).await;
+    assert_eq!((r.status, r.code().as_str()), (500, "message_unreadable"));
     s.stop().await;
     kms.stop().await;
 }
@@ -173,9 +181,17 @@ async fn kms_down_gives_503_stores_nothing_and_recovers() {
         (r.status, r.json()["kms"].clone()),
         (503, json!("unavailable"))
     );
-    // Nothing was stored: one thread, one message.
+    // Listing threads opens their sealed titles: that needs the KMS too.
     let r = c.get(&u, "/v1/threads").await;
-    assert_eq!(r.json()["threads"].as_array().unwrap().len(), 1);
+    assert_eq!((r.status, r.code().as_str()), (503, "kms_unavailable"));
+    // Nothing was stored: one thread, one message.
+    let threads = s
+        .app
+        .store
+        .list_threads(progressdb::store::ThreadFilter::All, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(threads.items.len(), 1);
     let page = s
         .app
         .store

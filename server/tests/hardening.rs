@@ -342,10 +342,14 @@ async fn racing_patches_and_deletes_never_leave_a_stale_thread_cached() {
         for p in patches {
             assert_eq!(p.await.unwrap().status, 200);
         }
-        // What the API shows is what is stored.
+        // What the API shows is what is stored (sealed: the stored title is empty).
         let tid = ThreadId::parse(&t).unwrap();
-        let stored = raw_json(&s, keys::meta(&tid)).await;
-        assert_eq!(c.get(&u, &path).await.json()["title"], stored["title"]);
+        let stored = s.app.store.get_thread(&tid).await.unwrap().unwrap();
+        assert_eq!(stored.title, "");
+        let opened = progressdb::meta::open(s.app.provider.as_deref(), stored)
+            .await
+            .unwrap();
+        assert_eq!(c.get(&u, &path).await.json()["title"], opened.title);
 
         // A PATCH racing a DELETE: once the delete answered 200, the thread is gone.
         let (p, d) = tokio::join!(
@@ -759,5 +763,148 @@ async fn one_user_cannot_use_up_the_frontend_keys_rate_or_thread_room() {
     let bob = Caller::frontend("bob");
     assert_eq!(c.get(&bob, "/v1/threads").await.status, 200);
     c.create_thread(&bob, "bob's").await;
+    s.stop().await;
+}
+
+/// Thread titles and metadata are content: a thread with a DEK stores them sealed under it,
+/// bound to the thread. They are not in the store's bytes; a record whose author or creation
+/// time was edited (or whose sealed part was swapped with another thread's) shows neither
+/// (500 `message_unreadable`, left out of listings) but can still be deleted; a record
+/// written before sealing (plain title, with a DEK) still reads, and a DEK rotation seals it
+/// under the new key before the old one is destroyed; patches reseal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_and_metadata_are_sealed_under_the_threads_key() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let r = c
+        .post(
+            &u,
+            "/v1/threads",
+            json!({"title": "TITLE-MARKER-7", "metadata": {"note": "META-MARKER-9"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let t = r.json()["id"].as_str().unwrap().to_owned();
+    let tid = ThreadId::parse(&t).unwrap();
+    let other = c.create_thread(&u, "OTHER-TITLE").await;
+    let other_id = ThreadId::parse(&other).unwrap();
+    let stored = raw_json(&s, keys::meta(&tid)).await;
+    assert_eq!(stored["title"], "");
+    assert!(stored.get("metadata").is_none());
+    assert!(stored["sealed_meta"]["ct"].is_string());
+    let raw = String::from_utf8_lossy(
+        &s.app
+            .store
+            .raw_get(keys::meta(&tid))
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .into_owned();
+    assert!(
+        !raw.contains("TITLE-MARKER") && !raw.contains("META-MARKER"),
+        "{raw}"
+    );
+    let r = c.get(&u, &format!("/v1/threads/{t}")).await;
+    assert_eq!(r.json()["title"], "TITLE-MARKER-7");
+    assert_eq!(r.json()["metadata"]["note"], "META-MARKER-9");
+
+    // A patch reseals; the title reads back, still not in the store.
+    let r = c
+        .call(
+            &u,
+            "PATCH",
+            &format!("/v1/threads/{t}"),
+            Some(json!({"title": "RENAMED-5"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["title"].as_str()),
+        (200, Some("RENAMED-5"))
+    );
+    assert_eq!(r.json()["metadata"]["note"], "META-MARKER-9");
+    let stored = raw_json(&s, keys::meta(&tid)).await;
+    assert_eq!(stored["title"], "");
+
+    // Another thread's sealed part planted here does not open (another key, another AAD).
+    let mut forged = raw_json(&s, keys::meta(&tid)).await;
+    forged["sealed_meta"] = raw_json(&s, keys::meta(&other_id)).await["sealed_meta"].clone();
+    put_json(&s, keys::meta(&tid), &forged).await;
+    s.app.cache.invalidate(&tid);
+    let r = c.get(&u, &format!("/v1/threads/{t}")).await;
+    assert_eq!((r.status, r.code().as_str()), (500, "message_unreadable"));
+    // The creation time edited: the AAD no longer matches either.
+    let mut moved = raw_json(&s, keys::meta(&other_id)).await;
+    moved["created_at"] = json!(moved["created_at"].as_u64().unwrap_or(0) + 1);
+    put_json(&s, keys::meta(&other_id), &moved).await;
+    s.app.cache.invalidate(&other_id);
+    let r = c.get(&u, &format!("/v1/threads/{other}")).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (500, "message_unreadable"),
+        "{:?}",
+        r.json()
+    );
+    let r = c.get(&u, "/v1/threads").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["threads"].as_array().unwrap().is_empty(),
+        "left out: {:?}",
+        r.json()
+    );
+    // Neither blocks its delete (the shred).
+    for id in [&t, &other] {
+        let r = c
+            .call(&u, "DELETE", &format!("/v1/threads/{id}"), None)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+
+    // A record from before sealing: plain title and metadata, with a DEK.
+    let legacy = c.create_thread(&u, "x").await;
+    let lid = ThreadId::parse(&legacy).unwrap();
+    let mut rec = raw_json(&s, keys::meta(&lid)).await;
+    rec.as_object_mut().unwrap().remove("sealed_meta");
+    rec["title"] = json!("LEGACY-TITLE");
+    put_json(&s, keys::meta(&lid), &rec).await;
+    s.app.cache.invalidate(&lid);
+    assert_eq!(
+        c.get(&u, &format!("/v1/threads/{legacy}")).await.json()["title"],
+        "LEGACY-TITLE"
+    );
+    let old_key = rec["kms"]["key_id"].as_str().unwrap().to_owned();
+    let r = c
+        .call(
+            &Caller::admin(),
+            "POST",
+            &format!("/admin/threads/{legacy}/rotate-dek"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let job = r.json()["job_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let j = c
+            .get(&Caller::admin(), &format!("/admin/jobs/{job}"))
+            .await
+            .json();
+        if j["state"] == "succeeded" {
+            break;
+        }
+        assert!(j["state"] != "failed", "{j}");
+        assert!(std::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stored = raw_json(&s, keys::meta(&lid)).await;
+    assert_eq!(stored["title"], "");
+    assert_ne!(stored["sealed_meta"]["key_id"], json!(old_key));
+    assert_eq!(stored["sealed_meta"]["key_id"], stored["kms"]["key_id"]);
+    assert_eq!(
+        c.get(&u, &format!("/v1/threads/{legacy}")).await.json()["title"],
+        "LEGACY-TITLE"
+    );
     s.stop().await;
 }

@@ -23,6 +23,7 @@ fn thread(id: &str, author: &str) -> ThreadRecord {
         rotation: None,
         sealed: 0,
         key_since: None,
+        sealed_meta: None,
     }
 }
 

@@ -41,9 +41,13 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     let (s, _) = server.proc_ready_status();
     assert_eq!(s, 503, "/readyz must say unready while the KMS is down");
 
-    // Nothing half-written: one thread, one message.
-    let (_, v) = alice.call("GET", "/v1/threads", None);
-    assert_eq!(v["threads"].as_array().unwrap().len(), 1, "{v}");
+    // Listing threads opens their sealed titles: 503 too while the KMS is down.
+    let (s, v) = alice.call("GET", "/v1/threads", None);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("kms_unavailable")),
+        "{v}"
+    );
 
     // The server recovers by itself once the KMS is back.
     kms.restart(&hsm);
@@ -68,7 +72,10 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
         .iter()
         .map(|m| m["body"].clone())
         .collect();
+    // Nothing half-written meanwhile: one thread, and only the acknowledged messages.
     assert_eq!(bodies, vec![json!("first"), json!("after")]);
+    let (_, v) = alice.call("GET", "/v1/threads", None);
+    assert_eq!(v["threads"].as_array().unwrap().len(), 1, "{v}");
     let (s, _) = server.proc_ready_status();
     assert_eq!(s, 200);
 }

@@ -23,6 +23,20 @@ use crate::ids::{MessageId, Timestamp, UserId};
 
 /// Domain tag of the V2 AAD.
 const V2_TAG: &[u8] = b"progressdb:msg:v2";
+/// Domain tag of a thread's sealed title and metadata.
+const META_TAG: &[u8] = b"progressdb:thread-meta:v1";
+
+/// The AAD of a thread's sealed title and metadata: a domain tag, then the thread id, its
+/// author and its creation time, length-prefixed like [`message_aad`]'s V2. Moved to another
+/// thread, or re-attributed, the sealed metadata does not open.
+pub fn thread_meta_aad(thread: &ThreadId, author: &UserId, created_at: Timestamp) -> Vec<u8> {
+    let mut out = Vec::with_capacity(META_TAG.len() + 3 * 4 + 64);
+    out.extend_from_slice(META_TAG);
+    push_field(&mut out, thread.as_str().as_bytes());
+    push_field(&mut out, author.as_str().as_bytes());
+    push_field(&mut out, &created_at.as_nanos().to_be_bytes());
+    out
+}
 
 /// The facts a message's ciphertext is bound to.
 #[derive(Debug, Clone, Copy)]

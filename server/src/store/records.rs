@@ -43,6 +43,32 @@ pub struct ThreadRecord {
     /// When `kms` became the thread's key (absent: when the thread was created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_since: Option<Timestamp>,
+    /// The title and metadata, encrypted under one of the thread's DEKs: then `title` is
+    /// stored empty and `metadata` absent, and the server fills both in when it reads the
+    /// record ([`crate::meta`]). Absent for threads without a DEK, and for records written
+    /// before it existed (a rotation seals those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_meta: Option<SealedMeta>,
+}
+
+/// A thread's title and metadata as stored: AES-GCM under the DEK `key_id` (the thread's
+/// key, or during a rotation the retiring one), bound to the thread by its AAD
+/// ([`super::aad::thread_meta_aad`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedMeta {
+    pub key_id: kms_api::KeyId,
+    pub ct: Bytes64,
+}
+
+impl fmt::Debug for SealedMeta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SealedMeta({}, <{} bytes>)",
+            self.key_id,
+            self.ct.0.len()
+        )
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -316,6 +342,7 @@ mod tests {
             }),
             sealed: 0,
             key_since: None,
+            sealed_meta: None,
         };
         let by = |t: &ThreadRecord, n| t.sealed_by(id(n)).key_id().cloned();
         let (k1, k2) = (Some(key(1).key_id), Some(key(2).key_id));

@@ -234,6 +234,9 @@ pub struct PatchThread {
     pub title: Option<String>,
     /// `Some(None)` removes the metadata.
     pub metadata: Option<Option<Value>>,
+    /// A sealed thread's new title and metadata, written only over the sealed part given
+    /// first (else `Conflict`: another patch came between).
+    pub sealed: Option<(Option<records::SealedMeta>, records::SealedMeta)>,
     pub now: Timestamp,
 }
 
@@ -255,6 +258,14 @@ impl WriteOp for PatchThread {
         }
         if let Some(m) = &self.metadata {
             rec.metadata.clone_from(m);
+        }
+        if let Some((expected, new)) = &self.sealed {
+            if rec.sealed_meta != *expected {
+                return Ok(Err(StoreError::Conflict("the thread's metadata changed")));
+            }
+            rec.title.clear();
+            rec.metadata = None;
+            rec.sealed_meta = Some(new.clone());
         }
         rec.updated_at = self.now.max(rec.updated_at);
         let value = match to_json(&rec) {
