@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kms_api::WrappedDek;
-use progressdb_kms::backend::{parse_wrapped_header, AES_GCM_V1_LEN};
+use progressdb_kms::backend::{parse_wrapped_header, AES_GCM_V1_LEN, AES_KW_V2_LEN};
 use proptest::prelude::*;
 use ring::rand::SystemRandom;
 use service_kit::aead::{open, seal, DataKey};
@@ -13,14 +13,35 @@ use service_kit::aead::{open, seal, DataKey};
 proptest! {
     #[test]
     fn wrapped_headers_parse_exactly(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
-        let ok = bytes.len() == AES_GCM_V1_LEN
-            && bytes[0] == 1
+        // Both formats: tag 1 (AES-GCM, the memory residency's) and tag 2 (AES key wrap, the
+        // hsm residency's), each at its own exact length, with a version that is not 0.
+        let ok = ((bytes.len() == AES_GCM_V1_LEN && bytes[0] == 1)
+            || (bytes.len() == AES_KW_V2_LEN && bytes[0] == 2))
             && u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) != 0;
         let parsed = parse_wrapped_header(&WrappedDek::new(bytes.clone()));
         prop_assert_eq!(parsed.is_ok(), ok);
         if let Ok(h) = parsed {
             prop_assert_eq!(h.kek_version.get(), u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]));
         }
+    }
+
+    #[test]
+    fn well_formed_headers_of_both_formats_parse(
+        tag in 1u8..=2,
+        version in 1u32..,
+        rest in proptest::collection::vec(any::<u8>(), AES_KW_V2_LEN),
+    ) {
+        let len = if tag == 1 { AES_GCM_V1_LEN } else { AES_KW_V2_LEN };
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&version.to_be_bytes());
+        bytes.extend_from_slice(&rest[..len - 5]);
+        let h = parse_wrapped_header(&WrappedDek::new(bytes.clone())).unwrap();
+        prop_assert_eq!(h.kek_version.get(), version);
+        // One byte more or less is refused.
+        bytes.push(0);
+        prop_assert!(parse_wrapped_header(&WrappedDek::new(bytes.clone())).is_err());
+        bytes.truncate(len - 1);
+        prop_assert!(parse_wrapped_header(&WrappedDek::new(bytes)).is_err());
     }
 
     #[test]

@@ -335,11 +335,17 @@ async fn restore<B: KeyBackend, S: KeyStore>(
     let mut unchecked = false;
     for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
         match (k.as_ref(), v.as_ref()) {
-            ("resurrect", id) if kms_api::KeyId::parse(id).is_ok() => {
-                if let Ok(id) = kms_api::KeyId::parse(id) {
+            ("resurrect", id) => match kms_api::KeyId::parse(id) {
+                Ok(id) => {
                     resurrect.insert(id);
                 }
-            }
+                Err(_) => {
+                    return error_response(
+                        &HttpError::InvalidArgument("query: resurrect=<key id>".into()),
+                        ROUTE,
+                    )
+                }
+            },
             ("destroys", "unchecked") => unchecked = true,
             _ => {
                 return error_response(
