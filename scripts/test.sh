@@ -3,10 +3,11 @@
 #   1. installs SoftHSM2 and OpenSC through apt when they are missing,
 #   2. cargo fmt --check and clippy (-D warnings, all targets, all features),
 #   3. builds the binaries the end-to-end tests start (both server flavours) into target/e2e/,
+#      and meanwhile Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh),
 #   4. runs every test: default features (incl. the KMS against SoftHSM and the end-to-end
 #      tests), then the server's tests again with the dev-only embedded provider,
-#   5. builds Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh), and runs
-#      the KMS's token conformance suites again on it (PROGRESSDB_TEST_TOKEN=kryoptic),
+#   5. runs the KMS's token conformance suites again on Kryoptic
+#      (PROGRESSDB_TEST_TOKEN=kryoptic),
 #   6. runs the conformance suites once more on each token with the KMS in
 #      hsm.dek_residency = "hsm" (PROGRESSDB_TEST_RESIDENCY=hsm).
 # Every integration test makes its own token in a temp dir (SOFTHSM2_CONF / KRYOPTIC_CONF per
@@ -22,7 +23,7 @@ bash scripts/ensure-deps.sh
 export CARGO_TERM_COLOR=never
 export RUST_BACKTRACE=1
 # The soak test's length in CI (tests/tests/e2e_soak.rs; set it higher for a longer soak).
-export PROGRESSDB_SOAK_SECS=${PROGRESSDB_SOAK_SECS:-15}
+export PROGRESSDB_SOAK_SECS=${PROGRESSDB_SOAK_SECS:-10}
 # A one-off run gains nothing from incremental state, which is most of a debug target dir.
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 
@@ -32,8 +33,16 @@ cargo fmt --all -- --check
 log "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
-log "building binaries for the end-to-end tests"
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+# The second PKCS#11 implementation (and its release as published, which the token-defect
+# test needs in the default run below), built beside the binaries: its build runs clang and
+# a C compiler on one core for long stretches, so the two together fill both cores.
+log "building Kryoptic (the second PKCS#11 implementation), in the background"
+mkdir -p "$TARGET_DIR"
+bash scripts/build-kryoptic.sh > "$TARGET_DIR/kryoptic-build.log" 2>&1 &
+KRYOPTIC_BUILD=$!
+
+log "building binaries for the end-to-end tests"
 mkdir -p "$TARGET_DIR/e2e"
 cargo build --locked -p progressdb-kms -p progressdb --bins
 cp "$TARGET_DIR/debug/progressdb-kms" "$TARGET_DIR/e2e/progressdb-kms"
@@ -42,10 +51,13 @@ cargo build --locked -p progressdb --bins --features dev-embedded
 cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb-dev"
 export E2E_BIN_DIR="$TARGET_DIR/e2e"
 
-# The second PKCS#11 implementation (and its release as published, which the token-defect
-# test needs in the default run below).
-log "building Kryoptic (the second PKCS#11 implementation)"
-bash scripts/build-kryoptic.sh
+log "waiting for the Kryoptic build"
+if ! wait "$KRYOPTIC_BUILD"; then
+  cat "$TARGET_DIR/kryoptic-build.log"
+  echo "building Kryoptic failed" >&2
+  exit 1
+fi
+grep '^==>' "$TARGET_DIR/kryoptic-build.log"
 
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
@@ -62,13 +74,16 @@ cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | 
 # moving SoftHSM's token directory away, the rest of e2e_hsm, is SoftHSM's: Kryoptic keeps its
 # database open; the memory scan of e2e_residency is SoftHSM's: Kryoptic keeps object values
 # in the clear in the KMS's own memory, docs/kms.md. The PostgreSQL and replica suites do not
-# depend on the token.)
+# depend on the token. The 10,000-DEK rotation under live traffic is a load test of the
+# lifecycle engine, run on SoftHSM; on Kryoptic a rotation of 3,000 DEKs killed at every
+# stage covers the token's part.)
 log "cargo test: the token conformance suites on Kryoptic"
 PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast \
   -p progressdb-kms --test hsm_backend --test hsm_resident --test hsm_recovery --test kms_startup \
   --test kms_api --test kms_transport \
   -p progressdb-e2e --test e2e_flow --test e2e_lifecycle --test e2e_cli --test e2e_secrets \
-  --test e2e_tamper --test e2e_dek_rotation 2>&1 | tee -a "$RESULTS"
+  --test e2e_tamper --test e2e_dek_rotation -- --skip kek_rotation_over_10000_deks \
+  2>&1 | tee -a "$RESULTS"
 PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-e2e \
   --test e2e_residency a_deployment_switches 2>&1 | tee -a "$RESULTS"
 PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-e2e \
