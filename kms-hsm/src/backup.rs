@@ -428,6 +428,15 @@ async fn destroyed_after_backup<B: KeyBackend, S: KeyStore>(
             )))
         }
     }
+    // The backup appends its own `backup` entry after reading its head: an export that does
+    // not reach it is older than the backup (or empty), and proves nothing.
+    if !entries.iter().any(|e| e.action == "backup") {
+        return Err(BackupError::DestroysUnknown(format!(
+            "the audit export ends before this backup's own entry (after entry {}): export the \
+             log again after the backup",
+            head.seq
+        )));
+    }
     for e in &entries {
         note(e, &mut destroyed);
     }
@@ -553,6 +562,17 @@ mod tests {
         (dir, KeyService::new(Arc::clone(backend), store, cache))
     }
 
+    /// The whole audit log of `svc`'s store, as `audit list` exports it.
+    async fn export_of(svc: &KeyService<MockBackend, LmdbStore>) -> Vec<AuditEntry> {
+        svc.store()
+            .audit_range(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
     async fn seed(svc: &KeyService<MockBackend, LmdbStore>, n: usize) -> Vec<(KeyId, Vec<u8>)> {
         let mut out = Vec::new();
         for i in 0..n {
@@ -572,18 +592,12 @@ mod tests {
         let (_a, svc) = service(&backend);
         let keys = seed(&svc, 12).await;
         svc.destroy_key(&keys[0].0).await.unwrap();
+        let stale = export_of(&svc).await;
         let file = backup(&svc).await.unwrap();
         assert!(!String::from_utf8_lossy(&file).contains("secret"));
         // Destroyed after the backup.
         svc.destroy_key(&keys[1].0).await.unwrap();
-        let export: Vec<AuditEntry> = svc
-            .store()
-            .audit_range(0, 100_000)
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, b)| serde_json::from_slice(b).unwrap())
-            .collect();
+        let export = export_of(&svc).await;
 
         // A wiped store, the same HSM: its log is not the backup's, so the destroys since
         // cannot be known without the export.
@@ -592,6 +606,13 @@ mod tests {
             restore(&fresh, &file, &BTreeSet::new(), DestroyCheck::Store).await,
             Err(BackupError::DestroysUnknown(_))
         ));
+        // An export made before the backup (or an empty one) proves nothing.
+        for old in [stale, Vec::new()] {
+            assert!(matches!(
+                restore(&fresh, &file, &BTreeSet::new(), DestroyCheck::StoreOrExport(old)).await,
+                Err(BackupError::DestroysUnknown(m)) if m.contains("ends before")
+            ));
+        }
         assert_eq!(fresh.store().key_count().await.unwrap(), 0);
         let r = restore(
             &fresh,

@@ -913,18 +913,32 @@ mod tests {
         let store = LmdbStore::open(dir.path(), 2, StoreMetrics::unregistered()).unwrap();
         let cache = DekCache::new(Duration::from_secs(60), 10, CacheMetrics::default());
         let backend = Arc::new(MockBackend::new());
-        let svc = KeyService::new(Arc::clone(&backend), store, cache);
+        let svc = Arc::new(KeyService::new(Arc::clone(&backend), store, cache));
         let mut made = Vec::new();
-        let full = loop {
-            match svc
-                .create_dek_for_thread(tid(&format!("t{}", made.len())), None)
-                .await
-            {
-                Ok(k) => made.push(k.key_id),
-                Err(e) => break e,
+        // In waves of 64 concurrent creates: they share audit groups and commits, and must
+        // not pass the room check together.
+        let mut full = None;
+        for wave in 0..1000 {
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let svc = Arc::clone(&svc);
+                    tokio::spawn(async move {
+                        svc.create_dek_for_thread(tid(&format!("t{wave}-{i}")), None)
+                            .await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(k) => made.push(k.key_id),
+                    Err(e) => full = Some(e),
+                }
             }
-            assert!(made.len() < 100_000, "a 2 MiB map must fill");
-        };
+            if full.is_some() {
+                break;
+            }
+        }
+        let full = full.expect("a 2 MiB map must fill");
         assert!(
             matches!(&full, ServiceError::Store(StoreError::Full { limit }) if limit.contains("kept for destroying every key")),
             "{full:?}"

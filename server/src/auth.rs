@@ -227,12 +227,15 @@ impl SignatureGenerations {
         SignatureGeneration(map.get(user).copied().unwrap_or(0))
     }
 
-    /// Records `user`'s new generation (after the store has it).
+    /// Records `user`'s new generation (after the store has it). Generations only go up:
+    /// two revocations answered in the other order than they committed keep the higher.
     pub fn set(&self, user: &UserId, generation: SignatureGeneration) {
-        self.revoked
+        let mut map = self
+            .revoked
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(user.clone(), generation.0);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let g = map.entry(user.clone()).or_insert(0);
+        *g = (*g).max(generation.0);
     }
 }
 
@@ -847,6 +850,9 @@ mod tests {
         let plain = k.sign(&alice);
         let bobs = k.sign_until(&bob, now + 600, gens.of(&bob));
         gens.set(&alice, SignatureGeneration(1));
+        // A late answer of an earlier revocation does not lower it.
+        gens.set(&alice, SignatureGeneration(0));
+        assert_eq!(gens.of(&alice), SignatureGeneration(1));
         assert!(!k.verify_at(&alice, &before, now, gens.of(&alice)));
         assert!(
             !k.verify_at(&alice, &plain, now, gens.of(&alice)),

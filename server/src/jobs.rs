@@ -411,46 +411,60 @@ async fn step(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step
 
 /// Before the retiring key goes: the thread's title and metadata sealed under its current
 /// key (they were sealed under the retiring one, or, for a thread that had none, stored
-/// plain). A concurrent patch that sealed them first (under the current key) wins.
+/// plain). Done when the stored record says so: a concurrent patch seals under the current
+/// key too (the writer refuses any other), and a conflict reads the record again.
 async fn reseal_meta(svc: &Arc<MessageService>, thread: &ThreadRecord) -> Result<(), Step> {
-    let Some(key) = &thread.kms else {
-        return Ok(());
-    };
-    if thread
-        .sealed_meta
-        .as_ref()
-        .is_some_and(|s| s.key_id == key.key_id)
-    {
-        return Ok(());
-    }
     let Some(p) = &svc.provider else {
         return Err(Step::Pause("no key provider is configured".into()));
     };
-    let opened = crate::meta::open(Some(p.as_ref()), thread.clone())
-        .await
-        .map_err(|e| match e {
-            ProviderError::Unavailable(m) => Step::Pause(m),
-            other => Step::Fail(format!(
-                "the thread's sealed metadata does not open ({other}); the old key is kept"
-            )),
-        })?;
-    let sealed = crate::meta::seal(p.as_ref(), key, &opened)
-        .await
-        .map_err(provider_step)?;
-    let op = PatchThread {
-        id: thread.id.clone(),
-        title: None,
-        metadata: None,
-        sealed: Some((thread.sealed_meta.clone(), sealed)),
-        // Not an edit: `updated_at` stays.
-        now: thread.updated_at,
-    };
-    match svc.store.write(op).await {
-        Ok(_) | Err(StoreError::Conflict(_)) => {}
-        Err(e) => return Err(e.into()),
+    let mut thread = thread.clone();
+    for _ in 0..8 {
+        let Some(key) = thread.kms.clone() else {
+            return Ok(());
+        };
+        if thread
+            .sealed_meta
+            .as_ref()
+            .is_some_and(|s| s.key_id == key.key_id)
+        {
+            return Ok(());
+        }
+        let opened = crate::meta::open(Some(p.as_ref()), thread.clone())
+            .await
+            .map_err(|e| match e {
+                ProviderError::Unavailable(m) => Step::Pause(m),
+                other => Step::Fail(format!(
+                    "the thread's sealed metadata does not open ({other}); the old key is kept"
+                )),
+            })?;
+        let sealed = crate::meta::seal(p.as_ref(), &key, &opened)
+            .await
+            .map_err(provider_step)?;
+        let op = PatchThread {
+            id: thread.id.clone(),
+            title: None,
+            metadata: None,
+            sealed: Some((thread.sealed_meta.clone(), sealed)),
+            // Not an edit: `updated_at` stays.
+            now: thread.updated_at,
+        };
+        let r = svc.store.write(op).await;
+        svc.cache.invalidate(&thread.id);
+        match r {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict(_)) => {
+                thread = svc
+                    .store
+                    .get_thread(&thread.id)
+                    .await?
+                    .ok_or_else(|| Step::Fail("the thread was deleted".into()))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    svc.cache.invalidate(&thread.id);
-    Ok(())
+    Err(Step::Pause(
+        "the thread's metadata kept changing; sealing it again later".into(),
+    ))
 }
 
 async fn finish(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), Step> {

@@ -433,22 +433,9 @@ impl MessageService {
             self.check_metadata(m)?;
         }
         let metadata = metadata.map(|m| m.filter(|v| !v.is_null()));
-        let Some(key) = current.kms.clone() else {
-            let op = PatchThread {
-                id: id.clone(),
-                title,
-                metadata,
-                sealed: None,
-                now: Timestamp::now(),
-            };
-            // Invalidate, never insert: two writers may finish in the other order than they
-            // committed, and only the store knows which record is the newer one.
-            let r = self.store.write(op).await;
-            self.cache.invalidate(id);
-            return Ok(Arc::new(r?));
-        };
-        // Sealed: the new title and metadata are sealed here, and written only over the
-        // sealed part they were made from (a concurrent patch makes this one read again).
+        // Each try writes over the state it read: plain only while the thread has no key,
+        // sealed only over the sealed part it opened and under the thread's key now. Another
+        // writer in between (a patch, a rotation, a new key) makes it read again.
         let mut base = current;
         for _ in 0..8 {
             let mut next = (*base).clone();
@@ -458,30 +445,39 @@ impl MessageService {
             if let Some(m) = &metadata {
                 next.metadata.clone_from(m);
             }
-            let sealed = crate::meta::seal(self.provider()?.as_ref(), &key, &next)
-                .await
-                .map_err(|e| meta_error(id, e))?;
-            let op = PatchThread {
-                id: id.clone(),
-                title: None,
-                metadata: None,
-                sealed: Some((base.sealed_meta.clone(), sealed.clone())),
-                now: Timestamp::now(),
+            let op = match &base.kms {
+                None => PatchThread {
+                    id: id.clone(),
+                    title: title.clone(),
+                    metadata: metadata.clone(),
+                    sealed: None,
+                    now: Timestamp::now(),
+                },
+                Some(key) => {
+                    let sealed = crate::meta::seal(self.provider()?.as_ref(), key, &next)
+                        .await
+                        .map_err(|e| meta_error(id, e))?;
+                    next.sealed_meta = Some(sealed.clone());
+                    PatchThread {
+                        id: id.clone(),
+                        title: None,
+                        metadata: None,
+                        sealed: Some((base.sealed_meta.clone(), sealed)),
+                        now: Timestamp::now(),
+                    }
+                }
             };
+            // Invalidate, never insert: two writers may finish in the other order than they
+            // committed, and only the store knows which record is the newer one.
             let r = self.store.write(op).await;
             self.cache.invalidate(id);
             match r {
                 Ok(stored) => {
                     next.updated_at = stored.updated_at;
-                    next.sealed_meta = Some(sealed);
                     return Ok(Arc::new(next));
                 }
                 Err(StoreError::Conflict(_)) => {
                     let fresh = self.store.get_thread(id).await?.ok_or(ApiError::NotFound)?;
-                    if fresh.kms.as_ref().map(|k| &k.key_id) != Some(&key.key_id) {
-                        // A rotation moved the thread to another key meanwhile.
-                        return Err(ApiError::Unavailable);
-                    }
                     base = Arc::new(
                         crate::meta::open(self.provider.as_deref(), fresh)
                             .await
@@ -980,8 +976,15 @@ impl MessageService {
         let p = self
             .keys
             .authenticate(headers, &self.signature_generations)?;
+        // Per signed user on the shared frontend key; per key for backend and admin callers,
+        // who name any user they like (a bucket per name would let them out of their key's
+        // rate, and a flood of names would reset everyone's).
+        let user = match p.role {
+            Role::Frontend => p.user.clone(),
+            Role::Backend | Role::Admin => None,
+        };
         self.key_rate
-            .check(&(p.key, p.user.clone()))
+            .check(&(p.key, user))
             .map_err(|wait| ApiError::RateLimited(wait.as_secs().max(1)))?;
         Ok(p)
     }

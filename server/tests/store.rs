@@ -373,3 +373,59 @@ async fn an_unreadable_record_is_reported_without_its_text() {
     assert!(!err.contains(marker), "{err}");
     close(s).await;
 }
+
+/// A patch writes only over the state it read: a sealed title and metadata only over the
+/// sealed part given and only under the thread's key now (a seal under a key a rotation is
+/// retiring would be shredded with it), and plain ones only while the thread has no key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patches_write_only_over_what_they_read_and_under_the_current_key() {
+    use progressdb::store::{PatchThread, SealedMeta};
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), 4, 8).await;
+    let t = ThreadId::parse("t").unwrap();
+    let mut rec = thread("t", "u");
+    rec.kms = Some(key(2));
+    s.write(CreateThread::new(rec, ThreadsPerAuthor::Unlimited))
+        .await
+        .unwrap();
+    let sealed = |k: u8| SealedMeta {
+        key_id: key(k).key_id,
+        ct: kms_api::wire::Bytes64(vec![k; 40]),
+    };
+    let patch =
+        |expected: Option<SealedMeta>, new: Option<SealedMeta>, title: Option<&str>| PatchThread {
+            id: t.clone(),
+            title: title.map(str::to_owned),
+            metadata: None,
+            sealed: new.map(|n| (expected, n)),
+            now: Timestamp::from_nanos(9),
+        };
+    // Under another key (the retiring one of a rotation): refused.
+    assert!(matches!(
+        s.write(patch(None, Some(sealed(1)), None)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Plain, on a thread with a key: refused.
+    assert!(matches!(
+        s.write(patch(None, None, Some("plain"))).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let r = s.write(patch(None, Some(sealed(2)), None)).await.unwrap();
+    assert_eq!(
+        (r.title.as_str(), r.sealed_meta.as_ref()),
+        ("", Some(&sealed(2)))
+    );
+    // Over a sealed part other than the one stored: refused.
+    assert!(matches!(
+        s.write(patch(None, Some(sealed(2)), None)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.write(patch(Some(sealed(2)), Some(sealed(2)), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_thread(&t).await.unwrap().unwrap().sealed_meta,
+        Some(sealed(2))
+    );
+    close(s).await;
+}

@@ -74,6 +74,8 @@ enum OpOutput {
 
 struct Pending {
     op: Op,
+    /// This write's place in [`LmdbStore::creating`], given back when it is answered.
+    _creating: Option<Creating>,
     keys: Database<Str, Bytes>,
     lifecycle: Database<Str, Bytes>,
     audit: Database<Bytes, Bytes>,
@@ -98,6 +100,10 @@ pub struct LmdbStore {
     /// Leases ([`KeyStore::acquire_lease`]): this process is the store's only user, so they
     /// live in memory (holder, expiry) and end with it.
     leases: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+    /// Key records queued to be created and not committed (or refused) yet: counted against
+    /// the map's room as if written, so creates queued together cannot pass the room check
+    /// together ([`Room`]).
+    creating: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for LmdbStore {
@@ -201,6 +207,7 @@ impl LmdbStore {
             writer: Some(writer),
             _lock: lock,
             leases: std::sync::Mutex::default(),
+            creating: std::sync::Arc::default(),
         })
     }
 
@@ -294,14 +301,17 @@ impl LmdbStore {
         // their audit entries, so a full store still shreds. (Checked here, on the caller's
         // thread with no transaction open; a batch in flight can pass it together, which the
         // reserve absorbs.)
+        let mut creating = None;
         if let Op::AppendAudit { records, .. } = &op {
             if !records.is_empty() {
+                // Counted before the check: of creates checked at once, each sees the others.
+                let slot = Creating::take(&self.creating, records.len());
                 let room = Room {
                     env: self.env.clone(),
                     keys: self.keys,
                 };
-                let reserve = room.reserve()?;
-                if !room.for_new_keys(reserve) {
+                let reserve = room.reserve(slot.queued())?;
+                if !room.for_new_keys(reserve, slot.queued()) {
                     return Err(StoreError::Full {
                         limit: format!(
                             "store.map_size_mb = {} ({} KiB of it are kept for destroying every key)",
@@ -310,11 +320,13 @@ impl LmdbStore {
                         ),
                     });
                 }
+                creating = Some(slot);
             }
         }
         let (reply, rx) = oneshot::channel();
         let pending = Box::new(Pending {
             op,
+            _creating: creating,
             keys: self.keys,
             lifecycle: self.lifecycle,
             audit: self.audit,
@@ -738,27 +750,65 @@ struct Room {
 /// Bytes of map one destroy may take: its audit entry (about 350 bytes of JSON) and the
 /// B-tree's slack around it. Kept free for every key record, so every key can be destroyed.
 const DESTROY_ROOM: usize = 1024;
+/// Bytes of map a create takes at most (its record, its audit entry, the B-trees' slack),
+/// counted for creates queued and not committed yet.
+const CREATE_ROOM: usize = 2048;
 /// Kept free beyond that, for the pages a commit copies on write.
 const BASE_ROOM: usize = 256 << 10;
 
+/// Key records queued for creation: taken before a create's room check, given back when the
+/// write is answered (committed or not).
+struct Creating {
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    n: usize,
+    queued: usize,
+}
+
+impl Creating {
+    fn take(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>, n: usize) -> Self {
+        let before = count.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        Self {
+            count: std::sync::Arc::clone(count),
+            n,
+            queued: before.saturating_add(n),
+        }
+    }
+
+    /// Records queued for creation, this write's included.
+    fn queued(&self) -> usize {
+        self.queued
+    }
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        self.count
+            .fetch_sub(self.n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl Room {
-    /// What must stay free: [`DESTROY_ROOM`] per key record, plus [`BASE_ROOM`].
-    fn reserve(&self) -> Result<usize, StoreError> {
+    /// What must stay free: [`DESTROY_ROOM`] per key record (stored or `queued`), plus
+    /// [`BASE_ROOM`].
+    fn reserve(&self, queued: usize) -> Result<usize, StoreError> {
         let rtxn = self.env.read_txn().map_err(io_err)?;
         let records = usize::try_from(self.keys.len(&rtxn).map_err(io_err)?).unwrap_or(usize::MAX);
         Ok(records
-            .saturating_add(1)
+            .saturating_add(queued)
             .saturating_mul(DESTROY_ROOM)
             .saturating_add(BASE_ROOM))
     }
 
-    /// Whether a create leaves room to destroy every key afterwards. The file's high-water
-    /// mark is checked first (cheap); only near the end are the pages really in use counted
-    /// (freed pages are reused).
-    fn for_new_keys(&self, reserve: usize) -> bool {
+    /// Whether the creates `queued` leave room to destroy every key afterwards. The file's
+    /// high-water mark is checked first (cheap); only near the end are the pages really in
+    /// use counted (freed pages are reused).
+    fn for_new_keys(&self, reserve: usize, queued: usize) -> bool {
         let info = self.env.info();
         let page = self.env.stat().page_size as usize;
-        let limit = info.map_size.saturating_sub(reserve);
+        let limit = info
+            .map_size
+            .saturating_sub(reserve)
+            .saturating_sub(queued.saturating_mul(CREATE_ROOM));
         if (info.last_page_number + 1).saturating_mul(page) <= limit {
             return true;
         }

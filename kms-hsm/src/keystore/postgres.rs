@@ -1157,6 +1157,32 @@ impl KeyStore for PostgresStore {
                 (next, next > after)
             }
         };
+        if next == after && changes.len() >= limit {
+            // A full page the cursor cannot pass: at least `limit` committed changes wait
+            // above a transaction that is still running. Paging would return this same page
+            // forever; read all of them instead (as many as were committed while that
+            // transaction ran).
+            let st = c
+                .prepare_cached(
+                    "SELECT seq, xid::text, kind, subject FROM kms_changes \
+                     WHERE xid >= $1::text::xid8 ORDER BY xid, seq",
+                )
+                .await
+                .map_err(|e| db_err(&e))?;
+            let rows = c
+                .query(&st, &[&after.to_string()])
+                .await
+                .map_err(|e| db_err(&e))?;
+            changes = rows
+                .iter()
+                .map(read_change)
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(ChangePage {
+                cursor: after.max(horizon),
+                changes: changes.into_iter().map(|c| c.1).collect(),
+                more: false,
+            });
+        }
         Ok(ChangePage {
             cursor: next,
             changes: changes.into_iter().map(|c| c.1).collect(),

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{MessageId, Timestamp, UserId};
 use crate::provider::ThreadKey;
 
-/// `thread:<id>:meta`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `thread:<id>:meta`. `Debug` shows neither the title nor the metadata: they are content.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct ThreadRecord {
     pub id: ThreadId,
     pub title: String,
@@ -68,6 +68,22 @@ impl fmt::Debug for SealedMeta {
             self.key_id,
             self.ct.0.len()
         )
+    }
+}
+
+impl fmt::Debug for ThreadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThreadRecord")
+            .field("id", &self.id)
+            .field("title", &"<redacted>")
+            .field("author", &self.author)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .field("metadata", &self.metadata.as_ref().map(|_| "<redacted>"))
+            .field("kms", &self.kms)
+            .field("rotation", &self.rotation)
+            .field("sealed_meta", &self.sealed_meta)
+            .finish_non_exhaustive()
     }
 }
 

@@ -253,19 +253,33 @@ impl WriteOp for PatchThread {
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
         };
-        if let Some(t) = &self.title {
-            rec.title.clone_from(t);
-        }
-        if let Some(m) = &self.metadata {
-            rec.metadata.clone_from(m);
-        }
-        if let Some((expected, new)) = &self.sealed {
-            if rec.sealed_meta != *expected {
-                return Ok(Err(StoreError::Conflict("the thread's metadata changed")));
+        match &self.sealed {
+            None => {
+                // Plain title and metadata only for a thread without a key: one that got a
+                // key since the caller read it stores them sealed.
+                if rec.kms.is_some() || rec.sealed_meta.is_some() {
+                    return Ok(Err(StoreError::Conflict("the thread has a key now")));
+                }
+                if let Some(t) = &self.title {
+                    rec.title.clone_from(t);
+                }
+                if let Some(m) = &self.metadata {
+                    rec.metadata.clone_from(m);
+                }
             }
-            rec.title.clear();
-            rec.metadata = None;
-            rec.sealed_meta = Some(new.clone());
+            Some((expected, new)) => {
+                // Only over the sealed part the caller opened, and only under the thread's
+                // key now (a seal under a key a rotation is retiring would be shredded with
+                // it).
+                if rec.sealed_meta != *expected
+                    || rec.kms.as_ref().map(|k| &k.key_id) != Some(&new.key_id)
+                {
+                    return Ok(Err(StoreError::Conflict("the thread's metadata changed")));
+                }
+                rec.title.clear();
+                rec.metadata = None;
+                rec.sealed_meta = Some(new.clone());
+            }
         }
         rec.updated_at = self.now.max(rec.updated_at);
         let value = match to_json(&rec) {
