@@ -373,6 +373,35 @@ impl Kms {
         k
     }
 
+    /// Runs `progressdb-kms serve` on this config (not this handle's process) and waits for
+    /// it to exit, as a refused start must, within 30 s; returns its status and stderr.
+    ///
+    /// # Panics
+    /// When it is still running after 30 s (it is killed first).
+    pub fn serve_expecting_exit(&self, hsm: &SoftHsm) -> (std::process::ExitStatus, String) {
+        let mut child = Command::new(bin("progressdb-kms"))
+            .env(hsm.conf_var, &hsm.conf)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("progressdb-kms serve kept running where it must refuse to start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// (Re)starts the process with the same config (stopping it first if it runs) and waits
     /// until it listens.
     pub fn restart(&mut self, hsm: &SoftHsm) {

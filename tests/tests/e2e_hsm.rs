@@ -119,31 +119,6 @@ fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
     );
 }
 
-/// Runs `progressdb-kms serve` and waits for it to exit (it must, within 30 s).
-fn serve_expecting_exit(kms: &Kms, hsm: &SoftHsm) -> (std::process::ExitStatus, String) {
-    let mut child = std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .args(["serve", "--config"])
-        .arg(&kms.config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-            return (status, err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("progressdb-kms kept running with a planted KEK");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
     let tmp = tempfile::tempdir().unwrap();
@@ -170,7 +145,7 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
             "--extractable",
         ],
     );
-    let (status, err) = serve_expecting_exit(&kms, &hsm);
+    let (status, err) = kms.serve_expecting_exit(&hsm);
     assert_eq!(status.code(), Some(2), "a provisioning problem: {err}");
     let line = err.lines().last().unwrap_or_default();
     assert!(
@@ -201,7 +176,7 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
             "--sensitive",
         ],
     );
-    let (status, err) = serve_expecting_exit(&kms2, &hsm2);
+    let (status, err) = kms2.serve_expecting_exit(&hsm2);
     assert!(!status.success(), "{err}");
     assert!(err.contains("version 2") && err.contains("CKA_"), "{err}");
 }

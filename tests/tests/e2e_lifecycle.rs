@@ -853,25 +853,8 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::rename(&ours, &store).unwrap();
 
-    let mut child = Command::new(bin("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .args(["serve", "--config"])
-        .arg(&kms.config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the KMS started on a KEK version its store did not make");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text}");
+    let (exit, text) = kms.serve_expecting_exit(&hsm);
+    assert_eq!(exit.code(), Some(2), "{text}");
     assert!(
         text.contains("newest KEK version (2)") && text.contains("(newest 1)"),
         "{text}"

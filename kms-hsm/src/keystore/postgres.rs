@@ -276,6 +276,21 @@ fn encode_job(job: &JobRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(job).map_err(|e| StoreError::Io(format!("cannot encode a job record: {e}")))
 }
 
+/// The change-feed rows `sql` selects (`seq, xid::text, kind, subject`, one text
+/// parameter: a transaction id), as `(xid, change)`.
+async fn query_changes(
+    c: &deadpool_postgres::Client,
+    sql: &str,
+    xid: u64,
+) -> Result<Vec<(u64, Change)>, StoreError> {
+    let st = c.prepare_cached(sql).await.map_err(|e| db_err(&e))?;
+    let rows = c
+        .query(&st, &[&xid.to_string()])
+        .await
+        .map_err(|e| db_err(&e))?;
+    rows.iter().map(read_change).collect()
+}
+
 /// A transaction id as PostgreSQL prints an `xid8` (a 64-bit number, epoch included).
 fn parse_xid(text: &str, what: &str) -> Result<u64, StoreError> {
     text.parse::<u64>()
@@ -1138,21 +1153,13 @@ impl KeyStore for PostgresStore {
                 (next, next > after)
             } else {
                 // One transaction filled the page: read all of it.
-                let st = c
-                    .prepare_cached(
-                        "SELECT seq, xid::text, kind, subject FROM kms_changes \
-                         WHERE xid = $1::text::xid8 ORDER BY seq",
-                    )
-                    .await
-                    .map_err(|e| db_err(&e))?;
-                let rows = c
-                    .query(&st, &[&last.to_string()])
-                    .await
-                    .map_err(|e| db_err(&e))?;
-                changes = rows
-                    .iter()
-                    .map(read_change)
-                    .collect::<Result<Vec<_>, _>>()?;
+                changes = query_changes(
+                    &c,
+                    "SELECT seq, xid::text, kind, subject FROM kms_changes \
+                     WHERE xid = $1::text::xid8 ORDER BY seq",
+                    last,
+                )
+                .await?;
                 let next = after.max(last.saturating_add(1).min(horizon));
                 (next, next > after)
             }
@@ -1162,21 +1169,13 @@ impl KeyStore for PostgresStore {
             // above a transaction that is still running. Paging would return this same page
             // forever; read all of them instead (as many as were committed while that
             // transaction ran).
-            let st = c
-                .prepare_cached(
-                    "SELECT seq, xid::text, kind, subject FROM kms_changes \
-                     WHERE xid >= $1::text::xid8 ORDER BY xid, seq",
-                )
-                .await
-                .map_err(|e| db_err(&e))?;
-            let rows = c
-                .query(&st, &[&after.to_string()])
-                .await
-                .map_err(|e| db_err(&e))?;
-            changes = rows
-                .iter()
-                .map(read_change)
-                .collect::<Result<Vec<_>, _>>()?;
+            let changes = query_changes(
+                &c,
+                "SELECT seq, xid::text, kind, subject FROM kms_changes \
+                 WHERE xid >= $1::text::xid8 ORDER BY xid, seq",
+                after,
+            )
+            .await?;
             return Ok(ChangePage {
                 cursor: after.max(horizon),
                 changes: changes.into_iter().map(|c| c.1).collect(),
