@@ -6,8 +6,10 @@
 //!   sent at once to the next replica not tried yet in that call, so losing one replica fails
 //!   no call while another is up. Only once every replica was tried does the call back off
 //!   and retry. A background health check ([`KmsClient::spawn_health_checks`]) probes every
-//!   replica's `/readyz`, so a failing one is ejected (its circuit opens) before user calls
-//!   find it, and a recovered one is taken back.
+//!   replica's `/readyz`, each on its own schedule, so a failing one is ejected (its circuit
+//!   opens) before user calls find it, and a recovered one is taken back. A call that finds
+//!   the replicas it tried failed and the others ejected has those probed at once and waits
+//!   for them (once, within the health interval) rather than fail while one is back.
 //! * Connections are reused: a small pool of HTTP/1.1 connections per replica, each driven by
 //!   its own task.
 //! * Every call has a connect timeout and a request timeout.
@@ -447,7 +449,14 @@ struct Replica {
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Mutex<Vec<Sender>>,
     breaker: Breaker,
+    /// Wakes this replica's health check before its next tick: a call that found every
+    /// circuit open asks for a probe now instead of waiting for the interval.
+    probe_now: Arc<tokio::sync::Notify>,
 }
+
+/// Least time between the starts of two probes of one replica (a call storm that keeps
+/// asking for probes of a dead replica costs it one connection attempt per this).
+const MIN_PROBE_GAP: Duration = Duration::from_millis(50);
 
 struct Inner {
     cfg: KmsClientConfig,
@@ -496,6 +505,7 @@ impl KmsClient {
                 tls,
                 idle: Mutex::new(Vec::new()),
                 breaker: Breaker::new(cfg.breaker),
+                probe_now: Arc::new(tokio::sync::Notify::new()),
             });
         }
         Ok(Self {
@@ -522,8 +532,10 @@ impl KmsClient {
     /// replica's `/readyz` is probed (past its circuit); a failure counts against it like a
     /// failed call, a success closes its circuit. From then on only these probes close an open
     /// circuit: calls never wait as the half-open probe ([`BreakerConfig`]). With several
-    /// replicas it also ejects a dead one before calls find it. Stops when every clone of the
-    /// client is gone. Must run inside a tokio runtime.
+    /// replicas it also ejects a dead one before calls find it, and a call that finds every
+    /// circuit open has the open ones probed at once. Each replica is probed on its own
+    /// schedule, so a hung one (whose probe waits out its timeout) delays no other's. Stops
+    /// when every clone of the client is gone. Must run inside a tokio runtime.
     pub fn spawn_health_checks(&self) -> tokio::task::JoinHandle<()> {
         // With one endpoint, no call is let through as the half-open probe: it would wait
         // out a hung KMS. With several, a call that finds a circuit open fails over to another
@@ -543,18 +555,42 @@ impl KmsClient {
             .max(Duration::from_millis(50));
         // Aborted or ended, the task hands closing circuits back to half-open calls.
         let guard = BackgroundProbes(weak.clone());
+        let watches: Vec<_> = self
+            .inner
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Self::watch_replica(weak.clone(), i, r.probe_now.clone(), every))
+            .collect();
         tokio::spawn(async move {
             let _guard = guard;
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let client = KmsClient { inner };
-                let probes = (0..client.inner.replicas.len()).map(|i| client.probe(i));
-                futures_util::future::join_all(probes).await;
-            }
+            futures_util::future::join_all(watches).await;
         })
+    }
+
+    /// Probes replica `i` every `every`, or sooner when a call asks (`probe_now`), but never
+    /// twice within [`MIN_PROBE_GAP`]. Ends when the client is gone (it holds no strong
+    /// reference between probes).
+    async fn watch_replica(
+        weak: std::sync::Weak<Inner>,
+        i: usize,
+        probe_now: Arc<tokio::sync::Notify>,
+        every: Duration,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = probe_now.notified() => {}
+            }
+            let began = tokio::time::Instant::now();
+            {
+                let Some(inner) = weak.upgrade() else { return };
+                let _ = KmsClient { inner }.probe(i).await;
+            }
+            tokio::time::sleep_until(began + MIN_PROBE_GAP).await;
+        }
     }
 
     /// `/readyz` of replica `i`, past its circuit; the outcome is recorded in it.
@@ -905,21 +941,31 @@ impl KmsClient {
         let mut last: Option<ClientError> = None;
         loop {
             let Some((i, admission)) = self.pick(start, &tried) else {
-                // Several replicas, every one failed or ejected: one that is back (restarted
-                // after a kill while another then died) is taken back by the next health
-                // check, which closes its circuit. Wait for that once, within the deadline,
-                // rather than fail a call the replica set can still serve.
-                if n > 1 && !waited_for_health && !cfg.health_interval.is_zero() {
+                // Several replicas, the ones tried in this round failed and the others'
+                // circuits are open: one of those may be back (restarted after a kill while
+                // another then died), which only a health check can tell. Have them probed
+                // now and wait for that once, within the deadline, rather than fail (or retry
+                // only the replicas that just failed) while the replica set can still serve.
+                let ejected: Vec<&Replica> = (0..n)
+                    .filter(|i| !tried[*i])
+                    .map(|i| &self.inner.replicas[i])
+                    .collect();
+                if n > 1
+                    && !ejected.is_empty()
+                    && !waited_for_health
+                    && !cfg.health_interval.is_zero()
+                {
                     waited_for_health = true;
+                    // A no-op without health checks, whose absence the cooldown covers.
+                    ejected.iter().for_each(|r| r.probe_now.notify_one());
                     let until = (Instant::now() + cfg.health_interval + Duration::from_millis(100))
                         .min(deadline);
-                    while Instant::now() < until
-                        && !self.inner.replicas.iter().any(|r| r.breaker.would_admit())
-                    {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    let back = || ejected.iter().any(|r| r.breaker.would_admit());
+                    while Instant::now() < until && !back() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    if self.inner.replicas.iter().any(|r| r.breaker.would_admit()) {
-                        tried.iter_mut().for_each(|t| *t = false);
+                    if back() {
+                        // `tried` keeps the failed ones: the returned replica goes first.
                         continue;
                     }
                 }

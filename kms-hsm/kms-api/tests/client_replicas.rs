@@ -23,6 +23,8 @@ const UNAVAILABLE: u8 = 1;
 /// Reads the request, then closes the connection without answering (a replica killed after
 /// it acted).
 const DROP: u8 = 2;
+/// Never answers anything, `/readyz` included (a hung replica).
+const HANG: u8 = 3;
 
 struct Replica {
     _dir: tempfile::TempDir,
@@ -66,6 +68,9 @@ impl Replica {
                             let path = req.uri().path().to_owned();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let m = mode.load(Ordering::SeqCst);
+                            if m == HANG {
+                                std::future::pending::<()>().await;
+                            }
                             if path == "/readyz" {
                                 readyz.fetch_add(1, Ordering::SeqCst);
                             } else {
@@ -291,36 +296,66 @@ async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
 }
 
 /// A replica comes back while the other dies (a restart after a kill, then a second kill):
-/// the first's circuit is still open, the second fails, and the call waits for the health
-/// check that takes the first back instead of failing.
+/// the first's circuit is still open and the second's is not yet (one failure of the five
+/// that open it). The call has the first probed at once and goes to it, instead of retrying
+/// only the replica that just died and failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_waits_for_the_health_check_that_takes_a_returned_replica_back() {
+async fn a_call_has_a_returned_replica_probed_at_once_and_goes_to_it() {
     let (a, b) = (Replica::start(OK).await, Replica::start(OK).await);
     let c = client(vec![a.endpoint(), b.endpoint()], |c| {
-        c.health_interval = Duration::from_millis(400);
+        c.health_interval = Duration::from_secs(3);
         c.breaker = BreakerConfig {
-            failures: 1,
             cooldown: Duration::from_secs(60),
+            ..BreakerConfig::default()
         };
     });
     let checks = c.spawn_health_checks();
     a.set(UNAVAILABLE);
-    for _ in 0..4 {
+    for _ in 0..20 {
         encrypt(&c).await.unwrap();
     }
-    // Just after a probe of a (so the next one is a whole interval away), a is back and b dies.
+    let before = a.calls();
+    encrypt(&c).await.unwrap();
+    assert_eq!(a.calls(), before, "a's circuit is open");
+    // Just after a probe of a (so the next tick is a whole interval away), a is back and b
+    // dies.
     let seen = a.readyz.load(Ordering::SeqCst);
-    while a.readyz.load(Ordering::SeqCst) == seen {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while a.readyz.load(Ordering::SeqCst) == seen {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
     a.set(OK);
     b.set(UNAVAILABLE);
     let t = std::time::Instant::now();
     encrypt(&c).await.unwrap();
     assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "waited {:?}",
+        t.elapsed() < Duration::from_secs(1),
+        "waited {:?}: the call waited for the next tick instead of asking for a probe",
         t.elapsed()
+    );
+    assert_eq!(a.calls(), before + 1, "the call went to the returned replica");
+    checks.abort();
+}
+
+/// Each replica is probed on its own schedule: a hung one, whose probes wait out the request
+/// timeout, does not slow the probes of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_delays_no_other_replicas_health_check() {
+    let (a, b) = (Replica::start(HANG).await, Replica::start(OK).await);
+    let c = client(vec![a.endpoint(), b.endpoint()], |c| {
+        c.health_interval = Duration::from_millis(100);
+        c.request_timeout = Duration::from_secs(30);
+        c.deadline = Duration::from_secs(30);
+    });
+    let checks = c.spawn_health_checks();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let probes = b.readyz.load(Ordering::SeqCst);
+    assert!(
+        probes >= 5,
+        "b was probed {probes} times in 1 s at a 100 ms interval while a hung"
     );
     checks.abort();
 }
