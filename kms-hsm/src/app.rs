@@ -71,9 +71,10 @@ impl App<Pkcs11Backend, AnyStore> {
         );
         let token = settings.token_label.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            // A store provisioned before the audit log existed gets its key now.
-            if pkcs11::ensure_audit_key(&settings)? {
-                tracing::info!("created the audit log's HMAC key in the HSM");
+            // A token provisioned before the audit log (or the AesKwV3 binding) existed gets
+            // its key now.
+            for role in pkcs11::ensure_hmac_keys(&settings)? {
+                tracing::info!(%role, "created an HMAC key in the HSM");
             }
             Pkcs11Backend::open(settings)
         })

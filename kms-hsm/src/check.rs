@@ -11,7 +11,7 @@ use std::path::Path;
 use service_kit::check::Report;
 
 use crate::backend::pkcs11::{check_token, TokenCheck};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, HmacRole};
 use crate::config::{Config, ListenConfig, SocketAccess, PIN_ENV};
 
 /// Whether `check-config` logs in to the token.
@@ -200,7 +200,10 @@ fn hsm(r: &mut Report, cfg: &Config, path: &Path, login: Login) {
     let label = &cfg.hsm.token_label;
     let kek = &cfg.hsm.kek_label;
     match check_token(&settings) {
-        Ok(TokenCheck { kek: found, audit_key }) => {
+        Ok(TokenCheck {
+            kek: found,
+            hmac_keys,
+        }) => {
             r.ok(
                 format!("hsm.token_label {label}"),
                 "token found; the PIN logs in",
@@ -216,16 +219,16 @@ fn hsm(r: &mut Report, cfg: &Config, path: &Path, login: Login) {
                     format!("progressdb-kms init-kek --config {}", path.display()),
                 ),
             }
-            if audit_key {
-                r.ok(
-                    format!("hsm.audit_key_label {}", cfg.hsm.audit_key_label),
-                    "audit key present and hardened",
-                );
-            } else {
-                r.ok(
-                    format!("hsm.audit_key_label {}", cfg.hsm.audit_key_label),
-                    "absent: created by init-kek or at the first start",
-                );
+            for (role, label) in [
+                (HmacRole::Audit, &cfg.hsm.audit_key_label),
+                (HmacRole::Binding, &cfg.hsm.binding_key_label),
+            ] {
+                let what = format!("{} {label}", role.config_key());
+                if hmac_keys.contains(&role) {
+                    r.ok(what, format!("{role} key present and hardened"));
+                } else {
+                    r.ok(what, "absent: created by init-kek or at the first start");
+                }
             }
         }
         Err(BackendError::PinRejected(_)) => r.problem(
@@ -238,10 +241,17 @@ fn hsm(r: &mut Report, cfg: &Config, path: &Path, login: Login) {
             format!("version {version} is refused: {reason}"),
             "remove or replace that object; the KMS only uses KEKs it generated itself",
         ),
-        Err(BackendError::AuditKey { label, reason }) => r.problem(
-            format!("hsm.audit_key_label {label}"),
+        Err(BackendError::HmacKey {
+            role,
+            label,
             reason,
-            "remove the object with that label or choose another hsm.audit_key_label",
+        }) => r.problem(
+            format!("{} {label}", role.config_key()),
+            reason,
+            format!(
+                "remove the object with that label or choose another {}",
+                role.config_key()
+            ),
         ),
         Err(e) => r.problem(
             format!("hsm (module {}, token '{label}')", module.display()),

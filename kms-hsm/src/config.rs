@@ -203,6 +203,7 @@ pub struct RawHsm {
     pub pin_file: Option<PathBuf>,
     pub kek_label: Option<String>,
     pub audit_key_label: Option<String>,
+    pub binding_key_label: Option<String>,
     pub sessions: Option<u32>,
     pub queue_depth: Option<u32>,
     pub job_timeout_ms: Option<u64>,
@@ -332,6 +333,8 @@ pub struct HsmConfig {
     pub kek_label: KekId,
     /// Default: `<kek_label>-audit`.
     pub audit_key_label: String,
+    /// Default: `<kek_label>-binding`.
+    pub binding_key_label: String,
     pub sessions: usize,
     pub limits: HsmLimits,
     /// `hsm.dek_residency`: where unwrapped DEKs live.
@@ -666,6 +669,7 @@ impl Config {
             pin,
             kek_label: self.hsm.kek_label.clone(),
             audit_key_label: self.hsm.audit_key_label.clone(),
+            binding_key_label: self.hsm.binding_key_label.clone(),
             sessions: self.hsm.sessions,
             residency: self.hsm.residency,
             resident_keys_per_session: self.hsm.resident_keys_per_session,
@@ -830,17 +834,26 @@ impl RawConfig {
             hint: "",
         })?;
         let kek_label = KekId::parse(&kek_label).map_err(|e| invalid("hsm.kek_label", e))?;
-        let audit_key_label = self
-            .hsm
-            .audit_key_label
-            .unwrap_or_else(|| format!("{kek_label}-audit"));
-        if audit_key_label.is_empty() || audit_key_label.len() > 64 {
-            return Err(invalid("hsm.audit_key_label", "must be 1 to 64 characters"));
-        }
-        if audit_key_label == kek_label.as_str() {
+        let hmac_label = |key: &'static str, set: Option<String>, suffix: &str| {
+            let label = set.unwrap_or_else(|| format!("{kek_label}-{suffix}"));
+            if label.is_empty() || label.len() > 64 {
+                return Err(invalid(key, "must be 1 to 64 characters"));
+            }
+            if label == kek_label.as_str() {
+                return Err(invalid(key, "must differ from hsm.kek_label"));
+            }
+            Ok(label)
+        };
+        let audit_key_label = hmac_label("hsm.audit_key_label", self.hsm.audit_key_label, "audit")?;
+        let binding_key_label = hmac_label(
+            "hsm.binding_key_label",
+            self.hsm.binding_key_label,
+            "binding",
+        )?;
+        if binding_key_label == audit_key_label {
             return Err(invalid(
-                "hsm.audit_key_label",
-                "must differ from hsm.kek_label",
+                "hsm.binding_key_label",
+                "must differ from hsm.audit_key_label (each key has one use)",
             ));
         }
         let sessions = self.hsm.sessions.unwrap_or(defaults::HSM_SESSIONS);
@@ -889,6 +902,7 @@ impl RawConfig {
             pin_file: self.hsm.pin_file.map(abs),
             kek_label,
             audit_key_label,
+            binding_key_label,
             sessions: sessions as usize,
             limits: HsmLimits {
                 queue_depth: queue_depth as usize,

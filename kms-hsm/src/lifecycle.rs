@@ -196,7 +196,7 @@ impl From<StoreError> for StepError {
 fn backend_step_error(e: BackendError) -> StepError {
     match e {
         // No audit, no step: the job waits until the audit key is usable again.
-        BackendError::Unavailable(_) | BackendError::Overloaded | BackendError::AuditKey { .. } => {
+        BackendError::Unavailable(_) | BackendError::Overloaded | BackendError::HmacKey { .. } => {
             StepError::Transient(e.to_string())
         }
         BackendError::InvalidWrapped

@@ -500,7 +500,7 @@ fn exit_code(e: &app::StartError) -> u8 {
             | B::PinRejected(_)
             | B::KekRefused { .. }
             | B::KekNotFound { .. }
-            | B::AuditKey { .. },
+            | B::HmacKey { .. },
         )
         | app::StartError::KekPin(progressdb_kms::kek_pin::PinError::Unknown { .. }) => 2,
         app::StartError::Backend(

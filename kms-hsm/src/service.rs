@@ -76,7 +76,7 @@ impl ServiceError {
             // see an outage (503), the log and /metrics say why.
             BackendError::Unavailable(_)
             | BackendError::KekRefused { .. }
-            | BackendError::AuditKey { .. }
+            | BackendError::HmacKey { .. }
             | BackendError::PinRejected(_) => ErrorCode::Unavailable,
             BackendError::Overloaded => ErrorCode::Overloaded,
             BackendError::InvalidWrapped

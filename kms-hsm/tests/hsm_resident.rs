@@ -1,7 +1,8 @@
 //! The PKCS#11 backend in `hsm.dek_residency = "hsm"`, against a real token of this run
 //! (SoftHSM, or Kryoptic with `PROGRESSDB_TEST_TOKEN=kryoptic`): DEKs generated and wrapped
-//! inside the HSM (`AesKwV2`), messages encrypted and decrypted by the HSM, blobs bound to
-//! their key id, session objects sensitive and non-extractable, the bytes-returning methods
+//! inside the HSM (`AesKwV3`), messages encrypted and decrypted by the HSM, blobs bound to
+//! their key id by the HSM's binding key, legacy `AesKwV2` blobs read and rotated to
+//! `AesKwV3`, session objects sensitive and non-extractable, the bytes-returning methods
 //! refused, rotation between wrap-class KEKs inside the HSM, and the session objects made
 //! again after the library lost every session.
 //!
@@ -18,7 +19,8 @@ use hsm_common::hsm;
 use kms_api::{KekVersion, KeyId, WrappedDek};
 use progressdb_kms::backend::pkcs11::{init_kek, Pkcs11Backend};
 use progressdb_kms::backend::{
-    BackendError, DekResidency, KekMissing, KeyBackend, ResidentItem, ResidentKey, AES_KW_V2_LEN,
+    wrap_aad, BackendError, DekResidency, KekMissing, KeyBackend, ResidentItem, ResidentKey,
+    AES_KW_LEN, AES_KW_V2_LEN, AES_KW_V3_LEN,
 };
 use secrecy::SecretString;
 use zeroize::Zeroizing;
@@ -85,13 +87,13 @@ async fn deks_live_and_work_only_inside_the_hsm() {
     let b = Pkcs11Backend::open(s).unwrap();
     assert_eq!(b.residency(), DekResidency::Hsm);
 
-    // A new DEK: an AesKwV2 blob under KEK version 1, nothing else.
+    // A new DEK: an AesKwV3 blob under KEK version 1, nothing else.
     let k1 = key_id(1);
     let (wrapped, kek) = b.generate_resident(&k1).await.unwrap();
     assert_eq!(kek.version, KekVersion::FIRST);
     let bytes = wrapped.as_bytes();
-    assert_eq!(bytes.len(), AES_KW_V2_LEN);
-    assert_eq!(bytes[0], 0x02);
+    assert_eq!(bytes.len(), AES_KW_V3_LEN);
+    assert_eq!(bytes[0], 0x03);
     assert_eq!(&bytes[1..5], &[0, 0, 0, 1]);
     let key = ResidentKey {
         key_id: k1.clone(),
@@ -153,7 +155,7 @@ async fn deks_live_and_work_only_inside_the_hsm() {
         b.seal_resident(&other, vec![item(b"x", b"")]).await,
         Err(BackendError::InvalidWrapped)
     ));
-    for i in 5..AES_KW_V2_LEN {
+    for i in 5..AES_KW_V3_LEN {
         let mut t = bytes.to_vec();
         t[i] ^= 0x01;
         let forged = ResidentKey {
@@ -226,7 +228,7 @@ async fn deks_live_and_work_only_inside_the_hsm() {
         .unwrap();
     let (rewrapped, under) = b.rewrap_dek(&k1, &kek.id, &wrapped).await.unwrap();
     assert_eq!(under, v2);
-    assert_eq!(rewrapped.as_bytes()[0], 0x02);
+    assert_eq!(rewrapped.as_bytes()[0], 0x03);
     assert_eq!(&rewrapped.as_bytes()[1..5], &[0, 0, 0, 2]);
     let moved = ResidentKey {
         key_id: k1.clone(),
@@ -235,6 +237,68 @@ async fn deks_live_and_work_only_inside_the_hsm() {
     };
     b.forget_resident(&k1);
     assert_eq!(open(&b, &moved, &cts[0], b"aad").await.unwrap(), b"hello");
+
+    // A legacy AesKwV2 blob (the key part followed by AES-GCM under the DEK of an empty
+    // message with the wrap AAD, as written before AesKwV3) is still read, in both
+    // residencies, bound to its key id, and a rotation rewraps it as AesKwV3. The DEK is
+    // made by a memory-residency backend on the same token, the only way to hold its bytes.
+    let mut ms = hsm().settings("t-main", 1);
+    ms.residency = DekResidency::Memory;
+    let mb = Pkcs11Backend::open(ms).unwrap();
+    let k9 = key_id(9);
+    let (dek, v3, now) = mb.generate_dek(&k9).await.unwrap();
+    assert_eq!(now, v2);
+    assert_eq!(v3.as_bytes().len(), AES_KW_V3_LEN);
+    let legacy_for = |id: &KeyId| {
+        let check = service_kit::aead::seal(
+            &ring::rand::SystemRandom::new(),
+            &dek,
+            b"",
+            &wrap_aad(id, &now),
+        )
+        .unwrap();
+        let mut blob = vec![0x02];
+        blob.extend_from_slice(&v3.as_bytes()[1..5 + AES_KW_LEN]);
+        blob.extend_from_slice(&check);
+        assert_eq!(blob.len(), AES_KW_V2_LEN);
+        WrappedDek::new(blob)
+    };
+    let legacy = legacy_for(&k9);
+    let back = mb.unwrap_dek(&k9, &now.id, &legacy).await.unwrap();
+    assert_eq!(back.expose(), dek.expose());
+    assert!(matches!(
+        mb.unwrap_dek(&key_id(10), &now.id, &legacy).await,
+        Err(BackendError::InvalidWrapped)
+    ));
+    let legacy_key = ResidentKey {
+        key_id: k9.clone(),
+        kek_id: now.id.clone(),
+        wrapped: legacy.clone(),
+    };
+    let sealed = seal(&b, &legacy_key, &[b"legacy"], b"l").await;
+    let (moved_legacy, _) = b.rewrap_dek(&k9, &now.id, &legacy).await.unwrap();
+    assert_eq!(moved_legacy.as_bytes()[0], 0x03);
+    let moved_key = ResidentKey {
+        wrapped: moved_legacy,
+        ..legacy_key
+    };
+    b.forget_resident(&k9);
+    assert_eq!(
+        open(&b, &moved_key, &sealed[0], b"l").await.unwrap(),
+        b"legacy"
+    );
+    // An AesKwV3 binding cannot be moved to another key id: only the HSM's binding key,
+    // which no call drives, makes one, and the key part under the same KEK does not help.
+    let mut swapped = legacy_for(&key_id(11)).as_bytes().to_vec();
+    swapped[0] = 0x03;
+    swapped.truncate(5 + AES_KW_LEN);
+    swapped.extend_from_slice(&v3.as_bytes()[5 + AES_KW_LEN..]);
+    assert!(matches!(
+        mb.unwrap_dek(&key_id(11), &now.id, &WrappedDek::new(swapped))
+            .await,
+        Err(BackendError::InvalidWrapped)
+    ));
+    drop(mb);
 
     // Every session lost at once: the objects are gone with them; the backend reopens and
     // unwraps them again.

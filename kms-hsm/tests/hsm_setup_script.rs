@@ -172,6 +172,7 @@ fn setup_script_is_idempotent_and_its_token_serves_the_backend() {
         ),
         kek_label: KekId::parse("script-kek").unwrap(),
         audit_key_label: "script-kek-audit".into(),
+        binding_key_label: "script-kek-binding".into(),
         sessions: 2,
         residency: Default::default(),
         resident_keys_per_session: 64,

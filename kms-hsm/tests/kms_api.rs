@@ -31,9 +31,9 @@ async fn round_trip_over_unix_socket() {
     assert_eq!(k.kek_id.as_str(), common::KEK_LABEL);
     assert_eq!(k.kek_version.get(), 1);
     // memory residency: an encrypt-class KEK, AesGcmV1; hsm residency: a wrap-class KEK,
-    // AesKwV2.
+    // AesKwV3.
     let (len, tag) = if common::residency_is_hsm() {
-        (73, 0x02)
+        (77, 0x03)
     } else {
         (65, 0x01)
     };
@@ -57,8 +57,9 @@ async fn round_trip_over_unix_socket() {
         .is_empty());
 
     // The KMS's own binding AADs are refused: no client can have the KMS compute the check
-    // that binds this DEK to another key id (AesKwV2: AES-GCM under the DEK of an empty
-    // message with the wrap AAD), which would let a copy of its blob be planted under that id.
+    // that binds this DEK to another key id in a legacy AesKwV2 blob (AES-GCM under the DEK
+    // of an empty message with the wrap AAD), which would let a copy of its blob be planted
+    // under that id.
     let forged = [&b"progressdb-kms:dek:v1\0"[..], b"another-key-id"].concat();
     for aad in [&forged[..], b"progressdb-kms:"] {
         let err = c.encrypt(&k.key_id, b"", Some(aad)).await.unwrap_err();

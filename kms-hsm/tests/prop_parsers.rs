@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kms_api::WrappedDek;
-use progressdb_kms::backend::{parse_wrapped_header, AES_GCM_V1_LEN, AES_KW_V2_LEN};
+use progressdb_kms::backend::{
+    parse_wrapped_header, WrapFormat, AES_GCM_V1_LEN, AES_KW_V2_LEN, AES_KW_V3_LEN,
+};
 use proptest::prelude::*;
 use ring::rand::SystemRandom;
 use service_kit::aead::{open, seal, DataKey};
@@ -13,10 +15,12 @@ use service_kit::aead::{open, seal, DataKey};
 proptest! {
     #[test]
     fn wrapped_headers_parse_exactly(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
-        // Both formats: tag 1 (AES-GCM, the memory residency's) and tag 2 (AES key wrap, the
-        // hsm residency's), each at its own exact length, with a version that is not 0.
+        // Every format: tag 1 (AES-GCM, under encrypt-class KEKs), tag 2 (AES key wrap with
+        // a check under the DEK, read only) and tag 3 (AES key wrap bound by the HSM's HMAC),
+        // each at its own exact length, with a version that is not 0.
         let ok = ((bytes.len() == AES_GCM_V1_LEN && bytes[0] == 1)
-            || (bytes.len() == AES_KW_V2_LEN && bytes[0] == 2))
+            || (bytes.len() == AES_KW_V2_LEN && bytes[0] == 2)
+            || (bytes.len() == AES_KW_V3_LEN && bytes[0] == 3))
             && u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) != 0;
         let parsed = parse_wrapped_header(&WrappedDek::new(bytes.clone()));
         prop_assert_eq!(parsed.is_ok(), ok);
@@ -26,12 +30,12 @@ proptest! {
     }
 
     #[test]
-    fn well_formed_headers_of_both_formats_parse(
-        tag in 1u8..=2,
+    fn well_formed_headers_of_every_format_parse(
+        tag in 1u8..=3,
         version in 1u32..,
-        rest in proptest::collection::vec(any::<u8>(), AES_KW_V2_LEN),
+        rest in proptest::collection::vec(any::<u8>(), AES_KW_V3_LEN),
     ) {
-        let len = if tag == 1 { AES_GCM_V1_LEN } else { AES_KW_V2_LEN };
+        let len = WrapFormat::from_tag(tag).unwrap().blob_len();
         let mut bytes = vec![tag];
         bytes.extend_from_slice(&version.to_be_bytes());
         bytes.extend_from_slice(&rest[..len - 5]);

@@ -45,6 +45,7 @@ fn a_token_that_hands_out_sensitive_values_is_refused_at_start() {
         pin: SecretString::from(pin.clone()),
         kek_label: KekId::parse("progressdb-kek").unwrap(),
         audit_key_label: "progressdb-kek-audit".into(),
+        binding_key_label: "progressdb-kek-binding".into(),
         sessions: 1,
         residency: Default::default(),
         resident_keys_per_session: 64,

@@ -162,9 +162,9 @@ fn recover(s: &Session, kms: &Kms, kek_label: &str, key_id: &str) -> Vec<u8> {
             s.decrypt(&Mechanism::AesGcm(params), k, &blob[17..])
                 .unwrap()
         }
-        // AesKwV2 under a wrap-class KEK: unwrapped into a readable object of ours.
-        0x02 => {
-            assert_eq!(blob.len(), 73);
+        // AesKwV3 under a wrap-class KEK: unwrapped into a readable object of ours.
+        0x03 => {
+            assert_eq!(blob.len(), 77);
             let h = s
                 .unwrap_key(
                     &Mechanism::AesKeyWrap,
@@ -425,8 +425,8 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     for key in &keys {
         assert_eq!(
             wrap_format(&kms, key),
-            0x02,
-            "{key} was not moved to AesKwV2"
+            0x03,
+            "{key} was not moved to AesKwV3"
         );
     }
     // The old version destroyed while the KMS still caches blobs under it: it reads the
@@ -450,7 +450,7 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
         k["key_id"].as_str().unwrap().to_owned()
     };
     sealed.push((key.clone(), "after".into(), encrypt(&kms, &key, "after")));
-    assert_eq!(wrap_format(&kms, &key), 0x02);
+    assert_eq!(wrap_format(&kms, &key), 0x03);
     assert_eq!(
         counter(&kms, "progressdb_kms_hsm_dek_imports_total"),
         0.0,
@@ -458,7 +458,7 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     );
     assert!(counter(&kms, "progressdb_kms_hsm_resident_loads_total") >= 6.0);
 
-    // Back to memory mode: AesKwV2 DEKs are unwrapped into memory; new ones are AesKwV2
+    // Back to memory mode: AesKwV3 DEKs are unwrapped into memory; new ones are AesKwV3
     // too (the current KEK is wrap-class).
     switch(&mut kms, &hsm, "memory");
     assert_decrypts(&kms, &sealed);
@@ -469,7 +469,7 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     );
     assert_eq!(s, 200, "{k}");
     let key = k["key_id"].as_str().unwrap().to_owned();
-    assert_eq!(wrap_format(&kms, &key), 0x02);
+    assert_eq!(wrap_format(&kms, &key), 0x03);
     sealed.push((key.clone(), "again".into(), encrypt(&kms, &key, "again")));
     switch(&mut kms, &hsm, "hsm");
     assert_decrypts(&kms, &sealed);

@@ -336,7 +336,11 @@ async fn a_call_has_a_returned_replica_probed_at_once_and_goes_to_it() {
         "waited {:?}: the call waited for the next tick instead of asking for a probe",
         t.elapsed()
     );
-    assert_eq!(a.calls(), before + 1, "the call went to the returned replica");
+    assert_eq!(
+        a.calls(),
+        before + 1,
+        "the call went to the returned replica"
+    );
     checks.abort();
 }
 

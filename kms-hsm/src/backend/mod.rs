@@ -14,13 +14,22 @@
 //! The DEK is encrypted by the HSM with `CKM_AES_GCM` under the KEK `(kek_id, kek_version)`,
 //! with AAD = [`wrap_aad`] (binds the blob to its key id, KEK id and KEK version).
 //!
-//! `AesKwV2` (tag `0x02`), 73 bytes, under a *wrap-class* KEK ([`KekClass::Wrap`]):
+//! `AesKwV3` (tag `0x03`), 77 bytes, under a *wrap-class* KEK ([`KekClass::Wrap`]), the
+//! format of every new wrap under one:
 //! `tag(1) | kek_version (u32 BE, 4) | C_WrapKey output (CKM_AES_KEY_WRAP, RFC 3394, 40) |
-//! check iv (12) | check tag (16)`. The DEK is a key object wrapped by the HSM, so it can be
-//! unwrapped into a non-extractable object without its bytes leaving the HSM
-//! ([`DekResidency::Hsm`]). RFC 3394 authenticates the DEK under the KEK but takes no AAD:
-//! the *check* (AES-GCM under the DEK itself of an empty message, AAD = [`wrap_aad`]) binds
-//! the blob to its key id and KEK; a blob whose check fails is refused like a bad GCM tag.
+//! binding (32)`. The DEK is a key object wrapped by the HSM, so it can be unwrapped into a
+//! non-extractable object without its bytes leaving the HSM ([`DekResidency::Hsm`]).
+//! RFC 3394 authenticates the DEK under the KEK but takes no AAD: the *binding*,
+//! `HMAC-SHA256(binding key, `[`binding_input`]`)` computed by the HSM under its own
+//! non-extractable key (`hsm.binding_key_label`), ties the blob to its key id and KEK. No
+//! call of the key API drives that key, so no client (nor anyone who learnt a DEK) can bind
+//! a DEK to a key id of its choosing; a blob whose binding fails is refused like a bad GCM tag.
+//!
+//! `AesKwV2` (tag `0x02`), 73 bytes, is read, never written: the same key part followed by a
+//! *check* (`iv (12) | tag (16)`: AES-GCM under the DEK itself of an empty message, AAD =
+//! [`wrap_aad`]). Anyone who can run AES-GCM under the DEK can make that check; every AAD
+//! under the reserved prefix is refused on the key API for that reason, and a KEK rotation
+//! rewraps every such blob as `AesKwV3`.
 //!
 //! # DEK residency
 //! [`DekResidency::Memory`] (the default): the service holds unwrapped DEKs in its bounded
@@ -60,8 +69,12 @@ pub enum WrapFormat {
     /// via `C_Encrypt`, AAD = [`wrap_aad`].
     AesGcmV1 = 0x01,
     /// DEK key object wrapped by the HSM with `CKM_AES_KEY_WRAP` (RFC 3394) via
-    /// `C_WrapKey`, followed by its check (see the module documentation).
+    /// `C_WrapKey`, followed by its check under the DEK (see the module documentation).
+    /// Read only: rotations rewrap these blobs as [`WrapFormat::AesKwV3`].
     AesKwV2 = 0x02,
+    /// DEK key object wrapped as in `AesKwV2`, bound to its key id and KEK by an
+    /// HMAC-SHA256 in the HSM under the binding key (see the module documentation).
+    AesKwV3 = 0x03,
 }
 
 impl WrapFormat {
@@ -70,7 +83,7 @@ impl WrapFormat {
     pub const fn for_kek(class: KekClass) -> WrapFormat {
         match class {
             KekClass::Encrypt => WrapFormat::AesGcmV1,
-            KekClass::Wrap => WrapFormat::AesKwV2,
+            KekClass::Wrap => WrapFormat::AesKwV3,
         }
     }
 
@@ -78,7 +91,7 @@ impl WrapFormat {
     pub const fn kek_class(self) -> KekClass {
         match self {
             WrapFormat::AesGcmV1 => KekClass::Encrypt,
-            WrapFormat::AesKwV2 => KekClass::Wrap,
+            WrapFormat::AesKwV2 | WrapFormat::AesKwV3 => KekClass::Wrap,
         }
     }
 
@@ -86,6 +99,7 @@ impl WrapFormat {
         match tag {
             0x01 => Some(WrapFormat::AesGcmV1),
             0x02 => Some(WrapFormat::AesKwV2),
+            0x03 => Some(WrapFormat::AesKwV3),
             _ => None,
         }
     }
@@ -95,6 +109,7 @@ impl WrapFormat {
         match self {
             WrapFormat::AesGcmV1 => AES_GCM_V1_LEN,
             WrapFormat::AesKwV2 => AES_KW_V2_LEN,
+            WrapFormat::AesKwV3 => AES_KW_V3_LEN,
         }
     }
 }
@@ -105,7 +120,8 @@ impl WrapFormat {
 pub enum KekClass {
     /// Encrypts and decrypts DEK bytes (`AesGcmV1`): the DEK passes through the KMS.
     Encrypt,
-    /// Wraps and unwraps DEK key objects (`AesKwV2`): the DEK can stay in the HSM.
+    /// Wraps and unwraps DEK key objects (`AesKwV3`, and `AesKwV2` read): the DEK can stay
+    /// in the HSM.
     Wrap,
 }
 
@@ -186,6 +202,21 @@ pub fn wrap_aad(key_id: &KeyId, kek: &KekRef) -> Vec<u8> {
     aad
 }
 
+/// What the binding of an `AesKwV3` blob authenticates:
+/// `"progressdb-kms:dek-binding:v3" 0x00 | wrap_aad(key_id, kek) | kw (40)`.
+pub fn binding_input(key_id: &KeyId, kek: &KekRef, kw: &[u8]) -> Vec<u8> {
+    const DOMAIN: &[u8] = b"dek-binding:v3\0";
+    let aad = wrap_aad(key_id, kek);
+    let mut m = Vec::with_capacity(
+        kms_api::RESERVED_AAD_PREFIX.len() + DOMAIN.len() + aad.len() + kw.len(),
+    );
+    m.extend_from_slice(kms_api::RESERVED_AAD_PREFIX);
+    m.extend_from_slice(DOMAIN);
+    m.extend_from_slice(&aad);
+    m.extend_from_slice(kw);
+    m
+}
+
 /// The parsed header of a wrapped DEK (format and KEK version), without touching the HSM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WrappedHeader {
@@ -220,6 +251,10 @@ pub const AES_GCM_V1_LEN: usize = 1 + 4 + 12 + DEK_LEN + 16;
 pub const AES_KW_LEN: usize = DEK_LEN + 8;
 /// Length of an `AesKwV2` wrapped DEK.
 pub const AES_KW_V2_LEN: usize = 1 + 4 + AES_KW_LEN + 12 + 16;
+/// Length of an `AesKwV3` binding (HMAC-SHA256).
+pub const BINDING_LEN: usize = 32;
+/// Length of an `AesKwV3` wrapped DEK.
+pub const AES_KW_V3_LEN: usize = 1 + 4 + AES_KW_LEN + BINDING_LEN;
 
 /// Settings of the PKCS#11 backend (section `[hsm]` of the KMS config).
 #[derive(Clone)]
@@ -234,6 +269,9 @@ pub struct HsmSettings {
     pub kek_label: KekId,
     /// Label of the audit log's HMAC key (a generic-secret token object, never extractable).
     pub audit_key_label: String,
+    /// Label of the HMAC key that binds `AesKwV3` blobs to their key id and KEK (same kind
+    /// of object as the audit key, used for nothing else).
+    pub binding_key_label: String,
     /// Sessions (= worker threads) opened against the token.
     pub sessions: usize,
     /// Where unwrapped DEKs live (`hsm.dek_residency`).
@@ -272,11 +310,40 @@ impl fmt::Debug for HsmSettings {
             .field("pin", &"<redacted>")
             .field("kek_label", &self.kek_label)
             .field("audit_key_label", &self.audit_key_label)
+            .field("binding_key_label", &self.binding_key_label)
             .field("sessions", &self.sessions)
             .field("residency", &self.residency)
             .field("resident_keys_per_session", &self.resident_keys_per_session)
             .field("limits", &self.limits)
             .finish()
+    }
+}
+
+/// What one of the KMS's HMAC keys in the token is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmacRole {
+    /// Chains the audit log (`hsm.audit_key_label`).
+    Audit,
+    /// Binds `AesKwV3` blobs to their key id and KEK (`hsm.binding_key_label`).
+    Binding,
+}
+
+impl HmacRole {
+    /// The configuration key that names this key's label.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            HmacRole::Audit => "hsm.audit_key_label",
+            HmacRole::Binding => "hsm.binding_key_label",
+        }
+    }
+}
+
+impl fmt::Display for HmacRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HmacRole::Audit => "audit",
+            HmacRole::Binding => "DEK binding",
+        })
     }
 }
 
@@ -303,10 +370,16 @@ pub enum BackendError {
         version: KekVersion,
         reason: String,
     },
-    /// The audit log's HMAC key is missing or is not a hardened key; nothing is audited, so
-    /// nothing that must be audited is done. Fatal at start-up, 503 later.
-    #[error("audit key '{label}': {reason}")]
-    AuditKey { label: String, reason: String },
+    /// One of the KMS's HMAC keys (the audit log's, or the binding key of `AesKwV3` blobs)
+    /// is missing or is not a hardened key: nothing is audited (so nothing that must be
+    /// audited is done), or no DEK is wrapped or unwrapped under a wrap-class KEK. Fatal at
+    /// start-up, 503 later.
+    #[error("{role} key '{label}': {reason}")]
+    HmacKey {
+        role: HmacRole,
+        label: String,
+        reason: String,
+    },
     /// The token refused the PIN. Never retried (a real HSM locks the PIN after a few
     /// failures); the KMS stays unready until it is restarted with a correct PIN.
     #[error("HSM PIN rejected: {0}")]
@@ -438,7 +511,7 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// whole batch.
     ///
     /// # Errors
-    /// `AuditKey` when the audit key is missing or refused; `Unavailable`/`Overloaded`.
+    /// `HmacKey` when the audit key is missing or refused; `Unavailable`/`Overloaded`.
     fn audit_chain(
         &self,
         prev: [u8; 32],

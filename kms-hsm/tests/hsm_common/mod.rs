@@ -57,6 +57,7 @@ impl TestHsm {
             pin: SecretString::from(self.pin(token)),
             kek_label: KekId::parse(KEK_LABEL).unwrap(),
             audit_key_label: format!("{KEK_LABEL}-audit"),
+            binding_key_label: format!("{KEK_LABEL}-binding"),
             sessions,
             residency: residency(),
             resident_keys_per_session: 64,

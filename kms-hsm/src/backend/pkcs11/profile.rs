@@ -17,7 +17,7 @@
 //!
 //! and a random-number generator (`CKF_RNG`: DEKs and IVs come from the token). The key-wrap
 //! mechanisms the token has are recorded in preference order (`CKM_AES_KEY_WRAP_PAD`, then
-//! `CKM_AES_KEY_WRAP`); `hsm.dek_residency = "hsm"` needs `CKM_AES_KEY_WRAP` (the `AesKwV2`
+//! `CKM_AES_KEY_WRAP`); `hsm.dek_residency = "hsm"` needs `CKM_AES_KEY_WRAP` (the `AesKwV3`
 //! format), checked by the backend at open.
 //! (Kryoptic has `CKM_AES_KEY_WRAP` and PKCS#11 3.0's `CKM_AES_KEY_WRAP_KWP` instead of
 //! `_PAD`; SoftHSM has both of the first two.)
@@ -211,7 +211,7 @@ pub(super) fn read(
             token.manufacturer_id().trim_end(),
             token.model().trim_end()
         ),
-        dek_wrap: "CKM_AES_GCM under an encrypt-class KEK (AesGcmV1: IV from the token RNG, AAD bound to the key id); CKM_AES_KEY_WRAP plus an AES-GCM check under a wrap-class KEK (AesKwV2)",
+        dek_wrap: "CKM_AES_GCM under an encrypt-class KEK (AesGcmV1: IV from the token RNG, AAD bound to the key id); CKM_AES_KEY_WRAP plus an HMAC-SHA256 binding under the HSM's binding key, under a wrap-class KEK (AesKwV3)",
         key_wrap,
         max_sessions: match token.max_session_count() {
             cryptoki::slot::Limit::Max(n) if n > 0 => Some(n),

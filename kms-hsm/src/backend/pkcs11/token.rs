@@ -11,7 +11,7 @@ use cryptoki::types::Ulong;
 use kms_api::{KekId, KekVersion};
 use secrecy::SecretString;
 
-use crate::backend::{BackendError, KekClass, KekRef, DEK_LEN};
+use crate::backend::{BackendError, HmacRole, KekClass, KekRef, DEK_LEN};
 
 /// A failed PKCS#11 call, kept structured so the caller can decide on recovery.
 #[derive(Debug)]
@@ -494,9 +494,9 @@ pub(super) fn generate_kek(
     }
 }
 
-/// What the audit key must be: a generic secret generated in the token, sensitive, never
-/// extractable, for HMAC signing and verifying only.
-const AUDIT_KEY_REQUIREMENTS: &[(AttributeType, bool)] = &[
+/// What an HMAC key of the KMS (the audit key, the binding key) must be: a generic secret
+/// generated in the token, sensitive, never extractable, for HMAC signing and verifying only.
+const HMAC_KEY_REQUIREMENTS: &[(AttributeType, bool)] = &[
     (AttributeType::Token, true),
     (AttributeType::Private, true),
     (AttributeType::Sensitive, true),
@@ -513,10 +513,10 @@ const AUDIT_KEY_REQUIREMENTS: &[(AttributeType, bool)] = &[
     (AttributeType::Derive, false),
 ];
 
-/// Length of the audit key (HMAC-SHA256).
-pub(super) const AUDIT_KEY_LEN: usize = 32;
+/// Length of an HMAC key of the KMS (HMAC-SHA256).
+pub(super) const HMAC_KEY_LEN: usize = 32;
 
-fn audit_key_search(label: &str) -> Vec<Attribute> {
+fn hmac_key_search(label: &str) -> Vec<Attribute> {
     vec![
         Attribute::Token(true),
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -524,19 +524,24 @@ fn audit_key_search(label: &str) -> Vec<Attribute> {
     ]
 }
 
-/// The handle of the audit key labelled `label`, which must exist exactly once and meet
-/// [`AUDIT_KEY_REQUIREMENTS`].
+/// The handle of the `role` HMAC key labelled `label`, which must exist exactly once and
+/// meet [`HMAC_KEY_REQUIREMENTS`].
 ///
 /// # Errors
-/// `AuditKey` when it is absent, duplicated or not hardened.
-pub(super) fn find_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, OpError> {
+/// `HmacKey` when it is absent, duplicated or not hardened.
+pub(super) fn find_hmac_key(
+    session: &Session,
+    role: HmacRole,
+    label: &str,
+) -> Result<ObjectHandle, OpError> {
     let refused = |reason: String| {
-        OpError::Backend(BackendError::AuditKey {
+        OpError::Backend(BackendError::HmacKey {
+            role,
             label: label.to_owned(),
             reason,
         })
     };
-    let found = session.find_objects(&audit_key_search(label))?;
+    let found = session.find_objects(&hmac_key_search(label))?;
     let h = match found.as_slice() {
         [h] => *h,
         [] => {
@@ -546,7 +551,7 @@ pub(super) fn find_audit_key(session: &Session, label: &str) -> Result<ObjectHan
         }
         _ => return Err(refused(format!("{} objects carry this label", found.len()))),
     };
-    let mut wanted: Vec<AttributeType> = AUDIT_KEY_REQUIREMENTS.iter().map(|(t, _)| *t).collect();
+    let mut wanted: Vec<AttributeType> = HMAC_KEY_REQUIREMENTS.iter().map(|(t, _)| *t).collect();
     wanted.extend([AttributeType::KeyType, AttributeType::ValueLen]);
     let attrs = session.get_attributes(h, &wanted)?;
     if !attrs
@@ -559,23 +564,23 @@ pub(super) fn find_audit_key(session: &Session, label: &str) -> Result<ObjectHan
         Attribute::ValueLen(v) => Some(usize::from(*v)),
         _ => None,
     });
-    if len != Some(AUDIT_KEY_LEN) {
+    if len != Some(HMAC_KEY_LEN) {
         return Err(refused(format!(
-            "CKA_VALUE_LEN is {len:?}, expected {AUDIT_KEY_LEN}"
+            "CKA_VALUE_LEN is {len:?}, expected {HMAC_KEY_LEN}"
         )));
     }
     let flags: Vec<(AttributeType, bool)> = attrs.iter().filter_map(bool_attr).collect();
-    unmet_requirement(&flags, AUDIT_KEY_REQUIREMENTS).map_or(Ok(()), |why| Err(refused(why)))?;
+    unmet_requirement(&flags, HMAC_KEY_REQUIREMENTS).map_or(Ok(()), |why| Err(refused(why)))?;
     Ok(h)
 }
 
-/// Generates the audit key in the token (`CKM_GENERIC_SECRET_KEY_GEN`, 32 bytes). Needs a
-/// read-write, logged-in session.
-pub(super) fn generate_audit_key(session: &Session, label: &str) -> Result<ObjectHandle, Error> {
+/// Generates an HMAC key of the KMS in the token (`CKM_GENERIC_SECRET_KEY_GEN`, 32 bytes).
+/// Needs a read-write, logged-in session.
+pub(super) fn generate_hmac_key(session: &Session, label: &str) -> Result<ObjectHandle, Error> {
     let base = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::ValueLen(Ulong::new(AUDIT_KEY_LEN as _)),
+        Attribute::ValueLen(Ulong::new(HMAC_KEY_LEN as _)),
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),

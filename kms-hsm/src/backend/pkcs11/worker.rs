@@ -40,11 +40,11 @@ use zeroize::Zeroizing;
 use super::context::{Pkcs11Context, Reset};
 use super::token::{self, classify, describe, Disposition, OpError};
 use crate::backend::{
-    wrap_aad, BackendError, Dek, DekResidency, KekClass, KekRef, ResidentItem, ResidentKey,
-    WrapFormat, AES_GCM_V1_LEN, AES_KW_LEN, AES_KW_V2_LEN, DEK_LEN,
+    binding_input, wrap_aad, BackendError, Dek, DekResidency, HmacRole, KekClass, KekRef,
+    ResidentItem, ResidentKey, WrapFormat, AES_GCM_V1_LEN, AES_KW_LEN, AES_KW_V3_LEN, BINDING_LEN,
+    DEK_LEN,
 };
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use service_kit::aead;
 
 /// GCM IV length (96 bits) and tag length (128 bits) of `AesGcmV1`.
 const IV_LEN: usize = 12;
@@ -58,6 +58,8 @@ pub(super) struct WorkerPool {
     pub(super) ctx: &'static Pkcs11Context,
     pub(super) token_label: String,
     pub(super) audit_label: String,
+    /// Label of the key that binds `AesKwV3` blobs (`hsm.binding_key_label`).
+    pub(super) binding_label: String,
     pub(super) pin: SecretString,
     pub(super) current: RwLock<KekRef>,
     pub(super) calls: AtomicU64,
@@ -221,6 +223,9 @@ struct Live {
     keks: HashMap<KekRef, (ObjectHandle, KekClass)>,
     /// The audit key's handle, found (and checked) once per session.
     audit: Option<ObjectHandle>,
+    /// The binding key's label, and its handle once found (and checked) in this session.
+    binding_label: String,
+    binding: Option<ObjectHandle>,
     known: Option<Arc<WorkerPool>>,
     /// Hsm residency: this session's DEK objects. They die with the session, so a new
     /// session starts with an empty map.
@@ -321,6 +326,16 @@ impl Live {
             (h, c) if c == class => Ok(h),
             _ => Err(OpError::Backend(BackendError::InvalidWrapped)),
         }
+    }
+
+    /// The binding key's handle, found (and checked) once per session.
+    fn binding_key(&mut self) -> Result<ObjectHandle, OpError> {
+        if let Some(h) = self.binding {
+            return Ok(h);
+        }
+        let h = token::find_hmac_key(&self.session, HmacRole::Binding, &self.binding_label)?;
+        self.binding = Some(h);
+        Ok(h)
     }
 
     /// Keeps `h` as `key_id`'s DEK object, destroying what that pushes out.
@@ -933,6 +948,8 @@ impl Worker {
             generation: ctx.generation(),
             keks: HashMap::new(),
             audit: None,
+            binding_label: self.pool.binding_label.clone(),
+            binding: None,
             known: Some(Arc::clone(&self.pool)),
             resident: ResidentObjects::new(self.pool.resident_cap),
         };
@@ -968,12 +985,13 @@ fn generate(
 }
 
 /// `dek` wrapped under `kek` in the format of its class: encrypted by the HSM (`AesGcmV1`,
-/// IV from the HSM RNG), or made a session key object for the HSM to wrap (`AesKwV2`).
+/// IV from the HSM RNG), or made a session key object for the HSM to wrap and bind
+/// (`AesKwV3`).
 fn seal(live: &mut Live, key_id: &KeyId, kek: &KekRef, dek: &Dek) -> Result<WrappedDek, OpError> {
     let (handle, class) = live.kek(kek)?;
     if class == KekClass::Wrap {
         let obj = create_dek_object(live, dek, Extract::ByWrapOnly)?;
-        let out = wrap_object(live, key_id, kek, handle, obj, Check::Local(dek));
+        let out = wrap_object(live, key_id, kek, handle, obj);
         destroy_quietly(live, obj);
         return out;
     }
@@ -1010,10 +1028,18 @@ fn unwrap(
     wrapped: &WrappedDek,
 ) -> Result<Dek, OpError> {
     match format {
-        WrapFormat::AesKwV2 => {
-            // Unwrapped into a readable session object, read, destroyed; then the check.
+        WrapFormat::AesKwV2 | WrapFormat::AesKwV3 => {
+            // Unwrapped into a readable session object, checked, read, destroyed.
             let handle = live.kek_of(kek, KekClass::Wrap)?;
-            let obj = unwrap_object(live, handle, wrapped, Extract::Readable)?;
+            let obj = unwrap_checked(
+                live,
+                handle,
+                key_id,
+                kek,
+                format,
+                wrapped,
+                Extract::Readable,
+            )?;
             let value = live
                 .session
                 .get_attributes(obj, &[AttributeType::Value])
@@ -1036,14 +1062,7 @@ fn unwrap(
                     "the token did not return the unwrapped DEK's value".into(),
                 )));
             }
-            let dek = Dek::from_bytes(dek);
-            let check = wrapped
-                .as_bytes()
-                .get(5 + AES_KW_LEN..)
-                .ok_or(OpError::Backend(BackendError::InvalidWrapped))?;
-            aead::open(&dek, check, &wrap_aad(key_id, kek))
-                .map_err(|_| OpError::Backend(BackendError::InvalidWrapped))?;
-            Ok(dek)
+            Ok(Dek::from_bytes(dek))
         }
         WrapFormat::AesGcmV1 => {
             let b = wrapped.as_bytes();
@@ -1079,7 +1098,8 @@ enum Extract {
     Never,
     /// Only wrapped under a KEK: sensitive, extractable (made to be wrapped, then destroyed).
     ByWrapOnly,
-    /// Read in the clear (memory residency unwrapping an `AesKwV2` blob), then destroyed.
+    /// Read in the clear (memory residency unwrapping an `AesKwV2`/`AesKwV3` blob), then
+    /// destroyed.
     Readable,
 }
 
@@ -1123,7 +1143,8 @@ fn create_dek_object(live: &Live, dek: &Dek, extract: Extract) -> Result<ObjectH
     Ok(out?)
 }
 
-/// `C_UnwrapKey` of an `AesKwV2` blob's key part under the wrap-class KEK `kek_h`.
+/// `C_UnwrapKey` of an `AesKwV2`/`AesKwV3` blob's key part under the wrap-class KEK `kek_h`,
+/// unchecked: callers go through [`unwrap_checked`].
 fn unwrap_object(
     live: &Live,
     kek_h: ObjectHandle,
@@ -1153,21 +1174,14 @@ fn unwrap_object(
     }
 }
 
-/// How the check of an `AesKwV2` blob is made: with the DEK's bytes here, or by the HSM
-/// with its session object.
-enum Check<'a> {
-    Local(&'a Dek),
-    InHsm,
-}
-
-/// The `AesKwV2` blob of the DEK object `obj` (extractable) under the wrap-class KEK.
+/// The `AesKwV3` blob of the DEK object `obj` (extractable) under the wrap-class KEK: its
+/// RFC 3394 wrap and the binding the HSM computes over it.
 fn wrap_object(
-    live: &Live,
+    live: &mut Live,
     key_id: &KeyId,
     kek: &KekRef,
     kek_h: ObjectHandle,
     obj: ObjectHandle,
-    check: Check<'_>,
 ) -> Result<WrappedDek, OpError> {
     let kw = live.session.wrap_key(&Mechanism::AesKeyWrap, kek_h, obj)?;
     if kw.len() != AES_KW_LEN {
@@ -1176,38 +1190,79 @@ fn wrap_object(
             kw.len()
         ))));
     }
-    let aad = wrap_aad(key_id, kek);
-    let check = match check {
-        Check::Local(dek) => {
-            let rng = ring::rand::SystemRandom::new();
-            aead::seal(&rng, dek, b"", &aad).map_err(|_| {
-                OpError::Backend(BackendError::Internal("random generator failed".into()))
-            })?
-        }
-        Check::InHsm => {
-            let mut iv = [0u8; IV_LEN];
-            live.session.generate_random_slice(&mut iv)?;
-            let tag = {
-                let params = GcmParams::new(&mut iv, &aad, gcm_tag_bits())?;
-                live.session.encrypt(&Mechanism::AesGcm(params), obj, &[])?
-            };
-            let mut c = iv.to_vec();
-            c.extend_from_slice(&tag);
-            c
-        }
-    };
-    if check.len() != IV_LEN + TAG_LEN {
-        return Err(OpError::Backend(BackendError::Internal(
-            "the wrap check has the wrong length".into(),
-        )));
-    }
-    let mut blob = Vec::with_capacity(AES_KW_V2_LEN);
-    blob.push(WrapFormat::AesKwV2 as u8);
+    let binding = binding(live, key_id, kek, &kw)?;
+    let mut blob = Vec::with_capacity(AES_KW_V3_LEN);
+    blob.push(WrapFormat::AesKwV3 as u8);
     blob.extend_from_slice(&kek.version.get().to_be_bytes());
     blob.extend_from_slice(&kw);
-    blob.extend_from_slice(&check);
-    debug_assert_eq!(blob.len(), AES_KW_V2_LEN);
+    blob.extend_from_slice(&binding);
+    debug_assert_eq!(blob.len(), AES_KW_V3_LEN);
     Ok(WrappedDek::new(blob))
+}
+
+/// `HMAC-SHA256(binding key, binding_input(key_id, kek, kw))`, computed by the HSM.
+fn binding(
+    live: &mut Live,
+    key_id: &KeyId,
+    kek: &KekRef,
+    kw: &[u8],
+) -> Result<[u8; BINDING_LEN], OpError> {
+    let key = live.binding_key()?;
+    let mac = live
+        .session
+        .sign(&Mechanism::Sha256Hmac, key, &binding_input(key_id, kek, kw))?;
+    <[u8; BINDING_LEN]>::try_from(mac.as_slice()).map_err(|_| {
+        OpError::Backend(BackendError::Internal(format!(
+            "HMAC-SHA256 returned {} bytes",
+            mac.len()
+        )))
+    })
+}
+
+/// Unwraps the key part of an `AesKwV2`/`AesKwV3` blob into a session object and checks what
+/// binds it to `key_id` and `kek`: an `AesKwV3` binding before anything is unwrapped, an
+/// `AesKwV2` check with the unwrapped object (which is destroyed if it fails). A blob that
+/// fails is `InvalidWrapped`.
+fn unwrap_checked(
+    live: &mut Live,
+    kek_h: ObjectHandle,
+    key_id: &KeyId,
+    kek: &KekRef,
+    format: WrapFormat,
+    wrapped: &WrappedDek,
+    extract: Extract,
+) -> Result<ObjectHandle, OpError> {
+    let b = wrapped.as_bytes();
+    let (Some(kw), Some(tail)) = (b.get(5..5 + AES_KW_LEN), b.get(5 + AES_KW_LEN..)) else {
+        return Err(OpError::Backend(BackendError::InvalidWrapped));
+    };
+    match format {
+        WrapFormat::AesKwV3 => {
+            // Verified by the HSM (`C_Verify`), which compares in constant time.
+            let key = live.binding_key()?;
+            match live.session.verify(
+                &Mechanism::Sha256Hmac,
+                key,
+                &binding_input(key_id, kek, kw),
+                tail,
+            ) {
+                Ok(()) => {}
+                Err(cryptoki::error::Error::Pkcs11(
+                    RvError::SignatureInvalid | RvError::SignatureLenRange,
+                    _,
+                )) => return Err(OpError::Backend(BackendError::InvalidWrapped)),
+                Err(e) => return Err(e.into()),
+            }
+            unwrap_object(live, kek_h, wrapped, extract)
+        }
+        WrapFormat::AesKwV2 => {
+            let h = unwrap_object(live, kek_h, wrapped, extract)?;
+            check_in_hsm(live, key_id, kek, wrapped, h)
+                .inspect_err(|_| destroy_quietly(live, h))?;
+            Ok(h)
+        }
+        WrapFormat::AesGcmV1 => Err(OpError::Backend(BackendError::InvalidWrapped)),
+    }
 }
 
 /// Verifies an `AesKwV2` blob's check with the DEK object `obj`, inside the HSM.
@@ -1242,7 +1297,7 @@ fn check_in_hsm(
 }
 
 /// Hsm residency: the session object of `key`'s DEK, from this session's map or made now:
-/// unwrapped by the HSM (`AesKwV2`, then checked by the HSM), or, for an `AesGcmV1` blob,
+/// unwrapped and checked by the HSM (`AesKwV3`, `AesKwV2`), or, for an `AesGcmV1` blob,
 /// decrypted and imported once (its bytes pass through this worker, zeroized at once).
 fn resident_handle(
     live: &mut Live,
@@ -1255,14 +1310,17 @@ fn resident_handle(
         return Ok(h);
     }
     let h = match format {
-        WrapFormat::AesKwV2 => {
+        WrapFormat::AesKwV2 | WrapFormat::AesKwV3 => {
             let kek_h = live.kek_of(kek, KekClass::Wrap)?;
-            let h = unwrap_object(live, kek_h, &key.wrapped, Extract::Never)?;
-            if let Err(e) = check_in_hsm(live, &key.key_id, kek, &key.wrapped, h) {
-                destroy_quietly(live, h);
-                return Err(e);
-            }
-            h
+            unwrap_checked(
+                live,
+                kek_h,
+                &key.key_id,
+                kek,
+                format,
+                &key.wrapped,
+                Extract::Never,
+            )?
         }
         WrapFormat::AesGcmV1 => {
             let dek = unwrap(live, &key.key_id, kek, format, &key.wrapped)?;
@@ -1299,7 +1357,7 @@ fn generate_resident(
     let obj = live
         .session
         .generate_key(&Mechanism::AesKeyGen, &template)?;
-    let blob = match wrap_object(live, key_id, kek, kek_h, obj, Check::InHsm) {
+    let blob = match wrap_object(live, key_id, kek, kek_h, obj) {
         Ok(b) => b,
         Err(e) => {
             destroy_quietly(live, obj);
@@ -1316,9 +1374,15 @@ fn generate_resident(
         Err(e) => {
             tracing::debug!(error = %e, "the token keeps CKA_EXTRACTABLE; unwrapping a working copy");
             destroy_quietly(live, obj);
-            let h = unwrap_object(live, kek_h, &blob, Extract::Never)?;
-            check_in_hsm(live, key_id, kek, &blob, h).inspect_err(|_| destroy_quietly(live, h))?;
-            h
+            unwrap_checked(
+                live,
+                kek_h,
+                key_id,
+                kek,
+                WrapFormat::AesKwV3,
+                &blob,
+                Extract::Never,
+            )?
         }
     };
     pool.resident_loads.fetch_add(1, Ordering::Relaxed);
@@ -1326,7 +1390,7 @@ fn generate_resident(
     Ok((blob, kek.clone()))
 }
 
-/// Whether `wrapped` unwraps and authenticates. An `AesKwV2` DEK is unwrapped into a
+/// Whether `wrapped` unwraps and authenticates. An `AesKwV3`/`AesKwV2` DEK is unwrapped into a
 /// non-extractable session object, checked by the HSM and destroyed: its bytes never leave
 /// the HSM; an `AesGcmV1` DEK is decrypted and zeroized at once.
 fn check_wrapped(
@@ -1337,12 +1401,11 @@ fn check_wrapped(
     wrapped: &WrappedDek,
 ) -> Result<(), OpError> {
     match format {
-        WrapFormat::AesKwV2 => {
+        WrapFormat::AesKwV2 | WrapFormat::AesKwV3 => {
             let kek_h = live.kek_of(kek, KekClass::Wrap)?;
-            let h = unwrap_object(live, kek_h, wrapped, Extract::Never)?;
-            let out = check_in_hsm(live, key_id, kek, wrapped, h);
+            let h = unwrap_checked(live, kek_h, key_id, kek, format, wrapped, Extract::Never)?;
             destroy_quietly(live, h);
-            out
+            Ok(())
         }
         WrapFormat::AesGcmV1 => unwrap(live, key_id, kek, format, wrapped).map(drop),
     }
@@ -1362,13 +1425,20 @@ fn rewrap(
 ) -> Result<WrappedDek, OpError> {
     let (cur_h, cur_class) = live.kek(current)?;
     if pool.residency == DekResidency::Hsm
-        && format == WrapFormat::AesKwV2
+        && format.kek_class() == KekClass::Wrap
         && cur_class == KekClass::Wrap
     {
         let old_h = live.kek_of(kek, KekClass::Wrap)?;
-        let obj = unwrap_object(live, old_h, wrapped, Extract::ByWrapOnly)?;
-        let out = check_in_hsm(live, key_id, kek, wrapped, obj)
-            .and_then(|()| wrap_object(live, key_id, current, cur_h, obj, Check::InHsm));
+        let obj = unwrap_checked(
+            live,
+            old_h,
+            key_id,
+            kek,
+            format,
+            wrapped,
+            Extract::ByWrapOnly,
+        )?;
+        let out = wrap_object(live, key_id, current, cur_h, obj);
         destroy_quietly(live, obj);
         return out;
     }
@@ -1433,7 +1503,7 @@ fn audit_chain(
     let key = match live.audit {
         Some(h) => h,
         None => {
-            let h = token::find_audit_key(&live.session, label)?;
+            let h = token::find_hmac_key(&live.session, HmacRole::Audit, label)?;
             live.audit = Some(h);
             h
         }
