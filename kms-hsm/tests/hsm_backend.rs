@@ -16,12 +16,14 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::Ulong;
-use hsm_common::{hsm, KEK_LABEL};
+use hsm_common::{hsm, item, open, seal, KEK_LABEL};
 use kms_api::{KekId, KekVersion, KeyId, WrappedDek};
 use progressdb_kms::backend::pkcs11::{
-    init_kek, kek_attributes, list_kek_versions, InitKekOutcome, Pkcs11Backend,
+    ensure_hmac_keys, init_kek, kek_attributes, list_kek_versions, InitKekOutcome, Pkcs11Backend,
 };
-use progressdb_kms::backend::{BackendError, KeyBackend, AES_GCM_V1_LEN};
+use progressdb_kms::backend::{
+    BackendError, DekResidency, HmacRole, KekMissing, KeyBackend, ResidentKey, AES_GCM_V1_LEN,
+};
 use secrecy::SecretString;
 
 fn key_id(n: u8) -> KeyId {
@@ -437,4 +439,78 @@ async fn a_full_hsm_queue_answers_overloaded_at_once() {
     );
     assert_eq!(backend.stats().overloaded, overloaded as u64);
     assert!(backend.is_ready(), "overload is not an outage");
+}
+
+/// A token provisioned by an earlier release: its wrap-class KEK existed before the binding
+/// key, which records that version when it is made. AesKwV2 blobs under that version are
+/// read (in both residencies), bound to their key id, and rewrapped as AesKwV3; one under a
+/// later version is forged and refused.
+#[tokio::test]
+async fn legacy_aes_kw_v2_blobs_are_read_up_to_the_binding_keys_version_and_rotated_away() {
+    let mut s = hsm().settings("t-legacy", 1);
+    s.residency = DekResidency::Hsm;
+    init_kek(&s).unwrap();
+    // As before the binding key existed: no such object, then it is made (at start).
+    let own = raw_session("t-legacy");
+    for h in own
+        .find_objects(&[Attribute::Label(s.binding_key_label.as_bytes().to_vec())])
+        .unwrap()
+    {
+        own.destroy_object(h).unwrap();
+    }
+    assert_eq!(ensure_hmac_keys(&s).unwrap(), vec![HmacRole::Binding]);
+
+    let mut ms = s.clone();
+    ms.residency = DekResidency::Memory;
+    let mb = Pkcs11Backend::open(ms).unwrap();
+    let hb = Pkcs11Backend::open(s).unwrap();
+    let k = key_id(20);
+    let (dek, v3, v1) = mb.generate_dek(&k).await.unwrap();
+    assert_eq!(v1.version, KekVersion::FIRST);
+    let legacy = hsm_common::legacy_blob(&dek, &v3, &k, &v1);
+    let back = mb.unwrap_dek(&k, &v1.id, &legacy).await.unwrap();
+    assert_eq!(back.expose(), dek.expose());
+    assert!(matches!(
+        mb.unwrap_dek(&key_id(21), &v1.id, &legacy).await,
+        Err(BackendError::InvalidWrapped)
+    ));
+    // Hsm residency reads it too; a rotation rewraps it as AesKwV3 inside the HSM.
+    let resident = ResidentKey {
+        key_id: k.clone(),
+        kek_id: v1.id.clone(),
+        wrapped: legacy.clone(),
+    };
+    let sealed = seal(&hb, &resident, &[b"legacy"], b"l").await;
+    let v2 = hb
+        .ensure_kek_version(KekVersion::new(2).unwrap(), KekMissing::Generate)
+        .await
+        .unwrap();
+    let (moved, under) = hb.rewrap_dek(&k, &v1.id, &legacy).await.unwrap();
+    assert_eq!(under, v2);
+    assert_eq!(moved.as_bytes()[0], 0x03);
+    hb.forget_resident(&k);
+    let moved_key = ResidentKey {
+        wrapped: moved.clone(),
+        ..resident
+    };
+    assert_eq!(
+        open(&hb, &moved_key, &sealed[0], b"l").await.unwrap(),
+        b"legacy"
+    );
+    // Under version 2, made after the binding key, an AesKwV2 blob is forged: refused, in
+    // both residencies, though its key part and check are right.
+    let forged = hsm_common::legacy_blob(&dek, &moved, &k, &v2);
+    assert!(matches!(
+        mb.unwrap_dek(&k, &v2.id, &forged).await,
+        Err(BackendError::InvalidWrapped)
+    ));
+    hb.forget_resident(&k);
+    let forged_key = ResidentKey {
+        wrapped: forged,
+        ..moved_key
+    };
+    assert!(matches!(
+        hb.seal_resident(&forged_key, vec![item(b"x", b"")]).await,
+        Err(BackendError::InvalidWrapped)
+    ));
 }

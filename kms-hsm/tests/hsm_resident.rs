@@ -1,8 +1,8 @@
 //! The PKCS#11 backend in `hsm.dek_residency = "hsm"`, against a real token of this run
 //! (SoftHSM, or Kryoptic with `PROGRESSDB_TEST_TOKEN=kryoptic`): DEKs generated and wrapped
 //! inside the HSM (`AesKwV3`), messages encrypted and decrypted by the HSM, blobs bound to
-//! their key id by the HSM's binding key, legacy `AesKwV2` blobs read and rotated to
-//! `AesKwV3`, session objects sensitive and non-extractable, the bytes-returning methods
+//! their key id by the HSM's binding key, no `AesKwV2` blob (an earlier release's format)
+//! accepted on a token provisioned with that key, session objects sensitive and non-extractable, the bytes-returning methods
 //! refused, rotation between wrap-class KEKs inside the HSM, and the session objects made
 //! again after the library lost every session.
 //!
@@ -15,25 +15,16 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
-use hsm_common::hsm;
+use hsm_common::{hsm, item, open, seal};
 use kms_api::{KekVersion, KeyId, WrappedDek};
 use progressdb_kms::backend::pkcs11::{init_kek, Pkcs11Backend};
 use progressdb_kms::backend::{
-    wrap_aad, BackendError, DekResidency, KekMissing, KeyBackend, ResidentItem, ResidentKey,
-    AES_KW_LEN, AES_KW_V2_LEN, AES_KW_V3_LEN,
+    BackendError, DekResidency, KekMissing, KeyBackend, ResidentKey, AES_KW_LEN, AES_KW_V3_LEN,
 };
 use secrecy::SecretString;
-use zeroize::Zeroizing;
 
 fn key_id(n: u8) -> KeyId {
     KeyId::from_random([n; 16])
-}
-
-fn item(data: &[u8], aad: &[u8]) -> ResidentItem {
-    ResidentItem {
-        data: Zeroizing::new(data.to_vec()),
-        aad: aad.to_vec(),
-    }
 }
 
 /// A session of the test's own on the already-initialised module (the same application as
@@ -57,25 +48,6 @@ fn own_session(token: &str) -> Session {
     }
     std::mem::forget(p);
     s
-}
-
-async fn seal(b: &Pkcs11Backend, k: &ResidentKey, msgs: &[&[u8]], aad: &[u8]) -> Vec<Vec<u8>> {
-    b.seal_resident(k, msgs.iter().map(|m| item(m, aad)).collect())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect()
-}
-
-async fn open(
-    b: &Pkcs11Backend,
-    k: &ResidentKey,
-    ct: &[u8],
-    aad: &[u8],
-) -> Result<Vec<u8>, BackendError> {
-    let mut out = b.open_resident(k, vec![item(ct, aad)]).await?;
-    out.pop().unwrap().map(|p| p.to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,64 +210,30 @@ async fn deks_live_and_work_only_inside_the_hsm() {
     b.forget_resident(&k1);
     assert_eq!(open(&b, &moved, &cts[0], b"aad").await.unwrap(), b"hello");
 
-    // A legacy AesKwV2 blob (the key part followed by AES-GCM under the DEK of an empty
-    // message with the wrap AAD, as written before AesKwV3) is still read, in both
-    // residencies, bound to its key id, and a rotation rewraps it as AesKwV3. The DEK is
-    // made by a memory-residency backend on the same token, the only way to hold its bytes.
+    // This token was provisioned with its binding key (before any KEK): an AesKwV2 blob,
+    // which only earlier releases wrote, is refused under every version, here version 2.
     let mut ms = hsm().settings("t-main", 1);
     ms.residency = DekResidency::Memory;
     let mb = Pkcs11Backend::open(ms).unwrap();
     let k9 = key_id(9);
     let (dek, v3, now) = mb.generate_dek(&k9).await.unwrap();
     assert_eq!(now, v2);
-    assert_eq!(v3.as_bytes().len(), AES_KW_V3_LEN);
-    let legacy_for = |id: &KeyId| {
-        let check = service_kit::aead::seal(
-            &ring::rand::SystemRandom::new(),
-            &dek,
-            b"",
-            &wrap_aad(id, &now),
-        )
-        .unwrap();
-        let mut blob = vec![0x02];
-        blob.extend_from_slice(&v3.as_bytes()[1..5 + AES_KW_LEN]);
-        blob.extend_from_slice(&check);
-        assert_eq!(blob.len(), AES_KW_V2_LEN);
-        WrappedDek::new(blob)
-    };
-    let legacy = legacy_for(&k9);
-    let back = mb.unwrap_dek(&k9, &now.id, &legacy).await.unwrap();
-    assert_eq!(back.expose(), dek.expose());
+    let legacy = hsm_common::legacy_blob(&dek, &v3, &k9, &now);
     assert!(matches!(
-        mb.unwrap_dek(&key_id(10), &now.id, &legacy).await,
+        mb.unwrap_dek(&k9, &now.id, &legacy).await,
         Err(BackendError::InvalidWrapped)
     ));
-    let legacy_key = ResidentKey {
-        key_id: k9.clone(),
-        kek_id: now.id.clone(),
-        wrapped: legacy.clone(),
-    };
-    let sealed = seal(&b, &legacy_key, &[b"legacy"], b"l").await;
-    let (moved_legacy, _) = b.rewrap_dek(&k9, &now.id, &legacy).await.unwrap();
-    assert_eq!(moved_legacy.as_bytes()[0], 0x03);
-    let moved_key = ResidentKey {
-        wrapped: moved_legacy,
-        ..legacy_key
-    };
-    b.forget_resident(&k9);
-    assert_eq!(
-        open(&b, &moved_key, &sealed[0], b"l").await.unwrap(),
-        b"legacy"
-    );
     // An AesKwV3 binding cannot be moved to another key id: only the HSM's binding key,
-    // which no call drives, makes one, and the key part under the same KEK does not help.
-    let mut swapped = legacy_for(&key_id(11)).as_bytes().to_vec();
-    swapped[0] = 0x03;
-    swapped.truncate(5 + AES_KW_LEN);
-    swapped.extend_from_slice(&v3.as_bytes()[5 + AES_KW_LEN..]);
+    // which no call drives, makes one; knowing the DEK and the key part does not help.
+    let mut swapped = v3.as_bytes().to_vec();
     assert!(matches!(
-        mb.unwrap_dek(&key_id(11), &now.id, &WrappedDek::new(swapped))
+        mb.unwrap_dek(&key_id(11), &now.id, &WrappedDek::new(swapped.clone()))
             .await,
+        Err(BackendError::InvalidWrapped)
+    ));
+    swapped[5 + AES_KW_LEN] ^= 1;
+    assert!(matches!(
+        mb.unwrap_dek(&k9, &now.id, &WrappedDek::new(swapped)).await,
         Err(BackendError::InvalidWrapped)
     ));
     drop(mb);

@@ -31,6 +31,7 @@ pub const TOKENS: &[&str] = &[
     "t-nokek",
     "t-conc",
     "t-queue",
+    "t-legacy",
 ];
 
 #[derive(Debug)]
@@ -119,4 +120,62 @@ pub fn residency() -> progressdb_kms::backend::DekResidency {
         Ok("memory") | Err(_) => progressdb_kms::backend::DekResidency::Memory,
         Ok(other) => panic!("PROGRESSDB_TEST_RESIDENCY={other}: memory or hsm"),
     }
+}
+
+/// An `AesKwV2` blob (the key part, then AES-GCM under the DEK of an empty message with the
+/// wrap AAD: what earlier releases wrote) for `id`, made from the key part of `v3`.
+pub fn legacy_blob(
+    dek: &progressdb_kms::backend::Dek,
+    v3: &kms_api::WrappedDek,
+    id: &kms_api::KeyId,
+    kek: &progressdb_kms::backend::KekRef,
+) -> kms_api::WrappedDek {
+    let check = service_kit::aead::seal(
+        &ring::rand::SystemRandom::new(),
+        dek,
+        b"",
+        &progressdb_kms::backend::wrap_aad(id, kek),
+    )
+    .unwrap();
+    let mut blob = vec![0x02];
+    blob.extend_from_slice(&v3.as_bytes()[1..5 + progressdb_kms::backend::AES_KW_LEN]);
+    blob.extend_from_slice(&check);
+    assert_eq!(blob.len(), progressdb_kms::backend::AES_KW_V2_LEN);
+    kms_api::WrappedDek::new(blob)
+}
+
+/// One message for the resident (hsm residency) methods.
+pub fn item(data: &[u8], aad: &[u8]) -> progressdb_kms::backend::ResidentItem {
+    progressdb_kms::backend::ResidentItem {
+        data: zeroize::Zeroizing::new(data.to_vec()),
+        aad: aad.to_vec(),
+    }
+}
+
+/// Seals `msgs` under `k` with the HSM; every item must succeed.
+pub async fn seal(
+    b: &progressdb_kms::backend::pkcs11::Pkcs11Backend,
+    k: &progressdb_kms::backend::ResidentKey,
+    msgs: &[&[u8]],
+    aad: &[u8],
+) -> Vec<Vec<u8>> {
+    use progressdb_kms::backend::KeyBackend as _;
+    b.seal_resident(k, msgs.iter().map(|m| item(m, aad)).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// Opens one message under `k` with the HSM.
+pub async fn open(
+    b: &progressdb_kms::backend::pkcs11::Pkcs11Backend,
+    k: &progressdb_kms::backend::ResidentKey,
+    ct: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, progressdb_kms::backend::BackendError> {
+    use progressdb_kms::backend::KeyBackend as _;
+    let mut out = b.open_resident(k, vec![item(ct, aad)]).await?;
+    out.pop().unwrap().map(|p| p.to_vec())
 }

@@ -205,7 +205,7 @@ impl Pkcs11Backend {
 
         // Log in once and find the current KEK; the bootstrap session holds the login until
         // the workers have opened theirs.
-        let (bootstrap, current, profile) = {
+        let (bootstrap, current, profile, legacy_until) = {
             let _g = ctx.read_gate();
             let slot = token::find_slot(&ctx.pkcs11, &settings.token_label)?;
             let session = ctx
@@ -216,10 +216,17 @@ impl Pkcs11Backend {
                 .map_err(|e| token::op_to_setup_error("logging in", e))?;
             let current = token::current_kek(&session, &settings.kek_label, &settings.token_label)
                 .map_err(|e| token::op_to_setup_error("finding the KEK", e))?;
-            for (role, label) in hmac_keys(&settings) {
-                token::find_hmac_key(&session, role, label)
+            let legacy_until =
+                token::find_hmac_key(&session, HmacRole::Audit, &settings.audit_key_label)
+                    .and_then(|_| {
+                        token::find_hmac_key(
+                            &session,
+                            HmacRole::Binding,
+                            &settings.binding_key_label,
+                        )
+                    })
+                    .and_then(|h| token::legacy_until(&session, &settings.binding_key_label, h))
                     .map_err(|e| token::op_to_setup_error("finding an HMAC key", e))?;
-            }
             let profile = profile::read(&ctx.pkcs11, slot, &session)?;
             if let Some(max) = profile.max_sessions {
                 if settings.sessions as u64 > max {
@@ -245,7 +252,7 @@ impl Pkcs11Backend {
                 max_sessions = ?profile.max_sessions,
                 "token capabilities read; sensitive values stay in the token"
             );
-            (session, current, profile)
+            (session, current, profile, legacy_until)
         };
 
         let pool = Arc::new(WorkerPool {
@@ -253,6 +260,7 @@ impl Pkcs11Backend {
             token_label: settings.token_label.clone(),
             audit_label: settings.audit_key_label.clone(),
             binding_label: settings.binding_key_label.clone(),
+            legacy_until,
             pin: settings.pin.clone(),
             current: RwLock::new(current.clone()),
             calls: AtomicU64::new(0),
@@ -933,7 +941,15 @@ pub fn ensure_hmac_keys(settings: &HsmSettings) -> Result<Vec<HmacRole>, Backend
                     if token_has_no_object(session, label)? => {}
                 Err(e) => return Err(token::op_to_setup_error("finding an HMAC key", e)),
             }
-            token::generate_hmac_key(session, label)
+            // The binding key records the last KEK version that may hold AesKwV2 blobs.
+            let id = match role {
+                HmacRole::Audit => 0,
+                HmacRole::Binding => token::list_kek_versions(session, &settings.kek_label)
+                    .map_err(|e| hsm_error("listing KEK versions", e))?
+                    .last()
+                    .map_or(0, |v| v.get()),
+            };
+            token::generate_hmac_key(session, label, id)
                 .map_err(|e| hsm_error("generating an HMAC key", e))?;
             token::find_hmac_key(session, role, label)
                 .map_err(|e| token::op_to_setup_error("checking a new HMAC key", e))?;

@@ -574,10 +574,46 @@ pub(super) fn find_hmac_key(
     Ok(h)
 }
 
-/// Generates an HMAC key of the KMS in the token (`CKM_GENERIC_SECRET_KEY_GEN`, 32 bytes).
-/// Needs a read-write, logged-in session.
-pub(super) fn generate_hmac_key(session: &Session, label: &str) -> Result<ObjectHandle, Error> {
+/// The binding key's `CKA_ID`: the highest KEK version that existed when it was made (`0`
+/// for a token provisioned with it). Only KEK versions up to this one can hold `AesKwV2`
+/// blobs, written before the binding key existed; one under a later version is forged. The
+/// value is set when the key is generated (unmodifiable where the token allows), and a
+/// replaced binding key would fail every `AesKwV3` binding, so it cannot be raised quietly.
+///
+/// # Errors
+/// `HmacKey` when the attribute is not 4 bytes.
+pub(super) fn legacy_until(
+    session: &Session,
+    label: &str,
+    h: ObjectHandle,
+) -> Result<u32, OpError> {
+    let attrs = session.get_attributes(h, &[AttributeType::Id])?;
+    attrs
+        .iter()
+        .find_map(|a| match a {
+            Attribute::Id(id) => <[u8; 4]>::try_from(id.as_slice())
+                .ok()
+                .map(u32::from_be_bytes),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            OpError::Backend(BackendError::HmacKey {
+                role: HmacRole::Binding,
+                label: label.to_owned(),
+                reason: "CKA_ID is not the 4-byte KEK version it was made at".into(),
+            })
+        })
+}
+
+/// Generates an HMAC key of the KMS in the token (`CKM_GENERIC_SECRET_KEY_GEN`, 32 bytes),
+/// with `CKA_ID` = `id` (see [`legacy_until`]). Needs a read-write, logged-in session.
+pub(super) fn generate_hmac_key(
+    session: &Session,
+    label: &str,
+    id: u32,
+) -> Result<ObjectHandle, Error> {
     let base = vec![
+        Attribute::Id(id.to_be_bytes().to_vec()),
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
         Attribute::ValueLen(Ulong::new(HMAC_KEY_LEN as _)),

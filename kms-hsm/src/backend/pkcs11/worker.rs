@@ -60,6 +60,8 @@ pub(super) struct WorkerPool {
     pub(super) audit_label: String,
     /// Label of the key that binds `AesKwV3` blobs (`hsm.binding_key_label`).
     pub(super) binding_label: String,
+    /// The last KEK version that may hold `AesKwV2` blobs ([`token::legacy_until`]).
+    pub(super) legacy_until: u32,
     pub(super) pin: SecretString,
     pub(super) current: RwLock<KekRef>,
     pub(super) calls: AtomicU64,
@@ -226,6 +228,8 @@ struct Live {
     /// The binding key's label, and its handle once found (and checked) in this session.
     binding_label: String,
     binding: Option<ObjectHandle>,
+    /// The last KEK version that may hold `AesKwV2` blobs ([`token::legacy_until`]).
+    legacy_until: u32,
     known: Option<Arc<WorkerPool>>,
     /// Hsm residency: this session's DEK objects. They die with the session, so a new
     /// session starts with an empty map.
@@ -950,6 +954,7 @@ impl Worker {
             audit: None,
             binding_label: self.pool.binding_label.clone(),
             binding: None,
+            legacy_until: self.pool.legacy_until,
             known: Some(Arc::clone(&self.pool)),
             resident: ResidentObjects::new(self.pool.resident_cap),
         };
@@ -1221,8 +1226,8 @@ fn binding(
 
 /// Unwraps the key part of an `AesKwV2`/`AesKwV3` blob into a session object and checks what
 /// binds it to `key_id` and `kek`: an `AesKwV3` binding before anything is unwrapped, an
-/// `AesKwV2` check with the unwrapped object (which is destroyed if it fails). A blob that
-/// fails is `InvalidWrapped`.
+/// `AesKwV2` check with the unwrapped object (which is destroyed if it fails), and only under
+/// a KEK version that predates the binding key. A blob that fails is `InvalidWrapped`.
 fn unwrap_checked(
     live: &mut Live,
     kek_h: ObjectHandle,
@@ -1254,6 +1259,11 @@ fn unwrap_checked(
                 Err(e) => return Err(e.into()),
             }
             unwrap_object(live, kek_h, wrapped, extract)
+        }
+        // Written only before the binding key existed, so only under KEK versions up to the
+        // one it records: a later one is forged.
+        WrapFormat::AesKwV2 if kek.version.get() > live.legacy_until => {
+            Err(OpError::Backend(BackendError::InvalidWrapped))
         }
         WrapFormat::AesKwV2 => {
             let h = unwrap_object(live, kek_h, wrapped, extract)?;
