@@ -484,20 +484,6 @@ async fn finish(svc: &Arc<MessageService>, job: &mut JobRecord) -> Result<(), St
     Ok(())
 }
 
-fn binding<'a>(
-    thread: &'a ThreadRecord,
-    id: MessageId,
-    rec: &'a MessageRecord,
-) -> MessageBinding<'a> {
-    MessageBinding {
-        thread: &thread.id,
-        thread_author: &thread.author,
-        id,
-        author: &rec.author,
-        created_at: rec.created_at,
-    }
-}
-
 async fn migrate_batch(
     svc: &Arc<MessageService>,
     thread: &ThreadRecord,
@@ -536,7 +522,7 @@ async fn migrate_batch(
                     DecryptItem {
                         key: Arc::new(k.clone()),
                         ciphertext: ct.0.clone(),
-                        aad: message_aad(r.format, &binding(thread, id, r)),
+                        aad: message_aad(r.format, &MessageBinding::of(thread, id, r)),
                     },
                 ));
             }
@@ -591,7 +577,7 @@ async fn migrate_batch(
             EncryptItem {
                 key: Arc::clone(&new_key),
                 plaintext,
-                aad: message_aad(RecordFormat::CURRENT, &binding(thread, *id, rec)),
+                aad: message_aad(RecordFormat::CURRENT, &MessageBinding::of(thread, *id, rec)),
             },
         ));
     }
@@ -679,7 +665,7 @@ async fn verify(
                 (Content::Enc(ct), SealedBy::Key(k)) => reqs.push(DecryptItem {
                     key: Arc::new(k.clone()),
                     ciphertext: ct.0.clone(),
-                    aad: message_aad(rec.format, &binding(thread, *id, &rec)),
+                    aad: message_aad(rec.format, &MessageBinding::of(thread, *id, &rec)),
                 }),
                 _ => failed += 1,
             }

@@ -141,21 +141,6 @@ fn author_rule(p: &Principal) -> AuthorRule {
 }
 
 /// What the ciphertext of message `id` (by `author` at `created_at`) in `thread` is bound to.
-fn binding<'a>(
-    thread: &'a ThreadRecord,
-    id: MessageId,
-    author: &'a UserId,
-    created_at: Timestamp,
-) -> MessageBinding<'a> {
-    MessageBinding {
-        thread: &thread.id,
-        thread_author: &thread.author,
-        id,
-        author,
-        created_at,
-    }
-}
-
 /// A decrypted body, if it is one JSON value.
 fn decode_body(pt: &SecretBytes) -> Option<Box<RawValue>> {
     serde_json::from_slice(pt.expose()).ok()
@@ -606,8 +591,9 @@ impl MessageService {
         Ok(Arc::new(stored))
     }
 
-    /// Stored form of `body` for message `id` of `thread`, written by `author` at
-    /// `created_at`, in [`RecordFormat::CURRENT`], and the key id it is sealed under. The key
+    /// Stored form of `body` for message `id` of `thread` with the record `stamp` (author,
+    /// times, edit count; its content is not read), in [`RecordFormat::CURRENT`], and the key
+    /// id it is sealed under. The key
     /// is the one the thread's rotation rule names for `id` ([`ThreadRecord::sealed_by`]);
     /// the writer checks that again inside its transaction. A thread that has a DEK is
     /// always encrypted, whatever `encryption.enabled` says: plain content never enters an
@@ -617,8 +603,7 @@ impl MessageService {
         &self,
         thread: &ThreadRecord,
         id: MessageId,
-        author: &UserId,
-        created_at: Timestamp,
+        stamp: &MessageRecord,
         body: &Value,
     ) -> Result<(Content, Option<kms_api::KeyId>), ApiError> {
         let key = match thread.sealed_by(id) {
@@ -651,7 +636,7 @@ impl MessageService {
             plaintext,
             aad: message_aad(
                 RecordFormat::CURRENT,
-                &binding(thread, id, author, created_at),
+                &MessageBinding::of(thread, id, stamp),
             ),
         };
         match self.provider()?.encrypt(item).await {
@@ -677,14 +662,16 @@ impl MessageService {
             let thread = self.thread_for(p, tid).await?;
             let id = self.ids.next();
             let now = id.timestamp();
-            let (content, sealed_with) = self.seal(&thread, id, &author, now, &body).await?;
-            let rec = MessageRecord {
+            let mut rec = MessageRecord {
                 format: RecordFormat::CURRENT,
                 author: author.clone(),
                 created_at: now,
                 updated_at: now,
-                content,
+                edits: 0,
+                content: Content::Plain(Value::Null),
             };
+            let (content, sealed_with) = self.seal(&thread, id, &rec, &body).await?;
+            rec.content = content;
             match self
                 .store
                 .write(PutMessage::new(tid, id, &rec, sealed_with)?)
@@ -781,10 +768,23 @@ impl MessageService {
             return Err(ApiError::Forbidden);
         }
         let mut thread = thread;
+        let mut old = old;
         for attempt in 0..SEAL_ATTEMPTS {
-            let (content, sealed_with) = self
-                .seal(&thread, id, &old.author, old.created_at, &body)
-                .await?;
+            // The new content is bound to the edit it makes: one more edit, at a time not
+            // before the last write.
+            let stamp = MessageRecord {
+                edits: old.edits.checked_add(1).ok_or_else(|| {
+                    ApiError::InvalidArgument(
+                        "this message was edited too often to edit again".into(),
+                    )
+                })?,
+                updated_at: Timestamp::now().max(old.updated_at),
+                format: RecordFormat::CURRENT,
+                author: old.author.clone(),
+                created_at: old.created_at,
+                content: Content::Plain(Value::Null),
+            };
+            let (content, sealed_with) = self.seal(&thread, id, &stamp, &body).await?;
             let written = self
                 .store
                 .write(UpdateMessage {
@@ -792,10 +792,10 @@ impl MessageService {
                     id,
                     content,
                     format: RecordFormat::CURRENT,
-                    sealed_for: (old.author.clone(), old.created_at),
+                    sealed_for: (stamp.author.clone(), stamp.created_at, old.edits),
+                    updated_at: stamp.updated_at,
                     sealed_with,
                     rule: rule.clone(),
-                    now: Timestamp::now(),
                 })
                 .await;
             match written {
@@ -804,6 +804,24 @@ impl MessageService {
                     self.cache.invalidate(tid);
                     thread = self.thread_for(p, tid).await?;
                 }
+                // Another edit landed first: seal again for the record as it is now.
+                Err(StoreError::Conflict(_)) if attempt + 1 < SEAL_ATTEMPTS => {
+                    old = self
+                        .store
+                        .get_message(tid, id)
+                        .await?
+                        .ok_or(ApiError::NotFound)?
+                        .record
+                        .map_err(|e| {
+                            tracing::error!(thread = %tid, message = %id, error = %e, "unparseable message record");
+                            ApiError::MessageUnreadable
+                        })?;
+                    if !rule.allows(&old.author) {
+                        return Err(ApiError::Forbidden);
+                    }
+                }
+                // Edited by others on every attempt: retryable.
+                Err(StoreError::Conflict(_)) => return Err(ApiError::Unavailable),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -894,10 +912,7 @@ impl MessageService {
                             a
                         }
                     };
-                    let aad = message_aad(
-                        rec.format,
-                        &binding(thread, m.id, &rec.author, rec.created_at),
-                    );
+                    let aad = message_aad(rec.format, &MessageBinding::of(thread, m.id, &rec));
                     to_decrypt.push((
                         i,
                         DecryptItem {

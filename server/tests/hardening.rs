@@ -191,7 +191,7 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
     let m2 = c.post_message(&alice, &t, json!("also alice")).await;
     let m3 = c.post_message(&alice, &t, json!("alice again")).await;
     let v1 = raw_json(&s, msg_key(&t, &m1)).await;
-    assert_eq!(v1["v"], 2, "new records carry their format");
+    assert_eq!(v1["v"], 3, "new records carry their format");
 
     // m1: the author is changed to bob.
     let mut v = v1.clone();
@@ -248,6 +248,67 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
             .json()["body"],
         "an old v1 record"
     );
+
+    // m3 again, downgraded to format 2: its tag differs, so that fails too.
+    let mut v = raw_json(&s, msg_key(&t, &m3)).await;
+    v["v"] = json!(2);
+    put_json(&s, msg_key(&t, &m3), &v).await;
+    assert_unreadable(
+        &c.get(&alice, &format!("/v1/threads/{t}/messages/{m3}"))
+            .await,
+        "alice again",
+    );
+
+    // Format 3 binds the edit: its time and count. A message edited once by three
+    // concurrent edits counts three (none is lost unseen: each edit is sealed for the count
+    // it read and sealed again when another landed first).
+    let m5 = c.post_message(&alice, &t, json!("first version")).await;
+    let path5 = format!("/v1/threads/{t}/messages/{m5}");
+    let first = raw_json(&s, msg_key(&t, &m5)).await;
+    assert!(first.get("edits").is_none(), "{first}");
+    let edits: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, alice, path) = (c.clone(), alice.clone(), path5.clone());
+            tokio::spawn(async move {
+                c.call(
+                    &alice,
+                    "PUT",
+                    &path,
+                    Some(json!({"body": format!("version {i}")})),
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    for e in edits {
+        assert_eq!(e.await.unwrap(), 200);
+    }
+    let edited = raw_json(&s, msg_key(&t, &m5)).await;
+    assert_eq!(
+        (edited["v"].clone(), edited["edits"].clone()),
+        (json!(3), json!(3))
+    );
+    let body = c.get(&alice, &path5).await.json()["body"].clone();
+    assert!(body.as_str().unwrap().starts_with("version "), "{body}");
+    // The first version's ciphertext under the current edit state: unreadable.
+    let mut mixed = edited.clone();
+    mixed["content"] = first["content"].clone();
+    put_json(&s, msg_key(&t, &m5), &mixed).await;
+    assert_unreadable(&c.get(&alice, &path5).await, "first version");
+    // The current ciphertext shown as never edited: unreadable.
+    let mut unedited = edited.clone();
+    unedited.as_object_mut().unwrap().remove("edits");
+    unedited["updated_at"] = edited["created_at"].clone();
+    put_json(&s, msg_key(&t, &m5), &unedited).await;
+    assert_unreadable(&c.get(&alice, &path5).await, "version");
+    // Its edit time moved: unreadable.
+    let mut moved = edited.clone();
+    moved["updated_at"] = json!(edited["updated_at"].as_u64().unwrap() + 1);
+    put_json(&s, msg_key(&t, &m5), &moved).await;
+    assert_unreadable(&c.get(&alice, &path5).await, "version");
+    put_json(&s, msg_key(&t, &m5), &edited).await;
+    assert_eq!(c.get(&alice, &path5).await.json()["body"], body);
 
     // The thread's author is bound too: re-attributing the thread breaks every v2 message.
     let m4 = c.post_message(&alice, &t, json!("fourth")).await;

@@ -34,6 +34,7 @@ fn message(n: u64, pad: usize) -> (MessageId, MessageRecord) {
         author: UserId::parse("u").unwrap(),
         created_at: id.timestamp(),
         updated_at: id.timestamp(),
+        edits: 0,
         content: Content::Plain(serde_json::json!({"n": n, "pad": "x".repeat(pad)})),
     };
     (id, rec)

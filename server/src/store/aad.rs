@@ -9,6 +9,14 @@
 //!   writer who edits the author or the creation time of a message, or the author of its
 //!   thread, makes the message unreadable instead of re-attributing it.
 //!
+//! * [`RecordFormat::V3`] (every new write): V2's fields, then when the content was last
+//!   written (8 bytes, big-endian unix nanoseconds) and how many edits the message has had
+//!   (`u32` big-endian). A disk writer cannot show an edited message as unedited, move its
+//!   edit time, or put an earlier version's ciphertext under the current record's edit state
+//!   (or the reverse): the message becomes unreadable. Replacing the whole record with an
+//!   earlier copy of itself (a rollback of that one record) is not detected: nothing outside
+//!   the record knows its current edit count (docs/threat-model.md).
+//!
 //! Length prefixes make the encoding injective: no two different field tuples give the same
 //! bytes, whatever the fields contain.
 //!
@@ -18,11 +26,13 @@
 use kms_api::ThreadId;
 
 use super::keys;
-use super::records::RecordFormat;
+use super::records::{MessageRecord, RecordFormat, ThreadRecord};
 use crate::ids::{MessageId, Timestamp, UserId};
 
 /// Domain tag of the V2 AAD.
 const V2_TAG: &[u8] = b"progressdb:msg:v2";
+/// Domain tag of the V3 AAD.
+const V3_TAG: &[u8] = b"progressdb:msg:v3";
 /// Domain tag of a thread's sealed title and metadata.
 const META_TAG: &[u8] = b"progressdb:thread-meta:v1";
 
@@ -46,6 +56,25 @@ pub struct MessageBinding<'a> {
     pub id: MessageId,
     pub author: &'a UserId,
     pub created_at: Timestamp,
+    /// When the content was last written (V3 only).
+    pub updated_at: Timestamp,
+    /// How many times the content was edited (V3 only).
+    pub edits: u32,
+}
+
+impl<'a> MessageBinding<'a> {
+    /// The binding of message `id` of `thread` as `rec` describes it.
+    pub fn of(thread: &'a ThreadRecord, id: MessageId, rec: &'a MessageRecord) -> Self {
+        Self {
+            thread: &thread.id,
+            thread_author: &thread.author,
+            id,
+            author: &rec.author,
+            created_at: rec.created_at,
+            updated_at: rec.updated_at,
+            edits: rec.edits,
+        }
+    }
 }
 
 fn push_field(out: &mut Vec<u8>, field: &[u8]) {
@@ -61,13 +90,21 @@ pub fn message_aad(format: RecordFormat, b: &MessageBinding<'_>) -> Vec<u8> {
     let key = keys::msg(b.thread, b.id);
     match format {
         RecordFormat::V1 => key,
-        RecordFormat::V2 => {
-            let mut out = Vec::with_capacity(V2_TAG.len() + 4 * 4 + key.len() + 80);
-            out.extend_from_slice(V2_TAG);
+        RecordFormat::V2 | RecordFormat::V3 => {
+            let mut out = Vec::with_capacity(V3_TAG.len() + 6 * 4 + key.len() + 96);
+            out.extend_from_slice(if format == RecordFormat::V2 {
+                V2_TAG
+            } else {
+                V3_TAG
+            });
             push_field(&mut out, &key);
             push_field(&mut out, b.author.as_str().as_bytes());
             push_field(&mut out, &b.created_at.as_nanos().to_be_bytes());
             push_field(&mut out, b.thread_author.as_str().as_bytes());
+            if format == RecordFormat::V3 {
+                push_field(&mut out, &b.updated_at.as_nanos().to_be_bytes());
+                push_field(&mut out, &b.edits.to_be_bytes());
+            }
             out
         }
     }
@@ -93,6 +130,8 @@ mod tests {
             id,
             author: &alice,
             created_at: Timestamp::from_nanos(5),
+            updated_at: Timestamp::from_nanos(5),
+            edits: 0,
         };
         assert_eq!(message_aad(RecordFormat::V1, &base), keys::msg(&t, id));
         let v2 = message_aad(RecordFormat::V2, &base);
@@ -117,6 +156,30 @@ mod tests {
         ];
         for v in variants {
             assert_ne!(message_aad(RecordFormat::V2, &v), v2, "{v:?}");
+            assert_ne!(
+                message_aad(RecordFormat::V3, &v),
+                message_aad(RecordFormat::V3, &base),
+                "{v:?}"
+            );
+        }
+        // V2 does not cover the edit state; V3 does, and differs from V2 by its tag.
+        let edited = MessageBinding {
+            updated_at: Timestamp::from_nanos(9),
+            edits: 1,
+            ..base
+        };
+        assert_eq!(message_aad(RecordFormat::V2, &edited), v2);
+        let v3 = message_aad(RecordFormat::V3, &base);
+        assert!(v3.starts_with(V3_TAG) && v3 != v2);
+        for v in [
+            edited,
+            MessageBinding { edits: 1, ..base },
+            MessageBinding {
+                updated_at: Timestamp::from_nanos(6),
+                ..base
+            },
+        ] {
+            assert_ne!(message_aad(RecordFormat::V3, &v), v3, "{v:?}");
         }
     }
 
@@ -132,15 +195,16 @@ mod tests {
             id,
             author: &ab,
             created_at: Timestamp::from_nanos(1),
+            updated_at: Timestamp::from_nanos(1),
+            edits: 0,
         };
         let y = MessageBinding {
             thread_author: &bc,
             author: &a,
             ..x
         };
-        assert_ne!(
-            message_aad(RecordFormat::V2, &x),
-            message_aad(RecordFormat::V2, &y)
-        );
+        for f in [RecordFormat::V2, RecordFormat::V3] {
+            assert_ne!(message_aad(f, &x), message_aad(f, &y));
+        }
     }
 }

@@ -255,11 +255,13 @@ pub enum RecordFormat {
     /// AAD = the message key, the author, the creation time and the thread's author,
     /// length-prefixed.
     V2,
+    /// AAD = V2's fields, the time of the last write and the edit count.
+    V3,
 }
 
 impl RecordFormat {
     /// The format of every new write.
-    pub const CURRENT: RecordFormat = RecordFormat::V2;
+    pub const CURRENT: RecordFormat = RecordFormat::V3;
 
     fn is_v1(&self) -> bool {
         *self == RecordFormat::V1
@@ -271,6 +273,7 @@ impl Serialize for RecordFormat {
         s.serialize_u8(match self {
             RecordFormat::V1 => 1,
             RecordFormat::V2 => 2,
+            RecordFormat::V3 => 3,
         })
     }
 }
@@ -280,6 +283,7 @@ impl<'de> Deserialize<'de> for RecordFormat {
         match u8::deserialize(d)? {
             1 => Ok(RecordFormat::V1),
             2 => Ok(RecordFormat::V2),
+            3 => Ok(RecordFormat::V3),
             other => Err(serde::de::Error::custom(format!(
                 "unknown message record format {other}"
             ))),
@@ -296,7 +300,14 @@ pub struct MessageRecord {
     pub author: UserId,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Times the content was edited (absent = 0); bound into the V3 AAD with `updated_at`.
+    #[serde(default, skip_serializing_if = "no_edits")]
+    pub edits: u32,
     pub content: Content,
+}
+
+fn no_edits(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A message body as stored.

@@ -506,23 +506,27 @@ impl AuthorRule {
     }
 }
 
-/// Replaces a message's content (keeps author and creation time); returns the new record.
+/// Replaces a message's content (keeps author and creation time, counts one more edit at
+/// `updated_at`); returns the new record.
 ///
-/// The new content was sealed for the author and creation time the caller read
-/// (`sealed_for`); if the stored record no longer has them the write is refused with
-/// `Conflict`, so a ciphertext is never stored next to metadata it is not bound to.
+/// The new content was sealed for the author, creation time and edit count the caller read
+/// (`sealed_for`), plus one edit at `updated_at`; if the stored record no longer has them (an
+/// edit landed in between) the write is refused with `Conflict`, so a ciphertext is never
+/// stored next to an edit state it is not bound to, and no edit is lost unseen.
 #[derive(Debug)]
 pub struct UpdateMessage {
     pub thread: ThreadId,
     pub id: MessageId,
     pub content: Content,
     pub format: RecordFormat,
-    pub sealed_for: (UserId, Timestamp),
+    /// Author, creation time and edit count of the record the content was sealed against.
+    pub sealed_for: (UserId, Timestamp, u32),
+    /// When this edit was made (not before the stored `updated_at`).
+    pub updated_at: Timestamp,
     /// The key id `content` is encrypted under (`None`: plain); checked like
     /// [`PutMessage`]'s.
     pub sealed_with: Option<kms_api::KeyId>,
     pub rule: AuthorRule,
-    pub now: Timestamp,
 }
 
 fn read_message(
@@ -553,11 +557,17 @@ impl WriteOp for UpdateMessage {
         if !self.rule.allows(&rec.author) {
             return Ok(Err(StoreError::NotAuthor));
         }
-        if (&rec.author, rec.created_at) != (&self.sealed_for.0, self.sealed_for.1) {
+        let (author, created_at, edits) = &self.sealed_for;
+        if (&rec.author, rec.created_at, rec.edits) != (author, *created_at, *edits)
+            || rec.updated_at > self.updated_at
+        {
             return Ok(Err(StoreError::Conflict(
-                "message metadata changed while it was being re-encrypted",
+                "the message changed while its edit was being encrypted",
             )));
         }
+        let Some(next) = rec.edits.checked_add(1) else {
+            return Ok(Err(StoreError::Conflict("the edit count is exhausted")));
+        };
         let meta_key = keys::meta(&self.thread);
         let thread = match read_thread(db, txn, &meta_key)? {
             None => return Ok(Err(StoreError::NotFound)),
@@ -574,7 +584,8 @@ impl WriteOp for UpdateMessage {
         }
         rec.content = self.content.clone();
         rec.format = self.format;
-        rec.updated_at = self.now.max(rec.updated_at);
+        rec.updated_at = self.updated_at;
+        rec.edits = next;
         let value = match to_json(&rec) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
