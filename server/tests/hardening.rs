@@ -268,7 +268,7 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
     assert!(first.get("edits").is_none(), "{first}");
     let edits: Vec<_> = (0..3)
         .map(|i| {
-            let (c, alice, path) = (c.clone(), alice.clone(), path5.clone());
+            let (c, alice, path) = (c, alice.clone(), path5.clone());
             tokio::spawn(async move {
                 c.call(
                     &alice,
