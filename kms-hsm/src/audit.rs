@@ -649,16 +649,37 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
         seq,
         message,
     };
+    // Once a prefix was archived and removed, the log starts after its sealed anchor.
+    let anchor = store.audit_anchor().await?;
+    let archived_through = anchor.map(|a| a.seq);
     let answer = |verified: u64, p: Option<AuditProblem>| AuditVerifyResponse {
         ok: p.is_none(),
         verified,
         head_seq,
+        archived_through,
         problem: p,
     };
-    let mut expected = 1u64;
-    let mut prev = [0u8; 32];
+    let (mut expected, mut prev) = match &anchor {
+        None => (1u64, [0u8; 32]),
+        Some(a) => {
+            if !crate::audit_archive::is_sealed(backend, a).await? {
+                return Ok(answer(
+                    0,
+                    Some(problem(
+                        "anchor_forged",
+                        a.seq,
+                        format!(
+                            "the anchor at entry {} does not verify: it was made or moved outside the KMS",
+                            a.seq
+                        ),
+                    )),
+                ));
+            }
+            (a.seq.saturating_add(1), a.mac)
+        }
+    };
     let mut verified = 0u64;
-    let mut after = 0u64;
+    let mut after = expected - 1;
     // Up to the head read first: entries appended while this runs are not judged against it.
     while after < head_seq {
         let mut page = store.audit_range(after, VERIFY_CHUNK).await?;
@@ -729,7 +750,7 @@ pub async fn verify<B: KeyBackend, S: KeyStore>(
     }
     let last = expected - 1;
     let p = match head {
-        None if last == 0 => None,
+        None if last == 0 && anchor.is_none() => None,
         None => Some(problem(
             "head_missing",
             1,
@@ -777,7 +798,7 @@ async fn beyond_current_head<S: KeyStore>(store: &S, verified_to: u64) -> Result
     Ok(!store.audit_range(now, 1).await?.is_empty())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

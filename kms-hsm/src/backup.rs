@@ -362,48 +362,11 @@ async fn destroyed_after_backup<B: KeyBackend, S: KeyStore>(
                 .into(),
         ));
     };
-    // The store's own log, when it is the backup's and reaches its head.
-    let store = svc.store();
-    let at_head = if head.seq == 0 {
-        Vec::new()
-    } else {
-        store
-            .audit_range(head.seq - 1, 1)
-            .await
-            .map_err(ServiceError::from)?
-    };
-    let continues = head.seq == 0
-        || at_head.first().is_some_and(|(seq, bytes)| {
-            *seq == head.seq
-                && serde_json::from_slice::<AuditEntry>(bytes).is_ok_and(|e| e.mac == head.mac)
-        });
+    // The store's own log, when it is the backup's and reaches its head (or its anchor is the
+    // head: the entries up to it were archived and removed).
     let mut destroyed = BTreeMap::new();
-    let note = |e: &AuditEntry, destroyed: &mut BTreeMap<KeyId, u64>| {
-        if e.action == "dek.destroy" && e.outcome == "ok" {
-            if let Some(k) = e.detail.get("key_id").and_then(|k| KeyId::parse(k).ok()) {
-                destroyed.insert(k, e.at);
-            }
-        }
-    };
-    if continues {
-        let mut after = head.seq;
-        loop {
-            let page = store
-                .audit_range(after, 1000)
-                .await
-                .map_err(ServiceError::from)?;
-            let Some(&(last, _)) = page.last() else { break };
-            for (_, bytes) in &page {
-                // An entry that cannot be read may be a destroy: refuse rather than guess.
-                let e: AuditEntry = serde_json::from_slice(bytes).map_err(|_| {
-                    BackupError::DestroysUnknown(format!(
-                        "the store's audit entry after {after} cannot be read; run `audit verify`"
-                    ))
-                })?;
-                note(&e, &mut destroyed);
-            }
-            after = last;
-        }
+    if store_continues(svc, head).await? {
+        let after = scan_store(svc, head.seq, &mut destroyed).await?;
         return Ok((destroyed, "store", after));
     }
     let DestroyCheck::StoreOrExport(entries) = check else {
@@ -438,10 +401,92 @@ async fn destroyed_after_backup<B: KeyBackend, S: KeyStore>(
         )));
     }
     for e in &entries {
-        note(e, &mut destroyed);
+        note_destroy(e, &mut destroyed);
     }
     let through = entries.last().map_or(head.seq, |e| e.seq);
+    // An archive ends where the store's log was compacted: the store's entries after it
+    // complete the check.
+    let last = AuditMark {
+        seq: through,
+        mac: entries
+            .last()
+            .map_or_else(|| head.mac.clone(), |e| e.mac.clone()),
+    };
+    if store_continues(svc, &last).await? {
+        let after = scan_store(svc, through, &mut destroyed).await?;
+        return Ok((destroyed, "export and store", after));
+    }
     Ok((destroyed, "export", through))
+}
+
+/// Records `e` in `destroyed` when it is a successful DEK destroy.
+fn note_destroy(e: &AuditEntry, destroyed: &mut BTreeMap<KeyId, u64>) {
+    if e.action == "dek.destroy" && e.outcome == "ok" {
+        if let Some(k) = e.detail.get("key_id").and_then(|k| KeyId::parse(k).ok()) {
+            destroyed.insert(k, e.at);
+        }
+    }
+}
+
+/// Whether the store's audit log continues from entry `mark`: it holds that entry with that
+/// MAC, or its (sealed) anchor is that entry, or `mark` is the empty log's start and nothing
+/// was removed.
+async fn store_continues<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    mark: &AuditMark,
+) -> Result<bool, BackupError> {
+    let store = svc.store();
+    let anchor = store.audit_anchor().await.map_err(ServiceError::from)?;
+    let mac = hex::decode(&mark.mac).ok();
+    match anchor {
+        Some(a) if a.seq > mark.seq => return Ok(false),
+        Some(a) if a.seq == mark.seq => {
+            let sealed = crate::audit_archive::is_sealed(&**svc.backend(), &a)
+                .await
+                .map_err(|e| BackupError::Service(e.into()))?;
+            return Ok(sealed && mac.as_deref() == Some(&a.mac[..]));
+        }
+        _ => {}
+    }
+    if mark.seq == 0 {
+        return Ok(true);
+    }
+    let at = store
+        .audit_range(mark.seq - 1, 1)
+        .await
+        .map_err(ServiceError::from)?;
+    Ok(at.first().is_some_and(|(seq, bytes)| {
+        *seq == mark.seq
+            && serde_json::from_slice::<AuditEntry>(bytes).is_ok_and(|e| e.mac == mark.mac)
+    }))
+}
+
+/// Notes the destroys of the store's entries after `after`; returns the last entry read.
+async fn scan_store<B: KeyBackend, S: KeyStore>(
+    svc: &KeyService<B, S>,
+    mut after: u64,
+    destroyed: &mut BTreeMap<KeyId, u64>,
+) -> Result<u64, BackupError> {
+    loop {
+        let page = svc
+            .store()
+            .audit_range(after, 1000)
+            .await
+            .map_err(ServiceError::from)?;
+        let Some(&(last, _)) = page.last() else {
+            return Ok(after);
+        };
+        for (_, bytes) in &page {
+            // An entry that cannot be read may be a destroy: refuse rather than guess.
+            let e: AuditEntry = serde_json::from_slice(bytes).map_err(|_| {
+                BackupError::DestroysUnknown(format!(
+                    "the store's audit entry after {after} cannot be read; run `audit verify`"
+                ))
+            })?;
+            note_destroy(&e, destroyed);
+        }
+        after = last;
+    }
 }
 
 /// Rebuilds lost key records from the server's copies of its threads' keys. A copy is

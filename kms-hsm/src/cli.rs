@@ -356,6 +356,47 @@ pub async fn audit_verify(cfg: &Config, out: Output) -> Result<(), CliError> {
     }
 }
 
+/// `progressdb-kms audit compact --archive FILE`: removes the entries the archive holds from
+/// the store (see [`crate::audit_archive`]). The archive's entries must be numbered without a
+/// gap; the KMS checks that its last one is the stored entry of that number.
+pub async fn audit_compact(cfg: &Config, archive: &std::path::Path) -> Result<(), CliError> {
+    let bytes = std::fs::read(archive)
+        .map_err(|e| CliError::Refused(format!("{}: {e}", archive.display())))?;
+    let entries = read_audit_export(archive, 0)?;
+    let Some(last) = entries.last() else {
+        return Err(CliError::Refused(format!(
+            "{}: no audit entry in it",
+            archive.display()
+        )));
+    };
+    if let Some(w) = entries.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+        return Err(CliError::Refused(format!(
+            "{}: entry {} is followed by {}: the archive has a gap or is out of order",
+            archive.display(),
+            w[0].seq,
+            w[1].seq
+        )));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let req = kms_api::admin::AuditCompactRequest {
+        through: last.seq,
+        mac: last.mac.clone(),
+        archive_sha256: hex::encode(digest.as_ref()),
+    };
+    let c = admin_client(cfg)?;
+    let r = c.audit_compact(&req).await.map_err(|e| map_err(cfg, e))?;
+    println!(
+        "audit log compacted through entry {}: {} entries and {} tombstones removed from the \
+         key store; keep {} (sha256 {}) with the backups",
+        r.through,
+        r.entries_removed,
+        r.tombstones_removed,
+        archive.display(),
+        req.archive_sha256
+    );
+    Ok(())
+}
+
 /// `progressdb-kms audit list`: prints entries (JSON lines) after `after`.
 pub async fn audit_list(cfg: &Config, after: u64, limit: usize) -> Result<(), CliError> {
     let c = admin_client(cfg)?;

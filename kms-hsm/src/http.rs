@@ -107,6 +107,8 @@ pub enum HttpError {
     Lifecycle(#[from] crate::lifecycle::LifecycleError),
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    #[error(transparent)]
+    Compact(#[from] crate::audit_archive::CompactError),
 }
 
 impl HttpError {
@@ -124,6 +126,10 @@ impl HttpError {
             HttpError::Service(e) => e.code(),
             HttpError::Lifecycle(e) => e.code(),
             HttpError::Backup(e) => e.code(),
+            HttpError::Compact(crate::audit_archive::CompactError::Refused(_)) => {
+                ErrorCode::ArchiveMismatch
+            }
+            HttpError::Compact(crate::audit_archive::CompactError::Service(e)) => e.code(),
         }
     }
 

@@ -32,6 +32,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod audit_archive;
 pub mod backend;
 pub mod backup;
 pub mod cache;

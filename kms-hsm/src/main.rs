@@ -4,7 +4,7 @@
 //! * `progressdb-kms init-kek --config FILE`
 //! * admin subcommands, clients of the running KMS's admin socket ([`progressdb_kms::cli`]):
 //!   `status`, `rotate-kek`, `verify`, `jobs`, `kek destroy --version V`, `audit verify`,
-//!   `audit list`, `backup --out FILE`, `restore --in FILE`.
+//!   `audit list`, `audit compact --archive FILE`, `backup --out FILE`, `restore --in FILE`.
 //! * `progressdb-kms check-config --config FILE`: [`progressdb_kms::check`].
 //!
 //! Exit status: 0 on success (including a clean shutdown on SIGTERM/SIGINT); 2 for a bad
@@ -234,6 +234,18 @@ enum AuditCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Remove the entries an archive holds (and the tombstones of the keys destroyed by
+    /// then) from the key store, once the archive is kept off the host. The archive is the
+    /// JSON lines of `audit list` (scripts/export-audit.sh); the store must hold its last
+    /// entry with the same MAC, and the chain up to it must verify.
+    Compact {
+        /// TOML configuration file (the admin socket is found from it).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The archive: every entry from the first one the store still holds through its last.
+        #[arg(long, value_name = "FILE")]
+        archive: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,7 +302,10 @@ fn main() -> ExitCode {
             command: KekCommand::Destroy { config, .. },
         }
         | Command::Audit {
-            command: AuditCommand::Verify { config, .. } | AuditCommand::List { config, .. },
+            command:
+                AuditCommand::Verify { config, .. }
+                | AuditCommand::List { config, .. }
+                | AuditCommand::Compact { config, .. },
         }
         | Command::Backup { config, .. }
         | Command::Restore { config, .. }
@@ -348,6 +363,9 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::List { after, limit, .. },
         } => admin(cli::audit_list(&cfg, after, limit)),
+        Command::Audit {
+            command: AuditCommand::Compact { archive, .. },
+        } => admin(cli::audit_compact(&cfg, &archive)),
         Command::Backup { out, .. } => admin(cli::backup(&cfg, &out)),
         Command::ImportCopies { input, json, .. } => {
             admin(cli::import_copies(&cfg, &input, output(json)))

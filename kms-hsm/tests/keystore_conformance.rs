@@ -14,8 +14,8 @@ use progressdb_kms::config::PostgresConfig;
 use progressdb_kms::keystore::lmdb::LmdbStore;
 use progressdb_kms::keystore::postgres::PostgresStore;
 use progressdb_kms::keystore::{
-    AnyStore, AuditHead, DestroyOutcome, KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore,
-    LeaseOutcome, StoreError,
+    AnyStore, AuditAnchor, AuditHead, DestroyOutcome, KekState, KekVersionRecord, KeyRecord,
+    KeyState, KeyStore, LeaseOutcome, StoreError,
 };
 use progressdb_kms::metrics::StoreMetrics;
 use testkit::pg::PgCluster;
@@ -363,6 +363,80 @@ mod cases {
         ));
     }
 
+    /// A compaction removes the entries through the anchor and the tombstones destroyed by
+    /// its time, keeps everything else, records the anchor, and refuses (removing nothing) an
+    /// anchor beyond the head, at or before the stored one, or whose MAC is not the entry's.
+    pub async fn audit_compaction_removes_a_prefix_and_old_tombstones_only(s: Arc<AnyStore>) {
+        let tombstone = |n: u8, at: u64| KeyRecord {
+            state: KeyState::Destroyed { destroyed_at: at },
+            ..record(n, "gone")
+        };
+        let (old, kept, live) = (tombstone(21, 100), tombstone(22, 200), record(23, "live"));
+        append(
+            &s,
+            None,
+            6,
+            vec![],
+            vec![old.clone(), kept.clone(), live.clone()],
+        )
+        .await
+        .unwrap();
+        let cutoff = 150;
+        assert_eq!(s.audit_anchor().await.unwrap(), None);
+        let anchor = |seq: u64, mac: [u8; 32]| AuditAnchor {
+            seq,
+            mac,
+            seal: [7; 32],
+        };
+        // The stored entry 4's MAC is the one `entry` wrote: 4 as 64 hex digits.
+        let mac4 = {
+            let mut m = [0u8; 32];
+            m[31] = 4;
+            m
+        };
+        for bad in [anchor(7, [0; 32]), anchor(4, [9; 32])] {
+            assert!(matches!(
+                s.compact_audit(bad, cutoff).await,
+                Err(StoreError::AuditHeadMoved)
+            ));
+        }
+        assert_eq!(
+            s.audit_range(0, 100).await.unwrap().len(),
+            6,
+            "nothing removed"
+        );
+        let done = s.compact_audit(anchor(4, mac4), cutoff).await.unwrap();
+        assert_eq!((done.entries, done.tombstones), (4, 1));
+        let left: Vec<u64> = s
+            .audit_range(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(left, vec![5, 6]);
+        assert_eq!(s.audit_anchor().await.unwrap(), Some(anchor(4, mac4)));
+        assert_eq!(s.audit_head().await.unwrap(), Some(head(6)));
+        assert!(
+            s.get(&old.key_id).await.unwrap().is_none(),
+            "old tombstone removed"
+        );
+        assert!(matches!(
+            s.get(&kept.key_id).await.unwrap().unwrap().state,
+            KeyState::Destroyed { .. }
+        ));
+        assert_eq!(s.get(&live.key_id).await.unwrap(), Some(live.clone()));
+        // Again at or before the anchor: refused.
+        assert!(matches!(
+            s.compact_audit(anchor(4, mac4), u64::MAX).await,
+            Err(StoreError::AuditHeadMoved)
+        ));
+        assert!(s.get(&kept.key_id).await.unwrap().is_some());
+        // Appends go on after the anchor.
+        append(&s, Some(head(6)), 7, vec![], vec![]).await.unwrap();
+        assert_eq!(s.audit_range(4, 100).await.unwrap().len(), 3);
+    }
+
     pub async fn audit_appends_chain_on_the_stored_head_only(s: Arc<AnyStore>) {
         assert_eq!(s.audit_head().await.unwrap(), None);
         let r = record(7, "audited");
@@ -489,6 +563,7 @@ conformance!(
     jobs_are_replaced_and_oldest_first,
     leases_exclude_expire_and_fence_job_writes,
     audit_appends_chain_on_the_stored_head_only,
+    audit_compaction_removes_a_prefix_and_old_tombstones_only,
     queued_appends_apply_in_queue_order,
 );
 

@@ -11,6 +11,7 @@
 //! | `GET /admin/jobs` | | [`JobsResponse`] |
 //! | `GET /admin/jobs/{id}` | | [`Job`]; 404 `unknown_job` |
 //! | `GET /admin/audit?after=&limit=` | | [`AuditListResponse`]: entries after seq `after` (default 0), at most `limit` (default 100, max 1000) |
+//! | `POST /admin/audit/compact` | [`AuditCompactRequest`] | [`AuditCompactResponse`]; 409 `archive_mismatch` |
 //! | `POST /admin/audit/verify` | | [`AuditVerifyResponse`] |
 //! | `POST /admin/import-copies` | [`ImportCopiesRequest`] (the server's thread key copies) | [`ImportReport`] |
 //! | `GET /admin/backup` | | the backup file (JSON, integrity-protected by an HMAC made in the HSM) |
@@ -349,8 +350,34 @@ pub struct AuditVerifyResponse {
     pub verified: u64,
     /// The head the store records: the last entry's sequence number.
     pub head_seq: u64,
+    /// The last entry archived and removed from the store (`audit compact`): verification
+    /// starts after it, from its sealed anchor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_through: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<AuditProblem>,
+}
+
+/// `POST /admin/audit/compact`: removes the audit entries up to `through` (and the tombstones
+/// of keys destroyed by then) once they are archived. `mac` is the archive's last entry's
+/// (`through`'s) MAC, which the stored entry must have; `archive_sha256` identifies the
+/// archive file in the `audit.compact` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditCompactRequest {
+    pub through: u64,
+    pub mac: String,
+    pub archive_sha256: String,
+}
+
+/// The answer to `POST /admin/audit/compact`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCompactResponse {
+    /// The log now begins after this entry (its anchor).
+    pub through: u64,
+    pub entries_removed: u64,
+    /// Key records of keys destroyed at or before `through`'s time.
+    pub tombstones_removed: u64,
 }
 
 /// One thread's copy of its key, as the server stores it (`GET /admin/kms/key-copies` on the

@@ -850,6 +850,18 @@ impl KmsClient {
         .await
     }
 
+    /// Admin: removes the audit entries up to an archived one (`POST /admin/audit/compact`).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Api` with `archive_mismatch` when the request does not match the log.
+    pub async fn audit_compact(
+        &self,
+        req: &crate::admin::AuditCompactRequest,
+    ) -> Result<crate::admin::AuditCompactResponse, ClientError> {
+        self.call_json(Method::POST, "/admin/audit/compact", Some(req))
+            .await
+    }
+
     /// Admin: audit entries after sequence number `after` (`GET /admin/audit`).
     ///
     /// # Errors

@@ -290,6 +290,10 @@ pub enum ErrorCode {
     /// store's audit log does not continue the backup's and no verifying audit export was
     /// given); nothing was restored.
     DestroysUnknown,
+    /// Admin: the audit log cannot be compacted as asked (the archive does not end at a stored
+    /// entry with its MAC, the entries up to it do not verify, or they were compacted
+    /// already); nothing was removed.
+    ArchiveMismatch,
     /// Anything else inside the KMS; detail is in the KMS log only.
     Internal,
     /// A code this build does not know (sent by a newer KMS). Treated like `internal`.
@@ -309,7 +313,8 @@ impl ErrorCode {
             ErrorCode::KekNotRetired
             | ErrorCode::KekInUse
             | ErrorCode::IdempotencyConflict
-            | ErrorCode::DestroysUnknown => 409,
+            | ErrorCode::DestroysUnknown
+            | ErrorCode::ArchiveMismatch => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
@@ -342,6 +347,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::BackupInvalid => "backup_invalid",
             ErrorCode::DestroysUnknown => "destroys_unknown",
+            ErrorCode::ArchiveMismatch => "archive_mismatch",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

@@ -31,13 +31,14 @@ const MAX_ADMIN_BODY: usize = 4096;
 pub const MAX_RESTORE_BODY: usize = 512 << 20;
 
 /// Route labels of the admin endpoints (metrics and logs).
-pub const ADMIN_ROUTES: [&str; 11] = [
+pub const ADMIN_ROUTES: [&str; 12] = [
     "/admin/status",
     "/admin/import-copies",
     "/admin/backup",
     "/admin/restore",
     "/admin/audit",
     "/admin/audit/verify",
+    "/admin/audit/compact",
     "/admin/kek/rotate",
     "/admin/kek/destroy",
     "/admin/verify",
@@ -134,6 +135,7 @@ pub fn admin_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
         ("/admin/jobs/{id}", get(job::<B, S>)),
         ("/admin/audit", get(audit_list::<B, S>)),
         ("/admin/audit/verify", post(audit_verify::<B, S>)),
+        ("/admin/audit/compact", post(audit_compact::<B, S>)),
         ("/healthz", get(healthz)),
         ("/readyz", get(readyz::<B, S>)),
         ("/metrics", get(metrics::<B, S>)),
@@ -284,6 +286,32 @@ async fn audit_list<B: KeyBackend, S: KeyStore>(
         StatusCode::OK,
         &kms_api::admin::AuditListResponse { entries },
     )
+}
+
+/// `POST /admin/audit/compact` ([`crate::audit_archive`]).
+async fn audit_compact<B: KeyBackend, S: KeyStore>(
+    State(api): AdminState<B, S>,
+    req: axum::extract::Request,
+) -> Response {
+    const ROUTE: &str = "/admin/audit/compact";
+    let body = match read_body(req.into_body(), api.limits()).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e, ROUTE),
+    };
+    let r: kms_api::admin::AuditCompactRequest = match kms_api::parse::parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(&HttpError::Parse(e), ROUTE),
+    };
+    tracing::info!(through = r.through, "admin: audit compaction requested");
+    // Not while a restore reads the log, or a KEK destroy runs.
+    let _exclusive = match api.lifecycle().admin_lock().await {
+        Ok(g) => g,
+        Err(e) => return error_response(&HttpError::Lifecycle(e), ROUTE),
+    };
+    match crate::audit_archive::compact(api.service(), r.through, &r.mac, &r.archive_sha256).await {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => error_response(&HttpError::Compact(e), ROUTE),
+    }
 }
 
 async fn audit_verify<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Response {

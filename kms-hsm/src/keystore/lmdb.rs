@@ -26,8 +26,8 @@ use service_kit::group_commit::{self, CommitError, GroupCommitWriter, Observer, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    decode_record, encode_record, now_secs, AuditHead, DestroyOutcome, JobRecord, KekVersionRecord,
-    KeyRecord, KeyState, KeyStore, LeaseOutcome, StoreError,
+    decode_record, encode_record, now_secs, AuditAnchor, AuditHead, Compacted, DestroyOutcome,
+    JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, LeaseOutcome, StoreError,
 };
 use crate::metrics::StoreMetrics;
 
@@ -41,6 +41,8 @@ const FORMAT: &str = "1";
 pub const LOCK_FILE: &str = "kms.lock";
 /// Key of the audit head in the `lifecycle` database.
 const AUDIT_HEAD: &str = "audit/head";
+/// Key of the audit anchor in the `lifecycle` database ([`AuditAnchor`]).
+const AUDIT_ANCHOR: &str = "audit/anchor";
 
 enum Op {
     PutNew(KeyRecord),
@@ -65,11 +67,17 @@ enum Op {
         chained: Vec<String>,
         records: Vec<KeyRecord>,
     },
+    /// Removes audit entries and tombstones, records the anchor ([`KeyStore::compact_audit`]).
+    CompactAudit {
+        anchor: AuditAnchor,
+        tombstones_through: u64,
+    },
 }
 
 enum OpOutput {
     Written,
     Destroy(DestroyOutcome),
+    Compacted(Compacted),
 }
 
 struct Pending {
@@ -391,6 +399,7 @@ impl KeyStore for LmdbStore {
         match self.submit(op).await? {
             OpOutput::Destroy(o) => Ok(o),
             OpOutput::Written => Ok(DestroyOutcome::Destroyed),
+            OpOutput::Compacted(_) => Err(StoreError::Io("unexpected destroy outcome".into())),
         }
     }
 
@@ -489,6 +498,34 @@ impl KeyStore for LmdbStore {
                 key: AUDIT_HEAD.into(),
                 detail: "undecodable audit head".into(),
             })
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(io_err)?;
+        read_json(
+            self.lifecycle,
+            &rtxn,
+            AUDIT_ANCHOR,
+            "undecodable audit anchor",
+        )
+        .map_err(io_err)?
+    }
+
+    async fn compact_audit(
+        &self,
+        anchor: AuditAnchor,
+        tombstones_through: u64,
+    ) -> Result<Compacted, StoreError> {
+        match self
+            .submit(Op::CompactAudit {
+                anchor,
+                tombstones_through,
+            })
+            .await?
+        {
+            OpOutput::Compacted(c) => Ok(c),
+            _ => Err(StoreError::Io("unexpected compaction outcome".into())),
+        }
     }
 
     async fn queue_audit(
@@ -595,6 +632,88 @@ impl LmdbStore {
     }
 }
 
+/// The JSON value stored under `key` in `db`: `Ok(None)` when absent, `Corrupt` when it does
+/// not decode.
+fn read_json<T: serde::de::DeserializeOwned>(
+    db: Database<Str, Bytes>,
+    txn: &heed::RoTxn<'_>,
+    key: &str,
+    what: &str,
+) -> heed::Result<Result<Option<T>, StoreError>> {
+    Ok(match db.get(txn, key)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(v)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt {
+                key: key.into(),
+                detail: what.into(),
+            }),
+    })
+}
+
+/// [`Op::CompactAudit`], inside the writer's transaction.
+fn compact(
+    wtxn: &mut RwTxn<'_>,
+    keys: Database<Str, Bytes>,
+    lifecycle: Database<Str, Bytes>,
+    audit: Database<Bytes, Bytes>,
+    anchor: &AuditAnchor,
+    tombstones_through: u64,
+) -> heed::Result<Result<OpOutput, StoreError>> {
+    let stored: Option<AuditAnchor> =
+        match read_json(lifecycle, wtxn, AUDIT_ANCHOR, "undecodable audit anchor")? {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+    let head: Option<AuditHead> =
+        match read_json(lifecycle, wtxn, AUDIT_HEAD, "undecodable audit head")? {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+    let seq = anchor.seq.to_be_bytes();
+    let ends_at_entry = audit
+        .get(wtxn, &seq)?
+        .is_some_and(|v| super::entry_has_mac(v, &anchor.mac));
+    if stored.is_some_and(|a| a.seq >= anchor.seq)
+        || head.is_none_or(|h| h.seq < anchor.seq)
+        || !ends_at_entry
+    {
+        return Ok(Err(StoreError::AuditHeadMoved));
+    }
+    let range = (Bound::<&[u8]>::Unbounded, Bound::Included(&seq[..]));
+    let entries = audit.delete_range(wtxn, &range)? as u64;
+    let mut doomed = Vec::new();
+    for item in keys.iter(wtxn)? {
+        let (k, v) = item?;
+        // A record that does not decode is left for `verify` to name, never removed.
+        if let Ok(KeyRecord {
+            state: KeyState::Destroyed { destroyed_at },
+            ..
+        }) = decode_record(k, v)
+        {
+            if destroyed_at <= tombstones_through {
+                doomed.push(k.to_owned());
+            }
+        }
+    }
+    for k in &doomed {
+        keys.delete(wtxn, k)?;
+    }
+    let value = match serde_json::to_vec(anchor) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(Err(StoreError::Io(format!(
+                "cannot encode the audit anchor: {e}"
+            ))))
+        }
+    };
+    lifecycle.put(wtxn, AUDIT_ANCHOR, &value)?;
+    Ok(Ok(OpOutput::Compacted(Compacted {
+        entries,
+        tombstones: doomed.len() as u64,
+    })))
+}
+
 /// Applies one op inside `wtxn`. `Err` (LMDB) aborts the whole group; logical outcomes
 /// (exists, not found, conflict, a corrupt record) are the op's own result in `Ok`.
 fn apply(
@@ -665,6 +784,10 @@ fn apply(
             lifecycle.put(wtxn, key, value)?;
             Ok(Ok(OpOutput::Written))
         }
+        Op::CompactAudit {
+            anchor,
+            tombstones_through,
+        } => compact(wtxn, keys, lifecycle, audit, anchor, *tombstones_through),
         Op::PutNew(rec) => {
             if keys.get(wtxn, rec.key_id.as_str())?.is_some() {
                 return Ok(Err(StoreError::AlreadyExists(rec.key_id.clone())));

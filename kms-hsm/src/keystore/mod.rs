@@ -99,6 +99,28 @@ pub struct AuditHead {
     pub mac: [u8; 32],
 }
 
+/// Where the stored audit log begins once a prefix of it was archived and removed
+/// ([`KeyStore::compact_audit`]): the last removed entry's sequence number and MAC, and a seal
+/// over both made in the HSM under the audit key ([`crate::audit::anchor_seal_input`]), so that
+/// no store writer can move the anchor (to hide entries) or make one up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    pub seq: u64,
+    #[serde(with = "hex_mac")]
+    pub mac: [u8; 32],
+    #[serde(with = "hex_mac")]
+    pub seal: [u8; 32],
+}
+
+/// What a compaction removed ([`KeyStore::compact_audit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Compacted {
+    /// Audit entries.
+    pub entries: u64,
+    /// Key records of destroyed keys (tombstones).
+    pub tombstones: u64,
+}
+
 mod hex_mac {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -361,6 +383,28 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `Io` or `Corrupt`.
     fn audit_head(&self) -> impl Future<Output = Result<Option<AuditHead>, StoreError>> + Send;
 
+    /// The audit log's anchor, once a prefix of it was removed ([`KeyStore::compact_audit`]).
+    ///
+    /// # Errors
+    /// `Io` or `Corrupt`.
+    fn audit_anchor(&self) -> impl Future<Output = Result<Option<AuditAnchor>, StoreError>> + Send;
+
+    /// In one transaction: removes the audit entries up to and including `anchor.seq` and the
+    /// key records of keys destroyed at or before `tombstones_through` (unix seconds), and
+    /// records `anchor`. The caller verified those entries in the HSM, archived them and
+    /// logged the compaction first; a restore of a backup older than the anchor then reads
+    /// the keys destroyed after it from the archive (`restore --audit`).
+    ///
+    /// # Errors
+    /// `AuditHeadMoved` (nothing removed) when the log does not hold entry `anchor.seq` with
+    /// MAC `anchor.mac` below its head, or the stored anchor is at or past it; `Io`,
+    /// `Corrupt`, `NoSpace`, `Closed`.
+    fn compact_audit(
+        &self,
+        anchor: AuditAnchor,
+        tombstones_through: u64,
+    ) -> impl Future<Output = Result<Compacted, StoreError>> + Send;
+
     /// Queues an append of audit entries that moves the head, as one durable transaction
     /// that also removes the pending entries named in `chained` (now part of the chain) and
     /// stores the new key `records` the entries record (so a created key and its audit entry
@@ -475,6 +519,15 @@ pub(crate) fn encode_record(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(rec).map_err(|e| StoreError::Io(format!("cannot encode record: {e}")))
 }
 
+/// Whether the stored audit entry `bytes` has MAC `mac` (both backends check the entry a
+/// compaction ends at).
+pub(crate) fn entry_has_mac(bytes: &[u8], mac: &[u8; 32]) -> bool {
+    serde_json::from_slice::<kms_api::admin::AuditEntry>(bytes)
+        .ok()
+        .and_then(|e| hex::decode(e.mac).ok())
+        .is_some_and(|m| m == mac)
+}
+
 /// The stored JSON of each audit entry, with its sequence number (both backends).
 ///
 /// # Errors
@@ -586,6 +639,16 @@ impl KeyStore for AnyStore {
     }
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         dispatch!(self, s => s.audit_head().await)
+    }
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        dispatch!(self, s => s.audit_anchor().await)
+    }
+    async fn compact_audit(
+        &self,
+        anchor: AuditAnchor,
+        tombstones_through: u64,
+    ) -> Result<Compacted, StoreError> {
+        dispatch!(self, s => s.compact_audit(anchor, tombstones_through).await)
     }
     async fn queue_audit(
         &self,

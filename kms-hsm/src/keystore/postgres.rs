@@ -28,8 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 
 use super::{
-    decode_record, encode_record, now_secs, AuditHead, Change, ChangePage, DestroyOutcome,
-    JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, LeaseOutcome, StoreError,
+    decode_record, encode_record, now_secs, AuditAnchor, AuditHead, Change, ChangePage, Compacted,
+    DestroyOutcome, JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, LeaseOutcome,
+    StoreError,
 };
 use crate::config::PostgresConfig;
 use crate::metrics::StoreMetrics;
@@ -148,10 +149,20 @@ ALTER TABLE kms_changes ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id(
 CREATE INDEX kms_changes_by_xid ON kms_changes (xid, seq);
 "#,
     ),
+    (
+        5,
+        "the audit log's anchor, where it begins once a prefix was archived and removed",
+        r#"
+CREATE TABLE kms_audit_anchor (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    anchor    bytea NOT NULL
+);
+"#,
+    ),
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Connects once (on a runtime of its own: `check-config` is synchronous) and reads the
 /// schema version (0 before the first start), changing nothing.
@@ -1000,6 +1011,91 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(|e| db_err(&e))?;
         head_from_row(&row)
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<AuditAnchor>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT anchor FROM kms_audit_anchor WHERE singleton", &[])
+            .await
+            .map_err(|e| db_err(&e))?;
+        row.map(|r| {
+            serde_json::from_slice(&r.get::<_, Vec<u8>>(0))
+                .map_err(|_| corrupt("audit anchor", "undecodable"))
+        })
+        .transpose()
+    }
+
+    async fn compact_audit(
+        &self,
+        anchor: AuditAnchor,
+        tombstones_through: u64,
+    ) -> Result<Compacted, StoreError> {
+        let value = serde_json::to_vec(&anchor)
+            .map_err(|e| StoreError::Io(format!("cannot encode the audit anchor: {e}")))?;
+        let seq = i64::try_from(anchor.seq).map_err(|_| StoreError::AuditHeadMoved)?;
+        let through = i64::try_from(tombstones_through).unwrap_or(i64::MAX);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| db_err(&e))?;
+        // The head row is locked as by an append: no replica appends while this runs.
+        let head = head_from_row(
+            &tx.query_one(
+                "SELECT seq, mac FROM kms_audit_head WHERE singleton FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(|e| db_err(&e))?,
+        )?;
+        let stored: Option<AuditAnchor> = tx
+            .query_opt(
+                "SELECT anchor FROM kms_audit_anchor WHERE singleton FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(|e| db_err(&e))?
+            .map(|r| {
+                serde_json::from_slice(&r.get::<_, Vec<u8>>(0))
+                    .map_err(|_| corrupt("audit anchor", "undecodable"))
+            })
+            .transpose()?;
+        let ends_at_entry = tx
+            .query_opt("SELECT entry FROM kms_audit WHERE seq = $1", &[&seq])
+            .await
+            .map_err(|e| db_err(&e))?
+            .is_some_and(|r| super::entry_has_mac(&r.get::<_, Vec<u8>>(0), &anchor.mac));
+        if stored.is_some_and(|a| a.seq >= anchor.seq)
+            || head.is_none_or(|h| h.seq < anchor.seq)
+            || !ends_at_entry
+        {
+            return Err(StoreError::AuditHeadMoved);
+        }
+        let entries = tx
+            .execute("DELETE FROM kms_audit WHERE seq <= $1", &[&seq])
+            .await
+            .map_err(|e| db_err(&e))?;
+        // Records are JSON (`"state":"destroyed","destroyed_at":<secs>` for a tombstone); one
+        // that does not parse fails the whole compaction (nothing is removed).
+        let tombstones = tx
+            .execute(
+                "DELETE FROM kms_key_records WHERE \
+                 convert_from(record, 'UTF8')::jsonb ->> 'state' = 'destroyed' AND \
+                 (convert_from(record, 'UTF8')::jsonb ->> 'destroyed_at')::bigint <= $1",
+                &[&through],
+            )
+            .await
+            .map_err(|e| db_err(&e))?;
+        tx.execute(
+            "INSERT INTO kms_audit_anchor (singleton, anchor) VALUES (true, $1) \
+             ON CONFLICT (singleton) DO UPDATE SET anchor = EXCLUDED.anchor",
+            &[&value],
+        )
+        .await
+        .map_err(|e| db_err(&e))?;
+        tx.commit().await.map_err(|e| db_err(&e))?;
+        Ok(Compacted {
+            entries,
+            tombstones,
+        })
     }
 
     async fn queue_audit(

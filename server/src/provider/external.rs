@@ -99,7 +99,8 @@ fn map_code(code: ErrorCode, message: String) -> ProviderError {
         | ErrorCode::KekNotRetired
         | ErrorCode::KekInUse
         | ErrorCode::BackupInvalid
-        | ErrorCode::DestroysUnknown => {
+        | ErrorCode::DestroysUnknown
+        | ErrorCode::ArchiveMismatch => {
             ProviderError::Internal(format!("{}: {message}", code.as_str()))
         }
     }
