@@ -111,7 +111,7 @@ pub struct ThreadView {
     pub created_at: String,
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<crate::store::RawJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kms: Option<ThreadKey>,
 }

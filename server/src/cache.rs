@@ -31,14 +31,10 @@ pub struct ThreadCache {
     max_bytes: usize,
 }
 
-/// What a record is charged: its strings, its metadata as parsed JSON (16 times its text,
-/// roughly what a `serde_json::Value` of small items takes) and a fixed overhead.
+/// What a record is charged: its strings, its metadata (kept as JSON text) and a fixed
+/// overhead.
 fn charge(rec: &ThreadRecord) -> usize {
-    let meta = rec
-        .metadata
-        .as_ref()
-        .map_or(0, |m| serde_json::to_vec(m).map_or(0, |v| v.len()));
-    512 + rec.title.len() + meta.saturating_mul(16)
+    512 + rec.title.len() + rec.metadata.as_ref().map_or(0, |m| m.len())
 }
 
 /// The generation observed before a read from the store.
@@ -172,10 +168,13 @@ mod tests {
     fn bounded_by_bytes_too() {
         let big = |id: &str| {
             let mut r = (*rec(id, "x")).clone();
-            r.metadata = Some(serde_json::json!({ "k": "v".repeat(4000) }));
+            r.metadata = Some(
+                crate::store::RawJson::from_value(&serde_json::json!({ "k": "v".repeat(64_000) }))
+                    .unwrap(),
+            );
             Arc::new(r)
         };
-        // Each is charged about 64 KiB (4 KiB of text as parsed JSON): 4 fit in 300 KiB.
+        // Each is charged about 63 KiB (its metadata's JSON text): 4 fit in 300 KiB.
         let c = ThreadCache::new(10_000, 300 << 10);
         for i in 0..50 {
             c.put_fresh(big(&format!("t{i}")));

@@ -15,18 +15,17 @@ use std::sync::Arc;
 
 use kms_api::wire::{Bytes64, SecretBytes};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::provider::{DecryptItem, EncryptItem, KeyProvider, ProviderError, ThreadKey};
 use crate::store::aad::thread_meta_aad;
-use crate::store::{SealedMeta, ThreadRecord};
+use crate::store::{RawJson, SealedMeta, ThreadRecord};
 
 /// The sealed plaintext.
 #[derive(Serialize, Deserialize)]
 struct Plain {
     title: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    metadata: Option<Value>,
+    metadata: Option<RawJson>,
 }
 
 fn aad(rec: &ThreadRecord) -> Vec<u8> {

@@ -141,6 +141,14 @@ fn author_rule(p: &Principal) -> AuthorRule {
 }
 
 /// What the ciphertext of message `id` (by `author` at `created_at`) in `thread` is bound to.
+/// Metadata as it is kept: its JSON text; `null` is none.
+fn raw_metadata(m: Option<Value>) -> Result<Option<crate::store::RawJson>, ApiError> {
+    m.filter(|v| !v.is_null())
+        .map(|v| crate::store::RawJson::from_value(&v))
+        .transpose()
+        .map_err(|_| ApiError::Internal)
+}
+
 /// A decrypted body, if it is one JSON value.
 fn decode_body(pt: &SecretBytes) -> Option<Box<RawValue>> {
     serde_json::from_slice(pt.expose()).ok()
@@ -230,8 +238,8 @@ impl MessageService {
     }
 
     /// Thread metadata within `limits.max_metadata_bytes` of JSON text and
-    /// `limits.max_metadata_depth` levels of nesting: held in memory (thread cache, listings)
-    /// as parsed JSON, many times its text size, so it is bounded like a title.
+    /// `limits.max_metadata_depth` levels of nesting. It is kept as its JSON text
+    /// ([`crate::store::RawJson`]), parsed only while a request body is read.
     fn check_metadata(&self, m: &Value) -> Result<(), ApiError> {
         let len = serde_json::to_vec(m).map_or(usize::MAX, |v| v.len());
         if len > self.limits.max_metadata_bytes {
@@ -286,6 +294,7 @@ impl MessageService {
         if let Some(m) = &metadata {
             self.check_metadata(m)?;
         }
+        let metadata = raw_metadata(metadata)?;
         // Refused before the KMS makes a key for it (the write checks again, atomically).
         if let crate::store::ThreadsPerAuthor::AtMost(max) = self.limits.threads_per_user {
             if self.store.author_has_at_least(&author, max).await? {
@@ -310,7 +319,7 @@ impl MessageService {
             author,
             created_at: now,
             updated_at: now,
-            metadata: metadata.filter(|m| !m.is_null()),
+            metadata,
             kms,
             plain_migration: None,
             rotation: None,
@@ -417,7 +426,7 @@ impl MessageService {
         if let Some(Some(m)) = &metadata {
             self.check_metadata(m)?;
         }
-        let metadata = metadata.map(|m| m.filter(|v| !v.is_null()));
+        let metadata = metadata.map(raw_metadata).transpose()?;
         // Each try writes over the state it read: plain only while the thread has no key,
         // sealed only over the sealed part it opened and under the thread's key now. Another
         // writer in between (a patch, a rotation, a new key) makes it read again.

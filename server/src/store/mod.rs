@@ -33,7 +33,7 @@ use crate::ids::{MessageId, UserId};
 use crate::metrics::StoreMetrics;
 pub use records::{
     Content, DekRotation, JobKind, JobProgress, JobRecord, JobState, MessageRecord, PlainMigration,
-    RecordFormat, SealedBy, SealedMeta, ThreadRecord,
+    RawJson, RecordFormat, SealedBy, SealedMeta, ThreadRecord,
 };
 pub use writer::{
     AuthorRule, CreateThread, DeleteMessage, DeleteThread, FinishRotation, MigrateBatch, Migrated,

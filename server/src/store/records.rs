@@ -13,6 +13,50 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{MessageId, Timestamp, UserId};
 use crate::provider::ThreadKey;
 
+/// A JSON value kept as its text (compact JSON), never as a parsed tree: a thread's metadata
+/// takes its own size in memory, not the many times more of a `serde_json::Value`. `Debug`
+/// shows only its length: it is content.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The compact JSON text of `v`.
+    ///
+    /// # Errors
+    /// When `v` cannot be written as JSON (a map with non-string keys cannot occur in a
+    /// `Value`, so in practice never).
+    pub fn from_value(v: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(v).map(Self)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Bytes of JSON text.
+    pub fn len(&self) -> usize {
+        self.0.get().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawJson(<{} bytes>)", self.len())
+    }
+}
+
 /// `thread:<id>:meta`. `Debug` shows neither the title nor the metadata: they are content.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct ThreadRecord {
@@ -22,7 +66,7 @@ pub struct ThreadRecord {
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<RawJson>,
     /// The thread's DEK as the KMS described it; absent for threads created with encryption
     /// disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]

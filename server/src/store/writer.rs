@@ -10,7 +10,6 @@ use std::ops::Bound;
 
 use heed::RwTxn;
 use kms_api::ThreadId;
-use serde_json::Value;
 use service_kit::group_commit::{CommitError, Observer, Write};
 use tokio::sync::oneshot;
 
@@ -233,7 +232,7 @@ pub struct PatchThread {
     pub id: ThreadId,
     pub title: Option<String>,
     /// `Some(None)` removes the metadata.
-    pub metadata: Option<Option<Value>>,
+    pub metadata: Option<Option<records::RawJson>>,
     /// A sealed thread's new title and metadata, written only over the sealed part given
     /// first (else `Conflict`: another patch came between).
     pub sealed: Option<(Option<records::SealedMeta>, records::SealedMeta)>,
