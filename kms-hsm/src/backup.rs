@@ -302,6 +302,13 @@ pub async fn restore<B: KeyBackend, S: KeyStore>(
                     Err(e) => return Err(ServiceError::from(e).into()),
                 }
             }
+            Some(c)
+                if matches!(c.state, KeyState::Active { .. })
+                    && destroyed_after.contains_key(&c.key_id) =>
+            {
+                tracing::warn!(key_id = %c.key_id, "restore: the store holds an active record of a key the audit log records destroyed");
+                report.active_but_destroyed.push(c.key_id);
+            }
             Some(c) if c == r => report.unchanged += 1,
             Some(c) => match (&c.state, &r.state) {
                 (KeyState::Destroyed { .. }, KeyState::Active { .. }) => {
@@ -419,12 +426,25 @@ async fn destroyed_after_backup<B: KeyBackend, S: KeyStore>(
     Ok((destroyed, "export", through))
 }
 
-/// Records `e` in `destroyed` when it is a successful DEK destroy.
+/// Follows `e` in `destroyed`: a DEK destroy adds its key, a resurrection (named in an
+/// earlier restore) takes it out again.
 fn note_destroy(e: &AuditEntry, destroyed: &mut BTreeMap<KeyId, u64>) {
-    if e.action == "dek.destroy" && e.outcome == "ok" {
-        if let Some(k) = e.detail.get("key_id").and_then(|k| KeyId::parse(k).ok()) {
-            destroyed.insert(k, e.at);
+    if e.outcome != "ok" {
+        return;
+    }
+    let key = || e.detail.get("key_id").and_then(|k| KeyId::parse(k).ok());
+    match e.action.as_str() {
+        "dek.destroy" => {
+            if let Some(k) = key() {
+                destroyed.insert(k, e.at);
+            }
         }
+        "dek.resurrect" => {
+            if let Some(k) = key() {
+                destroyed.remove(&k);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -772,6 +792,22 @@ mod tests {
             b"secret"
         );
         assert!(svc.decrypt(&keys[2].0, &keys[2].1, b"").await.is_err());
+        // The resurrection is in the log after the destroy: a later restore finds nothing
+        // wrong with keys[1]. keys[2]'s tombstone replaced behind the KMS's back by its
+        // active record: reported, and left for the operator.
+        let tomb = svc.store().get(&keys[2].0).await.unwrap().unwrap();
+        let active = KeyRecord {
+            state: KeyState::Active {
+                wrapped: backend.generate_dek_under(&keys[2].0, kms_api::KekVersion::FIRST),
+            },
+            ..tomb.clone()
+        };
+        svc.store().compare_and_swap(&tomb, active).await.unwrap();
+        let r = restore(&svc, &file, &BTreeSet::new(), DestroyCheck::Store)
+            .await
+            .unwrap();
+        assert_eq!(r.active_but_destroyed, vec![keys[2].0.clone()]);
+        assert!(r.tombstoned.is_empty() && r.resurrected.is_empty(), "{r:?}");
     }
 
     #[tokio::test]

@@ -443,10 +443,15 @@ pub struct RestoreReport {
     /// destroyed, and imported as tombstones, unless named with `--resurrect`.
     #[serde(default)]
     pub destroyed_after_backup: Vec<KeyId>,
+    /// Keys the audit log records destroyed after the backup that are *active* in the store
+    /// (a store rolled back, or a record written behind the KMS's back). Left as they are:
+    /// destroy them (`DELETE` of their threads, or `destroy_key`) after checking why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub active_but_destroyed: Vec<KeyId>,
     /// How destroys made after the backup were found: `store` (the store's own audit log
-    /// continues the backup's), `export` (an audit export given with the restore), or
-    /// `unchecked` (neither; the operator accepted that keys destroyed since the backup come
-    /// back).
+    /// continues the backup's), `export` (an audit export given with the restore), `export
+    /// and store` (an archive, then the store's log after it), or `unchecked` (neither; the
+    /// operator accepted that keys destroyed since the backup come back).
     #[serde(default)]
     pub destroys_checked_by: String,
     /// The last audit entry checked for destroys (0 when unchecked).
