@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs when they are missing: SoftHSM2 (the PKCS#11
 # token used in dev and CI), OpenSC (pkcs11-tool, for inspecting tokens), curl (demo), strace
-# (the durability test) and PostgreSQL (the KMS's shared key store; tests start private
+# (the durability test), systemd-analyze (the units' check) and PostgreSQL (the KMS's shared key store; tests start private
 # clusters of their own, so the package's default cluster is not created).
 # Sourced or run by scripts/test.sh and scripts/dev.sh.
 set -euo pipefail
@@ -14,6 +14,8 @@ command -v strace >/dev/null || missing+=(strace)
 # The PostgreSQL key store's tests (testkit::pg): initdb/postgres/psql, run as user postgres.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v setpriv >/dev/null || missing+=(util-linux)
+# The deployment units are checked with `systemd-analyze verify` (tests/tests/docs_reference.rs).
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ((${#missing[@]})); then
   echo "==> installing ${missing[*]}"
   SUDO=""

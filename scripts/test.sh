@@ -26,6 +26,9 @@ export RUST_BACKTRACE=1
 export PROGRESSDB_SOAK_SECS=${PROGRESSDB_SOAK_SECS:-10}
 # A one-off run gains nothing from incremental state, which is most of a debug target dir.
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# Line tables are all a failing test's backtrace needs; full debug info makes every one of
+# the ~50 test binaries slower to build and link.
+export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -251,6 +251,21 @@ pub fn kms_config_on(
     (config, endpoint)
 }
 
+/// The size a heavy end-to-end scenario runs at: `full` in the default pass, a tenth of it
+/// (at least 1) in the passes that rerun a suite on another token or residency
+/// (`PROGRESSDB_TEST_TOKEN`, `PROGRESSDB_TEST_RESIDENCY` set), which check the token's part,
+/// not the load.
+pub fn heavy(full: usize) -> usize {
+    let rerun = ["PROGRESSDB_TEST_TOKEN", "PROGRESSDB_TEST_RESIDENCY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if rerun {
+        (full / 10).max(1)
+    } else {
+        full
+    }
+}
+
 /// The residency the suites run the KMS in: `PROGRESSDB_TEST_RESIDENCY` (`memory`, the
 /// default, or `hsm`), so the same suites run in both (scripts/test.sh).
 pub fn residency() -> String {

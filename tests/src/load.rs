@@ -13,6 +13,16 @@ use serde_json::json;
 
 use crate::Api;
 
+/// Items of a message page that did not open (`message_unreadable`, or a KMS failure for
+/// that item): a page answers 200 with them, so a reader counts them as failed reads.
+pub fn unreadable_items(page: &str) -> usize {
+    serde_json::from_str::<serde_json::Value>(page).map_or(1, |v| {
+        v["messages"]
+            .as_array()
+            .map_or(1, |m| m.iter().filter(|i| i.get("error").is_some()).count())
+    })
+}
+
 /// What the writers had acknowledged: thread id → (message id → body).
 pub type Acked = Arc<Mutex<BTreeMap<String, BTreeMap<String, String>>>>;
 

@@ -1,5 +1,5 @@
 //! Durability a SIGKILL cannot show (the page cache survives a killed process): every
-//! acknowledged write of both stores comes after a completed `fdatasync`/`fsync`/`msync` of the
+//! acknowledged write of both stores comes after a completed `fdatasync`/`fsync`/`msync(MS_SYNC)` of the
 //! store's data file. Each service runs under `strace -f`, requests are sent one at a time,
 //! and the trace is read in order: between two success answers written to a socket there must
 //! be a sync of `data.mdb` that returned 0. The checker itself is tested on traces without a
@@ -47,10 +47,11 @@ fn syncs_before_each_answer(trace: &str, data_file: &str) -> Vec<usize> {
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();
-            let target = if call == "msync(" {
-                "mmap".to_owned()
-            } else {
-                arg
+            // Only a synchronous msync is a sync (MS_ASYNC schedules the write and returns).
+            let target = match call {
+                "msync(" if rest.contains("MS_SYNC") => "mmap".to_owned(),
+                "msync(" => "async".to_owned(),
+                _ => arg,
             };
             if rest.ends_with("<unfinished ...>") {
                 pending.insert(pid.to_owned(), target);
@@ -92,10 +93,14 @@ fn the_checker_fails_a_trace_without_syncs() {
                     11 fdatasync(8) = 0\n\
                     13 write(9, \"HTTP/1.1 201 Created\"..., 200) = 200\n\
                     11 fdatasync(7) = -1 EIO (Input/output error)\n\
+                    13 write(9, \"HTTP/1.1 201 Created\"..., 200) = 200\n\
+                    11 msync(0x7f0000000000, 4096, MS_ASYNC) = 0\n\
+                    13 write(9, \"HTTP/1.1 201 Created\"..., 200) = 200\n\
+                    11 msync(0x7f0000000000, 4096, MS_SYNC) = 0\n\
                     13 write(9, \"HTTP/1.1 201 Created\"..., 200) = 200\n";
     assert_eq!(
         syncs_before_each_answer(unsynced, "data.mdb"),
-        vec![0, 0, 0]
+        vec![0, 0, 0, 0, 1]
     );
 }
 
@@ -113,31 +118,42 @@ fn strace(log: &Path) -> Command {
 struct Traced(Option<String>);
 
 impl Traced {
-    fn of(strace: &Proc) -> Traced {
+    /// The process named `name` that `strace` started, once it has exec'ed (before that,
+    /// strace's child is a copy of strace).
+    fn of(strace: &Proc, name: &str) -> Traced {
         let t = Instant::now();
         loop {
             let children =
                 std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", strace.pid()))
                     .unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next() {
+            let found = children.split_whitespace().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| name.starts_with(c.trim()))
+            });
+            if let Some(pid) = found {
                 return Traced(Some(pid.to_owned()));
             }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
-                "strace started nothing"
+                "strace started no {name}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// SIGTERM, then waits for it to go.
-    fn stop(&mut self) {
+    /// SIGTERM, then waits for it to go. `log` is shown if the service was gone already.
+    fn stop(&mut self, log: &Path) {
         let pid = self.0.take().unwrap();
-        assert!(Command::new("kill")
+        let killed = Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap()
-            .success());
+            .success();
+        assert!(
+            killed,
+            "the service {pid} had already exited; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         let t = Instant::now();
         while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
             assert!(t.elapsed() < Duration::from_secs(20), "{pid} did not stop");
@@ -197,7 +213,7 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
         .args(["serve", "--config"])
         .arg(&kms_conf);
     let mut kms = Proc::spawn("progressdb-kms", cmd, &tmp.path().join("kms.log"));
-    let mut kms_service = Traced::of(&kms);
+    let mut kms_service = Traced::of(&kms, "progressdb-kms");
     wait_until("the KMS did not start", || {
         kms.assert_running();
         std::os::unix::net::UnixStream::connect(&sock).is_ok()
@@ -227,7 +243,7 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
         .args(["serve", "--config"])
         .arg(&conf);
     let mut server = Proc::spawn("progressdb", cmd, &tmp.path().join("server.log"));
-    let mut server_service = Traced::of(&server);
+    let mut server_service = Traced::of(&server, "progressdb");
     let base = format!("http://127.0.0.1:{port}");
     wait_until("the server did not start", || {
         server.assert_running();
@@ -253,9 +269,9 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
     }
 
     // SIGTERM to the services themselves (strace's children); strace ends with them.
-    server_service.stop();
+    server_service.stop(&tmp.path().join("server.log"));
     server.sigterm();
-    kms_service.stop();
+    kms_service.stop(&tmp.path().join("kms.log"));
     kms.sigterm();
     // The KMS's first N answers are the N creates (later ones are the server's calls).
     check_trace(&kms_trace, N);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::load::{check, writers, Acked};
+use progressdb_e2e::load::{check, unreadable_items, writers, Acked};
 use progressdb_e2e::{bin, Kms, KmsListen, KmsStore, Provider, Role, Server, SoftHsm};
 use serde_json::json;
 use testkit::pg::PgCluster;
@@ -144,7 +144,8 @@ fn readers(
                     for tid in threads.iter().rev().take(5) {
                         match api.send(&agent, "GET", &format!("/v1/threads/{tid}/messages"), None)
                         {
-                            Ok((200, _)) => {
+                            // A 200 page can hold items that did not open: failures too.
+                            Ok((200, page)) if unreadable_items(&page) == 0 => {
                                 reads.fetch_add(1, Ordering::Relaxed);
                             }
                             other => {
@@ -340,12 +341,18 @@ fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
     );
     let (s, v) = a.call("POST", "/destroy_key", Some(json!({ "key_id": key })));
     assert_eq!(s, 200, "{v}");
+    // The documented bound, 2 × store.coherence_ms (500 ms by default), is checked against
+    // when each call was sent: a call sent within it may still be served.
+    let bound = Duration::from_millis(2 * 500);
     let t0 = std::time::Instant::now();
-    while encrypt(b) != 404 {
+    loop {
+        let sent = t0.elapsed();
+        if encrypt(b) == 404 {
+            break;
+        }
         assert!(
-            t0.elapsed() < Duration::from_millis(1500),
-            "b still serves the destroyed key after {:?}",
-            t0.elapsed()
+            sent < bound,
+            "b served the destroyed key to a call sent {sent:?} after the destroy"
         );
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -37,7 +37,24 @@ use procs::{prepare_kms, resolve_bin_dir, spawn_kms, start_kms, CannedRun, Serve
 use scenarios::{Env, Outcome, Profile, ServerWork};
 
 const USAGE: &str =
-    "usage: progressdb-bench [--quick] [--out PREFIX] [--only ID,ID] [--dir DIR]\n       progressdb-bench serve-canned SOCKET BODY_FILE";
+    "usage: progressdb-bench [--quick] [--out PREFIX] [--only ID,ID] [--dir DIR]\n       progressdb-bench --list\n       progressdb-bench serve-canned SOCKET BODY_FILE";
+
+/// The scenario groups a full run measures, each the prefix of the ids of its scenarios
+/// (`--only` takes these; `--list` prints them, so the smoke test checks the same list).
+const SCENARIO_GROUPS: &[&str] = &[
+    "kms_encrypt_1k",
+    "kms_hsm_encrypt",
+    "kms_decrypt_uncached",
+    "kms_create_dek",
+    "kms_encrypt_batch",
+    "server_post",
+    "server_page",
+    "replicas_create",
+    "replicas_server_post",
+    "thread_dek_rotation",
+    "kek_rewrap",
+    "memory",
+];
 
 struct Args {
     quick: bool,
@@ -72,6 +89,12 @@ fn parse_args(argv: Vec<String>) -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--list" => {
+                for g in SCENARIO_GROUPS {
+                    println!("{g}");
+                }
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
