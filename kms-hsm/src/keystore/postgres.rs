@@ -32,8 +32,10 @@ use super::{
     DestroyOutcome, JobRecord, KekVersionRecord, KeyRecord, KeyState, KeyStore, LeaseOutcome,
     StoreError,
 };
-use crate::config::PostgresConfig;
+mod connection;
+
 use crate::metrics::StoreMetrics;
+pub use connection::{InvalidPostgresConfig, PostgresConfig, PG_PASSWORD_ENV};
 
 /// Advisory-lock key that serialises migrations across replicas ("pdbkms" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7064_626b_6d73;
