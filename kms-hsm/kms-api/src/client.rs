@@ -30,24 +30,29 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt as _, Full};
+use http::{Method, StatusCode};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::ids::{IdempotencyKey, KekVersion, KeyId, ThreadId};
+use crate::ids::{IdempotencyKey, KeyId, ThreadId};
 use crate::wire::{
     to_json_zeroizing, BatchResponse, Bytes64, CreateDekRequest, CreateDekResponse, DecryptRequest,
     DecryptResponse, DestroyKeyRequest, DestroyKeyResponse, EncryptRequest, EncryptResponse,
-    ErrorBody, ErrorCode, GetWrappedResponse, ItemResult, SecretBytes, ZeroizingBuf,
+    ErrorBody, ErrorCode, GetWrappedResponse, ItemResult, SecretBytes,
 };
+
+mod admin;
+mod breaker;
+mod pool;
+
+pub use breaker::BreakerConfig;
+use breaker::*;
 
 /// Where the KMS listens.
 #[derive(Clone, PartialEq, Eq)]
@@ -127,64 +132,6 @@ pub struct KmsClientConfig {
     pub max_idle: usize,
     /// How often [`KmsClient::spawn_health_checks`] probes each replica's `/readyz`.
     pub health_interval: Duration,
-}
-
-/// When the client stops calling a KMS that keeps failing.
-///
-/// An attempt that timed out (a hung KMS: stopped, swapping, wedged in its HSM) opens the
-/// circuit at once, so a hung KMS costs one call its deadline and the next calls fail at
-/// once. Other failures (refused connections, `503 unavailable`) open it after `failures` in
-/// a row. While [`KmsClient::spawn_health_checks`] runs, only its `/readyz` probes close an
-/// open circuit, so no caller's request is ever the probe that waits out a hung KMS;
-/// without it, the first call after `cooldown` is let through as the probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BreakerConfig {
-    /// Consecutive failed attempts that open the circuit; 0 never opens it.
-    pub failures: u32,
-    /// How long an open circuit fails calls at once before a probe is let through.
-    pub cooldown: Duration,
-}
-
-/// How an attempt ended, as the circuit breaker counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// Answered (whatever the answer: the KMS is up).
-    Answered,
-    /// Unreachable or `503 unavailable`.
-    Failed,
-    /// No answer within the attempt's timeout of at least [`HUNG_AFTER`].
-    Hung,
-}
-
-/// An attempt that waited at least this long and timed out is a hung KMS (shorter waits are
-/// a caller's deadline nearly spent, which says nothing about the KMS).
-const HUNG_AFTER: Duration = Duration::from_millis(200);
-
-impl Outcome {
-    /// How the breaker counts an attempt that ended with `error` (none: answered) after
-    /// `waited`, its timeout being `timeout`. An attempt that used up a timeout of at least
-    /// [`HUNG_AFTER`] timed out: nothing else ends an attempt that late.
-    fn of(error: Option<&ClientError>, waited: Duration, timeout: Duration) -> Self {
-        match error {
-            Some(e) if e.counts_as_failure() => {
-                if timeout >= HUNG_AFTER && waited >= timeout {
-                    Outcome::Hung
-                } else {
-                    Outcome::Failed
-                }
-            }
-            _ => Outcome::Answered,
-        }
-    }
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            failures: 5,
-            cooldown: Duration::from_secs(2),
-        }
-    }
 }
 
 impl fmt::Debug for KmsClientConfig {
@@ -274,167 +221,6 @@ impl ClientError {
     /// Whether this attempt counts against the KMS's health (opens the circuit).
     fn counts_as_failure(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
-    }
-}
-
-/// The circuit breaker's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Circuit {
-    /// Calls go through; `failures` consecutive attempts have failed.
-    Closed { failures: u32 },
-    /// Calls fail at once until `until`.
-    Open { until: Instant },
-    /// One probe is out; other calls fail at once until it ends.
-    Probing,
-}
-
-/// How a call was let through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Admission {
-    Normal,
-    Probe,
-}
-
-/// The circuit breaker ([`BreakerConfig`]).
-#[derive(Debug)]
-struct Breaker {
-    cfg: BreakerConfig,
-    state: Mutex<Circuit>,
-    /// Set once background health checks run: then they alone close an open circuit.
-    probed_in_background: std::sync::atomic::AtomicBool,
-}
-
-impl Breaker {
-    fn new(cfg: BreakerConfig) -> Self {
-        Self {
-            cfg,
-            state: Mutex::new(Circuit::Closed { failures: 0 }),
-            probed_in_background: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    fn background(&self) -> bool {
-        self.probed_in_background
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Circuit> {
-        // The state is a plain value: a panic elsewhere cannot leave it half-written.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Lets a call through, or fails it at once while the circuit is open.
-    fn admit(&self) -> Result<Admission, ClientError> {
-        let mut s = self.lock();
-        match *s {
-            Circuit::Closed { .. } => Ok(Admission::Normal),
-            Circuit::Open { until } if Instant::now() >= until && !self.background() => {
-                *s = Circuit::Probing;
-                Ok(Admission::Probe)
-            }
-            Circuit::Open { .. } | Circuit::Probing => Err(ClientError::Unavailable(
-                "circuit open: the KMS failed repeatedly; calls fail fast until a probe succeeds"
-                    .into(),
-            )),
-        }
-    }
-
-    /// Records the outcome of an attempt: an answer closes the circuit, a hang opens it, a
-    /// failure moves it towards open (or back to open after a probe).
-    fn record(&self, admission: Admission, outcome: Outcome) {
-        if self.cfg.failures == 0 {
-            return;
-        }
-        let mut s = self.lock();
-        let before = *s;
-        let open = Circuit::Open {
-            until: Instant::now() + self.cfg.cooldown,
-        };
-        *s = match (outcome, admission, before) {
-            (Outcome::Answered, _, _) => Circuit::Closed { failures: 0 },
-            (_, Admission::Probe, _) | (_, _, Circuit::Probing) => open,
-            (Outcome::Hung, Admission::Normal, Circuit::Closed { .. }) => open,
-            (Outcome::Failed, Admission::Normal, Circuit::Closed { failures }) => {
-                let failures = failures.saturating_add(1);
-                if failures >= self.cfg.failures {
-                    open
-                } else {
-                    Circuit::Closed { failures }
-                }
-            }
-            (Outcome::Failed | Outcome::Hung, Admission::Normal, was @ Circuit::Open { .. }) => was,
-        };
-        match (before, *s) {
-            (Circuit::Closed { .. }, Circuit::Open { .. }) => tracing::warn!(
-                ?outcome,
-                failures = self.cfg.failures,
-                cooldown_ms = self.cfg.cooldown.as_millis() as u64,
-                "KMS circuit opened: calls fail fast until a probe succeeds"
-            ),
-            (Circuit::Probing | Circuit::Open { .. }, Circuit::Closed { .. }) => {
-                tracing::info!("KMS circuit closed: the KMS answers again")
-            }
-            _ => {}
-        }
-    }
-
-    /// Whether [`Breaker::admit`] would let a call through now (without taking the probe).
-    fn would_admit(&self) -> bool {
-        match *self.lock() {
-            Circuit::Closed { .. } => true,
-            Circuit::Open { until } => Instant::now() >= until && !self.background(),
-            Circuit::Probing => false,
-        }
-    }
-
-    /// A probe that ended without an outcome (its call was cancelled): the next call probes.
-    fn abandon(&self, admission: Admission) {
-        if admission == Admission::Probe {
-            let mut s = self.lock();
-            if *s == Circuit::Probing {
-                *s = Circuit::Open {
-                    until: Instant::now(),
-                };
-            }
-        }
-    }
-}
-
-/// Ends an admitted attempt: records its outcome, or, if dropped without one (the caller's
-/// future was cancelled), gives the probe back.
-struct Attempt<'a> {
-    breaker: &'a Breaker,
-    admission: Admission,
-    done: bool,
-}
-
-impl Attempt<'_> {
-    fn finish(mut self, outcome: Outcome) {
-        self.done = true;
-        self.breaker.record(self.admission, outcome);
-    }
-}
-
-impl Drop for Attempt<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.breaker.abandon(self.admission);
-        }
-    }
-}
-
-/// Held by the health-check task: when it ends, calls probe an open circuit again.
-struct BackgroundProbes(std::sync::Weak<Inner>);
-
-impl Drop for BackgroundProbes {
-    fn drop(&mut self) {
-        if let Some(inner) = self.0.upgrade() {
-            for r in &inner.replicas {
-                r.breaker
-                    .probed_in_background
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
     }
 }
 
@@ -757,124 +543,6 @@ impl KmsClient {
             .await
     }
 
-    /// Admin: KEK versions, DEK counts and jobs (`GET /admin/status`).
-    ///
-    /// # Errors
-    /// [`ClientError`]; `Api { code: Forbidden, .. }` on a non-admin endpoint.
-    pub async fn admin_status(&self) -> Result<crate::admin::StatusResponse, ClientError> {
-        self.call_json::<(), _>(Method::GET, "/admin/status", None)
-            .await
-    }
-
-    /// Admin: starts a KEK rotation, or returns the one running (`POST /admin/kek/rotate`).
-    ///
-    /// # Errors
-    /// [`ClientError`].
-    pub async fn rotate_kek(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
-        self.call_once(
-            self.first(),
-            Method::POST,
-            "/admin/kek/rotate",
-            Bytes::new(),
-            self.inner.cfg.request_timeout,
-        )
-        .await
-    }
-
-    /// Admin: starts a verification of every DEK (`POST /admin/verify`).
-    ///
-    /// # Errors
-    /// [`ClientError`].
-    pub async fn start_verify(&self) -> Result<crate::admin::StartJobResponse, ClientError> {
-        self.call_once(
-            self.first(),
-            Method::POST,
-            "/admin/verify",
-            Bytes::new(),
-            self.inner.cfg.request_timeout,
-        )
-        .await
-    }
-
-    /// Admin: one job (`GET /admin/jobs/{id}`).
-    ///
-    /// # Errors
-    /// [`ClientError`]; `Api { code: UnknownJob, .. }`.
-    pub async fn job(&self, id: &crate::admin::JobId) -> Result<crate::admin::Job, ClientError> {
-        let path = format!("/admin/jobs/{id}");
-        self.call_json::<(), _>(Method::GET, &path, None).await
-    }
-
-    /// Admin: every job (`GET /admin/jobs`).
-    ///
-    /// # Errors
-    /// [`ClientError`].
-    pub async fn jobs(&self) -> Result<crate::admin::JobsResponse, ClientError> {
-        self.call_json::<(), _>(Method::GET, "/admin/jobs", None)
-            .await
-    }
-
-    /// Admin: removes a retired KEK version from the HSM (`POST /admin/kek/destroy`). Not
-    /// retried: it is not idempotent in its answer.
-    ///
-    /// # Errors
-    /// [`ClientError`]; `Api { code: KekNotRetired | KekInUse, .. }` when refused.
-    pub async fn destroy_kek(
-        &self,
-        version: KekVersion,
-    ) -> Result<crate::admin::DestroyKekResponse, ClientError> {
-        let body = serde_json::to_vec(&crate::admin::DestroyKekRequest { version })
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.call_once(
-            self.first(),
-            Method::POST,
-            "/admin/kek/destroy",
-            Bytes::from(body),
-            self.inner.cfg.request_timeout,
-        )
-        .await
-    }
-
-    /// Admin: checks the audit log's chain and head (`POST /admin/audit/verify`).
-    ///
-    /// # Errors
-    /// [`ClientError`].
-    pub async fn audit_verify(&self) -> Result<crate::admin::AuditVerifyResponse, ClientError> {
-        self.call_once(
-            self.first(),
-            Method::POST,
-            "/admin/audit/verify",
-            Bytes::new(),
-            self.inner.cfg.request_timeout,
-        )
-        .await
-    }
-
-    /// Admin: removes the audit entries up to an archived one (`POST /admin/audit/compact`).
-    ///
-    /// # Errors
-    /// [`ClientError`]; `Api` with `archive_mismatch` when the request does not match the log.
-    pub async fn audit_compact(
-        &self,
-        req: &crate::admin::AuditCompactRequest,
-    ) -> Result<crate::admin::AuditCompactResponse, ClientError> {
-        self.call_json(Method::POST, "/admin/audit/compact", Some(req))
-            .await
-    }
-
-    /// Admin: audit entries after sequence number `after` (`GET /admin/audit`).
-    ///
-    /// # Errors
-    /// [`ClientError`].
-    pub async fn audit_entries(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<crate::admin::AuditListResponse, ClientError> {
-        let path = format!("/admin/audit?after={after}&limit={limit}");
-        self.call_json::<(), _>(Method::GET, &path, None).await
-    }
-
     /// `Ok(())` when the KMS (with replicas: at least one of them) answers `/readyz` with
     /// 200. Every replica is probed, past its circuit, so a readiness probe finds a KMS back
     /// and closes its circuit.
@@ -1068,168 +736,6 @@ impl KmsClient {
             ))),
         }
     }
-
-    async fn raw_once(
-        &self,
-        replica: &Replica,
-        method: Method,
-        path: &str,
-        body: Bytes,
-        timeout: Duration,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
-        match tokio::time::timeout(timeout, self.exchange(replica, method, path, body)).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Unavailable(format!(
-                "{path} timed out after {timeout:?}"
-            ))),
-        }
-    }
-
-    async fn exchange(
-        &self,
-        replica: &Replica,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
-        let mut sender = match take_idle(replica) {
-            Some(s) => s,
-            None => self.connect(replica).await?,
-        };
-        let host = match &replica.endpoint {
-            Endpoint::Unix(_) => "kms".to_owned(),
-            Endpoint::Https { host, port } => format!("{host}:{port}"),
-        };
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, host)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| ClientError::Unavailable(format!("connection not ready: {e}")))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Unavailable(format!("request failed: {e}")))?;
-        let status = resp.status();
-        // The KMS closes the connection after some answers (413, 403, a body timeout): such a
-        // connection must not go back to the pool, where the next call would find it dead.
-        let closing = resp
-            .headers()
-            .get(http::header::CONNECTION)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        // Answers may carry plaintext: collected into zeroizing memory, frame by frame.
-        let mut body = resp.into_body();
-        let mut buf = ZeroizingBuf::with_capacity(1024);
-        while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|e| ClientError::Unavailable(format!("reading answer failed: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                if buf.len().saturating_add(data.len()) > MAX_ANSWER_BYTES {
-                    return Err(ClientError::Protocol(format!(
-                        "{path} answered more than {MAX_ANSWER_BYTES} bytes"
-                    )));
-                }
-                buf.push(&data);
-            }
-        }
-        let bytes = buf.into_bytes();
-        if !closing {
-            put_idle(replica, sender, self.inner.cfg.max_idle);
-        }
-        Ok((status, bytes))
-    }
-
-    async fn connect(&self, replica: &Replica) -> Result<Sender, ClientError> {
-        let timeout = self.inner.cfg.connect_timeout;
-        let fut = async {
-            match &replica.endpoint {
-                Endpoint::Unix(path) => {
-                    let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                        ClientError::Unavailable(format!("connect {}: {e}", path.display()))
-                    })?;
-                    if let Some(want) = self.inner.cfg.expected_peer_uid {
-                        let uid = s.peer_cred().map(|c| c.uid()).map_err(|e| {
-                            ClientError::Unavailable(format!("peer of {}: {e}", path.display()))
-                        })?;
-                        if uid != want {
-                            tracing::error!(
-                                socket = %path.display(),
-                                uid,
-                                expected = want,
-                                "the process on the KMS socket is not the KMS's user; refusing it"
-                            );
-                            return Err(ClientError::Unavailable(format!(
-                                "the process on {} runs as uid {uid}, not the configured KMS uid {want}",
-                                path.display()
-                            )));
-                        }
-                    }
-                    handshake(TokioIo::new(s)).await
-                }
-                Endpoint::Https { host, port } => {
-                    let tcp = tokio::net::TcpStream::connect((host.as_str(), *port))
-                        .await
-                        .map_err(|e| {
-                            ClientError::Unavailable(format!("connect {host}:{port}: {e}"))
-                        })?;
-                    let _ = tcp.set_nodelay(true);
-                    let tls = replica
-                        .tls
-                        .as_ref()
-                        .ok_or_else(|| ClientError::Config("missing TLS settings".into()))?;
-                    let name = ServerName::try_from(host.clone())
-                        .map_err(|e| ClientError::Config(format!("server name {host}: {e}")))?;
-                    let s = tls.connect(name, tcp).await.map_err(|e| {
-                        ClientError::Unavailable(format!("TLS handshake with {host}:{port}: {e}"))
-                    })?;
-                    handshake(TokioIo::new(s)).await
-                }
-            }
-        };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| ClientError::Unavailable(format!("connect timed out after {timeout:?}")))?
-    }
-}
-
-fn take_idle(replica: &Replica) -> Option<Sender> {
-    let mut idle = replica.idle.lock().unwrap_or_else(|p| p.into_inner());
-    while let Some(s) = idle.pop() {
-        if !s.is_closed() {
-            return Some(s);
-        }
-    }
-    None
-}
-
-fn put_idle(replica: &Replica, s: Sender, max_idle: usize) {
-    if s.is_closed() {
-        return;
-    }
-    let mut idle = replica.idle.lock().unwrap_or_else(|p| p.into_inner());
-    if idle.len() < max_idle {
-        idle.push(s);
-    }
-}
-
-async fn handshake<T>(io: T) -> Result<Sender, ClientError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| ClientError::Unavailable(format!("HTTP handshake: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "KMS connection closed");
-        }
-    });
-    Ok(sender)
 }
 
 /// The body of a batch call, borrowing its items (the shape of [`crate::wire::BatchRequest`]),

@@ -1,0 +1,242 @@
+//! Authentication and signing, the admin views of a thread's key and the server's key
+//! copies, and readiness.
+
+use kms_api::ThreadId;
+use serde_json::Value;
+
+use crate::auth::{Principal, Role};
+use crate::error::ApiError;
+use crate::ids::UserId;
+use crate::provider::{ProviderError, ThreadKey};
+use crate::store::ThreadFilter;
+
+use super::*;
+
+impl MessageService {
+    /// Authenticates a request (API key, and the user signature of a frontend caller at the
+    /// user's signature generation), then counts it against the rate of its API key and user.
+    ///
+    /// # Errors
+    /// 401 for a missing or wrong credential, 400 for a malformed `X-User-ID`, 429 over the
+    /// rate.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, ApiError> {
+        let p = self
+            .keys
+            .authenticate(headers, &self.signature_generations)?;
+        // Per signed user on the shared frontend key; per key for backend and admin callers,
+        // who name any user they like (a bucket per name would let them out of their key's
+        // rate, and a flood of names would reset everyone's).
+        let user = match p.role {
+            Role::Frontend => p.user.clone(),
+            Role::Backend | Role::Admin => None,
+        };
+        self.key_rate
+            .check(&(p.key, user))
+            .map_err(|wait| ApiError::RateLimited(wait.as_secs().max(1)))?;
+        Ok(p)
+    }
+
+    /// `POST /v1/sign`: backend (and admin) keys only. With `expires_in_secs`, the expiring
+    /// signature form valid that long (at most `auth.max_signature_ttl_secs`); without, the
+    /// plain form, or an expiring one of the longest lifetime when plain signatures are not
+    /// accepted (`auth.require_expiring_signatures`) or the user's were revoked.
+    ///
+    /// # Errors
+    /// 403 for frontend keys, 400 for a bad user id or lifetime.
+    pub fn sign(
+        &self,
+        p: &Principal,
+        user_id: &str,
+        expires_in_secs: Option<u64>,
+    ) -> Result<(UserId, String, Option<u64>), ApiError> {
+        match p.role {
+            Role::Backend | Role::Admin => {}
+            Role::Frontend => return Err(ApiError::Forbidden),
+        }
+        let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let (sig, expires) = self
+            .keys
+            .sign_for(
+                &user,
+                expires_in_secs,
+                self.signature_generations.of(&user),
+                crate::auth::unix_now(),
+            )
+            .map_err(ApiError::InvalidArgument)?;
+        Ok((user, sig, expires))
+    }
+
+    /// `POST /v1/users/{user_id}/revoke-signatures`: backend (and admin) keys only. Every
+    /// signature of the user made so far stops being accepted (durably, before the answer);
+    /// returns the user's new signature generation.
+    ///
+    /// # Errors
+    /// 403 for frontend keys, 400 for a bad user id, 5xx when the store cannot write.
+    pub async fn revoke_signatures(
+        &self,
+        p: &Principal,
+        user_id: &str,
+    ) -> Result<(UserId, u64), ApiError> {
+        match p.role {
+            Role::Backend | Role::Admin => {}
+            Role::Frontend => return Err(ApiError::Forbidden),
+        }
+        let user = UserId::parse(user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let generation = self
+            .store
+            .write(crate::store::RevokeSignatures { user: user.clone() })
+            .await?;
+        self.signature_generations
+            .set(&user, crate::auth::SignatureGeneration(generation));
+        tracing::info!(user = %user, generation, "user signatures revoked");
+        Ok((user, generation))
+    }
+
+    /// `GET /admin/threads/{id}/kms`.
+    ///
+    /// # Errors
+    /// 403 for non-admin keys, 404 for an unknown thread or one without a key.
+    pub async fn thread_kms(&self, p: &Principal, id: &ThreadId) -> Result<ThreadKey, ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let rec = self.thread_for(p, id).await?;
+        let copy = rec.kms.clone().ok_or(ApiError::NotFound)?;
+        // The copy is informational (reads use the key id), but it is shown true: refreshed
+        // from the KMS, which rewraps DEKs when its KEK rotates.
+        let Some(provider) = &self.provider else {
+            return Ok(copy);
+        };
+        let fresh = match provider.current_copy(&copy).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(thread = %id, error = %e, "cannot refresh the thread's key copy; showing the stored one");
+                return Ok(copy);
+            }
+        };
+        if fresh != copy {
+            let changed = self
+                .store
+                .write(crate::store::RefreshKeyCopy {
+                    thread: id.clone(),
+                    fresh: fresh.clone(),
+                })
+                .await?;
+            self.cache.invalidate(id);
+            if changed {
+                tracing::info!(thread = %id, kek_version = %fresh.kek_version, "thread's key copy refreshed after a KEK rotation");
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// `GET /admin/kms/key-copies`: every thread's copy of its key, and of a rotation's
+    /// retiring key.
+    ///
+    /// # Errors
+    /// 403 for non-admin keys; store errors.
+    pub async fn key_copies(&self, p: &Principal) -> Result<Vec<Value>, ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_threads(ThreadFilter::All, after.clone(), 256)
+                .await?;
+            for t in &page.items {
+                let retiring = t.rotation.as_ref().and_then(|r| r.retiring.as_ref());
+                for k in t.kms.iter().chain(retiring) {
+                    out.push(serde_json::json!({
+                        "thread_id": t.id,
+                        "key_id": k.key_id,
+                        "wrapped_dek": k.wrapped_dek,
+                        "kek_id": k.kek_id,
+                        "kek_version": k.kek_version,
+                    }));
+                }
+            }
+            match (page.more, page.items.last()) {
+                (true, Some(last)) => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /admin/kms/refresh-copies`: refreshes every thread's copy of its key from the KMS.
+    /// Returns (threads checked, copies refreshed, copies the KMS could not give).
+    ///
+    /// # Errors
+    /// 403 for non-admin keys; store errors.
+    pub async fn refresh_key_copies(&self, p: &Principal) -> Result<(u64, u64, u64), ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let provider = self.provider()?;
+        let (mut checked, mut refreshed, mut missing) = (0, 0, 0);
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_threads(ThreadFilter::All, after.clone(), 256)
+                .await?;
+            for t in &page.items {
+                let Some(copy) = &t.kms else { continue };
+                checked += 1;
+                match provider.current_copy(copy).await {
+                    Ok(fresh) if &fresh != copy => {
+                        let changed = self
+                            .store
+                            .write(crate::store::RefreshKeyCopy {
+                                thread: t.id.clone(),
+                                fresh,
+                            })
+                            .await?;
+                        self.cache.invalidate(&t.id);
+                        refreshed += u64::from(changed);
+                    }
+                    Ok(_) => {}
+                    Err(ProviderError::Unavailable(_)) => return Err(ApiError::KmsUnavailable),
+                    Err(e) => {
+                        tracing::warn!(thread = %t.id, error = %e, "the KMS has no current copy of the thread's key");
+                        missing += 1;
+                    }
+                }
+            }
+            match (page.more, page.items.last()) {
+                (true, Some(last)) => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        Ok((checked, refreshed, missing))
+    }
+
+    /// Health of the store and the key provider.
+    pub async fn readiness(&self) -> (Health, Health) {
+        let store = match self.store.check().await {
+            Ok(()) => Health::Ok,
+            Err(e) => {
+                tracing::warn!(error = %e, "store not ready");
+                Health::Unavailable
+            }
+        };
+        let kms = match &self.provider {
+            None => Health::NotConfigured,
+            Some(p) => match tokio::time::timeout(self.kms_ready_timeout, p.ready()).await {
+                Ok(Ok(())) => Health::Ok,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "key provider not ready");
+                    Health::Unavailable
+                }
+                Err(_) => {
+                    tracing::warn!("key provider readiness check timed out");
+                    Health::Unavailable
+                }
+            },
+        };
+        (store, kms)
+    }
+}

@@ -1,0 +1,185 @@
+//! Range scans inside a read transaction: threads (all, or one author's through the author
+//! index), and a thread's messages in either direction from a cursor, stopping at a page's
+//! size or byte budget.
+
+use std::ops::Bound;
+
+use heed::{RoTxn, WithoutTls};
+use kms_api::ThreadId;
+
+use crate::ids::{MessageId, UserId};
+
+use super::*;
+
+pub(super) fn parse_thread(key: &[u8], v: &[u8]) -> Result<ThreadRecord, StoreError> {
+    serde_json::from_slice(v).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "{}: {}",
+            String::from_utf8_lossy(key),
+            serde_error_text(&e)
+        ))
+    })
+}
+
+/// serde_json's error without the input it may quote (its `Display` says e.g. `invalid
+/// type: string "<a title>"`): what failed and where, for logs and errors.
+pub(crate) fn serde_error_text(e: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
+}
+
+pub(super) fn list_all_threads(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    after: Option<&ThreadId>,
+    limit: usize,
+) -> Result<Page<ThreadRecord>, StoreError> {
+    let (lo, hi) = keys::all_threads();
+    // Seek from thread to thread: after a thread's first key (its meta), jump past all of its
+    // keys instead of walking its messages.
+    let mut lower = match after {
+        Some(t) => keys::thread_end(t),
+        None => lo,
+    };
+    let mut items = Vec::new();
+    loop {
+        let next = {
+            let mut it = db.range(
+                txn,
+                &(
+                    Bound::Included(lower.as_slice()),
+                    Bound::Excluded(hi.as_slice()),
+                ),
+            )?;
+            match it.next() {
+                None => None,
+                Some(r) => {
+                    let (k, v) = r?;
+                    Some((k.to_vec(), keys::parse_meta(k).map(|_| v.to_vec())))
+                }
+            }
+        };
+        let Some((k, meta)) = next else {
+            return Ok(Page { items, more: false });
+        };
+        match keys::parse_thread_of(&k) {
+            Some(tid) => lower = keys::thread_end(&tid),
+            None => {
+                // Not a key this server writes; step over it.
+                lower = k;
+                lower.push(0);
+                continue;
+            }
+        }
+        if let Some(v) = meta {
+            if items.len() == limit {
+                return Ok(Page { items, more: true });
+            }
+            match parse_thread(&k, &v) {
+                Ok(t) => items.push(t),
+                Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
+            }
+        }
+    }
+}
+
+pub(super) fn list_author_threads(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    user: &UserId,
+    after: Option<&ThreadId>,
+    limit: usize,
+) -> Result<Page<ThreadRecord>, StoreError> {
+    let (lo, hi) = keys::author_index_bounds(user);
+    let start = after.map(|t| keys::author_index(user, t));
+    let lower = match &start {
+        Some(s) => Bound::Excluded(s.as_slice()),
+        None => Bound::Included(lo.as_slice()),
+    };
+    let mut items = Vec::new();
+    for r in db.range(txn, &(lower, Bound::Excluded(hi.as_slice())))? {
+        let (k, _) = r?;
+        let Some(tid) = keys::parse_author_index(&lo, k) else {
+            continue;
+        };
+        let mk = keys::meta(&tid);
+        let Some(v) = db.get(txn, &mk)? else {
+            continue;
+        };
+        if items.len() == limit {
+            return Ok(Page { items, more: true });
+        }
+        match parse_thread(&mk, v) {
+            Ok(t) => items.push(t),
+            Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
+        }
+    }
+    Ok(Page { items, more: false })
+}
+
+/// Up to `limit` messages, and no more stored bytes than `max_bytes` (at least one message:
+/// a page always moves on); `more` when the page stopped before the end.
+pub(super) fn list_messages(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    thread: &ThreadId,
+    order: Order,
+    after: Option<MessageId>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Page<StoredMessage>, StoreError> {
+    let prefix = keys::msg_prefix(thread);
+    let end = keys::msg_end(thread);
+    let cursor = after.map(|a| keys::msg(thread, a));
+    let mut items = Vec::with_capacity(limit.min(1024));
+    let mut bytes = 0usize;
+    let mut push = |k: &[u8], v: &[u8]| -> bool {
+        let Some(id) = keys::parse_msg(&prefix, k) else {
+            return true;
+        };
+        if items.len() == limit || (!items.is_empty() && bytes.saturating_add(v.len()) > max_bytes)
+        {
+            return false;
+        }
+        bytes = bytes.saturating_add(v.len());
+        items.push(StoredMessage {
+            id,
+            record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
+        });
+        true
+    };
+    let mut more = false;
+    match order {
+        Order::Asc => {
+            let lower = match &cursor {
+                Some(c) => Bound::Excluded(c.as_slice()),
+                None => Bound::Included(prefix.as_slice()),
+            };
+            for r in db.range(txn, &(lower, Bound::Excluded(end.as_slice())))? {
+                let (k, v) = r?;
+                if !push(k, v) {
+                    more = true;
+                    break;
+                }
+            }
+        }
+        Order::Desc => {
+            let upper = match &cursor {
+                Some(c) => Bound::Excluded(c.as_slice()),
+                None => Bound::Excluded(end.as_slice()),
+            };
+            for r in db.rev_range(txn, &(Bound::Included(prefix.as_slice()), upper))? {
+                let (k, v) = r?;
+                if !push(k, v) {
+                    more = true;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Page { items, more })
+}
