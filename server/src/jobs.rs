@@ -32,9 +32,7 @@
 //! random-nonce bound of AES-GCM), or is older than `encryption.rotate_after_days` (0 =
 //! never), gets the same job.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kms_api::admin::JobId;
@@ -56,74 +54,6 @@ use crate::store::{
 const BATCH: usize = 64;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// When a thread's key is rotated without being asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RotationPolicy {
-    /// Rotate once the key has sealed more messages than this.
-    pub after_messages: u64,
-    /// Rotate once the key is older than this (`None`: never for age).
-    pub after_age: Option<Duration>,
-    /// Start one only while fewer jobs than this run here (running or being started).
-    pub max_running: usize,
-}
-
-impl Default for RotationPolicy {
-    fn default() -> Self {
-        Self {
-            after_messages: 1 << 30,
-            after_age: None,
-            max_running: 4,
-        }
-    }
-}
-
-/// Jobs this process drives now (so one job never runs twice here), and automatic starts
-/// under way (not driven yet).
-#[derive(Debug, Default)]
-pub struct Running {
-    driven: Mutex<BTreeSet<JobId>>,
-    starting: Arc<AtomicUsize>,
-}
-
-/// An automatic start's place under [`RotationPolicy::max_running`], held until the job it
-/// starts is driven (or the start fails).
-#[derive(Debug)]
-pub struct StartSlot(Arc<AtomicUsize>);
-
-impl Drop for StartSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Running {
-    fn claim(&self, id: &JobId) -> bool {
-        self.driven
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.clone())
-    }
-
-    fn release(&self, id: &JobId) {
-        self.driven
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
-    }
-
-    /// A slot for an automatic start when fewer than `max` jobs are driven or being
-    /// started; `None` when the cap is reached.
-    pub fn reserve(&self, max: usize) -> Option<StartSlot> {
-        // The lock orders reservations, so two cannot both take the last slot.
-        let driven = self.driven.lock().unwrap_or_else(PoisonError::into_inner);
-        if driven.len() + self.starting.load(Ordering::Acquire) >= max {
-            return None;
-        }
-        self.starting.fetch_add(1, Ordering::AcqRel);
-        Some(StartSlot(Arc::clone(&self.starting)))
-    }
-}
 
 /// Why a step stopped.
 enum Step {
@@ -698,28 +628,4 @@ async fn verify(
     }
     svc.store.write(PutJob(job.clone())).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn automatic_starts_stop_at_the_cap_of_jobs_running_or_starting() {
-        let r = Running::default();
-        let a = JobId::from_random([1; 8]);
-        assert!(r.claim(&a));
-        let slot = r.reserve(2).expect("one job running, cap 2");
-        assert!(r.reserve(2).is_none(), "one running and one starting");
-        drop(slot);
-        let slot = r.reserve(2).expect("the start finished");
-        // A start that hands its job to the driver keeps the count: driven, then released.
-        let b = JobId::from_random([2; 8]);
-        assert!(r.claim(&b));
-        drop(slot);
-        assert!(r.reserve(2).is_none(), "two driven");
-        r.release(&a);
-        assert!(r.reserve(2).is_some());
-    }
 }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod job_state;
 pub mod jobs;
 pub mod meta;
 pub mod metrics;
@@ -159,7 +160,7 @@ impl Server {
             signature_generations,
             kms_ready_timeout: cfg.kms.ready_timeout(),
             gate,
-            rotation_policy: jobs::RotationPolicy {
+            rotation_policy: job_state::RotationPolicy {
                 max_running: cfg.encryption.max_concurrent_rotations,
                 after_messages: cfg.encryption.rotate_after_messages,
                 after_age: match cfg.encryption.rotate_after_days {
@@ -167,7 +168,7 @@ impl Server {
                     d => Some(Duration::from_secs(d.saturating_mul(86_400))),
                 },
             },
-            running: jobs::Running::default(),
+            running: job_state::Running::default(),
         };
         let http = http::HttpOptions {
             header_read_timeout: Duration::from_secs(cfg.http.header_read_timeout_secs),

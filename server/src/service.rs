@@ -95,9 +95,9 @@ pub struct MessageService {
     /// Connection admission of the HTTP listener (shared with `/metrics`).
     pub gate: std::sync::Arc<service_kit::conn::ConnectionGate>,
     /// When thread keys are rotated without being asked.
-    pub rotation_policy: crate::jobs::RotationPolicy,
+    pub rotation_policy: crate::job_state::RotationPolicy,
     /// Jobs this process drives now.
-    pub running: crate::jobs::Running,
+    pub running: crate::job_state::Running,
     /// Requests a second per API key and user (`limits.key_rate_per_sec`).
     pub key_rate: service_kit::rate::RateLimiter<(crate::auth::ApiKeyId, Option<UserId>)>,
     /// Users whose signatures were revoked.
