@@ -16,6 +16,8 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql
 command -v setpriv >/dev/null || missing+=(util-linux)
 # The deployment units are checked with `systemd-analyze verify` (tests/tests/docs_reference.rs).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# scripts/test.sh links with mold: the ~60 test binaries link in a fraction of the time.
+command -v mold >/dev/null || missing+=(mold)
 if ((${#missing[@]})); then
   echo "==> installing ${missing[*]}"
   SUDO=""
@@ -29,3 +31,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 softhsm2-util --version >/dev/null
+# scripts/test.sh runs the tests with cargo-nextest (on the machine image; built here otherwise).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "==> installing cargo-nextest"
+  cargo install --locked cargo-nextest >/dev/null
+fi

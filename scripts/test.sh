@@ -4,7 +4,7 @@
 #   2. cargo fmt --check and clippy (-D warnings, all targets, all features),
 #   3. builds the binaries the end-to-end tests start (both server flavours) into target/e2e/,
 #      and Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh),
-#   4. runs every test: default features (incl. the KMS against SoftHSM and the end-to-end
+#   4. runs every test with cargo-nextest (.config/nextest.toml): default features (incl. the KMS against SoftHSM and the end-to-end
 #      tests), then the server's tests again with the dev-only embedded provider,
 #   5. runs the KMS's token conformance suites again on Kryoptic
 #      (PROGRESSDB_TEST_TOKEN=kryoptic),
@@ -29,6 +29,8 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 # Line tables are all a failing test's backtrace needs; full debug info makes every one of
 # the ~50 test binaries slower to build and link.
 export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}
+# mold (scripts/ensure-deps.sh) links the ~60 test binaries in a fraction of ld's time.
+export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-fuse-ld=mold"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -36,13 +38,18 @@ cargo fmt --all -- --check
 log "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
+# Every build below selects the whole workspace where it can: cargo unifies dependency
+# features per selection, so the binaries and the test binaries then share one build of every
+# dependency instead of two.
 log "building binaries for the end-to-end tests"
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 mkdir -p "$TARGET_DIR/e2e"
-cargo build --locked -p progressdb-kms -p progressdb --bins
+cargo build --locked --workspace --bins
 cp "$TARGET_DIR/debug/progressdb-kms" "$TARGET_DIR/e2e/progressdb-kms"
 cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb"
-cargo build --locked -p progressdb --bins --features dev-embedded
+# The server with the dev-only embedded provider, built as its own test run builds it below
+# (so that run compiles nothing more).
+cargo test --locked -p progressdb --features dev-embedded --no-run
 cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb-dev"
 export E2E_BIN_DIR="$TARGET_DIR/e2e"
 
@@ -52,14 +59,22 @@ export E2E_BIN_DIR="$TARGET_DIR/e2e"
 log "building Kryoptic (the second PKCS#11 implementation)"
 bash scripts/build-kryoptic.sh
 
+log "building the test binaries"
+cargo nextest run --workspace --locked --no-run
+
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
+# cargo-nextest (.config/nextest.toml): one queue of tests across all test binaries, each test
+# in a process of its own, no retries. Its closing "Summary" line of each pass is counted below.
+nt() { cargo nextest run --locked --no-fail-fast "$@" 2>&1 | tee -a "$RESULTS"; }
 
-log "cargo test --workspace (default features)"
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
+log "tests: the whole workspace (default features)"
+nt --workspace
+# nextest runs no doc-tests; cargo does.
+cargo test --workspace --locked --doc 2>&1 | tee -a "$RESULTS"
 
-log "cargo test -p progressdb --features dev-embedded"
-cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | tee -a "$RESULTS"
+log "tests: the server with the dev-only embedded provider"
+nt -p progressdb --features dev-embedded
 
 # The suites that exercise the token: the PKCS#11 backend, start-up, the key API over both
 # transports, and the end-to-end flows, lifecycle, CLI, secrets, tampering, DEK rotation and
@@ -69,20 +84,16 @@ cargo test -p progressdb --features dev-embedded --locked --no-fail-fast 2>&1 | 
 # in the clear in the KMS's own memory, docs/kms.md. The PostgreSQL and replica suites do not
 # depend on the token. The 10,000-DEK rotation under live traffic is a load test of the
 # lifecycle engine, run on SoftHSM; on Kryoptic a rotation of 3,000 DEKs killed at every
-# stage covers the token's part.)
-log "cargo test: the token conformance suites on Kryoptic"
-PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast \
-  -p progressdb-kms --test hsm_backend --test hsm_resident --test hsm_recovery --test kms_startup \
-  --test kms_api --test kms_transport \
-  -p progressdb-e2e --test e2e_flow --test e2e_lifecycle --test e2e_cli --test e2e_secrets \
-  --test e2e_tamper --test e2e_dek_rotation -- --skip kek_rotation_over_10000_deks \
-  2>&1 | tee -a "$RESULTS"
-# (The same two packages as above: cargo unifies features per package set, so selecting the
-# end-to-end crate alone would rebuild part of the tree.)
-PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-kms -p progressdb-e2e \
-  --test e2e_residency a_deployment_switches 2>&1 | tee -a "$RESULTS"
-PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-kms -p progressdb-e2e \
-  --test e2e_hsm a_planted_kek 2>&1 | tee -a "$RESULTS"
+# stage covers the token's part.) The same selection as the default pass (--workspace), so
+# nothing is rebuilt.
+log "tests: the token conformance suites on Kryoptic"
+PROGRESSDB_TEST_TOKEN=kryoptic nt --workspace -E '
+    binary(hsm_backend) | binary(hsm_resident) | binary(hsm_recovery) | binary(kms_startup)
+  | binary(kms_api) | binary(kms_transport)
+  | (binary(e2e_flow) | binary(e2e_lifecycle) | binary(e2e_cli) | binary(e2e_secrets)
+     | binary(e2e_tamper) | binary(e2e_dek_rotation)) - test(kek_rotation_over_10000_deks)
+  | (binary(e2e_residency) & test(a_deployment_switches))
+  | (binary(e2e_hsm) & test(a_planted_kek))'
 
 # The suites whose calls reach the HSM's key and message paths, with the KMS in
 # hsm.dek_residency = "hsm" (DEKs only as HSM session objects; hsm_backend is the memory
@@ -90,13 +101,15 @@ PROGRESSDB_TEST_TOKEN=kryoptic cargo test --locked --no-fail-fast -p progressdb-
 # contract and CLI suites do not depend on the residency; rotation and rewrap in hsm residency
 # are hsm_resident's and e2e_residency's (a rotation across a residency switch).
 for token in softhsm kryoptic; do
-  log "cargo test: the key-path suites in hsm residency on $token"
-  PROGRESSDB_TEST_TOKEN=$token PROGRESSDB_TEST_RESIDENCY=hsm cargo test --locked --no-fail-fast \
-    -p progressdb-kms --test kms_api --test kms_transport \
-    -p progressdb-e2e --test e2e_flow --test e2e_tamper --test e2e_dek_rotation 2>&1 | tee -a "$RESULTS"
+  log "tests: the key-path suites in hsm residency on $token"
+  PROGRESSDB_TEST_TOKEN=$token PROGRESSDB_TEST_RESIDENCY=hsm nt --workspace -E '
+      binary(kms_api) | binary(kms_transport) | binary(e2e_flow) | binary(e2e_tamper)
+    | binary(e2e_dek_rotation)'
 done
 log "done"
 
-# One closing line for the whole run (cargo's last line is a doc-test summary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+# One closing line for the whole run: nextest's "Summary" line of each pass, and cargo's
+# doc-test results.
+awk '/^ *Summary \[/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\n==> all checks and tests passed\ntests: %d passed, %d failed\n", p, f }' "$RESULTS"
