@@ -124,7 +124,7 @@ pub async fn open_copy_side(
     side: CopySide,
 ) -> Result<AnyStore, StoreError> {
     use crate::storecopy::StoreSpec;
-    let metrics = crate::metrics::StoreMetrics::unregistered();
+    let metrics = crate::metrics::StoreMetrics::default();
     match spec {
         StoreSpec::Lmdb(path) => {
             if side == CopySide::Source && !path.join("data.mdb").exists() {
@@ -314,7 +314,7 @@ impl<B: KeyBackend, S: KeyStore> App<B, S> {
 /// Stores a pending `hsm.pin_rejected` audit entry (see [`crate::audit`]); failures are
 /// logged, the start-up error stands either way.
 async fn record_pin_rejected(cfg: &Config, token: &str) {
-    let store = match open_store(cfg, crate::metrics::StoreMetrics::unregistered()).await {
+    let store = match open_store(cfg, crate::metrics::StoreMetrics::default()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot record the refused PIN in the audit log");
@@ -413,7 +413,7 @@ pub fn init_kek(cfg: &Config) -> Result<InitKekOutcome, StartError> {
             let lease = cfg.lifecycle.lease;
             rt.block_on(async move {
                 let store =
-                    PostgresStore::open(pg, crate::metrics::StoreMetrics::unregistered()).await?;
+                    PostgresStore::open(pg, crate::metrics::StoreMetrics::default()).await?;
                 let holder = crate::lifecycle::replica_name();
                 let deadline = tokio::time::Instant::now() + 2 * lease + Duration::from_secs(5);
                 loop {

@@ -229,7 +229,7 @@ mod tests {
 
     async fn service() -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+        let store = LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap();
         let cache = DekCache::new(Duration::from_secs(60), 10, CacheMetrics::default());
         (
             dir,

@@ -181,20 +181,6 @@ pub enum Route {
     Metrics,
 }
 
-/// Every endpoint.
-const ROUTES: [Route; 10] = [
-    Route::CreateDek,
-    Route::Encrypt,
-    Route::Decrypt,
-    Route::EncryptBatch,
-    Route::DecryptBatch,
-    Route::DestroyKey,
-    Route::GetWrapped,
-    Route::Healthz,
-    Route::Readyz,
-    Route::Metrics,
-];
-
 impl Route {
     /// Path of the endpoint: its metric label.
     pub fn label(self) -> &'static str {
@@ -210,10 +196,6 @@ impl Route {
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
         }
-    }
-
-    fn of_path(path: &str) -> Option<Route> {
-        ROUTES.into_iter().find(|r| r.label() == path)
     }
 }
 
@@ -301,6 +283,8 @@ pub struct Api<B, S> {
     rate: service_kit::rate::RateLimiter<std::sync::Arc<str>>,
     /// Creates per peer: each leaves a key record and an audit entry for good.
     create_rate: service_kit::rate::RateLimiter<std::sync::Arc<str>>,
+    /// The route templates of both endpoints, from their route tables.
+    routes: Arc<RouteTemplates>,
 }
 
 impl<B, S> std::fmt::Debug for Api<B, S> {
@@ -326,6 +310,7 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
             limits,
             rate: service_kit::rate::RateLimiter::new(limits.peer_rate),
             create_rate: service_kit::rate::RateLimiter::new(limits.peer_create_rate),
+            routes: Arc::new(RouteTemplates::of::<B, S>()),
         }
     }
 
@@ -339,6 +324,11 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The route templates of both endpoints.
+    pub fn route_templates(&self) -> Arc<RouteTemplates> {
+        Arc::clone(&self.routes)
     }
 
     pub fn lifecycle(&self) -> &Arc<crate::lifecycle::Lifecycle<B, S>> {
@@ -381,10 +371,42 @@ impl<B: KeyBackend, S: KeyStore> Api<B, S> {
 /// Refused admin calls audited per second at most.
 pub const REFUSAL_AUDITS_PER_SEC: u32 = 20;
 
-/// Who sent a request, as the transport saw it (`uid:1000`, `cert:<sha256 prefix>`, with an
-/// `admin:` prefix on the admin endpoint): the actor of the audit entries it causes.
+/// Which API a peer was admitted to: the key API of the client endpoint, or the admin API
+/// (the admin socket, or a TLS client whose certificate names an admin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    Client,
+    Admin,
+}
+
+/// Who sent a request, as the transport saw it: its role and its identity (`uid:1000`,
+/// `cert:<sha256 prefix>`), set on every request by the transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer(pub std::sync::Arc<str>);
+pub struct Peer {
+    role: PeerRole,
+    actor: std::sync::Arc<str>,
+}
+
+impl Peer {
+    /// A peer of `role` identified by `id`.
+    pub fn new(role: PeerRole, id: &str) -> Self {
+        let actor = match role {
+            PeerRole::Client => std::sync::Arc::from(id),
+            PeerRole::Admin => std::sync::Arc::from(format!("admin:{id}")),
+        };
+        Self { role, actor }
+    }
+
+    pub fn role(&self) -> PeerRole {
+        self.role
+    }
+
+    /// The actor of the audit entries its requests cause (the identity, with an `admin:`
+    /// prefix for an admin peer), also the key of its rate limits.
+    pub fn actor(&self) -> &std::sync::Arc<str> {
+        &self.actor
+    }
+}
 
 /// Whether a request (its route label and raw path) can append to the audit log, so needs
 /// its actor: key creation and destruction, and anything under `/admin` (a refused one too).
@@ -410,19 +432,73 @@ pub fn paths<B, S>(table: &RouteTable<B, S>) -> Vec<&'static str> {
 /// Every route of the client endpoint. The two `/admin` catch-alls only refuse (403).
 pub fn client_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
     vec![
-        ("/create_dek_for_thread", post(create_dek::<B, S>)),
-        ("/encrypt", post(encrypt::<B, S>)),
-        ("/decrypt", post(decrypt::<B, S>)),
-        ("/encrypt_batch", post(encrypt_batch::<B, S>)),
-        ("/decrypt_batch", post(decrypt_batch::<B, S>)),
-        ("/destroy_key", post(destroy_key::<B, S>)),
-        ("/get_wrapped", get(get_wrapped::<B, S>)),
-        ("/healthz", get(healthz)),
-        ("/readyz", get(readyz::<B, S>)),
-        ("/metrics", get(metrics::<B, S>)),
+        (Route::CreateDek.label(), post(create_dek::<B, S>)),
+        (Route::Encrypt.label(), post(encrypt::<B, S>)),
+        (Route::Decrypt.label(), post(decrypt::<B, S>)),
+        (Route::EncryptBatch.label(), post(encrypt_batch::<B, S>)),
+        (Route::DecryptBatch.label(), post(decrypt_batch::<B, S>)),
+        (Route::DestroyKey.label(), post(destroy_key::<B, S>)),
+        (Route::GetWrapped.label(), get(get_wrapped::<B, S>)),
+        (Route::Healthz.label(), get(healthz)),
+        (Route::Readyz.label(), get(readyz::<B, S>)),
+        (Route::Metrics.label(), get(metrics::<B, S>)),
         ("/admin", any(admin_refused::<B, S>)),
         ("/admin/{*rest}", any(admin_refused::<B, S>)),
     ]
+}
+
+/// Which body limit a route's requests are held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyClass {
+    /// `limits.max_body_bytes` (the key API, probes).
+    Key,
+    /// 4 KiB (admin calls).
+    Admin,
+    /// [`admin::MAX_RESTORE_BODY`] (whole backup files).
+    Backup,
+}
+
+/// The route templates of both endpoints with their body classes, derived from the route
+/// tables the routers are built from: the metric label of a request and its body limit
+/// cannot drift from what is served.
+#[derive(Debug)]
+pub struct RouteTemplates {
+    /// The admin endpoint's routes (looked up first: they name `/admin/...` paths).
+    admin: service_kit::routes::Templates<BodyClass>,
+    /// The client endpoint's routes (whose `/admin` catch-alls only refuse).
+    client: service_kit::routes::Templates<BodyClass>,
+}
+
+impl RouteTemplates {
+    fn of<B: KeyBackend, S: KeyStore>() -> Self {
+        let class = |c: BodyClass| move |(p, _)| (p, c);
+        Self {
+            admin: service_kit::routes::Templates::new(
+                admin::admin_routes::<B, S>()
+                    .into_iter()
+                    .map(class(BodyClass::Admin))
+                    .chain(
+                        admin::large_body_routes::<B, S>()
+                            .into_iter()
+                            .map(class(BodyClass::Backup)),
+                    ),
+            ),
+            client: service_kit::routes::Templates::new(
+                client_routes::<B, S>()
+                    .into_iter()
+                    .map(class(BodyClass::Key)),
+            ),
+        }
+    }
+
+    /// The template `path` matches (its metric label) and its body class; requests that
+    /// match no route are labelled [`UNKNOWN_ENDPOINT`] and held to the key API's limit.
+    pub fn of_path(&self, path: &str) -> (&'static str, BodyClass) {
+        self.admin
+            .of(path)
+            .or_else(|| self.client.of(path))
+            .map_or((UNKNOWN_ENDPOINT, BodyClass::Key), |(t, c)| (t, *c))
+    }
 }
 
 /// `table` as a router.
@@ -439,11 +515,11 @@ where
 /// The KMS API for an allowed peer.
 pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
     let limits = api.limits;
+    let routes = Arc::clone(&api.routes);
     build(client_routes::<B, S>())
         .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
-        .method_not_allowed_fallback(|uri: Uri| async move {
-            let label = Route::of_path(uri.path()).map_or(UNKNOWN_ENDPOINT, Route::label);
-            error_response(&HttpError::MethodNotAllowed, label)
+        .method_not_allowed_fallback(move |uri: Uri| async move {
+            error_response(&HttpError::MethodNotAllowed, routes.of_path(uri.path()).0)
         })
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .with_state(api)
@@ -455,7 +531,7 @@ async fn admin_refused<B: KeyBackend, S: KeyStore>(
     State(api): ApiState<B, S>,
     uri: Uri,
 ) -> Response {
-    let label = admin::route_label(uri.path()).unwrap_or(UNKNOWN_ENDPOINT);
+    let (label, _) = api.routes.of_path(uri.path());
     tracing::warn!(route = label, "admin call refused on the client endpoint");
     api.audit_refusal(label, "client endpoint").await;
     let mut r = error_response(&HttpError::AdminOnly, label);
@@ -492,10 +568,7 @@ where
 {
     let start = Instant::now();
     let method = req.method().clone();
-    let label = Route::of_path(req.uri().path())
-        .map(Route::label)
-        .or_else(|| admin::route_label(req.uri().path()))
-        .unwrap_or(UNKNOWN_ENDPOINT);
+    let (label, body_class) = api.routes.of_path(req.uri().path());
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -506,8 +579,8 @@ where
         .extensions()
         .get::<Peer>()
     {
-        Some(p) if p.0.starts_with("admin:") => None,
-        Some(p) => limiter.check(&p.0).err(),
+        Some(p) if p.role() == PeerRole::Admin => None,
+        Some(p) => limiter.check(p.actor()).err(),
         // A request the transport did not tag is limited too, in one shared bucket.
         None => limiter.check(&std::sync::Arc::from("unknown")).err(),
     };
@@ -533,7 +606,7 @@ where
         // still writing to; the server's KMS client splits a batch on exactly this answer.
         // (The admin routes that take whole backup files have their own, larger limit.)
         (None, Some(n))
-            if !admin::large_body_route(label)
+            if body_class != BodyClass::Backup
                 && n > api.limits.max_body_bytes
                 && n <= api.limits.max_body_bytes + DRAIN_ALLOWANCE =>
         {
@@ -558,7 +631,7 @@ where
             let actor = req
                 .extensions()
                 .get::<Peer>()
-                .map_or_else(|| std::sync::Arc::from("unknown"), |p| p.0.clone());
+                .map_or_else(|| std::sync::Arc::from("unknown"), |p| p.actor().clone());
             match crate::audit::ACTOR.scope(actor, router.oneshot(req)).await {
                 Ok(r) => r,
                 Err(never) => match never {},

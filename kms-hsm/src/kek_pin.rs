@@ -94,7 +94,7 @@ mod tests {
     #[tokio::test]
     async fn pins_at_first_start_then_refuses_a_newer_unknown_version() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+        let store = LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap();
         check(&store, &kek(1)).await.unwrap();
         assert_eq!(store.kek_versions().await.unwrap().len(), 1);
         check(&store, &kek(1)).await.unwrap();

@@ -19,10 +19,7 @@
 //! | `progressdb_kms_connections_refused_total` (answered 503 overloaded) | counter | `reason` (`global`, `peer`) |
 //! | `progressdb_kms_cache_hits_total`, `_misses_total` | counter | |
 //! | `progressdb_kms_cache_entries` | gauge | |
-//! | `progressdb_kms_keystore_commits_total` | counter | |
-//! | `progressdb_kms_keystore_writes_total` | counter | |
-//! | `progressdb_kms_keystore_commit_errors_total` | counter | |
-//! | `progressdb_kms_keystore_commit_batch_size` | histogram | |
+//! | `progressdb_kms_keystore_*`: the store's commit metrics ([`service_kit::metrics::CommitMetrics`]: `commits_total`, `writes_total`, `commit_ops`, `commit_duration_seconds`, `commit_errors_total`, `map_resizes_total`, `map_size_bytes`) | | |
 //!
 //! The two request metrics are [`service_kit::metrics::HttpMetrics`], the same as the
 //! server's. HSM counters are read from the backend at scrape time ([`BackendStats`]).
@@ -31,9 +28,8 @@ use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use service_kit::metrics::HttpMetrics;
@@ -103,27 +99,9 @@ impl BackendStats for crate::backend::pkcs11::Pkcs11Backend {
     }
 }
 
-/// Key-store counters, updated by the writer thread.
-#[derive(Debug, Clone)]
-pub struct StoreMetrics {
-    pub commits: Counter,
-    pub writes: Counter,
-    pub commit_errors: Counter,
-    /// Records written per commit.
-    pub batch_size: Histogram,
-}
-
-impl StoreMetrics {
-    /// Metrics not attached to any registry (tests, tools).
-    pub fn unregistered() -> Self {
-        Self {
-            commits: Counter::default(),
-            writes: Counter::default(),
-            commit_errors: Counter::default(),
-            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
-        }
-    }
-}
+/// Key-store metrics: the shared set, `progressdb_kms_keystore_*` (the PostgreSQL store
+/// counts commits, writes and errors; the LMDB writer all of them).
+pub type StoreMetrics = service_kit::metrics::CommitMetrics;
 
 /// The registry and the handles the layers update.
 #[derive(Debug)]
@@ -258,27 +236,7 @@ impl Metrics {
             "DEKs currently cached",
             cache.entries.clone(),
         );
-        let store = StoreMetrics::unregistered();
-        registry.register(
-            "keystore_commits",
-            "Durable key-store commits (one per group of writes)",
-            store.commits.clone(),
-        );
-        registry.register(
-            "keystore_writes",
-            "Key-store write operations (new keys and their audit entries, appended together, are one)",
-            store.writes.clone(),
-        );
-        registry.register(
-            "keystore_commit_errors",
-            "Key-store commits that failed (nothing of the batch was written)",
-            store.commit_errors.clone(),
-        );
-        registry.register(
-            "keystore_commit_batch_size",
-            "Key-store write operations per commit",
-            store.batch_size.clone(),
-        );
+        let store = StoreMetrics::register(&mut registry, "keystore");
         let token = backend.token_capabilities();
         let view = backend.clone();
         let hsm = HsmView(Box::new(move || (view.hsm_counters(), view.state())));

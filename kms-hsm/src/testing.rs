@@ -84,12 +84,11 @@ impl MockBackend {
                 &mut buf,
             )
             .unwrap();
-        let mut out = vec![WrapFormat::AesGcmV1 as u8];
-        out.extend_from_slice(&kek.version.get().to_be_bytes());
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(&buf);
-        out.extend_from_slice(tag.as_ref());
-        Ok(WrappedDek::new(out))
+        let header = crate::backend::WrappedHeader {
+            format: WrapFormat::AesGcmV1,
+            kek_version: kek.version,
+        };
+        header.encode(&[&iv, &buf, tag.as_ref()])
     }
 
     fn open(
@@ -114,7 +113,10 @@ impl MockBackend {
             }
         };
         let b = wrapped.as_bytes();
-        let nonce = Nonce::try_assume_unique_for_key(&b[5..17]).unwrap();
+        let nonce = Nonce::try_assume_unique_for_key(
+            &b[crate::backend::WRAPPED_HEADER_LEN..crate::backend::WRAPPED_HEADER_LEN + 12],
+        )
+        .unwrap();
         let mut buf = Zeroizing::new(b[17..].to_vec());
         let plain = key
             .open_in_place(nonce, Aad::from(wrap_aad(key_id, &kek)), &mut buf)

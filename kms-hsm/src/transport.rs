@@ -27,30 +27,29 @@
 //!   keep-alive connections are closed) and returns, or gives up after
 //!   `limits.shutdown_timeout_secs`.
 
+mod tls;
+mod unix;
+
 use std::collections::HashSet;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{
-    DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
-};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use kms_api::tls::TlsError;
-use service_kit::conn::{ConnectionGate, PeerId};
+use service_kit::conn::ConnectionGate;
+use service_kit::serve::{self, GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
 
+pub use self::tls::TlsSocket;
+pub use self::unix::UnixSocket;
 use crate::backend::KeyBackend;
 use crate::config::ListenConfig;
-use crate::http::Api;
+use crate::http::{Api, Peer, PeerRole};
 use crate::keystore::KeyStore;
 
 /// Why a listener could not be set up.
@@ -73,62 +72,6 @@ pub struct ServeOptions {
     pub write_timeout: Duration,
     /// How long in-flight requests may run after shutdown starts.
     pub shutdown_timeout: Duration,
-}
-
-/// A bound Unix socket that removes its file when dropped (if the file is still ours).
-pub struct UnixSocket {
-    listener: UnixListener,
-    path: PathBuf,
-    /// (device, inode) of the socket file we created.
-    ident: (u64, u64),
-    allowed_uids: Option<HashSet<u32>>,
-    /// Uids refused on the client socket whatever the allow-list says: the admins, unless
-    /// `listen.single_user` ([`Listener::refusing_admins`]).
-    admin_uids: HashSet<u32>,
-}
-
-impl std::fmt::Debug for UnixSocket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UnixSocket")
-            .field("path", &self.path)
-            .field("allowed_uids", &self.allowed_uids)
-            .finish()
-    }
-}
-
-impl UnixSocket {
-    fn remove_file(&self) {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(m) if (m.dev(), m.ino()) == self.ident => {
-                if let Err(e) = std::fs::remove_file(&self.path) {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove socket file");
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-impl Drop for UnixSocket {
-    fn drop(&mut self) {
-        self.remove_file();
-    }
-}
-
-/// A TCP listener with its TLS acceptor.
-pub struct TlsSocket {
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    addr: SocketAddr,
-    admin_subjects: Arc<Vec<String>>,
-}
-
-impl std::fmt::Debug for TlsSocket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSocket")
-            .field("addr", &self.addr)
-            .finish()
-    }
 }
 
 /// Where connections come from.
@@ -154,7 +97,7 @@ impl Listener {
                     path: path.clone(),
                     detail,
                 };
-                let std_listener = bind_unix(path, access.mode()).map_err(err)?;
+                let std_listener = unix::bind_unix(path, access.mode()).map_err(err)?;
                 let ident = std::fs::symlink_metadata(path)
                     .map(|m| (m.dev(), m.ino()))
                     .map_err(|e| err(e.to_string()))?;
@@ -235,55 +178,6 @@ impl Listener {
     }
 }
 
-/// Binds a Unix socket at `path` with `mode` (0600 or 0660), replacing a stale socket file.
-fn bind_unix(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, String> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        return Err(format!("directory {} does not exist", parent.display()));
-    }
-    if let Some(why) = service_kit::check::unsafe_socket_dir(parent) {
-        return Err(format!(
-            "{why}; use a directory only the KMS's user and group can write (e.g. /run/progressdb-kms, mode 0750)"
-        ));
-    }
-    match std::fs::symlink_metadata(path) {
-        // Only a socket nobody listens on (ECONNREFUSED) is stale; anything else (a live
-        // listener, a socket we may not connect to) is left alone.
-        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err("another process is listening on this socket".into()),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!("replacing stale socket file");
-            }
-            Err(e) => return Err(format!("existing socket cannot be checked: {e}")),
-        },
-        Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.to_string()),
-    }
-    // Bind inside a private directory, restrict the socket, then move it into place: no one
-    // can connect before the mode is set (connecting needs search permission on the
-    // directory), and rename() atomically replaces a stale socket.
-    let tmp_dir = parent.join(format!(".kms{:08x}", rand::random::<u32>()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp_dir)
-        .map_err(|e| format!("cannot create {}: {e}", tmp_dir.display()))?;
-    let tmp_sock = tmp_dir.join("s");
-    let result = (|| {
-        let l = std::os::unix::net::UnixListener::bind(&tmp_sock).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp_sock, path).map_err(|e| e.to_string())?;
-        Ok(l)
-    })();
-    let _ = std::fs::remove_file(&tmp_sock);
-    let _ = std::fs::remove_dir(&tmp_dir);
-    result
-}
-
 /// What a connection is served: the key API, the admin API, or only 403s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -297,6 +191,16 @@ enum Role {
 enum EndpointKind {
     Client,
     Admin,
+}
+
+impl EndpointKind {
+    /// The role of the peers of this endpoint (whether allowed or not).
+    fn peer_role(self) -> PeerRole {
+        match self {
+            EndpointKind::Client => PeerRole::Client,
+            EndpointKind::Admin => PeerRole::Admin,
+        }
+    }
 }
 
 /// Accepts and serves connections on the client `listener` and the `admin` socket until
@@ -361,19 +265,7 @@ where
     // Stop accepting: close the listeners (and remove the socket files) first.
     drop(listener);
     drop(admin);
-    tracing::info!(
-        connections = graceful.count(),
-        "shutting down: finishing in-flight requests"
-    );
-    if tokio::time::timeout(opts.shutdown_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            timeout_secs = opts.shutdown_timeout.as_secs(),
-            "in-flight requests did not finish in time; closing them"
-        );
-    }
+    serve::drain(graceful, opts.shutdown_timeout).await;
     Ok(())
 }
 
@@ -385,198 +277,15 @@ async fn accept_loop<B, S>(
     opts: ServeOptions,
     gate: &Arc<ConnectionGate>,
     graceful: &GracefulShutdown,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) where
     B: KeyBackend,
     S: KeyStore,
 {
-    loop {
-        let watcher = graceful.watcher();
-        let routers = routers.clone();
-        match listener {
-            Listener::Unix(u) => {
-                let accepted = tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    a = u.listener.accept() => a,
-                };
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        accept_backoff(&e).await;
-                        continue;
-                    }
-                };
-                let global = match gate.admit() {
-                    Ok(p) => p,
-                    Err(why) => {
-                        gate.refuse(stream, why);
-                        continue;
-                    }
-                };
-                let (role, permit) = match stream.peer_cred() {
-                    Ok(cred) => {
-                        let uid = cred.uid();
-                        let allowed = match &u.allowed_uids {
-                            None => true,
-                            Some(set) => set.contains(&uid),
-                        };
-                        let admin_as_client =
-                            kind == EndpointKind::Client && u.admin_uids.contains(&uid);
-                        let role = match (allowed, kind) {
-                            _ if admin_as_client => {
-                                tracing::warn!(uid, "refusing a client peer whose uid is an admin (listen.admin_uids); listen.single_user = true allows it for single-user development");
-                                Role::Refused
-                            }
-                            (false, EndpointKind::Client) => {
-                                tracing::warn!(uid, "refusing a peer not in listen.allowed_uids");
-                                Role::Refused
-                            }
-                            (false, EndpointKind::Admin) => {
-                                tracing::warn!(uid, "refusing an admin connection from a uid not in listen.admin_uids");
-                                Role::Refused
-                            }
-                            (true, EndpointKind::Client) => Role::Client,
-                            (true, EndpointKind::Admin) => Role::Admin,
-                        };
-                        (role, gate.admit_peer(global, PeerId::Uid(uid)))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read peer credentials; refusing");
-                        (Role::Refused, Ok(ConnectionGate::without_peer(global)))
-                    }
-                };
-                let permit = match permit {
-                    Ok(p) => p,
-                    Err(why) => {
-                        gate.refuse(stream, why);
-                        continue;
-                    }
-                };
-                let peer = match (stream.peer_cred(), kind) {
-                    (Ok(c), EndpointKind::Client) => format!("uid:{}", c.uid()),
-                    (Ok(c), EndpointKind::Admin) => format!("admin:uid:{}", c.uid()),
-                    (Err(_), _) => "uid:unknown".to_owned(),
-                };
-                if role == Role::Refused && kind == EndpointKind::Admin {
-                    let api = Arc::clone(&routers.api);
-                    tokio::spawn(crate::audit::ACTOR.scope(
-                        std::sync::Arc::from(peer.as_str()),
-                        async move {
-                            api.audit_refusal("/admin", "uid not in listen.admin_uids")
-                                .await;
-                        },
-                    ));
-                }
-                tokio::spawn(async move {
-                    serve_connection(stream, routers, role, peer, opts, watcher).await;
-                    drop(permit);
-                });
-            }
-            Listener::Tls(t) => {
-                let accepted = tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    a = t.listener.accept() => a,
-                };
-                let (tcp, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        accept_backoff(&e).await;
-                        continue;
-                    }
-                };
-                // Over the global cap: closed before any TLS handshake is spent on it.
-                let Ok(global) = gate.admit() else {
-                    drop(tcp);
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = t.acceptor.clone();
-                let admin_subjects = Arc::clone(&t.admin_subjects);
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let tls =
-                        match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(peer = %peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    // The verifier demands a client certificate, so there is one.
-                    let cert = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| c.as_ref().to_vec());
-                    let Some(cert) = cert else {
-                        return;
-                    };
-                    let role = if is_admin_certificate(&cert, &admin_subjects) {
-                        Role::Admin
-                    } else {
-                        Role::Client
-                    };
-                    let d = ring::digest::digest(&ring::digest::SHA256, &cert);
-                    let mut id = [0u8; 32];
-                    id.copy_from_slice(d.as_ref());
-                    let peer = format!(
-                        "{}cert:{}",
-                        if role == Role::Admin { "admin:" } else { "" },
-                        hex::encode(&id[..8])
-                    );
-                    match gate.admit_peer(global, PeerId::Certificate(id)) {
-                        Ok(permit) => {
-                            serve_connection(tls, routers, role, peer, opts, watcher).await;
-                            drop(permit);
-                        }
-                        Err(why) => gate.refuse(tls, why),
-                    }
-                });
-            }
-        }
+    match listener {
+        Listener::Unix(u) => unix::accept_loop(u, kind, routers, opts, gate, graceful, stop).await,
+        Listener::Tls(t) => tls::accept_loop(t, routers, opts, gate, graceful, stop).await,
     }
-}
-
-/// Whether the (chain-verified) client certificate `der` names an admin: its subject common
-/// name or one of its DNS subject-alternative names is in `tls.admin_subjects`. A
-/// certificate that cannot be parsed is not an admin.
-fn is_admin_certificate(der: &[u8], admin_subjects: &[String]) -> bool {
-    if admin_subjects.is_empty() {
-        return false;
-    }
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return false;
-    };
-    let listed = |name: &str| admin_subjects.iter().any(|s| s == name);
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|a| a.as_str().ok())
-        .any(listed);
-    let san = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .is_some_and(|ext| {
-            ext.value.general_names.iter().any(|n| match n {
-                x509_parser::extensions::GeneralName::DNSName(d) => listed(d),
-                _ => false,
-            })
-        });
-    cn || san
-}
-
-async fn accept_backoff(e: &io::Error) {
-    // EMFILE/ENFILE and friends: back off instead of spinning.
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// The routers, built once: the key API, the admin API, and the 403 answer for peers not
@@ -599,104 +308,32 @@ impl<B, S> Clone for Routers<B, S> {
     }
 }
 
-async fn serve_connection<I, B, S>(
-    io: I,
-    routers: Routers<B, S>,
-    role: Role,
-    peer: String,
-    opts: ServeOptions,
-    watcher: Watcher,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    B: KeyBackend,
-    S: KeyStore,
-{
-    let router = match role {
-        Role::Client => routers.client,
-        Role::Admin => routers.admin,
-        Role::Refused => routers.forbidden,
-    };
-    let api = routers.api;
-    let peer = crate::http::Peer(std::sync::Arc::from(peer));
-    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(peer.clone());
-        let (api, router) = (Arc::clone(&api), router.clone());
-        async move { Ok::<_, std::convert::Infallible>(crate::http::answer(&api, router, req).await) }
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.read_timeout)
-        .keep_alive(role != Role::Refused);
-    let conn = builder.serve_connection(
-        TokioIo::new(service_kit::guarded_io::GuardedIo::new(
-            io,
-            opts.write_timeout,
-        )),
-        svc,
-    );
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection closed with an error");
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn unix_socket_mode_stale_and_cleanup() {
-        let dir = tempfile::tempdir().unwrap();
-        // A directory every user can write is refused, naming it.
-        let other = tempfile::tempdir().unwrap();
-        let open = other.path().join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        let e = Listener::bind(&ListenConfig::Unix {
-            path: open.join("kms.sock"),
-            access: crate::config::SocketAccess::Owner,
-            allowed_uids: None,
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("writable by every user"), "{e}");
-        assert!(!open.join("kms.sock").exists());
-        let path = dir.path().join("kms.sock");
-        // A stale socket (bound then closed) is replaced.
-        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        let cfg = ListenConfig::Unix {
-            path: path.clone(),
-            access: crate::config::SocketAccess::Owner,
-            allowed_uids: None,
+impl<B: KeyBackend, S: KeyStore> Routers<B, S> {
+    /// Serves one admitted connection: the router of `role`, every request tagged with `peer`.
+    async fn serve<I>(self, io: I, role: Role, peer: Peer, opts: ServeOptions, watcher: Watcher)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = match role {
+            Role::Client => self.client,
+            Role::Admin => self.admin,
+            Role::Refused => self.forbidden,
         };
-        // `socket_access = "group"`: 0660 (the peer check still applies).
-        let group = ListenConfig::Unix {
-            path: path.clone(),
-            access: crate::config::SocketAccess::Group,
-            allowed_uids: Some(vec![1]),
+        let api = self.api;
+        let answer = move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            let (api, router) = (Arc::clone(&api), router.clone());
+            async move { crate::http::answer(&api, router, req).await }
         };
-        let l = Listener::bind(&group).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        drop(l);
-        let l = Listener::bind(&cfg).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        // A live socket is refused.
-        let e = Listener::bind(&cfg).unwrap_err().to_string();
-        assert!(
-            e.contains("listen.unix") && e.contains("another process"),
-            "{e}"
-        );
-        drop(l);
-        assert!(!path.exists(), "socket removed on drop");
-        // No temporary directories left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        // A regular file is not replaced.
-        std::fs::write(&path, "x").unwrap();
-        let e = Listener::bind(&cfg).unwrap_err().to_string();
-        assert!(e.contains("not a socket"), "{e}");
-        assert!(path.exists());
+        let timeouts = serve::ConnTimeouts {
+            header_read: opts.read_timeout,
+            write: opts.write_timeout,
+        };
+        let keep_alive = if role == Role::Refused {
+            serve::KeepAlive::Off
+        } else {
+            serve::KeepAlive::On
+        };
+        serve::serve_connection(io, answer, timeouts, keep_alive, watcher).await;
     }
 }

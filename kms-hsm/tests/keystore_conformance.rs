@@ -56,7 +56,7 @@ fn pg_config(url: &str) -> PostgresConfig {
 
 async fn pg_store_at(url: &str) -> AnyStore {
     AnyStore::Postgres(
-        PostgresStore::open(&pg_config(url), StoreMetrics::unregistered())
+        PostgresStore::open(&pg_config(url), StoreMetrics::default())
             .await
             .unwrap(),
     )
@@ -533,7 +533,7 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let dir = tempfile::tempdir().unwrap();
-                    let store = LmdbStore::open(dir.path(), 64, StoreMetrics::unregistered()).unwrap();
+                    let store = LmdbStore::open(dir.path(), 64, StoreMetrics::default()).unwrap();
                     super::cases::$case(Arc::new(AnyStore::Lmdb(store))).await;
                 }
             )*
@@ -599,7 +599,7 @@ async fn migrations_are_versioned_applied_once_and_a_newer_schema_is_refused() {
         &dbname,
         "INSERT INTO kms_schema_migrations (version, description) VALUES (99, 'future')",
     );
-    let e = PostgresStore::open(&pg_config(&url), StoreMetrics::unregistered())
+    let e = PostgresStore::open(&pg_config(&url), StoreMetrics::default())
         .await
         .unwrap_err();
     assert!(
@@ -613,7 +613,7 @@ async fn migrations_are_versioned_applied_once_and_a_newer_schema_is_refused() {
 async fn a_server_whose_commits_are_not_durable_is_refused() {
     let pg = PgCluster::start_with(false, &["fsync=off"]);
     let url = pg.new_database();
-    let e = PostgresStore::open(&pg_config(&url), StoreMetrics::unregistered())
+    let e = PostgresStore::open(&pg_config(&url), StoreMetrics::default())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("fsync = off"), "{e}");
@@ -899,7 +899,7 @@ async fn the_change_feed_lists_destroys_and_kek_changes_in_order() {
     settles(&b, page.cursor).await;
     // LMDB has no other writer: its feed is always empty.
     let dir = tempfile::tempdir().unwrap();
-    let l = AnyStore::Lmdb(LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap());
+    let l = AnyStore::Lmdb(LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap());
     assert!(l
         .changes_after(Some(0), 10)
         .await
@@ -935,12 +935,9 @@ async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
         .unwrap()
     };
     let store = AnyStore::Postgres(
-        PostgresStore::open(
-            &cfg(&certs.ca, &pw_file, &tcp),
-            StoreMetrics::unregistered(),
-        )
-        .await
-        .unwrap(),
+        PostgresStore::open(&cfg(&certs.ca, &pw_file, &tcp), StoreMetrics::default())
+            .await
+            .unwrap(),
     );
     let r = record(42, "over-tls");
     store.put_new(r.clone()).await.unwrap();
@@ -977,7 +974,7 @@ async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
     // A server certificate the configured CA did not sign.
     let e = PostgresStore::open(
         &cfg(&certs.other_ca, &pw_file, &tcp),
-        StoreMetrics::unregistered(),
+        StoreMetrics::default(),
     )
     .await
     .unwrap_err();
@@ -987,7 +984,7 @@ async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
     let bad_pw = tmp.path().join("bad.pw");
     testkit::write_secret(&bad_pw, b"not-the-password");
     let text = refused(
-        PostgresStore::open(&cfg(&certs.ca, &bad_pw, &tcp), StoreMetrics::unregistered())
+        PostgresStore::open(&cfg(&certs.ca, &bad_pw, &tcp), StoreMetrics::default())
             .await
             .unwrap_err(),
     );
@@ -999,7 +996,7 @@ async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
     refused(
         PostgresStore::open(
             &cfg(&certs.ca, &pw_file, &plain_url),
-            StoreMetrics::unregistered(),
+            StoreMetrics::default(),
         )
         .await
         .unwrap_err(),

@@ -92,7 +92,7 @@ async fn round_trip_over_unix_socket() {
         "progressdb_kms_cache_hits_total",
         "progressdb_kms_cache_misses_total",
         "progressdb_kms_keystore_commits_total",
-        "progressdb_kms_keystore_commit_batch_size",
+        "progressdb_kms_keystore_commit_ops",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }

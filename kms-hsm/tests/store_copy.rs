@@ -21,7 +21,7 @@ use progressdb_kms::storecopy::{self, CopyError};
 use testkit::pg::PgCluster;
 
 fn lmdb(dir: &std::path::Path) -> AnyStore {
-    AnyStore::Lmdb(LmdbStore::open(dir, 64, StoreMetrics::unregistered()).unwrap())
+    AnyStore::Lmdb(LmdbStore::open(dir, 64, StoreMetrics::default()).unwrap())
 }
 
 async fn pg(url: &str) -> AnyStore {
@@ -35,7 +35,7 @@ async fn pg(url: &str) -> AnyStore {
     )
     .unwrap();
     AnyStore::Postgres(
-        PostgresStore::open(&cfg, StoreMetrics::unregistered())
+        PostgresStore::open(&cfg, StoreMetrics::default())
             .await
             .unwrap(),
     )

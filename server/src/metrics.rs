@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `progressdb_http_requests_total` | `route`, `method`, `status` |
 //! | `progressdb_http_request_duration_seconds` | `route`, `method`, `status` |
-//! | `progressdb_store_commits_total`, `progressdb_store_commit_ops` (ops per group commit), `progressdb_store_commit_duration_seconds`, `progressdb_store_map_resizes_total`, `progressdb_store_map_size_bytes`, `progressdb_store_write_errors_total` | |
+//! | `progressdb_store_*`: the group-commit writer's metrics ([`service_kit::metrics::CommitMetrics`]: commits, writes, ops and duration per commit, errors, map resizes and size) | |
 //! | `progressdb_kms_calls_total` | `op`, `outcome` |
 //! | `progressdb_kms_batch_items` | `op` |
 //! | `progressdb_connections_open`, `progressdb_connections_refused_total` (503 overloaded) | `reason` |
@@ -20,7 +20,6 @@ use std::fmt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use service_kit::metrics::HttpMetrics;
@@ -38,37 +37,12 @@ pub struct OpLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
-}
-
 fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
 
-/// Store (LMDB writer) metrics.
-#[derive(Debug, Clone)]
-pub struct StoreMetrics {
-    pub commits: Counter,
-    pub commit_ops: Histogram,
-    pub commit_duration: Histogram,
-    pub resizes: Counter,
-    pub map_size_bytes: Gauge,
-    pub write_errors: Counter,
-}
-
-impl Default for StoreMetrics {
-    fn default() -> Self {
-        Self {
-            commits: Counter::default(),
-            commit_ops: batch_histogram(),
-            commit_duration: latency_histogram(),
-            resizes: Counter::default(),
-            map_size_bytes: Gauge::default(),
-            write_errors: Counter::default(),
-        }
-    }
-}
+/// Store (LMDB writer) metrics: the shared set, `progressdb_store_*`.
+pub type StoreMetrics = service_kit::metrics::CommitMetrics;
 
 /// Key-provider metrics.
 #[derive(Debug, Clone)]
@@ -131,33 +105,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("progressdb");
         registry.register_collector(Box::new(service_kit::conn::GateCollector(gate)));
         let http = HttpMetrics::register(&mut registry);
-        let store = StoreMetrics::default();
-        registry.register("store_commits", "LMDB group commits", store.commits.clone());
-        registry.register(
-            "store_commit_ops",
-            "Writes per LMDB group commit",
-            store.commit_ops.clone(),
-        );
-        registry.register(
-            "store_commit_duration_seconds",
-            "Duration of one LMDB group commit (including fsync)",
-            store.commit_duration.clone(),
-        );
-        registry.register(
-            "store_map_resizes",
-            "LMDB map resizes",
-            store.resizes.clone(),
-        );
-        registry.register(
-            "store_map_size_bytes",
-            "Current LMDB map size",
-            store.map_size_bytes.clone(),
-        );
-        registry.register(
-            "store_write_errors",
-            "Group commits that failed",
-            store.write_errors.clone(),
-        );
+        let store = StoreMetrics::register(&mut registry, "store");
         let kms = KmsMetrics::default();
         registry.register(
             "kms_calls",

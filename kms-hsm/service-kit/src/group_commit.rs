@@ -251,3 +251,50 @@ impl<T: TlsUsage, O: Observer> GroupCommitWriter<T, O> {
         Ok(true)
     }
 }
+
+/// The observer both stores use: counts in [`crate::metrics::CommitMetrics`] and logs each
+/// failed group, naming the store and the setting that bounds its map.
+#[derive(Debug, Clone)]
+pub struct MetricsObserver {
+    pub metrics: crate::metrics::CommitMetrics,
+    /// What the log calls the store (`"store"`, `"key store"`).
+    pub store: &'static str,
+    /// The setting that raises the map's limit (`store.max_map_size_mb`).
+    pub map_setting: &'static str,
+}
+
+impl Observer for MetricsObserver {
+    fn committed(&self, writes: usize, took: Duration) {
+        self.metrics.committed(writes, took);
+    }
+
+    fn failed(&self, error: &CommitError, writes: usize) {
+        self.metrics.commit_errors.inc();
+        let store = self.store;
+        match error {
+            CommitError::MapFull => tracing::error!(
+                writes,
+                "the {store} is full: raise {}; the writes were not stored",
+                self.map_setting
+            ),
+            CommitError::NoSpace(_) => tracing::error!(
+                error = %error,
+                writes,
+                alert = "disk_full",
+                "the {store}'s file system is full: writes answer 507 until space is freed"
+            ),
+            CommitError::Lmdb(_) => tracing::error!(
+                error = %error,
+                writes,
+                "the {store}'s commit failed; the writes were not stored"
+            ),
+        }
+    }
+
+    fn resized(&self, bytes: usize) {
+        self.metrics.resizes.inc();
+        self.metrics
+            .map_size_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}

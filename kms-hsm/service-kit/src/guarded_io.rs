@@ -255,8 +255,10 @@ mod tests {
         );
         drop(client);
 
+        // A reader that takes a chunk every 20 ms makes progress far inside the write
+        // timeout, even on a loaded machine (a 300 ms timeout here failed once in a busy CI).
         let (server, mut client) = tokio::net::UnixStream::pair().unwrap();
-        let mut server = GuardedIo::new(server, Duration::from_millis(300));
+        let mut server = GuardedIo::new(server, Duration::from_secs(3));
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncReadExt as _;
             let mut buf = vec![0u8; 16 * 1024];

@@ -16,10 +16,15 @@
 //! * [`process`]: no core dumps and a non-dumpable process, set before any secret is read.
 //! * [`group_commit`]: the single LMDB writer of both stores: one thread, one transaction and
 //!   one fsync per group of concurrent writes, map growth, answers only after the commit.
-//! * [`lmdb`]: one process per LMDB store (an exclusive `flock`) and offline compaction
-//!   (drops free pages, where replaced and deleted records' bytes linger).
+//! * [`lmdb`]: the one place an LMDB environment is opened, one process per LMDB store (an
+//!   exclusive `flock`) and offline compaction (drops free pages, where replaced and deleted
+//!   records' bytes linger).
 //! * [`metrics`]: the HTTP request metrics (count and latency by route template, method and
-//!   status) and the OpenMetrics encoding of a registry.
+//!   status), the stores' commit metrics, and the OpenMetrics encoding of a registry.
+//! * [`routes`]: the route template of a request path, from the route table a router is
+//!   built from (metric labels, per-route classes).
+//! * [`serve`]: the HTTP/1 connection of both services (timeouts, guarded I/O), accept
+//!   back-off, and one graceful shutdown.
 //! * [`conn`]: connection admission for listeners that refuse to be exhausted: a global cap
 //!   and a per-peer cap, and an immediate `503 overloaded` answer instead of a silent stall.
 //! * [`guarded_io`]: the I/O of every served connection: a write that makes no progress for
@@ -45,6 +50,8 @@ pub mod locked;
 pub mod metrics;
 pub mod process;
 pub mod rate;
+pub mod routes;
 pub mod secret_file;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

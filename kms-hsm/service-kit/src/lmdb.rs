@@ -1,6 +1,6 @@
-//! What both LMDB stores need beyond the writer: one process per store (an exclusive
-//! `flock` on a lock file in the store directory, held for the store's life) and offline
-//! compaction.
+//! What both LMDB stores need beyond the writer: the one place an LMDB environment is
+//! opened ([`open`], with its safety argument), one process per store (an exclusive `flock`
+//! on a lock file in the store directory, held for the store's life) and offline compaction.
 //!
 //! LMDB never overwrites a page in place: a replaced or deleted record's bytes stay in a free
 //! page until that page is reused. For data that must really go (a destroyed key's wrapped
@@ -9,6 +9,68 @@
 //! while the service runs.
 
 use std::path::Path;
+
+use heed::{Env, EnvOpenOptions};
+
+/// An opened store: the environment and the lock that makes this process its only user
+/// (released when the file is dropped; keep it as long as the environment).
+pub struct Opened<T: heed::TlsUsage> {
+    pub env: Env<T>,
+    pub lock: std::fs::File,
+}
+
+impl<T: heed::TlsUsage> std::fmt::Debug for Opened<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("path", &self.env.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the LMDB store in `dir` with `opts`, after making `dir` private (created 0700, or an
+/// existing directory's group and other bits cleared) and taking its lock `lock_name`. Every
+/// LMDB environment of both services is opened here and nowhere else.
+///
+/// # Errors
+/// A one-line reason: the directory cannot be made private, the lock is held by another
+/// process, or LMDB refuses the files.
+pub fn open<T: heed::TlsUsage>(
+    dir: &Path,
+    lock_name: &str,
+    opts: &EnvOpenOptions<T>,
+) -> Result<Opened<T>, String> {
+    make_private_dir(dir).map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
+    let lock = lock_store(dir, lock_name)?;
+    // SAFETY: opening a memory map is unsound only if the files are modified behind LMDB's
+    // back while mapped. (1) This process holds the store's exclusive lock (`lock_store`
+    // above), so no other process of ours (a second service on the same store, `compact`,
+    // `restore`) has it open; (2) within this process heed refuses a second open of the same
+    // canonical path (`EnvAlreadyOpened`), and every open goes through this function; (3) the
+    // directory is private to the service's user (made so above), so nothing else writes
+    // its files; (4) no unsafe flag (NO_LOCK, NO_SYNC, NO_META_SYNC, WRITE_MAP) is ever set
+    // by a caller (they pass sizes and counts only), so LMDB's own locking and durable
+    // commits stay in force.
+    #[allow(unsafe_code)]
+    let env = unsafe { opts.open(dir) }.map_err(|e| e.to_string())?;
+    Ok(Opened { env, lock })
+}
+
+/// Creates `dir` (and its parents) with mode 0700, or clears the group and other bits of an
+/// existing one.
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if !dir.is_dir() {
+        return std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
 
 /// Takes the exclusive lock of the store in `dir` (`name`, created 0600), or says who holds
 /// it.
@@ -45,18 +107,15 @@ pub fn compact(dir: &Path, lock_name: &str, max_dbs: u32) -> Result<(u64, u64), 
     let before = std::fs::metadata(&data)
         .map_err(|e| format!("no store in {}: {e}", dir.display()))?
         .len();
-    let _lock = lock_store(dir, lock_name)?;
+    let mut opts = heed::EnvOpenOptions::new();
+    opts.max_dbs(max_dbs)
+        .map_size(usize::try_from(before.max(1 << 20)).unwrap_or(usize::MAX));
+    // The lock is held until the copy has replaced `data.mdb`: a service started in between
+    // would map the file that the rename then unlinks.
+    let Opened { env, lock: _lock } = open(dir, lock_name, &opts)?;
     let tmp = dir.join("data.mdb.compact");
     let _ = std::fs::remove_file(&tmp);
     {
-        let mut opts = heed::EnvOpenOptions::new();
-        opts.max_dbs(max_dbs)
-            .map_size(usize::try_from(before.max(1 << 20)).unwrap_or(usize::MAX));
-        // SAFETY: the store's exclusive lock is held, so the service that owns these files is
-        // not running; this is the only environment opened on `dir` in this process, with
-        // default flags (LMDB's own locking and durable commits stay on).
-        #[allow(unsafe_code)]
-        let env = unsafe { opts.open(dir) }.map_err(|e| e.to_string())?;
         let copy = env
             .copy_to_path(&tmp, heed::CompactionOption::Enabled)
             .map_err(|e| format!("compacting copy: {e}"))?;

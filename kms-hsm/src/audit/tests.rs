@@ -11,7 +11,7 @@ use kms_api::admin::AuditVerifyResponse;
 
 async fn filled(n: usize) -> (tempfile::TempDir, MockBackend, LmdbStore, AuditLog) {
     let dir = tempfile::tempdir().unwrap();
-    let store = LmdbStore::open(dir.path(), 16, StoreMetrics::unregistered()).unwrap();
+    let store = LmdbStore::open(dir.path(), 16, StoreMetrics::default()).unwrap();
     let backend = MockBackend::new();
     let log = AuditLog::default();
     for i in 0..n {
@@ -42,7 +42,7 @@ async fn a_failed_turn_on_a_shared_store_answers_at_once() {
         std::time::Duration::from_millis(500),
     )
     .unwrap();
-    let store = crate::keystore::postgres::PostgresStore::open(&cfg, StoreMetrics::unregistered())
+    let store = crate::keystore::postgres::PostgresStore::open(&cfg, StoreMetrics::default())
         .await
         .unwrap();
     let backend = MockBackend::new();

@@ -224,6 +224,36 @@ pub struct WrappedHeader {
     pub kek_version: KekVersion,
 }
 
+/// Length of the header of every wrapped DEK: the format tag and the KEK version (u32 BE).
+pub const WRAPPED_HEADER_LEN: usize = 1 + 4;
+
+impl WrappedHeader {
+    /// A wrapped DEK of this format and KEK version whose body (all after the header) is the
+    /// concatenation of `body`: the one encoder of the header, beside its parser
+    /// [`parse_wrapped_header`].
+    ///
+    /// # Errors
+    /// [`BackendError::Internal`] when the result is not exactly the format's length (a
+    /// token answer of the wrong size).
+    pub fn encode(self, body: &[&[u8]]) -> Result<WrappedDek, BackendError> {
+        let len = self.format.blob_len();
+        let mut blob = Vec::with_capacity(len);
+        blob.push(self.format as u8);
+        blob.extend_from_slice(&self.kek_version.get().to_be_bytes());
+        for part in body {
+            blob.extend_from_slice(part);
+        }
+        if blob.len() != len {
+            return Err(BackendError::Internal(format!(
+                "a {:?} wrapped DEK of {} bytes, expected {len}",
+                self.format,
+                blob.len()
+            )));
+        }
+        Ok(WrappedDek::new(blob))
+    }
+}
+
 /// Reads the header of a wrapped DEK.
 ///
 /// # Errors

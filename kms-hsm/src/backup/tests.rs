@@ -12,7 +12,7 @@ use kms_api::ThreadId;
 
 fn service(backend: &Arc<MockBackend>) -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = LmdbStore::open(dir.path(), 16, StoreMetrics::unregistered()).unwrap();
+    let store = LmdbStore::open(dir.path(), 16, StoreMetrics::default()).unwrap();
     let cache = DekCache::new(Duration::from_secs(60), 0, CacheMetrics::default());
     (dir, KeyService::new(Arc::clone(backend), store, cache))
 }

@@ -30,39 +30,6 @@ const MAX_ADMIN_BODY: usize = 4096;
 /// Largest backup file `POST /admin/restore` accepts (about a million key records).
 pub const MAX_RESTORE_BODY: usize = 512 << 20;
 
-/// Route labels of the admin endpoints (metrics and logs).
-pub const ADMIN_ROUTES: [&str; 12] = [
-    "/admin/status",
-    "/admin/import-copies",
-    "/admin/backup",
-    "/admin/restore",
-    "/admin/audit",
-    "/admin/audit/verify",
-    "/admin/audit/compact",
-    "/admin/kek/rotate",
-    "/admin/kek/destroy",
-    "/admin/verify",
-    "/admin/jobs",
-    "/admin/jobs/{id}",
-];
-
-/// Whether `route` takes bodies up to [`MAX_RESTORE_BODY`] (backup files) rather than
-/// `limits.max_body_bytes`.
-pub fn large_body_route(route: &str) -> bool {
-    matches!(route, "/admin/restore" | "/admin/import-copies")
-}
-
-/// The label of an admin path, if it is one.
-pub fn route_label(path: &str) -> Option<&'static str> {
-    if let Some(r) = ADMIN_ROUTES.iter().find(|r| **r == path) {
-        return Some(r);
-    }
-    match path.strip_prefix("/admin/jobs/") {
-        Some(rest) if !rest.is_empty() && !rest.contains('/') => Some("/admin/jobs/{id}"),
-        _ => None,
-    }
-}
-
 impl crate::backup::BackupError {
     /// The stable wire code (exhaustive).
     pub fn code(&self) -> ErrorCode {
@@ -144,6 +111,7 @@ pub fn admin_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
 
 /// The admin endpoint's router: the admin API, plus `/healthz`, `/readyz` and `/metrics`.
 pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
+    let routes = api.route_templates();
     let large =
         build(large_body_routes::<B, S>()).layer(RequestBodyLimitLayer::new(MAX_RESTORE_BODY));
     build(admin_routes::<B, S>())
@@ -151,9 +119,8 @@ pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
         .merge(large)
         .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
         // After the merge, so the large-body routes answer a wrong method in JSON too.
-        .method_not_allowed_fallback(|uri: Uri| async move {
-            let label = route_label(uri.path()).unwrap_or(UNKNOWN_ENDPOINT);
-            error_response(&HttpError::MethodNotAllowed, label)
+        .method_not_allowed_fallback(move |uri: Uri| async move {
+            error_response(&HttpError::MethodNotAllowed, routes.of_path(uri.path()).0)
         })
         .with_state(api)
 }

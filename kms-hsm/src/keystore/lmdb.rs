@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use heed::types::{Bytes, Str};
 use heed::{Database, Env, EnvOpenOptions};
 use kms_api::KeyId;
-use service_kit::group_commit::{self, CommitError, GroupCommitWriter, Observer, Write};
+use service_kit::group_commit::{self, GroupCommitWriter, Write};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -144,25 +144,14 @@ impl LmdbStore {
             target: path.display().to_string(),
             detail,
         };
-        std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
-        set_private(path).map_err(|e| open_err(format!("cannot set mode 0700: {e}")))?;
-        let lock = service_kit::lmdb::lock_store(path, LOCK_FILE).map_err(open_err)?;
         let map_size = usize::try_from(map_size_mb)
             .ok()
             .and_then(|mb| mb.checked_mul(1024 * 1024))
             .ok_or_else(|| open_err("store.map_size_mb is too large".into()))?;
         let mut opts = EnvOpenOptions::new();
         opts.map_size(map_size).max_dbs(8);
-        // SAFETY: the memory map is sound as long as no one modifies the files outside LMDB's
-        // own locking. (1) The store directory belongs to this KMS (created 0700 above;
-        // documented in docs/kms.md); nothing else writes these files. (2) Within this process
-        // the environment is opened at most once per path: heed keeps a process-wide table of
-        // open environments and returns `EnvAlreadyOpened` for a second open of the same
-        // canonical path, and this function is the only place that opens one. (3) Default
-        // flags only (no NO_LOCK / NO_SYNC / NO_META_SYNC), so LMDB's locks and durable
-        // commits stay in force, including against another process opening the same store.
-        #[allow(unsafe_code)]
-        let env = unsafe { opts.open(path) }.map_err(|e| open_err(e.to_string()))?;
+        let service_kit::lmdb::Opened { env, lock } =
+            service_kit::lmdb::open(path, LOCK_FILE, &opts).map_err(open_err)?;
 
         let mut wtxn = env.write_txn().map_err(|e| open_err(e.to_string()))?;
         let keys: Database<Str, Bytes> = env
@@ -203,7 +192,11 @@ impl LmdbStore {
                 max_batch: MAX_BATCH,
                 max_map_size: map_size,
             },
-            StoreObserver(metrics),
+            service_kit::group_commit::MetricsObserver {
+                metrics,
+                store: "key store",
+                map_setting: "store.map_size_mb",
+            },
         );
         let writer = std::thread::Builder::new()
             .name("kms-store-writer".into())
@@ -638,50 +631,7 @@ impl LmdbStore {
     }
 }
 
-/// Key-store metrics and logs for the group-commit writer.
-struct StoreObserver(StoreMetrics);
-
-impl Observer for StoreObserver {
-    fn committed(&self, writes: usize, _took: std::time::Duration) {
-        self.0.commits.inc();
-        self.0.writes.inc_by(writes as u64);
-        self.0.batch_size.observe(writes as f64);
-    }
-
-    fn failed(&self, error: &CommitError, writes: usize) {
-        self.0.commit_errors.inc();
-        match error {
-            CommitError::MapFull => tracing::error!(
-                writes,
-                "key store is full: raise store.map_size_mb; the writes were not stored"
-            ),
-            CommitError::NoSpace(_) => tracing::error!(
-                error = %error,
-                writes,
-                alert = "disk_full",
-                "the key store's file system is full: writes answer 507 until space is freed"
-            ),
-            CommitError::Lmdb(_) => tracing::error!(
-                error = %error,
-                writes,
-                "key store commit failed; the writes were not stored"
-            ),
-        }
-    }
-
-    fn resized(&self, _bytes: usize) {}
-}
-
 /// Restricts the store directory to its owner.
-fn set_private(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;

@@ -19,7 +19,7 @@ struct Fixture {
 }
 
 fn fixture_in(dir: tempfile::TempDir, backend: Arc<MockBackend>) -> Fixture {
-    let store = LmdbStore::open(dir.path(), 64, StoreMetrics::unregistered()).unwrap();
+    let store = LmdbStore::open(dir.path(), 64, StoreMetrics::default()).unwrap();
     // No cache: every decrypt unwraps the stored blob, so the tests see what rewrap wrote.
     let cache = DekCache::new(Duration::from_secs(60), 0, CacheMetrics::default());
     let svc = Arc::new(KeyService::new(Arc::clone(&backend), store, cache));

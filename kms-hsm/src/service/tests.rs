@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 fn service(cache_entries: usize) -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+    let store = LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap();
     let cache = DekCache::new(
         Duration::from_secs(60),
         cache_entries,
@@ -34,7 +34,7 @@ fn tid(s: &str) -> ThreadId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_still_destroys_every_key() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LmdbStore::open(dir.path(), 2, StoreMetrics::unregistered()).unwrap();
+    let store = LmdbStore::open(dir.path(), 2, StoreMetrics::default()).unwrap();
     let cache = DekCache::new(Duration::from_secs(60), 10, CacheMetrics::default());
     let backend = Arc::new(MockBackend::new());
     let svc = Arc::new(KeyService::new(Arc::clone(&backend), store, cache));

@@ -13,7 +13,8 @@
 //!   `http.write_timeout_secs` loses the connection ([`service_kit::guarded_io`]).
 //! * When the shutdown future completes (SIGTERM/SIGINT in the binary), the listener closes,
 //!   every connection finishes its in-flight request and closes, and [`serve`] waits up to
-//!   `http.shutdown_grace_secs` for that.
+//!   `http.shutdown_grace_secs` for that. The connection itself, the accept back-off and the
+//!   shutdown are the KMS's too ([`service_kit::serve`]).
 
 pub mod router;
 
@@ -21,12 +22,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use service_kit::conn::PeerId;
+use service_kit::serve;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::config::MetricsAccess;
 use crate::service::MessageService;
@@ -58,9 +56,11 @@ pub async fn serve(
     tracing::info!("listening on {addr}");
     let service = router::service(app.clone(), opts.clone());
     let gate = app.gate.clone();
-    // In flight: every connection task holds one read guard; shutdown waits for all of them.
-    let tasks = Arc::new(tokio::sync::RwLock::new(()));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = serve::GracefulShutdown::new();
+    let timeouts = serve::ConnTimeouts {
+        header_read: opts.header_read_timeout,
+        write: opts.write_timeout,
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -68,9 +68,7 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // E.g. EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    serve::accept_backoff(&e).await;
                     continue;
                 }
             },
@@ -87,55 +85,17 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let http = service.clone();
-        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let answer = move |req: hyper::Request<hyper::body::Incoming>| {
             let http = http.clone();
-            async move { Ok::<_, std::convert::Infallible>(http.answer(req).await) }
-        });
-        let mut stop = stop_rx.clone();
-        let header_timeout = opts.header_read_timeout;
-        let write_timeout = opts.write_timeout;
-        let running = tasks.clone().read_owned().await;
+            async move { http.answer(req).await }
+        };
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _running = running;
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true);
-            let conn = builder.serve_connection(
-                TokioIo::new(service_kit::guarded_io::GuardedIo::new(
-                    stream,
-                    write_timeout,
-                )),
-                svc,
-            );
-            tokio::pin!(conn);
-            let stopping = async move {
-                // Only the fact matters; the guard is dropped before the next await.
-                let _ = stop.wait_for(|s| *s).await.map(|_| ());
-            };
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stopping => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.as_mut().await
-                }
-            };
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            serve::serve_connection(stream, answer, timeouts, serve::KeepAlive::On, watcher).await;
+            drop(permit);
         });
     }
     drop(listener);
-    tracing::info!("shutting down: finishing in-flight requests");
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(opts.shutdown_grace, tasks.write()).await {
-        Ok(_) => tracing::info!("all connections closed"),
-        Err(_) => tracing::warn!(
-            grace = ?opts.shutdown_grace,
-            "shutdown grace period over; dropping remaining connections"
-        ),
-    }
+    serve::drain(graceful, opts.shutdown_grace).await;
     Ok(())
 }

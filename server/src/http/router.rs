@@ -223,33 +223,21 @@ impl HttpService {
     }
 }
 
-/// The route template of `path`, for metric labels of fixed cardinality.
+/// The route template of `path` (from [`routes`], the table the router is built from), for
+/// metric labels of fixed cardinality; `unmatched` for any other path.
 fn route_label(path: &str) -> &'static str {
-    let path = if path.len() > 1 {
-        path.strip_suffix('/').unwrap_or(path)
-    } else {
-        path
+    static TEMPLATES: std::sync::LazyLock<service_kit::routes::Templates<()>> =
+        std::sync::LazyLock::new(|| {
+            service_kit::routes::Templates::new(paths().into_iter().map(|p| (p, ())))
+        });
+    // A trailing slash is ignored, as the router ignores it (`NormalizePath`).
+    let path = match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
     };
-    let segs: Vec<&str> = path.split('/').skip(1).collect();
-    match segs.as_slice() {
-        ["healthz"] => "/healthz",
-        ["readyz"] => "/readyz",
-        ["metrics"] => "/metrics",
-        ["v1", "threads"] => "/v1/threads",
-        ["v1", "threads", _] => "/v1/threads/{id}",
-        ["v1", "threads", _, "messages"] => "/v1/threads/{id}/messages",
-        ["v1", "threads", _, "messages", _] => "/v1/threads/{id}/messages/{msg_id}",
-        ["v1", "sign"] => "/v1/sign",
-        ["v1", "users", _, "revoke-signatures"] => "/v1/users/{user_id}/revoke-signatures",
-        ["admin", "threads", _, "kms"] => "/admin/threads/{id}/kms",
-        ["admin", "threads", _, "rotate-dek"] => "/admin/threads/{id}/rotate-dek",
-        ["admin", "threads", _, "encrypt"] => "/admin/threads/{id}/encrypt",
-        ["admin", "jobs"] => "/admin/jobs",
-        ["admin", "kms", "refresh-copies"] => "/admin/kms/refresh-copies",
-        ["admin", "kms", "key-copies"] => "/admin/kms/key-copies",
-        ["admin", "jobs", _] => "/admin/jobs/{job_id}",
-        _ => "unmatched",
-    }
+    TEMPLATES
+        .of(path)
+        .map_or("unmatched", |(template, ())| template)
 }
 
 async fn not_found() -> ApiError {

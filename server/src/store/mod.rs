@@ -217,18 +217,10 @@ impl Store {
             path: opts.path.clone(),
             message,
         };
-        create_private_dir(&opts.path).map_err(|e| err(e.to_string()))?;
-        let lock = service_kit::lmdb::lock_store(&opts.path, LOCK_FILE).map_err(err)?;
         let mut o = EnvOpenOptions::new().read_txn_without_tls();
         o.map_size(opts.map_size).max_readers(1024).max_dbs(1);
-        #[allow(unsafe_code)]
-        // SAFETY: `EnvOpenOptions::open` is unsafe because the memory map is UB if the file is
-        // modified behind LMDB's back. Here: (1) the server opens one Env per path per process
-        // (`Store::open` is called once, by `Server::build`; heed itself refuses a second open
-        // of the same path with `EnvAlreadyOpened`); (2) no unsafe flags (`NO_LOCK`,
-        // `NO_SYNC`, `NO_META_SYNC`) are set, so LMDB's own locking protects against other
-        // processes; (3) the files live in a private directory that nothing else writes.
-        let env = unsafe { o.open(&opts.path) }.map_err(|e| err(e.to_string()))?;
+        let service_kit::lmdb::Opened { env, lock } =
+            service_kit::lmdb::open(&opts.path, LOCK_FILE, &o).map_err(err)?;
         let mut wtxn = env.write_txn().map_err(|e| err(e.to_string()))?;
         let db: Db = env
             .create_database(&mut wtxn, None)
@@ -254,7 +246,11 @@ impl Store {
                 max_batch: opts.max_batch_ops.max(1),
                 max_map_size: opts.max_map_size.max(map_size),
             },
-            writer::StoreObserver(metrics),
+            service_kit::group_commit::MetricsObserver {
+                metrics,
+                store: "store",
+                map_setting: "store.max_map_size_mb",
+            },
         );
         let handle = std::thread::Builder::new()
             .name("progressdb-writer".into())
@@ -614,15 +610,4 @@ impl Store {
         self.read(move |db, txn| Ok(db.get(txn, &key)?.map(<[u8]>::to_vec)))
             .await
     }
-}
-
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    if path.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
 }

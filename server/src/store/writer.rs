@@ -10,12 +10,11 @@ use std::ops::Bound;
 
 use heed::RwTxn;
 use kms_api::ThreadId;
-use service_kit::group_commit::{CommitError, Observer, Write};
+use service_kit::group_commit::{CommitError, Write};
 use tokio::sync::oneshot;
 
 use super::{keys, records, Db, StoreError};
 use crate::ids::{MessageId, Timestamp, UserId};
-use crate::metrics::StoreMetrics;
 use crate::provider::ThreadKey;
 use records::{PlainMigration, ThreadRecord};
 
@@ -75,40 +74,6 @@ impl<O: WriteOp> Write for Pending<O> {
         };
         // The caller may have gone away (client disconnected): the write stands regardless.
         let _ = self.reply.send(answer);
-    }
-}
-
-/// Store metrics and logs for the group-commit writer.
-pub(crate) struct StoreObserver(pub(crate) StoreMetrics);
-
-impl Observer for StoreObserver {
-    fn committed(&self, writes: usize, took: std::time::Duration) {
-        self.0.commits.inc();
-        self.0.commit_ops.observe(writes as f64);
-        self.0.commit_duration.observe(took.as_secs_f64());
-    }
-
-    fn failed(&self, error: &CommitError, writes: usize) {
-        self.0.write_errors.inc();
-        match error {
-            CommitError::MapFull => {
-                tracing::warn!(writes, "LMDB map is full at store.max_map_size_mb")
-            }
-            CommitError::NoSpace(_) => tracing::error!(
-                error = %error,
-                writes,
-                alert = "disk_full",
-                "the store's file system is full: writes answer 507 until space is freed"
-            ),
-            CommitError::Lmdb(_) => tracing::error!(error = %error, writes, "group commit failed"),
-        }
-    }
-
-    fn resized(&self, bytes: usize) {
-        self.0.resizes.inc();
-        self.0
-            .map_size_bytes
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 }
 

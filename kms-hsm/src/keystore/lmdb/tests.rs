@@ -20,7 +20,7 @@ fn rec(n: u8) -> KeyRecord {
 #[tokio::test]
 async fn put_get_destroy_update_list() {
     let dir = tempfile::tempdir().unwrap();
-    let s = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+    let s = LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap();
     let r = rec(1);
     s.put_new(r.clone()).await.unwrap();
     assert!(matches!(
@@ -72,7 +72,7 @@ async fn put_get_destroy_update_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewrap_racing_a_destroy_never_resurrects_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Arc::new(LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap());
+    let s = Arc::new(LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap());
     for round in 0..50u8 {
         let r = rec(round);
         s.put_new(r.clone()).await.unwrap();
@@ -101,17 +101,17 @@ async fn survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let r = rec(7);
     {
-        let s = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+        let s = LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap();
         s.put_new(r.clone()).await.unwrap();
     }
-    let s = LmdbStore::open(dir.path(), 8, StoreMetrics::unregistered()).unwrap();
+    let s = LmdbStore::open(dir.path(), 8, StoreMetrics::default()).unwrap();
     assert_eq!(s.get(&r.key_id).await.unwrap(), Some(r));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_puts_share_commits() {
     let dir = tempfile::tempdir().unwrap();
-    let m = StoreMetrics::unregistered();
+    let m = StoreMetrics::default();
     let s = Arc::new(LmdbStore::open(dir.path(), 8, m.clone()).unwrap());
     let mut tasks = Vec::new();
     for i in 0..200u32 {
@@ -135,7 +135,7 @@ async fn concurrent_puts_share_commits() {
 #[tokio::test]
 async fn full_map_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Arc::new(LmdbStore::open(dir.path(), 1, StoreMetrics::unregistered()).unwrap());
+    let s = Arc::new(LmdbStore::open(dir.path(), 1, StoreMetrics::default()).unwrap());
     let mut stored = Vec::new();
     let mut full = false;
     // Concurrent puts (grouped into few commits) fill the map quickly.
@@ -170,7 +170,7 @@ async fn full_map_fails_cleanly() {
         assert_eq!(s.get(&r.key_id).await.unwrap().as_ref(), Some(r));
     }
     drop(s);
-    let s = LmdbStore::open(dir.path(), 1, StoreMetrics::unregistered()).unwrap();
+    let s = LmdbStore::open(dir.path(), 1, StoreMetrics::default()).unwrap();
     assert_eq!(s.list(None, 100_000).await.unwrap().len(), stored.len());
     // Nothing of the failed batches was half-written, and reads keep working.
     assert_eq!(

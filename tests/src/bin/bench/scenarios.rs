@@ -435,7 +435,7 @@ pub async fn kms_create_dek(env: &Env, kms: &KmsRun, scratch: &Path) -> Result<O
     let seq = Arc::new(AtomicUsize::new(0));
     let lim = env.p.limits(100_000).per_round(env.p.rounds());
     let store = Arc::new(
-        LmdbStore::open(scratch, 4096, StoreMetrics::unregistered())
+        LmdbStore::open(scratch, 4096, StoreMetrics::default())
             .map_err(|e| anyhow!("opening a scratch key store: {e}"))?,
     );
     let kek = KekId::parse("bench-kek")?;
@@ -1068,7 +1068,7 @@ pub async fn thread_rotation(env: &Env, enc: &Prepared, kms: &KmsRun, n: usize) 
 /// unwrapped: the workload reads them through `/get_wrapped`).
 pub async fn plant(store_dir: &Path, kek: &KekId, n: usize) -> Result<Vec<KeyId>> {
     let store = Arc::new(
-        LmdbStore::open(store_dir, 4096, StoreMetrics::unregistered())
+        LmdbStore::open(store_dir, 4096, StoreMetrics::default())
             .map_err(|e| anyhow!("opening the key store to plant records: {e}"))?,
     );
     let next = Arc::new(AtomicUsize::new(0));

@@ -17,8 +17,8 @@ use super::super::token::{self, classify, Disposition, OpError};
 use super::*;
 use crate::backend::{
     binding_input, wrap_aad, BackendError, Dek, DekResidency, HmacRole, KekClass, KekRef,
-    ResidentItem, ResidentKey, WrapFormat, AES_GCM_V1_LEN, AES_KW_LEN, AES_KW_V3_LEN, BINDING_LEN,
-    DEK_LEN,
+    ResidentItem, ResidentKey, WrapFormat, WrappedHeader, AES_KW_LEN, BINDING_LEN, DEK_LEN,
+    WRAPPED_HEADER_LEN,
 };
 
 /// GCM IV length (96 bits) and tag length (128 bits) of `AesGcmV1`.
@@ -73,13 +73,11 @@ pub(super) fn seal(
             DEK_LEN + TAG_LEN
         ))));
     }
-    let mut blob = Vec::with_capacity(AES_GCM_V1_LEN);
-    blob.push(WrapFormat::AesGcmV1 as u8);
-    blob.extend_from_slice(&kek.version.get().to_be_bytes());
-    blob.extend_from_slice(&iv);
-    blob.extend_from_slice(&ct);
-    debug_assert_eq!(blob.len(), AES_GCM_V1_LEN);
-    Ok(WrappedDek::new(blob))
+    let header = WrappedHeader {
+        format: WrapFormat::AesGcmV1,
+        kek_version: kek.version,
+    };
+    Ok(header.encode(&[&iv, &ct])?)
 }
 
 /// Decrypts a wrapped DEK through the HSM; any authentication failure is `InvalidWrapped`.
@@ -130,7 +128,10 @@ pub(super) fn unwrap(
         WrapFormat::AesGcmV1 => {
             let b = wrapped.as_bytes();
             // Length was checked by `parse_wrapped_header`; `get` keeps this panic-free anyway.
-            let (Some(iv_bytes), Some(ct)) = (b.get(5..5 + IV_LEN), b.get(5 + IV_LEN..)) else {
+            let (Some(iv_bytes), Some(ct)) = (
+                b.get(WRAPPED_HEADER_LEN..WRAPPED_HEADER_LEN + IV_LEN),
+                b.get(WRAPPED_HEADER_LEN + IV_LEN..),
+            ) else {
                 return Err(OpError::Backend(BackendError::InvalidWrapped));
             };
             let handle = live.kek_of(kek, KekClass::Encrypt)?;
@@ -220,7 +221,7 @@ pub(super) fn unwrap_object(
 ) -> Result<ObjectHandle, OpError> {
     let kw = wrapped
         .as_bytes()
-        .get(5..5 + AES_KW_LEN)
+        .get(WRAPPED_HEADER_LEN..WRAPPED_HEADER_LEN + AES_KW_LEN)
         .ok_or(OpError::Backend(BackendError::InvalidWrapped))?;
     match live.session.unwrap_key(
         &Mechanism::AesKeyWrap,
@@ -258,13 +259,11 @@ pub(super) fn wrap_object(
         ))));
     }
     let binding = binding(live, key_id, kek, &kw)?;
-    let mut blob = Vec::with_capacity(AES_KW_V3_LEN);
-    blob.push(WrapFormat::AesKwV3 as u8);
-    blob.extend_from_slice(&kek.version.get().to_be_bytes());
-    blob.extend_from_slice(&kw);
-    blob.extend_from_slice(&binding);
-    debug_assert_eq!(blob.len(), AES_KW_V3_LEN);
-    Ok(WrappedDek::new(blob))
+    let header = WrappedHeader {
+        format: WrapFormat::AesKwV3,
+        kek_version: kek.version,
+    };
+    Ok(header.encode(&[&kw, &binding])?)
 }
 
 /// `HMAC-SHA256(binding key, binding_input(key_id, kek, kw))`, computed by the HSM.
@@ -300,7 +299,8 @@ pub(super) fn unwrap_checked(
     extract: Extract,
 ) -> Result<ObjectHandle, OpError> {
     let b = wrapped.as_bytes();
-    let (Some(kw), Some(tail)) = (b.get(5..5 + AES_KW_LEN), b.get(5 + AES_KW_LEN..)) else {
+    const KW_END: usize = WRAPPED_HEADER_LEN + AES_KW_LEN;
+    let (Some(kw), Some(tail)) = (b.get(WRAPPED_HEADER_LEN..KW_END), b.get(KW_END..)) else {
         return Err(OpError::Backend(BackendError::InvalidWrapped));
     };
     match format {
@@ -347,8 +347,8 @@ pub(super) fn check_in_hsm(
 ) -> Result<(), OpError> {
     let b = wrapped.as_bytes();
     let (Some(iv_bytes), Some(tag)) = (
-        b.get(5 + AES_KW_LEN..5 + AES_KW_LEN + IV_LEN),
-        b.get(5 + AES_KW_LEN + IV_LEN..),
+        b.get(WRAPPED_HEADER_LEN + AES_KW_LEN..WRAPPED_HEADER_LEN + AES_KW_LEN + IV_LEN),
+        b.get(WRAPPED_HEADER_LEN + AES_KW_LEN + IV_LEN..),
     ) else {
         return Err(OpError::Backend(BackendError::InvalidWrapped));
     };
