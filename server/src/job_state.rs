@@ -2,7 +2,6 @@
 //! the jobs this process drives. Apart from the jobs themselves, so that the service holds it
 //! without importing the job runner (which drives jobs through the service).
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -34,8 +33,10 @@ impl Default for RotationPolicy {
 /// under way (not driven yet).
 #[derive(Debug, Default)]
 pub struct Running {
-    driven: Mutex<BTreeSet<JobId>>,
+    pub(crate) driven: service_kit::jobs::Driven<JobId>,
     starting: Arc<AtomicUsize>,
+    /// Orders reservations, so two cannot both take the last slot.
+    reserving: Mutex<()>,
 }
 
 /// An automatic start's place under [`RotationPolicy::max_running`], held until the job it
@@ -50,26 +51,17 @@ impl Drop for StartSlot {
 }
 
 impl Running {
-    pub(crate) fn claim(&self, id: &JobId) -> bool {
-        self.driven
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.clone())
-    }
-
-    pub(crate) fn release(&self, id: &JobId) {
-        self.driven
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
-    }
-
     /// A slot for an automatic start when fewer than `max` jobs are driven or being
     /// started; `None` when the cap is reached.
     pub fn reserve(&self, max: usize) -> Option<StartSlot> {
-        // The lock orders reservations, so two cannot both take the last slot.
-        let driven = self.driven.lock().unwrap_or_else(PoisonError::into_inner);
-        if driven.len() + self.starting.load(Ordering::Acquire) >= max {
+        let _order = self
+            .reserving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Starts first: a start that has handed its job over was counted as driven before its
+        // slot was released, so reading in this order never misses a job.
+        let starting = self.starting.load(Ordering::Acquire);
+        if starting + self.driven.len() >= max {
             return None;
         }
         self.starting.fetch_add(1, Ordering::AcqRel);
@@ -82,21 +74,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn automatic_starts_stop_at_the_cap_of_jobs_running_or_starting() {
+    #[tokio::test]
+    async fn automatic_starts_stop_at_the_cap_of_jobs_running_or_starting() {
         let r = Running::default();
         let a = JobId::from_random([1; 8]);
-        assert!(r.claim(&a));
+        let (end_a, a_ends) = tokio::sync::oneshot::channel::<()>();
+        assert!(r.driven.start(&a, async move {
+            let _ = a_ends.await;
+        }));
         let slot = r.reserve(2).expect("one job running, cap 2");
         assert!(r.reserve(2).is_none(), "one running and one starting");
         drop(slot);
         let slot = r.reserve(2).expect("the start finished");
         // A start that hands its job to the driver keeps the count: driven, then released.
         let b = JobId::from_random([2; 8]);
-        assert!(r.claim(&b));
+        let (_end_b, b_ends) = tokio::sync::oneshot::channel::<()>();
+        assert!(r.driven.start(&b, async move {
+            let _ = b_ends.await;
+        }));
         drop(slot);
         assert!(r.reserve(2).is_none(), "two driven");
-        r.release(&a);
+        end_a.send(()).unwrap();
+        while r.driven.contains(&a) {
+            tokio::task::yield_now().await;
+        }
         assert!(r.reserve(2).is_some());
     }
 }

@@ -33,7 +33,6 @@
 //! never), gets the same job.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kms_api::admin::JobId;
 use kms_api::wire::{Bytes64, SecretBytes};
@@ -52,16 +51,10 @@ use crate::store::{
 
 /// Messages per migration batch.
 const BATCH: usize = 64;
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Why a step stopped.
-enum Step {
-    /// The KMS or the store cannot serve now: retry with backoff.
-    Pause(String),
-    /// The job ends `failed`.
-    Fail(String),
-}
+/// Why a step stopped (`Pause`: the KMS or the store cannot serve now; `Fail`: the job ends
+/// `failed`).
+use service_kit::jobs::StepError as Step;
 
 impl From<StoreError> for Step {
     fn from(e: StoreError) -> Self {
@@ -258,27 +251,25 @@ pub fn maybe_rotate(svc: &Arc<MessageService>, thread: &ThreadRecord) {
 }
 
 fn ensure_driven(svc: &Arc<MessageService>, job: &JobRecord) {
-    if job.state.is_final() || !svc.running.claim(&job.id) {
+    if job.state.is_final() {
         return;
     }
-    let svc = Arc::clone(svc);
+    let id = job.id.clone();
+    let driver = Arc::clone(svc);
     let job = job.clone();
-    tokio::spawn(async move {
-        let id = job.id.clone();
-        drive(&svc, job).await;
-        svc.running.release(&id);
-    });
+    svc.running
+        .driven
+        .start(&id, async move { drive(&driver, job).await });
 }
 
 async fn drive(svc: &Arc<MessageService>, mut job: JobRecord) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = service_kit::jobs::Backoff::new();
     while !job.state.is_final() {
         match step(svc, &mut job).await {
-            Ok(()) => backoff = FIRST_BACKOFF,
+            Ok(()) => backoff.reset(),
             Err(Step::Pause(why)) => {
                 tracing::warn!(job = %job.id, state = ?job.state, error = %why, "server job paused; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_pause()).await;
             }
             Err(Step::Fail(why)) => {
                 tracing::error!(job = %job.id, state = ?job.state, error = %why, "server job failed");

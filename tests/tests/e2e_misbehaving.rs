@@ -174,7 +174,7 @@ fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
     // progress, so the log says it).
     logged(
         CAP,
-        "connection closed with an error",
+        "connection ended with an error",
         WRITE_TIMEOUT * 3,
         || kms.proc.log_text(),
     );
@@ -314,7 +314,7 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
     );
     logged(
         CAP,
-        "connection closed with an error",
+        "connection ended with an error",
         WRITE_TIMEOUT * 3,
         || kms.proc.log_text(),
     );

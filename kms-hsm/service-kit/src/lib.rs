@@ -16,6 +16,8 @@
 //! * [`process`]: no core dumps and a non-dumpable process, set before any secret is read.
 //! * [`group_commit`]: the single LMDB writer of both stores: one thread, one transaction and
 //!   one fsync per group of concurrent writes, map growth, answers only after the commit.
+//! * [`jobs`]: the skeleton of resumable jobs: step errors, retry back-off, and the set of
+//!   jobs this process drives.
 //! * [`lmdb`]: the one place an LMDB environment is opened, one process per LMDB store (an
 //!   exclusive `flock`) and offline compaction (drops free pages, where replaced and deleted
 //!   records' bytes linger).
@@ -45,6 +47,7 @@ pub mod config;
 pub mod conn;
 pub mod group_commit;
 pub mod guarded_io;
+pub mod jobs;
 pub mod lmdb;
 pub mod locked;
 pub mod metrics;

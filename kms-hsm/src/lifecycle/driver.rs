@@ -75,7 +75,7 @@ async fn drive_leased<B: KeyBackend, S: KeyStore>(
         }
         job
     };
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = service_kit::jobs::Backoff::new();
     loop {
         if job.state.is_final() {
             return Ok(());
@@ -107,7 +107,7 @@ async fn drive_leased<B: KeyBackend, S: KeyStore>(
                 {
                     Ok(()) => {
                         job = next;
-                        backoff = FIRST_BACKOFF;
+                        backoff.reset();
                         continue;
                     }
                     Err(StoreError::LeaseLost(_)) => return Err(Lost::Lease),
@@ -117,10 +117,10 @@ async fn drive_leased<B: KeyBackend, S: KeyStore>(
                     }
                 }
             }
-            Err(StepError::Transient(why)) => {
+            Err(StepError::Pause(why)) => {
                 tracing::warn!(job = %job.id, state = ?job.state, error = %why, "lifecycle job paused; retrying");
             }
-            Err(StepError::Fatal(why)) => {
+            Err(StepError::Fail(why)) => {
                 tracing::error!(job = %job.id, state = ?job.state, error = %why, "lifecycle job failed");
                 let mut failed = job.clone();
                 failed.state = JobState::Failed;
@@ -141,14 +141,13 @@ async fn drive_leased<B: KeyBackend, S: KeyStore>(
         }
         drop(me);
         // Pause, renewing the lease; the engine is not held meanwhile (shutdown ends it).
-        let resume_at = tokio::time::Instant::now() + backoff;
+        let resume_at = tokio::time::Instant::now() + backoff.next_pause();
         while tokio::time::Instant::now() < resume_at {
             tokio::time::sleep_until(resume_at.min(tokio::time::Instant::now() + renew_every))
                 .await;
             let me = engine.upgrade().ok_or(Lost::Shutdown)?;
             keep_lease(&me, &id).await?;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -36,7 +36,6 @@
 //! # Cached DEKs
 //! Rewrapping changes the wrapped form, not the DEK: cached DEKs stay valid throughout.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,8 +62,6 @@ const MAX_PASSES: u32 = 5;
 const MAX_FAILED_KEYS: usize = 20;
 /// Finished jobs shown by `status` (running ones are always shown).
 const FINISHED_IN_STATUS: usize = 5;
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Settings of the lifecycle jobs (`[lifecycle]` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,13 +165,7 @@ pub enum LifecycleError {
     Audit(ServiceError),
 }
 
-/// What a step of a job ran into.
-enum StepError {
-    /// The HSM or the store cannot serve now: retried with backoff, the job state unchanged.
-    Transient(String),
-    /// The job cannot go on.
-    Fatal(String),
-}
+use service_kit::jobs::StepError;
 
 impl From<StoreError> for StepError {
     fn from(e: StoreError) -> Self {
@@ -184,12 +175,12 @@ impl From<StoreError> for StepError {
             | StoreError::Io(_)
             | StoreError::Closed
             | StoreError::AuditHeadMoved
-            | StoreError::LeaseLost(_) => StepError::Transient(e.to_string()),
+            | StoreError::LeaseLost(_) => StepError::Pause(e.to_string()),
             StoreError::Open { .. }
             | StoreError::AlreadyExists(_)
             | StoreError::NotFound(_)
             | StoreError::Conflict(_)
-            | StoreError::Corrupt { .. } => StepError::Fatal(e.to_string()),
+            | StoreError::Corrupt { .. } => StepError::Fail(e.to_string()),
         }
     }
 }
@@ -198,14 +189,14 @@ fn backend_step_error(e: BackendError) -> StepError {
     match e {
         // No audit, no step: the job waits until the audit key is usable again.
         BackendError::Unavailable(_) | BackendError::Overloaded | BackendError::HmacKey { .. } => {
-            StepError::Transient(e.to_string())
+            StepError::Pause(e.to_string())
         }
         BackendError::InvalidWrapped
         | BackendError::KekNotFound { .. }
         | BackendError::KekRefused { .. }
         | BackendError::PinRejected(_)
         | BackendError::Config(_)
-        | BackendError::Internal(_) => StepError::Fatal(e.to_string()),
+        | BackendError::Internal(_) => StepError::Fail(e.to_string()),
     }
 }
 
@@ -241,8 +232,9 @@ pub struct Lifecycle<B, S> {
     holder: String,
     /// Acquisitions of the admin role so far (each holds the lease under its own name).
     admin_turns: std::sync::atomic::AtomicU64,
-    /// Jobs driven by this process.
-    running: std::sync::Mutex<BTreeMap<JobId, tokio::task::JoinHandle<()>>>,
+    /// Jobs driven by this process (dropping the engine stops them: what they did is
+    /// persisted, and the next start resumes them).
+    running: service_kit::jobs::Driven<JobId>,
 }
 
 impl<B, S> std::fmt::Debug for Lifecycle<B, S> {
@@ -250,21 +242,6 @@ impl<B, S> std::fmt::Debug for Lifecycle<B, S> {
         f.debug_struct("Lifecycle")
             .field("opts", &self.opts)
             .finish_non_exhaustive()
-    }
-}
-
-impl<B, S> Drop for Lifecycle<B, S> {
-    /// Stops the job tasks; what they did is persisted, and the next start resumes them.
-    fn drop(&mut self) {
-        let running = std::mem::take(
-            &mut *self
-                .running
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for (_, task) in running {
-            task.abort();
-        }
     }
 }
 
@@ -281,7 +258,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             admin: tokio::sync::Mutex::new(()),
             holder: replica_name(),
             admin_turns: std::sync::atomic::AtomicU64::new(0),
-            running: std::sync::Mutex::new(BTreeMap::new()),
+            running: service_kit::jobs::Driven::default(),
         })
     }
 
@@ -373,7 +350,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let mut n = 0;
         for job in self.svc.store().jobs().await? {
             if !job.state.is_final() {
-                if !self.is_driven(&job.id) {
+                if !self.running.contains(&job.id) {
                     tracing::debug!(job = %job.id, kind = job.kind.label(), state = ?job.state, "offering to drive lifecycle job");
                 }
                 self.ensure_driven(&job);
@@ -434,7 +411,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             .new_job(JobKind::RotateKek { target }, JobState::CreatingKek, 0)
             .await?;
         tracing::info!(job = %job.id, from = %current, target = %target, "KEK rotation started");
-        self.spawn(job.clone());
+        self.ensure_driven(&job);
         Ok((job, true))
     }
 
@@ -453,7 +430,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         let job = self
             .new_job(JobKind::Verify, JobState::Verifying, total)
             .await?;
-        self.spawn(job.clone());
+        self.ensure_driven(&job);
         Ok((job, true))
     }
 
@@ -523,20 +500,13 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         Ok(job)
     }
 
-    fn is_driven(&self, id: &JobId) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(id)
-            .is_some_and(|t| !t.is_finished())
-    }
-
     /// Drives `job` on a task of its own unless this process already does (the task gives up
     /// at once when another replica holds the job's lease).
     fn ensure_driven(self: &Arc<Self>, job: &Job) {
-        if !self.is_driven(&job.id) {
-            self.spawn(job.clone());
-        }
+        // The task holds a weak reference: dropping the engine (shutdown) ends it.
+        let me = Arc::downgrade(self);
+        let job = job.clone();
+        self.running.start(&job.id.clone(), drive(me, job));
     }
 
     /// Takes or renews the lease of job `id`. `Renewed` means this process may go on
@@ -547,19 +517,6 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             .store()
             .acquire_lease(&job_lease(id), &self.holder, self.opts.lease)
             .await
-    }
-
-    fn spawn(self: &Arc<Self>, job: Job) {
-        let id = job.id.clone();
-        // The task holds a weak reference: dropping the engine (shutdown) ends it.
-        let me = Arc::downgrade(self);
-        let task = tokio::spawn(async move { drive(me, job).await });
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        running.retain(|_, t| !t.is_finished());
-        running.insert(id, task);
     }
 }
 

@@ -29,7 +29,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
 
     pub(super) async fn step_create(&self, job: &mut Job) -> Result<(), StepError> {
         let JobKind::RotateKek { target } = job.kind else {
-            return Err(StepError::Fatal("only a rotation creates a KEK".into()));
+            return Err(StepError::Fail("only a rotation creates a KEK".into()));
         };
         self.step_audit(
             AuditEvent::new("kek.create")
@@ -58,7 +58,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             let _admin = self
                 .admin_lock()
                 .await
-                .map_err(|e| StepError::Transient(e.to_string()))?;
+                .map_err(|e| StepError::Pause(e.to_string()))?;
             self.svc
                 .backend()
                 .ensure_kek_version(target, KekMissing::Generate)
@@ -208,7 +208,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StepError::Transient(format!(
+        Err(StepError::Pause(format!(
             "key {key_id} kept changing while being rewrapped"
         )))
     }
@@ -355,7 +355,7 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
         self.svc
             .audit(ev)
             .await
-            .map_err(|e| StepError::Transient(e.to_string()))
+            .map_err(|e| StepError::Pause(e.to_string()))
     }
 
     /// Marks every version below `target` that is still active as retired.

@@ -11,6 +11,7 @@ use crate::metrics::StoreMetrics;
 use crate::testing::MockBackend;
 use kms_api::admin::HsmStatus;
 use kms_api::ThreadId;
+use std::collections::BTreeMap;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -215,8 +216,12 @@ async fn two_replicas_start_one_rotation_and_a_dead_drivers_job_is_taken_over() 
     let id = ja.id.clone();
     // Exactly one drives it (the other's driver found the lease taken and stopped).
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(a.is_driven(&id) ^ b.is_driven(&id));
-    let (driver, other) = if a.is_driven(&id) { (a, b) } else { (b, a) };
+    assert!(a.running.contains(&id) ^ b.running.contains(&id));
+    let (driver, other) = if a.running.contains(&id) {
+        (a, b)
+    } else {
+        (b, a)
+    };
     loop {
         let j = other.job(&id).await.unwrap();
         assert!(

@@ -249,8 +249,11 @@ impl MessageService {
         let r = self.store.write(DeleteThread { id: id.clone() }).await;
         self.cache.invalidate(id);
         let mut deleted = r?;
-        if deleted.sealed_meta.is_some() && deleted.sealed_meta == rec.sealed_meta {
-            // Answered with the title and metadata as they were opened before the shred.
+        if deleted.sealed_meta.is_some() {
+            // Answered with the title and metadata as they were opened before the shred: the
+            // deleted record's own are sealed under a key that is gone (or about to go). A DEK
+            // rotation may have resealed them meanwhile (the same title under a new key); a
+            // rename racing the delete is not shown.
             deleted.title.clone_from(&rec.title);
             deleted.metadata.clone_from(&rec.metadata);
         }
