@@ -29,7 +29,12 @@
 //! beside a failing one keep serving.
 
 pub mod admin;
+mod errors;
 mod key_api;
+mod routes;
+
+pub use errors::*;
+pub use routes::*;
 
 use key_api::*;
 
@@ -79,91 +84,6 @@ pub struct HttpLimits {
     pub peer_rate: service_kit::rate::RateLimit,
     /// `create_dek_for_thread` calls a second per peer (1000, bursts of 20000, by default).
     pub peer_create_rate: service_kit::rate::RateLimit,
-}
-
-/// Failures found at the HTTP edge, plus the service's own errors.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    #[error("no such endpoint")]
-    NotFound,
-    #[error("method not allowed on this endpoint")]
-    MethodNotAllowed,
-    #[error("this peer is not allowed to use the KMS")]
-    Forbidden,
-    #[error("admin operations are served only on the admin endpoint, to an admin identity")]
-    AdminOnly,
-    #[error("request body is larger than {limit} bytes")]
-    BodyTooLarge { limit: usize },
-    #[error("request body was not received within {0:?}")]
-    BodyTimeout(Duration),
-    #[error("request body could not be read")]
-    BodyRead,
-    #[error("too many requests from this peer; retry in {} s", .0.as_secs())]
-    RateLimited(Duration),
-    #[error(transparent)]
-    Parse(#[from] ParseError),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error(transparent)]
-    Service(#[from] ServiceError),
-    #[error(transparent)]
-    Lifecycle(#[from] crate::lifecycle::LifecycleError),
-    #[error(transparent)]
-    Backup(#[from] crate::backup::BackupError),
-    #[error(transparent)]
-    Compact(#[from] crate::audit_archive::CompactError),
-}
-
-impl HttpError {
-    /// The stable wire code (exhaustive; service errors use [`ServiceError::code`]).
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            HttpError::NotFound => ErrorCode::NotFound,
-            HttpError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
-            HttpError::Forbidden | HttpError::AdminOnly => ErrorCode::Forbidden,
-            HttpError::BodyTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            HttpError::BodyTimeout(_) | HttpError::BodyRead => ErrorCode::MalformedRequest,
-            HttpError::RateLimited(_) => ErrorCode::RateLimited,
-            HttpError::Parse(e) => e.code(),
-            HttpError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            HttpError::Service(e) => e.code(),
-            HttpError::Lifecycle(e) => e.code(),
-            HttpError::Backup(e) => e.code(),
-            HttpError::Compact(crate::audit_archive::CompactError::Refused(_)) => {
-                ErrorCode::ArchiveMismatch
-            }
-            HttpError::Compact(crate::audit_archive::CompactError::Service(e)) => e.code(),
-        }
-    }
-
-    /// Whether the connection should be closed after answering (the body was not fully read).
-    fn closes_connection(&self) -> bool {
-        matches!(
-            self,
-            HttpError::BodyTooLarge { .. } | HttpError::BodyTimeout(_) | HttpError::BodyRead
-        )
-    }
-}
-
-/// What a caller may see of an error: the code and, for 4xx, the message; 5xx messages are
-/// generic and the detail is logged here.
-fn detail(code: ErrorCode, err: &dyn std::fmt::Display, endpoint: &'static str) -> ErrorDetail {
-    let message = match code {
-        ErrorCode::Unavailable => {
-            tracing::warn!(endpoint, error = %err, "answering 503");
-            "the key service is temporarily unavailable; retry later".to_owned()
-        }
-        ErrorCode::Overloaded => {
-            tracing::warn!(endpoint, error = %err, "answering 503 overloaded");
-            "the key service is at capacity; retry after the Retry-After delay".to_owned()
-        }
-        ErrorCode::Internal | ErrorCode::Unknown => {
-            tracing::error!(endpoint, error = %err, "answering 500");
-            "internal error".to_owned()
-        }
-        _ => err.to_string(),
-    };
-    ErrorDetail { code, message }
 }
 
 /// An endpoint.
@@ -220,55 +140,6 @@ fn parse<W: DeserializeOwned, R: TryFrom<W, Error = ParseError>>(
     body: &[u8],
 ) -> Result<R, HttpError> {
     Ok(R::try_from(parse_json::<W>(body)?)?)
-}
-
-/// A JSON answer. Answers can carry plaintext (`/decrypt`), so every body is built in a
-/// [`ZeroizingBuf`] and handed to hyper as `Bytes` that wipe their memory when dropped.
-fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    match to_json_zeroizing(value, 256) {
-        Ok(buf) => {
-            let mut r = Response::new(Body::from(buf.into_bytes()));
-            *r.status_mut() = status;
-            let h = r.headers_mut();
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serialize an answer");
-            let mut r = Response::new(Body::from(
-                &br#"{"error":{"code":"internal","message":"internal error"}}"#[..],
-            ));
-            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r
-        }
-    }
-}
-
-fn error_response(err: &HttpError, endpoint: &'static str) -> Response<Body> {
-    let code = err.code();
-    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = json_response(
-        status,
-        &ErrorBody {
-            error: detail(code, err, endpoint),
-        },
-    );
-    if code == ErrorCode::Overloaded {
-        r.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
-    }
-    if let HttpError::RateLimited(wait) = err {
-        r.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
-    }
-    if err.closes_connection() {
-        r.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    r
 }
 
 /// The HTTP front of a [`KeyService`]: what every handler gets.
@@ -418,140 +289,6 @@ fn audited(route: &'static str, path: &str) -> bool {
 
 /// The shared state of the handlers.
 type ApiState<B, S> = State<Arc<Api<B, S>>>;
-
-/// A route table: (path, handlers). Each router is built from its table and nothing else, so
-/// the table's paths are exactly the paths served (the API reference test holds
-/// `docs/openapi/kms.yaml` to them).
-pub type RouteTable<B, S> = Vec<(&'static str, MethodRouter<Arc<Api<B, S>>>)>;
-
-/// The paths of `table`.
-pub fn paths<B, S>(table: &RouteTable<B, S>) -> Vec<&'static str> {
-    table.iter().map(|(p, _)| *p).collect()
-}
-
-/// Every route of the client endpoint. The two `/admin` catch-alls only refuse (403).
-pub fn client_routes<B: KeyBackend, S: KeyStore>() -> RouteTable<B, S> {
-    vec![
-        (Route::CreateDek.label(), post(create_dek::<B, S>)),
-        (Route::Encrypt.label(), post(encrypt::<B, S>)),
-        (Route::Decrypt.label(), post(decrypt::<B, S>)),
-        (Route::EncryptBatch.label(), post(encrypt_batch::<B, S>)),
-        (Route::DecryptBatch.label(), post(decrypt_batch::<B, S>)),
-        (Route::DestroyKey.label(), post(destroy_key::<B, S>)),
-        (Route::GetWrapped.label(), get(get_wrapped::<B, S>)),
-        (Route::Healthz.label(), get(healthz)),
-        (Route::Readyz.label(), get(readyz::<B, S>)),
-        (Route::Metrics.label(), get(metrics::<B, S>)),
-        ("/admin", any(admin_refused::<B, S>)),
-        ("/admin/{*rest}", any(admin_refused::<B, S>)),
-    ]
-}
-
-/// Which body limit a route's requests are held to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyClass {
-    /// `limits.max_body_bytes` (the key API, probes).
-    Key,
-    /// 4 KiB (admin calls).
-    Admin,
-    /// [`admin::MAX_RESTORE_BODY`] (whole backup files).
-    Backup,
-}
-
-/// The route templates of both endpoints with their body classes, derived from the route
-/// tables the routers are built from: the metric label of a request and its body limit
-/// cannot drift from what is served.
-#[derive(Debug)]
-pub struct RouteTemplates {
-    /// The admin endpoint's routes (looked up first: they name `/admin/...` paths).
-    admin: service_kit::routes::Templates<BodyClass>,
-    /// The client endpoint's routes (whose `/admin` catch-alls only refuse).
-    client: service_kit::routes::Templates<BodyClass>,
-}
-
-impl RouteTemplates {
-    fn of<B: KeyBackend, S: KeyStore>() -> Self {
-        let class = |c: BodyClass| move |(p, _)| (p, c);
-        Self {
-            admin: service_kit::routes::Templates::new(
-                admin::admin_routes::<B, S>()
-                    .into_iter()
-                    .map(class(BodyClass::Admin))
-                    .chain(
-                        admin::large_body_routes::<B, S>()
-                            .into_iter()
-                            .map(class(BodyClass::Backup)),
-                    ),
-            ),
-            client: service_kit::routes::Templates::new(
-                client_routes::<B, S>()
-                    .into_iter()
-                    .map(class(BodyClass::Key)),
-            ),
-        }
-    }
-
-    /// The template `path` matches (its metric label) and its body class; requests that
-    /// match no route are labelled [`UNKNOWN_ENDPOINT`] and held to the key API's limit.
-    pub fn of_path(&self, path: &str) -> (&'static str, BodyClass) {
-        self.admin
-            .of(path)
-            .or_else(|| self.client.of(path))
-            .map_or((UNKNOWN_ENDPOINT, BodyClass::Key), |(t, c)| (t, *c))
-    }
-}
-
-/// `table` as a router.
-fn build<B, S>(table: RouteTable<B, S>) -> Router<Arc<Api<B, S>>>
-where
-    B: KeyBackend,
-    S: KeyStore,
-{
-    table
-        .into_iter()
-        .fold(Router::new(), |r, (path, methods)| r.route(path, methods))
-}
-
-/// The KMS API for an allowed peer.
-pub fn router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
-    let limits = api.limits;
-    let routes = Arc::clone(&api.routes);
-    build(client_routes::<B, S>())
-        .fallback(|| async { error_response(&HttpError::NotFound, UNKNOWN_ENDPOINT) })
-        .method_not_allowed_fallback(move |uri: Uri| async move {
-            error_response(&HttpError::MethodNotAllowed, routes.of_path(uri.path()).0)
-        })
-        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
-        .with_state(api)
-}
-
-/// `/admin/...` on the client endpoint: refused whoever asks (the server's identity is never
-/// an admin), logged and audited.
-async fn admin_refused<B: KeyBackend, S: KeyStore>(
-    State(api): ApiState<B, S>,
-    uri: Uri,
-) -> Response {
-    let (label, _) = api.routes.of_path(uri.path());
-    tracing::warn!(route = label, "admin call refused on the client endpoint");
-    api.audit_refusal(label, "client endpoint").await;
-    let mut r = error_response(&HttpError::AdminOnly, label);
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    r
-}
-
-/// What a peer outside `listen.allowed_uids` gets, whatever it asks: 403, without its body
-/// being read, and the connection closed.
-pub fn forbidden_router<B: KeyBackend, S: KeyStore>(api: Arc<Api<B, S>>) -> Router {
-    Router::new()
-        .fallback(|| async {
-            let mut r = error_response(&HttpError::Forbidden, UNKNOWN_ENDPOINT);
-            r.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            r
-        })
-        .with_state(api)
-}
 
 /// Answers `req` with `router` (one of [`router`] and [`forbidden_router`]), then counts the
 /// answer by endpoint and status and turns the body-limit layer's own 413 (sent when

@@ -17,7 +17,9 @@ pub mod aad;
 pub mod keys;
 pub mod records;
 mod scan;
+mod types;
 mod writer;
+pub use types::*;
 
 use scan::*;
 
@@ -46,103 +48,6 @@ pub use writer::{
 
 /// The one LMDB database: raw byte keys and values.
 pub type Db = Database<Bytes, Bytes>;
-
-/// A failed store operation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    #[error("not found")]
-    NotFound,
-    #[error("the LMDB map is full and at store.max_map_size_mb")]
-    Full,
-    #[error("the store is closed")]
-    Closed,
-    #[error("conflict: {0}")]
-    Conflict(&'static str),
-    /// A frontend caller tried to change a message written by someone else.
-    #[error("the message was written by another user")]
-    NotAuthor,
-    /// The content was sealed under a key the thread no longer names for that message (a
-    /// rotation moved on meanwhile); nothing was written: seal again.
-    #[error("sealed under a key the thread's rotation no longer names for this message")]
-    StaleKey,
-    /// The author has `limits.max_threads_per_user` threads already; nothing was written.
-    #[error("the user has as many threads as allowed")]
-    ThreadLimit,
-    #[error("corrupt record: {0}")]
-    Corrupt(String),
-    #[error("LMDB: {0}")]
-    Lmdb(String),
-}
-
-impl From<heed::Error> for StoreError {
-    fn from(e: heed::Error) -> Self {
-        match e {
-            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
-            other => StoreError::Lmdb(other.to_string()),
-        }
-    }
-}
-
-/// Why the store could not be opened: names the directory.
-#[derive(Debug, thiserror::Error)]
-#[error("store.path {path}: {message}")]
-pub struct OpenError {
-    pub path: PathBuf,
-    pub message: String,
-}
-
-/// Store settings.
-#[derive(Debug, Clone)]
-pub struct StoreOptions {
-    pub path: PathBuf,
-    /// Initial map size in bytes (a multiple of 1 MiB).
-    pub map_size: usize,
-    /// Largest map size in bytes (a multiple of 1 MiB).
-    pub max_map_size: usize,
-    /// Most writes per group commit.
-    pub max_batch_ops: usize,
-}
-
-impl StoreOptions {
-    /// Options from sizes in MiB.
-    pub fn new(path: impl Into<PathBuf>, map_size_mb: u64, max_map_size_mb: u64) -> Self {
-        let mib = |m: u64| usize::try_from(m.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-        Self {
-            path: path.into(),
-            map_size: mib(map_size_mb),
-            max_map_size: mib(max_map_size_mb),
-            max_batch_ops: 1024,
-        }
-    }
-}
-
-/// Newest or oldest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    Asc,
-    Desc,
-}
-
-/// Which threads to list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ThreadFilter {
-    All,
-    Author(UserId),
-}
-
-/// One page of a listing: `more` tells whether items follow the last one.
-#[derive(Debug, Clone)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub more: bool,
-}
-
-/// A message as read: its id (from its key) and its record, or why the record is unreadable.
-#[derive(Debug, Clone)]
-pub struct StoredMessage {
-    pub id: MessageId,
-    pub record: Result<MessageRecord, String>,
-}
 
 pub(crate) struct StoreEnv {
     env: Env<WithoutTls>,
