@@ -25,8 +25,6 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ids;
-pub mod job_state;
-pub mod jobs;
 pub mod meta;
 pub mod metrics;
 pub mod provider;
@@ -46,7 +44,7 @@ pub use error::{ApiError, ErrorCode};
 use auth::{ApiKeys, KeysFileError};
 use config::KmsMode;
 use provider::ProviderBuildError;
-use service::{Encryption, Limits, MessageService};
+use service::{MessageService, ServiceDeps};
 use store::{OpenError, Store, StoreOptions};
 
 /// Why the server could not be built. `Display` is one line naming the key or file at fault.
@@ -122,54 +120,17 @@ impl Server {
                 message: e.to_string(),
             })?,
         );
-        let encryption = if cfg.encryption.enabled {
-            Encryption::Enabled
-        } else {
-            tracing::warn!(
-                "encryption.enabled = false: new message content is stored in plain form"
-            );
-            Encryption::Disabled
-        };
-        let app = MessageService {
-            store,
-            provider,
-            encryption,
-            keys,
-            cache: cache::ThreadCache::new(
-                cfg.limits.thread_cache_entries,
-                cfg.limits.thread_cache_bytes,
-            ),
-            key_rate: service_kit::rate::RateLimiter::new(service_kit::rate::RateLimit {
-                per_sec: cfg.limits.key_rate_per_sec,
-                burst: cfg.limits.key_rate_burst,
-            }),
-            ids: ids::MessageIdGen::new(),
-            metrics,
-            limits: Limits {
-                default_page_size: cfg.limits.default_page_size.min(cfg.limits.max_page_size),
-                max_page_size: cfg.limits.max_page_size,
-                max_page_bytes: cfg.limits.max_page_bytes,
-                max_title_bytes: cfg.limits.max_title_bytes,
-                max_metadata_bytes: cfg.limits.max_metadata_bytes,
-                max_metadata_depth: cfg.limits.max_metadata_depth,
-                threads_per_user: match cfg.limits.max_threads_per_user {
-                    0 => store::ThreadsPerAuthor::Unlimited,
-                    n => store::ThreadsPerAuthor::AtMost(n),
-                },
+        let app = MessageService::new(
+            cfg,
+            ServiceDeps {
+                store,
+                provider,
+                keys,
+                metrics,
+                gate,
+                signature_generations,
             },
-            signature_generations,
-            kms_ready_timeout: cfg.kms.ready_timeout(),
-            gate,
-            rotation_policy: job_state::RotationPolicy {
-                max_running: cfg.encryption.max_concurrent_rotations,
-                after_messages: cfg.encryption.rotate_after_messages,
-                after_age: match cfg.encryption.rotate_after_days {
-                    0 => None,
-                    d => Some(Duration::from_secs(d.saturating_mul(86_400))),
-                },
-            },
-            running: job_state::Running::default(),
-        };
+        );
         let http = http::HttpOptions {
             header_read_timeout: Duration::from_secs(cfg.http.header_read_timeout_secs),
             body_read_timeout: Duration::from_secs(cfg.http.body_read_timeout_secs),
@@ -200,7 +161,7 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         // Jobs a stopped server left unfinished go on from where they were.
-        match jobs::resume_all(&self.app).await {
+        match service::jobs::resume_all(&self.app).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "resumed unfinished DEK rotation jobs"),
             Err(e) => tracing::error!(error = %e, "cannot read the job records; none resumed"),

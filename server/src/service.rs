@@ -31,6 +31,8 @@ use crate::provider::{KeyProvider, ProviderError, ThreadKey};
 use crate::store::{AuthorRule, MessageRecord, Store, ThreadRecord};
 
 mod admin;
+pub mod job_state;
+pub mod jobs;
 mod messages;
 mod threads;
 
@@ -83,25 +85,115 @@ impl Health {
 /// Everything a request needs.
 #[derive(Debug)]
 pub struct MessageService {
+    store: Store,
+    provider: Option<Arc<dyn KeyProvider>>,
+    encryption: Encryption,
+    keys: ApiKeys,
+    cache: ThreadCache,
+    ids: MessageIdGen,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    kms_ready_timeout: Duration,
+    /// Connection admission of the HTTP listener (shared with `/metrics`).
+    gate: std::sync::Arc<service_kit::conn::ConnectionGate>,
+    /// When thread keys are rotated without being asked.
+    rotation_policy: crate::service::job_state::RotationPolicy,
+    /// Jobs this process drives now.
+    running: crate::service::job_state::Running,
+    /// Requests a second per API key and user (`limits.key_rate_per_sec`).
+    key_rate: service_kit::rate::RateLimiter<(crate::auth::ApiKeyId, Option<UserId>)>,
+    /// Users whose signatures were revoked.
+    signature_generations: crate::auth::SignatureGenerations,
+}
+
+/// What [`MessageService::new`] is built from besides the config: the parts that take I/O
+/// to make (the store opened, the provider built, the keys file read).
+#[derive(Debug)]
+pub struct ServiceDeps {
     pub store: Store,
     pub provider: Option<Arc<dyn KeyProvider>>,
-    pub encryption: Encryption,
     pub keys: ApiKeys,
-    pub cache: ThreadCache,
-    pub ids: MessageIdGen,
     pub metrics: Arc<Metrics>,
-    pub limits: Limits,
-    pub kms_ready_timeout: Duration,
-    /// Connection admission of the HTTP listener (shared with `/metrics`).
-    pub gate: std::sync::Arc<service_kit::conn::ConnectionGate>,
-    /// When thread keys are rotated without being asked.
-    pub rotation_policy: crate::job_state::RotationPolicy,
-    /// Jobs this process drives now.
-    pub running: crate::job_state::Running,
-    /// Requests a second per API key and user (`limits.key_rate_per_sec`).
-    pub key_rate: service_kit::rate::RateLimiter<(crate::auth::ApiKeyId, Option<UserId>)>,
-    /// Users whose signatures were revoked.
+    pub gate: Arc<service_kit::conn::ConnectionGate>,
     pub signature_generations: crate::auth::SignatureGenerations,
+}
+
+impl MessageService {
+    /// The service of `cfg` (validated) over `deps`.
+    pub fn new(cfg: &crate::config::Config, deps: ServiceDeps) -> Self {
+        let encryption = if cfg.encryption.enabled {
+            Encryption::Enabled
+        } else {
+            tracing::warn!(
+                "encryption.enabled = false: new message content is stored in plain form"
+            );
+            Encryption::Disabled
+        };
+        Self {
+            store: deps.store,
+            provider: deps.provider,
+            encryption,
+            keys: deps.keys,
+            cache: ThreadCache::new(
+                cfg.limits.thread_cache_entries,
+                cfg.limits.thread_cache_bytes,
+            ),
+            key_rate: service_kit::rate::RateLimiter::new(service_kit::rate::RateLimit {
+                per_sec: cfg.limits.key_rate_per_sec,
+                burst: cfg.limits.key_rate_burst,
+            }),
+            ids: MessageIdGen::new(),
+            metrics: deps.metrics,
+            limits: Limits {
+                default_page_size: cfg.limits.default_page_size.min(cfg.limits.max_page_size),
+                max_page_size: cfg.limits.max_page_size,
+                max_page_bytes: cfg.limits.max_page_bytes,
+                max_title_bytes: cfg.limits.max_title_bytes,
+                max_metadata_bytes: cfg.limits.max_metadata_bytes,
+                max_metadata_depth: cfg.limits.max_metadata_depth,
+                threads_per_user: match cfg.limits.max_threads_per_user {
+                    0 => crate::store::ThreadsPerAuthor::Unlimited,
+                    n => crate::store::ThreadsPerAuthor::AtMost(n),
+                },
+            },
+            signature_generations: deps.signature_generations,
+            kms_ready_timeout: cfg.kms.ready_timeout(),
+            gate: deps.gate,
+            rotation_policy: job_state::RotationPolicy {
+                max_running: cfg.encryption.max_concurrent_rotations,
+                after_messages: cfg.encryption.rotate_after_messages,
+                after_age: match cfg.encryption.rotate_after_days {
+                    0 => None,
+                    d => Some(Duration::from_secs(d.saturating_mul(86_400))),
+                },
+            },
+            running: job_state::Running::default(),
+        }
+    }
+
+    /// The store (for tools and tests; requests go through the service's methods).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The thread cache (tests invalidate it to read what they planted).
+    pub fn cache(&self) -> &ThreadCache {
+        &self.cache
+    }
+
+    /// The key provider, if one is configured.
+    pub fn key_provider(&self) -> Option<&dyn KeyProvider> {
+        self.provider.as_deref()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Connection admission of the HTTP listener.
+    pub fn gate(&self) -> &Arc<service_kit::conn::ConnectionGate> {
+        &self.gate
+    }
 }
 
 /// The answer for thread `id`'s metadata that cannot be opened or sealed.

@@ -575,7 +575,7 @@ async fn plain_mode_stores_marked_plain_content() {
         json!({"ready": true, "store": "ok", "kms": "not_configured"})
     );
     let key = format!("thread:{t}:msg:{m}").into_bytes();
-    let v = s.app.store.raw_get(key).await.unwrap().unwrap();
+    let v = s.app.store().raw_get(key).await.unwrap().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
     assert_eq!(v["content"], json!({"plain": {"text": "PLAIN-MARKER-123"}}));
     s.stop().await;
@@ -597,7 +597,7 @@ async fn plain_mode_stores_marked_plain_content() {
     assert_eq!(r.status, 200);
     let v = s
         .app
-        .store
+        .store()
         .raw_get(format!("thread:{t}:msg:{m2}").into_bytes())
         .await
         .unwrap()
@@ -680,7 +680,7 @@ async fn full_map_grows_then_answers_507_without_losing_data() {
         }
     }
     assert!(full, "the map never filled");
-    assert!(s.app.store.map_size() >= 2 << 20, "the map did not grow");
+    assert!(s.app.store().map_size() >= 2 << 20, "the map did not grow");
     assert!(acked.len() > 10);
     // Everything acknowledged is intact, reads still work, small writes may still fit.
     let all = c.all_messages(&u, &t, "asc", 50).await;

@@ -66,7 +66,7 @@ async fn moved_ciphertext_is_unreadable_never_wrong_content() {
     let a2 = c.post_message(&u, &ta, json!("second of a")).await;
     let a3 = c.post_message(&u, &ta, json!("third of a")).await;
     let b1 = c.post_message(&u, &tb, json!("first of b")).await;
-    let store = &s.app.store;
+    let store = s.app.store();
     let key = |t: &str, m: &str| format!("thread:{t}:msg:{m}").into_bytes();
     let a1_value = store.raw_get(key(&ta, &a1)).await.unwrap().unwrap();
 
@@ -179,14 +179,14 @@ async fn deleting_a_thread_removes_every_key_and_its_wrapped_dek() {
     assert_eq!(r.status, 200);
     assert!(s
         .app
-        .store
+        .store()
         .raw_get(format!("thread:{gone}:meta").into_bytes())
         .await
         .unwrap()
         .is_none());
     let page = s
         .app
-        .store
+        .store()
         .list_messages(
             &kms_api::ThreadId::parse(&gone).unwrap(),
             progressdb::store::Order::Asc,

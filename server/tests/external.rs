@@ -101,7 +101,7 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
     let meta_key = progressdb::store::keys::meta(&tid);
     let mut meta: serde_json::Value = serde_json::from_slice(
         &s.app
-            .store
+            .store()
             .raw_get(meta_key.clone())
             .await
             .unwrap()
@@ -110,14 +110,14 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
     .unwrap();
     meta["kms"]["key_id"] = json!("dek_0123456789abcdef0123456789abcdef");
     s.app
-        .store
+        .store()
         .write(progressdb::store::RawPut {
             key: meta_key,
             value: serde_json::to_vec(&meta).unwrap(),
         })
         .await
         .unwrap();
-    s.app.cache.invalidate(&tid);
+    s.app.cache().invalidate(&tid);
     let r = c
         .call(&u, "DELETE", &format!("/v1/threads/{t2}"), None)
         .await;
@@ -129,7 +129,7 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
     );
     // The thread is kept; its sealed title names the real key, which the forged record no
     // longer has, so it is not shown either.
-    assert!(s.app.store.get_thread(&tid).await.unwrap().is_some());
+    assert!(s.app.store().get_thread(&tid).await.unwrap().is_some());
     let r = c.get(&u, &format!("/v1/threads/{t2}")).await;
     assert_eq!((r.status, r.code().as_str()), (500, "message_unreadable"));
     s.stop().await;
@@ -187,14 +187,14 @@ async fn kms_down_gives_503_stores_nothing_and_recovers() {
     // Nothing was stored: one thread, one message.
     let threads = s
         .app
-        .store
+        .store()
         .list_threads(progressdb::store::ThreadFilter::All, None, 10)
         .await
         .unwrap();
     assert_eq!(threads.items.len(), 1);
     let page = s
         .app
-        .store
+        .store()
         .list_messages(
             &kms_api::ThreadId::parse(&t).unwrap(),
             progressdb::store::Order::Asc,

@@ -22,12 +22,12 @@ fn msg_key(t: &str, m: &str) -> Vec<u8> {
 }
 
 async fn raw_json(s: &InProc, key: Vec<u8>) -> Value {
-    serde_json::from_slice(&s.app.store.raw_get(key).await.unwrap().unwrap()).unwrap()
+    serde_json::from_slice(&s.app.store().raw_get(key).await.unwrap().unwrap()).unwrap()
 }
 
 async fn put_json(s: &InProc, key: Vec<u8>, v: &Value) {
     s.app
-        .store
+        .store()
         .write(RawPut {
             key,
             value: serde_json::to_vec(v).unwrap(),
@@ -223,12 +223,11 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
 
     // A record written by the previous format (AAD = the message key, no "v") still reads.
     let tid = ThreadId::parse(&t).unwrap();
-    let thread = s.app.store.get_thread(&tid).await.unwrap().unwrap();
+    let thread = s.app.store().get_thread(&tid).await.unwrap().unwrap();
     let id = MessageId::parse("00000000000000000042-000000").unwrap();
     let ct = s
         .app
-        .provider
-        .as_ref()
+        .key_provider()
         .unwrap()
         .encrypt(EncryptItem {
             key: Arc::new(thread.kms.clone().unwrap()),
@@ -315,7 +314,7 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
     let mut meta = raw_json(&s, keys::meta(&tid)).await;
     meta["author"] = json!("mallory");
     put_json(&s, keys::meta(&tid), &meta).await;
-    s.app.cache.invalidate(&tid);
+    s.app.cache().invalidate(&tid);
     assert_unreadable(
         &c.get(&alice, &format!("/v1/threads/{t}/messages/{m4}"))
             .await,
@@ -405,9 +404,9 @@ async fn racing_patches_and_deletes_never_leave_a_stale_thread_cached() {
         }
         // What the API shows is what is stored (sealed: the stored title is empty).
         let tid = ThreadId::parse(&t).unwrap();
-        let stored = s.app.store.get_thread(&tid).await.unwrap().unwrap();
+        let stored = s.app.store().get_thread(&tid).await.unwrap().unwrap();
         assert_eq!(stored.title, "");
-        let opened = progressdb::meta::open(s.app.provider.as_deref(), stored)
+        let opened = progressdb::meta::open(s.app.key_provider(), stored)
             .await
             .unwrap();
         assert_eq!(c.get(&u, &path).await.json()["title"], opened.title);
@@ -857,7 +856,7 @@ async fn titles_and_metadata_are_sealed_under_the_threads_key() {
     assert!(stored["sealed_meta"]["ct"].is_string());
     let raw = String::from_utf8_lossy(
         &s.app
-            .store
+            .store()
             .raw_get(keys::meta(&tid))
             .await
             .unwrap()
@@ -893,14 +892,14 @@ async fn titles_and_metadata_are_sealed_under_the_threads_key() {
     let mut forged = raw_json(&s, keys::meta(&tid)).await;
     forged["sealed_meta"] = raw_json(&s, keys::meta(&other_id)).await["sealed_meta"].clone();
     put_json(&s, keys::meta(&tid), &forged).await;
-    s.app.cache.invalidate(&tid);
+    s.app.cache().invalidate(&tid);
     let r = c.get(&u, &format!("/v1/threads/{t}")).await;
     assert_eq!((r.status, r.code().as_str()), (500, "message_unreadable"));
     // The creation time edited: the AAD no longer matches either.
     let mut moved = raw_json(&s, keys::meta(&other_id)).await;
     moved["created_at"] = json!(moved["created_at"].as_u64().unwrap_or(0) + 1);
     put_json(&s, keys::meta(&other_id), &moved).await;
-    s.app.cache.invalidate(&other_id);
+    s.app.cache().invalidate(&other_id);
     let r = c.get(&u, &format!("/v1/threads/{other}")).await;
     assert_eq!(
         (r.status, r.code().as_str()),
@@ -930,7 +929,7 @@ async fn titles_and_metadata_are_sealed_under_the_threads_key() {
     rec.as_object_mut().unwrap().remove("sealed_meta");
     rec["title"] = json!("LEGACY-TITLE");
     put_json(&s, keys::meta(&lid), &rec).await;
-    s.app.cache.invalidate(&lid);
+    s.app.cache().invalidate(&lid);
     assert_eq!(
         c.get(&u, &format!("/v1/threads/{legacy}")).await.json()["title"],
         "LEGACY-TITLE"

@@ -55,7 +55,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!("listening on {addr}");
     let service = router::service(app.clone(), opts.clone());
-    let gate = app.gate.clone();
+    let gate = app.gate().clone();
     let graceful = serve::GracefulShutdown::new();
     let timeouts = serve::ConnTimeouts {
         header_read: opts.header_read_timeout,

@@ -220,7 +220,7 @@ impl HttpService {
         }
         self.state
             .app
-            .metrics
+            .metrics()
             .http
             .observe(label, &method, status.as_u16(), started.elapsed());
         resp

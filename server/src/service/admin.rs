@@ -239,4 +239,38 @@ impl MessageService {
         };
         (store, kms)
     }
+
+    /// Starts job `kind` on thread `id` for admin `p` (202), or returns the one already
+    /// running (`false`).
+    ///
+    /// # Errors
+    /// 404 for a thread `p` cannot see, 409 when the job cannot start, 503 without a KMS.
+    pub async fn start_job(
+        self: &Arc<Self>,
+        p: &Principal,
+        id: &ThreadId,
+        kind: crate::store::JobKind,
+    ) -> Result<(crate::store::JobRecord, bool), ApiError> {
+        self.thread_for(p, id).await?;
+        jobs::start(self, id, kind, "admin").await
+    }
+
+    /// The job `id` (`GET /admin/jobs/{id}`).
+    ///
+    /// # Errors
+    /// 404 for an unknown job, or a store error.
+    pub async fn job(
+        &self,
+        id: &kms_api::admin::JobId,
+    ) -> Result<crate::store::JobRecord, ApiError> {
+        self.store.get_job(id).await?.ok_or(ApiError::NotFound)
+    }
+
+    /// Every job record (`GET /admin/jobs`).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn jobs(&self) -> Result<Vec<crate::store::JobRecord>, ApiError> {
+        Ok(self.store.jobs().await?)
+    }
 }

@@ -109,7 +109,7 @@ impl MessageService {
             {
                 Ok(counted) => {
                     if let Some(t) = counted {
-                        crate::jobs::maybe_rotate(self, &t);
+                        crate::service::jobs::maybe_rotate(self, &t);
                     }
                     return Ok(view(tid, id, &rec, raw_body(&body)?));
                 }

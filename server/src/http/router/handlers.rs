@@ -49,10 +49,7 @@ pub(super) async fn metrics(
         MetricsAccess::Public => {}
         MetricsAccess::Admin => {
             // Not rate-limited: scrapes must not be refused under load.
-            let p = st
-                .app
-                .keys
-                .authenticate(&headers, &st.app.signature_generations)?;
+            let p = st.app.authenticate(&headers)?;
             if p.role != Role::Admin {
                 return Err(ApiError::Forbidden);
             }
@@ -60,7 +57,7 @@ pub(super) async fn metrics(
     }
     Ok(with_type(
         StatusCode::OK,
-        Body::from(st.app.metrics.encode()),
+        Body::from(st.app.metrics().encode()),
         service_kit::metrics::CONTENT_TYPE,
     ))
 }
@@ -232,8 +229,7 @@ pub(super) async fn start_job(
     AdminCaller(p): AdminCaller,
     kind: crate::store::JobKind,
 ) -> Answer {
-    st.app.thread_for(&p, &id).await?;
-    let (job, started) = crate::jobs::start(&st.app, &id, kind, "admin").await?;
+    let (job, started) = st.app.start_job(&p, &id, kind).await?;
     Ok(json_response(
         StatusCode::ACCEPTED,
         &serde_json::json!({"job_id": job.id, "started": started, "job": job}),
@@ -250,7 +246,7 @@ pub(super) async fn admin_job(
         .ok()
         .and_then(|axum::extract::Path(j)| kms_api::admin::JobId::parse(&j).ok())
         .ok_or_else(|| ApiError::invalid("job id: `job-` and 16 lowercase hex digits"))?;
-    let job = st.app.store.get_job(&id).await?.ok_or(ApiError::NotFound)?;
+    let job = st.app.job(&id).await?;
     ok(&job)
 }
 
@@ -275,6 +271,6 @@ pub(super) async fn admin_jobs(
     State(st): State<RouterState>,
     AdminCaller(_): AdminCaller,
 ) -> Answer {
-    let jobs = st.app.store.jobs().await?;
+    let jobs = st.app.jobs().await?;
     ok(&serde_json::json!({ "jobs": jobs }))
 }
