@@ -1,5 +1,5 @@
 //! Wiring: build the KMS from its [`Config`] (metrics → key store → HSM backend → service →
-//! HTTP API), then [`App::run`] it on a [`Listener`] until a shutdown future completes.
+//! HTTP API), then [`Server::run`] it on a [`Listener`] until a shutdown future completes.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ pub enum StartError {
 }
 
 /// A built KMS, ready to serve.
-pub struct App<B, S> {
+pub struct Server<B, S> {
     api: Arc<Api<B, S>>,
     serve: ServeOptions,
     gate: Arc<ConnectionGate>,
@@ -47,15 +47,15 @@ pub struct App<B, S> {
     coherence: Option<Duration>,
 }
 
-impl<B, S> std::fmt::Debug for App<B, S> {
+impl<B, S> std::fmt::Debug for Server<B, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App")
+        f.debug_struct("Server")
             .field("serve", &self.serve)
             .finish_non_exhaustive()
     }
 }
 
-impl App<Pkcs11Backend, AnyStore> {
+impl Server<Pkcs11Backend, AnyStore> {
     /// Opens the key store and the HSM (on a blocking thread) as configured.
     ///
     /// # Errors
@@ -174,7 +174,7 @@ pub enum CopySide {
     Target,
 }
 
-impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
+impl<B: KeyBackend + BackendStats> Server<B, AnyStore> {
     /// Builds the KMS around an already opened backend.
     ///
     /// # Errors
@@ -223,7 +223,7 @@ impl<B: KeyBackend + BackendStats> App<B, AnyStore> {
     }
 }
 
-impl<B: KeyBackend, S: KeyStore> App<B, S> {
+impl<B: KeyBackend, S: KeyStore> Server<B, S> {
     pub fn api(&self) -> &Arc<Api<B, S>> {
         &self.api
     }
@@ -356,7 +356,7 @@ pub async fn serve(cfg: &Config, shutdown: impl Future<Output = ()>) -> Result<(
              restore, kek destroy); for single-user development only",
         );
     }
-    let app = App::build(cfg).await?;
+    let app = Server::build(cfg).await?;
     let listener = Listener::bind(&cfg.listen)?.refusing_admins(&cfg.admin);
     let admin = Listener::bind_admin(&cfg.admin)?;
     app.run(listener, Some(admin), shutdown).await?;

@@ -167,12 +167,12 @@ struct Queued {
 #[derive(Default)]
 pub struct AuditLog {
     queue: std::sync::Mutex<Vec<Queued>>,
-    shared: std::sync::Arc<Shared>,
+    chain: std::sync::Arc<ChainState>,
 }
 
 /// What the sequencer and the tasks settling its queued groups share.
 #[derive(Default)]
-struct Shared {
+struct ChainState {
     head: tokio::sync::Mutex<HeadState>,
     /// Keys of pending entries a queued group chains and has not settled yet: no other group
     /// chains them again.
@@ -289,7 +289,7 @@ impl AuditLog {
         let answer = tokio::select! {
             biased;
             r = &mut rx => r,
-            mut head = self.shared.head.lock() => {
+            mut head = self.chain.head.lock() => {
                 let mut batch =
                     std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
                 // A group holds each key record once: two creates racing with one idempotency
@@ -343,18 +343,18 @@ impl AuditLog {
         };
         // Settled by its own task, so a caller that goes away (a dropped request) never
         // abandons a queued group, its followers, or the store's lock.
-        let shared = std::sync::Arc::clone(&self.shared);
+        let chain = std::sync::Arc::clone(&self.chain);
         if lock.is_shared() {
             let turn = tokio::spawn(async move {
                 // The caller holds the head (a turn's groups are one at a time), and a shared
                 // head is read again at the next turn: settling must not wait for it.
-                settle(shared, group, AfterFailure::KeepHead).await;
+                settle(chain, group, AfterFailure::KeepHead).await;
                 lock.release().await;
             });
             // The next group of this process waits for this commit anyway (the lock).
             let _ = turn.await;
         } else {
-            tokio::spawn(settle(shared, group, AfterFailure::ResetHead));
+            tokio::spawn(settle(chain, group, AfterFailure::ResetHead));
         }
     }
 
@@ -383,7 +383,7 @@ impl AuditLog {
             // Events recorded while the HSM could not MAC them go first, with their own time,
             // unless a group still committing chains them already.
             let taken = self
-                .shared
+                .chain
                 .chaining
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -448,7 +448,7 @@ impl AuditLog {
         match result {
             Ok((commit, new_head, chained)) => {
                 state.head = Some(Some(new_head));
-                self.shared
+                self.chain
                     .chaining
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -499,20 +499,20 @@ enum AfterFailure {
     KeepHead,
 }
 
-async fn settle(shared: std::sync::Arc<Shared>, group: InFlight, after: AfterFailure) {
+async fn settle(chain: std::sync::Arc<ChainState>, group: InFlight, after: AfterFailure) {
     let result = group.commit.await;
     if result.is_err() && after == AfterFailure::ResetHead {
         // Every group queued before this one is applied by now (the store applies them in
         // order) and every one queued after it in this epoch chains on it and fails too: the
         // first failure of the epoch makes the next group chain on the committed head again.
-        let mut state = shared.head.lock().await;
+        let mut state = chain.head.lock().await;
         if state.epoch == group.epoch {
             state.head = None;
             state.epoch += 1;
         }
     }
     {
-        let mut set = shared
+        let mut set = chain
             .chaining
             .lock()
             .unwrap_or_else(PoisonError::into_inner);

@@ -53,5 +53,5 @@ pub mod transport;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod testing;
 
-pub use app::{App, StartError};
+pub use app::{Server, StartError};
 pub use config::Config;

@@ -63,7 +63,7 @@ pub enum BuildError {
 /// A built server, ready to [`run`](Server::run).
 #[derive(Debug)]
 pub struct Server {
-    app: Arc<MessageService>,
+    service: Arc<MessageService>,
     http: http::HttpOptions,
 }
 
@@ -120,7 +120,7 @@ impl Server {
                 message: e.to_string(),
             })?,
         );
-        let app = MessageService::new(
+        let service = MessageService::new(
             cfg,
             ServiceDeps {
                 store,
@@ -140,14 +140,14 @@ impl Server {
             metrics_access: cfg.http.metrics_access,
         };
         Ok(Self {
-            app: Arc::new(app),
+            service: Arc::new(service),
             http,
         })
     }
 
-    /// The application state (for tools and tests).
-    pub fn app(&self) -> &Arc<MessageService> {
-        &self.app
+    /// The message service (for tools and tests).
+    pub fn service(&self) -> &Arc<MessageService> {
+        &self.service
     }
 
     /// Serves `listener` until `shutdown` completes, then finishes in-flight requests and
@@ -161,12 +161,12 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         // Jobs a stopped server left unfinished go on from where they were.
-        match service::jobs::resume_all(&self.app).await {
+        match service::jobs::resume_all(&self.service).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "resumed unfinished DEK rotation jobs"),
             Err(e) => tracing::error!(error = %e, "cannot read the job records; none resumed"),
         }
-        http::serve(listener, self.app, self.http, shutdown).await
+        http::serve(listener, self.service, self.http, shutdown).await
     }
 }
 

@@ -42,20 +42,20 @@ pub struct HttpOptions {
     pub metrics_access: MetricsAccess,
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then drains connections.
+/// Serves `service` on `listener` until `shutdown` completes, then drains connections.
 ///
 /// # Errors
 /// Only when the listener's address cannot be read; accept errors are logged and retried.
 pub async fn serve(
     listener: TcpListener,
-    app: Arc<MessageService>,
+    service: Arc<MessageService>,
     opts: HttpOptions,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on {addr}");
-    let service = router::service(app.clone(), opts.clone());
-    let gate = app.gate().clone();
+    let handler = router::service(service.clone(), opts.clone());
+    let gate = service.gate().clone();
     let graceful = serve::GracefulShutdown::new();
     let timeouts = serve::ConnTimeouts {
         header_read: opts.header_read_timeout,
@@ -84,7 +84,7 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let http = service.clone();
+        let http = handler.clone();
         let answer = move |req: hyper::Request<hyper::body::Incoming>| {
             let http = http.clone();
             async move { http.answer(req).await }

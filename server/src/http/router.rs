@@ -49,7 +49,7 @@ use crate::store::Order;
 /// What every handler gets.
 #[derive(Debug, Clone)]
 pub struct RouterState {
-    app: Arc<MessageService>,
+    service: Arc<MessageService>,
     opts: Arc<HttpOptions>,
 }
 
@@ -103,9 +103,9 @@ pub fn paths() -> Vec<&'static str> {
 }
 
 /// Builds the service for `app`.
-pub fn service(app: Arc<MessageService>, opts: HttpOptions) -> HttpService {
+pub fn service(service: Arc<MessageService>, opts: HttpOptions) -> HttpService {
     let state = RouterState {
-        app,
+        service,
         opts: Arc::new(opts),
     };
     let router = routes()
@@ -218,11 +218,12 @@ impl HttpService {
         } else {
             tracing::debug!(method = %method, route = label, status = status.as_u16(), "request");
         }
-        self.state
-            .app
-            .metrics()
-            .http
-            .observe(label, &method, status.as_u16(), started.elapsed());
+        self.state.service.metrics().http.observe(
+            label,
+            &method,
+            status.as_u16(),
+            started.elapsed(),
+        );
         resp
     }
 }

@@ -143,7 +143,7 @@ impl InProc {
             .collect();
         let cfg = progressdb::Config::load_with_env(config, Some(env))?;
         let server = progressdb::Server::build(&cfg).await?;
-        let app = server.app().clone();
+        let app = server.service().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use kms_api::{KekId, KekVersion, KeyId, WrappedDek};
 
-use self::worker::{Job, JobKind};
+use self::worker::{HsmOp, HsmRequest};
 use crate::backend::{
     BackendError, BackendState, Dek, DekResidency, KekMissing, KekRef, KeyBackend, ResidentItem,
     ResidentKey,
@@ -32,7 +32,7 @@ impl KeyBackend for Pkcs11Backend {
             if self.pool.residency == DekResidency::Hsm {
                 return Err(bytes_refused());
             }
-            self.call(move |reply| JobKind::Generate { key_id, reply })
+            self.call(move |reply| HsmOp::Generate { key_id, reply })
                 .await
         }
     }
@@ -52,7 +52,7 @@ impl KeyBackend for Pkcs11Backend {
                 return Err(bytes_refused());
             }
             let (kek, format) = parsed?;
-            self.call(move |reply| JobKind::Unwrap {
+            self.call(move |reply| HsmOp::Unwrap {
                 key_id,
                 kek,
                 format,
@@ -74,7 +74,7 @@ impl KeyBackend for Pkcs11Backend {
         let wrapped = wrapped.clone();
         async move {
             let (kek, format) = parsed?;
-            self.call(move |reply| JobKind::Check {
+            self.call(move |reply| HsmOp::Check {
                 key_id,
                 kek,
                 format,
@@ -96,7 +96,7 @@ impl KeyBackend for Pkcs11Backend {
         let wrapped = wrapped.clone();
         async move {
             let (kek, format) = parsed?;
-            self.call(move |reply| JobKind::Rewrap {
+            self.call(move |reply| HsmOp::Rewrap {
                 key_id,
                 kek,
                 format,
@@ -180,7 +180,7 @@ impl KeyBackend for Pkcs11Backend {
         prev: [u8; 32],
         messages: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Vec<[u8; 32]>, BackendError>> + Send {
-        self.call(move |reply| JobKind::AuditChain {
+        self.call(move |reply| HsmOp::AuditChain {
             prev,
             messages,
             reply,
@@ -200,7 +200,7 @@ impl KeyBackend for Pkcs11Backend {
             if self.pool.residency != DekResidency::Hsm {
                 return Err(crate::backend::not_resident());
             }
-            self.call(move |reply| JobKind::GenerateResident { key_id, reply })
+            self.call(move |reply| HsmOp::GenerateResident { key_id, reply })
                 .await
         }
     }
@@ -213,7 +213,7 @@ impl KeyBackend for Pkcs11Backend {
         let key = key.clone();
         async move {
             self.resident_batch(&key, items, |key, kek, format, items, reply| {
-                JobKind::SealResident {
+                HsmOp::SealResident {
                     key,
                     kek,
                     format,
@@ -235,7 +235,7 @@ impl KeyBackend for Pkcs11Backend {
         let key = key.clone();
         async move {
             self.resident_batch(&key, items, |key, kek, format, items, reply| {
-                JobKind::OpenResident {
+                HsmOp::OpenResident {
                     key,
                     kek,
                     format,
@@ -253,8 +253,8 @@ impl KeyBackend for Pkcs11Backend {
         }
         for (tx, slot) in self.workers.iter().zip(&self.pool.slots) {
             slot.inflight.fetch_add(1, Ordering::AcqRel);
-            let job = Job {
-                kind: JobKind::Forget {
+            let job = HsmRequest {
+                kind: HsmOp::Forget {
                     key_id: key_id.clone(),
                 },
                 deadline: Instant::now() + self.job_timeout,
@@ -267,7 +267,7 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn health_check(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
-        self.call(|reply| JobKind::Health { reply })
+        self.call(|reply| HsmOp::Health { reply })
     }
 
     fn state(&self) -> BackendState {

@@ -54,7 +54,7 @@ use std::time::Instant;
 use kms_api::{KekId, WrappedDek};
 use tokio::sync::oneshot;
 
-use self::worker::{Job, JobKind, Worker, WorkerPool, WorkerSlot};
+use self::worker::{HsmOp, HsmRequest, Worker, WorkerPool, WorkerSlot};
 use crate::backend::{
     parse_wrapped_header, BackendError, DekResidency, HmacRole, HsmSettings, KekRef, ResidentItem,
     ResidentKey, WrapFormat,
@@ -106,7 +106,7 @@ pub struct Pkcs11Backend {
     pool: Arc<WorkerPool>,
     /// For the administrative sessions of KEK creation and destruction.
     settings: HsmSettings,
-    workers: Vec<SyncSender<Job>>,
+    workers: Vec<SyncSender<HsmRequest>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
     job_timeout: std::time::Duration,
@@ -239,7 +239,7 @@ impl Pkcs11Backend {
         let mut threads = Vec::with_capacity(settings.sessions);
         let mut failure = None;
         for index in 0..settings.sessions {
-            let (tx, rx) = mpsc::sync_channel::<Job>(settings.limits.queue_depth.max(1));
+            let (tx, rx) = mpsc::sync_channel::<HsmRequest>(settings.limits.queue_depth.max(1));
             let mut worker = Worker::new(index, Arc::clone(&pool));
             let ready = ready_tx.clone();
             let spawned = std::thread::Builder::new()
@@ -361,7 +361,7 @@ impl Pkcs11Backend {
     }
 
     /// Sends `job` to the healthy worker with the fewest jobs in flight whose queue has room.
-    fn dispatch(&self, mut job: Job) -> Result<(), BackendError> {
+    fn dispatch(&self, mut job: HsmRequest) -> Result<(), BackendError> {
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut order: Vec<usize> = (0..n).map(|k| (start.wrapping_add(k)) % n).collect();
@@ -402,7 +402,7 @@ impl Pkcs11Backend {
 
     async fn call<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> JobKind,
+        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> HsmOp,
     ) -> Result<T, BackendError> {
         let (rx, deadline) = self.send(make)?;
         self.answer(rx, deadline).await
@@ -412,11 +412,11 @@ impl Pkcs11Backend {
     #[allow(clippy::type_complexity)]
     fn send<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> JobKind,
+        make: impl FnOnce(oneshot::Sender<Result<T, BackendError>>) -> HsmOp,
     ) -> Result<(oneshot::Receiver<Result<T, BackendError>>, Instant), BackendError> {
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + self.job_timeout;
-        self.dispatch(Job {
+        self.dispatch(HsmRequest {
             kind: make(tx),
             deadline,
         })?;
@@ -436,7 +436,7 @@ impl Pkcs11Backend {
             WrapFormat,
             Vec<ResidentItem>,
             oneshot::Sender<Result<Vec<T>, BackendError>>,
-        ) -> JobKind,
+        ) -> HsmOp,
     ) -> Result<Vec<T>, BackendError> {
         if self.pool.residency != DekResidency::Hsm {
             return Err(crate::backend::not_resident());

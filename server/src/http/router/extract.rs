@@ -15,7 +15,7 @@ impl FromRequestParts<RouterState> for Caller {
 
     /// Authenticates, then counts the request against its API key's rate.
     async fn from_request_parts(parts: &mut Parts, st: &RouterState) -> Result<Self, ApiError> {
-        Ok(Caller(st.app.authenticate(&parts.headers)?))
+        Ok(Caller(st.service.authenticate(&parts.headers)?))
     }
 }
 

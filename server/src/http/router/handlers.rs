@@ -23,7 +23,7 @@ pub(super) async fn healthz() -> Answer {
 }
 
 pub(super) async fn readyz(State(st): State<RouterState>) -> Answer {
-    let (store, kms) = st.app.readiness().await;
+    let (store, kms) = st.service.readiness().await;
     let ready = store == Health::Ok && kms != Health::Unavailable;
     let status = if ready {
         StatusCode::OK
@@ -49,7 +49,7 @@ pub(super) async fn metrics(
         MetricsAccess::Public => {}
         MetricsAccess::Admin => {
             // Not rate-limited: scrapes must not be refused under load.
-            let p = st.app.authenticate(&headers)?;
+            let p = st.service.authenticate(&headers)?;
             if p.role != Role::Admin {
                 return Err(ApiError::Forbidden);
             }
@@ -57,7 +57,7 @@ pub(super) async fn metrics(
     }
     Ok(with_type(
         StatusCode::OK,
-        Body::from(st.app.metrics().encode()),
+        Body::from(st.service.metrics().encode()),
         service_kit::metrics::CONTENT_TYPE,
     ))
 }
@@ -67,7 +67,7 @@ pub(super) async fn create_thread(
     Caller(p): Caller,
     JsonBody(b): JsonBody<CreateThreadBody>,
 ) -> Answer {
-    let t = st.app.create_thread(&p, b.title, b.metadata).await?;
+    let t = st.service.create_thread(&p, b.title, b.metadata).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &ThreadView::new(&t, view_kms(&p)),
@@ -80,7 +80,7 @@ pub(super) async fn list_threads(
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Answer {
     let q = ListQuery::from(q)?;
-    let page = st.app.list_threads(&p, q.cursor(), q.limit()?).await?;
+    let page = st.service.list_threads(&p, q.cursor(), q.limit()?).await?;
     let next_cursor = if page.more {
         page.items.last().map(|t| t.id.to_string())
     } else {
@@ -98,7 +98,7 @@ pub(super) async fn get_thread(
     ThreadPath(id): ThreadPath,
     Caller(p): Caller,
 ) -> Answer {
-    let t = st.app.thread_for(&p, &id).await?;
+    let t = st.service.thread_for(&p, &id).await?;
     ok(&ThreadView::new(&t, view_kms(&p)))
 }
 
@@ -108,7 +108,10 @@ pub(super) async fn patch_thread(
     Caller(p): Caller,
     JsonBody(b): JsonBody<PatchThreadBody>,
 ) -> Answer {
-    let t = st.app.patch_thread(&p, &id, b.title, b.metadata).await?;
+    let t = st
+        .service
+        .patch_thread(&p, &id, b.title, b.metadata)
+        .await?;
     ok(&ThreadView::new(&t, view_kms(&p)))
 }
 
@@ -117,7 +120,7 @@ pub(super) async fn delete_thread(
     ThreadPath(id): ThreadPath,
     Caller(p): Caller,
 ) -> Answer {
-    let t = st.app.delete_thread(&p, &id).await?;
+    let t = st.service.delete_thread(&p, &id).await?;
     ok(&ThreadView::new(&t, view_kms(&p)))
 }
 
@@ -127,7 +130,7 @@ pub(super) async fn post_message(
     Caller(p): Caller,
     JsonBody(b): JsonBody<MessageBody>,
 ) -> Answer {
-    let m = st.app.post_message(&p, &tid, b.body).await?;
+    let m = st.service.post_message(&p, &tid, b.body).await?;
     Ok(json_response(StatusCode::CREATED, &m))
 }
 
@@ -139,7 +142,7 @@ pub(super) async fn list_messages(
 ) -> Answer {
     let q = ListQuery::from(q)?;
     let (messages, next_cursor) = st
-        .app
+        .service
         .list_messages(&p, &tid, q.order()?, q.cursor(), q.limit()?)
         .await?;
     ok(&MessageList {
@@ -153,7 +156,7 @@ pub(super) async fn get_message(
     MessagePath(tid, mid): MessagePath,
     Caller(p): Caller,
 ) -> Answer {
-    ok(&st.app.get_message(&p, &tid, mid).await?)
+    ok(&st.service.get_message(&p, &tid, mid).await?)
 }
 
 pub(super) async fn put_message(
@@ -162,7 +165,7 @@ pub(super) async fn put_message(
     Caller(p): Caller,
     JsonBody(b): JsonBody<MessageBody>,
 ) -> Answer {
-    ok(&st.app.update_message(&p, &tid, mid, b.body).await?)
+    ok(&st.service.update_message(&p, &tid, mid, b.body).await?)
 }
 
 pub(super) async fn delete_message(
@@ -170,7 +173,7 @@ pub(super) async fn delete_message(
     MessagePath(tid, mid): MessagePath,
     Caller(p): Caller,
 ) -> Answer {
-    ok(&st.app.delete_message(&p, &tid, mid).await?)
+    ok(&st.service.delete_message(&p, &tid, mid).await?)
 }
 
 pub(super) async fn sign(
@@ -181,7 +184,7 @@ pub(super) async fn sign(
     if p.role == Role::Frontend {
         return Err(ApiError::Forbidden);
     }
-    let (user_id, signature, expires) = st.app.sign(&p, &b.user_id, b.expires_in_secs)?;
+    let (user_id, signature, expires) = st.service.sign(&p, &b.user_id, b.expires_in_secs)?;
     ok(&SignView {
         user_id,
         signature,
@@ -195,7 +198,7 @@ pub(super) async fn revoke_signatures(
     Caller(p): Caller,
     Path(user_id): Path<String>,
 ) -> Answer {
-    let (user_id, generation) = st.app.revoke_signatures(&p, &user_id).await?;
+    let (user_id, generation) = st.service.revoke_signatures(&p, &user_id).await?;
     ok(&crate::api::RevokeView {
         user_id,
         signature_generation: generation,
@@ -207,7 +210,7 @@ pub(super) async fn thread_kms(
     ThreadPath(id): ThreadPath,
     AdminCaller(p): AdminCaller,
 ) -> Answer {
-    ok(&st.app.thread_kms(&p, &id).await?)
+    ok(&st.service.thread_kms(&p, &id).await?)
 }
 
 pub(super) async fn rotate_dek(st: State<RouterState>, id: ThreadPath, p: AdminCaller) -> Answer {
@@ -229,7 +232,7 @@ pub(super) async fn start_job(
     AdminCaller(p): AdminCaller,
     kind: crate::store::JobKind,
 ) -> Answer {
-    let (job, started) = st.app.start_job(&p, &id, kind).await?;
+    let (job, started) = st.service.start_job(&p, &id, kind).await?;
     Ok(json_response(
         StatusCode::ACCEPTED,
         &serde_json::json!({"job_id": job.id, "started": started, "job": job}),
@@ -246,7 +249,7 @@ pub(super) async fn admin_job(
         .ok()
         .and_then(|axum::extract::Path(j)| kms_api::admin::JobId::parse(&j).ok())
         .ok_or_else(|| ApiError::invalid("job id: `job-` and 16 lowercase hex digits"))?;
-    let job = st.app.job(&id).await?;
+    let job = st.service.job(&id).await?;
     ok(&job)
 }
 
@@ -254,7 +257,7 @@ pub(super) async fn refresh_copies(
     State(st): State<RouterState>,
     AdminCaller(p): AdminCaller,
 ) -> Answer {
-    let (checked, refreshed, missing) = st.app.refresh_key_copies(&p).await?;
+    let (checked, refreshed, missing) = st.service.refresh_key_copies(&p).await?;
     ok(&serde_json::json!({"checked": checked, "refreshed": refreshed, "missing": missing}))
 }
 
@@ -264,13 +267,13 @@ pub(super) async fn key_copies(
     State(st): State<RouterState>,
     AdminCaller(p): AdminCaller,
 ) -> Answer {
-    ok(&serde_json::json!({ "copies": st.app.key_copies(&p).await? }))
+    ok(&serde_json::json!({ "copies": st.service.key_copies(&p).await? }))
 }
 
 pub(super) async fn admin_jobs(
     State(st): State<RouterState>,
     AdminCaller(_): AdminCaller,
 ) -> Answer {
-    let jobs = st.app.jobs().await?;
+    let jobs = st.service.jobs().await?;
     ok(&serde_json::json!({ "jobs": jobs }))
 }

@@ -136,7 +136,7 @@ impl Default for WorkerSlot {
 pub(super) type Reply<T> = oneshot::Sender<Result<T, BackendError>>;
 
 /// What a job asks of the HSM.
-pub(super) enum JobKind {
+pub(super) enum HsmOp {
     Generate {
         key_id: KeyId,
         reply: Reply<(Dek, WrappedDek, KekRef)>,
@@ -201,9 +201,10 @@ pub(super) enum JobKind {
     },
 }
 
-/// A job and the time after which nobody waits for it any more.
-pub(super) struct Job {
-    pub(super) kind: JobKind,
+/// An HSM request (one operation for a worker) and the time after which nobody waits for
+/// its answer any more.
+pub(super) struct HsmRequest {
+    pub(super) kind: HsmOp,
     pub(super) deadline: Instant,
 }
 
@@ -264,7 +265,7 @@ impl Worker {
     }
 
     /// The thread body: serve jobs until every sender is dropped.
-    pub(super) fn run(mut self, jobs: Receiver<Job>) {
+    pub(super) fn run(mut self, jobs: Receiver<HsmRequest>) {
         let _exit = ExitGuard(Arc::clone(&self.pool), self.index);
         loop {
             let job = if self.live.is_some() {
@@ -318,14 +319,14 @@ impl Worker {
         }
     }
 
-    fn handle(&mut self, job: Job) {
+    fn handle(&mut self, job: HsmRequest) {
         let expired = Instant::now() > job.deadline;
         tracing::trace!(expired, "HSM job taken by a worker");
         let late = || {
             BackendError::Unavailable("the HSM job waited in the queue past its deadline".into())
         };
         match job.kind {
-            JobKind::Generate { key_id, reply } => {
+            HsmOp::Generate { key_id, reply } => {
                 if expired {
                     let _ = reply.send(Err(late()));
                     return;
@@ -335,7 +336,7 @@ impl Worker {
                 // The receiver may have gone (caller cancelled): the DEK is dropped and zeroized.
                 let _ = reply.send(res);
             }
-            JobKind::Unwrap {
+            HsmOp::Unwrap {
                 key_id,
                 kek,
                 format,
@@ -349,7 +350,7 @@ impl Worker {
                 let res = self.run_op(|live| unwrap(live, &key_id, &kek, format, &wrapped));
                 let _ = reply.send(res);
             }
-            JobKind::Rewrap {
+            HsmOp::Rewrap {
                 key_id,
                 kek,
                 format,
@@ -368,7 +369,7 @@ impl Worker {
                 });
                 let _ = reply.send(res);
             }
-            JobKind::AuditChain {
+            HsmOp::AuditChain {
                 prev,
                 messages,
                 reply,
@@ -381,7 +382,7 @@ impl Worker {
                 let res = self.run_op(|live| audit_chain(live, &label, prev, &messages));
                 let _ = reply.send(res);
             }
-            JobKind::GenerateResident { key_id, reply } => {
+            HsmOp::GenerateResident { key_id, reply } => {
                 if expired {
                     let _ = reply.send(Err(late()));
                     return;
@@ -391,7 +392,7 @@ impl Worker {
                 let res = self.run_op(|live| generate_resident(live, &pool, &key_id, &kek));
                 let _ = reply.send(res);
             }
-            JobKind::SealResident {
+            HsmOp::SealResident {
                 key,
                 kek,
                 format,
@@ -412,7 +413,7 @@ impl Worker {
                 });
                 let _ = reply.send(res);
             }
-            JobKind::OpenResident {
+            HsmOp::OpenResident {
                 key,
                 kek,
                 format,
@@ -433,7 +434,7 @@ impl Worker {
                 });
                 let _ = reply.send(res);
             }
-            JobKind::Check {
+            HsmOp::Check {
                 key_id,
                 kek,
                 format,
@@ -447,7 +448,7 @@ impl Worker {
                 let res = self.run_op(|live| check_wrapped(live, &key_id, &kek, format, &wrapped));
                 let _ = reply.send(res);
             }
-            JobKind::Forget { key_id } => {
+            HsmOp::Forget { key_id } => {
                 if let Some(live) = self.live.as_mut() {
                     let _g = self.pool.ctx.read_gate();
                     if live.generation == self.pool.ctx.generation() {
@@ -459,7 +460,7 @@ impl Worker {
                     }
                 }
             }
-            JobKind::Health { reply } => {
+            HsmOp::Health { reply } => {
                 if expired {
                     let _ = reply.send(Err(late()));
                     return;
