@@ -174,12 +174,69 @@ pub struct JobsResponse {
     pub jobs: Vec<Job>,
 }
 
+/// A wire state: serialized as its snake-case name, shown the same way.
+macro_rules! wire_state {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use wire_state;
+
+wire_state! {
+    /// What the KMS did with a KEK version.
+    KekVersionState {
+        /// Usable: the current version, or an older one records may still depend on.
+        Active => "active",
+        /// Every DEK moved off it; kept for old backups until `kek destroy`.
+        Retired => "retired",
+        /// Removed from the HSM.
+        Destroyed => "destroyed",
+    }
+}
+
+wire_state! {
+    /// The HSM backend's state.
+    HsmState {
+        Ready => "ready",
+        /// Sessions being re-established.
+        Recovering => "recovering",
+        /// The token refused the PIN: fix `hsm.pin_file` and restart.
+        PinRejected => "pin_rejected",
+    }
+}
+
+#[allow(clippy::derivable_impls)] // (the macro's derive list is shared; only this one has a default)
+impl Default for HsmState {
+    fn default() -> Self {
+        HsmState::Ready
+    }
+}
+
 /// One KEK version as `status` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KekVersionStatus {
     pub version: KekVersion,
-    /// `active`, `retired` or `destroyed` (what the KMS did with it).
-    pub state: String,
+    /// What the KMS did with it.
+    pub state: KekVersionState,
     /// Whether the HSM holds an object of this version now.
     pub in_hsm: bool,
     /// Active DEKs wrapped under it.
@@ -237,9 +294,7 @@ pub struct CacheStatus {
 /// The HSM backend as `status` reports it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HsmStatus {
-    /// `ready`, `recovering` (sessions being re-established) or `pin_rejected` (the token
-    /// refused the PIN; fix `hsm.pin_file` and restart).
-    pub state: String,
+    pub state: HsmState,
     /// Worker threads, one PKCS#11 session each (`hsm.sessions`).
     pub workers: u64,
     /// Sessions open now.

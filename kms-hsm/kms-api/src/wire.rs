@@ -211,12 +211,19 @@ pub struct DestroyKeyRequest {
     pub key_id: KeyId,
 }
 
+crate::admin::wire_state! {
+    /// A DEK's state as `destroy_key` answers it.
+    KeyState {
+        /// Destroyed: nothing can be unwrapped under it any more.
+        Destroyed => "destroyed",
+    }
+}
+
 /// Answer of `POST /destroy_key`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DestroyKeyResponse {
     pub key_id: KeyId,
-    /// Always `"destroyed"`.
-    pub state: String,
+    pub state: KeyState,
 }
 
 /// `POST /encrypt_batch` and `POST /decrypt_batch`.

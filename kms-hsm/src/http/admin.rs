@@ -129,11 +129,10 @@ async fn status<B: KeyBackend, S: KeyStore>(State(api): AdminState<B, S>) -> Res
     let (c, state) = api.metrics().hsm();
     let hsm = HsmStatus {
         state: match state {
-            BackendState::Ready => "ready",
-            BackendState::Recovering => "recovering",
-            BackendState::PinRejected => "pin_rejected",
-        }
-        .to_owned(),
+            BackendState::Ready => kms_api::admin::HsmState::Ready,
+            BackendState::Recovering => kms_api::admin::HsmState::Recovering,
+            BackendState::PinRejected => kms_api::admin::HsmState::PinRejected,
+        },
         workers: c.workers as u64,
         sessions_open: u64::try_from(c.sessions_open).unwrap_or(0),
         calls: c.calls,

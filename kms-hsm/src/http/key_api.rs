@@ -164,7 +164,7 @@ pub(super) async fn destroy_key<B: KeyBackend, S: KeyStore>(
         StatusCode::OK,
         &DestroyKeyResponse {
             key_id,
-            state: "destroyed".to_owned(),
+            state: kms_api::wire::KeyState::Destroyed,
         },
     ))
 }

@@ -9,6 +9,8 @@ use kms_api::{KekVersion, KeyId};
 use crate::backend::{parse_wrapped_header, KeyBackend};
 use crate::keystore::{KekState, KekVersionRecord, KeyRecord, KeyState, KeyStore, StoreError};
 
+use kms_api::admin::KekVersionState;
+
 use super::*;
 
 impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
@@ -43,11 +45,10 @@ impl<B: KeyBackend, S: KeyStore> Lifecycle<B, S> {
             .map(|v| KekVersionStatus {
                 version: v,
                 state: match records.get(&v).map(|r| r.state) {
-                    Some(KekState::Retired) => "retired",
-                    Some(KekState::Destroyed) => "destroyed",
-                    Some(KekState::Active) | None => "active",
-                }
-                .to_owned(),
+                    Some(KekState::Retired) => KekVersionState::Retired,
+                    Some(KekState::Destroyed) => KekVersionState::Destroyed,
+                    Some(KekState::Active) | None => KekVersionState::Active,
+                },
                 in_hsm: in_hsm.contains(&v),
                 deks: per_version.get(&v).copied().unwrap_or(0),
                 current: v == current.version,

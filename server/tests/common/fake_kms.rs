@@ -204,7 +204,7 @@ impl State {
                     200,
                     &DestroyKeyResponse {
                         key_id: r.key_id,
-                        state: "destroyed".into(),
+                        state: kms_api::wire::KeyState::Destroyed,
                     },
                 )
             }
