@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Api, Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Api, Kms, KmsBuilder, Provider, Role, ServerBuilder, Token};
 use serde_json::{json, Value};
 
 fn external(kms: &Kms) -> Provider {
@@ -75,9 +75,11 @@ fn bodies(api: &Api, thread: &str) -> BTreeMap<String, Value> {
 fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
     let n = progressdb_e2e::heavy(5_000);
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut server = ServerBuilder::new(tmp.path())
+        .provider(&external(&kms))
+        .start();
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "alice");
     let t = api.create_thread("rotate me");
@@ -232,9 +234,12 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
 #[test]
 fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), false);
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut server = ServerBuilder::new(tmp.path())
+        .provider(&external(&kms))
+        .encryption(false)
+        .start();
     let api = server.as_role(Role::Backend, "bob");
     let t = api.create_thread("plain");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -321,9 +326,11 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_unreadable() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut server = ServerBuilder::new(tmp.path())
+        .provider(&external(&kms))
+        .start();
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "carol");
     let t = api.create_thread("shred me");
@@ -377,9 +384,11 @@ fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_u
 #[test]
 fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let server = ServerBuilder::new(tmp.path())
+        .provider(&external(&kms))
+        .start();
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "dave");
     let threads: Vec<String> = (0..3)
@@ -436,7 +445,7 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     let store = kms.root.join("kms").join("store");
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::create_dir_all(&store).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     let (s, v) = api.call(
         "GET",
         &format!("/v1/threads/{}/messages?limit=5", threads[1]),
@@ -480,9 +489,11 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
 #[test]
 fn a_key_past_its_message_count_is_rotated_automatically() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut server = ServerBuilder::new(tmp.path())
+        .provider(&external(&kms))
+        .start();
     server.proc.sigterm();
     let text = std::fs::read_to_string(&server.config).unwrap();
     std::fs::write(

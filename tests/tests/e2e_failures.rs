@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{KmsBuilder, Role, ServerBuilder, Token};
 use serde_json::json;
 
 #[test]
 fn kms_down_gives_503_stores_nothing_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
+    let (_hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let t = alice.create_thread("before");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -50,7 +50,7 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     );
 
     // The server recovers by itself once the KMS is back.
-    kms.restart(&hsm);
+    kms.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (s, _) = alice.call(
@@ -180,13 +180,9 @@ fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
 #[test]
 fn sigkill_under_write_load_loses_no_acknowledged_message() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let _kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: _kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let hsm = Token::new(tmp.path());
+    let _kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut server = ServerBuilder::new(tmp.path()).kms(&_kms).start();
     let alice = server.as_role(Role::Frontend, "alice");
     let tid = alice.create_thread("load")["id"]
         .as_str()

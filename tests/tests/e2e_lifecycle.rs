@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use progressdb_e2e::{bin, uds_request, Kms, KmsListen, SoftHsm};
+use progressdb_e2e::{bin, uds_request, Kms, KmsBuilder, Token};
 use serde_json::{json, Value};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-fn admin(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
+fn admin(hsm: &Token, kms: &Kms, args: &[&str]) -> Output {
     Command::new(bin("progressdb-kms"))
         .env(hsm.conf_var, &hsm.conf)
         .env("RUST_LOG", "warn")
@@ -26,7 +26,7 @@ fn admin(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn admin_json(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Value {
+fn admin_json(hsm: &Token, kms: &Kms, args: &[&str]) -> Value {
     let out = admin(hsm, kms, args);
     assert!(
         out.status.success(),
@@ -105,13 +105,13 @@ fn decrypts(sock: &Path, key: &str, ct: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn status(hsm: &SoftHsm, kms: &Kms) -> Value {
+fn status(hsm: &Token, kms: &Kms) -> Value {
     admin_json(hsm, kms, &["status", "--json"])
 }
 
 /// Appends the audit entries `file` lacks to it, with `scripts/export-audit.sh` (the runbook's
 /// archive).
-fn export_audit(hsm: &SoftHsm, kms: &Kms, file: &Path) {
+fn export_audit(hsm: &Token, kms: &Kms, file: &Path) {
     let out = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/export-audit.sh"))
         .arg(file)
@@ -136,7 +136,7 @@ fn version(status: &Value, v: u64) -> &Value {
         .unwrap_or_else(|| panic!("no version {v} in {status}"))
 }
 
-fn wait_job(hsm: &SoftHsm, kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+fn wait_job(hsm: &Token, kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let j = admin_json(hsm, kms, &["jobs", "--id", id, "--json"]);
@@ -151,14 +151,11 @@ fn wait_job(hsm: &SoftHsm, kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) 
 #[test]
 fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[lifecycle]\nrewrap_concurrency = 2\nrewrap_batch = 256\n",
-    );
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .extra_toml("[lifecycle]\nrewrap_concurrency = 2\nrewrap_batch = 256\n")
+        .start();
     let sample = seed(&kms, 10_000, 8);
     let before = status(&hsm, &kms);
     assert_eq!(before["current_version"], 1);
@@ -346,14 +343,11 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
 #[test]
 fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[lifecycle]\nrewrap_concurrency = 1\nrewrap_batch = 16\n",
-    );
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .extra_toml("[lifecycle]\nrewrap_concurrency = 1\nrewrap_batch = 16\n")
+        .start();
     let sample = seed(&kms, 3_000, 6);
     let out = admin(&hsm, &kms, &["rotate-kek", "--no-wait", "--json"]);
     assert!(
@@ -396,7 +390,7 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
         let j = wait_job(&hsm, &kms, &id, at);
         kms.proc.sigkill();
         eprintln!("killed {name}: {}", j["state"]);
-        kms.restart(&hsm);
+        kms.restart();
         // Every record is still there and every sampled ciphertext decrypts, whatever mix
         // of versions the kill left.
         let s = status(&hsm, &kms);
@@ -430,8 +424,8 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
 #[test]
 fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let admin_sock = admin_socket(&kms);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&admin_sock).unwrap().permissions(),
@@ -500,7 +494,7 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     let mut text = std::fs::read_to_string(&kms.config).unwrap();
     text = text.replacen("[listen]\n", "[listen]\nadmin_uids = [4242]\n", 1);
     std::fs::write(&kms.config, text).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     let (s, b) = uds_request(&admin_sock, "GET", "/admin/status", None).unwrap();
     assert_eq!(s, 403, "{b}");
     let out = admin(&hsm, &kms, &["status"]);
@@ -520,7 +514,7 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     // Every refusal was audited, with who asked.
     let text = std::fs::read_to_string(&kms.config).unwrap();
     std::fs::write(&kms.config, text.replacen("admin_uids = [4242]\n", "", 1)).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     let out = admin(&hsm, &kms, &["audit", "list", "--limit", "1000"]);
     assert!(
         out.status.success(),
@@ -567,8 +561,8 @@ fn tamper_store(kms: &Kms, f: impl FnOnce(&heed::Env, &mut heed::RwTxn<'_>)) {
 #[test]
 fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     seed(&kms, 30, 3);
     let v = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
     assert_eq!(
@@ -588,7 +582,7 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
         e["detail"]["thread_id"] = json!("someone-else");
         db.put(w, &key, &serde_json::to_vec(&e).unwrap()).unwrap();
     });
-    kms.restart(&hsm);
+    kms.restart();
     let out = admin(&hsm, &kms, &["audit", "verify", "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -605,7 +599,7 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
             db.delete(w, &seq.to_be_bytes()).unwrap();
         }
     });
-    kms.restart(&hsm);
+    kms.restart();
     let out = admin(&hsm, &kms, &["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -615,15 +609,12 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
 #[test]
 fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     // A key-API body limit far below the backup's size: restore has its own.
-    let mut kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[limits]\nmax_body_bytes = 16384\n",
-    );
+    let mut kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .extra_toml("[limits]\nmax_body_bytes = 16384\n")
+        .start();
     let sample = seed(&kms, 400, 4);
     let (gone, _) = sample[0].clone();
     let (s, b) = kms.call("POST", "/destroy_key", Some(json!({"key_id": gone})));
@@ -675,7 +666,7 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     let store = kms.root.join("kms").join("store");
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::create_dir_all(&store).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     assert!(decrypts(&kms.socket(), &sample[1].0, &sample[1].1).is_err());
 
     // A tampered copy is refused whole.
@@ -793,8 +784,8 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
 #[test]
 fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let sample = seed(&kms, 20, 4);
     let backup = tmp.path().join("keys.backup");
     let out = admin(&hsm, &kms, &["backup", "--out", backup.to_str().unwrap()]);
@@ -878,8 +869,8 @@ fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
 #[test]
 fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let sample = seed(&kms, 200, 2);
     let victim = &sample[3].0;
     let (_, w) = kms.call("GET", &format!("/get_wrapped?key_id={victim}"), None);
@@ -914,7 +905,7 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
         !found(&wrapped),
         "the destroyed key's wrapped DEK survived compaction"
     );
-    kms.restart(&hsm);
+    kms.restart();
     for (k, ct) in sample.iter().filter(|(k, _)| k != victim) {
         decrypts(&kms.socket(), k, ct).unwrap();
     }
@@ -928,8 +919,8 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
 #[test]
 fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(dir.path());
-    let mut kms = Kms::start(dir.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(dir.path());
+    let mut kms = KmsBuilder::new(dir.path()).token(&hsm).start();
     let seeded = seed(&kms, 3, 1);
     kms.proc.sigterm();
 
@@ -938,14 +929,14 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
     let ours = dir.path().join("kms/store.ours");
     std::fs::rename(&store, &ours).unwrap();
     std::fs::create_dir(&store).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     let job = admin_json(&hsm, &kms, &["rotate-kek", "--json"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     kms.proc.sigterm();
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::rename(&ours, &store).unwrap();
 
-    let (exit, text) = kms.serve_expecting_exit(&hsm);
+    let (exit, text) = kms.serve_expecting_exit();
     assert_eq!(exit.code(), Some(2), "{text}");
     assert!(
         text.contains("newest KEK version (2)") && text.contains("(newest 1)"),
@@ -959,13 +950,7 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
         .env(hsm.conf_var, &hsm.conf)
         .arg("--module")
         .arg(&hsm.module)
-        .args([
-            "--token-label",
-            &hsm.token_label,
-            "--login",
-            "--pin",
-            &hsm.pin,
-        ])
+        .args(["--token-label", &hsm.label, "--login", "--pin", &hsm.pin])
         .args(["--delete-object", "--type", "secrkey", "--id", "00000002"])
         .output()
         .unwrap();
@@ -974,7 +959,7 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    kms.restart(&hsm);
+    kms.restart();
     for (key, ct) in &seeded {
         decrypts(&kms.socket(), key, ct).unwrap();
     }

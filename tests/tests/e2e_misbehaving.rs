@@ -15,9 +15,8 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, Role, Server, SoftHsm};
+use progressdb_e2e::{Certs, Kms, KmsBuilder, Role, Server, Token};
 use serde_json::json;
-use testkit::Certs;
 
 /// The timeouts every service here runs with. The read (idle) timeout is the longer, so a
 /// connection cut before it was cut by the write timeout.
@@ -127,8 +126,11 @@ fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(tmp.path(), &hsm, KmsListen::Unix, None, &kms_limits());
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .extra_toml(&kms_limits())
+        .start();
     let (s, k) = kms.call(
         "POST",
         "/create_dek_for_thread",
@@ -205,15 +207,13 @@ fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
 #[test]
 fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_read() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     let certs = Certs::generate(&tmp.path().join("certs"));
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Mtls,
-        Some(&certs),
-        &kms_limits(),
-    );
+    let kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .mtls(&certs)
+        .extra_toml(&kms_limits())
+        .start();
     let port: u16 = kms.endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tls = Arc::new(
@@ -327,7 +327,7 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
     }
 }
 
-fn server_with_limits(root: &Path) -> (SoftHsm, Kms, Server) {
+fn server_with_limits(root: &Path) -> (Token, Kms, Server) {
     let (hsm, kms, mut server) = progressdb_e2e::system(root);
     let text = std::fs::read_to_string(&server.config).unwrap();
     let text = text.replacen(

@@ -8,20 +8,17 @@
 
 use std::time::Duration;
 
-use progressdb_e2e::{uds_raw, Kms, KmsListen, Role, SoftHsm};
+use progressdb_e2e::{uds_raw, KmsBuilder, Role, Token};
 use serde_json::json;
 
 #[test]
 fn the_kms_limits_each_peer_on_the_key_api_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[limits]\npeer_rate_per_sec = 5\npeer_rate_burst = 5\n",
-    );
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .extra_toml("[limits]\npeer_rate_per_sec = 5\npeer_rate_burst = 5\n")
+        .start();
     let (s, k) = kms.call(
         "POST",
         "/create_dek_for_thread",

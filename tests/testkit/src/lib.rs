@@ -1,13 +1,18 @@
-//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: real PKCS#11
-//! tokens (SoftHSM or Kryoptic, [`token`]) in their own directories, TLS material for mutual TLS, and scans of logs and files
-//! for secrets in every encoding they could take, and private PostgreSQL clusters ([`pg`]).
+//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: the one
+//! process harness of the KMS ([`kms`]: a typed builder, the running process, its clients),
+//! child processes and the binaries under test ([`proc`]), real PKCS#11 tokens (SoftHSM or
+//! Kryoptic, [`token`]) in their own directories, TLS material for mutual TLS, scans of logs
+//! and files for secrets in every encoding they could take, and private PostgreSQL clusters
+//! ([`pg`]). docs/testing.md says which harness to use when.
 //!
 //! Nothing here skips: a missing `softhsm2-util` fails the calling test with a message that
 //! says what to install.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kms;
 pub mod pg;
+pub mod proc;
 
 use std::fs;
 use std::io::Write as _;
@@ -28,7 +33,10 @@ pub fn random_hex(n: usize) -> String {
     hex::encode(b)
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
+/// A free TCP port on 127.0.0.1 (bound, read, released: another process may take it before
+/// the caller binds it). Only for a program that cannot bind port 0 itself and report it
+/// (PostgreSQL, whose socket file is named after its port); the KMS and the server bind port
+/// 0 and the harness reads the port back ([`proc::Proc::wait_tcp_port`]).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -232,6 +240,13 @@ pub mod token {
     }
 
     impl Token {
+        /// The usual token of a test under `root`: `root/softhsm/`, labelled
+        /// [`crate::kms::TOKEN_LABEL`] (what a [`crate::kms::KmsBuilder`] makes when it is
+        /// given none; make one with this to share it among several KMSs or tools).
+        pub fn new(root: &Path) -> Self {
+            Self::create(&root.join("softhsm"), crate::kms::TOKEN_LABEL)
+        }
+
         /// Creates a config in `dir`, a token directory `dir/tokens/`, a token labelled
         /// `label` and `dir/user-pin`, on this run's [`kind`].
         pub fn create(dir: &Path, label: &str) -> Self {
