@@ -83,6 +83,8 @@ pub struct ServerBuilder {
     provider: Option<Provider>,
     encryption: bool,
     port: u16,
+    http: Vec<(&'static str, u64)>,
+    kms_client: Vec<(&'static str, u64)>,
     limits: Vec<(&'static str, u64)>,
     extra: String,
 }
@@ -96,6 +98,8 @@ impl ServerBuilder {
             provider: None,
             encryption: true,
             port: 0,
+            http: Vec::new(),
+            kms_client: Vec::new(),
             limits: Vec::new(),
             extra: String::new(),
         }
@@ -127,6 +131,21 @@ impl ServerBuilder {
     /// back; a fixed port only for a config that is checked, not served).
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
+        self
+    }
+
+    /// One `[http]` key besides `listen` (e.g. `max_connections`, `write_timeout_secs`).
+    pub fn http(mut self, key: &'static str, value: u64) -> Self {
+        self.http.retain(|(k, _)| *k != key);
+        self.http.push((key, value));
+        self
+    }
+
+    /// One `[kms]` key of the KMS client besides the provider's (e.g. `deadline_ms`,
+    /// `breaker_failures`).
+    pub fn kms_client(mut self, key: &'static str, value: u64) -> Self {
+        self.kms_client.retain(|(k, _)| *k != key);
+        self.kms_client.push((key, value));
         self
     }
 
@@ -165,7 +184,7 @@ impl ServerBuilder {
             )
             .as_bytes(),
         );
-        let kms = match &provider {
+        let mut kms = match &provider {
             Provider::External { endpoint, tls } => {
                 let mut s = format!("mode = \"external\"\nendpoint = \"{endpoint}\"\n");
                 if let Some((ca, cert, key)) = tls {
@@ -191,8 +210,15 @@ impl ServerBuilder {
                 master_key_file.display()
             ),
         };
+        for (k, v) in &self.kms_client {
+            writeln!(kms, "{k} = {v}").unwrap();
+        }
+        let mut http = String::new();
+        for (k, v) in &self.http {
+            writeln!(http, "{k} = {v}").unwrap();
+        }
         let mut text = format!(
-            "[http]\nlisten = \"127.0.0.1:{}\"\n\n[store]\npath = \"{}\"\n\n[auth]\nkeys_file = \"{}\"\n\n[encryption]\nenabled = {}\n\n[kms]\n{kms}",
+            "[http]\nlisten = \"127.0.0.1:{}\"\n{http}\n[store]\npath = \"{}\"\n\n[auth]\nkeys_file = \"{}\"\n\n[encryption]\nenabled = {}\n\n[kms]\n{kms}",
             self.port,
             store.display(),
             keys_file.display(),

@@ -8,15 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Api, Kms, KmsBuilder, Provider, Role, ServerBuilder, Token};
+use progressdb_e2e::{Api, KmsBuilder, Role, ServerBuilder, Token};
 use serde_json::{json, Value};
-
-fn external(kms: &Kms) -> Provider {
-    Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    }
-}
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
@@ -75,11 +68,7 @@ fn bodies(api: &Api, thread: &str) -> BTreeMap<String, Value> {
 fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
     let n = progressdb_e2e::heavy(5_000);
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let mut server = ServerBuilder::new(tmp.path())
-        .provider(&external(&kms))
-        .start();
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "alice");
     let t = api.create_thread("rotate me");
@@ -237,7 +226,7 @@ fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
     let hsm = Token::new(tmp.path());
     let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let mut server = ServerBuilder::new(tmp.path())
-        .provider(&external(&kms))
+        .kms(&kms)
         .encryption(false)
         .start();
     let api = server.as_role(Role::Backend, "bob");
@@ -250,12 +239,7 @@ fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
 
     // Encryption turned on; the old thread is encrypted by the job.
     server.proc.sigterm();
-    let text = std::fs::read_to_string(&server.config).unwrap();
-    std::fs::write(
-        &server.config,
-        text.replace("enabled = false", "enabled = true"),
-    )
-    .unwrap();
+    server.edit_config(|t| t.replace("enabled = false", "enabled = true"));
     server.restart();
     let admin = server.as_role(Role::Admin, "ops");
     // Through the operator script (which waits for the job).
@@ -326,11 +310,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_unreadable() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let mut server = ServerBuilder::new(tmp.path())
-        .provider(&external(&kms))
-        .start();
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "carol");
     let t = api.create_thread("shred me");
@@ -384,11 +364,7 @@ fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_u
 #[test]
 fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let server = ServerBuilder::new(tmp.path())
-        .provider(&external(&kms))
-        .start();
+    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "dave");
     let threads: Vec<String> = (0..3)
@@ -489,21 +465,14 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
 #[test]
 fn a_key_past_its_message_count_is_rotated_automatically() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let mut server = ServerBuilder::new(tmp.path())
-        .provider(&external(&kms))
-        .start();
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     server.proc.sigterm();
-    let text = std::fs::read_to_string(&server.config).unwrap();
-    std::fs::write(
-        &server.config,
-        text.replace(
+    server.edit_config(|t| {
+        t.replace(
             "enabled = true",
             "enabled = true\nrotate_after_messages = 5",
-        ),
-    )
-    .unwrap();
+        )
+    });
     server.restart();
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "erin");

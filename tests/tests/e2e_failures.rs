@@ -93,14 +93,17 @@ fn signal(pid: i32, sig: &str) {
 #[test]
 fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     // One second per user request, retries included; the circuit opens after two failures
     // or one hang; the cooldown (half a second) is shorter than the time the test keeps
     // asking while the KMS hangs.
-    let mut conf = std::fs::read_to_string(&server.config).unwrap();
-    conf.push_str("deadline_ms = 1000\nbreaker_failures = 2\nbreaker_cooldown_ms = 500\n");
-    std::fs::write(&server.config, conf).unwrap();
-    server.restart();
+    let server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .kms_client("deadline_ms", 1000)
+        .kms_client("breaker_failures", 2)
+        .kms_client("breaker_cooldown_ms", 500)
+        .start();
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("hang");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -180,9 +183,7 @@ fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
 #[test]
 fn sigkill_under_write_load_loses_no_acknowledged_message() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let _kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let mut server = ServerBuilder::new(tmp.path()).kms(&_kms).start();
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let tid = alice.create_thread("load")["id"]
         .as_str()

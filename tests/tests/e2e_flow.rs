@@ -36,9 +36,7 @@ fn check_clean(out: &progressdb_e2e::FlowOutcome, hsm: &Token, kms: &Kms, server
 #[test]
 fn unix_socket_kms_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let mut server = ServerBuilder::new(tmp.path()).kms(&kms).start();
+    let (hsm, mut kms, mut server) = progressdb_e2e::system(tmp.path());
 
     let out = functional_flow(&server, true);
 

@@ -56,9 +56,7 @@ fn text(n: usize, tag: usize) -> String {
 #[test]
 fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let server = ServerBuilder::new(tmp.path()).kms(&kms).start();
+    let (_hsm, kms, server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("large");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -110,7 +108,7 @@ fn a_kms_with_a_smaller_body_limit_than_the_servers_batches_still_serves_large_p
     // a page of 20 x 64 KiB (about 1.7 MiB of base64) is refused with 413 and must be split.
     let kms = KmsBuilder::new(tmp.path())
         .token(&hsm)
-        .extra_toml("[limits]\nmax_body_bytes = 1048576\n")
+        .max_body_bytes(1_048_576)
         .start();
     let server = ServerBuilder::new(tmp.path()).kms(&kms).start();
     let alice = server.as_role(Role::Backend, "alice");

@@ -17,7 +17,11 @@ fn two_thousand_half_sent_heads_do_not_starve_healthz() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).extra_toml("[limits]\nread_timeout_secs = 3\nmax_connections = 1500\nmax_connections_per_peer = 1000\n").start();
+    let kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .limit("read_timeout_secs", 3)
+        .max_connections(1500, 1000)
+        .start();
     let sock = kms.socket();
     // 2000 connections that send half a request head and then nothing.
     let mut held = Vec::new();

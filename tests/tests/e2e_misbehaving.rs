@@ -15,7 +15,7 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Certs, Kms, KmsBuilder, Role, Server, Token};
+use progressdb_e2e::{Certs, Kms, KmsBuilder, Role, Server, ServerBuilder, Token};
 use serde_json::json;
 
 /// The timeouts every service here runs with. The read (idle) timeout is the longer, so a
@@ -24,12 +24,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CAP: usize = 4;
 
-fn kms_limits() -> String {
-    format!(
-        "[limits]\nread_timeout_secs = {}\nwrite_timeout_secs = {}\nmax_connections = {CAP}\nmax_connections_per_peer = {CAP}\n",
-        READ_TIMEOUT.as_secs(),
-        WRITE_TIMEOUT.as_secs()
-    )
+/// A KMS with the timeouts and connection caps of these tests.
+fn kms_with_limits(b: KmsBuilder) -> KmsBuilder {
+    b.limit("read_timeout_secs", READ_TIMEOUT.as_secs())
+        .limit("write_timeout_secs", WRITE_TIMEOUT.as_secs())
+        .max_connections(CAP as u64, CAP as u64)
 }
 
 fn big_encrypt_request() -> Vec<u8> {
@@ -127,10 +126,7 @@ fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path())
-        .token(&hsm)
-        .extra_toml(&kms_limits())
-        .start();
+    let kms = kms_with_limits(KmsBuilder::new(tmp.path()).token(&hsm)).start();
     let (s, k) = kms.call(
         "POST",
         "/create_dek_for_thread",
@@ -151,9 +147,16 @@ fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
         c.write_all(&req).unwrap();
         held.push(c);
     }
-    std::thread::sleep(Duration::from_millis(500));
-    // They hold every slot: one more is answered 503 at once.
-    let (s, v) = kms.call("GET", "/healthz", None);
+    // Once the KMS has accepted them (the event: until then a probe is served), they hold
+    // every slot: one more is answered 503 at once.
+    let accepted = Instant::now();
+    let (s, v) = loop {
+        let (s, v) = kms.call("GET", "/healthz", None);
+        if s != 200 || accepted.elapsed() > Duration::from_secs(10) {
+            break (s, v);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (503, Some("overloaded")),
@@ -209,11 +212,7 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
     let tmp = tempfile::tempdir().unwrap();
     let hsm = Token::new(tmp.path());
     let certs = Certs::generate(&tmp.path().join("certs"));
-    let kms = KmsBuilder::new(tmp.path())
-        .token(&hsm)
-        .mtls(&certs)
-        .extra_toml(&kms_limits())
-        .start();
+    let kms = kms_with_limits(KmsBuilder::new(tmp.path()).token(&hsm).mtls(&certs)).start();
     let port: u16 = kms.endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tls = Arc::new(
@@ -328,19 +327,14 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
 }
 
 fn server_with_limits(root: &Path) -> (Token, Kms, Server) {
-    let (hsm, kms, mut server) = progressdb_e2e::system(root);
-    let text = std::fs::read_to_string(&server.config).unwrap();
-    let text = text.replacen(
-        "[http]\n",
-        &format!(
-            "[http]\nmax_connections = {CAP}\nheader_read_timeout_secs = {}\nwrite_timeout_secs = {}\n",
-            READ_TIMEOUT.as_secs(),
-            WRITE_TIMEOUT.as_secs()
-        ),
-        1,
-    );
-    std::fs::write(&server.config, text).unwrap();
-    server.restart();
+    let hsm = Token::new(root);
+    let kms = KmsBuilder::new(root).token(&hsm).start();
+    let server = ServerBuilder::new(root)
+        .kms(&kms)
+        .http("max_connections", CAP as u64)
+        .http("header_read_timeout_secs", READ_TIMEOUT.as_secs())
+        .http("write_timeout_secs", WRITE_TIMEOUT.as_secs())
+        .start();
     (hsm, kms, server)
 }
 

@@ -131,22 +131,26 @@ async fn retries_with_backoff_then_gives_up() {
         t.elapsed()
     );
 
-    // A KMS that comes back during the retries: the call succeeds.
+    // A KMS that comes back during the retries: the call succeeds. It comes back when the
+    // first retry reaches it (an event, not a moment: however slow the machine, the first
+    // attempt has been refused and the call retried).
     let stub = Stub::start(UNAVAILABLE).await;
     let c = stub.client(|c| {
         c.max_retries = 5;
         c.breaker = NO_BREAKER;
     });
     let flip = {
-        let mode = stub.mode.clone();
+        let (mode, requests) = (stub.mode.clone(), stub.requests.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(120)).await;
+            while requests.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             mode.store(OK, Ordering::SeqCst);
         })
     };
     encrypt(&c).await.unwrap();
     flip.await.unwrap();
-    assert!(stub.seen() >= 2);
+    assert!(stub.seen() >= 2, "a refused attempt, then a retry");
 
     // Overloaded is retried too, and reported as such.
     let stub = Stub::start(OVERLOADED).await;

@@ -193,7 +193,8 @@ impl KmsBuilder {
         self
     }
 
-    fn limit(mut self, key: &'static str, value: u64) -> Self {
+    /// One `[limits]` key (the typed helpers below cover the usual ones).
+    pub fn limit(mut self, key: &'static str, value: u64) -> Self {
         self.limits.retain(|(k, _)| *k != key);
         self.limits.push((key, value));
         self
@@ -208,6 +209,12 @@ impl KmsBuilder {
     pub fn timeouts(self, read_secs: u64, shutdown_secs: u64) -> Self {
         self.limit("read_timeout_secs", read_secs)
             .limit("shutdown_timeout_secs", shutdown_secs)
+    }
+
+    /// `limits.max_connections` and `limits.max_connections_per_peer`.
+    pub fn max_connections(self, total: u64, per_peer: u64) -> Self {
+        self.limit("max_connections", total)
+            .limit("max_connections_per_peer", per_peer)
     }
 
     /// `limits.peer_rate_per_sec` and `limits.peer_rate_burst`.
