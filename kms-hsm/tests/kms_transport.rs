@@ -152,7 +152,7 @@ async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
     let mut kms = kms().allowed_uids(vec![4_000_000]).provision();
     kms.spawn();
     kms.wait_status(403).await;
-    let meta = std::fs::metadata(&kms.socket()).unwrap();
+    let meta = std::fs::metadata(kms.socket()).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600);
     let our_uid = std::fs::metadata(&kms.root).unwrap().uid();
     assert_ne!(our_uid, 4_000_000);
@@ -204,9 +204,7 @@ async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
 async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket() {
     let mut kms = kms().start_ready().await;
     let body = br#"{"thread_id":"in-flight"}"#;
-    let mut s = tokio::net::UnixStream::connect(&kms.socket())
-        .await
-        .unwrap();
+    let mut s = tokio::net::UnixStream::connect(kms.socket()).await.unwrap();
     let head = format!(
         "POST /create_dek_for_thread HTTP/1.1\r\nhost: kms\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
@@ -223,9 +221,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket
         assert!(std::time::Instant::now() < deadline, "socket not removed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(tokio::net::UnixStream::connect(&kms.socket())
-        .await
-        .is_err());
+    assert!(tokio::net::UnixStream::connect(kms.socket()).await.is_err());
     // ...and still answers it.
     s.write_all(&body[5..]).await.unwrap();
     let mut answer = Vec::new();
