@@ -33,11 +33,30 @@ pub fn random_hex(n: usize) -> String {
     hex::encode(b)
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released: another process may take it before
-/// the caller binds it). Only for a program that cannot bind port 0 itself and report it
-/// (PostgreSQL, whose socket file is named after its port); the KMS and the server bind port
-/// 0 and the harness reads the port back ([`proc::Proc::wait_tcp_port`]).
+/// A TCP port on 127.0.0.1 that is free now, for a program that cannot bind port 0 itself and
+/// report the port (PostgreSQL, whose socket file is named after its port; `scripts/dev.sh`,
+/// which derives its URLs from `PORT`). The KMS and the server bind port 0 and the harness
+/// reads the port back ([`proc::Proc::wait_tcp_port`]).
+///
+/// The port is released before the program binds it, so it is picked at random below the
+/// kernel's ephemeral range (`net.ipv4.ip_local_port_range`): the ports the kernel hands out
+/// for port 0 and for outgoing connections, which every other test uses, can never take it.
+/// Only another explicit bind of the same number could, which a random pick out of thousands
+/// makes unlikely.
 pub fn free_port() -> u16 {
+    let low: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.saturating_sub(1));
+    if to > from {
+        for _ in 0..200 {
+            let port = from + (rand::random::<u16>() % (to - from));
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
