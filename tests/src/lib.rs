@@ -49,6 +49,19 @@ pub fn residency() -> String {
     Residency::of_run().name().into()
 }
 
+/// Runs `cmd` to completion; it must succeed. Returns its stdout (the failure shows both
+/// streams).
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// The usual system of an end-to-end test under `root`: a token, a KMS on a Unix socket, and
 /// an encrypting `progressdb` using it.
 pub fn system(root: &Path) -> (Token, Kms, Server) {

@@ -341,6 +341,15 @@ impl Server {
         all
     }
 
+    /// The status of `GET /healthz` (panics on a transport failure).
+    pub fn healthz(&self) -> u16 {
+        match ureq::get(&format!("{}/healthz", self.base)).call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("GET /healthz: {e}"),
+        }
+    }
+
     /// Status and body of `GET /readyz`.
     pub fn proc_ready_status(&self) -> (u16, Value) {
         Api {

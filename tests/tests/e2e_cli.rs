@@ -302,8 +302,7 @@ fn check_server(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
 #[test]
 fn server_check_config_on_good_and_broken_configs() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let server = ServerBuilder::new(tmp.path()).kms(&kms).provision();
     let (config, keys) = (server.config.clone(), server.keys.clone());
     let (code, out) = check_server(&config, &[]);
@@ -533,8 +532,7 @@ fn both_services_run_without_core_dumps() {
 #[test]
 fn the_kms_locks_its_key_memory() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let status = std::fs::read_to_string(format!("/proc/{}/status", kms.proc.pid())).unwrap();
     let locked_kb: u64 = status
         .lines()

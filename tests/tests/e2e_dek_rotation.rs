@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Api, KmsBuilder, Role, ServerBuilder, Token};
+use progressdb_e2e::{Api, KmsBuilder, Role, ServerBuilder};
 use serde_json::{json, Value};
 
 fn agent() -> ureq::Agent {
@@ -223,8 +223,7 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
 #[test]
 fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let mut server = ServerBuilder::new(tmp.path())
         .kms(&kms)
         .encryption(false)
@@ -246,19 +245,13 @@ fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
-    let out = std::process::Command::new("bash")
-        .arg(repo.join("scripts/rotate-thread-dek.sh"))
-        .arg(&tid)
-        .arg("--encrypt")
-        .env("PROGRESSDB_URL", &server.base)
-        .env("PROGRESSDB_ADMIN_KEY", &server.keys.admin)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = progressdb_e2e::run_ok(
+        std::process::Command::new("bash")
+            .arg(repo.join("scripts/rotate-thread-dek.sh"))
+            .arg(&tid)
+            .arg("--encrypt")
+            .env("PROGRESSDB_URL", &server.base)
+            .env("PROGRESSDB_ADMIN_KEY", &server.keys.admin),
     );
     assert!(text.contains("succeeded: 150/150 migrated"), "{text}");
     let (s, jobs) = admin.call("GET", "/admin/jobs", None);

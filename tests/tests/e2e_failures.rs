@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{KmsBuilder, Role, ServerBuilder, Token};
+use progressdb_e2e::{KmsBuilder, Role, ServerBuilder};
 use serde_json::json;
 
 #[test]
@@ -93,8 +93,7 @@ fn signal(pid: i32, sig: &str) {
 #[test]
 fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     // One second per user request, retries included; the circuit opens after two failures
     // or one hang; the cooldown (half a second) is shorter than the time the test keeps
     // asking while the KMS hangs.

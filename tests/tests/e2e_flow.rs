@@ -142,8 +142,7 @@ fn embedded_provider_passes_the_same_flow() {
 #[test]
 fn plaintext_mode_passes_the_same_flow() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let server = ServerBuilder::new(tmp.path())
         .kms(&kms)
         .encryption(false)

@@ -24,8 +24,7 @@ fn create_dek(kms: &Kms, thread: &str) -> (u16, serde_json::Value) {
 #[test]
 fn a_token_that_goes_away_and_comes_back_is_recovered_without_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     let pid = kms.proc.pid();
     let (s, k) = create_dek(&kms, "t-before");
     assert_eq!(s, 200, "{k}");

@@ -120,11 +120,7 @@ fn wait_job(kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) -> Value {
 #[test]
 fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path())
-        .token(&hsm)
-        .rewrap(2, 256)
-        .start();
+    let kms = KmsBuilder::new(tmp.path()).rewrap(2, 256).start();
     let sample = seed(&kms, 10_000, 8);
     let before = status(&kms);
     assert_eq!(before["current_version"], 1);
@@ -308,11 +304,7 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
 #[test]
 fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path())
-        .token(&hsm)
-        .rewrap(1, 16)
-        .start();
+    let mut kms = KmsBuilder::new(tmp.path()).rewrap(1, 16).start();
     let sample = seed(&kms, 3_000, 6);
     let out = kms.cli(&["rotate-kek", "--no-wait", "--json"]);
     assert!(
@@ -389,8 +381,7 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
 #[test]
 fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     let admin_sock = kms.admin_socket();
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&admin_sock).unwrap().permissions(),
@@ -428,17 +419,11 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
 
     // The operator scripts wrap the same commands.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new("bash")
-        .arg(repo.join("scripts/verify-keys.sh"))
-        .env("KMS_CONFIG", &kms.config)
-        .env("KMS_BIN", bin("progressdb-kms"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = progressdb_e2e::run_ok(
+        Command::new("bash")
+            .arg(repo.join("scripts/verify-keys.sh"))
+            .env("KMS_CONFIG", &kms.config)
+            .env("KMS_BIN", bin("progressdb-kms")),
     );
     assert!(text.contains("audit log verified"), "{text}");
     let (s, b) = uds_request(&admin_sock, "GET", "/admin/jobs/job-0000000000000000", None).unwrap();
@@ -523,8 +508,7 @@ fn tamper_store(kms: &Kms, f: impl FnOnce(&heed::Env, &mut heed::RwTxn<'_>)) {
 #[test]
 fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     seed(&kms, 30, 3);
     let v = kms.cli_json(&["audit", "verify", "--json"]);
     assert_eq!(
@@ -734,8 +718,7 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
 #[test]
 fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let sample = seed(&kms, 20, 4);
     let backup = tmp.path().join("keys.backup");
     let out = kms.cli(&["backup", "--out", backup.to_str().unwrap()]);
@@ -812,8 +795,7 @@ fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
 #[test]
 fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     let sample = seed(&kms, 200, 2);
     let victim = &sample[3].0;
     let (_, w) = kms.call("GET", &format!("/get_wrapped?key_id={victim}"), None);

@@ -6,7 +6,7 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{KmsBuilder, Token};
+use progressdb_e2e::KmsBuilder;
 
 #[test]
 fn two_thousand_half_sent_heads_do_not_starve_healthz() {
@@ -16,9 +16,7 @@ fn two_thousand_half_sent_heads_do_not_starve_healthz() {
         "the test holds 2000 sockets and needs 2300 open files, has {limit}"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
     let kms = KmsBuilder::new(tmp.path())
-        .token(&hsm)
         .limit("read_timeout_secs", 3)
         .max_connections(1500, 1000)
         .start();

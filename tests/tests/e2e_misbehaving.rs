@@ -127,13 +127,7 @@ fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = Token::new(tmp.path());
     let kms = kms_with_limits(KmsBuilder::new(tmp.path()).token(&hsm)).start();
-    let (s, k) = kms.call(
-        "POST",
-        "/create_dek_for_thread",
-        Some(json!({"thread_id": "t"})),
-    );
-    assert_eq!(s, 200, "{k}");
-    let key = k["key_id"].as_str().unwrap().to_owned();
+    let key = kms.create_dek("t");
     let body = String::from_utf8(big_encrypt_request())
         .unwrap()
         .replace("KEY", &key);

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
-use progressdb_e2e::{KmsBuilder, Provider, ServerBuilder, Token};
+use progressdb_e2e::{KmsBuilder, ServerBuilder};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -460,8 +460,7 @@ fn kms_reference_matches_the_live_routes() {
 
     let spec = Spec::load("kms.yaml");
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let client = Target::Unix(kms.socket());
     let admin_sock = kms.socket().with_file_name("kms.admin.sock");
     let admin_t = Target::Unix(admin_sock);
@@ -710,14 +709,8 @@ fn kms_reference_matches_the_live_routes() {
 fn server_reference_matches_the_live_routes() {
     let spec = Spec::load("server.yaml");
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let server = ServerBuilder::new(tmp.path())
-        .provider(&Provider::External {
-            endpoint: kms.endpoint.clone(),
-            tls: None,
-        })
-        .start();
+    let kms = KmsBuilder::new(tmp.path()).start();
+    let server = ServerBuilder::new(tmp.path()).kms(&kms).start();
     let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
     let t = Target::Tcp(port);
 

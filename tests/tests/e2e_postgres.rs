@@ -86,7 +86,11 @@ fn the_database_restarted_under_load_gives_503_then_recovers_and_loses_nothing()
     let acked: Acked = Arc::default();
     let refused = Arc::new(AtomicU64::new(0));
     let (stop, handles) = writers(&api, 4, &acked, &refused);
-    std::thread::sleep(Duration::from_millis(500));
+    // Under way once the first thread is acknowledged (an event; at most 10 s).
+    let started = Instant::now();
+    while acked.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before: usize = acked.lock().unwrap().len();
     assert!(before > 0, "no thread was created before the restart");
     let refused_before = refused.load(Ordering::Relaxed);

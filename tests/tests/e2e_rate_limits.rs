@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{uds_raw, KmsBuilder, Role, ServerBuilder, Token};
+use progressdb_e2e::{uds_raw, KmsBuilder, Role, ServerBuilder};
 use serde_json::json;
 
 /// Calls `send` until it answers `refused` (at most 200 times: a limit that never refuses
@@ -63,13 +63,7 @@ fn assert_burst(passed: usize, burst: usize, used: usize, secs: f64) {
 fn the_kms_limits_each_peer_on_the_key_api_only() {
     let tmp = tempfile::tempdir().unwrap();
     let kms = KmsBuilder::new(tmp.path()).peer_rate(1, 5).start();
-    let (s, k) = kms.call(
-        "POST",
-        "/create_dek_for_thread",
-        Some(json!({"thread_id": "t"})),
-    );
-    assert_eq!(s, 200, "{k}");
-    let key = k["key_id"].as_str().unwrap().to_owned();
+    let key = kms.create_dek("t");
     let enc = json!({"key_id": key, "plaintext": "aGk="});
     // The create took one token of the burst of 5.
     let (passed, secs) = until_refused(200, 429, || {
@@ -118,8 +112,7 @@ fn raw_head(sock: &std::path::Path, body: &serde_json::Value) -> String {
 #[test]
 fn the_server_limits_each_api_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = Token::new(tmp.path());
-    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let kms = KmsBuilder::new(tmp.path()).start();
     let server = ServerBuilder::new(tmp.path())
         .kms(&kms)
         .limit("key_rate_per_sec", 1)
@@ -164,13 +157,7 @@ fn the_server_limits_each_api_key() {
     let (s, _) = admin.call("GET", "/v1/threads", None);
     assert_eq!(s, 200);
     for _ in 0..10 {
-        assert_eq!(
-            ureq::get(&format!("{}/healthz", server.base))
-                .call()
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(server.healthz(), 200);
     }
     // Nothing was stored for the refused creates, and the key is served again later.
     let mut list = serde_json::Value::Null;

@@ -682,6 +682,17 @@ impl Kms {
         uds_request(&self.socket(), method, path, body.as_ref()).unwrap()
     }
 
+    /// Creates the DEK of `thread_id` (Unix socket); must succeed. Returns its key id.
+    pub fn create_dek(&self, thread_id: &str) -> String {
+        let (s, k) = self.call(
+            "POST",
+            "/create_dek_for_thread",
+            Some(serde_json::json!({ "thread_id": thread_id })),
+        );
+        assert_eq!(s, 200, "create_dek_for_thread: {k}");
+        k["key_id"].as_str().unwrap().to_owned()
+    }
+
     /// The KMS's `/metrics` text (Unix socket).
     pub fn metrics(&self) -> String {
         uds_raw(&self.socket(), "GET", "/metrics", None).unwrap().1
