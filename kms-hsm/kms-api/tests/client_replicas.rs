@@ -100,6 +100,15 @@ fn client(endpoints: Vec<Endpoint>, f: impl FnOnce(&mut KmsClientConfig)) -> Kms
     KmsClient::new(cfg).unwrap()
 }
 
+/// Waits (at most 10 s) until `r` has been probed `n` times in all.
+async fn probes_after(r: &Replica, n: u32) {
+    let t = std::time::Instant::now();
+    while r.readyz.load(Ordering::SeqCst) < n {
+        assert!(t.elapsed() < Duration::from_secs(10), "no health probes");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn encrypt(c: &KmsClient) -> Result<(), ClientError> {
     let key = KeyId::parse("dek_00000000000000000000000000000000").unwrap();
     c.encrypt(&key, b"hi", None).await.map(|_| ())
@@ -213,8 +222,12 @@ async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
     });
     let checks = c.spawn_health_checks();
     a.set(UNAVAILABLE);
-    // Two failed probes open a's circuit before any user call.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Two failed probes open a's circuit before any user call. Waited for in probes: a
+    // replica's probes follow one another, so once the fourth since the switch has arrived,
+    // the answers of the two before it (certainly failures: the first may have read the mode
+    // just before the switch) have been taken.
+    let r0 = a.readyz.load(Ordering::SeqCst);
+    probes_after(&a, r0 + 4).await;
     assert!(a.readyz.load(Ordering::SeqCst) >= 2);
     let before = a.calls();
     for _ in 0..20 {
@@ -225,9 +238,11 @@ async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
         before,
         "no user call went to the ejected replica"
     );
-    // Back: a successful probe closes its circuit (long before the 60 s cooldown).
+    // Back: a successful probe closes its circuit (long before the 60 s cooldown), waited
+    // for in probes as above.
     a.set(OK);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r1 = a.readyz.load(Ordering::SeqCst);
+    probes_after(&a, r1 + 3).await;
     for _ in 0..20 {
         encrypt(&c).await.unwrap();
     }
