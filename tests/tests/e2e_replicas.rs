@@ -328,17 +328,23 @@ fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
         )
         .0
     };
-    // Wait until b's cache is in use (its first change-feed poll), then warm it.
-    std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(encrypt(b), 200);
-    let m = b.metrics();
-    let hits_before = progressdb_e2e::metric(&m, "progressdb_kms_cache_hits_total").unwrap();
-    assert_eq!(encrypt(b), 200);
-    let m = b.metrics();
-    assert!(
-        progressdb_e2e::metric(&m, "progressdb_kms_cache_hits_total").unwrap() > hits_before,
-        "b serves the key from its cache"
-    );
+    // Wait until b's cache is in use (its first change-feed poll: the event is a call served
+    // from the cache, at most 10 s), which also warms it.
+    let hits = || progressdb_e2e::metric(&b.metrics(), "progressdb_kms_cache_hits_total").unwrap();
+    let waiting = Instant::now();
+    loop {
+        assert_eq!(encrypt(b), 200);
+        let hits_before = hits();
+        assert_eq!(encrypt(b), 200);
+        if hits() > hits_before {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "b never serves the key from its cache"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (s, v) = a.call("POST", "/destroy_key", Some(json!({ "key_id": key })));
     assert_eq!(s, 200, "{v}");
     // The documented bound, 2 × store.coherence_ms (500 ms by default), is checked against
