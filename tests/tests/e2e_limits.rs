@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use progressdb_e2e::{KmsBuilder, Role, ServerBuilder, Token};
 use serde_json::json;
 
@@ -56,7 +54,7 @@ fn text(n: usize, tag: usize) -> String {
 #[test]
 fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_hsm, kms, server) = progressdb_e2e::system(tmp.path());
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("large");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -92,7 +90,8 @@ fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
     assert!(all
         .iter()
         .all(|m| m["body"].as_str().map(str::len) == Some(240_000)));
-    std::thread::sleep(Duration::from_millis(10));
+    // Its whole log is written once it has exited.
+    assert!(server.proc.sigterm().success());
     assert!(
         !server.proc.log_text().contains("answering 500"),
         "no internal errors"
