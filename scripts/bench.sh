@@ -25,7 +25,7 @@ for a in "$@"; do
 done
 has_out=no
 for a in "$@"; do [ "$a" = --out ] && has_out=yes; done
-cargo build --release --locked -p progressdb-kms -p progressdb -p progressdb-e2e --bins
+cargo build --release --locked -p progressdb-kms -p progressdb -p progressdb-bench --bins
 export E2E_BIN_DIR="$PWD/target/release"
 export BENCH_COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo '+changes')"
 if [ $has_out = yes ]; then

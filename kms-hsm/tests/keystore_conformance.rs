@@ -1003,6 +1003,36 @@ async fn over_tcp_the_store_uses_verified_tls_and_a_password_file() {
     );
 }
 
+/// Waits (at most 10 s) until a session of the database at `url` waits for an advisory
+/// lock.
+async fn wait_for_an_advisory_lock_wait(url: &str) {
+    let db = url
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .unwrap()
+        .to_owned();
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = '{db}'"
+    );
+    let t = std::time::Instant::now();
+    loop {
+        let sql = sql.clone();
+        let waiting =
+            tokio::task::spawn_blocking(move || PgCluster::shared().psql("postgres", &sql))
+                .await
+                .unwrap();
+        if waiting != "0" {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no session waits for the audit turn"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A replica whose request goes away while it waits for its audit turn must not keep the
 /// turn: the wait is abandoned, the turn comes free for everyone else once its holder ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1020,7 +1050,8 @@ async fn an_abandoned_wait_for_the_audit_turn_never_keeps_it() {
         let b = Arc::clone(&b);
         tokio::spawn(async move { b.lock_audit().await.map(drop) })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until b's session is queued for the lock (an event, not a moment).
+    wait_for_an_advisory_lock_wait(&url).await;
     waiting.abort();
     let _ = waiting.await;
     held.release().await;

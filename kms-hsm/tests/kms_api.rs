@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{b64, random_hex, Kms, Options};
+use common::{b64, kms, random_hex};
 use http::Method;
 use kms_api::wire::{DecryptRequest, EncryptRequest, ItemResult, SecretBytes};
 use kms_api::{ClientError, ErrorCode, KeyId, KmsClient, ThreadId};
@@ -25,7 +25,7 @@ fn code(e: ClientError) -> ErrorCode {
 
 #[tokio::test]
 async fn round_trip_over_unix_socket() {
-    let kms = Kms::start(Options::default()).await;
+    let kms = kms().start_ready().await;
     let c = kms.client();
     let k = c.create_dek_for_thread(&tid("thread-1")).await.unwrap();
     assert_eq!(k.kek_id.as_str(), common::KEK_LABEL);
@@ -99,16 +99,12 @@ async fn round_trip_over_unix_socket() {
     let hsm_calls = kms.metric("progressdb_kms_hsm_calls_total").await.unwrap();
     assert!(hsm_calls >= 1.0, "the HSM generated the DEK");
     let wrapped = k.wrapped.as_bytes().to_vec();
-    kms.finish(&[marker.as_bytes(), &wrapped]).await;
+    kms.finish(&[marker.as_bytes(), &wrapped]);
 }
 
 #[tokio::test]
 async fn batch_round_trip_with_mixed_items() {
-    let kms = Kms::start(Options {
-        cache_max_entries: Some(0),
-        ..Options::default()
-    })
-    .await;
+    let kms = kms().cache(60, 0).start_ready().await;
     let c = kms.client();
     let a = c.create_dek_for_thread(&tid("a")).await.unwrap();
     let b = c.create_dek_for_thread(&tid("b")).await.unwrap();
@@ -187,12 +183,12 @@ async fn batch_round_trip_with_mixed_items() {
         (s, v["error"]["code"].as_str().unwrap()),
         (400, "malformed_request")
     );
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn every_decryption_failure_is_one_opaque_422() {
-    let kms = Kms::start(Options::default()).await;
+    let kms = kms().start_ready().await;
     let c = kms.client();
     let a = c.create_dek_for_thread(&tid("a")).await.unwrap();
     let b = c.create_dek_for_thread(&tid("b")).await.unwrap();
@@ -250,17 +246,16 @@ async fn every_decryption_failure_is_one_opaque_422() {
     // And the right inputs still decrypt.
     let p = c.decrypt(&a.key_id, &ct, Some(b"aad-1")).await.unwrap();
     assert_eq!(p.expose(), b"secret message body");
-    kms.finish(&[b"secret message body"]).await;
+    kms.finish(&[b"secret message body"]);
 }
 
 #[tokio::test]
 async fn unknown_key_is_404() {
     // Also runs with JSON logs.
-    let kms = Kms::start(Options {
-        env: vec![("PROGRESSDB_KMS__LOG__FORMAT".into(), "json".into())],
-        ..Options::default()
-    })
-    .await;
+    let kms = kms()
+        .env("PROGRESSDB_KMS__LOG__FORMAT", "json")
+        .start_ready()
+        .await;
     let c = kms.client();
     let unknown = KeyId::from_random([0x11; 16]);
     assert_eq!(
@@ -296,16 +291,12 @@ async fn unknown_key_is_404() {
         .filter(|v| v["level"] == "INFO")
         .count();
     assert!(json_lines >= 3, "JSON log lines expected:\n{log}");
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn bad_requests_get_their_4xx_and_the_kms_keeps_serving() {
-    let kms = Kms::start(Options {
-        max_body_bytes: Some(64 * 1024),
-        ..Options::default()
-    })
-    .await;
+    let kms = kms().max_body_bytes(64 * 1024).start_ready().await;
     let c = kms.client();
     let k = c.create_dek_for_thread(&tid("t")).await.unwrap();
     let kid = k.key_id.as_str();
@@ -397,12 +388,12 @@ async fn bad_requests_get_their_4xx_and_the_kms_keeps_serving() {
     )
     .await;
     assert_eq!(s, 200);
-    kms.finish(&[b"still here"]).await;
+    kms.finish(&[b"still here"]);
 }
 
 #[tokio::test]
 async fn destroy_key_then_use_is_404() {
-    let kms = Kms::start(Options::default()).await;
+    let kms = kms().start_ready().await;
     let c = kms.client();
     let k = c.create_dek_for_thread(&tid("doomed")).await.unwrap();
     let keep = c.create_dek_for_thread(&tid("kept")).await.unwrap();
@@ -437,16 +428,12 @@ async fn destroy_key_then_use_is_404() {
         .await
         .unwrap();
     assert_eq!(p.expose(), b"keep me");
-    kms.finish(&[b"shred me", b"keep me"]).await;
+    kms.finish(&[b"shred me", b"keep me"]);
 }
 
 #[tokio::test]
 async fn concurrent_creates_share_commits() {
-    let kms = Kms::start(Options {
-        sessions: Some(4),
-        ..Options::default()
-    })
-    .await;
+    let kms = kms().sessions(4).start_ready().await;
     let c = kms.client();
     // Start-up wrote one thing: the current KEK version, pinned in the new store.
     let before = kms
@@ -489,16 +476,12 @@ async fn concurrent_creates_share_commits() {
         "group commit: {commits} commits for {N} creates"
     );
     eprintln!("{N} creates in {commits} commits");
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn trace_logs_hold_no_secret() {
-    let kms = Kms::start(Options {
-        rust_log: Some("trace".into()),
-        ..Options::default()
-    })
-    .await;
+    let kms = kms().rust_log("trace").start_ready().await;
     let c = kms.client();
     let marker = format!("PLAINTEXT-MARKER-{}", random_hex(16));
     let aad = format!("AAD-MARKER-{}", random_hex(8));
@@ -546,6 +529,5 @@ async fn trace_logs_hold_no_secret() {
     assert!(log.contains(k.key_id.as_str()), "key ids may be logged");
     let wrapped = k.wrapped.as_bytes().to_vec();
     let ct = e.ciphertext.0.clone();
-    kms.finish(&[marker.as_bytes(), aad.as_bytes(), &wrapped, &ct[12..]])
-        .await;
+    kms.finish(&[marker.as_bytes(), aad.as_bytes(), &wrapped, &ct[12..]]);
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use common::{Kms, Options};
+use common::kms;
 use progressdb_kms::config::{Config, ListenConfig, LogFormat};
 
 fn example() -> PathBuf {
@@ -137,21 +137,21 @@ fn one_line(out: &str) -> &str {
 
 #[test]
 fn group_or_world_readable_pin_file_stops_start_up() {
-    let kms = Kms::provision(Options::default());
-    std::fs::set_permissions(&kms.pin_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (status, out) = kms.run_serve_expecting_exit();
+    let kms = kms().provision();
+    std::fs::set_permissions(&kms.token.pin_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, out) = kms.serve_expecting_exit();
     assert!(!status.success());
     let line = one_line(&out);
     assert!(
-        line.contains(kms.pin_file.to_str().unwrap()) && line.contains("0644"),
+        line.contains(kms.token.pin_file.to_str().unwrap()) && line.contains("0644"),
         "{line}"
     );
-    assert!(!kms.socket.exists(), "nothing was served");
-    testkit::assert_absent("KMS output", out.as_bytes(), &[kms.pin.as_bytes()]);
+    assert!(!kms.socket().exists(), "nothing was served");
+    testkit::assert_absent("KMS output", out.as_bytes(), &[kms.token.pin.as_bytes()]);
     // init-kek refuses it too.
     let out = kms.command(&["init-kek"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains(kms.pin_file.to_str().unwrap()));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(kms.token.pin_file.to_str().unwrap()));
 }
 
 /// The default layout (no allow-list: the KMS's uid and root reach the client socket; the
@@ -160,9 +160,9 @@ fn group_or_world_readable_pin_file_stops_start_up() {
 /// `status`.
 #[tokio::test]
 async fn the_servers_identity_is_never_an_admin_by_default() {
-    let mut kms = Kms::provision(Options::default());
+    let mut kms = kms().provision();
     kms.edit_config(|t| t.replace("single_user = true\n", ""));
-    let (status, out) = kms.run_serve_expecting_exit();
+    let (status, out) = kms.serve_expecting_exit();
     assert_eq!(status.code(), Some(2), "{out}");
     let line = one_line(&out);
     assert!(
@@ -171,7 +171,7 @@ async fn the_servers_identity_is_never_an_admin_by_default() {
             && line.contains("single_user"),
         "{line}"
     );
-    assert!(!kms.socket.exists(), "nothing was served");
+    assert!(!kms.socket().exists(), "nothing was served");
 
     kms.edit_config(|t| t.replace("[listen]\n", "[listen]\nsingle_user = true\n"));
     kms.spawn();
@@ -200,7 +200,7 @@ async fn the_servers_identity_is_never_an_admin_by_default() {
 
 #[test]
 fn plain_tcp_is_refused() {
-    let kms = Kms::provision(Options::default());
+    let kms = kms().provision();
     kms.edit_config(|t| {
         t.lines()
             .map(|l| {
@@ -213,7 +213,7 @@ fn plain_tcp_is_refused() {
             .collect::<Vec<_>>()
             .join("\n")
     });
-    let (status, out) = kms.run_serve_expecting_exit();
+    let (status, out) = kms.serve_expecting_exit();
     assert_eq!(status.code(), Some(2));
     let line = one_line(&out);
     assert!(
@@ -224,7 +224,7 @@ fn plain_tcp_is_refused() {
 
 #[test]
 fn config_errors_name_the_key_or_file() {
-    let kms = Kms::provision(Options::default());
+    let kms = kms().provision();
     let run = |env: &[(&str, &str)]| {
         let mut c = kms.command(&["serve"]);
         for (k, v) in env {
@@ -256,7 +256,7 @@ fn config_errors_name_the_key_or_file() {
 
 #[tokio::test]
 async fn pin_from_the_environment_and_wrong_pin() {
-    let mut kms = Kms::provision(Options::default());
+    let mut kms = kms().provision();
     kms.edit_config(|t| {
         t.lines()
             .filter(|l| !l.starts_with("pin_file"))
@@ -264,12 +264,12 @@ async fn pin_from_the_environment_and_wrong_pin() {
             .join("\n")
     });
     // Neither file nor environment.
-    let (status, out) = kms.run_serve_expecting_exit();
+    let (status, out) = kms.serve_expecting_exit();
     assert_eq!(status.code(), Some(2));
     assert!(one_line(&out).contains("PROGRESSDB_KMS_HSM_PIN"), "{out}");
     // A wrong PIN is refused at start-up, without echoing it.
-    kms.opts.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), "00000000-wrong".into())];
-    let (status, out) = kms.run_serve_expecting_exit();
+    kms.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), "00000000-wrong".into())];
+    let (status, out) = kms.serve_expecting_exit();
     assert_eq!(
         status.code(),
         Some(2),
@@ -278,7 +278,7 @@ async fn pin_from_the_environment_and_wrong_pin() {
     assert!(one_line(&out).contains("PIN"), "{out}");
     testkit::assert_absent("KMS output", out.as_bytes(), &[b"00000000-wrong"]);
     // The right PIN from the environment works.
-    kms.opts.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), kms.pin.clone())];
+    kms.env = vec![("PROGRESSDB_KMS_HSM_PIN".into(), kms.token.pin.clone())];
     kms.spawn();
     kms.wait_ready().await;
     let k = kms
@@ -287,16 +287,13 @@ async fn pin_from_the_environment_and_wrong_pin() {
         .await
         .unwrap();
     assert_eq!(k.kek_version.get(), 1);
-    kms.finish(&[b"00000000-wrong"]).await;
+    kms.finish(&[b"00000000-wrong"]);
 }
 
 #[test]
 fn init_kek_is_idempotent_and_serve_needs_it() {
-    let kms = Kms::provision(Options {
-        skip_init_kek: true,
-        ..Options::default()
-    });
-    let (status, out) = kms.run_serve_expecting_exit();
+    let kms = kms().init_kek_runs(0).provision();
+    let (status, out) = kms.serve_expecting_exit();
     assert!(!status.success());
     assert!(one_line(&out).contains("init-kek"), "{out}");
     let first = kms.command(&["init-kek"]).output().unwrap();
@@ -305,11 +302,11 @@ fn init_kek_is_idempotent_and_serve_needs_it() {
     let second = kms.command(&["init-kek"]).output().unwrap();
     assert!(second.status.success());
     assert!(String::from_utf8_lossy(&second.stdout).contains("already present"));
-    kms.append_log(&first.stderr);
-    kms.append_log(&second.stderr);
+    kms.proc.append_log(&first.stderr);
+    kms.proc.append_log(&second.stderr);
     testkit::assert_absent(
         "KMS log",
-        &std::fs::read(&kms.log).unwrap(),
-        &[kms.pin.as_bytes()],
+        &std::fs::read(kms.log()).unwrap(),
+        &[kms.token.pin.as_bytes()],
     );
 }

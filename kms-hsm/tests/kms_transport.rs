@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::MetadataExt as _;
 use std::time::Duration;
 
-use common::{Kms, Options};
+use common::kms;
 use http::Method;
 use kms_api::{ErrorCode, ThreadId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -18,11 +18,7 @@ fn tid(s: &str) -> ThreadId {
 
 #[tokio::test]
 async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
-    let kms = Kms::start(Options {
-        tls: true,
-        ..Options::default()
-    })
-    .await;
+    let kms = kms().tls().start_ready().await;
     let certs = kms.certs.clone().unwrap();
     let c = kms.client();
     let k = c.create_dek_for_thread(&tid("tls-thread")).await.unwrap();
@@ -65,7 +61,7 @@ async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
         .unwrap();
     assert_eq!(p.expose(), b"over mutual TLS");
     assert!(kms.log_text().contains("TLS handshake refused"));
-    kms.finish(&[b"over mutual TLS"]).await;
+    kms.finish(&[b"over mutual TLS"]);
 }
 
 /// The mutual-TLS refusal matrix: client certificates from the right CA that are expired, not
@@ -74,11 +70,7 @@ async fn round_trip_over_mutual_tls_and_strangers_are_refused() {
 /// dialled. Each refusal leaves the KMS serving its real client.
 #[tokio::test]
 async fn mtls_refuses_expired_future_and_wrong_usage_certificates_and_wrong_server_names() {
-    let kms = Kms::start(Options {
-        tls: true,
-        ..Options::default()
-    })
-    .await;
+    let kms = kms().tls().start_ready().await;
     let certs = kms.certs.clone().unwrap();
     let good = kms.client();
     good.ready().await.unwrap();
@@ -101,7 +93,7 @@ async fn mtls_refuses_expired_future_and_wrong_usage_certificates_and_wrong_serv
     let tls =
         kms_api::tls::client_config(&certs.ca, &certs.client_cert, &certs.client_key).unwrap();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port))
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port()))
         .await
         .unwrap();
     let name = rustls::pki_types::ServerName::try_from("not-the-kms.example").unwrap();
@@ -111,26 +103,22 @@ async fn mtls_refuses_expired_future_and_wrong_usage_certificates_and_wrong_serv
     };
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     // The right name is accepted by the same client settings.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port))
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port()))
         .await
         .unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await.unwrap();
     good.ready().await.unwrap();
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn on_tcp_an_admin_certificate_subject_gets_the_admin_api_and_nothing_else() {
-    let kms = Kms::start(Options {
-        tls: true,
-        env: vec![(
-            "PROGRESSDB_KMS__TLS__ADMIN_SUBJECTS".into(),
-            "kms-admin".into(),
-        )],
-        ..Options::default()
-    })
-    .await;
+    let kms = kms()
+        .tls()
+        .env("PROGRESSDB_KMS__TLS__ADMIN_SUBJECTS", "kms-admin")
+        .start_ready()
+        .await;
     let certs = kms.certs.clone().unwrap();
     // The server's certificate: key API yes, admin API no.
     let c = kms.client();
@@ -155,21 +143,18 @@ async fn on_tcp_an_admin_certificate_subject_gets_the_admin_api_and_nothing_else
     assert_eq!(s, 404, "an admin cannot use the key API");
     let job = admin.start_verify().await.unwrap();
     assert!(job.started);
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
     // An allow-list that does not hold our uid: every request is refused with 403.
-    let mut kms = Kms::provision(Options {
-        allowed_uids: Some(vec![4_000_000]),
-        ..Options::default()
-    });
+    let mut kms = kms().allowed_uids(vec![4_000_000]).provision();
     kms.spawn();
     kms.wait_status(403).await;
-    let meta = std::fs::metadata(&kms.socket).unwrap();
+    let meta = std::fs::metadata(kms.socket()).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600);
-    let our_uid = std::fs::metadata(kms.dir.path()).unwrap().uid();
+    let our_uid = std::fs::metadata(&kms.root).unwrap().uid();
     assert_ne!(our_uid, 4_000_000);
     let c = kms.client();
     let (s, b) = c
@@ -184,7 +169,7 @@ async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
     assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")));
     let err = c.create_dek_for_thread(&tid("x")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Forbidden));
-    kms.stop().await;
+    kms.stop();
 
     // Our uid as a client and, by default, as the admin too: refused at start-up (the
     // server's identity must never be an admin).
@@ -212,14 +197,14 @@ async fn unix_socket_is_0600_and_uid_allow_list_is_enforced() {
     kms.wait_ready().await;
     let k = kms.client().create_dek_for_thread(&tid("x")).await.unwrap();
     assert_eq!(k.kek_version.get(), 1);
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket() {
-    let mut kms = Kms::start(Options::default()).await;
+    let mut kms = kms().start_ready().await;
     let body = br#"{"thread_id":"in-flight"}"#;
-    let mut s = tokio::net::UnixStream::connect(&kms.socket).await.unwrap();
+    let mut s = tokio::net::UnixStream::connect(kms.socket()).await.unwrap();
     let head = format!(
         "POST /create_dek_for_thread HTTP/1.1\r\nhost: kms\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
@@ -232,11 +217,11 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket
     kms.sigterm();
     // It stops accepting (the socket file goes away) while our request is still open...
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while kms.socket.exists() {
+    while kms.socket().exists() {
         assert!(std::time::Instant::now() < deadline, "socket not removed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(tokio::net::UnixStream::connect(&kms.socket).await.is_err());
+    assert!(tokio::net::UnixStream::connect(kms.socket()).await.is_err());
     // ...and still answers it.
     s.write_all(&body[5..]).await.unwrap();
     let mut answer = Vec::new();
@@ -249,13 +234,13 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket
     let json = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
     let created: kms_api::wire::CreateDekResponse = serde_json::from_str(json).unwrap();
 
-    let status = kms.wait_exit(Duration::from_secs(20)).await;
+    let status = kms.wait_exit(Duration::from_secs(20));
     assert!(
         status.success(),
         "exit status {status}:\n{}",
         kms.log_text()
     );
-    assert!(!kms.socket.exists());
+    assert!(!kms.socket().exists());
     let log = kms.log_text();
     assert!(
         log.contains("SIGTERM received") && log.contains("stopped cleanly"),
@@ -267,12 +252,12 @@ async fn sigterm_finishes_in_flight_requests_then_exits_0_and_removes_the_socket
     kms.wait_ready().await;
     let w = kms.client().get_wrapped(&created.key_id).await.unwrap();
     assert_eq!(w.wrapped, created.wrapped);
-    kms.finish(&[]).await;
+    kms.finish(&[]);
 }
 
 #[tokio::test]
 async fn restart_after_crash_and_after_sigterm_keeps_every_key() {
-    let mut kms = Kms::start(Options::default()).await;
+    let mut kms = kms().start_ready().await;
     let c = kms.client();
     let mut sealed = Vec::new();
     for i in 0..6 {
@@ -294,7 +279,7 @@ async fn restart_after_crash_and_after_sigterm_keeps_every_key() {
 
     // A crash leaves a stale socket file behind; the next start replaces it.
     kms.crash();
-    assert!(kms.socket.exists(), "stale socket left by the crash");
+    assert!(kms.socket().exists(), "stale socket left by the crash");
     for round in ["after crash", "after SIGTERM"] {
         kms.spawn();
         kms.wait_ready().await;
@@ -323,9 +308,9 @@ async fn restart_after_crash_and_after_sigterm_keeps_every_key() {
             .await
             .unwrap();
         assert!(misses >= sealed.len() as f64, "{round}: {misses} misses");
-        kms.stop().await;
+        kms.stop();
     }
     let msgs: Vec<Vec<u8>> = sealed.iter().map(|s| s.1.clone().into_bytes()).collect();
     let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
-    kms.finish(&refs).await;
+    kms.finish(&refs);
 }

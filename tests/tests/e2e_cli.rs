@@ -8,12 +8,12 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use progressdb_e2e::{bin, kms_config, server_config, Kms, KmsListen, Provider, SoftHsm};
+use progressdb_e2e::{bin, KmsBuilder, ServerBuilder, Token};
 
 /// (what, environment overrides, text a problem line must contain).
 type Case<V, E> = (&'static str, Vec<(&'static str, V)>, E);
 
-fn run(binary: &str, hsm: Option<&SoftHsm>, args: &[&str], env: &[(&str, &str)]) -> Output {
+fn run(binary: &str, hsm: Option<&Token>, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin(binary));
     cmd.args(args).env_remove("RUST_LOG");
     if let Some(h) = hsm {
@@ -136,7 +136,7 @@ fn problems(out: &str) -> Vec<&str> {
     out.lines().filter(|l| l.starts_with("problem: ")).collect()
 }
 
-fn check_kms(hsm: &SoftHsm, config: &Path, env: &[(&str, &str)]) -> (i32, String) {
+fn check_kms(hsm: &Token, config: &Path, env: &[(&str, &str)]) -> (i32, String) {
     let out = run(
         "progressdb-kms",
         Some(hsm),
@@ -151,8 +151,8 @@ fn check_kms(hsm: &SoftHsm, config: &Path, env: &[(&str, &str)]) -> (i32, String
 #[test]
 fn kms_check_config_on_good_and_broken_configs() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let (config, _) = kms_config(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let config = KmsBuilder::new(tmp.path()).token(&hsm).provision().config;
 
     let (code, out) = check_kms(&hsm, &config, &[]);
     assert_eq!(code, 0, "{out}");
@@ -244,7 +244,7 @@ fn kms_check_config_on_good_and_broken_configs() {
     assert_eq!((code, problems(&out).len()), (2, 1), "{out}");
 
     // With the KMS running: still OK, the admin socket is seen serving, the store is in use.
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let (code, out) = check_kms(&hsm, &kms.config, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("a KMS is serving on it now"), "{out}");
@@ -254,9 +254,13 @@ fn kms_check_config_on_good_and_broken_configs() {
 #[test]
 fn kms_check_config_checks_tls_files() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     let certs = testkit::Certs::generate(&tmp.path().join("certs"));
-    let (config, _) = kms_config(tmp.path(), &hsm, KmsListen::Mtls, Some(&certs));
+    let config = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .mtls(&certs)
+        .provision()
+        .config;
     let (code, out) = check_kms(&hsm, &config, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: tls.cert"), "{out}");
@@ -298,13 +302,9 @@ fn check_server(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
 #[test]
 fn server_check_config_on_good_and_broken_configs() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let (config, keys, _) = server_config(tmp.path(), &provider, true, testkit::free_port());
+    let kms = KmsBuilder::new(tmp.path()).start();
+    let server = ServerBuilder::new(tmp.path()).kms(&kms).provision();
+    let (config, keys) = (server.config.clone(), server.keys.clone());
     let (code, out) = check_server(&config, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("a KMS accepts connections there now"), "{out}");
@@ -397,8 +397,8 @@ fn server_check_config_on_good_and_broken_configs() {
 #[test]
 fn kms_status_text_and_json() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     // Some keys, one of them used (so it is cached).
     let api = &kms;
     let mut key = String::new();
@@ -532,8 +532,7 @@ fn both_services_run_without_core_dumps() {
 #[test]
 fn the_kms_locks_its_key_memory() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let kms = KmsBuilder::new(tmp.path()).start();
     let status = std::fs::read_to_string(format!("/proc/{}/status", kms.proc.pid())).unwrap();
     let locked_kb: u64 = status
         .lines()

@@ -8,15 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Api, Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Api, KmsBuilder, Role, ServerBuilder};
 use serde_json::{json, Value};
-
-fn external(kms: &Kms) -> Provider {
-    Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    }
-}
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
@@ -75,9 +68,7 @@ fn bodies(api: &Api, thread: &str) -> BTreeMap<String, Value> {
 fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
     let n = progressdb_e2e::heavy(5_000);
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "alice");
     let t = api.create_thread("rotate me");
@@ -232,9 +223,11 @@ fn dek_rotation_of_5000_messages_under_posts_edits_and_a_server_kill() {
 #[test]
 fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), false);
+    let kms = KmsBuilder::new(tmp.path()).start();
+    let mut server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .encryption(false)
+        .start();
     let api = server.as_role(Role::Backend, "bob");
     let t = api.create_thread("plain");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -245,31 +238,20 @@ fn a_plain_thread_is_encrypted_in_place_leaving_no_plaintext() {
 
     // Encryption turned on; the old thread is encrypted by the job.
     server.proc.sigterm();
-    let text = std::fs::read_to_string(&server.config).unwrap();
-    std::fs::write(
-        &server.config,
-        text.replace("enabled = false", "enabled = true"),
-    )
-    .unwrap();
+    server.edit_config(|t| t.replace("enabled = false", "enabled = true"));
     server.restart();
     let admin = server.as_role(Role::Admin, "ops");
     // Through the operator script (which waits for the job).
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
-    let out = std::process::Command::new("bash")
-        .arg(repo.join("scripts/rotate-thread-dek.sh"))
-        .arg(&tid)
-        .arg("--encrypt")
-        .env("PROGRESSDB_URL", &server.base)
-        .env("PROGRESSDB_ADMIN_KEY", &server.keys.admin)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = progressdb_e2e::run_ok(
+        std::process::Command::new("bash")
+            .arg(repo.join("scripts/rotate-thread-dek.sh"))
+            .arg(&tid)
+            .arg("--encrypt")
+            .env("PROGRESSDB_URL", &server.base)
+            .env("PROGRESSDB_ADMIN_KEY", &server.keys.admin),
     );
     assert!(text.contains("succeeded: 150/150 migrated"), "{text}");
     let (s, jobs) = admin.call("GET", "/admin/jobs", None);
@@ -321,9 +303,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_unreadable() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "carol");
     let t = api.create_thread("shred me");
@@ -377,9 +357,7 @@ fn deleting_a_thread_mid_rotation_shreds_both_keys_and_a_pre_delete_copy_stays_u
 #[test]
 fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "dave");
     let threads: Vec<String> = (0..3)
@@ -436,7 +414,7 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
     let store = kms.root.join("kms").join("store");
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::create_dir_all(&store).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     let (s, v) = api.call(
         "GET",
         &format!("/v1/threads/{}/messages?limit=5", threads[1]),
@@ -480,19 +458,14 @@ fn server_copies_follow_a_kek_rotation_and_rebuild_a_lost_kms_store() {
 #[test]
 fn a_key_past_its_message_count_is_rotated_automatically() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let mut server = Server::start(tmp.path(), "progressdb", &external(&kms), true);
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     server.proc.sigterm();
-    let text = std::fs::read_to_string(&server.config).unwrap();
-    std::fs::write(
-        &server.config,
-        text.replace(
+    server.edit_config(|t| {
+        t.replace(
             "enabled = true",
             "enabled = true\nrotate_after_messages = 5",
-        ),
-    )
-    .unwrap();
+        )
+    });
     server.restart();
     let admin = server.as_role(Role::Admin, "ops");
     let api = server.as_role(Role::Backend, "erin");

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use progressdb_e2e::{Kms, KmsListen, Role, SoftHsm};
+use progressdb_e2e::{Kms, KmsBuilder, Role, Token};
 use serde_json::json;
 
 /// Sets the soft file-size limit of `pid` (bytes; `None`: unlimited), hard limit unlimited.
@@ -114,8 +114,8 @@ fn a_full_server_store_answers_507_keeps_reading_and_recovers() {
 #[test]
 fn a_full_kms_store_answers_507_keeps_serving_keys_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let create = |kms: &Kms, i: usize| {
         kms.call(
             "POST",
@@ -168,7 +168,7 @@ fn a_full_kms_store_answers_507_keeps_serving_keys_and_recovers() {
     assert_eq!(s, 200, "{v}");
     made += 1;
     // Every key acknowledged is in the store after a restart, and nothing half-written.
-    kms.restart(&hsm);
+    kms.restart();
     let m = kms.metrics();
     assert!(m.contains("progressdb_kms"), "metrics answer");
     let status = Command::new(progressdb_e2e::bin("progressdb-kms"))

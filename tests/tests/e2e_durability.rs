@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{bin, kms_config, server_config, KmsListen, Proc, Provider, SoftHsm};
+use progressdb_e2e::{bin, KmsBuilder, Proc, ServerBuilder, Token};
 use serde_json::json;
 
 /// Reads an `strace -f` log: returns, for each success answer (`HTTP/1.1 2xx`) written to any
@@ -141,6 +141,12 @@ impl Traced {
         }
     }
 
+    /// The TCP port the traced service listens on, once it does.
+    fn port(&self) -> Option<u16> {
+        let pid: i32 = self.0.as_deref()?.parse().ok()?;
+        testkit::proc::listening_ports(pid).first().copied()
+    }
+
     /// SIGTERM, then waits for it to go. `log` is shown if the service was gone already.
     fn stop(&mut self, log: &Path) {
         let pid = self.0.take().unwrap();
@@ -201,9 +207,9 @@ fn check_trace(log: &Path, answers: usize) {
 #[test]
 fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let (kms_conf, endpoint) = kms_config(tmp.path(), &hsm, KmsListen::Unix, None);
-    let sock = endpoint.trim_start_matches("unix://").to_owned();
+    let hsm = Token::new(tmp.path());
+    let kms_files = KmsBuilder::new(tmp.path()).token(&hsm).provision();
+    let (kms_conf, sock) = (kms_files.config.clone(), kms_files.socket());
 
     // The KMS under strace: each acknowledged create_dek_for_thread.
     let kms_trace = tmp.path().join("kms.strace");
@@ -231,12 +237,8 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
     }
 
     // The server under strace: each acknowledged thread and message.
-    let port = testkit::free_port();
-    let provider = Provider::External {
-        endpoint: endpoint.clone(),
-        tls: None,
-    };
-    let (conf, keys, _) = server_config(tmp.path(), &provider, true, port);
+    let server_files = ServerBuilder::new(tmp.path()).kms(&kms_files).provision();
+    let (conf, keys) = (server_files.config.clone(), server_files.keys.clone());
     let server_trace = tmp.path().join("server.strace");
     let mut cmd = strace(&server_trace);
     cmd.arg(bin("progressdb"))
@@ -244,11 +246,14 @@ fn every_acknowledged_write_of_both_stores_follows_a_completed_sync() {
         .arg(&conf);
     let mut server = Proc::spawn("progressdb", cmd, &tmp.path().join("server.log"));
     let mut server_service = Traced::of(&server, "progressdb");
-    let base = format!("http://127.0.0.1:{port}");
+    // Configured with port 0, the server binds a free port itself: read it back.
+    let mut port = 0;
     wait_until("the server did not start", || {
         server.assert_running();
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        port = server_service.port().unwrap_or(0);
+        port != 0
     });
+    let base = format!("http://127.0.0.1:{port}");
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(30))
         .build();

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{KmsBuilder, Role, ServerBuilder};
 use serde_json::json;
 
 #[test]
 fn kms_down_gives_503_stores_nothing_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
+    let (_hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let t = alice.create_thread("before");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -50,7 +50,7 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     );
 
     // The server recovers by itself once the KMS is back.
-    kms.restart(&hsm);
+    kms.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (s, _) = alice.call(
@@ -93,14 +93,16 @@ fn signal(pid: i32, sig: &str) {
 #[test]
 fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).start();
     // One second per user request, retries included; the circuit opens after two failures
     // or one hang; the cooldown (half a second) is shorter than the time the test keeps
     // asking while the KMS hangs.
-    let mut conf = std::fs::read_to_string(&server.config).unwrap();
-    conf.push_str("deadline_ms = 1000\nbreaker_failures = 2\nbreaker_cooldown_ms = 500\n");
-    std::fs::write(&server.config, conf).unwrap();
-    server.restart();
+    let server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .kms_client("deadline_ms", 1000)
+        .kms_client("breaker_failures", 2)
+        .kms_client("breaker_cooldown_ms", 500)
+        .start();
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("hang");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -180,13 +182,7 @@ fn a_hung_kms_costs_one_deadline_then_fails_fast_and_recovers_by_itself() {
 #[test]
 fn sigkill_under_write_load_loses_no_acknowledged_message() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let _kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: _kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let tid = alice.create_thread("load")["id"]
         .as_str()

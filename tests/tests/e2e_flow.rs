@@ -5,10 +5,10 @@
 
 use base64::Engine as _;
 use progressdb_e2e::{
-    assert_absent, functional_flow, Certs, Kms, KmsListen, Provider, Server, SoftHsm,
+    assert_absent, functional_flow, Certs, Kms, KmsBuilder, Provider, Server, ServerBuilder, Token,
 };
 
-fn secrets_of(out: &progressdb_e2e::FlowOutcome, hsm: &SoftHsm, server: &Server) -> Vec<Vec<u8>> {
+fn secrets_of(out: &progressdb_e2e::FlowOutcome, hsm: &Token, server: &Server) -> Vec<Vec<u8>> {
     let mut s: Vec<Vec<u8>> = out.markers.iter().map(|m| m.as_bytes().to_vec()).collect();
     s.push(hsm.pin.as_bytes().to_vec());
     s.push(server.keys.admin.as_bytes().to_vec());
@@ -22,7 +22,7 @@ fn secrets_of(out: &progressdb_e2e::FlowOutcome, hsm: &SoftHsm, server: &Server)
     s
 }
 
-fn check_clean(out: &progressdb_e2e::FlowOutcome, hsm: &SoftHsm, kms: &Kms, server: &Server) {
+fn check_clean(out: &progressdb_e2e::FlowOutcome, hsm: &Token, kms: &Kms, server: &Server) {
     // No plaintext of any posted message in the server's LMDB files.
     let markers: Vec<&[u8]> = out.markers.iter().map(|m| m.as_bytes()).collect();
     assert_absent("server LMDB files", &server.store_bytes(), &markers);
@@ -36,13 +36,7 @@ fn check_clean(out: &progressdb_e2e::FlowOutcome, hsm: &SoftHsm, kms: &Kms, serv
 #[test]
 fn unix_socket_kms_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (hsm, mut kms, mut server) = progressdb_e2e::system(tmp.path());
 
     let out = functional_flow(&server, true);
 
@@ -52,7 +46,7 @@ fn unix_socket_kms_end_to_end() {
         "server did not exit cleanly"
     );
     assert!(kms.proc.sigterm().success(), "KMS did not exit cleanly");
-    kms.restart(&hsm);
+    kms.restart();
     server.restart();
     let alice = server.as_role(progressdb_e2e::Role::Frontend, "alice");
     let texts: Vec<String> = alice
@@ -81,18 +75,11 @@ fn unix_socket_kms_end_to_end() {
 #[test]
 fn mutual_tls_kms_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     let certs = Certs::generate(&tmp.path().join("tls"));
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Mtls, Some(&certs));
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: Some((
-            certs.ca.clone(),
-            certs.client_cert.clone(),
-            certs.client_key.clone(),
-        )),
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).mtls(&certs).start();
+    // The KMS's endpoint with the good client certificate.
+    let mut server = ServerBuilder::new(tmp.path()).kms(&kms).start();
     let out = functional_flow(&server, true);
     assert!(server.proc.sigterm().success());
 
@@ -106,7 +93,7 @@ fn mutual_tls_kms_end_to_end() {
             certs.other_client_key.clone(),
         )),
     };
-    let intruder = Server::start(tmp2.path(), "progressdb", &bad, true);
+    let intruder = ServerBuilder::new(tmp2.path()).provider(&bad).start();
     let (s, v) = intruder
         .as_role(progressdb_e2e::Role::Frontend, "mallory")
         .call(
@@ -141,7 +128,10 @@ fn embedded_provider_passes_the_same_flow() {
     let provider = Provider::Embedded {
         master_key_file: key_file,
     };
-    let mut server = Server::start(tmp.path(), "progressdb-dev", &provider, true);
+    let mut server = ServerBuilder::new(tmp.path())
+        .binary("progressdb-dev")
+        .provider(&provider)
+        .start();
     let out = functional_flow(&server, true);
     let markers: Vec<&[u8]> = out.markers.iter().map(|m| m.as_bytes()).collect();
     assert!(server.proc.sigterm().success());
@@ -152,13 +142,11 @@ fn embedded_provider_passes_the_same_flow() {
 #[test]
 fn plaintext_mode_passes_the_same_flow() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = Server::start(tmp.path(), "progressdb", &provider, false);
+    let kms = KmsBuilder::new(tmp.path()).start();
+    let server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .encryption(false)
+        .start();
     let out = functional_flow(&server, false);
     // Stored in plain form (and marked so a later job can encrypt it).
     let bytes = server.store_bytes();
@@ -177,8 +165,10 @@ fn release_build_refuses_embedded_mode() {
     let provider = Provider::Embedded {
         master_key_file: key_file,
     };
-    let (config, _, _) =
-        progressdb_e2e::server_config(tmp.path(), &provider, true, progressdb_e2e::free_port());
+    let config = ServerBuilder::new(tmp.path())
+        .provider(&provider)
+        .provision()
+        .config;
     let out = std::process::Command::new(progressdb_e2e::bin("progressdb"))
         .arg("serve")
         .arg("--config")

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use progressdb_e2e::Role;
+use progressdb_e2e::{Kms, Role, Server};
 use serde_json::json;
 
 /// Sends `raw` (a whole HTTP/1.1 request) and returns the status and body.
@@ -84,11 +84,19 @@ fn hostile_requests_get_4xx_crash_nothing_and_change_no_store() {
             .as_role(Role::Admin, "ops")
             .call("GET", &format!("/admin/threads/{tid}/kms"), None);
     let key = k["key_id"].as_str().unwrap().to_owned();
-    // Let the writers settle, then take the stores' images.
-    std::thread::sleep(Duration::from_millis(300));
+    // The stores' images are taken with both services stopped: every write they made is
+    // committed once they have exited (an event, where a pause would only make it likely).
     let server_db = server.store.join("data.mdb");
     let kms_db = tmp.path().join("kms/store/data.mdb");
-    let (server_before, kms_before) = (file(&server_db), file(&kms_db));
+    let images = |kms: &mut Kms, server: &mut Server| {
+        assert!(server.proc.sigterm().success());
+        assert!(kms.proc.sigterm().success());
+        let images = (file(&server_db), file(&kms_db));
+        kms.restart();
+        server.restart();
+        images
+    };
+    let (server_before, kms_before) = images(&mut kms, &mut server);
 
     let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
     let auth = format!("authorization: Bearer {}", server.keys.backend);
@@ -415,13 +423,14 @@ fn hostile_requests_get_4xx_crash_nothing_and_change_no_store() {
         kms.proc.assert_running();
     }
 
-    // Nothing stored changed, in either service, and both still serve.
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        file(&server_db) == server_before,
-        "the server's store changed"
-    );
-    assert!(file(&kms_db) == kms_before, "the KMS's store changed");
+    // Both still serve, and nothing stored changed in either service.
+    server.proc.assert_running();
+    kms.proc.assert_running();
+    assert_eq!(server.healthz(), 200);
+    assert_eq!(kms.call("GET", "/healthz", None).0, 200);
+    let (server_after, kms_after) = images(&mut kms, &mut server);
+    assert!(server_after == server_before, "the server's store changed");
+    assert!(kms_after == kms_before, "the KMS's store changed");
     assert_eq!(alice.all_messages(&tid).len(), 1);
     alice.post_message(&tid, json!("still works"));
     server.proc.assert_running();

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, SoftHsm};
+use progressdb_e2e::{Kms, KmsBuilder, Token};
 use serde_json::json;
 
 fn tail(log: &str) -> String {
@@ -24,8 +24,7 @@ fn create_dek(kms: &Kms, thread: &str) -> (u16, serde_json::Value) {
 #[test]
 fn a_token_that_goes_away_and_comes_back_is_recovered_without_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     let pid = kms.proc.pid();
     let (s, k) = create_dek(&kms, "t-before");
     assert_eq!(s, 200, "{k}");
@@ -99,14 +98,14 @@ fn a_token_that_goes_away_and_comes_back_is_recovered_without_a_restart() {
     kms.proc.assert_running();
 }
 
-fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
+fn pkcs11_tool(hsm: &Token, args: &[&str]) {
     let out = std::process::Command::new("pkcs11-tool")
         .env(hsm.conf_var, &hsm.conf)
         .args([
             "--module",
             &hsm.module.display().to_string(),
             "--token-label",
-            &hsm.token_label,
+            &hsm.label,
         ])
         .args(args)
         .output()
@@ -122,8 +121,8 @@ fn pkcs11_tool(hsm: &SoftHsm, args: &[&str]) {
 #[test]
 fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     let (s, _) = create_dek(&kms, "t");
     assert_eq!(s, 200);
     assert!(kms.proc.sigterm().success());
@@ -139,17 +138,17 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
             "--key-type",
             "AES:32",
             "--label",
-            &hsm.kek_label,
+            &kms.kek_label,
             "--id",
             "00000002",
             "--extractable",
         ],
     );
-    let (status, err) = kms.serve_expecting_exit(&hsm);
+    let (status, err) = kms.serve_expecting_exit();
     assert_eq!(status.code(), Some(2), "a provisioning problem: {err}");
     let line = err.lines().last().unwrap_or_default();
     assert!(
-        line.contains(&hsm.kek_label) && line.contains("version 2") && line.contains("CKA_"),
+        line.contains(&kms.kek_label) && line.contains("version 2") && line.contains("CKA_"),
         "the reason names the label, the version and the attribute: {err}"
     );
     assert!(!err.contains(&hsm.pin), "no PIN in the message");
@@ -157,8 +156,8 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
     // The same planted as a sensitive, non-extractable key generated in the token, but
     // usable for wrapping (pkcs11-tool's default): still refused.
     let tmp2 = tempfile::tempdir().unwrap();
-    let hsm2 = SoftHsm::new(tmp2.path());
-    let mut kms2 = Kms::start(tmp2.path(), &hsm2, KmsListen::Unix, None);
+    let hsm2 = Token::new(tmp2.path());
+    let mut kms2 = KmsBuilder::new(tmp2.path()).token(&hsm2).start();
     assert!(kms2.proc.sigterm().success());
     pkcs11_tool(
         &hsm2,
@@ -170,13 +169,13 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
             "--key-type",
             "AES:32",
             "--label",
-            &hsm2.kek_label,
+            &kms2.kek_label,
             "--id",
             "00000002",
             "--sensitive",
         ],
     );
-    let (status, err) = kms2.serve_expecting_exit(&hsm2);
+    let (status, err) = kms2.serve_expecting_exit();
     assert!(!status.success(), "{err}");
     assert!(err.contains("version 2") && err.contains("CKA_"), "{err}");
 }
@@ -184,8 +183,8 @@ fn a_planted_kek_is_refused_naming_label_version_and_attribute() {
 #[test]
 fn a_pin_changed_underneath_is_tried_once_and_never_again() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(tmp.path());
+    let mut kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
     assert_eq!(create_dek(&kms, "t").0, 200);
     // Someone changes the user PIN; the KMS's PIN file still holds the old one.
     let new_pin = format!("{}9", hsm.pin);
@@ -261,7 +260,7 @@ fn a_pin_changed_underneath_is_tried_once_and_never_again() {
     // PIN file and restarts, it is in the audit log, chained, and the log verifies.
     kms.proc.sigterm();
     testkit::write_secret(&hsm.pin_file, new_pin.as_bytes());
-    kms.restart(&hsm);
+    kms.restart();
     assert_eq!(create_dek(&kms, "t-fixed").0, 200);
     let run = |args: &[&str]| {
         std::process::Command::new(progressdb_e2e::bin("progressdb-kms"))

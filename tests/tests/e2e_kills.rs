@@ -51,7 +51,7 @@ fn the_server_killed_ten_times_under_load_loses_nothing_acknowledged() {
 #[test]
 fn the_kms_killed_and_restarted_under_load_loses_nothing_and_no_thread_lacks_its_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
+    let (_hsm, mut kms, server) = progressdb_e2e::system(tmp.path());
     let api = server.as_role(Role::Backend, "alice");
     let admin = server.as_role(Role::Admin, "ops");
     let acked: Acked = Arc::default();
@@ -62,7 +62,7 @@ fn the_kms_killed_and_restarted_under_load_loses_nothing_and_no_thread_lacks_its
         kms.proc.sigkill();
         // Down for a moment under load: requests answer 503 (counted), none hangs.
         std::thread::sleep(Duration::from_millis(300));
-        kms.restart(&hsm);
+        kms.restart();
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(400));

@@ -3,48 +3,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use progressdb_e2e::{bin, uds_request, Kms, KmsListen, SoftHsm};
+use progressdb_e2e::{bin, uds_request, Kms, KmsBuilder, Token};
 use serde_json::{json, Value};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-fn admin(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Output {
-    Command::new(bin("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .arg("--config")
-        .arg(&kms.config)
-        .output()
-        .unwrap()
-}
-
-fn admin_json(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> Value {
-    let out = admin(hsm, kms, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn admin_socket(kms: &Kms) -> PathBuf {
-    kms.socket().with_file_name("kms.admin.sock")
-}
 
 /// Creates `n` DEKs from `threads` threads; returns (key id, ciphertext of its own id).
 fn seed(kms: &Kms, n: usize, threads: usize) -> Vec<(String, String)> {
@@ -105,17 +74,17 @@ fn decrypts(sock: &Path, key: &str, ct: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn status(hsm: &SoftHsm, kms: &Kms) -> Value {
-    admin_json(hsm, kms, &["status", "--json"])
+fn status(kms: &Kms) -> Value {
+    kms.cli_json(&["status", "--json"])
 }
 
 /// Appends the audit entries `file` lacks to it, with `scripts/export-audit.sh` (the runbook's
 /// archive).
-fn export_audit(hsm: &SoftHsm, kms: &Kms, file: &Path) {
+fn export_audit(kms: &Kms, file: &Path) {
     let out = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/export-audit.sh"))
         .arg(file)
-        .env(hsm.conf_var, &hsm.conf)
+        .env(kms.token.conf_var, &kms.token.conf)
         .env("KMS_CONFIG", &kms.config)
         .env("KMS_BIN", bin("progressdb-kms"))
         .output()
@@ -136,10 +105,10 @@ fn version(status: &Value, v: u64) -> &Value {
         .unwrap_or_else(|| panic!("no version {v} in {status}"))
 }
 
-fn wait_job(hsm: &SoftHsm, kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+fn wait_job(kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let j = admin_json(hsm, kms, &["jobs", "--id", id, "--json"]);
+        let j = kms.cli_json(&["jobs", "--id", id, "--json"]);
         if until(&j) {
             return j;
         }
@@ -151,21 +120,14 @@ fn wait_job(hsm: &SoftHsm, kms: &Kms, id: &str, until: impl Fn(&Value) -> bool) 
 #[test]
 fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[lifecycle]\nrewrap_concurrency = 2\nrewrap_batch = 256\n",
-    );
+    let kms = KmsBuilder::new(tmp.path()).rewrap(2, 256).start();
     let sample = seed(&kms, 10_000, 8);
-    let before = status(&hsm, &kms);
+    let before = status(&kms);
     assert_eq!(before["current_version"], 1);
     assert_eq!(version(&before, 1)["deks"], 10_000);
 
     // `kek destroy` before any rotation: refused, the KMS says why.
-    let out = admin(&hsm, &kms, &["kek", "destroy", "--version", "1"]);
+    let out = kms.cli(&["kek", "destroy", "--version", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kek_not_retired"), "{err}");
@@ -222,7 +184,7 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
         .collect();
 
     let started = Instant::now();
-    let out = admin(&hsm, &kms, &["rotate-kek", "--json"]);
+    let out = kms.cli(&["rotate-kek", "--json"]);
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let errors: Vec<String> = traffic
@@ -250,7 +212,7 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     );
     assert_eq!(job["progress"]["failed"], 0);
 
-    let after = status(&hsm, &kms);
+    let after = status(&kms);
     assert_eq!(after["current_version"], 2);
     assert_eq!(version(&after, 1)["state"], "retired");
     assert_eq!(version(&after, 1)["deks"], 0);
@@ -266,18 +228,18 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     }
 
     // A verification pass agrees, and a retired version can now go.
-    let v = admin_json(&hsm, &kms, &["verify", "--json"]);
+    let v = kms.cli_json(&["verify", "--json"]);
     assert_eq!(v["state"], "succeeded", "{v}");
     assert_eq!(v["progress"]["verified"].as_u64().unwrap(), total);
-    let out = admin(&hsm, &kms, &["kek", "destroy", "--version", "2"]);
+    let out = kms.cli(&["kek", "destroy", "--version", "2"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("kek_not_retired"));
-    let out = admin(&hsm, &kms, &["kek", "destroy", "--version", "1"]);
+    let out = kms.cli(&["kek", "destroy", "--version", "1"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let gone = status(&hsm, &kms);
+    let gone = status(&kms);
     assert_eq!(version(&gone, 1)["state"], "destroyed");
     assert_eq!(version(&gone, 1)["in_hsm"], false);
     for (k, ct) in sample.iter().take(20) {
@@ -285,17 +247,13 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
     }
 
     // Every step is in the audit log, which verifies.
-    let v = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
+    let v = kms.cli_json(&["audit", "verify", "--json"]);
     assert_eq!(v["ok"], true, "{v}");
     assert!(
         v["verified"].as_u64().unwrap() > total,
         "one entry per DEK at least: {v}"
     );
-    let out = admin(
-        &hsm,
-        &kms,
-        &["audit", "list", "--after", "10000", "--limit", "100000"],
-    );
+    let out = kms.cli(&["audit", "list", "--after", "10000", "--limit", "100000"]);
     assert!(out.status.success());
     let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -346,16 +304,9 @@ fn kek_rotation_over_10000_deks_under_live_traffic_fails_no_request() {
 #[test]
 fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[lifecycle]\nrewrap_concurrency = 1\nrewrap_batch = 16\n",
-    );
+    let mut kms = KmsBuilder::new(tmp.path()).rewrap(1, 16).start();
     let sample = seed(&kms, 3_000, 6);
-    let out = admin(&hsm, &kms, &["rotate-kek", "--no-wait", "--json"]);
+    let out = kms.cli(&["rotate-kek", "--no-wait", "--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -367,7 +318,7 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
         .map(|_| started["id"].as_str().unwrap().to_owned())
         .unwrap();
     // Started twice: the same job.
-    let again = admin_json(&hsm, &kms, &["rotate-kek", "--no-wait", "--json"]);
+    let again = kms.cli_json(&["rotate-kek", "--no-wait", "--json"]);
     assert_eq!(again["id"], id.as_str());
 
     // SIGKILL early in the rewrap, in the middle, and during verification.
@@ -393,24 +344,24 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
         ),
     ];
     for (name, at) in points {
-        let j = wait_job(&hsm, &kms, &id, at);
+        let j = wait_job(&kms, &id, at);
         kms.proc.sigkill();
         eprintln!("killed {name}: {}", j["state"]);
-        kms.restart(&hsm);
+        kms.restart();
         // Every record is still there and every sampled ciphertext decrypts, whatever mix
         // of versions the kill left.
-        let s = status(&hsm, &kms);
+        let s = status(&kms);
         assert_eq!(s["active_deks"], 3_000, "{s}");
         for (k, ct) in sample.iter().step_by(7) {
             decrypts(&kms.socket(), k, ct).unwrap();
         }
     }
-    let j = wait_job(&hsm, &kms, &id, |j| {
+    let j = wait_job(&kms, &id, |j| {
         j["state"] == "succeeded" || j["state"] == "failed"
     });
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["progress"]["per_version"], json!({"2": 3000}), "{j}");
-    let s = status(&hsm, &kms);
+    let s = status(&kms);
     assert_eq!(s["current_version"], 2);
     assert_eq!(version(&s, 2)["deks"], 3_000);
     assert_eq!(version(&s, 1)["state"], "retired");
@@ -430,9 +381,8 @@ fn a_rotation_killed_at_any_point_resumes_and_ends_consistent() {
 #[test]
 fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let admin_sock = admin_socket(&kms);
+    let mut kms = KmsBuilder::new(tmp.path()).start();
+    let admin_sock = kms.admin_socket();
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&admin_sock).unwrap().permissions(),
     ) & 0o777;
@@ -469,17 +419,11 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
 
     // The operator scripts wrap the same commands.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new("bash")
-        .arg(repo.join("scripts/verify-keys.sh"))
-        .env("KMS_CONFIG", &kms.config)
-        .env("KMS_BIN", bin("progressdb-kms"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = progressdb_e2e::run_ok(
+        Command::new("bash")
+            .arg(repo.join("scripts/verify-keys.sh"))
+            .env("KMS_CONFIG", &kms.config)
+            .env("KMS_BIN", bin("progressdb-kms")),
     );
     assert!(text.contains("audit log verified"), "{text}");
     let (s, b) = uds_request(&admin_sock, "GET", "/admin/jobs/job-0000000000000000", None).unwrap();
@@ -497,13 +441,11 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
 
     // An admin socket restricted to another uid refuses this one.
     kms.proc.sigterm();
-    let mut text = std::fs::read_to_string(&kms.config).unwrap();
-    text = text.replacen("[listen]\n", "[listen]\nadmin_uids = [4242]\n", 1);
-    std::fs::write(&kms.config, text).unwrap();
-    kms.restart(&hsm);
+    kms.edit_config(|t| t.replacen("[listen]\n", "[listen]\nadmin_uids = [4242]\n", 1));
+    kms.restart();
     let (s, b) = uds_request(&admin_sock, "GET", "/admin/status", None).unwrap();
     assert_eq!(s, 403, "{b}");
-    let out = admin(&hsm, &kms, &["status"]);
+    let out = kms.cli(&["status"]);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -513,15 +455,14 @@ fn admin_calls_are_refused_to_the_server_identity_and_to_other_uids() {
 
     // With the KMS stopped, the admin commands say it is not running.
     kms.proc.sigterm();
-    let out = admin(&hsm, &kms, &["status"]);
+    let out = kms.cli(&["status"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `progressdb-kms serve` running"));
 
     // Every refusal was audited, with who asked.
-    let text = std::fs::read_to_string(&kms.config).unwrap();
-    std::fs::write(&kms.config, text.replacen("admin_uids = [4242]\n", "", 1)).unwrap();
-    kms.restart(&hsm);
-    let out = admin(&hsm, &kms, &["audit", "list", "--limit", "1000"]);
+    kms.edit_config(|t| t.replacen("admin_uids = [4242]\n", "", 1));
+    kms.restart();
+    let out = kms.cli(&["audit", "list", "--limit", "1000"]);
     assert!(
         out.status.success(),
         "{}",
@@ -567,10 +508,9 @@ fn tamper_store(kms: &Kms, f: impl FnOnce(&heed::Env, &mut heed::RwTxn<'_>)) {
 #[test]
 fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     seed(&kms, 30, 3);
-    let v = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
+    let v = kms.cli_json(&["audit", "verify", "--json"]);
     assert_eq!(
         (v["ok"].as_bool(), v["verified"].as_u64()),
         (Some(true), Some(30))
@@ -588,8 +528,8 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
         e["detail"]["thread_id"] = json!("someone-else");
         db.put(w, &key, &serde_json::to_vec(&e).unwrap()).unwrap();
     });
-    kms.restart(&hsm);
-    let out = admin(&hsm, &kms, &["audit", "verify", "--json"]);
+    kms.restart();
+    let out = kms.cli(&["audit", "verify", "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["problem"]["kind"], "mac_mismatch", "{v}");
@@ -605,8 +545,8 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
             db.delete(w, &seq.to_be_bytes()).unwrap();
         }
     });
-    kms.restart(&hsm);
-    let out = admin(&hsm, &kms, &["audit", "verify"]);
+    kms.restart();
+    let out = kms.cli(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("truncated_tail at entry 28"), "{text}");
@@ -615,21 +555,18 @@ fn a_tampered_audit_log_is_detected_and_the_first_bad_entry_named() {
 #[test]
 fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     // A key-API body limit far below the backup's size: restore has its own.
-    let mut kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[limits]\nmax_body_bytes = 16384\n",
-    );
+    let mut kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .max_body_bytes(16_384)
+        .start();
     let sample = seed(&kms, 400, 4);
     let (gone, _) = sample[0].clone();
     let (s, b) = kms.call("POST", "/destroy_key", Some(json!({"key_id": gone})));
     assert_eq!(s, 200, "{b}");
     let file = tmp.path().join("keys.backup");
-    let out = admin(&hsm, &kms, &["backup", "--out", file.to_str().unwrap()]);
+    let out = kms.cli(&["backup", "--out", file.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -656,10 +593,10 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     // The audit log, exported off the host as the runbook has it done after each backup and
     // regularly: twice here, the second run appending only what is new.
     let export = tmp.path().join("audit.jsonl");
-    export_audit(&hsm, &kms, &export);
+    export_audit(&kms, &export);
     let (s, b) = kms.call("POST", "/destroy_key", Some(json!({"key_id": sample[5].0})));
     assert_eq!(s, 200, "{b}");
-    export_audit(&hsm, &kms, &export);
+    export_audit(&kms, &export);
     let lines: Vec<Value> = std::fs::read_to_string(&export)
         .unwrap()
         .lines()
@@ -675,7 +612,7 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
     let store = kms.root.join("kms").join("store");
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::create_dir_all(&store).unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     assert!(decrypts(&kms.socket(), &sample[1].0, &sample[1].1).is_err());
 
     // A tampered copy is refused whole.
@@ -685,22 +622,22 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
         text.replacen("\"thread_id\":\"t", "\"thread_id\":\"x", 1),
     )
     .unwrap();
-    let out = admin(&hsm, &kms, &["restore", "--in", forged.to_str().unwrap()]);
+    let out = kms.cli(&["restore", "--in", forged.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("backup_invalid"));
-    assert_eq!(status(&hsm, &kms)["active_deks"], 0);
+    assert_eq!(status(&kms)["active_deks"], 0);
 
     // Without the audit log since the backup, which keys were destroyed after it cannot be
     // known: refused, nothing restored.
     let backup_arg = file.to_str().unwrap();
-    let out = admin(&hsm, &kms, &["restore", "--in", backup_arg]);
+    let out = kms.cli(&["restore", "--in", backup_arg]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("destroys_unknown") && err.contains("--audit"),
         "{err}"
     );
-    assert_eq!(status(&hsm, &kms)["active_deks"], 0);
+    assert_eq!(status(&kms)["active_deks"], 0);
     // An export with the later destroy removed does not verify as the chain's continuation.
     let doctored: String = String::from_utf8_lossy(&std::fs::read(&export).unwrap())
         .lines()
@@ -709,36 +646,28 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
         .collect();
     let doctored_file = tmp.path().join("doctored.jsonl");
     std::fs::write(&doctored_file, doctored).unwrap();
-    let out = admin(
-        &hsm,
-        &kms,
-        &[
-            "restore",
-            "--in",
-            backup_arg,
-            "--audit",
-            doctored_file.to_str().unwrap(),
-        ],
-    );
+    let out = kms.cli(&[
+        "restore",
+        "--in",
+        backup_arg,
+        "--audit",
+        doctored_file.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("destroys_unknown"), "{err}");
-    assert_eq!(status(&hsm, &kms)["active_deks"], 0);
+    assert_eq!(status(&kms)["active_deks"], 0);
 
-    let report = admin_json(
-        &hsm,
-        &kms,
-        &[
-            "restore",
-            "--in",
-            backup_arg,
-            "--audit",
-            export.to_str().unwrap(),
-            "--resurrect",
-            &named,
-            "--json",
-        ],
-    );
+    let report = kms.cli_json(&[
+        "restore",
+        "--in",
+        backup_arg,
+        "--audit",
+        export.to_str().unwrap(),
+        "--resurrect",
+        &named,
+        "--json",
+    ]);
     assert_eq!(report["imported"], 396, "{report}");
     assert_eq!(report["tombstones_imported"], 3, "{report}");
     let mut after_backup = vec![later.clone(), sample[5].0.clone()];
@@ -762,26 +691,22 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
             "a key destroyed before or after the backup stays destroyed"
         );
     }
-    let v = admin_json(&hsm, &kms, &["verify", "--json"]);
+    let v = kms.cli_json(&["verify", "--json"]);
     assert_eq!(v["progress"]["verified"], 397, "{v}");
     // The restored store's audit log starts afresh and verifies.
-    let a = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
+    let a = kms.cli_json(&["audit", "verify", "--json"]);
     assert_eq!(a["ok"], true, "{a}");
     // This store's log is a new one, not the backup's: restoring the backup again still
     // needs the export (or the operator's explicit acceptance).
-    let out = admin(&hsm, &kms, &["restore", "--in", backup_arg]);
+    let out = kms.cli(&["restore", "--in", backup_arg]);
     assert_eq!(out.status.code(), Some(1));
-    let again = admin_json(
-        &hsm,
-        &kms,
-        &[
-            "restore",
-            "--in",
-            backup_arg,
-            "--accept-unchecked-destroys",
-            "--json",
-        ],
-    );
+    let again = kms.cli_json(&[
+        "restore",
+        "--in",
+        backup_arg,
+        "--accept-unchecked-destroys",
+        "--json",
+    ]);
     assert_eq!(again["destroys_checked_by"], "unchecked", "{again}");
     assert_eq!(again["imported"], 0, "the tombstones here hold: {again}");
 }
@@ -793,11 +718,10 @@ fn backup_wipe_restore_decrypts_everything_and_a_tampered_backup_is_refused() {
 #[test]
 fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let kms = KmsBuilder::new(tmp.path()).start();
     let sample = seed(&kms, 20, 4);
     let backup = tmp.path().join("keys.backup");
-    let out = admin(&hsm, &kms, &["backup", "--out", backup.to_str().unwrap()]);
+    let out = kms.cli(&["backup", "--out", backup.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -809,9 +733,9 @@ fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
         assert_eq!(s, 200, "{b}");
     }
     let archive = tmp.path().join("audit-archive.jsonl");
-    export_audit(&hsm, &kms, &archive);
+    export_audit(&kms, &archive);
     let archived = std::fs::read_to_string(&archive).unwrap().lines().count();
-    let compact = |what: &str| admin(&hsm, &kms, &["audit", "compact", "--archive", what]);
+    let compact = |what: &str| kms.cli(&["audit", "compact", "--archive", what]);
     let out = compact(archive.to_str().unwrap());
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -826,7 +750,7 @@ fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
         "{said}"
     );
     // The rest of the log verifies from the anchor; the same archive again is refused.
-    let v = admin_json(&hsm, &kms, &["audit", "verify", "--json"]);
+    let v = kms.cli_json(&["audit", "verify", "--json"]);
     assert_eq!(
         (v["ok"].clone(), v["archived_through"].clone()),
         (json!(true), json!(archived)),
@@ -835,26 +759,22 @@ fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
     let out = compact(archive.to_str().unwrap());
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("archive_mismatch"));
-    assert_eq!(status(&hsm, &kms)["active_deks"], 18);
+    assert_eq!(status(&kms)["active_deks"], 18);
 
     // The backup is older than the archive: without it, which keys were destroyed since
     // cannot be known (their tombstones are gone too); with it, they stay destroyed.
     let backup_arg = backup.to_str().unwrap();
-    let out = admin(&hsm, &kms, &["restore", "--in", backup_arg]);
+    let out = kms.cli(&["restore", "--in", backup_arg]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("destroys_unknown"));
-    let report = admin_json(
-        &hsm,
-        &kms,
-        &[
-            "restore",
-            "--in",
-            backup_arg,
-            "--audit",
-            archive.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let report = kms.cli_json(&[
+        "restore",
+        "--in",
+        backup_arg,
+        "--audit",
+        archive.to_str().unwrap(),
+        "--json",
+    ]);
     let mut want = gone.to_vec();
     want.sort();
     assert_eq!(report["destroyed_after_backup"], json!(want), "{report}");
@@ -869,17 +789,13 @@ fn an_archived_audit_log_is_compacted_and_still_guards_restores() {
     for (k, ct) in &sample[2..] {
         decrypts(&kms.socket(), k, ct).unwrap();
     }
-    assert_eq!(
-        admin_json(&hsm, &kms, &["audit", "verify", "--json"])["ok"],
-        true
-    );
+    assert_eq!(kms.cli_json(&["audit", "verify", "--json"])["ok"], true);
 }
 
 #[test]
 fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let mut kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let mut kms = KmsBuilder::new(tmp.path()).start();
     let sample = seed(&kms, 200, 2);
     let victim = &sample[3].0;
     let (_, w) = kms.call("GET", &format!("/get_wrapped?key_id={victim}"), None);
@@ -887,7 +803,7 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
     let (s, _) = kms.call("POST", "/destroy_key", Some(json!({"key_id": victim})));
     assert_eq!(s, 200);
     // While the KMS runs, compaction is refused (it holds the store's lock).
-    let out = admin(&hsm, &kms, &["compact"]);
+    let out = kms.cli(&["compact"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another process"));
     kms.proc.sigterm();
@@ -904,7 +820,7 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
         found(&wrapped),
         "expected the destroyed blob in LMDB's free pages before compaction"
     );
-    let out = admin(&hsm, &kms, &["compact"]);
+    let out = kms.cli(&["compact"]);
     assert!(
         out.status.success(),
         "{}",
@@ -914,11 +830,11 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
         !found(&wrapped),
         "the destroyed key's wrapped DEK survived compaction"
     );
-    kms.restart(&hsm);
+    kms.restart();
     for (k, ct) in sample.iter().filter(|(k, _)| k != victim) {
         decrypts(&kms.socket(), k, ct).unwrap();
     }
-    assert_eq!(status(&hsm, &kms)["destroyed_deks"], 1);
+    assert_eq!(status(&kms)["destroyed_deks"], 1);
 }
 
 /// The current KEK version is pinned in the key store. A higher version that appears in the
@@ -928,8 +844,8 @@ fn a_destroyed_wrapped_dek_is_gone_from_the_store_files_after_compact() {
 #[test]
 fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(dir.path());
-    let mut kms = Kms::start(dir.path(), &hsm, KmsListen::Unix, None);
+    let hsm = Token::new(dir.path());
+    let mut kms = KmsBuilder::new(dir.path()).token(&hsm).start();
     let seeded = seed(&kms, 3, 1);
     kms.proc.sigterm();
 
@@ -938,14 +854,14 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
     let ours = dir.path().join("kms/store.ours");
     std::fs::rename(&store, &ours).unwrap();
     std::fs::create_dir(&store).unwrap();
-    kms.restart(&hsm);
-    let job = admin_json(&hsm, &kms, &["rotate-kek", "--json"]);
+    kms.restart();
+    let job = kms.cli_json(&["rotate-kek", "--json"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     kms.proc.sigterm();
     std::fs::remove_dir_all(&store).unwrap();
     std::fs::rename(&ours, &store).unwrap();
 
-    let (exit, text) = kms.serve_expecting_exit(&hsm);
+    let (exit, text) = kms.serve_expecting_exit();
     assert_eq!(exit.code(), Some(2), "{text}");
     assert!(
         text.contains("newest KEK version (2)") && text.contains("(newest 1)"),
@@ -959,13 +875,7 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
         .env(hsm.conf_var, &hsm.conf)
         .arg("--module")
         .arg(&hsm.module)
-        .args([
-            "--token-label",
-            &hsm.token_label,
-            "--login",
-            "--pin",
-            &hsm.pin,
-        ])
+        .args(["--token-label", &hsm.label, "--login", "--pin", &hsm.pin])
         .args(["--delete-object", "--type", "secrkey", "--id", "00000002"])
         .output()
         .unwrap();
@@ -974,9 +884,9 @@ fn a_kek_version_the_key_store_did_not_make_stops_start_up() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    kms.restart(&hsm);
+    kms.restart();
     for (key, ct) in &seeded {
         decrypts(&kms.socket(), key, ct).unwrap();
     }
-    assert_eq!(status(&hsm, &kms)["current_version"], 1);
+    assert_eq!(status(&kms)["current_version"], 1);
 }

@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{KmsBuilder, Role, ServerBuilder, Token};
 use serde_json::json;
 
 /// Posts `n` messages of `size` bytes to `tid`, then reads them back as one page and checks
@@ -56,13 +54,7 @@ fn text(n: usize, tag: usize) -> String {
 #[test]
 fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Backend, "alice");
     let t = alice.create_thread("large");
     let tid = t["id"].as_str().unwrap().to_owned();
@@ -98,7 +90,8 @@ fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
     assert!(all
         .iter()
         .all(|m| m["body"].as_str().map(str::len) == Some(240_000)));
-    std::thread::sleep(Duration::from_millis(10));
+    // Its whole log is written once it has exited.
+    assert!(server.proc.sigterm().success());
     assert!(
         !server.proc.log_text().contains("answering 500"),
         "no internal errors"
@@ -109,21 +102,14 @@ fn pages_of_large_messages_and_concurrent_large_posts_succeed() {
 #[test]
 fn a_kms_with_a_smaller_body_limit_than_the_servers_batches_still_serves_large_pages() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     // The KMS refuses bodies over 1 MiB; the server's batches are cut at 3 MiB by default, so
     // a page of 20 x 64 KiB (about 1.7 MiB of base64) is refused with 413 and must be split.
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[limits]\nmax_body_bytes = 1048576\n",
-    );
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let kms = KmsBuilder::new(tmp.path())
+        .token(&hsm)
+        .max_body_bytes(1_048_576)
+        .start();
+    let server = ServerBuilder::new(tmp.path()).kms(&kms).start();
     let alice = server.as_role(Role::Backend, "alice");
     let tid = alice.create_thread("split")["id"]
         .as_str()

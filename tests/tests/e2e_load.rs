@@ -6,7 +6,7 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, SoftHsm};
+use progressdb_e2e::KmsBuilder;
 
 #[test]
 fn two_thousand_half_sent_heads_do_not_starve_healthz() {
@@ -16,14 +16,10 @@ fn two_thousand_half_sent_heads_do_not_starve_healthz() {
         "the test holds 2000 sockets and needs 2300 open files, has {limit}"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[limits]\nread_timeout_secs = 3\nmax_connections = 1500\nmax_connections_per_peer = 1000\n",
-    );
+    let kms = KmsBuilder::new(tmp.path())
+        .limit("read_timeout_secs", 3)
+        .max_connections(1500, 1000)
+        .start();
     let sock = kms.socket();
     // 2000 connections that send half a request head and then nothing.
     let mut held = Vec::new();

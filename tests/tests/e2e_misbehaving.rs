@@ -15,9 +15,8 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use progressdb_e2e::{Kms, KmsListen, Role, Server, SoftHsm};
+use progressdb_e2e::{Certs, Kms, KmsBuilder, Role, Server, ServerBuilder, Token};
 use serde_json::json;
-use testkit::Certs;
 
 /// The timeouts every service here runs with. The read (idle) timeout is the longer, so a
 /// connection cut before it was cut by the write timeout.
@@ -25,12 +24,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CAP: usize = 4;
 
-fn kms_limits() -> String {
-    format!(
-        "[limits]\nread_timeout_secs = {}\nwrite_timeout_secs = {}\nmax_connections = {CAP}\nmax_connections_per_peer = {CAP}\n",
-        READ_TIMEOUT.as_secs(),
-        WRITE_TIMEOUT.as_secs()
-    )
+/// A KMS with the timeouts and connection caps of these tests.
+fn kms_with_limits(b: KmsBuilder) -> KmsBuilder {
+    b.limit("read_timeout_secs", READ_TIMEOUT.as_secs())
+        .limit("write_timeout_secs", WRITE_TIMEOUT.as_secs())
+        .max_connections(CAP as u64, CAP as u64)
 }
 
 fn big_encrypt_request() -> Vec<u8> {
@@ -127,15 +125,9 @@ fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(tmp.path(), &hsm, KmsListen::Unix, None, &kms_limits());
-    let (s, k) = kms.call(
-        "POST",
-        "/create_dek_for_thread",
-        Some(json!({"thread_id": "t"})),
-    );
-    assert_eq!(s, 200, "{k}");
-    let key = k["key_id"].as_str().unwrap().to_owned();
+    let hsm = Token::new(tmp.path());
+    let kms = kms_with_limits(KmsBuilder::new(tmp.path()).token(&hsm)).start();
+    let key = kms.create_dek("t");
     let body = String::from_utf8(big_encrypt_request())
         .unwrap()
         .replace("KEY", &key);
@@ -149,9 +141,16 @@ fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
         c.write_all(&req).unwrap();
         held.push(c);
     }
-    std::thread::sleep(Duration::from_millis(500));
-    // They hold every slot: one more is answered 503 at once.
-    let (s, v) = kms.call("GET", "/healthz", None);
+    // Once the KMS has accepted them (the event: until then a probe is served), they hold
+    // every slot: one more is answered 503 at once.
+    let accepted = Instant::now();
+    let (s, v) = loop {
+        let (s, v) = kms.call("GET", "/healthz", None);
+        if s != 200 || accepted.elapsed() > Duration::from_secs(10) {
+            break (s, v);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (503, Some("overloaded")),
@@ -205,15 +204,9 @@ fn the_kms_socket_cuts_clients_that_never_read_or_sit_idle() {
 #[test]
 fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_read() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     let certs = Certs::generate(&tmp.path().join("certs"));
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Mtls,
-        Some(&certs),
-        &kms_limits(),
-    );
+    let kms = kms_with_limits(KmsBuilder::new(tmp.path()).token(&hsm).mtls(&certs)).start();
     let port: u16 = kms.endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tls = Arc::new(
@@ -327,20 +320,15 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
     }
 }
 
-fn server_with_limits(root: &Path) -> (SoftHsm, Kms, Server) {
-    let (hsm, kms, mut server) = progressdb_e2e::system(root);
-    let text = std::fs::read_to_string(&server.config).unwrap();
-    let text = text.replacen(
-        "[http]\n",
-        &format!(
-            "[http]\nmax_connections = {CAP}\nheader_read_timeout_secs = {}\nwrite_timeout_secs = {}\n",
-            READ_TIMEOUT.as_secs(),
-            WRITE_TIMEOUT.as_secs()
-        ),
-        1,
-    );
-    std::fs::write(&server.config, text).unwrap();
-    server.restart();
+fn server_with_limits(root: &Path) -> (Token, Kms, Server) {
+    let hsm = Token::new(root);
+    let kms = KmsBuilder::new(root).token(&hsm).start();
+    let server = ServerBuilder::new(root)
+        .kms(&kms)
+        .http("max_connections", CAP as u64)
+        .http("header_read_timeout_secs", READ_TIMEOUT.as_secs())
+        .http("write_timeout_secs", WRITE_TIMEOUT.as_secs())
+        .start();
     (hsm, kms, server)
 }
 

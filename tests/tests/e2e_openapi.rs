@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
-use progressdb_e2e::{Kms, KmsListen, Provider, Server, SoftHsm};
+use progressdb_e2e::{KmsBuilder, ServerBuilder};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -460,8 +460,7 @@ fn kms_reference_matches_the_live_routes() {
 
     let spec = Spec::load("kms.yaml");
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
+    let kms = KmsBuilder::new(tmp.path()).start();
     let client = Target::Unix(kms.socket());
     let admin_sock = kms.socket().with_file_name("kms.admin.sock");
     let admin_t = Target::Unix(admin_sock);
@@ -710,17 +709,8 @@ fn kms_reference_matches_the_live_routes() {
 fn server_reference_matches_the_live_routes() {
     let spec = Spec::load("server.yaml");
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let server = Server::start(
-        tmp.path(),
-        "progressdb",
-        &Provider::External {
-            endpoint: kms.endpoint.clone(),
-            tls: None,
-        },
-        true,
-    );
+    let kms = KmsBuilder::new(tmp.path()).start();
+    let server = ServerBuilder::new(tmp.path()).kms(&kms).start();
     let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
     let t = Target::Tcp(port);
 

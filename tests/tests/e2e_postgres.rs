@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use progressdb_e2e::load::{check, writers, Acked};
-use progressdb_e2e::{bin, Kms, KmsStore, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{bin, Kms, KmsBuilder, KmsStore, Role, Server, ServerBuilder, Token};
 use serde_json::json;
 use testkit::pg::PgCluster;
 
-fn admin_cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> String {
-    let out = kms.cli(hsm, args);
+fn admin_cli(kms: &Kms, args: &[&str]) -> String {
+    let out = kms.cli(args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -27,14 +27,13 @@ fn admin_cli(hsm: &SoftHsm, kms: &Kms, args: &[&str]) -> String {
     text
 }
 
-fn system_on(pg: &PgCluster, root: &std::path::Path) -> (SoftHsm, Kms, Server) {
-    let hsm = SoftHsm::new(root);
-    let kms = Kms::start_on(root, &hsm, &KmsStore::Postgres(pg.new_database()), "");
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let server = Server::start(root, "progressdb", &provider, true);
+fn system_on(pg: &PgCluster, root: &std::path::Path) -> (Token, Kms, Server) {
+    let hsm = Token::new(root);
+    let kms = KmsBuilder::new(root)
+        .token(&hsm)
+        .store(KmsStore::Postgres(pg.new_database()))
+        .start();
+    let server = ServerBuilder::new(root).kms(&kms).start();
     (hsm, kms, server)
 }
 
@@ -42,7 +41,7 @@ fn system_on(pg: &PgCluster, root: &std::path::Path) -> (SoftHsm, Kms, Server) {
 fn the_whole_system_runs_on_a_postgres_key_store() {
     let pg = PgCluster::start();
     let tmp = tempfile::tempdir().unwrap();
-    let (hsm, mut kms, server) = system_on(&pg, tmp.path());
+    let (_hsm, mut kms, server) = system_on(&pg, tmp.path());
     assert!(
         kms.proc.log_text().contains("key store open (postgres)"),
         "{}",
@@ -52,25 +51,25 @@ fn the_whole_system_runs_on_a_postgres_key_store() {
     // Nothing of the KMS is in its state directory: the records are in the database.
     assert!(!tmp.path().join("kms/store/data.mdb").exists());
 
-    let status = admin_cli(&hsm, &kms, &["status", "--json"]);
+    let status = admin_cli(&kms, &["status", "--json"]);
     let j: serde_json::Value = serde_json::from_str(&status).unwrap();
     let active = j["active_deks"].as_u64().unwrap();
     assert!(active >= 1, "{j}");
 
     // A KEK rotation over the database's records, then the audit chain checks out.
     let job: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["rotate-kek", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["rotate-kek", "--json"])).unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
     let j: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["status", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["status", "--json"])).unwrap();
     assert_eq!(j["current_version"], 2, "{j}");
     let v: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["audit", "verify", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["audit", "verify", "--json"])).unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert!(v["verified"].as_u64().unwrap() >= 3, "{v}");
 
     // A restarted KMS finds every key again: the thread's messages still read.
-    kms.restart(&hsm);
+    kms.restart();
     let api = server.as_role(Role::Backend, "alice");
     let msgs = api.all_messages(&flow.thread_id);
     assert!(!msgs.is_empty());
@@ -87,7 +86,11 @@ fn the_database_restarted_under_load_gives_503_then_recovers_and_loses_nothing()
     let acked: Acked = Arc::default();
     let refused = Arc::new(AtomicU64::new(0));
     let (stop, handles) = writers(&api, 4, &acked, &refused);
-    std::thread::sleep(Duration::from_millis(500));
+    // Under way once the first thread is acknowledged (an event; at most 10 s).
+    let started = Instant::now();
+    while acked.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before: usize = acked.lock().unwrap().len();
     assert!(before > 0, "no thread was created before the restart");
     let refused_before = refused.load(Ordering::Relaxed);
@@ -159,7 +162,7 @@ fn store_copy_moves_a_running_deployment_from_lmdb_to_postgres_and_back() {
         api.create_thread(&format!("moved {i}"));
     }
     let before: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["status", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["status", "--json"])).unwrap();
 
     let store_dir = tmp.path().join("kms/store");
     let url = pg.new_database();
@@ -219,21 +222,21 @@ fn store_copy_moves_a_running_deployment_from_lmdb_to_postgres_and_back() {
         ),
     )
     .unwrap();
-    kms.restart(&hsm);
+    kms.restart();
     assert!(kms.proc.log_text().contains("key store open (postgres)"));
     let msgs = api.all_messages(&flow.thread_id);
     assert!(!msgs.is_empty());
     api.post_message(&flow.thread_id, json!("after the move"));
     let after: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["status", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["status", "--json"])).unwrap();
     assert_eq!(after["active_deks"], before["active_deks"], "{after}");
     let v: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["audit", "verify", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["audit", "verify", "--json"])).unwrap();
     assert_eq!(
         v["ok"], true,
         "the copied audit chain verifies in the HSM: {v}"
     );
     let job: serde_json::Value =
-        serde_json::from_str(&admin_cli(&hsm, &kms, &["rotate-kek", "--json"])).unwrap();
+        serde_json::from_str(&admin_cli(&kms, &["rotate-kek", "--json"])).unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
 }

@@ -3,42 +3,73 @@
 //! (`limits.peer_rate_per_sec`). Over the rate a request gets 429 `rate_limited` with
 //! `Retry-After`, other identities and probes are not affected, nothing is stored for the
 //! refused requests, and the caller is served again once its bucket refills.
+//!
+//! How many requests pass before the first refusal depends on how fast they are sent (an
+//! fsync per write on the server): each test sends until the first refusal (the event) and
+//! checks the count against the burst plus what the measured time refilled, at one token a
+//! second, and waits for the refill by asking again, not by sleeping.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use progressdb_e2e::{uds_raw, Kms, KmsListen, Role, SoftHsm};
+use progressdb_e2e::{uds_raw, KmsBuilder, Role, ServerBuilder};
 use serde_json::json;
+
+/// Calls `send` until it answers `refused` (at most 200 times: a limit that never refuses
+/// fails); every other answer must be `ok`. Returns how many passed and the seconds taken.
+fn until_refused(ok: u16, refused: u16, mut send: impl FnMut() -> u16) -> (usize, f64) {
+    let t = Instant::now();
+    let mut passed = 0;
+    loop {
+        let s = send();
+        if s == refused {
+            return (passed, t.elapsed().as_secs_f64());
+        }
+        assert_eq!(s, ok, "after {passed} passed");
+        passed += 1;
+        assert!(passed < 200, "never refused");
+    }
+}
+
+/// Asks `send` again (every 50 ms, at most 10 s) until it answers `ok`; every answer before
+/// must be `refused`.
+fn until_served(ok: u16, refused: u16, mut send: impl FnMut() -> u16) {
+    let t = Instant::now();
+    loop {
+        match send() {
+            s if s == ok => return,
+            s if s == refused => {}
+            other => panic!("{other} while waiting for the bucket to refill"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never served again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Requests a bucket of `burst` at one token a second lets through before the first refusal,
+/// `secs` after its first request: at least the burst less `used` (taken before), at most
+/// that plus what refilled (and one for rounding).
+fn assert_burst(passed: usize, burst: usize, used: usize, secs: f64) {
+    let least = burst - used;
+    let most = least + secs.floor() as usize + 1;
+    assert!(
+        (least..=most).contains(&passed),
+        "{passed} passed before the first refusal, in {secs:.2} s (burst {burst})"
+    );
+}
 
 #[test]
 fn the_kms_limits_each_peer_on_the_key_api_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start_with(
-        tmp.path(),
-        &hsm,
-        KmsListen::Unix,
-        None,
-        "[limits]\npeer_rate_per_sec = 5\npeer_rate_burst = 5\n",
-    );
-    let (s, k) = kms.call(
-        "POST",
-        "/create_dek_for_thread",
-        Some(json!({"thread_id": "t"})),
-    );
-    assert_eq!(s, 200, "{k}");
-    let key = k["key_id"].as_str().unwrap().to_owned();
+    let kms = KmsBuilder::new(tmp.path()).peer_rate(1, 5).start();
+    let key = kms.create_dek("t");
     let enc = json!({"key_id": key, "plaintext": "aGk="});
-    let statuses: Vec<u16> = (0..12)
-        .map(|_| kms.call("POST", "/encrypt", Some(enc.clone())).0)
-        .collect();
-    let ok = statuses.iter().filter(|s| **s == 200).count();
-    assert!((4..=6).contains(&ok), "{statuses:?}");
-    assert!(
-        statuses.iter().all(|s| *s == 200 || *s == 429),
-        "{statuses:?}"
-    );
+    // The create took one token of the burst of 5.
+    let (passed, secs) = until_refused(200, 429, || {
+        kms.call("POST", "/encrypt", Some(enc.clone())).0
+    });
+    assert_burst(passed, 5, 1, secs);
     // The refusal: its code, and how long to wait.
     let (_, text) = uds_raw(&kms.socket(), "POST", "/encrypt", Some(&enc)).unwrap();
     let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
@@ -56,8 +87,9 @@ fn the_kms_limits_each_peer_on_the_key_api_only() {
         assert_eq!(s, 200);
     }
     // The bucket refills.
-    std::thread::sleep(Duration::from_millis(1300));
-    assert_eq!(kms.call("POST", "/encrypt", Some(enc)).0, 200);
+    until_served(200, 429, || {
+        kms.call("POST", "/encrypt", Some(enc.clone())).0
+    });
 }
 
 /// The head of one `/encrypt` answer, as sent.
@@ -80,17 +112,19 @@ fn raw_head(sock: &std::path::Path, body: &serde_json::Value) -> String {
 #[test]
 fn the_server_limits_each_api_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
-    let mut text = std::fs::read_to_string(&server.config).unwrap();
-    text.push_str("\n[limits]\nkey_rate_per_sec = 4\nkey_rate_burst = 4\n");
-    std::fs::write(&server.config, text).unwrap();
-    server.restart();
+    let kms = KmsBuilder::new(tmp.path()).start();
+    let server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .limit("key_rate_per_sec", 1)
+        .limit("key_rate_burst", 4)
+        .start();
 
     let alice = server.as_role(Role::Backend, "alice");
     let agent = ureq::agent();
-    let mut ok = 0;
+    let mut i = 0;
     let mut refused = None;
-    for i in 0..10 {
+    let (ok, secs) = until_refused(201, 429, || {
+        i += 1;
         let (s, body) = alice
             .send(
                 &agent,
@@ -99,13 +133,12 @@ fn the_server_limits_each_api_key() {
                 Some(&json!({"title": format!("t{i}")})),
             )
             .unwrap();
-        match s {
-            201 => ok += 1,
-            429 => refused = Some(body),
-            other => panic!("{other} {body}"),
+        if s == 429 {
+            refused = Some(body);
         }
-    }
-    assert!((3..=5).contains(&ok), "{ok} created");
+        s
+    });
+    assert_burst(ok, 4, 0, secs);
     let body: serde_json::Value = serde_json::from_str(&refused.expect("no 429")).unwrap();
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     let r = ureq::get(&format!("{}/v1/threads", server.base))
@@ -124,26 +157,25 @@ fn the_server_limits_each_api_key() {
     let (s, _) = admin.call("GET", "/v1/threads", None);
     assert_eq!(s, 200);
     for _ in 0..10 {
-        assert_eq!(
-            ureq::get(&format!("{}/healthz", server.base))
-                .call()
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(server.healthz(), 200);
     }
     // Nothing was stored for the refused creates, and the key is served again later.
-    std::thread::sleep(Duration::from_millis(1500));
-    let (s, list) = alice.call("GET", "/v1/threads?limit=100", None);
-    assert_eq!(s, 200);
+    let mut list = serde_json::Value::Null;
+    until_served(200, 429, || {
+        let (s, v) = alice.call("GET", "/v1/threads?limit=100", None);
+        list = v;
+        s
+    });
     assert_eq!(list["threads"].as_array().unwrap().len(), ok, "{list}");
-    let (s, _) = alice
-        .send(
-            &agent,
-            "POST",
-            "/v1/threads",
-            Some(&json!({"title": "later"})),
-        )
-        .unwrap();
-    assert_eq!(s, 201);
+    until_served(201, 429, || {
+        alice
+            .send(
+                &agent,
+                "POST",
+                "/v1/threads",
+                Some(&json!({"title": "later"})),
+            )
+            .unwrap()
+            .0
+    });
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use progressdb_e2e::load::{check, unreadable_items, writers, Acked};
-use progressdb_e2e::{bin, Kms, KmsListen, KmsStore, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Kms, KmsBuilder, KmsStore, Provider, Role, Server, ServerBuilder, Token};
 use serde_json::json;
 use testkit::pg::PgCluster;
 
@@ -20,7 +20,6 @@ struct Replicated {
     /// Stops the activity watcher (see [`watch_activity`]) when dropped.
     _watch: Watch,
     _pg: PgCluster,
-    hsm: SoftHsm,
     kms: Vec<Kms>,
     server: Server,
     _tmp: tempfile::TempDir,
@@ -94,24 +93,27 @@ fn replicated_with(n: usize, extra: &str) -> Replicated {
         ],
     );
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     let store = KmsStore::Postgres(pg.new_database());
     let watch = watch_activity(pg.url("postgres"));
     let kms: Vec<Kms> = (0..n)
         .map(|i| {
             let root = tmp.path().join(format!("replica-{i}"));
             std::fs::create_dir_all(&root).unwrap();
-            Kms::start_on(&root, &hsm, &store, extra)
+            KmsBuilder::new(&root)
+                .token(&hsm)
+                .store(store.clone())
+                .extra_toml(extra)
+                .start()
         })
         .collect();
     let provider = Provider::Replicas {
         endpoints: kms.iter().map(|k| k.endpoint.clone()).collect(),
     };
-    let server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let server = ServerBuilder::new(tmp.path()).provider(&provider).start();
     Replicated {
         _watch: watch,
         _pg: pg,
-        hsm,
         kms,
         server,
         _tmp: tmp,
@@ -283,8 +285,7 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         std::thread::sleep(Duration::from_millis(800));
         sys.kms[victim].proc.sigkill();
         std::thread::sleep(Duration::from_millis(1200));
-        let hsm = &sys.hsm;
-        sys.kms[victim].restart(hsm);
+        sys.kms[victim].restart();
     }
     std::thread::sleep(Duration::from_millis(800));
     load.stop_and_check(
@@ -301,8 +302,7 @@ fn killing_one_replica_under_mixed_load_fails_no_request() {
         for tid in load.acked.lock().unwrap().keys().take(20) {
             load.api.post_message(tid, json!("one replica"));
         }
-        let hsm = &sys.hsm;
-        sys.kms[victim].restart(hsm);
+        sys.kms[victim].restart();
     }
 }
 
@@ -328,17 +328,23 @@ fn a_key_destroyed_on_one_replica_is_refused_by_the_other_within_the_bound() {
         )
         .0
     };
-    // Wait until b's cache is in use (its first change-feed poll), then warm it.
-    std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(encrypt(b), 200);
-    let m = b.metrics();
-    let hits_before = progressdb_e2e::metric(&m, "progressdb_kms_cache_hits_total").unwrap();
-    assert_eq!(encrypt(b), 200);
-    let m = b.metrics();
-    assert!(
-        progressdb_e2e::metric(&m, "progressdb_kms_cache_hits_total").unwrap() > hits_before,
-        "b serves the key from its cache"
-    );
+    // Wait until b's cache is in use (its first change-feed poll: the event is a call served
+    // from the cache, at most 10 s), which also warms it.
+    let hits = || progressdb_e2e::metric(&b.metrics(), "progressdb_kms_cache_hits_total").unwrap();
+    let waiting = Instant::now();
+    loop {
+        assert_eq!(encrypt(b), 200);
+        let hits_before = hits();
+        assert_eq!(encrypt(b), 200);
+        if hits() > hits_before {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "b never serves the key from its cache"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (s, v) = a.call("POST", "/destroy_key", Some(json!({ "key_id": key })));
     assert_eq!(s, 200, "{v}");
     // The documented bound, 2 × store.coherence_ms (500 ms by default), is checked against
@@ -399,15 +405,13 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
 
     // Both replicas are asked at the same moment: one rotation.
     let (ja, jb) = std::thread::scope(|s| {
-        let a = s.spawn(|| sys.kms[0].cli_json(&sys.hsm, &["rotate-kek", "--no-wait", "--json"]));
-        let b = s.spawn(|| sys.kms[1].cli_json(&sys.hsm, &["rotate-kek", "--no-wait", "--json"]));
+        let a = s.spawn(|| sys.kms[0].cli_json(&["rotate-kek", "--no-wait", "--json"]));
+        let b = s.spawn(|| sys.kms[1].cli_json(&["rotate-kek", "--no-wait", "--json"]));
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_eq!(ja["id"], jb["id"], "two rotations: {ja} {jb}");
     let id = ja["id"].as_str().unwrap().to_owned();
-    let job = |sys: &Replicated, k: usize| {
-        sys.kms[k].cli_json(&sys.hsm, &["jobs", "--id", &id, "--json"])
-    };
+    let job = |sys: &Replicated, k: usize| sys.kms[k].cli_json(&["jobs", "--id", &id, "--json"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let driver = loop {
         let driving: Vec<usize> = (0..2)
@@ -463,8 +467,7 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
             .contains("driving lifecycle job"),
         "the other replica took the job over"
     );
-    let hsm = &sys.hsm;
-    sys.kms[driver].restart(hsm);
+    sys.kms[driver].restart();
     std::thread::sleep(Duration::from_millis(500));
     load.stop_and_check(
         "a rotation's replica killed",
@@ -474,7 +477,7 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
     );
     // Every active DEK is under version 2 and version 1 is retired, seen from both replicas.
     for k in 0..2 {
-        let st = sys.kms[k].cli_json(&sys.hsm, &["status", "--json"]);
+        let st = sys.kms[k].cli_json(&["status", "--json"]);
         assert_eq!(st["current_version"], 2, "{st}");
         let versions = st["versions"].as_array().unwrap();
         let v1 = versions.iter().find(|v| v["version"] == 1).unwrap();
@@ -493,31 +496,25 @@ fn a_rotation_whose_replica_is_killed_is_finished_by_the_other() {
 fn init_kek_started_twice_at_once_makes_one_kek() {
     let pg = PgCluster::start();
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     let store = KmsStore::Postgres(pg.new_database());
-    let configs: Vec<_> = (0..2)
+    let replicas: Vec<Kms> = (0..2)
         .map(|i| {
             let root = tmp.path().join(format!("replica-{i}"));
             std::fs::create_dir_all(&root).unwrap();
-            let (config, endpoint) =
-                progressdb_e2e::write_kms_config(&root, &hsm, KmsListen::Unix, None, &store);
-            (root, config, endpoint)
+            KmsBuilder::new(&root)
+                .token(&hsm)
+                .store(store.clone())
+                .init_kek_runs(0)
+                .provision()
         })
         .collect();
     let outs: Vec<Output> = std::thread::scope(|s| {
-        let hs: Vec<_> = configs
+        let hs: Vec<_> = replicas
             .iter()
-            .map(|(_, config, _)| {
-                let hsm = &hsm;
-                s.spawn(move || {
-                    Command::new(bin("progressdb-kms"))
-                        .env(hsm.conf_var, &hsm.conf)
-                        .arg("init-kek")
-                        .arg("--config")
-                        .arg(config)
-                        .output()
-                        .unwrap()
-                })
+            .map(|kms| {
+                let mut init = kms.command(&["init-kek"]);
+                s.spawn(move || init.output().unwrap())
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -541,9 +538,9 @@ fn init_kek_started_twice_at_once_makes_one_kek() {
         1,
         "{said:?}"
     );
-    let (root, config, endpoint) = configs.into_iter().next().unwrap();
-    let kms = Kms::launch(&root, &hsm, KmsListen::Unix, config, endpoint, "");
-    let st = kms.cli_json(&hsm, &["status", "--json"]);
+    let mut kms = replicas.into_iter().next().unwrap();
+    kms.restart();
+    let st = kms.cli_json(&["status", "--json"]);
     assert_eq!(st["current_version"], 1, "{st}");
     assert_eq!(st["versions"].as_array().unwrap().len(), 1, "{st}");
 }

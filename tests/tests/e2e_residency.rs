@@ -13,7 +13,6 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine as _;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -22,31 +21,19 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::{AuthPin, Ulong};
-use progressdb_e2e::{bin, write_kms_config, Kms, KmsListen, KmsStore, SoftHsm};
+use progressdb_e2e::{Kms, KmsBuilder, Residency, Token};
 use serde_json::json;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// A KMS on `hsm` whose KEK (label `kek`) is made by `init-kek` in residency `mode`.
-fn kms_in(root: &Path, hsm: &SoftHsm, kek: &str, mode: &str) -> (Kms, SoftHsm) {
-    let mut hsm = hsm.clone();
-    hsm.kek_label = kek.into();
+fn kms_in(root: &Path, hsm: &Token, kek: &str, mode: Residency) -> Kms {
     fs::create_dir_all(root).unwrap();
-    let (config, endpoint) = write_kms_config(root, &hsm, KmsListen::Unix, None, &KmsStore::Lmdb);
-    set_residency(&config, mode);
-    let out = Command::new(bin("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .args(["init-kek", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kms = Kms::launch(root, &hsm, KmsListen::Unix, config, endpoint, "");
-    (kms, hsm)
+    KmsBuilder::new(root)
+        .token(hsm)
+        .kek_label(kek)
+        .residency(mode)
+        .start()
 }
 
 /// Creates `n` keys and runs encrypts, decrypts and batches under each; returns the key ids.
@@ -110,7 +97,7 @@ fn workload(kms: &Kms, tag: &str, n: usize) -> Vec<String> {
     keys
 }
 
-fn session(hsm: &SoftHsm) -> Session {
+fn session(hsm: &Token) -> Session {
     let p = Pkcs11::new(&hsm.module).unwrap();
     p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .unwrap();
@@ -120,7 +107,7 @@ fn session(hsm: &SoftHsm) -> Session {
         .into_iter()
         .find(|s| {
             p.get_token_info(*s)
-                .map(|t| t.label().trim_end() == hsm.token_label)
+                .map(|t| t.label().trim_end() == hsm.label)
                 .unwrap_or(false)
         })
         .unwrap();
@@ -231,12 +218,22 @@ fn found_in_memory(pid: i32, deks: &[Vec<u8>]) -> usize {
 #[test]
 fn hsm_residency_keeps_every_dek_out_of_the_kms_memory_and_memory_mode_does_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
+    let hsm = Token::new(tmp.path());
     // The test's own PKCS#11 context reads the same token.
     std::env::set_var(hsm.conf_var, &hsm.conf);
 
-    let (resident, rhsm) = kms_in(&tmp.path().join("hsm"), &hsm, "resident-kek", "hsm");
-    let (memory, mhsm) = kms_in(&tmp.path().join("memory"), &hsm, "memory-kek", "memory");
+    let resident = kms_in(
+        &tmp.path().join("hsm"),
+        &hsm,
+        "resident-kek",
+        Residency::Hsm,
+    );
+    let memory = kms_in(
+        &tmp.path().join("memory"),
+        &hsm,
+        "memory-kek",
+        Residency::Memory,
+    );
     let rkeys = workload(&resident, "r", 6);
     let mkeys = workload(&memory, "m", 6);
 
@@ -245,11 +242,11 @@ fn hsm_residency_keeps_every_dek_out_of_the_kms_memory_and_memory_mode_does_not(
     let s = session(&hsm);
     let rdeks: Vec<Vec<u8>> = rkeys
         .iter()
-        .map(|k| recover(&s, &resident, &rhsm.kek_label, k))
+        .map(|k| recover(&s, &resident, &resident.kek_label, k))
         .collect();
     let mdeks: Vec<Vec<u8>> = mkeys
         .iter()
-        .map(|k| recover(&s, &memory, &mhsm.kek_label, k))
+        .map(|k| recover(&s, &memory, &memory.kek_label, k))
         .collect();
     for (key, dek) in rkeys.iter().zip(&rdeks) {
         assert_eq!(dek.len(), 32);
@@ -326,9 +323,9 @@ fn hsm_residency_keeps_every_dek_out_of_the_kms_memory_and_memory_mode_does_not(
 }
 
 /// Sets `hsm.dek_residency` in `kms`'s config and restarts it.
-fn switch(kms: &mut Kms, hsm: &SoftHsm, mode: &str) {
+fn switch(kms: &mut Kms, mode: &str) {
     set_residency(&kms.config, mode);
-    kms.restart(hsm);
+    kms.restart();
 }
 
 fn set_residency(config: &Path, mode: &str) {
@@ -385,8 +382,13 @@ fn counter(kms: &Kms, name: &str) -> f64 {
 #[test]
 fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let (mut kms, hsm) = kms_in(&tmp.path().join("kms"), &hsm, "switch-kek", "memory");
+    let hsm = Token::new(tmp.path());
+    let mut kms = kms_in(
+        &tmp.path().join("kms"),
+        &hsm,
+        "switch-kek",
+        Residency::Memory,
+    );
     let mut sealed = Vec::new();
     let mut keys = Vec::new();
     let mut create = |kms: &Kms, tag: &str, sealed: &mut Vec<(String, String, String)>| {
@@ -406,17 +408,17 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     }
 
     // To hsm mode: the encrypt-class KEK's DEKs are imported once each.
-    switch(&mut kms, &hsm, "hsm");
+    switch(&mut kms, "hsm");
     assert_decrypts(&kms, &sealed);
     assert!(counter(&kms, "progressdb_kms_hsm_dek_imports_total") >= 4.0);
     create(&kms, "hsm-before-rotation", &mut sealed);
-    let st = kms.cli_json(&hsm, &["status", "--json"]);
+    let st = kms.cli_json(&["status", "--json"]);
     assert_eq!(st["hsm"]["token"]["dek_residency"], "hsm", "{st}");
 
     // The rotation makes a wrap-class KEK version and moves every DEK to it.
-    let job = kms.cli_json(&hsm, &["rotate-kek", "--json"]);
+    let job = kms.cli_json(&["rotate-kek", "--json"]);
     assert_eq!(job["state"], "succeeded", "{job}");
-    let st = kms.cli_json(&hsm, &["status", "--json"]);
+    let st = kms.cli_json(&["status", "--json"]);
     assert_eq!(st["current_version"], 2, "{st}");
     let v1 = st["versions"]
         .as_array()
@@ -435,14 +437,14 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     }
     // The old version destroyed while the KMS still caches blobs under it: it reads the
     // moved records again.
-    let out = kms.cli(&hsm, &["kek", "destroy", "--version", "1"]);
+    let out = kms.cli(&["kek", "destroy", "--version", "1"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_decrypts(&kms, &sealed);
-    kms.restart(&hsm);
+    kms.restart();
     assert_decrypts(&kms, &sealed);
     let key = {
         let (s, k) = kms.call(
@@ -464,7 +466,7 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
 
     // Back to memory mode: AesKwV3 DEKs are unwrapped into memory; new ones are AesKwV3
     // too (the current KEK is wrap-class).
-    switch(&mut kms, &hsm, "memory");
+    switch(&mut kms, "memory");
     assert_decrypts(&kms, &sealed);
     let (s, k) = kms.call(
         "POST",
@@ -475,6 +477,6 @@ fn a_deployment_switches_residency_both_ways_without_re_encrypting() {
     let key = k["key_id"].as_str().unwrap().to_owned();
     assert_eq!(wrap_format(&kms, &key), 0x03);
     sealed.push((key.clone(), "again".into(), encrypt(&kms, &key, "again")));
-    switch(&mut kms, &hsm, "hsm");
+    switch(&mut kms, "hsm");
     assert_decrypts(&kms, &sealed);
 }

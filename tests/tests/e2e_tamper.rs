@@ -6,7 +6,7 @@
 
 use progressdb::metrics::StoreMetrics;
 use progressdb::store::{RawPut, Store, StoreOptions};
-use progressdb_e2e::{Kms, KmsListen, Provider, Role, Server, SoftHsm};
+use progressdb_e2e::{Role, Server};
 use serde_json::json;
 
 /// Opens the (stopped) server's LMDB store in this process, applies `f`, closes it.
@@ -28,13 +28,7 @@ fn with_store(server: &Server, f: impl FnOnce(&Store, &tokio::runtime::Runtime))
 #[test]
 fn moved_ciphertext_is_refused_with_the_real_kms() {
     let tmp = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tmp.path());
-    let kms = Kms::start(tmp.path(), &hsm, KmsListen::Unix, None);
-    let provider = Provider::External {
-        endpoint: kms.endpoint.clone(),
-        tls: None,
-    };
-    let mut server = Server::start(tmp.path(), "progressdb", &provider, true);
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Frontend, "alice");
     let ta = alice.create_thread("a")["id"].as_str().unwrap().to_owned();
     let tb = alice.create_thread("b")["id"].as_str().unwrap().to_owned();

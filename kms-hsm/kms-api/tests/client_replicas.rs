@@ -6,29 +6,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+// DROP: a replica killed after it acted; HANG: a hung replica (`/readyz` included).
+use common::mode::{DROP, HANG, OK, UNAVAILABLE};
+use common::{Answer, StubKms, ENCRYPTED};
 use kms_api::client::{BreakerConfig, ClientError, Endpoint, KmsClient, KmsClientConfig};
 use kms_api::{KeyId, ThreadId};
 
-const OK: u8 = 0;
-const UNAVAILABLE: u8 = 1;
-/// Reads the request, then closes the connection without answering (a replica killed after
-/// it acted).
-const DROP: u8 = 2;
-/// Never answers anything, `/readyz` included (a hung replica).
-const HANG: u8 = 3;
-
 struct Replica {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
+    kms: StubKms,
     mode: Arc<AtomicU8>,
     /// Requests other than `/readyz`.
     calls: Arc<AtomicU32>,
@@ -38,101 +29,60 @@ struct Replica {
 
 impl Replica {
     async fn start(mode: u8) -> Replica {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kms.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let r = Replica {
-            _dir: dir,
-            socket,
-            mode: Arc::new(AtomicU8::new(mode)),
-            calls: Arc::default(),
-            readyz: Arc::default(),
-            bodies: Arc::default(),
-        };
-        let (mode, calls, readyz, bodies) = (
-            r.mode.clone(),
-            r.calls.clone(),
-            r.readyz.clone(),
-            r.bodies.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let (mode, calls, readyz, bodies) =
-                    (mode.clone(), calls.clone(), readyz.clone(), bodies.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (mode, calls, readyz, bodies) =
-                            (mode.clone(), calls.clone(), readyz.clone(), bodies.clone());
-                        async move {
-                            let path = req.uri().path().to_owned();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let m = mode.load(Ordering::SeqCst);
-                            if m == HANG {
-                                std::future::pending::<()>().await;
-                            }
-                            if path == "/readyz" {
-                                readyz.fetch_add(1, Ordering::SeqCst);
-                            } else {
-                                calls.fetch_add(1, Ordering::SeqCst);
-                                if let Ok(v) = serde_json::from_slice(&body) {
-                                    bodies.lock().unwrap().push(v);
-                                }
-                            }
-                            if m == DROP && path != "/readyz" {
-                                // Never answered: the connection task is dropped below.
-                                return Err::<hyper::Response<Full<Bytes>>, _>(
-                                    std::io::Error::other("dropped"),
-                                );
-                            }
-                            let (status, text): (u16, String) = match (m, path.as_str()) {
-                                (UNAVAILABLE | DROP, _) => (
-                                    503,
-                                    r#"{"error":{"code":"unavailable","message":"down"}}"#.into(),
-                                ),
-                                (_, "/readyz") => (200, r#"{"status":"ready"}"#.into()),
-                                (_, "/create_dek_for_thread") => {
-                                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                                    // The key id a real KMS derives from the request.
-                                    let thread = ThreadId::parse(v["thread_id"].as_str().unwrap()).unwrap();
-                                    let idem = kms_api::IdempotencyKey::parse(
-                                        v["idempotency_key"].as_str().unwrap(),
-                                    )
-                                    .unwrap();
-                                    let key = KeyId::derived(&thread, &idem);
-                                    (
-                                        200,
-                                        format!(
-                                            r#"{{"key_id":"{key}","wrapped":"AQID","kek_id":"kek","kek_version":1}}"#
-                                        ),
-                                    )
-                                }
-                                _ => (
-                                    200,
-                                    r#"{"ciphertext":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","key_version":1}"#
-                                        .into(),
-                                ),
-                            };
-                            Ok::<_, std::io::Error>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(text)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let mode = Arc::new(AtomicU8::new(mode));
+        let (calls, readyz, bodies): (Arc<AtomicU32>, Arc<AtomicU32>, Arc<Mutex<Vec<_>>>) =
+            Default::default();
+        let (m, c, r, b) = (mode.clone(), calls.clone(), readyz.clone(), bodies.clone());
+        let kms = StubKms::start(move |path, body| {
+            let mode = m.load(Ordering::SeqCst);
+            if mode == HANG {
+                return Answer::Hang;
             }
-        });
-        r
+            if path == "/readyz" {
+                r.fetch_add(1, Ordering::SeqCst);
+            } else {
+                c.fetch_add(1, Ordering::SeqCst);
+                if let Ok(v) = serde_json::from_slice(body) {
+                    b.lock().unwrap().push(v);
+                }
+            }
+            match (mode, path) {
+                (DROP, p) if p != "/readyz" => Answer::Drop,
+                (UNAVAILABLE | DROP, _) => Answer::Json(
+                    503,
+                    r#"{"error":{"code":"unavailable","message":"down"}}"#.into(),
+                ),
+                (_, "/readyz") => Answer::Json(200, r#"{"status":"ready"}"#.into()),
+                (_, "/create_dek_for_thread") => {
+                    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                    // The key id a real KMS derives from the request.
+                    let thread = ThreadId::parse(v["thread_id"].as_str().unwrap()).unwrap();
+                    let idem =
+                        kms_api::IdempotencyKey::parse(v["idempotency_key"].as_str().unwrap())
+                            .unwrap();
+                    let key = KeyId::derived(&thread, &idem);
+                    Answer::Json(
+                        200,
+                        format!(
+                            r#"{{"key_id":"{key}","wrapped":"AQID","kek_id":"kek","kek_version":1}}"#
+                        ),
+                    )
+                }
+                _ => Answer::Json(200, ENCRYPTED.into()),
+            }
+        })
+        .await;
+        Replica {
+            kms,
+            mode,
+            calls,
+            readyz,
+            bodies,
+        }
     }
 
     fn endpoint(&self) -> Endpoint {
-        Endpoint::Unix(self.socket.clone())
+        self.kms.endpoint()
     }
 
     fn set(&self, mode: u8) {
@@ -148,6 +98,15 @@ fn client(endpoints: Vec<Endpoint>, f: impl FnOnce(&mut KmsClientConfig)) -> Kms
     let mut cfg = KmsClientConfig::replicas(endpoints, None);
     f(&mut cfg);
     KmsClient::new(cfg).unwrap()
+}
+
+/// Waits (at most 10 s) until `r` has been probed `n` times in all.
+async fn probes_after(r: &Replica, n: u32) {
+    let t = std::time::Instant::now();
+    while r.readyz.load(Ordering::SeqCst) < n {
+        assert!(t.elapsed() < Duration::from_secs(10), "no health probes");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn encrypt(c: &KmsClient) -> Result<(), ClientError> {
@@ -263,8 +222,12 @@ async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
     });
     let checks = c.spawn_health_checks();
     a.set(UNAVAILABLE);
-    // Two failed probes open a's circuit before any user call.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Two failed probes open a's circuit before any user call. Waited for in probes: a
+    // replica's probes follow one another, so once the fourth since the switch has arrived,
+    // the answers of the two before it (certainly failures: the first may have read the mode
+    // just before the switch) have been taken.
+    let r0 = a.readyz.load(Ordering::SeqCst);
+    probes_after(&a, r0 + 4).await;
     assert!(a.readyz.load(Ordering::SeqCst) >= 2);
     let before = a.calls();
     for _ in 0..20 {
@@ -275,9 +238,11 @@ async fn the_health_check_ejects_a_failing_replica_and_takes_it_back() {
         before,
         "no user call went to the ejected replica"
     );
-    // Back: a successful probe closes its circuit (long before the 60 s cooldown).
+    // Back: a successful probe closes its circuit (long before the 60 s cooldown), waited
+    // for in probes as above.
     a.set(OK);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r1 = a.readyz.load(Ordering::SeqCst);
+    probes_after(&a, r1 + 3).await;
     for _ in 0..20 {
         encrypt(&c).await.unwrap();
     }

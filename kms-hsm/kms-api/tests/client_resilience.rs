@@ -5,91 +5,53 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
-use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use kms_api::client::{BreakerConfig, ClientError, Endpoint, KmsClient, KmsClientConfig};
+use common::mode::{HANG as SILENT, OK, OVERLOADED, UNAVAILABLE};
+use common::{Answer, StubKms, ENCRYPTED};
+use kms_api::client::{BreakerConfig, ClientError, KmsClient, KmsClientConfig};
 use kms_api::KeyId;
 
-/// What the stub answers.
-const UNAVAILABLE: u8 = 0;
-const OVERLOADED: u8 = 1;
-const OK: u8 = 2;
-const SILENT: u8 = 3;
-
 struct Stub {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
+    kms: StubKms,
     mode: Arc<AtomicU8>,
     requests: Arc<AtomicU32>,
 }
 
 impl Stub {
     async fn start(mode: u8) -> Stub {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("kms.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let mode = Arc::new(AtomicU8::new(mode));
         let requests = Arc::new(AtomicU32::new(0));
         let (m, n) = (mode.clone(), requests.clone());
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let (m, n) = (m.clone(), n.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
-                        let (m, n) = (m.clone(), n.clone());
-                        async move {
-                            n.fetch_add(1, Ordering::SeqCst);
-                            let (status, body): (u16, &str) = match m.load(Ordering::SeqCst) {
-                                UNAVAILABLE => (
-                                    503,
-                                    r#"{"error":{"code":"unavailable","message":"HSM unavailable"}}"#,
-                                ),
-                                OVERLOADED => {
-                                    (503, r#"{"error":{"code":"overloaded","message":"busy"}}"#)
-                                }
-                                SILENT => {
-                                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                                    (500, "")
-                                }
-                                _ => (
-                                    200,
-                                    r#"{"ciphertext":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","key_version":1}"#,
-                                ),
-                            };
-                            Ok::<_, Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from_static(body.as_bytes())))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let kms = StubKms::start(move |_, _| {
+            n.fetch_add(1, Ordering::SeqCst);
+            match m.load(Ordering::SeqCst) {
+                UNAVAILABLE => Answer::Json(
+                    503,
+                    r#"{"error":{"code":"unavailable","message":"HSM unavailable"}}"#.into(),
+                ),
+                OVERLOADED => Answer::Json(
+                    503,
+                    r#"{"error":{"code":"overloaded","message":"busy"}}"#.into(),
+                ),
+                SILENT => Answer::Hang,
+                _ => Answer::Json(200, ENCRYPTED.into()),
             }
-        });
+        })
+        .await;
         Stub {
-            _dir: dir,
-            socket,
+            kms,
             mode,
             requests,
         }
     }
 
     fn client(&self, f: impl FnOnce(&mut KmsClientConfig)) -> KmsClient {
-        let mut cfg = KmsClientConfig::new(Endpoint::Unix(self.socket.clone()), None);
+        let mut cfg = KmsClientConfig::new(self.kms.endpoint(), None);
         f(&mut cfg);
         KmsClient::new(cfg).unwrap()
     }
@@ -131,22 +93,26 @@ async fn retries_with_backoff_then_gives_up() {
         t.elapsed()
     );
 
-    // A KMS that comes back during the retries: the call succeeds.
+    // A KMS that comes back during the retries: the call succeeds. It comes back when the
+    // first retry reaches it (an event, not a moment: however slow the machine, the first
+    // attempt has been refused and the call retried).
     let stub = Stub::start(UNAVAILABLE).await;
     let c = stub.client(|c| {
         c.max_retries = 5;
         c.breaker = NO_BREAKER;
     });
     let flip = {
-        let mode = stub.mode.clone();
+        let (mode, requests) = (stub.mode.clone(), stub.requests.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(120)).await;
+            while requests.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             mode.store(OK, Ordering::SeqCst);
         })
     };
     encrypt(&c).await.unwrap();
     flip.await.unwrap();
-    assert!(stub.seen() >= 2);
+    assert!(stub.seen() >= 2, "a refused attempt, then a retry");
 
     // Overloaded is retried too, and reported as such.
     let stub = Stub::start(OVERLOADED).await;

@@ -1,13 +1,18 @@
-//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: real PKCS#11
-//! tokens (SoftHSM or Kryoptic, [`token`]) in their own directories, TLS material for mutual TLS, and scans of logs and files
-//! for secrets in every encoding they could take, and private PostgreSQL clusters ([`pg`]).
+//! Test support shared by `kms-hsm/tests` and the end-to-end tests in `tests/`: the one
+//! process harness of the KMS ([`kms`]: a typed builder, the running process, its clients),
+//! child processes and the binaries under test ([`proc`]), real PKCS#11 tokens (SoftHSM or
+//! Kryoptic, [`token`]) in their own directories, TLS material for mutual TLS, scans of logs
+//! and files for secrets in every encoding they could take, and private PostgreSQL clusters
+//! ([`pg`]). docs/testing.md says which harness to use when.
 //!
 //! Nothing here skips: a missing `softhsm2-util` fails the calling test with a message that
 //! says what to install.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kms;
 pub mod pg;
+pub mod proc;
 
 use std::fs;
 use std::io::Write as _;
@@ -28,8 +33,30 @@ pub fn random_hex(n: usize) -> String {
     hex::encode(b)
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
+/// A TCP port on 127.0.0.1 that is free now, for a program that cannot bind port 0 itself and
+/// report the port (PostgreSQL, whose socket file is named after its port; `scripts/dev.sh`,
+/// which derives its URLs from `PORT`). The KMS and the server bind port 0 and the harness
+/// reads the port back ([`proc::Proc::wait_tcp_port`]).
+///
+/// The port is released before the program binds it, so it is picked at random below the
+/// kernel's ephemeral range (`net.ipv4.ip_local_port_range`): the ports the kernel hands out
+/// for port 0 and for outgoing connections, which every other test uses, can never take it.
+/// Only another explicit bind of the same number could, which a random pick out of thousands
+/// makes unlikely.
 pub fn free_port() -> u16 {
+    let low: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.saturating_sub(1));
+    if to > from {
+        for _ in 0..200 {
+            let port = from + (rand::random::<u16>() % (to - from));
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -232,6 +259,13 @@ pub mod token {
     }
 
     impl Token {
+        /// The usual token of a test under `root`: `root/softhsm/`, labelled
+        /// [`crate::kms::TOKEN_LABEL`] (what a [`crate::kms::KmsBuilder`] makes when it is
+        /// given none; make one with this to share it among several KMSs or tools).
+        pub fn new(root: &Path) -> Self {
+            Self::create(&root.join("softhsm"), crate::kms::TOKEN_LABEL)
+        }
+
         /// Creates a config in `dir`, a token directory `dir/tokens/`, a token labelled
         /// `label` and `dir/user-pin`, on this run's [`kind`].
         pub fn create(dir: &Path, label: &str) -> Self {

@@ -46,7 +46,7 @@ pub struct RawWrapped {
 }
 
 impl RawHsm {
-    /// Opens the token labelled `token_label` (created by `progressdb_e2e::SoftHsm`, whose
+    /// Opens the token labelled `token_label` (created by `testkit::token::Token`, whose
     /// KEK `kek_label` version 1 must exist: `init-kek` makes it).
     pub fn open(module: &str, token_label: &str, pin: &str, kek_label: &str) -> Result<Self> {
         let pkcs11 = Pkcs11::new(module).context("loading the PKCS#11 module")?;

@@ -425,9 +425,9 @@ fn run(args: Args) -> Result<bool> {
 fn scenarios_raw(token: &procs::KmsPrepared) -> Result<hsm_raw::RawHsm> {
     let raw = hsm_raw::RawHsm::open(
         &token.hsm.module.display().to_string(),
-        &token.hsm.token_label,
+        &token.hsm.label,
         &token.hsm.pin,
-        &token.hsm.kek_label,
+        progressdb_e2e::KEK_LABEL,
     )?;
     raw.open_sessions(scenarios::KMS_HSM_SESSIONS)?;
     Ok(raw)
@@ -439,7 +439,7 @@ async fn memory(env: &Env, bins: &Path, root: &Path, n: usize) -> Result<Outcome
     let small = (n / 100).max(1_000);
     for (name, count) in [("small", small), ("large", n)] {
         let prepared = prepare_kms(bins, &root.join(format!("kms-mem-{name}")))?;
-        let kek = KekId::parse(&prepared.hsm.kek_label)?;
+        let kek = KekId::parse(progressdb_e2e::KEK_LABEL)?;
         eprintln!("  planting {count} key records");
         let sample = scenarios::plant(&prepared.store_dir(), &kek, count).await?;
         let kms = spawn_kms(

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use kms_api::client::{Endpoint, KmsClient, KmsClientConfig};
-use progressdb_e2e::{kms_config, server_config, Api, KmsListen, Proc, Provider, Server, SoftHsm};
+use progressdb_e2e::{
+    Api, KmsBuilder, KmsStore, Proc, Provider, Residency, Server, ServerBuilder, Token,
+};
 use serde_json::Value;
 
 /// The pid of a running child.
@@ -91,13 +93,13 @@ pub struct KmsRun {
     pub client: KmsClient,
     pub admin: KmsClient,
     /// Kept for the token's lifetime.
-    pub _hsm: SoftHsm,
+    pub _hsm: Token,
 }
 
 /// A KMS set up under its root and not started: token, KEK, config and an empty store at
 /// `<root>/kms/store`.
 pub struct KmsPrepared {
-    pub hsm: SoftHsm,
+    pub hsm: Token,
     pub config: PathBuf,
     pub endpoint: String,
     pub root: PathBuf,
@@ -109,63 +111,35 @@ impl KmsPrepared {
     }
 }
 
-/// Makes a token, a KEK and a config under `root`.
-pub fn prepare_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
+/// Makes a token, a KEK and a config under `root` (the KMS in `residency`).
+fn prepare(bins: &Path, root: &Path, residency: Residency) -> Result<KmsPrepared> {
     need_bins(bins, &["progressdb-kms"])?;
     std::fs::create_dir_all(root)?;
-    let hsm = harness("creating the SoftHSM token", || SoftHsm::new(root))?;
-    let (config, endpoint) = harness("KMS config and init-kek", || {
-        kms_config(root, &hsm, KmsListen::Unix, None)
+    let hsm = harness("creating the SoftHSM token", || Token::new(root))?;
+    let kms = harness("KMS config and init-kek", || {
+        KmsBuilder::new(root)
+            .token(&hsm)
+            .residency(residency)
+            .binary(bins.join("progressdb-kms"))
+            .provision()
     })?;
     Ok(KmsPrepared {
         hsm,
-        config,
-        endpoint,
+        config: kms.config.clone(),
+        endpoint: kms.endpoint.clone(),
         root: root.to_owned(),
     })
+}
+
+/// Makes a token, a KEK and a config under `root`.
+pub fn prepare_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
+    prepare(bins, root, Residency::Memory)
 }
 
 /// [`prepare_kms`] for a KMS in `hsm.dek_residency = "hsm"`: the config says so before
 /// `init-kek`, which then makes a wrap-class KEK.
 pub fn prepare_resident_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
-    need_bins(bins, &["progressdb-kms"])?;
-    std::fs::create_dir_all(root)?;
-    let hsm = harness("creating the SoftHSM token", || SoftHsm::new(root))?;
-    let (config, endpoint) = progressdb_e2e::write_kms_config(
-        root,
-        &hsm,
-        KmsListen::Unix,
-        None,
-        &progressdb_e2e::KmsStore::Lmdb,
-    );
-    let text: String = std::fs::read_to_string(&config)?
-        .lines()
-        .map(|l| {
-            if l.starts_with("dek_residency") {
-                "dek_residency = \"hsm\"\n".to_owned()
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    if !text.contains("dek_residency = \"hsm\"") {
-        bail!("the KMS config has no dek_residency line to set");
-    }
-    std::fs::write(&config, text)?;
-    let out = Command::new(bins.join("progressdb-kms"))
-        .env(hsm.conf_var, &hsm.conf)
-        .args(["init-kek", "--config"])
-        .arg(&config)
-        .output()?;
-    if !out.status.success() {
-        bail!("init-kek: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(KmsPrepared {
-        hsm,
-        config,
-        endpoint,
-        root: root.to_owned(),
-    })
+    prepare(bins, root, Residency::Hsm)
 }
 
 /// Two KMS replicas under `root` on one new SoftHSM token and one database of `pg`, started
@@ -177,19 +151,23 @@ pub async fn start_replicas(
 ) -> Result<(Vec<KmsRun>, KmsClient)> {
     need_bins(bins, &["progressdb-kms"])?;
     std::fs::create_dir_all(root)?;
-    let hsm = harness("creating the SoftHSM token", || SoftHsm::new(root))?;
-    let store = progressdb_e2e::KmsStore::Postgres(pg.new_database());
+    let hsm = harness("creating the SoftHSM token", || Token::new(root))?;
+    let store = KmsStore::Postgres(pg.new_database());
     let mut runs = Vec::new();
     for i in 0..2 {
         let r = root.join(format!("replica-{i}"));
         std::fs::create_dir_all(&r)?;
-        let (config, endpoint) = harness("KMS config and init-kek", || {
-            progressdb_e2e::kms_config_on(&r, &hsm, KmsListen::Unix, None, &store)
+        let kms = harness("KMS config and init-kek", || {
+            KmsBuilder::new(&r)
+                .token(&hsm)
+                .store(store.clone())
+                .binary(bins.join("progressdb-kms"))
+                .provision()
         })?;
         let p = KmsPrepared {
             hsm: hsm.clone(),
-            config,
-            endpoint,
+            config: kms.config.clone(),
+            endpoint: kms.endpoint.clone(),
             root: r,
         };
         runs.push(spawn_kms(bins, p, &[]).await?);
@@ -301,29 +279,26 @@ impl ServerRun {
         let provider = provider.clone();
         need_bins(bins, &["progressdb"])?;
         std::fs::create_dir_all(root)?;
-        let port = progressdb_e2e::free_port();
-        let (config, keys, store) = harness("server config", || {
-            server_config(root, &provider, encryption, port)
+        let mut server = harness("server config", || {
+            ServerBuilder::new(root)
+                .provider(&provider)
+                .encryption(encryption)
+                .provision()
         })?;
-        let binary = bins.join("progressdb");
-        let mut cmd = Command::new(&binary);
+        server.binary = bins.join("progressdb");
+        let mut cmd = Command::new(&server.binary);
         cmd.env("RUST_LOG", child_log())
             .arg("serve")
             .arg("--config")
-            .arg(&config);
-        let proc = harness("starting progressdb", || {
+            .arg(&server.config);
+        server.proc = harness("starting progressdb", || {
             Proc::spawn("progressdb", cmd, &root.join("server.log"))
         })?;
+        // Configured with port 0, the server binds a free port itself: read it back.
+        let port = harness("the server's port", || server.proc.wait_tcp_port())?;
+        server.base = format!("http://127.0.0.1:{port}");
         let mut run = Self {
-            server: Server {
-                proc,
-                config,
-                base: format!("http://127.0.0.1:{port}"),
-                keys,
-                store,
-                root: root.to_owned(),
-                binary,
-            },
+            server,
             agent: ureq::AgentBuilder::new()
                 .max_idle_connections(64)
                 .max_idle_connections_per_host(64)
