@@ -405,7 +405,10 @@ async fn destroy_key_then_use_is_404() {
         (k.key_id.clone(), "destroyed")
     );
     // Idempotent.
-    assert_eq!(c.destroy_key(&k.key_id).await.unwrap().state.as_str(), "destroyed");
+    assert_eq!(
+        c.destroy_key(&k.key_id).await.unwrap().state.as_str(),
+        "destroyed"
+    );
     assert_eq!(
         code(
             c.decrypt(&k.key_id, &e.ciphertext.0, None)
