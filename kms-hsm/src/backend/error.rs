@@ -55,6 +55,8 @@ pub enum BackendError {
 }
 
 /// What [`KeyBackend::ensure_kek_version`] does when the version is not in the HSM.
+///
+/// [`KeyBackend::ensure_kek_version`]: super::KeyBackend::ensure_kek_version
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KekMissing {
     /// Generate it (the rotation that introduces it).

@@ -25,6 +25,8 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// `Unavailable` when the HSM cannot be used (nothing was created: the DEK only exists in
     /// memory until the caller stores the wrapped form); `KekNotFound` when the current KEK is
     /// missing; `Internal` otherwise.
+    ///
+    /// [`WrapFormat::for_kek`]: super::WrapFormat::for_kek
     fn generate_dek(
         &self,
         key_id: &KeyId,

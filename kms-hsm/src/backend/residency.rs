@@ -46,6 +46,9 @@ pub struct ResidentKey {
 
 /// One message for [`KeyBackend::seal_resident`] / [`KeyBackend::open_resident`]: the input
 /// (plaintext, or `nonce | ciphertext | tag`) and its AAD.
+///
+/// [`KeyBackend::seal_resident`]: super::KeyBackend::seal_resident
+/// [`KeyBackend::open_resident`]: super::KeyBackend::open_resident
 pub struct ResidentItem {
     pub data: zeroize::Zeroizing<Vec<u8>>,
     pub aad: Vec<u8>,

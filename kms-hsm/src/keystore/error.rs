@@ -39,8 +39,10 @@ pub enum StoreError {
     /// The writer has stopped (shutting down or crashed).
     #[error("key store writer is not running")]
     Closed,
-    /// A write fenced by a lease ([`KeyStore::put_job_leased`](super::KeyStore::put_job_leased)) found the lease expired or
+    /// A write fenced by a lease ([`KeyStore::put_job_leased`]) found the lease expired or
     /// held by another: nothing was written.
+    ///
+    /// [`KeyStore::put_job_leased`]: super::KeyStore::put_job_leased
     #[error("lease {0} is no longer held; nothing was written")]
     LeaseLost(String),
 }

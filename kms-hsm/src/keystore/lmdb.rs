@@ -74,6 +74,8 @@ enum Op {
         records: Vec<KeyRecord>,
     },
     /// Removes audit entries and tombstones, records the anchor ([`KeyStore::compact_audit`]).
+    ///
+    /// [`KeyStore::compact_audit`]: super::KeyStore::compact_audit
     CompactAudit {
         anchor: AuditAnchor,
         tombstones_through: u64,
@@ -113,6 +115,8 @@ pub struct LmdbStore {
     _lock: std::fs::File,
     /// Leases ([`KeyStore::acquire_lease`]): this process is the store's only user, so they
     /// live in memory (holder, expiry) and end with it.
+    ///
+    /// [`KeyStore::acquire_lease`]: super::KeyStore::acquire_lease
     leases: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
     /// Key records queued to be created and not committed (or refused) yet: counted against
     /// the map's room as if written, so creates queued together cannot pass the room check

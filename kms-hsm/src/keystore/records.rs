@@ -82,9 +82,11 @@ pub struct AuditHead {
 }
 
 /// Where the stored audit log begins once a prefix of it was archived and removed
-/// ([`KeyStore::compact_audit`](super::KeyStore::compact_audit)): the last removed entry's sequence number and MAC, and a seal
-/// over both made in the HSM under the audit key ([`crate::audit::anchor_seal_input`]), so that
+/// ([`KeyStore::compact_audit`]): the last removed entry's sequence number and MAC, and a seal
+/// over both made in the HSM under the audit key ([`crate::audit_archive::seal`]), so that
 /// no store writer can move the anchor (to hide entries) or make one up.
+///
+/// [`KeyStore::compact_audit`]: super::KeyStore::compact_audit
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditAnchor {
     pub seq: u64,
@@ -94,7 +96,9 @@ pub struct AuditAnchor {
     pub seal: [u8; 32],
 }
 
-/// What a compaction removed ([`KeyStore::compact_audit`](super::KeyStore::compact_audit)).
+/// What a compaction removed ([`KeyStore::compact_audit`]).
+///
+/// [`KeyStore::compact_audit`]: super::KeyStore::compact_audit
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Compacted {
     /// Audit entries.

@@ -19,6 +19,9 @@ impl KmsClient {
     /// circuit open has the open ones probed at once. Each replica is probed on its own
     /// schedule, so a hung one (whose probe waits out its timeout) delays no other's. Stops
     /// when every clone of the client is gone. Must run inside a tokio runtime.
+    ///
+    /// [`KmsClientConfig::health_interval`]: super::KmsClientConfig::health_interval
+    /// [`BreakerConfig`]: super::BreakerConfig
     pub fn spawn_health_checks(&self) -> tokio::task::JoinHandle<()> {
         // With one endpoint, no call is let through as the half-open probe: it would wait
         // out a hung KMS. With several, a call that finds a circuit open fails over to another
