@@ -1,6 +1,7 @@
 //! Unit tests of `lmdb`.
 
 use super::*;
+use crate::keystore::{now_secs, KeyStore};
 use kms_api::{KekId, KekVersion, ThreadId, WrappedDek};
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 //! The [`KeyStore`] operations on PostgreSQL: records by compare-and-swap on their revision,
-//! the change feed, leases on the database's clock, the audit log's reads and compaction.
+//! the change feed (`changes.rs`), leases on the database's clock (`lease.rs`), the audit
+//! log's reads and compaction.
 
 use kms_api::KeyId;
 use tokio::sync::oneshot;
@@ -11,6 +12,9 @@ use super::{
 };
 
 use audit::{head_from_row, AuditAppend, AUDIT_LOCK};
+
+mod changes;
+mod lease;
 
 use super::*;
 
@@ -184,58 +188,7 @@ impl KeyStore for PostgresStore {
         holder: &str,
         ttl: std::time::Duration,
     ) -> Result<LeaseOutcome, StoreError> {
-        let ttl_ms = lease_ms(ttl)?;
-        let mut c = self.client().await?;
-        // One transaction; the lease row is locked while the outcome is decided. The
-        // database's clock decides expiry, so replicas' clocks need not agree.
-        let tx = c.transaction().await.map_err(|e| db_err(&e))?;
-        let row = tx
-            .query_opt(
-                "SELECT holder, expires_at > clock_timestamp() FROM kms_leases \
-                 WHERE name = $1 FOR UPDATE",
-                &[&name],
-            )
-            .await
-            .map_err(|e| db_err(&e))?;
-        let outcome = match row {
-            Some(r) => {
-                let (current, live): (String, bool) = (r.get(0), r.get(1));
-                if live && current != holder {
-                    return Ok(LeaseOutcome::HeldBy(current));
-                }
-                tx.execute(
-                    "UPDATE kms_leases SET holder = $2, \
-                     expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
-                     WHERE name = $1",
-                    &[&name, &holder, &ttl_ms],
-                )
-                .await
-                .map_err(|e| db_err(&e))?;
-                if live {
-                    LeaseOutcome::Renewed
-                } else {
-                    LeaseOutcome::Acquired
-                }
-            }
-            None => {
-                let n = tx
-                    .execute(
-                        "INSERT INTO kms_leases (name, holder, expires_at) VALUES \
-                         ($1, $2, clock_timestamp() + $3::bigint * interval '1 millisecond') \
-                         ON CONFLICT (name) DO NOTHING",
-                        &[&name, &holder, &ttl_ms],
-                    )
-                    .await
-                    .map_err(|e| db_err(&e))?;
-                if n == 0 {
-                    // Another replica inserted it first: its lease is live.
-                    return Ok(LeaseOutcome::HeldBy(String::new()));
-                }
-                LeaseOutcome::Acquired
-            }
-        };
-        tx.commit().await.map_err(|e| db_err(&e))?;
-        Ok(outcome)
+        self.take_lease(name, holder, ttl).await
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
@@ -497,97 +450,7 @@ impl KeyStore for PostgresStore {
         cursor: Option<u64>,
         limit: usize,
     ) -> Result<ChangePage, StoreError> {
-        // Commit-order safe. A `bigserial` is taken when a row is inserted, not when its
-        // transaction commits, so a cursor on `seq` would step over a row whose transaction
-        // commits after a later one's. The cursor is instead a transaction-id horizon: every
-        // change made by a transaction older than it has been delivered. It advances only to
-        // the oldest transaction still running (`pg_snapshot_xmin`), below which every
-        // transaction has ended and what it committed is visible to this statement. Changes of
-        // newer transactions that have already committed are delivered at once as well, and
-        // again by the next polls until the horizon passes them (acting on a change twice is
-        // harmless: an eviction or a cache clear), so a long transaction elsewhere delays
-        // nothing.
-        let c = self.client().await?;
-        let horizon_row = c
-            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
-            .await
-            .map_err(|e| db_err(&e))?;
-        let horizon = parse_xid(&horizon_row.get::<_, String>(0), "the snapshot horizon")?;
-        let Some(after) = cursor else {
-            return Ok(ChangePage {
-                cursor: horizon,
-                changes: Vec::new(),
-                more: false,
-            });
-        };
-        let st = c
-            .prepare_cached(
-                "SELECT seq, xid::text, kind, subject FROM kms_changes \
-                 WHERE xid >= $1::text::xid8 ORDER BY xid, seq LIMIT $2",
-            )
-            .await
-            .map_err(|e| db_err(&e))?;
-        let limit = limit.max(1);
-        let rows = c
-            .query(
-                &st,
-                &[
-                    &after.to_string(),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
-            )
-            .await
-            .map_err(|e| db_err(&e))?;
-        let mut changes = rows
-            .iter()
-            .map(read_change)
-            .collect::<Result<Vec<_>, _>>()?;
-        let (next, more) = if changes.len() < limit {
-            // Everything from the cursor on was read.
-            (after.max(horizon), false)
-        } else {
-            // A full page: deliver whole transactions only, so the cursor can pass them.
-            let last = changes.last().map_or(after, |c| c.0);
-            if changes.iter().any(|c| c.0 < last) {
-                changes.retain(|c| c.0 < last);
-                let next = after.max(last.min(horizon));
-                (next, next > after)
-            } else {
-                // One transaction filled the page: read all of it.
-                changes = query_changes(
-                    &c,
-                    "SELECT seq, xid::text, kind, subject FROM kms_changes \
-                     WHERE xid = $1::text::xid8 ORDER BY seq",
-                    last,
-                )
-                .await?;
-                let next = after.max(last.saturating_add(1).min(horizon));
-                (next, next > after)
-            }
-        };
-        if next == after && changes.len() >= limit {
-            // A full page the cursor cannot pass: at least `limit` committed changes wait
-            // above a transaction that is still running. Paging would return this same page
-            // forever; read all of them instead (as many as were committed while that
-            // transaction ran).
-            let changes = query_changes(
-                &c,
-                "SELECT seq, xid::text, kind, subject FROM kms_changes \
-                 WHERE xid >= $1::text::xid8 ORDER BY xid, seq",
-                after,
-            )
-            .await?;
-            return Ok(ChangePage {
-                cursor: after.max(horizon),
-                changes: changes.into_iter().map(|c| c.1).collect(),
-                more: false,
-            });
-        }
-        Ok(ChangePage {
-            cursor: next,
-            changes: changes.into_iter().map(|c| c.1).collect(),
-            more,
-        })
+        self.read_changes(cursor, limit).await
     }
 
     async fn check(&self) -> Result<(), StoreError> {
