@@ -34,10 +34,7 @@ pub mod app;
 pub mod audit;
 pub mod audit_archive;
 pub mod backend;
-pub mod backup;
 pub mod cache;
-pub mod check;
-pub mod cli;
 pub mod coherence;
 pub mod config;
 pub mod http;
@@ -46,7 +43,7 @@ pub mod keystore;
 pub mod lifecycle;
 pub mod metrics;
 pub mod service;
-pub mod storecopy;
+pub mod tools;
 pub mod transport;
 
 #[cfg(test)]
@@ -54,4 +51,6 @@ pub mod transport;
 mod testing;
 
 pub use app::{Server, StartError};
+// The operator tools keep their paths at the crate root.
 pub use config::Config;
+pub use tools::{backup, check, cli, storecopy};
