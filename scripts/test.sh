@@ -89,7 +89,7 @@ nt -p progressdb --features dev-embedded
 log "tests: the token conformance suites on Kryoptic"
 PROGRESSDB_TEST_TOKEN=kryoptic nt --workspace -E '
     binary(hsm_backend) | binary(hsm_resident) | binary(hsm_recovery) | binary(kms_startup)
-  | binary(kms_api) | binary(kms_transport)
+  | binary_id(progressdb-kms::kms_api) | binary(kms_transport)
   | (binary(e2e_flow) | binary(e2e_lifecycle) | binary(e2e_cli) | binary(e2e_secrets)
      | binary(e2e_tamper) | binary(e2e_dek_rotation)) - test(kek_rotation_over_10000_deks)
   | (binary(e2e_residency) & test(a_deployment_switches))
@@ -103,7 +103,7 @@ PROGRESSDB_TEST_TOKEN=kryoptic nt --workspace -E '
 for token in softhsm kryoptic; do
   log "tests: the key-path suites in hsm residency on $token"
   PROGRESSDB_TEST_TOKEN=$token PROGRESSDB_TEST_RESIDENCY=hsm nt --workspace -E '
-      binary(kms_api) | binary(kms_transport) | binary(e2e_flow) | binary(e2e_tamper)
+      binary_id(progressdb-kms::kms_api) | binary(kms_transport) | binary(e2e_flow) | binary(e2e_tamper)
     | binary(e2e_dek_rotation)'
 done
 log "done"
