@@ -80,7 +80,10 @@ fn kms_down_gives_503_stores_nothing_and_recovers() {
     assert_eq!(s, 200);
 }
 
-/// `kill -STOP` / `-CONT`: a KMS that hangs instead of dying.
+/// `kill -STOP` / `-CONT`: a KMS that hangs instead of dying. Returns once every thread of
+/// the process is stopped (`-STOP`) or none is (`-CONT`): a signal is delivered to each
+/// thread asynchronously, and a request sent before the last thread stopped could still be
+/// answered.
 fn signal(pid: i32, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -88,6 +91,34 @@ fn signal(pid: i32, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill {sig} {pid}");
+    let want_stopped = sig == "-STOP";
+    // The state letter of each thread (`T`: stopped), from /proc/<pid>/task/<tid>/stat.
+    let states = || -> Vec<char> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|t| {
+                    let stat = std::fs::read_to_string(t.ok()?.path().join("stat")).ok()?;
+                    // `pid (comm) S ...`: the state follows the last ')'.
+                    stat.rsplit_once(')')?.1.trim_start().chars().next()
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = states();
+        let stopped = s.iter().filter(|c| **c == 'T').count();
+        if (want_stopped && !s.is_empty() && stopped == s.len()) || (!want_stopped && stopped == 0)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kill {sig} {pid}: thread states {s:?} after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
