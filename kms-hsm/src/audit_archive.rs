@@ -222,10 +222,10 @@ mod tests {
     use kms_api::ThreadId;
 
     use super::*;
+    use crate::backend::mock::MockBackend;
     use crate::cache::{CacheMetrics, DekCache};
     use crate::keystore::lmdb::LmdbStore;
     use crate::metrics::StoreMetrics;
-    use crate::testing::MockBackend;
 
     async fn service() -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {
         let dir = tempfile::tempdir().unwrap();

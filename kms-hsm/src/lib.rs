@@ -46,11 +46,7 @@ pub mod service;
 pub mod tools;
 pub mod transport;
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod testing;
-
 pub use app::{Server, StartError};
-// The operator tools keep their paths at the crate root.
 pub use config::Config;
+// The operator tools keep their paths at the crate root.
 pub use tools::{backup, check, cli, storecopy};

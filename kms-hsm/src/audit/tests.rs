@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use super::pending::PIN_REJECTED;
 use super::*;
+use crate::backend::mock::MockBackend;
 use crate::keystore::lmdb::LmdbStore;
 use crate::metrics::StoreMetrics;
-use crate::testing::MockBackend;
 use kms_api::admin::AuditVerifyResponse;
 
 async fn filled(n: usize) -> (tempfile::TempDir, MockBackend, LmdbStore, AuditLog) {

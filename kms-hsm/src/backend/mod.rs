@@ -43,6 +43,10 @@ use kms_api::{KekId, KekVersion};
 
 mod error;
 mod key_backend;
+/// The mock backend of the unit tests, beside the trait it implements.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod mock;
 mod residency;
 mod settings;
 mod wrap;

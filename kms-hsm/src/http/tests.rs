@@ -1,9 +1,9 @@
 //! Unit tests of `http`.
 
 use super::*;
+use crate::backend::mock::MockBackend;
 use crate::cache::DekCache;
 use crate::keystore::lmdb::LmdbStore;
-use crate::testing::MockBackend;
 use axum::http::{Method, Request};
 use serde_json::{json, Value};
 

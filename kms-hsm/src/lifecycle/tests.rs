@@ -4,11 +4,11 @@
 
 use super::status::record_version;
 use super::*;
+use crate::backend::mock::MockBackend;
 use crate::cache::{CacheMetrics, DekCache};
 use crate::keystore::lmdb::LmdbStore;
 use crate::keystore::{KekState, KeyState};
 use crate::metrics::StoreMetrics;
-use crate::testing::MockBackend;
 use kms_api::admin::HsmStatus;
 use kms_api::ThreadId;
 use std::collections::BTreeMap;

@@ -2,10 +2,10 @@
 
 use super::readiness::READY_CACHE;
 use super::*;
+use crate::backend::mock::MockBackend;
 use crate::cache::CacheMetrics;
 use crate::keystore::lmdb::LmdbStore;
 use crate::metrics::StoreMetrics;
-use crate::testing::MockBackend;
 use kms_api::ErrorCode;
 use std::time::Duration;
 use zeroize::Zeroizing;

@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::backend::mock::MockBackend;
 use crate::cache::{CacheMetrics, DekCache};
 use crate::keystore::lmdb::LmdbStore;
 use crate::metrics::StoreMetrics;
-use crate::testing::MockBackend;
 use kms_api::ThreadId;
 
 fn service(backend: &Arc<MockBackend>) -> (tempfile::TempDir, KeyService<MockBackend, LmdbStore>) {

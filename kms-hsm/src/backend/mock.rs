@@ -1,4 +1,4 @@
-//! Test doubles (compiled for unit tests only): a software [`KeyBackend`] that follows the
+//! The mock backend (compiled for unit tests only): a software [`KeyBackend`] that follows the
 //! real wrapped-DEK format with in-memory KEK versions, and can be switched "down".
 
 use std::collections::BTreeMap;
