@@ -1,5 +1,6 @@
 //! The HTTP/1 serving loop of both services, written once: one connection served under the
-//! shared timeouts, an accept failure backed off, and one graceful-shutdown mechanism
+//! shared timeouts, the next connection until a stop (an accept failure backed off), and one
+//! graceful-shutdown mechanism
 //! (hyper-util's [`GracefulShutdown`]: every connection is watched; at shutdown each finishes
 //! its in-flight request and closes, idle keep-alive connections at once).
 //!
@@ -9,6 +10,8 @@
 //! shutdown future completes, call [`drain`].
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -48,7 +51,7 @@ pub async fn serve_connection<I, F, Fut, B>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(hyper::Request<Incoming>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    Fut: Future<Output = hyper::Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -71,10 +74,29 @@ pub async fn serve_connection<I, F, Fut, B>(
     }
 }
 
-/// Logs a failed `accept` (EMFILE, ENFILE, ...) and backs off instead of spinning.
-pub async fn accept_backoff(e: &std::io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+/// The next connection `accept` gives, or `None` once `stop` completes (checked first, so a
+/// stopping listener takes no new connection). A failed accept (EMFILE, ENFILE, ...) is
+/// logged and backed off instead of spinning, then accepting goes on.
+pub async fn next_connection<S, A, Fut, T>(stop: &mut Pin<&mut S>, accept: A) -> Option<T>
+where
+    S: Future,
+    A: Fn() -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.as_mut() => return None,
+            a = accept() => a,
+        };
+        match accepted {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// After the listeners are closed: lets every watched connection finish its in-flight

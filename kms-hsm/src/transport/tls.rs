@@ -44,19 +44,10 @@ pub(super) async fn accept_loop<B, S>(
     B: KeyBackend,
     S: KeyStore,
 {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return,
-            a = t.listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                serve::accept_backoff(&e).await;
-                continue;
-            }
-        };
+    let stopped = stop.wait_for(|s| *s);
+    tokio::pin!(stopped);
+    while let Some((tcp, peer)) = serve::next_connection(&mut stopped, || t.listener.accept()).await
+    {
         // Over the global cap: closed before any TLS handshake is spent on it.
         let Ok(global) = gate.admit() else {
             drop(tcp);

@@ -126,19 +126,10 @@ pub(super) async fn accept_loop<B, S>(
     B: KeyBackend,
     S: KeyStore,
 {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return,
-            a = u.listener.accept() => a,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                serve::accept_backoff(&e).await;
-                continue;
-            }
-        };
+    let stopped = stop.wait_for(|s| *s);
+    tokio::pin!(stopped);
+    while let Some((stream, _)) = serve::next_connection(&mut stopped, || u.listener.accept()).await
+    {
         let global = match gate.admit() {
             Ok(p) => p,
             Err(why) => {

@@ -62,17 +62,9 @@ pub async fn serve(
         write: opts.write_timeout,
     };
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    serve::accept_backoff(&e).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) =
+        serve::next_connection(&mut shutdown, || listener.accept()).await
+    {
         let permit = match gate
             .admit()
             .and_then(|g| gate.admit_peer(g, PeerId::Ip(peer.ip())))
