@@ -130,3 +130,35 @@ pub fn compact(dir: &Path, lock_name: &str, max_dbs: u32) -> Result<(u64, u64), 
     tracing::info!(path = %dir.display(), before, after, "store compacted");
     Ok((before, after))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn open_makes_the_directory_private_and_one_process_holds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut opts = EnvOpenOptions::new();
+        opts.map_size(1 << 20);
+        let opened = open(&dir, "test.lock", &opts).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // While it is open, the store's lock refuses a second user (compaction included).
+        let e = open(&dir, "test.lock", &opts).unwrap_err();
+        assert!(e.contains("another process"), "{e}");
+        let e = compact(&dir, "test.lock", 1).unwrap_err();
+        assert!(e.contains("another process"), "{e}");
+        drop(opened);
+        // A missing directory is created 0700, parents included.
+        let deep = tmp.path().join("a/b");
+        drop(open(&deep, "test.lock", &opts).unwrap());
+        let mode = std::fs::metadata(&deep).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}
