@@ -29,16 +29,30 @@ fn syncs_before_each_answer(trace: &str, data_file: &str) -> Vec<usize> {
             .iter()
             .find_map(|c| l.find(c).map(|i| (i + c.len(), *c)))
     };
+    // pids whose open of the data file has not returned yet (another thread's call came
+    // between: strace splits it into `<unfinished ...>` and `<... openat resumed>`).
+    let mut opening: Vec<String> = Vec::new();
+    let returned_fd = |l: &str| {
+        l.rsplit("= ")
+            .next()
+            .and_then(|f| f.trim().parse::<u32>().ok())
+            .map(|fd| fd.to_string())
+    };
     for line in trace.lines() {
         let (pid, rest) = line.split_once(' ').unwrap_or(("", line));
         let rest = rest.trim_start();
         if rest.starts_with("openat(") && rest.contains(data_file) {
-            if let Some(fd) = rest
-                .rsplit("= ")
-                .next()
-                .and_then(|f| f.trim().parse::<u32>().ok())
-            {
-                data_fds.push(fd.to_string());
+            if rest.ends_with("<unfinished ...>") {
+                opening.push(pid.to_owned());
+            } else if let Some(fd) = returned_fd(rest) {
+                data_fds.push(fd);
+            }
+            continue;
+        }
+        if rest.starts_with("<... openat resumed>") {
+            if let Some(i) = opening.iter().position(|p| p == pid) {
+                opening.swap_remove(i);
+                data_fds.extend(returned_fd(rest));
             }
             continue;
         }
@@ -86,6 +100,15 @@ fn the_checker_fails_a_trace_without_syncs() {
                   11 fdatasync(7) = 0\n\
                   13 writev(9, [{iov_base=\"HTTP/1.1 201 Created\"...}], 1) = 200\n";
     assert_eq!(syncs_before_each_answer(synced, "data.mdb"), vec![1, 1]);
+    // The open itself interrupted by another thread's call.
+    let split_open = "10 openat(AT_FDCWD, \"/s/data.mdb\", O_RDWR|O_CREAT, 0600 <unfinished ...>\n\
+                      12 openat(AT_FDCWD, \"/s/lock.mdb\", O_RDWR, 0600) = 6\n\
+                      10 <... openat resumed>) = 7\n\
+                      11 fdatasync(7) = 0\n\
+                      13 write(9, \"HTTP/1.1 201 Created\"..., 200) = 200\n\
+                      11 fdatasync(6) = 0\n\
+                      13 write(9, \"HTTP/1.1 201 Created\"..., 200) = 200\n";
+    assert_eq!(syncs_before_each_answer(split_open, "data.mdb"), vec![1, 0]);
     // Syncing off: answers with no sync before them; a sync of another file; a failed sync.
     let unsynced = "10 openat(AT_FDCWD, \"/s/data.mdb\", O_RDWR, 0600) = 7\n\
                     10 openat(AT_FDCWD, \"/s/other\", O_RDWR, 0600) = 8\n\
