@@ -2,7 +2,8 @@
 //!
 //! * Keys come from `auth.keys_file`, a mode-0600 TOML file:
 //!   `admin = [..]`, `backend = [..]`, `frontend = [..]`, `signing_secret = ".."`.
-//! * `Authorization: Bearer <key>` selects the [`Role`]. Only SHA-256 digests of the keys are
+//! * `Authorization: Bearer <key>` (or `X-API-Key: <key>`, as ProgressDB's clients send it)
+//!   selects the [`Role`]. Only SHA-256 digests of the keys are
 //!   kept, and a presented key is compared against **every** configured digest in constant
 //!   time (`subtle`), so timing reveals neither which key matched nor how much of it.
 //! * Frontend requests must carry `X-User-ID` and `X-User-Signature`, verified in constant
@@ -41,6 +42,7 @@ use crate::ids::UserId;
 
 pub const HEADER_USER_ID: &str = "x-user-id";
 pub const HEADER_USER_SIGNATURE: &str = "x-user-signature";
+pub const HEADER_API_KEY: &str = "x-api-key";
 
 /// What an API key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -448,12 +450,13 @@ impl ApiKeys {
         headers: &HeaderMap,
         generations: &SignatureGenerations,
     ) -> Result<Principal, AuthError> {
-        let key = bearer(headers).ok_or(AuthError::MissingKey)?;
+        let key = presented_key(headers)?;
         let (role, id) = self.lookup(key.as_bytes()).ok_or(AuthError::UnknownKey)?;
         let user = match headers.get(HEADER_USER_ID) {
             None => None,
             Some(v) => {
-                let s = v.to_str().map_err(|_| AuthError::BadUserId)?;
+                // UTF-8 bytes (an identity provider's id may be non-ASCII).
+                let s = std::str::from_utf8(v.as_bytes()).map_err(|_| AuthError::BadUserId)?;
                 Some(UserId::parse(s).map_err(|_| AuthError::BadUserId)?)
             }
         };
@@ -472,6 +475,27 @@ impl ApiKeys {
             user,
             key: id,
         })
+    }
+}
+
+/// The API key of a request: `Authorization: Bearer <key>`, or `X-API-Key: <key>` (as
+/// ProgressDB's clients send it). Both at once must agree: two different keys are refused
+/// rather than one picked.
+fn presented_key(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let api_key = match headers.get(HEADER_API_KEY) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .ok_or(AuthError::UnknownKey)?,
+        ),
+    };
+    match (bearer(headers), api_key) {
+        (Some(b), Some(k)) if b != k => Err(AuthError::UnknownKey),
+        (Some(k), _) | (None, Some(k)) => Ok(k),
+        (None, None) => Err(AuthError::MissingKey),
     }
 }
 

@@ -18,7 +18,7 @@ pub enum IdError {
     #[error("message id must look like <20-digit unix nanos>-<6-digit sequence>")]
     MessageId,
     #[error(
-        "user id must be 1 to 128 characters of ASCII letters, digits and '-', '_', '.', '@', '+'"
+        "user id must be 1 to 256 bytes of UTF-8 without control characters or white space at either end"
     )]
     UserId,
 }
@@ -201,16 +201,21 @@ impl<'de> Deserialize<'de> for MessageId {
 pub struct UserId(String);
 
 impl UserId {
-    pub const MAX_LEN: usize = 128;
+    /// Longest id, in bytes of UTF-8.
+    pub const MAX_LEN: usize = 256;
 
+    /// Any id an identity provider issues (`google-oauth2|1234`, an e-mail address, a
+    /// non-ASCII name): 1 to [`UserId::MAX_LEN`] bytes of UTF-8 without control characters
+    /// and without white space at either end (`"alice "` is not a second `alice`).
+    ///
     /// # Errors
-    /// [`IdError::UserId`] when empty, too long or with a character outside the set.
+    /// [`IdError::UserId`] when empty, too long, with a control character or with white space
+    /// at an end.
     pub fn parse(s: &str) -> Result<Self, IdError> {
         let ok = !s.is_empty()
             && s.len() <= Self::MAX_LEN
-            && s.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+')
-            });
+            && !s.chars().any(char::is_control)
+            && s.trim() == s;
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -220,6 +225,58 @@ impl UserId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id as one field of a store key: bytes outside `[A-Za-z0-9_.@+-]` (`:`, `%`, `|`,
+    /// white space, non-ASCII) as `%XX`, so the field never contains the key separator `:`
+    /// and two ids never share an encoding. Ids made only of that set (every id accepted
+    /// before this encoding existed) are their own encoding.
+    pub fn key_segment(&self) -> std::borrow::Cow<'_, str> {
+        let plain =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+');
+        if self.0.bytes().all(plain) {
+            return std::borrow::Cow::Borrowed(&self.0);
+        }
+        let mut out = String::with_capacity(self.0.len() * 3);
+        for b in self.0.bytes() {
+            if plain(b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The id whose [`UserId::key_segment`] is `seg`.
+    ///
+    /// # Errors
+    /// [`IdError::UserId`] when `seg` is not such an encoding (a bad escape, an escaped byte
+    /// that needed none, text that is not UTF-8, or an id [`UserId::parse`] refuses).
+    pub fn from_key_segment(seg: &str) -> Result<Self, IdError> {
+        let b = seg.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = seg.get(i + 1..i + 3).ok_or(IdError::UserId)?;
+                if hex.bytes().any(|h| h.is_ascii_lowercase()) {
+                    return Err(IdError::UserId);
+                }
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| IdError::UserId)?);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        let id = Self::parse(std::str::from_utf8(&out).map_err(|_| IdError::UserId)?)?;
+        // One encoding per id: a segment that escapes what needs no escape is not one.
+        if id.key_segment() == seg {
+            Ok(id)
+        } else {
+            Err(IdError::UserId)
+        }
     }
 }
 
@@ -354,9 +411,59 @@ mod tests {
         assert!(UserId::parse("alice@example.com").is_ok());
         assert!(UserId::parse("u_1-2.3+x").is_ok());
         assert!(UserId::parse("").is_err());
-        assert!(UserId::parse("a:b").is_err());
-        assert!(UserId::parse("a b").is_err());
-        assert!(UserId::parse(&"x".repeat(129)).is_err());
+        // As identity providers issue them.
+        for ok in [
+            "google-oauth2|1234",
+            "auth0:abc",
+            "a b",
+            "Zoë",
+            "用户",
+            "100%",
+        ] {
+            assert!(UserId::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [" a", "a ", "a\nb", "a\u{0}b", "\u{7f}"] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(UserId::parse(&"x".repeat(256)).is_ok());
+        assert!(UserId::parse(&"é".repeat(129)).is_err(), "258 bytes");
+    }
+
+    #[test]
+    fn user_key_segments_are_injective_and_never_hold_a_colon() {
+        let ids = [
+            "alice",
+            "a:b",
+            "a%3Ab",
+            "a%b",
+            "google-oauth2|1234",
+            "Zoë",
+            "a b",
+            "a+b",
+            "%",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for s in ids {
+            let u = UserId::parse(s).unwrap();
+            let seg = u.key_segment();
+            assert!(
+                !seg.contains(':') && !seg.contains(';') && seg.is_ascii(),
+                "{seg}"
+            );
+            assert!(seen.insert(seg.to_string()), "two ids share {seg}");
+            assert_eq!(UserId::from_key_segment(&seg).unwrap(), u);
+        }
+        // Ids of the old character set are their own segment (existing keys stay valid).
+        assert_eq!(
+            UserId::parse("bob@x.y+z_1-2").unwrap().key_segment(),
+            "bob@x.y+z_1-2"
+        );
+        assert_eq!(UserId::parse("a:b").unwrap().key_segment(), "a%3Ab");
+        // Not an encoding: a bad escape, a lowercase or needless escape, bytes that are
+        // not UTF-8.
+        for bad in ["a%", "a%3", "a%3a", "%61", "%FF", "a:b", ""] {
+            assert!(UserId::from_key_segment(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

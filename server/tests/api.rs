@@ -422,8 +422,13 @@ async fn every_role_and_signature_rule_is_enforced() {
         )
         .await;
     assert_eq!(r.status, 400);
-    let r = c.get(&Caller::backend_as("a:b"), "/v1/threads").await;
+    let r = c
+        .get(&Caller::backend_as(&"x".repeat(257)), "/v1/threads")
+        .await;
     assert_eq!((r.status, r.code().as_str()), (400, "invalid_argument"));
+    // An identity provider's id, with the store key separator in it, is a user like any.
+    let r = c.get(&Caller::backend_as("auth0:a|b"), "/v1/threads").await;
+    assert_eq!(r.status, 200);
     s.stop().await;
 }
 

@@ -150,10 +150,26 @@ fn authenticate_rules() {
     );
     let p = auth(&[("authorization", "bearer be-1")]).unwrap();
     assert_eq!((p.role, p.user), (Role::Backend, None));
+    // ProgressDB's header; both headers must then name the same key.
+    let p = auth(&[("x-api-key", "be-1")]).unwrap();
+    assert_eq!((p.role, p.user), (Role::Backend, None));
+    let p = auth(&[("x-api-key", "be-1"), ("authorization", "Bearer be-1")]).unwrap();
+    assert_eq!(p.role, Role::Backend);
+    assert_eq!(
+        auth(&[("x-api-key", "be-1"), ("authorization", "Bearer adm-1")]),
+        Err(AuthError::UnknownKey)
+    );
+    assert_eq!(auth(&[("x-api-key", "")]), Err(AuthError::UnknownKey));
+    let p = auth(&[
+        ("authorization", "Bearer be-1"),
+        ("x-user-id", "google-oauth2|1234"),
+    ])
+    .unwrap();
+    assert_eq!(p.user.unwrap().as_str(), "google-oauth2|1234");
     let p = auth(&[("authorization", "Bearer be-1"), ("x-user-id", "alice")]).unwrap();
     assert_eq!(p.user, Some(alice.clone()));
     assert_eq!(
-        auth(&[("authorization", "Bearer be-1"), ("x-user-id", "a:b"),]),
+        auth(&[("authorization", "Bearer be-1"), ("x-user-id", " a"),]),
         Err(AuthError::BadUserId)
     );
     // Frontend: user and signature required and checked.

@@ -1,5 +1,6 @@
 //! LMDB key layout. Every key is ASCII; fields are separated by `:`, which no [`ThreadId`],
-//! [`UserId`] or [`MessageId`] can contain, so one thread's prefix never matches another's.
+//! [`MessageId`] or encoded [`UserId`] ([`UserId::key_segment`]: `%XX` for any byte outside
+//! `[A-Za-z0-9_.@+-]`) can contain, so one thread's or user's prefix never matches another's.
 //!
 //! | key | value |
 //! |---|---|
@@ -24,7 +25,7 @@ const SIG_GEN: &str = ":sig_gen";
 
 /// `user:<id>:sig_gen`
 pub fn signature_generation(user: &UserId) -> Vec<u8> {
-    format!("{USER}{user}{SIG_GEN}").into_bytes()
+    format!("{USER}{}{SIG_GEN}", user.key_segment()).into_bytes()
 }
 
 /// `user:` and `user;`: the bounds of all user keys.
@@ -36,7 +37,7 @@ pub fn all_users() -> (Vec<u8>, Vec<u8>) {
 pub fn parse_signature_generation(key: &[u8]) -> Option<UserId> {
     let s = std::str::from_utf8(key).ok()?;
     let id = s.strip_prefix(USER)?.strip_suffix(SIG_GEN)?;
-    UserId::parse(id).ok()
+    UserId::from_key_segment(id).ok()
 }
 
 /// `job:<id>`
@@ -107,14 +108,14 @@ pub fn parse_msg(prefix: &[u8], key: &[u8]) -> Option<MessageId> {
 
 /// `idx:author:<user>:<thread>`
 pub fn author_index(user: &UserId, thread: &ThreadId) -> Vec<u8> {
-    format!("{AUTHOR_IDX}{user}:{thread}").into_bytes()
+    format!("{AUTHOR_IDX}{}:{thread}", user.key_segment()).into_bytes()
 }
 
 /// `idx:author:<user>:` and `idx:author:<user>;`: the bounds of `user`'s index keys.
 pub fn author_index_bounds(user: &UserId) -> (Vec<u8>, Vec<u8>) {
     (
-        format!("{AUTHOR_IDX}{user}:").into_bytes(),
-        format!("{AUTHOR_IDX}{user};").into_bytes(),
+        format!("{AUTHOR_IDX}{}:", user.key_segment()).into_bytes(),
+        format!("{AUTHOR_IDX}{};", user.key_segment()).into_bytes(),
     )
 }
 
@@ -161,6 +162,16 @@ mod tests {
             Some(u)
         );
         assert_eq!(parse_signature_generation(b"user:bob@x:other"), None);
+        // A user id with the separator in it stays one field.
+        let odd = UserId::parse("auth0:x|y").unwrap();
+        assert_eq!(signature_generation(&odd), b"user:auth0%3Ax%7Cy:sig_gen");
+        assert_eq!(
+            parse_signature_generation(&signature_generation(&odd)),
+            Some(odd.clone())
+        );
+        let (lo, hi) = author_index_bounds(&UserId::parse("auth0").unwrap());
+        let k = author_index(&odd, &t("t1"));
+        assert!(!(k >= lo && k < hi), "auth0:x's threads are not auth0's");
     }
 
     #[test]
