@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::ids::{MessageId, UserId};
+use crate::ids::{MessageId, Timestamp, UserId};
 use crate::provider::ThreadKey;
 use crate::store::ThreadRecord;
 
@@ -157,8 +157,14 @@ pub struct MessageView {
     /// is the compact JSON written at post time, so it is not parsed into a tree and written
     /// out again).
     pub body: Box<serde_json::value::RawValue>,
-    pub created_at: String,
-    pub updated_at: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: Timestamp,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: Timestamp,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339())
 }
 
 impl fmt::Debug for MessageView {
@@ -214,6 +220,10 @@ pub struct MessageList {
 /// `GET /readyz`
 #[derive(Debug, Serialize)]
 pub struct ReadyView {
+    /// `ok` or `unavailable` (ProgressDB's clients read this).
+    pub status: &'static str,
+    /// The server's version.
+    pub version: &'static str,
     pub ready: bool,
     pub store: &'static str,
     pub kms: &'static str,
@@ -246,8 +256,8 @@ mod tests {
             thread_id: ThreadId::parse("t").unwrap(),
             author: UserId::parse("u").unwrap(),
             body: serde_json::value::to_raw_value("top secret").unwrap(),
-            created_at: String::new(),
-            updated_at: String::new(),
+            created_at: Timestamp::from_nanos(0),
+            updated_at: Timestamp::from_nanos(0),
         };
         assert!(!format!("{v:?}").contains("top secret"));
         assert!(!format!("{:?}", MessageItem::Ok(v)).contains("top secret"));

@@ -97,6 +97,18 @@ pub struct Principal {
 pub struct ApiKeyId(u32);
 
 impl Principal {
+    /// This caller narrowed to `user`: it may see and change only `user`'s threads and
+    /// messages, exactly as `user` signed in with a frontend key (ProgressDB's rule for a
+    /// backend key acting for a user). The API key, which rates count against, stays.
+    #[must_use]
+    pub fn scoped_to(self, user: UserId) -> Principal {
+        Principal {
+            role: Role::Frontend,
+            user: Some(user),
+            key: self.key,
+        }
+    }
+
     /// Whether this caller may see `author`'s thread: frontends only their own, backend and
     /// admin any.
     pub fn may_access(&self, author: &UserId) -> bool {

@@ -131,6 +131,14 @@ impl Config {
                 ),
             ));
         }
+        for o in &self.http.cors_allowed_origins {
+            if !crate::http::cors::is_origin(o) {
+                return Err(ConfigError::invalid(
+                    "http.cors_allowed_origins",
+                    format!("{o:?} is not an origin: scheme://host[:port] (http or https, no path), or \"*\""),
+                ));
+            }
+        }
         if self.store.map_size_mb == 0 {
             return Err(ConfigError::invalid(
                 "store.map_size_mb",

@@ -138,6 +138,7 @@ impl Server {
             shutdown_grace: Duration::from_secs(cfg.http.shutdown_grace_secs),
             max_body_bytes: cfg.limits.max_body_bytes,
             metrics_access: cfg.http.metrics_access,
+            cors_allowed_origins: cfg.http.cors_allowed_origins.clone(),
         };
         Ok(Self {
             service: Arc::new(service),

@@ -34,6 +34,7 @@ mod admin;
 pub mod job_state;
 pub mod jobs;
 mod messages;
+mod pages;
 mod threads;
 
 /// Times a post or edit is sealed again when a rotation moved on under it.
@@ -389,7 +390,7 @@ fn view(tid: &ThreadId, id: MessageId, rec: &MessageRecord, body: Box<RawValue>)
         thread_id: tid.clone(),
         author: rec.author.clone(),
         body,
-        created_at: rec.created_at.to_rfc3339(),
-        updated_at: rec.updated_at.to_rfc3339(),
+        created_at: rec.created_at,
+        updated_at: rec.updated_at,
     }
 }

@@ -33,6 +33,10 @@ pub struct HttpConfig {
     /// it at 0 behind a load balancer, where every connection comes from its address.
     pub max_connections_per_peer: usize,
     pub metrics_access: MetricsAccess,
+    /// Browser origins (`https://app.example.com`) whose pages may call the API (CORS), or
+    /// `"*"` for any. Empty (the default): no CORS headers, and browsers refuse cross-origin
+    /// calls. Preflight requests of a listed origin are answered before authentication.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -46,6 +50,7 @@ impl Default for HttpConfig {
             max_connections: 4096,
             max_connections_per_peer: 0,
             metrics_access: MetricsAccess::Admin,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }

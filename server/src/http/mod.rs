@@ -16,6 +16,8 @@
 //!   `http.shutdown_grace_secs` for that. The connection itself, the accept back-off and the
 //!   shutdown are the KMS's too ([`service_kit::serve`]).
 
+pub mod cors;
+pub mod progressdb;
 pub mod router;
 
 use std::future::Future;
@@ -40,6 +42,8 @@ pub struct HttpOptions {
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
     pub metrics_access: MetricsAccess,
+    /// `http.cors_allowed_origins`.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then drains connections.

@@ -49,8 +49,8 @@ use crate::store::Order;
 /// What every handler gets.
 #[derive(Debug, Clone)]
 pub struct RouterState {
-    service: Arc<MessageService>,
-    opts: Arc<HttpOptions>,
+    pub(in crate::http) service: Arc<MessageService>,
+    pub(in crate::http) opts: Arc<HttpOptions>,
 }
 
 /// The whole HTTP service: the router behind its layers; [`HttpService::answer`] serves one
@@ -110,6 +110,7 @@ pub fn service(service: Arc<MessageService>, opts: HttpOptions) -> HttpService {
     };
     let router = routes()
         .into_iter()
+        .chain(super::progressdb::routes())
         .fold(axum::Router::new(), |r, (path, methods)| {
             r.route(path, methods)
         })
@@ -117,8 +118,13 @@ pub fn service(service: Arc<MessageService>, opts: HttpOptions) -> HttpService {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             state.opts.max_body_bytes,
-        ))
-        .with_state(state.clone());
+        ));
+    // Outermost: a preflight is answered before any handler (so before authentication).
+    let router = match super::cors::layer(&state.opts.cors_allowed_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    let router = router.with_state(state.clone());
     HttpService {
         inner: NormalizePathLayer::trim_trailing_slash().layer(router),
         state,
@@ -131,9 +137,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Turns an error into its JSON answer: the only place that does.
+/// Turns an error into its JSON answer (`{"error": {"code", "message"}}`).
 pub fn error_response(e: &ApiError) -> Response {
-    let mut r = json_response(e.status(), &e.body());
+    error_answer(e, &e.body())
+}
+
+/// The answer to `e` with `body` (each API surface has its error shape): `e`'s status and
+/// headers. The only place that turns an error into an answer.
+pub(in crate::http) fn error_answer<B: Serialize>(e: &ApiError, body: &B) -> Response {
+    let mut r = json_response(e.status(), body);
     match e {
         ApiError::Unauthorized => {
             r.headers_mut()
@@ -171,7 +183,7 @@ pub fn error_response(e: &ApiError) -> Response {
 
 /// A JSON answer, built in zeroizing memory and sent from `Bytes` that wipe it when dropped
 /// (answers carry decrypted message bodies).
-fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response {
+pub(in crate::http) fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response {
     match kms_api::wire::to_json_zeroizing(v, 512) {
         Ok(b) => with_type(status, Body::from(b.into_bytes()), "application/json"),
         Err(e) => {
@@ -210,7 +222,20 @@ impl HttpService {
             Err(never) => match never {},
         };
         if service_kit::body::is_limit_layer_refusal(&resp) {
-            resp = error_response(&ApiError::PayloadTooLarge(self.state.opts.max_body_bytes));
+            let e = ApiError::PayloadTooLarge(self.state.opts.max_body_bytes);
+            let mut ours = if super::progressdb::paths().contains(&label) {
+                super::progressdb::error_response(&e)
+            } else {
+                error_response(&e)
+            };
+            // Keep the CORS headers the layer added: a browser must be able to read the 413.
+            for (name, value) in resp.headers() {
+                if name.as_str().starts_with("access-control-") || name == axum::http::header::VARY
+                {
+                    ours.headers_mut().append(name.clone(), value.clone());
+                }
+            }
+            resp = ours;
         }
         let status = resp.status();
         if status.is_server_error() {
@@ -233,7 +258,12 @@ impl HttpService {
 fn route_label(path: &str) -> &'static str {
     static TEMPLATES: std::sync::LazyLock<service_kit::routes::Templates<()>> =
         std::sync::LazyLock::new(|| {
-            service_kit::routes::Templates::new(paths().into_iter().map(|p| (p, ())))
+            service_kit::routes::Templates::new(
+                paths()
+                    .into_iter()
+                    .chain(super::progressdb::paths())
+                    .map(|p| (p, ())),
+            )
         });
     // A trailing slash is ignored, as the router ignores it (`NormalizePath`).
     let path = match path.strip_suffix('/') {

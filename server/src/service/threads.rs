@@ -114,7 +114,23 @@ impl MessageService {
             None => ThreadFilter::All,
         };
         let page = self.store.list_threads(filter, after, limit).await?;
-        let opened = crate::meta::open_all(self.provider.as_deref(), page.items)
+        Ok(Page {
+            items: self.open_threads(page.items).await?,
+            more: page.more,
+        })
+    }
+
+    /// The listed records with their sealed titles and metadata opened (one batch call).
+    /// Fail closed: a record whose sealed part does not open is left out, and said so in the
+    /// log (like an unreadable record).
+    ///
+    /// # Errors
+    /// 503 when the KMS cannot open them now.
+    pub(super) async fn open_threads(
+        &self,
+        recs: Vec<ThreadRecord>,
+    ) -> Result<Vec<ThreadRecord>, ApiError> {
+        let opened = crate::meta::open_all(self.provider.as_deref(), recs)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "cannot open the listed threads' metadata");
@@ -128,17 +144,12 @@ impl MessageService {
                     tracing::warn!(error = %m, "cannot open a listed thread's metadata");
                     return Err(ApiError::KmsUnavailable);
                 }
-                // Fail closed: a thread whose sealed metadata does not open is left out, and
-                // said so in the log (like an unreadable record).
                 Err(e) => {
                     tracing::error!(error = %e, "a listed thread's metadata does not open; it is left out");
                 }
             }
         }
-        Ok(Page {
-            items,
-            more: page.more,
-        })
+        Ok(items)
     }
 
     /// A patch that changes nothing (no title, no metadata) answers the thread as it is and

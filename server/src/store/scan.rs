@@ -94,31 +94,136 @@ pub(super) fn list_author_threads(
     after: Option<&ThreadId>,
     limit: usize,
 ) -> Result<Page<ThreadRecord>, StoreError> {
+    author_threads(db, txn, user, Order::Asc, after, limit)
+}
+
+/// Up to `limit` of `user`'s threads from the cursor `after` (exclusive) in `order` of thread
+/// id (creation order for server-made ids), through the author index.
+pub(super) fn author_threads(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    user: &UserId,
+    order: Order,
+    after: Option<&ThreadId>,
+    limit: usize,
+) -> Result<Page<ThreadRecord>, StoreError> {
     let (lo, hi) = keys::author_index_bounds(user);
     let start = after.map(|t| keys::author_index(user, t));
-    let lower = match &start {
-        Some(s) => Bound::Excluded(s.as_slice()),
-        None => Bound::Included(lo.as_slice()),
+    let from = |s: &Option<Vec<u8>>, edge: &[u8], included: bool| match s {
+        Some(s) => Bound::Excluded(s.clone()),
+        None if included => Bound::Included(edge.to_vec()),
+        None => Bound::Excluded(edge.to_vec()),
     };
+    let range = match order {
+        Order::Asc => (from(&start, &lo, true), Bound::Excluded(hi.clone())),
+        Order::Desc => (Bound::Included(lo.clone()), from(&start, &hi, false)),
+    };
+    let range = (
+        range.0.as_ref().map(Vec::as_slice),
+        range.1.as_ref().map(Vec::as_slice),
+    );
     let mut items = Vec::new();
-    for r in db.range(txn, &(lower, Bound::Excluded(hi.as_slice())))? {
-        let (k, _) = r?;
+    let mut visit = |k: &[u8]| -> Result<bool, StoreError> {
         let Some(tid) = keys::parse_author_index(&lo, k) else {
-            continue;
+            return Ok(true);
         };
         let mk = keys::meta(&tid);
         let Some(v) = db.get(txn, &mk)? else {
-            continue;
+            return Ok(true);
         };
         if items.len() == limit {
-            return Ok(Page { items, more: true });
+            return Ok(false);
         }
         match parse_thread(&mk, v) {
             Ok(t) => items.push(t),
             Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
         }
+        Ok(true)
+    };
+    let more = match order {
+        Order::Asc => {
+            let mut more = false;
+            for r in db.range(txn, &range)? {
+                if !visit(r?.0)? {
+                    more = true;
+                    break;
+                }
+            }
+            more
+        }
+        Order::Desc => {
+            let mut more = false;
+            for r in db.rev_range(txn, &range)? {
+                if !visit(r?.0)? {
+                    more = true;
+                    break;
+                }
+            }
+            more
+        }
+    };
+    Ok(Page { items, more })
+}
+
+/// How many keys lie in `[lo, hi)`.
+pub(super) fn count_range(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    lo: &[u8],
+    hi: &[u8],
+) -> Result<u64, StoreError> {
+    let mut n = 0u64;
+    for r in db.range(txn, &(Bound::Included(lo), Bound::Excluded(hi)))? {
+        r?;
+        n += 1;
     }
-    Ok(Page { items, more: false })
+    Ok(n)
+}
+
+/// The page of `w` over one ordered listing: `list(order, cursor, limit)` pages it from a
+/// cursor (exclusive) in either direction, `get` reads the item at a cursor, `id` is an item's
+/// cursor. Every call runs in the caller's read transaction, so the page is one snapshot.
+pub(super) fn window<T, C: Clone>(
+    w: Window<C>,
+    limit: usize,
+    mut list: impl FnMut(Order, Option<C>, usize) -> Result<Page<T>, StoreError>,
+    get: impl FnOnce(C) -> Result<Option<T>, StoreError>,
+    id: impl Fn(&T) -> C,
+) -> Result<(Vec<T>, bool, bool), StoreError> {
+    let oldest_first = |mut p: Page<T>| {
+        p.items.reverse();
+        p
+    };
+    Ok(match w {
+        Window::Latest => {
+            let p = oldest_first(list(Order::Desc, None, limit)?);
+            (p.items, p.more, false)
+        }
+        Window::Older(c) => {
+            let p = oldest_first(list(Order::Desc, Some(c), limit)?);
+            let newer = match p.items.last() {
+                Some(l) => !list(Order::Asc, Some(id(l)), 1)?.items.is_empty(),
+                None => false,
+            };
+            (p.items, p.more, newer)
+        }
+        Window::Newer(c) => {
+            let p = list(Order::Asc, Some(c), limit)?;
+            let older = match p.items.first() {
+                Some(f) => !list(Order::Desc, Some(id(f)), 1)?.items.is_empty(),
+                None => false,
+            };
+            (p.items, older, p.more)
+        }
+        Window::Around(c) => {
+            let before = oldest_first(list(Order::Desc, Some(c.clone()), limit)?);
+            let after = list(Order::Asc, Some(c.clone()), limit)?;
+            let mut items = before.items;
+            items.extend(get(c)?);
+            items.extend(after.items);
+            (items, before.more, after.more)
+        }
+    })
 }
 
 /// Up to `limit` messages, and no more stored bytes than `max_bytes` (at least one message:

@@ -99,3 +99,29 @@ pub struct StoredMessage {
     pub id: MessageId,
     pub record: Result<MessageRecord, String>,
 }
+
+/// Which part of an ordered listing a page shows, in the listing's own order (oldest to
+/// newest: creation order for threads, time order for messages). ProgressDB's paging: the
+/// HTTP layer maps its `before`/`after`/`anchor` onto these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window<C> {
+    /// The newest `limit` items.
+    Latest,
+    /// The `limit` items just older than the cursor (the cursor itself excluded).
+    Older(C),
+    /// The `limit` items just newer than the cursor (excluded).
+    Newer(C),
+    /// Up to `limit` items older than the cursor, the cursor's item if it exists, and up to
+    /// `limit` newer.
+    Around(C),
+}
+
+/// A page of a [`Window`]: items oldest first, whether any item is older than the first or
+/// newer than the last (false on an empty page), and how many items the whole listing holds.
+#[derive(Debug, Clone)]
+pub struct Windowed<T> {
+    pub items: Vec<T>,
+    pub older: bool,
+    pub newer: bool,
+    pub total: u64,
+}

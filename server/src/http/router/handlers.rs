@@ -33,6 +33,8 @@ pub(super) async fn readyz(State(st): State<RouterState>) -> Answer {
     Ok(json_response(
         status,
         &ReadyView {
+            status: if ready { "ok" } else { "unavailable" },
+            version: env!("CARGO_PKG_VERSION"),
             ready,
             store: store.as_str(),
             kms: kms.as_str(),

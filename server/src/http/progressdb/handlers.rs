@@ -1,0 +1,342 @@
+//! The handlers of the ProgressDB paths: each reads its caller, keys and body, calls the
+//! same [`MessageService`](crate::service::MessageService) method as its `/v1` twin, and
+//! answers in ProgressDB's shape.
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use kms_api::ThreadId;
+use serde::Deserialize;
+
+use super::super::router::{json_response, JsonBody, RouterState};
+use super::caller::{AdminCaller, BackendCaller, MessageKey, ThreadKey, UserCaller};
+use super::views::{self, MessageEnvelope, Pagination, ThreadEnvelope, ThreadList};
+use super::PdbError;
+use crate::error::ApiError;
+use crate::ids::MessageId;
+use crate::store::Window;
+
+type Answer = Result<Response, PdbError>;
+
+fn answer<T: serde::Serialize>(status: StatusCode, v: &T) -> Answer {
+    Ok(json_response(status, v))
+}
+
+fn no_content() -> Answer {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    Ok(r)
+}
+
+/// The query of both listings, as strings: each value is checked here with its own message.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ListQuery {
+    limit: Option<String>,
+    before: Option<String>,
+    after: Option<String>,
+    anchor: Option<String>,
+    sort_by: Option<String>,
+    title: Option<String>,
+    slug: Option<String>,
+    include_deleted: Option<String>,
+}
+
+/// Which cursor a listing was given.
+enum Cursor<'a> {
+    None,
+    Before(&'a str),
+    After(&'a str),
+    Anchor(&'a str),
+}
+
+/// How a thread page is ordered (newest first either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SortBy {
+    Created,
+    Updated,
+}
+
+impl ListQuery {
+    fn from(q: Result<Query<ListQuery>, QueryRejection>) -> Result<Self, ApiError> {
+        let q = q
+            .map(|Query(q)| q)
+            .map_err(|_| ApiError::invalid("invalid query string"))?;
+        for (name, v) in [("title", &q.title), ("slug", &q.slug)] {
+            if v.as_deref().is_some_and(|v| !v.is_empty()) {
+                return Err(ApiError::invalid(format!(
+                    "the {name} filter is not supported by this server yet"
+                )));
+            }
+        }
+        match q.include_deleted.as_deref() {
+            None | Some("" | "false" | "0") => {}
+            Some("true" | "1") => return Err(ApiError::invalid(
+                "include_deleted is not supported by this server yet: deleted messages are gone",
+            )),
+            Some(_) => return Err(ApiError::invalid("include_deleted must be true or false")),
+        }
+        Ok(q)
+    }
+
+    fn limit(&self) -> Result<Option<usize>, ApiError> {
+        self.limit
+            .as_deref()
+            .map(|l| {
+                l.parse::<usize>()
+                    .map_err(|_| ApiError::invalid("limit must be a positive integer"))
+            })
+            .transpose()
+    }
+
+    fn cursor(&self) -> Result<Cursor<'_>, ApiError> {
+        fn given(v: &Option<String>) -> Option<&str> {
+            v.as_deref().filter(|c| !c.is_empty())
+        }
+        match (given(&self.before), given(&self.after), given(&self.anchor)) {
+            (None, None, None) => Ok(Cursor::None),
+            (Some(b), None, None) => Ok(Cursor::Before(b)),
+            (None, Some(a), None) => Ok(Cursor::After(a)),
+            (None, None, Some(k)) => Ok(Cursor::Anchor(k)),
+            _ => Err(ApiError::invalid(
+                "only one of anchor, before, after can be specified",
+            )),
+        }
+    }
+
+    fn sort_by(&self) -> Result<SortBy, ApiError> {
+        match self.sort_by.as_deref() {
+            None | Some("" | "created_ts") => Ok(SortBy::Created),
+            Some("updated_ts") => Ok(SortBy::Updated),
+            Some(_) => Err(ApiError::invalid(
+                "sort_by must be 'created_ts' or 'updated_ts'",
+            )),
+        }
+    }
+}
+
+fn thread_cursor(c: &str) -> Result<ThreadId, ApiError> {
+    ThreadId::parse(c).map_err(|_| ApiError::invalid("invalid cursor: not a thread key"))
+}
+
+fn message_cursor(c: &str) -> Result<MessageId, ApiError> {
+    MessageId::parse(c).map_err(|_| ApiError::invalid("invalid cursor: not a message key"))
+}
+
+// ---- threads ----
+
+pub(super) async fn create_thread(
+    State(st): State<RouterState>,
+    UserCaller(p): UserCaller,
+    b: Result<JsonBody<views::CreateThread>, ApiError>,
+) -> Answer {
+    let JsonBody(b) = b?;
+    b.check()?;
+    let t = st.service.create_thread(&p, b.title, None).await?;
+    answer(
+        StatusCode::ACCEPTED,
+        &ThreadEnvelope {
+            key: Some(&t.id),
+            thread: views::Thread::of(&t),
+        },
+    )
+}
+
+/// Threads newest first: `after` continues to older threads, `before` to newer ones.
+pub(super) async fn list_threads(
+    State(st): State<RouterState>,
+    UserCaller(p): UserCaller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let q = ListQuery::from(q)?;
+    let window = match q.cursor()? {
+        Cursor::None => Window::Latest,
+        Cursor::After(c) => Window::Older(thread_cursor(c)?),
+        Cursor::Before(c) => Window::Newer(thread_cursor(c)?),
+        Cursor::Anchor(c) => Window::Around(thread_cursor(c)?),
+    };
+    let sort = q.sort_by()?;
+    let page = st.service.thread_window(&p, window, q.limit()?).await?;
+    let mut items: Vec<_> = page.items.iter().rev().collect();
+    if sort == SortBy::Updated {
+        items.sort_by_key(|t| std::cmp::Reverse(t.updated_at));
+    }
+    let pagination = Pagination::new(
+        items.first().map(|t| t.id.to_string()),
+        items.last().map(|t| t.id.to_string()),
+        page.newer,
+        page.older,
+        items.len(),
+        page.total,
+    );
+    answer(
+        StatusCode::OK,
+        &ThreadList {
+            threads: items.into_iter().map(views::Thread::of).collect(),
+            pagination,
+        },
+    )
+}
+
+pub(super) async fn get_thread(
+    State(st): State<RouterState>,
+    ThreadKey(id): ThreadKey,
+    UserCaller(p): UserCaller,
+) -> Answer {
+    let t = st.service.thread_for(&p, &id).await?;
+    answer(
+        StatusCode::OK,
+        &ThreadEnvelope {
+            key: None,
+            thread: views::Thread::of(&t),
+        },
+    )
+}
+
+pub(super) async fn update_thread(
+    State(st): State<RouterState>,
+    ThreadKey(id): ThreadKey,
+    UserCaller(p): UserCaller,
+    b: Result<JsonBody<views::UpdateThread>, ApiError>,
+) -> Answer {
+    let JsonBody(b) = b?;
+    b.check()?;
+    let t = st.service.patch_thread(&p, &id, b.title, None).await?;
+    answer(
+        StatusCode::OK,
+        &ThreadEnvelope {
+            key: Some(&t.id),
+            thread: views::Thread::of(&t),
+        },
+    )
+}
+
+/// Deletes the thread, its messages and its keys (crypto-shredded at the KMS).
+pub(super) async fn delete_thread(
+    State(st): State<RouterState>,
+    ThreadKey(id): ThreadKey,
+    UserCaller(p): UserCaller,
+) -> Answer {
+    st.service.delete_thread(&p, &id).await?;
+    no_content()
+}
+
+// ---- messages ----
+
+pub(super) async fn create_message(
+    State(st): State<RouterState>,
+    ThreadKey(tid): ThreadKey,
+    UserCaller(p): UserCaller,
+    b: Result<JsonBody<views::MessageBody>, ApiError>,
+) -> Answer {
+    let JsonBody(b) = b?;
+    let m = st.service.post_message(&p, &tid, b.into_body()?).await?;
+    answer(
+        StatusCode::ACCEPTED,
+        &MessageEnvelope {
+            key: Some(m.id),
+            message: views::Message::of(&m),
+        },
+    )
+}
+
+/// Messages in time order (oldest first); the first page is the newest window. `before`
+/// continues to older messages, `after` to newer ones.
+pub(super) async fn list_messages(
+    State(st): State<RouterState>,
+    ThreadKey(tid): ThreadKey,
+    UserCaller(p): UserCaller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let q = ListQuery::from(q)?;
+    // Validated as ProgressDB does; message pages are in time order either way.
+    q.sort_by()?;
+    let window = match q.cursor()? {
+        Cursor::None => Window::Latest,
+        Cursor::Before(c) => Window::Older(message_cursor(c)?),
+        Cursor::After(c) => Window::Newer(message_cursor(c)?),
+        Cursor::Anchor(c) => Window::Around(message_cursor(c)?),
+    };
+    let page = st
+        .service
+        .message_window(&p, &tid, window, q.limit()?)
+        .await?;
+    answer(StatusCode::OK, &views::message_list(&tid, &page))
+}
+
+pub(super) async fn get_message(
+    State(st): State<RouterState>,
+    MessageKey(tid, mid): MessageKey,
+    UserCaller(p): UserCaller,
+) -> Answer {
+    let m = st.service.get_message(&p, &tid, mid).await?;
+    answer(
+        StatusCode::OK,
+        &MessageEnvelope {
+            key: None,
+            message: views::Message::of(&m),
+        },
+    )
+}
+
+pub(super) async fn update_message(
+    State(st): State<RouterState>,
+    MessageKey(tid, mid): MessageKey,
+    UserCaller(p): UserCaller,
+    b: Result<JsonBody<views::MessageBody>, ApiError>,
+) -> Answer {
+    let JsonBody(b) = b?;
+    let m = st
+        .service
+        .update_message(&p, &tid, mid, b.into_body()?)
+        .await?;
+    answer(
+        StatusCode::OK,
+        &MessageEnvelope {
+            key: Some(m.id),
+            message: views::Message::of(&m),
+        },
+    )
+}
+
+pub(super) async fn delete_message(
+    State(st): State<RouterState>,
+    MessageKey(tid, mid): MessageKey,
+    UserCaller(p): UserCaller,
+) -> Answer {
+    st.service.delete_message(&p, &tid, mid).await?;
+    no_content()
+}
+
+// ---- backend and admin ----
+
+/// `{"userId"}` → `{"userId", "signature"}`: the same signature as `POST /v1/sign`.
+pub(super) async fn sign(
+    State(st): State<RouterState>,
+    BackendCaller(p): BackendCaller,
+    b: Result<JsonBody<views::SignBody>, ApiError>,
+) -> Answer {
+    let JsonBody(b) = b?;
+    let (user_id, signature, _) = st.service.sign(&p, &b.user_id, None)?;
+    answer(StatusCode::OK, &views::Signed { user_id, signature })
+}
+
+pub(super) async fn admin_health(AdminCaller(_): AdminCaller) -> Answer {
+    answer(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ok", "service": "progressdb"}),
+    )
+}
+
+/// How many threads and messages the store holds (one pass over the store).
+pub(super) async fn admin_stats(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+) -> Answer {
+    let (threads, messages) = st.service.stats(&p).await?;
+    answer(
+        StatusCode::OK,
+        &serde_json::json!({"threads": threads, "messages": messages}),
+    )
+}

@@ -1,0 +1,279 @@
+//! ProgressDB's JSON shapes: threads and messages with `key`s and unix-nanosecond times, the
+//! `{thread}` / `{message}` envelopes, and `pagination`. Request bodies are read strictly:
+//! a field that would be dropped (`slug`, `role`, `reply_to`, a client-chosen `id`) is
+//! refused, never silently lost.
+
+use std::fmt;
+
+use kms_api::ThreadId;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::api::{MessageItem, MessageView};
+use crate::error::ApiError;
+use crate::ids::{MessageId, UserId};
+use crate::store::{ThreadRecord, Windowed};
+
+/// A thread as ProgressDB shows it.
+#[derive(Debug, Serialize)]
+pub(super) struct Thread<'a> {
+    key: &'a ThreadId,
+    title: &'a str,
+    author: &'a UserId,
+    created_ts: u64,
+    updated_ts: u64,
+}
+
+impl<'a> Thread<'a> {
+    pub(super) fn of(t: &'a ThreadRecord) -> Self {
+        Thread {
+            key: &t.id,
+            title: &t.title,
+            author: &t.author,
+            created_ts: t.created_at.as_nanos(),
+            updated_ts: t.updated_at.as_nanos(),
+        }
+    }
+}
+
+/// `{"key": .., "thread": {..}}` (`key` on creates and updates, which the SDKs read).
+#[derive(Debug, Serialize)]
+pub(super) struct ThreadEnvelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<&'a ThreadId>,
+    pub thread: Thread<'a>,
+}
+
+/// A message as ProgressDB shows it, or (in a list) why it cannot be read: never wrong
+/// content. `Debug` does not show the body.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub(super) enum Message<'a> {
+    Ok {
+        key: MessageId,
+        thread: &'a ThreadId,
+        author: &'a UserId,
+        created_ts: u64,
+        updated_ts: u64,
+        body: &'a RawValue,
+    },
+    Unreadable {
+        key: MessageId,
+        thread: &'a ThreadId,
+        error: &'static str,
+        code: &'static str,
+    },
+}
+
+impl fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Message::Ok { key, .. } => write!(f, "Message({key}, <redacted>)"),
+            Message::Unreadable { key, .. } => write!(f, "Unreadable({key})"),
+        }
+    }
+}
+
+impl<'a> Message<'a> {
+    pub(super) fn of(m: &'a MessageView) -> Self {
+        Message::Ok {
+            key: m.id,
+            thread: &m.thread_id,
+            author: &m.author,
+            created_ts: m.created_at.as_nanos(),
+            updated_ts: m.updated_at.as_nanos(),
+            body: &m.body,
+        }
+    }
+
+    pub(super) fn of_item(i: &'a MessageItem) -> Self {
+        match i {
+            MessageItem::Ok(m) => Self::of(m),
+            MessageItem::Unreadable {
+                id,
+                thread_id,
+                error,
+            } => Message::Unreadable {
+                key: *id,
+                thread: thread_id,
+                error: "message cannot be read",
+                code: error.code.as_str(),
+            },
+        }
+    }
+}
+
+/// `{"key": .., "message": {..}}`.
+#[derive(Debug, Serialize)]
+pub(super) struct MessageEnvelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<MessageId>,
+    pub message: Message<'a>,
+}
+
+/// ProgressDB's `pagination`: the keys that continue the listing in either direction, whether
+/// items lie beyond them, the page's size and the listing's.
+#[derive(Debug, Serialize)]
+pub(super) struct Pagination {
+    before_anchor: String,
+    after_anchor: String,
+    has_before: bool,
+    has_after: bool,
+    count: usize,
+    total: u64,
+}
+
+impl Pagination {
+    /// For a page shown in order `shown`, whose `before`/`after` flags the caller has mapped
+    /// from the window's older/newer ones.
+    pub(super) fn new(
+        first: Option<String>,
+        last: Option<String>,
+        has_before: bool,
+        has_after: bool,
+        count: usize,
+        total: u64,
+    ) -> Self {
+        Pagination {
+            before_anchor: first.unwrap_or_default(),
+            after_anchor: last.unwrap_or_default(),
+            has_before,
+            has_after,
+            count,
+            total,
+        }
+    }
+}
+
+/// `{"threads": [..], "pagination": {..}}`
+#[derive(Debug, Serialize)]
+pub(super) struct ThreadList<'a> {
+    pub threads: Vec<Thread<'a>>,
+    pub pagination: Pagination,
+}
+
+/// `{"thread": "<key>", "messages": [..], "pagination": {..}}`
+#[derive(Debug, Serialize)]
+pub(super) struct MessageList<'a> {
+    pub thread: &'a ThreadId,
+    pub messages: Vec<Message<'a>>,
+    pub pagination: Pagination,
+}
+
+/// The messages page of `w`, time order (oldest first): `before` continues to older
+/// messages, `after` to newer ones (what the React hooks page with).
+pub(super) fn message_list<'a>(
+    thread: &'a ThreadId,
+    w: &'a Windowed<MessageItem>,
+) -> MessageList<'a> {
+    let key = |i: &MessageItem| match i {
+        MessageItem::Ok(m) => m.id.to_string(),
+        MessageItem::Unreadable { id, .. } => id.to_string(),
+    };
+    MessageList {
+        thread,
+        messages: w.items.iter().map(Message::of_item).collect(),
+        pagination: Pagination::new(
+            w.items.first().map(key),
+            w.items.last().map(key),
+            w.older,
+            w.newer,
+            w.items.len(),
+            w.total,
+        ),
+    }
+}
+
+/// Refuses a field this server does not store yet (rather than dropping it).
+fn refuse(field: &str, v: &Option<Value>) -> Result<(), ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => Err(ApiError::invalid(format!(
+            "{field} is not supported by this server yet; send the request without it"
+        ))),
+    }
+}
+
+/// `POST /frontend/v1/threads`
+#[derive(Debug, Deserialize)]
+pub(super) struct CreateThread {
+    pub title: String,
+    #[serde(default)]
+    slug: Option<Value>,
+}
+
+/// `PUT /frontend/v1/threads/{threadKey}`
+#[derive(Debug, Deserialize)]
+pub(super) struct UpdateThread {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    slug: Option<Value>,
+}
+
+impl CreateThread {
+    pub(super) fn check(&self) -> Result<(), ApiError> {
+        refuse("slug", &self.slug)
+    }
+}
+
+impl UpdateThread {
+    pub(super) fn check(&self) -> Result<(), ApiError> {
+        refuse("slug", &self.slug)
+    }
+}
+
+/// `POST .../messages` and `PUT .../messages/{id}`: `body` is required and not `null`.
+/// `Debug` does not show the body.
+#[derive(Deserialize)]
+pub(super) struct MessageBody {
+    #[serde(default)]
+    body: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    reply_to: Option<Value>,
+    #[serde(default)]
+    role: Option<Value>,
+}
+
+impl fmt::Debug for MessageBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MessageBody(<redacted>)")
+    }
+}
+
+impl MessageBody {
+    /// The body, once the request is one this server can store whole.
+    pub(super) fn into_body(self) -> Result<Value, ApiError> {
+        refuse("id", &self.id)?;
+        refuse("reply_to", &self.reply_to)?;
+        refuse("role", &self.role)?;
+        match self.body {
+            None | Some(Value::Null) => Err(ApiError::invalid("body: cannot be empty")),
+            Some(b) => Ok(b),
+        }
+    }
+}
+
+/// `POST /backend/v1/sign`
+#[derive(Debug, Deserialize)]
+pub(super) struct SignBody {
+    #[serde(rename = "userId")]
+    pub user_id: String,
+}
+
+/// Its answer. `Debug` does not show the signature (a credential).
+#[derive(Serialize)]
+pub(super) struct Signed {
+    #[serde(rename = "userId")]
+    pub user_id: UserId,
+    pub signature: String,
+}
+
+impl fmt::Debug for Signed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signed({:?}, <redacted>)", self.user_id)
+    }
+}

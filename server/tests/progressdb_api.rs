@@ -1,0 +1,601 @@
+//! ProgressDB's public API (`/frontend/v1`, `/backend/v1/sign`, `/admin/health|stats`) over a
+//! real TCP socket and real LMDB files, with the embedded provider: shapes, status codes,
+//! paging in both directions, the callers' rules and isolation between users, errors, CORS.
+//! The published Python SDK is driven against the real binaries in
+//! `tests/tests/e2e_progressdb_sdk.rs`.
+#![cfg(feature = "dev-embedded")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{raw, sign, Caller, Client, InProc, Kms, TestEnv, ADMIN, BACKEND, FRONTEND};
+use serde_json::{json, Value};
+
+const THREADS: &str = "/frontend/v1/threads";
+
+/// A ProgressDB error: `{"error": "<message>", "code": "<code>"}`.
+fn pdb_error(r: &common::Resp) -> (u16, String) {
+    let j = r.json();
+    assert!(j["error"].is_string(), "error is not a string: {j}");
+    (r.status, j["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// A caller sending its key as ProgressDB's TypeScript SDK does (`X-API-Key`).
+fn api_key_headers(key: &str, user: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut h = vec![("x-api-key", key.to_owned())];
+    if let Some(u) = user {
+        h.push(("x-user-id", u.to_owned()));
+    }
+    h
+}
+
+async fn create_thread(c: &Client, who: &Caller, title: &str) -> String {
+    let r = c.post(who, THREADS, json!({ "title": title })).await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    r.json()["key"].as_str().unwrap().to_owned()
+}
+
+async fn create_message(c: &Client, who: &Caller, thread: &str, body: Value) -> String {
+    let r = c
+        .post(
+            who,
+            &format!("{THREADS}/{thread}/messages"),
+            json!({ "body": body }),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    r.json()["key"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_and_messages_in_progressdb_shapes() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let alice = Caller::backend_as("alice");
+
+    // Create: 202 with the key the SDKs read, and the stored thread.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let r = c.post(&alice, THREADS, json!({"title": "General"})).await;
+    assert_eq!(r.status, 202);
+    let j = r.json();
+    let key = j["key"].as_str().unwrap().to_owned();
+    let t = &j["thread"];
+    assert_eq!(t["key"], key.as_str());
+    assert_eq!(
+        (t["title"].as_str(), t["author"].as_str()),
+        (Some("General"), Some("alice"))
+    );
+    let created = t["created_ts"].as_u64().unwrap();
+    assert!(
+        created >= before && created < before + 60_000_000_000,
+        "{created} ns"
+    );
+    assert_eq!(t["updated_ts"].as_u64(), Some(created));
+    assert!(
+        t.get("kms").is_none(),
+        "kms shown to a non-admin caller: {t}"
+    );
+
+    // Read at once (the write was durable before the answer).
+    let r = c.get(&alice, &format!("{THREADS}/{key}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["thread"]["title"], "General");
+
+    // Update: 200 with the thread as stored.
+    let r = c
+        .call(
+            &alice,
+            "PUT",
+            &format!("{THREADS}/{key}"),
+            Some(json!({"title": "Renamed"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["thread"]["title"], "Renamed");
+    assert!(r.json()["thread"]["updated_ts"].as_u64().unwrap() >= created);
+    assert_eq!(
+        c.get(&alice, &format!("{THREADS}/{key}")).await.json()["thread"]["title"],
+        "Renamed"
+    );
+
+    // Messages: any JSON body, 202 with the key; read back decrypted.
+    let r = c
+        .post(
+            &alice,
+            &format!("{THREADS}/{key}/messages"),
+            json!({"body": {"text": "hi"}}),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    let m = r.json();
+    let mkey = m["key"].as_str().unwrap().to_owned();
+    assert_eq!(m["message"]["key"], mkey.as_str());
+    assert_eq!(m["message"]["thread"], key.as_str());
+    assert_eq!(m["message"]["author"], "alice");
+    assert_eq!(m["message"]["body"], json!({"text": "hi"}));
+    assert!(m["message"]["created_ts"].as_u64().unwrap() >= created);
+    let r = c
+        .get(&alice, &format!("{THREADS}/{key}/messages/{mkey}"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["message"]["body"], json!({"text": "hi"}));
+    // A key percent-encoded as the SDKs send it (`quote(key, safe='')`) is the same key.
+    let r = c
+        .get(
+            &alice,
+            &format!("{THREADS}/{key}/messages/{}", mkey.replace('-', "%2D")),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+
+    let r = c
+        .call(
+            &alice,
+            "PUT",
+            &format!("{THREADS}/{key}/messages/{mkey}"),
+            Some(json!({"body": "edited"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["message"]["body"], "edited");
+    let list = c
+        .get(&alice, &format!("{THREADS}/{key}/messages"))
+        .await
+        .json();
+    assert_eq!(list["thread"], key.as_str());
+    assert_eq!(list["messages"][0]["body"], "edited");
+
+    // Deletes: 204 with no body; gone afterwards.
+    let r = c
+        .call(
+            &alice,
+            "DELETE",
+            &format!("{THREADS}/{key}/messages/{mkey}"),
+            None,
+        )
+        .await;
+    assert_eq!((r.status, r.body.len()), (204, 0));
+    let r = c
+        .get(&alice, &format!("{THREADS}/{key}/messages/{mkey}"))
+        .await;
+    assert_eq!(pdb_error(&r), (404, "not_found".into()));
+    let r = c
+        .call(&alice, "DELETE", &format!("{THREADS}/{key}"), None)
+        .await;
+    assert_eq!((r.status, r.body.len()), (204, 0));
+    let r = c.get(&alice, &format!("{THREADS}/{key}")).await;
+    assert_eq!(pdb_error(&r), (404, "not_found".into()));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_follow_progressdb_rules() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+
+    // The key in X-API-Key, as the TypeScript SDK sends it.
+    let r = raw(
+        s.addr,
+        "POST",
+        THREADS,
+        &api_key_headers(BACKEND, Some("alice")),
+        Some(br#"{"title":"via x-api-key"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let key = r.json()["key"].as_str().unwrap().to_owned();
+
+    // A backend key names one user, by header or `?author=`.
+    let r = c.get(&Caller::backend(), THREADS).await;
+    assert_eq!(pdb_error(&r), (400, "invalid_argument".into()));
+    let r = c
+        .get(&Caller::backend(), &format!("{THREADS}?author=alice"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["threads"][0]["key"], key.as_str());
+
+    // A signed frontend user sees its own; `author` may only repeat its id.
+    let r = c.get(&Caller::frontend("alice"), THREADS).await;
+    assert_eq!(r.json()["threads"][0]["key"], key.as_str());
+    let r = c
+        .get(
+            &Caller::frontend("alice"),
+            &format!("{THREADS}?author=alice"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = c
+        .get(&Caller::frontend("bob"), &format!("{THREADS}?author=alice"))
+        .await;
+    assert_eq!(pdb_error(&r), (403, "forbidden".into()));
+    let mut forged = Caller::frontend("bob");
+    forged.user = Some("alice".into());
+    assert_eq!(
+        pdb_error(&c.get(&forged, THREADS).await),
+        (401, "unauthorized".into())
+    );
+    assert_eq!(
+        pdb_error(&c.get(&Caller::anonymous(), THREADS).await),
+        (401, "unauthorized".into())
+    );
+
+    // Admin keys serve /admin only; signing is for backend keys.
+    assert_eq!(
+        pdb_error(&c.get(&Caller::admin_as("alice"), THREADS).await),
+        (403, "forbidden".into())
+    );
+    let r = c
+        .post(
+            &Caller::backend(),
+            "/backend/v1/sign",
+            json!({"userId": "carol"}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"userId": "carol", "signature": sign("carol")})
+    );
+    for who in [Caller::admin(), Caller::frontend("carol")] {
+        let r = c
+            .post(&who, "/backend/v1/sign", json!({"userId": "carol"}))
+            .await;
+        assert_eq!(pdb_error(&r), (403, "forbidden".into()));
+    }
+    // The signature it gives is one a frontend caller can use.
+    let r = raw(
+        s.addr,
+        "GET",
+        THREADS,
+        &[
+            ("x-api-key", FRONTEND.to_owned()),
+            ("x-user-id", "carol".into()),
+            ("x-user-signature", sign("carol")),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.json()["threads"].clone()), (200, json!([])));
+
+    // Admin reads.
+    let r = c.get(&Caller::admin(), "/admin/health").await;
+    assert_eq!(r.json(), json!({"status": "ok", "service": "progressdb"}));
+    create_message(&c, &Caller::backend_as("alice"), &key, json!(1)).await;
+    let r = c.get(&Caller::admin(), "/admin/stats").await;
+    assert_eq!(r.json(), json!({"threads": 1, "messages": 1}));
+    for who in [Caller::backend(), Caller::frontend("alice")] {
+        assert_eq!(
+            pdb_error(&c.get(&who, "/admin/stats").await),
+            (403, "forbidden".into())
+        );
+    }
+    let r = raw(
+        s.addr,
+        "GET",
+        "/admin/health",
+        &api_key_headers(ADMIN, None),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // Readiness as ProgressDB's clients read it.
+    let r = c.get(&Caller::anonymous(), "/readyz").await;
+    assert_eq!(r.json()["status"], "ok");
+    assert_eq!(r.json()["version"], env!("CARGO_PKG_VERSION"));
+    s.stop().await;
+}
+
+/// User B — signed, or through a backend key acting for B — can neither see nor change
+/// anything of user A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_reach_another_users_threads() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    // Ids as identity providers issue them; one is a prefix of the other in store keys'
+    // terms if the separator were not encoded.
+    let a = Caller::backend_as("auth0:alice|1");
+    let t = create_thread(&c, &a, "private").await;
+    let m = create_message(&c, &a, &t, json!({"secret": "s3cret"})).await;
+    for b in [
+        Caller::backend_as("auth0"),
+        Caller::backend_as("bob"),
+        Caller::frontend("bob"),
+    ] {
+        let r = c.get(&b, THREADS).await;
+        assert_eq!((r.status, r.json()["threads"].clone()), (200, json!([])));
+        assert_eq!(r.json()["pagination"]["total"], 0);
+        for (method, path, body) in [
+            ("GET", format!("{THREADS}/{t}"), None),
+            (
+                "PUT",
+                format!("{THREADS}/{t}"),
+                Some(json!({"title": "mine"})),
+            ),
+            ("DELETE", format!("{THREADS}/{t}"), None),
+            ("GET", format!("{THREADS}/{t}/messages"), None),
+            (
+                "POST",
+                format!("{THREADS}/{t}/messages"),
+                Some(json!({"body": "x"})),
+            ),
+            ("GET", format!("{THREADS}/{t}/messages/{m}"), None),
+            (
+                "PUT",
+                format!("{THREADS}/{t}/messages/{m}"),
+                Some(json!({"body": "x"})),
+            ),
+            ("DELETE", format!("{THREADS}/{t}/messages/{m}"), None),
+        ] {
+            let r = c.call(&b, method, &path, body).await;
+            assert_eq!(pdb_error(&r), (404, "not_found".into()), "{method} {path}");
+            assert!(!String::from_utf8_lossy(&r.body).contains("s3cret"));
+        }
+    }
+    // Nothing of A's changed.
+    let r = c.get(&a, &format!("{THREADS}/{t}/messages")).await;
+    assert_eq!(r.json()["messages"][0]["body"], json!({"secret": "s3cret"}));
+    assert_eq!(r.json()["pagination"]["total"], 1);
+    assert_eq!(
+        c.get(&a, &format!("{THREADS}/{t}")).await.json()["thread"]["title"],
+        "private"
+    );
+    s.stop().await;
+}
+
+/// Messages page in time order from the newest window; `before` goes to older messages,
+/// `after` to newer ones, `anchor` around one. Threads page newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_as_the_sdks_and_hooks_walk_them() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::frontend("pager");
+    let t = create_thread(&c, &u, "paged").await;
+    let mut keys = Vec::new();
+    for i in 0..7 {
+        keys.push(create_message(&c, &u, &t, json!(i)).await);
+    }
+    let page = |q: String| {
+        let c = c;
+        let u = u.clone();
+        let t = t.clone();
+        async move {
+            let r = c.get(&u, &format!("{THREADS}/{t}/messages?{q}")).await;
+            assert_eq!(r.status, 200, "{q}: {:?}", r.json());
+            let j = r.json();
+            let bodies: Vec<i64> = j["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["body"].as_i64().unwrap())
+                .collect();
+            (bodies, j["pagination"].clone())
+        }
+    };
+    // First page: the newest 3, oldest first.
+    let (b, p) = page("limit=3".into()).await;
+    assert_eq!(b, vec![4, 5, 6]);
+    assert_eq!(
+        p,
+        json!({"before_anchor": keys[4], "after_anchor": keys[6], "has_before": true,
+               "has_after": false, "count": 3, "total": 7})
+    );
+    // Older, as useMessages.loadOlder does.
+    let (b, p) = page(format!("limit=3&before={}", keys[4])).await;
+    assert_eq!(
+        (b, &p["has_before"], &p["has_after"]),
+        (vec![1, 2, 3], &json!(true), &json!(true))
+    );
+    let (b, p) = page(format!("limit=3&before={}", keys[1])).await;
+    assert_eq!(
+        (b, &p["has_before"], &p["has_after"]),
+        (vec![0], &json!(false), &json!(true))
+    );
+    // Newer, as loadNewer does.
+    let (b, p) = page(format!("limit=3&after={}", keys[0])).await;
+    assert_eq!(
+        (b, &p["has_before"], &p["has_after"]),
+        (vec![1, 2, 3], &json!(true), &json!(true))
+    );
+    let (b, p) = page(format!("limit=3&after={}", keys[4])).await;
+    assert_eq!(
+        (b, &p["has_before"], &p["has_after"]),
+        (vec![5, 6], &json!(true), &json!(false))
+    );
+    // Around one message.
+    let (b, p) = page(format!("limit=2&anchor={}", keys[3])).await;
+    assert_eq!(
+        (b, &p["has_before"], &p["has_after"]),
+        (vec![1, 2, 3, 4, 5], &json!(true), &json!(true))
+    );
+    // Bad paging is a 400 in ProgressDB's error shape.
+    for q in [
+        format!("before={}&after={}", keys[1], keys[2]),
+        "before=nope".into(),
+        "limit=0".into(),
+        "limit=-1".into(),
+        "sort_by=title".into(),
+        "include_deleted=maybe".into(),
+    ] {
+        let r = c.get(&u, &format!("{THREADS}/{t}/messages?{q}")).await;
+        assert_eq!(pdb_error(&r), (400, "invalid_argument".into()), "{q}");
+    }
+
+    // Threads: newest first; `after` goes to older threads, `before` to newer ones.
+    let mut threads = vec![t.clone()];
+    for i in 1..5 {
+        threads.push(create_thread(&c, &u, &format!("t{i}")).await);
+    }
+    let tpage = |q: String| {
+        let c = c;
+        let u = u.clone();
+        async move {
+            let r = c.get(&u, &format!("{THREADS}?{q}")).await;
+            assert_eq!(r.status, 200, "{q}: {:?}", r.json());
+            let j = r.json();
+            let keys: Vec<String> = j["threads"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["key"].as_str().unwrap().to_owned())
+                .collect();
+            (keys, j["pagination"].clone())
+        }
+    };
+    let (k, p) = tpage("limit=2".into()).await;
+    assert_eq!(k, vec![threads[4].clone(), threads[3].clone()]);
+    assert_eq!(
+        (&p["has_before"], &p["has_after"], &p["total"]),
+        (&json!(false), &json!(true), &json!(5))
+    );
+    let (k, p) = tpage(format!(
+        "limit=2&after={}",
+        p["after_anchor"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(k, vec![threads[2].clone(), threads[1].clone()]);
+    assert_eq!(
+        (&p["has_before"], &p["has_after"]),
+        (&json!(true), &json!(true))
+    );
+    let (k, _) = tpage(format!("limit=2&before={}", threads[2])).await;
+    assert_eq!(k, vec![threads[4].clone(), threads[3].clone()]);
+    // Updated most recently first.
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("{THREADS}/{}", threads[0]),
+            Some(json!({"title": "bumped"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let (k, _) = tpage("sort_by=updated_ts".into()).await;
+    assert_eq!(k[0], threads[0]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_progressdb_errors_and_lose_nothing() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "[limits]\nmax_body_bytes = 4096\n")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let t = create_thread(&c, &u, "t").await;
+    let msgs = format!("{THREADS}/{t}/messages");
+    for (path, body) in [
+        (THREADS.to_owned(), json!({})),
+        (THREADS.to_owned(), json!({"title": ""})),
+        (THREADS.to_owned(), json!({"title": 7})),
+        (THREADS.to_owned(), json!({"title": "x", "slug": "x"})),
+        (msgs.clone(), json!({})),
+        (msgs.clone(), json!({"body": null})),
+        (msgs.clone(), json!({"body": 1, "reply_to": "m"})),
+        (msgs.clone(), json!({"body": 1, "role": "user"})),
+        (msgs.clone(), json!({"body": 1, "id": "mine"})),
+        (msgs.clone(), json!({"body": "x".repeat(5000)})),
+    ] {
+        let r = c.post(&u, &path, body.clone()).await;
+        let (status, code) = pdb_error(&r);
+        assert!((400..500).contains(&status), "{path} {body}: {status}");
+        assert!(!code.is_empty(), "{path} {body}");
+    }
+    // Unknown keys and paths: 404 in the same shape.
+    for path in [format!("{THREADS}/nope:nope"), format!("{msgs}/nope")] {
+        assert_eq!(
+            pdb_error(&c.get(&u, &path).await),
+            (404, "not_found".into()),
+            "{path}"
+        );
+    }
+    // None of it was stored.
+    let r = c.get(&u, THREADS).await;
+    assert_eq!(r.json()["pagination"]["total"], 1);
+    assert_eq!(c.get(&u, &msgs).await.json()["pagination"]["total"], 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_of_listed_origins_get_cors_answers_before_authentication() {
+    let env = TestEnv::new();
+    let conf = env.config(&Kms::Embedded, "");
+    let text = std::fs::read_to_string(&conf).unwrap().replacen(
+        "[http]\n",
+        "[http]\ncors_allowed_origins = [\"https://app.example\"]\n",
+        1,
+    );
+    std::fs::write(&conf, text).unwrap();
+    let s = InProc::start(&conf).await;
+    let addr = s.addr;
+    let preflight = |origin: &'static str| async move {
+        let h = [
+            ("origin", origin.to_owned()),
+            ("access-control-request-method", "POST".to_owned()),
+            (
+                "access-control-request-headers",
+                "x-api-key,x-user-id,x-user-signature,content-type".to_owned(),
+            ),
+        ];
+        raw(addr, "OPTIONS", THREADS, &h, None).await
+    };
+    // No key: the preflight is answered before authentication.
+    let r = preflight("https://app.example").await;
+    assert!(r.status < 300, "{}", r.status);
+    let h = |r: &common::Resp, n: &str| {
+        r.headers
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    assert_eq!(h(&r, "access-control-allow-origin"), "https://app.example");
+    for needed in ["x-api-key", "x-user-id", "x-user-signature", "content-type"] {
+        assert!(
+            h(&r, "access-control-allow-headers").contains(needed),
+            "{needed}"
+        );
+    }
+    assert!(h(&r, "access-control-allow-methods").contains("put"));
+    // Another origin gets no permission.
+    let r = preflight("https://evil.example").await;
+    assert_eq!(h(&r, "access-control-allow-origin"), "");
+    // Real answers, errors included, carry the header for the listed origin only.
+    let mut hdrs = api_key_headers(BACKEND, Some("u"));
+    hdrs.push(("origin", "https://app.example".into()));
+    let r = raw(s.addr, "GET", THREADS, &hdrs, None).await;
+    assert_eq!(
+        (r.status, h(&r, "access-control-allow-origin")),
+        (200, "https://app.example".into())
+    );
+    let r = raw(
+        s.addr,
+        "GET",
+        THREADS,
+        &[("origin", "https://app.example".into())],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, h(&r, "access-control-allow-origin")),
+        (401, "https://app.example".into())
+    );
+    s.stop().await;
+
+    // Without the setting: no CORS headers at all.
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let mut hdrs = api_key_headers(BACKEND, Some("u"));
+    hdrs.push(("origin", "https://app.example".into()));
+    let r = raw(s.addr, "GET", THREADS, &hdrs, None).await;
+    assert_eq!(
+        (r.status, r.headers.get("access-control-allow-origin")),
+        (200, None)
+    );
+    s.stop().await;
+}
