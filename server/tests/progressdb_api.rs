@@ -363,7 +363,6 @@ async fn pages_as_the_sdks_and_hooks_walk_them() {
         keys.push(create_message(&c, &u, &t, json!(i)).await);
     }
     let page = |q: String| {
-        let c = c;
         let u = u.clone();
         let t = t.clone();
         async move {
@@ -434,7 +433,6 @@ async fn pages_as_the_sdks_and_hooks_walk_them() {
         threads.push(create_thread(&c, &u, &format!("t{i}")).await);
     }
     let tpage = |q: String| {
-        let c = c;
         let u = u.clone();
         async move {
             let r = c.get(&u, &format!("{THREADS}?{q}")).await;
