@@ -379,7 +379,11 @@ async fn every_role_and_signature_rule_is_enforced() {
     let carol = f(Some("carol"), Some(sig));
     assert_eq!(c.get(&carol, "/v1/threads").await.status, 200);
     let r = c
-        .post(&Caller::backend(), "/v1/sign", json!({"user_id": "bad:id"}))
+        .post(
+            &Caller::backend(),
+            "/v1/sign",
+            json!({"user_id": "bad\nid"}),
+        )
         .await;
     assert_eq!(r.status, 400);
     for who in [alice.clone(), Caller::backend()] {
@@ -449,7 +453,10 @@ async fn errors_limits_and_probes() {
     assert_eq!(r.status, 200);
     let r = c.get(&Caller::anonymous(), "/readyz").await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), json!({"ready": true, "store": "ok", "kms": "ok"}));
+    assert_eq!(
+        r.json(),
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ready": true, "store": "ok", "kms": "ok"})
+    );
 
     let h = [
         ("authorization", format!("Bearer {}", common::BACKEND)),
@@ -577,7 +584,7 @@ async fn plain_mode_stores_marked_plain_content() {
     let r = c.get(&Caller::anonymous(), "/readyz").await;
     assert_eq!(
         r.json(),
-        json!({"ready": true, "store": "ok", "kms": "not_configured"})
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ready": true, "store": "ok", "kms": "not_configured"})
     );
     let key = format!("thread:{t}:msg:{m}").into_bytes();
     let v = s.app.store().raw_get(key).await.unwrap().unwrap();

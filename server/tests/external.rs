@@ -29,7 +29,10 @@ async fn round_trip_coalescing_and_one_batch_per_page() {
     let c = Client::new(s.addr);
     let u = Caller::backend_as("u");
     let r = c.get(&Caller::anonymous(), "/readyz").await;
-    assert_eq!(r.json(), json!({"ready": true, "store": "ok", "kms": "ok"}));
+    assert_eq!(
+        r.json(),
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ready": true, "store": "ok", "kms": "ok"})
+    );
 
     let t = c.create_thread(&u, "t").await;
     assert_eq!(state.calls("/create_dek_for_thread"), 1);

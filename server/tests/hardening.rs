@@ -764,7 +764,7 @@ async fn signatures_expire_within_the_cap_and_one_user_can_be_revoked() {
     let r = c
         .post(
             &Caller::backend(),
-            "/v1/users/a:b/revoke-signatures",
+            "/v1/users/%20a/revoke-signatures",
             json!({}),
         )
         .await;

@@ -28,7 +28,10 @@ proptest! {
     fn user_ids_parse_exactly(s in "\\PC{0,140}") {
         if let Ok(u) = UserId::parse(&s) {
             prop_assert_eq!(u.as_str(), s.as_str());
-            prop_assert!(!s.contains(':'));
+            // Its store-key form never holds the separator and decodes to it.
+            let seg = u.key_segment();
+            prop_assert!(!seg.contains(':'));
+            prop_assert_eq!(UserId::from_key_segment(&seg).unwrap(), u);
         }
     }
 

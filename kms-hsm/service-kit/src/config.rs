@@ -110,3 +110,33 @@ mod tests {
         assert!(e.to_string().contains("none.toml"), "{e}");
     }
 }
+
+/// A TOML array of strings, or (from the environment, where every value is text) a
+/// comma-separated list. Empty items are dropped.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum StringList {
+    Many(Vec<String>),
+    Text(String),
+}
+
+impl StringList {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StringList::Many(v) => v,
+            StringList::Text(t) => t.split(',').map(|s| s.trim().to_owned()).collect(),
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
+    }
+}
+
+/// `#[serde(deserialize_with = "string_list")]` for a `Vec<String>` field set by a
+/// [`StringList`].
+///
+/// # Errors
+/// When the value is neither a list of strings nor a string.
+pub fn string_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    <StringList as serde::Deserialize>::deserialize(d).map(StringList::into_vec)
+}

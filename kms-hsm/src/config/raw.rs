@@ -84,25 +84,7 @@ pub struct RawTls {
     pub admin_subjects: Option<StringList>,
 }
 
-/// A TOML array of strings, or (from the environment) a comma-separated list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum StringList {
-    Many(Vec<String>),
-    Text(String),
-}
-
-impl StringList {
-    pub(super) fn into_vec(self) -> Vec<String> {
-        match self {
-            StringList::Many(v) => v,
-            StringList::Text(t) => t.split(',').map(|s| s.trim().to_owned()).collect(),
-        }
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect()
-    }
-}
+pub use service_kit::config::StringList;
 
 /// `[lifecycle]`
 #[derive(Debug, Default, Deserialize)]

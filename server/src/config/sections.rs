@@ -36,6 +36,7 @@ pub struct HttpConfig {
     /// Browser origins (`https://app.example.com`) whose pages may call the API (CORS), or
     /// `"*"` for any. Empty (the default): no CORS headers, and browsers refuse cross-origin
     /// calls. Preflight requests of a listed origin are answered before authentication.
+    #[serde(deserialize_with = "service_kit::config::string_list")]
     pub cors_allowed_origins: Vec<String>,
 }
 

@@ -54,6 +54,10 @@ fn defaults_and_env_overrides() {
             "PROGRESSDB__HTTP__METRICS_ACCESS".to_owned(),
             "public".to_owned(),
         ),
+        (
+            "PROGRESSDB__HTTP__CORS_ALLOWED_ORIGINS".to_owned(),
+            "https://a.example, http://localhost:3000".to_owned(),
+        ),
         // Another binary's prefix is ignored.
         ("PROGRESSDB_KMS__STORE__PATH".to_owned(), "/nope".to_owned()),
     ]);
@@ -63,6 +67,31 @@ fn defaults_and_env_overrides() {
     assert_eq!(cfg.limits.max_page_size, 100);
     assert_eq!(cfg.http.metrics_access, MetricsAccess::Public);
     assert_eq!(cfg.store.path, Path::new("/tmp/x"));
+    assert_eq!(
+        cfg.http.cors_allowed_origins,
+        ["https://a.example", "http://localhost:3000"]
+    );
+}
+
+#[test]
+fn cors_origins_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), MINIMAL);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let with = |list: &str| {
+        std::fs::write(
+            &p,
+            format!("{text}\n[http]\ncors_allowed_origins = {list}\n"),
+        )
+        .unwrap();
+        Config::load_with_env(&p, Some(HashMap::new()))
+    };
+    let ok = with(r#"["https://app.example", "*"]"#).unwrap();
+    assert_eq!(ok.http.cors_allowed_origins, ["https://app.example", "*"]);
+    let e = with(r#"["https://app.example/path"]"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("http.cors_allowed_origins"), "{e}");
 }
 
 fn err(body: &str) -> String {
