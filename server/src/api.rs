@@ -8,10 +8,11 @@ use kms_api::ThreadId;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use crate::error::ErrorCode;
+use crate::error::{ApiError, ErrorCode};
 use crate::ids::{MessageId, Timestamp, UserId};
 use crate::provider::ThreadKey;
 use crate::store::ThreadRecord;
+use crate::store::{MessageAttrs, MessageRole};
 
 /// `POST /v1/threads`
 #[derive(Debug, Deserialize)]
@@ -34,11 +35,57 @@ pub struct PatchThreadBody {
     pub metadata: Option<Option<Value>>,
 }
 
-/// `POST /v1/threads/{id}/messages` and `PUT .../messages/{msg_id}`: any JSON body.
-/// `Debug` does not show the body (message content is secret).
+/// `POST /v1/threads/{id}/messages` and `PUT .../messages/{msg_id}`: any JSON body; a post
+/// may also give the author's `role` and the message it answers (`reply_to`), which an edit
+/// cannot change. `Debug` does not show the body (message content is secret).
 #[derive(Deserialize)]
 pub struct MessageBody {
     pub body: Value,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+}
+
+impl MessageBody {
+    /// The attributes of a new message.
+    ///
+    /// # Errors
+    /// 400 for a role or message id that does not parse.
+    pub fn attrs(&self) -> Result<MessageAttrs, ApiError> {
+        message_attrs(self.role.as_deref(), self.reply_to.as_deref())
+    }
+
+    /// Refuses attributes on an edit (they are fixed when the message is posted).
+    ///
+    /// # Errors
+    /// 400 when `role` or `reply_to` is given.
+    pub fn edit_only(&self) -> Result<(), ApiError> {
+        if self.role.is_some() || self.reply_to.is_some() {
+            return Err(ApiError::invalid(
+                "role and reply_to are set when a message is posted and cannot be edited",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A new message's attributes from their text.
+///
+/// # Errors
+/// 400 for a role or message id that does not parse.
+pub fn message_attrs(role: Option<&str>, reply_to: Option<&str>) -> Result<MessageAttrs, ApiError> {
+    Ok(MessageAttrs {
+        role: role
+            .map(|r| MessageRole::parse(r).map_err(ApiError::invalid))
+            .transpose()?,
+        reply_to: reply_to
+            .map(|m| {
+                MessageId::parse(m)
+                    .map_err(|_| ApiError::invalid("reply_to must be a message id (its key)"))
+            })
+            .transpose()?,
+    })
 }
 
 impl fmt::Debug for MessageBody {
@@ -161,6 +208,12 @@ pub struct MessageView {
     pub created_at: Timestamp,
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: Timestamp,
+    /// The author's role, when the message was posted with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<crate::store::MessageRole>,
+    /// The message this one answers, when posted with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
@@ -258,6 +311,8 @@ mod tests {
             body: serde_json::value::to_raw_value("top secret").unwrap(),
             created_at: Timestamp::from_nanos(0),
             updated_at: Timestamp::from_nanos(0),
+            role: None,
+            reply_to: None,
         };
         assert!(!format!("{v:?}").contains("top secret"));
         assert!(!format!("{:?}", MessageItem::Ok(v)).contains("top secret"));

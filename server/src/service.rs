@@ -392,5 +392,7 @@ fn view(tid: &ThreadId, id: MessageId, rec: &MessageRecord, body: Box<RawValue>)
         body,
         created_at: rec.created_at,
         updated_at: rec.updated_at,
+        role: rec.role.clone(),
+        reply_to: rec.reply_to,
     }
 }

@@ -273,3 +273,78 @@ fn base64_encode(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// A role or reply planted on disk is refused: on a record whose format binds them, the
+/// ciphertext no longer opens; on an older record, whose AAD never covered them, the record
+/// is refused whole, and an edit or a rotation does not launder it into a valid one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_role_or_reply_is_refused_never_shown() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let t = c.create_thread(&u, "a").await;
+    let m1 = c.post_message(&u, &t, json!("plain question")).await;
+    let r = c
+        .post(
+            &u,
+            &format!("/v1/threads/{t}/messages"),
+            json!({"body": "answer", "role": "assistant"}),
+        )
+        .await;
+    let m2 = r.json()["id"].as_str().unwrap().to_owned();
+    let store = s.app.store();
+    async fn edit(
+        store: &progressdb::store::Store,
+        t: &str,
+        m: &str,
+        f: impl Fn(&mut serde_json::Value),
+    ) {
+        let k = format!("thread:{t}:msg:{m}").into_bytes();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&store.raw_get(k.clone()).await.unwrap().unwrap()).unwrap();
+        f(&mut v);
+        store
+            .write(RawPut {
+                key: k,
+                value: serde_json::to_vec(&v).unwrap(),
+            })
+            .await
+            .unwrap();
+    }
+    // A role added to a current record, and a role changed.
+    edit(store, &t, &m1, |v| v["role"] = json!("system")).await;
+    edit(store, &t, &m2, |v| v["role"] = json!("user")).await;
+    for m in [&m1, &m2] {
+        let r = c.get(&u, &format!("/v1/threads/{t}/messages/{m}")).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (500, "message_unreadable"),
+            "{m}"
+        );
+    }
+    // A role on a record of the format before roles existed: refused, and not re-sealed by
+    // an edit.
+    edit(store, &t, &m2, |v| {
+        v["role"] = json!("assistant");
+        v["v"] = json!(3);
+    })
+    .await;
+    let r = c.get(&u, &format!("/v1/threads/{t}/messages/{m2}")).await;
+    assert_eq!((r.status, r.code().as_str()), (500, "message_unreadable"));
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("/v1/threads/{t}/messages/{m2}"),
+            Some(json!({"body": "laundered"})),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (500, "message_unreadable"));
+    let r = c.get(&u, &format!("/v1/threads/{t}/messages")).await.json();
+    assert_eq!(
+        r["messages"][1]["error"]["code"], "message_unreadable",
+        "{r}"
+    );
+    s.stop().await;
+}

@@ -191,7 +191,7 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
     let m2 = c.post_message(&alice, &t, json!("also alice")).await;
     let m3 = c.post_message(&alice, &t, json!("alice again")).await;
     let v1 = raw_json(&s, msg_key(&t, &m1)).await;
-    assert_eq!(v1["v"], 3, "new records carry their format");
+    assert_eq!(v1["v"], 4, "new records carry their format");
 
     // m1: the author is changed to bob.
     let mut v = v1.clone();
@@ -248,17 +248,19 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
         "an old v1 record"
     );
 
-    // m3 again, downgraded to format 2: its tag differs, so that fails too.
-    let mut v = raw_json(&s, msg_key(&t, &m3)).await;
-    v["v"] = json!(2);
-    put_json(&s, msg_key(&t, &m3), &v).await;
-    assert_unreadable(
-        &c.get(&alice, &format!("/v1/threads/{t}/messages/{m3}"))
-            .await,
-        "alice again",
-    );
+    // m3 again, downgraded to formats 2 and 3: their tags differ, so those fail too.
+    for older in [2, 3] {
+        let mut v = raw_json(&s, msg_key(&t, &m3)).await;
+        v["v"] = json!(older);
+        put_json(&s, msg_key(&t, &m3), &v).await;
+        assert_unreadable(
+            &c.get(&alice, &format!("/v1/threads/{t}/messages/{m3}"))
+                .await,
+            "alice again",
+        );
+    }
 
-    // Format 3 binds the edit: its time and count. A message edited once by three
+    // Formats 3 and 4 bind the edit: its time and count. A message edited once by three
     // concurrent edits counts three (none is lost unseen: each edit is sealed for the count
     // it read and sealed again when another landed first).
     let m5 = c.post_message(&alice, &t, json!("first version")).await;
@@ -286,7 +288,7 @@ async fn re_attributed_ciphertext_is_unreadable_and_old_records_still_read() {
     let edited = raw_json(&s, msg_key(&t, &m5)).await;
     assert_eq!(
         (edited["v"].clone(), edited["edits"].clone()),
-        (json!(3), json!(3))
+        (json!(4), json!(3))
     );
     let body = c.get(&alice, &path5).await.json()["body"].clone();
     assert!(body.as_str().unwrap().starts_with("version "), "{body}");

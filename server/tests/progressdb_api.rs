@@ -496,7 +496,9 @@ async fn bad_requests_get_progressdb_errors_and_lose_nothing() {
         (msgs.clone(), json!({})),
         (msgs.clone(), json!({"body": null})),
         (msgs.clone(), json!({"body": 1, "reply_to": "m"})),
-        (msgs.clone(), json!({"body": 1, "role": "user"})),
+        (msgs.clone(), json!({"body": 1, "role": ""})),
+        (msgs.clone(), json!({"body": 1, "role": "a\nb"})),
+        (msgs.clone(), json!({"body": 1, "role": 7})),
         (msgs.clone(), json!({"body": 1, "id": "mine"})),
         (msgs.clone(), json!({"body": "x".repeat(5000)})),
     ] {
@@ -595,5 +597,103 @@ async fn browsers_of_listed_origins_get_cors_answers_before_authentication() {
         (r.status, r.headers.get("access-control-allow-origin")),
         (200, None)
     );
+    s.stop().await;
+}
+
+/// A message's `role` and `reply_to` are stored with it (bound to its ciphertext), returned on
+/// every read by both APIs, and fixed once posted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_and_reply_are_kept_and_fixed() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let t = create_thread(&c, &u, "chat").await;
+    let q = create_message(&c, &u, &t, json!("question")).await;
+    let r = c
+        .post(
+            &u,
+            &format!("{THREADS}/{t}/messages"),
+            json!({"body": {"text": "answer"}, "role": "assistant", "reply_to": q}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let a = r.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["message"]["role"], "assistant");
+    assert_eq!(r.json()["message"]["reply_to"], q.as_str());
+    let m = c
+        .get(&u, &format!("{THREADS}/{t}/messages/{a}"))
+        .await
+        .json();
+    assert_eq!(
+        (&m["message"]["role"], &m["message"]["reply_to"]),
+        (&json!("assistant"), &json!(q))
+    );
+    let list = c.get(&u, &format!("{THREADS}/{t}/messages")).await.json();
+    assert!(list["messages"][0].get("role").is_none(), "{list}");
+    assert_eq!(list["messages"][1]["role"], "assistant");
+    // The same message through /v1.
+    let v1 = c
+        .get(&u, &format!("/v1/threads/{t}/messages/{a}"))
+        .await
+        .json();
+    assert_eq!(
+        (&v1["role"], &v1["reply_to"]),
+        (&json!("assistant"), &json!(q))
+    );
+    // An edit keeps them and cannot change them.
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("{THREADS}/{t}/messages/{a}"),
+            Some(json!({"body": "better"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        (&r.json()["message"]["role"], &r.json()["message"]["body"]),
+        (&json!("assistant"), &json!("better"))
+    );
+    for body in [
+        json!({"body": 1, "role": "user"}),
+        json!({"body": 1, "reply_to": a}),
+    ] {
+        let r = c
+            .call(
+                &u,
+                "PUT",
+                &format!("{THREADS}/{t}/messages/{a}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(pdb_error(&r), (400, "invalid_argument".into()));
+        let r = c
+            .call(
+                &u,
+                "PUT",
+                &format!("/v1/threads/{t}/messages/{a}"),
+                Some(json!({"body": 1, "role": "user"})),
+            )
+            .await;
+        assert_eq!(r.status, 400);
+    }
+    let m = c
+        .get(&u, &format!("{THREADS}/{t}/messages/{a}"))
+        .await
+        .json();
+    assert_eq!(
+        (&m["message"]["role"], &m["message"]["body"]),
+        (&json!("assistant"), &json!("better"))
+    );
+    // /v1 posts take them too.
+    let r = c
+        .post(
+            &u,
+            &format!("/v1/threads/{t}/messages"),
+            json!({"body": 2, "role": "system"}),
+        )
+        .await;
+    assert_eq!((r.status, &r.json()["role"]), (201, &json!("system")));
     s.stop().await;
 }

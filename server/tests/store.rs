@@ -30,6 +30,8 @@ fn thread(id: &str, author: &str) -> ThreadRecord {
 fn message(n: u64, pad: usize) -> (MessageId, MessageRecord) {
     let id = MessageId::new(Timestamp::from_nanos(1_000 + n), 0).unwrap();
     let rec = MessageRecord {
+        role: None,
+        reply_to: None,
         format: RecordFormat::CURRENT,
         author: UserId::parse("u").unwrap(),
         created_at: id.timestamp(),

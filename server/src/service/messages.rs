@@ -14,8 +14,8 @@ use crate::ids::{MessageId, Timestamp};
 use crate::provider::{DecryptItem, EncryptItem, ProviderError, ThreadKey};
 use crate::store::aad::{message_aad, MessageBinding};
 use crate::store::{
-    Content, DeleteMessage, MessageRecord, Order, PutMessage, RecordFormat, SealedBy, StoreError,
-    StoredMessage, ThreadRecord, UpdateMessage,
+    Content, DeleteMessage, MessageAttrs, MessageRecord, Order, PutMessage, RecordFormat, SealedBy,
+    StoreError, StoredMessage, ThreadRecord, UpdateMessage,
 };
 
 use super::*;
@@ -84,6 +84,7 @@ impl MessageService {
         p: &Principal,
         tid: &ThreadId,
         body: Value,
+        attrs: MessageAttrs,
     ) -> Result<MessageView, ApiError> {
         let author = require_user(p, "post a message")?;
         // A rotation that moved on between reading the thread and writing is seen by the
@@ -98,6 +99,8 @@ impl MessageService {
                 created_at: now,
                 updated_at: now,
                 edits: 0,
+                role: attrs.role.clone(),
+                reply_to: attrs.reply_to,
                 content: Content::Plain(Value::Null),
             };
             let (content, sealed_with) = self.seal(&thread, id, &rec, &body).await?;
@@ -197,6 +200,11 @@ impl MessageService {
         if !rule.allows(&old.author) {
             return Err(ApiError::Forbidden);
         }
+        // An edit seals the record's role and reply anew: never ones its AAD did not cover.
+        if !old.attrs_bound() {
+            tracing::error!(thread = %tid, message = %id, "record claims a role or reply its format does not bind (edited on disk); not edited");
+            return Err(ApiError::MessageUnreadable);
+        }
         let mut thread = thread;
         let mut old = old;
         for attempt in 0..SEAL_ATTEMPTS {
@@ -212,6 +220,8 @@ impl MessageService {
                 format: RecordFormat::CURRENT,
                 author: old.author.clone(),
                 created_at: old.created_at,
+                role: old.role.clone(),
+                reply_to: old.reply_to,
                 content: Content::Plain(Value::Null),
             };
             let (content, sealed_with) = self.seal(&thread, id, &stamp, &body).await?;
@@ -248,6 +258,9 @@ impl MessageService {
                         })?;
                     if !rule.allows(&old.author) {
                         return Err(ApiError::Forbidden);
+                    }
+                    if !old.attrs_bound() {
+                        return Err(ApiError::MessageUnreadable);
                     }
                 }
                 // Edited by others on every attempt: retryable.
@@ -320,6 +333,12 @@ impl MessageService {
                 }
                 Ok(rec) => rec,
             };
+            if !rec.attrs_bound() {
+                tracing::error!(thread = %tid, message = %m.id, "record claims a role or reply its format does not bind (edited on disk): refused");
+                out.push(Some(unreadable(m.id)));
+                records.push(None);
+                continue;
+            }
             let content = std::mem::replace(&mut rec.content, Content::Plain(Value::Null));
             match (content, thread.sealed_by(m.id)) {
                 (Content::Plain(v), _) if thread.accepts_plain(m.id) => {

@@ -17,6 +17,12 @@
 //!   earlier copy of itself (a rollback of that one record) is not detected: nothing outside
 //!   the record knows its current edit count (docs/threat-model.md).
 //!
+//! * [`RecordFormat::V4`] (every new write): V3's fields, then the author's role and the id
+//!   of the message replied to (each empty when absent; neither can be empty when present).
+//!   A disk writer cannot give a message another role or thread it under another message.
+//!   A record of an earlier format that claims a role or a reply is refused when read
+//!   ([`MessageRecord::attrs_bound`]): its AAD does not cover them.
+//!
 //! Length prefixes make the encoding injective: no two different field tuples give the same
 //! bytes, whatever the fields contain.
 //!
@@ -33,6 +39,8 @@ use crate::ids::{MessageId, Timestamp, UserId};
 const V2_TAG: &[u8] = b"progressdb:msg:v2";
 /// Domain tag of the V3 AAD.
 const V3_TAG: &[u8] = b"progressdb:msg:v3";
+/// Domain tag of the V4 AAD.
+const V4_TAG: &[u8] = b"progressdb:msg:v4";
 /// Domain tag of a thread's sealed title and metadata.
 const META_TAG: &[u8] = b"progressdb:thread-meta:v1";
 
@@ -58,8 +66,12 @@ pub struct MessageBinding<'a> {
     pub created_at: Timestamp,
     /// When the content was last written (V3 only).
     pub updated_at: Timestamp,
-    /// How many times the content was edited (V3 only).
+    /// How many times the content was edited (V3 and V4).
     pub edits: u32,
+    /// The author's role (V4 only).
+    pub role: Option<&'a str>,
+    /// The message replied to (V4 only).
+    pub reply_to: Option<MessageId>,
 }
 
 impl<'a> MessageBinding<'a> {
@@ -73,6 +85,8 @@ impl<'a> MessageBinding<'a> {
             created_at: rec.created_at,
             updated_at: rec.updated_at,
             edits: rec.edits,
+            role: rec.role.as_ref().map(|r| r.as_str()),
+            reply_to: rec.reply_to,
         }
     }
 }
@@ -90,20 +104,26 @@ pub fn message_aad(format: RecordFormat, b: &MessageBinding<'_>) -> Vec<u8> {
     let key = keys::msg(b.thread, b.id);
     match format {
         RecordFormat::V1 => key,
-        RecordFormat::V2 | RecordFormat::V3 => {
-            let mut out = Vec::with_capacity(V3_TAG.len() + 6 * 4 + key.len() + 96);
-            out.extend_from_slice(if format == RecordFormat::V2 {
-                V2_TAG
-            } else {
-                V3_TAG
+        RecordFormat::V2 | RecordFormat::V3 | RecordFormat::V4 => {
+            let mut out = Vec::with_capacity(V4_TAG.len() + 8 * 4 + key.len() + 160);
+            out.extend_from_slice(match format {
+                RecordFormat::V2 => V2_TAG,
+                RecordFormat::V3 => V3_TAG,
+                RecordFormat::V1 | RecordFormat::V4 => V4_TAG,
             });
             push_field(&mut out, &key);
             push_field(&mut out, b.author.as_str().as_bytes());
             push_field(&mut out, &b.created_at.as_nanos().to_be_bytes());
             push_field(&mut out, b.thread_author.as_str().as_bytes());
-            if format == RecordFormat::V3 {
+            if matches!(format, RecordFormat::V3 | RecordFormat::V4) {
                 push_field(&mut out, &b.updated_at.as_nanos().to_be_bytes());
                 push_field(&mut out, &b.edits.to_be_bytes());
+            }
+            if format == RecordFormat::V4 {
+                // Absent is the empty field: no role or message id is empty.
+                push_field(&mut out, b.role.unwrap_or("").as_bytes());
+                let reply = b.reply_to.map(|m| m.to_string()).unwrap_or_default();
+                push_field(&mut out, reply.as_bytes());
             }
             out
         }
@@ -132,6 +152,8 @@ mod tests {
             created_at: Timestamp::from_nanos(5),
             updated_at: Timestamp::from_nanos(5),
             edits: 0,
+            role: None,
+            reply_to: None,
         };
         assert_eq!(message_aad(RecordFormat::V1, &base), keys::msg(&t, id));
         let v2 = message_aad(RecordFormat::V2, &base);
@@ -197,14 +219,63 @@ mod tests {
             created_at: Timestamp::from_nanos(1),
             updated_at: Timestamp::from_nanos(1),
             edits: 0,
+            role: None,
+            reply_to: None,
         };
         let y = MessageBinding {
             thread_author: &bc,
             author: &a,
             ..x
         };
-        for f in [RecordFormat::V2, RecordFormat::V3] {
+        for f in [RecordFormat::V2, RecordFormat::V3, RecordFormat::V4] {
             assert_ne!(message_aad(f, &x), message_aad(f, &y));
         }
+    }
+
+    #[test]
+    fn v4_covers_the_role_and_the_reply() {
+        let t = ThreadId::parse("t1").unwrap();
+        let a = u("alice");
+        let id = MessageId::new(Timestamp::from_nanos(5), 1).unwrap();
+        let other = MessageId::new(Timestamp::from_nanos(4), 0).unwrap();
+        let base = MessageBinding {
+            thread: &t,
+            thread_author: &a,
+            id,
+            author: &a,
+            created_at: Timestamp::from_nanos(5),
+            updated_at: Timestamp::from_nanos(5),
+            edits: 0,
+            role: None,
+            reply_to: None,
+        };
+        let v4 = message_aad(RecordFormat::V4, &base);
+        assert!(v4.starts_with(V4_TAG) && v4 != message_aad(RecordFormat::V3, &base));
+        let all = [
+            base,
+            MessageBinding {
+                role: Some("user"),
+                ..base
+            },
+            MessageBinding {
+                role: Some("assistant"),
+                ..base
+            },
+            MessageBinding {
+                reply_to: Some(other),
+                ..base
+            },
+            MessageBinding {
+                role: Some("user"),
+                reply_to: Some(other),
+                ..base
+            },
+            MessageBinding { edits: 1, ..base },
+        ];
+        let aads: std::collections::HashSet<Vec<u8>> = all
+            .iter()
+            .map(|b| message_aad(RecordFormat::V4, b))
+            .collect();
+        assert_eq!(aads.len(), all.len(), "two bindings share an AAD");
     }
 }

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::ids::{MessageId, UserId};
 use crate::metrics::StoreMetrics;
 pub use records::{
-    Content, DekRotation, JobKind, JobProgress, JobRecord, JobState, MessageRecord, PlainMigration,
-    RawJson, RecordFormat, SealedBy, SealedMeta, ThreadRecord,
+    Content, DekRotation, JobKind, JobProgress, JobRecord, JobState, MessageAttrs, MessageRecord,
+    MessageRole, PlainMigration, RawJson, RecordFormat, SealedBy, SealedMeta, ThreadRecord,
 };
 pub use writer::{
     AuthorRule, CreateThread, DeleteMessage, DeleteThread, FinishRotation, MigrateBatch, Migrated,

@@ -301,11 +301,13 @@ pub enum RecordFormat {
     V2,
     /// AAD = V2's fields, the time of the last write and the edit count.
     V3,
+    /// AAD = V3's fields, the author's role and the message replied to.
+    V4,
 }
 
 impl RecordFormat {
     /// The format of every new write.
-    pub const CURRENT: RecordFormat = RecordFormat::V3;
+    pub const CURRENT: RecordFormat = RecordFormat::V4;
 
     fn is_v1(&self) -> bool {
         *self == RecordFormat::V1
@@ -318,6 +320,7 @@ impl Serialize for RecordFormat {
             RecordFormat::V1 => 1,
             RecordFormat::V2 => 2,
             RecordFormat::V3 => 3,
+            RecordFormat::V4 => 4,
         })
     }
 }
@@ -328,6 +331,7 @@ impl<'de> Deserialize<'de> for RecordFormat {
             1 => Ok(RecordFormat::V1),
             2 => Ok(RecordFormat::V2),
             3 => Ok(RecordFormat::V3),
+            4 => Ok(RecordFormat::V4),
             other => Err(serde::de::Error::custom(format!(
                 "unknown message record format {other}"
             ))),
@@ -347,7 +351,68 @@ pub struct MessageRecord {
     /// Times the content was edited (absent = 0); bound into the V3 AAD with `updated_at`.
     #[serde(default, skip_serializing_if = "no_edits")]
     pub edits: u32,
+    /// The author's role (`user`, `assistant`, ...), set when the message is posted; bound
+    /// into the V4 AAD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<MessageRole>,
+    /// The message this one answers, set when it is posted; bound into the V4 AAD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
     pub content: Content,
+}
+
+impl MessageRecord {
+    /// Whether the record's `role` and `reply_to` are covered by its ciphertext's AAD (or
+    /// the record is plain, where nothing is): a record of a format before V4 that claims
+    /// them was edited on disk, and is refused.
+    pub fn attrs_bound(&self) -> bool {
+        matches!(self.content, Content::Plain(_))
+            || self.format == RecordFormat::V4
+            || (self.role.is_none() && self.reply_to.is_none())
+    }
+}
+
+/// What a message is posted with besides its body: who the author speaks as, and which
+/// message it answers. Both are fixed when the message is posted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageAttrs {
+    pub role: Option<MessageRole>,
+    pub reply_to: Option<MessageId>,
+}
+
+/// The role of a message's author, as the client names it (`user`, `assistant`, `system`):
+/// 1 to 64 bytes of UTF-8 without control characters or white space at either end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct MessageRole(String);
+
+impl MessageRole {
+    pub const MAX_LEN: usize = 64;
+
+    /// # Errors
+    /// A message saying what a role must be.
+    pub fn parse(s: &str) -> Result<Self, &'static str> {
+        if !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && !s.chars().any(char::is_control)
+            && s.trim() == s
+        {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err("role must be 1 to 64 bytes of UTF-8 without control characters or white space at either end")
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageRole {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 fn no_edits(n: &u32) -> bool {

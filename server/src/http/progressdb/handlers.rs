@@ -231,7 +231,8 @@ pub(super) async fn create_message(
     b: Result<JsonBody<views::MessageBody>, ApiError>,
 ) -> Answer {
     let JsonBody(b) = b?;
-    let m = st.service.post_message(&p, &tid, b.into_body()?).await?;
+    let (body, attrs) = b.into_new()?;
+    let m = st.service.post_message(&p, &tid, body, attrs).await?;
     answer(
         StatusCode::ACCEPTED,
         &MessageEnvelope {
@@ -289,7 +290,7 @@ pub(super) async fn update_message(
     let JsonBody(b) = b?;
     let m = st
         .service
-        .update_message(&p, &tid, mid, b.into_body()?)
+        .update_message(&p, &tid, mid, b.into_edit()?)
         .await?;
     answer(
         StatusCode::OK,

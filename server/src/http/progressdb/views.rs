@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::api::{MessageItem, MessageView};
 use crate::error::ApiError;
 use crate::ids::{MessageId, UserId};
-use crate::store::{ThreadRecord, Windowed};
+use crate::store::{MessageAttrs, MessageRole, ThreadRecord, Windowed};
 
 /// A thread as ProgressDB shows it.
 #[derive(Debug, Serialize)]
@@ -54,6 +54,10 @@ pub(super) enum Message<'a> {
         key: MessageId,
         thread: &'a ThreadId,
         author: &'a UserId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'a MessageRole>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply_to: Option<MessageId>,
         created_ts: u64,
         updated_ts: u64,
         body: &'a RawValue,
@@ -81,6 +85,8 @@ impl<'a> Message<'a> {
             key: m.id,
             thread: &m.thread_id,
             author: &m.author,
+            role: m.role.as_ref(),
+            reply_to: m.reply_to,
             created_ts: m.created_at.as_nanos(),
             updated_ts: m.updated_at.as_nanos(),
             body: &m.body,
@@ -233,9 +239,9 @@ pub(super) struct MessageBody {
     #[serde(default)]
     id: Option<Value>,
     #[serde(default)]
-    reply_to: Option<Value>,
+    reply_to: Option<String>,
     #[serde(default)]
-    role: Option<Value>,
+    role: Option<String>,
 }
 
 impl fmt::Debug for MessageBody {
@@ -245,11 +251,26 @@ impl fmt::Debug for MessageBody {
 }
 
 impl MessageBody {
-    /// The body, once the request is one this server can store whole.
-    pub(super) fn into_body(self) -> Result<Value, ApiError> {
+    /// A new message's body and attributes.
+    pub(super) fn into_new(self) -> Result<(Value, MessageAttrs), ApiError> {
+        let attrs = crate::api::message_attrs(self.role.as_deref(), self.reply_to.as_deref())?;
+        Ok((self.into_body()?, attrs))
+    }
+
+    /// An edit's body: `role` and `reply_to` are fixed when the message is posted.
+    pub(super) fn into_edit(self) -> Result<Value, ApiError> {
+        if self.role.is_some() || self.reply_to.is_some() {
+            return Err(ApiError::invalid(
+                "role and reply_to are set when a message is posted and cannot be edited",
+            ));
+        }
+        self.into_body()
+    }
+
+    /// The body, once the request is one this server can store whole (a client-chosen
+    /// `id` is not: keys are the server's).
+    fn into_body(self) -> Result<Value, ApiError> {
         refuse("id", &self.id)?;
-        refuse("reply_to", &self.reply_to)?;
-        refuse("role", &self.role)?;
         match self.body {
             None | Some(Value::Null) => Err(ApiError::invalid("body: cannot be empty")),
             Some(b) => Ok(b),

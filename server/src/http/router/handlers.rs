@@ -132,7 +132,8 @@ pub(super) async fn post_message(
     Caller(p): Caller,
     JsonBody(b): JsonBody<MessageBody>,
 ) -> Answer {
-    let m = st.service.post_message(&p, &tid, b.body).await?;
+    let attrs = b.attrs()?;
+    let m = st.service.post_message(&p, &tid, b.body, attrs).await?;
     Ok(json_response(StatusCode::CREATED, &m))
 }
 
@@ -167,6 +168,7 @@ pub(super) async fn put_message(
     Caller(p): Caller,
     JsonBody(b): JsonBody<MessageBody>,
 ) -> Answer {
+    b.edit_only()?;
     ok(&st.service.update_message(&p, &tid, mid, b.body).await?)
 }
 

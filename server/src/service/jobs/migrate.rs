@@ -33,7 +33,16 @@ pub(super) async fn migrate_batch(
     let mut parsed: Vec<(MessageId, Vec<u8>, Option<MessageRecord>)> = Vec::new();
     let mut to_open: Vec<(usize, DecryptItem)> = Vec::new();
     for (id, bytes) in raw {
-        let rec: Option<MessageRecord> = serde_json::from_slice(&bytes).ok();
+        let rec: Option<MessageRecord> = serde_json::from_slice::<MessageRecord>(&bytes)
+            .ok()
+            .filter(|r| {
+                // Re-sealing would bind attributes the old AAD never covered: leave it.
+                let bound = r.attrs_bound();
+                if !bound {
+                    tracing::error!(job = %job.id, message = %id, "record claims a role or reply its format does not bind (edited on disk): left as it is");
+                }
+                bound
+            });
         if let Some(r) = &rec {
             if let (Content::Enc(ct), SealedBy::Key(k)) = (&r.content, thread.sealed_by(id)) {
                 to_open.push((
