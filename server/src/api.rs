@@ -256,6 +256,18 @@ pub struct ItemError {
 #[serde(untagged)]
 pub enum MessageItem {
     Ok(MessageView),
+    /// A deleted message's tombstone (only in listings that ask for them): no content.
+    Deleted {
+        id: MessageId,
+        thread_id: ThreadId,
+        author: UserId,
+        #[serde(serialize_with = "rfc3339")]
+        created_at: Timestamp,
+        /// When it was deleted.
+        #[serde(serialize_with = "rfc3339")]
+        updated_at: Timestamp,
+        deleted: bool,
+    },
     Unreadable {
         id: MessageId,
         thread_id: ThreadId,

@@ -697,3 +697,106 @@ async fn role_and_reply_are_kept_and_fixed() {
     assert_eq!((r.status, &r.json()["role"]), (201, &json!("system")));
     s.stop().await;
 }
+
+/// A deleted message leaves a tombstone with no content: listed only with
+/// `include_deleted=true`, never readable, editable or deletable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_messages_stay_as_tombstones_without_content() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::frontend("u");
+    let t = create_thread(&c, &u, "t").await;
+    let keep = create_message(&c, &u, &t, json!("kept")).await;
+    let gone = create_message(&c, &u, &t, json!({"text": "gone-marker"})).await;
+    let after = create_message(&c, &u, &t, json!("after")).await;
+    let path = format!("{THREADS}/{t}/messages/{gone}");
+    assert_eq!(c.call(&u, "DELETE", &path, None).await.status, 204);
+
+    let list = c.get(&u, &format!("{THREADS}/{t}/messages")).await.json();
+    let keys: Vec<&str> = list["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [keep.as_str(), after.as_str()]);
+    assert_eq!(list["pagination"]["total"], 2);
+    let list = c
+        .get(&u, &format!("{THREADS}/{t}/messages?include_deleted=true"))
+        .await
+        .json();
+    let m = &list["messages"];
+    assert_eq!(list["pagination"]["total"], 3);
+    assert_eq!(
+        (m[1]["key"].as_str(), &m[1]["deleted"]),
+        (Some(gone.as_str()), &json!(true))
+    );
+    assert!(m[1].get("body").is_none(), "{m}");
+    assert_eq!(m[1]["author"], "u");
+    assert!(m[1]["updated_ts"].as_u64() >= m[1]["created_ts"].as_u64());
+    assert!(m[0].get("deleted").is_none() && m[0]["body"] == "kept");
+    // Paging steps over a hidden tombstone and counts only what it shows.
+    let p = c
+        .get(
+            &u,
+            &format!("{THREADS}/{t}/messages?limit=1&before={after}"),
+        )
+        .await
+        .json();
+    assert_eq!(p["messages"][0]["key"], keep.as_str());
+    let p = c
+        .get(
+            &u,
+            &format!("{THREADS}/{t}/messages?limit=1&before={after}&include_deleted=true"),
+        )
+        .await
+        .json();
+    assert_eq!(p["messages"][0]["key"], gone.as_str());
+    let p = c
+        .get(&u, &format!("{THREADS}/{t}/messages?anchor={gone}&limit=1"))
+        .await
+        .json();
+    assert_eq!(
+        p["messages"].as_array().unwrap().len(),
+        2,
+        "the hidden anchor itself is left out: {p}"
+    );
+
+    // Not a message any more, through either API.
+    assert_eq!(
+        pdb_error(&c.get(&u, &path).await),
+        (404, "not_found".into())
+    );
+    let r = c
+        .call(&u, "PUT", &path, Some(json!({"body": "revived"})))
+        .await;
+    assert_eq!(pdb_error(&r), (404, "not_found".into()));
+    assert_eq!(
+        pdb_error(&c.call(&u, "DELETE", &path, None).await),
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        c.get(&u, &format!("/v1/threads/{t}/messages/{gone}"))
+            .await
+            .status,
+        404
+    );
+    let v1 = c.get(&u, &format!("/v1/threads/{t}/messages")).await.json();
+    assert_eq!(v1["messages"].as_array().unwrap().len(), 2, "{v1}");
+    assert_eq!(
+        c.get(&Caller::admin(), "/admin/stats").await.json()["messages"],
+        2
+    );
+    // The content is gone from the store, not only hidden.
+    let raw = s
+        .app
+        .store()
+        .raw_get(format!("thread:{t}:msg:{gone}").into_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    let rec: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(rec["content"], "deleted", "{rec}");
+    s.stop().await;
+}

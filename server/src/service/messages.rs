@@ -138,8 +138,17 @@ impl MessageService {
         let (Some(thread), Some(stored)) = (thread, stored) else {
             return Err(ApiError::NotFound);
         };
+        // A deleted message's tombstone is not a message.
+        if stored
+            .record
+            .as_ref()
+            .is_ok_and(MessageRecord::is_tombstone)
+        {
+            return Err(ApiError::NotFound);
+        }
         match self.open_page(&thread, vec![stored]).await?.pop() {
             Some(MessageItem::Ok(v)) => Ok(v),
+            Some(MessageItem::Deleted { .. }) => Err(ApiError::NotFound),
             Some(MessageItem::Unreadable { .. }) | None => Err(ApiError::MessageUnreadable),
         }
     }
@@ -372,6 +381,14 @@ impl MessageService {
                     ));
                     out.push(None);
                 }
+                (Content::Deleted, _) => out.push(Some(MessageItem::Deleted {
+                    id: m.id,
+                    thread_id: tid.clone(),
+                    author: rec.author.clone(),
+                    created_at: rec.created_at,
+                    updated_at: rec.updated_at,
+                    deleted: true,
+                })),
                 (Content::Enc(_), SealedBy::Plain) => {
                     tracing::error!(thread = %tid, message = %m.id, "encrypted message where the thread names no key");
                     out.push(Some(unreadable(m.id)));

@@ -8,7 +8,7 @@ use crate::api::MessageItem;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::ids::MessageId;
-use crate::store::{ThreadRecord, Window, Windowed};
+use crate::store::{ThreadRecord, Tombstones, Window, Windowed};
 
 use super::*;
 
@@ -36,7 +36,7 @@ impl MessageService {
     }
 
     /// A window of thread `tid`'s messages, decrypted (an item that does not open is shown
-    /// as unreadable, never as wrong content).
+    /// as unreadable, never as wrong content), with deleted messages' tombstones or without.
     ///
     /// # Errors
     /// 404 (also another user's thread), 400 for a bad limit, 503 when the KMS is down.
@@ -46,12 +46,13 @@ impl MessageService {
         tid: &ThreadId,
         w: Window<MessageId>,
         limit: Option<usize>,
+        tombstones: Tombstones,
     ) -> Result<Windowed<MessageItem>, ApiError> {
         let limit = self.page_size(limit)?;
         self.thread_for(p, tid).await?;
         let (thread, page) = self
             .store
-            .message_window(tid, w, limit, self.limits.max_page_bytes)
+            .message_window(tid, w, limit, self.limits.max_page_bytes, tombstones)
             .await?;
         let thread = thread.ok_or(ApiError::NotFound)?;
         Ok(Windowed {

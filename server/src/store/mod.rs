@@ -294,8 +294,19 @@ impl Store {
         limit: usize,
     ) -> Result<Page<StoredMessage>, StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| list_messages(db, txn, &thread, order, after, limit, usize::MAX))
-            .await
+        self.read(move |db, txn| {
+            list_messages(
+                db,
+                txn,
+                &thread,
+                order,
+                after,
+                limit,
+                usize::MAX,
+                Tombstones::Hide,
+            )
+        })
+        .await
     }
 
     /// Up to `limit` messages of `thread` with ids after `after` and before `before`, in id
@@ -431,7 +442,16 @@ impl Store {
             };
             Ok((
                 rec,
-                list_messages(db, txn, &thread, order, after, limit, max_bytes)?,
+                list_messages(
+                    db,
+                    txn,
+                    &thread,
+                    order,
+                    after,
+                    limit,
+                    max_bytes,
+                    Tombstones::Hide,
+                )?,
             ))
         })
         .await
@@ -488,6 +508,7 @@ impl Store {
         w: Window<MessageId>,
         limit: usize,
         max_bytes: usize,
+        tombstones: Tombstones,
     ) -> Result<(Option<ThreadRecord>, Windowed<StoredMessage>), StoreError> {
         let thread = thread.clone();
         self.read(move |db, txn| {
@@ -499,10 +520,15 @@ impl Store {
             let (items, older, newer) = scan::window(
                 w,
                 limit,
-                |order, after, n| list_messages(db, txn, &thread, order, after, n, max_bytes),
+                |order, after, n| {
+                    list_messages(db, txn, &thread, order, after, n, max_bytes, tombstones)
+                },
                 |id| {
                     Ok(db
                         .get(txn, &keys::msg(&thread, id))?
+                        .filter(|v| {
+                            tombstones == Tombstones::Show || !records::is_tombstone_bytes(v)
+                        })
                         .map(|v| StoredMessage {
                             id,
                             record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
@@ -510,8 +536,7 @@ impl Store {
                 },
                 |m: &StoredMessage| m.id,
             )?;
-            let total =
-                scan::count_range(db, txn, &keys::msg_prefix(&thread), &keys::msg_end(&thread))?;
+            let total = scan::count_messages(db, txn, &thread, tombstones)?;
             Ok((
                 rec,
                 Windowed {
@@ -541,10 +566,12 @@ impl Store {
                     std::ops::Bound::Excluded(hi.as_slice()),
                 ),
             )? {
-                let (k, _) = r?;
+                let (k, v) = r?;
                 if keys::parse_meta(k).is_some() {
                     threads += 1;
-                } else if k.split(|b| *b == b':').nth(2) == Some(b"msg") {
+                } else if k.split(|b| *b == b':').nth(2) == Some(b"msg")
+                    && !records::is_tombstone_bytes(v)
+                {
                     messages += 1;
                 }
             }

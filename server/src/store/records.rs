@@ -362,11 +362,27 @@ pub struct MessageRecord {
 }
 
 impl MessageRecord {
+    /// Whether this is a deleted message's tombstone.
+    pub fn is_tombstone(&self) -> bool {
+        matches!(self.content, Content::Deleted)
+    }
+
+    /// The tombstone that replaces this record when the message is deleted at `now`: no
+    /// content, and no role or reply (nothing binds them once the ciphertext is gone).
+    #[must_use]
+    pub fn tombstone(mut self, now: Timestamp) -> Self {
+        self.content = Content::Deleted;
+        self.role = None;
+        self.reply_to = None;
+        self.updated_at = now.max(self.updated_at);
+        self
+    }
+
     /// Whether the record's `role` and `reply_to` are covered by its ciphertext's AAD (or
     /// the record is plain, where nothing is): a record of a format before V4 that claims
     /// them was edited on disk, and is refused.
     pub fn attrs_bound(&self) -> bool {
-        matches!(self.content, Content::Plain(_))
+        matches!(self.content, Content::Plain(_) | Content::Deleted)
             || self.format == RecordFormat::V4
             || (self.role.is_none() && self.reply_to.is_none())
     }
@@ -429,6 +445,10 @@ pub enum Content {
     /// `{"plain": <body>}`: stored while `encryption.enabled = false`, marked so that a later
     /// job can find and encrypt it.
     Plain(serde_json::Value),
+    /// `"deleted"`: a deleted message's tombstone. The content is gone; the record keeps the
+    /// author, the creation time and (as `updated_at`) when it was deleted, so a listing
+    /// that asks for deleted messages can show where one was.
+    Deleted,
 }
 
 impl fmt::Debug for Content {
@@ -436,8 +456,17 @@ impl fmt::Debug for Content {
         match self {
             Content::Enc(b) => write!(f, "Enc(<{} bytes>)", b.0.len()),
             Content::Plain(_) => f.write_str("Plain(<redacted>)"),
+            Content::Deleted => f.write_str("Deleted"),
         }
     }
+}
+
+/// Whether the stored bytes of a message record are a tombstone, without parsing it: a
+/// record is written with `content` last, and only a tombstone's content is a string
+/// (`"deleted"`); every other ends with an object (`...}}`). For counting and skipping in
+/// scans; a record is parsed whole before anything of it is shown.
+pub fn is_tombstone_bytes(v: &[u8]) -> bool {
+    v.ends_with(br#""content":"deleted"}"#)
 }
 
 #[cfg(test)]
@@ -521,5 +550,34 @@ mod tests {
         assert!(!format!("{p:?}").contains("hi"));
         let back: Content = serde_json::from_str(r#"{"plain":null}"#).unwrap();
         assert_eq!(back, Content::Plain(serde_json::Value::Null));
+    }
+
+    #[test]
+    fn tombstones_are_told_from_their_bytes_alone() {
+        let rec = MessageRecord {
+            format: RecordFormat::CURRENT,
+            author: UserId::parse("u").unwrap(),
+            created_at: Timestamp::from_nanos(1),
+            updated_at: Timestamp::from_nanos(1),
+            edits: 0,
+            role: Some(MessageRole::parse("user").unwrap()),
+            reply_to: None,
+            content: Content::Plain(serde_json::json!({"content": "deleted"})),
+        };
+        let plain = serde_json::to_vec(&rec).unwrap();
+        assert!(!is_tombstone_bytes(&plain));
+        let mut enc = rec.clone();
+        enc.content = Content::Enc(Bytes64(vec![1, 2, 3]));
+        assert!(!is_tombstone_bytes(&serde_json::to_vec(&enc).unwrap()));
+        let dead = rec.tombstone(Timestamp::from_nanos(9));
+        let bytes = serde_json::to_vec(&dead).unwrap();
+        assert!(
+            is_tombstone_bytes(&bytes),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        let back: MessageRecord = serde_json::from_slice(&bytes).unwrap();
+        assert!(back.is_tombstone() && back.role.is_none());
+        assert_eq!(back.updated_at, Timestamp::from_nanos(9));
     }
 }

@@ -165,6 +165,30 @@ pub(super) fn author_threads(
     Ok(Page { items, more })
 }
 
+/// How many messages `thread` holds (tombstones counted or not).
+pub(super) fn count_messages(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    thread: &ThreadId,
+    tombstones: Tombstones,
+) -> Result<u64, StoreError> {
+    let (lo, hi) = (keys::msg_prefix(thread), keys::msg_end(thread));
+    let mut n = 0u64;
+    for r in db.range(
+        txn,
+        &(
+            Bound::Included(lo.as_slice()),
+            Bound::Excluded(hi.as_slice()),
+        ),
+    )? {
+        let (_, v) = r?;
+        if tombstones == Tombstones::Show || !records::is_tombstone_bytes(v) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// How many keys lie in `[lo, hi)`.
 pub(super) fn count_range(
     db: &Db,
@@ -227,7 +251,9 @@ pub(super) fn window<T, C: Clone>(
 }
 
 /// Up to `limit` messages, and no more stored bytes than `max_bytes` (at least one message:
-/// a page always moves on); `more` when the page stopped before the end.
+/// a page always moves on); `more` when the page stopped before the end. Hidden tombstones
+/// are stepped over (they count toward neither).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn list_messages(
     db: &Db,
     txn: &RoTxn<'_, WithoutTls>,
@@ -236,6 +262,7 @@ pub(super) fn list_messages(
     after: Option<MessageId>,
     limit: usize,
     max_bytes: usize,
+    tombstones: Tombstones,
 ) -> Result<Page<StoredMessage>, StoreError> {
     let prefix = keys::msg_prefix(thread);
     let end = keys::msg_end(thread);
@@ -246,6 +273,9 @@ pub(super) fn list_messages(
         let Some(id) = keys::parse_msg(&prefix, k) else {
             return true;
         };
+        if tombstones == Tombstones::Hide && records::is_tombstone_bytes(v) {
+            return true;
+        }
         if items.len() == limit || (!items.is_empty() && bytes.saturating_add(v.len()) > max_bytes)
         {
             return false;

@@ -125,3 +125,10 @@ pub struct Windowed<T> {
     pub newer: bool,
     pub total: u64,
 }
+
+/// Whether a listing of messages shows deleted messages' tombstones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tombstones {
+    Hide,
+    Show,
+}

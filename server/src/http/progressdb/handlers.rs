@@ -16,7 +16,7 @@ use super::views::{self, MessageEnvelope, Pagination, ThreadEnvelope, ThreadList
 use super::PdbError;
 use crate::error::ApiError;
 use crate::ids::MessageId;
-use crate::store::Window;
+use crate::store::{Tombstones, Window};
 
 type Answer = Result<Response, PdbError>;
 
@@ -70,14 +70,17 @@ impl ListQuery {
                 )));
             }
         }
-        match q.include_deleted.as_deref() {
-            None | Some("" | "false" | "0") => {}
-            Some("true" | "1") => return Err(ApiError::invalid(
-                "include_deleted is not supported by this server yet: deleted messages are gone",
-            )),
-            Some(_) => return Err(ApiError::invalid("include_deleted must be true or false")),
-        }
+        q.tombstones()?;
         Ok(q)
+    }
+
+    /// `include_deleted`: whether deleted messages' tombstones are listed.
+    fn tombstones(&self) -> Result<Tombstones, ApiError> {
+        match self.include_deleted.as_deref() {
+            None | Some("" | "false" | "0") => Ok(Tombstones::Hide),
+            Some("true" | "1") => Ok(Tombstones::Show),
+            Some(_) => Err(ApiError::invalid("include_deleted must be true or false")),
+        }
     }
 
     fn limit(&self) -> Result<Option<usize>, ApiError> {
@@ -261,7 +264,7 @@ pub(super) async fn list_messages(
     };
     let page = st
         .service
-        .message_window(&p, &tid, window, q.limit()?)
+        .message_window(&p, &tid, window, q.limit()?, q.tombstones()?)
         .await?;
     answer(StatusCode::OK, &views::message_list(&tid, &page))
 }

@@ -68,6 +68,15 @@ pub(super) enum Message<'a> {
         error: &'static str,
         code: &'static str,
     },
+    /// A tombstone (`include_deleted=true`): where a deleted message was, no content.
+    Deleted {
+        key: MessageId,
+        thread: &'a ThreadId,
+        author: &'a UserId,
+        created_ts: u64,
+        updated_ts: u64,
+        deleted: bool,
+    },
 }
 
 impl fmt::Debug for Message<'_> {
@@ -75,6 +84,7 @@ impl fmt::Debug for Message<'_> {
         match self {
             Message::Ok { key, .. } => write!(f, "Message({key}, <redacted>)"),
             Message::Unreadable { key, .. } => write!(f, "Unreadable({key})"),
+            Message::Deleted { key, .. } => write!(f, "Deleted({key})"),
         }
     }
 }
@@ -105,6 +115,21 @@ impl<'a> Message<'a> {
                 thread: thread_id,
                 error: "message cannot be read",
                 code: error.code.as_str(),
+            },
+            MessageItem::Deleted {
+                id,
+                thread_id,
+                author,
+                created_at,
+                updated_at,
+                deleted,
+            } => Message::Deleted {
+                key: *id,
+                thread: thread_id,
+                author,
+                created_ts: created_at.as_nanos(),
+                updated_ts: updated_at.as_nanos(),
+                deleted: *deleted,
             },
         }
     }
@@ -175,7 +200,7 @@ pub(super) fn message_list<'a>(
 ) -> MessageList<'a> {
     let key = |i: &MessageItem| match i {
         MessageItem::Ok(m) => m.id.to_string(),
-        MessageItem::Unreadable { id, .. } => id.to_string(),
+        MessageItem::Unreadable { id, .. } | MessageItem::Deleted { id, .. } => id.to_string(),
     };
     MessageList {
         thread,

@@ -89,6 +89,8 @@ pub(super) async fn migrate_batch(
         let plaintext = match (&rec.content, plaintexts[i].take()) {
             (Content::Enc(_), Some(pt)) => pt,
             (Content::Enc(_), None) => continue,
+            // A tombstone has no content to move.
+            (Content::Deleted, _) => continue,
             (Content::Plain(v), _) if thread.accepts_plain(*id) => {
                 let mut buf = kms_api::wire::to_json_zeroizing(v, 256)
                     .map_err(|_| Step::Fail("cannot encode a plain body".into()))?
@@ -195,6 +197,7 @@ pub(super) async fn verify(
                     ciphertext: ct.0.clone(),
                     aad: message_aad(rec.format, &MessageBinding::of(thread, *id, &rec)),
                 }),
+                (Content::Deleted, _) => {}
                 _ => failed += 1,
             }
         }

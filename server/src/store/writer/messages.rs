@@ -151,19 +151,23 @@ pub struct UpdateMessage {
     pub rule: AuthorRule,
 }
 
+/// The message record at `key`; a tombstone is no message (`None`): it cannot be edited or
+/// deleted again.
 pub(super) fn read_message(
     db: &Db,
     txn: &RwTxn<'_>,
     key: &[u8],
 ) -> heed::Result<Option<Result<MessageRecord, StoreError>>> {
-    Ok(db.get(txn, key)?.map(|v| {
-        serde_json::from_slice::<MessageRecord>(v).map_err(|e| {
-            StoreError::Corrupt(format!(
+    Ok(db
+        .get(txn, key)?
+        .and_then(|v| match serde_json::from_slice::<MessageRecord>(v) {
+            Ok(r) if r.is_tombstone() => None,
+            Ok(r) => Some(Ok(r)),
+            Err(e) => Some(Err(StoreError::Corrupt(format!(
                 "message record: {}",
                 crate::store::serde_error_text(&e)
-            ))
-        })
-    }))
+            )))),
+        }))
 }
 
 impl WriteOp for UpdateMessage {
@@ -220,7 +224,9 @@ impl WriteOp for UpdateMessage {
     }
 }
 
-/// Deletes one message; returns its record (`None` if it did not parse). Under
+/// Deletes one message: its record is replaced by its tombstone (no content,
+/// [`MessageRecord::tombstone`]; a record that does not parse is removed); returns the record
+/// it replaced (`None` if it did not parse). Under
 /// [`AuthorRule::OnlyAuthor`] a record that does not parse cannot be shown to be the caller's,
 /// so it is refused with `NotAuthor`.
 #[derive(Debug)]
@@ -250,7 +256,15 @@ impl WriteOp for DeleteMessage {
         if !allowed {
             return Ok(Err(StoreError::NotAuthor));
         }
-        db.delete(txn, &key)?;
+        match &rec {
+            Some(r) => match to_json(&r.clone().tombstone(Timestamp::now())) {
+                Ok(v) => db.put(txn, &key, &v)?,
+                Err(e) => return Ok(Err(e)),
+            },
+            None => {
+                db.delete(txn, &key)?;
+            }
+        }
         Ok(Ok(rec))
     }
 }
