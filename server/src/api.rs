@@ -19,18 +19,25 @@ use crate::store::{MessageAttrs, MessageRole};
 pub struct CreateThreadBody {
     pub title: String,
     #[serde(default)]
+    pub slug: Option<String>,
+    #[serde(default)]
     pub metadata: Option<Value>,
 }
 
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {
-    Option::<Value>::deserialize(d).map(Some)
+/// A field that may be absent (`None`), `null` (`Some(None)`) or a value.
+pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
-/// `PATCH /v1/threads/{id}`: `title` renames; `metadata` replaces (`null` removes it).
+/// `PATCH /v1/threads/{id}`: `title` renames; `slug` and `metadata` replace (`null` removes).
 #[derive(Debug, Deserialize)]
 pub struct PatchThreadBody {
     #[serde(default)]
     pub title: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub slug: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     pub metadata: Option<Option<Value>>,
 }
@@ -154,6 +161,8 @@ pub struct RevokeView {
 pub struct ThreadView {
     pub id: ThreadId,
     pub title: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slug: Option<String>,
     pub author: UserId,
     pub created_at: String,
     pub updated_at: String,
@@ -175,6 +184,7 @@ impl ThreadView {
         Self {
             id: t.id.clone(),
             title: t.title.clone(),
+            slug: t.slug.clone(),
             author: t.author.clone(),
             created_at: t.created_at.to_rfc3339(),
             updated_at: t.updated_at.to_rfc3339(),

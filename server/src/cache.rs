@@ -34,7 +34,9 @@ pub struct ThreadCache {
 /// What a record is charged: its strings, its metadata (kept as JSON text) and a fixed
 /// overhead.
 fn charge(rec: &ThreadRecord) -> usize {
-    512 + rec.title.len() + rec.metadata.as_ref().map_or(0, |m| m.len())
+    512 + rec.title.len()
+        + rec.slug.as_ref().map_or(0, String::len)
+        + rec.metadata.as_ref().map_or(0, |m| m.len())
 }
 
 /// The generation observed before a read from the store.
@@ -128,6 +130,7 @@ mod tests {
             author: UserId::parse("u").unwrap(),
             created_at: Timestamp::from_nanos(1),
             updated_at: Timestamp::from_nanos(1),
+            slug: None,
             metadata: None,
             kms: None,
             plain_migration: None,

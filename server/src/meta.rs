@@ -1,4 +1,4 @@
-//! A thread's title and metadata at rest: sealed under the thread's DEK, like its messages.
+//! A thread's title, slug and metadata at rest: sealed under the thread's DEK, like its messages.
 //!
 //! Users put content in titles, so a thread that has a DEK stores `{"title", "metadata"}` as
 //! AES-GCM under it ([`SealedMeta`]), bound by its AAD to the thread id, author and creation
@@ -25,6 +25,8 @@ use crate::store::{RawJson, SealedMeta, ThreadRecord};
 struct Plain {
     title: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    slug: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     metadata: Option<RawJson>,
 }
 
@@ -43,6 +45,7 @@ pub async fn seal(
 ) -> Result<SealedMeta, ProviderError> {
     let plain = serde_json::to_vec(&Plain {
         title: rec.title.clone(),
+        slug: rec.slug.clone(),
         metadata: rec.metadata.clone(),
     })
     .map_err(|e| ProviderError::Internal(format!("cannot encode a thread's metadata: {e}")))?;
@@ -62,6 +65,7 @@ pub async fn seal(
 /// `rec` as it is stored once `sealed` holds its title and metadata.
 pub fn stored(mut rec: ThreadRecord, sealed: SealedMeta) -> ThreadRecord {
     rec.title.clear();
+    rec.slug = None;
     rec.metadata = None;
     rec.sealed_meta = Some(sealed);
     rec
@@ -139,6 +143,7 @@ pub async fn open_all(
                 let plain: Plain = serde_json::from_slice(pt.expose())
                     .map_err(|_| ProviderError::DecryptionFailed)?;
                 rec.title = plain.title;
+                rec.slug = plain.slug;
                 rec.metadata = plain.metadata;
                 Ok(rec)
             }

@@ -35,6 +35,7 @@ pub mod job_state;
 pub mod jobs;
 mod messages;
 mod pages;
+pub use pages::ThreadMatch;
 mod threads;
 
 /// Times a post or edit is sealed again when a rotation moved on under it.

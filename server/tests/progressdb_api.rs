@@ -492,7 +492,8 @@ async fn bad_requests_get_progressdb_errors_and_lose_nothing() {
         (THREADS.to_owned(), json!({})),
         (THREADS.to_owned(), json!({"title": ""})),
         (THREADS.to_owned(), json!({"title": 7})),
-        (THREADS.to_owned(), json!({"title": "x", "slug": "x"})),
+        (THREADS.to_owned(), json!({"title": "x", "slug": "a b"})),
+        (THREADS.to_owned(), json!({"title": "x", "slug": ""})),
         (msgs.clone(), json!({})),
         (msgs.clone(), json!({"body": null})),
         (msgs.clone(), json!({"body": 1, "reply_to": "m"})),
@@ -798,5 +799,127 @@ async fn deleted_messages_stay_as_tombstones_without_content() {
         .unwrap();
     let rec: Value = serde_json::from_slice(&raw).unwrap();
     assert_eq!(rec["content"], "deleted", "{rec}");
+    s.stop().await;
+}
+
+/// A thread's slug is kept (sealed with its title) and returned by both APIs; listings filter
+/// by title (case-insensitive substring) and slug (exact), paged like any listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slugs_are_kept_and_listings_filter_by_title_and_slug() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let r = c
+        .post(
+            &u,
+            THREADS,
+            json!({"title": "Trip to Lisbon", "slug": "lisbon-2026"}),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["thread"]["slug"], "lisbon-2026");
+    let lisbon = r.json()["key"].as_str().unwrap().to_owned();
+    let mut others = Vec::new();
+    for title in ["Groceries", "lisbon hotels", "Work", "LISBON flights"] {
+        others.push(create_thread(&c, &u, title).await);
+    }
+    assert_eq!(
+        c.get(&u, &format!("{THREADS}/{lisbon}")).await.json()["thread"]["slug"],
+        "lisbon-2026"
+    );
+    assert_eq!(
+        c.get(&u, &format!("/v1/threads/{lisbon}")).await.json()["slug"],
+        "lisbon-2026"
+    );
+    // Sealed at rest like the title.
+    let raw = s
+        .app
+        .store()
+        .raw_get(format!("thread:{lisbon}:meta").into_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&raw).contains("lisbon-2026"));
+
+    let titles = |q: &str| {
+        let u = u.clone();
+        let q = q.to_owned();
+        async move {
+            let j = c.get(&u, &format!("{THREADS}?{q}")).await.json();
+            let t: Vec<String> = j["threads"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["title"].as_str().unwrap().to_owned())
+                .collect();
+            (t, j["pagination"].clone())
+        }
+    };
+    let (t, p) = titles("title=LisBon").await;
+    assert_eq!(t, ["LISBON flights", "lisbon hotels", "Trip to Lisbon"]);
+    assert_eq!((&p["total"], &p["has_after"]), (&json!(3), &json!(false)));
+    let (t, p) = titles("title=lisbon&limit=2").await;
+    assert_eq!(t, ["LISBON flights", "lisbon hotels"]);
+    assert_eq!(
+        (&p["total"], &p["has_after"], &p["has_before"]),
+        (&json!(3), &json!(true), &json!(false))
+    );
+    let (t, p) = titles(&format!(
+        "title=lisbon&limit=2&after={}",
+        p["after_anchor"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(
+        (t, &p["has_before"], &p["has_after"]),
+        (
+            vec!["Trip to Lisbon".to_owned()],
+            &json!(true),
+            &json!(false)
+        )
+    );
+    let (t, _) = titles("slug=lisbon-2026").await;
+    assert_eq!(t, ["Trip to Lisbon"]);
+    let (t, p) = titles("slug=lisbon").await;
+    assert_eq!((t.len(), &p["total"]), (0, &json!(0)));
+    // Another user's titles never match.
+    let j = c
+        .get(&Caller::backend_as("v"), &format!("{THREADS}?title=lisbon"))
+        .await
+        .json();
+    assert_eq!(j["threads"], json!([]));
+
+    // Renamed, then removed with null.
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("{THREADS}/{lisbon}"),
+            Some(json!({"slug": "lisbon"})),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            &r.json()["thread"]["slug"],
+            &r.json()["thread"]["title"]
+        ),
+        (200, &json!("lisbon"), &json!("Trip to Lisbon"))
+    );
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("{THREADS}/{lisbon}"),
+            Some(json!({"slug": null})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["thread"].get("slug").is_none(), "{:?}", r.json());
+    assert!(
+        c.get(&u, &format!("{THREADS}/{lisbon}")).await.json()["thread"]
+            .get("slug")
+            .is_none()
+    );
     s.stop().await;
 }

@@ -14,6 +14,7 @@ fn thread(id: &str, author: &str) -> ThreadRecord {
     ThreadRecord {
         id: ThreadId::parse(id).unwrap(),
         title: format!("title of {id}"),
+        slug: None,
         author: UserId::parse(author).unwrap(),
         created_at: Timestamp::from_nanos(1),
         updated_at: Timestamp::from_nanos(1),
@@ -399,6 +400,7 @@ async fn patches_write_only_over_what_they_read_and_under_the_current_key() {
         |expected: Option<SealedMeta>, new: Option<SealedMeta>, title: Option<&str>| PatchThread {
             id: t.clone(),
             title: title.map(str::to_owned),
+            slug: None,
             metadata: None,
             sealed: new.map(|n| (expected, n)),
             now: Timestamp::from_nanos(9),

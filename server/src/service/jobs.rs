@@ -366,6 +366,7 @@ async fn reseal_meta(svc: &Arc<MessageService>, thread: &ThreadRecord) -> Result
         let op = PatchThread {
             id: thread.id.clone(),
             title: None,
+            slug: None,
             metadata: None,
             sealed: Some((thread.sealed_meta.clone(), sealed)),
             // Not an edit: `updated_at` stays.

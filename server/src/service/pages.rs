@@ -12,9 +12,45 @@ use crate::store::{ThreadRecord, Tombstones, Window, Windowed};
 
 use super::*;
 
+/// ProgressDB's thread filters: a case-insensitive substring of the title, and the exact
+/// slug. Titles and slugs are sealed, so a filtered listing opens every thread of the user
+/// (at most `limits.max_threads_per_user`) before it pages.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadMatch {
+    title: Option<String>,
+    slug: Option<String>,
+}
+
+impl ThreadMatch {
+    /// The filter of `title` and `slug` (empty ones are no filter).
+    pub fn new(title: Option<&str>, slug: Option<&str>) -> Self {
+        ThreadMatch {
+            title: title.filter(|t| !t.is_empty()).map(str::to_lowercase),
+            slug: slug.filter(|s| !s.is_empty()).map(str::to_owned),
+        }
+    }
+
+    fn is_all(&self) -> bool {
+        self.title.is_none() && self.slug.is_none()
+    }
+
+    fn matches(&self, t: &ThreadRecord) -> bool {
+        self.title
+            .as_ref()
+            .is_none_or(|q| t.title.to_lowercase().contains(q.as_str()))
+            && self
+                .slug
+                .as_ref()
+                .is_none_or(|s| t.slug.as_ref() == Some(s))
+    }
+}
+
+/// Threads read from the store per step of a filtered listing.
+const FILTER_BATCH: usize = 500;
+
 impl MessageService {
-    /// A window of the caller's own threads, opened. Every caller here acts for one user:
-    /// a signed frontend user, or a backend key naming one.
+    /// A window of the caller's own threads that match `filter`, opened. Every caller here
+    /// acts for one user: a signed frontend user, or a backend key naming one.
     ///
     /// # Errors
     /// 400 without a user or with a bad limit; 503 when the KMS cannot open the titles.
@@ -23,15 +59,62 @@ impl MessageService {
         p: &Principal,
         w: Window<ThreadId>,
         limit: Option<usize>,
+        filter: &ThreadMatch,
     ) -> Result<Windowed<ThreadRecord>, ApiError> {
         let user = require_user(p, "list threads")?;
         let limit = self.page_size(limit)?;
+        if !filter.is_all() {
+            return self.filtered_thread_window(&user, w, limit, filter).await;
+        }
         let page = self.store.thread_window(&user, w, limit).await?;
         Ok(Windowed {
             items: self.open_threads(page.items).await?,
             older: page.older,
             newer: page.newer,
             total: page.total,
+        })
+    }
+
+    /// [`MessageService::thread_window`] with a filter: every thread of `user`, opened in
+    /// batches and matched, then paged in memory.
+    async fn filtered_thread_window(
+        &self,
+        user: &crate::ids::UserId,
+        w: Window<ThreadId>,
+        limit: usize,
+        filter: &ThreadMatch,
+    ) -> Result<Windowed<ThreadRecord>, ApiError> {
+        let mut matched = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_threads(
+                    crate::store::ThreadFilter::Author(user.clone()),
+                    after,
+                    FILTER_BATCH,
+                )
+                .await?;
+            after = page.items.last().map(|t| t.id.clone());
+            let more = page.more;
+            matched.extend(
+                self.open_threads(page.items)
+                    .await?
+                    .into_iter()
+                    .filter(|t| filter.matches(t)),
+            );
+            if !more || after.is_none() {
+                break;
+            }
+        }
+        let total = matched.len() as u64;
+        let (items, older, newer) =
+            crate::store::window_of_sorted(&matched, |t: &ThreadRecord| t.id.clone(), w, limit);
+        Ok(Windowed {
+            items,
+            older,
+            newer,
+            total,
         })
     }
 

@@ -24,10 +24,14 @@ impl MessageService {
         &self,
         p: &Principal,
         title: String,
+        slug: Option<String>,
         metadata: Option<Value>,
     ) -> Result<Arc<ThreadRecord>, ApiError> {
         let author = require_user(p, "create a thread")?;
         self.check_title(&title)?;
+        if let Some(s) = &slug {
+            check_slug(s)?;
+        }
         if let Some(m) = &metadata {
             self.check_metadata(m)?;
         }
@@ -53,6 +57,7 @@ impl MessageService {
         let mut rec = ThreadRecord {
             id,
             title,
+            slug,
             author,
             created_at: now,
             updated_at: now,
@@ -162,14 +167,18 @@ impl MessageService {
         p: &Principal,
         id: &ThreadId,
         title: Option<String>,
+        slug: Option<Option<String>>,
         metadata: Option<Option<Value>>,
     ) -> Result<Arc<ThreadRecord>, ApiError> {
         let current = self.thread_for(p, id).await?;
-        if title.is_none() && metadata.is_none() {
+        if title.is_none() && slug.is_none() && metadata.is_none() {
             return Ok(current);
         }
         if let Some(t) = &title {
             self.check_title(t)?;
+        }
+        if let Some(Some(s)) = &slug {
+            check_slug(s)?;
         }
         if let Some(Some(m)) = &metadata {
             self.check_metadata(m)?;
@@ -184,6 +193,9 @@ impl MessageService {
             if let Some(t) = &title {
                 next.title.clone_from(t);
             }
+            if let Some(s) = &slug {
+                next.slug.clone_from(s);
+            }
             if let Some(m) = &metadata {
                 next.metadata.clone_from(m);
             }
@@ -191,6 +203,7 @@ impl MessageService {
                 None => PatchThread {
                     id: id.clone(),
                     title: title.clone(),
+                    slug: slug.clone(),
                     metadata: metadata.clone(),
                     sealed: None,
                     now: Timestamp::now(),
@@ -203,6 +216,7 @@ impl MessageService {
                     PatchThread {
                         id: id.clone(),
                         title: None,
+                        slug: None,
                         metadata: None,
                         sealed: Some((base.sealed_meta.clone(), sealed)),
                         now: Timestamp::now(),
@@ -266,6 +280,7 @@ impl MessageService {
             // rotation may have resealed them meanwhile (the same title under a new key); a
             // rename racing the delete is not shown.
             deleted.title.clone_from(&rec.title);
+            deleted.slug.clone_from(&rec.slug);
             deleted.metadata.clone_from(&rec.metadata);
         }
         // A rotation that started after our read gave the thread a key we did not destroy:
@@ -353,4 +368,14 @@ impl MessageService {
         self.cache.invalidate(&thread.id);
         Ok(Arc::new(stored))
     }
+}
+
+/// A slug: 1 to 128 bytes of UTF-8 without control characters or white space.
+fn check_slug(s: &str) -> Result<(), ApiError> {
+    if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::invalid(
+            "slug must be 1 to 128 bytes of UTF-8 without control characters or white space",
+        ));
+    }
+    Ok(())
 }

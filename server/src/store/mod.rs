@@ -21,6 +21,7 @@ mod types;
 mod writer;
 pub use types::*;
 
+pub use scan::window_of_sorted;
 use scan::*;
 
 use std::fmt;

@@ -62,6 +62,9 @@ impl fmt::Debug for RawJson {
 pub struct ThreadRecord {
     pub id: ThreadId,
     pub title: String,
+    /// A human-friendly name for URLs (ProgressDB's `slug`); sealed with the title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slug: Option<String>,
     pub author: UserId,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -120,6 +123,7 @@ impl fmt::Debug for ThreadRecord {
         f.debug_struct("ThreadRecord")
             .field("id", &self.id)
             .field("title", &"<redacted>")
+            .field("slug", &self.slug.as_ref().map(|_| "<redacted>"))
             .field("author", &self.author)
             .field("created_at", &self.created_at)
             .field("updated_at", &self.updated_at)
@@ -496,6 +500,7 @@ mod tests {
             author: UserId::parse("u").unwrap(),
             created_at: Timestamp::from_nanos(1),
             updated_at: Timestamp::from_nanos(1),
+            slug: None,
             metadata: None,
             kms: Some(key(2)),
             plain_migration: None,

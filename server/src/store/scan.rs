@@ -318,3 +318,38 @@ pub(super) fn list_messages(
     }
     Ok(Page { items, more })
 }
+
+/// The page of `w` over `items`, a listing already in memory in ascending order of `id`
+/// (the same windows as the store's own listings, by the same [`window`]).
+pub fn window_of_sorted<T: Clone, C: Clone + Ord>(
+    items: &[T],
+    id: impl Fn(&T) -> C,
+    w: Window<C>,
+    limit: usize,
+) -> (Vec<T>, bool, bool) {
+    let list = |order: Order, cursor: Option<C>, n: usize| -> Result<Page<T>, StoreError> {
+        let picked: Vec<T> = match order {
+            Order::Asc => items
+                .iter()
+                .filter(|t| cursor.as_ref().is_none_or(|c| id(t) > *c))
+                .take(n.saturating_add(1))
+                .cloned()
+                .collect(),
+            Order::Desc => items
+                .iter()
+                .rev()
+                .filter(|t| cursor.as_ref().is_none_or(|c| id(t) < *c))
+                .take(n.saturating_add(1))
+                .cloned()
+                .collect(),
+        };
+        let more = picked.len() > n;
+        Ok(Page {
+            items: picked.into_iter().take(n).collect(),
+            more,
+        })
+    };
+    let get = |c: C| Ok(items.iter().find(|t| id(t) == c).cloned());
+    // The closures above cannot fail.
+    window(w, limit, list, get, &id).unwrap_or((Vec::new(), false, false))
+}

@@ -202,6 +202,8 @@ impl WriteOp for RevokeSignatures {
 pub struct PatchThread {
     pub id: ThreadId,
     pub title: Option<String>,
+    /// `Some(None)` removes the slug.
+    pub slug: Option<Option<String>>,
     /// `Some(None)` removes the metadata.
     pub metadata: Option<Option<records::RawJson>>,
     /// A sealed thread's new title and metadata, written only over the sealed part given
@@ -233,6 +235,9 @@ impl WriteOp for PatchThread {
                 if let Some(t) = &self.title {
                     rec.title.clone_from(t);
                 }
+                if let Some(s) = &self.slug {
+                    rec.slug.clone_from(s);
+                }
                 if let Some(m) = &self.metadata {
                     rec.metadata.clone_from(m);
                 }
@@ -247,6 +252,7 @@ impl WriteOp for PatchThread {
                     return Ok(Err(StoreError::Conflict("the thread's metadata changed")));
                 }
                 rec.title.clear();
+                rec.slug = None;
                 rec.metadata = None;
                 rec.sealed_meta = Some(new.clone());
             }

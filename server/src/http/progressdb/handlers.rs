@@ -16,6 +16,7 @@ use super::views::{self, MessageEnvelope, Pagination, ThreadEnvelope, ThreadList
 use super::PdbError;
 use crate::error::ApiError;
 use crate::ids::MessageId;
+use crate::service::ThreadMatch;
 use crate::store::{Tombstones, Window};
 
 type Answer = Result<Response, PdbError>;
@@ -63,13 +64,6 @@ impl ListQuery {
         let q = q
             .map(|Query(q)| q)
             .map_err(|_| ApiError::invalid("invalid query string"))?;
-        for (name, v) in [("title", &q.title), ("slug", &q.slug)] {
-            if v.as_deref().is_some_and(|v| !v.is_empty()) {
-                return Err(ApiError::invalid(format!(
-                    "the {name} filter is not supported by this server yet"
-                )));
-            }
-        }
         q.tombstones()?;
         Ok(q)
     }
@@ -135,8 +129,7 @@ pub(super) async fn create_thread(
     b: Result<JsonBody<views::CreateThread>, ApiError>,
 ) -> Answer {
     let JsonBody(b) = b?;
-    b.check()?;
-    let t = st.service.create_thread(&p, b.title, None).await?;
+    let t = st.service.create_thread(&p, b.title, b.slug, None).await?;
     answer(
         StatusCode::ACCEPTED,
         &ThreadEnvelope {
@@ -160,7 +153,11 @@ pub(super) async fn list_threads(
         Cursor::Anchor(c) => Window::Around(thread_cursor(c)?),
     };
     let sort = q.sort_by()?;
-    let page = st.service.thread_window(&p, window, q.limit()?).await?;
+    let filter = ThreadMatch::new(q.title.as_deref(), q.slug.as_deref());
+    let page = st
+        .service
+        .thread_window(&p, window, q.limit()?, &filter)
+        .await?;
     let mut items: Vec<_> = page.items.iter().rev().collect();
     if sort == SortBy::Updated {
         items.sort_by_key(|t| std::cmp::Reverse(t.updated_at));
@@ -204,8 +201,10 @@ pub(super) async fn update_thread(
     b: Result<JsonBody<views::UpdateThread>, ApiError>,
 ) -> Answer {
     let JsonBody(b) = b?;
-    b.check()?;
-    let t = st.service.patch_thread(&p, &id, b.title, None).await?;
+    let t = st
+        .service
+        .patch_thread(&p, &id, b.title, b.slug, None)
+        .await?;
     answer(
         StatusCode::OK,
         &ThreadEnvelope {

@@ -1,7 +1,7 @@
 //! ProgressDB's JSON shapes: threads and messages with `key`s and unix-nanosecond times, the
 //! `{thread}` / `{message}` envelopes, and `pagination`. Request bodies are read strictly:
-//! a field that would be dropped (`slug`, `role`, `reply_to`, a client-chosen `id`) is
-//! refused, never silently lost.
+//! a field that would be dropped (a client-chosen message `id`) is refused, never silently
+//! lost.
 
 use std::fmt;
 
@@ -20,6 +20,8 @@ use crate::store::{MessageAttrs, MessageRole, ThreadRecord, Windowed};
 pub(super) struct Thread<'a> {
     key: &'a ThreadId,
     title: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slug: Option<&'a str>,
     author: &'a UserId,
     created_ts: u64,
     updated_ts: u64,
@@ -30,6 +32,7 @@ impl<'a> Thread<'a> {
         Thread {
             key: &t.id,
             title: &t.title,
+            slug: t.slug.as_deref(),
             author: &t.author,
             created_ts: t.created_at.as_nanos(),
             updated_ts: t.updated_at.as_nanos(),
@@ -231,28 +234,17 @@ fn refuse(field: &str, v: &Option<Value>) -> Result<(), ApiError> {
 pub(super) struct CreateThread {
     pub title: String,
     #[serde(default)]
-    slug: Option<Value>,
+    pub slug: Option<String>,
 }
 
-/// `PUT /frontend/v1/threads/{threadKey}`
+/// `PUT /frontend/v1/threads/{threadKey}`: `title` renames, `slug` replaces (`null`
+/// removes it).
 #[derive(Debug, Deserialize)]
 pub(super) struct UpdateThread {
     #[serde(default)]
     pub title: Option<String>,
-    #[serde(default)]
-    slug: Option<Value>,
-}
-
-impl CreateThread {
-    pub(super) fn check(&self) -> Result<(), ApiError> {
-        refuse("slug", &self.slug)
-    }
-}
-
-impl UpdateThread {
-    pub(super) fn check(&self) -> Result<(), ApiError> {
-        refuse("slug", &self.slug)
-    }
+    #[serde(default, deserialize_with = "crate::api::present")]
+    pub slug: Option<Option<String>>,
 }
 
 /// `POST .../messages` and `PUT .../messages/{id}`: `body` is required and not `null`.

@@ -69,7 +69,10 @@ pub(super) async fn create_thread(
     Caller(p): Caller,
     JsonBody(b): JsonBody<CreateThreadBody>,
 ) -> Answer {
-    let t = st.service.create_thread(&p, b.title, b.metadata).await?;
+    let t = st
+        .service
+        .create_thread(&p, b.title, b.slug, b.metadata)
+        .await?;
     Ok(json_response(
         StatusCode::CREATED,
         &ThreadView::new(&t, view_kms(&p)),
@@ -112,7 +115,7 @@ pub(super) async fn patch_thread(
 ) -> Answer {
     let t = st
         .service
-        .patch_thread(&p, &id, b.title, b.metadata)
+        .patch_thread(&p, &id, b.title, b.slug, b.metadata)
         .await?;
     ok(&ThreadView::new(&t, view_kms(&p)))
 }
