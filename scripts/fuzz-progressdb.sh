@@ -8,7 +8,7 @@
 #   EXAMPLES=300 SEED=7 BIN_DIR=/tmp/bin scripts/fuzz-progressdb.sh          # (~2 min)
 #
 # Environment: BIN_DIR (prebuilt progressdb and progressdb-kms; default target/e2e; nothing is
-# ever built), EXAMPLES, SEED, WORKERS (default 2), PORT (default 18575), VENV (default
+# ever built), EXAMPLES, SEED, WORKERS (default 1: reproducible), PORT (default 18575), VENV (default
 # target/fuzz-venv: schemathesis is pip-installed there when missing), KEEP=1 (keep the work
 # directory; it is kept anyway when the run fails).
 #
@@ -38,14 +38,14 @@
 #
 # Checks: all of schemathesis's checks, except the ones excluded by name in the config written
 # below ("EXCLUSIONS"), each with its reason. Not run by scripts/test.sh: it is randomised
-# (seeded, but with 2 workers the interleaving varies) and needs PyPI for the first install.
+# (seeded: with WORKERS=1 a run repeats exactly) and needs PyPI for the first install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN_DIR=${BIN_DIR:-target/e2e}
 EXAMPLES=${EXAMPLES:-30}
 SEED=${SEED:-20240601}
-WORKERS=${WORKERS:-2}
+WORKERS=${WORKERS:-1}
 PORT=${PORT:-18575}
 VENV=${VENV:-target/fuzz-venv}
 DOC=$ROOT/docs/openapi/progressdb-v0.2.0.yaml
@@ -201,34 +201,30 @@ print(total, errors)'
 toml_list() { local s="" v; for v in "$@"; do s+="\"$v\", "; done; echo "[${s%, }]"; }
 
 # --- the served subset of the document -----------------------------------------------------
-# A second copy of the document, without the request fields and query parameters this server
-# refuses with 400 by design (docs/progressdb-compat.md, "Deliberate differences", "Not stored
-# yet, so refused with 400 rather than dropped"). Run from the full document, nearly every
-# generated create carries one of them (schemathesis fills optional properties), so the
-# success paths (202 on a new message, 200 on a listing without include_deleted) would hardly
-# be reached; from this copy they are, with positive_data_acceptance on for the writes.
+# A second copy of the document without the three request fields that a generator cannot fill
+# with a value this server takes (docs/progressdb-compat.md):
+#   MessageCreateRequest.id        refused by design ("Refused with 400 rather than dropped":
+#                                  keys are the server's);
+#   MessageCreateRequest.reply_to  must be the key of an existing message ("Shapes");
+#   Thread{Create,Update}Request.slug  1-128 bytes, no white space or control characters
+#                                  ("Shapes"; builds before slugs were stored refuse any).
+# schemathesis fills optional properties, so from the whole document nearly every create
+# carries one of them and is refused: the success paths (202 on a new message) would hardly
+# be reached. From this copy they are, and positive_data_acceptance judges the writes on
+# title and body alone. Everything else (query parameters included) is the document's.
 SERVED_DOC=$WORK/progressdb-served.yaml
 "$PY" - "$DOC" "$SERVED_DOC" <<'PY'
 import sys, yaml
 doc = yaml.safe_load(open(sys.argv[1]))
 schemas = doc["components"]["schemas"]
-refused = {
-    "ThreadCreateRequest": ["slug"],   # a thread's slug
+for name, fields in {
+    "MessageCreateRequest": ["id", "reply_to"],
+    "ThreadCreateRequest": ["slug"],
     "ThreadUpdateRequest": ["slug"],
-    "MessageCreateRequest": ["id", "reply_to"],  # a client-chosen id, reply_to
-}
-for name, fields in refused.items():
+}.items():
     for f in fields:
         del schemas[name]["properties"][f]
         schemas[name].get("example", {}).pop(f, None)
-params = {  # the title and slug filters; include_deleted=true
-    "/frontend/v1/threads": {"title", "slug"},
-    "/frontend/v1/threads/{threadKey}/messages": {"IncludeDeleted"},
-}
-for path, names in params.items():
-    op = doc["paths"][path]["get"]
-    op["parameters"] = [p for p in op["parameters"]
-                        if p.get("name") not in names and p.get("$ref", "").split("/")[-1] not in names]
 yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
 PY
 
@@ -283,16 +279,14 @@ missing_required_header.enabled = false
 # That check sends schema-valid requests and wants no 400. The document's schemas are looser
 # than what this server deliberately accepts (docs/progressdb-compat.md):
 
-# Both documents: "Paging, Refused with 400": limit=0 or negative (the document's limit is
-# any integer), a cursor (before/after/anchor) that is not a thread key, more than one
-# cursor. Whole document also: the title and slug filters ("Not stored yet, so refused with
-# 400 rather than dropped").
+# "Paging", "Refused with 400 rather than answered wrongly": limit=0 or negative (the
+# document's limit is any integer), a cursor (before/after/anchor) that is not a thread key,
+# more than one cursor.
 [[operations]]
 include-name = "GET /frontend/v1/threads"
 checks.positive_data_acceptance.enabled = false
 
-# The same for messages (include_deleted=true: "Not stored yet"; deleted messages are gone),
-# and cursors that are not message keys.
+# The same for messages: cursors that are not message keys.
 [[operations]]
 include-name = "GET /frontend/v1/threads/{threadKey}/messages"
 checks.positive_data_acceptance.enabled = false
@@ -306,7 +300,8 @@ TOML
 cp "$CONF_SERVED" "$CONF"
 cat >>"$CONF" <<TOML
 
-# Whole document only: a thread's slug is refused ("Not stored yet").
+# Whole document only (the served subset leaves these fields out, above): a thread's slug
+# is 1-128 bytes without white space or control characters ("Shapes").
 [[operations]]
 include-name = "POST /frontend/v1/threads"
 checks.positive_data_acceptance.enabled = false
@@ -315,7 +310,8 @@ checks.positive_data_acceptance.enabled = false
 include-name = "PUT /frontend/v1/threads/{threadKey}"
 checks.positive_data_acceptance.enabled = false
 
-# A message's client-chosen id and reply_to are refused ("Not stored yet").
+# A client-chosen message id is refused ("Refused with 400 rather than dropped"); reply_to
+# must be an existing message's key ("Shapes").
 [[operations]]
 include-name = "POST /frontend/v1/threads/{threadKey}/messages"
 checks.positive_data_acceptance.enabled = false

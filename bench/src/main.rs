@@ -49,6 +49,7 @@ const SCENARIO_GROUPS: &[&str] = &[
     "kms_encrypt_batch",
     "server_post",
     "server_page",
+    "progressdb_thread_with_messages",
     "replicas_create",
     "replicas_server_post",
     "thread_dek_rotation",
@@ -260,6 +261,7 @@ fn run(args: Args) -> Result<bool> {
         let servers = [
             "server_post",
             "server_page",
+            "progressdb_thread_with_messages",
             "thread_dek_rotation",
             "memory",
             "replicas_server_post",
@@ -278,6 +280,11 @@ fn run(args: Args) -> Result<bool> {
                     for (id, work, conc) in [
                         ("server_post", ServerWork::Post, 64),
                         ("server_page", ServerWork::Page, 16),
+                        (
+                            "progressdb_thread_with_messages",
+                            ServerWork::ProgressDb,
+                            64,
+                        ),
                     ] {
                         if want(id) {
                             let r = tokio::task::block_in_place(|| {

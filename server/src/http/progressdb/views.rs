@@ -1,7 +1,6 @@
 //! ProgressDB's JSON shapes: threads and messages with `key`s and unix-nanosecond times, the
-//! `{thread}` / `{message}` envelopes, and `pagination`. Request bodies are read strictly:
-//! a field that would be dropped (a client-chosen message `id`) is refused, never silently
-//! lost.
+//! `{thread}` / `{message}` envelopes, and `pagination`. Unknown request fields are ignored,
+//! as by ProgressDB's server and `/v1`.
 
 use std::fmt;
 
@@ -219,16 +218,6 @@ pub(super) fn message_list<'a>(
     }
 }
 
-/// Refuses a field this server does not store yet (rather than dropping it).
-fn refuse(field: &str, v: &Option<Value>) -> Result<(), ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(()),
-        Some(_) => Err(ApiError::invalid(format!(
-            "{field} is not supported by this server yet; send the request without it"
-        ))),
-    }
-}
-
 /// `POST /frontend/v1/threads`
 #[derive(Debug, Deserialize)]
 pub(super) struct CreateThread {
@@ -253,8 +242,6 @@ pub(super) struct UpdateThread {
 pub(super) struct MessageBody {
     #[serde(default)]
     body: Option<Value>,
-    #[serde(default)]
-    id: Option<Value>,
     #[serde(default)]
     reply_to: Option<String>,
     #[serde(default)]
@@ -284,10 +271,10 @@ impl MessageBody {
         self.into_body()
     }
 
-    /// The body, once the request is one this server can store whole (a client-chosen
-    /// `id` is not: keys are the server's).
+    /// The body, required and not `null`. A client's `id` is ignored, as ProgressDB's server
+    /// ignores it (its own benchmark client sends one): keys are the server's, and the
+    /// answer carries the one given.
     fn into_body(self) -> Result<Value, ApiError> {
-        refuse("id", &self.id)?;
         match self.body {
             None | Some(Value::Null) => Err(ApiError::invalid("body: cannot be empty")),
             Some(b) => Ok(b),
