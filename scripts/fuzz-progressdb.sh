@@ -8,19 +8,20 @@
 #   EXAMPLES=300 SEED=7 BIN_DIR=/tmp/bin scripts/fuzz-progressdb.sh          # (~2 min)
 #
 # Environment: BIN_DIR (prebuilt progressdb and progressdb-kms; default target/e2e; nothing is
-# ever built), EXAMPLES, SEED, WORKERS (default 1: reproducible), PORT (default 18575), VENV (default
-# target/fuzz-venv: schemathesis is pip-installed there when missing), KEEP=1 (keep the work
-# directory; it is kept anyway when the run fails).
+# ever built), EXAMPLES, SEED, WORKERS (default 1: reproducible), PORT (default 18575), VENV
+# (default target/fuzz-venv: schemathesis is pip-installed there when missing), KEEP=1 (keep
+# the work directory; it is kept anyway when the run fails).
 #
 # It provisions a SoftHSM token in a temporary directory (softhsm-setup/setup.sh), starts
 # progressdb-kms and progressdb from BIN_DIR, seeds two users' threads and messages through
 # the API, and hands the real keys to schemathesis as dictionaries (the document has no
-# links, so without them nearly every {threadKey}/{id} request would be a 404). Four runs:
+# links, so without them nearly every {threadKey}/{id} request would be a 404). Five runs:
 #   main     the frontend operations but the deletes, and /backend/v1/sign, from the document;
 #   served   the same frontend operations from a copy of the document without the fields and
 #            parameters this server refuses by design (below, "the served subset");
 #   admin    GET /admin/health and /admin/stats;
-#   deletes  the two deletes, last, so that the seeded data lives through the other runs.
+#   delete-messages, delete-threads
+#            the two deletes, last, so that the seeded data lives through the other runs.
 # Afterwards: mallory's seeded thread and messages must be unchanged (alice's requests must
 # not reach them), no panic in either log, every error answer in ProgressDB's {error, code}
 # shape (progressdb-compat.md, "Errors"; the document has no error schema, so schemathesis
@@ -65,7 +66,8 @@ SHARED=../shared/progressdb-openapi-v0.2.0.yaml
 if [ -f "$SHARED" ] && ! cmp -s "$DOC" "$SHARED"; then
   echo "warning: $DOC differs from $SHARED" >&2
 fi
-! curl -s -o /dev/null "$BASE/" 2>/dev/null || die "something already listens on port $PORT (set PORT)"
+! curl -s -o /dev/null "$BASE/" 2>/dev/null \
+  || die "something already listens on port $PORT (set PORT)"
 
 # --- tools ----------------------------------------------------------------------------------
 missing=()
@@ -201,11 +203,12 @@ print(total, errors)'
 toml_list() { local s="" v; for v in "$@"; do s+="\"$v\", "; done; echo "[${s%, }]"; }
 
 # --- the served subset of the document -----------------------------------------------------
-# A second copy of the document without the three request fields that a generator cannot fill
-# with a value this server takes (docs/progressdb-compat.md):
-#   MessageCreateRequest.id        refused by design ("Refused with 400 rather than dropped":
-#                                  keys are the server's);
-#   MessageCreateRequest.reply_to  must be the key of an existing message ("Shapes");
+# A second copy of the document without the request fields that a generator cannot fill with
+# a value this server takes (docs/progressdb-compat.md):
+#   MessageCreateRequest.id        ignored ("A client's message id is ignored": keys are the
+#                                  server's); builds before that refuse it with 400;
+#   MessageCreateRequest.reply_to  must be a message key, <20 digits>-<6 digits> ("Shapes";
+#                                  builds before reply_to was stored refuse any);
 #   Thread{Create,Update}Request.slug  1-128 bytes, no white space or control characters
 #                                  ("Shapes"; builds before slugs were stored refuse any).
 # schemathesis fills optional properties, so from the whole document nearly every create
@@ -310,15 +313,15 @@ checks.positive_data_acceptance.enabled = false
 include-name = "PUT /frontend/v1/threads/{threadKey}"
 checks.positive_data_acceptance.enabled = false
 
-# A client-chosen message id is refused ("Refused with 400 rather than dropped"); reply_to
-# must be an existing message's key ("Shapes").
+# reply_to must be a message key ("Shapes"); builds before reply_to and client ids were
+# accepted refuse either with 400.
 [[operations]]
 include-name = "POST /frontend/v1/threads/{threadKey}/messages"
 checks.positive_data_acceptance.enabled = false
 TOML
 
 # --- runs -----------------------------------------------------------------------------------
-# Four runs, each with its own headers (-H): schemathesis 4.32 keeps one HTTP session per
+# Separate runs, each with its own headers (-H): schemathesis 4.32 keeps one HTTP session per
 # worker, built with the headers of the first operation it tests, so per-operation headers in
 # the config would leak from the frontend operations into the admin ones.
 mkdir -p "$WORK/reports"
@@ -343,8 +346,12 @@ run main "$CONF" "$DOC" --include-path-regex '^/(frontend/v1/|backend/v1/sign$)'
 run served "$CONF_SERVED" "$SERVED_DOC" --include-path-regex '^/frontend/v1/' \
   --exclude-method DELETE "${USER_HEADERS[@]}"
 run admin "$CONF" "$DOC" --include-path-regex '^/admin/(health|stats)$' -H "X-API-Key: $ADMIN"
-# Last, so that the seeded threads and messages serve the other runs.
-run deletes "$CONF" "$DOC" --include-name-regex '^DELETE /frontend/v1/' "${USER_HEADERS[@]}"
+# Last, so that the seeded threads and messages serve the other runs; messages first, as a
+# thread's delete takes its messages with it.
+run delete-messages "$CONF" "$DOC" \
+  --include-name 'DELETE /frontend/v1/threads/{threadKey}/messages/{id}' "${USER_HEADERS[@]}"
+run delete-threads "$CONF" "$DOC" --include-name 'DELETE /frontend/v1/threads/{threadKey}' \
+  "${USER_HEADERS[@]}"
 
 # --- after the runs -------------------------------------------------------------------------
 COUNTS_AFTER=$(served_counts)
@@ -390,7 +397,8 @@ for f in glob.glob(f"{reports}/*/har-*.json"):
         if code >= 400:
             try:
                 b = json.loads(text)
-                ok = isinstance(b, dict) and isinstance(b.get("error"), str) and isinstance(b.get("code"), str)
+                ok = (isinstance(b, dict) and isinstance(b.get("error"), str)
+                      and isinstance(b.get("code"), str))
             except ValueError:
                 ok = False
             if not ok:
@@ -400,7 +408,8 @@ for f in glob.glob(f"{reports}/*/json-*.json"):
     cases += r["test_cases"]["generated"]
     unique += r["test_cases"]["unique_failures"]
     errors += len(r["errors"])
-for title, found in (("5xx answers", server_errors), ("error answers not in the {error, code} shape", bad_shape)):
+for title, found in (("5xx answers", server_errors),
+                     ("error answers not in the {error, code} shape", bad_shape)):
     if found:
         print(f"==> {title}: {sum(found.values())}")
         by_answer = {}

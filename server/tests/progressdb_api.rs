@@ -934,3 +934,105 @@ async fn slugs_are_kept_and_listings_filter_by_title_and_slug() {
     );
     s.stop().await;
 }
+
+/// Admin reads: the users who have threads, and one user's threads (with their `kms` block)
+/// and messages, decrypted and paged as the user would page them; never raw store values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_read_a_users_threads_and_messages() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let odd = Caller::backend_as("auth0:a|1");
+    let bob = Caller::backend_as("bob");
+    let to = create_thread(&c, &odd, "odd's").await;
+    let tb = create_thread(&c, &bob, "bob's").await;
+    let mb = create_message(&c, &bob, &tb, json!({"text": "hello"})).await;
+    let admin = Caller::admin();
+
+    let r = c.get(&admin, "/admin/users").await.json();
+    assert_eq!(r["users"], json!(["auth0:a|1", "bob"]));
+    assert_eq!(
+        (&r["pagination"]["count"], &r["pagination"]["has_after"]),
+        (&json!(2), &json!(false))
+    );
+    let r = c.get(&admin, "/admin/users?limit=1").await.json();
+    assert_eq!(
+        (&r["users"], &r["pagination"]["has_after"]),
+        (&json!(["auth0:a|1"]), &json!(true))
+    );
+    let r = c
+        .get(&admin, "/admin/users?limit=1&after=auth0:a%7C1")
+        .await
+        .json();
+    assert_eq!(
+        (&r["users"], &r["pagination"]["has_after"]),
+        (&json!(["bob"]), &json!(false))
+    );
+
+    let r = c.get(&admin, "/admin/users/bob/threads").await.json();
+    assert_eq!(r["threads"][0]["key"], tb.as_str());
+    assert!(
+        r["threads"][0]["kms"]["key_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("dek_"),
+        "{r}"
+    );
+    let r = c
+        .get(&admin, "/admin/users/auth0%3Aa%7C1/threads")
+        .await
+        .json();
+    assert_eq!(
+        (&r["threads"][0]["key"], &r["pagination"]["total"]),
+        (&json!(to), &json!(1))
+    );
+    let r = c
+        .get(&admin, &format!("/admin/users/bob/threads/{tb}/messages"))
+        .await
+        .json();
+    assert_eq!(r["messages"][0]["body"], json!({"text": "hello"}));
+    let r = c
+        .get(
+            &admin,
+            &format!("/admin/users/bob/threads/{tb}/messages/{mb}"),
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.json()["message"]["body"]),
+        (200, &json!({"text": "hello"}))
+    );
+    // Another user's thread under bob's path: not found.
+    let r = c
+        .get(&admin, &format!("/admin/users/bob/threads/{to}/messages"))
+        .await;
+    assert_eq!(pdb_error(&r), (404, "not_found".into()));
+    let r = c.get(&admin, "/admin/users/%20bad/threads").await;
+    assert_eq!(pdb_error(&r), (400, "invalid_argument".into()));
+
+    // Every thread has its key already: nothing to encrypt.
+    let r = c
+        .post(&admin, "/admin/encryption/encrypt-threads", json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(
+        r.json()["summary"],
+        json!({"total": 2, "success": 0, "skipped": 2, "errors": 0})
+    );
+    // Admin paths are for admin keys.
+    for path in [
+        "/admin/users".to_owned(),
+        "/admin/users/bob/threads".to_owned(),
+        format!("/admin/users/bob/threads/{tb}/messages/{mb}"),
+    ] {
+        assert_eq!(
+            pdb_error(&c.get(&bob, &path).await),
+            (403, "forbidden".into()),
+            "{path}"
+        );
+    }
+    let r = c
+        .post(&bob, "/admin/encryption/encrypt-threads", json!({}))
+        .await;
+    assert_eq!(pdb_error(&r), (403, "forbidden".into()));
+    s.stop().await;
+}

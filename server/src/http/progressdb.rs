@@ -4,7 +4,9 @@
 //! service's, and cannot drift between the two surfaces. What differs is only the shape:
 //!
 //! * Paths: `POST /backend/v1/sign`, `/frontend/v1/threads[/{threadKey}[/messages[/{id}]]]`,
-//!   `GET /admin/health`, `GET /admin/stats` (table in [`routes`]).
+//!   `GET /admin/health`, `GET /admin/stats`, the admin reads of a user's threads and
+//!   messages (decrypted, never raw store values) and `encrypt-threads` (table in
+//!   [`routes`]).
 //! * Callers ([`caller`]): the key in `Authorization: Bearer` or `X-API-Key`. The frontend
 //!   paths take a signed frontend user, or a backend key acting for one user (`X-User-ID`,
 //!   else `?author=`), **scoped to that user** exactly as if it had signed in. Admin keys
@@ -54,6 +56,20 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<RouterState>)> {
         ),
         ("/admin/health", get(admin_health)),
         ("/admin/stats", get(admin_stats)),
+        ("/admin/users", get(admin_users)),
+        ("/admin/users/{userId}/threads", get(admin_user_threads)),
+        (
+            "/admin/users/{userId}/threads/{threadKey}/messages",
+            get(admin_user_messages),
+        ),
+        (
+            "/admin/users/{userId}/threads/{threadKey}/messages/{messageKey}",
+            get(admin_user_message),
+        ),
+        (
+            "/admin/encryption/encrypt-threads",
+            post(admin_encrypt_threads),
+        ),
     ]
 }
 

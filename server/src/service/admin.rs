@@ -273,4 +273,69 @@ impl MessageService {
     pub async fn jobs(&self) -> Result<Vec<crate::store::JobRecord>, ApiError> {
         Ok(self.store.jobs().await?)
     }
+
+    /// Users who have threads, in store order, after `after` (admin callers).
+    ///
+    /// # Errors
+    /// 403 for other callers; 400 for a bad cursor or limit.
+    pub async fn users(
+        &self,
+        p: &Principal,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<crate::store::Page<UserId>, ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let limit = self.page_size(limit)?;
+        let after = after
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                UserId::parse(a).map_err(|_| ApiError::invalid("invalid cursor: not a user id"))
+            })
+            .transpose()?;
+        Ok(self.store.users(after, limit).await?)
+    }
+
+    /// Starts the encryption job of every thread that has no key yet (admin callers); each
+    /// thread's outcome: its job, `None` when it is encrypted already, or why it did not start.
+    ///
+    /// # Errors
+    /// 403 for other callers; a store error while listing.
+    #[allow(clippy::type_complexity)]
+    pub async fn encrypt_plain_threads(
+        self: &Arc<Self>,
+        p: &Principal,
+    ) -> Result<Vec<(ThreadId, Result<Option<crate::store::JobRecord>, ApiError>)>, ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_threads(crate::store::ThreadFilter::All, after, 500)
+                .await?;
+            after = page.items.last().map(|t| t.id.clone());
+            for t in page.items {
+                let r = if t.kms.is_some() {
+                    Ok(None)
+                } else {
+                    match self
+                        .start_job(p, &t.id, crate::store::JobKind::EncryptThread)
+                        .await
+                    {
+                        Ok((job, _)) => Ok(Some(job)),
+                        Err(ApiError::AlreadyEncrypted) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                };
+                out.push((t.id, r));
+            }
+            if !page.more || after.is_none() {
+                return Ok(out);
+            }
+        }
+    }
 }

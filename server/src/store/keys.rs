@@ -119,6 +119,19 @@ pub fn author_index_bounds(user: &UserId) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// `idx:author:` and `idx:author;`: the bounds of every author index key.
+pub fn all_author_index() -> (Vec<u8>, Vec<u8>) {
+    (AUTHOR_IDX.as_bytes().to_vec(), b"idx:author;".to_vec())
+}
+
+/// The user of an author index key `idx:author:<user>:<thread>`, or `None` for any other key.
+pub fn parse_author_of_index(key: &[u8]) -> Option<UserId> {
+    let s = std::str::from_utf8(key).ok()?;
+    let (seg, thread) = s.strip_prefix(AUTHOR_IDX)?.split_once(':')?;
+    ThreadId::parse(thread).ok()?;
+    UserId::from_key_segment(seg).ok()
+}
+
 /// The thread id of an author index key that starts with `prefix`.
 pub fn parse_author_index(prefix: &[u8], key: &[u8]) -> Option<ThreadId> {
     let rest = key.strip_prefix(prefix)?;

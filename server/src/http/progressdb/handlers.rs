@@ -3,8 +3,8 @@
 //! answers in ProgressDB's shape.
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use kms_api::ThreadId;
@@ -14,8 +14,9 @@ use super::super::router::{json_response, JsonBody, RouterState};
 use super::caller::{AdminCaller, BackendCaller, MessageKey, ThreadKey, UserCaller};
 use super::views::{self, MessageEnvelope, Pagination, ThreadEnvelope, ThreadList};
 use super::PdbError;
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::ids::MessageId;
+use crate::ids::{MessageId, UserId};
 use crate::service::ThreadMatch;
 use crate::store::{Tombstones, Window};
 
@@ -145,7 +146,18 @@ pub(super) async fn list_threads(
     UserCaller(p): UserCaller,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Answer {
-    let q = ListQuery::from(q)?;
+    threads_page(&st, &p, ListQuery::from(q)?, Audience::User).await
+}
+
+/// Who a listing is shown to: admin reads also show each thread's `kms` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    User,
+    Admin,
+}
+
+/// A page of `p`'s threads as `q` asks.
+async fn threads_page(st: &RouterState, p: &Principal, q: ListQuery, to: Audience) -> Answer {
     let window = match q.cursor()? {
         Cursor::None => Window::Latest,
         Cursor::After(c) => Window::Older(thread_cursor(c)?),
@@ -156,7 +168,7 @@ pub(super) async fn list_threads(
     let filter = ThreadMatch::new(q.title.as_deref(), q.slug.as_deref());
     let page = st
         .service
-        .thread_window(&p, window, q.limit()?, &filter)
+        .thread_window(p, window, q.limit()?, &filter)
         .await?;
     let mut items: Vec<_> = page.items.iter().rev().collect();
     if sort == SortBy::Updated {
@@ -173,7 +185,13 @@ pub(super) async fn list_threads(
     answer(
         StatusCode::OK,
         &ThreadList {
-            threads: items.into_iter().map(views::Thread::of).collect(),
+            threads: items
+                .into_iter()
+                .map(|t| match to {
+                    Audience::User => views::Thread::of(t),
+                    Audience::Admin => views::Thread::for_admin(t),
+                })
+                .collect(),
             pagination,
         },
     )
@@ -252,7 +270,11 @@ pub(super) async fn list_messages(
     UserCaller(p): UserCaller,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Answer {
-    let q = ListQuery::from(q)?;
+    messages_page(&st, &p, &tid, ListQuery::from(q)?).await
+}
+
+/// A page of thread `tid`'s messages as `q` asks, for `p`.
+async fn messages_page(st: &RouterState, p: &Principal, tid: &ThreadId, q: ListQuery) -> Answer {
     // Validated as ProgressDB does; message pages are in time order either way.
     q.sort_by()?;
     let window = match q.cursor()? {
@@ -263,9 +285,9 @@ pub(super) async fn list_messages(
     };
     let page = st
         .service
-        .message_window(&p, &tid, window, q.limit()?, q.tombstones()?)
+        .message_window(p, tid, window, q.limit()?, q.tombstones()?)
         .await?;
-    answer(StatusCode::OK, &views::message_list(&tid, &page))
+    answer(StatusCode::OK, &views::message_list(tid, &page))
 }
 
 pub(super) async fn get_message(
@@ -341,5 +363,145 @@ pub(super) async fn admin_stats(
     answer(
         StatusCode::OK,
         &serde_json::json!({"threads": threads, "messages": messages}),
+    )
+}
+
+/// `{userId}` of an admin path.
+fn user_of(raw: &str) -> Result<UserId, ApiError> {
+    UserId::parse(raw).map_err(|e| ApiError::invalid(format!("userId: {e}")))
+}
+
+type PathOf<T> = Result<Path<T>, PathRejection>;
+
+fn path<T>(p: PathOf<T>) -> Result<T, ApiError> {
+    p.map(|Path(t)| t).map_err(|_| ApiError::NotFound)
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct UsersQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// `{"users": [...], "pagination"}`: users who have threads, in store order; `after`
+/// continues from `after_anchor`.
+pub(super) async fn admin_users(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+    q: Result<Query<UsersQuery>, QueryRejection>,
+) -> Answer {
+    let Query(q) = q.map_err(|_| ApiError::invalid("invalid query string"))?;
+    let limit = ListQuery {
+        limit: q.limit,
+        ..ListQuery::default()
+    }
+    .limit()?;
+    let page = st.service.users(&p, q.after.as_deref(), limit).await?;
+    let key = |u: &UserId| u.as_str().to_owned();
+    let pagination = Pagination::new(
+        page.items.first().map(key),
+        page.items.last().map(key),
+        q.after.as_deref().is_some_and(|a| !a.is_empty()),
+        page.more,
+        page.items.len(),
+        page.items.len() as u64,
+    );
+    answer(
+        StatusCode::OK,
+        &serde_json::json!({ "users": page.items, "pagination": pagination }),
+    )
+}
+
+/// One user's threads, paged as the user would page them, with their `kms` blocks.
+pub(super) async fn admin_user_threads(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+    user: PathOf<String>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let user = user_of(&path(user)?)?;
+    threads_page(
+        &st,
+        &p.scoped_to(user),
+        ListQuery::from(q)?,
+        Audience::Admin,
+    )
+    .await
+}
+
+/// One of a user's threads' messages, decrypted, paged as the user would page them.
+pub(super) async fn admin_user_messages(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+    keys: PathOf<(String, String)>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Answer {
+    let (user, t) = path(keys)?;
+    let tid = ThreadId::parse(&t).map_err(|_| ApiError::NotFound)?;
+    messages_page(
+        &st,
+        &p.scoped_to(user_of(&user)?),
+        &tid,
+        ListQuery::from(q)?,
+    )
+    .await
+}
+
+/// One message of a user's thread, decrypted (never the stored record).
+pub(super) async fn admin_user_message(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+    keys: PathOf<(String, String, String)>,
+) -> Answer {
+    let (user, t, m) = path(keys)?;
+    let tid = ThreadId::parse(&t).map_err(|_| ApiError::NotFound)?;
+    let mid = MessageId::parse(&m).map_err(|_| ApiError::NotFound)?;
+    let msg = st
+        .service
+        .get_message(&p.scoped_to(user_of(&user)?), &tid, mid)
+        .await?;
+    answer(
+        StatusCode::OK,
+        &MessageEnvelope {
+            key: None,
+            message: views::Message::of(&msg),
+        },
+    )
+}
+
+/// Starts the encryption job of every thread stored without a key: `{"summary": {total,
+/// success, skipped, errors}, "results": [{thread_key, status, job_id | error}]}`. The jobs
+/// run in the background (`GET /admin/jobs/{job_id}`); `success` counts jobs started.
+pub(super) async fn admin_encrypt_threads(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+    b: Result<JsonBody<serde_json::Value>, ApiError>,
+) -> Answer {
+    b?;
+    let outcomes = st.service.encrypt_plain_threads(&p).await?;
+    let (mut success, mut skipped, mut errors) = (0u64, 0u64, 0u64);
+    let results: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|(t, r)| match r {
+            Ok(Some(job)) => {
+                success += 1;
+                serde_json::json!({"thread_key": t, "status": "ok", "job_id": job.id})
+            }
+            Ok(None) => {
+                skipped += 1;
+                serde_json::json!({"thread_key": t, "status": "skipped", "error": "already encrypted"})
+            }
+            Err(e) => {
+                errors += 1;
+                serde_json::json!({"thread_key": t, "status": "error", "error": e.to_string(), "code": e.code().as_str()})
+            }
+        })
+        .collect();
+    answer(
+        StatusCode::OK,
+        &serde_json::json!({
+            "summary": {"total": outcomes.len(), "success": success, "skipped": skipped, "errors": errors},
+            "results": results,
+        }),
     )
 }

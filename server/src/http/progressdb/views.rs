@@ -24,6 +24,9 @@ pub(super) struct Thread<'a> {
     author: &'a UserId,
     created_ts: u64,
     updated_ts: u64,
+    /// The thread's key as the KMS described it: admin reads only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kms: Option<&'a crate::provider::ThreadKey>,
 }
 
 impl<'a> Thread<'a> {
@@ -35,6 +38,15 @@ impl<'a> Thread<'a> {
             author: &t.author,
             created_ts: t.created_at.as_nanos(),
             updated_ts: t.updated_at.as_nanos(),
+            kms: None,
+        }
+    }
+
+    /// With its `kms` block, for admin callers.
+    pub(super) fn for_admin(t: &'a ThreadRecord) -> Self {
+        Thread {
+            kms: t.kms.as_ref(),
+            ..Self::of(t)
         }
     }
 }

@@ -1,0 +1,184 @@
+//! Reads for paging as ProgressDB's clients page: windows of one user's threads and of one
+//! thread's messages (each page, its neighbours' existence and the listing's size from one
+//! read transaction), the users who have threads, and the store's counts.
+
+use super::*;
+
+impl Store {
+    /// A [`Window`] of `user`'s threads (oldest first) and how many threads the user has,
+    /// from one read transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn thread_window(
+        &self,
+        user: &UserId,
+        w: Window<ThreadId>,
+        limit: usize,
+    ) -> Result<Windowed<ThreadRecord>, StoreError> {
+        let user = user.clone();
+        self.read(move |db, txn| {
+            let (items, older, newer) = scan::window(
+                w,
+                limit,
+                |order, after, n| scan::author_threads(db, txn, &user, order, after.as_ref(), n),
+                |t| {
+                    // Only a thread of this user: the index says so.
+                    if db.get(txn, &keys::author_index(&user, &t))?.is_none() {
+                        return Ok(None);
+                    }
+                    let k = keys::meta(&t);
+                    db.get(txn, &k)?.map(|v| parse_thread(&k, v)).transpose()
+                },
+                |t: &ThreadRecord| t.id.clone(),
+            )?;
+            let (lo, hi) = keys::author_index_bounds(&user);
+            let total = scan::count_range(db, txn, &lo, &hi)?;
+            Ok(Windowed {
+                items,
+                older,
+                newer,
+                total,
+            })
+        })
+        .await
+    }
+
+    /// A [`Window`] of `thread`'s messages (oldest first) within `max_bytes` per direction,
+    /// how many messages the thread holds, and the thread record: one read transaction (see
+    /// [`Store::messages_with_thread`]).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn message_window(
+        &self,
+        thread: &ThreadId,
+        w: Window<MessageId>,
+        limit: usize,
+        max_bytes: usize,
+        tombstones: Tombstones,
+    ) -> Result<(Option<ThreadRecord>, Windowed<StoredMessage>), StoreError> {
+        let thread = thread.clone();
+        self.read(move |db, txn| {
+            let key = keys::meta(&thread);
+            let rec = match db.get(txn, &key)? {
+                None => None,
+                Some(v) => Some(parse_thread(&key, v)?),
+            };
+            let (items, older, newer) = scan::window(
+                w,
+                limit,
+                |order, after, n| {
+                    list_messages(db, txn, &thread, order, after, n, max_bytes, tombstones)
+                },
+                |id| {
+                    Ok(db
+                        .get(txn, &keys::msg(&thread, id))?
+                        .filter(|v| {
+                            tombstones == Tombstones::Show || !records::is_tombstone_bytes(v)
+                        })
+                        .map(|v| StoredMessage {
+                            id,
+                            record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
+                        }))
+                },
+                |m: &StoredMessage| m.id,
+            )?;
+            let total = scan::count_messages(db, txn, &thread, tombstones)?;
+            Ok((
+                rec,
+                Windowed {
+                    items,
+                    older,
+                    newer,
+                    total,
+                },
+            ))
+        })
+        .await
+    }
+
+    /// How many threads and messages the store holds (one pass over every key: for
+    /// `GET /admin/stats`).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn stats(&self) -> Result<(u64, u64), StoreError> {
+        self.read(move |db, txn| {
+            let (lo, hi) = keys::all_threads();
+            let (mut threads, mut messages) = (0u64, 0u64);
+            for r in db.range(
+                txn,
+                &(
+                    std::ops::Bound::Included(lo.as_slice()),
+                    std::ops::Bound::Excluded(hi.as_slice()),
+                ),
+            )? {
+                let (k, v) = r?;
+                if keys::parse_meta(k).is_some() {
+                    threads += 1;
+                } else if k.split(|b| *b == b':').nth(2) == Some(b"msg")
+                    && !records::is_tombstone_bytes(v)
+                {
+                    messages += 1;
+                }
+            }
+            Ok((threads, messages))
+        })
+        .await
+    }
+
+    /// Up to `limit` users who have threads, in order of their store key, after `after`
+    /// (exclusive); `more` when others follow.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn users(
+        &self,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Page<UserId>, StoreError> {
+        self.read(move |db, txn| {
+            let (lo, hi) = keys::all_author_index();
+            // Seek from user to user: past one user's index keys to the next user's.
+            let mut lower = match &after {
+                Some(u) => keys::author_index_bounds(u).1,
+                None => lo,
+            };
+            let mut items = Vec::new();
+            loop {
+                let next = {
+                    let mut it = db.range(
+                        txn,
+                        &(
+                            std::ops::Bound::Included(lower.as_slice()),
+                            std::ops::Bound::Excluded(hi.as_slice()),
+                        ),
+                    )?;
+                    match it.next() {
+                        None => None,
+                        Some(r) => Some(r?.0.to_vec()),
+                    }
+                };
+                let Some(k) = next else {
+                    return Ok(Page { items, more: false });
+                };
+                match keys::parse_author_of_index(&k) {
+                    Some(u) => {
+                        if items.len() == limit {
+                            return Ok(Page { items, more: true });
+                        }
+                        lower = keys::author_index_bounds(&u).1;
+                        items.push(u);
+                    }
+                    None => {
+                        // Not a key this server writes; step over it.
+                        lower = k;
+                        lower.push(0);
+                    }
+                }
+            }
+        })
+        .await
+    }
+}
