@@ -519,14 +519,35 @@ async fn bad_requests_get_progressdb_errors_and_lose_nothing() {
         assert!((400..500).contains(&status), "{path} {body}: {status}");
         assert!(!code.is_empty(), "{path} {body}");
     }
-    // Unknown keys and paths: 404 in the same shape.
-    for path in [format!("{THREADS}/nope:nope"), format!("{msgs}/nope")] {
+    // Unknown keys and paths, and methods a path does not take: ProgressDB's shape too.
+    for path in [
+        format!("{THREADS}/nope:nope"),
+        format!("{msgs}/nope"),
+        "/frontend/v1/nope".to_owned(),
+        "/backend/v2".to_owned(),
+    ] {
         assert_eq!(
             pdb_error(&c.get(&u, &path).await),
             (404, "not_found".into()),
             "{path}"
         );
     }
+    for (method, path) in [
+        ("PATCH", THREADS),
+        ("GET", "/backend/v1/sign"),
+        ("POST", "/admin/health"),
+    ] {
+        let r = c.call(&Caller::admin(), method, path, None).await;
+        assert_eq!(
+            pdb_error(&r),
+            (405, "method_not_allowed".into()),
+            "{method} {path}"
+        );
+        assert!(r.headers.contains_key("allow"), "{method} {path}");
+    }
+    // /v1 keeps its own shape.
+    let r = c.get(&u, "/v1/nope").await;
+    assert_eq!((r.status, r.code()), (404, "not_found".to_owned()));
     // None of it was stored.
     let r = c.get(&u, THREADS).await;
     assert_eq!(r.json()["pagination"]["total"], 1);

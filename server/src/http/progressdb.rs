@@ -78,6 +78,28 @@ pub fn paths() -> Vec<&'static str> {
     routes().into_iter().map(|(p, _)| p).collect()
 }
 
+/// Whether `path` belongs to ProgressDB's API (its errors take ProgressDB's shape): anything
+/// under `/frontend/` or `/backend/`, and the `/admin` paths of [`routes`].
+pub fn owns(path: &str) -> bool {
+    static ADMIN: std::sync::LazyLock<service_kit::routes::Templates<()>> =
+        std::sync::LazyLock::new(|| {
+            service_kit::routes::Templates::new(
+                paths()
+                    .into_iter()
+                    .filter(|p| p.starts_with("/admin/"))
+                    .map(|p| (p, ())),
+            )
+        });
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    ["/frontend", "/backend"]
+        .iter()
+        .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
+        || ADMIN.of(path).is_some()
+}
+
 /// An error answered in ProgressDB's shape.
 #[derive(Debug)]
 pub struct PdbError(pub ApiError);

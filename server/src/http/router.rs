@@ -216,18 +216,15 @@ impl HttpService {
     {
         let started = Instant::now();
         let method = req.method().clone();
-        let label = route_label(req.uri().path());
+        let path = req.uri().path().to_owned();
+        let label = route_label(&path);
         let mut resp = match self.inner.clone().oneshot(req.map(Body::new)).await {
             Ok(r) => r,
             Err(never) => match never {},
         };
         if service_kit::body::is_limit_layer_refusal(&resp) {
             let e = ApiError::PayloadTooLarge(self.state.opts.max_body_bytes);
-            let mut ours = if super::progressdb::paths().contains(&label) {
-                super::progressdb::error_response(&e)
-            } else {
-                error_response(&e)
-            };
+            let mut ours = refusal(&path, &e);
             // Keep the CORS headers the layer added: a browser must be able to read the 413.
             for (name, value) in resp.headers() {
                 if name.as_str().starts_with("access-control-") || name == axum::http::header::VARY
@@ -275,10 +272,20 @@ fn route_label(path: &str) -> &'static str {
         .map_or("unmatched", |(template, ())| template)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound
+/// An unknown path, or a path without this method, in the error shape of the API the path
+/// belongs to (ProgressDB's SDKs read `error` as a string).
+fn refusal(path: &str, e: &ApiError) -> Response {
+    if super::progressdb::owns(path) {
+        super::progressdb::error_response(e)
+    } else {
+        error_response(e)
+    }
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+async fn not_found(uri: axum::http::Uri) -> Response {
+    refusal(uri.path(), &ApiError::NotFound)
+}
+
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    refusal(uri.path(), &ApiError::MethodNotAllowed)
 }
