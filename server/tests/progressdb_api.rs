@@ -434,6 +434,8 @@ async fn pages_as_the_sdks_and_hooks_walk_them() {
         "limit=-1".into(),
         "sort_by=title".into(),
         "include_deleted=maybe".into(),
+        "include_deleted=".into(),
+        "sort_by=".into(),
     ] {
         let r = c.get(&u, &format!("{THREADS}/{t}/messages?{q}")).await;
         assert_eq!(pdb_error(&r), (400, "invalid_argument".into()), "{q}");

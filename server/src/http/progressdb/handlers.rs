@@ -72,7 +72,7 @@ impl ListQuery {
     /// `include_deleted`: whether deleted messages' tombstones are listed.
     fn tombstones(&self) -> Result<Tombstones, ApiError> {
         match self.include_deleted.as_deref() {
-            None | Some("" | "false" | "0") => Ok(Tombstones::Hide),
+            None | Some("false" | "0") => Ok(Tombstones::Hide),
             Some("true" | "1") => Ok(Tombstones::Show),
             Some(_) => Err(ApiError::invalid("include_deleted must be true or false")),
         }
@@ -105,7 +105,7 @@ impl ListQuery {
 
     fn sort_by(&self) -> Result<SortBy, ApiError> {
         match self.sort_by.as_deref() {
-            None | Some("" | "created_ts") => Ok(SortBy::Created),
+            None | Some("created_ts") => Ok(SortBy::Created),
             Some("updated_ts") => Ok(SortBy::Updated),
             Some(_) => Err(ApiError::invalid(
                 "sort_by must be 'created_ts' or 'updated_ts'",
