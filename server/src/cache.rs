@@ -137,6 +137,7 @@ mod tests {
             rotation: None,
             sealed: 0,
             key_since: None,
+            live_messages: None,
             sealed_meta: None,
         })
     }

@@ -18,7 +18,7 @@ pub enum IdError {
     #[error("message id must look like <20-digit unix nanos>-<6-digit sequence>")]
     MessageId,
     #[error(
-        "user id must be 1 to 256 bytes of UTF-8 without control characters or white space at either end"
+        "user id must be 1 to 256 bytes of UTF-8 (at most 320 once each byte outside [A-Za-z0-9_.@+-] counts three) without control or invisible format characters or white space at either end"
     )]
     UserId,
 }
@@ -204,17 +204,31 @@ impl UserId {
     /// Longest id, in bytes of UTF-8.
     pub const MAX_LEN: usize = 256;
 
+    /// Longest [`UserId::key_segment`]: store keys hold it, and LMDB keys end at 511 bytes
+    /// (`idx:author:<segment>:<thread id>` stays within them).
+    pub const MAX_SEGMENT_LEN: usize = 320;
+
     /// Any id an identity provider issues (`google-oauth2|1234`, an e-mail address, a
-    /// non-ASCII name): 1 to [`UserId::MAX_LEN`] bytes of UTF-8 without control characters
-    /// and without white space at either end (`"alice "` is not a second `alice`).
+    /// non-ASCII name): 1 to [`UserId::MAX_LEN`] bytes of UTF-8 without control characters,
+    /// invisible format characters (zero-width, bidirectional overrides) or line separators,
+    /// without white space at either end (`"alice "` is not a second `alice`), and at most
+    /// [`UserId::MAX_SEGMENT_LEN`] bytes once each byte outside `[A-Za-z0-9_.@+-]` counts
+    /// three (about 100 bytes of non-ASCII text).
     ///
     /// # Errors
-    /// [`IdError::UserId`] when empty, too long, with a control character or with white space
-    /// at an end.
+    /// [`IdError::UserId`] for any other text.
     pub fn parse(s: &str) -> Result<Self, IdError> {
+        let invisible = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+        };
+        let plain =
+            |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+');
+        let segment_len: usize = s.bytes().map(|b| if plain(&b) { 1 } else { 3 }).sum();
         let ok = !s.is_empty()
             && s.len() <= Self::MAX_LEN
-            && !s.chars().any(char::is_control)
+            && segment_len <= Self::MAX_SEGMENT_LEN
+            && !s.chars().any(invisible)
             && s.trim() == s;
         if ok {
             Ok(Self(s.to_owned()))
@@ -427,6 +441,25 @@ mod tests {
         }
         assert!(UserId::parse(&"x".repeat(256)).is_ok());
         assert!(UserId::parse(&"é".repeat(129)).is_err(), "258 bytes");
+        // Invisible characters that would make two ids look alike.
+        for bad in ["a\u{200B}b", "a\u{202E}b", "a\u{2028}b", "\u{FEFF}a"] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?}");
+        }
+        // The store-key form stays within LMDB's key limit.
+        assert!(
+            UserId::parse(&"用".repeat(35)).is_ok(),
+            "105 bytes, 315 encoded"
+        );
+        assert!(
+            UserId::parse(&"用".repeat(36)).is_err(),
+            "108 bytes, 324 encoded"
+        );
+        let longest = UserId::parse(&"用".repeat(35)).unwrap();
+        let key = crate::store::keys::author_index(
+            &longest,
+            &kms_api::ThreadId::parse(&"t".repeat(128)).unwrap(),
+        );
+        assert!(key.len() <= 511, "{}", key.len());
     }
 
     #[test]

@@ -296,6 +296,34 @@ async fn callers_follow_progressdb_rules() {
     .await;
     assert_eq!(r.status, 200);
 
+    // The longest non-ASCII id accepted: its store keys fit (a thread, a revocation); one
+    // character more is refused as a bad id, never a failed write.
+    let long = "%E7%94%A8".repeat(35);
+    let r = c
+        .post(
+            &Caller::backend(),
+            &format!("{THREADS}?author={long}"),
+            json!({"title": "t"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let r = c
+        .post(
+            &Caller::backend(),
+            &format!("/v1/users/{long}/revoke-signatures"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = c
+        .post(
+            &Caller::backend(),
+            &format!("{THREADS}?author={long}%E7%94%A8"),
+            json!({"title": "t"}),
+        )
+        .await;
+    assert_eq!(pdb_error(&r), (400, "invalid_argument".into()));
+
     // Readiness as ProgressDB's clients read it.
     let r = c.get(&Caller::anonymous(), "/readyz").await;
     assert_eq!(r.json()["status"], "ok");
@@ -491,6 +519,24 @@ async fn pages_as_the_sdks_and_hooks_walk_them() {
     assert_eq!(r.status, 200);
     let (k, _) = tpage("sort_by=updated_ts".into()).await;
     assert_eq!(k[0], threads[0]);
+    // Re-sorted by update, a page still continues from its creation-order edges.
+    let r = c
+        .call(
+            &u,
+            "PUT",
+            &format!("{THREADS}/{}", threads[3]),
+            Some(json!({"title": "b2"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let (k, p) = tpage("sort_by=updated_ts&limit=2".into()).await;
+    assert_eq!(k, vec![threads[3].clone(), threads[4].clone()]);
+    assert_eq!(
+        (p["before_anchor"].as_str(), p["after_anchor"].as_str()),
+        (Some(threads[4].as_str()), Some(threads[3].as_str()))
+    );
+    let (k, _) = tpage(format!("sort_by=updated_ts&limit=2&after={}", threads[3])).await;
+    assert_eq!(k, vec![threads[2].clone(), threads[1].clone()]);
     s.stop().await;
 }
 
@@ -823,6 +869,21 @@ async fn deleted_messages_stay_as_tombstones_without_content() {
         c.get(&Caller::admin(), "/admin/stats").await.json()["messages"],
         2
     );
+    // The live count is kept by every post and delete (a page does not count the thread).
+    create_message(&c, &u, &t, json!("later")).await;
+    let l = c
+        .get(&u, &format!("{THREADS}/{t}/messages?limit=1"))
+        .await
+        .json();
+    assert_eq!(l["pagination"]["total"], 3);
+    let l = c
+        .get(
+            &u,
+            &format!("{THREADS}/{t}/messages?limit=1&include_deleted=true"),
+        )
+        .await
+        .json();
+    assert_eq!(l["pagination"]["total"], 4);
     // The content is gone from the store, not only hidden.
     let raw = s
         .app
@@ -983,6 +1044,7 @@ async fn admins_read_a_users_threads_and_messages() {
         (&r["users"], &r["pagination"]["has_after"]),
         (&json!(["auth0:a|1"]), &json!(true))
     );
+    assert_eq!(r["pagination"]["total"], 2);
     let r = c
         .get(&admin, "/admin/users?limit=1&after=auth0:a%7C1")
         .await
@@ -1057,5 +1119,74 @@ async fn admins_read_a_users_threads_and_messages() {
         .post(&bob, "/admin/encryption/encrypt-threads", json!({}))
         .await;
     assert_eq!(pdb_error(&r), (403, "forbidden".into()));
+    s.stop().await;
+}
+
+/// A DEK rotation passes over tombstones: they are neither migrated nor counted as
+/// unreadable (which would widen the verification's allowance), and stay tombstones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dek_rotation_leaves_tombstones_as_they_are_and_counts_none_unreadable() {
+    let env = TestEnv::new();
+    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let c = Client::new(s.addr);
+    let u = Caller::backend_as("u");
+    let t = create_thread(&c, &u, "rotated").await;
+    let mut keys = Vec::new();
+    for i in 0..6 {
+        keys.push(create_message(&c, &u, &t, json!(i)).await);
+    }
+    for k in [&keys[1], &keys[4]] {
+        let r = c
+            .call(&u, "DELETE", &format!("{THREADS}/{t}/messages/{k}"), None)
+            .await;
+        assert_eq!(r.status, 204);
+    }
+    let r = c
+        .call(
+            &Caller::admin(),
+            "POST",
+            &format!("/admin/threads/{t}/rotate-dek"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let job = r.json()["job_id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let done = loop {
+        let j = c
+            .get(&Caller::admin(), &format!("/admin/jobs/{job}"))
+            .await
+            .json();
+        if j["state"] == "succeeded" || j["state"] == "failed" {
+            break j;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{j}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["progress"]["total"], 4, "{done}");
+    assert_eq!(
+        (
+            &done["progress"]["migrated"],
+            &done["progress"]["unreadable"]
+        ),
+        (&json!(4), &json!(0)),
+        "{done}"
+    );
+    let l = c
+        .get(&u, &format!("{THREADS}/{t}/messages?include_deleted=true"))
+        .await
+        .json();
+    let m = l["messages"].as_array().unwrap();
+    assert_eq!(m.len(), 6);
+    assert_eq!(
+        (&m[1]["deleted"], &m[4]["deleted"]),
+        (&json!(true), &json!(true))
+    );
+    let bodies: Vec<&Value> = m.iter().filter_map(|m| m.get("body")).collect();
+    assert_eq!(bodies, [&json!(0), &json!(2), &json!(3), &json!(5)]);
     s.stop().await;
 }

@@ -24,6 +24,7 @@ fn thread(id: &str, author: &str) -> ThreadRecord {
         rotation: None,
         sealed: 0,
         key_since: None,
+        live_messages: None,
         sealed_meta: None,
     }
 }

@@ -29,6 +29,7 @@ pub fn is_origin(o: &str) -> bool {
     if o == "*" {
         return true;
     }
+    let o = &o.to_ascii_lowercase();
     let Some((scheme, rest)) = o.split_once("://") else {
         return false;
     };
@@ -59,8 +60,22 @@ pub fn is_origin(o: &str) -> bool {
         && HeaderValue::from_str(o).is_ok()
 }
 
+/// `o` as browsers send it in `Origin`: scheme and host in lowercase, without the scheme's
+/// default port (`HTTPS://App.example:443` → `https://app.example`).
+pub fn normalize(o: &str) -> String {
+    let lower = o.to_ascii_lowercase();
+    for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
+        if let Some(rest) = lower.strip_prefix(scheme) {
+            if let Some(host) = rest.strip_suffix(port) {
+                return format!("{scheme}{host}");
+            }
+        }
+    }
+    lower
+}
+
 /// The layer for `origins` (checked by [`is_origin`] when the config was read), or `None`
-/// when the list is empty.
+/// when the list is empty. Each is compared as [`normalize`]d.
 pub fn layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
@@ -72,7 +87,7 @@ pub fn layer(origins: &[String]) -> Option<CorsLayer> {
         AllowOrigin::list(
             origins
                 .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .filter_map(|o| HeaderValue::from_str(&normalize(o)).ok())
                 .collect::<Vec<_>>(),
         )
     };
@@ -88,6 +103,7 @@ pub fn layer(origins: &[String]) -> Option<CorsLayer> {
                 Method::OPTIONS,
             ])
             .allow_headers(ALLOWED_HEADERS.map(HeaderName::from_static))
+            .expose_headers([axum::http::header::RETRY_AFTER])
             .max_age(Duration::from_secs(600)),
     )
 }
@@ -95,6 +111,14 @@ pub fn layer(origins: &[String]) -> Option<CorsLayer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configured_origins_match_what_browsers_send() {
+        assert_eq!(normalize("HTTPS://App.Example:443"), "https://app.example");
+        assert_eq!(normalize("http://x.example:80"), "http://x.example");
+        assert_eq!(normalize("http://x.example:8080"), "http://x.example:8080");
+        assert!(is_origin("HTTPS://App.Example:443"));
+    }
 
     #[test]
     fn origins() {

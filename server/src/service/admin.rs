@@ -283,7 +283,7 @@ impl MessageService {
         p: &Principal,
         after: Option<&str>,
         limit: Option<usize>,
-    ) -> Result<crate::store::Page<UserId>, ApiError> {
+    ) -> Result<(crate::store::Page<UserId>, u64), ApiError> {
         if p.role != Role::Admin {
             return Err(ApiError::Forbidden);
         }
@@ -297,8 +297,10 @@ impl MessageService {
         Ok(self.store.users(after, limit).await?)
     }
 
-    /// Starts the encryption job of every thread that has no key yet (admin callers); each
-    /// thread's outcome: its job, `None` when it is encrypted already, or why it did not start.
+    /// Starts the encryption job of every thread that is not wholly encrypted (no key yet, or
+    /// a key given later with plain messages from before it) (admin callers); each thread's
+    /// outcome: its job, `None` when it is encrypted already, or why it did not start. The
+    /// job decides (`AlreadyEncrypted`), not this loop.
     ///
     /// # Errors
     /// 403 for other callers; a store error while listing.
@@ -319,17 +321,13 @@ impl MessageService {
                 .await?;
             after = page.items.last().map(|t| t.id.clone());
             for t in page.items {
-                let r = if t.kms.is_some() {
-                    Ok(None)
-                } else {
-                    match self
-                        .start_job(p, &t.id, crate::store::JobKind::EncryptThread)
-                        .await
-                    {
-                        Ok((job, _)) => Ok(Some(job)),
-                        Err(ApiError::AlreadyEncrypted) => Ok(None),
-                        Err(e) => Err(e),
-                    }
+                let r = match self
+                    .start_job(p, &t.id, crate::store::JobKind::EncryptThread)
+                    .await
+                {
+                    Ok((job, _)) => Ok(Some(job)),
+                    Err(ApiError::AlreadyEncrypted) => Ok(None),
+                    Err(e) => Err(e),
                 };
                 out.push((t.id, r));
             }

@@ -205,6 +205,10 @@ impl MessageService {
             tracing::error!(thread = %tid, message = %id, error = %e, "unparseable message record");
             ApiError::MessageUnreadable
         })?;
+        // A deleted message's tombstone is no message to edit (and costs no KMS call).
+        if old.is_tombstone() {
+            return Err(ApiError::NotFound);
+        }
         let rule = author_rule(p);
         if !rule.allows(&old.author) {
             return Err(ApiError::Forbidden);

@@ -67,6 +67,7 @@ impl MessageService {
             rotation: None,
             sealed: 0,
             key_since: None,
+            live_messages: None,
             sealed_meta: None,
         };
         // The title and metadata are stored sealed under the new DEK.

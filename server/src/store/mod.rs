@@ -350,7 +350,8 @@ impl Store {
         .await
     }
 
-    /// How many messages `thread` holds before `before`.
+    /// How many messages `thread` holds before `before` (deleted messages' tombstones not
+    /// counted).
     ///
     /// # Errors
     /// [`StoreError`].
@@ -369,8 +370,10 @@ impl Store {
             );
             let mut n = 0u64;
             for r in db.range(txn, &range)? {
-                r?;
-                n += 1;
+                let (_, v) = r?;
+                if !records::is_tombstone_bytes(v) {
+                    n += 1;
+                }
             }
             Ok(n)
         })

@@ -84,7 +84,18 @@ impl Store {
                 },
                 |m: &StoredMessage| m.id,
             )?;
-            let total = scan::count_messages(db, txn, &thread, tombstones)?;
+            // The thread's counter when it has one and only live messages are listed: a page
+            // costs its size, not the thread's.
+            let total = match (&rec, tombstones) {
+                (
+                    Some(ThreadRecord {
+                        live_messages: Some(n),
+                        ..
+                    }),
+                    Tombstones::Hide,
+                ) => *n,
+                _ => scan::count_messages(db, txn, &thread, tombstones)?,
+            };
             Ok((
                 rec,
                 Windowed {
@@ -129,7 +140,8 @@ impl Store {
     }
 
     /// Up to `limit` users who have threads, in order of their store key, after `after`
-    /// (exclusive); `more` when others follow.
+    /// (exclusive), whether others follow, and how many users have threads in all: one read
+    /// transaction.
     ///
     /// # Errors
     /// [`StoreError`].
@@ -137,48 +149,71 @@ impl Store {
         &self,
         after: Option<UserId>,
         limit: usize,
-    ) -> Result<Page<UserId>, StoreError> {
+    ) -> Result<(Page<UserId>, u64), StoreError> {
         self.read(move |db, txn| {
-            let (lo, hi) = keys::all_author_index();
-            // Seek from user to user: past one user's index keys to the next user's.
-            let mut lower = match &after {
-                Some(u) => keys::author_index_bounds(u).1,
-                None => lo,
-            };
             let mut items = Vec::new();
-            loop {
-                let next = {
-                    let mut it = db.range(
-                        txn,
-                        &(
-                            std::ops::Bound::Included(lower.as_slice()),
-                            std::ops::Bound::Excluded(hi.as_slice()),
-                        ),
-                    )?;
-                    match it.next() {
-                        None => None,
-                        Some(r) => Some(r?.0.to_vec()),
-                    }
-                };
-                let Some(k) = next else {
-                    return Ok(Page { items, more: false });
-                };
-                match keys::parse_author_of_index(&k) {
-                    Some(u) => {
-                        if items.len() == limit {
-                            return Ok(Page { items, more: true });
-                        }
-                        lower = keys::author_index_bounds(&u).1;
-                        items.push(u);
-                    }
-                    None => {
-                        // Not a key this server writes; step over it.
-                        lower = k;
-                        lower.push(0);
-                    }
+            let mut more = false;
+            each_user(db, txn, after.as_ref(), |u| {
+                if items.len() == limit {
+                    more = true;
+                    return false;
                 }
-            }
+                items.push(u);
+                true
+            })?;
+            let mut total = 0u64;
+            each_user(db, txn, None, |_| {
+                total += 1;
+                true
+            })?;
+            Ok((Page { items, more }, total))
         })
         .await
+    }
+}
+
+/// Calls `f` with each user who has threads, in store-key order, after `after`, until it
+/// answers `false`: one seek per user, past that user's index keys to the next user's.
+fn each_user(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    after: Option<&UserId>,
+    mut f: impl FnMut(UserId) -> bool,
+) -> Result<(), StoreError> {
+    let (lo, hi) = keys::all_author_index();
+    let mut lower = match after {
+        Some(u) => keys::author_index_bounds(u).1,
+        None => lo,
+    };
+    loop {
+        let next = {
+            let mut it = db.range(
+                txn,
+                &(
+                    std::ops::Bound::Included(lower.as_slice()),
+                    std::ops::Bound::Excluded(hi.as_slice()),
+                ),
+            )?;
+            match it.next() {
+                None => None,
+                Some(r) => Some(r?.0.to_vec()),
+            }
+        };
+        let Some(k) = next else {
+            return Ok(());
+        };
+        match keys::parse_author_of_index(&k) {
+            Some(u) => {
+                lower = keys::author_index_bounds(&u).1;
+                if !f(u) {
+                    return Ok(());
+                }
+            }
+            None => {
+                // Not a key this server writes; step over it.
+                lower = k;
+                lower.push(0);
+            }
+        }
     }
 }

@@ -90,6 +90,11 @@ pub struct ThreadRecord {
     /// When `kms` became the thread's key (absent: when the thread was created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_since: Option<Timestamp>,
+    /// How many live messages (not tombstones) the thread holds, kept by every post and
+    /// delete; absent in records written before it existed (counted on the next post). Only
+    /// a listing's `total` reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_messages: Option<u64>,
     /// The title and metadata, encrypted under one of the thread's DEKs: then `title` is
     /// stored empty and `metadata` absent, and the server fills both in when it reads the
     /// record ([`crate::meta`]). Absent for threads without a DEK, and for records written
@@ -512,6 +517,7 @@ mod tests {
             }),
             sealed: 0,
             key_since: None,
+            live_messages: None,
             sealed_meta: None,
         };
         let by = |t: &ThreadRecord, n| t.sealed_by(id(n)).key_id().cloned();

@@ -33,7 +33,8 @@ fn no_content() -> Answer {
 }
 
 /// The query of both listings, as strings: each value is checked here with its own message.
-#[derive(Debug, Default, Deserialize)]
+/// No `Debug`: the title filter is content.
+#[derive(Default, Deserialize)]
 pub(super) struct ListQuery {
     limit: Option<String>,
     before: Option<String>,
@@ -170,10 +171,9 @@ async fn threads_page(st: &RouterState, p: &Principal, q: ListQuery, to: Audienc
         .service
         .thread_window(p, window, q.limit()?, &filter)
         .await?;
+    // The anchors are the page's edges in creation order (what the cursors page by), taken
+    // before any re-sorting of the page.
     let mut items: Vec<_> = page.items.iter().rev().collect();
-    if sort == SortBy::Updated {
-        items.sort_by_key(|t| std::cmp::Reverse(t.updated_at));
-    }
     let pagination = Pagination::new(
         items.first().map(|t| t.id.to_string()),
         items.last().map(|t| t.id.to_string()),
@@ -182,6 +182,9 @@ async fn threads_page(st: &RouterState, p: &Principal, q: ListQuery, to: Audienc
         items.len(),
         page.total,
     );
+    if sort == SortBy::Updated {
+        items.sort_by_key(|t| std::cmp::Reverse(t.updated_at));
+    }
     answer(
         StatusCode::OK,
         &ThreadList {
@@ -199,8 +202,8 @@ async fn threads_page(st: &RouterState, p: &Principal, q: ListQuery, to: Audienc
 
 pub(super) async fn get_thread(
     State(st): State<RouterState>,
-    ThreadKey(id): ThreadKey,
     UserCaller(p): UserCaller,
+    ThreadKey(id): ThreadKey,
 ) -> Answer {
     let t = st.service.thread_for(&p, &id).await?;
     answer(
@@ -214,8 +217,8 @@ pub(super) async fn get_thread(
 
 pub(super) async fn update_thread(
     State(st): State<RouterState>,
-    ThreadKey(id): ThreadKey,
     UserCaller(p): UserCaller,
+    ThreadKey(id): ThreadKey,
     b: Result<JsonBody<views::UpdateThread>, ApiError>,
 ) -> Answer {
     let JsonBody(b) = b?;
@@ -235,8 +238,8 @@ pub(super) async fn update_thread(
 /// Deletes the thread, its messages and its keys (crypto-shredded at the KMS).
 pub(super) async fn delete_thread(
     State(st): State<RouterState>,
-    ThreadKey(id): ThreadKey,
     UserCaller(p): UserCaller,
+    ThreadKey(id): ThreadKey,
 ) -> Answer {
     st.service.delete_thread(&p, &id).await?;
     no_content()
@@ -246,8 +249,8 @@ pub(super) async fn delete_thread(
 
 pub(super) async fn create_message(
     State(st): State<RouterState>,
-    ThreadKey(tid): ThreadKey,
     UserCaller(p): UserCaller,
+    ThreadKey(tid): ThreadKey,
     b: Result<JsonBody<views::MessageBody>, ApiError>,
 ) -> Answer {
     let JsonBody(b) = b?;
@@ -266,8 +269,8 @@ pub(super) async fn create_message(
 /// continues to older messages, `after` to newer ones.
 pub(super) async fn list_messages(
     State(st): State<RouterState>,
-    ThreadKey(tid): ThreadKey,
     UserCaller(p): UserCaller,
+    ThreadKey(tid): ThreadKey,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Answer {
     messages_page(&st, &p, &tid, ListQuery::from(q)?).await
@@ -292,8 +295,8 @@ async fn messages_page(st: &RouterState, p: &Principal, tid: &ThreadId, q: ListQ
 
 pub(super) async fn get_message(
     State(st): State<RouterState>,
-    MessageKey(tid, mid): MessageKey,
     UserCaller(p): UserCaller,
+    MessageKey(tid, mid): MessageKey,
 ) -> Answer {
     let m = st.service.get_message(&p, &tid, mid).await?;
     answer(
@@ -307,8 +310,8 @@ pub(super) async fn get_message(
 
 pub(super) async fn update_message(
     State(st): State<RouterState>,
-    MessageKey(tid, mid): MessageKey,
     UserCaller(p): UserCaller,
+    MessageKey(tid, mid): MessageKey,
     b: Result<JsonBody<views::MessageBody>, ApiError>,
 ) -> Answer {
     let JsonBody(b) = b?;
@@ -327,8 +330,8 @@ pub(super) async fn update_message(
 
 pub(super) async fn delete_message(
     State(st): State<RouterState>,
-    MessageKey(tid, mid): MessageKey,
     UserCaller(p): UserCaller,
+    MessageKey(tid, mid): MessageKey,
 ) -> Answer {
     st.service.delete_message(&p, &tid, mid).await?;
     no_content()
@@ -396,7 +399,7 @@ pub(super) async fn admin_users(
         ..ListQuery::default()
     }
     .limit()?;
-    let page = st.service.users(&p, q.after.as_deref(), limit).await?;
+    let (page, total) = st.service.users(&p, q.after.as_deref(), limit).await?;
     let key = |u: &UserId| u.as_str().to_owned();
     let pagination = Pagination::new(
         page.items.first().map(key),
@@ -404,7 +407,7 @@ pub(super) async fn admin_users(
         q.after.as_deref().is_some_and(|a| !a.is_empty()),
         page.more,
         page.items.len(),
-        page.items.len() as u64,
+        total,
     );
     answer(
         StatusCode::OK,

@@ -14,8 +14,8 @@ use crate::error::ApiError;
 use crate::ids::{MessageId, UserId};
 use crate::store::{MessageAttrs, MessageRole, ThreadRecord, Windowed};
 
-/// A thread as ProgressDB shows it.
-#[derive(Debug, Serialize)]
+/// A thread as ProgressDB shows it. No `Debug`: titles and slugs are content.
+#[derive(Serialize)]
 pub(super) struct Thread<'a> {
     key: &'a ThreadId,
     title: &'a str,
@@ -52,7 +52,7 @@ impl<'a> Thread<'a> {
 }
 
 /// `{"key": .., "thread": {..}}` (`key` on creates and updates, which the SDKs read).
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub(super) struct ThreadEnvelope<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<&'a ThreadId>,
@@ -192,7 +192,7 @@ impl Pagination {
 }
 
 /// `{"threads": [..], "pagination": {..}}`
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub(super) struct ThreadList<'a> {
     pub threads: Vec<Thread<'a>>,
     pub pagination: Pagination,
@@ -230,8 +230,8 @@ pub(super) fn message_list<'a>(
     }
 }
 
-/// `POST /frontend/v1/threads`
-#[derive(Debug, Deserialize)]
+/// `POST /frontend/v1/threads` (no `Debug`: the title and slug are content)
+#[derive(Deserialize)]
 pub(super) struct CreateThread {
     pub title: String,
     #[serde(default)]
@@ -239,8 +239,8 @@ pub(super) struct CreateThread {
 }
 
 /// `PUT /frontend/v1/threads/{threadKey}`: `title` renames, `slug` replaces (`null`
-/// removes it).
-#[derive(Debug, Deserialize)]
+/// removes it). No `Debug`: content.
+#[derive(Deserialize)]
 pub(super) struct UpdateThread {
     #[serde(default)]
     pub title: Option<String>,

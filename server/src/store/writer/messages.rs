@@ -95,15 +95,38 @@ impl WriteOp for PutMessage {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(t) = &counted {
-            match to_json(t) {
-                Ok(v) => db.put(txn, &meta_key, &v)?,
-                Err(e) => return Ok(Err(e)),
-            }
+        let mut next = counted.clone().unwrap_or_else(|| thread.clone());
+        next.live_messages = Some(live_messages(db, txn, &thread)?.saturating_add(1));
+        match to_json(&next) {
+            Ok(v) => db.put(txn, &meta_key, &v)?,
+            Err(e) => return Ok(Err(e)),
         }
         db.put(txn, &self.key, &self.value)?;
-        Ok(Ok(counted))
+        Ok(Ok(counted.map(|_| next)))
     }
+}
+
+/// How many live messages `thread` holds: its counter, or (a record from before the counter)
+/// a count of its message keys that are not tombstones.
+fn live_messages(db: &Db, txn: &RwTxn<'_>, thread: &ThreadRecord) -> heed::Result<u64> {
+    if let Some(n) = thread.live_messages {
+        return Ok(n);
+    }
+    let (lo, hi) = (keys::msg_prefix(&thread.id), keys::msg_end(&thread.id));
+    let mut n = 0u64;
+    for r in db.range(
+        txn,
+        &(
+            std::ops::Bound::Included(lo.as_slice()),
+            std::ops::Bound::Excluded(hi.as_slice()),
+        ),
+    )? {
+        let (_, v) = r?;
+        if !records::is_tombstone_bytes(v) {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Who may change a message.
@@ -255,6 +278,16 @@ impl WriteOp for DeleteMessage {
         };
         if !allowed {
             return Ok(Err(StoreError::NotAuthor));
+        }
+        // One live message fewer.
+        let meta_key = keys::meta(&self.thread);
+        if let Some(Ok(mut t)) = read_thread(db, txn, &meta_key)? {
+            let live = live_messages(db, txn, &t)?;
+            t.live_messages = Some(live.saturating_sub(1));
+            match to_json(&t) {
+                Ok(v) => db.put(txn, &meta_key, &v)?,
+                Err(e) => return Ok(Err(e)),
+            }
         }
         match &rec {
             Some(r) => match to_json(&r.clone().tombstone(Timestamp::now())) {
