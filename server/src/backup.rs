@@ -23,6 +23,7 @@
 //! * [`pair`]: `progressdb backup check-pair`: which threads a server backup and a KMS backup
 //!   restored together would leave unreadable.
 
+pub mod cli;
 mod format;
 pub mod pair;
 mod restore;

@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod cache;
 pub mod check;
 pub mod config;

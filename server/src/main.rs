@@ -1,6 +1,7 @@
 //! `progressdb serve --config FILE`: parse the config, initialise tracing, build the server,
-//! serve until SIGTERM/SIGINT. Also `check-config` ([`progressdb::check`]) and the offline
-//! `compact`. Configuration errors exit with status 2 and one line on
+//! serve until SIGTERM/SIGINT. Also `check-config` ([`progressdb::check`]), the offline
+//! `compact` and `restore`, `backup` (of the running server) and `backup-check`
+//! ([`progressdb::backup`]). Configuration errors exit with status 2 and one line on
 //! stderr naming the key or file at fault.
 
 use std::path::{Path, PathBuf};
@@ -45,6 +46,42 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// ONLINE: a backup of the running server (asked for over its API with the first admin
+    /// key of the keys file): a consistent, compacted copy of the store and a manifest,
+    /// written to a new file atomically and checked whole. Prints the manifest's counts.
+    Backup {
+        /// The server's TOML configuration file (http.listen, auth.keys_file).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file to write (must not exist).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// OFFLINE (stop the server first; refused while it runs): restore a backup into the
+    /// store of the config. The file is checked whole first; an empty store only, unless
+    /// --force.
+    Restore {
+        /// TOML configuration file (its store.path is restored into).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long = "in", value_name = "PATH")]
+        input: PathBuf,
+        /// Replace a store that holds threads or messages.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Which threads a server backup and a KMS backup, restored together, would leave
+    /// unreadable (keys missing from the KMS backup, destroyed, or under a destroyed KEK
+    /// version). JSON on stdout; exit 1 when any thread would be unreadable.
+    BackupCheck {
+        /// A server backup (`progressdb backup`).
+        #[arg(long, value_name = "PATH")]
+        backup: PathBuf,
+        /// A KMS backup (`progressdb-kms backup`).
+        #[arg(long, value_name = "PATH")]
+        kms_backup: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +101,69 @@ fn main() -> ExitCode {
             print!("{}", report.render(&config));
             ExitCode::from(report.exit_code())
         }
+        Command::Backup { config, out } => with_config(&config, |cfg| {
+            runtime()?.block_on(progressdb::backup::cli::backup(cfg, &out))
+        })
+        .map_or_else(
+            |e| fail(e, 1),
+            |m| {
+                println!(
+                    "backup written to {}: {} threads, {} messages, {} bytes (sha256 {})",
+                    out.display(),
+                    m.summary.threads,
+                    m.summary.messages,
+                    m.data_bytes,
+                    m.data_sha256
+                );
+                ExitCode::SUCCESS
+            },
+        ),
+        Command::Restore {
+            config,
+            input,
+            force,
+        } => with_config(&config, |cfg| {
+            let existing = if force {
+                progressdb::backup::Existing::Replace
+            } else {
+                progressdb::backup::Existing::Refuse
+            };
+            runtime()?
+                .block_on(progressdb::backup::restore(
+                    &cfg.store.path,
+                    &input,
+                    existing,
+                ))
+                .map_err(|e| e.to_string())
+        })
+        .map_or_else(
+            |e| fail(e, 1),
+            |m| {
+                println!(
+                    "restored into {}: {} threads, {} messages",
+                    config.display(),
+                    m.summary.threads,
+                    m.summary.messages
+                );
+                ExitCode::SUCCESS
+            },
+        ),
+        Command::BackupCheck { backup, kms_backup } => {
+            match progressdb::backup::cli::check_pair(&backup, &kms_backup) {
+                Err(e) => fail(e, 2),
+                Ok(report) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                    if report.unreadable.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+            }
+        }
         Command::Compact { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -79,6 +179,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Loads the config at `path` (logging as it says) and runs `f` with it; a config error is
+/// reported as `f`'s.
+fn with_config<T>(path: &Path, f: impl FnOnce(&Config) -> Result<T, String>) -> Result<T, String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    service_kit::telemetry::init(&cfg.log);
+    f(&cfg)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {

@@ -106,6 +106,8 @@ pub struct MessageService {
     key_rate: service_kit::rate::RateLimiter<(crate::auth::ApiKeyId, Option<UserId>)>,
     /// Users whose signatures were revoked.
     signature_generations: crate::auth::SignatureGenerations,
+    /// Held while a backup is made and sent: one at a time.
+    backups: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What [`MessageService::new`] is built from besides the config: the parts that take I/O
@@ -145,6 +147,7 @@ impl MessageService {
                 burst: cfg.limits.key_rate_burst,
             }),
             ids: MessageIdGen::new(),
+            backups: Arc::new(tokio::sync::Mutex::new(())),
             metrics: deps.metrics,
             limits: Limits {
                 default_page_size: cfg.limits.default_page_size.min(cfg.limits.max_page_size),

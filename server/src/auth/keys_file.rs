@@ -57,3 +57,22 @@ pub struct ApiKeys {
     pub(super) signing_secrets: Vec<Zeroizing<Vec<u8>>>,
     pub(super) policy: SignaturePolicy,
 }
+
+/// The first admin key of the keys file at `path`, for the operator tools that call the
+/// running server (`progressdb backup`). The file is read as a secret file (mode checked).
+///
+/// # Errors
+/// [`KeysFileError`] naming the file, or when it lists no admin key.
+pub fn first_admin_key(path: &Path) -> Result<zeroize::Zeroizing<String>, KeysFileError> {
+    let bytes = secret_file::read_secret_bytes(path)?;
+    let invalid = |message: &str| KeysFileError::Invalid {
+        path: path.to_owned(),
+        message: message.to_owned(),
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not UTF-8"))?;
+    let file: KeysFile = toml::from_str(text).map_err(|_| invalid("not a valid keys file"))?;
+    file.admin
+        .first()
+        .map(|k| zeroize::Zeroizing::new(k.clone()))
+        .ok_or_else(|| invalid("lists no admin key (the operator tools need one)"))
+}

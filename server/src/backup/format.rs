@@ -124,7 +124,7 @@ pub fn read_header(r: &mut impl BufRead) -> Result<Manifest, BackupError> {
     let m: Manifest = serde_json::from_slice(&line).map_err(|e| {
         BackupError::Invalid(format!(
             "the manifest does not parse ({})",
-            crate::store::serde_error_text(&e)
+            crate::store::scan_error_text(&e)
         ))
     })?;
     if m.format != FORMAT {

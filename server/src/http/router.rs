@@ -94,6 +94,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<RouterState>)> {
         ("/admin/jobs/{job_id}", get(admin_job)),
         ("/admin/kms/refresh-copies", post(refresh_copies)),
         ("/admin/kms/key-copies", get(key_copies)),
+        ("/admin/backup", post(backup)),
     ]
 }
 

@@ -336,4 +336,38 @@ impl MessageService {
             }
         }
     }
+
+    /// A backup of the store (admin callers), and the permit that keeps others from starting
+    /// until it is sent: LMDB's compacting copy under one read transaction, summarised from
+    /// the copy ([`crate::backup`]).
+    ///
+    /// # Errors
+    /// 403 for other callers; 503 while another backup runs; 500 when the copy fails (detail
+    /// in the log).
+    pub async fn backup(
+        &self,
+        p: &Principal,
+    ) -> Result<(crate::backup::Snapshot, tokio::sync::OwnedMutexGuard<()>), ApiError> {
+        if p.role != Role::Admin {
+            return Err(ApiError::Forbidden);
+        }
+        let permit = self
+            .backups
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| ApiError::Unavailable)?;
+        let snap = crate::backup::snapshot(&self.store, crate::ids::Timestamp::now().as_nanos())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "backup failed");
+                ApiError::Internal
+            })?;
+        tracing::info!(
+            threads = snap.manifest.summary.threads,
+            messages = snap.manifest.summary.messages,
+            bytes = snap.manifest.data_bytes,
+            "backup made"
+        );
+        Ok((snap, permit))
+    }
 }

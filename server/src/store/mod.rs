@@ -22,6 +22,8 @@ mod types;
 mod writer;
 pub use types::*;
 
+/// serde_json's error without the input it may quote.
+pub(crate) use scan::serde_error_text as scan_error_text;
 pub use scan::window_of_sorted;
 use scan::*;
 
@@ -211,6 +213,26 @@ impl Store {
         })
         .await
         .map_err(|e| StoreError::Lmdb(format!("read task failed: {e}")))?
+    }
+
+    /// Writes LMDB's compacting copy of the store to `path` (a new file), under one read
+    /// transaction, and syncs it.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the copy fails.
+    pub async fn copy_compacted(&self, path: &Path) -> Result<(), StoreError> {
+        let shared = self.inner.shared.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _gate = read_guard(&shared.gate);
+            let f = shared
+                .env
+                .copy_to_path(&path, heed::CompactionOption::Enabled)?;
+            f.sync_all()
+                .map_err(|e| StoreError::Lmdb(format!("syncing the copy: {e}")))
+        })
+        .await
+        .map_err(|e| StoreError::Lmdb(format!("copy task failed: {e}")))?
     }
 
     /// Checks that a read transaction can be opened and that the writer is running.

@@ -284,3 +284,41 @@ pub(super) async fn admin_jobs(
     let jobs = st.service.jobs().await?;
     ok(&serde_json::json!({ "jobs": jobs }))
 }
+
+/// `POST /admin/backup`: the backup file (`crate::backup`), streamed as it is read from its
+/// temporary copy, which is removed once sent.
+pub(super) async fn backup(State(st): State<RouterState>, AdminCaller(p): AdminCaller) -> Answer {
+    let (snap, permit) = st.service.backup(&p).await?;
+    let header = snap.header().map_err(|_| ApiError::Internal)?;
+    let file = tokio::fs::File::open(snap.data_path()).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot read the backup's copy");
+        ApiError::Internal
+    })?;
+    let reader = Held {
+        inner: tokio::io::AsyncReadExt::chain(std::io::Cursor::new(header), file),
+        _keep: (snap.into_dir(), permit),
+    };
+    let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(reader)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(r)
+}
+
+/// A reader that keeps `_keep` (the backup's temporary directory and its permit) until the
+/// answer is sent or dropped.
+struct Held<R, K> {
+    inner: R,
+    _keep: K,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin, K: Unpin> tokio::io::AsyncRead for Held<R, K> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}

@@ -1,0 +1,137 @@
+//! Making a backup of the running store: LMDB's compacting copy (one read transaction, so one
+//! consistent state, without free pages), summarised from the copy itself.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::store::{Store, StoreOptions, ThreadFilter};
+
+/// A backup made and not yet sent: its data in a private temporary directory inside the store
+/// directory (removed when this is dropped), and its manifest.
+#[derive(Debug)]
+pub struct Snapshot {
+    dir: tempfile::TempDir,
+    pub manifest: Manifest,
+}
+
+/// Prefix of the temporary directories backups are made in.
+const TMP_PREFIX: &str = ".backup-";
+
+impl Snapshot {
+    /// The data part (an LMDB `data.mdb`).
+    pub fn data_path(&self) -> PathBuf {
+        self.dir.path().join("data.mdb")
+    }
+
+    /// The header and manifest that precede the data in the file.
+    ///
+    /// # Errors
+    /// When the manifest cannot be written (never, for a manifest that was read).
+    pub fn header(&self) -> Result<Vec<u8>, BackupError> {
+        let mut h = Vec::new();
+        write_header(&mut h, &self.manifest)?;
+        Ok(h)
+    }
+
+    /// The temporary directory, to keep alive until the data is sent.
+    pub fn into_dir(self) -> tempfile::TempDir {
+        self.dir
+    }
+}
+
+/// Copies `store` (compacted, under one read transaction) into a temporary directory beside
+/// it and summarises the copy. One at a time (the caller serialises): directories left by an
+/// earlier backup that died are removed first.
+///
+/// # Errors
+/// [`BackupError`] when the copy, its summary or its digest fails (the temporary directory
+/// is removed).
+pub async fn snapshot(store: &Store, now_nanos: u64) -> Result<Snapshot, BackupError> {
+    remove_leftovers(store.path());
+    let dir = tempfile::Builder::new()
+        .prefix(TMP_PREFIX)
+        .tempdir_in(store.path())?;
+    let data = dir.path().join("data.mdb");
+    store
+        .copy_compacted(&data)
+        .await
+        .map_err(|e| BackupError::Store(format!("copying the store: {e}")))?;
+    let summary = summarize(dir.path()).await?;
+    let data_for_digest = data.clone();
+    let (data_bytes, data_sha256) =
+        tokio::task::spawn_blocking(move || digest_file(&data_for_digest))
+            .await
+            .map_err(|e| BackupError::Io(e.to_string()))??;
+    Ok(Snapshot {
+        dir,
+        manifest: Manifest {
+            format: FORMAT.into(),
+            created_at: now_nanos,
+            data_bytes,
+            data_sha256,
+            summary,
+        },
+    })
+}
+
+fn remove_leftovers(store_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(store_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an earlier backup's temporary directory");
+            }
+        }
+    }
+}
+
+/// What the LMDB store in `dir` holds: every thread with the keys it needs, and the counts.
+/// Opens the store (so it must not be in use) and closes it again.
+///
+/// # Errors
+/// [`BackupError::Store`] when the store cannot be opened or read.
+pub async fn summarize(dir: &Path) -> Result<Summary, BackupError> {
+    let store_err = |e: String| BackupError::Store(e);
+    let size = std::fs::metadata(dir.join("data.mdb"))?.len();
+    let mb = size / (1 << 20) + 2;
+    let store = Store::open(
+        &StoreOptions::new(dir, mb, mb.saturating_mul(2)),
+        crate::metrics::StoreMetrics::default(),
+    )
+    .map_err(|e| store_err(e.to_string()))?;
+    let mut thread_keys = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_threads(ThreadFilter::All, after, 1000)
+            .await
+            .map_err(|e| store_err(e.to_string()))?;
+        after = page.items.last().map(|t| t.id.clone());
+        for t in &page.items {
+            thread_keys.push(ThreadKeys {
+                thread: t.id.clone(),
+                key: t.kms.as_ref().map(KeyRef::from),
+                retiring: t
+                    .rotation
+                    .as_ref()
+                    .and_then(|r| r.retiring.as_ref())
+                    .map(KeyRef::from),
+            });
+        }
+        if !page.more || after.is_none() {
+            break;
+        }
+    }
+    let (threads, messages) = store.stats().await.map_err(|e| store_err(e.to_string()))?;
+    // Closing joins the store's writer thread: not on the runtime's threads.
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .map_err(|e| BackupError::Io(e.to_string()))?;
+    Ok(Summary {
+        threads,
+        messages,
+        thread_keys,
+    })
+}

@@ -1,0 +1,193 @@
+//! The message store's backup and restore, end to end with the real binaries, a SoftHSM
+//! token and the external KMS: `progressdb backup` of the running server, `progressdb-kms
+//! backup` beside it, `progressdb backup-check` pairing the two, a wiped store restored with
+//! `progressdb restore`, every message of the backup readable again, and a thread deleted
+//! after the backup unreadable (its key was shredded at the KMS). Damaged files are refused
+//! whole, a store with data or in use is not overwritten.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use progressdb_e2e::{assert_absent, bin, Role};
+use serde_json::{json, Value};
+
+fn progressdb(args: &[&str]) -> Output {
+    Command::new(bin("progressdb")).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_unreadable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
+    let alice = server.as_role(Role::Backend, "alice");
+    let bob = server.as_role(Role::Frontend, "bob");
+    let ta = alice.create_thread("kept")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tb = bob.create_thread("deleted later")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let marker = format!("backup-marker-{}", std::process::id());
+    for i in 0..3 {
+        alice.post_message(&ta, json!({"text": marker, "n": i}));
+    }
+    for i in 0..2 {
+        bob.post_message(&tb, json!({"n": i}));
+    }
+    let config = server.config.clone();
+
+    // Both backups, while everything runs.
+    let backup = tmp.path().join("server.pdbak");
+    let o = progressdb(&["backup", "--config", s(&config), "--out", s(&backup)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("2 threads, 5 messages"),
+        "{}",
+        text(&o)
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&backup).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let bytes = std::fs::read(&backup).unwrap();
+    assert!(bytes.starts_with(b"progressdb-backup/1\n"));
+    assert_absent("the server backup", &bytes, &[marker.as_bytes()]);
+    let o = progressdb(&["backup", "--config", s(&config), "--out", s(&backup)]);
+    assert!(
+        !o.status.success(),
+        "an existing file is not overwritten: {}",
+        text(&o)
+    );
+    let kms_before = tmp.path().join("kms-before.backup");
+    let o = kms.cli(&["backup", "--out", s(&kms_before)]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // After the backups: bob's thread is deleted (its key shredded), alice posts once more.
+    let (st, v) = bob.call("DELETE", &format!("/v1/threads/{tb}"), None);
+    assert_eq!(st, 200, "{v}");
+    alice.post_message(&ta, json!({"text": "after the backup"}));
+    let kms_after = tmp.path().join("kms-after.backup");
+    let o = kms.cli(&["backup", "--out", s(&kms_after)]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The pairing check: with the KMS backup of the same time, every thread reads; with the
+    // later one, bob's thread's key is destroyed.
+    let o = progressdb(&[
+        "backup-check",
+        "--backup",
+        s(&backup),
+        "--kms-backup",
+        s(&kms_before),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&r["threads"], &r["readable"], &r["unreadable"]),
+        (&json!(2), &json!(2), &json!([]))
+    );
+    let o = progressdb(&[
+        "backup-check",
+        "--backup",
+        s(&backup),
+        "--kms-backup",
+        s(&kms_after),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["unreadable"][0]["thread"], tb.as_str(), "{r}");
+    assert_eq!(r["unreadable"][0]["reason"], "key_destroyed", "{r}");
+
+    // Restoring while the server runs is refused; so is a store with data.
+    let o = progressdb(&["restore", "--config", s(&config), "--in", s(&backup)]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(server.proc.sigterm().success());
+    let o = progressdb(&["restore", "--config", s(&config), "--in", s(&backup)]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--force"),
+        "{}",
+        text(&o)
+    );
+
+    // The server's disk is lost.
+    std::fs::remove_dir_all(&server.store).unwrap();
+
+    // Damaged files are refused whole: nothing is written into the store.
+    let mut flipped = bytes.clone();
+    let n = flipped.len();
+    flipped[n - 100] ^= 1;
+    let damaged = [
+        ("flipped", flipped),
+        ("truncated", bytes[..bytes.len() - 4096].to_vec()),
+        ("extended", [bytes.as_slice(), b"x"].concat()),
+        ("not a backup", b"hello".to_vec()),
+    ];
+    for (what, b) in damaged {
+        let f = tmp.path().join(format!("{what}.pdbak"));
+        std::fs::write(&f, b).unwrap();
+        let o = progressdb(&["restore", "--config", s(&config), "--in", s(&f)]);
+        assert!(!o.status.success(), "{what}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("invalid"),
+            "{what}: {}",
+            text(&o)
+        );
+        assert!(
+            !server.store.join("data.mdb").exists(),
+            "{what} wrote the store"
+        );
+    }
+
+    let o = progressdb(&["restore", "--config", s(&config), "--in", s(&backup)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("2 threads, 5 messages"),
+        "{}",
+        text(&o)
+    );
+    // Over the restored data: only with --force.
+    let o = progressdb(&["restore", "--config", s(&config), "--in", s(&backup)]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = progressdb(&[
+        "restore",
+        "--config",
+        s(&config),
+        "--in",
+        s(&backup),
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Back up: alice's three messages of the backup read (the later one is not in it); bob's
+    // thread is back as a record, but its key is shredded: nothing of it reads.
+    server.restart();
+    let texts: Vec<Value> = alice
+        .all_messages(&ta)
+        .iter()
+        .map(|m| m["body"]["n"].clone())
+        .collect();
+    assert_eq!(texts, [json!(0), json!(1), json!(2)]);
+    let (st, v) = bob.call("GET", &format!("/v1/threads/{tb}/messages"), None);
+    assert_ne!(
+        st, 200,
+        "a thread deleted after the backup reads again: {v}"
+    );
+    assert!(!v.to_string().contains("\"n\""), "{v}");
+    assert!(server.proc.sigterm().success());
+}
