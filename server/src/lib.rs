@@ -17,6 +17,7 @@
 //! [`Server::build`] assembles everything from a [`Config`]; [`Server::run`] serves a
 //! listener until a shutdown future completes. The `progressdb` binary is a thin wrapper.
 
+pub mod admin_client;
 pub mod api;
 pub mod auth;
 pub mod backup;

@@ -1,6 +1,6 @@
 //! `progressdb serve --config FILE`: parse the config, initialise tracing, build the server,
 //! serve until SIGTERM/SIGINT. Also `check-config` ([`progressdb::check`]), the offline
-//! `compact` and `restore`, `backup` (of the running server) and `backup-check`
+//! `compact` and `restore`, `backup` and `verify` (of the running server) and `backup-check`
 //! ([`progressdb::backup`]). Configuration errors exit with status 2 and one line on
 //! stderr naming the key or file at fault.
 
@@ -70,6 +70,17 @@ enum Command {
         /// Replace a store that holds threads or messages.
         #[arg(long)]
         force: bool,
+    },
+    /// ONLINE: check every thread of the running server: its keys still known to the KMS and
+    /// every message (or every --sample-th) opening. A progress bar on a terminal; JSON
+    /// counts on stdout at the end; exit 1 when any thread has a problem.
+    Verify {
+        /// The server's TOML configuration file (http.listen, auth.keys_file).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Open every N-th message only (1: every message).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        sample: u64,
     },
     /// Which threads a server backup and a KMS backup, restored together, would leave
     /// unreadable (keys missing from the KMS backup, destroyed, or under a destroyed KEK
@@ -148,6 +159,19 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             },
         ),
+        Command::Verify { config, sample } => match with_config(&config, |cfg| {
+            runtime()?.block_on(progressdb::backup::cli::verify(cfg, sample))
+        }) {
+            Err(e) => fail(e, 2),
+            Ok(t) => {
+                println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+                if t.problems.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+        },
         Command::BackupCheck { backup, kms_backup } => {
             match progressdb::backup::cli::check_pair(&backup, &kms_backup) {
                 Err(e) => fail(e, 2),

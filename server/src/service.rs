@@ -36,6 +36,8 @@ pub mod jobs;
 mod messages;
 mod pages;
 pub use pages::ThreadMatch;
+mod verify;
+pub use verify::{KeyCheck, ThreadCheck};
 mod threads;
 
 /// Times a post or edit is sealed again when a rotation moved on under it.

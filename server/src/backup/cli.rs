@@ -1,12 +1,12 @@
 //! The operator commands around backups: `progressdb backup` (asks the running server for a
 //! backup over its API, with the first admin key of the keys file, and writes it atomically),
-//! `progressdb restore` (offline) and `progressdb backup-check`.
+//! `progressdb verify` (walks the server's `POST /admin/verify`) and `progressdb
+//! backup-check`.
 
 use std::io::{BufReader, Write as _};
 use std::path::Path;
 
 use http_body_util::BodyExt as _;
-use hyper_util::rt::TokioIo;
 
 use super::*;
 use crate::config::Config;
@@ -21,40 +21,12 @@ pub async fn backup(cfg: &Config, out: &Path) -> Result<Manifest, String> {
     if out.exists() {
         return Err(format!("{} exists: give a new file", out.display()));
     }
-    let key = crate::auth::first_admin_key(&cfg.auth.keys_file).map_err(|e| e.to_string())?;
-    let mut addr = cfg.http.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("cannot reach the server at {addr} (is it running?): {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP to {addr}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::post("/admin/backup")
-        .header(http::header::HOST, addr.to_string())
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", key.as_str()),
-        )
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("POST /admin/backup: {e}"))?;
-    let status = resp.status();
-    let mut body = resp.into_body();
+    let client = crate::admin_client::AdminClient::from_config(cfg)?;
+    let (status, mut body) = client
+        .send(http::Method::POST, "/admin/backup", None)
+        .await?;
     if !status.is_success() {
-        let text = body
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-            .unwrap_or_default();
+        let text = crate::admin_client::text(body).await;
         return Err(format!("the server refused the backup: {status} {text}"));
     }
     let partial = out.with_extension("partial");
@@ -106,4 +78,68 @@ pub fn check_pair(backup: &Path, kms_backup: &Path) -> Result<pair::PairReport, 
     let m = read_header(&mut r).map_err(|e| format!("{}: {e}", backup.display()))?;
     let kms = std::fs::read(kms_backup).map_err(|e| format!("{}: {e}", kms_backup.display()))?;
     pair::check(&m, &kms).map_err(|e| format!("{}: {e}", kms_backup.display()))
+}
+
+/// What `progressdb verify` found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct VerifyTotals {
+    pub threads: u64,
+    pub threads_ok: u64,
+    pub messages_checked: u64,
+    pub messages_unreadable: u64,
+    /// Every thread with a problem, as the server reported it.
+    pub problems: Vec<serde_json::Value>,
+}
+
+/// `progressdb verify`: every thread of the running server checked (its keys at the KMS,
+/// every `sample`-th message opening), a page at a time, with a progress bar on a terminal.
+///
+/// # Errors
+/// A one-line reason when the server cannot be reached or refuses.
+pub async fn verify(cfg: &Config, sample: u64) -> Result<VerifyTotals, String> {
+    let client = crate::admin_client::AdminClient::from_config(cfg)?;
+    let stats = client.json(http::Method::GET, "/admin/stats", None).await?;
+    let bar = indicatif::ProgressBar::with_draw_target(
+        stats["threads"].as_u64(),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} threads, {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut totals = VerifyTotals::default();
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .json(
+                http::Method::POST,
+                "/admin/verify",
+                Some(&serde_json::json!({"after": after, "limit": 100, "sample": sample})),
+            )
+            .await?;
+        for t in page["threads"].as_array().into_iter().flatten() {
+            totals.threads += 1;
+            let checked = t["messages_checked"].as_u64().unwrap_or(0);
+            let unreadable = t["unreadable"].as_u64().unwrap_or(0);
+            totals.messages_checked += checked;
+            totals.messages_unreadable += unreadable;
+            let key_ok = |k: &serde_json::Value| k.is_null() || k == "ok" || k == "none";
+            if key_ok(&t["key"]) && key_ok(&t["retiring_key"]) && unreadable == 0 {
+                totals.threads_ok += 1;
+            } else {
+                totals.problems.push(t.clone());
+            }
+            bar.inc(1);
+        }
+        bar.set_message(format!(
+            "{} messages, {} unreadable",
+            totals.messages_checked, totals.messages_unreadable
+        ));
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_owned()),
+            None => break,
+        }
+    }
+    bar.finish_and_clear();
+    Ok(totals)
 }

@@ -95,6 +95,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<RouterState>)> {
         ("/admin/kms/refresh-copies", post(refresh_copies)),
         ("/admin/kms/key-copies", get(key_copies)),
         ("/admin/backup", post(backup)),
+        ("/admin/verify", post(verify)),
     ]
 }
 

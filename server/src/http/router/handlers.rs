@@ -322,3 +322,33 @@ impl<R: tokio::io::AsyncRead + Unpin, K: Unpin> tokio::io::AsyncRead for Held<R,
         std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
+
+/// `POST /admin/verify` `{"after"?, "limit"?, "sample"?}`: a page of threads checked (keys at
+/// the KMS, messages opening); `next` continues.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBody {
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    sample: Option<u64>,
+}
+
+pub(super) async fn verify(
+    State(st): State<RouterState>,
+    AdminCaller(p): AdminCaller,
+    JsonBody(b): JsonBody<VerifyBody>,
+) -> Answer {
+    let after = b
+        .after
+        .filter(|a| !a.is_empty())
+        .map(|a| ThreadId::parse(&a).map_err(|_| ApiError::invalid("after: not a thread id")))
+        .transpose()?;
+    let (threads, next) = st
+        .service
+        .verify_threads(&p, after, b.limit.unwrap_or(100), b.sample.unwrap_or(1))
+        .await?;
+    ok(&serde_json::json!({ "threads": threads, "next": next }))
+}
