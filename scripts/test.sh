@@ -20,6 +20,18 @@ log() { printf '\n==> [%4ds] %s\n' "$SECONDS" "$*"; }
 
 bash scripts/ensure-deps.sh
 
+# The Python environments two end-to-end tests use (ProgressDB's published SDK; schemathesis
+# for the fuzz of the ProgressDB paths), installed from the package registry while the builds
+# below run, so the tests do not wait for them. Each test makes its own if this failed.
+PREFETCH_LOG=$(mktemp)
+(
+  bash scripts/sdk-venv.sh target/sdk-venv >/dev/null
+  [ -x target/fuzz-venv/bin/st ] || {
+    python3 -m venv target/fuzz-venv && target/fuzz-venv/bin/pip install -q schemathesis
+  }
+) >"$PREFETCH_LOG" 2>&1 &
+PREFETCH=$!
+
 export CARGO_TERM_COLOR=never
 export RUST_BACKTRACE=1
 # The soak test's length in CI (tests/tests/e2e_soak.rs; set it higher for a longer soak).
@@ -61,6 +73,7 @@ bash scripts/build-kryoptic.sh
 
 log "building the test binaries"
 cargo nextest run --workspace --locked --no-run
+wait "$PREFETCH" || { echo "(preparing the Python environments failed; the tests make their own)"; cat "$PREFETCH_LOG"; }
 
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
