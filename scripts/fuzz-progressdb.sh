@@ -81,7 +81,7 @@ fi
 if [ ! -x "$VENV/bin/st" ]; then
   say "installing schemathesis into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q schemathesis
+  "$VENV/bin/pip" install -q --no-compile schemathesis
 fi
 ST=$VENV/bin/st
 PY=$VENV/bin/python

@@ -17,7 +17,7 @@ if [ ! -x "$DIR/bin/python" ] || [ "$(cat "$DIR/.installed" 2>/dev/null)" != "$w
   rm -rf "$DIR"
   python3 -m venv "$DIR" >&2
   # shellcheck disable=SC2086
-  "$DIR/bin/pip" install -q "progressdb==$SDK_VERSION" ${FUZZ:+schemathesis} >&2
+  "$DIR/bin/pip" install -q --no-compile "progressdb==$SDK_VERSION" ${FUZZ:+schemathesis} >&2
   echo "$want" >"$DIR/.installed"
 fi
 echo "$DIR/bin/python"

@@ -27,7 +27,7 @@ PREFETCH_LOG=$(mktemp)
 (
   bash scripts/sdk-venv.sh target/sdk-venv >/dev/null
   [ -x target/fuzz-venv/bin/st ] || {
-    python3 -m venv target/fuzz-venv && target/fuzz-venv/bin/pip install -q schemathesis
+    python3 -m venv target/fuzz-venv && target/fuzz-venv/bin/pip install -q --no-compile schemathesis
   }
 ) >"$PREFETCH_LOG" 2>&1 &
 PREFETCH=$!
