@@ -102,14 +102,9 @@ pub async fn summarize(dir: &Path) -> Result<Summary, BackupError> {
     )
     .map_err(|e| store_err(e.to_string()))?;
     let mut thread_keys = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .list_threads(ThreadFilter::All, after, 1000)
-            .await
-            .map_err(|e| store_err(e.to_string()))?;
-        after = page.items.last().map(|t| t.id.clone());
-        for t in &page.items {
+    let mut pages = store.thread_pages(ThreadFilter::All, 1000);
+    while let Some(page) = pages.next().await.map_err(|e| store_err(e.to_string()))? {
+        for t in &page {
             thread_keys.push(ThreadKeys {
                 thread: t.id.clone(),
                 key: t.kms.as_ref().map(KeyRef::from),
@@ -119,9 +114,6 @@ pub async fn summarize(dir: &Path) -> Result<Summary, BackupError> {
                     .and_then(|r| r.retiring.as_ref())
                     .map(KeyRef::from),
             });
-        }
-        if !page.more || after.is_none() {
-            break;
         }
     }
     let (threads, messages) = store.stats().await.map_err(|e| store_err(e.to_string()))?;

@@ -140,13 +140,9 @@ impl MessageService {
             return Err(ApiError::Forbidden);
         }
         let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .list_threads(ThreadFilter::All, after.clone(), 256)
-                .await?;
-            for t in &page.items {
+        let mut pages = self.store.thread_pages(ThreadFilter::All, 256);
+        while let Some(page) = pages.next().await? {
+            for t in &page {
                 let retiring = t.rotation.as_ref().and_then(|r| r.retiring.as_ref());
                 for k in t.kms.iter().chain(retiring) {
                     out.push(serde_json::json!({
@@ -157,10 +153,6 @@ impl MessageService {
                         "kek_version": k.kek_version,
                     }));
                 }
-            }
-            match (page.more, page.items.last()) {
-                (true, Some(last)) => after = Some(last.id.clone()),
-                _ => break,
             }
         }
         Ok(out)
@@ -177,13 +169,9 @@ impl MessageService {
         }
         let provider = self.provider()?;
         let (mut checked, mut refreshed, mut missing) = (0, 0, 0);
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .list_threads(ThreadFilter::All, after.clone(), 256)
-                .await?;
-            for t in &page.items {
+        let mut pages = self.store.thread_pages(ThreadFilter::All, 256);
+        while let Some(page) = pages.next().await? {
+            for t in &page {
                 let Some(copy) = &t.kms else { continue };
                 checked += 1;
                 match provider.current_copy(copy).await {
@@ -205,10 +193,6 @@ impl MessageService {
                         missing += 1;
                     }
                 }
-            }
-            match (page.more, page.items.last()) {
-                (true, Some(last)) => after = Some(last.id.clone()),
-                _ => break,
             }
         }
         Ok((checked, refreshed, missing))
@@ -313,14 +297,9 @@ impl MessageService {
             return Err(ApiError::Forbidden);
         }
         let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .list_threads(crate::store::ThreadFilter::All, after, 500)
-                .await?;
-            after = page.items.last().map(|t| t.id.clone());
-            for t in page.items {
+        let mut pages = self.store.thread_pages(ThreadFilter::All, 500);
+        while let Some(page) = pages.next().await? {
+            for t in page {
                 let r = match self
                     .start_job(p, &t.id, crate::store::JobKind::EncryptThread)
                     .await
@@ -331,10 +310,8 @@ impl MessageService {
                 };
                 out.push((t.id, r));
             }
-            if !page.more || after.is_none() {
-                return Ok(out);
-            }
         }
+        Ok(out)
     }
 
     /// A backup of the store (admin callers), and the permit that keeps others from starting

@@ -85,27 +85,17 @@ impl MessageService {
         filter: &ThreadMatch,
     ) -> Result<Windowed<ThreadRecord>, ApiError> {
         let mut matched = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .list_threads(
-                    crate::store::ThreadFilter::Author(user.clone()),
-                    after,
-                    FILTER_BATCH,
-                )
-                .await?;
-            after = page.items.last().map(|t| t.id.clone());
-            let more = page.more;
+        let mut pages = self.store.thread_pages(
+            crate::store::ThreadFilter::Author(user.clone()),
+            FILTER_BATCH,
+        );
+        while let Some(page) = pages.next().await? {
             matched.extend(
-                self.open_threads(page.items)
+                self.open_threads(page)
                     .await?
                     .into_iter()
                     .filter(|t| filter.matches(t)),
             );
-            if !more || after.is_none() {
-                break;
-            }
         }
         let total = matched.len() as u64;
         let (items, older, newer) =

@@ -20,6 +20,7 @@ pub mod records;
 mod scan;
 mod types;
 mod writer;
+pub use pages::ThreadPages;
 pub use types::*;
 
 /// serde_json's error without the input it may quote.
@@ -462,11 +463,7 @@ impl Store {
     ) -> Result<(Option<ThreadRecord>, Page<StoredMessage>), StoreError> {
         let thread = thread.clone();
         self.read(move |db, txn| {
-            let key = keys::meta(&thread);
-            let rec = match db.get(txn, &key)? {
-                None => None,
-                Some(v) => Some(parse_thread(&key, v)?),
-            };
+            let rec = scan::read_meta(db, txn, &thread)?;
             Ok((
                 rec,
                 list_messages(
@@ -496,11 +493,7 @@ impl Store {
     ) -> Result<(Option<ThreadRecord>, Option<StoredMessage>), StoreError> {
         let thread = thread.clone();
         self.read(move |db, txn| {
-            let key = keys::meta(&thread);
-            let rec = match db.get(txn, &key)? {
-                None => None,
-                Some(v) => Some(parse_thread(&key, v)?),
-            };
+            let rec = scan::read_meta(db, txn, &thread)?;
             let msg = db
                 .get(txn, &keys::msg(&thread, id))?
                 .map(|v| StoredMessage {

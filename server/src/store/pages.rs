@@ -4,7 +4,48 @@
 
 use super::*;
 
+/// Every thread a filter selects, a page at a time, in id order: `while let Some(page) =
+/// pages.next().await? { .. }`. Each page is its own read transaction.
+#[derive(Debug)]
+pub struct ThreadPages {
+    store: Store,
+    filter: ThreadFilter,
+    after: Option<ThreadId>,
+    batch: usize,
+    done: bool,
+}
+
+impl ThreadPages {
+    /// The next page, or `None` after the last.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn next(&mut self) -> Result<Option<Vec<ThreadRecord>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .list_threads(self.filter.clone(), self.after.take(), self.batch)
+            .await?;
+        self.after = page.items.last().map(|t| t.id.clone());
+        self.done = !page.more || self.after.is_none();
+        Ok(Some(page.items))
+    }
+}
+
 impl Store {
+    /// Walks every thread `filter` selects, `batch` at a time ([`ThreadPages`]).
+    pub fn thread_pages(&self, filter: ThreadFilter, batch: usize) -> ThreadPages {
+        ThreadPages {
+            store: self.clone(),
+            filter,
+            after: None,
+            batch: batch.max(1),
+            done: false,
+        }
+    }
+
     /// A [`Window`] of `user`'s threads (oldest first) and how many threads the user has,
     /// from one read transaction.
     ///
@@ -60,11 +101,7 @@ impl Store {
     ) -> Result<(Option<ThreadRecord>, Windowed<StoredMessage>), StoreError> {
         let thread = thread.clone();
         self.read(move |db, txn| {
-            let key = keys::meta(&thread);
-            let rec = match db.get(txn, &key)? {
-                None => None,
-                Some(v) => Some(parse_thread(&key, v)?),
-            };
+            let rec = scan::read_meta(db, txn, &thread)?;
             let (items, older, newer) = scan::window(
                 w,
                 limit,

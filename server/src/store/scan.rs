@@ -11,6 +11,18 @@ use crate::ids::{MessageId, UserId};
 
 use super::*;
 
+/// The thread record of `thread` in this transaction, if any.
+pub(super) fn read_meta(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    thread: &ThreadId,
+) -> Result<Option<ThreadRecord>, StoreError> {
+    let key = keys::meta(thread);
+    db.get(txn, &key)?
+        .map(|v| parse_thread(&key, v))
+        .transpose()
+}
+
 pub(super) fn parse_thread(key: &[u8], v: &[u8]) -> Result<ThreadRecord, StoreError> {
     serde_json::from_slice(v).map_err(|e| {
         StoreError::Corrupt(format!(

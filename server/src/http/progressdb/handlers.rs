@@ -80,13 +80,7 @@ impl ListQuery {
     }
 
     fn limit(&self) -> Result<Option<usize>, ApiError> {
-        self.limit
-            .as_deref()
-            .map(|l| {
-                l.parse::<usize>()
-                    .map_err(|_| ApiError::invalid("limit must be a positive integer"))
-            })
-            .transpose()
+        crate::http::router::parse_limit(self.limit.as_deref())
     }
 
     fn cursor(&self) -> Result<Cursor<'_>, ApiError> {

@@ -86,13 +86,7 @@ impl ListQuery {
     }
 
     pub(super) fn limit(&self) -> Result<Option<usize>, ApiError> {
-        self.limit
-            .as_deref()
-            .map(|l| {
-                l.parse::<usize>()
-                    .map_err(|_| ApiError::invalid("limit must be a positive integer"))
-            })
-            .transpose()
+        parse_limit(self.limit.as_deref())
     }
 
     pub(super) fn order(&self) -> Result<Order, ApiError> {
@@ -158,4 +152,13 @@ impl<T: DeserializeOwned> FromRequest<RouterState> for JsonBody<T> {
                 ))
             })
     }
+}
+
+/// A listing's `limit` query value (both APIs): a non-negative integer; the service bounds it.
+pub(in crate::http) fn parse_limit(l: Option<&str>) -> Result<Option<usize>, ApiError> {
+    l.map(|l| {
+        l.parse::<usize>()
+            .map_err(|_| ApiError::invalid("limit must be a positive integer"))
+    })
+    .transpose()
 }
