@@ -65,14 +65,15 @@ impl AdminClient {
             let _ = conn.await;
         });
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let bearer = Zeroizing::new(format!("Bearer {}", self.key.as_str()));
+        let mut auth = http::HeaderValue::from_str(&bearer)
+            .map_err(|_| "the admin key is not a valid header value".to_owned())?;
+        auth.set_sensitive(true);
         let req = http::Request::builder()
             .method(method.clone())
             .uri(path)
             .header(http::header::HOST, self.addr.to_string())
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.key.as_str()),
-            )
+            .header(http::header::AUTHORIZATION, auth)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(bytes)))
             .map_err(|e| e.to_string())?;

@@ -13,14 +13,15 @@
 //! length and digest, whose manifest does not parse, or whose store does not hold what the
 //! manifest says, is refused whole: nothing is restored.
 //!
-//! The checksum finds corruption and truncation, not forgery: a backup holds no secret (the
-//! messages are ciphertext under DEKs held by the KMS), and every record read from a
-//! restored store is checked as any other (AAD-bound ciphertext; a thread whose key the KMS
-//! does not have reads as unreadable). Keep backups where only operators write.
+//! The checksum finds corruption and truncation, not forgery. Messages, titles and metadata
+//! of encrypted threads are ciphertext under DEKs the KMS holds (threads stored without
+//! encryption are in the clear, as in the store), and every record read from a restored
+//! store is checked as any other (AAD-bound ciphertext; a thread whose key the KMS does not
+//! have reads as unreadable). Keep backups where only operators read and write.
 //!
 //! * [`snapshot`]: the server side (`POST /admin/backup`);
 //! * [`restore`]: `progressdb restore`, offline;
-//! * [`pair`]: `progressdb backup check-pair`: which threads a server backup and a KMS backup
+//! * [`pair`]: `progressdb backup-check`: which threads a server backup and a KMS backup
 //!   restored together would leave unreadable.
 
 pub mod cli;

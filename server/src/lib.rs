@@ -115,6 +115,9 @@ impl Server {
                 path: cfg.store.path.clone(),
                 message: e.to_string(),
             })??;
+        // The copies a backup or restore that died left beside the store (this process holds
+        // the store now).
+        crate::backup::remove_leftovers(store.path());
         // Revoked users, read before the first request is served.
         let signature_generations = crate::auth::SignatureGenerations::new(
             store.signature_generations().await.map_err(|e| OpenError {

@@ -151,7 +151,7 @@ fn main() -> ExitCode {
             |e| fail(e, 1),
             |m| {
                 println!(
-                    "restored into {}: {} threads, {} messages",
+                    "restored into the store of {}: {} threads, {} messages",
                     config.display(),
                     m.summary.threads,
                     m.summary.messages

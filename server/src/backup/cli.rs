@@ -29,16 +29,21 @@ pub async fn backup(cfg: &Config, out: &Path) -> Result<Manifest, String> {
         let text = crate::admin_client::text(body).await;
         return Err(format!("the server refused the backup: {status} {text}"));
     }
-    let partial = out.with_extension("partial");
-    let written = async {
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let mut f = {
         use std::os::unix::fs::OpenOptionsExt as _;
-        // Owner-only, as the store it copies.
-        let mut f = std::fs::OpenOptions::new()
+        // Owner-only, as the store it copies; a file of that name that is not ours is left
+        // alone.
+        std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&partial)
-            .map_err(|e| format!("{}: {e}", partial.display()))?;
+            .map_err(|e| format!("{}: {e}", partial.display()))?
+    };
+    let written = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("the backup stopped arriving: {e}"))?;
             if let Ok(data) = frame.into_data() {
@@ -51,7 +56,9 @@ pub async fn backup(cfg: &Config, out: &Path) -> Result<Manifest, String> {
         let mut r = BufReader::new(std::fs::File::open(&partial).map_err(|e| e.to_string())?);
         let m = read_header(&mut r).map_err(|e| e.to_string())?;
         copy_data(&mut r, &mut std::io::sink(), &m).map_err(|e| e.to_string())?;
-        std::fs::rename(&partial, out).map_err(|e| format!("{}: {e}", out.display()))?;
+        // Linked, never renamed over: an `out` that appeared meanwhile is not replaced.
+        std::fs::hard_link(&partial, out).map_err(|e| format!("{}: {e}", out.display()))?;
+        std::fs::remove_file(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())

@@ -37,7 +37,14 @@ pub async fn restore(
             .create(store_dir)?;
     }
     // In use (the server runs): refused before anything is read.
-    drop(service_kit::lmdb::lock_store(store_dir, LOCK_FILE).map_err(BackupError::Store)?);
+    {
+        let _lock =
+            service_kit::lmdb::lock_store(store_dir, LOCK_FILE).map_err(BackupError::Store)?;
+        remove_leftovers(store_dir);
+    }
+    // What the store is now: it must still be that when the restore swaps it (a server that
+    // ran meanwhile may have written to it).
+    let before = identity(&store_dir.join("data.mdb"));
     if store_dir.join("data.mdb").is_file() && existing == Existing::Refuse {
         let s = summarize(store_dir).await?;
         if s.threads > 0 || s.messages > 0 {
@@ -50,7 +57,7 @@ pub async fn restore(
         }
     }
     let stage = tempfile::Builder::new()
-        .prefix(".restore-")
+        .prefix(STAGE_PREFIX)
         .tempdir_in(store_dir)?;
     let staged = stage.path().join("data.mdb");
     let manifest = {
@@ -83,13 +90,28 @@ pub async fn restore(
     }
     // Install under the store's lock: a server starting now waits for nothing and fails.
     let _lock = service_kit::lmdb::lock_store(store_dir, LOCK_FILE).map_err(BackupError::Store)?;
-    std::fs::rename(&staged, store_dir.join("data.mdb"))?;
-    // LMDB's reader table of the replaced file.
-    match std::fs::remove_file(store_dir.join("lock.mdb")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
+    if identity(&store_dir.join("data.mdb")) != before {
+        return Err(BackupError::Store(
+            "the store changed while the backup was being checked (did the server run?): nothing was restored; run the restore again".into(),
+        ));
     }
-    std::fs::File::open(store_dir)?.sync_all()?;
+    std::fs::rename(&staged, store_dir.join("data.mdb"))?;
+    // The data is in place: what follows cannot undo it, so it only warns. LMDB's reader
+    // table of the replaced file would be reset by the next open anyway.
+    if let Err(e) = std::fs::remove_file(store_dir.join("lock.mdb")) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(error = %e, "cannot remove the replaced store's lock.mdb");
+        }
+    }
+    if let Err(e) = std::fs::File::open(store_dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(error = %e, "cannot sync the store directory after the restore");
+    }
     Ok(manifest)
+}
+
+/// The identity of a file (device, inode, length, modification time), or `None` when absent.
+fn identity(path: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }

@@ -16,6 +16,8 @@ pub struct Snapshot {
 
 /// Prefix of the temporary directories backups are made in.
 const TMP_PREFIX: &str = ".backup-";
+/// Prefix of the directories restores stage their data in.
+pub(super) const STAGE_PREFIX: &str = ".restore-";
 
 impl Snapshot {
     /// The data part (an LMDB `data.mdb`).
@@ -41,7 +43,7 @@ impl Snapshot {
 
 /// Copies `store` (compacted, under one read transaction) into a temporary directory beside
 /// it and summarises the copy. One at a time (the caller serialises): directories left by an
-/// earlier backup that died are removed first.
+/// earlier backup or restore that died are removed first.
 ///
 /// # Errors
 /// [`BackupError`] when the copy, its summary or its digest fails (the temporary directory
@@ -57,6 +59,15 @@ pub async fn snapshot(store: &Store, now_nanos: u64) -> Result<Snapshot, BackupE
         .await
         .map_err(|e| BackupError::Store(format!("copying the store: {e}")))?;
     let summary = summarize(dir.path()).await?;
+    // A thread record that does not parse is left out of listings: a backup that cannot
+    // name every thread's keys is refused rather than made incomplete.
+    if summary.thread_keys.len() as u64 != summary.threads {
+        return Err(BackupError::Store(format!(
+            "{} of the store's {} thread records do not parse (see the server log); no backup was made",
+            summary.threads.saturating_sub(summary.thread_keys.len() as u64),
+            summary.threads
+        )));
+    }
     let data_for_digest = data.clone();
     let (data_bytes, data_sha256) =
         tokio::task::spawn_blocking(move || digest_file(&data_for_digest))
@@ -74,12 +85,17 @@ pub async fn snapshot(store: &Store, now_nanos: u64) -> Result<Snapshot, BackupE
     })
 }
 
-fn remove_leftovers(store_dir: &Path) {
+/// Removes the temporary directories a backup or a restore that died left in `store_dir`
+/// (each as large as the store). Call it holding the store (the server at start, a backup
+/// under its permit, a restore under the store's lock).
+pub fn remove_leftovers(store_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(store_dir) else {
         return;
     };
     for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TMP_PREFIX) || name.starts_with(STAGE_PREFIX) {
             if let Err(err) = std::fs::remove_dir_all(e.path()) {
                 tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an earlier backup's temporary directory");
             }

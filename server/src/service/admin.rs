@@ -333,12 +333,22 @@ impl MessageService {
             .clone()
             .try_lock_owned()
             .map_err(|_| ApiError::Unavailable)?;
-        let snap = crate::backup::snapshot(&self.store, crate::ids::Timestamp::now().as_nanos())
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "backup failed");
-                ApiError::Internal
-            })?;
+        // In a task of its own that owns the permit: a caller that goes away mid-copy does
+        // not stop the copy (it runs on a blocking thread), so the permit and the temporary
+        // copy are released only when the copy is done, and a second backup waits for it.
+        let store = self.store.clone();
+        let now = crate::ids::Timestamp::now().as_nanos();
+        let (made, permit) =
+            tokio::spawn(async move { (crate::backup::snapshot(&store, now).await, permit) })
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "backup task failed");
+                    ApiError::Internal
+                })?;
+        let snap = made.map_err(|e| {
+            tracing::error!(error = %e, "backup failed");
+            ApiError::Internal
+        })?;
         tracing::info!(
             threads = snap.manifest.summary.threads,
             messages = snap.manifest.summary.messages,

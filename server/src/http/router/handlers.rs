@@ -298,7 +298,9 @@ pub(super) async fn backup(State(st): State<RouterState>, AdminCaller(p): AdminC
         inner: tokio::io::AsyncReadExt::chain(std::io::Cursor::new(header), file),
         _keep: (snap.into_dir(), permit),
     };
-    let mut r = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(reader)));
+    let mut r = Response::new(Body::from_stream(
+        tokio_util::io::ReaderStream::with_capacity(reader, 1 << 20),
+    ));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
