@@ -22,14 +22,16 @@ bash scripts/ensure-deps.sh
 
 # The Python environments two end-to-end tests use (ProgressDB's published SDK; schemathesis
 # for the fuzz of the ProgressDB paths), installed from the package registry while the builds
-# below run, so the tests do not wait for them. Each test makes its own if this failed.
+# below run (at the lowest priority: in their idle moments), so the tests do not wait for
+# them. Each test makes its own if this failed.
 PREFETCH_LOG=$(mktemp)
-(
+nice -n 19 bash -c '
+  set -e
   bash scripts/sdk-venv.sh target/sdk-venv >/dev/null
   [ -x target/fuzz-venv/bin/st ] || {
     python3 -m venv target/fuzz-venv && target/fuzz-venv/bin/pip install -q --no-compile schemathesis
   }
-) >"$PREFETCH_LOG" 2>&1 &
+' >"$PREFETCH_LOG" 2>&1 &
 PREFETCH=$!
 
 export CARGO_TERM_COLOR=never
@@ -53,17 +55,13 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 # Every build below selects the whole workspace where it can: cargo unifies dependency
 # features per selection, so the binaries and the test binaries then share one build of every
 # dependency instead of two.
-log "building binaries for the end-to-end tests"
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 mkdir -p "$TARGET_DIR/e2e"
-cargo build --locked --workspace --bins
-cp "$TARGET_DIR/debug/progressdb-kms" "$TARGET_DIR/e2e/progressdb-kms"
-cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb"
 # The server with the dev-only embedded provider, built as its own test run builds it below
 # (so that run compiles nothing more).
+log "building the server with the dev-only embedded provider"
 cargo test --locked -p progressdb --features dev-embedded --no-run
 cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb-dev"
-export E2E_BIN_DIR="$TARGET_DIR/e2e"
 
 # The second PKCS#11 implementation (and its release as published, which the token-defect
 # test needs in the default run below). (Built beside the binaries it took longer in all: both
@@ -71,8 +69,13 @@ export E2E_BIN_DIR="$TARGET_DIR/e2e"
 log "building Kryoptic (the second PKCS#11 implementation)"
 bash scripts/build-kryoptic.sh
 
-log "building the test binaries"
+# The test binaries, and with them the binaries the end-to-end tests start (cargo builds a
+# package's binaries for its integration tests): no separate `cargo build` of them.
+log "building the test binaries and the binaries"
 cargo nextest run --workspace --locked --no-run
+cp "$TARGET_DIR/debug/progressdb-kms" "$TARGET_DIR/e2e/progressdb-kms"
+cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb"
+export E2E_BIN_DIR="$TARGET_DIR/e2e"
 wait "$PREFETCH" || { echo "(preparing the Python environments failed; the tests make their own)"; cat "$PREFETCH_LOG"; }
 
 RESULTS=$(mktemp)

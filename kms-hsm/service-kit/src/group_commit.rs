@@ -25,7 +25,7 @@
 //! `apply` may therefore run more than once for the same write: it must depend only on the
 //! write itself and the transaction.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use heed::{Env, RwTxn, TlsUsage};
@@ -41,17 +41,10 @@ pub enum CommitError {
     /// (`EDQUOT`) or a file-size limit (`EFBIG`). Freeing space makes writes work again.
     #[error("the file system is full: {0}")]
     NoSpace(String),
-    /// The map must grow but a long read (a backup's copy) kept the store from being
-    /// resized in time; nothing of the group was written, and a retry may pass.
-    #[error("the LMDB map could not grow while a long read holds the store")]
-    Busy,
     /// Any other LMDB failure (I/O, a full file system, ...).
     #[error("LMDB: {0}")]
     Lmdb(String),
 }
-
-/// How long a resize waits for the readers of the store to step aside.
-const RESIZE_WAIT: Duration = Duration::from_secs(2);
 
 /// One queued write.
 pub trait Write: Send {
@@ -244,20 +237,7 @@ impl<T: TlsUsage, O: Observer> GroupCommitWriter<T, O> {
         let doubled = current.saturating_mul(2).div_ceil(MIB).saturating_mul(MIB);
         let new_size = doubled.min(self.opts.max_map_size);
         {
-            // Polled, not queued: a writer queued on the lock would block every new reader
-            // behind a long one (a backup's copy holds the gate shared for minutes), which
-            // would stall the whole service. Past the wait the group fails, retryable.
-            let started = std::time::Instant::now();
-            let _exclusive = loop {
-                match self.gate.try_write() {
-                    Ok(g) => break g,
-                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                    Err(std::sync::TryLockError::WouldBlock) if started.elapsed() < RESIZE_WAIT => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => return Err(CommitError::Busy),
-                }
-            };
+            let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
             #[allow(unsafe_code)]
             // SAFETY: `mdb_env_set_mapsize` needs no transaction open in this process. This
             // thread is the only writer and has no transaction open (`try_commit` dropped or
@@ -302,10 +282,6 @@ impl Observer for MetricsObserver {
                 writes,
                 alert = "disk_full",
                 "the {store}'s file system is full: writes answer 507 until space is freed"
-            ),
-            CommitError::Busy => tracing::warn!(
-                writes,
-                "the {store}'s map must grow while a long read (a backup's copy) holds it; the writes were not stored (retryable)"
             ),
             CommitError::Lmdb(_) => tracing::error!(
                 error = %error,

@@ -70,7 +70,6 @@ impl<O: WriteOp> Write for Pending<O> {
             (Ok(()), Some(r)) => r,
             (Ok(()), None) => Err(StoreError::Lmdb("write was not applied".into())),
             (Err(CommitError::MapFull | CommitError::NoSpace(_)), _) => Err(StoreError::Full),
-            (Err(CommitError::Busy), _) => Err(StoreError::Closed),
             (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Lmdb(m)),
         };
         // The caller may have gone away (client disconnected): the write stands regardless.

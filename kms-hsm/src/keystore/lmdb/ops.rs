@@ -240,7 +240,6 @@ impl Write for Pending {
                 limit: format!("store.map_size_mb = {}", self.map_size_mb),
             }),
             (Err(CommitError::NoSpace(m)), _) => Err(StoreError::NoSpace(m)),
-            (Err(CommitError::Busy), _) => Err(StoreError::Io(CommitError::Busy.to_string())),
             (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Io(m)),
         };
         // The caller may have gone away (request cancelled); its write is durable anyway,
