@@ -3,7 +3,8 @@
 #   1. installs SoftHSM2 and OpenSC through apt when they are missing,
 #   2. cargo fmt --check and clippy (-D warnings, all targets, all features),
 #   3. builds the binaries the end-to-end tests start (both server flavours) into target/e2e/,
-#      and Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh),
+#      and Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh), while the
+#      Python environments of the ProgressDB SDK and fuzz tests install (package registry),
 #   4. runs every test with cargo-nextest (.config/nextest.toml): default features (incl. the KMS against SoftHSM and the end-to-end
 #      tests), then the server's tests again with the dev-only embedded provider,
 #   5. runs the KMS's token conformance suites again on Kryoptic
