@@ -51,6 +51,7 @@ pub mod jobs;
 pub mod lmdb;
 pub mod locked;
 pub mod metrics;
+pub mod new_file;
 pub mod process;
 pub mod rate;
 pub mod routes;

@@ -4,6 +4,8 @@
 //! backup-check`.
 
 use std::io::{BufReader, Write as _};
+
+use service_kit::new_file::{Existing, NewFile};
 use std::path::Path;
 
 use http_body_util::BodyExt as _;
@@ -11,8 +13,9 @@ use http_body_util::BodyExt as _;
 use super::*;
 use crate::config::Config;
 
-/// Writes a backup of the server running with `cfg` to `out` (a new file: `out.partial`
-/// while it arrives, checked whole, synced, then renamed). Returns its manifest.
+/// Writes a backup of the server running with `cfg` to `out`, a new file: written beside it
+/// under a temporary name ([`NewFile`]), checked whole, synced, then linked as `out` (never
+/// over an existing file). Returns its manifest.
 ///
 /// # Errors
 /// A one-line reason: the server cannot be reached or refuses, the file cannot be written,
@@ -29,48 +32,31 @@ pub async fn backup(cfg: &Config, out: &Path) -> Result<Manifest, String> {
         let text = crate::admin_client::text(body).await;
         return Err(format!("the server refused the backup: {status} {text}"));
     }
-    let mut partial = out.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
-    let mut f = {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        // Owner-only, as the store it copies; a file of that name that is not ours is left
-        // alone.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(|e| format!("{}: {e}", partial.display()))?
-    };
-    let written = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("the backup stopped arriving: {e}"))?;
-            if let Ok(data) = frame.into_data() {
-                f.write_all(&data)
-                    .map_err(|e| format!("{}: {e}", partial.display()))?;
-            }
+    let (file, mut f) = NewFile::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the backup stopped arriving: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            f.write_all(&data)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
         }
-        f.sync_all().map_err(|e| e.to_string())?;
-        // Checked whole as a restore would check it.
-        let mut r = BufReader::new(std::fs::File::open(&partial).map_err(|e| e.to_string())?);
-        let m = read_header(&mut r).map_err(|e| e.to_string())?;
-        copy_data(&mut r, &mut std::io::sink(), &m).map_err(|e| e.to_string())?;
-        // Linked, never renamed over: an `out` that appeared meanwhile is not replaced.
-        std::fs::hard_link(&partial, out).map_err(|e| format!("{}: {e}", out.display()))?;
-        std::fs::remove_file(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| e.to_string())?;
-        }
-        Ok::<Manifest, String>(m)
     }
-    .await;
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    written
+    // Checked whole as a restore would check it, before it takes the name.
+    let m = check_whole(&mut f).map_err(|e| e.to_string())?;
+    file.commit(f, Existing::Keep)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(m)
+}
+
+/// Reads back the file being written and checks it as a restore does.
+fn check_whole(f: &mut std::fs::File) -> Result<Manifest, BackupError> {
+    use std::io::Seek as _;
+    f.sync_all()?;
+    let mut copy = f.try_clone()?;
+    copy.seek(std::io::SeekFrom::Start(0))?;
+    let mut r = BufReader::new(copy);
+    let m = read_header(&mut r)?;
+    copy_data(&mut r, &mut std::io::sink(), &m)?;
+    Ok(m)
 }
 
 /// `progressdb backup-check`: the pairing of the server backup at `backup` with the KMS

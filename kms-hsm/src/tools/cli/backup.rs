@@ -9,7 +9,6 @@ use crate::config::Config;
 /// an HSM-HMAC-protected file, written 0600 and atomically (a temp file, then renamed).
 pub async fn backup(cfg: &Config, out_path: &std::path::Path) -> Result<(), CliError> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let c = admin_client(cfg)?;
     let (status, body) = c
         .raw(http::Method::GET, "/admin/backup", Vec::new())
@@ -22,30 +21,13 @@ pub async fn backup(cfg: &Config, out_path: &std::path::Path) -> Result<(), CliE
         .ok()
         .and_then(|v| v["records"].as_array().map(Vec::len))
         .unwrap_or(0);
-    let dir = match out_path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        out_path
-            .file_name()
-            .map_or_else(|| "backup".into(), |n| n.to_string_lossy().into_owned()),
-        std::process::id()
-    ));
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        use service_kit::new_file::{Existing, NewFile};
+        let (file, mut f) = NewFile::create(out_path)?;
         f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, out_path)?;
-        std::fs::File::open(&dir)?.sync_all()
+        file.commit(f, Existing::Replace)
     };
     if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
         return Err(CliError::Refused(format!(
             "cannot write {}: {e}",
             out_path.display()
