@@ -3,7 +3,7 @@
 //!
 //! * every served path is documented and every documented path is served: the routers are
 //!   built from route tables (`progressdb_kms::http::client_routes`, `admin_routes`,
-//!   `large_body_routes`, `progressdb::http::router::routes`), and the documented paths must
+//!   `large_body_routes`, `progressdb::http::v1::routes`), and the documented paths must
 //!   be exactly the tables' paths;
 //! * every path serves exactly its documented methods: each method is sent to each path on
 //!   its documented endpoint, and only the documented ones get something other than 405;
@@ -715,7 +715,7 @@ fn server_reference_matches_the_live_routes() {
     let t = Target::Tcp(port);
 
     // Paths: the route table and the document are the same set.
-    let code: BTreeSet<String> = progressdb::http::router::paths()
+    let code: BTreeSet<String> = progressdb::http::v1::paths()
         .into_iter()
         .map(str::to_owned)
         .collect();

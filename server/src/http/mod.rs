@@ -16,9 +16,13 @@
 //!   `http.shutdown_grace_secs` for that. The connection itself, the accept back-off and the
 //!   shutdown are the KMS's too ([`service_kit::serve`]).
 
+mod answer;
+mod app;
 pub mod cors;
 pub mod progressdb;
-pub mod router;
+mod request;
+mod state;
+pub mod v1;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,7 +34,8 @@ use tokio::net::TcpListener;
 
 use crate::config::MetricsAccess;
 use crate::service::MessageService;
-pub use router::{error_response, service, HttpService};
+pub use answer::error_response;
+pub use app::{service, HttpService};
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
@@ -58,7 +63,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on {addr}");
-    let handler = router::service(service.clone(), opts.clone());
+    let handler = app::service(service.clone(), opts.clone());
     let gate = service.gate().clone();
     let graceful = serve::GracefulShutdown::new();
     let timeouts = serve::ConnTimeouts {

@@ -30,7 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use serde::Serialize;
 
-use super::router::{error_answer, RouterState};
+use super::answer::error_answer;
+use super::state::RouterState;
 use crate::error::ApiError;
 use handlers::*;
 

@@ -15,10 +15,10 @@ use axum::http::request::Parts;
 use kms_api::ThreadId;
 use serde::Deserialize;
 
-use super::super::router::RouterState;
 use super::PdbError;
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
+use crate::http::state::RouterState;
 use crate::ids::{MessageId, UserId};
 
 /// A caller of the frontend paths, acting for exactly one user.

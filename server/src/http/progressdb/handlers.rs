@@ -10,12 +10,14 @@ use axum::response::Response;
 use kms_api::ThreadId;
 use serde::Deserialize;
 
-use super::super::router::{json_response, JsonBody, RouterState};
 use super::caller::{AdminCaller, BackendCaller, MessageKey, ThreadKey, UserCaller};
 use super::views::{self, MessageEnvelope, Pagination, ThreadEnvelope, ThreadList};
 use super::PdbError;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::http::answer::json_response;
+use crate::http::request::JsonBody;
+use crate::http::state::RouterState;
 use crate::ids::{MessageId, UserId};
 use crate::service::ThreadMatch;
 use crate::store::{Tombstones, Window};
@@ -80,7 +82,7 @@ impl ListQuery {
     }
 
     fn limit(&self) -> Result<Option<usize>, ApiError> {
-        crate::http::router::parse_limit(self.limit.as_deref())
+        crate::http::request::parse_limit(self.limit.as_deref())
     }
 
     fn cursor(&self) -> Result<Cursor<'_>, ApiError> {
