@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every check and every test of the workspace, on a fresh machine too:
 #   1. installs SoftHSM2 and OpenSC through apt when they are missing,
-#   2. cargo fmt --check and clippy (-D warnings, all targets, all features),
-#   3. builds the binaries the end-to-end tests start (both server flavours) into target/e2e/,
+#   2. cargo fmt --check,
+#   3. builds, with clippy's lints (-D warnings, all targets, all features), the binaries the
+#      end-to-end tests start (both server flavours) into target/e2e/,
 #      and Kryoptic, a second PKCS#11 implementation (scripts/build-kryoptic.sh), while the
 #      Python environments of the ProgressDB SDK and fuzz tests install (package registry),
-#   4. runs every test with cargo-nextest (.config/nextest.toml): default features (incl. the KMS against SoftHSM and the end-to-end
-#      tests), then the server's tests again with the dev-only embedded provider,
+#   4. runs every test with cargo-nextest (.config/nextest.toml): default features (incl. the
+#      KMS against SoftHSM and the end-to-end tests), then the server's tests again with the
+#      dev-only embedded provider,
 #   5. runs the KMS's token conformance suites again on Kryoptic
 #      (PROGRESSDB_TEST_TOKEN=kryoptic),
 #   6. runs the conformance suites once more on each token with the KMS in
@@ -50,8 +52,17 @@ export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-fuse-ld=mold"
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy (all targets, all features, -D warnings)"
-cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+# Clippy runs inside the builds below instead of in a `cargo clippy` of its own, which would
+# check every dependency a second time: clippy-driver is rustc plus clippy's lints, and as
+# cargo's workspace wrapper it compiles (and lints) the workspace's crates, the dependencies
+# being compiled by plain rustc. The two builds together are `--all-targets --all-features`
+# (the workspace has no benches or examples; its one optional feature is the server's
+# dev-embedded, built on its own below), and -D warnings makes any lint fail the build.
+# Every cargo command below runs with the same settings, so none rebuilds anything.
+RUSTC_WORKSPACE_WRAPPER=$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
+export RUSTC_WORKSPACE_WRAPPER
+PLAIN_RUSTFLAGS=$RUSTFLAGS
+export RUSTFLAGS="$RUSTFLAGS -D warnings"
 
 # Every build below selects the whole workspace where it can: cargo unifies dependency
 # features per selection, so the binaries and the test binaries then share one build of every
@@ -68,7 +79,8 @@ cp "$TARGET_DIR/debug/progressdb" "$TARGET_DIR/e2e/progressdb-dev"
 # test needs in the default run below). (Built beside the binaries it took longer in all: both
 # builds fill the two cores.)
 log "building Kryoptic (the second PKCS#11 implementation)"
-bash scripts/build-kryoptic.sh
+# (Kryoptic is not ours to lint: plain rustc, our warnings settings left out.)
+env -u RUSTC_WORKSPACE_WRAPPER RUSTFLAGS="$PLAIN_RUSTFLAGS" bash scripts/build-kryoptic.sh
 
 # The test binaries, and with them the binaries the end-to-end tests start (cargo builds a
 # package's binaries for its integration tests): no separate `cargo build` of them.
@@ -83,7 +95,18 @@ RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 # cargo-nextest (.config/nextest.toml): one queue of tests across all test binaries, each test
 # in a process of its own, no retries. Its closing "Summary" line of each pass is counted below.
-nt() { cargo nextest run --locked --no-fail-fast "$@" 2>&1 | tee -a "$RESULTS"; }
+# After each pass, its five slowest tests (nextest's JUnit report, .config/nextest.toml).
+nt() {
+  local rc=0
+  cargo nextest run --locked --no-fail-fast "$@" 2>&1 | tee -a "$RESULTS" || rc=$?
+  python3 - "$TARGET_DIR/nextest/default/junit.xml" <<'PY' || true
+import sys, xml.etree.ElementTree as ET
+cases = sorted(((float(c.get("time", 0)), c.get("classname"), c.get("name"))
+                for c in ET.parse(sys.argv[1]).iter("testcase")), reverse=True)
+print("     slowest: " + "; ".join(f"{n} ({t:.1f} s)" for t, _, n in cases[:5]))
+PY
+  return $rc
+}
 
 log "tests: the whole workspace (default features)"
 nt --workspace
