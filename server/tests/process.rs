@@ -92,8 +92,15 @@ async fn sigkill_under_write_load_loses_no_acknowledged_message() {
             stop.clone(),
         )));
     }
-    // Let the load build up, then kill -9 in the middle of it.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Once the load has built up (200 posts acknowledged), kill -9 in the middle of it.
+    let started = std::time::Instant::now();
+    while acked.lock().unwrap().len() < 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fewer than 200 posts acknowledged in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     p.child.kill().unwrap();
     let _ = p.child.wait();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -138,17 +145,32 @@ async fn sigterm_finishes_the_in_flight_request_then_exits_0() {
     let u = Caller::backend_as("u");
     let t = c.create_thread(&u, "graceful").await;
 
-    // Start a request and send only half of its body.
+    // Start a request and send only half of its body, once the handler reads it (the event:
+    // the server's `100 Continue`, sent when the body is first read).
     let body = serde_json::to_vec(&json!({"body": "sent across a shutdown"})).unwrap();
     let head = format!(
-        "POST /v1/threads/{t}/messages HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nx-user-id: u\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "POST /v1/threads/{t}/messages HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nx-user-id: u\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
         common::BACKEND,
         body.len()
     );
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("no 100 Continue within 5 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed before 100 Continue: {interim:?}");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
     s.write_all(&body[..10]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
     p.signal(libc::SIGTERM);
     // New connections are refused (once the listener is closed: the event, at most 5 s)
     // while the in-flight request is still served.

@@ -233,10 +233,11 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
     // CAP TCP connections that never start their handshake hold every slot; one more is
     // closed at once, before any TLS handshake is spent on it (a TLS client could not read
     // an HTTP answer).
+    // (The KMS admits connections in its accept loop, in the order the kernel queued them:
+    // these CAP, connected one after the other, come before the extra one.)
     let mut silent: Vec<TcpStream> = (0..CAP)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
     let mut extra = TcpStream::connect(("127.0.0.1", port)).unwrap();
     extra
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -265,18 +266,27 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
         .unwrap()
         .replace("KEY", key.as_str());
     let req = Arc::new(http_request("POST", "/encrypt", "", body.as_bytes()));
+    // Each says when its handshake is done (the KMS has admitted it); one refused because a
+    // probe's connection above still held its slot for a moment tries again.
+    let (admitted, mut handshakes) = tokio::sync::mpsc::unbounded_channel();
     let mut held = Vec::new();
     for _ in 0..CAP {
-        let (tls, req) = (Arc::clone(&tls), Arc::clone(&req));
+        let (tls, req, admitted) = (Arc::clone(&tls), Arc::clone(&req), admitted.clone());
         held.push(rt.spawn(async move {
             use tokio::io::AsyncWriteExt as _;
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            small_receive_buffer(&tcp);
-            let connector = tokio_rustls::TlsConnector::from(tls);
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let mut s = connector.connect(name, tcp).await.unwrap();
+            let mut s = loop {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                small_receive_buffer(&tcp);
+                let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls));
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                match connector.connect(name, tcp).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            admitted.send(()).unwrap();
             // Pipelined: eight large answers (~7 MB) queue behind each other, unread. The
             // writes stop when the KMS stops reading; the stream is held until aborted.
             for _ in 0..8 {
@@ -288,7 +298,11 @@ fn the_kms_over_mtls_cuts_unfinished_handshakes_floods_and_clients_that_never_re
             drop(s);
         }));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    rt.block_on(async {
+        for _ in 0..CAP {
+            handshakes.recv().await.unwrap();
+        }
+    });
     let refused = rt.block_on(fresh().ready());
     assert!(
         refused.is_err(),
@@ -366,7 +380,8 @@ fn the_server_cuts_clients_that_never_read_or_sit_idle() {
         }
         held.push(c);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The server admits connections in its accept loop, in the order the kernel queued them:
+    // these CAP come before the probe's below, whose answer is therefore 503.
     // (status, body) of `/healthz`; status 0 when there was no answer.
     let probe = || -> (u16, String) {
         match ureq::get(&format!("{}/healthz", server.base))
