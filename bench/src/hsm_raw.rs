@@ -28,7 +28,7 @@ const IV_LEN: usize = 12;
 const DEK_LEN: usize = 32;
 
 /// One PKCS#11 context on one token, with its KEK.
-pub struct RawHsm {
+pub(crate) struct RawHsm {
     pkcs11: Pkcs11,
     slot: Slot,
     pin: SecretString,
@@ -39,7 +39,7 @@ pub struct RawHsm {
 
 /// A wrapped DEK in the KMS's layout: IV then ciphertext and tag (no format header: the raw
 /// loops do not parse one).
-pub struct RawWrapped {
+pub(crate) struct RawWrapped {
     pub key_id: KeyId,
     pub iv: [u8; IV_LEN],
     pub ct: Vec<u8>,
@@ -48,7 +48,12 @@ pub struct RawWrapped {
 impl RawHsm {
     /// Opens the token labelled `token_label` (created by `testkit::token::Token`, whose
     /// KEK `kek_label` version 1 must exist: `init-kek` makes it).
-    pub fn open(module: &str, token_label: &str, pin: &str, kek_label: &str) -> Result<Self> {
+    pub(crate) fn open(
+        module: &str,
+        token_label: &str,
+        pin: &str,
+        kek_label: &str,
+    ) -> Result<Self> {
         let pkcs11 = Pkcs11::new(module).context("loading the PKCS#11 module")?;
         match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
@@ -74,7 +79,7 @@ impl RawHsm {
     }
 
     /// Opens `n` sessions (logged in once: the login is per token and process).
-    pub fn open_sessions(&self, n: usize) -> Result<()> {
+    pub(crate) fn open_sessions(&self, n: usize) -> Result<()> {
         let template = [
             Attribute::Token(true),
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -106,13 +111,13 @@ impl RawHsm {
         Ok(())
     }
 
-    pub fn kek(&self) -> &KekRef {
+    pub(crate) fn kek(&self) -> &KekRef {
         &self.kek
     }
 
     /// Takes the opened sessions out, one per benchmark thread (each thread locks only its
     /// own, so the mutexes are never contended; they make the sessions shareable).
-    pub fn take_sessions(&self) -> Vec<Mutex<(Session, ObjectHandle)>> {
+    pub(crate) fn take_sessions(&self) -> Vec<Mutex<(Session, ObjectHandle)>> {
         std::mem::take(
             &mut *self
                 .spare
@@ -131,7 +136,7 @@ fn tag_bits() -> Ulong {
 
 /// A new DEK from the HSM's RNG, wrapped under `kek` (what `create_dek_for_thread` asks of
 /// the HSM).
-pub fn generate_wrap(
+pub(crate) fn generate_wrap(
     s: &Session,
     kek_handle: ObjectHandle,
     kek: &KekRef,
@@ -143,7 +148,7 @@ pub fn generate_wrap(
 }
 
 /// `dek` wrapped under `kek` with a fresh IV from the HSM.
-pub fn wrap(
+pub(crate) fn wrap(
     s: &Session,
     kek_handle: ObjectHandle,
     kek: &KekRef,
@@ -160,7 +165,7 @@ pub fn wrap(
 }
 
 /// The DEK of `w` (what a cache-miss `/decrypt` asks of the HSM).
-pub fn unwrap(
+pub(crate) fn unwrap(
     s: &Session,
     kek_handle: ObjectHandle,
     kek: &KekRef,

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 /// How long and how many: a measurement stops at whichever limit comes first.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_ops: usize,
     pub budget: Duration,
     pub warmup: usize,
@@ -18,7 +18,7 @@ pub struct Limits {
 
 impl Limits {
     /// The share of these limits for one of `n` interleaved rounds.
-    pub fn per_round(self, n: usize) -> Limits {
+    pub(crate) fn per_round(self, n: usize) -> Limits {
         let n = n.max(1);
         Limits {
             max_ops: (self.max_ops / n).max(1),
@@ -30,7 +30,7 @@ impl Limits {
 
 /// One measured workload.
 #[derive(Clone, Debug)]
-pub struct Row {
+pub(crate) struct Row {
     pub conc: usize,
     pub calls: usize,
     pub items: usize,
@@ -43,21 +43,21 @@ pub struct Row {
 
 impl Row {
     /// Items (DEKs, messages, pages) per second.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.items as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    pub fn p50(&self) -> Duration {
+    pub(crate) fn p50(&self) -> Duration {
         percentile(&self.lat, 50)
     }
 
-    pub fn p99(&self) -> Duration {
+    pub(crate) fn p99(&self) -> Duration {
         percentile(&self.lat, 99)
     }
 
     /// One row from several rounds of the same workload: calls, items, time and CPU add up;
     /// the peak memory is the highest.
-    pub fn merge(rounds: Vec<Row>) -> Result<Row> {
+    pub(crate) fn merge(rounds: Vec<Row>) -> Result<Row> {
         let mut it = rounds.into_iter();
         let mut acc = it.next().ok_or_else(|| anyhow!("no rounds"))?;
         for r in it {
@@ -80,7 +80,7 @@ impl Row {
     }
 
     /// A row for one long operation (a job) that moved `items` in `elapsed`.
-    pub fn single(items: usize, elapsed: Duration) -> Row {
+    pub(crate) fn single(items: usize, elapsed: Duration) -> Row {
         Row {
             conc: 1,
             calls: 1,
@@ -92,7 +92,7 @@ impl Row {
     }
 
     /// The load generator's CPU seconds per call, when it was watched.
-    pub fn client_cpu_per_call(&self) -> Option<f64> {
+    pub(crate) fn client_cpu_per_call(&self) -> Option<f64> {
         let c = self.usage.iter().find(|u| u.name == CLIENT)?;
         (self.calls > 0).then(|| c.cpu_s / self.calls as f64)
     }
@@ -132,11 +132,11 @@ fn finish_row(
 
 /// The name under which the benchmark process itself (the load generator, and the in-process
 /// limit loops) is reported.
-pub const CLIENT: &str = "bench (client)";
+pub(crate) const CLIENT: &str = "bench (client)";
 
 /// What one process spent on one measurement.
 #[derive(Clone, Debug)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub name: String,
     pub cpu_s: f64,
     /// Peak resident set (`VmHWM`) during the measurement, KiB; 0 when unreadable.
@@ -145,7 +145,7 @@ pub struct Usage {
 
 /// Watches processes over one measurement: their peak RSS is reset at the start (writing `5`
 /// to `/proc/PID/clear_refs`), their CPU time read at both ends.
-pub struct Probe {
+pub(crate) struct Probe {
     procs: Vec<(String, u32, f64)>,
 }
 
@@ -169,7 +169,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A `kB` field of `/proc/PID/status`.
-pub fn status_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -183,7 +183,7 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
 
 impl Probe {
     /// Starts watching `procs` (name, pid) and this process.
-    pub fn start(procs: &[(String, u32)]) -> Probe {
+    pub(crate) fn start(procs: &[(String, u32)]) -> Probe {
         let mut all = vec![(CLIENT.to_owned(), std::process::id())];
         all.extend(procs.iter().cloned());
         Probe {
@@ -200,7 +200,7 @@ impl Probe {
     }
 
     /// What each watched process spent since [`Probe::start`].
-    pub fn finish(self) -> Vec<Usage> {
+    pub(crate) fn finish(self) -> Vec<Usage> {
         self.procs
             .into_iter()
             .map(|(name, pid, cpu)| Usage {
@@ -217,7 +217,7 @@ impl Probe {
 
 /// Runs `f(worker, op)` from `conc` tasks until `lim.max_ops` calls were started or the time
 /// budget is spent. The first error stops the measurement.
-pub async fn run_async<F, Fut>(
+pub(crate) async fn run_async<F, Fut>(
     name: &str,
     conc: usize,
     lim: Limits,
@@ -266,7 +266,7 @@ where
 }
 
 /// [`run_async`] for blocking closures on `conc` OS threads.
-pub fn run_threads<F>(
+pub(crate) fn run_threads<F>(
     name: &str,
     conc: usize,
     lim: Limits,

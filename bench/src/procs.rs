@@ -15,11 +15,11 @@ use progressdb_e2e::{
 use serde_json::Value;
 
 /// The pid of a running child.
-pub fn pid(proc: &Proc) -> u32 {
+pub(crate) fn pid(proc: &Proc) -> u32 {
     proc.child.as_ref().map_or(0, std::process::Child::id)
 }
 
-pub fn harness<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+pub(crate) fn harness<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
         let msg = p
             .downcast_ref::<String>()
@@ -32,7 +32,7 @@ pub fn harness<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
 
 /// Where the binaries under test are: `E2E_BIN_DIR`, this executable's directory, or
 /// `<target>/e2e`. Exported as `E2E_BIN_DIR` so the harness finds them too.
-pub fn resolve_bin_dir() -> PathBuf {
+pub(crate) fn resolve_bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("E2E_BIN_DIR") {
         return PathBuf::from(d);
     }
@@ -49,7 +49,7 @@ pub fn resolve_bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/e2e"))
 }
 
-pub fn need_bins(dir: &Path, names: &[&str]) -> Result<()> {
+pub(crate) fn need_bins(dir: &Path, names: &[&str]) -> Result<()> {
     for n in names {
         if !dir.join(n).is_file() {
             bail!(
@@ -67,13 +67,13 @@ fn child_log() -> String {
     std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into())
 }
 
-pub fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-pub fn exited(proc: &mut Proc) -> Option<String> {
+pub(crate) fn exited(proc: &mut Proc) -> Option<String> {
     let child = proc.child.as_mut()?;
     match child.try_wait() {
         Ok(Some(st)) => Some(format!(
@@ -87,7 +87,7 @@ pub fn exited(proc: &mut Proc) -> Option<String> {
 
 /// A running `progressdb-kms` on its own SoftHSM token, with a client for its socket and one
 /// for its admin socket.
-pub struct KmsRun {
+pub(crate) struct KmsRun {
     pub proc: Proc,
     pub endpoint: String,
     pub client: KmsClient,
@@ -98,7 +98,7 @@ pub struct KmsRun {
 
 /// A KMS set up under its root and not started: token, KEK, config and an empty store at
 /// `<root>/kms/store`.
-pub struct KmsPrepared {
+pub(crate) struct KmsPrepared {
     pub hsm: Token,
     pub config: PathBuf,
     pub endpoint: String,
@@ -106,7 +106,7 @@ pub struct KmsPrepared {
 }
 
 impl KmsPrepared {
-    pub fn store_dir(&self) -> PathBuf {
+    pub(crate) fn store_dir(&self) -> PathBuf {
         self.root.join("kms/store")
     }
 }
@@ -132,19 +132,19 @@ fn prepare(bins: &Path, root: &Path, residency: Residency) -> Result<KmsPrepared
 }
 
 /// Makes a token, a KEK and a config under `root`.
-pub fn prepare_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
+pub(crate) fn prepare_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
     prepare(bins, root, Residency::Memory)
 }
 
 /// [`prepare_kms`] for a KMS in `hsm.dek_residency = "hsm"`: the config says so before
 /// `init-kek`, which then makes a wrap-class KEK.
-pub fn prepare_resident_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
+pub(crate) fn prepare_resident_kms(bins: &Path, root: &Path) -> Result<KmsPrepared> {
     prepare(bins, root, Residency::Hsm)
 }
 
 /// Two KMS replicas under `root` on one new SoftHSM token and one database of `pg`, started
 /// and ready, and a client spread over both.
-pub async fn start_replicas(
+pub(crate) async fn start_replicas(
     bins: &Path,
     root: &Path,
     pg: &testkit::pg::PgCluster,
@@ -182,13 +182,13 @@ pub async fn start_replicas(
 }
 
 /// [`prepare_kms`] then [`spawn_kms`].
-pub async fn start_kms(bins: &Path, root: &Path, env: &[(&str, &str)]) -> Result<KmsRun> {
+pub(crate) async fn start_kms(bins: &Path, root: &Path, env: &[(&str, &str)]) -> Result<KmsRun> {
     spawn_kms(bins, prepare_kms(bins, root)?, env).await
 }
 
 /// Starts a prepared KMS with `env` added to its environment (`PROGRESSDB_KMS__…`
 /// overrides), and waits until it is ready.
-pub async fn spawn_kms(bins: &Path, p: KmsPrepared, env: &[(&str, &str)]) -> Result<KmsRun> {
+pub(crate) async fn spawn_kms(bins: &Path, p: KmsPrepared, env: &[(&str, &str)]) -> Result<KmsRun> {
     let KmsPrepared {
         hsm,
         config,
@@ -239,7 +239,7 @@ pub async fn spawn_kms(bins: &Path, p: KmsPrepared, env: &[(&str, &str)]) -> Res
 }
 
 /// Counter value `name` from a Prometheus/OpenMetrics text (sum over label sets).
-pub fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
@@ -255,13 +255,18 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// A running `progressdb` with the external KMS, and an HTTP agent with a connection pool.
-pub struct ServerRun {
+pub(crate) struct ServerRun {
     pub server: Server,
     pub agent: ureq::Agent,
 }
 
 impl ServerRun {
-    pub fn start(bins: &Path, root: &Path, kms_endpoint: &str, encryption: bool) -> Result<Self> {
+    pub(crate) fn start(
+        bins: &Path,
+        root: &Path,
+        kms_endpoint: &str,
+        encryption: bool,
+    ) -> Result<Self> {
         let provider = Provider::External {
             endpoint: kms_endpoint.to_owned(),
             tls: None,
@@ -270,7 +275,7 @@ impl ServerRun {
     }
 
     /// A server on `provider` (e.g. several KMS replicas).
-    pub fn start_on(
+    pub(crate) fn start_on(
         bins: &Path,
         root: &Path,
         provider: &Provider,
@@ -326,7 +331,7 @@ impl ServerRun {
     }
 
     /// One request as `api`; fails unless the status is `want`.
-    pub fn call(
+    pub(crate) fn call(
         &self,
         api: &Api,
         method: &str,
@@ -343,14 +348,14 @@ impl ServerRun {
         Ok(serde_json::from_str(&text)?)
     }
 
-    pub fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         harness("stopping progressdb", || self.server.proc.sigterm()).map(drop)
     }
 }
 
 impl KmsRun {
     /// Stops the KMS (SIGTERM) and waits for it.
-    pub fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         harness("stopping progressdb-kms", || self.proc.sigterm()).map(drop)
     }
 }
@@ -361,14 +366,14 @@ impl KmsRun {
 /// A running `progressdb-bench serve-canned`: the same hyper version, runtime and Unix-socket
 /// HTTP/1.1 set-up as the KMS, answering every request with one fixed body after reading the
 /// request's body, and doing nothing else.
-pub struct CannedRun {
+pub(crate) struct CannedRun {
     pub proc: Proc,
     pub endpoint: String,
 }
 
 impl CannedRun {
     /// Starts this executable as a canned server on `root/canned.sock` answering `body`.
-    pub async fn start(root: &Path, body: &[u8]) -> Result<Self> {
+    pub(crate) async fn start(root: &Path, body: &[u8]) -> Result<Self> {
         std::fs::create_dir_all(root)?;
         let sock = root.join("canned.sock");
         let file = root.join("canned.json");
@@ -392,13 +397,13 @@ impl CannedRun {
         Ok(Self { proc, endpoint })
     }
 
-    pub fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         harness("stopping the canned server", || self.proc.sigterm()).map(drop)
     }
 }
 
 /// `progressdb-bench serve-canned SOCKET BODY_FILE`: serves until SIGTERM.
-pub fn serve_canned(sock: &Path, body_file: &Path) -> Result<()> {
+pub(crate) fn serve_canned(sock: &Path, body_file: &Path) -> Result<()> {
     use http_body_util::{BodyExt as _, Full};
     use hyper::server::conn::http1;
     use hyper::service::service_fn;

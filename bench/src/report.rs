@@ -9,7 +9,7 @@ use crate::scenarios::{Memory, Outcome};
 
 /// Where and when a run happened.
 #[derive(Debug)]
-pub struct Meta {
+pub(crate) struct Meta {
     pub date: String,
     pub commit: String,
     pub cpu_model: String,
@@ -25,7 +25,7 @@ pub struct Meta {
 }
 
 /// The line above which `docs/benchmarks.md` is written by hand and kept across runs.
-pub const MARKER: &str = "<!-- scripts/bench.sh writes everything below this line -->";
+pub(crate) const MARKER: &str = "<!-- scripts/bench.sh writes everything below this line -->";
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -83,7 +83,7 @@ fn memory_json(m: &Memory) -> Value {
     })
 }
 
-pub fn json(meta: &Meta, outcomes: &[Outcome], failures: &[String]) -> Value {
+pub(crate) fn json(meta: &Meta, outcomes: &[Outcome], failures: &[String]) -> Value {
     json!({
         "date": meta.date,
         "commit": meta.commit,
@@ -137,7 +137,7 @@ fn usage_cells(row: &Row, cores: usize) -> String {
             .unwrap_or_default()
 }
 
-pub fn markdown(meta: &Meta, outcomes: &[Outcome], failures: &[String]) -> String {
+pub(crate) fn markdown(meta: &Meta, outcomes: &[Outcome], failures: &[String]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -28,35 +28,35 @@ mod memory;
 mod replicas;
 mod residency;
 mod server;
-pub use kms::*;
-pub use lifecycle::*;
-pub use memory::*;
-pub use replicas::*;
-pub use residency::*;
-pub use server::*;
+pub(crate) use kms::*;
+pub(crate) use lifecycle::*;
+pub(crate) use memory::*;
+pub(crate) use replicas::*;
+pub(crate) use residency::*;
+pub(crate) use server::*;
 
 /// Plaintext size of every message-sized payload.
-pub const MESSAGE_BYTES: usize = 1024;
+pub(crate) const MESSAGE_BYTES: usize = 1024;
 /// Items of the `/encrypt_batch` scenario.
-pub const BATCH_ITEMS: usize = 100;
+pub(crate) const BATCH_ITEMS: usize = 100;
 /// Messages per page read.
-pub const PAGE: usize = 100;
+pub(crate) const PAGE: usize = 100;
 /// The KMS's default `hsm.sessions`: its HSM worker threads, so the threads of the raw loops.
-pub const KMS_HSM_SESSIONS: usize = 4;
+pub(crate) const KMS_HSM_SESSIONS: usize = 4;
 /// The KMS's default `lifecycle.rewrap_concurrency`.
-pub const KMS_REWRAP_CONCURRENCY: usize = 2;
+pub(crate) const KMS_REWRAP_CONCURRENCY: usize = 2;
 /// The server's DEK-rotation job batch (`server/src/jobs.rs`).
-pub const SERVER_ROTATION_BATCH: usize = 64;
+pub(crate) const SERVER_ROTATION_BATCH: usize = 64;
 
 /// Full run or smoke run.
 #[derive(Clone, Copy, Debug)]
-pub struct Profile {
+pub(crate) struct Profile {
     pub quick: bool,
 }
 
 /// Sizes of the scenarios that build up data first.
 #[derive(Clone, Copy, Debug)]
-pub struct Scale {
+pub(crate) struct Scale {
     pub rewrap_deks: usize,
     pub rotation_messages: usize,
     pub kms_keys: usize,
@@ -65,7 +65,7 @@ pub struct Scale {
 
 impl Profile {
     /// Interleaved rounds of each system/limit pair, so drift and background load hit both.
-    pub fn rounds(self) -> usize {
+    pub(crate) fn rounds(self) -> usize {
         if self.quick {
             1
         } else {
@@ -74,7 +74,7 @@ impl Profile {
     }
 
     /// Limits for a workload whose full run may do up to `full_ops` calls.
-    pub fn limits(self, full_ops: usize) -> Limits {
+    pub(crate) fn limits(self, full_ops: usize) -> Limits {
         if self.quick {
             Limits {
                 max_ops: (full_ops / 100).clamp(16, 200),
@@ -90,7 +90,7 @@ impl Profile {
         }
     }
 
-    pub fn scale(self) -> Scale {
+    pub(crate) fn scale(self) -> Scale {
         if self.quick {
             Scale {
                 rewrap_deks: 200,
@@ -111,7 +111,7 @@ impl Profile {
 
 /// One memory figure: a process holding `records` records, after a workload over them.
 #[derive(Clone, Debug)]
-pub struct Memory {
+pub(crate) struct Memory {
     pub process: String,
     pub records: usize,
     pub peak_rss_kib: u64,
@@ -121,7 +121,7 @@ pub struct Memory {
 
 /// A scenario's result: the system's row and the limits measured in the same run.
 #[derive(Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub id: String,
     pub title: String,
     /// What `rate` counts per second.
@@ -153,29 +153,29 @@ impl Outcome {
     }
 
     /// Whether this is a rate (not only memory figures).
-    pub fn has_rate(&self) -> bool {
+    pub(crate) fn has_rate(&self) -> bool {
         !self.unit.is_empty()
     }
 
     /// The limit the ratio is taken against: the slowest one.
-    pub fn limit(&self) -> Option<&(String, Row)> {
+    pub(crate) fn limit(&self) -> Option<&(String, Row)> {
         self.limits
             .iter()
             .min_by(|a, b| a.1.rate().total_cmp(&b.1.rate()))
     }
 
-    pub fn ratio(&self) -> Option<f64> {
+    pub(crate) fn ratio(&self) -> Option<f64> {
         self.limit()
             .map(|(_, l)| self.system.rate() / l.rate().max(1e-9))
     }
 
-    pub fn met(&self) -> Option<bool> {
+    pub(crate) fn met(&self) -> Option<bool> {
         Some(self.ratio()? >= self.target?)
     }
 }
 
 /// Everything the scenarios share.
-pub struct Env {
+pub(crate) struct Env {
     pub p: Profile,
     pub raw: Arc<RawHsm>,
     pub raw_sessions:
@@ -214,7 +214,7 @@ fn smallest_largest(num: &[Row], den: &[Row]) -> Option<(f64, f64)> {
     ))
 }
 
-pub fn random_bytes(n: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
     rand::thread_rng().fill_bytes(&mut b);
     b

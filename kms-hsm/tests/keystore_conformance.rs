@@ -99,7 +99,7 @@ async fn append(
 mod cases {
     use super::*;
 
-    pub async fn put_get_and_refuse_a_second_put(s: Arc<AnyStore>) {
+    pub(crate) async fn put_get_and_refuse_a_second_put(s: Arc<AnyStore>) {
         let r = record(1, "t1");
         assert!(s.get(&r.key_id).await.unwrap().is_none());
         s.put_new(r.clone()).await.unwrap();
@@ -115,7 +115,7 @@ mod cases {
         s.check().await.unwrap();
     }
 
-    pub async fn compare_and_swap_only_on_the_expected_record(s: Arc<AnyStore>) {
+    pub(crate) async fn compare_and_swap_only_on_the_expected_record(s: Arc<AnyStore>) {
         let r = record(2, "t2");
         s.put_new(r.clone()).await.unwrap();
         let mut v2 = r.clone();
@@ -145,7 +145,7 @@ mod cases {
         ));
     }
 
-    pub async fn list_pages_in_key_order(s: Arc<AnyStore>) {
+    pub(crate) async fn list_pages_in_key_order(s: Arc<AnyStore>) {
         let mut ids = Vec::new();
         for n in (10..60).rev() {
             let r = record(n, &format!("t{n}"));
@@ -168,7 +168,7 @@ mod cases {
         assert_eq!(s.key_count().await.unwrap(), 50);
     }
 
-    pub async fn destroy_is_idempotent_and_drops_the_wrapped_dek(s: Arc<AnyStore>) {
+    pub(crate) async fn destroy_is_idempotent_and_drops_the_wrapped_dek(s: Arc<AnyStore>) {
         let r = record(4, "t4");
         s.put_new(r.clone()).await.unwrap();
         assert_eq!(
@@ -196,7 +196,7 @@ mod cases {
         assert!(s.get(&r.key_id).await.unwrap().unwrap().wrapped().is_none());
     }
 
-    pub async fn a_rewrap_racing_a_destroy_never_resurrects(s: Arc<AnyStore>) {
+    pub(crate) async fn a_rewrap_racing_a_destroy_never_resurrects(s: Arc<AnyStore>) {
         for round in 0..20u8 {
             let r = record(100 + round, "race");
             s.put_new(r.clone()).await.unwrap();
@@ -213,7 +213,7 @@ mod cases {
         }
     }
 
-    pub async fn concurrent_creates_are_all_durable(s: Arc<AnyStore>) {
+    pub(crate) async fn concurrent_creates_are_all_durable(s: Arc<AnyStore>) {
         let mut tasks = Vec::new();
         for n in 0..64u8 {
             let s = s.clone();
@@ -231,7 +231,7 @@ mod cases {
         assert_eq!(s.key_count().await.unwrap(), 64);
     }
 
-    pub async fn kek_versions_are_replaced_and_ordered(s: Arc<AnyStore>) {
+    pub(crate) async fn kek_versions_are_replaced_and_ordered(s: Arc<AnyStore>) {
         assert!(s.kek_versions().await.unwrap().is_empty());
         for v in [3u32, 1, 2] {
             s.put_kek_version(KekVersionRecord {
@@ -260,7 +260,7 @@ mod cases {
         assert_eq!(got[0].retired_at, Some(9));
     }
 
-    pub async fn jobs_are_replaced_and_oldest_first(s: Arc<AnyStore>) {
+    pub(crate) async fn jobs_are_replaced_and_oldest_first(s: Arc<AnyStore>) {
         let job = |created_at: u64, state: JobState| Job {
             id: JobId::from_random(rand_bytes()),
             kind: JobKind::Verify,
@@ -281,7 +281,7 @@ mod cases {
         assert_eq!(s.jobs().await.unwrap(), vec![early, done]);
     }
 
-    pub async fn leases_exclude_expire_and_fence_job_writes(s: Arc<AnyStore>) {
+    pub(crate) async fn leases_exclude_expire_and_fence_job_writes(s: Arc<AnyStore>) {
         let ttl = Duration::from_millis(400);
         let job = Job {
             id: JobId::from_random(rand_bytes()),
@@ -366,7 +366,9 @@ mod cases {
     /// A compaction removes the entries through the anchor and the tombstones destroyed by
     /// its time, keeps everything else, records the anchor, and refuses (removing nothing) an
     /// anchor beyond the head, at or before the stored one, or whose MAC is not the entry's.
-    pub async fn audit_compaction_removes_a_prefix_and_old_tombstones_only(s: Arc<AnyStore>) {
+    pub(crate) async fn audit_compaction_removes_a_prefix_and_old_tombstones_only(
+        s: Arc<AnyStore>,
+    ) {
         let tombstone = |n: u8, at: u64| KeyRecord {
             state: KeyState::Destroyed { destroyed_at: at },
             ..record(n, "gone")
@@ -437,7 +439,7 @@ mod cases {
         assert_eq!(s.audit_range(4, 100).await.unwrap().len(), 3);
     }
 
-    pub async fn audit_appends_chain_on_the_stored_head_only(s: Arc<AnyStore>) {
+    pub(crate) async fn audit_appends_chain_on_the_stored_head_only(s: Arc<AnyStore>) {
         assert_eq!(s.audit_head().await.unwrap(), None);
         let r = record(7, "audited");
         append(&s, None, 3, vec![], vec![r.clone()]).await.unwrap();
@@ -503,7 +505,7 @@ mod cases {
         assert_eq!(decoded, entry(3, "test.append"));
     }
 
-    pub async fn queued_appends_apply_in_queue_order(s: Arc<AnyStore>) {
+    pub(crate) async fn queued_appends_apply_in_queue_order(s: Arc<AnyStore>) {
         // Queue ten groups, each chained on the previous one, before awaiting any commit.
         let mut commits = Vec::new();
         let mut prev = None;

@@ -28,7 +28,7 @@ pub(super) async fn encrypt_row(
 }
 
 /// The canned body: the KMS's own answer to one `/encrypt` of 1 KiB.
-pub async fn canned_encrypt_body(kms: &KmsRun) -> Result<(KeyId, Vec<u8>)> {
+pub(crate) async fn canned_encrypt_body(kms: &KmsRun) -> Result<(KeyId, Vec<u8>)> {
     let key = new_key(&kms.client, "enc").await?;
     let req = EncryptRequest {
         key_id: key.clone(),
@@ -46,7 +46,7 @@ pub async fn canned_encrypt_body(kms: &KmsRun) -> Result<(KeyId, Vec<u8>)> {
 }
 
 /// KMS `/encrypt` 1 KiB, DEK cached, vs the canned server, same client, interleaved.
-pub async fn kms_encrypt(
+pub(crate) async fn kms_encrypt(
     env: &Env,
     kms: &KmsRun,
     key: &KeyId,
@@ -86,7 +86,7 @@ pub async fn kms_encrypt(
 
 /// KMS `/decrypt` with the cache disabled (every call unwraps in the HSM) vs a raw unwrap loop
 /// on as many threads as the KMS has HSM workers.
-pub async fn kms_decrypt_uncached(env: &Env, kms: &KmsRun) -> Result<Outcome> {
+pub(crate) async fn kms_decrypt_uncached(env: &Env, kms: &KmsRun) -> Result<Outcome> {
     let conc = 64;
     let mut cts = Vec::new();
     for _ in 0..64 {
@@ -160,7 +160,7 @@ pub(super) fn planted_record(kek: &KekId, i: usize) -> Result<KeyRecord> {
 
 /// `create_dek_for_thread` at c=64 vs a raw generate+wrap loop and the key store's own
 /// group-commit rate (an in-process LMDB store of the KMS's type, 64 writers).
-pub async fn kms_create_dek(env: &Env, kms: &KmsRun, scratch: &Path) -> Result<Outcome> {
+pub(crate) async fn kms_create_dek(env: &Env, kms: &KmsRun, scratch: &Path) -> Result<Outcome> {
     let conc = 64;
     let run = hex_id();
     let seq = Arc::new(AtomicUsize::new(0));
@@ -263,7 +263,7 @@ pub(super) async fn batch_items(kms: &KmsRun) -> Result<(Arc<Vec<EncryptRequest>
     Ok((Arc::new(items), aad))
 }
 
-pub async fn kms_encrypt_batch(env: &Env, kms: &KmsRun) -> Result<Outcome> {
+pub(crate) async fn kms_encrypt_batch(env: &Env, kms: &KmsRun) -> Result<Outcome> {
     use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     use ring::rand::{SecureRandom as _, SystemRandom};
     let (items, aad) = batch_items(kms).await?;

@@ -33,7 +33,7 @@ async fn create_many(client: &KmsClient, n: usize, tag: &str) -> Result<()> {
 
 /// KEK rotation's rewrap phase over at least `n` DEKs vs a raw unwrap+wrap loop on as many
 /// threads as the job runs rewraps at once.
-pub async fn kek_rewrap(env: &Env, kms: &KmsRun, n: usize) -> Result<Outcome> {
+pub(crate) async fn kek_rewrap(env: &Env, kms: &KmsRun, n: usize) -> Result<Outcome> {
     let existing = kms.admin.admin_status().await?.active_deks;
     if (existing as usize) < n {
         eprintln!("  creating {} DEKs for the rewrap", n - existing as usize);
@@ -98,7 +98,12 @@ pub async fn kek_rewrap(env: &Env, kms: &KmsRun, n: usize) -> Result<Outcome> {
 
 /// A thread's DEK rotation over `n` messages vs the KMS's decrypt+encrypt batch rate at the
 /// job's batch size.
-pub async fn thread_rotation(env: &Env, enc: &Prepared, kms: &KmsRun, n: usize) -> Result<Outcome> {
+pub(crate) async fn thread_rotation(
+    env: &Env,
+    enc: &Prepared,
+    kms: &KmsRun,
+    n: usize,
+) -> Result<Outcome> {
     let thread = tokio::task::block_in_place(|| -> Result<String> {
         let t = new_thread(&enc.run, &enc.api, "bench rotation")?;
         eprintln!("  posting {n} messages to one thread");

@@ -4,7 +4,7 @@ use super::*;
 
 /// Plants `n` key records straight into a prepared KMS's store (records that are never
 /// unwrapped: the workload reads them through `/get_wrapped`).
-pub async fn plant(store_dir: &Path, kek: &KekId, n: usize) -> Result<Vec<KeyId>> {
+pub(crate) async fn plant(store_dir: &Path, kek: &KekId, n: usize) -> Result<Vec<KeyId>> {
     let store = Arc::new(
         LmdbStore::open(store_dir, 4096, StoreMetrics::default())
             .map_err(|e| anyhow!("opening the key store to plant records: {e}"))?,
@@ -39,7 +39,7 @@ pub async fn plant(store_dir: &Path, kek: &KekId, n: usize) -> Result<Vec<KeyId>
 /// The memory workload on a KMS holding `records` records (`sample` of them known): reads of
 /// wrapped DEKs across the store, then creates and encrypts with more keys than the cache
 /// holds. Returns the KMS's figures.
-pub async fn kms_memory_workload(
+pub(crate) async fn kms_memory_workload(
     env: &Env,
     kms: &KmsRun,
     sample: Arc<Vec<KeyId>>,
@@ -102,7 +102,7 @@ pub async fn kms_memory_workload(
 }
 
 /// The server's figures after a read workload over `messages` stored messages.
-pub fn server_memory(enc: &Prepared, messages: usize) -> Result<Memory> {
+pub(crate) fn server_memory(enc: &Prepared, messages: usize) -> Result<Memory> {
     let probe = Probe::start(&[proc_of("server", &enc.run.server.proc)]);
     run_threads(
         "pages",
@@ -144,7 +144,7 @@ pub fn server_memory(enc: &Prepared, messages: usize) -> Result<Memory> {
 }
 
 /// Posts into the prepared threads until the server holds `total` messages.
-pub fn fill_server(enc: &Prepared, total: usize) -> Result<()> {
+pub(crate) fn fill_server(enc: &Prepared, total: usize) -> Result<()> {
     let have = enc.posted.load(Ordering::Relaxed);
     if have >= total {
         return Ok(());

@@ -5,7 +5,7 @@ use super::*;
 /// `create_dek_for_thread` at c=64 through a client spread over two KMS replicas that share
 /// one SoftHSM token and a PostgreSQL key store, vs the same through the one KMS on its LMDB
 /// store: the price of a shared store and of the replicas' turns at the audit log.
-pub async fn replicas_create_dek(
+pub(crate) async fn replicas_create_dek(
     env: &Env,
     single: &KmsRun,
     replicas: &[KmsRun],
@@ -63,7 +63,7 @@ pub async fn replicas_create_dek(
 /// Durable posts through a server whose `kms.endpoints` are the two replicas, vs the same
 /// server build on the one LMDB KMS: what one server host does whichever KMS topology is
 /// behind it.
-pub fn replicas_server_post(
+pub(crate) fn replicas_server_post(
     env: &Env,
     on_replicas: &Prepared,
     on_single: &Prepared,

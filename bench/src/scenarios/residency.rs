@@ -4,7 +4,7 @@ use super::*;
 
 /// `/encrypt` 1 KiB at `conc` on a KMS with `hsm.dek_residency = "hsm"` (every message
 /// encrypted by the HSM) vs the same on a memory-mode KMS, same client, interleaved.
-pub async fn kms_hsm_encrypt(
+pub(crate) async fn kms_hsm_encrypt(
     env: &Env,
     memory: &KmsRun,
     resident: &KmsRun,
@@ -56,7 +56,7 @@ pub async fn kms_hsm_encrypt(
 
 /// `/encrypt_batch` of [`BATCH_ITEMS`] × 1 KiB in hsm residency (spread over the HSM
 /// sessions) vs memory residency, c=4.
-pub async fn kms_hsm_encrypt_batch(
+pub(crate) async fn kms_hsm_encrypt_batch(
     env: &Env,
     memory: &KmsRun,
     resident: &KmsRun,

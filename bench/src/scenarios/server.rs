@@ -4,7 +4,7 @@
 use super::*;
 
 /// A server prepared for the workloads: threads to post into and one full page to read.
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub run: ServerRun,
     pub api: Api,
     pub threads: Vec<String>,
@@ -42,7 +42,7 @@ pub(super) fn new_thread(run: &ServerRun, api: &Api, title: &str) -> Result<Stri
         .ok_or_else(|| anyhow!("thread without id: {t}"))
 }
 
-pub fn prepare(run: ServerRun) -> Result<Prepared> {
+pub(crate) fn prepare(run: ServerRun) -> Result<Prepared> {
     let api = run.server.as_role(Role::Frontend, "bench-user");
     let threads = (0..64)
         .map(|i| new_thread(&run, &api, &format!("bench {i}")))
@@ -116,7 +116,7 @@ fn page_row(s: &Prepared, conc: usize, lim: Limits) -> Result<Row> {
 
 /// Which server workload.
 #[derive(Clone, Copy, Debug)]
-pub enum ServerWork {
+pub(crate) enum ServerWork {
     Post,
     Page,
     /// ProgressDB's `thread_with_messages` pattern through its paths.
@@ -125,7 +125,7 @@ pub enum ServerWork {
 
 /// The encrypted server (external KMS over UDS) vs the same server with encryption off,
 /// interleaved.
-pub fn server_pair(
+pub(crate) fn server_pair(
     env: &Env,
     enc: &Prepared,
     plain: &Prepared,

@@ -16,7 +16,7 @@ use crate::backend::{
 };
 use crate::metrics::{BackendStats, HsmCounters};
 
-pub struct MockBackend {
+pub(crate) struct MockBackend {
     keks: Mutex<BTreeMap<KekVersion, LessSafeKey>>,
     kek_ref: Mutex<KekRef>,
     rewraps: AtomicU64,
@@ -29,7 +29,7 @@ pub struct MockBackend {
 }
 
 impl MockBackend {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let rng = SystemRandom::new();
         let first = Self::new_kek(&rng);
         Self {
@@ -55,7 +55,7 @@ impl MockBackend {
     }
 
     /// A fresh DEK for `key_id` wrapped under KEK `version` (which must exist).
-    pub fn generate_dek_under(&self, key_id: &KeyId, version: KekVersion) -> WrappedDek {
+    pub(crate) fn generate_dek_under(&self, key_id: &KeyId, version: KekVersion) -> WrappedDek {
         let kek = KekRef {
             id: self.current_kek().id,
             version,
@@ -64,7 +64,7 @@ impl MockBackend {
     }
 
     /// Rewraps done so far.
-    pub fn rewraps(&self) -> u64 {
+    pub(crate) fn rewraps(&self) -> u64 {
         self.rewraps.load(Ordering::SeqCst)
     }
 
@@ -127,20 +127,20 @@ impl MockBackend {
     }
 
     /// Makes every unwrap take `ms` milliseconds (so concurrent callers overlap).
-    pub fn set_unwrap_delay_ms(&self, ms: u64) {
+    pub(crate) fn set_unwrap_delay_ms(&self, ms: u64) {
         self.unwrap_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Backend calls so far (generate, unwrap, health check).
-    pub fn calls(&self) -> u64 {
+    pub(crate) fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
     }
 
-    pub fn set_down(&self, down: bool) {
+    pub(crate) fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
 
-    pub fn unwraps(&self) -> u64 {
+    pub(crate) fn unwraps(&self) -> u64 {
         self.unwraps.load(Ordering::SeqCst)
     }
 

@@ -15,16 +15,16 @@
 
 use base64::Engine as _;
 
-pub use testkit::kms::{client_tls, KmsBuilder, KEK_LABEL};
-pub use testkit::random_hex;
+pub(crate) use testkit::kms::{client_tls, KmsBuilder, KEK_LABEL};
+pub(crate) use testkit::random_hex;
 
 /// This package's `progressdb-kms`.
-pub const BIN: &str = env!("CARGO_BIN_EXE_progressdb-kms");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_progressdb-kms");
 
 /// A KMS of these suites, not started: this package's binary in a temp directory, 2 HSM
 /// sessions, a 60 s cache of 1,000 DEKs, a 16 MiB store, a 1 MiB body limit, 10 s timeouts,
 /// `RUST_LOG=info`, `init-kek` run once.
-pub fn kms() -> KmsBuilder {
+pub(crate) fn kms() -> KmsBuilder {
     KmsBuilder::temp()
         .binary(BIN)
         .sessions(2)
@@ -36,15 +36,15 @@ pub fn kms() -> KmsBuilder {
         .init_kek_runs(1)
 }
 
-pub fn b64(b: &[u8]) -> String {
+pub(crate) fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-pub fn unb64(s: &str) -> Vec<u8> {
+pub(crate) fn unb64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
 
 /// Whether the suites run in hsm residency (`PROGRESSDB_TEST_RESIDENCY=hsm`).
-pub fn residency_is_hsm() -> bool {
+pub(crate) fn residency_is_hsm() -> bool {
     testkit::kms::Residency::of_run() == testkit::kms::Residency::Hsm
 }

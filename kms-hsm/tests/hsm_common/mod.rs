@@ -16,15 +16,15 @@ use progressdb_kms::backend::HsmSettings;
 use secrecy::SecretString;
 
 /// The PKCS#11 module of this run (`PROGRESSDB_TEST_PKCS11_MODULE` overrides it).
-pub fn module() -> PathBuf {
+pub(crate) fn module() -> PathBuf {
     testkit::token::kind().module()
 }
 
-pub const KEK_LABEL: &str = "progressdb-kek";
+pub(crate) const KEK_LABEL: &str = "progressdb-kek";
 
 /// Token labels made for every test process. Each test that depends on login state or on
 /// the absence of a KEK gets a token of its own.
-pub const TOKENS: &[&str] = &[
+pub(crate) const TOKENS: &[&str] = &[
     "t-main",
     "t-initkek",
     "t-pin",
@@ -35,7 +35,7 @@ pub const TOKENS: &[&str] = &[
 ];
 
 #[derive(Debug)]
-pub struct TestHsm {
+pub(crate) struct TestHsm {
     pub dir: PathBuf,
     pub conf: PathBuf,
     pub tokendir: PathBuf,
@@ -43,7 +43,7 @@ pub struct TestHsm {
 }
 
 impl TestHsm {
-    pub fn pin(&self, token: &str) -> String {
+    pub(crate) fn pin(&self, token: &str) -> String {
         self.pins
             .iter()
             .find(|(t, _)| t == token)
@@ -51,7 +51,7 @@ impl TestHsm {
             .unwrap_or_else(|| panic!("no test token {token}"))
     }
 
-    pub fn settings(&self, token: &str, sessions: usize) -> HsmSettings {
+    pub(crate) fn settings(&self, token: &str, sessions: usize) -> HsmSettings {
         HsmSettings {
             module: module(),
             token_label: token.to_owned(),
@@ -67,19 +67,19 @@ impl TestHsm {
     }
 
     /// Every PIN of this process, for log scans.
-    pub fn all_pins(&self) -> Vec<String> {
+    pub(crate) fn all_pins(&self) -> Vec<String> {
         self.pins.iter().map(|(_, p)| p.clone()).collect()
     }
 
     /// Writes the module's config with `tokendir` as its token directory.
-    pub fn write_conf(&self, tokendir: &Path) {
+    pub(crate) fn write_conf(&self, tokendir: &Path) {
         testkit::token::kind().write_conf(&self.conf, tokendir);
     }
 }
 
 /// Builds this process's tokens once and sets the module's config variable. Call before any
 /// PKCS#11 use.
-pub fn hsm() -> &'static TestHsm {
+pub(crate) fn hsm() -> &'static TestHsm {
     static HSM: OnceLock<TestHsm> = OnceLock::new();
     HSM.get_or_init(|| {
         let kind = testkit::token::kind();
@@ -114,7 +114,7 @@ pub fn hsm() -> &'static TestHsm {
 
 /// The residency the suites run the backend in: `PROGRESSDB_TEST_RESIDENCY` (`memory`, the
 /// default, or `hsm`).
-pub fn residency() -> progressdb_kms::backend::DekResidency {
+pub(crate) fn residency() -> progressdb_kms::backend::DekResidency {
     match std::env::var("PROGRESSDB_TEST_RESIDENCY").as_deref() {
         Ok("hsm") => progressdb_kms::backend::DekResidency::Hsm,
         Ok("memory") | Err(_) => progressdb_kms::backend::DekResidency::Memory,
@@ -124,7 +124,7 @@ pub fn residency() -> progressdb_kms::backend::DekResidency {
 
 /// An `AesKwV2` blob (the key part, then AES-GCM under the DEK of an empty message with the
 /// wrap AAD: what earlier releases wrote) for `id`, made from the key part of `v3`.
-pub fn legacy_blob(
+pub(crate) fn legacy_blob(
     dek: &progressdb_kms::backend::Dek,
     v3: &kms_api::WrappedDek,
     id: &kms_api::KeyId,
@@ -145,7 +145,7 @@ pub fn legacy_blob(
 }
 
 /// One message for the resident (hsm residency) methods.
-pub fn item(data: &[u8], aad: &[u8]) -> progressdb_kms::backend::ResidentItem {
+pub(crate) fn item(data: &[u8], aad: &[u8]) -> progressdb_kms::backend::ResidentItem {
     progressdb_kms::backend::ResidentItem {
         data: zeroize::Zeroizing::new(data.to_vec()),
         aad: aad.to_vec(),
@@ -153,7 +153,7 @@ pub fn item(data: &[u8], aad: &[u8]) -> progressdb_kms::backend::ResidentItem {
 }
 
 /// Seals `msgs` under `k` with the HSM; every item must succeed.
-pub async fn seal(
+pub(crate) async fn seal(
     b: &progressdb_kms::backend::pkcs11::Pkcs11Backend,
     k: &progressdb_kms::backend::ResidentKey,
     msgs: &[&[u8]],
@@ -169,7 +169,7 @@ pub async fn seal(
 }
 
 /// Opens one message under `k` with the HSM.
-pub async fn open(
+pub(crate) async fn open(
     b: &progressdb_kms::backend::pkcs11::Pkcs11Backend,
     k: &progressdb_kms::backend::ResidentKey,
     ct: &[u8],

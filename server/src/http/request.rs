@@ -12,7 +12,7 @@ use crate::error::ApiError;
 /// memory (message bodies are secret) and parsed into `T`. Failures are 413
 /// `payload_too_large`, 408 `request_timeout` or 400 `malformed_request` with the category
 /// and position of a JSON error, never serde's text (it can quote the request).
-pub struct JsonBody<T>(pub(in crate::http) T);
+pub(super) struct JsonBody<T>(pub(in crate::http) T);
 
 impl<T> std::fmt::Debug for JsonBody<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

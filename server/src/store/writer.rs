@@ -119,7 +119,7 @@ impl CreateThread {
 }
 
 /// Whether `user` has at least `max` threads (counting at most `max` index keys).
-pub fn author_has_at_least(
+pub(super) fn author_has_at_least(
     db: &Db,
     txn: &heed::RoTxn<'_, heed::WithoutTls>,
     user: &UserId,

@@ -25,7 +25,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 /// Keys and call records, shared across restarts.
 #[derive(Default)]
-pub struct State {
+pub(crate) struct State {
     keys: Mutex<HashMap<String, [u8; 32]>>,
     /// Calls by path.
     pub calls: Mutex<HashMap<String, usize>>,
@@ -35,12 +35,12 @@ pub struct State {
 }
 
 impl State {
-    pub fn calls(&self, path: &str) -> usize {
+    pub(crate) fn calls(&self, path: &str) -> usize {
         self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 }
 
-pub struct FakeKms {
+pub(crate) struct FakeKms {
     pub path: PathBuf,
     pub state: Arc<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -215,7 +215,7 @@ impl State {
 
 impl FakeKms {
     /// Serves `state` on a Unix socket at `path`.
-    pub fn start(path: &Path, state: Arc<State>) -> Self {
+    pub(crate) fn start(path: &Path, state: Arc<State>) -> Self {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path).unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -251,12 +251,12 @@ impl FakeKms {
         }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("unix://{}", self.path.display())
     }
 
     /// Stops serving and removes the socket: the KMS is down.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

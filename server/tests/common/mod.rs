@@ -18,15 +18,16 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use sha2::Sha256;
 
-pub const ADMIN: &str = "admin-key-0123456789";
-pub const BACKEND: &str = "backend-key-0123456789";
-pub const FRONTEND: &str = "frontend-key-0123456789";
-pub const SIGNING_SECRET: &str = "signing-secret-for-tests";
-pub const MASTER_KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub(crate) const ADMIN: &str = "admin-key-0123456789";
+pub(crate) const BACKEND: &str = "backend-key-0123456789";
+pub(crate) const FRONTEND: &str = "frontend-key-0123456789";
+pub(crate) const SIGNING_SECRET: &str = "signing-secret-for-tests";
+pub(crate) const MASTER_KEY_HEX: &str =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// How the server gets its keys.
 #[derive(Debug, Clone)]
-pub enum Kms {
+pub(crate) enum Kms {
     Embedded,
     /// `kms.endpoint`, plus whether to configure the dev master key for the fallback.
     External {
@@ -38,7 +39,7 @@ pub enum Kms {
 }
 
 /// A temp dir holding `keys.toml`, `master.key` (both 0600), the store and a config.
-pub struct TestEnv {
+pub(crate) struct TestEnv {
     pub dir: tempfile::TempDir,
 }
 
@@ -49,7 +50,7 @@ fn write_secret(path: &Path, body: &str) {
 
 /// Rewrites `dir/keys.toml` with the test keys and `secrets` (TOML lines naming the signing
 /// secret or secrets).
-pub fn write_keys(dir: &Path, secrets: &str) {
+pub(crate) fn write_keys(dir: &Path, secrets: &str) {
     write_secret(
         &dir.join("keys.toml"),
         &format!(
@@ -59,7 +60,7 @@ pub fn write_keys(dir: &Path, secrets: &str) {
 }
 
 impl TestEnv {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         write_secret(
             &dir.path().join("keys.toml"),
@@ -71,21 +72,21 @@ impl TestEnv {
         Self { dir }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    pub fn store_path(&self) -> PathBuf {
+    pub(crate) fn store_path(&self) -> PathBuf {
         self.dir.path().join("store")
     }
 
     /// Writes `progressdb.toml` for `kms`, with `extra` TOML appended (may add sections).
-    pub fn config(&self, kms: &Kms, extra: &str) -> PathBuf {
+    pub(crate) fn config(&self, kms: &Kms, extra: &str) -> PathBuf {
         self.config_with_store(kms, "", extra)
     }
 
     /// Like [`Self::config`], with `store_extra` lines added to `[store]`.
-    pub fn config_with_store(&self, kms: &Kms, store_extra: &str, extra: &str) -> PathBuf {
+    pub(crate) fn config_with_store(&self, kms: &Kms, store_extra: &str, extra: &str) -> PathBuf {
         let d = self.dir.path();
         let kms_section = match kms {
             Kms::Embedded => format!(
@@ -116,7 +117,7 @@ impl TestEnv {
 }
 
 /// A server running inside the test's tokio runtime.
-pub struct InProc {
+pub(crate) struct InProc {
     pub addr: SocketAddr,
     pub app: std::sync::Arc<progressdb::service::MessageService>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -124,16 +125,16 @@ pub struct InProc {
 }
 
 impl InProc {
-    pub async fn start(config: &Path) -> Self {
+    pub(crate) async fn start(config: &Path) -> Self {
         Self::try_start(config).await.unwrap()
     }
 
-    pub async fn try_start(config: &Path) -> Result<Self, progressdb::BuildError> {
+    pub(crate) async fn try_start(config: &Path) -> Result<Self, progressdb::BuildError> {
         Self::try_start_with_env(config, &[]).await
     }
 
     /// Starts with `PROGRESSDB__*` overrides given as (name, value) pairs.
-    pub async fn try_start_with_env(
+    pub(crate) async fn try_start_with_env(
         config: &Path,
         env: &[(&str, &str)],
     ) -> Result<Self, progressdb::BuildError> {
@@ -164,7 +165,7 @@ impl InProc {
     }
 
     /// Graceful stop; waits until the store is closed.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -178,7 +179,7 @@ impl InProc {
 }
 
 /// The `progressdb` binary as a child process.
-pub struct Proc {
+pub(crate) struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
     pub stderr: mpsc::Receiver<String>,
@@ -189,7 +190,7 @@ impl Proc {
     // The child is handed to `Proc`, whose `Drop` kills and waits for it; a panic before that
     // fails the test anyway.
     #[allow(clippy::zombie_processes)]
-    pub fn spawn(config: &Path) -> Self {
+    pub(crate) fn spawn(config: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_progressdb"))
             .args(["serve", "--config"])
             .arg(config)
@@ -230,7 +231,7 @@ impl Proc {
         }
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         let pid = i32::try_from(self.child.id()).unwrap();
         #[allow(unsafe_code)]
         // SAFETY: kill(2) takes two integers and touches no memory of this process.
@@ -239,7 +240,7 @@ impl Proc {
     }
 
     /// Waits for exit (up to `secs`), returning the status code.
-    pub fn wait(&mut self, secs: u64) -> Option<i32> {
+    pub(crate) fn wait(&mut self, secs: u64) -> Option<i32> {
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -251,7 +252,7 @@ impl Proc {
     }
 
     /// Everything logged so far.
-    pub fn drain_log(&self) -> Vec<String> {
+    pub(crate) fn drain_log(&self) -> Vec<String> {
         self.stderr.try_iter().collect()
     }
 }
@@ -265,41 +266,41 @@ impl Drop for Proc {
 
 /// Who calls.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     pub key: String,
     pub user: Option<String>,
     pub sig: Option<String>,
 }
 
-pub fn sign(user: &str) -> String {
+pub(crate) fn sign(user: &str) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(SIGNING_SECRET.as_bytes()).unwrap();
     m.update(user.as_bytes());
     hex::encode(m.finalize().into_bytes())
 }
 
 impl Caller {
-    pub fn admin() -> Self {
+    pub(crate) fn admin() -> Self {
         Self {
             key: ADMIN.into(),
             user: None,
             sig: None,
         }
     }
-    pub fn backend() -> Self {
+    pub(crate) fn backend() -> Self {
         Self {
             key: BACKEND.into(),
             user: None,
             sig: None,
         }
     }
-    pub fn backend_as(user: &str) -> Self {
+    pub(crate) fn backend_as(user: &str) -> Self {
         Self {
             key: BACKEND.into(),
             user: Some(user.into()),
             sig: None,
         }
     }
-    pub fn admin_as(user: &str) -> Self {
+    pub(crate) fn admin_as(user: &str) -> Self {
         Self {
             key: ADMIN.into(),
             user: Some(user.into()),
@@ -307,14 +308,14 @@ impl Caller {
         }
     }
     /// A frontend caller with a correct signature.
-    pub fn frontend(user: &str) -> Self {
+    pub(crate) fn frontend(user: &str) -> Self {
         Self {
             key: FRONTEND.into(),
             user: Some(user.into()),
             sig: Some(sign(user)),
         }
     }
-    pub fn anonymous() -> Self {
+    pub(crate) fn anonymous() -> Self {
         Self {
             key: String::new(),
             user: None,
@@ -339,17 +340,17 @@ impl Caller {
 
 /// An HTTP answer.
 #[derive(Debug)]
-pub struct Resp {
+pub(crate) struct Resp {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub body: Bytes,
 }
 
 impl Resp {
-    pub fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
-    pub fn code(&self) -> String {
+    pub(crate) fn code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
             .unwrap_or("")
@@ -358,7 +359,7 @@ impl Resp {
 }
 
 /// Sends one request on a fresh connection.
-pub async fn raw(
+pub(crate) async fn raw(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -399,16 +400,22 @@ pub async fn raw(
 
 /// A client bound to a server address.
 #[derive(Debug, Clone, Copy)]
-pub struct Client {
+pub(crate) struct Client {
     pub addr: SocketAddr,
 }
 
 impl Client {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         Self { addr }
     }
 
-    pub async fn call(&self, who: &Caller, method: &str, path: &str, body: Option<Value>) -> Resp {
+    pub(crate) async fn call(
+        &self,
+        who: &Caller,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Resp {
         let h = who.headers();
         raw(
             self.addr,
@@ -420,16 +427,16 @@ impl Client {
         .await
     }
 
-    pub async fn get(&self, who: &Caller, path: &str) -> Resp {
+    pub(crate) async fn get(&self, who: &Caller, path: &str) -> Resp {
         self.call(who, "GET", path, None).await
     }
 
-    pub async fn post(&self, who: &Caller, path: &str, body: Value) -> Resp {
+    pub(crate) async fn post(&self, who: &Caller, path: &str, body: Value) -> Resp {
         self.call(who, "POST", path, Some(body)).await
     }
 
     /// Creates a thread and returns its id (asserts 201).
-    pub async fn create_thread(&self, who: &Caller, title: &str) -> String {
+    pub(crate) async fn create_thread(&self, who: &Caller, title: &str) -> String {
         let r = self
             .post(who, "/v1/threads", serde_json::json!({"title": title}))
             .await;
@@ -438,7 +445,7 @@ impl Client {
     }
 
     /// Posts a message and returns its id (asserts 201).
-    pub async fn post_message(&self, who: &Caller, thread: &str, body: Value) -> String {
+    pub(crate) async fn post_message(&self, who: &Caller, thread: &str, body: Value) -> String {
         let r = self
             .post(
                 who,
@@ -451,7 +458,7 @@ impl Client {
     }
 
     /// Every message of a thread, following cursors.
-    pub async fn all_messages(
+    pub(crate) async fn all_messages(
         &self,
         who: &Caller,
         thread: &str,
@@ -478,7 +485,7 @@ impl Client {
 }
 
 /// Whether `needle` occurs anywhere in the files under `dir`.
-pub fn dir_contains(dir: &Path, needle: &[u8]) -> bool {
+pub(crate) fn dir_contains(dir: &Path, needle: &[u8]) -> bool {
     std::fs::read_dir(dir).unwrap().any(|e| {
         let p = e.unwrap().path();
         p.is_file()

@@ -14,22 +14,22 @@ use hyper_util::rt::TokioIo;
 use kms_api::client::Endpoint;
 
 /// The scripted behaviours of the tests' stubs (each test's stub maps them to [`Answer`]s).
-pub mod mode {
+pub(crate) mod mode {
     /// Answers as a healthy KMS does.
-    pub const OK: u8 = 0;
+    pub(crate) const OK: u8 = 0;
     /// 503 `unavailable`.
-    pub const UNAVAILABLE: u8 = 1;
+    pub(crate) const UNAVAILABLE: u8 = 1;
     /// 503 `overloaded`.
-    pub const OVERLOADED: u8 = 2;
+    pub(crate) const OVERLOADED: u8 = 2;
     /// Reads the request, then closes the connection without answering.
-    pub const DROP: u8 = 3;
+    pub(crate) const DROP: u8 = 3;
     /// Never answers.
-    pub const HANG: u8 = 4;
+    pub(crate) const HANG: u8 = 4;
 }
 
 /// What the stub does with one request.
 #[derive(Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// Answers this status and JSON body.
     Json(u16, String),
     /// Reads the request, then closes the connection without answering (a KMS killed after it
@@ -41,14 +41,16 @@ pub enum Answer {
 
 /// A stub KMS; the socket goes with it.
 #[derive(Debug)]
-pub struct StubKms {
+pub(crate) struct StubKms {
     _dir: tempfile::TempDir,
     pub socket: PathBuf,
 }
 
 impl StubKms {
     /// Serves `answer(path, body)` for every request until the test ends.
-    pub async fn start(answer: impl Fn(&str, &Bytes) -> Answer + Send + Sync + 'static) -> Self {
+    pub(crate) async fn start(
+        answer: impl Fn(&str, &Bytes) -> Answer + Send + Sync + 'static,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("kms.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
@@ -84,11 +86,11 @@ impl StubKms {
         StubKms { _dir: dir, socket }
     }
 
-    pub fn endpoint(&self) -> Endpoint {
+    pub(crate) fn endpoint(&self) -> Endpoint {
         Endpoint::Unix(self.socket.clone())
     }
 }
 
 /// A valid `/encrypt` answer.
-pub const ENCRYPTED: &str =
+pub(crate) const ENCRYPTED: &str =
     r#"{"ciphertext":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","key_version":1}"#;

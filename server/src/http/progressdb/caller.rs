@@ -23,7 +23,7 @@ use crate::ids::{MessageId, UserId};
 
 /// A caller of the frontend paths, acting for exactly one user.
 #[derive(Debug)]
-pub struct UserCaller(pub Principal);
+pub(super) struct UserCaller(pub Principal);
 
 #[derive(Debug, Default, Deserialize)]
 struct AuthorQuery {
@@ -68,7 +68,7 @@ impl FromRequestParts<RouterState> for UserCaller {
 
 /// An admin caller; any other key is 403.
 #[derive(Debug)]
-pub struct AdminCaller(pub Principal);
+pub(super) struct AdminCaller(pub Principal);
 
 impl FromRequestParts<RouterState> for AdminCaller {
     type Rejection = PdbError;
@@ -84,7 +84,7 @@ impl FromRequestParts<RouterState> for AdminCaller {
 
 /// A backend caller; any other key is 403.
 #[derive(Debug)]
-pub struct BackendCaller(pub Principal);
+pub(super) struct BackendCaller(pub Principal);
 
 impl FromRequestParts<RouterState> for BackendCaller {
     type Rejection = PdbError;
@@ -100,7 +100,7 @@ impl FromRequestParts<RouterState> for BackendCaller {
 
 /// `{threadKey}`.
 #[derive(Debug)]
-pub struct ThreadKey(pub ThreadId);
+pub(super) struct ThreadKey(pub ThreadId);
 
 impl<S: Send + Sync> FromRequestParts<S> for ThreadKey {
     type Rejection = PdbError;
@@ -117,7 +117,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ThreadKey {
 
 /// `{threadKey}/messages/{id}`.
 #[derive(Debug)]
-pub struct MessageKey(pub ThreadId, pub MessageId);
+pub(super) struct MessageKey(pub ThreadId, pub MessageId);
 
 impl<S: Send + Sync> FromRequestParts<S> for MessageKey {
     type Rejection = PdbError;

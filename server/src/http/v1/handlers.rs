@@ -329,7 +329,7 @@ impl<R: tokio::io::AsyncRead + Unpin, K: Unpin> tokio::io::AsyncRead for Held<R,
 /// the KMS, messages opening); `next` continues.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct VerifyBody {
+pub(super) struct VerifyBody {
     #[serde(default)]
     after: Option<String>,
     #[serde(default)]
