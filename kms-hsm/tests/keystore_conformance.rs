@@ -282,7 +282,12 @@ mod cases {
     }
 
     pub(crate) async fn leases_exclude_expire_and_fence_job_writes(s: Arc<AnyStore>) {
-        let ttl = Duration::from_millis(400);
+        // Whatever must still be held is held for a minute (a stalled machine cannot make it
+        // lapse); a lapse is a holder's renewal for `short`, then a wait of more than that
+        // (leases run on the database's clock, on this machine: a sleep is at least as long).
+        let ttl = Duration::from_secs(60);
+        let short = Duration::from_millis(300);
+        let lapse = || tokio::time::sleep(short + Duration::from_millis(150));
         let job = Job {
             id: JobId::from_random(rand_bytes()),
             kind: JobKind::Verify,
@@ -323,7 +328,11 @@ mod cases {
         ));
         assert_eq!(s.jobs().await.unwrap(), vec![job.clone()]);
         // Expired: b takes over, and a's stale write is refused from then on.
-        tokio::time::sleep(ttl + Duration::from_millis(150)).await;
+        assert_eq!(
+            s.acquire_lease(&name, "a", short).await.unwrap(),
+            LeaseOutcome::Renewed
+        );
+        lapse().await;
         assert_eq!(
             s.acquire_lease(&name, "b", ttl).await.unwrap(),
             LeaseOutcome::Acquired
@@ -339,7 +348,11 @@ mod cases {
             .unwrap();
         assert_eq!(s.jobs().await.unwrap(), vec![by_b]);
         // A lease that lapsed and is taken again by its old holder is not a renewal.
-        tokio::time::sleep(ttl + Duration::from_millis(150)).await;
+        assert_eq!(
+            s.acquire_lease(&name, "b", short).await.unwrap(),
+            LeaseOutcome::Renewed
+        );
+        lapse().await;
         assert_eq!(
             s.acquire_lease(&name, "b", ttl).await.unwrap(),
             LeaseOutcome::Acquired
