@@ -89,9 +89,7 @@ fn is_eio(e: &heed::Error) -> bool {
 /// failing disk (an `EIO` with room to spare stays an I/O error).
 fn space_exhausted(dir: &std::path::Path) -> bool {
     const MARGIN: u64 = 1 << 20;
-    let free = rustix::fs::statvfs(dir)
-        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-        .unwrap_or(u64::MAX);
+    let free = crate::disk::free_bytes(dir).unwrap_or(u64::MAX);
     let limited = match rustix::process::getrlimit(rustix::process::Resource::Fsize).current {
         Some(limit) => std::fs::metadata(dir.join("data.mdb"))
             .map(|m| m.len().saturating_add(MARGIN) > limit)

@@ -45,6 +45,7 @@ pub mod body;
 pub mod check;
 pub mod config;
 pub mod conn;
+pub mod disk;
 pub mod group_commit;
 pub mod guarded_io;
 pub mod jobs;

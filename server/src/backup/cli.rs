@@ -30,7 +30,15 @@ pub async fn backup(cfg: &Config, out: &Path) -> Result<Manifest, String> {
         .await?;
     if !status.is_success() {
         let text = crate::admin_client::text(body).await;
-        return Err(format!("the server refused the backup: {status} {text}"));
+        let hint = if status == http::StatusCode::INSUFFICIENT_STORAGE {
+            " (the copy is made beside the store, whose file system needs room for the \
+             store's size, 64 MiB and a tenth more: the server log says how much is free)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "the server refused the backup: {status} {text}{hint}"
+        ));
     }
     let (file, mut f) = NewFile::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
     while let Some(frame) = body.frame().await {

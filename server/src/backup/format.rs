@@ -26,6 +26,10 @@ pub enum BackupError {
     Store(String),
     #[error("{0}")]
     Io(String),
+    /// The store's file system lacks the room for the copy and for the store to go on
+    /// growing meanwhile: nothing was copied.
+    #[error("{free} bytes free beside the store; a backup needs {needed}")]
+    NoSpace { needed: u64, free: u64 },
 }
 
 impl From<std::io::Error> for BackupError {

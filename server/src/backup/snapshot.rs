@@ -50,6 +50,11 @@ impl Snapshot {
 /// is removed).
 pub async fn snapshot(store: &Store, now_nanos: u64) -> Result<Snapshot, BackupError> {
     remove_leftovers(store.path());
+    // The copy lands beside the store: a copy that filled the disk would make the store's
+    // own writes fail. It is at most the store's data file (compaction only removes).
+    let used = std::fs::metadata(store.path().join("data.mdb"))?.len();
+    let free = service_kit::disk::free_bytes(store.path())?;
+    room_for_copy(used, free)?;
     let dir = tempfile::Builder::new()
         .prefix(TMP_PREFIX)
         .tempdir_in(store.path())?;
@@ -83,6 +88,21 @@ pub async fn snapshot(store: &Store, now_nanos: u64) -> Result<Snapshot, BackupE
             summary,
         },
     })
+}
+
+/// Room kept for the store's own writes while a copy of it is made: 64 MiB and a tenth of
+/// the store.
+fn reserve(used: u64) -> u64 {
+    (64 << 20) + used / 10
+}
+
+/// Whether a copy of a store of `used` bytes fits in `free` bytes with [`reserve`] to spare.
+fn room_for_copy(used: u64, free: u64) -> Result<(), BackupError> {
+    let needed = used.saturating_add(reserve(used));
+    if free < needed {
+        return Err(BackupError::NoSpace { needed, free });
+    }
+    Ok(())
 }
 
 /// Removes the temporary directories a backup or a restore that died left in `store_dir`
@@ -142,4 +162,24 @@ pub async fn summarize(dir: &Path) -> Result<Summary, BackupError> {
         messages,
         thread_keys,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_needs_the_store_and_its_reserve() {
+        let gib = 1u64 << 30;
+        assert!(room_for_copy(gib, 2 * gib).is_ok());
+        // The copy would fit, but would leave the store no room to go on.
+        let needed = gib + reserve(gib);
+        assert!(matches!(
+            room_for_copy(gib, needed - 1),
+            Err(BackupError::NoSpace { needed: n, free }) if n == needed && free == needed - 1
+        ));
+        assert!(room_for_copy(0, 64 << 20).is_ok());
+        // No overflow at the extremes.
+        assert!(room_for_copy(u64::MAX, u64::MAX - 1).is_err());
+    }
 }

@@ -347,7 +347,13 @@ impl MessageService {
                 })?;
         let snap = made.map_err(|e| {
             tracing::error!(error = %e, "backup failed");
-            ApiError::Internal
+            match e {
+                crate::backup::BackupError::NoSpace { .. } => ApiError::StorageFull,
+                crate::backup::BackupError::Invalid(_)
+                | crate::backup::BackupError::NotEmpty(_)
+                | crate::backup::BackupError::Store(_)
+                | crate::backup::BackupError::Io(_) => ApiError::Internal,
+            }
         })?;
         tracing::info!(
             threads = snap.manifest.summary.threads,
