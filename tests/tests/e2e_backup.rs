@@ -10,6 +10,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use progressdb::metrics::StoreMetrics;
+use progressdb::store::{keys as store_keys, RawPut, Store, StoreOptions};
 use progressdb_e2e::{assert_absent, bin, Role};
 use serde_json::{json, Value};
 
@@ -221,5 +223,69 @@ fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_u
     assert_eq!(st, 200, "{v}");
     let o = progressdb(&["verify", "--config", s(&config)]);
     assert!(o.status.success(), "{}", text(&o));
+
+    // Planted thread records: alice's record copied under another thread's key, and one
+    // that does not parse. A listing leaves them out; verify reports both as problems.
+    assert!(server.proc.sigterm().success());
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Store::open(
+            &StoreOptions::new(&server.store, 64, 1024),
+            StoreMetrics::default(),
+        )
+        .unwrap();
+        let tid = |t: &str| kms_api::ThreadId::parse(t).unwrap();
+        let alices = rt
+            .block_on(store.raw_get(store_keys::meta(&tid(&ta))))
+            .unwrap()
+            .unwrap();
+        for (t, value) in [
+            ("planted-copy", alices),
+            ("planted-junk", b"{\"id\":".to_vec()),
+        ] {
+            rt.block_on(store.write(RawPut {
+                key: store_keys::meta(&tid(t)),
+                value,
+            }))
+            .unwrap();
+        }
+        drop(store);
+    }
+    server.restart();
+    let (st, v) = alice.call("GET", "/v1/threads", None);
+    assert_eq!(st, 200, "{v}");
+    assert!(!v.to_string().contains("planted"), "{v}");
+    let o = progressdb(&["verify", "--config", s(&config)]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&r["threads"], &r["threads_ok"]),
+        (&json!(3), &json!(1)),
+        "{r}"
+    );
+    let problems: Vec<(String, Value, Value)> = r["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["thread"].as_str().unwrap().to_owned(),
+                p["key"].clone(),
+                p["record_readable"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            ("planted-copy".to_owned(), json!("unknown"), json!(false)),
+            ("planted-junk".to_owned(), json!("unknown"), json!(false)),
+        ],
+        "{r}"
+    );
     assert!(server.proc.sigterm().success());
 }

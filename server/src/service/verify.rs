@@ -9,7 +9,7 @@ use crate::api::MessageItem;
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
 use crate::provider::{ProviderError, ThreadKey};
-use crate::store::{Order, ThreadFilter};
+use crate::store::Order;
 
 use super::*;
 
@@ -25,12 +25,19 @@ pub enum KeyCheck {
     Error,
     /// The thread is stored without encryption.
     None,
+    /// The thread record, which names the keys, does not parse (or is another thread's):
+    /// nothing of the thread can be read.
+    Unknown,
 }
 
 /// One thread's check.
 #[derive(Debug, Clone, Serialize)]
 pub struct ThreadCheck {
     pub thread: ThreadId,
+    /// Whether the thread is whole ([`ThreadCheck::ok`]): clients read this, not the parts.
+    pub ok: bool,
+    /// `false` when the thread record does not parse (the server log says why).
+    pub record_readable: bool,
     pub key: KeyCheck,
     /// The retiring key of a DEK rotation in progress, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -42,10 +49,32 @@ pub struct ThreadCheck {
 }
 
 impl ThreadCheck {
+    fn new(
+        thread: ThreadId,
+        key: KeyCheck,
+        retiring_key: Option<KeyCheck>,
+        (messages_checked, unreadable): (u64, u64),
+    ) -> Self {
+        let record_readable = key != KeyCheck::Unknown;
+        let ok = record_readable
+            && matches!(key, KeyCheck::Ok | KeyCheck::None)
+            && retiring_key.is_none_or(|k| k == KeyCheck::Ok)
+            && unreadable == 0;
+        Self {
+            thread,
+            ok,
+            record_readable,
+            key,
+            retiring_key,
+            messages_checked,
+            unreadable,
+        }
+    }
+
+    /// The thread's record is readable, its keys are known to the KMS, and every message
+    /// checked opened.
     pub fn ok(&self) -> bool {
-        matches!(self.key, KeyCheck::Ok | KeyCheck::None)
-            && self.retiring_key.is_none_or(|k| k == KeyCheck::Ok)
-            && self.unreadable == 0
+        self.ok
     }
 }
 
@@ -72,15 +101,23 @@ impl MessageService {
         let sample = sample.max(1);
         let page = self
             .store
-            .list_threads(ThreadFilter::All, after, limit.clamp(1, 1000))
+            .thread_entries(after, limit.clamp(1, 1000))
             .await?;
         let next = if page.more {
-            page.items.last().map(|t| t.id.clone())
+            page.items.last().map(|(id, _)| id.clone())
         } else {
             None
         };
         let mut out = Vec::with_capacity(page.items.len());
-        for t in page.items {
+        for (id, record) in page.items {
+            let t = match record {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(thread = %id, error = %e, "verify: the thread record does not parse");
+                    out.push(ThreadCheck::new(id, KeyCheck::Unknown, None, (0, 0)));
+                    continue;
+                }
+            };
             let key = match &t.kms {
                 None => KeyCheck::None,
                 Some(k) => self.check_key(&t.id, k).await?,
@@ -89,14 +126,8 @@ impl MessageService {
                 None => None,
                 Some(k) => Some(self.check_key(&t.id, k).await?),
             };
-            let (messages_checked, unreadable) = self.check_messages(&t.id, sample).await?;
-            out.push(ThreadCheck {
-                thread: t.id,
-                key,
-                retiring_key,
-                messages_checked,
-                unreadable,
-            });
+            let messages = self.check_messages(&t.id, sample).await?;
+            out.push(ThreadCheck::new(t.id, key, retiring_key, messages));
         }
         Ok((out, next))
     }

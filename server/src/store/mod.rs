@@ -288,6 +288,20 @@ impl Store {
         .await
     }
 
+    /// Up to `limit` threads after `after` (exclusive) in id order, each with its record or,
+    /// for a record that does not parse, why ([`Store::list_threads`] leaves those out).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn thread_entries(
+        &self,
+        after: Option<ThreadId>,
+        limit: usize,
+    ) -> Result<Page<ThreadEntry>, StoreError> {
+        self.read(move |db, txn| thread_entries(db, txn, after.as_ref(), limit))
+            .await
+    }
+
     /// One message, or `None`.
     ///
     /// # Errors

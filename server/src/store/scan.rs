@@ -24,13 +24,23 @@ pub(super) fn read_meta(
 }
 
 pub(super) fn parse_thread(key: &[u8], v: &[u8]) -> Result<ThreadRecord, StoreError> {
-    serde_json::from_slice(v).map_err(|e| {
+    let rec: ThreadRecord = serde_json::from_slice(v).map_err(|e| {
         StoreError::Corrupt(format!(
             "{}: {}",
             String::from_utf8_lossy(key),
             serde_error_text(&e)
         ))
-    })
+    })?;
+    // A record copied under another thread's key names its own thread: refused, never used
+    // as the thread of the key.
+    if keys::parse_meta(key).as_ref() != Some(&rec.id) {
+        return Err(StoreError::Corrupt(format!(
+            "{}: the record is thread {}'s",
+            String::from_utf8_lossy(key),
+            rec.id
+        )));
+    }
+    Ok(rec)
 }
 
 /// serde_json's error without the input it may quote (its `Display` says e.g. `invalid
@@ -50,6 +60,28 @@ pub(super) fn list_all_threads(
     after: Option<&ThreadId>,
     limit: usize,
 ) -> Result<Page<ThreadRecord>, StoreError> {
+    let page = thread_entries(db, txn, after, limit)?;
+    Ok(Page {
+        items: page
+            .items
+            .into_iter()
+            .filter_map(|(_, r)| {
+                r.map_err(|e| tracing::error!(error = %e, "skipping unreadable thread record"))
+                    .ok()
+            })
+            .collect(),
+        more: page.more,
+    })
+}
+
+/// Up to `limit` threads after `after` (exclusive) in id order, each with its record or why
+/// the record does not parse (a listing leaves those out; a verification reports them).
+pub(super) fn thread_entries(
+    db: &Db,
+    txn: &RoTxn<'_, WithoutTls>,
+    after: Option<&ThreadId>,
+    limit: usize,
+) -> Result<Page<ThreadEntry>, StoreError> {
     let (lo, hi) = keys::all_threads();
     // Seek from thread to thread: after a thread's first key (its meta), jump past all of its
     // keys instead of walking its messages.
@@ -78,23 +110,22 @@ pub(super) fn list_all_threads(
         let Some((k, meta)) = next else {
             return Ok(Page { items, more: false });
         };
-        match keys::parse_thread_of(&k) {
-            Some(tid) => lower = keys::thread_end(&tid),
+        let tid = match keys::parse_thread_of(&k) {
+            Some(tid) => tid,
             None => {
                 // Not a key this server writes; step over it.
                 lower = k;
                 lower.push(0);
                 continue;
             }
-        }
+        };
+        lower = keys::thread_end(&tid);
         if let Some(v) = meta {
             if items.len() == limit {
                 return Ok(Page { items, more: true });
             }
-            match parse_thread(&k, &v) {
-                Ok(t) => items.push(t),
-                Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
-            }
+            let record = parse_thread(&k, &v);
+            items.push((tid, record));
         }
     }
 }

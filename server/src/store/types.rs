@@ -93,6 +93,10 @@ pub struct Page<T> {
     pub more: bool,
 }
 
+/// A thread as listed for a check: its id (from its key) and its record, or why the record
+/// cannot be used.
+pub type ThreadEntry = (ThreadId, Result<ThreadRecord, StoreError>);
+
 /// A message as read: its id (from its key) and its record, or why the record is unreadable.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {

@@ -86,11 +86,7 @@ fn read_thread(
     txn: &RwTxn<'_>,
     key: &[u8],
 ) -> heed::Result<Option<Result<ThreadRecord, StoreError>>> {
-    Ok(db.get(txn, key)?.map(|v| {
-        serde_json::from_slice::<ThreadRecord>(v).map_err(|e| {
-            StoreError::Corrupt(format!("thread record: {}", super::serde_error_text(&e)))
-        })
-    }))
+    Ok(db.get(txn, key)?.map(|v| super::scan::parse_thread(key, v)))
 }
 
 /// Stores a new thread and its author index entry. Fails with `Conflict` if the id exists,
