@@ -81,6 +81,9 @@ enum Command {
         /// Open every N-th message only (1: every message).
         #[arg(long, value_name = "N", default_value_t = 1)]
         sample: u64,
+        /// Start after this thread (the cursor an interrupted run names).
+        #[arg(long, value_name = "THREAD")]
+        after: Option<String>,
     },
     /// Which threads a server backup and a KMS backup, restored together, would leave
     /// unreadable (keys missing from the KMS backup, destroyed, or under a destroyed KEK
@@ -159,8 +162,12 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             },
         ),
-        Command::Verify { config, sample } => match with_config(&config, |cfg| {
-            runtime()?.block_on(progressdb::backup::cli::verify(cfg, sample))
+        Command::Verify {
+            config,
+            sample,
+            after,
+        } => match with_config(&config, |cfg| {
+            runtime()?.block_on(progressdb::backup::cli::verify(cfg, sample, after))
         }) {
             Err(e) => fail(e, 2),
             Ok(t) => {

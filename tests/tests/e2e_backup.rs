@@ -35,7 +35,7 @@ fn s(p: &Path) -> &str {
 #[test]
 fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_unreadable() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_hsm, kms, mut server) = progressdb_e2e::system(tmp.path());
+    let (_hsm, mut kms, mut server) = progressdb_e2e::system(tmp.path());
     let alice = server.as_role(Role::Backend, "alice");
     let bob = server.as_role(Role::Frontend, "bob");
     let ta = alice.create_thread("kept")["id"]
@@ -211,6 +211,14 @@ fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_u
         (&json!(tb), &json!("missing")),
         "{r}"
     );
+    // From a cursor (how an interrupted run resumes): only the threads after it.
+    let o = progressdb(&["verify", "--config", s(&config), "--after", &ta]);
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&r["threads"], &r["problems"][0]["thread"]),
+        (&json!(1), &json!(tb)),
+        "{r}"
+    );
     let o = progressdb(&["verify", "--config", s(&config), "--sample", "2"]);
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
@@ -223,6 +231,38 @@ fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_u
     assert_eq!(st, 200, "{v}");
     let o = progressdb(&["verify", "--config", s(&config)]);
     assert!(o.status.success(), "{}", text(&o));
+
+    // The KMS goes away during a verify: the command tries the page again (the server
+    // answers 503 meanwhile) and finishes once the KMS is back.
+    kms.stop();
+    let run = Command::new(bin("progressdb"))
+        .args(["verify", "--config", s(&config)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = std::time::Instant::now();
+    while !server
+        .proc
+        .log_text()
+        .lines()
+        .any(|l| l.contains("request failed") && l.contains("/admin/verify") && l.contains("503"))
+    {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(30),
+            "no verify page answered 503 with the KMS stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    kms.restart();
+    let o = run.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&r["threads"], &r["threads_ok"]),
+        (&json!(1), &json!(1)),
+        "{r}"
+    );
 
     // Planted thread records: alice's record copied under another thread's key, and one
     // that does not parse. A listing leaves them out; verify reports both as problems.

@@ -81,6 +81,50 @@ pub fn check_pair(backup: &Path, kms_backup: &Path) -> Result<pair::PairReport, 
     pair::check(&m, &kms).map_err(|e| format!("{}: {e}", kms_backup.display()))
 }
 
+/// Back-offs between the tries of one page of `progressdb verify` while the server cannot be
+/// reached or answers 503 (the KMS unavailable, a restart): about half a minute in all.
+const VERIFY_BACKOFF: [u64; 5] = [1, 2, 4, 8, 16];
+
+/// One page of `POST /admin/verify`, tried again after each back-off while the server is
+/// unreachable or answers 503.
+async fn verify_page(
+    client: &crate::admin_client::AdminClient,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let mut waits = VERIFY_BACKOFF.iter();
+    loop {
+        let why = match client
+            .send(http::Method::POST, "/admin/verify", Some(body))
+            .await
+        {
+            Ok((status, b)) if status.is_success() => {
+                let bytes = b
+                    .collect()
+                    .await
+                    .map_err(|e| format!("reading a verify page: {e}"))?
+                    .to_bytes();
+                return serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("a verify page is not JSON: {e}"));
+            }
+            Ok((status, b)) => {
+                let text = crate::admin_client::text(b).await;
+                if status != http::StatusCode::SERVICE_UNAVAILABLE {
+                    return Err(format!("the server refused: {status} {text}"));
+                }
+                format!("{status} {text}")
+            }
+            Err(e) => e,
+        };
+        match waits.next() {
+            Some(secs) => {
+                tracing::warn!(error = %why, retry_in_secs = secs, "verify: trying the page again");
+                tokio::time::sleep(std::time::Duration::from_secs(*secs)).await;
+            }
+            None => return Err(why),
+        }
+    }
+}
+
 /// What `progressdb verify` found.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct VerifyTotals {
@@ -97,7 +141,11 @@ pub struct VerifyTotals {
 ///
 /// # Errors
 /// A one-line reason when the server cannot be reached or refuses.
-pub async fn verify(cfg: &Config, sample: u64) -> Result<VerifyTotals, String> {
+pub async fn verify(
+    cfg: &Config,
+    sample: u64,
+    from: Option<String>,
+) -> Result<VerifyTotals, String> {
     let client = crate::admin_client::AdminClient::from_config(cfg)?;
     let stats = client.json(http::Method::GET, "/admin/stats", None).await?;
     let bar = indicatif::ProgressBar::with_draw_target(
@@ -109,15 +157,15 @@ pub async fn verify(cfg: &Config, sample: u64) -> Result<VerifyTotals, String> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut totals = VerifyTotals::default();
-    let mut after: Option<String> = None;
+    let mut after = from;
     loop {
-        let page = client
-            .json(
-                http::Method::POST,
-                "/admin/verify",
-                Some(&serde_json::json!({"after": after, "limit": 100, "sample": sample})),
-            )
-            .await?;
+        let body = serde_json::json!({"after": after, "limit": 100, "sample": sample});
+        let page = verify_page(&client, &body)
+            .await
+            .map_err(|e| match &after {
+                Some(a) => format!("{e} (threads up to {a} were checked: resume with --after {a})"),
+                None => e,
+            })?;
         for t in page["threads"].as_array().into_iter().flatten() {
             totals.threads += 1;
             let checked = t["messages_checked"].as_u64().unwrap_or(0);
