@@ -15,6 +15,7 @@
 
 pub mod aad;
 pub mod keys;
+pub mod kv;
 mod pages;
 pub mod records;
 mod scan;
@@ -34,8 +35,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use heed::types::Bytes;
-use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+use heed::{Database, Env, EnvOpenOptions, WithoutTls};
 use kms_api::ThreadId;
+use kv::lmdb::LmdbRead;
+use kv::KvRead;
 use service_kit::group_commit::{self, GroupCommitWriter, Write};
 use tokio::sync::{mpsc, oneshot};
 
@@ -204,13 +207,16 @@ impl Store {
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Db, &RoTxn<'_, WithoutTls>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&dyn KvRead) -> Result<T, StoreError> + Send + 'static,
     {
         let shared = self.inner.shared.clone();
         tokio::task::spawn_blocking(move || {
             let _gate = read_guard(&shared.gate);
             let txn = shared.env.read_txn()?;
-            f(&shared.db, &txn)
+            f(&LmdbRead {
+                db: shared.db,
+                txn: &txn,
+            })
         })
         .await
         .map_err(|e| StoreError::Lmdb(format!("read task failed: {e}")))?
@@ -250,8 +256,10 @@ impl Store {
         if !writer_alive {
             return Err(StoreError::Closed);
         }
-        self.read(|db, txn| {
-            db.first(txn)?;
+        self.read(|kv| {
+            kv.range(Bound::Unbounded, Bound::Unbounded)?
+                .next()
+                .transpose()?;
             Ok(())
         })
         .await
@@ -263,9 +271,9 @@ impl Store {
     /// [`StoreError`]; a record that does not parse is [`StoreError::Corrupt`].
     pub async fn get_thread(&self, id: &ThreadId) -> Result<Option<ThreadRecord>, StoreError> {
         let key = keys::meta(id);
-        self.read(move |db, txn| match db.get(txn, &key)? {
+        self.read(move |kv| match kv.get(&key)? {
             None => Ok(None),
-            Some(v) => parse_thread(&key, v).map(Some),
+            Some(v) => parse_thread(&key, &v).map(Some),
         })
         .await
     }
@@ -281,9 +289,9 @@ impl Store {
         after: Option<ThreadId>,
         limit: usize,
     ) -> Result<Page<ThreadRecord>, StoreError> {
-        self.read(move |db, txn| match filter {
-            ThreadFilter::All => list_all_threads(db, txn, after.as_ref(), limit),
-            ThreadFilter::Author(u) => list_author_threads(db, txn, &u, after.as_ref(), limit),
+        self.read(move |kv| match filter {
+            ThreadFilter::All => list_all_threads(kv, after.as_ref(), limit),
+            ThreadFilter::Author(u) => list_author_threads(kv, &u, after.as_ref(), limit),
         })
         .await
     }
@@ -298,7 +306,7 @@ impl Store {
         after: Option<ThreadId>,
         limit: usize,
     ) -> Result<Page<ThreadEntry>, StoreError> {
-        self.read(move |db, txn| thread_entries(db, txn, after.as_ref(), limit))
+        self.read(move |kv| thread_entries(kv, after.as_ref(), limit))
             .await
     }
 
@@ -312,10 +320,10 @@ impl Store {
         id: MessageId,
     ) -> Result<Option<StoredMessage>, StoreError> {
         let key = keys::msg(thread, id);
-        self.read(move |db, txn| {
-            Ok(db.get(txn, &key)?.map(|v| StoredMessage {
+        self.read(move |kv| {
+            Ok(kv.get(&key)?.map(|v| StoredMessage {
                 id,
-                record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
+                record: serde_json::from_slice(&v).map_err(|e| serde_error_text(&e)),
             }))
         })
         .await
@@ -333,10 +341,9 @@ impl Store {
         limit: usize,
     ) -> Result<Page<StoredMessage>, StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             list_messages(
-                db,
-                txn,
+                kv,
                 &thread,
                 order,
                 after,
@@ -361,7 +368,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(MessageId, Vec<u8>)>, StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             let prefix = keys::msg_prefix(&thread);
             let lo = match after {
                 Some(a) => std::ops::Bound::Excluded(keys::msg(&thread, a)),
@@ -373,12 +380,12 @@ impl Store {
                 hi.as_ref().map(Vec::as_slice),
             );
             let mut out = Vec::new();
-            for r in db.range(txn, &range)? {
+            for r in kv.range(range.0, range.1)? {
                 if out.len() >= limit {
                     break;
                 }
                 let (k, v) = r?;
-                if let Some(id) = keys::parse_msg(&prefix, k) {
+                if let Some(id) = keys::parse_msg(&prefix, &k) {
                     out.push((id, v.to_vec()));
                 }
             }
@@ -398,7 +405,7 @@ impl Store {
         before: MessageId,
     ) -> Result<u64, StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             let lo = keys::msg_prefix(&thread);
             let hi = keys::msg(&thread, before);
             let range = (
@@ -406,9 +413,9 @@ impl Store {
                 std::ops::Bound::Excluded(hi.as_slice()),
             );
             let mut n = 0u64;
-            for r in db.range(txn, &range)? {
+            for r in kv.range(range.0, range.1)? {
                 let (_, v) = r?;
-                if !records::is_tombstone_bytes(v) {
+                if !records::is_tombstone_bytes(&v) {
                     n += 1;
                 }
             }
@@ -426,9 +433,9 @@ impl Store {
         id: &kms_api::admin::JobId,
     ) -> Result<Option<JobRecord>, StoreError> {
         let key = keys::job(id);
-        self.read(move |db, txn| match db.get(txn, &key)? {
+        self.read(move |kv| match kv.get(&key)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(v)
+            Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|_| StoreError::Corrupt("job record".into())),
         })
@@ -440,19 +447,19 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             let (lo, hi) = keys::all_jobs();
             let range = (
                 std::ops::Bound::Included(lo.as_slice()),
                 std::ops::Bound::Excluded(hi.as_slice()),
             );
             let mut out = Vec::new();
-            for r in db.range(txn, &range)? {
+            for r in kv.range(range.0, range.1)? {
                 let (k, v) = r?;
-                match serde_json::from_slice::<JobRecord>(v) {
+                match serde_json::from_slice::<JobRecord>(&v) {
                     Ok(j) => out.push(j),
                     Err(_) => {
-                        tracing::error!(key = %String::from_utf8_lossy(k), "undecodable job record")
+                        tracing::error!(key = %String::from_utf8_lossy(&k), "undecodable job record")
                     }
                 }
             }
@@ -476,13 +483,12 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Option<ThreadRecord>, Page<StoredMessage>), StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| {
-            let rec = scan::read_meta(db, txn, &thread)?;
+        self.read(move |kv| {
+            let rec = scan::read_meta(kv, &thread)?;
             Ok((
                 rec,
                 list_messages(
-                    db,
-                    txn,
+                    kv,
                     &thread,
                     order,
                     after,
@@ -506,14 +512,12 @@ impl Store {
         id: MessageId,
     ) -> Result<(Option<ThreadRecord>, Option<StoredMessage>), StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| {
-            let rec = scan::read_meta(db, txn, &thread)?;
-            let msg = db
-                .get(txn, &keys::msg(&thread, id))?
-                .map(|v| StoredMessage {
-                    id,
-                    record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
-                });
+        self.read(move |kv| {
+            let rec = scan::read_meta(kv, &thread)?;
+            let msg = kv.get(&keys::msg(&thread, id))?.map(|v| StoredMessage {
+                id,
+                record: serde_json::from_slice(&v).map_err(|e| serde_error_text(&e)),
+            });
             Ok((rec, msg))
         })
         .await
@@ -526,7 +530,7 @@ impl Store {
     /// [`StoreError`].
     pub async fn author_has_at_least(&self, user: &UserId, max: usize) -> Result<bool, StoreError> {
         let user = user.clone();
-        self.read(move |db, txn| Ok(writer::author_has_at_least(db, txn, &user, max)?))
+        self.read(move |kv| Ok(writer::author_has_at_least(kv, &user, max)?))
             .await
     }
 
@@ -536,21 +540,18 @@ impl Store {
     /// [`StoreError`]; a value that is not a decimal number is [`StoreError::Corrupt`]
     /// (a generation that cannot be read would let revoked signatures back in).
     pub async fn signature_generations(&self) -> Result<Vec<(UserId, u64)>, StoreError> {
-        self.read(|db, txn| {
+        self.read(|kv| {
             let (lo, hi) = keys::all_users();
             let mut out = Vec::new();
-            for r in db.range(
-                txn,
-                &(
-                    Bound::Included(lo.as_slice()),
-                    Bound::Excluded(hi.as_slice()),
-                ),
+            for r in kv.range(
+                Bound::Included(lo.as_slice()),
+                Bound::Excluded(hi.as_slice()),
             )? {
                 let (k, v) = r?;
-                let Some(user) = keys::parse_signature_generation(k) else {
+                let Some(user) = keys::parse_signature_generation(&k) else {
                     continue;
                 };
-                let generation = std::str::from_utf8(v)
+                let generation = std::str::from_utf8(&v)
                     .ok()
                     .and_then(|t| t.parse::<u64>().ok())
                     .ok_or_else(|| StoreError::Corrupt(format!("{user}'s signature generation")))?;
@@ -566,7 +567,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn raw_get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read(move |db, txn| Ok(db.get(txn, &key)?.map(<[u8]>::to_vec)))
+        self.read(move |kv| Ok(kv.get(&key)?.map(std::borrow::Cow::into_owned)))
             .await
     }
 }

@@ -58,23 +58,23 @@ impl Store {
         limit: usize,
     ) -> Result<Windowed<ThreadRecord>, StoreError> {
         let user = user.clone();
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             let (items, older, newer) = scan::window(
                 w,
                 limit,
-                |order, after, n| scan::author_threads(db, txn, &user, order, after.as_ref(), n),
+                |order, after, n| scan::author_threads(kv, &user, order, after.as_ref(), n),
                 |t| {
                     // Only a thread of this user: the index says so.
-                    if db.get(txn, &keys::author_index(&user, &t))?.is_none() {
+                    if kv.get(&keys::author_index(&user, &t))?.is_none() {
                         return Ok(None);
                     }
                     let k = keys::meta(&t);
-                    db.get(txn, &k)?.map(|v| parse_thread(&k, v)).transpose()
+                    kv.get(&k)?.map(|v| parse_thread(&k, &v)).transpose()
                 },
                 |t: &ThreadRecord| t.id.clone(),
             )?;
             let (lo, hi) = keys::author_index_bounds(&user);
-            let total = scan::count_range(db, txn, &lo, &hi)?;
+            let total = scan::count_range(kv, &lo, &hi)?;
             Ok(Windowed {
                 items,
                 older,
@@ -100,23 +100,23 @@ impl Store {
         tombstones: Tombstones,
     ) -> Result<(Option<ThreadRecord>, Windowed<StoredMessage>), StoreError> {
         let thread = thread.clone();
-        self.read(move |db, txn| {
-            let rec = scan::read_meta(db, txn, &thread)?;
+        self.read(move |kv| {
+            let rec = scan::read_meta(kv, &thread)?;
             let (items, older, newer) = scan::window(
                 w,
                 limit,
                 |order, after, n| {
-                    list_messages(db, txn, &thread, order, after, n, max_bytes, tombstones)
+                    list_messages(kv, &thread, order, after, n, max_bytes, tombstones)
                 },
                 |id| {
-                    Ok(db
-                        .get(txn, &keys::msg(&thread, id))?
+                    Ok(kv
+                        .get(&keys::msg(&thread, id))?
                         .filter(|v| {
                             tombstones == Tombstones::Show || !records::is_tombstone_bytes(v)
                         })
                         .map(|v| StoredMessage {
                             id,
-                            record: serde_json::from_slice(v).map_err(|e| serde_error_text(&e)),
+                            record: serde_json::from_slice(&v).map_err(|e| serde_error_text(&e)),
                         }))
                 },
                 |m: &StoredMessage| m.id,
@@ -131,7 +131,7 @@ impl Store {
                     }),
                     Tombstones::Hide,
                 ) => *n,
-                _ => scan::count_messages(db, txn, &thread, tombstones)?,
+                _ => scan::count_messages(kv, &thread, tombstones)?,
             };
             Ok((
                 rec,
@@ -152,21 +152,18 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn stats(&self) -> Result<(u64, u64), StoreError> {
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             let (lo, hi) = keys::all_threads();
             let (mut threads, mut messages) = (0u64, 0u64);
-            for r in db.range(
-                txn,
-                &(
-                    std::ops::Bound::Included(lo.as_slice()),
-                    std::ops::Bound::Excluded(hi.as_slice()),
-                ),
+            for r in kv.range(
+                std::ops::Bound::Included(lo.as_slice()),
+                std::ops::Bound::Excluded(hi.as_slice()),
             )? {
                 let (k, v) = r?;
-                if keys::parse_meta(k).is_some() {
+                if keys::parse_meta(&k).is_some() {
                     threads += 1;
                 } else if k.split(|b| *b == b':').nth(2) == Some(b"msg")
-                    && !records::is_tombstone_bytes(v)
+                    && !records::is_tombstone_bytes(&v)
                 {
                     messages += 1;
                 }
@@ -187,10 +184,10 @@ impl Store {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<(Page<UserId>, u64), StoreError> {
-        self.read(move |db, txn| {
+        self.read(move |kv| {
             let mut items = Vec::new();
             let mut more = false;
-            each_user(db, txn, after.as_ref(), |u| {
+            each_user(kv, after.as_ref(), |u| {
                 if items.len() == limit {
                     more = true;
                     return false;
@@ -199,7 +196,7 @@ impl Store {
                 true
             })?;
             let mut total = 0u64;
-            each_user(db, txn, None, |_| {
+            each_user(kv, None, |_| {
                 total += 1;
                 true
             })?;
@@ -212,8 +209,7 @@ impl Store {
 /// Calls `f` with each user who has threads, in store-key order, after `after`, until it
 /// answers `false`: one seek per user, past that user's index keys to the next user's.
 fn each_user(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     after: Option<&UserId>,
     mut f: impl FnMut(UserId) -> bool,
 ) -> Result<(), StoreError> {
@@ -224,12 +220,9 @@ fn each_user(
     };
     loop {
         let next = {
-            let mut it = db.range(
-                txn,
-                &(
-                    std::ops::Bound::Included(lower.as_slice()),
-                    std::ops::Bound::Excluded(hi.as_slice()),
-                ),
+            let mut it = kv.range(
+                std::ops::Bound::Included(lower.as_slice()),
+                std::ops::Bound::Excluded(hi.as_slice()),
             )?;
             match it.next() {
                 None => None,

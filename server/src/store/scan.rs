@@ -4,7 +4,7 @@
 
 use std::ops::Bound;
 
-use heed::{RoTxn, WithoutTls};
+use super::kv::KvRead;
 use kms_api::ThreadId;
 
 use crate::ids::{MessageId, UserId};
@@ -13,14 +13,11 @@ use super::*;
 
 /// The thread record of `thread` in this transaction, if any.
 pub(super) fn read_meta(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     thread: &ThreadId,
 ) -> Result<Option<ThreadRecord>, StoreError> {
     let key = keys::meta(thread);
-    db.get(txn, &key)?
-        .map(|v| parse_thread(&key, v))
-        .transpose()
+    kv.get(&key)?.map(|v| parse_thread(&key, &v)).transpose()
 }
 
 pub(super) fn parse_thread(key: &[u8], v: &[u8]) -> Result<ThreadRecord, StoreError> {
@@ -55,12 +52,11 @@ pub(crate) fn serde_error_text(e: &serde_json::Error) -> String {
 }
 
 pub(super) fn list_all_threads(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     after: Option<&ThreadId>,
     limit: usize,
 ) -> Result<Page<ThreadRecord>, StoreError> {
-    let page = thread_entries(db, txn, after, limit)?;
+    let page = thread_entries(kv, after, limit)?;
     Ok(Page {
         items: page
             .items
@@ -77,8 +73,7 @@ pub(super) fn list_all_threads(
 /// Up to `limit` threads after `after` (exclusive) in id order, each with its record or why
 /// the record does not parse (a listing leaves those out; a verification reports them).
 pub(super) fn thread_entries(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     after: Option<&ThreadId>,
     limit: usize,
 ) -> Result<Page<ThreadEntry>, StoreError> {
@@ -92,18 +87,15 @@ pub(super) fn thread_entries(
     let mut items = Vec::new();
     loop {
         let next = {
-            let mut it = db.range(
-                txn,
-                &(
-                    Bound::Included(lower.as_slice()),
-                    Bound::Excluded(hi.as_slice()),
-                ),
+            let mut it = kv.range(
+                Bound::Included(lower.as_slice()),
+                Bound::Excluded(hi.as_slice()),
             )?;
             match it.next() {
                 None => None,
                 Some(r) => {
                     let (k, v) = r?;
-                    Some((k.to_vec(), keys::parse_meta(k).map(|_| v.to_vec())))
+                    Some((k.to_vec(), keys::parse_meta(&k).map(|_| v.to_vec())))
                 }
             }
         };
@@ -131,20 +123,18 @@ pub(super) fn thread_entries(
 }
 
 pub(super) fn list_author_threads(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     user: &UserId,
     after: Option<&ThreadId>,
     limit: usize,
 ) -> Result<Page<ThreadRecord>, StoreError> {
-    author_threads(db, txn, user, Order::Asc, after, limit)
+    author_threads(kv, user, Order::Asc, after, limit)
 }
 
 /// Up to `limit` of `user`'s threads from the cursor `after` (exclusive) in `order` of thread
 /// id (creation order for server-made ids), through the author index.
 pub(super) fn author_threads(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     user: &UserId,
     order: Order,
     after: Option<&ThreadId>,
@@ -171,13 +161,13 @@ pub(super) fn author_threads(
             return Ok(true);
         };
         let mk = keys::meta(&tid);
-        let Some(v) = db.get(txn, &mk)? else {
+        let Some(v) = kv.get(&mk)? else {
             return Ok(true);
         };
         if items.len() == limit {
             return Ok(false);
         }
-        match parse_thread(&mk, v) {
+        match parse_thread(&mk, &v) {
             Ok(t) => items.push(t),
             Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
         }
@@ -186,8 +176,8 @@ pub(super) fn author_threads(
     let more = match order {
         Order::Asc => {
             let mut more = false;
-            for r in db.range(txn, &range)? {
-                if !visit(r?.0)? {
+            for r in kv.range(range.0, range.1)? {
+                if !visit(&r?.0)? {
                     more = true;
                     break;
                 }
@@ -196,8 +186,8 @@ pub(super) fn author_threads(
         }
         Order::Desc => {
             let mut more = false;
-            for r in db.rev_range(txn, &range)? {
-                if !visit(r?.0)? {
+            for r in kv.rev_range(range.0, range.1)? {
+                if !visit(&r?.0)? {
                     more = true;
                     break;
                 }
@@ -210,22 +200,18 @@ pub(super) fn author_threads(
 
 /// How many messages `thread` holds (tombstones counted or not).
 pub(super) fn count_messages(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     thread: &ThreadId,
     tombstones: Tombstones,
 ) -> Result<u64, StoreError> {
     let (lo, hi) = (keys::msg_prefix(thread), keys::msg_end(thread));
     let mut n = 0u64;
-    for r in db.range(
-        txn,
-        &(
-            Bound::Included(lo.as_slice()),
-            Bound::Excluded(hi.as_slice()),
-        ),
+    for r in kv.range(
+        Bound::Included(lo.as_slice()),
+        Bound::Excluded(hi.as_slice()),
     )? {
         let (_, v) = r?;
-        if tombstones == Tombstones::Show || !records::is_tombstone_bytes(v) {
+        if tombstones == Tombstones::Show || !records::is_tombstone_bytes(&v) {
             n += 1;
         }
     }
@@ -234,13 +220,12 @@ pub(super) fn count_messages(
 
 /// How many keys lie in `[lo, hi)`.
 pub(super) fn count_range(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     lo: &[u8],
     hi: &[u8],
 ) -> Result<u64, StoreError> {
     let mut n = 0u64;
-    for r in db.range(txn, &(Bound::Included(lo), Bound::Excluded(hi)))? {
+    for r in kv.range(Bound::Included(lo), Bound::Excluded(hi))? {
         r?;
         n += 1;
     }
@@ -298,8 +283,7 @@ pub(super) fn window<T, C: Clone>(
 /// are stepped over (they count toward neither).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn list_messages(
-    db: &Db,
-    txn: &RoTxn<'_, WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     thread: &ThreadId,
     order: Order,
     after: Option<MessageId>,
@@ -337,9 +321,9 @@ pub(super) fn list_messages(
                 Some(c) => Bound::Excluded(c.as_slice()),
                 None => Bound::Included(prefix.as_slice()),
             };
-            for r in db.range(txn, &(lower, Bound::Excluded(end.as_slice())))? {
+            for r in kv.range(lower, Bound::Excluded(end.as_slice()))? {
                 let (k, v) = r?;
-                if !push(k, v) {
+                if !push(&k, &v) {
                     more = true;
                     break;
                 }
@@ -350,9 +334,9 @@ pub(super) fn list_messages(
                 Some(c) => Bound::Excluded(c.as_slice()),
                 None => Bound::Excluded(end.as_slice()),
             };
-            for r in db.rev_range(txn, &(Bound::Included(prefix.as_slice()), upper))? {
+            for r in kv.rev_range(Bound::Included(prefix.as_slice()), upper)? {
                 let (k, v) = r?;
-                if !push(k, v) {
+                if !push(&k, &v) {
                     more = true;
                     break;
                 }

@@ -13,6 +13,8 @@ use kms_api::ThreadId;
 use service_kit::group_commit::{CommitError, Write};
 use tokio::sync::oneshot;
 
+use super::kv::lmdb::LmdbWrite;
+use super::kv::{KvError, KvRead, KvResult, KvWrite};
 use super::{keys, records, Db, StoreError};
 use crate::ids::{MessageId, Timestamp, UserId};
 use crate::provider::ThreadKey;
@@ -29,12 +31,12 @@ pub use messages::*;
 pub trait WriteOp: Send + 'static {
     type Out: Send + 'static;
 
-    /// Returns `Ok(Err(_))` for a logical failure, having written nothing; `Err(_)` for an
-    /// LMDB failure, which aborts the group.
+    /// Returns `Ok(Err(_))` for a logical failure, having written nothing; `Err(_)` for a
+    /// failure of the database, which aborts the group.
     ///
     /// # Errors
-    /// [`heed::Error`] from LMDB.
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<Self::Out, StoreError>>;
+    /// [`KvError`] from the database.
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<Self::Out, StoreError>>;
 }
 
 /// A queued op with its reply channel and the database it writes to.
@@ -61,8 +63,14 @@ pub(crate) fn pending<O: WriteOp>(
 
 impl<O: WriteOp> Write for Pending<O> {
     fn apply(&mut self, txn: &mut RwTxn<'_>) -> heed::Result<()> {
-        self.result = Some(self.op.apply(&self.db, txn)?);
-        Ok(())
+        let mut kv = LmdbWrite { db: self.db, txn };
+        match self.op.apply(&mut kv) {
+            Ok(r) => {
+                self.result = Some(r);
+                Ok(())
+            }
+            Err(KvError::Lmdb(e)) => Err(e),
+        }
     }
 
     fn finish(self: Box<Self>, commit: Result<(), CommitError>) {
@@ -82,11 +90,10 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn read_thread(
-    db: &Db,
-    txn: &RwTxn<'_>,
+    kv: &(impl KvRead + ?Sized),
     key: &[u8],
-) -> heed::Result<Option<Result<ThreadRecord, StoreError>>> {
-    Ok(db.get(txn, key)?.map(|v| super::scan::parse_thread(key, v)))
+) -> KvResult<Option<Result<ThreadRecord, StoreError>>> {
+    Ok(kv.get(key)?.map(|v| super::scan::parse_thread(key, &v)))
 }
 
 /// Stores a new thread and its author index entry. Fails with `Conflict` if the id exists,
@@ -116,19 +123,15 @@ impl CreateThread {
 
 /// Whether `user` has at least `max` threads (counting at most `max` index keys).
 pub(super) fn author_has_at_least(
-    db: &Db,
-    txn: &heed::RoTxn<'_, heed::WithoutTls>,
+    kv: &(impl KvRead + ?Sized),
     user: &UserId,
     max: usize,
-) -> heed::Result<bool> {
+) -> KvResult<bool> {
     let (lo, hi) = keys::author_index_bounds(user);
-    let n = db
+    let n = kv
         .range(
-            txn,
-            &(
-                Bound::Included(lo.as_slice()),
-                Bound::Excluded(hi.as_slice()),
-            ),
+            Bound::Included(lo.as_slice()),
+            Bound::Excluded(hi.as_slice()),
         )?
         .take(max)
         .count();
@@ -137,13 +140,13 @@ pub(super) fn author_has_at_least(
 
 impl WriteOp for CreateThread {
     type Out = ();
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<(), StoreError>> {
         let key = keys::meta(&self.record.id);
-        if db.get(txn, &key)?.is_some() {
+        if kv.get(&key)?.is_some() {
             return Ok(Err(StoreError::Conflict("thread id exists")));
         }
         if let ThreadsPerAuthor::AtMost(max) = self.max_per_author {
-            if author_has_at_least(db, txn, &self.record.author, max)? {
+            if author_has_at_least(kv, &self.record.author, max)? {
                 return Ok(Err(StoreError::ThreadLimit));
             }
         }
@@ -151,9 +154,8 @@ impl WriteOp for CreateThread {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        db.put(txn, &key, &value)?;
-        db.put(
-            txn,
+        kv.put(&key, &value)?;
+        kv.put(
             &keys::author_index(&self.record.author, &self.record.id),
             &[],
         )?;
@@ -170,11 +172,11 @@ pub struct RevokeSignatures {
 
 impl WriteOp for RevokeSignatures {
     type Out = u64;
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<u64, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<u64, StoreError>> {
         let key = keys::signature_generation(&self.user);
-        let current = match db.get(txn, &key)? {
+        let current = match kv.get(&key)? {
             None => 0,
-            Some(v) => match std::str::from_utf8(v)
+            Some(v) => match std::str::from_utf8(&v)
                 .ok()
                 .and_then(|t| t.parse::<u64>().ok())
             {
@@ -188,7 +190,7 @@ impl WriteOp for RevokeSignatures {
             },
         };
         let next = current.saturating_add(1);
-        db.put(txn, &key, next.to_string().as_bytes())?;
+        kv.put(&key, next.to_string().as_bytes())?;
         Ok(Ok(next))
     }
 }
@@ -210,13 +212,9 @@ pub struct PatchThread {
 
 impl WriteOp for PatchThread {
     type Out = ThreadRecord;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<ThreadRecord, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<ThreadRecord, StoreError>> {
         let key = keys::meta(&self.id);
-        let mut rec = match read_thread(db, txn, &key)? {
+        let mut rec = match read_thread(kv, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
@@ -258,7 +256,7 @@ impl WriteOp for PatchThread {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        db.put(txn, &key, &value)?;
+        kv.put(&key, &value)?;
         Ok(Ok(rec))
     }
 }
@@ -275,13 +273,9 @@ pub struct SetThreadKeyIfAbsent {
 
 impl WriteOp for SetThreadKeyIfAbsent {
     type Out = ThreadRecord;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<ThreadRecord, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<ThreadRecord, StoreError>> {
         let key = keys::meta(&self.id);
-        let mut rec = match read_thread(db, txn, &key)? {
+        let mut rec = match read_thread(kv, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
@@ -289,7 +283,7 @@ impl WriteOp for SetThreadKeyIfAbsent {
         if rec.kms.is_some() {
             return Ok(Ok(rec));
         }
-        let newest = newest_message(db, txn, &self.id)?;
+        let newest = newest_message(kv, &self.id)?;
         if let Some(last) = newest {
             let plain_before = last.successor();
             tracing::info!(
@@ -304,22 +298,22 @@ impl WriteOp for SetThreadKeyIfAbsent {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        db.put(txn, &key, &value)?;
+        kv.put(&key, &value)?;
         Ok(Ok(rec))
     }
 }
 
 /// The id of the newest message of `thread`, if any.
-fn newest_message(db: &Db, txn: &RwTxn<'_>, thread: &ThreadId) -> heed::Result<Option<MessageId>> {
+fn newest_message(kv: &(impl KvRead + ?Sized), thread: &ThreadId) -> KvResult<Option<MessageId>> {
     let prefix = keys::msg_prefix(thread);
     let end = keys::msg_end(thread);
     let range = (
         Bound::Included(prefix.as_slice()),
         Bound::Excluded(end.as_slice()),
     );
-    for r in db.rev_range(txn, &range)? {
+    for r in kv.rev_range(range.0, range.1)? {
         let (k, _) = r?;
-        if let Some(id) = keys::parse_msg(&prefix, k) {
+        if let Some(id) = keys::parse_msg(&prefix, &k) {
             return Ok(Some(id));
         }
     }
@@ -335,27 +329,20 @@ pub struct DeleteThread {
 
 impl WriteOp for DeleteThread {
     type Out = ThreadRecord;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<ThreadRecord, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<ThreadRecord, StoreError>> {
         let key = keys::meta(&self.id);
-        let rec = match read_thread(db, txn, &key)? {
+        let rec = match read_thread(kv, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
         };
         let lo = keys::thread_prefix(&self.id);
         let hi = keys::thread_end(&self.id);
-        db.delete_range(
-            txn,
-            &(
-                Bound::Included(lo.as_slice()),
-                Bound::Excluded(hi.as_slice()),
-            ),
+        kv.delete_range(
+            Bound::Included(lo.as_slice()),
+            Bound::Excluded(hi.as_slice()),
         )?;
-        db.delete(txn, &keys::author_index(&rec.author, &self.id))?;
+        kv.delete(&keys::author_index(&rec.author, &self.id))?;
         Ok(Ok(rec))
     }
 }
@@ -369,8 +356,8 @@ pub struct RawPut {
 
 impl WriteOp for RawPut {
     type Out = ();
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
-        db.put(txn, &self.key, &self.value)?;
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<(), StoreError>> {
+        kv.put(&self.key, &self.value)?;
         Ok(Ok(()))
     }
 }

@@ -1,10 +1,9 @@
 //! The writes of a thread's DEK rotation or encryption job: its start, each migrated batch,
 //! its end, and its record (persisted, revived, and the server's key copies refreshed).
 
-use heed::RwTxn;
 use kms_api::ThreadId;
 
-use super::{keys, records, Db, StoreError};
+use super::{keys, records, StoreError};
 use crate::ids::MessageId;
 use crate::provider::ThreadKey;
 
@@ -12,12 +11,11 @@ use super::*;
 
 /// Reads a job record.
 pub(super) fn read_job(
-    db: &Db,
-    txn: &RwTxn<'_>,
+    kv: &(impl KvRead + ?Sized),
     id: &kms_api::admin::JobId,
-) -> heed::Result<Option<Result<records::JobRecord, StoreError>>> {
-    Ok(db.get(txn, &keys::job(id))?.map(|v| {
-        serde_json::from_slice::<records::JobRecord>(v).map_err(|e| {
+) -> KvResult<Option<Result<records::JobRecord, StoreError>>> {
+    Ok(kv.get(&keys::job(id))?.map(|v| {
+        serde_json::from_slice::<records::JobRecord>(&v).map_err(|e| {
             StoreError::Corrupt(format!(
                 "job record: {}",
                 crate::store::serde_error_text(&e)
@@ -47,13 +45,9 @@ pub struct StartRotation {
 
 impl WriteOp for StartRotation {
     type Out = RotationStart;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<RotationStart, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<RotationStart, StoreError>> {
         let meta_key = keys::meta(&self.thread);
-        let mut rec = match read_thread(db, txn, &meta_key)? {
+        let mut rec = match read_thread(kv, &meta_key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
@@ -66,7 +60,7 @@ impl WriteOp for StartRotation {
         // Every message stored so far was sealed under the old key, including one whose id
         // was taken after `self.start` by a post that committed before this transaction: the
         // new key starts after all of them.
-        let start = match newest_message(db, txn, &self.thread)? {
+        let start = match newest_message(kv, &self.thread)? {
             Some(newest) if newest >= self.start => newest.successor(),
             _ => self.start,
         };
@@ -83,8 +77,8 @@ impl WriteOp for StartRotation {
             (Ok(v), Ok(j)) => (v, j),
             (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
         };
-        db.put(txn, &meta_key, &value)?;
-        db.put(txn, &keys::job(&job.id), &job_value)?;
+        kv.put(&meta_key, &value)?;
+        kv.put(&keys::job(&job.id), &job_value)?;
         Ok(Ok(RotationStart::Started(job)))
     }
 }
@@ -115,9 +109,9 @@ pub struct MigrateBatch {
 
 impl WriteOp for MigrateBatch {
     type Out = usize;
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<usize, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<usize, StoreError>> {
         let meta_key = keys::meta(&self.thread);
-        let mut rec = match read_thread(db, txn, &meta_key)? {
+        let mut rec = match read_thread(kv, &meta_key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
@@ -136,15 +130,15 @@ impl WriteOp for MigrateBatch {
         let mut cursor = self.scanned_to;
         for m in &self.items {
             let key = keys::msg(&self.thread, m.id);
-            match db.get(txn, &key)? {
+            match kv.get(&key)? {
                 Some(current) if current == m.expected.as_slice() => match &m.new {
                     Some(new) => {
-                        db.put(txn, &key, new)?;
+                        kv.put(&key, new)?;
                         applied += 1;
                     }
                     // A tombstone has nothing to migrate and is not an unreadable message
                     // (the verification's allowance counts only those).
-                    None if records::is_tombstone_bytes(current) => {}
+                    None if records::is_tombstone_bytes(&current) => {}
                     None => left += 1,
                 },
                 // Deleted since the job read it: nothing to migrate.
@@ -173,8 +167,8 @@ impl WriteOp for MigrateBatch {
             (Ok(v), Ok(j)) => (v, j),
             (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
         };
-        db.put(txn, &meta_key, &value)?;
-        db.put(txn, &keys::job(&job.id), &job_value)?;
+        kv.put(&meta_key, &value)?;
+        kv.put(&keys::job(&job.id), &job_value)?;
         Ok(Ok(applied))
     }
 }
@@ -190,20 +184,20 @@ pub struct FinishRotation {
 
 impl WriteOp for FinishRotation {
     type Out = ();
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<(), StoreError>> {
         let meta_key = keys::meta(&self.thread);
-        if let Some(Ok(mut rec)) = read_thread(db, txn, &meta_key)? {
+        if let Some(Ok(mut rec)) = read_thread(kv, &meta_key)? {
             if rec.rotation.as_ref().is_some_and(|r| r.job == self.job.id) {
                 rec.rotation = None;
                 rec.plain_migration = None;
                 match to_json(&rec) {
-                    Ok(v) => db.put(txn, &meta_key, &v)?,
+                    Ok(v) => kv.put(&meta_key, &v)?,
                     Err(e) => return Ok(Err(e)),
                 }
             }
         }
         match to_json(&self.job) {
-            Ok(v) => db.put(txn, &keys::job(&self.job.id), &v)?,
+            Ok(v) => kv.put(&keys::job(&self.job.id), &v)?,
             Err(e) => return Ok(Err(e)),
         }
         Ok(Ok(()))
@@ -216,14 +210,14 @@ pub struct PutJob(pub records::JobRecord);
 
 impl WriteOp for PutJob {
     type Out = ();
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
-        if let Some(Ok(j)) = read_job(db, txn, &self.0.id)? {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<(), StoreError>> {
+        if let Some(Ok(j)) = read_job(kv, &self.0.id)? {
             if j.state.is_final() {
                 return Ok(Ok(()));
             }
         }
         match to_json(&self.0) {
-            Ok(v) => db.put(txn, &keys::job(&self.0.id), &v)?,
+            Ok(v) => kv.put(&keys::job(&self.0.id), &v)?,
             Err(e) => return Ok(Err(e)),
         }
         Ok(Ok(()))
@@ -240,9 +234,9 @@ pub struct RefreshKeyCopy {
 
 impl WriteOp for RefreshKeyCopy {
     type Out = bool;
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<bool, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<bool, StoreError>> {
         let meta_key = keys::meta(&self.thread);
-        let mut rec = match read_thread(db, txn, &meta_key)? {
+        let mut rec = match read_thread(kv, &meta_key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
@@ -253,7 +247,7 @@ impl WriteOp for RefreshKeyCopy {
         }
         rec.kms = Some(self.fresh.clone());
         match to_json(&rec) {
-            Ok(v) => db.put(txn, &meta_key, &v)?,
+            Ok(v) => kv.put(&meta_key, &v)?,
             Err(e) => return Ok(Err(e)),
         }
         Ok(Ok(true))
@@ -266,9 +260,9 @@ pub struct ReviveJob(pub records::JobRecord);
 
 impl WriteOp for ReviveJob {
     type Out = ();
-    fn apply(&self, db: &Db, txn: &mut RwTxn<'_>) -> heed::Result<Result<(), StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<(), StoreError>> {
         match to_json(&self.0) {
-            Ok(v) => db.put(txn, &keys::job(&self.0.id), &v)?,
+            Ok(v) => kv.put(&keys::job(&self.0.id), &v)?,
             Err(e) => return Ok(Err(e)),
         }
         Ok(Ok(()))

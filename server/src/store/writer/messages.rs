@@ -1,10 +1,9 @@
 //! The message writes: a post (checked against the thread's key for its id), an edit (sealed
 //! for the record's current edit state), a delete, under the author rule of the caller.
 
-use heed::RwTxn;
 use kms_api::ThreadId;
 
-use super::{keys, records, Db, StoreError};
+use super::{keys, records, StoreError};
 use crate::ids::{MessageId, Timestamp, UserId};
 use records::{Content, MessageRecord, RecordFormat, ThreadRecord};
 
@@ -72,18 +71,14 @@ pub(super) fn check_seal(
 impl WriteOp for PutMessage {
     /// The thread's updated [`ThreadRecord`] when the seal was counted against its key.
     type Out = Option<ThreadRecord>;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<Option<ThreadRecord>, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<Option<ThreadRecord>, StoreError>> {
         let meta_key = keys::meta(&self.thread);
-        let thread = match read_thread(db, txn, &meta_key)? {
+        let thread = match read_thread(kv, &meta_key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(t)) => t,
         };
-        if db.get(txn, &self.key)?.is_some() {
+        if kv.get(&self.key)?.is_some() {
             return Ok(Err(StoreError::Conflict("message id exists")));
         }
         // During a rotation the messages before its start are a fixed set the job walks:
@@ -96,33 +91,30 @@ impl WriteOp for PutMessage {
             Err(e) => return Ok(Err(e)),
         };
         let mut next = counted.clone().unwrap_or_else(|| thread.clone());
-        next.live_messages = Some(live_messages(db, txn, &thread)?.saturating_add(1));
+        next.live_messages = Some(live_messages(kv, &thread)?.saturating_add(1));
         match to_json(&next) {
-            Ok(v) => db.put(txn, &meta_key, &v)?,
+            Ok(v) => kv.put(&meta_key, &v)?,
             Err(e) => return Ok(Err(e)),
         }
-        db.put(txn, &self.key, &self.value)?;
+        kv.put(&self.key, &self.value)?;
         Ok(Ok(counted.map(|_| next)))
     }
 }
 
 /// How many live messages `thread` holds: its counter, or (a record from before the counter)
 /// a count of its message keys that are not tombstones.
-fn live_messages(db: &Db, txn: &RwTxn<'_>, thread: &ThreadRecord) -> heed::Result<u64> {
+fn live_messages(kv: &(impl KvRead + ?Sized), thread: &ThreadRecord) -> KvResult<u64> {
     if let Some(n) = thread.live_messages {
         return Ok(n);
     }
     let (lo, hi) = (keys::msg_prefix(&thread.id), keys::msg_end(&thread.id));
     let mut n = 0u64;
-    for r in db.range(
-        txn,
-        &(
-            std::ops::Bound::Included(lo.as_slice()),
-            std::ops::Bound::Excluded(hi.as_slice()),
-        ),
+    for r in kv.range(
+        std::ops::Bound::Included(lo.as_slice()),
+        std::ops::Bound::Excluded(hi.as_slice()),
     )? {
         let (_, v) = r?;
-        if !records::is_tombstone_bytes(v) {
+        if !records::is_tombstone_bytes(&v) {
             n += 1;
         }
     }
@@ -177,13 +169,12 @@ pub struct UpdateMessage {
 /// The message record at `key`; a tombstone is no message (`None`): it cannot be edited or
 /// deleted again.
 pub(super) fn read_message(
-    db: &Db,
-    txn: &RwTxn<'_>,
+    kv: &(impl KvRead + ?Sized),
     key: &[u8],
-) -> heed::Result<Option<Result<MessageRecord, StoreError>>> {
-    Ok(db
-        .get(txn, key)?
-        .and_then(|v| match serde_json::from_slice::<MessageRecord>(v) {
+) -> KvResult<Option<Result<MessageRecord, StoreError>>> {
+    Ok(kv
+        .get(key)?
+        .and_then(|v| match serde_json::from_slice::<MessageRecord>(&v) {
             Ok(r) if r.is_tombstone() => None,
             Ok(r) => Some(Ok(r)),
             Err(e) => Some(Err(StoreError::Corrupt(format!(
@@ -195,13 +186,9 @@ pub(super) fn read_message(
 
 impl WriteOp for UpdateMessage {
     type Out = MessageRecord;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<MessageRecord, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<MessageRecord, StoreError>> {
         let key = keys::msg(&self.thread, self.id);
-        let mut rec = match read_message(db, txn, &key)? {
+        let mut rec = match read_message(kv, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(r)) => r,
@@ -221,14 +208,14 @@ impl WriteOp for UpdateMessage {
             return Ok(Err(StoreError::Conflict("the edit count is exhausted")));
         };
         let meta_key = keys::meta(&self.thread);
-        let thread = match read_thread(db, txn, &meta_key)? {
+        let thread = match read_thread(kv, &meta_key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(Err(e)) => return Ok(Err(e)),
             Some(Ok(t)) => t,
         };
         match check_seal(&thread, self.id, self.sealed_with.as_ref()) {
             Ok(Some(t)) => match to_json(&t) {
-                Ok(v) => db.put(txn, &meta_key, &v)?,
+                Ok(v) => kv.put(&meta_key, &v)?,
                 Err(e) => return Ok(Err(e)),
             },
             Ok(None) => {}
@@ -242,7 +229,7 @@ impl WriteOp for UpdateMessage {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        db.put(txn, &key, &value)?;
+        kv.put(&key, &value)?;
         Ok(Ok(rec))
     }
 }
@@ -261,13 +248,9 @@ pub struct DeleteMessage {
 
 impl WriteOp for DeleteMessage {
     type Out = Option<MessageRecord>;
-    fn apply(
-        &self,
-        db: &Db,
-        txn: &mut RwTxn<'_>,
-    ) -> heed::Result<Result<Option<MessageRecord>, StoreError>> {
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<Option<MessageRecord>, StoreError>> {
         let key = keys::msg(&self.thread, self.id);
-        let rec = match read_message(db, txn, &key)? {
+        let rec = match read_message(kv, &key)? {
             None => return Ok(Err(StoreError::NotFound)),
             Some(r) => r.ok(),
         };
@@ -281,21 +264,21 @@ impl WriteOp for DeleteMessage {
         }
         // One live message fewer.
         let meta_key = keys::meta(&self.thread);
-        if let Some(Ok(mut t)) = read_thread(db, txn, &meta_key)? {
-            let live = live_messages(db, txn, &t)?;
+        if let Some(Ok(mut t)) = read_thread(kv, &meta_key)? {
+            let live = live_messages(kv, &t)?;
             t.live_messages = Some(live.saturating_sub(1));
             match to_json(&t) {
-                Ok(v) => db.put(txn, &meta_key, &v)?,
+                Ok(v) => kv.put(&meta_key, &v)?,
                 Err(e) => return Ok(Err(e)),
             }
         }
         match &rec {
             Some(r) => match to_json(&r.clone().tombstone(Timestamp::now())) {
-                Ok(v) => db.put(txn, &key, &v)?,
+                Ok(v) => kv.put(&key, &v)?,
                 Err(e) => return Ok(Err(e)),
             },
             None => {
-                db.delete(txn, &key)?;
+                kv.delete(&key)?;
             }
         }
         Ok(Ok(rec))
