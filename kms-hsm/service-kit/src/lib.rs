@@ -53,6 +53,7 @@ pub mod lmdb;
 pub mod locked;
 pub mod metrics;
 pub mod new_file;
+pub mod postgres;
 pub mod process;
 pub mod rate;
 pub mod routes;

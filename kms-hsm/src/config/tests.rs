@@ -193,7 +193,7 @@ fn postgres_store_settings_are_checked() {
     assert_eq!(p.pool_size, 16);
     assert_eq!(p.timeout, Duration::from_secs(5));
     assert_eq!(p.display_target(), "postgres://kms@/run/postgresql/kms");
-    assert!(p.pg_config().is_ok());
+    assert!(p.pg_config("progressdb-kms").is_ok());
     let err = |extra: &str| pg(extra).unwrap_err().to_string();
     let e = err("backend = \"postgres\"");
     assert!(e.contains("store.url is required"), "{e}");

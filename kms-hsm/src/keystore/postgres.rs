@@ -22,10 +22,9 @@
 
 use std::sync::Arc;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use kms_api::KeyId;
 use tokio::sync::mpsc;
-use tokio_postgres::error::SqlState;
 
 use super::{
     decode_record, encode_record, now_secs, AuditAnchor, AuditHead, Change, ChangePage, Compacted,
@@ -33,17 +32,15 @@ use super::{
     StoreError,
 };
 mod audit;
-mod connection;
 mod key_store;
 mod schema;
 
 pub use audit::AuditLock;
 use audit::{audit_writer, AuditAppend, AUDIT_QUEUE};
-use schema::migrate;
-pub use schema::{probe, MIGRATIONS, SCHEMA_VERSION};
+pub use schema::{probe, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 
 use crate::metrics::StoreMetrics;
-pub use connection::{InvalidPostgresConfig, PostgresConfig, PG_PASSWORD_ENV};
+pub use service_kit::postgres::{InvalidPostgresConfig, PostgresConfig, PG_PASSWORD_ENV};
 
 /// Most connections a store opens when `store.pool_size` is not set.
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -64,32 +61,20 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// A database error as a store error: `disk_full` is `NoSpace`, everything else `Io`. The
-/// text is the server's message (never a parameter value: statements carry records as
-/// parameters, and PostgreSQL does not echo them in errors of these statements).
+/// A database error as a store error: `disk_full` is `NoSpace`, everything else `Io`, with
+/// [`service_kit::postgres::describe`]'s text (never a parameter value).
 fn db_err(e: &tokio_postgres::Error) -> StoreError {
-    match e.code() {
-        Some(c) if *c == SqlState::DISK_FULL => StoreError::NoSpace(e.to_string()),
-        _ => StoreError::Io(match e.as_db_error() {
-            Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
-            None => {
-                // The causes say what failed (e.g. which certificate check).
-                let mut text = format!("postgres: {e}");
-                let mut cause = std::error::Error::source(e);
-                while let Some(c) = cause {
-                    text.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                text
-            }
-        }),
+    if service_kit::postgres::is_disk_full(e) {
+        StoreError::NoSpace(e.to_string())
+    } else {
+        StoreError::Io(service_kit::postgres::describe(e))
     }
 }
 
 fn pool_err(e: &deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(b) => db_err(b),
-        other => StoreError::Io(format!("postgres pool: {other}")),
+        other => StoreError::Io(service_kit::postgres::describe_pool(other)),
     }
 }
 
@@ -162,30 +147,6 @@ fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
         .map_err(|_| StoreError::Io(format!("{what} {n} is beyond PostgreSQL's bigint")))
 }
 
-/// How often the server checks, while it runs a statement of this process, that the
-/// process is still there (`client_connection_check_interval`, PostgreSQL 14 and later).
-const CLIENT_CHECK_MS: u32 = 250;
-
-/// Makes the server give up a statement of a KMS that died mid-statement (SIGKILL, host
-/// loss) within [`CLIENT_CHECK_MS`]. Without it, a statement waiting for a lock runs on until
-/// it gets the lock and only then finds its client gone; meanwhile the uncommitted rows it
-/// wrote (an idempotent create, an audit head) block the replica that took over for seconds.
-/// On a server older than 14 the setting does not exist: the connection is used without it.
-async fn check_client_connection(
-    client: &mut deadpool_postgres::ClientWrapper,
-) -> Result<(), deadpool_postgres::HookError> {
-    match client
-        .batch_execute(&format!(
-            "SET client_connection_check_interval = {CLIENT_CHECK_MS}"
-        ))
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(()),
-        Err(e) => Err(deadpool_postgres::HookError::Backend(e)),
-    }
-}
-
 impl PostgresStore {
     /// Connects, checks the server keeps commits durable, applies pending migrations and
     /// starts the audit writer.
@@ -198,52 +159,15 @@ impl PostgresStore {
             target: target.clone(),
             detail,
         };
-        let pg_config = cfg.pg_config().map_err(&open_err)?;
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        // Without `store.ca_file` the configuration has only Unix sockets or
-        // `sslmode=disable` (checked when it was loaded): no TLS to offer.
-        let manager = match &cfg.ca_file {
-            Some(_) => Manager::from_config(
-                pg_config,
-                tokio_postgres_rustls::MakeRustlsConnect::new(
-                    cfg.tls_client_config().map_err(&open_err)?,
-                ),
-                manager_config,
-            ),
-            None => Manager::from_config(pg_config, tokio_postgres::NoTls, manager_config),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(cfg.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(cfg.timeout))
-            .create_timeout(Some(cfg.timeout))
-            .recycle_timeout(Some(cfg.timeout))
-            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
-                Box::pin(async move { check_client_connection(client).await })
-            }))
-            .build()
-            .map_err(|e| open_err(e.to_string()))?;
+        let pool = service_kit::postgres::open_pool(cfg, "progressdb-kms").map_err(&open_err)?;
         let mut client = pool
             .get()
             .await
             .map_err(|e| open_err(pool_err(&e).to_string()))?;
-        for setting in ["fsync", "synchronous_commit"] {
-            let row = client
-                .query_one(&format!("SHOW {setting}"), &[])
-                .await
-                .map_err(|e| open_err(db_err(&e).to_string()))?;
-            let value: String = row.get(0);
-            if value == "off" {
-                return Err(open_err(format!(
-                    "the server runs with {setting} = off: a commit would not be durable"
-                )));
-            }
-        }
-        migrate(&mut client)
+        service_kit::postgres::require_durable(&client)
             .await
-            .map_err(|e| open_err(e.to_string()))?;
+            .map_err(&open_err)?;
+        SCHEMA.migrate(&mut client).await.map_err(&open_err)?;
         drop(client);
         let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
         let writer = tokio::spawn(audit_writer(pool.clone(), rx, metrics.clone()));

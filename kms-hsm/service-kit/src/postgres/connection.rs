@@ -1,12 +1,13 @@
-//! Where the PostgreSQL key store is and how to reach it (`store.backend = "postgres"`):
-//! the connection string (never a password), the password file, the CA that verifies the
-//! database's certificate, the pool and timeouts. [`crate::config`] builds it from the file;
-//! the store connects with it.
+//! Where a PostgreSQL store is and how to reach it (`store.backend = "postgres"`, the KMS's
+//! key store and the server's message store alike): the connection string (never a
+//! password), the password file, the CA that verifies the database's certificate, the pool
+//! and timeouts. Each binary's configuration builds it from its file; its store connects with
+//! it ([`super::open_pool`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use service_kit::secret_file;
+use crate::secret_file;
 
 /// A connection setting that cannot be used: the configuration key at fault and why.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +40,8 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// Connecting, waiting for a pooled connection, and each statement (`statement_timeout`).
     pub timeout: Duration,
-    /// How often the change feed is polled; a change made by another replica stops being
-    /// served from this one's cache within twice this ([`crate::coherence`]).
+    /// How often the change feed is polled; a change made by another process stops being
+    /// served from this one's cache within twice this.
     pub coherence: Duration,
 }
 
@@ -76,7 +77,7 @@ impl PostgresConfig {
     /// accepted across a network).
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] naming `store.url` or `store.ca_file`.
+    /// [`InvalidPostgresConfig`] naming `store.url` or `store.ca_file`.
     pub fn new(
         url: String,
         password_file: Option<PathBuf>,
@@ -149,11 +150,12 @@ impl PostgresConfig {
     }
 
     /// The connection settings, with the password read now (from `store.password_file`, or
-    /// `PGPASSWORD`) and the timeouts applied.
+    /// `PGPASSWORD`), the timeouts applied, and `app` as the application name the database
+    /// shows (unless the URL names one).
     ///
     /// # Errors
     /// One line naming what is wrong (never the password).
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+    pub fn pg_config(&self, app: &str) -> Result<tokio_postgres::Config, String> {
         use secrecy::ExposeSecret as _;
         let mut c: tokio_postgres::Config =
             self.url.parse().map_err(|e| format!("store.url: {e}"))?;
@@ -185,7 +187,7 @@ impl PostgresConfig {
         c.connect_timeout(self.timeout);
         c.options(format!("-c statement_timeout={}", self.timeout.as_millis()));
         if c.get_application_name().is_none() {
-            c.application_name("progressdb-kms");
+            c.application_name(app);
         }
         Ok(c)
     }
