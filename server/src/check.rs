@@ -32,7 +32,11 @@ pub fn run(path: &Path) -> Report {
             "use an address of this host and a port this user may bind (>= 1024 without CAP_NET_BIND_SERVICE)",
         ),
     }
-    r.store_dir(&cfg.store.path, crate::store::LOCK_FILE);
+    match cfg.store.postgres() {
+        Ok(Some(pg)) => r.postgres_store(&pg, &crate::store::postgres::SCHEMA, "progressdb", true),
+        Ok(None) => r.store_dir(&cfg.store.path, crate::store::LOCK_FILE),
+        Err(e) => r.problem(e.key, e.reason, "see docs/server.md, [store]"),
+    }
     if r.secret_file("auth.keys_file", &cfg.auth.keys_file) {
         match ApiKeys::load(&cfg.auth.keys_file) {
             Ok(_) => r.ok("auth.keys_file", "API keys and signing secret read"),

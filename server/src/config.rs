@@ -93,6 +93,8 @@ impl Config {
         abs(&mut self.store.path);
         abs(&mut self.auth.keys_file);
         for p in [
+            &mut self.store.password_file,
+            &mut self.store.ca_file,
             &mut self.kms.client_cert,
             &mut self.kms.client_key,
             &mut self.kms.ca,
@@ -110,8 +112,38 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.store.path.as_os_str().is_empty() {
-            return Err(ConfigError::invalid("store.path", "must not be empty"));
+        match self.store.backend {
+            StoreBackendKind::Lmdb => {
+                if self.store.path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid("store.path", "must not be empty"));
+                }
+                if self.store.url.is_some() {
+                    return Err(ConfigError::invalid(
+                        "store.url",
+                        "is for store.backend = \"postgres\"",
+                    ));
+                }
+            }
+            StoreBackendKind::Postgres => {
+                if !self.store.path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid(
+                        "store.path",
+                        "is for store.backend = \"lmdb\" (the messages are in store.url)",
+                    ));
+                }
+                if !(1..=1024).contains(&self.store.pool_size) {
+                    return Err(ConfigError::invalid("store.pool_size", "must be 1 to 1024"));
+                }
+                if !(1..=3600).contains(&self.store.timeout_secs) {
+                    return Err(ConfigError::invalid(
+                        "store.timeout_secs",
+                        "must be 1 to 3600",
+                    ));
+                }
+                self.store
+                    .postgres()
+                    .map_err(|e| ConfigError::invalid(e.key, e.reason))?;
+            }
         }
         if self.auth.keys_file.as_os_str().is_empty() {
             return Err(ConfigError::invalid("auth.keys_file", "must not be empty"));

@@ -250,6 +250,10 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %msg, "LMDB error");
                 ApiError::Internal
             }
+            StoreError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "store unavailable");
+                ApiError::Unavailable
+            }
         }
     }
 }

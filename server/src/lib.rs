@@ -102,26 +102,36 @@ impl Server {
         } else {
             None
         };
-        let mut opts = StoreOptions::new(
-            &cfg.store.path,
-            cfg.store.map_size_mb,
-            cfg.store.max_map_size_mb,
-        );
-        opts.max_batch_ops = cfg.store.max_batch_ops;
-        let store_metrics = metrics.store.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&opts, store_metrics))
-            .await
-            .map_err(|e| OpenError {
-                path: cfg.store.path.clone(),
-                message: e.to_string(),
-            })??;
+        let store = match cfg.store.postgres().map_err(|e| OpenError {
+            place: e.key.into(),
+            message: e.reason,
+        })? {
+            Some(pg) => {
+                Store::open_postgres(&pg, cfg.store.max_batch_ops, metrics.store.clone()).await?
+            }
+            None => {
+                let mut opts = StoreOptions::new(
+                    &cfg.store.path,
+                    cfg.store.map_size_mb,
+                    cfg.store.max_map_size_mb,
+                );
+                opts.max_batch_ops = cfg.store.max_batch_ops;
+                let store_metrics = metrics.store.clone();
+                let path = cfg.store.path.clone();
+                tokio::task::spawn_blocking(move || Store::open(&opts, store_metrics))
+                    .await
+                    .map_err(|e| OpenError::at_path(&path, e.to_string()))??
+            }
+        };
         // The copies a backup or restore that died left beside the store (this process holds
         // the store now).
-        crate::backup::remove_leftovers(store.path());
+        if let Some(dir) = store.lmdb_dir() {
+            crate::backup::remove_leftovers(dir);
+        }
         // Revoked users, read before the first request is served.
         let signature_generations = crate::auth::SignatureGenerations::new(
             store.signature_generations().await.map_err(|e| OpenError {
-                path: cfg.store.path.clone(),
+                place: "store".into(),
                 message: e.to_string(),
             })?,
         );

@@ -8,7 +8,7 @@
 //!
 //! `key_id` names the DEK that sealed it: the thread's key, or during a rotation the
 //! retiring one, until the rotation seals it again under the new key before it destroys the
-//! old ([`crate::jobs`]). A record written before sealing existed (or by a thread that got
+//! old ([`crate::service::jobs`]). A record written before sealing existed (or by a thread that got
 //! its DEK later) is plain until its next patch or rotation seals it.
 
 use std::sync::Arc;

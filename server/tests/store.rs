@@ -55,14 +55,77 @@ async fn open(dir: &std::path::Path, map_mb: u64, max_mb: u64) -> (Store, StoreM
     (s, m)
 }
 
+/// Where a test's store lives: both backends run the same tests (the map's growth is
+/// LMDB's own).
+enum Backend {
+    Lmdb(tempfile::TempDir),
+    /// A database of its own on the shared test cluster.
+    Postgres(String),
+}
+
+impl Backend {
+    fn lmdb() -> Self {
+        Backend::Lmdb(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> Self {
+        Backend::Postgres(testkit::pg::PgCluster::shared().new_database())
+    }
+
+    /// Opens the store (again: the data stays).
+    async fn open(&self) -> (Store, StoreMetrics) {
+        match self {
+            Backend::Lmdb(dir) => open(dir.path(), 8, 64).await,
+            Backend::Postgres(url) => {
+                let cfg = service_kit::postgres::PostgresConfig::new(
+                    url.clone(),
+                    None,
+                    None,
+                    4,
+                    std::time::Duration::from_secs(10),
+                    std::time::Duration::from_millis(500),
+                )
+                .unwrap();
+                let m = StoreMetrics::default();
+                let s = Store::open_postgres(&cfg, 1024, m.clone()).await.unwrap();
+                (s, m)
+            }
+        }
+    }
+}
+
+/// `test` as two tests, `test::lmdb` and `test::postgres`.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lmdb() {
+                super::$test(super::Backend::lmdb()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Backend::postgres()).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    concurrent_writes_are_group_committed_and_survive_reopen,
+    a_thread_prefix_never_matches_another_thread,
+    a_rotation_start_never_claims_a_message_sealed_before_it,
+    threads_per_author_are_bounded_inside_the_write,
+    an_unreadable_record_is_reported_without_its_text,
+    patches_write_only_over_what_they_read_and_under_the_current_key,
+);
+
 async fn close(s: Store) {
     tokio::task::spawn_blocking(move || drop(s)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writes_are_group_committed_and_survive_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, metrics) = open(dir.path(), 8, 64).await;
+async fn concurrent_writes_are_group_committed_and_survive_reopen(b: Backend) {
+    let (s, metrics) = b.open().await;
     let t = ThreadId::parse("t1").unwrap();
     s.write(CreateThread::new(
         thread("t1", "u"),
@@ -99,7 +162,7 @@ async fn concurrent_writes_are_group_committed_and_survive_reopen() {
     );
     close(s).await;
 
-    let (s, _) = open(dir.path(), 8, 64).await;
+    let (s, _) = b.open().await;
     let page = s.list_messages(&t, Order::Asc, None, 1000).await.unwrap();
     assert_eq!(page.items.len(), n as usize);
     assert!(!page.more);
@@ -141,7 +204,7 @@ async fn the_map_grows_then_refuses_without_corruption() {
     };
     assert_eq!(full, StoreError::Full);
     assert!(metrics.resizes.get() >= 2, "the map did not grow");
-    assert_eq!(s.map_size(), 4 << 20);
+    assert_eq!(s.map_size(), Some(4 << 20));
     // Small writes still fit; everything stored is intact.
     let (id, rec) = message(10_000, 1);
     s.write(PutMessage::new(&t, id, &rec, None).unwrap())
@@ -161,10 +224,8 @@ async fn the_map_grows_then_refuses_without_corruption() {
     close(s).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thread_prefix_never_matches_another_thread() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(dir.path(), 8, 8).await;
+async fn a_thread_prefix_never_matches_another_thread(b: Backend) {
+    let (s, _) = b.open().await;
     let names = ["ab", "abc", "ab-", "a", "ab_"];
     for (i, name) in names.iter().enumerate() {
         let t = ThreadId::parse(name).unwrap();
@@ -245,13 +306,11 @@ fn key(n: u8) -> progressdb::provider::ThreadKey {
 /// The rotation rule stays true at its edges: a message stored under the old key with an id
 /// after the start the job chose (a post that committed first) moves the start past it, and
 /// a post below the start once the rotation runs is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_start_never_claims_a_message_sealed_before_it() {
+async fn a_rotation_start_never_claims_a_message_sealed_before_it(b: Backend) {
     use progressdb::store::{
         JobKind, JobProgress, JobRecord, JobState, RotationStart, SealedBy, StartRotation,
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(dir.path(), 8, 64).await;
+    let (s, _) = b.open().await;
     let t = ThreadId::parse("t1").unwrap();
     let mut rec = thread("t1", "u");
     rec.kms = Some(key(1));
@@ -310,10 +369,8 @@ async fn a_rotation_start_never_claims_a_message_sealed_before_it() {
 /// `limits.max_threads_per_user` is checked inside the create's write transaction: eight
 /// concurrent creates by one author against a bound of three store exactly three; another
 /// author is not affected, and a delete makes room again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn threads_per_author_are_bounded_inside_the_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(dir.path(), 4, 8).await;
+async fn threads_per_author_are_bounded_inside_the_write(b: Backend) {
+    let (s, _) = b.open().await;
     let limit = ThreadsPerAuthor::AtMost(3);
     let tasks: Vec<_> = (0..8)
         .map(|i| {
@@ -353,10 +410,8 @@ async fn threads_per_author_are_bounded_inside_the_write() {
 /// A planted record that does not parse gives an error saying what failed and where, never
 /// the text it holds (serde's own message quotes it: `invalid type: string "..."`), since
 /// that text can be a title, which logs must not carry.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_record_is_reported_without_its_text() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(dir.path(), 4, 8).await;
+async fn an_unreadable_record_is_reported_without_its_text(b: Backend) {
+    let (s, _) = b.open().await;
     let t = ThreadId::parse("t1").unwrap();
     let marker = "TITLE-TEXT-THAT-MUST-NOT-BE-LOGGED";
     let planted = format!(r#"{{"id":"t1","title":"x","author":"u","created_at":"{marker}"}}"#);
@@ -382,11 +437,9 @@ async fn an_unreadable_record_is_reported_without_its_text() {
 /// A patch writes only over the state it read: a sealed title and metadata only over the
 /// sealed part given and only under the thread's key now (a seal under a key a rotation is
 /// retiring would be shredded with it), and plain ones only while the thread has no key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn patches_write_only_over_what_they_read_and_under_the_current_key() {
+async fn patches_write_only_over_what_they_read_and_under_the_current_key(b: Backend) {
     use progressdb::store::{PatchThread, SealedMeta};
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _) = open(dir.path(), 4, 8).await;
+    let (s, _) = b.open().await;
     let t = ThreadId::parse("t").unwrap();
     let mut rec = thread("t", "u");
     rec.kms = Some(key(2));

@@ -240,3 +240,123 @@ fn store_copy_moves_a_running_deployment_from_lmdb_to_postgres_and_back() {
         serde_json::from_str(&admin_cli(&kms, &["rotate-kek", "--json"])).unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
 }
+
+/// Points a provisioned server's `[store]` at the PostgreSQL database `url`.
+fn store_in_postgres(server: &Server, url: &str, extra: &str) {
+    let store = server.store.display().to_string();
+    server.edit_config(|t| {
+        t.replace(
+            &format!("[store]\npath = \"{store}\""),
+            &format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n{extra}"),
+        )
+    });
+}
+
+#[test]
+fn the_server_keeps_its_messages_in_postgres_through_a_sigkill_under_writers() {
+    let pg = PgCluster::shared();
+    let db = pg.new_database();
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let mut server = ServerBuilder::new(tmp.path()).kms(&kms).provision();
+    store_in_postgres(&server, &db, "");
+    server.restart();
+    let api = server.as_role(Role::Backend, "alice");
+    let admin = server.as_role(Role::Admin, "ops");
+
+    // Writers, then a SIGKILL once some of their writes are acknowledged (an event).
+    let acked: Acked = Arc::default();
+    let refused = Arc::new(AtomicU64::new(0));
+    let (stop, handles) = writers(&api, 4, &acked, &refused);
+    let started = Instant::now();
+    while acked
+        .lock()
+        .unwrap()
+        .values()
+        .map(|m| m.len())
+        .sum::<usize>()
+        < 40
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "fewer than 40 posts acknowledged in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.proc.sigkill();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Restarted at once (the dead server's lock on the database is let go when the
+    // database sees its connection close): every acknowledged write is there.
+    server.restart();
+    check(&api, &admin, &acked, 0);
+
+    // The messages are in the database, sealed: none of the store directory, and no
+    // posted text in any row.
+    assert!(
+        std::fs::read_dir(&server.store).unwrap().next().is_none(),
+        "the LMDB directory was used"
+    );
+    let name = db.rsplit("dbname=").next().unwrap().to_owned();
+    let rows: u64 = pg
+        .psql(&name, "SELECT count(*) FROM progressdb_kv")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rows > 40, "{rows} rows");
+    let texts: Vec<String> = acked
+        .lock()
+        .unwrap()
+        .values()
+        .flat_map(|m| m.values().cloned())
+        .take(20)
+        .collect();
+    assert!(!texts.is_empty());
+    let found = texts
+        .iter()
+        .map(|t| format!("position(convert_to('\"{t}\"', 'UTF8') IN v) > 0"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let plain: u64 = pg
+        .psql(
+            &name,
+            &format!("SELECT count(*) FROM progressdb_kv WHERE {found}"),
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(plain, 0, "a posted text is stored in plain");
+
+    // A second server on the same database is refused at start, naming why.
+    let other_root = tmp.path().join("second");
+    std::fs::create_dir_all(&other_root).unwrap();
+    let second = ServerBuilder::new(&other_root).kms(&kms).provision();
+    store_in_postgres(&second, &db, "timeout_secs = 1");
+    let out = Command::new(bin("progressdb"))
+        .args(["serve", "--config"])
+        .arg(&second.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("another progressdb server uses this database"),
+        "{text}"
+    );
+
+    // A backup of a PostgreSQL store is PostgreSQL's own: refused, saying so.
+    let out = Command::new(bin("progressdb"))
+        .args(["backup", "--config"])
+        .arg(&server.config)
+        .arg("--out")
+        .arg(tmp.path().join("b.pdbak"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("501"), "{text}");
+    assert!(server.proc.sigterm().success());
+}

@@ -182,6 +182,48 @@ impl Report {
         }
     }
 
+    /// A PostgreSQL store (`store.url`): its password file and CA read, and, when `connect`,
+    /// one connection (as `app`) that reads the schema version and applies no migration.
+    pub fn postgres_store(
+        &mut self,
+        pg: &crate::postgres::PostgresConfig,
+        schema: &crate::postgres::Schema,
+        app: &str,
+        connect: bool,
+    ) {
+        if let Some(f) = &pg.password_file {
+            if !self.secret_file("store.password_file", f) {
+                return;
+            }
+        }
+        if let Err(e) = pg.tls_client_config() {
+            self.problem(
+                "store.ca_file",
+                e,
+                "point it at the PEM certificate of the database's CA",
+            );
+            return;
+        }
+        if !connect {
+            return;
+        }
+        let target = pg.display_target();
+        match schema.probe(pg, app) {
+            Ok(version) => self.ok(
+                format!("store.url {target}"),
+                format!(
+                    "connected; schema version {version} (this binary knows {})",
+                    schema.newest()
+                ),
+            ),
+            Err(e) => self.problem(
+                format!("store.url {target}"),
+                e,
+                "check the database is up, reachable, and that the user and password are right",
+            ),
+        }
+    }
+
     /// A secret file named by `key`: present, a regular file, mode 0600 or stricter,
     /// readable, not empty. Returns whether it passed.
     pub fn secret_file(&mut self, key: &str, path: &Path) -> bool {

@@ -47,37 +47,12 @@ fn store(r: &mut Report, cfg: &Config, login: Login) {
         }
         StoreBackend::Postgres(pg) => pg,
     };
-    if let Some(f) = &pg.password_file {
-        if !r.secret_file("store.password_file", f) {
-            return;
-        }
-    }
-    if let Err(e) = pg.tls_client_config() {
-        r.problem(
-            "store.ca_file",
-            e,
-            "point it at the PEM certificate of the database's CA",
-        );
-        return;
-    }
-    if login == Login::Skip {
-        return;
-    }
-    let target = pg.display_target();
-    match crate::keystore::postgres::probe(pg) {
-        Ok(version) => r.ok(
-            format!("store.url {target}"),
-            format!(
-                "connected; schema version {version} (this KMS knows {})",
-                crate::keystore::postgres::SCHEMA_VERSION
-            ),
-        ),
-        Err(e) => r.problem(
-            format!("store.url {target}"),
-            e,
-            "check the database is up, reachable, and that the user and password are right",
-        ),
-    }
+    r.postgres_store(
+        pg,
+        &crate::keystore::postgres::SCHEMA,
+        "progressdb-kms",
+        login == Login::Try,
+    );
 }
 
 fn listen(r: &mut Report, cfg: &Config) {

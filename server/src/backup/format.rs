@@ -30,6 +30,9 @@ pub enum BackupError {
     /// growing meanwhile: nothing was copied.
     #[error("{free} bytes free beside the store; a backup needs {needed}")]
     NoSpace { needed: u64, free: u64 },
+    /// The store is on PostgreSQL: backed up with PostgreSQL's own tools.
+    #[error("a PostgreSQL store is backed up with PostgreSQL's own tools (pg_dump or a base backup: docs/operations.md)")]
+    OnPostgres,
 }
 
 impl From<std::io::Error> for BackupError {

@@ -49,15 +49,18 @@ impl Snapshot {
 /// [`BackupError`] when the copy, its summary or its digest fails (the temporary directory
 /// is removed).
 pub async fn snapshot(store: &Store, now_nanos: u64) -> Result<Snapshot, BackupError> {
-    remove_leftovers(store.path());
+    let Some(store_dir) = store.lmdb_dir() else {
+        return Err(BackupError::OnPostgres);
+    };
+    remove_leftovers(store_dir);
     // The copy lands beside the store: a copy that filled the disk would make the store's
     // own writes fail. It is at most the store's data file (compaction only removes).
-    let used = std::fs::metadata(store.path().join("data.mdb"))?.len();
-    let free = service_kit::disk::free_bytes(store.path())?;
+    let used = std::fs::metadata(store_dir.join("data.mdb"))?.len();
+    let free = service_kit::disk::free_bytes(store_dir)?;
     room_for_copy(used, free)?;
     let dir = tempfile::Builder::new()
         .prefix(TMP_PREFIX)
-        .tempdir_in(store.path())?;
+        .tempdir_in(store_dir)?;
     let data = dir.path().join("data.mdb");
     store
         .copy_compacted(&data)

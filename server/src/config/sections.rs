@@ -56,12 +56,42 @@ impl Default for HttpConfig {
     }
 }
 
+/// `store.backend`: where the messages live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackendKind {
+    /// LMDB files in `store.path` (the default).
+    #[default]
+    Lmdb,
+    /// A PostgreSQL database (`store.url`).
+    Postgres,
+}
+
 /// `[store]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// LMDB directory (created if missing).
+    #[serde(default)]
+    pub backend: StoreBackendKind,
+    /// LMDB directory (created if missing); with `backend = "lmdb"`.
+    #[serde(default)]
     pub path: PathBuf,
+    /// With `backend = "postgres"`: the libpq connection string, holding no password.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The database password (mode 0600), else `PGPASSWORD`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The CA that verifies the database's TLS certificate (required over TCP unless the
+    /// database is on this host and the URL says `sslmode=disable`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Most connections to the database.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Connecting, waiting for a connection, and each statement.
+    #[serde(default = "default_store_timeout_secs")]
+    pub timeout_secs: u64,
     /// Initial LMDB map size in MiB.
     #[serde(default = "default_map_size_mb")]
     pub map_size_mb: u64,
@@ -81,6 +111,44 @@ pub(super) fn default_max_map_size_mb() -> u64 {
 }
 pub(super) fn default_max_batch_ops() -> usize {
     1024
+}
+pub(super) fn default_pool_size() -> usize {
+    16
+}
+pub(super) fn default_store_timeout_secs() -> u64 {
+    5
+}
+
+impl StoreConfig {
+    /// With `backend = "postgres"`, where the database is and how to reach it.
+    ///
+    /// # Errors
+    /// [`InvalidPostgresConfig`](service_kit::postgres::InvalidPostgresConfig) naming the key.
+    pub fn postgres(
+        &self,
+    ) -> Result<
+        Option<service_kit::postgres::PostgresConfig>,
+        service_kit::postgres::InvalidPostgresConfig,
+    > {
+        if self.backend != StoreBackendKind::Postgres {
+            return Ok(None);
+        }
+        let Some(url) = self.url.clone() else {
+            return Err(service_kit::postgres::InvalidPostgresConfig {
+                key: "store.url",
+                reason: "is required with store.backend = \"postgres\"".into(),
+            });
+        };
+        service_kit::postgres::PostgresConfig::new(
+            url,
+            self.password_file.clone(),
+            self.ca_file.clone(),
+            self.pool_size,
+            std::time::Duration::from_secs(self.timeout_secs),
+            std::time::Duration::from_millis(500),
+        )
+        .map(Some)
+    }
 }
 
 /// `[auth]`

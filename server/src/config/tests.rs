@@ -188,3 +188,41 @@ fn replicas_are_listed_once_and_not_with_a_single_endpoint() {
         assert!(e.contains("kms.endpoints") && e.contains(why), "{e}");
     }
 }
+
+#[test]
+fn a_postgres_store_needs_its_url_and_no_path() {
+    let pg = |store: &str| MINIMAL.replace("path = \"/tmp/x\"", store);
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        &pg("backend = \"postgres\"\nurl = \"host=/run/postgresql dbname=progressdb\"\npassword_file = \"pw\""),
+    );
+    let cfg = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
+    let c = cfg.store.postgres().unwrap().expect("a postgres store");
+    assert_eq!(c.display_target(), "postgres://@/run/postgresql/progressdb");
+    // Relative files are the config file's neighbours.
+    assert_eq!(cfg.store.password_file, Some(d.path().join("pw")));
+    let e = err(&pg("backend = \"postgres\""));
+    assert!(e.contains("store.url"), "{e}");
+    let e = err(&MINIMAL.replace(
+        "path = \"/tmp/x\"",
+        "backend = \"postgres\"\npath = \"/tmp/x\"\nurl = \"host=/tmp dbname=x\"",
+    ));
+    assert!(e.contains("store.path"), "{e}");
+    // A password in the URL, or plain text across a network, is refused.
+    let e = err(&pg(
+        "backend = \"postgres\"\nurl = \"postgresql://u:secret@db.example/x\"",
+    ));
+    assert!(e.contains("store.url") && !e.contains("secret"), "{e}");
+    let e = err(&pg(
+        "backend = \"postgres\"\nurl = \"host=db.example dbname=x\"",
+    ));
+    assert!(e.contains("store.ca_file"), "{e}");
+    let e = err(&MINIMAL.replace(
+        "path = \"/tmp/x\"",
+        "path = \"/tmp/x\"\nurl = \"host=/tmp dbname=x\"",
+    ));
+    assert!(e.contains("store.url"), "{e}");
+    let e = err(&pg("backend = \"nosql\""));
+    assert!(e.contains("backend"), "{e}");
+}

@@ -12,7 +12,7 @@
 //!   `limits.max_body_bytes` (413). A client that stops reading its answer for
 //!   `http.write_timeout_secs` loses the connection ([`service_kit::guarded_io`]).
 //! * When the shutdown future completes (SIGTERM/SIGINT in the binary), the listener closes,
-//!   every connection finishes its in-flight request and closes, and [`serve`] waits up to
+//!   every connection finishes its in-flight request and closes, and [`serve()`] waits up to
 //!   `http.shutdown_grace_secs` for that. The connection itself, the accept back-off and the
 //!   shutdown are the KMS's too ([`service_kit::serve`]).
 

@@ -1,17 +1,17 @@
 //! ProgressDB's public HTTP API, served beside `/v1` so that ProgressDB's own SDKs (Python,
 //! Node, TypeScript, React) work against this server unchanged. The handlers call the same
-//! [`MessageService`] methods as `/v1`: authorization, limits and encryption are the
+//! `MessageService` methods as `/v1`: authorization, limits and encryption are the
 //! service's, and cannot drift between the two surfaces. What differs is only the shape:
 //!
 //! * Paths: `POST /backend/v1/sign`, `/frontend/v1/threads[/{threadKey}[/messages[/{id}]]]`,
 //!   `GET /admin/health`, `GET /admin/stats`, the admin reads of a user's threads and
 //!   messages (decrypted, never raw store values) and `encrypt-threads` (table in
 //!   [`routes`]).
-//! * Callers ([`caller`]): the key in `Authorization: Bearer` or `X-API-Key`. The frontend
+//! * Callers (`caller`): the key in `Authorization: Bearer` or `X-API-Key`. The frontend
 //!   paths take a signed frontend user, or a backend key acting for one user (`X-User-ID`,
 //!   else `?author=`), **scoped to that user** exactly as if it had signed in. Admin keys
 //!   serve `/admin/*` only, and signing is for backend keys (ProgressDB's path rules).
-//! * Answers ([`views`]): `{thread}` / `{message}` envelopes with `key`, `thread`, `author`,
+//! * Answers (`views`): `{thread}` / `{message}` envelopes with `key`, `thread`, `author`,
 //!   `created_ts` / `updated_ts` in unix nanoseconds; creates answer 202 with the new `key`
 //!   (what the SDKs read) and the stored item, updates 200, deletes 204; lists carry
 //!   ProgressDB's `pagination` (`before_anchor`, `after_anchor`, `has_before`, `has_after`,

@@ -1,5 +1,5 @@
 //! The server's own API (`/v1`, the probes, `/metrics` and its `/admin` routes): its route
-//! table, its extractors ([`extract`]) and handlers ([`handlers`]). Errors take the `/v1`
+//! table, its extractors (`extract`) and handlers (`handlers`). Errors take the `/v1`
 //! shape, `{"error": {"code", "message"}}` ([`super::answer::error_response`]).
 
 mod extract;

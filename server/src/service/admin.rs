@@ -349,6 +349,7 @@ impl MessageService {
             tracing::error!(error = %e, "backup failed");
             match e {
                 crate::backup::BackupError::NoSpace { .. } => ApiError::StorageFull,
+                crate::backup::BackupError::OnPostgres => ApiError::NotImplemented,
                 crate::backup::BackupError::Invalid(_)
                 | crate::backup::BackupError::NotEmpty(_)
                 | crate::backup::BackupError::Store(_)

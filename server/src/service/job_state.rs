@@ -1,4 +1,4 @@
-//! What the service holds for its jobs ([`crate::jobs`]): the automatic rotation policy and
+//! What the service holds for its jobs ([`crate::service::jobs`]): the automatic rotation policy and
 //! the jobs this process drives. Apart from the jobs themselves, so that the service holds it
 //! without importing the job runner (which drives jobs through the service).
 

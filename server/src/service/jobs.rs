@@ -61,9 +61,10 @@ use service_kit::jobs::StepError as Step;
 impl From<StoreError> for Step {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Full | StoreError::Closed | StoreError::Lmdb(_) => {
-                Step::Pause(e.to_string())
-            }
+            StoreError::Full
+            | StoreError::Closed
+            | StoreError::Lmdb(_)
+            | StoreError::Unavailable(_) => Step::Pause(e.to_string()),
             StoreError::NotFound
             | StoreError::Conflict(_)
             | StoreError::NotAuthor

@@ -1,12 +1,14 @@
 //! What the store's logic sees of a database: an ordered map of byte keys to byte values,
-//! read and written inside one transaction. Every write op ([`super::writer`]), scan
-//! ([`super::scan`]) and page ([`super::pages`]) is written once against these traits; a
-//! backend implements them ([`lmdb`]: LMDB through heed).
+//! read and written inside one transaction. Every write op (`writer`), scan
+//! (`scan`) and page (`pages`) is written once against these traits; a
+//! backend implements them (`lmdb`: LMDB through heed; `postgres`: a table of a
+//! PostgreSQL database).
 //!
 //! Keys compare as byte strings (memcmp order, shorter first on a common prefix), which is
-//! what the key layout of [`super::keys`] relies on.
+//! what the key layout of `keys` relies on.
 
 pub(crate) mod lmdb;
+pub(crate) mod postgres;
 
 use std::borrow::Cow;
 use std::ops::Bound;
@@ -26,12 +28,24 @@ pub type KvResult<T> = Result<T, KvError>;
 pub enum KvError {
     #[error("LMDB: {0}")]
     Lmdb(#[from] heed::Error),
+    #[error("{}", service_kit::postgres::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to the database within `store.timeout_secs`.
+    #[error("{0}")]
+    Pool(String),
 }
 
 impl From<KvError> for super::StoreError {
     fn from(e: KvError) -> Self {
         match e {
             KvError::Lmdb(e) => e.into(),
+            KvError::Postgres(e) if service_kit::postgres::is_disk_full(&e) => {
+                super::StoreError::Full
+            }
+            KvError::Postgres(e) => {
+                super::StoreError::Unavailable(service_kit::postgres::describe(&e))
+            }
+            KvError::Pool(m) => super::StoreError::Unavailable(m),
         }
     }
 }

@@ -1,22 +1,28 @@
-//! The LMDB store (heed): one [`heed::Env`] per process, one database, keys as in [`keys`].
+//! The message store: threads and messages under the keys of [`keys`], in one of two
+//! backends behind one ordered key-value transaction ([`kv`]), so every write op
+//! (`writer`), scan and page is written once:
 //!
-//! * **Reads** run on tokio's blocking pool ([`tokio::task::spawn_blocking`]), each in its own
-//!   short read transaction that never crosses an `.await`.
-//! * **Writes** go to a single dedicated writer thread (the shared
-//!   [`service_kit::group_commit`] writer, running the ops of [`writer`]) through a bounded
-//!   queue. The writer drains whatever is queued (up to `store.max_batch_ops`) into **one**
-//!   write transaction and commits it once: group commit. LMDB's commit fsyncs (no `NO_SYNC`-like
-//!   flags are set), and a caller is answered only after that commit returned, so an
-//!   acknowledged write is durable.
-//! * **Full map**: when a commit hits `MDB_MAP_FULL` the transaction is aborted (nothing is
-//!   written), the writer doubles the map (up to `store.max_map_size_mb`) while no transaction
-//!   is open in the process, and retries. At the limit, each write of the group is retried
-//!   alone and those that still do not fit fail with [`StoreError::Full`] (HTTP 507).
+//! * **LMDB** (`lmdb`, the default): one [`heed::Env`] per process. Reads run on tokio's
+//!   blocking pool, each in its own short read transaction that never crosses an `.await`.
+//!   Writes go to a single writer thread (the shared [`service_kit::group_commit`] writer)
+//!   through a bounded queue; it drains what is queued (up to `store.max_batch_ops`) into
+//!   **one** write transaction and commits it once: group commit. LMDB's commit fsyncs, and a
+//!   caller is answered only after it returned, so an acknowledged write is durable. When a
+//!   commit hits `MDB_MAP_FULL` nothing is written, the map doubles (up to
+//!   `store.max_map_size_mb`) while no transaction is open, and the group is retried; at the
+//!   limit each write is retried alone and those that do not fit fail with
+//!   [`StoreError::Full`] (HTTP 507).
+//! * **PostgreSQL** (`postgres`, `store.backend = "postgres"`): the same keys and values in
+//!   one table; snapshot reads, serializable group commits, one server per database for now
+//!   (docs/scaling.md).
 
 pub mod aad;
 pub mod keys;
 pub mod kv;
+mod lmdb;
 mod pages;
+pub mod postgres;
+mod queue;
 pub mod records;
 mod scan;
 mod types;
@@ -32,15 +38,13 @@ use scan::*;
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use heed::types::Bytes;
-use heed::{Database, Env, EnvOpenOptions, WithoutTls};
+use heed::Database;
 use kms_api::ThreadId;
-use kv::lmdb::LmdbRead;
 use kv::KvRead;
-use service_kit::group_commit::{self, GroupCommitWriter, Write};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::ids::{MessageId, UserId};
 use crate::metrics::StoreMetrics;
@@ -57,21 +61,10 @@ pub use writer::{
 /// The one LMDB database: raw byte keys and values.
 pub type Db = Database<Bytes, Bytes>;
 
-pub(crate) struct StoreEnv {
-    env: Env<WithoutTls>,
-    db: Db,
-    /// Read transactions hold it shared; a map resize holds it exclusively, because
-    /// `mdb_env_set_mapsize` requires that no transaction is open in the process.
-    gate: Arc<RwLock<()>>,
-    path: PathBuf,
-}
-
-struct Inner {
-    shared: Arc<StoreEnv>,
-    tx: Mutex<Option<mpsc::Sender<Box<dyn Write>>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// `progressdb.lock`, exclusively `flock`ed: one process per store.
-    _lock: std::fs::File,
+/// Where the store's data lives.
+enum Backend {
+    Lmdb(lmdb::LmdbBackend),
+    Postgres(Box<postgres::PgBackend>),
 }
 
 /// The store's lock file.
@@ -86,37 +79,19 @@ pub fn compact(dir: &Path) -> Result<(u64, u64), String> {
     service_kit::lmdb::compact(dir, LOCK_FILE, 1)
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Closing the queue lets the writer finish what is queued and exit.
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            if h.join().is_err() {
-                tracing::error!("LMDB writer thread panicked");
-            }
-        }
-    }
-}
-
 /// A cheap-to-clone handle to the store.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    backend: Arc<Backend>,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.inner.shared.path)
-            .finish()
+        match &*self.backend {
+            Backend::Lmdb(l) => f.debug_struct("Store").field("path", &l.path()).finish(),
+            Backend::Postgres(p) => f.debug_struct("Store").field("url", &p.target()).finish(),
+        }
     }
-}
-
-fn read_guard(gate: &RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
-    gate.read().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Store {
@@ -126,66 +101,43 @@ impl Store {
     /// # Errors
     /// [`OpenError`] naming the directory.
     pub fn open(opts: &StoreOptions, metrics: StoreMetrics) -> Result<Self, OpenError> {
-        let err = |message: String| OpenError {
-            path: opts.path.clone(),
-            message,
-        };
-        let mut o = EnvOpenOptions::new().read_txn_without_tls();
-        o.map_size(opts.map_size).max_readers(1024).max_dbs(1);
-        let service_kit::lmdb::Opened { env, lock } =
-            service_kit::lmdb::open(&opts.path, LOCK_FILE, &o).map_err(err)?;
-        let mut wtxn = env.write_txn().map_err(|e| err(e.to_string()))?;
-        let db: Db = env
-            .create_database(&mut wtxn, None)
-            .map_err(|e| err(e.to_string()))?;
-        wtxn.commit().map_err(|e| err(e.to_string()))?;
-        let map_size = env.info().map_size;
-        metrics
-            .map_size_bytes
-            .set(i64::try_from(map_size).unwrap_or(i64::MAX));
-        let gate = Arc::new(RwLock::new(()));
-        let shared = Arc::new(StoreEnv {
-            env: env.clone(),
-            db,
-            gate: gate.clone(),
-            path: opts.path.clone(),
-        });
-        let (tx, rx) = mpsc::channel(opts.max_batch_ops.max(1) * 4);
-        let w = GroupCommitWriter::new(
-            env,
-            gate,
-            rx,
-            group_commit::Options {
-                max_batch: opts.max_batch_ops.max(1),
-                max_map_size: opts.max_map_size.max(map_size),
-            },
-            service_kit::group_commit::MetricsObserver {
-                metrics,
-                store: "store",
-                map_setting: "store.max_map_size_mb",
-            },
-        );
-        let handle = std::thread::Builder::new()
-            .name("progressdb-writer".into())
-            .spawn(move || w.run())
-            .map_err(|e| err(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
-            inner: Arc::new(Inner {
-                shared,
-                tx: Mutex::new(Some(tx)),
-                _lock: lock,
-                writer: Mutex::new(Some(handle)),
-            }),
+            backend: Arc::new(Backend::Lmdb(lmdb::LmdbBackend::open(opts, metrics)?)),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.shared.path
+    /// Opens the store in the PostgreSQL database `cfg` names (applying pending migrations)
+    /// and starts the writer thread: groups of up to `max_batch_ops` writes.
+    ///
+    /// # Errors
+    /// [`OpenError`] naming the database (never its password): unreachable, commits not
+    /// durable, a schema newer than this binary, or another server using it.
+    pub async fn open_postgres(
+        cfg: &service_kit::postgres::PostgresConfig,
+        max_batch_ops: usize,
+        metrics: StoreMetrics,
+    ) -> Result<Self, OpenError> {
+        Ok(Self {
+            backend: Arc::new(Backend::Postgres(Box::new(
+                postgres::PgBackend::open(cfg, max_batch_ops, metrics).await?,
+            ))),
+        })
     }
 
-    /// Current map size in bytes.
-    pub fn map_size(&self) -> usize {
-        self.inner.shared.env.info().map_size
+    /// The LMDB store's directory; `None` on PostgreSQL.
+    pub fn lmdb_dir(&self) -> Option<&Path> {
+        match &*self.backend {
+            Backend::Lmdb(l) => Some(l.path()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The LMDB map's current size in bytes; `None` on PostgreSQL.
+    pub fn map_size(&self) -> Option<usize> {
+        match &*self.backend {
+            Backend::Lmdb(l) => Some(l.map_size()),
+            Backend::Postgres(_) => None,
+        }
     }
 
     /// Queues `op` for the writer and waits until its group commit is durable.
@@ -194,52 +146,40 @@ impl Store {
     /// The op's own error ([`StoreError::NotFound`]...), or the commit's.
     pub async fn write<O: WriteOp>(&self, op: O) -> Result<O::Out, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let job = writer::pending(op, self.inner.shared.db, reply);
-        let tx = {
-            let guard = self.inner.tx.lock().unwrap_or_else(|p| p.into_inner());
-            guard.clone().ok_or(StoreError::Closed)?
-        };
-        tx.send(job).await.map_err(|_| StoreError::Closed)?;
+        let job = writer::pending(op, reply);
+        match &*self.backend {
+            Backend::Lmdb(l) => l.write(job).await?,
+            Backend::Postgres(p) => p.write(job).await?,
+        }
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs `f` in a read transaction on the blocking pool.
+    /// Runs `f` in a read transaction (one snapshot) on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn KvRead) -> Result<T, StoreError> + Send + 'static,
     {
-        let shared = self.inner.shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let _gate = read_guard(&shared.gate);
-            let txn = shared.env.read_txn()?;
-            f(&LmdbRead {
-                db: shared.db,
-                txn: &txn,
-            })
-        })
-        .await
-        .map_err(|e| StoreError::Lmdb(format!("read task failed: {e}")))?
+        match &*self.backend {
+            Backend::Lmdb(l) => l.read(f).await,
+            Backend::Postgres(p) => p.read(f).await,
+        }
     }
 
     /// Writes LMDB's compacting copy of the store to `path` (a new file), under one read
     /// transaction, and syncs it.
     ///
     /// # Errors
-    /// [`StoreError`] when the copy fails.
+    /// [`StoreError`] when the copy fails; on PostgreSQL, always (backed up with its own
+    /// tools).
     pub async fn copy_compacted(&self, path: &Path) -> Result<(), StoreError> {
-        let shared = self.inner.shared.clone();
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let _gate = read_guard(&shared.gate);
-            let f = shared
-                .env
-                .copy_to_path(&path, heed::CompactionOption::Enabled)?;
-            f.sync_all()
-                .map_err(|e| StoreError::Lmdb(format!("syncing the copy: {e}")))
-        })
-        .await
-        .map_err(|e| StoreError::Lmdb(format!("copy task failed: {e}")))?
+        match &*self.backend {
+            Backend::Lmdb(l) => l.copy_compacted(path).await,
+            Backend::Postgres(_) => Err(StoreError::Unavailable(
+                "a PostgreSQL store is backed up with PostgreSQL's tools (docs/operations.md)"
+                    .into(),
+            )),
+        }
     }
 
     /// Checks that a read transaction can be opened and that the writer is running.
@@ -247,12 +187,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] when not.
     pub async fn check(&self) -> Result<(), StoreError> {
-        let writer_alive = self
-            .inner
-            .writer
-            .lock()
-            .map(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
-            .unwrap_or(false);
+        let writer_alive = match &*self.backend {
+            Backend::Lmdb(l) => l.alive(),
+            Backend::Postgres(p) => p.alive(),
+        };
         if !writer_alive {
             return Err(StoreError::Closed);
         }

@@ -347,7 +347,7 @@ pub(super) fn list_messages(
 }
 
 /// The page of `w` over `items`, a listing already in memory in ascending order of `id`
-/// (the same windows as the store's own listings, by the same [`window`]).
+/// (the same windows as the store's own listings, by the same `window`).
 pub fn window_of_sorted<T: Clone, C: Clone + Ord>(
     items: &[T],
     id: impl Fn(&T) -> C,

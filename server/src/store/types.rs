@@ -28,6 +28,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("LMDB: {0}")]
     Lmdb(String),
+    /// The database cannot be reached or failed (PostgreSQL): nothing was written; retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<heed::Error> for StoreError {
@@ -39,12 +42,30 @@ impl From<heed::Error> for StoreError {
     }
 }
 
-/// Why the store could not be opened: names the directory.
+/// Why the store could not be opened: names the directory or the database (never a
+/// password).
 #[derive(Debug, thiserror::Error)]
-#[error("store.path {path}: {message}")]
+#[error("{place}: {message}")]
 pub struct OpenError {
-    pub path: PathBuf,
+    /// `store.path <dir>` or `store.url <database>`.
+    pub place: String,
     pub message: String,
+}
+
+impl OpenError {
+    pub fn at_path(path: &std::path::Path, message: String) -> Self {
+        Self {
+            place: format!("store.path {}", path.display()),
+            message,
+        }
+    }
+
+    pub fn at_url(target: &str, message: String) -> Self {
+        Self {
+            place: format!("store.url {target}"),
+            message,
+        }
+    }
 }
 
 /// Store settings.

@@ -39,49 +39,79 @@ pub trait WriteOp: Send + 'static {
     fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<Self::Out, StoreError>>;
 }
 
-/// A queued op with its reply channel and the database it writes to.
+/// A write waiting in a backend's queue: applied in the group's transaction (perhaps more
+/// than once, when the group is tried again), then told how the group's commit went.
+pub(crate) trait Queued: Send {
+    /// Applies the op; `Err` aborts the group.
+    ///
+    /// # Errors
+    /// [`KvError`] from the database.
+    fn apply(&mut self, kv: &mut dyn KvWrite) -> KvResult<()>;
+
+    /// Answers the caller: the op's own result when the group committed, else `commit`'s
+    /// error.
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>);
+}
+
+/// A queued op with its reply channel.
 struct Pending<O: WriteOp> {
     op: O,
-    db: Db,
     result: Option<Result<O::Out, StoreError>>,
     reply: oneshot::Sender<Result<O::Out, StoreError>>,
 }
 
-/// `op` as a write for the shared group-commit writer.
+/// `op` as a queued write.
 pub(crate) fn pending<O: WriteOp>(
     op: O,
-    db: Db,
     reply: oneshot::Sender<Result<O::Out, StoreError>>,
-) -> Box<dyn Write> {
+) -> Box<dyn Queued> {
     Box::new(Pending {
         op,
-        db,
         result: None,
         reply,
     })
 }
 
-impl<O: WriteOp> Write for Pending<O> {
+impl<O: WriteOp> Queued for Pending<O> {
+    fn apply(&mut self, kv: &mut dyn KvWrite) -> KvResult<()> {
+        self.result = Some(self.op.apply(kv)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+        let answer = match (commit, self.result) {
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(StoreError::Lmdb("write was not applied".into())),
+            (Err(e), _) => Err(e),
+        };
+        // The caller may have gone away (client disconnected): the write stands regardless.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// A queued write as the shared LMDB group-commit writer takes it.
+pub(crate) struct LmdbQueued {
+    pub(crate) db: Db,
+    pub(crate) inner: Box<dyn Queued>,
+}
+
+impl Write for LmdbQueued {
     fn apply(&mut self, txn: &mut RwTxn<'_>) -> heed::Result<()> {
-        let mut kv = LmdbWrite { db: self.db, txn };
-        match self.op.apply(&mut kv) {
-            Ok(r) => {
-                self.result = Some(r);
-                Ok(())
-            }
+        match self.inner.apply(&mut LmdbWrite { db: self.db, txn }) {
+            Ok(()) => Ok(()),
             Err(KvError::Lmdb(e)) => Err(e),
+            // (LMDB's transaction raises no other kind.)
+            Err(e @ (KvError::Postgres(_) | KvError::Pool(_))) => {
+                Err(heed::Error::Io(std::io::Error::other(e.to_string())))
+            }
         }
     }
 
     fn finish(self: Box<Self>, commit: Result<(), CommitError>) {
-        let answer = match (commit, self.result) {
-            (Ok(()), Some(r)) => r,
-            (Ok(()), None) => Err(StoreError::Lmdb("write was not applied".into())),
-            (Err(CommitError::MapFull | CommitError::NoSpace(_)), _) => Err(StoreError::Full),
-            (Err(CommitError::Lmdb(m)), _) => Err(StoreError::Lmdb(m)),
-        };
-        // The caller may have gone away (client disconnected): the write stands regardless.
-        let _ = self.reply.send(answer);
+        self.inner.finish(commit.map_err(|e| match e {
+            CommitError::MapFull | CommitError::NoSpace(_) => StoreError::Full,
+            CommitError::Lmdb(m) => StoreError::Lmdb(m),
+        }));
     }
 }
 

@@ -1,0 +1,266 @@
+//! The PostgreSQL backend (`store.backend = "postgres"`): the same keys and values as LMDB,
+//! in one table (`progressdb_kv`), through a `deadpool-postgres` pool
+//! ([`service_kit::postgres`], shared with the KMS's key store).
+//!
+//! * **Reads**: each in one `REPEATABLE READ, READ ONLY` transaction on tokio's blocking
+//!   pool: one snapshot, as an LMDB read transaction.
+//! * **Writes**: one writer thread takes queued writes in groups (up to
+//!   `store.max_batch_ops`), applies them in one `SERIALIZABLE` transaction and commits once;
+//!   a caller is answered after the commit. A group that meets a serialization failure or a
+//!   deadlock is tried again whole (the ops are written to be applied more than once); one
+//!   that fails otherwise is tried again one write at a time, so one bad write fails alone.
+//! * **Durability**: the store refuses a server with `fsync` or `synchronous_commit` off.
+//! * **One server per database**, for now: the server holds a session advisory lock on the
+//!   database for as long as it runs, and a second server is refused at start. The thread
+//!   cache, message ids and job drivers of several servers on one database are not yet made
+//!   coherent (docs/scaling.md).
+//! * **Errors**: a database that cannot be reached or fails is [`StoreError::Unavailable`]
+//!   (503); `disk_full` is [`StoreError::Full`] (507). Nothing is half-written: every write
+//!   is in its group's transaction.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use service_kit::postgres::{describe_pool, PostgresConfig, Schema};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::IsolationLevel;
+
+use super::kv::postgres::PgKv;
+use super::kv::{KvError, KvRead};
+use super::queue::WriteQueue;
+use super::writer::Queued;
+use super::{OpenError, StoreError};
+use crate::metrics::StoreMetrics;
+
+/// The message store's schema.
+pub const SCHEMA: Schema = Schema {
+    table: "progressdb_schema_migrations",
+    // "pdbsrv" in ASCII.
+    lock: 0x7064_6273_7276,
+    migrations: &[(
+        1,
+        "the key-value table",
+        r#"
+CREATE TABLE progressdb_kv (
+    k bytea PRIMARY KEY,
+    v bytea NOT NULL
+);
+"#,
+    )],
+    owner: "the server",
+};
+
+/// The session advisory lock a server holds on its database ("pdbone" in ASCII).
+const ONE_SERVER_LOCK: i64 = 0x7064_626f_6e65;
+
+/// How many times a group that meets a serialization failure is tried before it fails.
+const TRIES: u32 = 8;
+
+pub(crate) struct PgBackend {
+    pool: Pool,
+    target: String,
+    queue: WriteQueue<Box<dyn Queued>>,
+    /// The connection that holds [`ONE_SERVER_LOCK`] (released when it closes).
+    _lock: deadpool_postgres::Object,
+}
+
+fn unavailable(e: &deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(describe_pool(e))
+}
+
+/// Whether the group may succeed when tried again as it is.
+fn retryable(e: &KvError) -> bool {
+    match e {
+        KvError::Postgres(p) => matches!(
+            p.code(),
+            Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+        ),
+        KvError::Lmdb(_) | KvError::Pool(_) => false,
+    }
+}
+
+impl PgBackend {
+    /// Connects, checks commits are durable, applies pending migrations, takes the
+    /// one-server lock and starts the writer thread.
+    pub(crate) async fn open(
+        cfg: &PostgresConfig,
+        max_batch: usize,
+        metrics: StoreMetrics,
+    ) -> Result<Self, OpenError> {
+        let target = cfg.display_target();
+        let err = |message: String| OpenError::at_url(&target, message);
+        let pool = service_kit::postgres::open_pool(cfg, "progressdb").map_err(err)?;
+        let mut client = pool.get().await.map_err(|e| err(describe_pool(&e)))?;
+        service_kit::postgres::require_durable(&client)
+            .await
+            .map_err(err)?;
+        SCHEMA.migrate(&mut client).await.map_err(err)?;
+        // A server that just stopped or died may hold the lock for a moment more (until the
+        // database sees its connection close): tried until `store.timeout_secs`.
+        let started = std::time::Instant::now();
+        loop {
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&ONE_SERVER_LOCK])
+                .await
+                .map_err(|e| err(service_kit::postgres::describe(&e)))?
+                .get(0);
+            if locked {
+                break;
+            }
+            if started.elapsed() >= cfg.timeout {
+                return Err(err(
+                    "another progressdb server uses this database: one server per database (docs/scaling.md)"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let handle = Handle::current();
+        let writer_pool = pool.clone();
+        let max_batch = max_batch.max(1);
+        let queue = WriteQueue::start("progressdb-pg-writer", max_batch * 4, move |rx| {
+            run_writer(&handle, &writer_pool, rx, max_batch, &metrics);
+        })
+        .map_err(err)?;
+        tracing::info!(store = %target, "message store open (postgres)");
+        Ok(Self {
+            pool,
+            target,
+            queue,
+            _lock: client,
+        })
+    }
+
+    pub(crate) fn target(&self) -> &str {
+        &self.target
+    }
+
+    pub(crate) async fn write(&self, w: Box<dyn Queued>) -> Result<(), StoreError> {
+        self.queue.send(w).await
+    }
+
+    pub(crate) fn alive(&self) -> bool {
+        self.queue.alive()
+    }
+
+    /// Runs `f` in one `REPEATABLE READ, READ ONLY` transaction on the blocking pool.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn KvRead) -> Result<T, StoreError> + Send + 'static,
+    {
+        let mut client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+        let handle = Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let tx = handle
+                .block_on(
+                    client
+                        .build_transaction()
+                        .isolation_level(IsolationLevel::RepeatableRead)
+                        .read_only(true)
+                        .start(),
+                )
+                .map_err(|e| StoreError::from(KvError::from(e)))?;
+            let out = f(&PgKv {
+                handle: handle.clone(),
+                tx: &tx,
+            })?;
+            handle
+                .block_on(tx.commit())
+                .map_err(|e| StoreError::from(KvError::from(e)))?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+/// The writer thread: groups of queued writes, each group in one serializable transaction.
+fn run_writer(
+    handle: &Handle,
+    pool: &Pool,
+    mut rx: mpsc::Receiver<Box<dyn Queued>>,
+    max_batch: usize,
+    metrics: &StoreMetrics,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < max_batch {
+            match rx.try_recv() {
+                Ok(w) => group.push(w),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = commit_retrying(handle, pool, &mut group);
+        match &result {
+            Ok(()) => metrics.committed(group.len(), started.elapsed()),
+            Err(_) => {
+                metrics.commit_errors.inc();
+            }
+        }
+        match result {
+            Ok(()) => group.into_iter().for_each(|w| w.finish(Ok(()))),
+            Err(_) if group.len() > 1 => {
+                // One write may be what fails the group: each alone, so it fails alone.
+                for mut w in group {
+                    let r = commit_retrying(handle, pool, std::slice::from_mut(&mut w));
+                    w.finish(r);
+                }
+            }
+            Err(e) => group.into_iter().for_each(|w| w.finish(Err(e.clone()))),
+        }
+    }
+}
+
+/// [`commit`], tried again after a serialization failure or deadlock (with a short growing
+/// pause), up to [`TRIES`] times.
+fn commit_retrying(
+    handle: &Handle,
+    pool: &Pool,
+    group: &mut [Box<dyn Queued>],
+) -> Result<(), StoreError> {
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        match commit(handle, pool, group) {
+            Ok(()) => return Ok(()),
+            Err(e) if retryable(&e) && tried < TRIES => {
+                tracing::debug!(error = %e, tried, "write group tried again");
+                std::thread::sleep(Duration::from_millis(u64::from(tried) * 5));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "write group failed");
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+/// Applies `group` in one serializable transaction and commits it.
+fn commit(handle: &Handle, pool: &Pool, group: &mut [Box<dyn Queued>]) -> Result<(), KvError> {
+    let mut client = match handle.block_on(pool.get()) {
+        Ok(c) => c,
+        Err(deadpool_postgres::PoolError::Backend(e)) => return Err(e.into()),
+        Err(other) => {
+            return Err(KvError::Pool(describe_pool(&other)));
+        }
+    };
+    let tx = handle.block_on(
+        client
+            .build_transaction()
+            .isolation_level(IsolationLevel::Serializable)
+            .start(),
+    )?;
+    let mut kv = PgKv {
+        handle: handle.clone(),
+        tx: &tx,
+    };
+    for w in group.iter_mut() {
+        w.apply(&mut kv)?;
+    }
+    handle.block_on(tx.commit())?;
+    Ok(())
+}
