@@ -131,8 +131,10 @@ impl Config {
                         "is for store.backend = \"lmdb\" (the messages are in store.url)",
                     ));
                 }
-                if !(1..=1024).contains(&self.store.pool_size) {
-                    return Err(ConfigError::invalid("store.pool_size", "must be 1 to 1024"));
+                // One connection holds the one-server lock and the writer takes one per
+                // group: at least one more is left for reads.
+                if !(3..=1024).contains(&self.store.pool_size) {
+                    return Err(ConfigError::invalid("store.pool_size", "must be 3 to 1024"));
                 }
                 if !(1..=3600).contains(&self.store.timeout_secs) {
                     return Err(ConfigError::invalid(

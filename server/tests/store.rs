@@ -170,6 +170,26 @@ async fn concurrent_writes_are_group_committed_and_survive_reopen(b: Backend) {
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted);
+    // Newest first, in one page and page by page (a backend that reads a range in chunks
+    // crosses their edges here).
+    let desc = s.list_messages(&t, Order::Desc, None, 1000).await.unwrap();
+    let mut reversed = ids.clone();
+    reversed.reverse();
+    assert_eq!(
+        desc.items.iter().map(|m| m.id).collect::<Vec<_>>(),
+        reversed
+    );
+    let mut walked = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = s.list_messages(&t, Order::Desc, cursor, 37).await.unwrap();
+        walked.extend(p.items.iter().map(|m| m.id));
+        cursor = p.items.last().map(|m| m.id);
+        if !p.more {
+            break;
+        }
+    }
+    assert_eq!(walked, reversed);
     let page = s
         .list_messages(&t, Order::Desc, Some(ids[10]), 3)
         .await
