@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod provider;
 pub mod service;
 pub mod store;
+pub mod store_copy;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -22,6 +22,29 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy the whole store into a new, empty one (LMDB to PostgreSQL or back), then read
+    /// both again and compare them. Both stores are opened exclusively: refused while a
+    /// server uses either. Exit 2: a bad store name or a target that is not empty (nothing
+    /// written); exit 1: the copy failed or does not match.
+    Copy {
+        /// TOML configuration file: its [store] gives the map sizes (LMDB) or the
+        /// password file, CA file and timeout (PostgreSQL).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The source: lmdb:PATH or postgres:URL (a libpq connection string).
+        #[arg(long, value_name = "STORE")]
+        from: String,
+        /// The target, empty: lmdb:PATH or postgres:URL.
+        #[arg(long, value_name = "STORE")]
+        to: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP server.
     Serve {
@@ -45,6 +68,11 @@ enum Command {
         /// TOML configuration file (its store.path is compacted).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// OFFLINE store tools (stop the server first).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// ONLINE: a backup of the running server (asked for over its API with the first admin
     /// key of the keys file): a consistent, compacted copy of the store and a manifest,
@@ -195,12 +223,34 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Store {
+            command:
+                StoreCommand::Copy {
+                    config,
+                    from,
+                    to,
+                    json,
+                },
+        } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(e, 2),
+            };
+            service_kit::telemetry::init(&cfg.log);
+            store_copy(&cfg, &from, &to, json)
+        }
         Command::Compact { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return fail(e, 2),
             };
             service_kit::telemetry::init(&cfg.log);
+            if cfg.store.backend == progressdb::config::StoreBackendKind::Postgres {
+                return fail(
+                    "compact is for LMDB stores; PostgreSQL reclaims space with VACUUM",
+                    2,
+                );
+            }
             match progressdb::store::compact(&cfg.store.path) {
                 Ok((before, after)) => {
                     println!("store compacted: {before} -> {after} bytes");
@@ -209,6 +259,48 @@ fn main() -> ExitCode {
                 Err(e) => fail(format!("store.path {}: {e}", cfg.store.path.display()), 1),
             }
         }
+    }
+}
+
+/// `store copy`: exit 2 for what the operator must fix (a bad store name, a target that is
+/// not empty), 1 for a copy that failed or does not verify.
+fn store_copy(cfg: &Config, from: &str, to: &str, json: bool) -> ExitCode {
+    use progressdb::store_copy::{self, CopyError, Side};
+    use service_kit::store_spec::StoreSpec;
+    let (from, to) = match (from.parse::<StoreSpec>(), to.parse::<StoreSpec>()) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) => return fail(format!("--from: {e}"), 2),
+        (_, Err(e)) => return fail(format!("--to: {e}"), 2),
+    };
+    if from == to {
+        return fail("--from and --to name the same store", 2);
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(e, 1),
+    };
+    let result = rt.block_on(async {
+        let source = store_copy::open_side(cfg, &from, Side::Source).await?;
+        let target = store_copy::open_side(cfg, &to, Side::Target).await?;
+        let r = store_copy::copy(&source, &target).await;
+        // Closing joins the stores' writer threads: not on the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || drop((source, target))).await;
+        r
+    });
+    match result {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "copied and verified: {} threads, {} messages ({} pairs, {} bytes, sha256 {})",
+                    r.threads, r.messages, r.pairs, r.bytes, r.sha256
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ CopyError::TargetNotEmpty) => fail(e, 2),
+        Err(e @ (CopyError::Open(_) | CopyError::Mismatch(_) | CopyError::Store(_))) => fail(e, 1),
     }
 }
 

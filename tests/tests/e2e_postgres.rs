@@ -360,3 +360,72 @@ fn the_server_keeps_its_messages_in_postgres_through_a_sigkill_under_writers() {
     assert!(text.contains("501"), "{text}");
     assert!(server.proc.sigterm().success());
 }
+
+#[test]
+fn store_copy_moves_the_servers_messages_to_postgres_and_back_verified() {
+    let pg = PgCluster::shared();
+    let db = pg.new_database();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hsm, _kms, mut server) = progressdb_e2e::system(tmp.path());
+    let alice = server.as_role(Role::Backend, "alice");
+    let mut threads = Vec::new();
+    for t in 0..3 {
+        let tid = alice.create_thread(&format!("t{t}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for m in 0..(300 * t + 5) {
+            alice.post_message(&tid, json!({ "n": m }));
+        }
+        threads.push(tid);
+    }
+    let before: Vec<Vec<serde_json::Value>> =
+        threads.iter().map(|t| alice.all_messages(t)).collect();
+    let config = server.config.clone();
+    let store_copy = |from: &str, to: &str| {
+        Command::new(bin("progressdb"))
+            .args(["store", "copy", "--config"])
+            .arg(&config)
+            .args(["--from", from, "--to", to])
+            .output()
+            .unwrap()
+    };
+    let lmdb = format!("lmdb:{}", server.store.display());
+    let postgres = format!("postgres:{db}");
+
+    // Refused while the server runs (its lock on the store).
+    let out = store_copy(&lmdb, &postgres);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(server.proc.sigterm().success());
+
+    let out = store_copy(&lmdb, &postgres);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("copied and verified: 3 threads, 915 messages"),
+        "{text}"
+    );
+    // Never into a store that holds data.
+    let out = store_copy(&lmdb, &postgres);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not empty"),
+        "{out:?}"
+    );
+
+    // The server on the copy reads everything as before.
+    store_in_postgres(&server, &db, "");
+    server.restart();
+    let after: Vec<Vec<serde_json::Value>> =
+        threads.iter().map(|t| alice.all_messages(t)).collect();
+    assert_eq!(before, after);
+    alice.post_message(&threads[0], json!({ "n": "on postgres" }));
+    assert!(server.proc.sigterm().success());
+
+    // And back into a new LMDB store, with the message posted on PostgreSQL.
+    let back = tmp.path().join("back");
+    let out = store_copy(&postgres, &format!("lmdb:{}", back.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("3 threads, 916 messages"), "{text}");
+}

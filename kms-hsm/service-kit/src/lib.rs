@@ -60,4 +60,5 @@ pub mod routes;
 pub mod secret_file;
 pub mod serve;
 pub mod shutdown;
+pub mod store_spec;
 pub mod telemetry;

@@ -17,8 +17,6 @@
 //!   by version, job by job, every audit entry byte for byte, the head and the pending
 //!   entries. Any difference is an error naming the first one.
 
-use std::path::PathBuf;
-
 use kms_api::admin::AuditEntry;
 use kms_api::KeyId;
 use serde::Serialize;
@@ -28,45 +26,7 @@ use crate::keystore::{AnyStore, AuditHead, KeyState, KeyStore, StoreError};
 /// Key records or audit entries read (and written) at a time.
 const PAGE: usize = 512;
 
-/// One side of a copy, as `--from` / `--to` name it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreSpec {
-    /// `lmdb:PATH`: the LMDB store in directory PATH.
-    Lmdb(PathBuf),
-    /// `postgres:URL`: a libpq connection string (`postgresql://…` or `host=… dbname=…`).
-    Postgres(String),
-}
-
-impl std::str::FromStr for StoreSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("lmdb:") {
-            if path.is_empty() {
-                return Err("lmdb: needs the store directory, e.g. lmdb:/var/lib/kms/store".into());
-            }
-            return Ok(StoreSpec::Lmdb(PathBuf::from(path)));
-        }
-        if let Some(url) = s.strip_prefix("postgres:") {
-            // `postgres://…` is itself a libpq URL: keep the scheme.
-            let url = if url.starts_with("//") {
-                format!("postgres:{url}")
-            } else {
-                url.to_owned()
-            };
-            if url.is_empty() {
-                return Err("postgres: needs a connection string".into());
-            }
-            return Ok(StoreSpec::Postgres(url));
-        }
-        if s.starts_with("postgresql://") {
-            return Ok(StoreSpec::Postgres(s.to_owned()));
-        }
-        Err(format!(
-            "{s:?} is not lmdb:PATH or postgres:URL (a libpq connection string)"
-        ))
-    }
-}
+pub use service_kit::store_spec::StoreSpec;
 
 /// Why a copy was refused or failed.
 #[derive(Debug, thiserror::Error)]

@@ -223,7 +223,9 @@ fn a_postgres_store_needs_its_url_and_no_path() {
         "path = \"/tmp/x\"\nurl = \"host=/tmp dbname=x\"",
     ));
     assert!(e.contains("store.url"), "{e}");
-    let e = err(&pg("backend = \"postgres\"\nurl = \"host=/tmp dbname=x\"\npool_size = 2"));
+    let e = err(&pg(
+        "backend = \"postgres\"\nurl = \"host=/tmp dbname=x\"\npool_size = 2",
+    ));
     assert!(e.contains("store.pool_size"), "{e}");
     let e = err(&pg("backend = \"nosql\""));
     assert!(e.contains("backend"), "{e}");

@@ -54,7 +54,7 @@ pub use records::{
 };
 pub use writer::{
     AuthorRule, CreateThread, DeleteMessage, DeleteThread, FinishRotation, MigrateBatch, Migrated,
-    PatchThread, PutJob, PutMessage, RawPut, RefreshKeyCopy, ReviveJob, RevokeSignatures,
+    PatchThread, PutJob, PutMessage, RawPut, RawPuts, RefreshKeyCopy, ReviveJob, RevokeSignatures,
     RotationStart, SetThreadKeyIfAbsent, StartRotation, ThreadsPerAuthor, UpdateMessage, WriteOp,
 };
 
@@ -494,6 +494,31 @@ impl Store {
                     .and_then(|t| t.parse::<u64>().ok())
                     .ok_or_else(|| StoreError::Corrupt(format!("{user}'s signature generation")))?;
                 out.push((user, generation));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Up to `limit` raw pairs after the key `after` (exclusive), in key order: everything
+    /// the store holds, for `store copy`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn raw_pairs(
+        &self,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.read(move |kv| {
+            let lo = match &after {
+                Some(a) => Bound::Excluded(a.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for r in kv.range(lo, Bound::Unbounded)?.take(limit) {
+                let (k, v) = r?;
+                out.push((k.into_owned(), v.into_owned()));
             }
             Ok(out)
         })

@@ -377,6 +377,20 @@ impl WriteOp for DeleteThread {
     }
 }
 
+/// Writes raw pairs in one write (one transaction): `store copy`'s pages.
+#[derive(Debug)]
+pub struct RawPuts(pub Vec<(Vec<u8>, Vec<u8>)>);
+
+impl WriteOp for RawPuts {
+    type Out = ();
+    fn apply(&self, kv: &mut dyn KvWrite) -> KvResult<Result<(), StoreError>> {
+        for (k, v) in &self.0 {
+            kv.put(k, v)?;
+        }
+        Ok(Ok(()))
+    }
+}
+
 /// Writes raw bytes under a raw key: for operator tools and tests only.
 #[derive(Debug)]
 pub struct RawPut {
