@@ -52,6 +52,7 @@ const SCENARIO_GROUPS: &[&str] = &[
     "progressdb_thread_with_messages",
     "replicas_create",
     "replicas_server_post",
+    "postgres_server_post",
     "thread_dek_rotation",
     "kek_rewrap",
     "memory",
@@ -265,6 +266,7 @@ fn run(args: Args) -> Result<bool> {
             "thread_dek_rotation",
             "memory",
             "replicas_server_post",
+            "postgres_server_post",
         ]
         .iter()
         .any(|id| want(id));
@@ -300,6 +302,27 @@ fn run(args: Args) -> Result<bool> {
                 }
                 Err(e) => record("starting the servers", Err(e), &mut failures),
             }
+        }
+        if let (true, Some(lmdb)) = (want("postgres_server_post"), &enc) {
+            let r = tokio::task::block_in_place(|| -> Result<Outcome> {
+                let pg = testkit::pg::PgCluster::start();
+                let provider = progressdb_e2e::Provider::External {
+                    endpoint: kms.endpoint.clone(),
+                    tls: None,
+                };
+                let on = scenarios::prepare(ServerRun::start_with(
+                    &bins,
+                    &root.join("server-postgres"),
+                    &provider,
+                    true,
+                    Some(&pg.new_database()),
+                )?)?;
+                let o = scenarios::postgres_server_post(&env, &on, lmdb, &kms);
+                on.run.stop()?;
+                drop(pg);
+                o
+            });
+            record("postgres_server_post", r, &mut failures);
         }
         if want("replicas_create") || want("replicas_server_post") {
             let r = async {

@@ -281,14 +281,31 @@ impl ServerRun {
         provider: &Provider,
         encryption: bool,
     ) -> Result<Self> {
+        Self::start_with(bins, root, provider, encryption, None)
+    }
+
+    /// A server on `provider` whose messages are in the PostgreSQL database `postgres`, or
+    /// in LMDB without one.
+    pub(crate) fn start_with(
+        bins: &Path,
+        root: &Path,
+        provider: &Provider,
+        encryption: bool,
+        postgres: Option<&str>,
+    ) -> Result<Self> {
         let provider = provider.clone();
+        let postgres = postgres.map(str::to_owned);
         need_bins(bins, &["progressdb"])?;
         std::fs::create_dir_all(root)?;
         let mut server = harness("server config", || {
-            ServerBuilder::new(root)
+            let b = ServerBuilder::new(root)
                 .provider(&provider)
-                .encryption(encryption)
-                .provision()
+                .encryption(encryption);
+            match &postgres {
+                Some(url) => b.postgres_store(url),
+                None => b,
+            }
+            .provision()
         })?;
         server.binary = bins.join("progressdb");
         let mut cmd = Command::new(&server.binary);

@@ -87,6 +87,8 @@ pub struct ServerBuilder {
     kms_client: Vec<(&'static str, u64)>,
     limits: Vec<(&'static str, u64)>,
     extra: String,
+    /// `store.url` of a PostgreSQL store; LMDB in `root/server/store` without it.
+    postgres: Option<String>,
 }
 
 impl ServerBuilder {
@@ -102,7 +104,14 @@ impl ServerBuilder {
             kms_client: Vec::new(),
             limits: Vec::new(),
             extra: String::new(),
+            postgres: None,
         }
+    }
+
+    /// Keeps the messages in the PostgreSQL database `url` (`store.backend = "postgres"`).
+    pub fn postgres_store(mut self, url: &str) -> Self {
+        self.postgres = Some(url.to_owned());
+        self
     }
 
     /// `progressdb` (default features) or `progressdb-dev` (with the embedded provider).
@@ -217,10 +226,13 @@ impl ServerBuilder {
         for (k, v) in &self.http {
             writeln!(http, "{k} = {v}").unwrap();
         }
+        let store_section = match &self.postgres {
+            Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\""),
+            None => format!("path = \"{}\"", store.display()),
+        };
         let mut text = format!(
-            "[http]\nlisten = \"127.0.0.1:{}\"\n{http}\n[store]\npath = \"{}\"\n\n[auth]\nkeys_file = \"{}\"\n\n[encryption]\nenabled = {}\n\n[kms]\n{kms}",
+            "[http]\nlisten = \"127.0.0.1:{}\"\n{http}\n[store]\n{store_section}\n\n[auth]\nkeys_file = \"{}\"\n\n[encryption]\nenabled = {}\n\n[kms]\n{kms}",
             self.port,
-            store.display(),
             keys_file.display(),
             self.encryption
         );

@@ -241,13 +241,13 @@ fn store_copy_moves_a_running_deployment_from_lmdb_to_postgres_and_back() {
     assert_eq!(job["state"], "succeeded", "{job}");
 }
 
-/// Points a provisioned server's `[store]` at the PostgreSQL database `url`.
-fn store_in_postgres(server: &Server, url: &str, extra: &str) {
+/// Points a server on LMDB at the PostgreSQL database `url` instead (restart to apply).
+fn switch_to_postgres(server: &Server, url: &str) {
     let store = server.store.display().to_string();
     server.edit_config(|t| {
         t.replace(
             &format!("[store]\npath = \"{store}\""),
-            &format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n{extra}"),
+            &format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\""),
         )
     });
 }
@@ -259,9 +259,10 @@ fn the_server_keeps_its_messages_in_postgres_through_a_sigkill_under_writers() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = Token::new(tmp.path());
     let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
-    let mut server = ServerBuilder::new(tmp.path()).kms(&kms).provision();
-    store_in_postgres(&server, &db, "");
-    server.restart();
+    let mut server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .postgres_store(&db)
+        .start();
     let api = server.as_role(Role::Backend, "alice");
     let admin = server.as_role(Role::Admin, "ops");
 
@@ -333,8 +334,11 @@ fn the_server_keeps_its_messages_in_postgres_through_a_sigkill_under_writers() {
     // A second server on the same database is refused at start, naming why.
     let other_root = tmp.path().join("second");
     std::fs::create_dir_all(&other_root).unwrap();
-    let second = ServerBuilder::new(&other_root).kms(&kms).provision();
-    store_in_postgres(&second, &db, "timeout_secs = 1");
+    let second = ServerBuilder::new(&other_root)
+        .kms(&kms)
+        .postgres_store(&db)
+        .provision();
+    second.edit_config(|t| t.replace("[auth]", "timeout_secs = 1\n\n[auth]"));
     let out = Command::new(bin("progressdb"))
         .args(["serve", "--config"])
         .arg(&second.config)
@@ -414,7 +418,7 @@ fn store_copy_moves_the_servers_messages_to_postgres_and_back_verified() {
     );
 
     // The server on the copy reads everything as before.
-    store_in_postgres(&server, &db, "");
+    switch_to_postgres(&server, &db);
     server.restart();
     let after: Vec<Vec<serde_json::Value>> =
         threads.iter().map(|t| alice.all_messages(t)).collect();

@@ -1,4 +1,5 @@
-//! Two KMS replicas on PostgreSQL against one KMS on LMDB (docs/scaling.md).
+//! PostgreSQL against LMDB (docs/scaling.md): two KMS replicas on PostgreSQL against one KMS
+//! on LMDB, and a server whose messages are in PostgreSQL against one on LMDB.
 
 use super::*;
 
@@ -70,8 +71,6 @@ pub(crate) fn replicas_server_post(
     replicas: &[KmsRun],
     single: &KmsRun,
 ) -> Result<Outcome> {
-    let conc = 64;
-    let lim = env.p.limits(200_000).per_round(env.p.rounds());
     let mut rep_procs = vec![proc_of("server", &on_replicas.run.server.proc)];
     rep_procs.extend(
         replicas
@@ -79,29 +78,69 @@ pub(crate) fn replicas_server_post(
             .enumerate()
             .map(|(i, k)| (format!("kms replica {}", i + 1), pid(&k.proc))),
     );
-    let single_procs = [
+    let single_procs = vec![
         proc_of("server", &on_single.run.server.proc),
         proc_of("kms (LMDB)", &single.proc),
     ];
+    posts_against(
+        env,
+        "replicas_server_post_1k",
+        "kms.endpoints = 2 replicas on PostgreSQL",
+        (on_replicas, rep_procs),
+        (on_single, single_procs),
+        "the same server on one KMS with its LMDB store",
+    )
+}
+
+/// Durable posts through a server whose messages are in PostgreSQL, vs the same server
+/// build with its LMDB store, both on the one KMS: the price of the database.
+pub(crate) fn postgres_server_post(
+    env: &Env,
+    on_postgres: &Prepared,
+    on_lmdb: &Prepared,
+    kms: &KmsRun,
+) -> Result<Outcome> {
+    // PostgreSQL's backends are processes of their own, not counted here.
+    let procs = |p: &Prepared| {
+        vec![
+            proc_of("server", &p.run.server.proc),
+            proc_of("kms (LMDB)", &kms.proc),
+        ]
+    };
+    posts_against(
+        env,
+        "postgres_server_post_1k",
+        "store.backend = \"postgres\" (one server, serializable group commits)",
+        (on_postgres, procs(on_postgres)),
+        (on_lmdb, procs(on_lmdb)),
+        "the same server with its LMDB store",
+    )
+}
+
+/// Posts of ~1 KiB at c=64 through `sys` and through `lim`, round after round interleaved:
+/// the row `id` (`what` says how `sys` differs) against its same-run limit.
+fn posts_against(
+    env: &Env,
+    id: &str,
+    what: &str,
+    sys: (&Prepared, Vec<(String, u32)>),
+    lim: (&Prepared, Vec<(String, u32)>),
+    lim_label: &str,
+) -> Result<Outcome> {
+    let conc = 64;
+    let limits = env.p.limits(200_000).per_round(env.p.rounds());
     let (mut e, mut p) = (Vec::new(), Vec::new());
     for _ in 0..env.p.rounds() {
-        e.push(watched_sync(&rep_procs, || {
-            post_row(on_replicas, conc, lim)
-        })?);
-        p.push(watched_sync(&single_procs, || {
-            post_row(on_single, conc, lim)
-        })?);
+        e.push(watched_sync(&sys.1, || post_row(sys.0, conc, limits))?);
+        p.push(watched_sync(&lim.1, || post_row(lim.0, conc, limits))?);
     }
     let mut o = Outcome::new(
-        &format!("replicas_server_post_1k_c{conc}"),
-        format!("server POST message ~1 KiB, durable, kms.endpoints = 2 replicas on PostgreSQL, c={conc}"),
+        &format!("{id}_c{conc}"),
+        format!("server POST message ~1 KiB, durable, {what}, c={conc}"),
         "msg/s",
         Row::merge(e.clone())?,
     );
     o.round_range = smallest_largest(&e, &p);
-    o.limits.push((
-        "the same server on one KMS with its LMDB store".into(),
-        Row::merge(p)?,
-    ));
+    o.limits.push((lim_label.into(), Row::merge(p)?));
     Ok(o)
 }
