@@ -433,3 +433,60 @@ fn store_copy_moves_the_servers_messages_to_postgres_and_back_verified() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("3 threads, 916 messages"), "{text}");
 }
+
+#[test]
+fn the_servers_database_restarted_under_writers_gives_503_then_recovers_and_loses_nothing() {
+    let pg = PgCluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = Token::new(tmp.path());
+    let kms = KmsBuilder::new(tmp.path()).token(&hsm).start();
+    let server = ServerBuilder::new(tmp.path())
+        .kms(&kms)
+        .postgres_store(&pg.new_database())
+        .start();
+    let api = server.as_role(Role::Backend, "alice");
+    let admin = server.as_role(Role::Admin, "ops");
+    let acked: Acked = Arc::default();
+    let refused = Arc::new(AtomicU64::new(0));
+    let (stop, handles) = writers(&api, 4, &acked, &refused);
+    let posts = || -> usize { acked.lock().unwrap().values().map(|m| m.len()).sum() };
+    let started = Instant::now();
+    while posts() < 20 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no posts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pg.stop();
+    // Down until the writers have met it (at most 10 s).
+    let refused_before = refused.load(Ordering::Relaxed);
+    let down = Instant::now();
+    while refused.load(Ordering::Relaxed) == refused_before {
+        assert!(
+            down.elapsed() < Duration::from_secs(10),
+            "the writers never met the outage"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at_restart = posts();
+    pg.start_server();
+    // The same server writes again, without a restart (it holds the database again).
+    let back = Instant::now();
+    while posts() < at_restart + 20 {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "no post acknowledged after the database came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    check(&api, &admin, &acked, 0);
+    assert!(
+        server
+            .proc
+            .log_text()
+            .contains("this server holds it again"),
+        "the lock on the database was not taken again"
+    );
+}

@@ -7,11 +7,14 @@
 //! * **Writes**: one writer thread takes queued writes in groups (up to
 //!   `store.max_batch_ops`), applies them in one `SERIALIZABLE` transaction and commits once;
 //!   a caller is answered after the commit. A group that meets a serialization failure or a
-//!   deadlock is tried again whole (the ops are written to be applied more than once); one
-//!   that fails otherwise is tried again one write at a time, so one bad write fails alone.
+//!   deadlock is tried again whole (the ops are written to be applied more than once); any
+//!   other failure is the database's (unreachable, full), and every write of the group gets
+//!   it at once.
 //! * **Durability**: the store refuses a server with `fsync` or `synchronous_commit` off.
 //! * **One server per database**, for now: the server holds a session advisory lock on the
-//!   database for as long as it runs, and a second server is refused at start. The thread
+//!   database for as long as it runs, and a second server is refused at start. A restart of
+//!   the database releases it: the writer takes it again before its next group, and writes
+//!   nothing if another server took the database meanwhile. The thread
 //!   cache, message ids and job drivers of several servers on one database are not yet made
 //!   coherent (docs/scaling.md).
 //! * **Errors**: a database that cannot be reached or fails is [`StoreError::Unavailable`]
@@ -62,8 +65,6 @@ pub(crate) struct PgBackend {
     pool: Pool,
     target: String,
     queue: WriteQueue<Box<dyn Queued>>,
-    /// The connection that holds [`ONE_SERVER_LOCK`] (released when it closes).
-    _lock: deadpool_postgres::Object,
 }
 
 fn unavailable(e: &deadpool_postgres::PoolError) -> StoreError {
@@ -118,10 +119,15 @@ impl PgBackend {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let handle = Handle::current();
-        let writer_pool = pool.clone();
+        let writer = Writer {
+            handle,
+            pool: pool.clone(),
+            lock: client,
+            metrics,
+        };
         let max_batch = max_batch.max(1);
         let queue = WriteQueue::start("progressdb-pg-writer", max_batch * 4, move |rx| {
-            run_writer(&handle, &writer_pool, rx, max_batch, &metrics);
+            writer.run(rx, max_batch);
         })
         .map_err(err)?;
         tracing::info!(store = %target, "message store open (postgres)");
@@ -129,7 +135,6 @@ impl PgBackend {
             pool,
             target,
             queue,
-            _lock: client,
         })
     }
 
@@ -177,41 +182,71 @@ impl PgBackend {
     }
 }
 
-/// The writer thread: groups of queued writes, each group in one serializable transaction.
-fn run_writer(
-    handle: &Handle,
-    pool: &Pool,
-    mut rx: mpsc::Receiver<Box<dyn Queued>>,
-    max_batch: usize,
-    metrics: &StoreMetrics,
-) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < max_batch {
-            match rx.try_recv() {
-                Ok(w) => group.push(w),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = commit_retrying(handle, pool, &mut group);
-        match &result {
-            Ok(()) => metrics.committed(group.len(), started.elapsed()),
-            Err(_) => {
-                metrics.commit_errors.inc();
-            }
-        }
-        match result {
-            Ok(()) => group.into_iter().for_each(|w| w.finish(Ok(()))),
-            Err(_) if group.len() > 1 => {
-                // One write may be what fails the group: each alone, so it fails alone.
-                for mut w in group {
-                    let r = commit_retrying(handle, pool, std::slice::from_mut(&mut w));
-                    w.finish(r);
+/// The writer thread's state: the pool, and the connection that holds [`ONE_SERVER_LOCK`].
+struct Writer {
+    handle: Handle,
+    pool: Pool,
+    /// Released by the database when this connection closes (a restart of the database):
+    /// taken again before the next group, or no group is written.
+    lock: deadpool_postgres::Object,
+    metrics: StoreMetrics,
+}
+
+impl Writer {
+    /// Groups of queued writes, each group in one serializable transaction.
+    fn run(mut self, mut rx: mpsc::Receiver<Box<dyn Queued>>, max_batch: usize) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(w) => group.push(w),
+                    Err(_) => break,
                 }
             }
-            Err(e) => group.into_iter().for_each(|w| w.finish(Err(e.clone()))),
+            let started = std::time::Instant::now();
+            let result = self
+                .hold_lock()
+                .and_then(|()| commit_retrying(&self.handle, &self.pool, &mut group));
+            match &result {
+                Ok(()) => self.metrics.committed(group.len(), started.elapsed()),
+                Err(_) => {
+                    self.metrics.commit_errors.inc();
+                }
+            }
+            // A failure is the database's (unreachable, full, failing, or another server
+            // holds it now), not one write's: every write of the group gets it, at once, and
+            // nothing of the group was written.
+            for w in group {
+                w.finish(result.clone());
+            }
         }
+    }
+
+    /// Makes sure this server still holds the database: a lock whose connection closed (the
+    /// database restarted) is taken again on a new connection. Fail closed: when another
+    /// server took the database meanwhile, no write is made.
+    fn hold_lock(&mut self) -> Result<(), StoreError> {
+        if !self.lock.is_closed() {
+            return Ok(());
+        }
+        let client = self
+            .handle
+            .block_on(self.pool.get())
+            .map_err(|e| unavailable(&e))?;
+        let locked: bool = self
+            .handle
+            .block_on(client.query_one("SELECT pg_try_advisory_lock($1)", &[&ONE_SERVER_LOCK]))
+            .map_err(|e| StoreError::from(KvError::from(e)))?
+            .get(0);
+        if !locked {
+            tracing::error!("another progressdb server took this database: no write is made");
+            return Err(StoreError::Unavailable(
+                "another progressdb server took this database".into(),
+            ));
+        }
+        tracing::warn!("the database's connection was lost: this server holds it again");
+        self.lock = client;
+        Ok(())
     }
 }
 
