@@ -60,10 +60,54 @@ fn model_after(
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn message_pages_equal_a_sorted_map() {
+/// Which store the server keeps its messages in: the same model holds for both.
+#[derive(Clone, Copy)]
+enum Backend {
+    Lmdb,
+    Postgres,
+}
+
+/// The server's config: LMDB in the env's directory, or a database of its own on the shared
+/// test cluster.
+fn config(env: &TestEnv, backend: Backend) -> std::path::PathBuf {
+    let p = env.config(&Kms::Embedded, "");
+    if let Backend::Postgres = backend {
+        let url = testkit::pg::PgCluster::shared().new_database();
+        let text = std::fs::read_to_string(&p).unwrap().replace(
+            &format!("path = \"{}\"", env.store_path().display()),
+            &format!("backend = \"postgres\"\nurl = \"{url}\""),
+        );
+        assert!(text.contains("postgres"));
+        std::fs::write(&p, text).unwrap();
+    }
+    p
+}
+
+/// `test` as `test::lmdb` and `test::postgres`.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lmdb() {
+                super::$test(super::Backend::Lmdb).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Backend::Postgres).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    message_pages_equal_a_sorted_map,
+    thread_pages_equal_a_sorted_map
+);
+
+async fn message_pages_equal_a_sorted_map(backend: Backend) {
     let env = TestEnv::new();
-    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let s = InProc::start(&config(&env, backend)).await;
     let c = Client::new(s.addr);
     let who = Caller::frontend("modeler");
     let t = c.create_thread(&who, "model").await;
@@ -180,10 +224,9 @@ async fn message_pages_equal_a_sorted_map() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thread_pages_equal_a_sorted_map() {
+async fn thread_pages_equal_a_sorted_map(backend: Backend) {
     let env = TestEnv::new();
-    let s = InProc::start(&env.config(&Kms::Embedded, "")).await;
+    let s = InProc::start(&config(&env, backend)).await;
     let c = Client::new(s.addr);
     let users = ["ann", "ben", "cid"];
     let mut rng = StdRng::seed_from_u64(0x5eed_0002);

@@ -168,10 +168,7 @@ impl PgBackend {
                         .start(),
                 )
                 .map_err(|e| StoreError::from(KvError::from(e)))?;
-            let out = f(&PgKv {
-                handle: handle.clone(),
-                tx: &tx,
-            })?;
+            let out = f(&PgKv::new(handle.clone(), &tx))?;
             handle
                 .block_on(tx.commit())
                 .map_err(|e| StoreError::from(KvError::from(e)))?;
@@ -289,13 +286,12 @@ fn commit(handle: &Handle, pool: &Pool, group: &mut [Box<dyn Queued>]) -> Result
             .isolation_level(IsolationLevel::Serializable)
             .start(),
     )?;
-    let mut kv = PgKv {
-        handle: handle.clone(),
-        tx: &tx,
-    };
+    let mut kv = PgKv::new(handle.clone(), &tx);
     for w in group.iter_mut() {
         w.apply(&mut kv)?;
     }
+    kv.flush()?;
+    drop(kv);
     handle.block_on(tx.commit())?;
     Ok(())
 }

@@ -1,11 +1,17 @@
 //! [`KvRead`] and [`KvWrite`] over a PostgreSQL transaction, on the table `progressdb_kv`
 //! (`k bytea PRIMARY KEY, v bytea`). `bytea` compares bytewise, shorter first on a common
-//! prefix: the order the key layout needs. The methods are called on blocking threads (a
+//! prefix: the order the key layout needs.
+//!
+//! Writes are held in the transaction's buffer and sent together (one statement for the puts,
+//! one for the deletes) before the next range read, range delete or commit
+//! ([`PgKv::flush`]); a read of one key sees the buffer first. So a group of posts to one
+//! thread costs about one round trip per post (its message key's check) instead of four. The methods are called on blocking threads (a
 //! read on tokio's blocking pool, the writer on its own thread) and wait on the runtime with
 //! [`Handle::block_on`]; never call them on a runtime thread.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
 use deadpool_postgres::Transaction;
@@ -20,8 +26,10 @@ const CHUNK: i64 = 256;
 
 /// The store seen through one PostgreSQL transaction.
 pub(crate) struct PgKv<'t, 'c> {
-    pub(crate) handle: Handle,
-    pub(crate) tx: &'t Transaction<'c>,
+    handle: Handle,
+    tx: &'t Transaction<'c>,
+    /// Writes not sent yet: `Some(value)` a put, `None` a delete.
+    pending: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 /// `WHERE` conditions for `(lo, hi)` on `k`, numbered from `$1`, and their parameters.
@@ -49,7 +57,57 @@ fn owned(b: Bound<&[u8]>) -> Bound<Vec<u8>> {
     b.map(<[u8]>::to_vec)
 }
 
-impl PgKv<'_, '_> {
+impl<'t, 'c> PgKv<'t, 'c> {
+    pub(crate) fn new(handle: Handle, tx: &'t Transaction<'c>) -> Self {
+        Self {
+            handle,
+            tx,
+            pending: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    /// Sends the buffered writes: the puts in one upsert, the deletes in one delete. Call it
+    /// before committing.
+    ///
+    /// # Errors
+    /// [`KvError`](super::KvError) from the database.
+    pub(crate) fn flush(&self) -> KvResult<()> {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (mut keys, mut values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, v) in pending {
+            match v {
+                Some(v) => {
+                    keys.push(k);
+                    values.push(v);
+                }
+                None => gone.push(k),
+            }
+        }
+        self.handle.block_on(async {
+            if !keys.is_empty() {
+                let st = self
+                    .tx
+                    .prepare_cached(
+                        "INSERT INTO progressdb_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                         ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                    )
+                    .await?;
+                self.tx.execute(&st, &[&keys, &values]).await?;
+            }
+            if !gone.is_empty() {
+                let st = self
+                    .tx
+                    .prepare_cached("DELETE FROM progressdb_kv WHERE k = ANY($1::bytea[])")
+                    .await?;
+                self.tx.execute(&st, &[&gone]).await?;
+            }
+            Ok(())
+        })
+    }
+
     fn query(&self, sql: &str, params: &[Vec<u8>]) -> KvResult<Vec<tokio_postgres::Row>> {
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
@@ -68,15 +126,17 @@ impl PgKv<'_, '_> {
         })
     }
 
-    fn pairs(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>, desc: bool) -> KvIter<'_> {
-        Box::new(Pairs {
+    fn pairs(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>, desc: bool) -> KvResult<KvIter<'_>> {
+        // A range sees the buffered writes once they are sent.
+        self.flush()?;
+        Ok(Box::new(Pairs {
             kv: self,
             lo: owned(lo),
             hi: owned(hi),
             desc,
             buf: VecDeque::new(),
             done: false,
-        })
+        }))
     }
 }
 
@@ -133,6 +193,9 @@ impl<'a> Iterator for Pairs<'a, '_, '_> {
 
 impl KvRead for PgKv<'_, '_> {
     fn get(&self, key: &[u8]) -> KvResult<Option<Bytes<'_>>> {
+        if let Some(v) = self.pending.borrow().get(key) {
+            return Ok(v.clone().map(Cow::Owned));
+        }
         let rows = self.query("SELECT v FROM progressdb_kv WHERE k = $1", &[key.to_vec()])?;
         match rows.first() {
             None => Ok(None),
@@ -141,29 +204,30 @@ impl KvRead for PgKv<'_, '_> {
     }
 
     fn range(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> KvResult<KvIter<'_>> {
-        Ok(self.pairs(lo, hi, false))
+        self.pairs(lo, hi, false)
     }
 
     fn rev_range(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> KvResult<KvIter<'_>> {
-        Ok(self.pairs(lo, hi, true))
+        self.pairs(lo, hi, true)
     }
 }
 
 impl KvWrite for PgKv<'_, '_> {
     fn put(&mut self, key: &[u8], value: &[u8]) -> KvResult<()> {
-        self.execute(
-            "INSERT INTO progressdb_kv (k, v) VALUES ($1, $2) \
-             ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
-            &[key.to_vec(), value.to_vec()],
-        )?;
+        self.pending
+            .borrow_mut()
+            .insert(key.to_vec(), Some(value.to_vec()));
         Ok(())
     }
 
     fn delete(&mut self, key: &[u8]) -> KvResult<bool> {
-        Ok(self.execute("DELETE FROM progressdb_kv WHERE k = $1", &[key.to_vec()])? > 0)
+        let was = self.get(key)?.is_some();
+        self.pending.borrow_mut().insert(key.to_vec(), None);
+        Ok(was)
     }
 
     fn delete_range(&mut self, lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> KvResult<usize> {
+        self.flush()?;
         let (cond, params) = conditions(&owned(lo), &owned(hi));
         let n = self.execute(&format!("DELETE FROM progressdb_kv WHERE {cond}"), &params)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
