@@ -131,8 +131,8 @@ impl Config {
                         "is for store.backend = \"lmdb\" (the messages are in store.url)",
                     ));
                 }
-                // One connection holds the one-server lock and the writer takes one per
-                // group: at least one more is left for reads.
+                // One connection holds the one-server lock (the writer writes on it), one
+                // is for looking up a commit whose connection broke, one at least for reads.
                 if !(3..=1024).contains(&self.store.pool_size) {
                     return Err(ConfigError::invalid("store.pool_size", "must be 3 to 1024"));
                 }

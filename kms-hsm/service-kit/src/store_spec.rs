@@ -39,9 +39,8 @@ impl std::str::FromStr for StoreSpec {
         if s.starts_with("postgresql://") {
             return Ok(StoreSpec::Postgres(s.to_owned()));
         }
-        Err(format!(
-            "{s:?} is not lmdb:PATH or postgres:URL (a libpq connection string)"
-        ))
+        // (Not echoed: a connection string without its prefix may hold a password.)
+        Err("not lmdb:PATH or postgres:URL (a libpq connection string)".into())
     }
 }
 

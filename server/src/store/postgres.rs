@@ -14,13 +14,18 @@
 //! * **One server per database**, for now: the server holds a session advisory lock on the
 //!   database for as long as it runs, and a second server is refused at start. A restart of
 //!   the database releases it: the writer takes it again before its next group, and writes
-//!   nothing if another server took the database meanwhile. The thread
+//!   nothing (and the store is not ready) if another server took the database meanwhile.
+//!   Every group is written on the connection that holds the lock.
+//! * **A commit whose connection broke** is looked up by its transaction id on another
+//!   connection: written only if the database says it committed. The thread
 //!   cache, message ids and job drivers of several servers on one database are not yet made
 //!   coherent (docs/scaling.md).
 //! * **Errors**: a database that cannot be reached or fails is [`StoreError::Unavailable`]
 //!   (503); `disk_full` is [`StoreError::Full`] (507). Nothing is half-written: every write
 //!   is in its group's transaction.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -65,6 +70,8 @@ pub(crate) struct PgBackend {
     pool: Pool,
     target: String,
     queue: WriteQueue<Box<dyn Queued>>,
+    /// Whether the writer holds the database (false once another server took it).
+    holds: Arc<AtomicBool>,
 }
 
 fn unavailable(e: &deadpool_postgres::PoolError) -> StoreError {
@@ -97,9 +104,9 @@ impl PgBackend {
         service_kit::postgres::require_durable(&client)
             .await
             .map_err(err)?;
-        SCHEMA.migrate(&mut client).await.map_err(err)?;
-        // A server that just stopped or died may hold the lock for a moment more (until the
-        // database sees its connection close): tried until `store.timeout_secs`.
+        // The lock first: a second server (perhaps a newer one) migrates nothing under the
+        // running one. A server that just stopped or died may hold it for a moment more
+        // (until the database sees its connection close): tried until `store.timeout_secs`.
         let started = std::time::Instant::now();
         loop {
             let locked: bool = client
@@ -118,11 +125,14 @@ impl PgBackend {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        SCHEMA.migrate(&mut client).await.map_err(err)?;
         let handle = Handle::current();
+        let holds = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             handle,
             pool: pool.clone(),
             lock: client,
+            holds: Arc::clone(&holds),
             metrics,
         };
         let max_batch = max_batch.max(1);
@@ -135,6 +145,7 @@ impl PgBackend {
             pool,
             target,
             queue,
+            holds,
         })
     }
 
@@ -146,8 +157,10 @@ impl PgBackend {
         self.queue.send(w).await
     }
 
+    /// The writer runs and holds the database: a server that lost it to another is not
+    /// ready (its writes would all be refused).
     pub(crate) fn alive(&self) -> bool {
-        self.queue.alive()
+        self.queue.alive() && self.holds.load(Ordering::Relaxed)
     }
 
     /// Runs `f` in one `REPEATABLE READ, READ ONLY` transaction on the blocking pool.
@@ -179,13 +192,16 @@ impl PgBackend {
     }
 }
 
-/// The writer thread's state: the pool, and the connection that holds [`ONE_SERVER_LOCK`].
+/// The writer thread's state: the pool, and the connection that holds [`ONE_SERVER_LOCK`],
+/// on which every group is written (so no write is made by a session that does not hold the
+/// database).
 struct Writer {
     handle: Handle,
     pool: Pool,
     /// Released by the database when this connection closes (a restart of the database):
     /// taken again before the next group, or no group is written.
     lock: deadpool_postgres::Object,
+    holds: Arc<AtomicBool>,
     metrics: StoreMetrics,
 }
 
@@ -203,7 +219,7 @@ impl Writer {
             let started = std::time::Instant::now();
             let result = self
                 .hold_lock()
-                .and_then(|()| commit_retrying(&self.handle, &self.pool, &mut group));
+                .and_then(|()| self.commit_retrying(&mut group));
             match &result {
                 Ok(()) => self.metrics.committed(group.len(), started.elapsed()),
                 Err(_) => {
@@ -211,8 +227,7 @@ impl Writer {
                 }
             }
             // A failure is the database's (unreachable, full, failing, or another server
-            // holds it now), not one write's: every write of the group gets it, at once, and
-            // nothing of the group was written.
+            // holds it now), not one write's: every write of the group gets it, at once.
             for w in group {
                 w.finish(result.clone());
             }
@@ -236,6 +251,7 @@ impl Writer {
             .map_err(|e| StoreError::from(KvError::from(e)))?
             .get(0);
         if !locked {
+            self.holds.store(false, Ordering::Relaxed);
             tracing::error!("another progressdb server took this database: no write is made");
             return Err(StoreError::Unavailable(
                 "another progressdb server took this database".into(),
@@ -243,55 +259,72 @@ impl Writer {
         }
         tracing::warn!("the database's connection was lost: this server holds it again");
         self.lock = client;
+        self.holds.store(true, Ordering::Relaxed);
         Ok(())
     }
-}
 
-/// [`commit`], tried again after a serialization failure or deadlock (with a short growing
-/// pause), up to [`TRIES`] times.
-fn commit_retrying(
-    handle: &Handle,
-    pool: &Pool,
-    group: &mut [Box<dyn Queued>],
-) -> Result<(), StoreError> {
-    let mut tried = 0;
-    loop {
-        tried += 1;
-        match commit(handle, pool, group) {
-            Ok(()) => return Ok(()),
-            Err(e) if retryable(&e) && tried < TRIES => {
-                tracing::debug!(error = %e, tried, "write group tried again");
-                std::thread::sleep(Duration::from_millis(u64::from(tried) * 5));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "write group failed");
-                return Err(e.into());
+    /// [`Writer::commit`], tried again after a serialization failure or deadlock (with a
+    /// short growing pause), up to [`TRIES`] times.
+    fn commit_retrying(&mut self, group: &mut [Box<dyn Queued>]) -> Result<(), StoreError> {
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            match self.commit(group) {
+                Ok(()) => return Ok(()),
+                Err(e) if retryable(&e) && tried < TRIES => {
+                    tracing::debug!(error = %e, tried, "write group tried again");
+                    std::thread::sleep(Duration::from_millis(u64::from(tried) * 5));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "write group failed");
+                    return Err(e.into());
+                }
             }
         }
     }
-}
 
-/// Applies `group` in one serializable transaction and commits it.
-fn commit(handle: &Handle, pool: &Pool, group: &mut [Box<dyn Queued>]) -> Result<(), KvError> {
-    let mut client = match handle.block_on(pool.get()) {
-        Ok(c) => c,
-        Err(deadpool_postgres::PoolError::Backend(e)) => return Err(e.into()),
-        Err(other) => {
-            return Err(KvError::Pool(describe_pool(&other)));
+    /// Applies `group` in one serializable transaction on the lock's connection and commits
+    /// it. A commit whose connection broke has an unknown outcome: it is looked up by its
+    /// transaction id on another connection, and counts as written only when the database
+    /// says it committed.
+    fn commit(&mut self, group: &mut [Box<dyn Queued>]) -> Result<(), KvError> {
+        let handle = self.handle.clone();
+        let tx = handle.block_on(
+            self.lock
+                .build_transaction()
+                .isolation_level(IsolationLevel::Serializable)
+                .start(),
+        )?;
+        let xid: i64 = handle
+            .block_on(tx.query_one("SELECT txid_current()", &[]))?
+            .get(0);
+        let mut kv = PgKv::new(handle.clone(), &tx);
+        for w in group.iter_mut() {
+            w.apply(&mut kv)?;
         }
-    };
-    let tx = handle.block_on(
-        client
-            .build_transaction()
-            .isolation_level(IsolationLevel::Serializable)
-            .start(),
-    )?;
-    let mut kv = PgKv::new(handle.clone(), &tx);
-    for w in group.iter_mut() {
-        w.apply(&mut kv)?;
+        kv.flush()?;
+        drop(kv);
+        match handle.block_on(tx.commit()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.as_db_error().is_none() && self.committed(xid) => {
+                tracing::warn!(error = %e, "the commit's connection broke after the commit: written");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
-    kv.flush()?;
-    drop(kv);
-    handle.block_on(tx.commit())?;
-    Ok(())
+
+    /// Whether the transaction `xid` committed, asked on a new connection; `false` when the
+    /// database cannot say (then the writes are answered as failed, and may be stored).
+    fn committed(&self, xid: i64) -> bool {
+        let status = self.handle.block_on(async {
+            let c = self.pool.get().await.ok()?;
+            let row = c
+                .query_one("SELECT txid_status($1)::text", &[&xid])
+                .await
+                .ok()?;
+            row.get::<_, Option<String>>(0)
+        });
+        status.as_deref() == Some("committed")
+    }
 }

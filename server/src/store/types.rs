@@ -8,7 +8,8 @@ use super::*;
 pub enum StoreError {
     #[error("not found")]
     NotFound,
-    #[error("the LMDB map is full and at store.max_map_size_mb")]
+    /// LMDB's map at `store.max_map_size_mb`, or PostgreSQL's `disk_full`.
+    #[error("the store is full")]
     Full,
     #[error("the store is closed")]
     Closed,
