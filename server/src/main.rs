@@ -266,15 +266,10 @@ fn main() -> ExitCode {
 /// not empty), 1 for a copy that failed or does not verify.
 fn store_copy(cfg: &Config, from: &str, to: &str, json: bool) -> ExitCode {
     use progressdb::store_copy::{self, CopyError, Side};
-    use service_kit::store_spec::StoreSpec;
-    let (from, to) = match (from.parse::<StoreSpec>(), to.parse::<StoreSpec>()) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(e), _) => return fail(format!("--from: {e}"), 2),
-        (_, Err(e)) => return fail(format!("--to: {e}"), 2),
+    let (from, to) = match service_kit::store_spec::copy_pair(from, to) {
+        Ok(pair) => pair,
+        Err(e) => return fail(e, 2),
     };
-    if from == to {
-        return fail("--from and --to name the same store", 2);
-    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(e, 1),

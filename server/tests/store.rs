@@ -451,6 +451,28 @@ async fn an_unreadable_record_is_reported_without_its_text(b: Backend) {
     let err = s.get_thread(&t).await.unwrap_err().to_string();
     assert!(err.contains("corrupt record"), "{err}");
     assert!(!err.contains(marker), "{err}");
+    // Damaged records before a good one neither shorten a page nor end a walk.
+    s.write(RawPut {
+        key: progressdb::store::keys::meta(&ThreadId::parse("t2").unwrap()),
+        value: b"{".to_vec(),
+    })
+    .await
+    .unwrap();
+    s.write(CreateThread::new(
+        thread("t3", "u"),
+        ThreadsPerAuthor::Unlimited,
+    ))
+    .await
+    .unwrap();
+    let page = s.list_threads(ThreadFilter::All, None, 1).await.unwrap();
+    assert_eq!(
+        page.items.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["t3"]
+    );
+    assert!(!page.more);
+    let entries = s.thread_entries(None, 10).await.unwrap();
+    assert_eq!(entries.items.len(), 3, "verify sees every record");
+    assert_eq!(entries.items.iter().filter(|(_, r)| r.is_err()).count(), 2);
     close(s).await;
 }
 

@@ -278,6 +278,24 @@ pub struct Server {
 }
 
 impl Server {
+    /// Opens the (stopped) server's LMDB store in this process, applies `f` (with a runtime
+    /// to run the store's calls on), closes it: for records planted or read behind the
+    /// server's back.
+    pub fn with_store(&self, f: impl FnOnce(&progressdb::store::Store, &tokio::runtime::Runtime)) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = progressdb::store::Store::open(
+            &progressdb::store::StoreOptions::new(&self.store, 64, 1024),
+            progressdb::metrics::StoreMetrics::default(),
+        )
+        .unwrap();
+        f(&store, &rt);
+        drop(store);
+    }
+
     /// Rewrites the config file (stop or restart the server to apply it).
     pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
         let old = fs::read_to_string(&self.config).unwrap();

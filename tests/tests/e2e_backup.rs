@@ -10,8 +10,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use progressdb::metrics::StoreMetrics;
-use progressdb::store::{keys as store_keys, RawPut, Store, StoreOptions};
+use progressdb::store::{keys as store_keys, RawPut};
 use progressdb_e2e::{assert_absent, bin, Role};
 use serde_json::{json, Value};
 
@@ -267,17 +266,7 @@ fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_u
     // Planted thread records: alice's record copied under another thread's key, and one
     // that does not parse. A listing leaves them out; verify reports both as problems.
     assert!(server.proc.sigterm().success());
-    {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let store = Store::open(
-            &StoreOptions::new(&server.store, 64, 1024),
-            StoreMetrics::default(),
-        )
-        .unwrap();
+    server.with_store(|store, rt| {
         let tid = |t: &str| kms_api::ThreadId::parse(t).unwrap();
         let alices = rt
             .block_on(store.raw_get(store_keys::meta(&tid(&ta))))
@@ -293,8 +282,7 @@ fn a_wiped_store_restored_from_its_backup_reads_again_and_deleted_threads_stay_u
             }))
             .unwrap();
         }
-        drop(store);
-    }
+    });
     server.restart();
     let (st, v) = alice.call("GET", "/v1/threads", None);
     assert_eq!(st, 200, "{v}");

@@ -4,26 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use progressdb::metrics::StoreMetrics;
-use progressdb::store::{RawPut, Store, StoreOptions};
-use progressdb_e2e::{Role, Server};
+use progressdb::store::RawPut;
+use progressdb_e2e::Role;
 use serde_json::json;
-
-/// Opens the (stopped) server's LMDB store in this process, applies `f`, closes it.
-fn with_store(server: &Server, f: impl FnOnce(&Store, &tokio::runtime::Runtime)) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let store = Store::open(
-        &StoreOptions::new(&server.store, 64, 1024),
-        StoreMetrics::default(),
-    )
-    .unwrap();
-    f(&store, &rt);
-    drop(store);
-}
 
 #[test]
 fn moved_ciphertext_is_refused_with_the_real_kms() {
@@ -39,7 +22,7 @@ fn moved_ciphertext_is_refused_with_the_real_kms() {
 
     assert!(server.proc.sigterm().success());
     let key = |t: &str, m: &str| format!("thread:{t}:msg:{m}").into_bytes();
-    with_store(&server, |store, rt| {
+    server.with_store(|store, rt| {
         let v = rt
             .block_on(store.raw_get(key(&ta, &a1)))
             .unwrap()
@@ -89,7 +72,7 @@ fn a_forged_retiring_key_is_a_shred_failure() {
     alice.post_message(&t, json!("secret"));
     assert!(server.proc.sigterm().success());
     let meta_key = format!("thread:{t}:meta").into_bytes();
-    with_store(&server, |store, rt| {
+    server.with_store(|store, rt| {
         let raw = rt
             .block_on(store.raw_get(meta_key.clone()))
             .unwrap()

@@ -44,6 +44,21 @@ impl std::str::FromStr for StoreSpec {
     }
 }
 
+/// The `--from` and `--to` of a `store copy`: each parsed, and not the same store.
+///
+/// # Errors
+/// One line naming the argument at fault.
+pub fn copy_pair(from: &str, to: &str) -> Result<(StoreSpec, StoreSpec), String> {
+    let from = from
+        .parse::<StoreSpec>()
+        .map_err(|e| format!("--from: {e}"))?;
+    let to = to.parse::<StoreSpec>().map_err(|e| format!("--to: {e}"))?;
+    if from == to {
+        return Err("--from and --to name the same store".into());
+    }
+    Ok((from, to))
+}
+
 #[cfg(test)]
 mod tests {
     use super::StoreSpec;
@@ -64,5 +79,12 @@ mod tests {
         );
         assert!("lmdb:".parse::<StoreSpec>().is_err());
         assert!("/x".parse::<StoreSpec>().unwrap_err().contains("lmdb:PATH"));
+        assert!(super::copy_pair("lmdb:/x", "lmdb:/x")
+            .unwrap_err()
+            .contains("same store"));
+        assert!(super::copy_pair("lmdb:/x", "nope")
+            .unwrap_err()
+            .starts_with("--to"));
+        assert!(super::copy_pair("lmdb:/x", "lmdb:/y").is_ok());
     }
 }

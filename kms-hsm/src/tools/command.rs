@@ -174,15 +174,11 @@ pub fn run(cli: Cli) -> ExitCode {
 /// not empty), 1 for a copy that failed or does not verify.
 fn store_copy(cfg: &Config, from: &str, to: &str, json: bool) -> ExitCode {
     use crate::app::CopySide;
-    use crate::storecopy::{self, CopyError, StoreSpec};
-    let (from, to) = match (from.parse::<StoreSpec>(), to.parse::<StoreSpec>()) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(e), _) => return fail(2, &format!("--from: {e}")),
-        (_, Err(e)) => return fail(2, &format!("--to: {e}")),
+    use crate::storecopy::{self, CopyError};
+    let (from, to) = match service_kit::store_spec::copy_pair(from, to) {
+        Ok(pair) => pair,
+        Err(e) => return fail(2, &e),
     };
-    if from == to {
-        return fail(2, &"--from and --to name the same store");
-    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

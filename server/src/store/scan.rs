@@ -51,23 +51,33 @@ pub(crate) fn serde_error_text(e: &serde_json::Error) -> String {
     )
 }
 
+/// Up to `limit` readable threads after `after` (exclusive) in id order. A record that does
+/// not parse is logged and stepped over without counting, so planted or damaged records never
+/// shorten a page or end a walk early.
 pub(super) fn list_all_threads(
     kv: &(impl KvRead + ?Sized),
     after: Option<&ThreadId>,
     limit: usize,
 ) -> Result<Page<ThreadRecord>, StoreError> {
-    let page = thread_entries(kv, after, limit)?;
-    Ok(Page {
-        items: page
-            .items
-            .into_iter()
-            .filter_map(|(_, r)| {
-                r.map_err(|e| tracing::error!(error = %e, "skipping unreadable thread record"))
-                    .ok()
-            })
-            .collect(),
-        more: page.more,
-    })
+    let mut items = Vec::new();
+    let mut after = after.cloned();
+    loop {
+        let page = thread_entries(kv, after.as_ref(), limit.saturating_sub(items.len()))?;
+        after = page.items.last().map(|(id, _)| id.clone());
+        for (_, r) in page.items {
+            match r {
+                Ok(t) => items.push(t),
+                Err(e) => tracing::error!(error = %e, "skipping unreadable thread record"),
+            }
+        }
+        // `more` with no entry only for a limit of 0: nothing to walk on from.
+        if !page.more || items.len() >= limit || after.is_none() {
+            return Ok(Page {
+                items,
+                more: page.more,
+            });
+        }
+    }
 }
 
 /// Up to `limit` threads after `after` (exclusive) in id order, each with its record or why

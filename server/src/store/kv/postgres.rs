@@ -20,9 +20,11 @@ use tokio_postgres::types::ToSql;
 
 use super::{Bytes, KvIter, KvRead, KvResult, KvWrite};
 
-/// Rows a range reads per statement: a page walk that stops early reads little more than it
-/// uses, a long scan costs one round trip per this many rows.
-const CHUNK: i64 = 256;
+/// Rows a range reads in its first statement, and at most in one: each statement reads twice
+/// as many as the one before, so a walk that stops after a row or two (a seek to the next
+/// thread, a probe) reads a few rows, and a long scan costs one round trip per 1,024.
+const FIRST_CHUNK: i64 = 4;
+const MAX_CHUNK: i64 = 1024;
 
 /// The store seen through one PostgreSQL transaction.
 pub(crate) struct PgKv<'t, 'c> {
@@ -136,6 +138,7 @@ impl<'t, 'c> PgKv<'t, 'c> {
             desc,
             buf: VecDeque::new(),
             done: false,
+            chunk: FIRST_CHUNK,
         }))
     }
 }
@@ -148,19 +151,23 @@ struct Pairs<'a, 't, 'c> {
     desc: bool,
     buf: VecDeque<(Vec<u8>, Vec<u8>)>,
     done: bool,
+    /// Rows the next statement reads.
+    chunk: i64,
 }
 
 impl Pairs<'_, '_, '_> {
     fn fetch(&mut self) -> KvResult<()> {
         let (cond, params) = conditions(&self.lo, &self.hi);
         let order = if self.desc { "DESC" } else { "ASC" };
+        let chunk = self.chunk;
+        self.chunk = (chunk * 2).min(MAX_CHUNK);
         let rows = self.kv.query(
             &format!(
-                "SELECT k, v FROM progressdb_kv WHERE {cond} ORDER BY k {order} LIMIT {CHUNK}"
+                "SELECT k, v FROM progressdb_kv WHERE {cond} ORDER BY k {order} LIMIT {chunk}"
             ),
             &params,
         )?;
-        self.done = rows.len() < usize::try_from(CHUNK).unwrap_or(usize::MAX);
+        self.done = rows.len() < usize::try_from(chunk).unwrap_or(usize::MAX);
         for r in rows {
             self.buf.push_back((r.try_get(0)?, r.try_get(1)?));
         }
